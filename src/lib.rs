@@ -1,5 +1,17 @@
-//! Tollgate proto smoke.
+//! Tollgate: a quota, balance and rate-limit sidecar for LLM inference.
+//!
+//! - [`engine`]: pure accounting logic (money, prices, periods, sources,
+//!   holds, limits); no I/O, no clock, no async.
+//! - [`proto`]: the generated gRPC types of `tollgate.v1`.
+
+pub mod engine;
+
+/// Generated code for the `tollgate.v1` gRPC package.
 pub mod proto {
-    #![allow(missing_docs, clippy::all)]
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("tollgate.v1");
+
+    /// Encoded descriptors of every service, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tollgate_descriptor");
 }

@@ -1,0 +1,450 @@
+//! One account's state: its sources with their ledgers, open and closed
+//! reservations, remembered request ids, limit buckets and pending records.
+//!
+//! Every source keeps a [`Ledger`] whose identity
+//! `granted = available + held + charged + forfeited` holds by construction;
+//! the property tests check that the totals also agree with every credit
+//! made and every usage record emitted (invariant 1, conservation).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+use super::catalog::{Catalog, ExpiryPolicy, Plan};
+use super::draw::{SourceRef, Take};
+use super::error::EngineError;
+use super::ids::{
+    AccountId, ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId,
+};
+use super::limits::{BucketKey, Buckets, LimitOverrides};
+use super::money::Money;
+use super::period::{Anchor, Schedule, Window};
+use super::pricing::Usage;
+use super::record::{RecordKind, UsageRecord};
+
+/// The running totals of one source or lot, in its unit (weighted tokens
+/// or pico-units).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ledger {
+    /// Everything credited (top-ups, grants, allowance periods, repayments).
+    pub granted: i128,
+    /// Held by open reservations.
+    pub held: i128,
+    /// Charged to settled requests.
+    pub charged: i128,
+    /// Lost to expiry, revocation or period reset.
+    pub forfeited: i128,
+}
+
+impl Ledger {
+    /// What is left: `granted - held - charged - forfeited`.
+    pub fn available(&self) -> i128 {
+        self.granted - self.held - self.charged - self.forfeited
+    }
+}
+
+/// A pack or a promotional money grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lot {
+    /// Its ledger.
+    pub ledger: Ledger,
+    /// When it expires (exclusive: at this instant it is gone).
+    pub expires_at: Option<Timestamp>,
+    /// Models it applies to; `None` for all.
+    pub models: Option<HashSet<ModelId>>,
+    /// Higher drawn first; ties go to the earlier expiry.
+    pub priority: i32,
+    /// Expired or revoked: what was available is forfeited, holds on it may
+    /// still be charged, what they return is forfeited too.
+    pub closed: bool,
+}
+
+impl Lot {
+    /// Usable for new draws for `model` at `now`.
+    pub fn usable(&self, model: Option<&ModelId>, now: Timestamp) -> bool {
+        !self.closed
+            && self.expires_at.is_none_or(|t| now < t)
+            && match (&self.models, model) {
+                (None, _) => true,
+                (Some(set), Some(m)) => set.contains(m),
+                (Some(_), None) => false,
+            }
+    }
+
+    fn close(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            self.ledger.forfeited += self.ledger.available();
+        }
+    }
+}
+
+/// The subscription whose allowance is granted each period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    /// How periods are cut.
+    pub schedule: Schedule,
+    /// The current period.
+    pub window: Window,
+    /// Number of the current period (0 is the first).
+    pub period: u64,
+    /// Tokens granted each period.
+    pub tokens: u64,
+    /// Most unused tokens carried into the next period.
+    pub rollover_cap: u64,
+}
+
+/// An open reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The request that made it.
+    pub request_id: RequestId,
+    /// The API key named.
+    pub api_key_id: Option<ApiKeyId>,
+    /// The model.
+    pub model: ModelId,
+    /// The service tier.
+    pub tier: TierId,
+    /// The price version in force at reserve.
+    pub version: VersionId,
+    /// When it was reserved (prices and windows are read at this instant).
+    pub reserved_at: Timestamp,
+    /// Prompt tokens as reserved.
+    pub prompt: Usage,
+    /// Output tokens granted.
+    pub granted_output: u64,
+    /// What is held, by source.
+    pub takes: Vec<Take>,
+    /// When it lapses.
+    pub expires_at: Timestamp,
+    /// The limit buckets it was admitted to.
+    pub buckets: Vec<BucketKey>,
+    /// Tokens it was admitted for in tokens-per-minute limits.
+    pub admitted_tokens: u64,
+}
+
+impl Hold {
+    /// Worst-case usage: the prompt plus the whole grant.
+    pub fn worst_case(&self) -> Usage {
+        Usage {
+            output_tokens: self.granted_output,
+            ..self.prompt
+        }
+    }
+}
+
+/// A reservation, open or closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Holding funds.
+    Open(Hold),
+    /// Settled; the record is returned to identical retries.
+    Settled {
+        /// The usage that was settled.
+        usage: Usage,
+        /// The record emitted.
+        record: Box<UsageRecord>,
+        /// When.
+        closed_at: Timestamp,
+    },
+    /// Released without charge.
+    Released {
+        /// What was returned.
+        released: Vec<Take>,
+        /// When.
+        closed_at: Timestamp,
+    },
+    /// Lapsed at its TTL.
+    Expired {
+        /// When.
+        closed_at: Timestamp,
+    },
+}
+
+/// What a request id was used for, kept for idempotent replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remembered {
+    /// A reserve with this content fingerprint made this reservation.
+    Reserved {
+        /// Content fingerprint.
+        fingerprint: String,
+        /// The reservation.
+        reservation: ReservationId,
+        /// The first answer, returned to retries.
+        outcome: Box<super::ops::Reserved>,
+    },
+    /// A one-shot charge with this content made this record.
+    Charged {
+        /// Content fingerprint.
+        fingerprint: String,
+        /// The record emitted.
+        record: Box<UsageRecord>,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// Everything Tollgate knows about one account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// The account id.
+    pub id: AccountId,
+    /// Its plan.
+    pub plan: PlanId,
+    /// Its time zone (calendar periods).
+    pub time_zone: TimeZone,
+    /// Anchor chosen for the account, overriding the plan's.
+    pub anchor: Option<Anchor>,
+    /// Suspended accounts are denied new spending.
+    pub suspended: bool,
+    /// How far paid money may go below zero.
+    pub credit_limit: Money,
+    /// The subscription, when the plan includes an allowance.
+    pub subscription: Option<Subscription>,
+    /// The allowance ledger, across periods.
+    pub allowance: Ledger,
+    /// Token packs by id.
+    pub packs: BTreeMap<LotId, Lot>,
+    /// Promotional money grants by id.
+    pub promos: BTreeMap<LotId, Lot>,
+    /// Paid money (negative while the credit line is used).
+    pub paid: Ledger,
+    /// Debt: usage beyond every source and the credit limit. Its
+    /// `available` is minus what is owed.
+    pub debt: Ledger,
+    /// Reservations by id.
+    pub reservations: HashMap<ReservationId, Reservation>,
+    /// Request ids seen, for idempotency.
+    pub requests: HashMap<RequestId, Remembered>,
+    /// Admin operation ids seen, with their content fingerprints.
+    pub operations: HashMap<String, String>,
+    /// Rate-limit state.
+    pub buckets: Buckets,
+    /// Per-account limit overrides.
+    pub overrides: LimitOverrides,
+    /// The latest usage records, newest last.
+    pub recent: VecDeque<UsageRecord>,
+    /// Records produced but not yet taken by the store for the usage sink.
+    pub outbox: Vec<UsageRecord>,
+}
+
+impl Account {
+    /// A new account on `plan`, its first period starting at `now`.
+    pub fn open(
+        id: AccountId,
+        plan: &Plan,
+        time_zone: TimeZone,
+        anchor: Option<Anchor>,
+        credit_limit: Money,
+        now: Timestamp,
+    ) -> Result<Account, EngineError> {
+        let mut account = Account {
+            id,
+            plan: plan.id.clone(),
+            time_zone,
+            anchor,
+            suspended: false,
+            credit_limit,
+            subscription: None,
+            allowance: Ledger::default(),
+            packs: BTreeMap::new(),
+            promos: BTreeMap::new(),
+            paid: Ledger::default(),
+            debt: Ledger::default(),
+            reservations: HashMap::new(),
+            requests: HashMap::new(),
+            operations: HashMap::new(),
+            buckets: Buckets::default(),
+            overrides: LimitOverrides::default(),
+            recent: VecDeque::new(),
+            outbox: Vec::new(),
+        };
+        account.subscribe(plan, anchor, now)?;
+        Ok(account)
+    }
+
+    /// Starts a new subscription on `plan` at `now`: what is left of the
+    /// old allowance is forfeited, holds on it stay chargeable.
+    pub fn subscribe(
+        &mut self,
+        plan: &Plan,
+        anchor: Option<Anchor>,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let next_period = self.subscription.as_ref().map_or(0, |s| s.period + 1);
+        self.allowance.forfeited += self.allowance.available();
+        self.plan = plan.id.clone();
+        self.anchor = anchor;
+        self.subscription = match &plan.allowance {
+            None => None,
+            Some(a) => {
+                let schedule = Schedule {
+                    unit: a.period,
+                    anchor: anchor.unwrap_or(a.anchor),
+                    time_zone: self.time_zone.clone(),
+                    start: now,
+                };
+                let window = schedule.containing(now)?;
+                self.allowance.granted += i128::from(a.tokens);
+                Some(Subscription {
+                    schedule,
+                    window,
+                    period: next_period,
+                    tokens: a.tokens,
+                    rollover_cap: a.rollover_cap,
+                })
+            }
+        };
+        Ok(())
+    }
+
+    /// Brings time-driven state up to `now`: lapsed holds (released or
+    /// charged per policy, records to the outbox), expired lots, allowance
+    /// periods (with rollover). Idempotent for a given `now`.
+    pub fn advance(&mut self, catalog: &Catalog, now: Timestamp) -> Result<(), EngineError> {
+        let mut lapsed: Vec<ReservationId> = self
+            .reservations
+            .iter()
+            .filter_map(|(id, r)| match r {
+                Reservation::Open(h) if h.expires_at <= now => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        lapsed.sort();
+        for id in lapsed {
+            if let Some(Reservation::Open(hold)) = self.reservations.remove(&id) {
+                match catalog.on_expiry {
+                    ExpiryPolicy::Release => self.unhold(&hold.takes, now),
+                    ExpiryPolicy::ChargeInFull => {
+                        self.charge_held(&hold.takes);
+                        let record = self.record_for(
+                            &hold,
+                            RecordKind::Expired,
+                            hold.worst_case(),
+                            hold.takes.clone(),
+                            now,
+                        );
+                        self.emit(record, catalog);
+                    }
+                }
+                self.buckets.finish(&hold.buckets);
+                self.reservations
+                    .insert(id, Reservation::Expired { closed_at: now });
+            }
+        }
+        for lot in self.packs.values_mut().chain(self.promos.values_mut()) {
+            if lot.expires_at.is_some_and(|t| t <= now) {
+                lot.close();
+            }
+        }
+        if let Some(sub) = &mut self.subscription {
+            while sub.window.end <= now {
+                let unused = self.allowance.available();
+                let carried = unused.min(i128::from(sub.rollover_cap));
+                self.allowance.forfeited += unused - carried;
+                self.allowance.granted += i128::from(sub.tokens);
+                sub.window = sub.schedule.containing(sub.window.end)?;
+                sub.period += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets closed reservations and request ids older than the
+    /// idempotency window, and idle limit buckets.
+    pub fn prune(&mut self, catalog: &Catalog, now: Timestamp) {
+        let Ok(horizon) = now.checked_sub(catalog.idempotency_window) else {
+            return;
+        };
+        self.reservations.retain(|_, r| match r {
+            Reservation::Open(_) => true,
+            Reservation::Settled { closed_at, .. }
+            | Reservation::Released { closed_at, .. }
+            | Reservation::Expired { closed_at } => *closed_at > horizon,
+        });
+        let reservations = &self.reservations;
+        self.requests.retain(|_, r| match r {
+            Remembered::Reserved { reservation, .. } => reservations.contains_key(reservation),
+            Remembered::Charged { at, .. } => *at > horizon,
+        });
+        self.buckets.prune(now);
+    }
+
+    /// The ledger behind a source reference (lots that do not exist get a
+    /// throwaway ledger: callers only name lots they found).
+    pub(crate) fn ledger_mut(&mut self, source: &SourceRef) -> Option<&mut Ledger> {
+        match source {
+            SourceRef::Allowance { .. } => Some(&mut self.allowance),
+            SourceRef::Pack(id) => self.packs.get_mut(id).map(|l| &mut l.ledger),
+            SourceRef::Promo(id) => self.promos.get_mut(id).map(|l| &mut l.ledger),
+            SourceRef::Paid | SourceRef::Credit => Some(&mut self.paid),
+            SourceRef::Debt => Some(&mut self.debt),
+        }
+    }
+
+    /// Whatever a take returns to this source now flows back into
+    /// `available` (true) or is forfeited (false: lot closed, or allowance
+    /// of a past period).
+    pub(crate) fn accepts_returns(&self, source: &SourceRef) -> bool {
+        match source {
+            SourceRef::Allowance { period } => self
+                .subscription
+                .as_ref()
+                .is_some_and(|s| s.period == *period),
+            SourceRef::Pack(id) => self.packs.get(id).is_some_and(|l| !l.closed),
+            SourceRef::Promo(id) => self.promos.get(id).is_some_and(|l| !l.closed),
+            SourceRef::Paid | SourceRef::Credit | SourceRef::Debt => true,
+        }
+    }
+
+    /// Builds a usage record for `hold` and `charges`.
+    pub(crate) fn record_for(
+        &self,
+        hold: &Hold,
+        kind: RecordKind,
+        usage: Usage,
+        charges: Vec<Take>,
+        now: Timestamp,
+    ) -> UsageRecord {
+        UsageRecord {
+            kind,
+            request_id: hold.request_id.clone(),
+            reservation_id: ReservationId::parse(hold.request_id.as_str()).ok(),
+            account_id: self.id.clone(),
+            api_key_id: hold.api_key_id.clone(),
+            model: Some(hold.model.clone()),
+            service_tier: Some(hold.tier.clone()),
+            usage,
+            total_money: super::draw::money_total(&charges),
+            charges,
+            price_version: Some(hold.version.clone()),
+            reserved_at: hold.reserved_at,
+            settled_at: now,
+        }
+    }
+
+    /// Queues `record` for the usage sink and keeps it among the recent.
+    pub(crate) fn emit(&mut self, record: UsageRecord, catalog: &Catalog) {
+        if catalog.recent_usage > 0 {
+            if self.recent.len() == catalog.recent_usage {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(record.clone());
+        }
+        self.outbox.push(record);
+    }
+
+    /// Takes the records queued for the usage sink.
+    pub fn take_records(&mut self) -> Vec<UsageRecord> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Open holds.
+    pub fn holds(&self) -> impl Iterator<Item = &Hold> {
+        self.reservations.values().filter_map(|r| match r {
+            Reservation::Open(h) => Some(h),
+            _ => None,
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! What accounts are measured against: plans, the price book and the hold
+//! policy. Read-mostly; the store swaps in a new catalog when an operator
+//! publishes prices.
+
+use std::collections::{HashMap, HashSet};
+
+use jiff::SignedDuration;
+
+use super::ids::{ModelId, PlanId};
+use super::limits::ScopedLimits;
+use super::period::{Anchor, PeriodUnit};
+use super::pricing::PriceBook;
+
+/// A class of source in a plan's draw-down order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceClass {
+    /// The subscription allowance.
+    Allowance,
+    /// Token packs.
+    Packs,
+    /// Promotional money.
+    Promo,
+    /// Paid money down to zero.
+    Paid,
+    /// Paid money below zero, down to minus the credit limit.
+    Credit,
+}
+
+impl SourceClass {
+    /// Allowance, packs, promo, paid, credit (DESIGN.md).
+    pub const DEFAULT_ORDER: [SourceClass; 5] = [
+        SourceClass::Allowance,
+        SourceClass::Packs,
+        SourceClass::Promo,
+        SourceClass::Paid,
+        SourceClass::Credit,
+    ];
+
+    /// Token-denominated (allowance, packs) rather than money.
+    pub fn is_tokens(self) -> bool {
+        matches!(self, SourceClass::Allowance | SourceClass::Packs)
+    }
+}
+
+/// Checks a draw-down order: no repeats, token sources before money
+/// sources (a token source cannot take a fraction of what money already
+/// priced), credit only after paid.
+pub fn check_draw_order(order: &[SourceClass]) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for (i, class) in order.iter().enumerate() {
+        if !seen.insert(class) {
+            return Err(format!("{class:?} appears twice"));
+        }
+        if class.is_tokens() && order[..i].iter().any(|c| !c.is_tokens()) {
+            return Err("token sources (allowance, packs) must come before money sources".into());
+        }
+    }
+    let pos = |c| order.iter().position(|x| *x == c);
+    if let (Some(credit), paid) = (pos(SourceClass::Credit), pos(SourceClass::Paid))
+        && paid.is_none_or(|p| p > credit)
+    {
+        return Err("credit must come after paid".into());
+    }
+    Ok(())
+}
+
+/// The allowance a plan includes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowance {
+    /// Tokens granted each period.
+    pub tokens: u64,
+    /// Period length.
+    pub period: PeriodUnit,
+    /// Default anchor for accounts on the plan.
+    pub anchor: Anchor,
+    /// Most unused tokens carried into the next period (0: none).
+    pub rollover_cap: u64,
+}
+
+/// A plan: allowance, draw-down order, allowed models and rate limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The plan's name.
+    pub id: PlanId,
+    /// Included tokens, if any.
+    pub allowance: Option<Allowance>,
+    /// Draw-down order (validated by [`check_draw_order`]).
+    pub draw_order: Vec<SourceClass>,
+    /// Models the plan may use; `None` for every priced model.
+    pub allowed_models: Option<HashSet<ModelId>>,
+    /// Rate limits.
+    pub limits: ScopedLimits,
+}
+
+/// What happens to a hold nobody settled or released before its TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryPolicy {
+    /// Return the hold; charge nothing.
+    Release,
+    /// Charge the whole hold, as if the grant was used in full.
+    ChargeInFull,
+}
+
+/// Everything an account's operations are measured against.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Plans by name.
+    pub plans: HashMap<PlanId, Plan>,
+    /// The price book.
+    pub prices: PriceBook,
+    /// How long a hold lives without extend, settle or release.
+    pub hold_ttl: SignedDuration,
+    /// What an expired hold becomes.
+    pub on_expiry: ExpiryPolicy,
+    /// How long settled requests are remembered for idempotent replays.
+    pub idempotency_window: SignedDuration,
+    /// Usage records kept per account for read-outs.
+    pub recent_usage: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SourceClass::*;
+
+    #[test]
+    fn draw_order_rules() {
+        assert!(check_draw_order(&SourceClass::DEFAULT_ORDER).is_ok());
+        assert!(check_draw_order(&[Packs, Allowance, Paid, Promo]).is_ok());
+        assert!(check_draw_order(&[Paid, Packs]).is_err());
+        assert!(check_draw_order(&[Credit, Paid]).is_err());
+        assert!(check_draw_order(&[Credit]).is_err());
+        assert!(check_draw_order(&[Paid, Paid]).is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! Draw-down: which sources pay for a request, and in what amounts.
+//!
+//! A request's tokens are covered first by token sources (allowance, packs),
+//! kind by kind (input, cached input, cache write, output), then whatever is
+//! left is priced and covered by money sources (promo, paid, credit), in
+//! the plan's order. Settle may overflow into recorded debt; nothing else
+//! may.
+//!
+//! **The one rounding rule.** Money is never rounded. A token of a model
+//! weighted `w` thousandths counts as `w/1000` source tokens; the source
+//! tokens taken for a slice are rounded *up* to a whole token, and the
+//! tokens a source can cover are rounded *down*. Both round against the
+//! caller, so a source never gives more than it holds.
+//!
+//! Every mutation goes through [`Account::rebalance`]: planning is pure and
+//! may fail; committing a plan cannot.
+
+use std::cmp::Reverse;
+
+use jiff::Timestamp;
+
+use super::account::{Account, Lot};
+use super::catalog::SourceClass;
+use super::ids::{LotId, ModelId};
+use super::money::Money;
+use super::pricing::{Rates, TokenKind, Usage};
+
+/// A source, or one lot of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SourceRef {
+    /// The allowance of subscription period `period`.
+    Allowance {
+        /// Period number (0 is the subscription's first).
+        period: u64,
+    },
+    /// A token pack.
+    Pack(LotId),
+    /// A promotional money grant.
+    Promo(LotId),
+    /// Paid money down to zero.
+    Paid,
+    /// Paid money below zero, within the credit limit.
+    Credit,
+    /// Owed beyond the credit limit.
+    Debt,
+}
+
+impl SourceRef {
+    /// Amounts are weighted tokens (true) or pico-units.
+    pub fn is_tokens(&self) -> bool {
+        matches!(self, SourceRef::Allowance { .. } | SourceRef::Pack(_))
+    }
+
+    /// The source name used in records.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            SourceRef::Allowance { .. } => "allowance",
+            SourceRef::Pack(_) => "pack",
+            SourceRef::Promo(_) => "promo",
+            SourceRef::Paid => "paid",
+            SourceRef::Credit => "credit",
+            SourceRef::Debt => "debt",
+        }
+    }
+
+    /// The lot label used in records, if the source has lots.
+    pub fn lot(&self) -> Option<String> {
+        match self {
+            SourceRef::Allowance { period } => Some(format!("period:{period}")),
+            SourceRef::Pack(id) | SourceRef::Promo(id) => Some(id.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// An amount taken from (or held on) one source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Take {
+    /// Where from.
+    pub source: SourceRef,
+    /// How much, in the source's unit; always positive.
+    pub amount: i128,
+}
+
+impl serde::Serialize for Take {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("source", self.source.kind_name())?;
+        if let Some(lot) = self.source.lot() {
+            map.serialize_entry("lot", &lot)?;
+        }
+        if self.source.is_tokens() {
+            map.serialize_entry("tokens", &u64::try_from(self.amount).unwrap_or(u64::MAX))?;
+        } else {
+            map.serialize_entry("money", &Money::from_picos(self.amount))?;
+        }
+        map.end()
+    }
+}
+
+/// The money part of `takes`.
+pub fn money_total(takes: &[Take]) -> Money {
+    Money::from_picos(
+        takes
+            .iter()
+            .filter(|t| !t.source.is_tokens())
+            .map(|t| t.amount)
+            .sum(),
+    )
+}
+
+/// What a draw must cover.
+#[derive(Debug, Clone, Copy)]
+pub enum Need<'a> {
+    /// Tokens of a model at rates.
+    Tokens {
+        /// Token counts.
+        usage: Usage,
+        /// Prices and weight.
+        rates: Rates,
+        /// The model (for pack scopes).
+        model: &'a ModelId,
+    },
+    /// A fixed amount of money (money sources only).
+    Money(Money),
+}
+
+/// The sources cannot cover a need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall;
+
+fn by_draw_priority<'a>(
+    lots: impl Iterator<Item = (&'a LotId, &'a Lot)>,
+) -> Vec<(&'a LotId, &'a Lot)> {
+    let mut lots: Vec<_> = lots.collect();
+    lots.sort_by_key(|(id, lot)| {
+        (
+            Reverse(lot.priority),
+            lot.expires_at.is_none(),
+            lot.expires_at,
+            (*id).clone(),
+        )
+    });
+    lots
+}
+
+fn amount_on(bonus: &[Take], source: &SourceRef) -> i128 {
+    bonus
+        .iter()
+        .filter(|t| &t.source == source)
+        .map(|t| t.amount)
+        .sum()
+}
+
+impl Account {
+    /// What each source can give, in draw order, counting `bonus` (the
+    /// takes of the hold being settled or extended) as available again.
+    pub(crate) fn capacities(
+        &self,
+        order: &[SourceClass],
+        need: &Need<'_>,
+        bonus: &[Take],
+        now: Timestamp,
+    ) -> Vec<(SourceRef, i128)> {
+        let model = match need {
+            Need::Tokens { model, .. } => Some(*model),
+            Need::Money(_) => None,
+        };
+        let mut caps = Vec::new();
+        let mut push = |source: SourceRef, cap: i128| {
+            if cap > 0 {
+                caps.push((source, cap));
+            }
+        };
+        for class in order {
+            match class {
+                SourceClass::Allowance | SourceClass::Packs if model.is_none() => {}
+                SourceClass::Allowance => {
+                    let current = self.subscription.as_ref().map(|s| s.period);
+                    // Holds on past periods first: unused, they are forfeited.
+                    let mut past: Vec<_> = bonus
+                        .iter()
+                        .filter_map(|t| match t.source {
+                            SourceRef::Allowance { period } if Some(period) != current => {
+                                Some(period)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    past.sort_unstable();
+                    past.dedup();
+                    for period in past {
+                        let source = SourceRef::Allowance { period };
+                        push(source.clone(), amount_on(bonus, &source));
+                    }
+                    if let Some(period) = current {
+                        let source = SourceRef::Allowance { period };
+                        push(
+                            source.clone(),
+                            self.allowance.available() + amount_on(bonus, &source),
+                        );
+                    }
+                }
+                SourceClass::Packs | SourceClass::Promo => {
+                    let (lots, make): (_, fn(LotId) -> SourceRef) = if *class == SourceClass::Packs
+                    {
+                        (&self.packs, SourceRef::Pack)
+                    } else {
+                        (&self.promos, SourceRef::Promo)
+                    };
+                    let lot_model = if *class == SourceClass::Packs {
+                        model
+                    } else {
+                        None
+                    };
+                    for (id, lot) in by_draw_priority(lots.iter()) {
+                        let source = make(id.clone());
+                        let mut cap = amount_on(bonus, &source);
+                        if lot.usable(lot_model, now) {
+                            cap += lot.ledger.available();
+                        }
+                        push(source, cap);
+                    }
+                }
+                SourceClass::Paid | SourceClass::Credit => {
+                    let effective = self.paid.available()
+                        + amount_on(bonus, &SourceRef::Paid)
+                        + amount_on(bonus, &SourceRef::Credit);
+                    if *class == SourceClass::Paid {
+                        push(SourceRef::Paid, effective.max(0));
+                    } else {
+                        push(
+                            SourceRef::Credit,
+                            (self.credit_limit.picos() + effective.min(0)).max(0),
+                        );
+                    }
+                }
+            }
+        }
+        caps
+    }
+
+    /// Moves amounts between a source's held, charged and forfeited figures:
+    /// `released` stops being held, `held` starts being held, `charged` is
+    /// charged. Whatever `released` gives back to a source that no longer
+    /// accepts returns (closed lot, past period) is forfeited.
+    pub(crate) fn rebalance(&mut self, released: &[Take], held: &[Take], charged: &[Take]) {
+        // Amounts here are bounded by capacities computed from these same
+        // ledgers, or (debt) by one request's checked cost; the release
+        // profile keeps overflow checks on regardless.
+        for t in released {
+            if let Some(l) = self.ledger_mut(&t.source) {
+                l.held -= t.amount;
+            }
+        }
+        for t in held {
+            if let Some(l) = self.ledger_mut(&t.source) {
+                l.held += t.amount;
+            }
+        }
+        for t in charged {
+            if let Some(l) = self.ledger_mut(&t.source) {
+                l.charged += t.amount;
+            }
+        }
+        let mut sources: Vec<&SourceRef> = released.iter().map(|t| &t.source).collect();
+        sources.sort();
+        sources.dedup();
+        for source in sources {
+            if self.accepts_returns(source) {
+                continue;
+            }
+            let back =
+                amount_on(released, source) - amount_on(held, source) - amount_on(charged, source);
+            if back > 0
+                && let Some(l) = self.ledger_mut(source)
+            {
+                l.forfeited += back;
+            }
+        }
+    }
+
+    /// Stops holding `takes`, charging nothing.
+    pub(crate) fn unhold(&mut self, takes: &[Take], _now: Timestamp) {
+        self.rebalance(takes, &[], &[]);
+    }
+
+    /// Charges exactly what `takes` hold.
+    pub(crate) fn charge_held(&mut self, takes: &[Take]) {
+        self.rebalance(takes, &[], takes);
+    }
+}
+
+/// Splits `need` over `caps` (in draw order). With `allow_debt`, what no
+/// source covers becomes a debt take; without, it is a [`Shortfall`].
+pub fn plan(
+    caps: &[(SourceRef, i128)],
+    need: &Need<'_>,
+    allow_debt: bool,
+) -> Result<Vec<Take>, Shortfall> {
+    let mut takes = Vec::new();
+    let mut cost = match need {
+        Need::Money(m) => m.picos(),
+        Need::Tokens { usage, rates, .. } => {
+            let weight = i128::from(rates.weight_milli.max(1));
+            let mut rest = TokenKind::ALL.map(|k| i128::from(usage.get(k)));
+            for (source, cap) in caps.iter().filter(|(s, _)| s.is_tokens()) {
+                let mut left = *cap;
+                for r in rest.iter_mut() {
+                    let fit = (*r).min(left * 1000 / weight);
+                    if fit > 0 {
+                        left -= (fit * weight + 999) / 1000;
+                        *r -= fit;
+                    }
+                }
+                if left < *cap {
+                    takes.push(Take {
+                        source: source.clone(),
+                        amount: cap - left,
+                    });
+                }
+            }
+            // Counts are at most 10^9 each and prices are bounded at
+            // configuration, so this cannot overflow an i128.
+            TokenKind::ALL
+                .iter()
+                .zip(rest)
+                .map(|(k, n)| rates.prices.get(*k).picos() * n)
+                .sum()
+        }
+    };
+    for (source, cap) in caps.iter().filter(|(s, _)| !s.is_tokens()) {
+        if cost == 0 {
+            break;
+        }
+        let take = cost.min(*cap);
+        takes.push(Take {
+            source: source.clone(),
+            amount: take,
+        });
+        cost -= take;
+    }
+    if cost > 0 {
+        if !allow_debt {
+            return Err(Shortfall);
+        }
+        takes.push(Take {
+            source: SourceRef::Debt,
+            amount: cost,
+        });
+    }
+    Ok(takes)
+}

@@ -1,0 +1,47 @@
+//! Engine errors. Denials are not errors: they are outcomes.
+
+use super::period::PeriodError;
+
+/// Why an operation was refused. Each variant maps to one gRPC status in
+/// `api::status`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// A request field is unusable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, as named in the API.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Something named does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// An id was used before with different content.
+    #[error("{0}")]
+    Conflict(String),
+    /// The operation does not fit the current state.
+    #[error("{0}")]
+    Precondition(String),
+    /// An amount would leave the representable range.
+    #[error("amount out of range")]
+    Overflow,
+    /// A period boundary left the supported date range.
+    #[error(transparent)]
+    Period(#[from] PeriodError),
+}
+
+impl From<super::money::Overflow> for EngineError {
+    fn from(_: super::money::Overflow) -> Self {
+        EngineError::Overflow
+    }
+}
+
+impl EngineError {
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        EngineError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}

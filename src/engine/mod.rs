@@ -1,0 +1,39 @@
+//! The accounting engine: pure, synchronous, I/O-free.
+//!
+//! Given an [`Account`], a [`Catalog`] and the current time, each operation
+//! computes its answer and its effect on the account. Nothing here reads a
+//! clock, touches a file or awaits; the store decides where accounts live
+//! and the API layers decide what time it is.
+//!
+//! - [`money`]: exact money and token quantities.
+//! - [`ids`]: validated identifiers.
+//! - [`pricing`]: the versioned price book.
+//! - [`period`]: subscription period boundaries.
+//! - [`limits`]: GCRA rate limits and concurrency.
+//! - [`catalog`]: plans, prices and hold policy.
+//! - [`account`]: one account's sources, ledgers and reservations.
+//! - [`draw`]: which sources pay, and the one rounding rule.
+//! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
+//! - [`record`]: usage records.
+
+pub mod account;
+pub mod catalog;
+pub mod draw;
+pub mod error;
+pub mod ids;
+pub mod limits;
+pub mod money;
+pub mod ops;
+pub mod period;
+pub mod pricing;
+pub mod record;
+
+pub use account::{Account, Ledger};
+pub use catalog::{Catalog, ExpiryPolicy, Plan, SourceClass};
+pub use error::EngineError;
+pub use money::Money;
+pub use ops::{ChargeOutcome, ChargeRequest, ChargeWhat, Denial, ReserveOutcome, ReserveRequest};
+pub use record::UsageRecord;
+
+#[cfg(test)]
+mod tests;

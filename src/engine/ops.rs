@@ -1,0 +1,1006 @@
+//! The operations on one account: the request lifecycle (reserve, extend,
+//! settle, release, charge) and the operator's adjustments.
+//!
+//! Each operation first brings the account up to `now` (lapsed holds,
+//! expired lots, period resets), then validates and plans without touching
+//! state, and only then commits. A refused operation therefore changes
+//! nothing but what the passage of time changes anyway (invariant 5).
+
+use std::collections::HashSet;
+
+use jiff::Timestamp;
+
+use super::account::{Account, Hold, Lot, Remembered, Reservation};
+use super::catalog::{Catalog, Plan, SourceClass};
+use super::draw::{self, Need, SourceRef, Take};
+use super::error::EngineError;
+use super::ids::{ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
+use super::limits::{Applicable, BucketKey, Exceeded, LimitOverrides, RateStatus, Scope};
+use super::money::Money;
+use super::period::Anchor;
+use super::pricing::{Rates, Unpriced, Usage};
+use super::record::{RecordKind, UsageRecord};
+
+/// A request to reserve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    /// Caller-chosen, unique per account.
+    pub request_id: RequestId,
+    /// The caller's API key, if any.
+    pub api_key_id: Option<ApiKeyId>,
+    /// The model.
+    pub model: ModelId,
+    /// The service tier.
+    pub tier: TierId,
+    /// Prompt tokens not served from cache.
+    pub input_tokens: u64,
+    /// Prompt tokens served from cache.
+    pub cached_input_tokens: u64,
+    /// Most output tokens wanted.
+    pub max_output_tokens: u64,
+}
+
+impl ReserveRequest {
+    fn fingerprint(&self) -> String {
+        format!(
+            "{:?}|{}|{}|{}|{}|{}",
+            self.api_key_id.as_ref().map(ApiKeyId::as_str),
+            self.model,
+            self.tier,
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.max_output_tokens
+        )
+    }
+
+    fn prompt(&self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            ..Usage::default()
+        }
+    }
+}
+
+/// Why a request may not proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// No source can pay.
+    InsufficientFunds,
+    /// A rate limit is exhausted.
+    RateLimited(Exceeded),
+    /// The account does not exist.
+    UnknownAccount,
+    /// The account is suspended.
+    Suspended,
+    /// No price for the model and tier.
+    ModelNotPriced,
+    /// The plan does not allow the model.
+    ModelNotAllowed,
+}
+
+/// An allowed reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    /// Names the reservation.
+    pub reservation_id: ReservationId,
+    /// Output tokens granted.
+    pub granted_output_tokens: u64,
+    /// When the hold lapses.
+    pub expires_at: Timestamp,
+    /// The price version that will price it.
+    pub price_version: VersionId,
+    /// What is held.
+    pub held: Vec<Take>,
+    /// Rate-limit figures after admission.
+    pub limits: RateStatus,
+}
+
+/// The answer to a reserve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// Go ahead.
+    Allowed(Reserved),
+    /// Do not.
+    Denied {
+        /// Why.
+        denial: Denial,
+        /// Detail for people.
+        message: String,
+        /// Rate-limit figures now.
+        limits: RateStatus,
+    },
+}
+
+/// The answer to an extend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extended {
+    /// Total output tokens granted now.
+    pub granted_output_tokens: u64,
+    /// The renewed expiry.
+    pub expires_at: Timestamp,
+    /// What is held now.
+    pub held: Vec<Take>,
+    /// Why the grant is short of what was asked, if it is.
+    pub shortfall: Option<Denial>,
+}
+
+/// What a one-shot charge is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeWhat {
+    /// Tokens, priced now.
+    Usage(Usage),
+    /// A fixed positive amount, money sources only.
+    Money(Money),
+}
+
+/// A one-shot charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRequest {
+    /// Caller-chosen, unique per account.
+    pub request_id: RequestId,
+    /// The caller's API key, if any.
+    pub api_key_id: Option<ApiKeyId>,
+    /// The model (required for token charges).
+    pub model: Option<ModelId>,
+    /// The service tier.
+    pub tier: TierId,
+    /// What to charge.
+    pub what: ChargeWhat,
+}
+
+/// The answer to a charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// Charged; the record emitted.
+    Charged(Box<UsageRecord>),
+    /// Not charged.
+    Denied(Denial, String),
+}
+
+/// Which money pool a top-up credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Paid money (repays debt first).
+    Paid,
+    /// A promotional grant, its own lot.
+    Promo {
+        /// When it expires.
+        expires_at: Option<Timestamp>,
+        /// Draw priority.
+        priority: i32,
+    },
+}
+
+/// A pack to grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackGrant {
+    /// Unique within the account.
+    pub pack_id: LotId,
+    /// Tokens.
+    pub tokens: u64,
+    /// Expiry (in the future).
+    pub expires_at: Timestamp,
+    /// Models it applies to; `None` for all.
+    pub models: Option<HashSet<ModelId>>,
+    /// Draw priority.
+    pub priority: i32,
+}
+
+/// What an account can spend, summed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// Allowance tokens left this period.
+    pub allowance_tokens: u64,
+    /// End of the current period.
+    pub period_end: Option<Timestamp>,
+    /// Tokens left in open packs.
+    pub pack_tokens: u64,
+    /// Promotional money left.
+    pub promo: Money,
+    /// Paid money (negative while the credit line is used).
+    pub paid: Money,
+    /// The credit limit.
+    pub credit_limit: Money,
+    /// Owed beyond the credit limit.
+    pub debt: Money,
+    /// promo + paid + unused credit.
+    pub spendable: Money,
+    /// Money held by open reservations.
+    pub held_money: Money,
+    /// Tokens held by open reservations.
+    pub held_tokens: u64,
+    /// Suspended.
+    pub suspended: bool,
+}
+
+fn unpriced_message(why: Unpriced, model: &ModelId, tier: &TierId) -> String {
+    match why {
+        Unpriced::NoVersion => "no price version is in force".to_owned(),
+        Unpriced::Model => format!("model {model} has no price in the version in force"),
+        Unpriced::Tier => format!("model {model} has no price for service tier {tier}"),
+    }
+}
+
+fn to_u64(v: i128) -> u64 {
+    u64::try_from(v.max(0)).unwrap_or(u64::MAX)
+}
+
+impl Account {
+    fn plan_of<'c>(&self, catalog: &'c Catalog) -> Result<&'c Plan, EngineError> {
+        catalog.plans.get(&self.plan).ok_or_else(|| {
+            EngineError::Precondition(format!("plan {} is no longer configured", self.plan))
+        })
+    }
+
+    fn applicable(&self, plan: &Plan, api_key: Option<&ApiKeyId>, model: &ModelId) -> Applicable {
+        let limits = self.overrides.apply(&plan.limits);
+        let mut out = vec![(
+            BucketKey {
+                scope: Scope::Account,
+                id: "".into(),
+            },
+            limits.account,
+        )];
+        if let Some(key) = api_key {
+            out.push((
+                BucketKey {
+                    scope: Scope::ApiKey,
+                    id: key.as_str().into(),
+                },
+                limits.api_key,
+            ));
+        }
+        out.push((
+            BucketKey {
+                scope: Scope::Model,
+                id: model.as_str().into(),
+            },
+            limits.per_model,
+        ));
+        out
+    }
+
+    /// Funds the largest output grant in `min_output..=max_output`, or
+    /// `None` if not even `min_output` fits.
+    #[allow(clippy::too_many_arguments)]
+    fn fund(
+        &self,
+        order: &[SourceClass],
+        prompt: Usage,
+        min_output: u64,
+        max_output: u64,
+        rates: Rates,
+        model: &ModelId,
+        bonus: &[Take],
+        now: Timestamp,
+    ) -> Option<(u64, Vec<Take>)> {
+        let need = |o| Need::Tokens {
+            usage: Usage {
+                output_tokens: o,
+                ..prompt
+            },
+            rates,
+            model,
+        };
+        let caps = self.capacities(order, &need(max_output), bonus, now);
+        let attempt = |o| draw::plan(&caps, &need(o), false).ok();
+        if let Some(takes) = attempt(max_output) {
+            return Some((max_output, takes));
+        }
+        // Coverage grows with the grant, so bisect: `lo` fits, `hi` does not.
+        let (mut lo, mut hi) = (min_output, max_output);
+        let mut best = attempt(lo)?;
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match attempt(mid) {
+                Some(takes) => (lo, best) = (mid, takes),
+                None => hi = mid,
+            }
+        }
+        Some((lo, best))
+    }
+
+    fn expiry(catalog: &Catalog, now: Timestamp) -> Result<Timestamp, EngineError> {
+        now.checked_add(catalog.hold_ttl)
+            .map_err(|_| EngineError::Overflow)
+    }
+
+    /// Checks status, limits and funds, and holds the worst-case cost.
+    pub fn reserve(
+        &mut self,
+        catalog: &Catalog,
+        req: &ReserveRequest,
+        now: Timestamp,
+    ) -> Result<ReserveOutcome, EngineError> {
+        self.advance(catalog, now)?;
+        let fingerprint = req.fingerprint();
+        if let Some(seen) = self.requests.get(&req.request_id) {
+            return match seen {
+                Remembered::Reserved {
+                    fingerprint: f,
+                    outcome,
+                    ..
+                } if *f == fingerprint => Ok(ReserveOutcome::Allowed((**outcome).clone())),
+                _ => Err(EngineError::Conflict(format!(
+                    "request_id {} was already used with different content",
+                    req.request_id
+                ))),
+            };
+        }
+        let plan = self.plan_of(catalog)?;
+        let limits = self.applicable(plan, req.api_key_id.as_ref(), &req.model);
+        let deny = |account: &Account, denial, message: String| {
+            Ok(ReserveOutcome::Denied {
+                denial,
+                message,
+                limits: account.buckets.status(&limits, now),
+            })
+        };
+        if self.suspended {
+            return deny(
+                self,
+                Denial::Suspended,
+                format!("account {} is suspended", self.id),
+            );
+        }
+        if plan
+            .allowed_models
+            .as_ref()
+            .is_some_and(|m| !m.contains(&req.model))
+        {
+            let message = format!("plan {} does not allow model {}", plan.id, req.model);
+            return deny(self, Denial::ModelNotAllowed, message);
+        }
+        let prompt = req.prompt();
+        let Some(version) = catalog.prices.in_force(now) else {
+            return deny(
+                self,
+                Denial::ModelNotPriced,
+                unpriced_message(Unpriced::NoVersion, &req.model, &req.tier),
+            );
+        };
+        let rates = match version.rates(&req.model, &req.tier, prompt.prompt_tokens(), now) {
+            Ok(rates) => rates,
+            Err(why) => {
+                return deny(
+                    self,
+                    Denial::ModelNotPriced,
+                    unpriced_message(why, &req.model, &req.tier),
+                );
+            }
+        };
+        let min_output = req.max_output_tokens.min(1);
+        let funded = self.fund(
+            &plan.draw_order,
+            prompt,
+            min_output,
+            req.max_output_tokens,
+            rates,
+            &req.model,
+            &[],
+            now,
+        );
+        let Some((granted, takes)) = funded else {
+            return deny(
+                self,
+                Denial::InsufficientFunds,
+                "no source can cover the prompt and one output token".into(),
+            );
+        };
+        let admitted_tokens = prompt.total_tokens() + granted;
+        let status = match self.buckets.admit(&limits, admitted_tokens, now) {
+            Ok(status) => status,
+            Err(exceeded) => {
+                let message = format!(
+                    "{:?} {:?} limit of {} exceeded",
+                    exceeded.scope, exceeded.kind, exceeded.limit
+                );
+                return deny(self, Denial::RateLimited(exceeded), message);
+            }
+        };
+        let reservation_id = ReservationId::parse(req.request_id.as_str())
+            .map_err(|e| EngineError::invalid("request_id", e.to_string()))?;
+        let expires_at = Self::expiry(catalog, now)?;
+        self.rebalance(&[], &takes, &[]);
+        let reserved = Reserved {
+            reservation_id: reservation_id.clone(),
+            granted_output_tokens: granted,
+            expires_at,
+            price_version: version.id.clone(),
+            held: takes.clone(),
+            limits: status,
+        };
+        let hold = Hold {
+            request_id: req.request_id.clone(),
+            api_key_id: req.api_key_id.clone(),
+            model: req.model.clone(),
+            tier: req.tier.clone(),
+            version: version.id.clone(),
+            reserved_at: now,
+            prompt,
+            granted_output: granted,
+            takes,
+            expires_at,
+            buckets: limits.into_iter().map(|(key, _)| key).collect(),
+            admitted_tokens,
+        };
+        self.reservations
+            .insert(reservation_id.clone(), Reservation::Open(hold));
+        self.requests.insert(
+            req.request_id.clone(),
+            Remembered::Reserved {
+                fingerprint,
+                reservation: reservation_id,
+                outcome: Box::new(reserved.clone()),
+            },
+        );
+        Ok(ReserveOutcome::Allowed(reserved))
+    }
+
+    fn open_hold(&self, id: &ReservationId) -> Result<&Hold, EngineError> {
+        match self.reservations.get(id) {
+            Some(Reservation::Open(hold)) => Ok(hold),
+            Some(Reservation::Settled { .. }) => Err(EngineError::Precondition(format!(
+                "reservation {id} is already settled"
+            ))),
+            Some(Reservation::Released { .. }) => Err(EngineError::Precondition(format!(
+                "reservation {id} was released"
+            ))),
+            Some(Reservation::Expired { .. }) => Err(EngineError::Precondition(format!(
+                "reservation {id} expired at its TTL; charge late usage with Charge"
+            ))),
+            None => Err(EngineError::NotFound(format!("reservation {id}"))),
+        }
+    }
+
+    fn hold_rates(
+        &self,
+        catalog: &Catalog,
+        hold: &Hold,
+        prompt_tokens: u64,
+    ) -> Result<Rates, EngineError> {
+        let version = catalog.prices.get(&hold.version).ok_or_else(|| {
+            EngineError::Precondition(format!("price version {} is gone", hold.version))
+        })?;
+        version
+            .rates(&hold.model, &hold.tier, prompt_tokens, hold.reserved_at)
+            .map_err(|why| {
+                EngineError::Precondition(unpriced_message(why, &hold.model, &hold.tier))
+            })
+    }
+
+    /// Grows the output grant of an open reservation to `max_output` (a
+    /// total), as far as funds allow, and renews its TTL.
+    pub fn extend(
+        &mut self,
+        catalog: &Catalog,
+        id: &ReservationId,
+        max_output: u64,
+        now: Timestamp,
+    ) -> Result<Extended, EngineError> {
+        self.advance(catalog, now)?;
+        let hold = self.open_hold(id)?.clone();
+        let plan = self.plan_of(catalog)?;
+        let rates = self.hold_rates(catalog, &hold, hold.prompt.prompt_tokens())?;
+        let expires_at = Self::expiry(catalog, now)?;
+        let (granted, takes, shortfall) = if max_output <= hold.granted_output {
+            (hold.granted_output, hold.takes.clone(), None)
+        } else if self.suspended {
+            (
+                hold.granted_output,
+                hold.takes.clone(),
+                Some(Denial::Suspended),
+            )
+        } else {
+            let funded = self.fund(
+                &plan.draw_order,
+                hold.prompt,
+                hold.granted_output,
+                max_output,
+                rates,
+                &hold.model,
+                &hold.takes,
+                now,
+            );
+            let (granted, takes) = funded.unwrap_or((hold.granted_output, hold.takes.clone()));
+            let short = (granted < max_output).then_some(Denial::InsufficientFunds);
+            (granted, takes, short)
+        };
+        self.rebalance(&hold.takes, &takes, &[]);
+        let admitted_tokens = hold.prompt.total_tokens() + granted;
+        self.buckets
+            .adjust_tokens(&hold.buckets, hold.admitted_tokens, admitted_tokens, now);
+        let extended = Extended {
+            granted_output_tokens: granted,
+            expires_at,
+            held: takes.clone(),
+            shortfall,
+        };
+        if let Some(Reservation::Open(h)) = self.reservations.get_mut(id) {
+            h.granted_output = granted;
+            h.takes = takes;
+            h.expires_at = expires_at;
+            h.admitted_tokens = admitted_tokens;
+        }
+        Ok(extended)
+    }
+
+    /// Charges actual usage against a reservation; the rest of the hold is
+    /// released. Usage beyond every source and the credit limit becomes
+    /// debt: it is never dropped.
+    pub fn settle(
+        &mut self,
+        catalog: &Catalog,
+        id: &ReservationId,
+        usage: Usage,
+        now: Timestamp,
+    ) -> Result<UsageRecord, EngineError> {
+        self.advance(catalog, now)?;
+        if let Some(Reservation::Settled {
+            usage: first,
+            record,
+            ..
+        }) = self.reservations.get(id)
+        {
+            return if *first == usage {
+                Ok((**record).clone())
+            } else {
+                Err(EngineError::Precondition(format!(
+                    "reservation {id} was already settled with different usage"
+                )))
+            };
+        }
+        let hold = self.open_hold(id)?.clone();
+        let plan = self.plan_of(catalog)?;
+        let rates = self.hold_rates(catalog, &hold, usage.prompt_tokens())?;
+        let need = Need::Tokens {
+            usage,
+            rates,
+            model: &hold.model,
+        };
+        let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
+        let charges = plan_with_debt(&caps, &need)?;
+        self.rebalance(&hold.takes, &[], &charges);
+        self.buckets.adjust_tokens(
+            &hold.buckets,
+            hold.admitted_tokens,
+            usage.total_tokens(),
+            now,
+        );
+        self.buckets.finish(&hold.buckets);
+        let record = self.record_for(&hold, RecordKind::Settle, usage, charges, now);
+        self.emit(record.clone(), catalog);
+        self.reservations.insert(
+            id.clone(),
+            Reservation::Settled {
+                usage,
+                record: Box::new(record.clone()),
+                closed_at: now,
+            },
+        );
+        Ok(record)
+    }
+
+    /// Returns a reservation's whole hold, charging nothing.
+    pub fn release(
+        &mut self,
+        catalog: &Catalog,
+        id: &ReservationId,
+        now: Timestamp,
+    ) -> Result<Vec<Take>, EngineError> {
+        self.advance(catalog, now)?;
+        if let Some(Reservation::Released { released, .. }) = self.reservations.get(id) {
+            return Ok(released.clone());
+        }
+        let hold = self.open_hold(id)?.clone();
+        self.unhold(&hold.takes, now);
+        self.buckets
+            .adjust_tokens(&hold.buckets, hold.admitted_tokens, 0, now);
+        self.buckets.finish(&hold.buckets);
+        self.reservations.insert(
+            id.clone(),
+            Reservation::Released {
+                released: hold.takes.clone(),
+                closed_at: now,
+            },
+        );
+        Ok(hold.takes)
+    }
+
+    /// Debits a known amount without a reservation. Never creates debt and
+    /// is not subject to rate limits (the work is already done).
+    pub fn charge(
+        &mut self,
+        catalog: &Catalog,
+        req: &ChargeRequest,
+        now: Timestamp,
+    ) -> Result<ChargeOutcome, EngineError> {
+        self.advance(catalog, now)?;
+        let fingerprint = format!(
+            "{:?}|{:?}|{}|{:?}",
+            req.api_key_id.as_ref().map(ApiKeyId::as_str),
+            req.model.as_ref().map(ModelId::as_str),
+            req.tier,
+            req.what
+        );
+        if let Some(seen) = self.requests.get(&req.request_id) {
+            return match seen {
+                Remembered::Charged {
+                    fingerprint: f,
+                    record,
+                    ..
+                } if *f == fingerprint => Ok(ChargeOutcome::Charged(record.clone())),
+                _ => Err(EngineError::Conflict(format!(
+                    "request_id {} was already used with different content",
+                    req.request_id
+                ))),
+            };
+        }
+        let plan = self.plan_of(catalog)?;
+        if self.suspended {
+            return Ok(ChargeOutcome::Denied(
+                Denial::Suspended,
+                format!("account {} is suspended", self.id),
+            ));
+        }
+        let (need, usage, version) = match (req.what, &req.model) {
+            (ChargeWhat::Money(m), _) => (Need::Money(m), Usage::default(), None),
+            (ChargeWhat::Usage(_), None) => {
+                return Err(EngineError::invalid(
+                    "model",
+                    "required when charging usage",
+                ));
+            }
+            (ChargeWhat::Usage(usage), Some(model)) => {
+                if plan
+                    .allowed_models
+                    .as_ref()
+                    .is_some_and(|m| !m.contains(model))
+                {
+                    let message = format!("plan {} does not allow model {model}", plan.id);
+                    return Ok(ChargeOutcome::Denied(Denial::ModelNotAllowed, message));
+                }
+                let rates = catalog
+                    .prices
+                    .in_force(now)
+                    .ok_or(Unpriced::NoVersion)
+                    .and_then(|v| {
+                        Ok((
+                            v.rates(model, &req.tier, usage.prompt_tokens(), now)?,
+                            v.id.clone(),
+                        ))
+                    });
+                match rates {
+                    Ok((rates, id)) => (
+                        Need::Tokens {
+                            usage,
+                            rates,
+                            model,
+                        },
+                        usage,
+                        Some(id),
+                    ),
+                    Err(why) => {
+                        return Ok(ChargeOutcome::Denied(
+                            Denial::ModelNotPriced,
+                            unpriced_message(why, model, &req.tier),
+                        ));
+                    }
+                }
+            }
+        };
+        let caps = self.capacities(&plan.draw_order, &need, &[], now);
+        let Ok(charges) = draw::plan(&caps, &need, false) else {
+            return Ok(ChargeOutcome::Denied(
+                Denial::InsufficientFunds,
+                "no source can cover the charge".into(),
+            ));
+        };
+        self.rebalance(&[], &[], &charges);
+        let record = UsageRecord {
+            kind: RecordKind::Charge,
+            request_id: req.request_id.clone(),
+            reservation_id: None,
+            account_id: self.id.clone(),
+            api_key_id: req.api_key_id.clone(),
+            model: req.model.clone(),
+            service_tier: version.as_ref().map(|_| req.tier.clone()),
+            usage,
+            total_money: super::draw::money_total(&charges),
+            charges,
+            price_version: version,
+            reserved_at: now,
+            settled_at: now,
+        };
+        self.emit(record.clone(), catalog);
+        self.requests.insert(
+            req.request_id.clone(),
+            Remembered::Charged {
+                fingerprint,
+                record: Box::new(record.clone()),
+                at: now,
+            },
+        );
+        Ok(ChargeOutcome::Charged(Box::new(record)))
+    }
+
+    /// Records an admin operation id; `Ok(true)` if it was already applied
+    /// with the same content.
+    fn seen_operation(
+        &mut self,
+        operation_id: &str,
+        fingerprint: String,
+    ) -> Result<bool, EngineError> {
+        match self.operations.get(operation_id) {
+            Some(f) if *f == fingerprint => Ok(true),
+            Some(_) => Err(EngineError::Conflict(format!(
+                "operation_id {operation_id} was already used with different content"
+            ))),
+            None => {
+                self.operations.insert(operation_id.to_owned(), fingerprint);
+                Ok(false)
+            }
+        }
+    }
+
+    fn credit_paid(&mut self, amount: Money) -> Result<(), EngineError> {
+        let owed = (-self.debt.available()).max(0);
+        let repay = owed.min(amount.picos());
+        self.debt.granted = self
+            .debt
+            .granted
+            .checked_add(repay)
+            .ok_or(EngineError::Overflow)?;
+        self.paid.granted = self
+            .paid
+            .granted
+            .checked_add(amount.picos() - repay)
+            .ok_or(EngineError::Overflow)?;
+        Ok(())
+    }
+
+    /// Credits paid money (repaying debt first) or a promotional grant.
+    /// Idempotent on `operation_id`.
+    pub fn top_up(
+        &mut self,
+        catalog: &Catalog,
+        operation_id: &LotId,
+        pool: Pool,
+        amount: Money,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        self.advance(catalog, now)?;
+        if !amount.is_positive() {
+            return Err(EngineError::invalid("amount", "must be greater than zero"));
+        }
+        if let Pool::Promo {
+            expires_at: Some(t),
+            ..
+        } = pool
+            && t <= now
+        {
+            return Err(EngineError::invalid("expires_at", "must be in the future"));
+        }
+        if self.promos.contains_key(operation_id)
+            && !self.operations.contains_key(operation_id.as_str())
+        {
+            return Err(EngineError::Conflict(format!(
+                "promo lot {operation_id} already exists"
+            )));
+        }
+        // Check the arithmetic before recording the operation id.
+        self.paid
+            .granted
+            .checked_add(amount.picos())
+            .ok_or(EngineError::Overflow)?;
+        if self.seen_operation(operation_id.as_str(), format!("top_up|{pool:?}|{amount}"))? {
+            return Ok(());
+        }
+        match pool {
+            Pool::Paid => self.credit_paid(amount)?,
+            Pool::Promo {
+                expires_at,
+                priority,
+            } => {
+                let lot = Lot {
+                    ledger: super::account::Ledger {
+                        granted: amount.picos(),
+                        ..Default::default()
+                    },
+                    expires_at,
+                    models: None,
+                    priority,
+                    closed: false,
+                };
+                self.promos.insert(operation_id.clone(), lot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a signed amount to paid money; a debit may not take it below
+    /// minus the credit limit. Idempotent on `operation_id`.
+    pub fn adjust(
+        &mut self,
+        catalog: &Catalog,
+        operation_id: &LotId,
+        amount: Money,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        self.advance(catalog, now)?;
+        if amount == Money::ZERO {
+            return Err(EngineError::invalid("amount", "must not be zero"));
+        }
+        if amount.is_negative() {
+            let after = self
+                .paid
+                .available()
+                .checked_add(amount.picos())
+                .ok_or(EngineError::Overflow)?;
+            let fingerprint = format!("adjust|{amount}");
+            if self.operations.get(operation_id.as_str()) != Some(&fingerprint)
+                && after < -self.credit_limit.picos()
+            {
+                return Err(EngineError::Precondition(format!(
+                    "debit of {amount} would take paid money to {} , below minus the credit limit {}",
+                    Money::from_picos(after),
+                    self.credit_limit
+                )));
+            }
+            if self.seen_operation(operation_id.as_str(), fingerprint)? {
+                return Ok(());
+            }
+            self.paid.granted += amount.picos();
+            return Ok(());
+        }
+        self.paid
+            .granted
+            .checked_add(amount.picos())
+            .ok_or(EngineError::Overflow)?;
+        if self.seen_operation(operation_id.as_str(), format!("adjust|{amount}"))? {
+            return Ok(());
+        }
+        self.credit_paid(amount)
+    }
+
+    /// Grants a token pack. Idempotent on the pack id.
+    pub fn grant_pack(
+        &mut self,
+        catalog: &Catalog,
+        grant: PackGrant,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        self.advance(catalog, now)?;
+        if grant.tokens == 0 {
+            return Err(EngineError::invalid("tokens", "must be greater than zero"));
+        }
+        if grant.expires_at <= now {
+            return Err(EngineError::invalid("expires_at", "must be in the future"));
+        }
+        let mut models: Vec<_> = grant.models.iter().flatten().map(ModelId::as_str).collect();
+        models.sort_unstable();
+        let fingerprint = format!(
+            "pack|{}|{}|{:?}|{}",
+            grant.tokens, grant.expires_at, models, grant.priority
+        );
+        if self.seen_operation(&format!("pack:{}", grant.pack_id), fingerprint)? {
+            return Ok(());
+        }
+        let lot = Lot {
+            ledger: super::account::Ledger {
+                granted: i128::from(grant.tokens),
+                ..Default::default()
+            },
+            expires_at: Some(grant.expires_at),
+            models: grant.models,
+            priority: grant.priority,
+            closed: false,
+        };
+        self.packs.insert(grant.pack_id, lot);
+        Ok(())
+    }
+
+    /// Revokes what is left of a pack; its holds stay chargeable.
+    pub fn revoke_pack(
+        &mut self,
+        catalog: &Catalog,
+        pack_id: &LotId,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        self.advance(catalog, now)?;
+        let lot = self
+            .packs
+            .get_mut(pack_id)
+            .ok_or_else(|| EngineError::NotFound(format!("pack {pack_id}")))?;
+        if !lot.closed {
+            lot.closed = true;
+            lot.ledger.forfeited += lot.ledger.available();
+        }
+        Ok(())
+    }
+
+    /// Moves the account to `plan`. Assigning the plan and anchor it already
+    /// has changes nothing (a retry must not restart the period).
+    pub fn assign_plan(
+        &mut self,
+        catalog: &Catalog,
+        plan: &PlanId,
+        anchor: Option<Anchor>,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        self.advance(catalog, now)?;
+        let plan = catalog
+            .plans
+            .get(plan)
+            .ok_or_else(|| EngineError::invalid("plan", format!("no plan named {plan}")))?;
+        if self.plan == plan.id && self.anchor == anchor {
+            return Ok(());
+        }
+        self.subscribe(plan, anchor, now)
+    }
+
+    /// Replaces the per-account limit overrides.
+    pub fn set_overrides(&mut self, overrides: LimitOverrides) {
+        self.overrides = overrides;
+    }
+
+    /// Changes the credit limit (zero or more). Lowering it below what is
+    /// in use stops new credit draws; nothing already charged moves.
+    pub fn set_credit_limit(&mut self, limit: Money) -> Result<(), EngineError> {
+        if limit.is_negative() {
+            return Err(EngineError::invalid("credit_limit", "must not be negative"));
+        }
+        self.credit_limit = limit;
+        Ok(())
+    }
+
+    /// What the account can spend now.
+    pub fn balance(&self, now: Timestamp) -> Balance {
+        let open = |lot: &&Lot| !lot.closed && lot.expires_at.is_none_or(|t| now < t);
+        let pack_tokens: i128 = self
+            .packs
+            .values()
+            .filter(open)
+            .map(|l| l.ledger.available())
+            .sum();
+        let promo: i128 = self
+            .promos
+            .values()
+            .filter(open)
+            .map(|l| l.ledger.available())
+            .sum();
+        let paid = self.paid.available();
+        let credit = (self.credit_limit.picos() + paid.min(0)).max(0);
+        let (mut held_money, mut held_tokens) = (0i128, 0i128);
+        for take in self.holds().flat_map(|h| &h.takes) {
+            if take.source.is_tokens() {
+                held_tokens += take.amount;
+            } else {
+                held_money += take.amount;
+            }
+        }
+        Balance {
+            allowance_tokens: if self.subscription.is_some() {
+                to_u64(self.allowance.available())
+            } else {
+                0
+            },
+            period_end: self.subscription.as_ref().map(|s| s.window.end),
+            pack_tokens: to_u64(pack_tokens),
+            promo: Money::from_picos(promo),
+            paid: Money::from_picos(paid),
+            credit_limit: self.credit_limit,
+            debt: Money::from_picos((-self.debt.available()).max(0)),
+            spendable: Money::from_picos(promo + paid.max(0) + credit),
+            held_money: Money::from_picos(held_money),
+            held_tokens: to_u64(held_tokens),
+            suspended: self.suspended,
+        }
+    }
+}
+
+/// Plans a settle: it always succeeds, overflowing into debt.
+fn plan_with_debt(caps: &[(SourceRef, i128)], need: &Need<'_>) -> Result<Vec<Take>, EngineError> {
+    draw::plan(caps, need, true).map_err(|_| EngineError::Overflow)
+}

@@ -1,0 +1,62 @@
+//! Usage records: one per settled or charged request, for billing.
+
+use jiff::Timestamp;
+
+use super::draw::Take;
+use super::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId, TierId, VersionId};
+use super::money::Money;
+use super::pricing::Usage;
+
+/// Why a record exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// A reservation was settled with actual usage.
+    Settle,
+    /// A one-shot charge.
+    Charge,
+    /// A hold reached its TTL under the charge-in-full policy.
+    Expired,
+}
+
+impl RecordKind {
+    /// The name used on the wire and in files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Settle => "settle",
+            RecordKind::Charge => "charge",
+            RecordKind::Expired => "expired",
+        }
+    }
+}
+
+/// What one request was charged, from which lots, at which prices.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageRecord {
+    /// Why the record exists.
+    pub kind: RecordKind,
+    /// The caller's request id.
+    pub request_id: RequestId,
+    /// The reservation settled, if any.
+    pub reservation_id: Option<ReservationId>,
+    /// The account charged.
+    pub account_id: AccountId,
+    /// The API key, if the caller named one.
+    pub api_key_id: Option<ApiKeyId>,
+    /// The model, if any.
+    pub model: Option<ModelId>,
+    /// The service tier, if priced by tokens.
+    pub service_tier: Option<TierId>,
+    /// Tokens charged, by kind.
+    pub usage: Usage,
+    /// What was taken from each source and lot.
+    pub charges: Vec<Take>,
+    /// Money charged in total (the sum of the money takes).
+    pub total_money: Money,
+    /// The price version that priced it.
+    pub price_version: Option<VersionId>,
+    /// When the request was reserved (or charged).
+    pub reserved_at: Timestamp,
+    /// When it was charged.
+    pub settled_at: Timestamp,
+}

@@ -1,0 +1,679 @@
+//! Scenario tests of the engine: each states a billing rule and checks it
+//! to the unit.
+
+use std::collections::{HashMap, HashSet};
+
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+
+use super::account::Account;
+use super::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
+use super::draw::{SourceRef, Take};
+use super::error::EngineError;
+use super::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
+use super::limits::{LimitSet, ScopedLimits};
+use super::money::Money;
+use super::ops::{
+    ChargeOutcome, ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveOutcome,
+    ReserveRequest, Reserved,
+};
+use super::period::{Anchor, PeriodUnit};
+use super::pricing::tests::{prices, version};
+use super::pricing::{ModelPrices, PriceBook, TierPrices, Usage};
+use super::record::RecordKind;
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+const NOW: &str = "2026-03-10T12:00:00Z";
+
+fn plan(id: &str, allowance: Option<Allowance>) -> Plan {
+    Plan {
+        id: PlanId::parse(id).unwrap(),
+        allowance,
+        draw_order: SourceClass::DEFAULT_ORDER.to_vec(),
+        allowed_models: None,
+        limits: ScopedLimits::default(),
+    }
+}
+
+/// Model `m`: input 1000, cached 500, cache write 1000, output 4000
+/// pico-units per token. Model `big`: same prices, weight 1.5.
+fn catalog() -> Catalog {
+    let mut v1 = version("v1", "2026-01-01T00:00:00Z", 1000, 4000);
+    let mut tiers = HashMap::new();
+    tiers.insert(
+        TierId::default_tier(),
+        TierPrices {
+            base: prices(1000, 500, 1000, 4000),
+            context_tiers: vec![],
+        },
+    );
+    v1.models.insert(
+        ModelId::parse("big").unwrap(),
+        ModelPrices {
+            weight_milli: 1500,
+            tiers,
+        },
+    );
+    let monthly = Allowance {
+        tokens: 1000,
+        period: PeriodUnit::Month,
+        anchor: Anchor::Calendar,
+        rollover_cap: 300,
+    };
+    let mut limited = plan("limited", None);
+    limited.limits.account = LimitSet {
+        requests_per_minute: 1,
+        ..Default::default()
+    };
+    let mut only_m = plan("only-m", None);
+    only_m.allowed_models = Some(HashSet::from([ModelId::parse("m").unwrap()]));
+    Catalog {
+        plans: [
+            plan("payg", None),
+            plan("pro", Some(monthly)),
+            limited,
+            only_m,
+        ]
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect(),
+        prices: PriceBook::new(vec![v1]).unwrap(),
+        hold_ttl: SignedDuration::from_secs(60),
+        on_expiry: ExpiryPolicy::Release,
+        idempotency_window: SignedDuration::from_hours(24),
+        recent_usage: 10,
+    }
+}
+
+fn account(catalog: &Catalog, plan: &str) -> Account {
+    let plan = &catalog.plans[&PlanId::parse(plan).unwrap()];
+    Account::open(
+        "acct".parse_id(),
+        plan,
+        TimeZone::get("Europe/Paris").unwrap(),
+        None,
+        Money::ZERO,
+        t(NOW),
+    )
+    .unwrap()
+}
+
+trait ParseId {
+    fn parse_id<T: FromId>(&self) -> T;
+}
+impl ParseId for str {
+    fn parse_id<T: FromId>(&self) -> T {
+        T::from_id(self)
+    }
+}
+trait FromId {
+    fn from_id(s: &str) -> Self;
+}
+macro_rules! from_id {
+    ($($t:ty),*) => {$(impl FromId for $t { fn from_id(s: &str) -> Self { <$t>::parse(s).unwrap() } })*};
+}
+from_id!(
+    super::ids::AccountId,
+    LotId,
+    RequestId,
+    ReservationId,
+    ModelId
+);
+
+fn req(id: &str, model: &str, input: u64, output: u64) -> ReserveRequest {
+    ReserveRequest {
+        request_id: id.parse_id(),
+        api_key_id: None,
+        model: model.parse_id(),
+        tier: TierId::default_tier(),
+        input_tokens: input,
+        cached_input_tokens: 0,
+        max_output_tokens: output,
+    }
+}
+
+fn allowed(outcome: ReserveOutcome) -> Reserved {
+    match outcome {
+        ReserveOutcome::Allowed(r) => r,
+        ReserveOutcome::Denied {
+            denial, message, ..
+        } => panic!("denied: {denial:?} {message}"),
+    }
+}
+
+fn denial(outcome: ReserveOutcome) -> Denial {
+    match outcome {
+        ReserveOutcome::Denied { denial, .. } => denial,
+        ReserveOutcome::Allowed(r) => panic!("allowed: {r:?}"),
+    }
+}
+
+fn top_up(a: &mut Account, c: &Catalog, op: &str, pool: Pool, amount: i128) {
+    a.top_up(c, &op.parse_id(), pool, Money::from_picos(amount), t(NOW))
+        .unwrap();
+}
+
+fn pack(a: &mut Account, c: &Catalog, id: &str, tokens: u64, expires: &str) {
+    let grant = PackGrant {
+        pack_id: id.parse_id(),
+        tokens,
+        expires_at: t(expires),
+        models: None,
+        priority: 0,
+    };
+    a.grant_pack(c, grant, t(NOW)).unwrap();
+}
+
+fn take(source: SourceRef, amount: i128) -> Take {
+    Take { source, amount }
+}
+
+fn usage(input: u64, output: u64) -> Usage {
+    Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn draw_down_splits_across_every_source_in_order() {
+    let c = catalog();
+    let mut a = account(&c, "pro");
+    pack(&mut a, &c, "p1", 500, "2026-06-01T00:00:00Z");
+    top_up(
+        &mut a,
+        &c,
+        "promo1",
+        Pool::Promo {
+            expires_at: None,
+            priority: 0,
+        },
+        1_500_000,
+    );
+    top_up(&mut a, &c, "paid1", Pool::Paid, 300_000);
+    a.set_credit_limit(Money::from_picos(1_000_000)).unwrap();
+    // 1000 input + 1000 output tokens: allowance 1000 covers the input, the
+    // pack 500 output tokens, the other 500 output cost 2,000,000 in money.
+    let r = allowed(a.reserve(&c, &req("r1", "m", 1000, 1000), t(NOW)).unwrap());
+    assert_eq!(r.granted_output_tokens, 1000);
+    let expected = vec![
+        take(SourceRef::Allowance { period: 0 }, 1000),
+        take(SourceRef::Pack("p1".parse_id()), 500),
+        take(SourceRef::Promo("promo1".parse_id()), 1_500_000),
+        take(SourceRef::Paid, 300_000),
+        take(SourceRef::Credit, 200_000),
+    ];
+    assert_eq!(r.held, expected);
+    let record = a
+        .settle(&c, &r.reservation_id, usage(1000, 1000), t(NOW))
+        .unwrap();
+    assert_eq!(record.charges, expected);
+    assert_eq!(record.total_money, Money::from_picos(2_000_000));
+    let b = a.balance(t(NOW));
+    assert_eq!((b.allowance_tokens, b.pack_tokens), (0, 0));
+    assert_eq!(
+        (b.promo, b.paid),
+        (Money::ZERO, Money::from_picos(-200_000))
+    );
+    assert_eq!(b.spendable, Money::from_picos(800_000));
+}
+
+#[test]
+fn settle_charges_actuals_and_releases_the_rest() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 100, 1000), t(NOW)).unwrap());
+    assert_eq!(
+        r.held,
+        vec![take(SourceRef::Paid, 100 * 1000 + 1000 * 4000)]
+    );
+    assert_eq!(
+        a.balance(t(NOW)).paid,
+        Money::from_picos(10_000_000 - 4_100_000)
+    );
+    let record = a
+        .settle(&c, &r.reservation_id, usage(100, 10), t(NOW))
+        .unwrap();
+    assert_eq!(record.total_money, Money::from_picos(100_000 + 40_000));
+    assert_eq!(
+        a.balance(t(NOW)).paid,
+        Money::from_picos(10_000_000 - 140_000)
+    );
+    assert_eq!(a.balance(t(NOW)).held_money, Money::ZERO);
+    assert_eq!(a.take_records(), vec![record]);
+}
+
+#[test]
+fn grant_shrinks_to_what_funds_cover() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    // 100 input cost 100,000; 1,000,000 left buys 225 output tokens (900,000) not 226.
+    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 100, 4096), t(NOW)).unwrap());
+    assert_eq!(r.granted_output_tokens, 225);
+    // Nothing left for even one output token: denied, nothing held.
+    assert_eq!(
+        denial(a.reserve(&c, &req("r2", "m", 1, 10), t(NOW)).unwrap()),
+        Denial::InsufficientFunds
+    );
+    assert_eq!(
+        a.balance(t(NOW)).held_money,
+        Money::from_picos(100_000 + 225 * 4000)
+    );
+}
+
+#[test]
+fn usage_above_the_hold_goes_to_credit_then_debt_and_top_up_repays_debt_first() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    a.set_credit_limit(Money::from_picos(400_000)).unwrap();
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
+    // The model ran away: 500 output tokens = 2,000,000.
+    let record = a
+        .settle(&c, &r.reservation_id, usage(0, 500), t(NOW))
+        .unwrap();
+    assert_eq!(
+        record.charges,
+        vec![
+            take(SourceRef::Paid, 1_000_000),
+            take(SourceRef::Credit, 400_000),
+            take(SourceRef::Debt, 600_000)
+        ]
+    );
+    let b = a.balance(t(NOW));
+    assert_eq!(
+        (b.paid, b.debt, b.spendable),
+        (
+            Money::from_picos(-400_000),
+            Money::from_picos(600_000),
+            Money::ZERO
+        )
+    );
+    top_up(&mut a, &c, "t2", Pool::Paid, 1_000_000);
+    let b = a.balance(t(NOW));
+    assert_eq!((b.paid, b.debt), (Money::ZERO, Money::ZERO));
+    assert_eq!(b.spendable, Money::from_picos(400_000));
+}
+
+#[test]
+fn price_change_between_reserve_and_settle_charges_the_reserve_version() {
+    let mut c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 100_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 10, 10), t(NOW)).unwrap());
+    let later = t("2026-03-10T12:00:30Z");
+    c.prices
+        .publish(version("v2", "2026-03-10T12:00:10Z", 2000, 8000), t(NOW))
+        .unwrap();
+    let record = a
+        .settle(&c, &r.reservation_id, usage(10, 10), later)
+        .unwrap();
+    assert_eq!(
+        record.price_version.as_ref().map(|v| v.as_str()),
+        Some("v1")
+    );
+    assert_eq!(record.total_money, Money::from_picos(10 * 1000 + 10 * 4000));
+    let r2 = allowed(a.reserve(&c, &req("r2", "m", 10, 10), later).unwrap());
+    assert_eq!(r2.price_version.as_str(), "v2");
+    let record = a
+        .settle(&c, &r2.reservation_id, usage(10, 10), later)
+        .unwrap();
+    assert_eq!(record.total_money, Money::from_picos(10 * 2000 + 10 * 8000));
+}
+
+#[test]
+fn pack_expires_at_the_exact_instant_but_its_holds_stay_chargeable() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    pack(&mut a, &c, "p1", 100, "2026-03-10T12:00:10Z");
+    let just_before = t("2026-03-10T12:00:09.999999999Z");
+    let r = allowed(a.reserve(&c, &req("r1", "m", 10, 50), just_before).unwrap());
+    assert_eq!(r.held, vec![take(SourceRef::Pack("p1".parse_id()), 60)]);
+    let at = t("2026-03-10T12:00:10Z");
+    assert_eq!(
+        denial(a.reserve(&c, &req("r2", "m", 1, 1), at).unwrap()),
+        Denial::InsufficientFunds
+    );
+    let record = a.settle(&c, &r.reservation_id, usage(10, 20), at).unwrap();
+    assert_eq!(
+        record.charges,
+        vec![take(SourceRef::Pack("p1".parse_id()), 30)]
+    );
+    let lot = &a.packs[&"p1".parse_id::<LotId>()].ledger;
+    // 40 never held was forfeited at expiry, 30 returned by the hold too.
+    assert_eq!(
+        (lot.granted, lot.charged, lot.held, lot.forfeited),
+        (100, 30, 0, 70)
+    );
+}
+
+#[test]
+fn packs_draw_by_priority_then_earliest_expiry_and_respect_model_scope() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    pack(&mut a, &c, "late", 100, "2026-05-01T00:00:00Z");
+    pack(&mut a, &c, "early", 100, "2026-04-01T00:00:00Z");
+    let scoped = PackGrant {
+        pack_id: "big-only".parse_id(),
+        tokens: 100,
+        expires_at: t("2026-03-20T00:00:00Z"),
+        models: Some(HashSet::from(["big".parse_id()])),
+        priority: 0,
+    };
+    a.grant_pack(&c, scoped, t(NOW)).unwrap();
+    let urgent = PackGrant {
+        pack_id: "prio".parse_id(),
+        tokens: 10,
+        expires_at: t("2026-12-01T00:00:00Z"),
+        models: None,
+        priority: 5,
+    };
+    a.grant_pack(&c, urgent, t(NOW)).unwrap();
+    let r = allowed(a.reserve(&c, &req("r1", "m", 50, 100), t(NOW)).unwrap());
+    assert_eq!(
+        r.held,
+        vec![
+            take(SourceRef::Pack("prio".parse_id()), 10),
+            take(SourceRef::Pack("early".parse_id()), 100),
+            take(SourceRef::Pack("late".parse_id()), 40),
+        ]
+    );
+}
+
+#[test]
+fn weighted_tokens_round_against_the_caller() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    pack(&mut a, &c, "p1", 10, "2026-06-01T00:00:00Z");
+    // 3 input tokens of `big` (weight 1.5) take ceil(4.5) = 5 pack tokens;
+    // the other 5 cover floor(5 / 1.5) = 3 output tokens (4.5 -> 5).
+    // The fourth output token is not covered, so money must pay: none.
+    let r = allowed(a.reserve(&c, &req("r1", "big", 3, 3), t(NOW)).unwrap());
+    assert_eq!(r.held, vec![take(SourceRef::Pack("p1".parse_id()), 10)]);
+    assert_eq!(
+        denial(a.reserve(&c, &req("r2", "big", 0, 1), t(NOW)).unwrap()),
+        Denial::InsufficientFunds
+    );
+}
+
+#[test]
+fn allowance_resets_at_local_month_start_with_capped_rollover() {
+    let c = catalog();
+    let mut a = account(&c, "pro");
+    let r = allowed(a.reserve(&c, &req("r1", "m", 100, 100), t(NOW)).unwrap());
+    a.settle(&c, &r.reservation_id, usage(100, 100), t(NOW))
+        .unwrap();
+    assert_eq!(a.balance(t(NOW)).allowance_tokens, 800);
+    // April starts at 2026-03-31T22:00Z in Paris (summer time).
+    assert_eq!(
+        a.balance(t(NOW)).period_end,
+        Some(t("2026-03-31T22:00:00Z"))
+    );
+    let before = t("2026-03-31T21:59:59Z");
+    a.advance(&c, before).unwrap();
+    assert_eq!(a.balance(before).allowance_tokens, 800);
+    let after = t("2026-03-31T22:00:00Z");
+    a.advance(&c, after).unwrap();
+    // 800 unused, 300 carried, 500 forfeited, 1000 new.
+    assert_eq!(a.balance(after).allowance_tokens, 1300);
+    assert_eq!(
+        (
+            a.allowance.granted,
+            a.allowance.forfeited,
+            a.allowance.charged
+        ),
+        (2000, 500, 200)
+    );
+    // Two idle months later: rollover is capped each time.
+    let june = t("2026-06-15T00:00:00Z");
+    a.advance(&c, june).unwrap();
+    assert_eq!(a.balance(june).allowance_tokens, 1300);
+    assert_eq!(a.subscription.as_ref().unwrap().period, 3);
+}
+
+#[test]
+fn a_hold_across_a_period_reset_is_charged_from_its_period_and_the_rest_forfeited() {
+    let c = catalog();
+    let mut a = account(&c, "pro");
+    let before = t("2026-03-31T21:59:30Z");
+    let r = allowed(a.reserve(&c, &req("r1", "m", 100, 500), before).unwrap());
+    assert_eq!(r.held, vec![take(SourceRef::Allowance { period: 0 }, 600)]);
+    let after = t("2026-03-31T22:00:20Z");
+    let record = a
+        .settle(&c, &r.reservation_id, usage(100, 100), after)
+        .unwrap();
+    assert_eq!(
+        record.charges,
+        vec![take(SourceRef::Allowance { period: 0 }, 200)]
+    );
+    // At the reset 400 were free: 300 carried, 100 forfeited; the hold's
+    // unused 400 belong to the old period and are forfeited too.
+    assert_eq!(a.balance(after).allowance_tokens, 1300);
+    assert_eq!(a.allowance.forfeited, 500);
+}
+
+#[test]
+fn lapsed_holds_are_released_or_charged_in_full_by_policy() {
+    let mut c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 10, 10), t(NOW)).unwrap());
+    assert_eq!(r.expires_at, t("2026-03-10T12:01:00Z"));
+    a.advance(&c, t("2026-03-10T12:00:59Z")).unwrap();
+    assert_eq!(a.holds().count(), 1);
+    a.advance(&c, r.expires_at).unwrap();
+    assert_eq!(a.holds().count(), 0);
+    assert_eq!(a.balance(r.expires_at).paid, Money::from_picos(10_000_000));
+    assert!(a.take_records().is_empty());
+    let err = a
+        .settle(&c, &r.reservation_id, usage(1, 1), r.expires_at)
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Precondition(_)), "{err}");
+
+    c.on_expiry = ExpiryPolicy::ChargeInFull;
+    let r = allowed(a.reserve(&c, &req("r2", "m", 10, 10), t(NOW)).unwrap());
+    a.advance(&c, r.expires_at).unwrap();
+    let records = a.take_records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].kind, records[0].total_money),
+        (RecordKind::Expired, Money::from_picos(50_000))
+    );
+    assert_eq!(
+        a.balance(r.expires_at).paid,
+        Money::from_picos(10_000_000 - 50_000)
+    );
+}
+
+#[test]
+fn extend_grows_the_grant_within_funds_and_renews_the_ttl() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 400_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
+    let later = t("2026-03-10T12:00:50Z");
+    let e = a.extend(&c, &r.reservation_id, 50, later).unwrap();
+    assert_eq!((e.granted_output_tokens, e.shortfall), (50, None));
+    assert_eq!(e.expires_at, t("2026-03-10T12:01:50Z"));
+    let e = a.extend(&c, &r.reservation_id, 500, later).unwrap();
+    assert_eq!(
+        (e.granted_output_tokens, e.shortfall),
+        (100, Some(Denial::InsufficientFunds))
+    );
+    assert_eq!(e.held, vec![take(SourceRef::Paid, 400_000)]);
+    // Asking for less than granted changes nothing.
+    assert_eq!(
+        a.extend(&c, &r.reservation_id, 20, later)
+            .unwrap()
+            .granted_output_tokens,
+        100
+    );
+}
+
+#[test]
+fn every_mutation_is_idempotent_and_reuse_with_other_content_is_refused() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    assert_eq!(a.balance(t(NOW)).paid, Money::from_picos(10_000_000));
+    let err = a
+        .top_up(
+            &c,
+            &"t1".parse_id(),
+            Pool::Paid,
+            Money::from_picos(5),
+            t(NOW),
+        )
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Conflict(_)));
+
+    let first = allowed(a.reserve(&c, &req("r1", "m", 10, 10), t(NOW)).unwrap());
+    let again = allowed(a.reserve(&c, &req("r1", "m", 10, 10), t(NOW)).unwrap());
+    assert_eq!(first, again);
+    assert!(matches!(
+        a.reserve(&c, &req("r1", "m", 10, 11), t(NOW)),
+        Err(EngineError::Conflict(_))
+    ));
+    let rec = a
+        .settle(&c, &first.reservation_id, usage(5, 5), t(NOW))
+        .unwrap();
+    assert_eq!(
+        a.settle(&c, &first.reservation_id, usage(5, 5), t(NOW))
+            .unwrap(),
+        rec
+    );
+    assert!(matches!(
+        a.settle(&c, &first.reservation_id, usage(5, 6), t(NOW)),
+        Err(EngineError::Precondition(_))
+    ));
+    assert!(matches!(
+        a.release(&c, &first.reservation_id, t(NOW)),
+        Err(EngineError::Precondition(_))
+    ));
+    assert_eq!(a.take_records().len(), 1, "one record despite the retry");
+
+    let r2 = allowed(a.reserve(&c, &req("r2", "m", 10, 10), t(NOW)).unwrap());
+    let released = a.release(&c, &r2.reservation_id, t(NOW)).unwrap();
+    assert_eq!(a.release(&c, &r2.reservation_id, t(NOW)).unwrap(), released);
+    assert!(matches!(
+        a.settle(&c, &r2.reservation_id, usage(1, 1), t(NOW)),
+        Err(EngineError::Precondition(_))
+    ));
+    assert!(matches!(
+        a.settle(&c, &"nope".parse_id(), usage(1, 1), t(NOW)),
+        Err(EngineError::NotFound(_))
+    ));
+
+    let charge = ChargeRequest {
+        request_id: "c1".parse_id(),
+        api_key_id: None,
+        model: None,
+        tier: TierId::default_tier(),
+        what: ChargeWhat::Money(Money::from_picos(7)),
+    };
+    let ChargeOutcome::Charged(rec) = a.charge(&c, &charge, t(NOW)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        a.charge(&c, &charge, t(NOW)).unwrap(),
+        ChargeOutcome::Charged(rec)
+    );
+    let other = ChargeRequest {
+        what: ChargeWhat::Money(Money::from_picos(8)),
+        ..charge
+    };
+    assert!(matches!(
+        a.charge(&c, &other, t(NOW)),
+        Err(EngineError::Conflict(_))
+    ));
+}
+
+#[test]
+fn denials_name_their_reason_and_take_nothing() {
+    let c = catalog();
+    let mut a = account(&c, "limited");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    allowed(a.reserve(&c, &req("r1", "m", 1, 1), t(NOW)).unwrap());
+    let paid = a.balance(t(NOW)).paid;
+    let ReserveOutcome::Denied {
+        denial: Denial::RateLimited(limit),
+        ..
+    } = a.reserve(&c, &req("r2", "m", 1, 1), t(NOW)).unwrap()
+    else {
+        panic!("not rate limited")
+    };
+    assert_eq!(limit.retry_after, Some(std::time::Duration::from_secs(60)));
+    assert_eq!(a.balance(t(NOW)).paid, paid);
+    assert_eq!(
+        denial(a.reserve(&c, &req("r3", "nope", 1, 1), t(NOW)).unwrap()),
+        Denial::ModelNotPriced
+    );
+    let mut batch = req("r4", "m", 1, 1);
+    batch.tier = TierId::parse("batch").unwrap();
+    assert_eq!(
+        denial(a.reserve(&c, &batch, t(NOW)).unwrap()),
+        Denial::ModelNotPriced
+    );
+    a.suspended = true;
+    assert_eq!(
+        denial(a.reserve(&c, &req("r5", "m", 1, 1), t(NOW)).unwrap()),
+        Denial::Suspended
+    );
+
+    let mut b = account(&c, "only-m");
+    top_up(&mut b, &c, "t1", Pool::Paid, 10_000_000);
+    assert_eq!(
+        denial(b.reserve(&c, &req("r1", "big", 1, 1), t(NOW)).unwrap()),
+        Denial::ModelNotAllowed
+    );
+    assert!(b.requests.is_empty() && b.holds().count() == 0);
+}
+
+#[test]
+fn refused_admin_operations_change_nothing() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 1000);
+    let before = format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations));
+    let past = PackGrant {
+        pack_id: "p".parse_id(),
+        tokens: 5,
+        expires_at: t(NOW),
+        models: None,
+        priority: 0,
+    };
+    assert!(matches!(
+        a.grant_pack(&c, past, t(NOW)),
+        Err(EngineError::Invalid {
+            field: "expires_at",
+            ..
+        })
+    ));
+    assert!(matches!(
+        a.adjust(&c, &"a1".parse_id(), Money::from_picos(-1001), t(NOW)),
+        Err(EngineError::Precondition(_))
+    ));
+    assert!(matches!(
+        a.top_up(&c, &"t2".parse_id(), Pool::Paid, Money::ZERO, t(NOW)),
+        Err(EngineError::Invalid { .. })
+    ));
+    assert!(matches!(
+        a.revoke_pack(&c, &"none".parse_id(), t(NOW)),
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        a.assign_plan(&c, &PlanId::parse("gold").unwrap(), None, t(NOW)),
+        Err(EngineError::Invalid { field: "plan", .. })
+    ));
+    assert_eq!(
+        before,
+        format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations))
+    );
+}
