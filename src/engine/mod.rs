@@ -13,11 +13,13 @@
 //! - [`catalog`]: plans, prices and hold policy.
 //! - [`account`]: one account's sources, ledgers and reservations.
 //! - [`draw`]: which sources pay, and the one rounding rule.
+//! - [`command`]: one entry point for every account operation.
 //! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
 //! - [`record`]: usage records.
 
 pub mod account;
 pub mod catalog;
+pub mod command;
 pub mod draw;
 pub mod error;
 pub mod ids;
@@ -30,6 +32,7 @@ pub mod record;
 
 pub use account::{Account, Ledger};
 pub use catalog::{Catalog, ExpiryPolicy, Plan, SourceClass};
+pub use command::{Command, Reply, Snapshot};
 pub use error::EngineError;
 pub use money::Money;
 pub use ops::{ChargeOutcome, ChargeRequest, ChargeWhat, Denial, ReserveOutcome, ReserveRequest};

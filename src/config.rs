@@ -1,0 +1,897 @@
+//! Configuration: a TOML file (or the built-in demo), environment
+//! overrides for deployment-specific values, and validation that reports
+//! every problem at once, each with its path.
+//!
+//! The environment is read through a lookup function, so tests never touch
+//! the process environment.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use serde::Deserialize;
+
+use crate::engine::catalog::{
+    Allowance, Catalog, ExpiryPolicy, Plan, SourceClass, check_draw_order,
+};
+use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
+use crate::engine::limits::ScopedLimits;
+use crate::engine::money::Money;
+use crate::engine::ops::PackGrant;
+use crate::engine::period::{Anchor, PeriodUnit};
+use crate::engine::pricing::{
+    ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices, per_token,
+};
+
+/// The built-in demo configuration (also `examples/tollgate.toml`).
+pub const DEMO: &str = include_str!("../examples/tollgate.toml");
+
+/// The highest accepted price, per million tokens, in currency units. It
+/// bounds every product of a price and a token count far inside `i128`.
+pub const MAX_PRICE_PER_MILLION: i128 = 1_000_000;
+
+/// One problem, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the offending value, e.g. `plans.pro.allowance.period`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where usage records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageSinkConfig {
+    /// JSON Lines appended to a file.
+    File(PathBuf),
+    /// JSON Lines on standard output.
+    Stdout,
+}
+
+/// An account to create at start.
+#[derive(Debug, Clone)]
+pub struct SeedAccount {
+    /// Its id.
+    pub id: AccountId,
+    /// Its plan.
+    pub plan: PlanId,
+    /// Its time zone.
+    pub time_zone: TimeZone,
+    /// Its period anchor, overriding the plan's.
+    pub anchor: Option<Anchor>,
+    /// Its credit limit.
+    pub credit_limit: Money,
+    /// Paid money to credit.
+    pub paid: Money,
+    /// Promotional money to credit.
+    pub promo: Money,
+    /// Packs to grant.
+    pub packs: Vec<PackGrant>,
+    /// Start suspended.
+    pub suspended: bool,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Currency label.
+    pub currency: String,
+    /// Data-plane address.
+    pub listen: SocketAddr,
+    /// Control-plane address.
+    pub admin_listen: SocketAddr,
+    /// How often lapsed holds are swept.
+    pub sweep_interval: Duration,
+    /// Where usage records go.
+    pub usage: UsageSinkConfig,
+    /// Plans, prices, hold policy.
+    pub catalog: Catalog,
+    /// Accounts to create at start.
+    pub seed: Vec<SeedAccount>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct ServerFile {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StoreFile {
+    kind: String,
+    sweep_interval_ms: u64,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        StoreFile {
+            kind: "memory".into(),
+            sweep_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct HoldsFile {
+    ttl_seconds: u64,
+    on_expiry: String,
+    idempotency_window_seconds: u64,
+    recent_usage: usize,
+}
+
+impl Default for HoldsFile {
+    fn default() -> Self {
+        HoldsFile {
+            ttl_seconds: 900,
+            on_expiry: "release".into(),
+            idempotency_window_seconds: 86_400,
+            recent_usage: 20,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct UsageFile {
+    sink: String,
+    path: String,
+}
+
+impl Default for UsageFile {
+    fn default() -> Self {
+        UsageFile {
+            sink: "file".into(),
+            path: "tollgate-usage.jsonl".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowanceFile {
+    tokens: u64,
+    period: String,
+    #[serde(default)]
+    anchor: Option<String>,
+    #[serde(default)]
+    rollover_cap: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    #[serde(default)]
+    allowance: Option<AllowanceFile>,
+    #[serde(default)]
+    draw_order: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_models: Option<Vec<String>>,
+    #[serde(default)]
+    limits: ScopedLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricesFile {
+    input: String,
+    #[serde(default)]
+    cached_input: Option<String>,
+    #[serde(default)]
+    cache_write: Option<String>,
+    output: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContextTierFile {
+    min_prompt_tokens: u64,
+    #[serde(flatten)]
+    prices: PricesFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierFile {
+    #[serde(flatten)]
+    prices: PricesFile,
+    #[serde(default)]
+    context_tiers: Vec<ContextTierFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFile {
+    #[serde(default)]
+    token_weight: Option<String>,
+    tiers: BTreeMap<String, TierFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowFile {
+    name: String,
+    start: String,
+    end: String,
+    #[serde(default)]
+    time_zone: Option<String>,
+    price_percent: u32,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionFile {
+    id: String,
+    effective_at: String,
+    #[serde(default)]
+    models: BTreeMap<String, ModelFile>,
+    #[serde(default)]
+    windows: Vec<WindowFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackFile {
+    id: String,
+    tokens: u64,
+    expires_at: String,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    priority: i32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountFile {
+    id: String,
+    plan: String,
+    #[serde(default)]
+    time_zone: Option<String>,
+    #[serde(default)]
+    anchor: Option<String>,
+    #[serde(default)]
+    credit_limit: Option<String>,
+    #[serde(default)]
+    paid: Option<String>,
+    #[serde(default)]
+    promo: Option<String>,
+    #[serde(default)]
+    packs: Vec<PackFile>,
+    #[serde(default)]
+    suspended: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default = "default_currency")]
+    currency: String,
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    store: StoreFile,
+    #[serde(default)]
+    holds: HoldsFile,
+    #[serde(default)]
+    usage: UsageFile,
+    #[serde(default)]
+    plans: BTreeMap<String, PlanFile>,
+    #[serde(default)]
+    prices: Vec<VersionFile>,
+    #[serde(default)]
+    accounts: Vec<AccountFile>,
+}
+
+fn default_currency() -> String {
+    "USD".into()
+}
+
+/// Collects problems while converting, so all are reported at once.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl fmt::Display) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.to_string(),
+        });
+    }
+
+    fn check<T, E: fmt::Display>(&mut self, path: impl Into<String>, r: Result<T, E>) -> Option<T> {
+        r.map_err(|e| self.push(path, e)).ok()
+    }
+}
+
+/// Parses an IANA time zone name.
+pub fn parse_time_zone(name: &str) -> Result<TimeZone, String> {
+    if name.is_empty() || name == "UTC" {
+        return Ok(TimeZone::UTC);
+    }
+    TimeZone::get(name).map_err(|_| format!("unknown IANA time zone {name:?}"))
+}
+
+/// Parses `day`, `week`, `month` or `year`.
+pub fn parse_period(s: &str) -> Result<PeriodUnit, String> {
+    match s {
+        "day" => Ok(PeriodUnit::Day),
+        "week" => Ok(PeriodUnit::Week),
+        "month" => Ok(PeriodUnit::Month),
+        "year" => Ok(PeriodUnit::Year),
+        _ => Err(format!("expected day, week, month or year, got {s:?}")),
+    }
+}
+
+/// Parses `calendar` or `anniversary`.
+pub fn parse_anchor(s: &str) -> Result<Anchor, String> {
+    match s {
+        "calendar" => Ok(Anchor::Calendar),
+        "anniversary" => Ok(Anchor::Anniversary),
+        _ => Err(format!("expected calendar or anniversary, got {s:?}")),
+    }
+}
+
+fn parse_source(s: &str) -> Result<SourceClass, String> {
+    match s {
+        "allowance" => Ok(SourceClass::Allowance),
+        "packs" => Ok(SourceClass::Packs),
+        "promo" => Ok(SourceClass::Promo),
+        "paid" => Ok(SourceClass::Paid),
+        "credit" => Ok(SourceClass::Credit),
+        _ => Err(format!(
+            "expected allowance, packs, promo, paid or credit, got {s:?}"
+        )),
+    }
+}
+
+fn parse_money(s: &str) -> Result<Money, String> {
+    s.parse::<Money>().map_err(|e| e.to_string())
+}
+
+fn parse_amount(s: &str) -> Result<Money, String> {
+    let m = parse_money(s)?;
+    if m.is_negative() {
+        Err(format!("{s:?} must not be negative"))
+    } else {
+        Ok(m)
+    }
+}
+
+/// Converts a per-million price, bounded by [`MAX_PRICE_PER_MILLION`].
+pub fn price_per_token(per_million: Money) -> Result<Money, String> {
+    if per_million.picos() > MAX_PRICE_PER_MILLION * crate::engine::money::SCALE {
+        return Err(format!(
+            "price {per_million} per million tokens is above the limit of {MAX_PRICE_PER_MILLION}"
+        ));
+    }
+    per_token(per_million)
+}
+
+/// Parses a token weight: a decimal with at most three decimal places,
+/// above zero, at most 1000.
+pub fn parse_weight(s: &str) -> Result<u32, String> {
+    let m: Money = s
+        .parse()
+        .map_err(|_| format!("expected a decimal weight such as \"1.5\", got {s:?}"))?;
+    let milli = m.picos() / 1_000_000_000;
+    if m.picos() % 1_000_000_000 != 0 {
+        return Err(format!("weight {s:?} has more than 3 decimal places"));
+    }
+    if milli <= 0 || milli > 1_000_000 {
+        return Err(format!("weight {s:?} must be above 0 and at most 1000"));
+    }
+    u32::try_from(milli).map_err(|_| format!("weight {s:?} out of range"))
+}
+
+/// Parses `HH:MM` into minutes after midnight.
+fn parse_clock(s: &str) -> Result<u32, String> {
+    let err = || format!("expected HH:MM, got {s:?}");
+    let (h, m) = s.split_once(':').ok_or_else(err)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| err())?, m.parse().map_err(|_| err())?);
+    if h > 23 || m > 59 || s.len() != 5 {
+        return Err(err());
+    }
+    Ok(h * 60 + m)
+}
+
+fn prices(p: &mut Problems, path: &str, f: &PricesFile) -> TokenPrices {
+    let mut one = |field: &str, v: Option<&String>, fallback: &String| {
+        let text = v.unwrap_or(fallback);
+        p.check(
+            format!("{path}.{field}"),
+            parse_money(text).and_then(price_per_token),
+        )
+        .unwrap_or(Money::ZERO)
+    };
+    TokenPrices {
+        input: one("input", None, &f.input),
+        cached_input: one("cached_input", f.cached_input.as_ref(), &f.input),
+        cache_write: one("cache_write", f.cache_write.as_ref(), &f.input),
+        output: one("output", None, &f.output),
+    }
+}
+
+fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion> {
+    let before = p.0.len();
+    let id = p.check(format!("{path}.id"), VersionId::parse(&f.id));
+    let effective_at = p.check(
+        format!("{path}.effective_at"),
+        f.effective_at.parse::<Timestamp>(),
+    );
+    let mut models = HashMap::new();
+    for (name, m) in &f.models {
+        let mpath = format!("{path}.models.{name}");
+        let model = p.check(mpath.clone(), ModelId::parse(name));
+        let weight = match &m.token_weight {
+            None => Some(1000),
+            Some(w) => p.check(format!("{mpath}.token_weight"), parse_weight(w)),
+        };
+        let mut tiers = HashMap::new();
+        for (tier_name, t) in &m.tiers {
+            let tpath = format!("{mpath}.tiers.{tier_name}");
+            let tier = p.check(tpath.clone(), TierId::parse(tier_name));
+            let base = prices(p, &tpath, &t.prices);
+            let context_tiers = t
+                .context_tiers
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        c.min_prompt_tokens,
+                        prices(p, &format!("{tpath}.context_tiers[{i}]"), &c.prices),
+                    )
+                })
+                .collect();
+            if let Some(tier) = tier {
+                tiers.insert(
+                    tier,
+                    TierPrices {
+                        base,
+                        context_tiers,
+                    },
+                );
+            }
+        }
+        if let (Some(model), Some(weight_milli)) = (model, weight) {
+            models.insert(
+                model,
+                ModelPrices {
+                    weight_milli,
+                    tiers,
+                },
+            );
+        }
+    }
+    let mut windows = Vec::new();
+    for (i, w) in f.windows.iter().enumerate() {
+        let wpath = format!("{path}.windows[{i}]");
+        let start = p.check(format!("{wpath}.start"), parse_clock(&w.start));
+        let end = p.check(format!("{wpath}.end"), parse_clock(&w.end));
+        let tz = p.check(
+            format!("{wpath}.time_zone"),
+            parse_time_zone(w.time_zone.as_deref().unwrap_or("UTC")),
+        );
+        let models: Vec<_> = w
+            .models
+            .iter()
+            .filter_map(|m| p.check(format!("{wpath}.models"), ModelId::parse(m)))
+            .collect();
+        if w.price_percent > 1000 {
+            p.push(format!("{wpath}.price_percent"), "must be at most 1000");
+        }
+        if let (Some(start_minute), Some(end_minute), Some(time_zone)) = (start, end, tz) {
+            windows.push(PriceWindow {
+                name: w.name.clone(),
+                start_minute,
+                end_minute,
+                time_zone,
+                price_percent: w.price_percent,
+                models: (!models.is_empty()).then(|| models.into_iter().collect()),
+            });
+        }
+    }
+    let version = PriceVersion {
+        id: id?,
+        effective_at: effective_at?,
+        models,
+        windows,
+    };
+    if p.0.len() > before {
+        return None;
+    }
+    for problem in version.problems() {
+        p.push(path, problem);
+    }
+    Some(version)
+}
+
+fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
+    let path = format!("plans.{name}");
+    let id = p.check(path.clone(), PlanId::parse(name));
+    let allowance = f.allowance.as_ref().and_then(|a| {
+        let period = p.check(format!("{path}.allowance.period"), parse_period(&a.period));
+        let anchor = p.check(
+            format!("{path}.allowance.anchor"),
+            parse_anchor(a.anchor.as_deref().unwrap_or("calendar")),
+        );
+        if a.tokens == 0 {
+            p.push(
+                format!("{path}.allowance.tokens"),
+                "must be greater than zero",
+            );
+        }
+        Some(Allowance {
+            tokens: a.tokens,
+            period: period?,
+            anchor: anchor?,
+            rollover_cap: a.rollover_cap,
+        })
+    });
+    let draw_order = match &f.draw_order {
+        None => SourceClass::DEFAULT_ORDER.to_vec(),
+        Some(names) => {
+            let order: Vec<_> = names
+                .iter()
+                .filter_map(|n| p.check(format!("{path}.draw_order"), parse_source(n)))
+                .collect();
+            p.check(format!("{path}.draw_order"), check_draw_order(&order));
+            order
+        }
+    };
+    let allowed_models = f.allowed_models.as_ref().map(|names| {
+        names
+            .iter()
+            .filter_map(|n| p.check(format!("{path}.allowed_models"), ModelId::parse(n)))
+            .collect::<HashSet<_>>()
+    });
+    Some(Plan {
+        id: id?,
+        allowance,
+        draw_order,
+        allowed_models,
+        limits: f.limits,
+    })
+}
+
+fn account(
+    p: &mut Problems,
+    i: usize,
+    f: &AccountFile,
+    plans: &HashMap<PlanId, Plan>,
+) -> Option<SeedAccount> {
+    let path = format!("accounts[{i}]");
+    let id = p.check(format!("{path}.id"), AccountId::parse(&f.id));
+    let plan = p.check(format!("{path}.plan"), PlanId::parse(&f.plan));
+    if let Some(plan) = &plan
+        && !plans.contains_key(plan)
+    {
+        p.push(format!("{path}.plan"), format!("no plan named {plan}"));
+    }
+    let time_zone = p.check(
+        format!("{path}.time_zone"),
+        parse_time_zone(f.time_zone.as_deref().unwrap_or("UTC")),
+    );
+    let anchor = match &f.anchor {
+        None => Some(None),
+        Some(a) => p.check(format!("{path}.anchor"), parse_anchor(a).map(Some)),
+    };
+    let mut amount = |field: &str, v: &Option<String>| {
+        v.as_deref().map_or(Some(Money::ZERO), |s| {
+            p.check(format!("{path}.{field}"), parse_amount(s))
+        })
+    };
+    let credit_limit = amount("credit_limit", &f.credit_limit);
+    let paid = amount("paid", &f.paid);
+    let promo = amount("promo", &f.promo);
+    let mut packs = Vec::new();
+    for (j, pk) in f.packs.iter().enumerate() {
+        let ppath = format!("{path}.packs[{j}]");
+        let pack_id = p.check(format!("{ppath}.id"), LotId::parse(&pk.id));
+        let expires_at = p.check(
+            format!("{ppath}.expires_at"),
+            pk.expires_at.parse::<Timestamp>(),
+        );
+        if pk.tokens == 0 {
+            p.push(format!("{ppath}.tokens"), "must be greater than zero");
+        }
+        let models: HashSet<_> = pk
+            .models
+            .iter()
+            .filter_map(|m| p.check(format!("{ppath}.models"), ModelId::parse(m)))
+            .collect();
+        if let (Some(pack_id), Some(expires_at)) = (pack_id, expires_at) {
+            packs.push(PackGrant {
+                pack_id,
+                tokens: pk.tokens,
+                expires_at,
+                models: (!models.is_empty()).then_some(models),
+                priority: pk.priority,
+            });
+        }
+    }
+    Some(SeedAccount {
+        id: id?,
+        plan: plan?,
+        time_zone: time_zone?,
+        anchor: anchor?,
+        credit_limit: credit_limit?,
+        paid: paid?,
+        promo: promo?,
+        packs,
+        suspended: f.suspended,
+    })
+}
+
+fn address(p: &mut Problems, path: &str, value: Option<&str>, default: &str) -> SocketAddr {
+    let text = value.unwrap_or(default);
+    p.check(
+        path,
+        text.parse::<SocketAddr>()
+            .map_err(|e| format!("{text:?}: {e}")),
+    )
+    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Settings {
+    /// Reads `path`, or the built-in demo when `None`.
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigErrors> {
+        let text = match path {
+            None => DEMO.to_owned(),
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }])
+            })?,
+        };
+        Settings::parse(&text, env)
+    }
+
+    /// Parses and validates TOML text, applying environment overrides
+    /// (`TOLLGATE_USAGE_SINK`, `TOLLGATE_USAGE_PATH`,
+    /// `TOLLGATE_HOLD_TTL_SECONDS`) read through `env`.
+    pub fn parse(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigErrors> {
+        let mut file: File = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_owned();
+            let path = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(file)".into());
+            ConfigErrors(vec![ConfigError { path, message }])
+        })?;
+        let mut p = Problems::default();
+        if let Some(sink) = env("TOLLGATE_USAGE_SINK") {
+            file.usage.sink = sink;
+        }
+        if let Some(path) = env("TOLLGATE_USAGE_PATH") {
+            file.usage.path = path;
+        }
+        if let Some(ttl) = env("TOLLGATE_HOLD_TTL_SECONDS") {
+            match ttl.parse() {
+                Ok(ttl) => file.holds.ttl_seconds = ttl,
+                Err(_) => p.push(
+                    "TOLLGATE_HOLD_TTL_SECONDS",
+                    format!("expected whole seconds, got {ttl:?}"),
+                ),
+            }
+        }
+        let listen = address(
+            &mut p,
+            "server.listen",
+            file.server.listen.as_deref(),
+            "127.0.0.1:50051",
+        );
+        let admin_listen = address(
+            &mut p,
+            "server.admin_listen",
+            file.server.admin_listen.as_deref(),
+            "127.0.0.1:50052",
+        );
+        if file.store.kind != "memory" {
+            p.push(
+                "store.kind",
+                format!(
+                    "unknown store {:?}; this build offers \"memory\"",
+                    file.store.kind
+                ),
+            );
+        }
+        if file.store.sweep_interval_ms == 0 {
+            p.push("store.sweep_interval_ms", "must be greater than zero");
+        }
+        let on_expiry = match file.holds.on_expiry.as_str() {
+            "release" => ExpiryPolicy::Release,
+            "charge_in_full" => ExpiryPolicy::ChargeInFull,
+            other => {
+                p.push(
+                    "holds.on_expiry",
+                    format!("expected release or charge_in_full, got {other:?}"),
+                );
+                ExpiryPolicy::Release
+            }
+        };
+        if file.holds.ttl_seconds == 0 || file.holds.ttl_seconds > 7 * 86_400 {
+            p.push("holds.ttl_seconds", "must be between 1 and 604800 (a week)");
+        }
+        let usage = match file.usage.sink.as_str() {
+            "file" if file.usage.path.is_empty() => {
+                p.push("usage.path", "must not be empty");
+                UsageSinkConfig::Stdout
+            }
+            "file" => UsageSinkConfig::File(PathBuf::from(&file.usage.path)),
+            "stdout" => UsageSinkConfig::Stdout,
+            other => {
+                p.push(
+                    "usage.sink",
+                    format!("expected file or stdout, got {other:?}"),
+                );
+                UsageSinkConfig::Stdout
+            }
+        };
+        let plans: HashMap<PlanId, Plan> = file
+            .plans
+            .iter()
+            .filter_map(|(name, f)| plan(&mut p, name, f))
+            .map(|plan| (plan.id.clone(), plan))
+            .collect();
+        let versions: Vec<PriceVersion> = file
+            .prices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| version(&mut p, &format!("prices[{i}]"), f))
+            .collect();
+        let prices = p
+            .check("prices", PriceBook::new(versions))
+            .unwrap_or_default();
+        let mut seen = HashSet::new();
+        let mut seed = Vec::new();
+        for (i, f) in file.accounts.iter().enumerate() {
+            if let Some(a) = account(&mut p, i, f, &plans) {
+                if !seen.insert(a.id.clone()) {
+                    p.push(
+                        format!("accounts[{i}].id"),
+                        format!("account {} appears twice", a.id),
+                    );
+                }
+                seed.push(a);
+            }
+        }
+        if !p.0.is_empty() {
+            return Err(ConfigErrors(p.0));
+        }
+        let seconds = |s: u64| SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
+        Ok(Settings {
+            currency: file.currency,
+            listen,
+            admin_listen,
+            sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
+            usage,
+            catalog: Catalog {
+                plans,
+                prices,
+                hold_ttl: seconds(file.holds.ttl_seconds),
+                on_expiry,
+                idempotency_window: seconds(file.holds.idempotency_window_seconds),
+                recent_usage: file.holds.recent_usage,
+            },
+            seed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn the_demo_is_valid() {
+        let s = Settings::parse(DEMO, &no_env).unwrap();
+        assert_eq!(s.seed.len(), 3);
+        assert_eq!(s.catalog.plans.len(), 3);
+        assert_eq!(s.catalog.prices.versions().len(), 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            [holds]
+            on_expiry = "forget"
+            [plans.p]
+            draw_order = ["paid", "packs"]
+            [plans.p.allowance]
+            tokens = 0
+            period = "fortnight"
+            [[prices]]
+            id = "v1"
+            effective_at = "2026-01-01T00:00:00Z"
+            [prices.models.m.tiers.default]
+            input = "0.0000001"
+            output = "abc"
+            [[accounts]]
+            id = "a b"
+            plan = "missing"
+            time_zone = "Mars/Olympus"
+        "#;
+        let errors = Settings::parse(text, &no_env).unwrap_err().0;
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "server.listen",
+            "holds.on_expiry",
+            "plans.p.allowance.period",
+            "plans.p.allowance.tokens",
+            "plans.p.draw_order",
+            "prices[0].models.m.tiers.default.input",
+            "prices[0].models.m.tiers.default.output",
+            "accounts[0].id",
+            "accounts[0].plan",
+            "accounts[0].time_zone",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields_name_the_line() {
+        let errors = Settings::parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", &no_env)
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, "line 3");
+        assert!(errors[0].message.contains("lisen"), "{}", errors[0].message);
+    }
+
+    #[test]
+    fn environment_overrides_deployment_values() {
+        let env = |k: &str| match k {
+            "TOLLGATE_USAGE_SINK" => Some("stdout".to_owned()),
+            "TOLLGATE_HOLD_TTL_SECONDS" => Some("30".to_owned()),
+            _ => None,
+        };
+        let s = Settings::parse(DEMO, &env).unwrap();
+        assert_eq!(s.usage, UsageSinkConfig::Stdout);
+        assert_eq!(s.catalog.hold_ttl, SignedDuration::from_secs(30));
+        let bad = |k: &str| (k == "TOLLGATE_HOLD_TTL_SECONDS").then(|| "soon".to_owned());
+        assert_eq!(
+            Settings::parse(DEMO, &bad).unwrap_err().0[0].path,
+            "TOLLGATE_HOLD_TTL_SECONDS"
+        );
+    }
+}

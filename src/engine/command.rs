@@ -1,0 +1,264 @@
+//! One entry point for every account mutation, so a store can run any of
+//! them atomically without knowing what they do.
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+use super::account::{Account, Hold, Lot};
+use super::catalog::Catalog;
+use super::draw::Take;
+use super::error::EngineError;
+use super::ids::{LotId, PlanId, ReservationId};
+use super::limits::LimitOverrides;
+use super::money::Money;
+use super::ops::{
+    Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome,
+    ReserveRequest,
+};
+use super::period::{Anchor, Window};
+use super::pricing::Usage;
+use super::record::UsageRecord;
+
+/// An operation on one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Reserve for a request.
+    Reserve(ReserveRequest),
+    /// Grow a reservation's grant to a total.
+    Extend {
+        /// The reservation.
+        reservation: ReservationId,
+        /// New total of output tokens.
+        max_output_tokens: u64,
+    },
+    /// Charge actual usage against a reservation.
+    Settle {
+        /// The reservation.
+        reservation: ReservationId,
+        /// Actual usage.
+        usage: Usage,
+    },
+    /// Return a reservation's hold.
+    Release(ReservationId),
+    /// One-shot charge.
+    Charge(ChargeRequest),
+    /// Credit money.
+    TopUp {
+        /// Idempotency key (and promo lot id).
+        operation_id: LotId,
+        /// Which pool.
+        pool: Pool,
+        /// Amount, positive.
+        amount: Money,
+    },
+    /// Signed correction of paid money.
+    Adjust {
+        /// Idempotency key.
+        operation_id: LotId,
+        /// Signed amount.
+        amount: Money,
+    },
+    /// Grant a pack.
+    GrantPack(PackGrant),
+    /// Revoke a pack.
+    RevokePack(LotId),
+    /// Move to a plan.
+    AssignPlan {
+        /// The plan.
+        plan: PlanId,
+        /// Period anchor override.
+        anchor: Option<Anchor>,
+    },
+    /// Replace limit overrides.
+    SetOverrides(LimitOverrides),
+    /// Suspend (true) or resume (false).
+    SetSuspended(bool),
+    /// Change settings.
+    Update {
+        /// New time zone.
+        time_zone: Option<TimeZone>,
+        /// New credit limit.
+        credit_limit: Option<Money>,
+    },
+    /// Read the balance.
+    Balance,
+    /// Read everything.
+    Snapshot,
+}
+
+/// A read-out of one account.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Settings, allowance, paid and debt ledgers and recent usage; lots,
+    /// reservations and idempotency maps are left out (see the other fields).
+    pub account: Box<Account>,
+    /// The current period, if subscribed.
+    pub period: Option<Window>,
+    /// Open holds.
+    pub holds: Vec<(ReservationId, Hold)>,
+    /// Balance summary.
+    pub balance: Balance,
+    /// Packs and promos with their ids.
+    pub lots: Vec<(LotId, Lot, bool)>,
+}
+
+/// What a command answered.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// To [`Command::Reserve`].
+    Reserve(ReserveOutcome),
+    /// To [`Command::Extend`].
+    Extend(Extended),
+    /// To [`Command::Settle`].
+    Settle(Box<UsageRecord>),
+    /// To [`Command::Release`].
+    Release(Vec<Take>),
+    /// To [`Command::Charge`].
+    Charge(ChargeOutcome),
+    /// To [`Command::Balance`].
+    Balance(Balance),
+    /// To [`Command::Snapshot`].
+    Snapshot(Box<Snapshot>),
+    /// To the admin commands.
+    Done,
+}
+
+impl Account {
+    /// Runs `command` at `now`.
+    pub fn apply(
+        &mut self,
+        catalog: &Catalog,
+        command: Command,
+        now: Timestamp,
+    ) -> Result<Reply, EngineError> {
+        Ok(match command {
+            Command::Reserve(req) => Reply::Reserve(self.reserve(catalog, &req, now)?),
+            Command::Extend {
+                reservation,
+                max_output_tokens,
+            } => Reply::Extend(self.extend(catalog, &reservation, max_output_tokens, now)?),
+            Command::Settle { reservation, usage } => {
+                Reply::Settle(Box::new(self.settle(catalog, &reservation, usage, now)?))
+            }
+            Command::Release(reservation) => {
+                Reply::Release(self.release(catalog, &reservation, now)?)
+            }
+            Command::Charge(req) => Reply::Charge(self.charge(catalog, &req, now)?),
+            Command::TopUp {
+                operation_id,
+                pool,
+                amount,
+            } => {
+                self.top_up(catalog, &operation_id, pool, amount, now)?;
+                Reply::Done
+            }
+            Command::Adjust {
+                operation_id,
+                amount,
+            } => {
+                self.adjust(catalog, &operation_id, amount, now)?;
+                Reply::Done
+            }
+            Command::GrantPack(grant) => {
+                self.grant_pack(catalog, grant, now)?;
+                Reply::Done
+            }
+            Command::RevokePack(id) => {
+                self.revoke_pack(catalog, &id, now)?;
+                Reply::Done
+            }
+            Command::AssignPlan { plan, anchor } => {
+                self.assign_plan(catalog, &plan, anchor, now)?;
+                Reply::Done
+            }
+            Command::SetOverrides(overrides) => {
+                self.advance(catalog, now)?;
+                self.set_overrides(overrides);
+                Reply::Done
+            }
+            Command::SetSuspended(suspended) => {
+                self.advance(catalog, now)?;
+                self.suspended = suspended;
+                Reply::Done
+            }
+            Command::Update {
+                time_zone,
+                credit_limit,
+            } => {
+                self.advance(catalog, now)?;
+                if let Some(limit) = credit_limit {
+                    self.set_credit_limit(limit)?;
+                }
+                if let Some(tz) = time_zone {
+                    self.time_zone = tz.clone();
+                    if let Some(sub) = &mut self.subscription {
+                        sub.schedule.time_zone = tz;
+                    }
+                }
+                Reply::Done
+            }
+            Command::Balance => {
+                self.advance(catalog, now)?;
+                Reply::Balance(self.balance(now))
+            }
+            Command::Snapshot => {
+                self.advance(catalog, now)?;
+                Reply::Snapshot(Box::new(self.snapshot(now)))
+            }
+        })
+    }
+
+    fn snapshot(&self, now: Timestamp) -> Snapshot {
+        let mut holds: Vec<_> = self
+            .reservations
+            .iter()
+            .filter_map(|(id, r)| match r {
+                super::account::Reservation::Open(h) => Some((id.clone(), h.clone())),
+                _ => None,
+            })
+            .collect();
+        holds.sort_by(|a, b| a.0.cmp(&b.0));
+        let lots = self
+            .packs
+            .iter()
+            .map(|(id, lot)| (id.clone(), lot.clone(), true))
+            .chain(
+                self.promos
+                    .iter()
+                    .map(|(id, lot)| (id.clone(), lot.clone(), false)),
+            )
+            .collect();
+        Snapshot {
+            account: Box::new(self.clone_shallow()),
+            period: self.subscription.as_ref().map(|s| s.window),
+            holds,
+            balance: self.balance(now),
+            lots,
+        }
+    }
+
+    /// A copy without the bulky maps.
+    fn clone_shallow(&self) -> Account {
+        Account {
+            id: self.id.clone(),
+            plan: self.plan.clone(),
+            time_zone: self.time_zone.clone(),
+            anchor: self.anchor,
+            suspended: self.suspended,
+            credit_limit: self.credit_limit,
+            subscription: self.subscription.clone(),
+            allowance: self.allowance,
+            packs: Default::default(),
+            promos: Default::default(),
+            paid: self.paid,
+            debt: self.debt,
+            reservations: Default::default(),
+            requests: Default::default(),
+            operations: Default::default(),
+            buckets: Default::default(),
+            overrides: self.overrides,
+            recent: self.recent.clone(),
+            outbox: Vec::new(),
+        }
+    }
+}

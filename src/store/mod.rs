@@ -1,0 +1,75 @@
+//! Where accounts live. The engine never knows which store it has.
+//!
+//! A store owns the authoritative account states and the catalog, and runs
+//! each [`Command`] on one account atomically: concurrent commands on one
+//! account are serialized, commands on different accounts do not wait for
+//! each other. Usage records produced by a command are returned with its
+//! reply, for the caller to hand to the usage sink.
+//!
+//! - [`memory`]: the embedded default; one process, volatile.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+use crate::engine::ids::{AccountId, VersionId};
+use crate::engine::pricing::PriceVersion;
+use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The account does not exist.
+    #[error("account {0} not found")]
+    UnknownAccount(AccountId),
+    /// An account with this id exists.
+    #[error("account {0} already exists")]
+    AccountExists(AccountId),
+    /// The engine refused the command.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The store cannot be reached.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A command's reply and the records it produced.
+#[derive(Debug)]
+pub struct Applied {
+    /// The engine's answer.
+    pub reply: Reply,
+    /// Usage records to emit (lapsed holds charged in full, settles, charges).
+    pub records: Vec<UsageRecord>,
+}
+
+/// The authoritative state of every account, and the catalog.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Adds a new account.
+    async fn create(&self, account: Account) -> Result<(), StoreError>;
+
+    /// Runs `command` on account `id` at `now`, atomically.
+    async fn apply(
+        &self,
+        id: &AccountId,
+        command: Command,
+        now: Timestamp,
+    ) -> Result<Applied, StoreError>;
+
+    /// The current catalog.
+    fn catalog(&self) -> Arc<Catalog>;
+
+    /// Publishes a price version; returns every version id, oldest first.
+    async fn publish(
+        &self,
+        version: PriceVersion,
+        now: Timestamp,
+    ) -> Result<Vec<VersionId>, StoreError>;
+
+    /// Brings every account up to `now` (lapsed holds, expiries, resets) and
+    /// forgets what the idempotency window no longer needs. Returns the
+    /// records this produced.
+    async fn sweep(&self, now: Timestamp) -> Result<Vec<UsageRecord>, StoreError>;
+}
