@@ -1,14 +1,33 @@
 //! Tollgate: a quota, balance and rate-limit sidecar for LLM inference.
 //!
-//! - [`config`]: TOML configuration, environment overrides, validation.
-//! - [`engine`]: pure accounting logic (money, prices, periods, sources,
-//!   holds, limits); no I/O, no clock, no async.
+//! Data flows from the gRPC planes ([`api`]) through the [`service`] to a
+//! [`store`], which runs the pure [`engine`] on one account at a time;
+//! usage records leave through [`usage`].
+//!
+//! - [`engine`]: pure accounting (money, prices, periods, sources, holds,
+//!   limits); no I/O, no clock, no async.
 //! - [`store`]: the `Store` trait and its embedded `memory` implementation.
+//! - [`service`]: store + clock + usage sink, shared by both planes.
+//! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
+//! - [`server`]: binds listeners, serves, drains on shutdown.
+//! - [`config`]: TOML configuration, environment overrides, validation.
+//! - [`usage`]: the usage-record sink (JSON Lines file or stdout).
+//! - [`clock`]: where "now" comes from (system, or manual for tests).
+//! - [`cli`]: the command line (serve, check-config, a small client).
+//! - [`signal`], [`telemetry`]: shutdown signals and logging.
 //! - [`proto`]: the generated gRPC types of `tollgate.v1`.
 
+pub mod api;
+pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
+pub mod server;
+pub mod service;
+pub mod signal;
 pub mod store;
+pub mod telemetry;
+pub mod usage;
 
 /// Generated code for the `tollgate.v1` gRPC package.
 pub mod proto {

@@ -1,1 +1,18 @@
-fn main() {}
+//! The `tollgate` binary: parse the command line, start logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = tollgate::cli::Cli::parse();
+    tollgate::telemetry::init();
+    match tollgate::cli::run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

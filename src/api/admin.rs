@@ -1,0 +1,336 @@
+//! `tollgate.v1.Admin`: accounts, money, packs, plans, limits and prices.
+//! Authentication arrives with the admin-auth stage; until then, bind this
+//! listener to a trusted interface only.
+
+use std::collections::{HashMap, HashSet};
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out, timestamp, timestamp_out,
+};
+use super::quota::balance_out;
+use super::status::{invalid, status, unexpected};
+use crate::config::{parse_time_zone, parse_weight, price_per_token};
+use crate::engine::draw::SourceRef;
+use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
+use crate::engine::limits::LimitOverrides;
+use crate::engine::ops::{PackGrant, Pool};
+use crate::engine::period::Anchor;
+use crate::engine::pricing::{ModelPrices, PriceVersion, PriceWindow, TierPrices, TokenPrices};
+use crate::engine::{Command, Ledger, Reply, Snapshot};
+use crate::proto;
+use crate::proto::admin_server::Admin;
+use crate::service::Tollgate;
+
+/// The control-plane service.
+pub struct AdminApi {
+    tollgate: Tollgate,
+}
+
+impl AdminApi {
+    /// Serves `tollgate`.
+    pub fn new(tollgate: Tollgate) -> AdminApi {
+        AdminApi { tollgate }
+    }
+
+    async fn detail(&self, account: &AccountId) -> Result<Response<proto::AccountDetail>, Status> {
+        let Reply::Snapshot(s) = self.tollgate.apply(account, Command::Snapshot).await.map_err(status)? else {
+            return Err(unexpected("GetAccount"));
+        };
+        Ok(Response::new(detail_out(&s)))
+    }
+
+    async fn mutate(&self, account: &AccountId, command: Command) -> Result<Response<proto::AccountDetail>, Status> {
+        self.tollgate.apply(account, command).await.map_err(status)?;
+        self.detail(account).await
+    }
+}
+
+fn account_id(text: &str) -> Result<AccountId, Status> {
+    id("account_id", text, AccountId::parse)
+}
+
+fn anchor(value: i32) -> Result<Option<Anchor>, Status> {
+    match proto::PeriodAnchor::try_from(value) {
+        Ok(proto::PeriodAnchor::Unspecified) => Ok(None),
+        Ok(proto::PeriodAnchor::Calendar) => Ok(Some(Anchor::Calendar)),
+        Ok(proto::PeriodAnchor::Anniversary) => Ok(Some(Anchor::Anniversary)),
+        Err(_) => Err(invalid("anchor", format!("unknown value {value}"))),
+    }
+}
+
+fn lot_out(source: proto::SourceKind, lot_id: String, ledger: &Ledger, tokens: bool) -> proto::Lot {
+    let [granted, available, held, charged, forfeited] = ledger_figures(ledger, tokens);
+    proto::Lot { source: source as i32, lot_id, tokens, granted, available, held, charged, forfeited, ..Default::default() }
+}
+
+fn detail_out(s: &Snapshot) -> proto::AccountDetail {
+    let a = &s.account;
+    let mut lots = Vec::new();
+    if let Some(sub) = &a.subscription {
+        let source = SourceRef::Allowance { period: sub.period };
+        lots.push(lot_out(proto::SourceKind::Allowance, source.lot().unwrap_or_default(), &a.allowance, true));
+    }
+    for (id, lot, is_pack) in &s.lots {
+        let kind = if *is_pack { proto::SourceKind::Pack } else { proto::SourceKind::Promo };
+        let mut out = lot_out(kind, id.to_string(), &lot.ledger, *is_pack);
+        out.expires_at = lot.expires_at.map(timestamp_out);
+        let mut models: Vec<String> = lot.models.iter().flatten().map(ToString::to_string).collect();
+        models.sort();
+        out.models = models;
+        out.priority = lot.priority;
+        lots.push(out);
+    }
+    lots.push(lot_out(proto::SourceKind::Paid, String::new(), &a.paid, false));
+    lots.push(lot_out(proto::SourceKind::Debt, String::new(), &a.debt, false));
+    proto::AccountDetail {
+        account_id: a.id.to_string(),
+        plan: a.plan.to_string(),
+        time_zone: a.time_zone.iana_name().unwrap_or("UTC").to_owned(),
+        suspended: a.suspended,
+        credit_limit: Some(money_out(a.credit_limit)),
+        period_start: s.period.map(|w| timestamp_out(w.start)),
+        period_end: s.period.map(|w| timestamp_out(w.end)),
+        lots,
+        holds: s
+            .holds
+            .iter()
+            .map(|(id, h)| proto::Hold {
+                reservation_id: id.to_string(),
+                request_id: h.request_id.to_string(),
+                model: h.model.to_string(),
+                api_key_id: h.api_key_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+                granted_output_tokens: h.granted_output,
+                held: takes_out(&h.takes),
+                expires_at: Some(timestamp_out(h.expires_at)),
+            })
+            .collect(),
+        recent_usage: a.recent.iter().map(record_out).collect(),
+        balance: Some(balance_out(&a.id, &s.balance)),
+        overrides: Some(overrides_out(&a.overrides)),
+    }
+}
+
+fn token_prices(field: &str, p: Option<&proto::TokenPrices>) -> Result<TokenPrices, Status> {
+    let p = p.ok_or_else(|| invalid(field, "is required"))?;
+    let one = |name: &str, m: Option<&proto::Money>| {
+        let path = format!("{field}.{name}");
+        let per_million = money(&path, m)?;
+        price_per_token(per_million).map_err(|e| invalid(&path, e))
+    };
+    Ok(TokenPrices {
+        input: one("input_per_million", p.input_per_million.as_ref())?,
+        cached_input: one("cached_input_per_million", p.cached_input_per_million.as_ref())?,
+        cache_write: one("cache_write_per_million", p.cache_write_per_million.as_ref())?,
+        output: one("output_per_million", p.output_per_million.as_ref())?,
+    })
+}
+
+fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status> {
+    let v = v.ok_or_else(|| invalid("version", "is required"))?;
+    let mut models = HashMap::new();
+    for (i, m) in v.models.iter().enumerate() {
+        let path = format!("version.models[{i}]");
+        let model = id(&format!("{path}.model"), &m.model, ModelId::parse)?;
+        let weight_milli = match m.token_weight_milli {
+            0 => 1000,
+            w => parse_weight(&format!("{}.{:03}", w / 1000, w % 1000)).map_err(|e| invalid(&format!("{path}.token_weight_milli"), e))?,
+        };
+        let mut tiers = HashMap::new();
+        for (j, t) in m.tiers.iter().enumerate() {
+            let tpath = format!("{path}.tiers[{j}]");
+            let tier = id(&format!("{tpath}.service_tier"), &t.service_tier, TierId::parse)?;
+            let base = token_prices(&format!("{tpath}.prices"), t.prices.as_ref())?;
+            let mut context_tiers = Vec::new();
+            for (k, c) in t.context_tiers.iter().enumerate() {
+                let prices = token_prices(&format!("{tpath}.context_tiers[{k}].prices"), c.prices.as_ref())?;
+                context_tiers.push((c.min_prompt_tokens, prices));
+            }
+            if tiers.insert(tier.clone(), TierPrices { base, context_tiers }).is_some() {
+                return Err(invalid(&tpath, format!("service tier {tier} appears twice")));
+            }
+        }
+        if models.insert(model.clone(), ModelPrices { weight_milli, tiers }).is_some() {
+            return Err(invalid(&path, format!("model {model} appears twice")));
+        }
+    }
+    let mut windows = Vec::new();
+    for (i, w) in v.windows.iter().enumerate() {
+        let path = format!("version.windows[{i}]");
+        let time_zone = parse_time_zone(&w.time_zone).map_err(|e| invalid(&format!("{path}.time_zone"), e))?;
+        let models: HashSet<ModelId> = w
+            .models
+            .iter()
+            .map(|m| id(&format!("{path}.models"), m, ModelId::parse))
+            .collect::<Result<_, _>>()?;
+        if w.price_percent > 1000 {
+            return Err(invalid(&format!("{path}.price_percent"), "must be at most 1000"));
+        }
+        windows.push(PriceWindow {
+            name: w.name.clone(),
+            start_minute: w.start_minute,
+            end_minute: w.end_minute,
+            time_zone,
+            price_percent: w.price_percent,
+            models: (!models.is_empty()).then_some(models),
+        });
+    }
+    let version = PriceVersion {
+        id: id("version.id", &v.id, VersionId::parse)?,
+        effective_at: timestamp("version.effective_at", v.effective_at.as_ref())?,
+        models,
+        windows,
+    };
+    let problems = version.problems();
+    if !problems.is_empty() {
+        return Err(invalid("version", problems.join("; ")));
+    }
+    Ok(version)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_account(&self, request: Request<proto::CreateAccountRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let plan = id("plan", &r.plan, PlanId::parse)?;
+        let time_zone = parse_time_zone(&r.time_zone).map_err(|e| invalid("time_zone", e))?;
+        let credit_limit = match &r.credit_limit {
+            None => crate::engine::Money::ZERO,
+            Some(m) => money("credit_limit", Some(m))?,
+        };
+        let anchor = anchor(r.anchor)?;
+        self.tollgate
+            .open_account(account.clone(), &plan, time_zone, anchor, credit_limit)
+            .await
+            .map_err(status)?;
+        self.detail(&account).await
+    }
+
+    async fn update_account(&self, request: Request<proto::UpdateAccountRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let time_zone = match &r.time_zone {
+            None => None,
+            Some(tz) => Some(parse_time_zone(tz).map_err(|e| invalid("time_zone", e))?),
+        };
+        let credit_limit = match &r.credit_limit {
+            None => None,
+            Some(m) => Some(money("credit_limit", Some(m))?),
+        };
+        self.mutate(&account, Command::Update { time_zone, credit_limit }).await
+    }
+
+    async fn top_up(&self, request: Request<proto::TopUpRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
+        let amount = money("amount", r.amount.as_ref())?;
+        reason(&r.reason)?;
+        let pool = match proto::MoneyPool::try_from(r.pool) {
+            Ok(proto::MoneyPool::Paid) => {
+                if r.expires_at.is_some() {
+                    return Err(invalid("expires_at", "applies to promo top-ups only"));
+                }
+                Pool::Paid
+            }
+            Ok(proto::MoneyPool::Promo) => Pool::Promo {
+                expires_at: r.expires_at.as_ref().map(|t| timestamp("expires_at", Some(t))).transpose()?,
+                priority: r.priority,
+            },
+            Ok(proto::MoneyPool::Unspecified) => return Err(invalid("pool", "is required (PAID or PROMO)")),
+            Err(_) => return Err(invalid("pool", format!("unknown value {}", r.pool))),
+        };
+        self.mutate(&account, Command::TopUp { operation_id, pool, amount }).await
+    }
+
+    async fn adjust_money(&self, request: Request<proto::AdjustMoneyRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
+        let amount = money("amount", r.amount.as_ref())?;
+        reason(&r.reason)?;
+        self.mutate(&account, Command::Adjust { operation_id, amount }).await
+    }
+
+    async fn grant_pack(&self, request: Request<proto::GrantPackRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        reason(&r.reason)?;
+        let models: HashSet<ModelId> = r
+            .models
+            .iter()
+            .map(|m| id("models", m, ModelId::parse))
+            .collect::<Result<_, _>>()?;
+        let grant = PackGrant {
+            pack_id: id("pack_id", &r.pack_id, LotId::parse)?,
+            tokens: r.tokens,
+            expires_at: timestamp("expires_at", r.expires_at.as_ref())?,
+            models: (!models.is_empty()).then_some(models),
+            priority: r.priority,
+        };
+        self.mutate(&account, Command::GrantPack(grant)).await
+    }
+
+    async fn revoke_pack(&self, request: Request<proto::RevokePackRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let pack = id("pack_id", &r.pack_id, LotId::parse)?;
+        reason(&r.reason)?;
+        self.mutate(&account, Command::RevokePack(pack)).await
+    }
+
+    async fn assign_plan(&self, request: Request<proto::AssignPlanRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let plan = id("plan", &r.plan, PlanId::parse)?;
+        let anchor = anchor(r.anchor)?;
+        self.mutate(&account, Command::AssignPlan { plan, anchor }).await
+    }
+
+    async fn set_limit_overrides(&self, request: Request<proto::SetLimitOverridesRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let o = r.overrides.unwrap_or_default();
+        let overrides = LimitOverrides {
+            account: o.account.as_ref().map(limit_set),
+            api_key: o.api_key.as_ref().map(limit_set),
+            per_model: o.per_model.as_ref().map(limit_set),
+        };
+        self.mutate(&account, Command::SetOverrides(overrides)).await
+    }
+
+    async fn suspend(&self, request: Request<proto::SuspendRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        reason(&r.reason)?;
+        self.mutate(&account, Command::SetSuspended(true)).await
+    }
+
+    async fn resume(&self, request: Request<proto::ResumeRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        reason(&r.reason)?;
+        self.mutate(&account, Command::SetSuspended(false)).await
+    }
+
+    async fn publish_price_version(
+        &self,
+        request: Request<proto::PublishPriceVersionRequest>,
+    ) -> Result<Response<proto::PublishPriceVersionResponse>, Status> {
+        let r = request.into_inner();
+        let version = price_version(r.version.as_ref())?;
+        let id = version.id.to_string();
+        let versions = self.tollgate.publish(version).await.map_err(super::status::status)?;
+        Ok(Response::new(proto::PublishPriceVersionResponse {
+            id,
+            versions: versions.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn get_account(&self, request: Request<proto::GetAccountRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let account = account_id(&request.into_inner().account_id)?;
+        self.detail(&account).await
+    }
+}

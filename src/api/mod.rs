@@ -1,0 +1,13 @@
+//! The gRPC planes: thin translations between `tollgate.v1` messages and
+//! engine commands. Every request field is validated here, into domain
+//! types, before anything reaches the store.
+//!
+//! - [`quota`]: the data plane (`tollgate.v1.Quota`).
+//! - [`admin`]: the control plane (`tollgate.v1.Admin`).
+//! - [`convert`]: field validation and proto <-> domain conversion.
+//! - [`status`]: the one table from errors to gRPC status codes.
+
+pub mod admin;
+pub mod convert;
+pub mod quota;
+pub mod status;

@@ -1,0 +1,198 @@
+//! `tollgate.v1.Quota`: what a model server calls around each generation.
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier, timestamp_out,
+    tokens, usage,
+};
+use super::status::{invalid, status, unexpected};
+use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId};
+use crate::engine::limits::RateStatus;
+use crate::engine::ops::{ChargeOutcome, ChargeWhat, Denial, ReserveOutcome};
+use crate::engine::{ChargeRequest, Command, Reply, ReserveRequest};
+use crate::proto;
+use crate::proto::quota_server::Quota;
+use crate::service::Tollgate;
+use crate::store::StoreError;
+
+/// The data-plane service.
+pub struct QuotaApi {
+    tollgate: Tollgate,
+}
+
+impl QuotaApi {
+    /// Serves `tollgate`.
+    pub fn new(tollgate: Tollgate) -> QuotaApi {
+        QuotaApi { tollgate }
+    }
+}
+
+fn denied(denial: Denial, message: String, limits: &RateStatus) -> proto::ReserveResponse {
+    let (reason, limit, retry_after) = denial_out(&denial);
+    proto::ReserveResponse {
+        decision: proto::Decision::Deny as i32,
+        deny_reason: reason as i32,
+        message,
+        limit,
+        retry_after,
+        rate_limits: Some(rate_status_out(limits)),
+        ..Default::default()
+    }
+}
+
+fn account_and_reservation(account: &str, reservation: &str) -> Result<(AccountId, ReservationId), Status> {
+    Ok((
+        id("account_id", account, AccountId::parse)?,
+        id("reservation_id", reservation, ReservationId::parse)?,
+    ))
+}
+
+#[tonic::async_trait]
+impl Quota for QuotaApi {
+    async fn reserve(&self, request: Request<proto::ReserveRequest>) -> Result<Response<proto::ReserveResponse>, Status> {
+        let r = request.into_inner();
+        let account = id("account_id", &r.account_id, AccountId::parse)?;
+        let req = ReserveRequest {
+            request_id: id("request_id", &r.request_id, RequestId::parse)?,
+            api_key_id: opt_id("api_key_id", &r.api_key_id, ApiKeyId::parse)?,
+            model: id("model", &r.model, ModelId::parse)?,
+            tier: tier(&r.service_tier)?,
+            input_tokens: tokens("input_tokens", r.input_tokens)?,
+            cached_input_tokens: tokens("cached_input_tokens", r.cached_input_tokens)?,
+            max_output_tokens: tokens("max_output_tokens", r.max_output_tokens)?,
+        };
+        let outcome = match self.tollgate.apply(&account, Command::Reserve(req)).await {
+            Ok(Reply::Reserve(outcome)) => outcome,
+            Ok(_) => return Err(unexpected("Reserve")),
+            Err(StoreError::UnknownAccount(id)) => {
+                let message = format!("account {id} does not exist");
+                return Ok(Response::new(denied(Denial::UnknownAccount, message, &RateStatus::default())));
+            }
+            Err(e) => return Err(status(e)),
+        };
+        Ok(Response::new(match outcome {
+            ReserveOutcome::Denied { denial, message, limits } => denied(denial, message, &limits),
+            ReserveOutcome::Allowed(r) => proto::ReserveResponse {
+                decision: proto::Decision::Allow as i32,
+                granted_output_tokens: r.granted_output_tokens,
+                reservation_id: r.reservation_id.to_string(),
+                expires_at: Some(timestamp_out(r.expires_at)),
+                rate_limits: Some(rate_status_out(&r.limits)),
+                price_version: r.price_version.to_string(),
+                held: takes_out(&r.held),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
+        let r = request.into_inner();
+        let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
+        let max_output_tokens = tokens("max_output_tokens", r.max_output_tokens)?;
+        let command = Command::Extend { reservation, max_output_tokens };
+        let Reply::Extend(e) = self.tollgate.apply(&account, command).await.map_err(status)? else {
+            return Err(unexpected("Extend"));
+        };
+        let (decision, reason) = match &e.shortfall {
+            None => (proto::Decision::Allow, proto::DenyReason::Unspecified),
+            Some(denial) => (proto::Decision::Deny, denial_out(denial).0),
+        };
+        Ok(Response::new(proto::ExtendResponse {
+            decision: decision as i32,
+            deny_reason: reason as i32,
+            granted_output_tokens: e.granted_output_tokens,
+            expires_at: Some(timestamp_out(e.expires_at)),
+            held: takes_out(&e.held),
+        }))
+    }
+
+    async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
+        let r = request.into_inner();
+        let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
+        let usage = usage("usage", r.usage.as_ref())?;
+        let Reply::Settle(record) = self.tollgate.apply(&account, Command::Settle { reservation, usage }).await.map_err(status)? else {
+            return Err(unexpected("Settle"));
+        };
+        Ok(Response::new(proto::SettleResponse { record: Some(record_out(&record)) }))
+    }
+
+    async fn release(&self, request: Request<proto::ReleaseRequest>) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
+        let Reply::Release(released) = self.tollgate.apply(&account, Command::Release(reservation)).await.map_err(status)? else {
+            return Err(unexpected("Release"));
+        };
+        Ok(Response::new(proto::ReleaseResponse { released: takes_out(&released) }))
+    }
+
+    async fn charge(&self, request: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
+        let r = request.into_inner();
+        let account = id("account_id", &r.account_id, AccountId::parse)?;
+        let what = match &r.charge {
+            None => return Err(invalid("charge", "one of usage or amount is required")),
+            Some(proto::charge_request::Charge::Usage(u)) => ChargeWhat::Usage(usage("usage", Some(u))?),
+            Some(proto::charge_request::Charge::Amount(m)) => {
+                let amount = money("amount", Some(m))?;
+                if !amount.is_positive() {
+                    return Err(invalid("amount", "must be greater than zero"));
+                }
+                ChargeWhat::Money(amount)
+            }
+        };
+        let model = opt_id("model", &r.model, ModelId::parse)?;
+        if matches!(what, ChargeWhat::Usage(_)) && model.is_none() {
+            return Err(invalid("model", "is required when charging usage"));
+        }
+        let req = ChargeRequest {
+            request_id: id("request_id", &r.request_id, RequestId::parse)?,
+            api_key_id: opt_id("api_key_id", &r.api_key_id, ApiKeyId::parse)?,
+            model,
+            tier: tier(&r.service_tier)?,
+            what,
+        };
+        let Reply::Charge(outcome) = self.tollgate.apply(&account, Command::Charge(req)).await.map_err(status)? else {
+            return Err(unexpected("Charge"));
+        };
+        Ok(Response::new(match outcome {
+            ChargeOutcome::Charged(record) => proto::ChargeResponse {
+                decision: proto::Decision::Allow as i32,
+                record: Some(record_out(&record)),
+                ..Default::default()
+            },
+            ChargeOutcome::Denied(denial, message) => proto::ChargeResponse {
+                decision: proto::Decision::Deny as i32,
+                deny_reason: denial_out(&denial).0 as i32,
+                message,
+                record: None,
+            },
+        }))
+    }
+
+    async fn get_balance(&self, request: Request<proto::GetBalanceRequest>) -> Result<Response<proto::GetBalanceResponse>, Status> {
+        let r = request.into_inner();
+        let account = id("account_id", &r.account_id, AccountId::parse)?;
+        let Reply::Balance(b) = self.tollgate.apply(&account, Command::Balance).await.map_err(status)? else {
+            return Err(unexpected("GetBalance"));
+        };
+        Ok(Response::new(balance_out(&account, &b)))
+    }
+}
+
+/// A balance for the wire.
+pub fn balance_out(account: &AccountId, b: &crate::engine::ops::Balance) -> proto::GetBalanceResponse {
+    proto::GetBalanceResponse {
+        account_id: account.to_string(),
+        allowance_tokens: b.allowance_tokens,
+        period_end: b.period_end.map(timestamp_out),
+        pack_tokens: b.pack_tokens,
+        promo: Some(money_out(b.promo)),
+        paid: Some(money_out(b.paid)),
+        credit_limit: Some(money_out(b.credit_limit)),
+        debt: Some(money_out(b.debt)),
+        spendable: Some(money_out(b.spendable)),
+        held_money: Some(money_out(b.held_money)),
+        held_tokens: b.held_tokens,
+        suspended: b.suspended,
+    }
+}

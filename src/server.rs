@@ -1,0 +1,141 @@
+//! Building and running the app: bind both listeners (port 0 works; the
+//! bound addresses are exposed), seed accounts, serve until told to stop,
+//! then drain: in-flight calls finish, the sweeper stops, the usage sink
+//! is flushed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::admin::AdminApi;
+use crate::api::quota::QuotaApi;
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::proto::admin_server::AdminServer;
+use crate::proto::quota_server::QuotaServer;
+use crate::service::Tollgate;
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+use crate::usage;
+
+/// A built app, bound and seeded, not yet serving.
+pub struct App {
+    quota: TcpListener,
+    admin: TcpListener,
+    quota_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    tollgate: Tollgate,
+    sweep_interval: Duration,
+    writer: JoinHandle<std::io::Result<()>>,
+}
+
+impl App {
+    /// Binds the listeners, opens the store and the usage sink, seeds the
+    /// configured accounts.
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        let quota = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("binding the data plane to {}", settings.listen))?;
+        let admin = TcpListener::bind(settings.admin_listen)
+            .await
+            .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.catalog.clone()));
+        let (sender, writer) = usage::spawn(&settings.usage).await.context("opening the usage sink")?;
+        let tollgate = Tollgate::new(store, clock, sender);
+        for seed in &settings.seed {
+            tollgate.seed(seed).await.with_context(|| format!("seeding account {}", seed.id))?;
+        }
+        Ok(App {
+            quota_addr: quota.local_addr()?,
+            admin_addr: admin.local_addr()?,
+            quota,
+            admin,
+            tollgate,
+            sweep_interval: settings.sweep_interval,
+            writer,
+        })
+    }
+
+    /// Where the data plane listens.
+    pub fn quota_addr(&self) -> SocketAddr {
+        self.quota_addr
+    }
+
+    /// Where the control plane listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Serves both planes until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let App { quota, admin, tollgate, sweep_interval, writer, .. } = self;
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<QuotaServer<QuotaApi>>().await;
+        health_reporter.set_serving::<AdminServer<AdminApi>>().await;
+        let reflection = || {
+            let builder = || {
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            };
+            anyhow::Ok((builder().build_v1()?, builder().build_v1alpha()?))
+        };
+        let (quota_v1, quota_v1alpha) = reflection()?;
+        let (admin_v1, admin_v1alpha) = reflection()?;
+        let quota_server = Server::builder()
+            .add_service(health.clone())
+            .add_service(quota_v1)
+            .add_service(quota_v1alpha)
+            .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(quota), until_stopped(stopped.clone()));
+        let admin_server = Server::builder()
+            .add_service(health)
+            .add_service(admin_v1)
+            .add_service(admin_v1alpha)
+            .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(admin), until_stopped(stopped.clone()));
+        let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped)));
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight calls");
+            let _ = stop.send(true);
+        };
+        let (quota_result, admin_result, ()) = tokio::join!(quota_server, admin_server, signal);
+        sweeper.await.context("sweeper task")?;
+        // Every sender is gone now; the writer drains and flushes.
+        writer.await.context("usage writer task")?.context("writing usage records")?;
+        quota_result.context("data plane")?;
+        admin_result.context("control plane")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Lapses holds every `interval` until `stop` completes.
+async fn sweep(tollgate: Tollgate, interval: Duration, stop: impl Future<Output = ()>) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = ticks.tick() => {
+                if let Err(e) = tollgate.sweep().await {
+                    tracing::warn!(error = %e, "sweep failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The service both gRPC planes call: a store, a clock and the usage sink,
+//! put together so every command is timed once and every record it
+//! produces is emitted.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+use crate::clock::Clock;
+use crate::config::SeedAccount;
+use crate::engine::ids::{AccountId, LotId, PlanId, VersionId};
+use crate::engine::money::Money;
+use crate::engine::ops::Pool;
+use crate::engine::period::Anchor;
+use crate::engine::pricing::PriceVersion;
+use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
+use crate::store::{Store, StoreError};
+use crate::usage::UsageSender;
+
+/// Tollgate's operations, shared by every request handler.
+#[derive(Clone)]
+pub struct Tollgate {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    usage: UsageSender,
+}
+
+impl Tollgate {
+    /// Puts the parts together.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageSender) -> Tollgate {
+        Tollgate { store, clock, usage }
+    }
+
+    /// The current time, as the service sees it.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The current catalog.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.store.catalog()
+    }
+
+    /// Runs `command` on `account` now and emits its records.
+    pub async fn apply(&self, account: &AccountId, command: Command) -> Result<Reply, StoreError> {
+        let applied = self.store.apply(account, command, self.now()).await?;
+        self.emit(applied.records).await;
+        Ok(applied.reply)
+    }
+
+    async fn emit(&self, records: Vec<UsageRecord>) {
+        for record in records {
+            if self.usage.send(record).await.is_err() {
+                tracing::error!("usage sink has stopped; a usage record was not written");
+            }
+        }
+    }
+
+    /// Opens a new account.
+    pub async fn open_account(
+        &self,
+        id: AccountId,
+        plan: &PlanId,
+        time_zone: TimeZone,
+        anchor: Option<Anchor>,
+        credit_limit: Money,
+    ) -> Result<(), StoreError> {
+        let catalog = self.catalog();
+        let plan = catalog
+            .plans
+            .get(plan)
+            .ok_or_else(|| EngineError::invalid("plan", format!("no plan named {plan}")))?;
+        if credit_limit.is_negative() {
+            return Err(EngineError::invalid("credit_limit", "must not be negative").into());
+        }
+        let account = Account::open(id, plan, time_zone, anchor, credit_limit, self.now())?;
+        self.store.create(account).await
+    }
+
+    /// Creates a configured account if missing and applies its credits.
+    /// Credits carry fixed operation ids, so seeding twice credits once.
+    pub async fn seed(&self, seed: &SeedAccount) -> Result<(), StoreError> {
+        match self
+            .open_account(seed.id.clone(), &seed.plan, seed.time_zone.clone(), seed.anchor, seed.credit_limit)
+            .await
+        {
+            Ok(()) | Err(StoreError::AccountExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        for (op, pool, amount) in [("seed:paid", Pool::Paid, seed.paid), ("seed:promo", Pool::Promo { expires_at: None, priority: 0 }, seed.promo)] {
+            if amount.is_positive() {
+                let operation_id = LotId::parse(op).map_err(|e| EngineError::invalid("operation_id", e.to_string()))?;
+                self.apply(&seed.id, Command::TopUp { operation_id, pool, amount }).await?;
+            }
+        }
+        for pack in &seed.packs {
+            self.apply(&seed.id, Command::GrantPack(pack.clone())).await?;
+        }
+        if seed.suspended {
+            self.apply(&seed.id, Command::SetSuspended(true)).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a price version effective no earlier than now.
+    pub async fn publish(&self, version: PriceVersion) -> Result<Vec<VersionId>, StoreError> {
+        self.store.publish(version, self.now()).await
+    }
+
+    /// Lapses holds and forgets what is no longer needed, emitting records.
+    pub async fn sweep(&self) -> Result<(), StoreError> {
+        let records = self.store.sweep(self.now()).await?;
+        self.emit(records).await;
+        Ok(())
+    }
+}
