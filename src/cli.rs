@@ -170,50 +170,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }
         }),
-        Cmd::Reserve(a) => client(&a.endpoint, |mut c| async move {
-            let r = c
-                .reserve(proto::ReserveRequest {
-                    account_id: a.account,
-                    api_key_id: a.api_key,
-                    model: a.model,
-                    service_tier: a.tier,
-                    request_id: a.request_id,
+        Cmd::Reserve(a) => {
+            client(&a.endpoint, |mut c| async move {
+                let r = c
+                    .reserve(proto::ReserveRequest {
+                        account_id: a.account,
+                        api_key_id: a.api_key,
+                        model: a.model,
+                        service_tier: a.tier,
+                        request_id: a.request_id,
+                        input_tokens: a.input,
+                        cached_input_tokens: a.cached_input,
+                        max_output_tokens: a.max_output,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(show_reserve(&r))
+            })
+            .await
+        }
+        Cmd::Settle(a) => {
+            client(&a.endpoint, |mut c| async move {
+                let usage = proto::Usage {
                     input_tokens: a.input,
                     cached_input_tokens: a.cached_input,
-                    max_output_tokens: a.max_output,
-                })
-                .await?
-                .into_inner();
-            Ok(format!("{r:#?}"))
-        })
-        .await,
-        Cmd::Settle(a) => client(&a.endpoint, |mut c| async move {
-            let usage = proto::Usage {
-                input_tokens: a.input,
-                cached_input_tokens: a.cached_input,
-                cache_write_tokens: a.cache_write,
-                output_tokens: a.output,
-            };
-            let r = c
-                .settle(proto::SettleRequest { account_id: a.account, reservation_id: a.reservation, usage: Some(usage) })
-                .await?
-                .into_inner();
-            Ok(format!("{r:#?}"))
-        })
-        .await,
-        Cmd::Release(a) => client(&a.endpoint, |mut c| async move {
-            let r = c
-                .release(proto::ReleaseRequest { account_id: a.account, reservation_id: a.reservation })
-                .await?
-                .into_inner();
-            Ok(format!("{r:#?}"))
-        })
-        .await,
-        Cmd::Balance(a) => client(&a.endpoint, |mut c| async move {
-            let r = c.get_balance(proto::GetBalanceRequest { account_id: a.account }).await?.into_inner();
-            Ok(format!("{r:#?}"))
-        })
-        .await,
+                    cache_write_tokens: a.cache_write,
+                    output_tokens: a.output,
+                };
+                let r = c
+                    .settle(proto::SettleRequest {
+                        account_id: a.account,
+                        reservation_id: a.reservation,
+                        usage: Some(usage),
+                    })
+                    .await?
+                    .into_inner();
+                Ok(r.record.as_ref().map(show_record).unwrap_or_default())
+            })
+            .await
+        }
+        Cmd::Release(a) => {
+            client(&a.endpoint, |mut c| async move {
+                let r = c
+                    .release(proto::ReleaseRequest {
+                        account_id: a.account,
+                        reservation_id: a.reservation,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(format!("released: {}", show_amounts(&r.released)))
+            })
+            .await
+        }
+        Cmd::Balance(a) => {
+            client(&a.endpoint, |mut c| async move {
+                let r = c
+                    .get_balance(proto::GetBalanceRequest {
+                        account_id: a.account,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(show_balance(&r))
+            })
+            .await
+        }
     }
 }
 
@@ -226,7 +246,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if args.config.is_none() {
-        tracing::info!("no --config given: serving the built-in demo (examples/tollgate.toml); state is in memory only");
+        tracing::info!(
+            "no --config given: serving the built-in demo (examples/tollgate.toml); state is in memory only"
+        );
     }
     if let Some(addr) = args.listen {
         settings.listen = addr;
@@ -258,4 +280,104 @@ where
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn decimal(m: Option<&proto::Money>) -> &str {
+    m.map_or("0", |m| m.decimal.as_str())
+}
+
+fn show_amounts(amounts: &[proto::SourceAmount]) -> String {
+    let parts: Vec<String> = amounts
+        .iter()
+        .map(|a| {
+            let source = proto::SourceKind::try_from(a.source).map_or("?", |s| s.as_str_name());
+            let source = source.trim_start_matches("SOURCE_KIND_").to_lowercase();
+            let lot = if a.lot_id.is_empty() {
+                String::new()
+            } else {
+                format!("[{}]", a.lot_id)
+            };
+            match &a.money {
+                Some(m) => format!("{source}{lot} {}", m.decimal),
+                None => format!("{source}{lot} {} tokens", a.tokens),
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn show_time(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| jiff::Timestamp::new(t.seconds, t.nanos).ok())
+        .map_or_else(|| "-".into(), |t| t.to_string())
+}
+
+fn show_reserve(r: &proto::ReserveResponse) -> String {
+    let decision = proto::Decision::try_from(r.decision).map_or("?", |d| d.as_str_name());
+    let mut out = format!(
+        "decision:       {}\n",
+        decision.trim_start_matches("DECISION_")
+    );
+    if r.decision != proto::Decision::Allow as i32 {
+        let reason = proto::DenyReason::try_from(r.deny_reason).map_or("?", |d| d.as_str_name());
+        out += &format!(
+            "reason:         {} ({})\n",
+            reason.trim_start_matches("DENY_REASON_"),
+            r.message
+        );
+    } else {
+        out += &format!("reservation_id: {}\n", r.reservation_id);
+        out += &format!("granted_output: {} tokens\n", r.granted_output_tokens);
+        out += &format!("held:           {}\n", show_amounts(&r.held));
+        out += &format!("expires_at:     {}\n", show_time(r.expires_at.as_ref()));
+        out += &format!("price_version:  {}\n", r.price_version);
+    }
+    if let Some(l) = &r.rate_limits {
+        out += &format!(
+            "rate limits:    requests {}/{}, tokens {}/{} remaining",
+            l.requests_remaining, l.requests_limit, l.tokens_remaining, l.tokens_limit
+        );
+    }
+    out
+}
+
+fn show_record(r: &proto::UsageRecord) -> String {
+    let u = r.usage.clone().unwrap_or_default();
+    format!(
+        "request_id:     {}\nmodel:          {} ({})\nusage:          input {}, cached {}, cache write {}, output {}\n\
+         charged:        {}\ntotal:          {}\nprice_version:  {}",
+        r.request_id,
+        r.model,
+        r.service_tier,
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.cache_write_tokens,
+        u.output_tokens,
+        show_amounts(&r.charges),
+        decimal(r.total_money.as_ref()),
+        r.price_version
+    )
+}
+
+fn show_balance(b: &proto::GetBalanceResponse) -> String {
+    format!(
+        "account:        {}{}\nallowance:      {} tokens (period ends {})\npacks:          {} tokens\n\
+         promo:          {}\npaid:           {}\ncredit limit:   {}\ndebt:           {}\nspendable:      {}\n\
+         held:           {} money, {} tokens",
+        b.account_id,
+        if b.suspended { " (suspended)" } else { "" },
+        b.allowance_tokens,
+        show_time(b.period_end.as_ref()),
+        b.pack_tokens,
+        decimal(b.promo.as_ref()),
+        decimal(b.paid.as_ref()),
+        decimal(b.credit_limit.as_ref()),
+        decimal(b.debt.as_ref()),
+        decimal(b.spendable.as_ref()),
+        decimal(b.held_money.as_ref()),
+        b.held_tokens
+    )
 }

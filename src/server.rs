@@ -48,10 +48,15 @@ impl App {
             .await
             .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.catalog.clone()));
-        let (sender, writer) = usage::spawn(&settings.usage).await.context("opening the usage sink")?;
+        let (sender, writer) = usage::spawn(&settings.usage)
+            .await
+            .context("opening the usage sink")?;
         let tollgate = Tollgate::new(store, clock, sender);
         for seed in &settings.seed {
-            tollgate.seed(seed).await.with_context(|| format!("seeding account {}", seed.id))?;
+            tollgate
+                .seed(seed)
+                .await
+                .with_context(|| format!("seeding account {}", seed.id))?;
         }
         Ok(App {
             quota_addr: quota.local_addr()?,
@@ -75,8 +80,18 @@ impl App {
     }
 
     /// Serves both planes until `shutdown` completes, then drains.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let App { quota, admin, tollgate, sweep_interval, writer, .. } = self;
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let App {
+            quota,
+            admin,
+            tollgate,
+            sweep_interval,
+            writer,
+            ..
+        } = self;
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -99,13 +114,19 @@ impl App {
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(quota), until_stopped(stopped.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(quota),
+                until_stopped(stopped.clone()),
+            );
         let admin_server = Server::builder()
             .add_service(health)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)
             .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(admin), until_stopped(stopped.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(admin),
+                until_stopped(stopped.clone()),
+            );
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped)));
         let signal = async move {
             shutdown.await;
@@ -115,7 +136,10 @@ impl App {
         let (quota_result, admin_result, ()) = tokio::join!(quota_server, admin_server, signal);
         sweeper.await.context("sweeper task")?;
         // Every sender is gone now; the writer drains and flushes.
-        writer.await.context("usage writer task")?.context("writing usage records")?;
+        writer
+            .await
+            .context("usage writer task")?
+            .context("writing usage records")?;
         quota_result.context("data plane")?;
         admin_result.context("control plane")?;
         tracing::info!("stopped");

@@ -29,7 +29,11 @@ pub struct Tollgate {
 impl Tollgate {
     /// Puts the parts together.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageSender) -> Tollgate {
-        Tollgate { store, clock, usage }
+        Tollgate {
+            store,
+            clock,
+            usage,
+        }
     }
 
     /// The current time, as the service sees it.
@@ -82,20 +86,46 @@ impl Tollgate {
     /// Credits carry fixed operation ids, so seeding twice credits once.
     pub async fn seed(&self, seed: &SeedAccount) -> Result<(), StoreError> {
         match self
-            .open_account(seed.id.clone(), &seed.plan, seed.time_zone.clone(), seed.anchor, seed.credit_limit)
+            .open_account(
+                seed.id.clone(),
+                &seed.plan,
+                seed.time_zone.clone(),
+                seed.anchor,
+                seed.credit_limit,
+            )
             .await
         {
             Ok(()) | Err(StoreError::AccountExists(_)) => {}
             Err(e) => return Err(e),
         }
-        for (op, pool, amount) in [("seed:paid", Pool::Paid, seed.paid), ("seed:promo", Pool::Promo { expires_at: None, priority: 0 }, seed.promo)] {
+        for (op, pool, amount) in [
+            ("seed:paid", Pool::Paid, seed.paid),
+            (
+                "seed:promo",
+                Pool::Promo {
+                    expires_at: None,
+                    priority: 0,
+                },
+                seed.promo,
+            ),
+        ] {
             if amount.is_positive() {
-                let operation_id = LotId::parse(op).map_err(|e| EngineError::invalid("operation_id", e.to_string()))?;
-                self.apply(&seed.id, Command::TopUp { operation_id, pool, amount }).await?;
+                let operation_id = LotId::parse(op)
+                    .map_err(|e| EngineError::invalid("operation_id", e.to_string()))?;
+                self.apply(
+                    &seed.id,
+                    Command::TopUp {
+                        operation_id,
+                        pool,
+                        amount,
+                    },
+                )
+                .await?;
             }
         }
         for pack in &seed.packs {
-            self.apply(&seed.id, Command::GrantPack(pack.clone())).await?;
+            self.apply(&seed.id, Command::GrantPack(pack.clone()))
+                .await?;
         }
         if seed.suspended {
             self.apply(&seed.id, Command::SetSuspended(true)).await?;

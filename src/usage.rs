@@ -24,11 +24,17 @@ pub type UsageSender = mpsc::Sender<UsageRecord>;
 
 /// Opens the sink and starts its writer. The task ends, flushed, when every
 /// [`UsageSender`] has been dropped.
-pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, JoinHandle<io::Result<()>>)> {
+pub async fn spawn(
+    config: &UsageSinkConfig,
+) -> io::Result<(UsageSender, JoinHandle<io::Result<()>>)> {
     let out: Box<dyn AsyncWrite + Send + Unpin> = match config {
         UsageSinkConfig::Stdout => Box::new(tokio::io::stdout()),
         UsageSinkConfig::File(path) => {
-            let file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .await?;
             Box::new(file)
         }
     };
@@ -36,7 +42,10 @@ pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, JoinHan
     Ok((tx, tokio::spawn(write(rx, BufWriter::new(out)))))
 }
 
-async fn write(mut rx: mpsc::Receiver<UsageRecord>, mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>) -> io::Result<()> {
+async fn write(
+    mut rx: mpsc::Receiver<UsageRecord>,
+    mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
+) -> io::Result<()> {
     while let Some(record) = rx.recv().await {
         let mut line = serde_json::to_vec(&record)?;
         line.push(b'\n');

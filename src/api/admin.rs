@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out, timestamp, timestamp_out,
+    id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out,
+    timestamp, timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
@@ -35,14 +36,26 @@ impl AdminApi {
     }
 
     async fn detail(&self, account: &AccountId) -> Result<Response<proto::AccountDetail>, Status> {
-        let Reply::Snapshot(s) = self.tollgate.apply(account, Command::Snapshot).await.map_err(status)? else {
+        let Reply::Snapshot(s) = self
+            .tollgate
+            .apply(account, Command::Snapshot)
+            .await
+            .map_err(status)?
+        else {
             return Err(unexpected("GetAccount"));
         };
         Ok(Response::new(detail_out(&s)))
     }
 
-    async fn mutate(&self, account: &AccountId, command: Command) -> Result<Response<proto::AccountDetail>, Status> {
-        self.tollgate.apply(account, command).await.map_err(status)?;
+    async fn mutate(
+        &self,
+        account: &AccountId,
+        command: Command,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
+        self.tollgate
+            .apply(account, command)
+            .await
+            .map_err(status)?;
         self.detail(account).await
     }
 }
@@ -62,7 +75,17 @@ fn anchor(value: i32) -> Result<Option<Anchor>, Status> {
 
 fn lot_out(source: proto::SourceKind, lot_id: String, ledger: &Ledger, tokens: bool) -> proto::Lot {
     let [granted, available, held, charged, forfeited] = ledger_figures(ledger, tokens);
-    proto::Lot { source: source as i32, lot_id, tokens, granted, available, held, charged, forfeited, ..Default::default() }
+    proto::Lot {
+        source: source as i32,
+        lot_id,
+        tokens,
+        granted,
+        available,
+        held,
+        charged,
+        forfeited,
+        ..Default::default()
+    }
 }
 
 fn detail_out(s: &Snapshot) -> proto::AccountDetail {
@@ -70,20 +93,44 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
     let mut lots = Vec::new();
     if let Some(sub) = &a.subscription {
         let source = SourceRef::Allowance { period: sub.period };
-        lots.push(lot_out(proto::SourceKind::Allowance, source.lot().unwrap_or_default(), &a.allowance, true));
+        lots.push(lot_out(
+            proto::SourceKind::Allowance,
+            source.lot().unwrap_or_default(),
+            &a.allowance,
+            true,
+        ));
     }
     for (id, lot, is_pack) in &s.lots {
-        let kind = if *is_pack { proto::SourceKind::Pack } else { proto::SourceKind::Promo };
+        let kind = if *is_pack {
+            proto::SourceKind::Pack
+        } else {
+            proto::SourceKind::Promo
+        };
         let mut out = lot_out(kind, id.to_string(), &lot.ledger, *is_pack);
         out.expires_at = lot.expires_at.map(timestamp_out);
-        let mut models: Vec<String> = lot.models.iter().flatten().map(ToString::to_string).collect();
+        let mut models: Vec<String> = lot
+            .models
+            .iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect();
         models.sort();
         out.models = models;
         out.priority = lot.priority;
         lots.push(out);
     }
-    lots.push(lot_out(proto::SourceKind::Paid, String::new(), &a.paid, false));
-    lots.push(lot_out(proto::SourceKind::Debt, String::new(), &a.debt, false));
+    lots.push(lot_out(
+        proto::SourceKind::Paid,
+        String::new(),
+        &a.paid,
+        false,
+    ));
+    lots.push(lot_out(
+        proto::SourceKind::Debt,
+        String::new(),
+        &a.debt,
+        false,
+    ));
     proto::AccountDetail {
         account_id: a.id.to_string(),
         plan: a.plan.to_string(),
@@ -100,7 +147,11 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
                 reservation_id: id.to_string(),
                 request_id: h.request_id.to_string(),
                 model: h.model.to_string(),
-                api_key_id: h.api_key_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+                api_key_id: h
+                    .api_key_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
                 granted_output_tokens: h.granted_output,
                 held: takes_out(&h.takes),
                 expires_at: Some(timestamp_out(h.expires_at)),
@@ -121,8 +172,14 @@ fn token_prices(field: &str, p: Option<&proto::TokenPrices>) -> Result<TokenPric
     };
     Ok(TokenPrices {
         input: one("input_per_million", p.input_per_million.as_ref())?,
-        cached_input: one("cached_input_per_million", p.cached_input_per_million.as_ref())?,
-        cache_write: one("cache_write_per_million", p.cache_write_per_million.as_ref())?,
+        cached_input: one(
+            "cached_input_per_million",
+            p.cached_input_per_million.as_ref(),
+        )?,
+        cache_write: one(
+            "cache_write_per_million",
+            p.cache_write_per_million.as_ref(),
+        )?,
         output: one("output_per_million", p.output_per_million.as_ref())?,
     })
 }
@@ -135,37 +192,70 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
         let model = id(&format!("{path}.model"), &m.model, ModelId::parse)?;
         let weight_milli = match m.token_weight_milli {
             0 => 1000,
-            w => parse_weight(&format!("{}.{:03}", w / 1000, w % 1000)).map_err(|e| invalid(&format!("{path}.token_weight_milli"), e))?,
+            w => parse_weight(&format!("{}.{:03}", w / 1000, w % 1000))
+                .map_err(|e| invalid(&format!("{path}.token_weight_milli"), e))?,
         };
         let mut tiers = HashMap::new();
         for (j, t) in m.tiers.iter().enumerate() {
             let tpath = format!("{path}.tiers[{j}]");
-            let tier = id(&format!("{tpath}.service_tier"), &t.service_tier, TierId::parse)?;
+            let tier = id(
+                &format!("{tpath}.service_tier"),
+                &t.service_tier,
+                TierId::parse,
+            )?;
             let base = token_prices(&format!("{tpath}.prices"), t.prices.as_ref())?;
             let mut context_tiers = Vec::new();
             for (k, c) in t.context_tiers.iter().enumerate() {
-                let prices = token_prices(&format!("{tpath}.context_tiers[{k}].prices"), c.prices.as_ref())?;
+                let prices = token_prices(
+                    &format!("{tpath}.context_tiers[{k}].prices"),
+                    c.prices.as_ref(),
+                )?;
                 context_tiers.push((c.min_prompt_tokens, prices));
             }
-            if tiers.insert(tier.clone(), TierPrices { base, context_tiers }).is_some() {
-                return Err(invalid(&tpath, format!("service tier {tier} appears twice")));
+            if tiers
+                .insert(
+                    tier.clone(),
+                    TierPrices {
+                        base,
+                        context_tiers,
+                    },
+                )
+                .is_some()
+            {
+                return Err(invalid(
+                    &tpath,
+                    format!("service tier {tier} appears twice"),
+                ));
             }
         }
-        if models.insert(model.clone(), ModelPrices { weight_milli, tiers }).is_some() {
+        if models
+            .insert(
+                model.clone(),
+                ModelPrices {
+                    weight_milli,
+                    tiers,
+                },
+            )
+            .is_some()
+        {
             return Err(invalid(&path, format!("model {model} appears twice")));
         }
     }
     let mut windows = Vec::new();
     for (i, w) in v.windows.iter().enumerate() {
         let path = format!("version.windows[{i}]");
-        let time_zone = parse_time_zone(&w.time_zone).map_err(|e| invalid(&format!("{path}.time_zone"), e))?;
+        let time_zone =
+            parse_time_zone(&w.time_zone).map_err(|e| invalid(&format!("{path}.time_zone"), e))?;
         let models: HashSet<ModelId> = w
             .models
             .iter()
             .map(|m| id(&format!("{path}.models"), m, ModelId::parse))
             .collect::<Result<_, _>>()?;
         if w.price_percent > 1000 {
-            return Err(invalid(&format!("{path}.price_percent"), "must be at most 1000"));
+            return Err(invalid(
+                &format!("{path}.price_percent"),
+                "must be at most 1000",
+            ));
         }
         windows.push(PriceWindow {
             name: w.name.clone(),
@@ -191,7 +281,10 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
-    async fn create_account(&self, request: Request<proto::CreateAccountRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn create_account(
+        &self,
+        request: Request<proto::CreateAccountRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
@@ -208,7 +301,10 @@ impl Admin for AdminApi {
         self.detail(&account).await
     }
 
-    async fn update_account(&self, request: Request<proto::UpdateAccountRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn update_account(
+        &self,
+        request: Request<proto::UpdateAccountRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let time_zone = match &r.time_zone {
@@ -219,10 +315,20 @@ impl Admin for AdminApi {
             None => None,
             Some(m) => Some(money("credit_limit", Some(m))?),
         };
-        self.mutate(&account, Command::Update { time_zone, credit_limit }).await
+        self.mutate(
+            &account,
+            Command::Update {
+                time_zone,
+                credit_limit,
+            },
+        )
+        .await
     }
 
-    async fn top_up(&self, request: Request<proto::TopUpRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn top_up(
+        &self,
+        request: Request<proto::TopUpRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
@@ -236,25 +342,52 @@ impl Admin for AdminApi {
                 Pool::Paid
             }
             Ok(proto::MoneyPool::Promo) => Pool::Promo {
-                expires_at: r.expires_at.as_ref().map(|t| timestamp("expires_at", Some(t))).transpose()?,
+                expires_at: r
+                    .expires_at
+                    .as_ref()
+                    .map(|t| timestamp("expires_at", Some(t)))
+                    .transpose()?,
                 priority: r.priority,
             },
-            Ok(proto::MoneyPool::Unspecified) => return Err(invalid("pool", "is required (PAID or PROMO)")),
+            Ok(proto::MoneyPool::Unspecified) => {
+                return Err(invalid("pool", "is required (PAID or PROMO)"));
+            }
             Err(_) => return Err(invalid("pool", format!("unknown value {}", r.pool))),
         };
-        self.mutate(&account, Command::TopUp { operation_id, pool, amount }).await
+        self.mutate(
+            &account,
+            Command::TopUp {
+                operation_id,
+                pool,
+                amount,
+            },
+        )
+        .await
     }
 
-    async fn adjust_money(&self, request: Request<proto::AdjustMoneyRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn adjust_money(
+        &self,
+        request: Request<proto::AdjustMoneyRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
         let amount = money("amount", r.amount.as_ref())?;
         reason(&r.reason)?;
-        self.mutate(&account, Command::Adjust { operation_id, amount }).await
+        self.mutate(
+            &account,
+            Command::Adjust {
+                operation_id,
+                amount,
+            },
+        )
+        .await
     }
 
-    async fn grant_pack(&self, request: Request<proto::GrantPackRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn grant_pack(
+        &self,
+        request: Request<proto::GrantPackRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         reason(&r.reason)?;
@@ -273,7 +406,10 @@ impl Admin for AdminApi {
         self.mutate(&account, Command::GrantPack(grant)).await
     }
 
-    async fn revoke_pack(&self, request: Request<proto::RevokePackRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn revoke_pack(
+        &self,
+        request: Request<proto::RevokePackRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let pack = id("pack_id", &r.pack_id, LotId::parse)?;
@@ -281,15 +417,22 @@ impl Admin for AdminApi {
         self.mutate(&account, Command::RevokePack(pack)).await
     }
 
-    async fn assign_plan(&self, request: Request<proto::AssignPlanRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn assign_plan(
+        &self,
+        request: Request<proto::AssignPlanRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
         let anchor = anchor(r.anchor)?;
-        self.mutate(&account, Command::AssignPlan { plan, anchor }).await
+        self.mutate(&account, Command::AssignPlan { plan, anchor })
+            .await
     }
 
-    async fn set_limit_overrides(&self, request: Request<proto::SetLimitOverridesRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn set_limit_overrides(
+        &self,
+        request: Request<proto::SetLimitOverridesRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let o = r.overrides.unwrap_or_default();
@@ -298,17 +441,24 @@ impl Admin for AdminApi {
             api_key: o.api_key.as_ref().map(limit_set),
             per_model: o.per_model.as_ref().map(limit_set),
         };
-        self.mutate(&account, Command::SetOverrides(overrides)).await
+        self.mutate(&account, Command::SetOverrides(overrides))
+            .await
     }
 
-    async fn suspend(&self, request: Request<proto::SuspendRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn suspend(
+        &self,
+        request: Request<proto::SuspendRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         reason(&r.reason)?;
         self.mutate(&account, Command::SetSuspended(true)).await
     }
 
-    async fn resume(&self, request: Request<proto::ResumeRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn resume(
+        &self,
+        request: Request<proto::ResumeRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         reason(&r.reason)?;
@@ -322,14 +472,21 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let version = price_version(r.version.as_ref())?;
         let id = version.id.to_string();
-        let versions = self.tollgate.publish(version).await.map_err(super::status::status)?;
+        let versions = self
+            .tollgate
+            .publish(version)
+            .await
+            .map_err(super::status::status)?;
         Ok(Response::new(proto::PublishPriceVersionResponse {
             id,
             versions: versions.iter().map(ToString::to_string).collect(),
         }))
     }
 
-    async fn get_account(&self, request: Request<proto::GetAccountRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<proto::GetAccountRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
         let account = account_id(&request.into_inner().account_id)?;
         self.detail(&account).await
     }

@@ -25,29 +25,52 @@ pub fn id<T>(field: &str, text: &str, parse: fn(&str) -> Result<T, IdError>) -> 
 }
 
 /// An optional id: empty means absent.
-pub fn opt_id<T>(field: &str, text: &str, parse: fn(&str) -> Result<T, IdError>) -> Result<Option<T>, Status> {
-    if text.is_empty() { Ok(None) } else { id(field, text, parse).map(Some) }
+pub fn opt_id<T>(
+    field: &str,
+    text: &str,
+    parse: fn(&str) -> Result<T, IdError>,
+) -> Result<Option<T>, Status> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        id(field, text, parse).map(Some)
+    }
 }
 
 /// A service tier; empty means `default`.
 pub fn tier(text: &str) -> Result<TierId, Status> {
-    if text.is_empty() { Ok(TierId::default_tier()) } else { id("service_tier", text, TierId::parse) }
+    if text.is_empty() {
+        Ok(TierId::default_tier())
+    } else {
+        id("service_tier", text, TierId::parse)
+    }
 }
 
 /// A token count within [`MAX_TOKENS_PER_FIELD`].
 pub fn tokens(field: &str, n: u64) -> Result<u64, Status> {
     if n > MAX_TOKENS_PER_FIELD {
-        return Err(invalid(field, format!("{n} is above the limit of {MAX_TOKENS_PER_FIELD}")));
+        return Err(invalid(
+            field,
+            format!("{n} is above the limit of {MAX_TOKENS_PER_FIELD}"),
+        ));
     }
     Ok(n)
 }
 
 /// Token counts of every kind; the message is required.
 pub fn usage(field: &str, u: Option<&proto::Usage>) -> Result<Usage, Status> {
-    let u = u.ok_or_else(|| invalid(field, "is required (a settle without counts is never charged as zero)"))?;
+    let u = u.ok_or_else(|| {
+        invalid(
+            field,
+            "is required (a settle without counts is never charged as zero)",
+        )
+    })?;
     Ok(Usage {
         input_tokens: tokens(&format!("{field}.input_tokens"), u.input_tokens)?,
-        cached_input_tokens: tokens(&format!("{field}.cached_input_tokens"), u.cached_input_tokens)?,
+        cached_input_tokens: tokens(
+            &format!("{field}.cached_input_tokens"),
+            u.cached_input_tokens,
+        )?,
         cache_write_tokens: tokens(&format!("{field}.cache_write_tokens"), u.cache_write_tokens)?,
         output_tokens: tokens(&format!("{field}.output_tokens"), u.output_tokens)?,
     })
@@ -62,7 +85,9 @@ pub fn money(field: &str, m: Option<&proto::Money>) -> Result<Money, Status> {
     if (m.units > 0 && m.picos < 0) || (m.units < 0 && m.picos > 0) {
         return Err(invalid(field, "units and picos must have the same sign"));
     }
-    Ok(Money::from_picos(i128::from(m.units) * SCALE + i128::from(m.picos)))
+    Ok(Money::from_picos(
+        i128::from(m.units) * SCALE + i128::from(m.picos),
+    ))
 }
 
 /// A money amount for the wire.
@@ -79,7 +104,9 @@ pub fn money_out(m: Money) -> proto::Money {
 /// A required timestamp.
 pub fn timestamp(field: &str, t: Option<&prost_types::Timestamp>) -> Result<Timestamp, Status> {
     let t = t.ok_or_else(|| invalid(field, "is required"))?;
-    let nanos = i32::try_from(t.nanos).ok().filter(|n| (0..1_000_000_000).contains(n));
+    let nanos = i32::try_from(t.nanos)
+        .ok()
+        .filter(|n| (0..1_000_000_000).contains(n));
     nanos
         .and_then(|n| Timestamp::new(t.seconds, n).ok())
         .ok_or_else(|| invalid(field, "is not a valid timestamp"))
@@ -87,7 +114,10 @@ pub fn timestamp(field: &str, t: Option<&prost_types::Timestamp>) -> Result<Time
 
 /// A timestamp for the wire.
 pub fn timestamp_out(t: Timestamp) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.as_second(), nanos: t.subsec_nanosecond() }
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: t.subsec_nanosecond(),
+    }
 }
 
 /// A duration for the wire.
@@ -104,7 +134,10 @@ pub fn reason(text: &str) -> Result<String, Status> {
         return Err(invalid("reason", "is required"));
     }
     if text.len() > MAX_REASON_LEN {
-        return Err(invalid("reason", format!("is longer than {MAX_REASON_LEN} bytes")));
+        return Err(invalid(
+            "reason",
+            format!("is longer than {MAX_REASON_LEN} bytes"),
+        ));
     }
     Ok(text.to_owned())
 }
@@ -127,7 +160,11 @@ pub fn takes_out(takes: &[Take]) -> Vec<proto::SourceAmount> {
         .map(|t| proto::SourceAmount {
             source: source_kind(&t.source) as i32,
             lot_id: t.source.lot().unwrap_or_default(),
-            tokens: if t.source.is_tokens() { u64::try_from(t.amount).unwrap_or(u64::MAX) } else { 0 },
+            tokens: if t.source.is_tokens() {
+                u64::try_from(t.amount).unwrap_or(u64::MAX)
+            } else {
+                0
+            },
             money: (!t.source.is_tokens()).then(|| money_out(Money::from_picos(t.amount))),
         })
         .collect()
@@ -147,15 +184,35 @@ pub fn usage_out(u: &Usage) -> proto::Usage {
 pub fn record_out(r: &UsageRecord) -> proto::UsageRecord {
     proto::UsageRecord {
         request_id: r.request_id.to_string(),
-        reservation_id: r.reservation_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+        reservation_id: r
+            .reservation_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         account_id: r.account_id.to_string(),
-        api_key_id: r.api_key_id.as_ref().map(ToString::to_string).unwrap_or_default(),
-        model: r.model.as_ref().map(ToString::to_string).unwrap_or_default(),
-        service_tier: r.service_tier.as_ref().map(ToString::to_string).unwrap_or_default(),
+        api_key_id: r
+            .api_key_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        model: r
+            .model
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        service_tier: r
+            .service_tier
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         usage: Some(usage_out(&r.usage)),
         charges: takes_out(&r.charges),
         total_money: Some(money_out(r.total_money)),
-        price_version: r.price_version.as_ref().map(ToString::to_string).unwrap_or_default(),
+        price_version: r
+            .price_version
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         reserved_at: Some(timestamp_out(r.reserved_at)),
         settled_at: Some(timestamp_out(r.settled_at)),
         kind: r.kind.as_str().to_owned(),
@@ -175,14 +232,25 @@ pub fn rate_status_out(s: &RateStatus) -> proto::RateLimitStatus {
 }
 
 /// A denial reason, and the limit behind it, for the wire.
-pub fn denial_out(d: &Denial) -> (proto::DenyReason, Option<proto::LimitRef>, Option<prost_types::Duration>) {
+pub fn denial_out(
+    d: &Denial,
+) -> (
+    proto::DenyReason,
+    Option<proto::LimitRef>,
+    Option<prost_types::Duration>,
+) {
     match d {
         Denial::InsufficientFunds => (proto::DenyReason::InsufficientFunds, None, None),
         Denial::UnknownAccount => (proto::DenyReason::UnknownAccount, None, None),
         Denial::Suspended => (proto::DenyReason::AccountSuspended, None, None),
         Denial::ModelNotPriced => (proto::DenyReason::ModelNotPriced, None, None),
         Denial::ModelNotAllowed => (proto::DenyReason::ModelNotAllowed, None, None),
-        Denial::RateLimited(Exceeded { scope, kind, limit, retry_after }) => {
+        Denial::RateLimited(Exceeded {
+            scope,
+            kind,
+            limit,
+            retry_after,
+        }) => {
             let scope = match scope {
                 Scope::Account => proto::LimitScope::Account,
                 Scope::ApiKey => proto::LimitScope::ApiKey,
@@ -193,8 +261,16 @@ pub fn denial_out(d: &Denial) -> (proto::DenyReason, Option<proto::LimitRef>, Op
                 Kind::Tokens => proto::LimitKind::TokensPerMinute,
                 Kind::Concurrency => proto::LimitKind::ConcurrentRequests,
             };
-            let limit = proto::LimitRef { scope: scope as i32, kind: kind as i32, limit: *limit };
-            (proto::DenyReason::RateLimited, Some(limit), retry_after.map(duration_out))
+            let limit = proto::LimitRef {
+                scope: scope as i32,
+                kind: kind as i32,
+                limit: *limit,
+            };
+            (
+                proto::DenyReason::RateLimited,
+                Some(limit),
+                retry_after.map(duration_out),
+            )
         }
     }
 }
@@ -232,6 +308,18 @@ pub fn overrides_out(o: &LimitOverrides) -> proto::LimitOverrides {
 
 /// A ledger's figures as decimal strings (money) or integers (tokens).
 pub fn ledger_figures(l: &Ledger, tokens: bool) -> [String; 5] {
-    let show = |v: i128| if tokens { v.to_string() } else { Money::from_picos(v).to_string() };
-    [show(l.granted), show(l.available()), show(l.held), show(l.charged), show(l.forfeited)]
+    let show = |v: i128| {
+        if tokens {
+            v.to_string()
+        } else {
+            Money::from_picos(v).to_string()
+        }
+    };
+    [
+        show(l.granted),
+        show(l.available()),
+        show(l.held),
+        show(l.charged),
+        show(l.forfeited),
+    ]
 }

@@ -3,8 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier, timestamp_out,
-    tokens, usage,
+    denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier,
+    timestamp_out, tokens, usage,
 };
 use super::status::{invalid, status, unexpected};
 use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId};
@@ -41,7 +41,10 @@ fn denied(denial: Denial, message: String, limits: &RateStatus) -> proto::Reserv
     }
 }
 
-fn account_and_reservation(account: &str, reservation: &str) -> Result<(AccountId, ReservationId), Status> {
+fn account_and_reservation(
+    account: &str,
+    reservation: &str,
+) -> Result<(AccountId, ReservationId), Status> {
     Ok((
         id("account_id", account, AccountId::parse)?,
         id("reservation_id", reservation, ReservationId::parse)?,
@@ -50,7 +53,10 @@ fn account_and_reservation(account: &str, reservation: &str) -> Result<(AccountI
 
 #[tonic::async_trait]
 impl Quota for QuotaApi {
-    async fn reserve(&self, request: Request<proto::ReserveRequest>) -> Result<Response<proto::ReserveResponse>, Status> {
+    async fn reserve(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Result<Response<proto::ReserveResponse>, Status> {
         let r = request.into_inner();
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let req = ReserveRequest {
@@ -67,12 +73,20 @@ impl Quota for QuotaApi {
             Ok(_) => return Err(unexpected("Reserve")),
             Err(StoreError::UnknownAccount(id)) => {
                 let message = format!("account {id} does not exist");
-                return Ok(Response::new(denied(Denial::UnknownAccount, message, &RateStatus::default())));
+                return Ok(Response::new(denied(
+                    Denial::UnknownAccount,
+                    message,
+                    &RateStatus::default(),
+                )));
             }
             Err(e) => return Err(status(e)),
         };
         Ok(Response::new(match outcome {
-            ReserveOutcome::Denied { denial, message, limits } => denied(denial, message, &limits),
+            ReserveOutcome::Denied {
+                denial,
+                message,
+                limits,
+            } => denied(denial, message, &limits),
             ReserveOutcome::Allowed(r) => proto::ReserveResponse {
                 decision: proto::Decision::Allow as i32,
                 granted_output_tokens: r.granted_output_tokens,
@@ -86,12 +100,23 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
+    async fn extend(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let max_output_tokens = tokens("max_output_tokens", r.max_output_tokens)?;
-        let command = Command::Extend { reservation, max_output_tokens };
-        let Reply::Extend(e) = self.tollgate.apply(&account, command).await.map_err(status)? else {
+        let command = Command::Extend {
+            reservation,
+            max_output_tokens,
+        };
+        let Reply::Extend(e) = self
+            .tollgate
+            .apply(&account, command)
+            .await
+            .map_err(status)?
+        else {
             return Err(unexpected("Extend"));
         };
         let (decision, reason) = match &e.shortfall {
@@ -107,31 +132,56 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
+    async fn settle(
+        &self,
+        request: Request<proto::SettleRequest>,
+    ) -> Result<Response<proto::SettleResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let usage = usage("usage", r.usage.as_ref())?;
-        let Reply::Settle(record) = self.tollgate.apply(&account, Command::Settle { reservation, usage }).await.map_err(status)? else {
+        let Reply::Settle(record) = self
+            .tollgate
+            .apply(&account, Command::Settle { reservation, usage })
+            .await
+            .map_err(status)?
+        else {
             return Err(unexpected("Settle"));
         };
-        Ok(Response::new(proto::SettleResponse { record: Some(record_out(&record)) }))
+        Ok(Response::new(proto::SettleResponse {
+            record: Some(record_out(&record)),
+        }))
     }
 
-    async fn release(&self, request: Request<proto::ReleaseRequest>) -> Result<Response<proto::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        request: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
-        let Reply::Release(released) = self.tollgate.apply(&account, Command::Release(reservation)).await.map_err(status)? else {
+        let Reply::Release(released) = self
+            .tollgate
+            .apply(&account, Command::Release(reservation))
+            .await
+            .map_err(status)?
+        else {
             return Err(unexpected("Release"));
         };
-        Ok(Response::new(proto::ReleaseResponse { released: takes_out(&released) }))
+        Ok(Response::new(proto::ReleaseResponse {
+            released: takes_out(&released),
+        }))
     }
 
-    async fn charge(&self, request: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
+    async fn charge(
+        &self,
+        request: Request<proto::ChargeRequest>,
+    ) -> Result<Response<proto::ChargeResponse>, Status> {
         let r = request.into_inner();
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let what = match &r.charge {
             None => return Err(invalid("charge", "one of usage or amount is required")),
-            Some(proto::charge_request::Charge::Usage(u)) => ChargeWhat::Usage(usage("usage", Some(u))?),
+            Some(proto::charge_request::Charge::Usage(u)) => {
+                ChargeWhat::Usage(usage("usage", Some(u))?)
+            }
             Some(proto::charge_request::Charge::Amount(m)) => {
                 let amount = money("amount", Some(m))?;
                 if !amount.is_positive() {
@@ -151,7 +201,12 @@ impl Quota for QuotaApi {
             tier: tier(&r.service_tier)?,
             what,
         };
-        let Reply::Charge(outcome) = self.tollgate.apply(&account, Command::Charge(req)).await.map_err(status)? else {
+        let Reply::Charge(outcome) = self
+            .tollgate
+            .apply(&account, Command::Charge(req))
+            .await
+            .map_err(status)?
+        else {
             return Err(unexpected("Charge"));
         };
         Ok(Response::new(match outcome {
@@ -169,10 +224,18 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn get_balance(&self, request: Request<proto::GetBalanceRequest>) -> Result<Response<proto::GetBalanceResponse>, Status> {
+    async fn get_balance(
+        &self,
+        request: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::GetBalanceResponse>, Status> {
         let r = request.into_inner();
         let account = id("account_id", &r.account_id, AccountId::parse)?;
-        let Reply::Balance(b) = self.tollgate.apply(&account, Command::Balance).await.map_err(status)? else {
+        let Reply::Balance(b) = self
+            .tollgate
+            .apply(&account, Command::Balance)
+            .await
+            .map_err(status)?
+        else {
             return Err(unexpected("GetBalance"));
         };
         Ok(Response::new(balance_out(&account, &b)))
@@ -180,7 +243,10 @@ impl Quota for QuotaApi {
 }
 
 /// A balance for the wire.
-pub fn balance_out(account: &AccountId, b: &crate::engine::ops::Balance) -> proto::GetBalanceResponse {
+pub fn balance_out(
+    account: &AccountId,
+    b: &crate::engine::ops::Balance,
+) -> proto::GetBalanceResponse {
     proto::GetBalanceResponse {
         account_id: account.to_string(),
         allowance_tokens: b.allowance_tokens,
