@@ -1,0 +1,321 @@
+//! The data plane over real gRPC: every RPC and every denial reason.
+
+mod support;
+
+use jiff::SignedDuration;
+use support::{money, reserve, settle, spawn_app};
+use tollgate::proto;
+use tollgate::proto::{Decision, DenyReason, LimitKind, LimitScope, SourceKind};
+
+#[tokio::test]
+async fn reserve_settle_charges_actuals_and_writes_one_record() {
+    let mut app = spawn_app().await;
+    let r = app
+        .quota
+        .reserve(reserve("rich", "req-1", 1000, 500))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision, Decision::Allow as i32);
+    assert_eq!(
+        (
+            r.granted_output_tokens,
+            r.reservation_id.as_str(),
+            r.price_version.as_str()
+        ),
+        (500, "req-1", "v1")
+    );
+    // Worst case: 1000 * 1,000,000 + 500 * 4,000,000 pico-units = 0.003.
+    assert_eq!(r.held[0].money.as_ref().unwrap().decimal, "0.003000000000");
+    assert_eq!(r.expires_at.unwrap().seconds, app.now().as_second() + 60);
+    let limits = r.rate_limits.unwrap();
+    assert_eq!((limits.requests_limit, limits.tokens_limit), (0, 0));
+    assert_eq!(app.paid("rich").await, "99.997000000000");
+
+    let s = app
+        .quota
+        .settle(settle("rich", "req-1", 1000, 120))
+        .await
+        .unwrap()
+        .into_inner();
+    let record = s.record.unwrap();
+    assert_eq!(record.total_money.unwrap().decimal, "0.001480000000");
+    assert_eq!(record.charges.len(), 1);
+    assert_eq!(record.charges[0].source, SourceKind::Paid as i32);
+    assert_eq!(app.paid("rich").await, "99.998520000000");
+
+    let records = app.records(1).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["request_id"], "req-1");
+    assert_eq!(records[0]["total_money"], "0.001480000000");
+    assert_eq!(records[0]["price_version"], "v1");
+    assert_eq!(records[0]["usage"]["output_tokens"], 120);
+    // A retried settle answers the same and writes nothing more.
+    let again = app
+        .quota
+        .settle(settle("rich", "req-1", 1000, 120))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.record.unwrap().total_money.unwrap().decimal,
+        "0.001480000000"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn extend_release_charge_and_balance() {
+    let mut app = spawn_app().await;
+    app.quota
+        .reserve(reserve("rich", "stream", 0, 10))
+        .await
+        .unwrap();
+    let e = app
+        .quota
+        .extend(proto::ExtendRequest {
+            account_id: "rich".into(),
+            reservation_id: "stream".into(),
+            max_output_tokens: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (e.decision, e.granted_output_tokens),
+        (Decision::Allow as i32, 100)
+    );
+    assert_eq!(
+        app.balance("rich").await.held_money.unwrap().decimal,
+        "0.000400000000"
+    );
+
+    let released = app
+        .quota
+        .release(proto::ReleaseRequest {
+            account_id: "rich".into(),
+            reservation_id: "stream".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        released.released[0].money.as_ref().unwrap().decimal,
+        "0.000400000000"
+    );
+    assert_eq!(app.paid("rich").await, "100.000000000000");
+
+    let c = app
+        .quota
+        .charge(proto::ChargeRequest {
+            account_id: "rich".into(),
+            request_id: "embed-1".into(),
+            model: "m".into(),
+            charge: Some(proto::charge_request::Charge::Usage(proto::Usage {
+                input_tokens: 500,
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.decision, Decision::Allow as i32);
+    assert_eq!(
+        c.record.unwrap().total_money.unwrap().decimal,
+        "0.000500000000"
+    );
+    let fixed = app
+        .quota
+        .charge(proto::ChargeRequest {
+            account_id: "rich".into(),
+            request_id: "fixed-1".into(),
+            charge: Some(proto::charge_request::Charge::Amount(money("0.25"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fixed.record.unwrap().kind, "charge");
+    let b = app.balance("rich").await;
+    assert_eq!(b.paid.unwrap().decimal, "99.749500000000");
+    assert_eq!(b.spendable.unwrap().decimal, "99.749500000000");
+    assert_eq!(app.records(2).await.len(), 2);
+    app.shutdown().await;
+}
+
+async fn denied(app: &mut support::TestApp, req: proto::ReserveRequest) -> proto::ReserveResponse {
+    let r = app
+        .quota
+        .reserve(req)
+        .await
+        .expect("a denial is a normal response")
+        .into_inner();
+    assert_eq!(r.decision, Decision::Deny as i32, "{r:?}");
+    assert!(r.reservation_id.is_empty() && r.held.is_empty());
+    r
+}
+
+#[tokio::test]
+async fn every_denial_reason() {
+    let mut app = spawn_app().await;
+    let r = denied(&mut app, reserve("poor", "a", 10, 10)).await;
+    assert_eq!(r.deny_reason, DenyReason::InsufficientFunds as i32);
+
+    let r = denied(&mut app, reserve("nobody", "a", 10, 10)).await;
+    assert_eq!(r.deny_reason, DenyReason::UnknownAccount as i32);
+
+    let r = denied(&mut app, reserve("frozen", "a", 10, 10)).await;
+    assert_eq!(r.deny_reason, DenyReason::AccountSuspended as i32);
+
+    let mut unpriced = reserve("rich", "a", 10, 10);
+    unpriced.model = "gpt-unknown".into();
+    assert_eq!(
+        denied(&mut app, unpriced).await.deny_reason,
+        DenyReason::ModelNotPriced as i32
+    );
+    let mut batch = reserve("rich", "b", 10, 10);
+    batch.service_tier = "batch".into();
+    assert_eq!(
+        denied(&mut app, batch).await.deny_reason,
+        DenyReason::ModelNotPriced as i32
+    );
+
+    let mut other = reserve("pro", "a", 10, 10);
+    other.model = "other".into();
+    assert_eq!(
+        denied(&mut app, other).await.deny_reason,
+        DenyReason::ModelNotAllowed as i32
+    );
+
+    // Concurrency per model: 1 in flight.
+    let ok = app
+        .quota
+        .reserve(reserve("limited", "c1", 1, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.decision, Decision::Allow as i32);
+    let r = denied(&mut app, reserve("limited", "c2", 1, 1)).await;
+    let limit = r.limit.unwrap();
+    assert_eq!(
+        (r.deny_reason, limit.scope, limit.kind, limit.limit),
+        (
+            DenyReason::RateLimited as i32,
+            LimitScope::Model as i32,
+            LimitKind::ConcurrentRequests as i32,
+            1
+        )
+    );
+    app.quota
+        .settle(settle("limited", "c1", 1, 1))
+        .await
+        .unwrap();
+    // 2 requests per minute: c1 and c3 pass, c4 waits 30 s.
+    assert_eq!(
+        app.quota
+            .reserve(reserve("limited", "c3", 1, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .decision,
+        Decision::Allow as i32
+    );
+    app.quota
+        .settle(settle("limited", "c3", 1, 1))
+        .await
+        .unwrap();
+    let r = denied(&mut app, reserve("limited", "c4", 1, 1)).await;
+    assert_eq!(r.limit.unwrap().kind, LimitKind::RequestsPerMinute as i32);
+    assert_eq!(r.retry_after.unwrap().seconds, 30);
+    assert_eq!(r.rate_limits.unwrap().requests_remaining, 0);
+    app.advance(SignedDuration::from_secs(30));
+    assert_eq!(
+        app.quota
+            .reserve(reserve("limited", "c4", 1, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .decision,
+        Decision::Allow as i32
+    );
+
+    // Denied requests took nothing.
+    assert_eq!(app.paid("poor").await, "0.000000000000");
+    assert_eq!(app.paid("frozen").await, "100.000000000000");
+    assert_eq!(app.paid("rich").await, "100.000000000000");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first() {
+    let mut app = spawn_app().await;
+    app.admin
+        .top_up(proto::TopUpRequest {
+            account_id: "poor".into(),
+            operation_id: "t1".into(),
+            pool: proto::MoneyPool::Paid as i32,
+            amount: Some(money("0.0001")),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 10 input = 0.00001; 0.00009 left buys 22 output tokens (0.000088).
+    let r = app
+        .quota
+        .reserve(reserve("poor", "a", 10, 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.decision, r.granted_output_tokens),
+        (Decision::Allow as i32, 22)
+    );
+
+    let r = app
+        .quota
+        .reserve(reserve("pro", "p1", 600, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.granted_output_tokens, 400,
+        "1000 allowance tokens, no money"
+    );
+    assert_eq!(
+        (
+            r.held[0].source,
+            r.held[0].tokens,
+            r.held[0].lot_id.as_str()
+        ),
+        (SourceKind::Allowance as i32, 1000, "period:0")
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn lapsed_holds_are_swept_and_settling_them_is_refused() {
+    let mut app = spawn_app().await;
+    app.quota
+        .reserve(reserve("rich", "late", 10, 10))
+        .await
+        .unwrap();
+    app.advance(SignedDuration::from_secs(61));
+    // The sweeper runs every 20 ms of real time; wait for it to return the hold.
+    for _ in 0..200 {
+        if app.balance("rich").await.held_money.unwrap().decimal == "0.000000000000" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.paid("rich").await, "100.000000000000");
+    let err = app
+        .quota
+        .settle(settle("rich", "late", 10, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    app.shutdown().await;
+}

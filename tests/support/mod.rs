@@ -1,0 +1,229 @@
+//! The shared harness: spawns the real app (real gRPC on ephemeral
+//! loopback ports, the embedded store, a real usage file) with a manual
+//! clock, and hands out clients.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use jiff::{SignedDuration, Timestamp};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate::clock::ManualClock;
+use tollgate::config::Settings;
+use tollgate::proto;
+use tollgate::proto::admin_client::AdminClient;
+use tollgate::proto::quota_client::QuotaClient;
+use tollgate::server::App;
+use tonic::transport::Channel;
+
+/// The clock's starting instant: a Sunday, 12:00 UTC.
+pub const START: &str = "2026-11-29T12:00:00Z";
+
+/// Plans and accounts every test can rely on. Prices (per million tokens):
+/// model `m` input 1, cached 0.5, cache write 1.25, output 4 (so per token:
+/// 1,000,000 / 500,000 / 1,250,000 / 4,000,000 pico-units).
+pub const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[store]
+sweep_interval_ms = 20
+
+[holds]
+ttl_seconds = 60
+
+[plans.payg]
+[plans.limited.limits.account]
+requests_per_minute = 2
+[plans.limited.limits.per_model]
+concurrent_requests = 1
+[plans.pro]
+allowed_models = ["m"]
+[plans.pro.allowance]
+tokens = 1000
+period = "month"
+rollover_cap = 100
+
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models.m.tiers.default]
+input = "1"
+cached_input = "0.5"
+cache_write = "1.25"
+output = "4"
+[prices.models.other.tiers.default]
+input = "1"
+output = "1"
+
+[[accounts]]
+id = "rich"
+plan = "payg"
+paid = "100"
+
+[[accounts]]
+id = "poor"
+plan = "payg"
+
+[[accounts]]
+id = "limited"
+plan = "limited"
+paid = "100"
+
+[[accounts]]
+id = "pro"
+plan = "pro"
+time_zone = "Europe/Paris"
+
+[[accounts]]
+id = "frozen"
+plan = "payg"
+paid = "100"
+suspended = true
+"#;
+
+/// A running app with clients.
+pub struct TestApp {
+    pub quota: QuotaClient<Channel>,
+    pub admin: AdminClient<Channel>,
+    pub quota_url: String,
+    pub admin_url: String,
+    pub clock: Arc<ManualClock>,
+    pub usage_path: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts the app on [`CONFIG`].
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(CONFIG).await
+}
+
+/// Starts the app on `config` (usage records go to a fresh temp file).
+pub async fn spawn_app_with(config: &str) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let usage_path = dir.path().join("usage.jsonl");
+    let path = usage_path.to_string_lossy().into_owned();
+    let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| path.clone());
+    let settings = Settings::parse(config, &env).expect("test config is valid");
+    let clock = Arc::new(ManualClock::new(START.parse().expect("start")));
+    let app = App::build(settings, clock.clone())
+        .await
+        .expect("app builds");
+    let quota_url = format!("http://{}", app.quota_addr());
+    let admin_url = format!("http://{}", app.admin_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        quota: QuotaClient::connect(quota_url.clone())
+            .await
+            .expect("quota client"),
+        admin: AdminClient::connect(admin_url.clone())
+            .await
+            .expect("admin client"),
+        quota_url,
+        admin_url,
+        clock,
+        usage_path,
+        _dir: dir,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl TestApp {
+    /// Stops the app and waits for it to drain.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
+        task.await.expect("app task").expect("app ran cleanly");
+    }
+
+    /// Moves the app's clock.
+    pub fn advance(&self, by: SignedDuration) {
+        self.clock.advance(by);
+    }
+
+    /// The current instant of the app's clock.
+    pub fn now(&self) -> Timestamp {
+        tollgate::clock::Clock::now(&*self.clock)
+    }
+
+    /// The usage records written so far (waits until at least `n` exist, up
+    /// to five seconds: the sink writes asynchronously).
+    pub async fn records(&self, n: usize) -> Vec<serde_json::Value> {
+        for _ in 0..500 {
+            let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect();
+            if records.len() >= n {
+                return records;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} usage records were written");
+    }
+
+    /// Paid money of `account`, as its exact decimal string.
+    pub async fn paid(&mut self, account: &str) -> String {
+        let b = self.balance(account).await;
+        b.paid.expect("paid").decimal
+    }
+
+    /// The balance of `account`.
+    pub async fn balance(&mut self, account: &str) -> proto::GetBalanceResponse {
+        self.quota
+            .get_balance(proto::GetBalanceRequest {
+                account_id: account.into(),
+            })
+            .await
+            .expect("balance")
+            .into_inner()
+    }
+}
+
+/// A reserve request for model `m`.
+pub fn reserve(
+    account: &str,
+    request_id: &str,
+    input: u64,
+    max_output: u64,
+) -> proto::ReserveRequest {
+    proto::ReserveRequest {
+        account_id: account.into(),
+        model: "m".into(),
+        request_id: request_id.into(),
+        input_tokens: input,
+        max_output_tokens: max_output,
+        ..Default::default()
+    }
+}
+
+/// A settle request.
+pub fn settle(account: &str, reservation: &str, input: u64, output: u64) -> proto::SettleRequest {
+    proto::SettleRequest {
+        account_id: account.into(),
+        reservation_id: reservation.into(),
+        usage: Some(proto::Usage {
+            input_tokens: input,
+            output_tokens: output,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Money from a decimal string, for requests.
+pub fn money(text: &str) -> proto::Money {
+    let m: tollgate::engine::Money = text.parse().expect("money");
+    tollgate::api::convert::money_out(m)
+}
