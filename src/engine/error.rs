@@ -45,3 +45,14 @@ impl EngineError {
         }
     }
 }
+
+impl From<super::pricing::PublishError> for EngineError {
+    fn from(e: super::pricing::PublishError) -> Self {
+        use super::pricing::PublishError;
+        match e {
+            PublishError::Duplicate(_) => EngineError::Conflict(e.to_string()),
+            PublishError::Retroactive(..) => EngineError::Precondition(e.to_string()),
+            PublishError::Invalid(problems) => EngineError::invalid("version", problems.join("; ")),
+        }
+    }
+}

@@ -140,6 +140,11 @@ impl<'de> serde::Deserialize<'de> for Money {
     }
 }
 
+/// The largest amount one operator operation may move (10^15 currency
+/// units). Far above any real top-up, it keeps every running total of
+/// credits inside `i128` for more than 10^11 operations.
+pub const MAX_OPERATION: Money = Money(1_000_000_000_000_000 * SCALE);
+
 /// The largest token count accepted in one field of one request. Real
 /// requests are many orders of magnitude below; anything above is a bug or an
 /// attack, and the bound keeps every price product far from overflow.

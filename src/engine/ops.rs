@@ -774,6 +774,7 @@ impl Account {
         if !amount.is_positive() {
             return Err(EngineError::invalid("amount", "must be greater than zero"));
         }
+        check_operation_size(amount)?;
         if let Pool::Promo {
             expires_at: Some(t),
             ..
@@ -832,6 +833,7 @@ impl Account {
         if amount == Money::ZERO {
             return Err(EngineError::invalid("amount", "must not be zero"));
         }
+        check_operation_size(amount)?;
         if amount.is_negative() {
             let after = self
                 .paid
@@ -998,6 +1000,17 @@ impl Account {
             suspended: self.suspended,
         }
     }
+}
+
+fn check_operation_size(amount: Money) -> Result<(), EngineError> {
+    let limit = super::money::MAX_OPERATION;
+    if amount > limit || amount.checked_neg().is_ok_and(|neg| neg > limit) {
+        return Err(EngineError::invalid(
+            "amount",
+            format!("must be at most {limit} in magnitude"),
+        ));
+    }
+    Ok(())
 }
 
 /// Plans a settle: it always succeeds, overflowing into debt.

@@ -95,7 +95,7 @@ impl Store for MemoryStore {
         let mut next = Catalog::clone(&guard);
         next.prices
             .publish(version, now)
-            .map_err(|e| StoreError::Engine(EngineError::Precondition(e.to_string())))?;
+            .map_err(EngineError::from)?;
         let ids = next
             .prices
             .versions()

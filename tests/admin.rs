@@ -1,0 +1,411 @@
+//! The control plane over real gRPC: every Admin RPC.
+
+mod support;
+
+use jiff::SignedDuration;
+use support::{money, reserve, settle, spawn_app};
+use tollgate::api::convert::timestamp_out;
+use tollgate::proto;
+use tollgate::proto::{Decision, DenyReason, SourceKind};
+use tonic::Code;
+
+fn prices(input: &str, output: &str) -> proto::TokenPrices {
+    proto::TokenPrices {
+        input_per_million: Some(money(input)),
+        cached_input_per_million: Some(money(input)),
+        cache_write_per_million: Some(money(input)),
+        output_per_million: Some(money(output)),
+    }
+}
+
+#[tokio::test]
+async fn accounts_money_packs_plans_limits_and_status() {
+    let mut app = spawn_app().await;
+    let created = app
+        .admin
+        .create_account(proto::CreateAccountRequest {
+            account_id: "acme".into(),
+            plan: "payg".into(),
+            time_zone: "America/New_York".into(),
+            credit_limit: Some(money("1.5")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (created.plan.as_str(), created.time_zone.as_str()),
+        ("payg", "America/New_York")
+    );
+    let again = app
+        .admin
+        .create_account(proto::CreateAccountRequest {
+            account_id: "acme".into(),
+            plan: "payg".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+
+    let top_up = |op: &str, pool: proto::MoneyPool, amount: &str| proto::TopUpRequest {
+        account_id: "acme".into(),
+        operation_id: op.into(),
+        pool: pool as i32,
+        amount: Some(money(amount)),
+        reason: "invoice 42".into(),
+        ..Default::default()
+    };
+    app.admin
+        .top_up(top_up("t1", proto::MoneyPool::Paid, "10"))
+        .await
+        .unwrap();
+    // A retry credits once.
+    app.admin
+        .top_up(top_up("t1", proto::MoneyPool::Paid, "10"))
+        .await
+        .unwrap();
+    assert_eq!(
+        app.admin
+            .top_up(top_up("t1", proto::MoneyPool::Paid, "11"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    let d = app
+        .admin
+        .top_up(top_up("promo-1", proto::MoneyPool::Promo, "2"))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = d.balance.unwrap();
+    assert_eq!(
+        (b.paid.unwrap().decimal, b.promo.unwrap().decimal),
+        ("10.000000000000".into(), "2.000000000000".into())
+    );
+    assert_eq!(b.spendable.unwrap().decimal, "13.500000000000");
+
+    let d = app
+        .admin
+        .adjust_money(proto::AdjustMoneyRequest {
+            account_id: "acme".into(),
+            operation_id: "refund-1".into(),
+            amount: Some(money("-0.5")),
+            reason: "goodwill reversal".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.balance.unwrap().paid.unwrap().decimal, "9.500000000000");
+    let too_much = app
+        .admin
+        .adjust_money(proto::AdjustMoneyRequest {
+            account_id: "acme".into(),
+            operation_id: "refund-2".into(),
+            amount: Some(money("-11.000000000001")),
+            reason: "too much".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_much.code(), Code::FailedPrecondition);
+
+    let expires = app
+        .now()
+        .checked_add(SignedDuration::from_hours(24))
+        .unwrap();
+    let d = app
+        .admin
+        .grant_pack(proto::GrantPackRequest {
+            account_id: "acme".into(),
+            pack_id: "pack-1".into(),
+            tokens: 1000,
+            expires_at: Some(timestamp_out(expires)),
+            models: vec!["m".into()],
+            reason: "bought".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.balance.unwrap().pack_tokens, 1000);
+    let r = app
+        .quota
+        .reserve(reserve("acme", "r1", 100, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.held[0].source, r.held[0].tokens),
+        (SourceKind::Pack as i32, 200)
+    );
+    let d = app
+        .admin
+        .revoke_pack(proto::RevokePackRequest {
+            account_id: "acme".into(),
+            pack_id: "pack-1".into(),
+            reason: "refunded".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pack = d.lots.iter().find(|l| l.lot_id == "pack-1").unwrap();
+    assert_eq!(
+        (
+            pack.available.as_str(),
+            pack.held.as_str(),
+            pack.forfeited.as_str()
+        ),
+        ("0", "200", "800")
+    );
+    assert_eq!(d.holds.len(), 1);
+    // The hold made before the revocation is still charged from the pack.
+    let s = app
+        .quota
+        .settle(settle("acme", "r1", 100, 50))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.record.unwrap().charges[0].tokens, 150);
+
+    let d = app
+        .admin
+        .assign_plan(proto::AssignPlanRequest {
+            account_id: "acme".into(),
+            plan: "pro".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.plan, "pro");
+    assert_eq!(d.balance.unwrap().allowance_tokens, 1000);
+    assert!(d.period_end.is_some());
+
+    let overrides = proto::LimitOverrides {
+        account: Some(proto::LimitSet {
+            requests_per_minute: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    app.admin
+        .set_limit_overrides(proto::SetLimitOverridesRequest {
+            account_id: "acme".into(),
+            overrides: Some(overrides),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        app.quota
+            .reserve(reserve("acme", "r2", 1, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .decision,
+        Decision::Allow as i32
+    );
+    let r = app
+        .quota
+        .reserve(reserve("acme", "r3", 1, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deny_reason, DenyReason::RateLimited as i32);
+
+    app.admin
+        .suspend(proto::SuspendRequest {
+            account_id: "acme".into(),
+            reason: "fraud check".into(),
+        })
+        .await
+        .unwrap();
+    app.advance(SignedDuration::from_secs(120));
+    let r = app
+        .quota
+        .reserve(reserve("acme", "r4", 1, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deny_reason, DenyReason::AccountSuspended as i32);
+    let d = app
+        .admin
+        .resume(proto::ResumeRequest {
+            account_id: "acme".into(),
+            reason: "cleared".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!d.suspended);
+    assert_eq!(
+        app.quota
+            .reserve(reserve("acme", "r4", 1, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .decision,
+        Decision::Allow as i32
+    );
+
+    let d = app
+        .admin
+        .update_account(proto::UpdateAccountRequest {
+            account_id: "acme".into(),
+            time_zone: Some("Asia/Tokyo".into()),
+            credit_limit: Some(money("0")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            d.time_zone.as_str(),
+            d.credit_limit.unwrap().decimal.as_str()
+        ),
+        ("Asia/Tokyo", "0.000000000000")
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn published_prices_apply_from_their_effective_time_and_never_retroactively() {
+    let mut app = spawn_app().await;
+    let at = app
+        .now()
+        .checked_add(SignedDuration::from_secs(10))
+        .unwrap();
+    let version = proto::PriceVersion {
+        id: "v2".into(),
+        effective_at: Some(timestamp_out(at)),
+        models: vec![proto::ModelPrices {
+            model: "m".into(),
+            token_weight_milli: 0,
+            tiers: vec![proto::TierPrices {
+                service_tier: "default".into(),
+                prices: Some(prices("2", "8")),
+                context_tiers: vec![],
+            }],
+        }],
+        windows: vec![],
+    };
+    let published = app
+        .admin
+        .publish_price_version(proto::PublishPriceVersionRequest {
+            version: Some(version.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.versions, vec!["v1", "v2"]);
+    let dup = app
+        .admin
+        .publish_price_version(proto::PublishPriceVersionRequest {
+            version: Some(version.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let past = proto::PriceVersion {
+        id: "v0".into(),
+        effective_at: Some(timestamp_out(
+            app.now().checked_sub(SignedDuration::from_secs(1)).unwrap(),
+        )),
+        ..version
+    };
+    let err = app
+        .admin
+        .publish_price_version(proto::PublishPriceVersionRequest {
+            version: Some(past),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("retroactive"), "{}", err.message());
+
+    // Reserved under v1, settled after v2 took effect: charged at v1.
+    app.quota
+        .reserve(reserve("rich", "before", 1000, 10))
+        .await
+        .unwrap();
+    app.advance(SignedDuration::from_secs(10));
+    let s = app
+        .quota
+        .settle(settle("rich", "before", 1000, 10))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(
+        (
+            s.price_version.as_str(),
+            s.total_money.unwrap().decimal.as_str()
+        ),
+        ("v1", "0.001040000000")
+    );
+    let r = app
+        .quota
+        .reserve(reserve("rich", "after", 1000, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.price_version, "v2");
+    let s = app
+        .quota
+        .settle(settle("rich", "after", 1000, 10))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(s.total_money.unwrap().decimal, "0.002080000000");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn get_account_shows_sources_lots_holds_and_recent_usage() {
+    let mut app = spawn_app().await;
+    app.quota
+        .reserve(reserve("rich", "done", 10, 10))
+        .await
+        .unwrap();
+    app.quota
+        .settle(settle("rich", "done", 10, 5))
+        .await
+        .unwrap();
+    app.quota
+        .reserve(reserve("rich", "open", 10, 10))
+        .await
+        .unwrap();
+    let d = app
+        .admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.holds.len(), 1);
+    assert_eq!(d.holds[0].reservation_id, "open");
+    assert_eq!(d.recent_usage.len(), 1);
+    assert_eq!(d.recent_usage[0].request_id, "done");
+    let paid = d
+        .lots
+        .iter()
+        .find(|l| l.source == SourceKind::Paid as i32)
+        .unwrap();
+    assert_eq!(paid.granted, "100.000000000000");
+    assert_eq!(paid.charged, "0.000030000000");
+    assert_eq!(paid.held, "0.000050000000");
+    assert_eq!(paid.available, "99.999920000000");
+    let missing = app
+        .admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    app.shutdown().await;
+}

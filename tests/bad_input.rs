@@ -1,0 +1,392 @@
+//! Bad input over real gRPC: each class gets its precise status, names the
+//! field, and changes nothing (invariant 5).
+
+mod support;
+
+use jiff::SignedDuration;
+use support::{money, reserve, settle, spawn_app};
+use tollgate::proto;
+use tonic::Code;
+
+fn expect(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, mentions: &str) {
+    let status = result.expect_err("must be refused");
+    assert_eq!(status.code(), code, "{}", status.message());
+    assert!(
+        status.message().contains(mentions),
+        "{:?} does not mention {mentions:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
+    let mut app = spawn_app().await;
+    app.quota
+        .reserve(reserve("rich", "open", 10, 10))
+        .await
+        .unwrap();
+    let before = app.balance("rich").await;
+
+    let q = &mut app.quota;
+    expect(
+        q.reserve(reserve("", "r", 1, 1)).await,
+        Code::InvalidArgument,
+        "account_id",
+    );
+    expect(
+        q.reserve(reserve(&"a".repeat(129), "r", 1, 1)).await,
+        Code::InvalidArgument,
+        "account_id",
+    );
+    expect(
+        q.reserve(reserve("rich", "has space", 1, 1)).await,
+        Code::InvalidArgument,
+        "request_id",
+    );
+    expect(
+        q.reserve(reserve("rich", "", 1, 1)).await,
+        Code::InvalidArgument,
+        "request_id",
+    );
+    let mut bad_model = reserve("rich", "r", 1, 1);
+    bad_model.model = "m\n".into();
+    expect(q.reserve(bad_model).await, Code::InvalidArgument, "model");
+    let mut bad_tier = reserve("rich", "r", 1, 1);
+    bad_tier.service_tier = "x".repeat(200);
+    expect(
+        q.reserve(bad_tier).await,
+        Code::InvalidArgument,
+        "service_tier",
+    );
+    let mut bad_key = reserve("rich", "r", 1, 1);
+    bad_key.api_key_id = "key#1".into();
+    expect(
+        q.reserve(bad_key).await,
+        Code::InvalidArgument,
+        "api_key_id",
+    );
+    expect(
+        q.reserve(reserve("rich", "r", 1_000_000_001, 1)).await,
+        Code::InvalidArgument,
+        "input_tokens",
+    );
+    expect(
+        q.reserve(reserve("rich", "r", 1, u64::MAX)).await,
+        Code::InvalidArgument,
+        "max_output_tokens",
+    );
+    // Same request id, different content.
+    expect(
+        q.reserve(reserve("rich", "open", 10, 11)).await,
+        Code::AlreadyExists,
+        "request_id",
+    );
+
+    let no_usage = proto::SettleRequest {
+        account_id: "rich".into(),
+        reservation_id: "open".into(),
+        usage: None,
+    };
+    expect(q.settle(no_usage).await, Code::InvalidArgument, "usage");
+    let mut huge = settle("rich", "open", 1, 1);
+    huge.usage.as_mut().unwrap().cache_write_tokens = 2_000_000_000;
+    expect(
+        q.settle(huge).await,
+        Code::InvalidArgument,
+        "usage.cache_write_tokens",
+    );
+    expect(
+        q.settle(settle("rich", "nope", 1, 1)).await,
+        Code::NotFound,
+        "reservation nope",
+    );
+    expect(
+        q.settle(settle("ghost", "open", 1, 1)).await,
+        Code::NotFound,
+        "account ghost",
+    );
+    let extend = proto::ExtendRequest {
+        account_id: "rich".into(),
+        reservation_id: "nope".into(),
+        max_output_tokens: 5,
+    };
+    expect(q.extend(extend).await, Code::NotFound, "reservation");
+    let release = proto::ReleaseRequest {
+        account_id: "rich".into(),
+        reservation_id: "".into(),
+    };
+    expect(
+        q.release(release).await,
+        Code::InvalidArgument,
+        "reservation_id",
+    );
+
+    let charge = |charge| proto::ChargeRequest {
+        account_id: "rich".into(),
+        request_id: "c".into(),
+        model: String::new(),
+        charge,
+        ..Default::default()
+    };
+    expect(
+        q.charge(charge(None)).await,
+        Code::InvalidArgument,
+        "charge",
+    );
+    let usage = proto::charge_request::Charge::Usage(proto::Usage::default());
+    expect(
+        q.charge(charge(Some(usage))).await,
+        Code::InvalidArgument,
+        "model",
+    );
+    let negative = proto::charge_request::Charge::Amount(money("-1"));
+    expect(
+        q.charge(charge(Some(negative))).await,
+        Code::InvalidArgument,
+        "amount",
+    );
+    let mixed = proto::charge_request::Charge::Amount(proto::Money {
+        units: 1,
+        picos: -5,
+        decimal: String::new(),
+    });
+    expect(
+        q.charge(charge(Some(mixed))).await,
+        Code::InvalidArgument,
+        "same sign",
+    );
+    let overflow = proto::charge_request::Charge::Amount(proto::Money {
+        units: 0,
+        picos: 1_000_000_000_000,
+        decimal: String::new(),
+    });
+    expect(
+        q.charge(charge(Some(overflow))).await,
+        Code::InvalidArgument,
+        "picos",
+    );
+
+    assert_eq!(app.balance("rich").await, before);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn settling_in_the_wrong_state_is_a_failed_precondition() {
+    let mut app = spawn_app().await;
+    app.quota
+        .reserve(reserve("rich", "a", 10, 10))
+        .await
+        .unwrap();
+    app.quota.settle(settle("rich", "a", 10, 10)).await.unwrap();
+    let paid = app.paid("rich").await;
+    expect(
+        app.quota.settle(settle("rich", "a", 10, 9)).await,
+        Code::FailedPrecondition,
+        "different usage",
+    );
+    let release = proto::ReleaseRequest {
+        account_id: "rich".into(),
+        reservation_id: "a".into(),
+    };
+    expect(
+        app.quota.release(release).await,
+        Code::FailedPrecondition,
+        "already settled",
+    );
+
+    app.quota
+        .reserve(reserve("rich", "b", 10, 10))
+        .await
+        .unwrap();
+    let release = proto::ReleaseRequest {
+        account_id: "rich".into(),
+        reservation_id: "b".into(),
+    };
+    app.quota.release(release).await.unwrap();
+    expect(
+        app.quota.settle(settle("rich", "b", 1, 1)).await,
+        Code::FailedPrecondition,
+        "released",
+    );
+
+    app.quota
+        .reserve(reserve("rich", "c", 10, 10))
+        .await
+        .unwrap();
+    app.advance(SignedDuration::from_secs(60));
+    expect(
+        app.quota.settle(settle("rich", "c", 1, 1)).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
+    assert_eq!(app.paid("rich").await, paid);
+    assert_eq!(app.records(1).await.len(), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_admin_requests_are_refused_and_change_nothing() {
+    let mut app = spawn_app().await;
+    let before = app
+        .admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let a = &mut app.admin;
+    let top_up = |pool: i32, amount: proto::Money, reason: &str| proto::TopUpRequest {
+        account_id: "rich".into(),
+        operation_id: "op".into(),
+        pool,
+        amount: Some(amount),
+        reason: reason.into(),
+        ..Default::default()
+    };
+    expect(
+        a.top_up(top_up(7, money("1"), "r")).await,
+        Code::InvalidArgument,
+        "pool",
+    );
+    expect(
+        a.top_up(top_up(0, money("1"), "r")).await,
+        Code::InvalidArgument,
+        "pool",
+    );
+    expect(
+        a.top_up(top_up(1, money("0"), "r")).await,
+        Code::InvalidArgument,
+        "amount",
+    );
+    expect(
+        a.top_up(top_up(1, money("1"), "")).await,
+        Code::InvalidArgument,
+        "reason",
+    );
+    expect(
+        a.top_up(top_up(1, money("1"), &"x".repeat(1025))).await,
+        Code::InvalidArgument,
+        "reason",
+    );
+    let huge = proto::Money {
+        units: 1_000_000_000_000_001,
+        picos: 0,
+        decimal: String::new(),
+    };
+    expect(
+        a.top_up(top_up(1, huge, "r")).await,
+        Code::InvalidArgument,
+        "at most",
+    );
+
+    let create = |id: &str, plan: &str, tz: &str, anchor: i32| proto::CreateAccountRequest {
+        account_id: id.into(),
+        plan: plan.into(),
+        time_zone: tz.into(),
+        anchor,
+        ..Default::default()
+    };
+    expect(
+        a.create_account(create("n1", "gold", "", 0)).await,
+        Code::InvalidArgument,
+        "plan",
+    );
+    expect(
+        a.create_account(create("n1", "payg", "Mars/Base", 0)).await,
+        Code::InvalidArgument,
+        "time_zone",
+    );
+    expect(
+        a.create_account(create("n1", "payg", "", 9)).await,
+        Code::InvalidArgument,
+        "anchor",
+    );
+    expect(
+        a.create_account(create("n 1", "payg", "", 0)).await,
+        Code::InvalidArgument,
+        "account_id",
+    );
+    let pack = proto::GrantPackRequest {
+        account_id: "rich".into(),
+        pack_id: "p".into(),
+        tokens: 10,
+        expires_at: Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }),
+        reason: "r".into(),
+        ..Default::default()
+    };
+    expect(
+        a.grant_pack(pack.clone()).await,
+        Code::InvalidArgument,
+        "expires_at",
+    );
+    let bad_nanos = proto::GrantPackRequest {
+        expires_at: Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: -1,
+        }),
+        ..pack.clone()
+    };
+    expect(
+        a.grant_pack(bad_nanos).await,
+        Code::InvalidArgument,
+        "expires_at",
+    );
+    expect(
+        a.grant_pack(proto::GrantPackRequest {
+            expires_at: None,
+            ..pack
+        })
+        .await,
+        Code::InvalidArgument,
+        "expires_at",
+    );
+    let revoke = proto::RevokePackRequest {
+        account_id: "rich".into(),
+        pack_id: "none".into(),
+        reason: "r".into(),
+    };
+    expect(a.revoke_pack(revoke).await, Code::NotFound, "pack none");
+    let inexact = proto::PriceVersion {
+        id: "v9".into(),
+        effective_at: Some(prost_types::Timestamp {
+            seconds: 4_000_000_000,
+            nanos: 0,
+        }),
+        models: vec![proto::ModelPrices {
+            model: "m".into(),
+            token_weight_milli: 0,
+            tiers: vec![proto::TierPrices {
+                service_tier: "default".into(),
+                prices: Some(proto::TokenPrices {
+                    input_per_million: Some(money("0.0000001")),
+                    cached_input_per_million: Some(money("1")),
+                    cache_write_per_million: Some(money("1")),
+                    output_per_million: Some(money("1")),
+                }),
+                context_tiers: vec![],
+            }],
+        }],
+        windows: vec![],
+    };
+    let publish = proto::PublishPriceVersionRequest {
+        version: Some(inexact),
+    };
+    expect(
+        a.publish_price_version(publish).await,
+        Code::InvalidArgument,
+        "input_per_million",
+    );
+    let after = a
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before, after);
+    app.shutdown().await;
+}
