@@ -1,0 +1,494 @@
+//! Property tests of the engine: random sequences of reserve, extend,
+//! settle, release, charge, top-up, adjust, pack grants and revocations,
+//! and clock advances over several accounts, checked after every step
+//! against the invariants of DESIGN.md:
+//!
+//! - conservation: what each ledger was granted equals the credits the
+//!   test made; what ledgers charged equals what the usage records say was
+//!   charged, to the unit; what ledgers hold equals what open holds hold;
+//! - no source below its floor (money not below minus the credit limit);
+//! - an idempotent replay changes nothing and emits nothing;
+//! - a refused operation changes nothing.
+
+use std::collections::HashMap;
+
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use proptest::prelude::*;
+use tollgate::engine::account::Account;
+use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
+use tollgate::engine::draw::SourceRef;
+use tollgate::engine::ids::{
+    AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId,
+};
+use tollgate::engine::limits::ScopedLimits;
+use tollgate::engine::money::Money;
+use tollgate::engine::ops::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
+use tollgate::engine::period::{Anchor, PeriodUnit};
+use tollgate::engine::pricing::{
+    ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage,
+};
+use tollgate::engine::{Command, UsageRecord};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve {
+        acct: usize,
+        req: u8,
+        model: bool,
+        input: u64,
+        output: u64,
+    },
+    Extend {
+        acct: usize,
+        req: u8,
+        max: u64,
+    },
+    Settle {
+        acct: usize,
+        req: u8,
+        input: u64,
+        output: u64,
+    },
+    Release {
+        acct: usize,
+        req: u8,
+    },
+    Charge {
+        acct: usize,
+        req: u8,
+        money: Option<i128>,
+        input: u64,
+        output: u64,
+    },
+    TopUp {
+        acct: usize,
+        op: u8,
+        promo: bool,
+        amount: i128,
+    },
+    Adjust {
+        acct: usize,
+        op: u8,
+        amount: i128,
+    },
+    GrantPack {
+        acct: usize,
+        id: u8,
+        tokens: u64,
+        ttl: i64,
+        scoped: bool,
+    },
+    RevokePack {
+        acct: usize,
+        id: u8,
+    },
+    Advance {
+        secs: i64,
+    },
+    Replay,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let acct = 0..3usize;
+    prop_oneof![
+        4 => (acct.clone(), 0..10u8, any::<bool>(), 0..3000u64, 0..3000u64)
+            .prop_map(|(acct, req, model, input, output)| Op::Reserve { acct, req, model, input, output }),
+        1 => (acct.clone(), 0..10u8, 0..6000u64).prop_map(|(acct, req, max)| Op::Extend { acct, req, max }),
+        3 => (acct.clone(), 0..10u8, 0..4000u64, 0..6000u64)
+            .prop_map(|(acct, req, input, output)| Op::Settle { acct, req, input, output }),
+        1 => (acct.clone(), 0..10u8).prop_map(|(acct, req)| Op::Release { acct, req }),
+        1 => (acct.clone(), 10..14u8, prop::option::of(1..5_000_000i128), 0..2000u64, 0..2000u64)
+            .prop_map(|(acct, req, money, input, output)| Op::Charge { acct, req, money, input, output }),
+        2 => (acct.clone(), 0..6u8, any::<bool>(), 1..20_000_000i128)
+            .prop_map(|(acct, op, promo, amount)| Op::TopUp { acct, op, promo, amount }),
+        1 => (acct.clone(), 0..6u8, -10_000_000..10_000_000i128)
+            .prop_map(|(acct, op, amount)| Op::Adjust { acct, op, amount }),
+        1 => (acct.clone(), 0..4u8, 1..5000u64, 1..200i64, any::<bool>())
+            .prop_map(|(acct, id, tokens, ttl, scoped)| Op::GrantPack { acct, id, tokens, ttl, scoped }),
+        1 => (acct.clone(), 0..4u8).prop_map(|(acct, id)| Op::RevokePack { acct, id }),
+        2 => (1..50i64).prop_map(|secs| Op::Advance { secs }),
+        1 => Just(Op::Replay),
+    ]
+}
+
+fn prices(input: i128, output: i128) -> TokenPrices {
+    let m = Money::from_picos;
+    TokenPrices {
+        input: m(input),
+        cached_input: m(input / 2),
+        cache_write: m(input),
+        output: m(output),
+    }
+}
+
+fn catalog(charge_in_full: bool) -> Catalog {
+    let model = |weight_milli| {
+        let tiers = HashMap::from([(
+            TierId::default_tier(),
+            TierPrices {
+                base: prices(100, 400),
+                context_tiers: vec![],
+            },
+        )]);
+        ModelPrices {
+            weight_milli,
+            tiers,
+        }
+    };
+    let version = PriceVersion {
+        id: VersionId::parse("v1").unwrap(),
+        effective_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+        models: HashMap::from([
+            (ModelId::parse("m").unwrap(), model(1000)),
+            (ModelId::parse("w").unwrap(), model(1500)),
+        ]),
+        windows: vec![],
+    };
+    let plan = |id: &str, allowance: Option<Allowance>, order: &[SourceClass]| Plan {
+        id: PlanId::parse(id).unwrap(),
+        allowance,
+        draw_order: order.to_vec(),
+        allowed_models: None,
+        limits: ScopedLimits::default(),
+    };
+    let daily = Allowance {
+        tokens: 5000,
+        period: PeriodUnit::Day,
+        anchor: Anchor::Anniversary,
+        rollover_cap: 1000,
+    };
+    let plans = [
+        plan("payg", None, &SourceClass::DEFAULT_ORDER),
+        plan("pro", Some(daily), &SourceClass::DEFAULT_ORDER),
+        plan("cash", None, &[SourceClass::Promo, SourceClass::Paid]),
+    ];
+    Catalog {
+        plans: plans.into_iter().map(|p| (p.id.clone(), p)).collect(),
+        prices: PriceBook::new(vec![version]).unwrap(),
+        hold_ttl: SignedDuration::from_secs(30),
+        on_expiry: if charge_in_full {
+            ExpiryPolicy::ChargeInFull
+        } else {
+            ExpiryPolicy::Release
+        },
+        idempotency_window: SignedDuration::from_secs(3600),
+        recent_usage: 5,
+    }
+}
+
+/// What the test itself credited and saw charged, per account.
+#[derive(Default)]
+struct Books {
+    money_credited: i128,
+    pack_tokens_credited: i128,
+    money_recorded: i128,
+    tokens_recorded: i128,
+}
+
+fn command(op: &Op, now: Timestamp) -> Option<(usize, Command)> {
+    let rid = |req: &u8| RequestId::parse(&format!("r{req}")).unwrap();
+    let resv = |req: &u8| ReservationId::parse(&format!("r{req}")).unwrap();
+    let lot = |prefix: &str, id: &u8| LotId::parse(&format!("{prefix}{id}")).unwrap();
+    Some(match op {
+        Op::Reserve {
+            acct,
+            req,
+            model,
+            input,
+            output,
+        } => (
+            *acct,
+            Command::Reserve(ReserveRequest {
+                request_id: rid(req),
+                api_key_id: None,
+                model: ModelId::parse(if *model { "w" } else { "m" }).unwrap(),
+                tier: TierId::default_tier(),
+                input_tokens: *input,
+                cached_input_tokens: input / 3,
+                max_output_tokens: *output,
+            }),
+        ),
+        Op::Extend { acct, req, max } => (
+            *acct,
+            Command::Extend {
+                reservation: resv(req),
+                max_output_tokens: *max,
+            },
+        ),
+        Op::Settle {
+            acct,
+            req,
+            input,
+            output,
+        } => {
+            let usage = Usage {
+                input_tokens: *input,
+                cached_input_tokens: 7,
+                cache_write_tokens: 3,
+                output_tokens: *output,
+            };
+            (
+                *acct,
+                Command::Settle {
+                    reservation: resv(req),
+                    usage,
+                },
+            )
+        }
+        Op::Release { acct, req } => (*acct, Command::Release(resv(req))),
+        Op::Charge {
+            acct,
+            req,
+            money,
+            input,
+            output,
+        } => {
+            let what = match money {
+                Some(m) => ChargeWhat::Money(Money::from_picos(*m)),
+                None => ChargeWhat::Usage(Usage {
+                    input_tokens: *input,
+                    output_tokens: *output,
+                    ..Default::default()
+                }),
+            };
+            let model = Some(ModelId::parse("m").unwrap());
+            (
+                *acct,
+                Command::Charge(ChargeRequest {
+                    request_id: rid(req),
+                    api_key_id: None,
+                    model,
+                    tier: TierId::default_tier(),
+                    what,
+                }),
+            )
+        }
+        Op::TopUp {
+            acct,
+            op,
+            promo,
+            amount,
+        } => {
+            let pool = if *promo {
+                Pool::Promo {
+                    expires_at: Some(now + SignedDuration::from_secs(90)),
+                    priority: 0,
+                }
+            } else {
+                Pool::Paid
+            };
+            (
+                *acct,
+                Command::TopUp {
+                    operation_id: lot(if *promo { "promo" } else { "top" }, op),
+                    pool,
+                    amount: Money::from_picos(*amount),
+                },
+            )
+        }
+        Op::Adjust { acct, op, amount } => (
+            *acct,
+            Command::Adjust {
+                operation_id: lot("adj", op),
+                amount: Money::from_picos(*amount),
+            },
+        ),
+        Op::GrantPack {
+            acct,
+            id,
+            tokens,
+            ttl,
+            scoped,
+        } => (
+            *acct,
+            Command::GrantPack(PackGrant {
+                pack_id: lot("pack", id),
+                tokens: *tokens,
+                expires_at: now + SignedDuration::from_secs(*ttl),
+                models: scoped.then(|| [ModelId::parse("w").unwrap()].into()),
+                priority: i32::from(*id % 2),
+            }),
+        ),
+        Op::RevokePack { acct, id } => (*acct, Command::RevokePack(lot("pack", id))),
+        Op::Advance { .. } | Op::Replay => return None,
+    })
+}
+
+/// Everything a refused or replayed operation must leave alone.
+fn state(a: &Account) -> String {
+    let mut holds: Vec<_> = a.holds().map(|h| format!("{h:?}")).collect();
+    holds.sort();
+    format!(
+        "{:?} {:?} {:?} {:?} {:?} {holds:?} {} {} {}",
+        a.allowance,
+        a.paid,
+        a.debt,
+        a.packs,
+        a.promos,
+        a.reservations.len(),
+        a.requests.len(),
+        a.operations.len()
+    )
+}
+
+fn record(books: &mut Books, r: &UsageRecord) {
+    let money: i128 = r
+        .charges
+        .iter()
+        .filter(|t| !t.source.is_tokens())
+        .map(|t| t.amount)
+        .sum();
+    assert_eq!(
+        Money::from_picos(money),
+        r.total_money,
+        "record total is the sum of its money takes"
+    );
+    assert!(r.charges.iter().all(|t| t.amount > 0));
+    books.money_recorded += money;
+    books.tokens_recorded += r
+        .charges
+        .iter()
+        .filter(|t| t.source.is_tokens())
+        .map(|t| t.amount)
+        .sum::<i128>();
+}
+
+fn check(a: &Account, books: &Books, catalog: &Catalog) {
+    let lots = || a.packs.values().chain(a.promos.values()).map(|l| &l.ledger);
+    for l in lots().chain([&a.allowance, &a.paid, &a.debt]) {
+        assert!(l.held >= 0 && l.charged >= 0 && l.forfeited >= 0, "{l:?}");
+    }
+    for l in lots().chain([&a.allowance]) {
+        assert!(
+            l.available() >= 0,
+            "token or promo source below zero: {l:?}"
+        );
+    }
+    assert!(
+        a.paid.available() >= -a.credit_limit.picos(),
+        "paid below minus the credit limit: {:?}",
+        a.paid
+    );
+    assert!(
+        a.debt.available() <= 0,
+        "debt repaid beyond what was owed: {:?}",
+        a.debt
+    );
+
+    // Held by ledgers = held by open holds, per unit.
+    let (mut hold_tokens, mut hold_money) = (0, 0);
+    for t in a.holds().flat_map(|h| &h.takes) {
+        assert!(!matches!(t.source, SourceRef::Debt), "debt is never held");
+        if t.source.is_tokens() {
+            hold_tokens += t.amount
+        } else {
+            hold_money += t.amount
+        }
+    }
+    let money_ledgers = || a.promos.values().map(|l| l.ledger).chain([a.paid, a.debt]);
+    let token_ledgers = || a.packs.values().map(|l| l.ledger).chain([a.allowance]);
+    assert_eq!(token_ledgers().map(|l| l.held).sum::<i128>(), hold_tokens);
+    assert_eq!(money_ledgers().map(|l| l.held).sum::<i128>(), hold_money);
+
+    // Granted = credited.
+    assert_eq!(
+        money_ledgers().map(|l| l.granted).sum::<i128>(),
+        books.money_credited,
+        "money granted vs credited"
+    );
+    assert_eq!(
+        a.packs.values().map(|l| l.ledger.granted).sum::<i128>(),
+        books.pack_tokens_credited
+    );
+    if let (Some(sub), Some(plan)) = (&a.subscription, catalog.plans.get(&a.plan)) {
+        let per_period = i128::from(plan.allowance.as_ref().map_or(0, |al| al.tokens));
+        assert_eq!(
+            a.allowance.granted,
+            per_period * (i128::from(sub.period) + 1),
+            "one allowance per period"
+        );
+    }
+    // Charged = recorded, to the unit.
+    assert_eq!(
+        money_ledgers().map(|l| l.charged).sum::<i128>(),
+        books.money_recorded,
+        "money charged vs records"
+    );
+    assert_eq!(
+        token_ledgers().map(|l| l.charged).sum::<i128>(),
+        books.tokens_recorded,
+        "tokens charged vs records"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_after_every_step(ops in prop::collection::vec(op(), 1..80), charge_in_full in any::<bool>()) {
+        let catalog = catalog(charge_in_full);
+        let mut now: Timestamp = "2026-03-29T00:30:00Z".parse().unwrap();
+        let plans = ["payg", "pro", "cash"];
+        let credit = [Money::from_picos(2_000_000), Money::ZERO, Money::from_picos(500_000)];
+        let mut accounts: Vec<Account> = (0..3)
+            .map(|i| {
+                let plan = &catalog.plans[&PlanId::parse(plans[i]).unwrap()];
+                let tz = TimeZone::get("Europe/Paris").unwrap();
+                Account::open(AccountId::parse(&format!("a{i}")).unwrap(), plan, tz, None, credit[i], now).unwrap()
+            })
+            .collect();
+        let mut books: Vec<Books> = (0..3).map(|_| Books::default()).collect();
+        let mut last: Option<Op> = None;
+        for op in ops {
+            if let Op::Advance { secs } = op {
+                now += SignedDuration::from_secs(secs);
+            }
+            let op = match op {
+                Op::Replay => match &last { Some(prev) => prev.clone(), None => continue },
+                other => other,
+            };
+            let replaying = matches!(&last, Some(prev) if format!("{prev:?}") == format!("{op:?}"));
+            for (a, b) in accounts.iter_mut().zip(books.iter_mut()) {
+                a.advance(&catalog, now).unwrap();
+                for r in a.take_records() {
+                    record(b, &r);
+                }
+            }
+            let Some((i, cmd)) = command(&op, now) else {
+                last = Some(op);
+                continue;
+            };
+            let before = state(&accounts[i]);
+            let reply = accounts[i].apply(&catalog, cmd.clone(), now);
+            let records = accounts[i].take_records();
+            match &reply {
+                Err(_) => prop_assert_eq!(&before, &state(&accounts[i]), "a refused {:?} changed state", op),
+                Ok(_) if replaying => {
+                    prop_assert_eq!(&before, &state(&accounts[i]), "a replayed {:?} changed state", op);
+                    prop_assert!(records.is_empty(), "a replay emitted records");
+                }
+                Ok(_) => match &cmd {
+                    Command::TopUp { amount, .. } | Command::Adjust { amount, .. } => books[i].money_credited += amount.picos(),
+                    Command::GrantPack(g) => books[i].pack_tokens_credited += i128::from(g.tokens),
+                    _ => {}
+                },
+            }
+            for r in &records {
+                record(&mut books[i], r);
+            }
+            // Replaying once more must answer the same and change nothing.
+            if reply.is_ok() {
+                let snapshot = state(&accounts[i]);
+                let again = accounts[i].apply(&catalog, cmd, now);
+                prop_assert_eq!(format!("{reply:?}"), format!("{again:?}"));
+                prop_assert_eq!(&snapshot, &state(&accounts[i]));
+                prop_assert!(accounts[i].take_records().is_empty());
+            }
+            for (a, b) in accounts.iter().zip(&books) {
+                check(a, b, &catalog);
+            }
+            last = Some(op);
+        }
+    }
+}
