@@ -225,9 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Balance(a) => {
             client(&a.endpoint, |mut c| async move {
                 let r = c
-                    .get_balance(proto::GetBalanceRequest {
-                        account_id: a.account,
-                    })
+                    .get_balance(proto::GetBalanceRequest { account_id: a.account })
                     .await?
                     .into_inner();
                 Ok(show_balance(&r))
@@ -317,10 +315,7 @@ fn show_time(t: Option<&prost_types::Timestamp>) -> String {
 
 fn show_reserve(r: &proto::ReserveResponse) -> String {
     let decision = proto::Decision::try_from(r.decision).map_or("?", |d| d.as_str_name());
-    let mut out = format!(
-        "decision:       {}\n",
-        decision.trim_start_matches("DECISION_")
-    );
+    let mut out = format!("decision:       {}\n", decision.trim_start_matches("DECISION_"));
     if r.decision != proto::Decision::Allow as i32 {
         let reason = proto::DenyReason::try_from(r.deny_reason).map_or("?", |d| d.as_str_name());
         out += &format!(

@@ -15,17 +15,13 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
-use crate::engine::catalog::{
-    Allowance, Catalog, ExpiryPolicy, Plan, SourceClass, check_draw_order,
-};
+use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass, check_draw_order};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::ScopedLimits;
 use crate::engine::money::Money;
 use crate::engine::ops::PackGrant;
 use crate::engine::period::{Anchor, PeriodUnit};
-use crate::engine::pricing::{
-    ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices, per_token,
-};
+use crate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices, per_token};
 
 /// The built-in demo configuration (also `examples/tollgate.toml`).
 pub const DEMO: &str = include_str!("../examples/tollgate.toml");
@@ -361,9 +357,7 @@ fn parse_source(s: &str) -> Result<SourceClass, String> {
         "promo" => Ok(SourceClass::Promo),
         "paid" => Ok(SourceClass::Paid),
         "credit" => Ok(SourceClass::Credit),
-        _ => Err(format!(
-            "expected allowance, packs, promo, paid or credit, got {s:?}"
-        )),
+        _ => Err(format!("expected allowance, packs, promo, paid or credit, got {s:?}")),
     }
 }
 
@@ -420,11 +414,8 @@ fn parse_clock(s: &str) -> Result<u32, String> {
 fn prices(p: &mut Problems, path: &str, f: &PricesFile) -> TokenPrices {
     let mut one = |field: &str, v: Option<&String>, fallback: &String| {
         let text = v.unwrap_or(fallback);
-        p.check(
-            format!("{path}.{field}"),
-            parse_money(text).and_then(price_per_token),
-        )
-        .unwrap_or(Money::ZERO)
+        p.check(format!("{path}.{field}"), parse_money(text).and_then(price_per_token))
+            .unwrap_or(Money::ZERO)
     };
     TokenPrices {
         input: one("input", None, &f.input),
@@ -437,10 +428,7 @@ fn prices(p: &mut Problems, path: &str, f: &PricesFile) -> TokenPrices {
 fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion> {
     let before = p.0.len();
     let id = p.check(format!("{path}.id"), VersionId::parse(&f.id));
-    let effective_at = p.check(
-        format!("{path}.effective_at"),
-        f.effective_at.parse::<Timestamp>(),
-    );
+    let effective_at = p.check(format!("{path}.effective_at"), f.effective_at.parse::<Timestamp>());
     let mut models = HashMap::new();
     for (name, m) in &f.models {
         let mpath = format!("{path}.models.{name}");
@@ -466,23 +454,11 @@ fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion
                 })
                 .collect();
             if let Some(tier) = tier {
-                tiers.insert(
-                    tier,
-                    TierPrices {
-                        base,
-                        context_tiers,
-                    },
-                );
+                tiers.insert(tier, TierPrices { base, context_tiers });
             }
         }
         if let (Some(model), Some(weight_milli)) = (model, weight) {
-            models.insert(
-                model,
-                ModelPrices {
-                    weight_milli,
-                    tiers,
-                },
-            );
+            models.insert(model, ModelPrices { weight_milli, tiers });
         }
     }
     let mut windows = Vec::new();
@@ -538,10 +514,7 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
             parse_anchor(a.anchor.as_deref().unwrap_or("calendar")),
         );
         if a.tokens == 0 {
-            p.push(
-                format!("{path}.allowance.tokens"),
-                "must be greater than zero",
-            );
+            p.push(format!("{path}.allowance.tokens"), "must be greater than zero");
         }
         Some(Allowance {
             tokens: a.tokens,
@@ -576,12 +549,7 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
     })
 }
 
-fn account(
-    p: &mut Problems,
-    i: usize,
-    f: &AccountFile,
-    plans: &HashMap<PlanId, Plan>,
-) -> Option<SeedAccount> {
+fn account(p: &mut Problems, i: usize, f: &AccountFile, plans: &HashMap<PlanId, Plan>) -> Option<SeedAccount> {
     let path = format!("accounts[{i}]");
     let id = p.check(format!("{path}.id"), AccountId::parse(&f.id));
     let plan = p.check(format!("{path}.plan"), PlanId::parse(&f.plan));
@@ -610,10 +578,7 @@ fn account(
     for (j, pk) in f.packs.iter().enumerate() {
         let ppath = format!("{path}.packs[{j}]");
         let pack_id = p.check(format!("{ppath}.id"), LotId::parse(&pk.id));
-        let expires_at = p.check(
-            format!("{ppath}.expires_at"),
-            pk.expires_at.parse::<Timestamp>(),
-        );
+        let expires_at = p.check(format!("{ppath}.expires_at"), pk.expires_at.parse::<Timestamp>());
         if pk.tokens == 0 {
             p.push(format!("{ppath}.tokens"), "must be greater than zero");
         }
@@ -647,20 +612,13 @@ fn account(
 
 fn address(p: &mut Problems, path: &str, value: Option<&str>, default: &str) -> SocketAddr {
     let text = value.unwrap_or(default);
-    p.check(
-        path,
-        text.parse::<SocketAddr>()
-            .map_err(|e| format!("{text:?}: {e}")),
-    )
-    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    p.check(path, text.parse::<SocketAddr>().map_err(|e| format!("{text:?}: {e}")))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 impl Settings {
     /// Reads `path`, or the built-in demo when `None`.
-    pub fn load(
-        path: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Settings, ConfigErrors> {
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
         let text = match path {
             None => DEMO.to_owned(),
             Some(path) => std::fs::read_to_string(path).map_err(|e| {
@@ -676,10 +634,7 @@ impl Settings {
     /// Parses and validates TOML text, applying environment overrides
     /// (`TOLLGATE_USAGE_SINK`, `TOLLGATE_USAGE_PATH`,
     /// `TOLLGATE_HOLD_TTL_SECONDS`) read through `env`.
-    pub fn parse(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Settings, ConfigErrors> {
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
         let mut file: File = toml::from_str(text).map_err(|e| {
             let message = e.message().to_owned();
             let path = e
@@ -722,10 +677,7 @@ impl Settings {
         if file.store.kind != "memory" {
             p.push(
                 "store.kind",
-                format!(
-                    "unknown store {:?}; this build offers \"memory\"",
-                    file.store.kind
-                ),
+                format!("unknown store {:?}; this build offers \"memory\"", file.store.kind),
             );
         }
         if file.store.sweep_interval_ms == 0 {
@@ -753,10 +705,7 @@ impl Settings {
             "file" => UsageSinkConfig::File(PathBuf::from(&file.usage.path)),
             "stdout" => UsageSinkConfig::Stdout,
             other => {
-                p.push(
-                    "usage.sink",
-                    format!("expected file or stdout, got {other:?}"),
-                );
+                p.push("usage.sink", format!("expected file or stdout, got {other:?}"));
                 UsageSinkConfig::Stdout
             }
         };
@@ -772,18 +721,13 @@ impl Settings {
             .enumerate()
             .filter_map(|(i, f)| version(&mut p, &format!("prices[{i}]"), f))
             .collect();
-        let prices = p
-            .check("prices", PriceBook::new(versions))
-            .unwrap_or_default();
+        let prices = p.check("prices", PriceBook::new(versions)).unwrap_or_default();
         let mut seen = HashSet::new();
         let mut seed = Vec::new();
         for (i, f) in file.accounts.iter().enumerate() {
             if let Some(a) = account(&mut p, i, f, &plans) {
                 if !seen.insert(a.id.clone()) {
-                    p.push(
-                        format!("accounts[{i}].id"),
-                        format!("account {} appears twice", a.id),
-                    );
+                    p.push(format!("accounts[{i}].id"), format!("account {} appears twice", a.id));
                 }
                 seed.push(a);
             }

@@ -35,6 +35,5 @@ pub mod proto {
     tonic::include_proto!("tollgate.v1");
 
     /// Encoded descriptors of every service, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("tollgate_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tollgate_descriptor");
 }

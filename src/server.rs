@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminApi;
@@ -48,9 +49,7 @@ impl App {
             .await
             .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.catalog.clone()));
-        let (sender, writer) = usage::spawn(&settings.usage)
-            .await
-            .context("opening the usage sink")?;
+        let (sender, writer) = usage::spawn(&settings.usage).await.context("opening the usage sink")?;
         let tollgate = Tollgate::new(store, clock, sender);
         for seed in &settings.seed {
             tollgate
@@ -80,10 +79,7 @@ impl App {
     }
 
     /// Serves both planes until `shutdown` completes, then drains.
-    pub async fn run(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let App {
             quota,
             admin,
@@ -96,41 +92,40 @@ impl App {
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<QuotaServer<QuotaApi>>().await;
-        health_reporter.set_serving::<AdminServer<AdminApi>>().await;
-        let reflection = || {
-            let builder = || {
-                tonic_reflection::server::Builder::configure()
-                    .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            };
-            anyhow::Ok((builder().build_v1()?, builder().build_v1alpha()?))
-        };
-        let (quota_v1, quota_v1alpha) = reflection()?;
-        let (admin_v1, admin_v1alpha) = reflection()?;
+        // Each listener reports and lists only the services it serves.
+        let (quota_health, quota_health_service) = tonic_health::server::health_reporter();
+        quota_health.set_serving::<QuotaServer<QuotaApi>>().await;
+        let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
+        admin_health.set_serving::<AdminServer<AdminApi>>().await;
+        // v1, and v1alpha for older grpcurl releases.
+        let quota_name = <QuotaServer<QuotaApi> as NamedService>::NAME;
+        let admin_name = <AdminServer<AdminApi> as NamedService>::NAME;
+        let (quota_v1, quota_v1alpha) = (
+            reflection(quota_name).build_v1()?,
+            reflection(quota_name).build_v1alpha()?,
+        );
+        let (admin_v1, admin_v1alpha) = (
+            reflection(admin_name).build_v1()?,
+            reflection(admin_name).build_v1alpha()?,
+        );
         let quota_server = Server::builder()
-            .add_service(health.clone())
+            .add_service(quota_health_service)
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(quota),
-                until_stopped(stopped.clone()),
-            );
+            .serve_with_incoming_shutdown(TcpListenerStream::new(quota), until_stopped(stopped.clone()));
         let admin_server = Server::builder()
-            .add_service(health)
+            .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)
             .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(admin),
-                until_stopped(stopped.clone()),
-            );
+            .serve_with_incoming_shutdown(TcpListenerStream::new(admin), until_stopped(stopped.clone()));
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped)));
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight calls");
+            quota_health.set_not_serving::<QuotaServer<QuotaApi>>().await;
+            admin_health.set_not_serving::<AdminServer<AdminApi>>().await;
             let _ = stop.send(true);
         };
         let (quota_result, admin_result, ()) = tokio::join!(quota_server, admin_server, signal);
@@ -145,6 +140,23 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// A server-reflection builder listing `service` with health and reflection.
+fn reflection(service: &str) -> tonic_reflection::server::Builder<'static> {
+    [
+        service,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .into_iter()
+    .fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        |b, name| b.with_service_name(name),
+    )
 }
 
 /// Lapses holds every `interval` until `stop` completes.

@@ -29,11 +29,7 @@ pub struct Tollgate {
 impl Tollgate {
     /// Puts the parts together.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, usage: UsageSender) -> Tollgate {
-        Tollgate {
-            store,
-            clock,
-            usage,
-        }
+        Tollgate { store, clock, usage }
     }
 
     /// The current time, as the service sees it.
@@ -110,8 +106,7 @@ impl Tollgate {
             ),
         ] {
             if amount.is_positive() {
-                let operation_id = LotId::parse(op)
-                    .map_err(|e| EngineError::invalid("operation_id", e.to_string()))?;
+                let operation_id = LotId::parse(op).map_err(|e| EngineError::invalid("operation_id", e.to_string()))?;
                 self.apply(
                     &seed.id,
                     Command::TopUp {
@@ -124,8 +119,7 @@ impl Tollgate {
             }
         }
         for pack in &seed.packs {
-            self.apply(&seed.id, Command::GrantPack(pack.clone()))
-                .await?;
+            self.apply(&seed.id, Command::GrantPack(pack.clone())).await?;
         }
         if seed.suspended {
             self.apply(&seed.id, Command::SetSuspended(true)).await?;

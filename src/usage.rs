@@ -24,9 +24,7 @@ pub type UsageSender = mpsc::Sender<UsageRecord>;
 
 /// Opens the sink and starts its writer. The task ends, flushed, when every
 /// [`UsageSender`] has been dropped.
-pub async fn spawn(
-    config: &UsageSinkConfig,
-) -> io::Result<(UsageSender, JoinHandle<io::Result<()>>)> {
+pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, JoinHandle<io::Result<()>>)> {
     let out: Box<dyn AsyncWrite + Send + Unpin> = match config {
         UsageSinkConfig::Stdout => Box::new(tokio::io::stdout()),
         UsageSinkConfig::File(path) => {

@@ -110,10 +110,7 @@ async fn accounts_money_packs_plans_limits_and_status() {
         .unwrap_err();
     assert_eq!(too_much.code(), Code::FailedPrecondition);
 
-    let expires = app
-        .now()
-        .checked_add(SignedDuration::from_hours(24))
-        .unwrap();
+    let expires = app.now().checked_add(SignedDuration::from_hours(24)).unwrap();
     let d = app
         .admin
         .grant_pack(proto::GrantPackRequest {
@@ -135,10 +132,7 @@ async fn accounts_money_packs_plans_limits_and_status() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (r.held[0].source, r.held[0].tokens),
-        (SourceKind::Pack as i32, 200)
-    );
+    assert_eq!((r.held[0].source, r.held[0].tokens), (SourceKind::Pack as i32, 200));
     let d = app
         .admin
         .revoke_pack(proto::RevokePackRequest {
@@ -151,11 +145,7 @@ async fn accounts_money_packs_plans_limits_and_status() {
         .into_inner();
     let pack = d.lots.iter().find(|l| l.lot_id == "pack-1").unwrap();
     assert_eq!(
-        (
-            pack.available.as_str(),
-            pack.held.as_str(),
-            pack.forfeited.as_str()
-        ),
+        (pack.available.as_str(), pack.held.as_str(), pack.forfeited.as_str()),
         ("0", "200", "800")
     );
     assert_eq!(d.holds.len(), 1);
@@ -259,10 +249,7 @@ async fn accounts_money_packs_plans_limits_and_status() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (
-            d.time_zone.as_str(),
-            d.credit_limit.unwrap().decimal.as_str()
-        ),
+        (d.time_zone.as_str(), d.credit_limit.unwrap().decimal.as_str()),
         ("Asia/Tokyo", "0.000000000000")
     );
     app.shutdown().await;
@@ -271,10 +258,7 @@ async fn accounts_money_packs_plans_limits_and_status() {
 #[tokio::test]
 async fn published_prices_apply_from_their_effective_time_and_never_retroactively() {
     let mut app = spawn_app().await;
-    let at = app
-        .now()
-        .checked_add(SignedDuration::from_secs(10))
-        .unwrap();
+    let at = app.now().checked_add(SignedDuration::from_secs(10)).unwrap();
     let version = proto::PriceVersion {
         id: "v2".into(),
         effective_at: Some(timestamp_out(at)),
@@ -315,19 +299,14 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
     };
     let err = app
         .admin
-        .publish_price_version(proto::PublishPriceVersionRequest {
-            version: Some(past),
-        })
+        .publish_price_version(proto::PublishPriceVersionRequest { version: Some(past) })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("retroactive"), "{}", err.message());
 
     // Reserved under v1, settled after v2 took effect: charged at v1.
-    app.quota
-        .reserve(reserve("rich", "before", 1000, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "before", 1000, 10)).await.unwrap();
     app.advance(SignedDuration::from_secs(10));
     let s = app
         .quota
@@ -338,10 +317,7 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
         .record
         .unwrap();
     assert_eq!(
-        (
-            s.price_version.as_str(),
-            s.total_money.unwrap().decimal.as_str()
-        ),
+        (s.price_version.as_str(), s.total_money.unwrap().decimal.as_str()),
         ("v1", "0.001040000000")
     );
     let r = app
@@ -366,18 +342,9 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
 #[tokio::test]
 async fn get_account_shows_sources_lots_holds_and_recent_usage() {
     let mut app = spawn_app().await;
-    app.quota
-        .reserve(reserve("rich", "done", 10, 10))
-        .await
-        .unwrap();
-    app.quota
-        .settle(settle("rich", "done", 10, 5))
-        .await
-        .unwrap();
-    app.quota
-        .reserve(reserve("rich", "open", 10, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "done", 10, 10)).await.unwrap();
+    app.quota.settle(settle("rich", "done", 10, 5)).await.unwrap();
+    app.quota.reserve(reserve("rich", "open", 10, 10)).await.unwrap();
     let d = app
         .admin
         .get_account(proto::GetAccountRequest {
@@ -390,11 +357,7 @@ async fn get_account_shows_sources_lots_holds_and_recent_usage() {
     assert_eq!(d.holds[0].reservation_id, "open");
     assert_eq!(d.recent_usage.len(), 1);
     assert_eq!(d.recent_usage[0].request_id, "done");
-    let paid = d
-        .lots
-        .iter()
-        .find(|l| l.source == SourceKind::Paid as i32)
-        .unwrap();
+    let paid = d.lots.iter().find(|l| l.source == SourceKind::Paid as i32).unwrap();
     assert_eq!(paid.granted, "100.000000000000");
     assert_eq!(paid.charged, "0.000030000000");
     assert_eq!(paid.held, "0.000050000000");

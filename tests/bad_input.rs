@@ -21,10 +21,7 @@ fn expect(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, menti
 #[tokio::test]
 async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
     let mut app = spawn_app().await;
-    app.quota
-        .reserve(reserve("rich", "open", 10, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "open", 10, 10)).await.unwrap();
     let before = app.balance("rich").await;
 
     let q = &mut app.quota;
@@ -53,18 +50,10 @@ async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
     expect(q.reserve(bad_model).await, Code::InvalidArgument, "model");
     let mut bad_tier = reserve("rich", "r", 1, 1);
     bad_tier.service_tier = "x".repeat(200);
-    expect(
-        q.reserve(bad_tier).await,
-        Code::InvalidArgument,
-        "service_tier",
-    );
+    expect(q.reserve(bad_tier).await, Code::InvalidArgument, "service_tier");
     let mut bad_key = reserve("rich", "r", 1, 1);
     bad_key.api_key_id = "key#1".into();
-    expect(
-        q.reserve(bad_key).await,
-        Code::InvalidArgument,
-        "api_key_id",
-    );
+    expect(q.reserve(bad_key).await, Code::InvalidArgument, "api_key_id");
     expect(
         q.reserve(reserve("rich", "r", 1_000_000_001, 1)).await,
         Code::InvalidArgument,
@@ -90,11 +79,7 @@ async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
     expect(q.settle(no_usage).await, Code::InvalidArgument, "usage");
     let mut huge = settle("rich", "open", 1, 1);
     huge.usage.as_mut().unwrap().cache_write_tokens = 2_000_000_000;
-    expect(
-        q.settle(huge).await,
-        Code::InvalidArgument,
-        "usage.cache_write_tokens",
-    );
+    expect(q.settle(huge).await, Code::InvalidArgument, "usage.cache_write_tokens");
     expect(
         q.settle(settle("rich", "nope", 1, 1)).await,
         Code::NotFound,
@@ -115,11 +100,7 @@ async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
         account_id: "rich".into(),
         reservation_id: "".into(),
     };
-    expect(
-        q.release(release).await,
-        Code::InvalidArgument,
-        "reservation_id",
-    );
+    expect(q.release(release).await, Code::InvalidArgument, "reservation_id");
 
     let charge = |charge| proto::ChargeRequest {
         account_id: "rich".into(),
@@ -128,43 +109,23 @@ async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
         charge,
         ..Default::default()
     };
-    expect(
-        q.charge(charge(None)).await,
-        Code::InvalidArgument,
-        "charge",
-    );
+    expect(q.charge(charge(None)).await, Code::InvalidArgument, "charge");
     let usage = proto::charge_request::Charge::Usage(proto::Usage::default());
-    expect(
-        q.charge(charge(Some(usage))).await,
-        Code::InvalidArgument,
-        "model",
-    );
+    expect(q.charge(charge(Some(usage))).await, Code::InvalidArgument, "model");
     let negative = proto::charge_request::Charge::Amount(money("-1"));
-    expect(
-        q.charge(charge(Some(negative))).await,
-        Code::InvalidArgument,
-        "amount",
-    );
+    expect(q.charge(charge(Some(negative))).await, Code::InvalidArgument, "amount");
     let mixed = proto::charge_request::Charge::Amount(proto::Money {
         units: 1,
         picos: -5,
         decimal: String::new(),
     });
-    expect(
-        q.charge(charge(Some(mixed))).await,
-        Code::InvalidArgument,
-        "same sign",
-    );
+    expect(q.charge(charge(Some(mixed))).await, Code::InvalidArgument, "same sign");
     let overflow = proto::charge_request::Charge::Amount(proto::Money {
         units: 0,
         picos: 1_000_000_000_000,
         decimal: String::new(),
     });
-    expect(
-        q.charge(charge(Some(overflow))).await,
-        Code::InvalidArgument,
-        "picos",
-    );
+    expect(q.charge(charge(Some(overflow))).await, Code::InvalidArgument, "picos");
 
     assert_eq!(app.balance("rich").await, before);
     app.shutdown().await;
@@ -173,10 +134,7 @@ async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn settling_in_the_wrong_state_is_a_failed_precondition() {
     let mut app = spawn_app().await;
-    app.quota
-        .reserve(reserve("rich", "a", 10, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "a", 10, 10)).await.unwrap();
     app.quota.settle(settle("rich", "a", 10, 10)).await.unwrap();
     let paid = app.paid("rich").await;
     expect(
@@ -194,10 +152,7 @@ async fn settling_in_the_wrong_state_is_a_failed_precondition() {
         "already settled",
     );
 
-    app.quota
-        .reserve(reserve("rich", "b", 10, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "b", 10, 10)).await.unwrap();
     let release = proto::ReleaseRequest {
         account_id: "rich".into(),
         reservation_id: "b".into(),
@@ -209,10 +164,7 @@ async fn settling_in_the_wrong_state_is_a_failed_precondition() {
         "released",
     );
 
-    app.quota
-        .reserve(reserve("rich", "c", 10, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "c", 10, 10)).await.unwrap();
     app.advance(SignedDuration::from_secs(60));
     expect(
         app.quota.settle(settle("rich", "c", 1, 1)).await,
@@ -274,11 +226,7 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
         picos: 0,
         decimal: String::new(),
     };
-    expect(
-        a.top_up(top_up(1, huge, "r")).await,
-        Code::InvalidArgument,
-        "at most",
-    );
+    expect(a.top_up(top_up(1, huge, "r")).await, Code::InvalidArgument, "at most");
 
     let create = |id: &str, plan: &str, tz: &str, anchor: i32| proto::CreateAccountRequest {
         account_id: id.into(),
@@ -311,30 +259,16 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
         account_id: "rich".into(),
         pack_id: "p".into(),
         tokens: 10,
-        expires_at: Some(prost_types::Timestamp {
-            seconds: 1,
-            nanos: 0,
-        }),
+        expires_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
         reason: "r".into(),
         ..Default::default()
     };
-    expect(
-        a.grant_pack(pack.clone()).await,
-        Code::InvalidArgument,
-        "expires_at",
-    );
+    expect(a.grant_pack(pack.clone()).await, Code::InvalidArgument, "expires_at");
     let bad_nanos = proto::GrantPackRequest {
-        expires_at: Some(prost_types::Timestamp {
-            seconds: 1,
-            nanos: -1,
-        }),
+        expires_at: Some(prost_types::Timestamp { seconds: 1, nanos: -1 }),
         ..pack.clone()
     };
-    expect(
-        a.grant_pack(bad_nanos).await,
-        Code::InvalidArgument,
-        "expires_at",
-    );
+    expect(a.grant_pack(bad_nanos).await, Code::InvalidArgument, "expires_at");
     expect(
         a.grant_pack(proto::GrantPackRequest {
             expires_at: None,
@@ -372,9 +306,7 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
         }],
         windows: vec![],
     };
-    let publish = proto::PublishPriceVersionRequest {
-        version: Some(inexact),
-    };
+    let publish = proto::PublishPriceVersionRequest { version: Some(inexact) };
     expect(
         a.publish_price_version(publish).await,
         Code::InvalidArgument,

@@ -18,16 +18,12 @@ use proptest::prelude::*;
 use tollgate::engine::account::Account;
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
 use tollgate::engine::draw::SourceRef;
-use tollgate::engine::ids::{
-    AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId,
-};
+use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
 use tollgate::engine::limits::ScopedLimits;
 use tollgate::engine::money::Money;
 use tollgate::engine::ops::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::period::{Anchor, PeriodUnit};
-use tollgate::engine::pricing::{
-    ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage,
-};
+use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
 use tollgate::engine::{Command, UsageRecord};
 
 #[derive(Debug, Clone)]
@@ -131,10 +127,7 @@ fn catalog(charge_in_full: bool) -> Catalog {
                 context_tiers: vec![],
             },
         )]);
-        ModelPrices {
-            weight_milli,
-            tiers,
-        }
+        ModelPrices { weight_milli, tiers }
     };
     let version = PriceVersion {
         id: VersionId::parse("v1").unwrap(),
@@ -360,10 +353,7 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
         assert!(l.held >= 0 && l.charged >= 0 && l.forfeited >= 0, "{l:?}");
     }
     for l in lots().chain([&a.allowance]) {
-        assert!(
-            l.available() >= 0,
-            "token or promo source below zero: {l:?}"
-        );
+        assert!(l.available() >= 0, "token or promo source below zero: {l:?}");
     }
     assert!(
         a.paid.available() >= -a.credit_limit.picos(),

@@ -57,20 +57,14 @@ async fn reserve_settle_charges_actuals_and_writes_one_record() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        again.record.unwrap().total_money.unwrap().decimal,
-        "0.001480000000"
-    );
+    assert_eq!(again.record.unwrap().total_money.unwrap().decimal, "0.001480000000");
     app.shutdown().await;
 }
 
 #[tokio::test]
 async fn extend_release_charge_and_balance() {
     let mut app = spawn_app().await;
-    app.quota
-        .reserve(reserve("rich", "stream", 0, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "stream", 0, 10)).await.unwrap();
     let e = app
         .quota
         .extend(proto::ExtendRequest {
@@ -81,14 +75,8 @@ async fn extend_release_charge_and_balance() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (e.decision, e.granted_output_tokens),
-        (Decision::Allow as i32, 100)
-    );
-    assert_eq!(
-        app.balance("rich").await.held_money.unwrap().decimal,
-        "0.000400000000"
-    );
+    assert_eq!((e.decision, e.granted_output_tokens), (Decision::Allow as i32, 100));
+    assert_eq!(app.balance("rich").await.held_money.unwrap().decimal, "0.000400000000");
 
     let released = app
         .quota
@@ -99,10 +87,7 @@ async fn extend_release_charge_and_balance() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        released.released[0].money.as_ref().unwrap().decimal,
-        "0.000400000000"
-    );
+    assert_eq!(released.released[0].money.as_ref().unwrap().decimal, "0.000400000000");
     assert_eq!(app.paid("rich").await, "100.000000000000");
 
     let c = app
@@ -121,10 +106,7 @@ async fn extend_release_charge_and_balance() {
         .unwrap()
         .into_inner();
     assert_eq!(c.decision, Decision::Allow as i32);
-    assert_eq!(
-        c.record.unwrap().total_money.unwrap().decimal,
-        "0.000500000000"
-    );
+    assert_eq!(c.record.unwrap().total_money.unwrap().decimal, "0.000500000000");
     let fixed = app
         .quota
         .charge(proto::ChargeRequest {
@@ -207,10 +189,7 @@ async fn every_denial_reason() {
             1
         )
     );
-    app.quota
-        .settle(settle("limited", "c1", 1, 1))
-        .await
-        .unwrap();
+    app.quota.settle(settle("limited", "c1", 1, 1)).await.unwrap();
     // 2 requests per minute: c1 and c3 pass, c4 waits 30 s.
     assert_eq!(
         app.quota
@@ -221,10 +200,7 @@ async fn every_denial_reason() {
             .decision,
         Decision::Allow as i32
     );
-    app.quota
-        .settle(settle("limited", "c3", 1, 1))
-        .await
-        .unwrap();
+    app.quota.settle(settle("limited", "c3", 1, 1)).await.unwrap();
     let r = denied(&mut app, reserve("limited", "c4", 1, 1)).await;
     assert_eq!(r.limit.unwrap().kind, LimitKind::RequestsPerMinute as i32);
     assert_eq!(r.retry_after.unwrap().seconds, 30);
@@ -268,10 +244,7 @@ async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (r.decision, r.granted_output_tokens),
-        (Decision::Allow as i32, 22)
-    );
+    assert_eq!((r.decision, r.granted_output_tokens), (Decision::Allow as i32, 22));
 
     let r = app
         .quota
@@ -279,16 +252,9 @@ async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first() {
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(r.granted_output_tokens, 400, "1000 allowance tokens, no money");
     assert_eq!(
-        r.granted_output_tokens, 400,
-        "1000 allowance tokens, no money"
-    );
-    assert_eq!(
-        (
-            r.held[0].source,
-            r.held[0].tokens,
-            r.held[0].lot_id.as_str()
-        ),
+        (r.held[0].source, r.held[0].tokens, r.held[0].lot_id.as_str()),
         (SourceKind::Allowance as i32, 1000, "period:0")
     );
     app.shutdown().await;
@@ -297,10 +263,7 @@ async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first() {
 #[tokio::test]
 async fn lapsed_holds_are_swept_and_settling_them_is_refused() {
     let mut app = spawn_app().await;
-    app.quota
-        .reserve(reserve("rich", "late", 10, 10))
-        .await
-        .unwrap();
+    app.quota.reserve(reserve("rich", "late", 10, 10)).await.unwrap();
     app.advance(SignedDuration::from_secs(61));
     // The sweeper runs every 20 ms of real time; wait for it to return the hold.
     for _ in 0..200 {
@@ -310,11 +273,7 @@ async fn lapsed_holds_are_swept_and_settling_them_is_refused() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(app.paid("rich").await, "100.000000000000");
-    let err = app
-        .quota
-        .settle(settle("rich", "late", 10, 10))
-        .await
-        .unwrap_err();
+    let err = app.quota.settle(settle("rich", "late", 10, 10)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("expired"), "{}", err.message());
     app.shutdown().await;

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out,
-    timestamp, timestamp_out,
+    id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out, timestamp,
+    timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
@@ -36,26 +36,23 @@ impl AdminApi {
     }
 
     async fn detail(&self, account: &AccountId) -> Result<Response<proto::AccountDetail>, Status> {
-        let Reply::Snapshot(s) = self
-            .tollgate
-            .apply(account, Command::Snapshot)
-            .await
-            .map_err(status)?
-        else {
+        let Reply::Snapshot(s) = self.tollgate.apply(account, Command::Snapshot).await.map_err(status)? else {
             return Err(unexpected("GetAccount"));
         };
         Ok(Response::new(detail_out(&s)))
     }
 
+    /// Applies an operator's change and logs it, with its reason, on the
+    /// `audit` target.
     async fn mutate(
         &self,
         account: &AccountId,
         command: Command,
+        why: &str,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        self.tollgate
-            .apply(account, command)
-            .await
-            .map_err(status)?;
+        let what = format!("{command:?}");
+        self.tollgate.apply(account, command).await.map_err(status)?;
+        tracing::info!(target: "audit", account = %account, change = %what, reason = why, "admin change applied");
         self.detail(account).await
     }
 }
@@ -108,29 +105,14 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
         };
         let mut out = lot_out(kind, id.to_string(), &lot.ledger, *is_pack);
         out.expires_at = lot.expires_at.map(timestamp_out);
-        let mut models: Vec<String> = lot
-            .models
-            .iter()
-            .flatten()
-            .map(ToString::to_string)
-            .collect();
+        let mut models: Vec<String> = lot.models.iter().flatten().map(ToString::to_string).collect();
         models.sort();
         out.models = models;
         out.priority = lot.priority;
         lots.push(out);
     }
-    lots.push(lot_out(
-        proto::SourceKind::Paid,
-        String::new(),
-        &a.paid,
-        false,
-    ));
-    lots.push(lot_out(
-        proto::SourceKind::Debt,
-        String::new(),
-        &a.debt,
-        false,
-    ));
+    lots.push(lot_out(proto::SourceKind::Paid, String::new(), &a.paid, false));
+    lots.push(lot_out(proto::SourceKind::Debt, String::new(), &a.debt, false));
     proto::AccountDetail {
         account_id: a.id.to_string(),
         plan: a.plan.to_string(),
@@ -147,11 +129,7 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
                 reservation_id: id.to_string(),
                 request_id: h.request_id.to_string(),
                 model: h.model.to_string(),
-                api_key_id: h
-                    .api_key_id
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
+                api_key_id: h.api_key_id.as_ref().map(ToString::to_string).unwrap_or_default(),
                 granted_output_tokens: h.granted_output,
                 held: takes_out(&h.takes),
                 expires_at: Some(timestamp_out(h.expires_at)),
@@ -172,14 +150,8 @@ fn token_prices(field: &str, p: Option<&proto::TokenPrices>) -> Result<TokenPric
     };
     Ok(TokenPrices {
         input: one("input_per_million", p.input_per_million.as_ref())?,
-        cached_input: one(
-            "cached_input_per_million",
-            p.cached_input_per_million.as_ref(),
-        )?,
-        cache_write: one(
-            "cache_write_per_million",
-            p.cache_write_per_million.as_ref(),
-        )?,
+        cached_input: one("cached_input_per_million", p.cached_input_per_million.as_ref())?,
+        cache_write: one("cache_write_per_million", p.cache_write_per_million.as_ref())?,
         output: one("output_per_million", p.output_per_million.as_ref())?,
     })
 }
@@ -198,44 +170,19 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
         let mut tiers = HashMap::new();
         for (j, t) in m.tiers.iter().enumerate() {
             let tpath = format!("{path}.tiers[{j}]");
-            let tier = id(
-                &format!("{tpath}.service_tier"),
-                &t.service_tier,
-                TierId::parse,
-            )?;
+            let tier = id(&format!("{tpath}.service_tier"), &t.service_tier, TierId::parse)?;
             let base = token_prices(&format!("{tpath}.prices"), t.prices.as_ref())?;
             let mut context_tiers = Vec::new();
             for (k, c) in t.context_tiers.iter().enumerate() {
-                let prices = token_prices(
-                    &format!("{tpath}.context_tiers[{k}].prices"),
-                    c.prices.as_ref(),
-                )?;
+                let prices = token_prices(&format!("{tpath}.context_tiers[{k}].prices"), c.prices.as_ref())?;
                 context_tiers.push((c.min_prompt_tokens, prices));
             }
-            if tiers
-                .insert(
-                    tier.clone(),
-                    TierPrices {
-                        base,
-                        context_tiers,
-                    },
-                )
-                .is_some()
-            {
-                return Err(invalid(
-                    &tpath,
-                    format!("service tier {tier} appears twice"),
-                ));
+            if tiers.insert(tier.clone(), TierPrices { base, context_tiers }).is_some() {
+                return Err(invalid(&tpath, format!("service tier {tier} appears twice")));
             }
         }
         if models
-            .insert(
-                model.clone(),
-                ModelPrices {
-                    weight_milli,
-                    tiers,
-                },
-            )
+            .insert(model.clone(), ModelPrices { weight_milli, tiers })
             .is_some()
         {
             return Err(invalid(&path, format!("model {model} appears twice")));
@@ -244,18 +191,14 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
     let mut windows = Vec::new();
     for (i, w) in v.windows.iter().enumerate() {
         let path = format!("version.windows[{i}]");
-        let time_zone =
-            parse_time_zone(&w.time_zone).map_err(|e| invalid(&format!("{path}.time_zone"), e))?;
+        let time_zone = parse_time_zone(&w.time_zone).map_err(|e| invalid(&format!("{path}.time_zone"), e))?;
         let models: HashSet<ModelId> = w
             .models
             .iter()
             .map(|m| id(&format!("{path}.models"), m, ModelId::parse))
             .collect::<Result<_, _>>()?;
         if w.price_percent > 1000 {
-            return Err(invalid(
-                &format!("{path}.price_percent"),
-                "must be at most 1000",
-            ));
+            return Err(invalid(&format!("{path}.price_percent"), "must be at most 1000"));
         }
         windows.push(PriceWindow {
             name: w.name.clone(),
@@ -321,19 +264,17 @@ impl Admin for AdminApi {
                 time_zone,
                 credit_limit,
             },
+            "",
         )
         .await
     }
 
-    async fn top_up(
-        &self,
-        request: Request<proto::TopUpRequest>,
-    ) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn top_up(&self, request: Request<proto::TopUpRequest>) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
         let amount = money("amount", r.amount.as_ref())?;
-        reason(&r.reason)?;
+        let why = reason(&r.reason)?;
         let pool = match proto::MoneyPool::try_from(r.pool) {
             Ok(proto::MoneyPool::Paid) => {
                 if r.expires_at.is_some() {
@@ -361,6 +302,7 @@ impl Admin for AdminApi {
                 pool,
                 amount,
             },
+            &why,
         )
         .await
     }
@@ -373,15 +315,9 @@ impl Admin for AdminApi {
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
         let amount = money("amount", r.amount.as_ref())?;
-        reason(&r.reason)?;
-        self.mutate(
-            &account,
-            Command::Adjust {
-                operation_id,
-                amount,
-            },
-        )
-        .await
+        let why = reason(&r.reason)?;
+        self.mutate(&account, Command::Adjust { operation_id, amount }, &why)
+            .await
     }
 
     async fn grant_pack(
@@ -390,7 +326,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        reason(&r.reason)?;
+        let why = reason(&r.reason)?;
         let models: HashSet<ModelId> = r
             .models
             .iter()
@@ -403,7 +339,7 @@ impl Admin for AdminApi {
             models: (!models.is_empty()).then_some(models),
             priority: r.priority,
         };
-        self.mutate(&account, Command::GrantPack(grant)).await
+        self.mutate(&account, Command::GrantPack(grant), &why).await
     }
 
     async fn revoke_pack(
@@ -413,8 +349,8 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let pack = id("pack_id", &r.pack_id, LotId::parse)?;
-        reason(&r.reason)?;
-        self.mutate(&account, Command::RevokePack(pack)).await
+        let why = reason(&r.reason)?;
+        self.mutate(&account, Command::RevokePack(pack), &why).await
     }
 
     async fn assign_plan(
@@ -425,8 +361,7 @@ impl Admin for AdminApi {
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
         let anchor = anchor(r.anchor)?;
-        self.mutate(&account, Command::AssignPlan { plan, anchor })
-            .await
+        self.mutate(&account, Command::AssignPlan { plan, anchor }, "").await
     }
 
     async fn set_limit_overrides(
@@ -441,28 +376,21 @@ impl Admin for AdminApi {
             api_key: o.api_key.as_ref().map(limit_set),
             per_model: o.per_model.as_ref().map(limit_set),
         };
-        self.mutate(&account, Command::SetOverrides(overrides))
-            .await
+        self.mutate(&account, Command::SetOverrides(overrides), "").await
     }
 
-    async fn suspend(
-        &self,
-        request: Request<proto::SuspendRequest>,
-    ) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn suspend(&self, request: Request<proto::SuspendRequest>) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        reason(&r.reason)?;
-        self.mutate(&account, Command::SetSuspended(true)).await
+        let why = reason(&r.reason)?;
+        self.mutate(&account, Command::SetSuspended(true), &why).await
     }
 
-    async fn resume(
-        &self,
-        request: Request<proto::ResumeRequest>,
-    ) -> Result<Response<proto::AccountDetail>, Status> {
+    async fn resume(&self, request: Request<proto::ResumeRequest>) -> Result<Response<proto::AccountDetail>, Status> {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        reason(&r.reason)?;
-        self.mutate(&account, Command::SetSuspended(false)).await
+        let why = reason(&r.reason)?;
+        self.mutate(&account, Command::SetSuspended(false), &why).await
     }
 
     async fn publish_price_version(
@@ -472,11 +400,7 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let version = price_version(r.version.as_ref())?;
         let id = version.id.to_string();
-        let versions = self
-            .tollgate
-            .publish(version)
-            .await
-            .map_err(super::status::status)?;
+        let versions = self.tollgate.publish(version).await.map_err(super::status::status)?;
         Ok(Response::new(proto::PublishPriceVersionResponse {
             id,
             versions: versions.iter().map(ToString::to_string).collect(),

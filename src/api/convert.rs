@@ -25,11 +25,7 @@ pub fn id<T>(field: &str, text: &str, parse: fn(&str) -> Result<T, IdError>) -> 
 }
 
 /// An optional id: empty means absent.
-pub fn opt_id<T>(
-    field: &str,
-    text: &str,
-    parse: fn(&str) -> Result<T, IdError>,
-) -> Result<Option<T>, Status> {
+pub fn opt_id<T>(field: &str, text: &str, parse: fn(&str) -> Result<T, IdError>) -> Result<Option<T>, Status> {
     if text.is_empty() {
         Ok(None)
     } else {
@@ -59,18 +55,10 @@ pub fn tokens(field: &str, n: u64) -> Result<u64, Status> {
 
 /// Token counts of every kind; the message is required.
 pub fn usage(field: &str, u: Option<&proto::Usage>) -> Result<Usage, Status> {
-    let u = u.ok_or_else(|| {
-        invalid(
-            field,
-            "is required (a settle without counts is never charged as zero)",
-        )
-    })?;
+    let u = u.ok_or_else(|| invalid(field, "is required (a settle without counts is never charged as zero)"))?;
     Ok(Usage {
         input_tokens: tokens(&format!("{field}.input_tokens"), u.input_tokens)?,
-        cached_input_tokens: tokens(
-            &format!("{field}.cached_input_tokens"),
-            u.cached_input_tokens,
-        )?,
+        cached_input_tokens: tokens(&format!("{field}.cached_input_tokens"), u.cached_input_tokens)?,
         cache_write_tokens: tokens(&format!("{field}.cache_write_tokens"), u.cache_write_tokens)?,
         output_tokens: tokens(&format!("{field}.output_tokens"), u.output_tokens)?,
     })
@@ -85,9 +73,7 @@ pub fn money(field: &str, m: Option<&proto::Money>) -> Result<Money, Status> {
     if (m.units > 0 && m.picos < 0) || (m.units < 0 && m.picos > 0) {
         return Err(invalid(field, "units and picos must have the same sign"));
     }
-    Ok(Money::from_picos(
-        i128::from(m.units) * SCALE + i128::from(m.picos),
-    ))
+    Ok(Money::from_picos(i128::from(m.units) * SCALE + i128::from(m.picos)))
 }
 
 /// A money amount for the wire.
@@ -104,9 +90,7 @@ pub fn money_out(m: Money) -> proto::Money {
 /// A required timestamp.
 pub fn timestamp(field: &str, t: Option<&prost_types::Timestamp>) -> Result<Timestamp, Status> {
     let t = t.ok_or_else(|| invalid(field, "is required"))?;
-    let nanos = i32::try_from(t.nanos)
-        .ok()
-        .filter(|n| (0..1_000_000_000).contains(n));
+    let nanos = i32::try_from(t.nanos).ok().filter(|n| (0..1_000_000_000).contains(n));
     nanos
         .and_then(|n| Timestamp::new(t.seconds, n).ok())
         .ok_or_else(|| invalid(field, "is not a valid timestamp"))
@@ -134,10 +118,7 @@ pub fn reason(text: &str) -> Result<String, Status> {
         return Err(invalid("reason", "is required"));
     }
     if text.len() > MAX_REASON_LEN {
-        return Err(invalid(
-            "reason",
-            format!("is longer than {MAX_REASON_LEN} bytes"),
-        ));
+        return Err(invalid("reason", format!("is longer than {MAX_REASON_LEN} bytes")));
     }
     Ok(text.to_owned())
 }
@@ -184,35 +165,15 @@ pub fn usage_out(u: &Usage) -> proto::Usage {
 pub fn record_out(r: &UsageRecord) -> proto::UsageRecord {
     proto::UsageRecord {
         request_id: r.request_id.to_string(),
-        reservation_id: r
-            .reservation_id
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        reservation_id: r.reservation_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         account_id: r.account_id.to_string(),
-        api_key_id: r
-            .api_key_id
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        model: r
-            .model
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        service_tier: r
-            .service_tier
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        api_key_id: r.api_key_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+        model: r.model.as_ref().map(ToString::to_string).unwrap_or_default(),
+        service_tier: r.service_tier.as_ref().map(ToString::to_string).unwrap_or_default(),
         usage: Some(usage_out(&r.usage)),
         charges: takes_out(&r.charges),
         total_money: Some(money_out(r.total_money)),
-        price_version: r
-            .price_version
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        price_version: r.price_version.as_ref().map(ToString::to_string).unwrap_or_default(),
         reserved_at: Some(timestamp_out(r.reserved_at)),
         settled_at: Some(timestamp_out(r.settled_at)),
         kind: r.kind.as_str().to_owned(),

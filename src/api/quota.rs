@@ -3,8 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier,
-    timestamp_out, tokens, usage,
+    denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier, timestamp_out, tokens,
+    usage,
 };
 use super::status::{invalid, status, unexpected};
 use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId};
@@ -41,10 +41,7 @@ fn denied(denial: Denial, message: String, limits: &RateStatus) -> proto::Reserv
     }
 }
 
-fn account_and_reservation(
-    account: &str,
-    reservation: &str,
-) -> Result<(AccountId, ReservationId), Status> {
+fn account_and_reservation(account: &str, reservation: &str) -> Result<(AccountId, ReservationId), Status> {
     Ok((
         id("account_id", account, AccountId::parse)?,
         id("reservation_id", reservation, ReservationId::parse)?,
@@ -100,10 +97,7 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn extend(
-        &self,
-        request: Request<proto::ExtendRequest>,
-    ) -> Result<Response<proto::ExtendResponse>, Status> {
+    async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let max_output_tokens = tokens("max_output_tokens", r.max_output_tokens)?;
@@ -111,12 +105,7 @@ impl Quota for QuotaApi {
             reservation,
             max_output_tokens,
         };
-        let Reply::Extend(e) = self
-            .tollgate
-            .apply(&account, command)
-            .await
-            .map_err(status)?
-        else {
+        let Reply::Extend(e) = self.tollgate.apply(&account, command).await.map_err(status)? else {
             return Err(unexpected("Extend"));
         };
         let (decision, reason) = match &e.shortfall {
@@ -132,10 +121,7 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn settle(
-        &self,
-        request: Request<proto::SettleRequest>,
-    ) -> Result<Response<proto::SettleResponse>, Status> {
+    async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let usage = usage("usage", r.usage.as_ref())?;
@@ -171,17 +157,12 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn charge(
-        &self,
-        request: Request<proto::ChargeRequest>,
-    ) -> Result<Response<proto::ChargeResponse>, Status> {
+    async fn charge(&self, request: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
         let r = request.into_inner();
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let what = match &r.charge {
             None => return Err(invalid("charge", "one of usage or amount is required")),
-            Some(proto::charge_request::Charge::Usage(u)) => {
-                ChargeWhat::Usage(usage("usage", Some(u))?)
-            }
+            Some(proto::charge_request::Charge::Usage(u)) => ChargeWhat::Usage(usage("usage", Some(u))?),
             Some(proto::charge_request::Charge::Amount(m)) => {
                 let amount = money("amount", Some(m))?;
                 if !amount.is_positive() {
@@ -230,12 +211,7 @@ impl Quota for QuotaApi {
     ) -> Result<Response<proto::GetBalanceResponse>, Status> {
         let r = request.into_inner();
         let account = id("account_id", &r.account_id, AccountId::parse)?;
-        let Reply::Balance(b) = self
-            .tollgate
-            .apply(&account, Command::Balance)
-            .await
-            .map_err(status)?
-        else {
+        let Reply::Balance(b) = self.tollgate.apply(&account, Command::Balance).await.map_err(status)? else {
             return Err(unexpected("GetBalance"));
         };
         Ok(Response::new(balance_out(&account, &b)))
@@ -243,10 +219,7 @@ impl Quota for QuotaApi {
 }
 
 /// A balance for the wire.
-pub fn balance_out(
-    account: &AccountId,
-    b: &crate::engine::ops::Balance,
-) -> proto::GetBalanceResponse {
+pub fn balance_out(account: &AccountId, b: &crate::engine::ops::Balance) -> proto::GetBalanceResponse {
     proto::GetBalanceResponse {
         account_id: account.to_string(),
         allowance_tokens: b.allowance_tokens,

@@ -10,9 +10,7 @@ use crate::store::StoreError;
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownAccount(id) => Status::not_found(format!("account {id} not found")),
-        StoreError::AccountExists(id) => {
-            Status::already_exists(format!("account {id} already exists"))
-        }
+        StoreError::AccountExists(id) => Status::already_exists(format!("account {id} already exists")),
         StoreError::Unavailable(m) => Status::unavailable(m),
         StoreError::Engine(e) => match e {
             EngineError::Invalid { .. } => Status::invalid_argument(e.to_string()),

@@ -14,9 +14,7 @@ use jiff::tz::TimeZone;
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::draw::{SourceRef, Take};
 use super::error::EngineError;
-use super::ids::{
-    AccountId, ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId,
-};
+use super::ids::{AccountId, ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
 use super::limits::{BucketKey, Buckets, LimitOverrides};
 use super::money::Money;
 use super::period::{Anchor, Schedule, Window};
@@ -266,12 +264,7 @@ impl Account {
 
     /// Starts a new subscription on `plan` at `now`: what is left of the
     /// old allowance is forfeited, holds on it stay chargeable.
-    pub fn subscribe(
-        &mut self,
-        plan: &Plan,
-        anchor: Option<Anchor>,
-        now: Timestamp,
-    ) -> Result<(), EngineError> {
+    pub fn subscribe(&mut self, plan: &Plan, anchor: Option<Anchor>, now: Timestamp) -> Result<(), EngineError> {
         let next_period = self.subscription.as_ref().map_or(0, |s| s.period + 1);
         self.allowance.forfeited += self.allowance.available();
         self.plan = plan.id.clone();
@@ -318,19 +311,13 @@ impl Account {
                     ExpiryPolicy::Release => self.unhold(&hold.takes, now),
                     ExpiryPolicy::ChargeInFull => {
                         self.charge_held(&hold.takes);
-                        let record = self.record_for(
-                            &hold,
-                            RecordKind::Expired,
-                            hold.worst_case(),
-                            hold.takes.clone(),
-                            now,
-                        );
+                        let record =
+                            self.record_for(&hold, RecordKind::Expired, hold.worst_case(), hold.takes.clone(), now);
                         self.emit(record, catalog);
                     }
                 }
                 self.buckets.finish(&hold.buckets);
-                self.reservations
-                    .insert(id, Reservation::Expired { closed_at: now });
+                self.reservations.insert(id, Reservation::Expired { closed_at: now });
             }
         }
         for lot in self.packs.values_mut().chain(self.promos.values_mut()) {
@@ -388,10 +375,7 @@ impl Account {
     /// of a past period).
     pub(crate) fn accepts_returns(&self, source: &SourceRef) -> bool {
         match source {
-            SourceRef::Allowance { period } => self
-                .subscription
-                .as_ref()
-                .is_some_and(|s| s.period == *period),
+            SourceRef::Allowance { period } => self.subscription.as_ref().is_some_and(|s| s.period == *period),
             SourceRef::Pack(id) => self.packs.get(id).is_some_and(|l| !l.closed),
             SourceRef::Promo(id) => self.promos.get(id).is_some_and(|l| !l.closed),
             SourceRef::Paid | SourceRef::Credit | SourceRef::Debt => true,

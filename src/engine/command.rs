@@ -11,10 +11,7 @@ use super::error::EngineError;
 use super::ids::{LotId, PlanId, ReservationId};
 use super::limits::LimitOverrides;
 use super::money::Money;
-use super::ops::{
-    Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome,
-    ReserveRequest,
-};
+use super::ops::{Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome, ReserveRequest};
 use super::period::{Anchor, Window};
 use super::pricing::Usage;
 use super::record::UsageRecord;
@@ -125,12 +122,7 @@ pub enum Reply {
 
 impl Account {
     /// Runs `command` at `now`.
-    pub fn apply(
-        &mut self,
-        catalog: &Catalog,
-        command: Command,
-        now: Timestamp,
-    ) -> Result<Reply, EngineError> {
+    pub fn apply(&mut self, catalog: &Catalog, command: Command, now: Timestamp) -> Result<Reply, EngineError> {
         Ok(match command {
             Command::Reserve(req) => Reply::Reserve(self.reserve(catalog, &req, now)?),
             Command::Extend {
@@ -140,9 +132,7 @@ impl Account {
             Command::Settle { reservation, usage } => {
                 Reply::Settle(Box::new(self.settle(catalog, &reservation, usage, now)?))
             }
-            Command::Release(reservation) => {
-                Reply::Release(self.release(catalog, &reservation, now)?)
-            }
+            Command::Release(reservation) => Reply::Release(self.release(catalog, &reservation, now)?),
             Command::Charge(req) => Reply::Charge(self.charge(catalog, &req, now)?),
             Command::TopUp {
                 operation_id,
@@ -152,10 +142,7 @@ impl Account {
                 self.top_up(catalog, &operation_id, pool, amount, now)?;
                 Reply::Done
             }
-            Command::Adjust {
-                operation_id,
-                amount,
-            } => {
+            Command::Adjust { operation_id, amount } => {
                 self.adjust(catalog, &operation_id, amount, now)?;
                 Reply::Done
             }
@@ -222,11 +209,7 @@ impl Account {
             .packs
             .iter()
             .map(|(id, lot)| (id.clone(), lot.clone(), true))
-            .chain(
-                self.promos
-                    .iter()
-                    .map(|(id, lot)| (id.clone(), lot.clone(), false)),
-            )
+            .chain(self.promos.iter().map(|(id, lot)| (id.clone(), lot.clone(), false)))
             .collect();
         Snapshot {
             account: Box::new(self.clone_shallow()),

@@ -101,13 +101,7 @@ impl serde::Serialize for Take {
 
 /// The money part of `takes`.
 pub fn money_total(takes: &[Take]) -> Money {
-    Money::from_picos(
-        takes
-            .iter()
-            .filter(|t| !t.source.is_tokens())
-            .map(|t| t.amount)
-            .sum(),
-    )
+    Money::from_picos(takes.iter().filter(|t| !t.source.is_tokens()).map(|t| t.amount).sum())
 }
 
 /// What a draw must cover.
@@ -130,9 +124,7 @@ pub enum Need<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shortfall;
 
-fn by_draw_priority<'a>(
-    lots: impl Iterator<Item = (&'a LotId, &'a Lot)>,
-) -> Vec<(&'a LotId, &'a Lot)> {
+fn by_draw_priority<'a>(lots: impl Iterator<Item = (&'a LotId, &'a Lot)>) -> Vec<(&'a LotId, &'a Lot)> {
     let mut lots: Vec<_> = lots.collect();
     lots.sort_by_key(|(id, lot)| {
         (
@@ -146,11 +138,7 @@ fn by_draw_priority<'a>(
 }
 
 fn amount_on(bonus: &[Take], source: &SourceRef) -> i128 {
-    bonus
-        .iter()
-        .filter(|t| &t.source == source)
-        .map(|t| t.amount)
-        .sum()
+    bonus.iter().filter(|t| &t.source == source).map(|t| t.amount).sum()
 }
 
 impl Account {
@@ -182,9 +170,7 @@ impl Account {
                     let mut past: Vec<_> = bonus
                         .iter()
                         .filter_map(|t| match t.source {
-                            SourceRef::Allowance { period } if Some(period) != current => {
-                                Some(period)
-                            }
+                            SourceRef::Allowance { period } if Some(period) != current => Some(period),
                             _ => None,
                         })
                         .collect();
@@ -196,24 +182,16 @@ impl Account {
                     }
                     if let Some(period) = current {
                         let source = SourceRef::Allowance { period };
-                        push(
-                            source.clone(),
-                            self.allowance.available() + amount_on(bonus, &source),
-                        );
+                        push(source.clone(), self.allowance.available() + amount_on(bonus, &source));
                     }
                 }
                 SourceClass::Packs | SourceClass::Promo => {
-                    let (lots, make): (_, fn(LotId) -> SourceRef) = if *class == SourceClass::Packs
-                    {
+                    let (lots, make): (_, fn(LotId) -> SourceRef) = if *class == SourceClass::Packs {
                         (&self.packs, SourceRef::Pack)
                     } else {
                         (&self.promos, SourceRef::Promo)
                     };
-                    let lot_model = if *class == SourceClass::Packs {
-                        model
-                    } else {
-                        None
-                    };
+                    let lot_model = if *class == SourceClass::Packs { model } else { None };
                     for (id, lot) in by_draw_priority(lots.iter()) {
                         let source = make(id.clone());
                         let mut cap = amount_on(bonus, &source);
@@ -230,10 +208,7 @@ impl Account {
                     if *class == SourceClass::Paid {
                         push(SourceRef::Paid, effective.max(0));
                     } else {
-                        push(
-                            SourceRef::Credit,
-                            (self.credit_limit.picos() + effective.min(0)).max(0),
-                        );
+                        push(SourceRef::Credit, (self.credit_limit.picos() + effective.min(0)).max(0));
                     }
                 }
             }
@@ -271,8 +246,7 @@ impl Account {
             if self.accepts_returns(source) {
                 continue;
             }
-            let back =
-                amount_on(released, source) - amount_on(held, source) - amount_on(charged, source);
+            let back = amount_on(released, source) - amount_on(held, source) - amount_on(charged, source);
             if back > 0
                 && let Some(l) = self.ledger_mut(source)
             {
@@ -294,11 +268,7 @@ impl Account {
 
 /// Splits `need` over `caps` (in draw order). With `allow_debt`, what no
 /// source covers becomes a debt take; without, it is a [`Shortfall`].
-pub fn plan(
-    caps: &[(SourceRef, i128)],
-    need: &Need<'_>,
-    allow_debt: bool,
-) -> Result<Vec<Take>, Shortfall> {
+pub fn plan(caps: &[(SourceRef, i128)], need: &Need<'_>, allow_debt: bool) -> Result<Vec<Take>, Shortfall> {
     let mut takes = Vec::new();
     let mut cost = match need {
         Need::Money(m) => m.picos(),

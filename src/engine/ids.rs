@@ -109,7 +109,7 @@ id_type!(
     RequestId
 );
 id_type!(
-    /// A reservation id, chosen by Tollgate.
+    /// A reservation id (today equal to the request id that made it; opaque to callers).
     ReservationId
 );
 id_type!(
@@ -141,10 +141,7 @@ mod tests {
         assert!(ModelId::parse("meta-llama/Llama-3.1-70B:fp8@v2_x").is_ok());
         assert!(AccountId::parse(&"a".repeat(MAX_ID_LEN)).is_ok());
         assert_eq!(AccountId::parse(""), Err(IdError::Empty));
-        assert_eq!(
-            AccountId::parse(&"a".repeat(129)),
-            Err(IdError::TooLong(129))
-        );
+        assert_eq!(AccountId::parse(&"a".repeat(129)), Err(IdError::TooLong(129)));
         assert_eq!(AccountId::parse("a b"), Err(IdError::BadChar(' ')));
         assert_eq!(AccountId::parse("é"), Err(IdError::BadChar('é')));
     }

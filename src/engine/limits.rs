@@ -249,12 +249,7 @@ fn burst(rate: u64, burst: u64) -> u64 {
 impl Buckets {
     /// Admits one request of `tokens` tokens against every applicable
     /// limit, or changes nothing and names the first limit it exceeds.
-    pub fn admit(
-        &mut self,
-        limits: &Applicable,
-        tokens: u64,
-        now: Timestamp,
-    ) -> Result<RateStatus, Exceeded> {
+    pub fn admit(&mut self, limits: &Applicable, tokens: u64, now: Timestamp) -> Result<RateStatus, Exceeded> {
         let mut staged = Vec::with_capacity(limits.len());
         for (key, set) in limits {
             let mut bucket = self.map.get(key).cloned().unwrap_or_default();
@@ -312,13 +307,7 @@ impl Buckets {
     /// Corrects the token count of an admitted request (actual usage known
     /// or a grant extended): gives back unused tokens, takes extra ones
     /// without a check (they were already used).
-    pub fn adjust_tokens(
-        &mut self,
-        keys: &[BucketKey],
-        admitted: u64,
-        actual: u64,
-        now: Timestamp,
-    ) {
+    pub fn adjust_tokens(&mut self, keys: &[BucketKey], admitted: u64, actual: u64, now: Timestamp) {
         for key in keys {
             if let Some(bucket) = self.map.get_mut(key).filter(|b| b.tokens.rate > 0) {
                 if actual < admitted {
@@ -386,9 +375,7 @@ mod tests {
         // Over the next 60 s exactly 60 more fit, whatever the window edges.
         let mut admitted = 0;
         for ms in (0..60_000).step_by(100) {
-            let now = at(0)
-                .checked_add(jiff::SignedDuration::from_millis(ms + 100))
-                .unwrap();
+            let now = at(0).checked_add(jiff::SignedDuration::from_millis(ms + 100)).unwrap();
             if b.admit(&limits, 0, now).is_ok() {
                 admitted += 1;
                 b.finish(&[key(Scope::Account)]);
@@ -440,10 +427,7 @@ mod tests {
         let mut b = Buckets::default();
         let s = b.admit(&limits, 800, at(0)).unwrap();
         assert_eq!(s.tokens.remaining, 200);
-        assert_eq!(
-            b.admit(&limits, 1, at(0)).unwrap_err().kind,
-            Kind::Concurrency
-        );
+        assert_eq!(b.admit(&limits, 1, at(0)).unwrap_err().kind, Kind::Concurrency);
         b.adjust_tokens(&[key(Scope::ApiKey)], 800, 300, at(0));
         b.finish(&[key(Scope::ApiKey)]);
         assert_eq!(b.admit(&limits, 700, at(0)).unwrap().tokens.remaining, 0);

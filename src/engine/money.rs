@@ -185,9 +185,6 @@ mod tests {
         let max = Money::from_picos(i128::MAX);
         assert_eq!(max.checked_add(Money::from_picos(1)), Err(Overflow));
         assert_eq!(Money::from_picos(i128::MIN).checked_neg(), Err(Overflow));
-        assert_eq!(
-            Money::from_picos(3).checked_mul(4),
-            Ok(Money::from_picos(12))
-        );
+        assert_eq!(Money::from_picos(3).checked_mul(4), Ok(Money::from_picos(12)));
     }
 }

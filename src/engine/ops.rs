@@ -228,9 +228,10 @@ fn to_u64(v: i128) -> u64 {
 
 impl Account {
     fn plan_of<'c>(&self, catalog: &'c Catalog) -> Result<&'c Plan, EngineError> {
-        catalog.plans.get(&self.plan).ok_or_else(|| {
-            EngineError::Precondition(format!("plan {} is no longer configured", self.plan))
-        })
+        catalog
+            .plans
+            .get(&self.plan)
+            .ok_or_else(|| EngineError::Precondition(format!("plan {} is no longer configured", self.plan)))
     }
 
     fn applicable(&self, plan: &Plan, api_key: Option<&ApiKeyId>, model: &ModelId) -> Applicable {
@@ -302,8 +303,7 @@ impl Account {
     }
 
     fn expiry(catalog: &Catalog, now: Timestamp) -> Result<Timestamp, EngineError> {
-        now.checked_add(catalog.hold_ttl)
-            .map_err(|_| EngineError::Overflow)
+        now.checked_add(catalog.hold_ttl).map_err(|_| EngineError::Overflow)
     }
 
     /// Checks status, limits and funds, and holds the worst-case cost.
@@ -338,17 +338,9 @@ impl Account {
             })
         };
         if self.suspended {
-            return deny(
-                self,
-                Denial::Suspended,
-                format!("account {} is suspended", self.id),
-            );
+            return deny(self, Denial::Suspended, format!("account {} is suspended", self.id));
         }
-        if plan
-            .allowed_models
-            .as_ref()
-            .is_some_and(|m| !m.contains(&req.model))
-        {
+        if plan.allowed_models.as_ref().is_some_and(|m| !m.contains(&req.model)) {
             let message = format!("plan {} does not allow model {}", plan.id, req.model);
             return deny(self, Denial::ModelNotAllowed, message);
         }
@@ -444,9 +436,9 @@ impl Account {
             Some(Reservation::Settled { .. }) => Err(EngineError::Precondition(format!(
                 "reservation {id} is already settled"
             ))),
-            Some(Reservation::Released { .. }) => Err(EngineError::Precondition(format!(
-                "reservation {id} was released"
-            ))),
+            Some(Reservation::Released { .. }) => {
+                Err(EngineError::Precondition(format!("reservation {id} was released")))
+            }
             Some(Reservation::Expired { .. }) => Err(EngineError::Precondition(format!(
                 "reservation {id} expired at its TTL; charge late usage with Charge"
             ))),
@@ -454,20 +446,14 @@ impl Account {
         }
     }
 
-    fn hold_rates(
-        &self,
-        catalog: &Catalog,
-        hold: &Hold,
-        prompt_tokens: u64,
-    ) -> Result<Rates, EngineError> {
-        let version = catalog.prices.get(&hold.version).ok_or_else(|| {
-            EngineError::Precondition(format!("price version {} is gone", hold.version))
-        })?;
+    fn hold_rates(&self, catalog: &Catalog, hold: &Hold, prompt_tokens: u64) -> Result<Rates, EngineError> {
+        let version = catalog
+            .prices
+            .get(&hold.version)
+            .ok_or_else(|| EngineError::Precondition(format!("price version {} is gone", hold.version)))?;
         version
             .rates(&hold.model, &hold.tier, prompt_tokens, hold.reserved_at)
-            .map_err(|why| {
-                EngineError::Precondition(unpriced_message(why, &hold.model, &hold.tier))
-            })
+            .map_err(|why| EngineError::Precondition(unpriced_message(why, &hold.model, &hold.tier)))
     }
 
     /// Grows the output grant of an open reservation to `max_output` (a
@@ -487,11 +473,7 @@ impl Account {
         let (granted, takes, shortfall) = if max_output <= hold.granted_output {
             (hold.granted_output, hold.takes.clone(), None)
         } else if self.suspended {
-            (
-                hold.granted_output,
-                hold.takes.clone(),
-                Some(Denial::Suspended),
-            )
+            (hold.granted_output, hold.takes.clone(), Some(Denial::Suspended))
         } else {
             let funded = self.fund(
                 &plan.draw_order,
@@ -538,9 +520,7 @@ impl Account {
     ) -> Result<UsageRecord, EngineError> {
         self.advance(catalog, now)?;
         if let Some(Reservation::Settled {
-            usage: first,
-            record,
-            ..
+            usage: first, record, ..
         }) = self.reservations.get(id)
         {
             return if *first == usage {
@@ -562,12 +542,8 @@ impl Account {
         let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
         let charges = plan_with_debt(&caps, &need)?;
         self.rebalance(&hold.takes, &[], &charges);
-        self.buckets.adjust_tokens(
-            &hold.buckets,
-            hold.admitted_tokens,
-            usage.total_tokens(),
-            now,
-        );
+        self.buckets
+            .adjust_tokens(&hold.buckets, hold.admitted_tokens, usage.total_tokens(), now);
         self.buckets.finish(&hold.buckets);
         let record = self.record_for(&hold, RecordKind::Settle, usage, charges, now);
         self.emit(record.clone(), catalog);
@@ -583,20 +559,14 @@ impl Account {
     }
 
     /// Returns a reservation's whole hold, charging nothing.
-    pub fn release(
-        &mut self,
-        catalog: &Catalog,
-        id: &ReservationId,
-        now: Timestamp,
-    ) -> Result<Vec<Take>, EngineError> {
+    pub fn release(&mut self, catalog: &Catalog, id: &ReservationId, now: Timestamp) -> Result<Vec<Take>, EngineError> {
         self.advance(catalog, now)?;
         if let Some(Reservation::Released { released, .. }) = self.reservations.get(id) {
             return Ok(released.clone());
         }
         let hold = self.open_hold(id)?.clone();
         self.unhold(&hold.takes, now);
-        self.buckets
-            .adjust_tokens(&hold.buckets, hold.admitted_tokens, 0, now);
+        self.buckets.adjust_tokens(&hold.buckets, hold.admitted_tokens, 0, now);
         self.buckets.finish(&hold.buckets);
         self.reservations.insert(
             id.clone(),
@@ -627,9 +597,7 @@ impl Account {
         if let Some(seen) = self.requests.get(&req.request_id) {
             return match seen {
                 Remembered::Charged {
-                    fingerprint: f,
-                    record,
-                    ..
+                    fingerprint: f, record, ..
                 } if *f == fingerprint => Ok(ChargeOutcome::Charged(record.clone())),
                 _ => Err(EngineError::Conflict(format!(
                     "request_id {} was already used with different content",
@@ -647,17 +615,10 @@ impl Account {
         let (need, usage, version) = match (req.what, &req.model) {
             (ChargeWhat::Money(m), _) => (Need::Money(m), Usage::default(), None),
             (ChargeWhat::Usage(_), None) => {
-                return Err(EngineError::invalid(
-                    "model",
-                    "required when charging usage",
-                ));
+                return Err(EngineError::invalid("model", "required when charging usage"));
             }
             (ChargeWhat::Usage(usage), Some(model)) => {
-                if plan
-                    .allowed_models
-                    .as_ref()
-                    .is_some_and(|m| !m.contains(model))
-                {
+                if plan.allowed_models.as_ref().is_some_and(|m| !m.contains(model)) {
                     let message = format!("plan {} does not allow model {model}", plan.id);
                     return Ok(ChargeOutcome::Denied(Denial::ModelNotAllowed, message));
                 }
@@ -665,22 +626,9 @@ impl Account {
                     .prices
                     .in_force(now)
                     .ok_or(Unpriced::NoVersion)
-                    .and_then(|v| {
-                        Ok((
-                            v.rates(model, &req.tier, usage.prompt_tokens(), now)?,
-                            v.id.clone(),
-                        ))
-                    });
+                    .and_then(|v| Ok((v.rates(model, &req.tier, usage.prompt_tokens(), now)?, v.id.clone())));
                 match rates {
-                    Ok((rates, id)) => (
-                        Need::Tokens {
-                            usage,
-                            rates,
-                            model,
-                        },
-                        usage,
-                        Some(id),
-                    ),
+                    Ok((rates, id)) => (Need::Tokens { usage, rates, model }, usage, Some(id)),
                     Err(why) => {
                         return Ok(ChargeOutcome::Denied(
                             Denial::ModelNotPriced,
@@ -727,11 +675,7 @@ impl Account {
 
     /// Records an admin operation id; `Ok(true)` if it was already applied
     /// with the same content.
-    fn seen_operation(
-        &mut self,
-        operation_id: &str,
-        fingerprint: String,
-    ) -> Result<bool, EngineError> {
+    fn seen_operation(&mut self, operation_id: &str, fingerprint: String) -> Result<bool, EngineError> {
         match self.operations.get(operation_id) {
             Some(f) if *f == fingerprint => Ok(true),
             Some(_) => Err(EngineError::Conflict(format!(
@@ -747,11 +691,7 @@ impl Account {
     fn credit_paid(&mut self, amount: Money) -> Result<(), EngineError> {
         let owed = (-self.debt.available()).max(0);
         let repay = owed.min(amount.picos());
-        self.debt.granted = self
-            .debt
-            .granted
-            .checked_add(repay)
-            .ok_or(EngineError::Overflow)?;
+        self.debt.granted = self.debt.granted.checked_add(repay).ok_or(EngineError::Overflow)?;
         self.paid.granted = self
             .paid
             .granted
@@ -776,16 +716,13 @@ impl Account {
         }
         check_operation_size(amount)?;
         if let Pool::Promo {
-            expires_at: Some(t),
-            ..
+            expires_at: Some(t), ..
         } = pool
             && t <= now
         {
             return Err(EngineError::invalid("expires_at", "must be in the future"));
         }
-        if self.promos.contains_key(operation_id)
-            && !self.operations.contains_key(operation_id.as_str())
-        {
+        if self.promos.contains_key(operation_id) && !self.operations.contains_key(operation_id.as_str()) {
             return Err(EngineError::Conflict(format!(
                 "promo lot {operation_id} already exists"
             )));
@@ -800,10 +737,7 @@ impl Account {
         }
         match pool {
             Pool::Paid => self.credit_paid(amount)?,
-            Pool::Promo {
-                expires_at,
-                priority,
-            } => {
+            Pool::Promo { expires_at, priority } => {
                 let lot = Lot {
                     ledger: super::account::Ledger {
                         granted: amount.picos(),
@@ -841,9 +775,7 @@ impl Account {
                 .checked_add(amount.picos())
                 .ok_or(EngineError::Overflow)?;
             let fingerprint = format!("adjust|{amount}");
-            if self.operations.get(operation_id.as_str()) != Some(&fingerprint)
-                && after < -self.credit_limit.picos()
-            {
+            if self.operations.get(operation_id.as_str()) != Some(&fingerprint) && after < -self.credit_limit.picos() {
                 return Err(EngineError::Precondition(format!(
                     "debit of {amount} would take paid money to {} , below minus the credit limit {}",
                     Money::from_picos(after),
@@ -867,12 +799,7 @@ impl Account {
     }
 
     /// Grants a token pack. Idempotent on the pack id.
-    pub fn grant_pack(
-        &mut self,
-        catalog: &Catalog,
-        grant: PackGrant,
-        now: Timestamp,
-    ) -> Result<(), EngineError> {
+    pub fn grant_pack(&mut self, catalog: &Catalog, grant: PackGrant, now: Timestamp) -> Result<(), EngineError> {
         self.advance(catalog, now)?;
         if grant.tokens == 0 {
             return Err(EngineError::invalid("tokens", "must be greater than zero"));
@@ -904,12 +831,7 @@ impl Account {
     }
 
     /// Revokes what is left of a pack; its holds stay chargeable.
-    pub fn revoke_pack(
-        &mut self,
-        catalog: &Catalog,
-        pack_id: &LotId,
-        now: Timestamp,
-    ) -> Result<(), EngineError> {
+    pub fn revoke_pack(&mut self, catalog: &Catalog, pack_id: &LotId, now: Timestamp) -> Result<(), EngineError> {
         self.advance(catalog, now)?;
         let lot = self
             .packs
@@ -960,18 +882,8 @@ impl Account {
     /// What the account can spend now.
     pub fn balance(&self, now: Timestamp) -> Balance {
         let open = |lot: &&Lot| !lot.closed && lot.expires_at.is_none_or(|t| now < t);
-        let pack_tokens: i128 = self
-            .packs
-            .values()
-            .filter(open)
-            .map(|l| l.ledger.available())
-            .sum();
-        let promo: i128 = self
-            .promos
-            .values()
-            .filter(open)
-            .map(|l| l.ledger.available())
-            .sum();
+        let pack_tokens: i128 = self.packs.values().filter(open).map(|l| l.ledger.available()).sum();
+        let promo: i128 = self.promos.values().filter(open).map(|l| l.ledger.available()).sum();
         let paid = self.paid.available();
         let credit = (self.credit_limit.picos() + paid.min(0)).max(0);
         let (mut held_money, mut held_tokens) = (0i128, 0i128);

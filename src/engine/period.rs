@@ -113,9 +113,7 @@ impl Schedule {
         let date = local.date();
         let first = match self.unit {
             PeriodUnit::Day => date,
-            PeriodUnit::Week => {
-                date.checked_sub(i64::from(date.weekday().to_monday_zero_offset()).days())?
-            }
+            PeriodUnit::Week => date.checked_sub(i64::from(date.weekday().to_monday_zero_offset()).days())?,
             PeriodUnit::Month => date.first_of_month(),
             PeriodUnit::Year => date.first_of_year(),
         };
@@ -237,12 +235,7 @@ mod tests {
 
     #[test]
     fn anniversary_month_clamps_without_drift() {
-        let s = schedule(
-            PeriodUnit::Month,
-            Anchor::Anniversary,
-            "UTC",
-            "2026-01-31T10:00:00Z",
-        );
+        let s = schedule(PeriodUnit::Month, Anchor::Anniversary, "UTC", "2026-01-31T10:00:00Z");
         let feb = s.containing(ts("2026-02-28T10:00:00Z")).unwrap();
         assert_eq!(feb.start, ts("2026-02-28T10:00:00Z"));
         assert_eq!(feb.end, ts("2026-03-31T10:00:00Z"));

@@ -39,9 +39,7 @@ impl TokenKind {
 }
 
 /// Token counts of one request by kind (disjoint kinds).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Prompt tokens not served from cache.
     pub input_tokens: u64,
@@ -187,8 +185,7 @@ impl PriceWindow {
             return false;
         }
         let local = at.to_zoned(self.time_zone.clone());
-        let minute =
-            u32::from(local.hour().unsigned_abs()) * 60 + u32::from(local.minute().unsigned_abs());
+        let minute = u32::from(local.hour().unsigned_abs()) * 60 + u32::from(local.minute().unsigned_abs());
         if self.start_minute <= self.end_minute {
             (self.start_minute..self.end_minute).contains(&minute)
         } else {
@@ -262,9 +259,7 @@ impl PriceVersion {
         let mut problems = Vec::new();
         for (model, mp) in &self.models {
             if mp.weight_milli == 0 {
-                problems.push(format!(
-                    "models.{model}.token_weight: must be greater than zero"
-                ));
+                problems.push(format!("models.{model}.token_weight: must be greater than zero"));
             }
             for (tier, tp) in &mp.tiers {
                 let mut last = 0;
@@ -289,8 +284,7 @@ impl PriceVersion {
                     continue;
                 }
                 for (tier, tp) in &mp.tiers {
-                    let all =
-                        std::iter::once(&tp.base).chain(tp.context_tiers.iter().map(|(_, p)| p));
+                    let all = std::iter::once(&tp.base).chain(tp.context_tiers.iter().map(|(_, p)| p));
                     if all.into_iter().any(|p| p.scaled(w.price_percent).is_none()) {
                         problems.push(format!(
                             "windows[{i}]: {}% of a price of {model}/{tier} is not a whole number of 10^-12 units per token",
@@ -340,11 +334,7 @@ impl PriceBook {
         self.insert(version, Some(now))
     }
 
-    fn insert(
-        &mut self,
-        version: PriceVersion,
-        now: Option<Timestamp>,
-    ) -> Result<(), PublishError> {
+    fn insert(&mut self, version: PriceVersion, now: Option<Timestamp>) -> Result<(), PublishError> {
         if self.get(&version.id).is_some() {
             return Err(PublishError::Duplicate(version.id));
         }
@@ -419,10 +409,7 @@ pub(crate) mod tests {
 
     #[test]
     fn per_million_converts_exactly_or_refuses() {
-        assert_eq!(
-            per_token("0.15".parse().unwrap()),
-            Ok(Money::from_picos(150_000))
-        );
+        assert_eq!(per_token("0.15".parse().unwrap()), Ok(Money::from_picos(150_000)));
         assert!(per_token("0.0000001".parse().unwrap()).is_err());
         assert!(per_token("-1".parse().unwrap()).is_err());
     }
@@ -436,20 +423,8 @@ pub(crate) mod tests {
         .unwrap();
         let at = |s: &str| s.parse::<Timestamp>().unwrap();
         assert!(book.in_force(at("2025-12-31T23:59:59Z")).is_none());
-        assert_eq!(
-            book.in_force(at("2026-01-31T23:59:59.999Z"))
-                .unwrap()
-                .id
-                .as_str(),
-            "v1"
-        );
-        assert_eq!(
-            book.in_force(at("2026-02-01T00:00:00Z"))
-                .unwrap()
-                .id
-                .as_str(),
-            "v2"
-        );
+        assert_eq!(book.in_force(at("2026-01-31T23:59:59.999Z")).unwrap().id.as_str(), "v1");
+        assert_eq!(book.in_force(at("2026-02-01T00:00:00Z")).unwrap().id.as_str(), "v2");
     }
 
     #[test]
@@ -464,8 +439,7 @@ pub(crate) mod tests {
             book.publish(version("v0", "2026-02-01T00:00:00Z", 1, 1), now),
             Err(PublishError::Retroactive(..))
         ));
-        book.publish(version("v3", "2026-03-01T00:00:00Z", 1, 1), now)
-            .unwrap();
+        book.publish(version("v3", "2026-03-01T00:00:00Z", 1, 1), now).unwrap();
         assert_eq!(book.in_force(now).unwrap().id.as_str(), "v3");
     }
 

@@ -14,8 +14,7 @@ use super::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
 use super::limits::{LimitSet, ScopedLimits};
 use super::money::Money;
 use super::ops::{
-    ChargeOutcome, ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveOutcome,
-    ReserveRequest, Reserved,
+    ChargeOutcome, ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveOutcome, ReserveRequest, Reserved,
 };
 use super::period::{Anchor, PeriodUnit};
 use super::pricing::tests::{prices, version};
@@ -71,15 +70,10 @@ fn catalog() -> Catalog {
     let mut only_m = plan("only-m", None);
     only_m.allowed_models = Some(HashSet::from([ModelId::parse("m").unwrap()]));
     Catalog {
-        plans: [
-            plan("payg", None),
-            plan("pro", Some(monthly)),
-            limited,
-            only_m,
-        ]
-        .into_iter()
-        .map(|p| (p.id.clone(), p))
-        .collect(),
+        plans: [plan("payg", None), plan("pro", Some(monthly)), limited, only_m]
+            .into_iter()
+            .map(|p| (p.id.clone(), p))
+            .collect(),
         prices: PriceBook::new(vec![v1]).unwrap(),
         hold_ttl: SignedDuration::from_secs(60),
         on_expiry: ExpiryPolicy::Release,
@@ -115,13 +109,7 @@ trait FromId {
 macro_rules! from_id {
     ($($t:ty),*) => {$(impl FromId for $t { fn from_id(s: &str) -> Self { <$t>::parse(s).unwrap() } })*};
 }
-from_id!(
-    super::ids::AccountId,
-    LotId,
-    RequestId,
-    ReservationId,
-    ModelId
-);
+from_id!(super::ids::AccountId, LotId, RequestId, ReservationId, ModelId);
 
 fn req(id: &str, model: &str, input: u64, output: u64) -> ReserveRequest {
     ReserveRequest {
@@ -138,9 +126,7 @@ fn req(id: &str, model: &str, input: u64, output: u64) -> ReserveRequest {
 fn allowed(outcome: ReserveOutcome) -> Reserved {
     match outcome {
         ReserveOutcome::Allowed(r) => r,
-        ReserveOutcome::Denied {
-            denial, message, ..
-        } => panic!("denied: {denial:?} {message}"),
+        ReserveOutcome::Denied { denial, message, .. } => panic!("denied: {denial:?} {message}"),
     }
 }
 
@@ -208,17 +194,12 @@ fn draw_down_splits_across_every_source_in_order() {
         take(SourceRef::Credit, 200_000),
     ];
     assert_eq!(r.held, expected);
-    let record = a
-        .settle(&c, &r.reservation_id, usage(1000, 1000), t(NOW))
-        .unwrap();
+    let record = a.settle(&c, &r.reservation_id, usage(1000, 1000), t(NOW)).unwrap();
     assert_eq!(record.charges, expected);
     assert_eq!(record.total_money, Money::from_picos(2_000_000));
     let b = a.balance(t(NOW));
     assert_eq!((b.allowance_tokens, b.pack_tokens), (0, 0));
-    assert_eq!(
-        (b.promo, b.paid),
-        (Money::ZERO, Money::from_picos(-200_000))
-    );
+    assert_eq!((b.promo, b.paid), (Money::ZERO, Money::from_picos(-200_000)));
     assert_eq!(b.spendable, Money::from_picos(800_000));
 }
 
@@ -228,22 +209,11 @@ fn settle_charges_actuals_and_releases_the_rest() {
     let mut a = account(&c, "payg");
     top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
     let r = allowed(a.reserve(&c, &req("r1", "m", 100, 1000), t(NOW)).unwrap());
-    assert_eq!(
-        r.held,
-        vec![take(SourceRef::Paid, 100 * 1000 + 1000 * 4000)]
-    );
-    assert_eq!(
-        a.balance(t(NOW)).paid,
-        Money::from_picos(10_000_000 - 4_100_000)
-    );
-    let record = a
-        .settle(&c, &r.reservation_id, usage(100, 10), t(NOW))
-        .unwrap();
+    assert_eq!(r.held, vec![take(SourceRef::Paid, 100 * 1000 + 1000 * 4000)]);
+    assert_eq!(a.balance(t(NOW)).paid, Money::from_picos(10_000_000 - 4_100_000));
+    let record = a.settle(&c, &r.reservation_id, usage(100, 10), t(NOW)).unwrap();
     assert_eq!(record.total_money, Money::from_picos(100_000 + 40_000));
-    assert_eq!(
-        a.balance(t(NOW)).paid,
-        Money::from_picos(10_000_000 - 140_000)
-    );
+    assert_eq!(a.balance(t(NOW)).paid, Money::from_picos(10_000_000 - 140_000));
     assert_eq!(a.balance(t(NOW)).held_money, Money::ZERO);
     assert_eq!(a.take_records(), vec![record]);
 }
@@ -261,10 +231,7 @@ fn grant_shrinks_to_what_funds_cover() {
         denial(a.reserve(&c, &req("r2", "m", 1, 10), t(NOW)).unwrap()),
         Denial::InsufficientFunds
     );
-    assert_eq!(
-        a.balance(t(NOW)).held_money,
-        Money::from_picos(100_000 + 225 * 4000)
-    );
+    assert_eq!(a.balance(t(NOW)).held_money, Money::from_picos(100_000 + 225 * 4000));
 }
 
 #[test]
@@ -275,9 +242,7 @@ fn usage_above_the_hold_goes_to_credit_then_debt_and_top_up_repays_debt_first() 
     a.set_credit_limit(Money::from_picos(400_000)).unwrap();
     let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
     // The model ran away: 500 output tokens = 2,000,000.
-    let record = a
-        .settle(&c, &r.reservation_id, usage(0, 500), t(NOW))
-        .unwrap();
+    let record = a.settle(&c, &r.reservation_id, usage(0, 500), t(NOW)).unwrap();
     assert_eq!(
         record.charges,
         vec![
@@ -289,11 +254,7 @@ fn usage_above_the_hold_goes_to_credit_then_debt_and_top_up_repays_debt_first() 
     let b = a.balance(t(NOW));
     assert_eq!(
         (b.paid, b.debt, b.spendable),
-        (
-            Money::from_picos(-400_000),
-            Money::from_picos(600_000),
-            Money::ZERO
-        )
+        (Money::from_picos(-400_000), Money::from_picos(600_000), Money::ZERO)
     );
     top_up(&mut a, &c, "t2", Pool::Paid, 1_000_000);
     let b = a.balance(t(NOW));
@@ -311,19 +272,12 @@ fn price_change_between_reserve_and_settle_charges_the_reserve_version() {
     c.prices
         .publish(version("v2", "2026-03-10T12:00:10Z", 2000, 8000), t(NOW))
         .unwrap();
-    let record = a
-        .settle(&c, &r.reservation_id, usage(10, 10), later)
-        .unwrap();
-    assert_eq!(
-        record.price_version.as_ref().map(|v| v.as_str()),
-        Some("v1")
-    );
+    let record = a.settle(&c, &r.reservation_id, usage(10, 10), later).unwrap();
+    assert_eq!(record.price_version.as_ref().map(|v| v.as_str()), Some("v1"));
     assert_eq!(record.total_money, Money::from_picos(10 * 1000 + 10 * 4000));
     let r2 = allowed(a.reserve(&c, &req("r2", "m", 10, 10), later).unwrap());
     assert_eq!(r2.price_version.as_str(), "v2");
-    let record = a
-        .settle(&c, &r2.reservation_id, usage(10, 10), later)
-        .unwrap();
+    let record = a.settle(&c, &r2.reservation_id, usage(10, 10), later).unwrap();
     assert_eq!(record.total_money, Money::from_picos(10 * 2000 + 10 * 8000));
 }
 
@@ -341,16 +295,10 @@ fn pack_expires_at_the_exact_instant_but_its_holds_stay_chargeable() {
         Denial::InsufficientFunds
     );
     let record = a.settle(&c, &r.reservation_id, usage(10, 20), at).unwrap();
-    assert_eq!(
-        record.charges,
-        vec![take(SourceRef::Pack("p1".parse_id()), 30)]
-    );
+    assert_eq!(record.charges, vec![take(SourceRef::Pack("p1".parse_id()), 30)]);
     let lot = &a.packs[&"p1".parse_id::<LotId>()].ledger;
     // 40 never held was forfeited at expiry, 30 returned by the hold too.
-    assert_eq!(
-        (lot.granted, lot.charged, lot.held, lot.forfeited),
-        (100, 30, 0, 70)
-    );
+    assert_eq!((lot.granted, lot.charged, lot.held, lot.forfeited), (100, 30, 0, 70));
 }
 
 #[test]
@@ -407,14 +355,10 @@ fn allowance_resets_at_local_month_start_with_capped_rollover() {
     let c = catalog();
     let mut a = account(&c, "pro");
     let r = allowed(a.reserve(&c, &req("r1", "m", 100, 100), t(NOW)).unwrap());
-    a.settle(&c, &r.reservation_id, usage(100, 100), t(NOW))
-        .unwrap();
+    a.settle(&c, &r.reservation_id, usage(100, 100), t(NOW)).unwrap();
     assert_eq!(a.balance(t(NOW)).allowance_tokens, 800);
     // April starts at 2026-03-31T22:00Z in Paris (summer time).
-    assert_eq!(
-        a.balance(t(NOW)).period_end,
-        Some(t("2026-03-31T22:00:00Z"))
-    );
+    assert_eq!(a.balance(t(NOW)).period_end, Some(t("2026-03-31T22:00:00Z")));
     let before = t("2026-03-31T21:59:59Z");
     a.advance(&c, before).unwrap();
     assert_eq!(a.balance(before).allowance_tokens, 800);
@@ -423,11 +367,7 @@ fn allowance_resets_at_local_month_start_with_capped_rollover() {
     // 800 unused, 300 carried, 500 forfeited, 1000 new.
     assert_eq!(a.balance(after).allowance_tokens, 1300);
     assert_eq!(
-        (
-            a.allowance.granted,
-            a.allowance.forfeited,
-            a.allowance.charged
-        ),
+        (a.allowance.granted, a.allowance.forfeited, a.allowance.charged),
         (2000, 500, 200)
     );
     // Two idle months later: rollover is capped each time.
@@ -445,13 +385,8 @@ fn a_hold_across_a_period_reset_is_charged_from_its_period_and_the_rest_forfeite
     let r = allowed(a.reserve(&c, &req("r1", "m", 100, 500), before).unwrap());
     assert_eq!(r.held, vec![take(SourceRef::Allowance { period: 0 }, 600)]);
     let after = t("2026-03-31T22:00:20Z");
-    let record = a
-        .settle(&c, &r.reservation_id, usage(100, 100), after)
-        .unwrap();
-    assert_eq!(
-        record.charges,
-        vec![take(SourceRef::Allowance { period: 0 }, 200)]
-    );
+    let record = a.settle(&c, &r.reservation_id, usage(100, 100), after).unwrap();
+    assert_eq!(record.charges, vec![take(SourceRef::Allowance { period: 0 }, 200)]);
     // At the reset 400 were free: 300 carried, 100 forfeited; the hold's
     // unused 400 belong to the old period and are forfeited too.
     assert_eq!(a.balance(after).allowance_tokens, 1300);
@@ -471,9 +406,7 @@ fn lapsed_holds_are_released_or_charged_in_full_by_policy() {
     assert_eq!(a.holds().count(), 0);
     assert_eq!(a.balance(r.expires_at).paid, Money::from_picos(10_000_000));
     assert!(a.take_records().is_empty());
-    let err = a
-        .settle(&c, &r.reservation_id, usage(1, 1), r.expires_at)
-        .unwrap_err();
+    let err = a.settle(&c, &r.reservation_id, usage(1, 1), r.expires_at).unwrap_err();
     assert!(matches!(err, EngineError::Precondition(_)), "{err}");
 
     c.on_expiry = ExpiryPolicy::ChargeInFull;
@@ -485,10 +418,7 @@ fn lapsed_holds_are_released_or_charged_in_full_by_policy() {
         (records[0].kind, records[0].total_money),
         (RecordKind::Expired, Money::from_picos(50_000))
     );
-    assert_eq!(
-        a.balance(r.expires_at).paid,
-        Money::from_picos(10_000_000 - 50_000)
-    );
+    assert_eq!(a.balance(r.expires_at).paid, Money::from_picos(10_000_000 - 50_000));
 }
 
 #[test]
@@ -524,13 +454,7 @@ fn every_mutation_is_idempotent_and_reuse_with_other_content_is_refused() {
     top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
     assert_eq!(a.balance(t(NOW)).paid, Money::from_picos(10_000_000));
     let err = a
-        .top_up(
-            &c,
-            &"t1".parse_id(),
-            Pool::Paid,
-            Money::from_picos(5),
-            t(NOW),
-        )
+        .top_up(&c, &"t1".parse_id(), Pool::Paid, Money::from_picos(5), t(NOW))
         .unwrap_err();
     assert!(matches!(err, EngineError::Conflict(_)));
 
@@ -541,14 +465,8 @@ fn every_mutation_is_idempotent_and_reuse_with_other_content_is_refused() {
         a.reserve(&c, &req("r1", "m", 10, 11), t(NOW)),
         Err(EngineError::Conflict(_))
     ));
-    let rec = a
-        .settle(&c, &first.reservation_id, usage(5, 5), t(NOW))
-        .unwrap();
-    assert_eq!(
-        a.settle(&c, &first.reservation_id, usage(5, 5), t(NOW))
-            .unwrap(),
-        rec
-    );
+    let rec = a.settle(&c, &first.reservation_id, usage(5, 5), t(NOW)).unwrap();
+    assert_eq!(a.settle(&c, &first.reservation_id, usage(5, 5), t(NOW)).unwrap(), rec);
     assert!(matches!(
         a.settle(&c, &first.reservation_id, usage(5, 6), t(NOW)),
         Err(EngineError::Precondition(_))
@@ -581,18 +499,12 @@ fn every_mutation_is_idempotent_and_reuse_with_other_content_is_refused() {
     let ChargeOutcome::Charged(rec) = a.charge(&c, &charge, t(NOW)).unwrap() else {
         panic!()
     };
-    assert_eq!(
-        a.charge(&c, &charge, t(NOW)).unwrap(),
-        ChargeOutcome::Charged(rec)
-    );
+    assert_eq!(a.charge(&c, &charge, t(NOW)).unwrap(), ChargeOutcome::Charged(rec));
     let other = ChargeRequest {
         what: ChargeWhat::Money(Money::from_picos(8)),
         ..charge
     };
-    assert!(matches!(
-        a.charge(&c, &other, t(NOW)),
-        Err(EngineError::Conflict(_))
-    ));
+    assert!(matches!(a.charge(&c, &other, t(NOW)), Err(EngineError::Conflict(_))));
 }
 
 #[test]
@@ -617,10 +529,7 @@ fn denials_name_their_reason_and_take_nothing() {
     );
     let mut batch = req("r4", "m", 1, 1);
     batch.tier = TierId::parse("batch").unwrap();
-    assert_eq!(
-        denial(a.reserve(&c, &batch, t(NOW)).unwrap()),
-        Denial::ModelNotPriced
-    );
+    assert_eq!(denial(a.reserve(&c, &batch, t(NOW)).unwrap()), Denial::ModelNotPriced);
     a.suspended = true;
     assert_eq!(
         denial(a.reserve(&c, &req("r5", "m", 1, 1), t(NOW)).unwrap()),
@@ -672,8 +581,5 @@ fn refused_admin_operations_change_nothing() {
         a.assign_plan(&c, &PlanId::parse("gold").unwrap(), None, t(NOW)),
         Err(EngineError::Invalid { field: "plan", .. })
     ));
-    assert_eq!(
-        before,
-        format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations))
-    );
+    assert_eq!(before, format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations)));
 }

@@ -50,12 +50,7 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn apply(
-        &self,
-        id: &AccountId,
-        command: Command,
-        now: Timestamp,
-    ) -> Result<Applied, StoreError> {
+    async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
         let catalog = self.catalog();
         let mut account = self
             .accounts
@@ -86,22 +81,11 @@ impl Store for MemoryStore {
             .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
     }
 
-    async fn publish(
-        &self,
-        version: PriceVersion,
-        now: Timestamp,
-    ) -> Result<Vec<VersionId>, StoreError> {
+    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError> {
         let mut guard = self.catalog.write().map_err(|_| poisoned())?;
         let mut next = Catalog::clone(&guard);
-        next.prices
-            .publish(version, now)
-            .map_err(EngineError::from)?;
-        let ids = next
-            .prices
-            .versions()
-            .iter()
-            .map(|v| v.id.clone())
-            .collect();
+        next.prices.publish(version, now).map_err(EngineError::from)?;
+        let ids = next.prices.versions().iter().map(|v| v.id.clone()).collect();
         *guard = Arc::new(next);
         Ok(ids)
     }

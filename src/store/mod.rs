@@ -51,22 +51,13 @@ pub trait Store: Send + Sync + 'static {
     async fn create(&self, account: Account) -> Result<(), StoreError>;
 
     /// Runs `command` on account `id` at `now`, atomically.
-    async fn apply(
-        &self,
-        id: &AccountId,
-        command: Command,
-        now: Timestamp,
-    ) -> Result<Applied, StoreError>;
+    async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError>;
 
     /// The current catalog.
     fn catalog(&self) -> Arc<Catalog>;
 
     /// Publishes a price version; returns every version id, oldest first.
-    async fn publish(
-        &self,
-        version: PriceVersion,
-        now: Timestamp,
-    ) -> Result<Vec<VersionId>, StoreError>;
+    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError>;
 
     /// Brings every account up to `now` (lapsed holds, expiries, resets) and
     /// forgets what the idempotency window no longer needs. Returns the

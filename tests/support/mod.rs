@@ -111,9 +111,7 @@ pub async fn spawn_app_with(config: &str) -> TestApp {
     let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| path.clone());
     let settings = Settings::parse(config, &env).expect("test config is valid");
     let clock = Arc::new(ManualClock::new(START.parse().expect("start")));
-    let app = App::build(settings, clock.clone())
-        .await
-        .expect("app builds");
+    let app = App::build(settings, clock.clone()).await.expect("app builds");
     let quota_url = format!("http://{}", app.quota_addr());
     let admin_url = format!("http://{}", app.admin_addr());
     let (stop, stopped) = oneshot::channel::<()>();
@@ -121,12 +119,8 @@ pub async fn spawn_app_with(config: &str) -> TestApp {
         let _ = stopped.await;
     }));
     TestApp {
-        quota: QuotaClient::connect(quota_url.clone())
-            .await
-            .expect("quota client"),
-        admin: AdminClient::connect(admin_url.clone())
-            .await
-            .expect("admin client"),
+        quota: QuotaClient::connect(quota_url.clone()).await.expect("quota client"),
+        admin: AdminClient::connect(admin_url.clone()).await.expect("admin client"),
         quota_url,
         admin_url,
         clock,
@@ -193,12 +187,7 @@ impl TestApp {
 }
 
 /// A reserve request for model `m`.
-pub fn reserve(
-    account: &str,
-    request_id: &str,
-    input: u64,
-    max_output: u64,
-) -> proto::ReserveRequest {
+pub fn reserve(account: &str, request_id: &str, input: u64, max_output: u64) -> proto::ReserveRequest {
     proto::ReserveRequest {
         account_id: account.into(),
         model: "m".into(),
