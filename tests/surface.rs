@@ -1,0 +1,253 @@
+//! What tools and operators see from outside: health and reflection on
+//! both listeners, the real binary serving, answering its own client,
+//! writing a usage record and stopping cleanly on SIGTERM, and
+//! `check-config`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use support::spawn_app;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn health(url: &str, service: &str) -> Result<i32, tonic::Code> {
+    let mut client = HealthClient::new(channel(url).await);
+    client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .map_err(|s| s.code())
+}
+
+async fn services_v1(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+async fn services_v1alpha(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn health_and_reflection_on_both_listeners() {
+    let app = spawn_app().await;
+    let serving = Ok(ServingStatus::Serving as i32);
+    assert_eq!(health(&app.quota_url, "").await, serving);
+    assert_eq!(health(&app.quota_url, "tollgate.v1.Quota").await, serving);
+    assert_eq!(
+        health(&app.quota_url, "tollgate.v1.Admin").await,
+        Err(tonic::Code::NotFound)
+    );
+    assert_eq!(health(&app.admin_url, "tollgate.v1.Admin").await, serving);
+    assert_eq!(
+        health(&app.admin_url, "tollgate.v1.Quota").await,
+        Err(tonic::Code::NotFound)
+    );
+    let common = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    for (url, own) in [
+        (&app.quota_url, "tollgate.v1.Quota"),
+        (&app.admin_url, "tollgate.v1.Admin"),
+    ] {
+        let mut expected: Vec<String> = common.iter().map(|s| s.to_string()).chain([own.to_owned()]).collect();
+        expected.sort();
+        assert_eq!(services_v1(url).await, expected);
+        assert_eq!(services_v1alpha(url).await, expected);
+    }
+    app.shutdown().await;
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run tollgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_binary_serves_the_demo_answers_its_client_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("TOLLGATE_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tollgate serve");
+    // A watchdog: the test stops by itself even if serve never answers.
+    let pid = child.id().to_string();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    });
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve exited before listening").unwrap();
+        if let Some(rest) = line.split("quota=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let url = format!("http://{addr}");
+    let (ok, out, err) = run(dir.path(), &["balance", "--addr", &url, "--account", "demo"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("paid:           10.000000000000"), "{out}");
+    let reserve = [
+        "reserve",
+        "--addr",
+        &url,
+        "--account",
+        "demo",
+        "--request-id",
+        "req-1",
+        "--model",
+        "llama-3.1-8b",
+        "--input",
+        "1200",
+        "--max-output",
+        "800",
+    ];
+    let (ok, out, err) = run(dir.path(), &reserve);
+    assert!(
+        ok && out.contains("decision:       ALLOW") && out.contains("paid 0.000280000000"),
+        "{out}{err}"
+    );
+    let settle = [
+        "settle",
+        "--addr",
+        &url,
+        "--account",
+        "demo",
+        "--reservation",
+        "req-1",
+        "--input",
+        "1200",
+        "--output",
+        "350",
+    ];
+    let (ok, out, err) = run(dir.path(), &settle);
+    assert!(ok && out.contains("total:          0.000190000000"), "{out}{err}");
+    let (_, out, _) = run(dir.path(), &["balance", "--addr", &url, "--account", "demo"]);
+    assert!(out.contains("paid:           9.999810000000"), "{out}");
+    let (ok, _, err) = run(
+        dir.path(),
+        &[
+            "settle",
+            "--addr",
+            &url,
+            "--account",
+            "demo",
+            "--reservation",
+            "nope",
+            "--input",
+            "1",
+            "--output",
+            "1",
+        ],
+    );
+    assert!(!ok && err.contains("NotFound"), "{err}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert!(exit.success(), "tollgate exited with {exit}");
+    let usage = std::fs::read_to_string(dir.path().join("tollgate-usage.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = usage.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["total_money"], "0.000190000000");
+    assert_eq!(records[0]["charges"][0]["source"], "paid");
+}
+
+#[test]
+fn check_config_accepts_the_example_and_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tollgate.toml");
+    let (ok, out, _) = run(dir.path(), &["check-config", example]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok (3 plans, 1 price versions, 3 accounts)"), "{out}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[holds]\non_expiry = \"never\"\n[[accounts]]\nid = \"x\"\nplan = \"nope\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(dir.path(), &["check-config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("2 configuration error(s)"), "{err}");
+    assert!(
+        err.contains("holds.on_expiry") && err.contains("accounts[0].plan"),
+        "{err}"
+    );
+    let (ok, _, err) = run(dir.path(), &["check-config", "/nonexistent.toml"]);
+    assert!(!ok && err.contains("nonexistent"), "{err}");
+}
