@@ -1,1 +1,223 @@
-fn main() {}
+//! Criterion scenarios for the hot path: one reserve and its settle, on the
+//! engine alone and through the memory store. Deterministic inputs (no
+//! randomness), so runs compare side by side.
+//!
+//! Run: `cargo bench --bench engine`.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use tollgate::engine::account::Account;
+use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
+use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
+use tollgate::engine::limits::{LimitSet, ScopedLimits};
+use tollgate::engine::money::Money;
+use tollgate::engine::ops::{PackGrant, Pool, ReserveRequest};
+use tollgate::engine::period::{Anchor, PeriodUnit};
+use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
+use tollgate::engine::{Command, Reply};
+use tollgate::store::Store;
+use tollgate::store::memory::MemoryStore;
+
+fn catalog() -> Catalog {
+    let p = Money::from_picos;
+    let prices = TokenPrices {
+        input: p(100_000),
+        cached_input: p(50_000),
+        cache_write: p(100_000),
+        output: p(200_000),
+    };
+    let tiers = HashMap::from([(
+        TierId::default_tier(),
+        TierPrices {
+            base: prices,
+            context_tiers: vec![],
+        },
+    )]);
+    let version = PriceVersion {
+        id: VersionId::parse("v1").unwrap(),
+        effective_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+        models: HashMap::from([(
+            ModelId::parse("m").unwrap(),
+            ModelPrices {
+                weight_milli: 1000,
+                tiers,
+            },
+        )]),
+        windows: vec![],
+    };
+    let plan = |id: &str, allowance, limits| Plan {
+        id: PlanId::parse(id).unwrap(),
+        allowance,
+        draw_order: SourceClass::DEFAULT_ORDER.to_vec(),
+        allowed_models: None,
+        limits,
+    };
+    let big = LimitSet {
+        requests_per_minute: u64::MAX / 4,
+        tokens_per_minute: u64::MAX / 4,
+        concurrent_requests: 1000,
+        ..Default::default()
+    };
+    let limited = ScopedLimits {
+        account: big,
+        api_key: big,
+        per_model: big,
+    };
+    let allowance = Allowance {
+        tokens: 1_000,
+        period: PeriodUnit::Month,
+        anchor: Anchor::Calendar,
+        rollover_cap: 0,
+    };
+    Catalog {
+        plans: [
+            plan("paid", None, ScopedLimits::default()),
+            plan("mixed", Some(allowance), ScopedLimits::default()),
+            plan("limited", None, limited),
+        ]
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect(),
+        prices: PriceBook::new(vec![version]).unwrap(),
+        hold_ttl: SignedDuration::from_mins(15),
+        on_expiry: ExpiryPolicy::Release,
+        idempotency_window: SignedDuration::ZERO,
+        recent_usage: 20,
+    }
+}
+
+fn account(catalog: &Catalog, plan: &str, packs: usize, now: Timestamp) -> Account {
+    let plan = &catalog.plans[&PlanId::parse(plan).unwrap()];
+    let mut a = Account::open(
+        AccountId::parse("bench").unwrap(),
+        plan,
+        TimeZone::UTC,
+        None,
+        Money::ZERO,
+        now,
+    )
+    .unwrap();
+    let huge = Money::from_picos(1_000_000_000_000_000_000_000_000);
+    a.top_up(catalog, &LotId::parse("paid").unwrap(), Pool::Paid, huge, now)
+        .unwrap();
+    for i in 0..packs {
+        let grant = PackGrant {
+            pack_id: LotId::parse(&format!("pack{i}")).unwrap(),
+            tokens: 10,
+            expires_at: now + SignedDuration::from_hours(24 + i as i64),
+            models: None,
+            priority: 0,
+        };
+        a.grant_pack(catalog, grant, now).unwrap();
+    }
+    if packs > 0 {
+        a.top_up(
+            catalog,
+            &LotId::parse("promo").unwrap(),
+            Pool::Promo {
+                expires_at: None,
+                priority: 0,
+            },
+            Money::from_picos(1_000),
+            now,
+        )
+        .unwrap();
+    }
+    a
+}
+
+fn request(i: u64) -> (ReserveRequest, ReservationId) {
+    let id = format!("r{i}");
+    let req = ReserveRequest {
+        request_id: RequestId::parse(&id).unwrap(),
+        api_key_id: None,
+        model: ModelId::parse("m").unwrap(),
+        tier: TierId::default_tier(),
+        input_tokens: 1200,
+        cached_input_tokens: 0,
+        max_output_tokens: 800,
+    };
+    (req, ReservationId::parse(&id).unwrap())
+}
+
+const USAGE: Usage = Usage {
+    input_tokens: 1200,
+    cached_input_tokens: 0,
+    cache_write_tokens: 0,
+    output_tokens: 350,
+};
+
+fn engine(c: &mut Criterion) {
+    let catalog = catalog();
+    let now: Timestamp = "2026-03-10T12:00:00Z".parse().unwrap();
+    let mut group = c.benchmark_group("engine reserve+settle");
+    // name, plan, packs
+    for (name, plan, packs) in [
+        ("paid money only", "paid", 0),
+        ("allowance, 3 packs, promo, paid", "mixed", 3),
+        ("3 rate-limit scopes", "limited", 0),
+    ] {
+        let mut a = account(&catalog, plan, packs, now);
+        let mut i = 0u64;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i += 1;
+                let (req, id) = request(i);
+                black_box(a.reserve(&catalog, &req, now).unwrap());
+                black_box(a.settle(&catalog, &id, USAGE, now).unwrap());
+                a.take_records();
+                if i.is_multiple_of(4096) {
+                    a.prune(&catalog, now);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn memory_store(c: &mut Criterion) {
+    let catalog = catalog();
+    let now: Timestamp = "2026-03-10T12:00:00Z".parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let store = MemoryStore::new(catalog.clone());
+    let id = AccountId::parse("bench").unwrap();
+    runtime
+        .block_on(store.create(account(&catalog, "paid", 0, now)))
+        .unwrap();
+    let mut i = 0u64;
+    c.bench_function("memory store reserve+settle", |b| {
+        b.iter(|| {
+            i += 1;
+            let (req, reservation) = request(i);
+            runtime.block_on(async {
+                let r = store.apply(&id, Command::Reserve(req), now).await.unwrap();
+                assert!(matches!(r.reply, Reply::Reserve(_)));
+                black_box(
+                    store
+                        .apply(
+                            &id,
+                            Command::Settle {
+                                reservation,
+                                usage: USAGE,
+                            },
+                            now,
+                        )
+                        .await
+                        .unwrap(),
+                );
+                if i.is_multiple_of(4096) {
+                    store.sweep(now).await.unwrap();
+                }
+            })
+        })
+    });
+}
+
+criterion_group!(benches, engine, memory_store);
+criterion_main!(benches);

@@ -340,7 +340,7 @@ fn show_reserve(r: &proto::ReserveResponse) -> String {
 }
 
 fn show_record(r: &proto::UsageRecord) -> String {
-    let u = r.usage.clone().unwrap_or_default();
+    let u = r.usage.unwrap_or_default();
     format!(
         "request_id:     {}\nmodel:          {} ({})\nusage:          input {}, cached {}, cache write {}, output {}\n\
          charged:        {}\ntotal:          {}\nprice_version:  {}",

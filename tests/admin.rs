@@ -1,5 +1,7 @@
 //! The control plane over real gRPC: every Admin RPC.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use jiff::SignedDuration;

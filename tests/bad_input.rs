@@ -1,6 +1,8 @@
 //! Bad input over real gRPC: each class gets its precise status, names the
 //! field, and changes nothing (invariant 5).
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use jiff::SignedDuration;

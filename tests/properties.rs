@@ -10,6 +10,8 @@
 //! - an idempotent replay changes nothing and emits nothing;
 //! - a refused operation changes nothing.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 
 use jiff::tz::TimeZone;

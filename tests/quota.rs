@@ -1,5 +1,7 @@
 //! The data plane over real gRPC: every RPC and every denial reason.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use jiff::SignedDuration;

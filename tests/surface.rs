@@ -3,6 +3,8 @@
 //! writing a usage record and stopping cleanly on SIGTERM, and
 //! `check-config`.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

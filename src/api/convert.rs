@@ -90,7 +90,7 @@ pub fn money_out(m: Money) -> proto::Money {
 /// A required timestamp.
 pub fn timestamp(field: &str, t: Option<&prost_types::Timestamp>) -> Result<Timestamp, Status> {
     let t = t.ok_or_else(|| invalid(field, "is required"))?;
-    let nanos = i32::try_from(t.nanos).ok().filter(|n| (0..1_000_000_000).contains(n));
+    let nanos = Some(t.nanos).filter(|n| (0..1_000_000_000).contains(n));
     nanos
         .and_then(|n| Timestamp::new(t.seconds, n).ok())
         .ok_or_else(|| invalid(field, "is not a valid timestamp"))
