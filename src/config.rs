@@ -96,6 +96,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// How often lapsed holds are swept.
     pub sweep_interval: Duration,
+    /// How long in-flight calls may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
     /// Where usage records go.
     pub usage: UsageSinkConfig,
     /// Plans, prices, hold policy.
@@ -109,6 +111,7 @@ pub struct Settings {
 struct ServerFile {
     listen: Option<String>,
     admin_listen: Option<String>,
+    shutdown_grace_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -680,6 +683,9 @@ impl Settings {
                 format!("unknown store {:?}; this build offers \"memory\"", file.store.kind),
             );
         }
+        if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
+            p.push("server.shutdown_grace_seconds", "must be at most 3600");
+        }
         if file.store.sweep_interval_ms == 0 {
             p.push("store.sweep_interval_ms", "must be greater than zero");
         }
@@ -741,6 +747,7 @@ impl Settings {
             listen,
             admin_listen,
             sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
+            shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
             usage,
             catalog: Catalog {
                 plans,

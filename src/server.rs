@@ -35,6 +35,7 @@ pub struct App {
     admin_addr: SocketAddr,
     tollgate: Tollgate,
     sweep_interval: Duration,
+    shutdown_grace: Duration,
     writer: JoinHandle<std::io::Result<()>>,
 }
 
@@ -64,6 +65,7 @@ impl App {
             admin,
             tollgate,
             sweep_interval: settings.sweep_interval,
+            shutdown_grace: settings.shutdown_grace,
             writer,
         })
     }
@@ -85,6 +87,7 @@ impl App {
             admin,
             tollgate,
             sweep_interval,
+            shutdown_grace,
             writer,
             ..
         } = self;
@@ -120,7 +123,7 @@ impl App {
             .add_service(admin_v1alpha)
             .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(admin), until_stopped(stopped.clone()));
-        let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped)));
+        let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped.clone())));
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight calls");
@@ -128,7 +131,25 @@ impl App {
             admin_health.set_not_serving::<AdminServer<AdminApi>>().await;
             let _ = stop.send(true);
         };
-        let (quota_result, admin_result, ()) = tokio::join!(quota_server, admin_server, signal);
+        // In-flight calls get `shutdown_grace` to finish; then they are dropped
+        // so the process always exits within a deadline.
+        let deadline = async move {
+            until_stopped(stopped).await;
+            tokio::time::sleep(shutdown_grace).await;
+        };
+        let serving = async { tokio::join!(quota_server, admin_server) };
+        let ((quota_result, admin_result), ()) = tokio::join!(
+            async {
+                tokio::select! {
+                    results = serving => results,
+                    () = deadline => {
+                        tracing::warn!(grace = ?shutdown_grace, "in-flight calls did not finish within the grace period; dropping them");
+                        (Ok(()), Ok(()))
+                    }
+                }
+            },
+            signal
+        );
         sweeper.await.context("sweeper task")?;
         // Every sender is gone now; the writer drains and flushes.
         writer
