@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
-use tollgate::engine::account::Account;
+use tollgate::engine::account::{Account, Reservation};
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
 use tollgate::engine::draw::SourceRef;
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
@@ -367,6 +367,17 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
         "debt repaid beyond what was owed: {:?}",
         a.debt
     );
+
+    // The expiry index lists exactly the open holds.
+    let open: std::collections::BTreeSet<_> = a
+        .reservations
+        .iter()
+        .filter_map(|(id, r)| match r {
+            Reservation::Open(h) => Some((h.expires_at, id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(open, a.expiries, "expiry index out of step with open holds");
 
     // Held by ledgers = held by open holds, per unit.
     let (mut hold_tokens, mut hold_money) = (0, 0);

@@ -6,7 +6,7 @@
 //! the property tests check that the totals also agree with every credit
 //! made and every usage record emitted (invariant 1, conservation).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -211,8 +211,11 @@ pub struct Account {
     /// Debt: usage beyond every source and the credit limit. Its
     /// `available` is minus what is owed.
     pub debt: Ledger,
-    /// Reservations by id.
+    /// Reservations by id, open and recently closed.
     pub reservations: HashMap<ReservationId, Reservation>,
+    /// Open holds by expiry: lapsing holds and listing them never scans the
+    /// closed reservations kept for idempotent replays.
+    pub expiries: BTreeSet<(Timestamp, ReservationId)>,
     /// Request ids seen, for idempotency.
     pub requests: HashMap<RequestId, Remembered>,
     /// Admin operation ids seen, with their content fingerprints.
@@ -251,6 +254,7 @@ impl Account {
             paid: Ledger::default(),
             debt: Ledger::default(),
             reservations: HashMap::new(),
+            expiries: BTreeSet::new(),
             requests: HashMap::new(),
             operations: HashMap::new(),
             buckets: Buckets::default(),
@@ -296,17 +300,15 @@ impl Account {
     /// charged per policy, records to the outbox), expired lots, allowance
     /// periods (with rollover). Idempotent for a given `now`.
     pub fn advance(&mut self, catalog: &Catalog, now: Timestamp) -> Result<(), EngineError> {
-        let mut lapsed: Vec<ReservationId> = self
-            .reservations
+        let lapsed: Vec<ReservationId> = self
+            .expiries
             .iter()
-            .filter_map(|(id, r)| match r {
-                Reservation::Open(h) if h.expires_at <= now => Some(id.clone()),
-                _ => None,
-            })
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| id.clone())
             .collect();
-        lapsed.sort();
         for id in lapsed {
             if let Some(Reservation::Open(hold)) = self.reservations.remove(&id) {
+                self.expiries.remove(&(hold.expires_at, id.clone()));
                 match catalog.on_expiry {
                     ExpiryPolicy::Release => self.unhold(&hold.takes, now),
                     ExpiryPolicy::ChargeInFull => {
@@ -424,11 +426,13 @@ impl Account {
         std::mem::take(&mut self.outbox)
     }
 
-    /// Open holds.
+    /// Open holds, soonest expiry first.
     pub fn holds(&self) -> impl Iterator<Item = &Hold> {
-        self.reservations.values().filter_map(|r| match r {
-            Reservation::Open(h) => Some(h),
-            _ => None,
-        })
+        self.expiries
+            .iter()
+            .filter_map(|(_, id)| match self.reservations.get(id) {
+                Some(Reservation::Open(h)) => Some(h),
+                _ => None,
+            })
     }
 }

@@ -236,6 +236,7 @@ impl Account {
             paid: self.paid,
             debt: self.debt,
             reservations: Default::default(),
+            expiries: Default::default(),
             requests: Default::default(),
             operations: Default::default(),
             buckets: Default::default(),

@@ -417,6 +417,7 @@ impl Account {
             buckets: limits.into_iter().map(|(key, _)| key).collect(),
             admitted_tokens,
         };
+        self.expiries.insert((expires_at, reservation_id.clone()));
         self.reservations
             .insert(reservation_id.clone(), Reservation::Open(hold));
         self.requests.insert(
@@ -499,6 +500,8 @@ impl Account {
             held: takes.clone(),
             shortfall,
         };
+        self.expiries.remove(&(hold.expires_at, id.clone()));
+        self.expiries.insert((expires_at, id.clone()));
         if let Some(Reservation::Open(h)) = self.reservations.get_mut(id) {
             h.granted_output = granted;
             h.takes = takes;
@@ -545,6 +548,7 @@ impl Account {
         self.buckets
             .adjust_tokens(&hold.buckets, hold.admitted_tokens, usage.total_tokens(), now);
         self.buckets.finish(&hold.buckets);
+        self.expiries.remove(&(hold.expires_at, id.clone()));
         let record = self.record_for(&hold, RecordKind::Settle, usage, charges, now);
         self.emit(record.clone(), catalog);
         self.reservations.insert(
@@ -566,6 +570,7 @@ impl Account {
         }
         let hold = self.open_hold(id)?.clone();
         self.unhold(&hold.takes, now);
+        self.expiries.remove(&(hold.expires_at, id.clone()));
         self.buckets.adjust_tokens(&hold.buckets, hold.admitted_tokens, 0, now);
         self.buckets.finish(&hold.buckets);
         self.reservations.insert(
