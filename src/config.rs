@@ -543,6 +543,13 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
             .filter_map(|n| p.check(format!("{path}.allowed_models"), ModelId::parse(n)))
             .collect::<HashSet<_>>()
     });
+    for (scope, set) in [
+        ("account", &f.limits.account),
+        ("api_key", &f.limits.api_key),
+        ("per_model", &f.limits.per_model),
+    ] {
+        p.check(format!("{path}.limits.{scope}"), set.check());
+    }
     Some(Plan {
         id: id?,
         allowance,

@@ -188,11 +188,12 @@ async fn sweep(tollgate: Tollgate, interval: Duration, stop: impl Future<Output 
     loop {
         tokio::select! {
             () = &mut stop => return,
-            _ = ticks.tick() => {
-                if let Err(e) = tollgate.sweep().await {
-                    tracing::warn!(error = %e, "sweep failed");
-                }
-            }
+            _ = ticks.tick() => {}
+        }
+        // Outside the select: a sweep, once started, runs to the end so the
+        // records it takes from accounts always reach the sink.
+        if let Err(e) = tollgate.sweep().await {
+            tracing::warn!(error = %e, "sweep failed");
         }
     }
 }

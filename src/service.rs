@@ -43,10 +43,27 @@ impl Tollgate {
     }
 
     /// Runs `command` on `account` now and emits its records.
+    ///
+    /// The command and the hand-over of its records run in a task of their
+    /// own: a caller that gives up (deadline, disconnect) cannot cancel the
+    /// pair half-way, so a committed charge always reaches the usage sink.
+    /// Once the sink has stopped (its writer failed), commands are refused
+    /// rather than charged without a record.
     pub async fn apply(&self, account: &AccountId, command: Command) -> Result<Reply, StoreError> {
-        let applied = self.store.apply(account, command, self.now()).await?;
-        self.emit(applied.records).await;
-        Ok(applied.reply)
+        if self.usage.is_closed() {
+            return Err(StoreError::Unavailable(
+                "the usage sink has stopped; refusing to charge without a record".into(),
+            ));
+        }
+        let this = self.clone();
+        let account = account.clone();
+        tokio::spawn(async move {
+            let applied = this.store.apply(&account, command, this.now()).await?;
+            this.emit(applied.records).await;
+            Ok(applied.reply)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
     }
 
     async fn emit(&self, records: Vec<UsageRecord>) {
@@ -119,6 +136,10 @@ impl Tollgate {
             }
         }
         for pack in &seed.packs {
+            if pack.expires_at <= self.now() {
+                tracing::warn!(account = %seed.id, pack = %pack.pack_id, "seed pack has expired; not granted");
+                continue;
+            }
             self.apply(&seed.id, Command::GrantPack(pack.clone())).await?;
         }
         if seed.suspended {

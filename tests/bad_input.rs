@@ -230,6 +230,24 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
     };
     expect(a.top_up(top_up(1, huge, "r")).await, Code::InvalidArgument, "at most");
 
+    let limits = proto::LimitSet {
+        tokens_per_minute: u64::MAX,
+        ..Default::default()
+    };
+    let overrides = proto::LimitOverrides {
+        per_model: Some(limits),
+        ..Default::default()
+    };
+    let set = proto::SetLimitOverridesRequest {
+        account_id: "rich".into(),
+        overrides: Some(overrides),
+    };
+    expect(
+        a.set_limit_overrides(set).await,
+        Code::InvalidArgument,
+        "overrides.per_model: tokens_per_minute",
+    );
+
     let create = |id: &str, plan: &str, tz: &str, anchor: i32| proto::CreateAccountRequest {
         account_id: id.into(),
         plan: plan.into(),

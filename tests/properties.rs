@@ -407,8 +407,13 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
     if let (Some(sub), Some(plan)) = (&a.subscription, catalog.plans.get(&a.plan)) {
         let per_period = i128::from(plan.allowance.as_ref().map_or(0, |al| al.tokens));
         assert_eq!(
+            sub.period + 1,
+            a.periods_started,
+            "no plan changes here: periods are numbered from 0"
+        );
+        assert_eq!(
             a.allowance.granted,
-            per_period * (i128::from(sub.period) + 1),
+            per_period * i128::from(a.periods_started),
             "one allowance per period"
         );
     }

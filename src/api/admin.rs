@@ -371,10 +371,11 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let o = r.overrides.unwrap_or_default();
+        let set = |field: &str, l: &Option<proto::LimitSet>| l.as_ref().map(|l| limit_set(field, l)).transpose();
         let overrides = LimitOverrides {
-            account: o.account.as_ref().map(limit_set),
-            api_key: o.api_key.as_ref().map(limit_set),
-            per_model: o.per_model.as_ref().map(limit_set),
+            account: set("overrides.account", &o.account)?,
+            api_key: set("overrides.api_key", &o.api_key)?,
+            per_model: set("overrides.per_model", &o.per_model)?,
         };
         self.mutate(&account, Command::SetOverrides(overrides), "").await
     }

@@ -236,15 +236,17 @@ pub fn denial_out(
     }
 }
 
-/// A limit set from the wire.
-pub fn limit_set(l: &proto::LimitSet) -> LimitSet {
-    LimitSet {
+/// A limit set from the wire, each figure at most `MAX_LIMIT`.
+pub fn limit_set(field: &str, l: &proto::LimitSet) -> Result<LimitSet, Status> {
+    let set = LimitSet {
         requests_per_minute: l.requests_per_minute,
         tokens_per_minute: l.tokens_per_minute,
         concurrent_requests: l.concurrent_requests,
         request_burst: l.request_burst,
         token_burst: l.token_burst,
-    }
+    };
+    set.check().map_err(|e| invalid(field, e))?;
+    Ok(set)
 }
 
 /// A limit set for the wire.

@@ -202,6 +202,10 @@ pub struct Account {
     pub subscription: Option<Subscription>,
     /// The allowance ledger, across periods.
     pub allowance: Ledger,
+    /// Allowance periods started so far, across every subscription: period
+    /// numbers never repeat, so a hold on a past period can never be
+    /// mistaken for one on the current period.
+    pub periods_started: u64,
     /// Token packs by id.
     pub packs: BTreeMap<LotId, Lot>,
     /// Promotional money grants by id.
@@ -249,6 +253,7 @@ impl Account {
             credit_limit,
             subscription: None,
             allowance: Ledger::default(),
+            periods_started: 0,
             packs: BTreeMap::new(),
             promos: BTreeMap::new(),
             paid: Ledger::default(),
@@ -269,11 +274,8 @@ impl Account {
     /// Starts a new subscription on `plan` at `now`: what is left of the
     /// old allowance is forfeited, holds on it stay chargeable.
     pub fn subscribe(&mut self, plan: &Plan, anchor: Option<Anchor>, now: Timestamp) -> Result<(), EngineError> {
-        let next_period = self.subscription.as_ref().map_or(0, |s| s.period + 1);
-        self.allowance.forfeited += self.allowance.available();
-        self.plan = plan.id.clone();
-        self.anchor = anchor;
-        self.subscription = match &plan.allowance {
+        // Compute everything that can fail before changing anything.
+        let next = match &plan.allowance {
             None => None,
             Some(a) => {
                 let schedule = Schedule {
@@ -283,16 +285,24 @@ impl Account {
                     start: now,
                 };
                 let window = schedule.containing(now)?;
-                self.allowance.granted += i128::from(a.tokens);
-                Some(Subscription {
-                    schedule,
-                    window,
-                    period: next_period,
-                    tokens: a.tokens,
-                    rollover_cap: a.rollover_cap,
-                })
+                Some((a, schedule, window))
             }
         };
+        self.allowance.forfeited += self.allowance.available();
+        self.plan = plan.id.clone();
+        self.anchor = anchor;
+        self.subscription = next.map(|(a, schedule, window)| {
+            self.allowance.granted += i128::from(a.tokens);
+            let period = self.periods_started;
+            self.periods_started += 1;
+            Subscription {
+                schedule,
+                window,
+                period,
+                tokens: a.tokens,
+                rollover_cap: a.rollover_cap,
+            }
+        });
         Ok(())
     }
 
@@ -334,7 +344,8 @@ impl Account {
                 self.allowance.forfeited += unused - carried;
                 self.allowance.granted += i128::from(sub.tokens);
                 sub.window = sub.schedule.containing(sub.window.end)?;
-                sub.period += 1;
+                sub.period = self.periods_started;
+                self.periods_started += 1;
             }
         }
         Ok(())

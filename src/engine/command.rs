@@ -231,6 +231,7 @@ impl Account {
             credit_limit: self.credit_limit,
             subscription: self.subscription.clone(),
             allowance: self.allowance,
+            periods_started: self.periods_started,
             packs: Default::default(),
             promos: Default::default(),
             paid: self.paid,

@@ -192,13 +192,16 @@ impl Account {
                         (&self.promos, SourceRef::Promo)
                     };
                     let lot_model = if *class == SourceClass::Packs { model } else { None };
-                    for (id, lot) in by_draw_priority(lots.iter()) {
-                        let source = make(id.clone());
-                        let mut cap = amount_on(bonus, &source);
-                        if lot.usable(lot_model, now) {
-                            cap += lot.ledger.available();
-                        }
-                        push(source, cap);
+                    let ordered = by_draw_priority(lots.iter());
+                    // What this request holds on lots that closed since
+                    // (expired, revoked) comes first: unused, it is forfeited.
+                    for (id, _) in ordered.iter().filter(|(_, lot)| !lot.usable(lot_model, now)) {
+                        let source = make((*id).clone());
+                        push(source.clone(), amount_on(bonus, &source));
+                    }
+                    for (id, lot) in ordered.iter().filter(|(_, lot)| lot.usable(lot_model, now)) {
+                        let source = make((*id).clone());
+                        push(source.clone(), amount_on(bonus, &source) + lot.ledger.available());
                     }
                 }
                 SourceClass::Paid | SourceClass::Credit => {

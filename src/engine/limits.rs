@@ -19,6 +19,9 @@ use jiff::Timestamp;
 
 const MINUTE_NS: i128 = 60_000_000_000;
 
+/// The largest rate, burst or concurrency accepted in a limit (10^12).
+pub const MAX_LIMIT: u64 = 1_000_000_000_000;
+
 /// The limits of one scope. Zero means "no limit" for that figure.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -33,6 +36,23 @@ pub struct LimitSet {
     pub request_burst: u64,
     /// Tokens allowed at once; zero means `tokens_per_minute`.
     pub token_burst: u64,
+}
+
+impl LimitSet {
+    /// Checks every figure against [`MAX_LIMIT`]; names the first too large.
+    pub fn check(&self) -> Result<(), String> {
+        let figures = [
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("concurrent_requests", self.concurrent_requests),
+            ("request_burst", self.request_burst),
+            ("token_burst", self.token_burst),
+        ];
+        match figures.iter().find(|(_, v)| *v > MAX_LIMIT) {
+            Some((name, v)) => Err(format!("{name} {v} is above the limit of {MAX_LIMIT}")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Limits per scope, as a plan or an override states them.
@@ -145,14 +165,22 @@ struct Gcra {
 }
 
 fn scaled_now(now: Timestamp, rate: u64) -> i128 {
-    now.as_nanosecond() * i128::from(rate)
+    now.as_nanosecond().saturating_mul(i128::from(rate))
+}
+
+/// `units` minutes' worth of emission intervals, in scaled nanoseconds.
+fn intervals(units: u64) -> i128 {
+    i128::from(units).saturating_mul(MINUTE_NS)
 }
 
 fn to_duration(scaled: i128, rate: u64) -> Duration {
-    let ns = (scaled.max(0) + i128::from(rate) - 1) / i128::from(rate.max(1));
+    let ns = scaled.max(0).saturating_add(i128::from(rate) - 1) / i128::from(rate.max(1));
     Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
 }
 
+// Rates are bounded by `MAX_LIMIT`, so these products stay far inside i128;
+// saturating arithmetic is a second line of defence: a limit must never
+// panic a request.
 impl Gcra {
     /// Re-expresses the stored time at a new rate (after a limit change).
     fn at_rate(self, rate: u64) -> Gcra {
@@ -163,7 +191,7 @@ impl Gcra {
             };
         }
         Gcra {
-            tat: self.tat / i128::from(self.rate) * i128::from(rate),
+            tat: (self.tat / i128::from(self.rate)).saturating_mul(i128::from(rate)),
             rate,
         }
     }
@@ -171,9 +199,9 @@ impl Gcra {
     /// The arrival time after admitting `cost` units, or how long to wait.
     fn check(self, cost: u64, burst: u64, now: Timestamp) -> Result<Gcra, Option<Duration>> {
         let now_s = scaled_now(now, self.rate);
-        let tolerance = i128::from(burst) * MINUTE_NS;
-        let new_tat = self.tat.max(now_s) + i128::from(cost) * MINUTE_NS;
-        if new_tat - now_s <= tolerance {
+        let tolerance = intervals(burst);
+        let new_tat = self.tat.max(now_s).saturating_add(intervals(cost));
+        if new_tat.saturating_sub(now_s) <= tolerance {
             Ok(Gcra {
                 tat: new_tat,
                 rate: self.rate,
@@ -181,14 +209,17 @@ impl Gcra {
         } else if cost > burst {
             Err(None)
         } else {
-            Err(Some(to_duration(new_tat - tolerance - now_s, self.rate)))
+            Err(Some(to_duration(
+                new_tat.saturating_sub(tolerance).saturating_sub(now_s),
+                self.rate,
+            )))
         }
     }
 
     fn headroom(self, burst: u64, now: Timestamp) -> Headroom {
         let now_s = scaled_now(now, self.rate);
-        let used = (self.tat - now_s).max(0);
-        let free = i128::from(burst) * MINUTE_NS - used;
+        let used = self.tat.saturating_sub(now_s).max(0);
+        let free = intervals(burst).saturating_sub(used);
         Headroom {
             limit: self.rate,
             remaining: u64::try_from((free / MINUTE_NS).max(0)).unwrap_or(0),
@@ -199,12 +230,15 @@ impl Gcra {
     fn refund(&mut self, units: u64, now: Timestamp) {
         let now_s = scaled_now(now, self.rate);
         if self.tat > now_s {
-            self.tat = (self.tat - i128::from(units) * MINUTE_NS).max(now_s);
+            self.tat = self.tat.saturating_sub(intervals(units)).max(now_s);
         }
     }
 
     fn force(&mut self, units: u64, now: Timestamp) {
-        self.tat = self.tat.max(scaled_now(now, self.rate)) + i128::from(units) * MINUTE_NS;
+        self.tat = self
+            .tat
+            .max(scaled_now(now, self.rate))
+            .saturating_add(intervals(units));
     }
 }
 

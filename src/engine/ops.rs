@@ -380,6 +380,10 @@ impl Account {
                 "no source can cover the prompt and one output token".into(),
             );
         };
+        // Everything that can fail comes before the limits are charged.
+        let reservation_id = ReservationId::parse(req.request_id.as_str())
+            .map_err(|e| EngineError::invalid("request_id", e.to_string()))?;
+        let expires_at = Self::expiry(catalog, now)?;
         let admitted_tokens = prompt.total_tokens() + granted;
         let status = match self.buckets.admit(&limits, admitted_tokens, now) {
             Ok(status) => status,
@@ -391,9 +395,6 @@ impl Account {
                 return deny(self, Denial::RateLimited(exceeded), message);
             }
         };
-        let reservation_id = ReservationId::parse(req.request_id.as_str())
-            .map_err(|e| EngineError::invalid("request_id", e.to_string()))?;
-        let expires_at = Self::expiry(catalog, now)?;
         self.rebalance(&[], &takes, &[]);
         let reserved = Reserved {
             reservation_id: reservation_id.clone(),
@@ -618,6 +619,9 @@ impl Account {
             ));
         }
         let (need, usage, version) = match (req.what, &req.model) {
+            (ChargeWhat::Money(m), _) if !m.is_positive() => {
+                return Err(EngineError::invalid("amount", "must be greater than zero"));
+            }
             (ChargeWhat::Money(m), _) => (Need::Money(m), Usage::default(), None),
             (ChargeWhat::Usage(_), None) => {
                 return Err(EngineError::invalid("model", "required when charging usage"));
@@ -678,30 +682,31 @@ impl Account {
         Ok(ChargeOutcome::Charged(Box::new(record)))
     }
 
-    /// Records an admin operation id; `Ok(true)` if it was already applied
-    /// with the same content.
-    fn seen_operation(&mut self, operation_id: &str, fingerprint: String) -> Result<bool, EngineError> {
-        match self.operations.get(operation_id) {
-            Some(f) if *f == fingerprint => Ok(true),
+    /// Whether an admin operation id was already applied: `Ok(true)` with
+    /// the same content (a replay: answer as before, whatever changed since),
+    /// `Ok(false)` if new, a conflict if used with other content. Checked
+    /// before anything else, so a retry never meets a check the first call
+    /// passed (an expiry now in the past, a balance spent meanwhile).
+    fn replayed(&self, key: &str, fingerprint: &str) -> Result<bool, EngineError> {
+        match self.operations.get(key) {
+            None => Ok(false),
+            Some(f) if f == fingerprint => Ok(true),
             Some(_) => Err(EngineError::Conflict(format!(
-                "operation_id {operation_id} was already used with different content"
+                "{key} was already used with different content"
             ))),
-            None => {
-                self.operations.insert(operation_id.to_owned(), fingerprint);
-                Ok(false)
-            }
         }
     }
 
     fn credit_paid(&mut self, amount: Money) -> Result<(), EngineError> {
         let owed = (-self.debt.available()).max(0);
         let repay = owed.min(amount.picos());
-        self.debt.granted = self.debt.granted.checked_add(repay).ok_or(EngineError::Overflow)?;
-        self.paid.granted = self
+        let debt = self.debt.granted.checked_add(repay).ok_or(EngineError::Overflow)?;
+        let paid = self
             .paid
             .granted
             .checked_add(amount.picos() - repay)
             .ok_or(EngineError::Overflow)?;
+        (self.debt.granted, self.paid.granted) = (debt, paid);
         Ok(())
     }
 
@@ -716,38 +721,32 @@ impl Account {
         now: Timestamp,
     ) -> Result<(), EngineError> {
         self.advance(catalog, now)?;
+        let key = format!("operation_id {operation_id}");
+        let fingerprint = format!("top_up|{pool:?}|{amount}");
+        if self.replayed(&key, &fingerprint)? {
+            return Ok(());
+        }
         if !amount.is_positive() {
             return Err(EngineError::invalid("amount", "must be greater than zero"));
         }
         check_operation_size(amount)?;
-        if let Pool::Promo {
-            expires_at: Some(t), ..
-        } = pool
-            && t <= now
-        {
-            return Err(EngineError::invalid("expires_at", "must be in the future"));
-        }
-        if self.promos.contains_key(operation_id) && !self.operations.contains_key(operation_id.as_str()) {
-            return Err(EngineError::Conflict(format!(
-                "promo lot {operation_id} already exists"
-            )));
-        }
-        // Check the arithmetic before recording the operation id.
-        self.paid
-            .granted
-            .checked_add(amount.picos())
-            .ok_or(EngineError::Overflow)?;
-        if self.seen_operation(operation_id.as_str(), format!("top_up|{pool:?}|{amount}"))? {
-            return Ok(());
-        }
         match pool {
             Pool::Paid => self.credit_paid(amount)?,
             Pool::Promo { expires_at, priority } => {
+                if expires_at.is_some_and(|t| t <= now) {
+                    return Err(EngineError::invalid("expires_at", "must be in the future"));
+                }
+                if self.promos.contains_key(operation_id) {
+                    return Err(EngineError::Conflict(format!(
+                        "promo lot {operation_id} already exists"
+                    )));
+                }
+                let ledger = super::account::Ledger {
+                    granted: amount.picos(),
+                    ..Default::default()
+                };
                 let lot = Lot {
-                    ledger: super::account::Ledger {
-                        granted: amount.picos(),
-                        ..Default::default()
-                    },
+                    ledger,
                     expires_at,
                     models: None,
                     priority,
@@ -756,11 +755,13 @@ impl Account {
                 self.promos.insert(operation_id.clone(), lot);
             }
         }
+        self.operations.insert(key, fingerprint);
         Ok(())
     }
 
-    /// Adds a signed amount to paid money; a debit may not take it below
-    /// minus the credit limit. Idempotent on `operation_id`.
+    /// Adds a signed amount to paid money (a credit repays debt first); a
+    /// debit may not take it below minus the credit limit. Idempotent on
+    /// `operation_id`.
     pub fn adjust(
         &mut self,
         catalog: &Catalog,
@@ -769,69 +770,64 @@ impl Account {
         now: Timestamp,
     ) -> Result<(), EngineError> {
         self.advance(catalog, now)?;
+        let key = format!("operation_id {operation_id}");
+        let fingerprint = format!("adjust|{amount}");
+        if self.replayed(&key, &fingerprint)? {
+            return Ok(());
+        }
         if amount == Money::ZERO {
             return Err(EngineError::invalid("amount", "must not be zero"));
         }
         check_operation_size(amount)?;
         if amount.is_negative() {
-            let after = self
-                .paid
-                .available()
-                .checked_add(amount.picos())
-                .ok_or(EngineError::Overflow)?;
-            let fingerprint = format!("adjust|{amount}");
-            if self.operations.get(operation_id.as_str()) != Some(&fingerprint) && after < -self.credit_limit.picos() {
+            let after = self.paid.available() + amount.picos();
+            if after < -self.credit_limit.picos() {
                 return Err(EngineError::Precondition(format!(
-                    "debit of {amount} would take paid money to {} , below minus the credit limit {}",
+                    "debit of {amount} would take paid money to {}, below minus the credit limit {}",
                     Money::from_picos(after),
                     self.credit_limit
                 )));
             }
-            if self.seen_operation(operation_id.as_str(), fingerprint)? {
-                return Ok(());
-            }
             self.paid.granted += amount.picos();
-            return Ok(());
+        } else {
+            self.credit_paid(amount)?;
         }
-        self.paid
-            .granted
-            .checked_add(amount.picos())
-            .ok_or(EngineError::Overflow)?;
-        if self.seen_operation(operation_id.as_str(), format!("adjust|{amount}"))? {
-            return Ok(());
-        }
-        self.credit_paid(amount)
+        self.operations.insert(key, fingerprint);
+        Ok(())
     }
 
     /// Grants a token pack. Idempotent on the pack id.
     pub fn grant_pack(&mut self, catalog: &Catalog, grant: PackGrant, now: Timestamp) -> Result<(), EngineError> {
         self.advance(catalog, now)?;
+        let mut models: Vec<_> = grant.models.iter().flatten().map(ModelId::as_str).collect();
+        models.sort_unstable();
+        let key = format!("pack_id {}", grant.pack_id);
+        let fingerprint = format!(
+            "pack|{}|{}|{:?}|{}",
+            grant.tokens, grant.expires_at, models, grant.priority
+        );
+        if self.replayed(&key, &fingerprint)? {
+            return Ok(());
+        }
         if grant.tokens == 0 {
             return Err(EngineError::invalid("tokens", "must be greater than zero"));
         }
         if grant.expires_at <= now {
             return Err(EngineError::invalid("expires_at", "must be in the future"));
         }
-        let mut models: Vec<_> = grant.models.iter().flatten().map(ModelId::as_str).collect();
-        models.sort_unstable();
-        let fingerprint = format!(
-            "pack|{}|{}|{:?}|{}",
-            grant.tokens, grant.expires_at, models, grant.priority
-        );
-        if self.seen_operation(&format!("pack:{}", grant.pack_id), fingerprint)? {
-            return Ok(());
-        }
+        let ledger = super::account::Ledger {
+            granted: i128::from(grant.tokens),
+            ..Default::default()
+        };
         let lot = Lot {
-            ledger: super::account::Ledger {
-                granted: i128::from(grant.tokens),
-                ..Default::default()
-            },
+            ledger,
             expires_at: Some(grant.expires_at),
             models: grant.models,
             priority: grant.priority,
             closed: false,
         };
         self.packs.insert(grant.pack_id, lot);
+        self.operations.insert(key, fingerprint);
         Ok(())
     }
 

@@ -583,3 +583,91 @@ fn refused_admin_operations_change_nothing() {
     ));
     assert_eq!(before, format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations)));
 }
+
+#[test]
+fn period_numbers_never_repeat_across_plan_changes() {
+    let c = catalog();
+    let mut a = account(&c, "pro");
+    let r = allowed(a.reserve(&c, &req("r1", "m", 10, 20), t(NOW)).unwrap());
+    assert_eq!(r.held, vec![take(SourceRef::Allowance { period: 0 }, 30)]);
+    a.assign_plan(&c, &PlanId::parse("payg").unwrap(), None, t(NOW))
+        .unwrap();
+    a.assign_plan(&c, &PlanId::parse("pro").unwrap(), None, t(NOW)).unwrap();
+    assert_eq!(a.subscription.as_ref().unwrap().period, 1);
+    // The old period's hold is not the new period's: released, it is forfeited.
+    a.release(&c, &r.reservation_id, t(NOW)).unwrap();
+    assert_eq!(a.balance(t(NOW)).allowance_tokens, 1000);
+    assert_eq!((a.allowance.granted, a.allowance.forfeited), (2000, 1000));
+}
+
+#[test]
+fn a_hold_on_a_closed_lot_is_used_before_open_lots() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    let soon = Pool::Promo {
+        expires_at: Some(t("2026-03-10T12:00:30Z")),
+        priority: 0,
+    };
+    top_up(&mut a, &c, "p1", soon, 40_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
+    assert_eq!(r.held, vec![take(SourceRef::Promo("p1".parse_id()), 40_000)]);
+    top_up(
+        &mut a,
+        &c,
+        "p2",
+        Pool::Promo {
+            expires_at: None,
+            priority: 10,
+        },
+        40_000,
+    );
+    let later = t("2026-03-10T12:00:40Z");
+    let record = a.settle(&c, &r.reservation_id, usage(0, 10), later).unwrap();
+    assert_eq!(record.charges, vec![take(SourceRef::Promo("p1".parse_id()), 40_000)]);
+    assert_eq!(a.balance(later).promo, Money::from_picos(40_000));
+}
+
+#[test]
+fn admin_retries_answer_as_the_first_call_did() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    let expiring = Pool::Promo {
+        expires_at: Some(t("2026-03-10T13:00:00Z")),
+        priority: 0,
+    };
+    top_up(&mut a, &c, "promo", expiring, 5);
+    let grant = PackGrant {
+        pack_id: "pk".parse_id(),
+        tokens: 5,
+        expires_at: t("2026-03-10T13:00:00Z"),
+        models: None,
+        priority: 0,
+    };
+    a.grant_pack(&c, grant.clone(), t(NOW)).unwrap();
+    let later = t("2026-03-10T15:00:00Z");
+    // Both expiries are in the past now; the retries still succeed, once.
+    a.top_up(&c, &"promo".parse_id(), expiring, Money::from_picos(5), later)
+        .unwrap();
+    a.grant_pack(&c, grant, later).unwrap();
+    assert_eq!(a.promos.len() + a.packs.len(), 2);
+    // Operation ids and pack ids do not collide.
+    top_up(&mut a, &c, "pack_id", Pool::Paid, 5);
+    let same_name = PackGrant {
+        pack_id: "promo".parse_id(),
+        tokens: 5,
+        expires_at: t("2026-04-01T00:00:00Z"),
+        models: None,
+        priority: 0,
+    };
+    a.grant_pack(&c, same_name, t(NOW)).unwrap();
+    // A debit retried after the balance changed is still a replay.
+    a.adjust(&c, &"d1".parse_id(), Money::from_picos(-5), t(NOW)).unwrap();
+    a.adjust(&c, &"d2".parse_id(), Money::from_picos(-0), t(NOW))
+        .unwrap_err();
+    a.adjust(&c, &"d1".parse_id(), Money::from_picos(-5), t(NOW)).unwrap();
+    assert_eq!(a.balance(t(NOW)).paid, Money::ZERO);
+    assert!(matches!(
+        a.adjust(&c, &"d1".parse_id(), Money::from_picos(-6), t(NOW)),
+        Err(EngineError::Conflict(_))
+    ));
+}
