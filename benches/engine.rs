@@ -15,7 +15,7 @@ use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
-use tollgate::engine::limits::{LimitSet, ScopedLimits};
+use tollgate::engine::limits::{LimitSet, MAX_LIMIT, ScopedLimits};
 use tollgate::engine::money::Money;
 use tollgate::engine::ops::{PackGrant, Pool, ReserveRequest};
 use tollgate::engine::period::{Anchor, PeriodUnit};
@@ -59,8 +59,8 @@ fn catalog() -> Catalog {
         limits,
     };
     let big = LimitSet {
-        requests_per_minute: u64::MAX / 4,
-        tokens_per_minute: u64::MAX / 4,
+        requests_per_minute: MAX_LIMIT,
+        tokens_per_minute: MAX_LIMIT,
         concurrent_requests: 1000,
         ..Default::default()
     };
@@ -68,6 +68,7 @@ fn catalog() -> Catalog {
         account: big,
         api_key: big,
         per_model: big,
+        models: Default::default(),
     };
     let allowance = Allowance {
         tokens: 1_000,

@@ -550,12 +550,15 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
     ] {
         p.check(format!("{path}.limits.{scope}"), set.check());
     }
+    for (model, set) in &f.limits.models {
+        p.check(format!("{path}.limits.models.{model}"), set.check());
+    }
     Some(Plan {
         id: id?,
         allowance,
         draw_order,
         allowed_models,
-        limits: f.limits,
+        limits: f.limits.clone(),
     })
 }
 
@@ -794,6 +797,8 @@ mod tests {
             on_expiry = "forget"
             [plans.p]
             draw_order = ["paid", "packs"]
+            [plans.p.limits.models.m]
+            tokens_per_minute = 2000000000000
             [plans.p.allowance]
             tokens = 0
             period = "fortnight"
@@ -816,6 +821,7 @@ mod tests {
             "plans.p.allowance.period",
             "plans.p.allowance.tokens",
             "plans.p.draw_order",
+            "plans.p.limits.models.m",
             "prices[0].models.m.tiers.default.input",
             "prices[0].models.m.tiers.default.output",
             "accounts[0].id",

@@ -55,16 +55,18 @@ impl LimitSet {
     }
 }
 
-/// Limits per scope, as a plan or an override states them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Limits per scope, as a plan states them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScopedLimits {
     /// On the whole account.
     pub account: LimitSet,
     /// On each API key.
     pub api_key: LimitSet,
-    /// On each model, per account.
+    /// On each model, per account, unless `models` names the model.
     pub per_model: LimitSet,
+    /// On named models, per account, replacing `per_model` for them.
+    pub models: std::collections::BTreeMap<super::ids::ModelId, LimitSet>,
 }
 
 /// Per-account replacements of a plan's scopes.
@@ -80,13 +82,16 @@ pub struct LimitOverrides {
 }
 
 impl LimitOverrides {
-    /// The plan's limits with these overrides applied.
-    pub fn apply(&self, plan: &ScopedLimits) -> ScopedLimits {
-        ScopedLimits {
-            account: self.account.unwrap_or(plan.account),
-            api_key: self.api_key.unwrap_or(plan.api_key),
-            per_model: self.per_model.unwrap_or(plan.per_model),
-        }
+    /// The limits of each scope for a request on `model`: an account's
+    /// override wins over the plan's limit for the model, which wins over
+    /// the plan's per-model default.
+    pub fn resolve(&self, plan: &ScopedLimits, model: &super::ids::ModelId) -> [LimitSet; 3] {
+        let per_model = plan.models.get(model).copied().unwrap_or(plan.per_model);
+        [
+            self.account.unwrap_or(plan.account),
+            self.api_key.unwrap_or(plan.api_key),
+            self.per_model.unwrap_or(per_model),
+        ]
     }
 }
 

@@ -235,30 +235,13 @@ impl Account {
     }
 
     fn applicable(&self, plan: &Plan, api_key: Option<&ApiKeyId>, model: &ModelId) -> Applicable {
-        let limits = self.overrides.apply(&plan.limits);
-        let mut out = vec![(
-            BucketKey {
-                scope: Scope::Account,
-                id: "".into(),
-            },
-            limits.account,
-        )];
-        if let Some(key) = api_key {
-            out.push((
-                BucketKey {
-                    scope: Scope::ApiKey,
-                    id: key.as_str().into(),
-                },
-                limits.api_key,
-            ));
+        let [account, per_key, per_model] = self.overrides.resolve(&plan.limits, model);
+        let key = |scope, id: &str| BucketKey { scope, id: id.into() };
+        let mut out = vec![(key(Scope::Account, ""), account)];
+        if let Some(api_key) = api_key {
+            out.push((key(Scope::ApiKey, api_key.as_str()), per_key));
         }
-        out.push((
-            BucketKey {
-                scope: Scope::Model,
-                id: model.as_str().into(),
-            },
-            limits.per_model,
-        ));
+        out.push((key(Scope::Model, model.as_str()), per_model));
         out
     }
 

@@ -671,3 +671,41 @@ fn admin_retries_answer_as_the_first_call_did() {
         Err(EngineError::Conflict(_))
     ));
 }
+
+#[test]
+fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
+    let mut c = catalog();
+    let pro = c.plans.get_mut(&PlanId::parse("pro").unwrap()).unwrap();
+    pro.limits.per_model = LimitSet {
+        concurrent_requests: 2,
+        ..Default::default()
+    };
+    pro.limits.models.insert(
+        "big".parse_id(),
+        LimitSet {
+            concurrent_requests: 1,
+            ..Default::default()
+        },
+    );
+    let mut a = account(&c, "pro");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    allowed(a.reserve(&c, &req("b1", "big", 1, 1), t(NOW)).unwrap());
+    assert!(matches!(
+        denial(a.reserve(&c, &req("b2", "big", 1, 1), t(NOW)).unwrap()),
+        Denial::RateLimited(_)
+    ));
+    allowed(a.reserve(&c, &req("m1", "m", 1, 1), t(NOW)).unwrap());
+    allowed(a.reserve(&c, &req("m2", "m", 1, 1), t(NOW)).unwrap());
+    assert!(matches!(
+        denial(a.reserve(&c, &req("m3", "m", 1, 1), t(NOW)).unwrap()),
+        Denial::RateLimited(_)
+    ));
+    a.set_overrides(super::limits::LimitOverrides {
+        per_model: Some(LimitSet {
+            concurrent_requests: 5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    allowed(a.reserve(&c, &req("b2", "big", 1, 1), t(NOW)).unwrap());
+}
