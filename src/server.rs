@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::Server;
@@ -36,7 +35,7 @@ pub struct App {
     tollgate: Tollgate,
     sweep_interval: Duration,
     shutdown_grace: Duration,
-    writer: JoinHandle<std::io::Result<()>>,
+    writer: usage::Writer,
 }
 
 impl App {
@@ -129,10 +128,17 @@ impl App {
             tracing::info!("shutting down: finishing in-flight calls");
             quota_health.set_not_serving::<QuotaServer<QuotaApi>>().await;
             admin_health.set_not_serving::<AdminServer<AdminApi>>().await;
+            // The overall status too (probes that name no service).
+            for reporter in [&quota_health, &admin_health] {
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
             let _ = stop.send(true);
         };
         // In-flight calls get `shutdown_grace` to finish; then they are dropped
-        // so the process always exits within a deadline.
+        // so the process exits within a deadline (the usage writer then drains what is
+        // queued and refuses the rest).
         let deadline = async move {
             until_stopped(stopped).await;
             tokio::time::sleep(shutdown_grace).await;
@@ -151,11 +157,9 @@ impl App {
             signal
         );
         sweeper.await.context("sweeper task")?;
-        // Every sender is gone now; the writer drains and flushes.
-        writer
-            .await
-            .context("usage writer task")?
-            .context("writing usage records")?;
+        // Calls that outlived the grace period may still hold senders: the
+        // writer stops taking records, drains what is queued and flushes.
+        writer.finish().await.context("writing usage records")?;
         quota_result.context("data plane")?;
         admin_result.context("control plane")?;
         tracing::info!("stopped");

@@ -10,7 +10,7 @@
 use std::io;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::UsageSinkConfig;
@@ -22,9 +22,25 @@ pub const QUEUE: usize = 8192;
 /// Sends records to the writer task.
 pub type UsageSender = mpsc::Sender<UsageRecord>;
 
-/// Opens the sink and starts its writer. The task ends, flushed, when every
-/// [`UsageSender`] has been dropped.
-pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, JoinHandle<io::Result<()>>)> {
+/// The writer task, and the way to stop it.
+pub struct Writer {
+    close: oneshot::Sender<()>,
+    task: JoinHandle<io::Result<()>>,
+}
+
+impl Writer {
+    /// Stops taking new records, writes every record already queued, flushes
+    /// and waits for the task. Senders still alive (calls that outlived the
+    /// shutdown grace period) get an error from then on.
+    pub async fn finish(self) -> io::Result<()> {
+        let _ = self.close.send(());
+        self.task.await.map_err(io::Error::other)?
+    }
+}
+
+/// Opens the sink and starts its writer. The writer ends, flushed, when
+/// told to ([`Writer::finish`]) or when every [`UsageSender`] is gone.
+pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, Writer)> {
     let out: Box<dyn AsyncWrite + Send + Unpin> = match config {
         UsageSinkConfig::Stdout => Box::new(tokio::io::stdout()),
         UsageSinkConfig::File(path) => {
@@ -37,14 +53,28 @@ pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, JoinHan
         }
     };
     let (tx, rx) = mpsc::channel(QUEUE);
-    Ok((tx, tokio::spawn(write(rx, BufWriter::new(out)))))
+    let (close, closed) = oneshot::channel();
+    let task = tokio::spawn(write(rx, closed, BufWriter::new(out)));
+    Ok((tx, Writer { close, task }))
 }
 
 async fn write(
     mut rx: mpsc::Receiver<UsageRecord>,
+    mut closed: oneshot::Receiver<()>,
     mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
 ) -> io::Result<()> {
-    while let Some(record) = rx.recv().await {
+    let mut closing = false;
+    loop {
+        let record = tokio::select! {
+            record = rx.recv() => record,
+            _ = &mut closed, if !closing => {
+                // Refuse new records; recv() still yields the queued ones.
+                rx.close();
+                closing = true;
+                continue;
+            }
+        };
+        let Some(record) = record else { break };
         let mut line = serde_json::to_vec(&record)?;
         line.push(b'\n');
         out.write_all(&line).await?;
@@ -53,4 +83,45 @@ async fn write(
         }
     }
     out.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u32) -> UsageRecord {
+        let id = |s: &str| crate::engine::ids::RequestId::parse(s).unwrap();
+        UsageRecord {
+            kind: crate::engine::record::RecordKind::Charge,
+            request_id: id(&format!("r{n}")),
+            reservation_id: None,
+            account_id: crate::engine::ids::AccountId::parse("a").unwrap(),
+            api_key_id: None,
+            model: None,
+            service_tier: None,
+            usage: Default::default(),
+            charges: vec![],
+            total_money: crate::engine::Money::ZERO,
+            price_version: None,
+            reserved_at: jiff::Timestamp::UNIX_EPOCH,
+            settled_at: jiff::Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[tokio::test]
+    async fn finish_drains_what_is_queued_and_refuses_the_rest_while_senders_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.jsonl");
+        let (tx, writer) = spawn(&UsageSinkConfig::File(path.clone())).await.unwrap();
+        for n in 0..100 {
+            tx.send(record(n)).await.unwrap();
+        }
+        // `tx` is still alive (a call that outlived the grace period).
+        writer.finish().await.unwrap();
+        assert!(tx.send(record(100)).await.is_err());
+        assert!(tx.is_closed());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 100);
+        assert!(text.lines().last().unwrap().contains("\"request_id\":\"r99\""));
+    }
 }
