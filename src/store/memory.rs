@@ -6,8 +6,10 @@
 
 use std::sync::{Arc, RwLock};
 
-use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use dashmap::mapref::entry::Entry;
+use dashmap::{DashMap, DashSet};
 use jiff::Timestamp;
 
 use super::{Applied, Store, StoreError};
@@ -19,6 +21,12 @@ use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
 /// for the microseconds the engine takes, and never across an `.await`.
 pub struct MemoryStore {
     accounts: DashMap<AccountId, Account>,
+    /// Accounts with open holds: what a light sweep visits. An id is added
+    /// after its account's guard is released and removed while it is held,
+    /// so the two maps are never locked in opposite orders.
+    holding: DashSet<AccountId>,
+    /// Sweeps so far; every [`FULL_SWEEP_EVERY`]th visits every account.
+    sweeps: AtomicU64,
     /// Replaced whole on publish; readers clone the `Arc` and let go of the
     /// lock at once.
     catalog: RwLock<Arc<Catalog>>,
@@ -29,10 +37,16 @@ impl MemoryStore {
     pub fn new(catalog: Catalog) -> MemoryStore {
         MemoryStore {
             accounts: DashMap::new(),
+            holding: DashSet::new(),
+            sweeps: AtomicU64::new(0),
             catalog: RwLock::new(Arc::new(catalog)),
         }
     }
 }
+
+/// Every how many sweeps one visits every account (and prunes idempotency
+/// memory); the others visit only accounts with open holds.
+pub const FULL_SWEEP_EVERY: u64 = 60;
 
 fn poisoned() -> StoreError {
     StoreError::Unavailable("catalog lock poisoned".into())
@@ -60,7 +74,11 @@ impl Store for MemoryStore {
         // Time-driven effects (lapsed holds) happen even when the command is
         // refused, so their records are taken either way.
         let records = account.take_records();
+        let holds = !account.expiries.is_empty();
         drop(account);
+        if holds {
+            self.holding.insert(id.clone());
+        }
         match result {
             Ok(reply) => Ok(Applied { reply, records }),
             Err(e) if records.is_empty() => Err(e.into()),
@@ -93,15 +111,87 @@ impl Store for MemoryStore {
     async fn sweep(&self, now: Timestamp) -> Result<Vec<UsageRecord>, StoreError> {
         let catalog = self.catalog();
         let mut records = Vec::new();
-        for mut account in self.accounts.iter_mut() {
+        let visit = |account: &mut Account, records: &mut Vec<UsageRecord>| {
             // One account's failure (a date out of range) must not stop the
             // others from lapsing their holds.
             if let Err(e) = account.advance(&catalog, now) {
                 tracing::warn!(account = %account.id, error = %e, "sweep could not advance account");
             }
-            account.prune(&catalog, now);
             records.append(&mut account.outbox);
+            if account.expiries.is_empty() {
+                self.holding.remove(&account.id);
+            }
+        };
+        if self
+            .sweeps
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(FULL_SWEEP_EVERY)
+        {
+            // Full pass: also forget what the idempotency window no longer needs.
+            for mut account in self.accounts.iter_mut() {
+                visit(&mut account, &mut records);
+                account.prune(&catalog, now);
+            }
+        } else {
+            // Light pass: only accounts with open holds can have holds to lapse.
+            let ids: Vec<AccountId> = self.holding.iter().map(|id| id.clone()).collect();
+            for id in ids {
+                if let Some(mut account) = self.accounts.get_mut(&id) {
+                    visit(&mut account, &mut records);
+                }
+            }
         }
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DEMO, Settings};
+    use crate::engine::ExpiryPolicy;
+    use crate::engine::ids::{ModelId, RequestId, TierId};
+    use crate::engine::ops::Pool;
+    use crate::engine::{Money, Reply, ReserveRequest};
+
+    #[tokio::test]
+    async fn light_sweeps_lapse_holds_and_full_sweeps_prune() {
+        let mut catalog = Settings::parse(DEMO, &|_| None).unwrap().catalog;
+        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
+        let store = MemoryStore::new(catalog.clone());
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let plan = &catalog.plans[&crate::engine::ids::PlanId::parse("payg").unwrap()];
+        for name in ["idle", "busy"] {
+            let id = AccountId::parse(name).unwrap();
+            let account = Account::open(id.clone(), plan, jiff::tz::TimeZone::UTC, None, Money::ZERO, now).unwrap();
+            store.create(account).await.unwrap();
+            let top_up = Command::TopUp {
+                operation_id: crate::engine::ids::LotId::parse("t").unwrap(),
+                pool: Pool::Paid,
+                amount: "1".parse().unwrap(),
+            };
+            store.apply(&id, top_up, now).await.unwrap();
+        }
+        let busy = AccountId::parse("busy").unwrap();
+        let reserve = ReserveRequest {
+            request_id: RequestId::parse("r1").unwrap(),
+            api_key_id: None,
+            model: ModelId::parse("llama-3.1-8b").unwrap(),
+            tier: TierId::default_tier(),
+            input_tokens: 1000,
+            cached_input_tokens: 0,
+            max_output_tokens: 1000,
+        };
+        let applied = store.apply(&busy, Command::Reserve(reserve), now).await.unwrap();
+        assert!(matches!(applied.reply, Reply::Reserve(_)));
+        assert_eq!(store.holding.len(), 1);
+        // The first sweep is a full one; the next ones are light.
+        assert!(store.sweep(now).await.unwrap().is_empty());
+        let later = now + catalog.hold_ttl;
+        let records = store.sweep(later).await.unwrap();
+        assert_eq!(records.len(), 1, "the lapsed hold was charged in full");
+        assert_eq!(records[0].total_money.to_string(), "0.000300000000");
+        assert!(store.holding.is_empty());
+        assert!(store.sweep(later).await.unwrap().is_empty());
     }
 }
