@@ -179,15 +179,22 @@ async fn accounts_money_packs_plans_limits_and_status() {
             requests_per_minute: 1,
             ..Default::default()
         }),
+        models: [(
+            "m".to_owned(),
+            proto::LimitSet {
+                concurrent_requests: 3,
+                ..Default::default()
+            },
+        )]
+        .into(),
         ..Default::default()
     };
-    app.admin
-        .set_limit_overrides(proto::SetLimitOverridesRequest {
-            account_id: "acme".into(),
-            overrides: Some(overrides),
-        })
-        .await
-        .unwrap();
+    let request = proto::SetLimitOverridesRequest {
+        account_id: "acme".into(),
+        overrides: Some(overrides.clone()),
+    };
+    let d = app.admin.set_limit_overrides(request).await.unwrap().into_inner();
+    assert_eq!(d.overrides, Some(overrides));
     assert_eq!(
         app.quota
             .reserve(reserve("acme", "r2", 1, 1))

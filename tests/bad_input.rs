@@ -247,6 +247,19 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
         Code::InvalidArgument,
         "overrides.per_model: tokens_per_minute",
     );
+    let named = proto::LimitOverrides {
+        models: [("bad model".to_owned(), proto::LimitSet::default())].into(),
+        ..Default::default()
+    };
+    let set = proto::SetLimitOverridesRequest {
+        account_id: "rich".into(),
+        overrides: Some(named),
+    };
+    expect(
+        a.set_limit_overrides(set).await,
+        Code::InvalidArgument,
+        "overrides.models.bad model",
+    );
 
     let create = |id: &str, plan: &str, tz: &str, anchor: i32| proto::CreateAccountRequest {
         account_id: id.into(),

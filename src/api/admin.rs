@@ -376,6 +376,14 @@ impl Admin for AdminApi {
             account: set("overrides.account", &o.account)?,
             api_key: set("overrides.api_key", &o.api_key)?,
             per_model: set("overrides.per_model", &o.per_model)?,
+            models: o
+                .models
+                .iter()
+                .map(|(name, l)| {
+                    let field = format!("overrides.models.{name}");
+                    Ok((id(&field, name, ModelId::parse)?, limit_set(&field, l)?))
+                })
+                .collect::<Result<_, Status>>()?,
         };
         self.mutate(&account, Command::SetOverrides(overrides), "").await
     }

@@ -266,6 +266,11 @@ pub fn overrides_out(o: &LimitOverrides) -> proto::LimitOverrides {
         account: o.account.as_ref().map(limit_set_out),
         api_key: o.api_key.as_ref().map(limit_set_out),
         per_model: o.per_model.as_ref().map(limit_set_out),
+        models: o
+            .models
+            .iter()
+            .map(|(m, l)| (m.to_string(), limit_set_out(l)))
+            .collect(),
     }
 }
 

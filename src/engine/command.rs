@@ -241,7 +241,7 @@ impl Account {
             requests: Default::default(),
             operations: Default::default(),
             buckets: Default::default(),
-            overrides: self.overrides,
+            overrides: self.overrides.clone(),
             recent: self.recent.clone(),
             outbox: Vec::new(),
         }

@@ -70,27 +70,35 @@ pub struct ScopedLimits {
 }
 
 /// Per-account replacements of a plan's scopes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitOverrides {
     /// Replaces the plan's account limits.
     pub account: Option<LimitSet>,
     /// Replaces the plan's per-key limits.
     pub api_key: Option<LimitSet>,
-    /// Replaces the plan's per-model limits.
+    /// Replaces the plan's per-model limits (named or not).
     pub per_model: Option<LimitSet>,
+    /// Replaces every other per-model limit for the named models.
+    pub models: std::collections::BTreeMap<super::ids::ModelId, LimitSet>,
 }
 
 impl LimitOverrides {
-    /// The limits of each scope for a request on `model`: an account's
-    /// override wins over the plan's limit for the model, which wins over
-    /// the plan's per-model default.
+    /// The limits of each scope for a request on `model`. Most specific
+    /// first: the account's limit for the model, the account's per-model
+    /// limit, the plan's limit for the model, the plan's per-model limit.
     pub fn resolve(&self, plan: &ScopedLimits, model: &super::ids::ModelId) -> [LimitSet; 3] {
-        let per_model = plan.models.get(model).copied().unwrap_or(plan.per_model);
+        let per_model = self
+            .models
+            .get(model)
+            .copied()
+            .or(self.per_model)
+            .or_else(|| plan.models.get(model).copied())
+            .unwrap_or(plan.per_model);
         [
             self.account.unwrap_or(plan.account),
             self.api_key.unwrap_or(plan.api_key),
-            self.per_model.unwrap_or(per_model),
+            per_model,
         ]
     }
 }

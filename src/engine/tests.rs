@@ -708,4 +708,25 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
         ..Default::default()
     });
     allowed(a.reserve(&c, &req("b2", "big", 1, 1), t(NOW)).unwrap());
+    // The account's limit for the named model is the most specific of all.
+    a.set_overrides(super::limits::LimitOverrides {
+        per_model: Some(LimitSet {
+            concurrent_requests: 5,
+            ..Default::default()
+        }),
+        models: [(
+            "big".parse_id(),
+            LimitSet {
+                concurrent_requests: 2,
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Default::default()
+    });
+    assert!(matches!(
+        denial(a.reserve(&c, &req("b3", "big", 1, 1), t(NOW)).unwrap()),
+        Denial::RateLimited(_)
+    ));
+    allowed(a.reserve(&c, &req("m3", "m", 1, 1), t(NOW)).unwrap());
 }
