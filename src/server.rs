@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::admin::AdminApi;
 use crate::api::quota::QuotaApi;
@@ -115,13 +115,13 @@ impl App {
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(quota), until_stopped(stopped.clone()));
+            .serve_with_incoming_shutdown(incoming(quota), until_stopped(stopped.clone()));
         let admin_server = Server::builder()
             .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)
             .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(admin), until_stopped(stopped.clone()));
+            .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped.clone())));
         let signal = async move {
             shutdown.await;
@@ -165,6 +165,13 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: a decision is a few
+/// hundred bytes each way, and waiting to coalesce them (against the
+/// peer's delayed ACK) would add milliseconds to every call.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// A server-reflection builder listing `service` with health and reflection.

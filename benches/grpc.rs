@@ -1,0 +1,87 @@
+//! One reserve and its settle over real gRPC on loopback, against the app
+//! as `tollgate serve` builds it (memory store, usage file in a temp dir).
+//!
+//! Run: `cargo bench --bench grpc`.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tollgate::clock::SystemClock;
+use tollgate::config::Settings;
+use tollgate::proto;
+use tollgate::proto::quota_client::QuotaClient;
+use tollgate::server::App;
+
+/// The demo's prices, no rate limits, a balance that never runs out.
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[plans.open]
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models."llama-3.1-8b".tiers.default]
+input = "0.10"
+output = "0.20"
+[[accounts]]
+id = "demo"
+plan = "open"
+paid = "1000000"
+"#;
+
+fn grpc(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let usage = dir.path().join("usage.jsonl").to_string_lossy().into_owned();
+    let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
+    let settings = Settings::parse(CONFIG, &env).unwrap();
+    let (mut client, stop) = runtime.block_on(async {
+        let app = App::build(settings, Arc::new(SystemClock)).await.unwrap();
+        let url = format!("http://{}", app.quota_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run(async {
+            let _ = stopped.await;
+        }));
+        (QuotaClient::connect(url).await.unwrap(), stop)
+    });
+    let mut i = 0u64;
+    c.bench_function("grpc reserve+settle (loopback)", |b| {
+        b.iter(|| {
+            i += 1;
+            let id = format!("bench-{i}");
+            runtime.block_on(async {
+                let reserve = proto::ReserveRequest {
+                    account_id: "demo".into(),
+                    model: "llama-3.1-8b".into(),
+                    request_id: id.clone(),
+                    input_tokens: 10,
+                    max_output_tokens: 10,
+                    ..Default::default()
+                };
+                let r = client.reserve(reserve).await.unwrap().into_inner();
+                assert_eq!(r.decision, proto::Decision::Allow as i32);
+                let usage = proto::Usage {
+                    input_tokens: 10,
+                    output_tokens: 5,
+                    ..Default::default()
+                };
+                let settle = proto::SettleRequest {
+                    account_id: "demo".into(),
+                    reservation_id: id,
+                    usage: Some(usage),
+                };
+                client.settle(settle).await.unwrap();
+            })
+        })
+    });
+    let _ = stop.send(());
+}
+
+criterion_group!(benches, grpc);
+criterion_main!(benches);
