@@ -66,7 +66,7 @@ impl Tollgate {
         .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
     }
 
-    async fn emit(&self, records: Vec<UsageRecord>) {
+    async fn emit(&self, records: Vec<Arc<UsageRecord>>) {
         for record in records {
             if self.usage.send(record).await.is_err() {
                 tracing::error!("usage sink has stopped; a usage record was not written");

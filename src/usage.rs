@@ -8,6 +8,7 @@
 //! fix (a later stage of the design).
 
 use std::io;
+use std::sync::Arc;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +21,7 @@ use crate::engine::UsageRecord;
 pub const QUEUE: usize = 8192;
 
 /// Sends records to the writer task.
-pub type UsageSender = mpsc::Sender<UsageRecord>;
+pub type UsageSender = mpsc::Sender<Arc<UsageRecord>>;
 
 /// The writer task, and the way to stop it.
 pub struct Writer {
@@ -59,7 +60,7 @@ pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, Writer)
 }
 
 async fn write(
-    mut rx: mpsc::Receiver<UsageRecord>,
+    mut rx: mpsc::Receiver<Arc<UsageRecord>>,
     mut closed: oneshot::Receiver<()>,
     mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
 ) -> io::Result<()> {
@@ -75,7 +76,7 @@ async fn write(
             }
         };
         let Some(record) = record else { break };
-        let mut line = serde_json::to_vec(&record)?;
+        let mut line = serde_json::to_vec(&*record)?;
         line.push(b'\n');
         out.write_all(&line).await?;
         if rx.is_empty() {
@@ -89,9 +90,9 @@ async fn write(
 mod tests {
     use super::*;
 
-    fn record(n: u32) -> UsageRecord {
+    fn record(n: u32) -> Arc<UsageRecord> {
         let id = |s: &str| crate::engine::ids::RequestId::parse(s).unwrap();
-        UsageRecord {
+        Arc::new(UsageRecord {
             kind: crate::engine::record::RecordKind::Charge,
             request_id: id(&format!("r{n}")),
             reservation_id: None,
@@ -105,7 +106,7 @@ mod tests {
             price_version: None,
             reserved_at: jiff::Timestamp::UNIX_EPOCH,
             settled_at: jiff::Timestamp::UNIX_EPOCH,
-        }
+        })
     }
 
     #[tokio::test]

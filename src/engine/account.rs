@@ -7,6 +7,7 @@
 //! made and every usage record emitted (invariant 1, conservation).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -142,7 +143,7 @@ pub enum Reservation {
         /// The usage that was settled.
         usage: Usage,
         /// The record emitted.
-        record: Box<UsageRecord>,
+        record: Arc<UsageRecord>,
         /// When.
         closed_at: Timestamp,
     },
@@ -177,7 +178,7 @@ pub enum Remembered {
         /// Content fingerprint.
         fingerprint: String,
         /// The record emitted.
-        record: Box<UsageRecord>,
+        record: Arc<UsageRecord>,
         /// When.
         at: Timestamp,
     },
@@ -229,9 +230,9 @@ pub struct Account {
     /// Per-account limit overrides.
     pub overrides: LimitOverrides,
     /// The latest usage records, newest last.
-    pub recent: VecDeque<UsageRecord>,
+    pub recent: VecDeque<Arc<UsageRecord>>,
     /// Records produced but not yet taken by the store for the usage sink.
-    pub outbox: Vec<UsageRecord>,
+    pub outbox: Vec<Arc<UsageRecord>>,
 }
 
 impl Account {
@@ -325,7 +326,7 @@ impl Account {
                         self.charge_held(&hold.takes);
                         let record =
                             self.record_for(&hold, RecordKind::Expired, hold.worst_case(), hold.takes.clone(), now);
-                        self.emit(record, catalog);
+                        self.emit(Arc::new(record), catalog);
                     }
                 }
                 self.buckets.finish(&hold.buckets);
@@ -422,7 +423,7 @@ impl Account {
     }
 
     /// Queues `record` for the usage sink and keeps it among the recent.
-    pub(crate) fn emit(&mut self, record: UsageRecord, catalog: &Catalog) {
+    pub(crate) fn emit(&mut self, record: Arc<UsageRecord>, catalog: &Catalog) {
         if catalog.recent_usage > 0 {
             if self.recent.len() == catalog.recent_usage {
                 self.recent.pop_front();
@@ -433,7 +434,7 @@ impl Account {
     }
 
     /// Takes the records queued for the usage sink.
-    pub fn take_records(&mut self) -> Vec<UsageRecord> {
+    pub fn take_records(&mut self) -> Vec<Arc<UsageRecord>> {
         std::mem::take(&mut self.outbox)
     }
 

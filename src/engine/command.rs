@@ -1,6 +1,8 @@
 //! One entry point for every account mutation, so a store can run any of
 //! them atomically without knowing what they do.
 
+use std::sync::Arc;
+
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
@@ -107,7 +109,7 @@ pub enum Reply {
     /// To [`Command::Extend`].
     Extend(Extended),
     /// To [`Command::Settle`].
-    Settle(Box<UsageRecord>),
+    Settle(Arc<UsageRecord>),
     /// To [`Command::Release`].
     Release(Vec<Take>),
     /// To [`Command::Charge`].
@@ -129,9 +131,7 @@ impl Account {
                 reservation,
                 max_output_tokens,
             } => Reply::Extend(self.extend(catalog, &reservation, max_output_tokens, now)?),
-            Command::Settle { reservation, usage } => {
-                Reply::Settle(Box::new(self.settle(catalog, &reservation, usage, now)?))
-            }
+            Command::Settle { reservation, usage } => Reply::Settle(self.settle(catalog, &reservation, usage, now)?),
             Command::Release(reservation) => Reply::Release(self.release(catalog, &reservation, now)?),
             Command::Charge(req) => Reply::Charge(self.charge(catalog, &req, now)?),
             Command::TopUp {

@@ -7,6 +7,7 @@
 //! nothing but what the passage of time changes anyway (invariant 5).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use jiff::Timestamp;
 
@@ -153,7 +154,7 @@ pub struct ChargeRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
     /// Charged; the record emitted.
-    Charged(Box<UsageRecord>),
+    Charged(Arc<UsageRecord>),
     /// Not charged.
     Denied(Denial, String),
 }
@@ -214,6 +215,9 @@ pub struct Balance {
     pub suspended: bool,
 }
 
+/// The id of the account-wide bucket (the scope says it all).
+static ACCOUNT_BUCKET: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 fn unpriced_message(why: Unpriced, model: &ModelId, tier: &TierId) -> String {
     match why {
         Unpriced::NoVersion => "no price version is in force".to_owned(),
@@ -236,12 +240,12 @@ impl Account {
 
     fn applicable(&self, plan: &Plan, api_key: Option<&ApiKeyId>, model: &ModelId) -> Applicable {
         let [account, per_key, per_model] = self.overrides.resolve(&plan.limits, model);
-        let key = |scope, id: &str| BucketKey { scope, id: id.into() };
-        let mut out = vec![(key(Scope::Account, ""), account)];
+        let key = |scope, id: Arc<str>| BucketKey { scope, id };
+        let mut out = vec![(key(Scope::Account, ACCOUNT_BUCKET.clone()), account)];
         if let Some(api_key) = api_key {
-            out.push((key(Scope::ApiKey, api_key.as_str()), per_key));
+            out.push((key(Scope::ApiKey, api_key.shared()), per_key));
         }
-        out.push((key(Scope::Model, model.as_str()), per_model));
+        out.push((key(Scope::Model, model.shared()), per_model));
         out
     }
 
@@ -504,42 +508,48 @@ impl Account {
         id: &ReservationId,
         usage: Usage,
         now: Timestamp,
-    ) -> Result<UsageRecord, EngineError> {
+    ) -> Result<Arc<UsageRecord>, EngineError> {
         self.advance(catalog, now)?;
         if let Some(Reservation::Settled {
             usage: first, record, ..
         }) = self.reservations.get(id)
         {
             return if *first == usage {
-                Ok((**record).clone())
+                Ok(Arc::clone(record))
             } else {
                 Err(EngineError::Precondition(format!(
                     "reservation {id} was already settled with different usage"
                 )))
             };
         }
-        let hold = self.open_hold(id)?.clone();
-        let plan = self.plan_of(catalog)?;
-        let rates = self.hold_rates(catalog, &hold, usage.prompt_tokens())?;
-        let need = Need::Tokens {
-            usage,
-            rates,
-            model: &hold.model,
+        // Plan while the hold stays in place: nothing below may fail.
+        let charges = {
+            let hold = self.open_hold(id)?;
+            let plan = self.plan_of(catalog)?;
+            let rates = self.hold_rates(catalog, hold, usage.prompt_tokens())?;
+            let need = Need::Tokens {
+                usage,
+                rates,
+                model: &hold.model,
+            };
+            let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
+            plan_with_debt(&caps, &need)?
         };
-        let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
-        let charges = plan_with_debt(&caps, &need)?;
+        let Some(Reservation::Open(hold)) = self.reservations.remove(id) else {
+            return Err(EngineError::NotFound(format!("reservation {id}")));
+        };
         self.rebalance(&hold.takes, &[], &charges);
         self.buckets
             .adjust_tokens(&hold.buckets, hold.admitted_tokens, usage.total_tokens(), now);
         self.buckets.finish(&hold.buckets);
         self.expiries.remove(&(hold.expires_at, id.clone()));
-        let record = self.record_for(&hold, RecordKind::Settle, usage, charges, now);
-        self.emit(record.clone(), catalog);
+        let record = Arc::new(self.record_for(&hold, RecordKind::Settle, usage, charges, now));
+        self.emit(Arc::clone(&record), catalog);
         self.reservations.insert(
             id.clone(),
             Reservation::Settled {
                 usage,
-                record: Box::new(record.clone()),
+                record: Arc::clone(&record),
                 closed_at: now,
             },
         );
@@ -638,7 +648,7 @@ impl Account {
             ));
         };
         self.rebalance(&[], &[], &charges);
-        let record = UsageRecord {
+        let record = Arc::new(UsageRecord {
             kind: RecordKind::Charge,
             request_id: req.request_id.clone(),
             reservation_id: None,
@@ -652,17 +662,17 @@ impl Account {
             price_version: version,
             reserved_at: now,
             settled_at: now,
-        };
-        self.emit(record.clone(), catalog);
+        });
+        self.emit(Arc::clone(&record), catalog);
         self.requests.insert(
             req.request_id.clone(),
             Remembered::Charged {
                 fingerprint,
-                record: Box::new(record.clone()),
+                record: Arc::clone(&record),
                 at: now,
             },
         );
-        Ok(ChargeOutcome::Charged(Box::new(record)))
+        Ok(ChargeOutcome::Charged(record))
     }
 
     /// Whether an admin operation id was already applied: `Ok(true)` with

@@ -108,10 +108,10 @@ impl Store for MemoryStore {
         Ok(ids)
     }
 
-    async fn sweep(&self, now: Timestamp) -> Result<Vec<UsageRecord>, StoreError> {
+    async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {
         let catalog = self.catalog();
         let mut records = Vec::new();
-        let visit = |account: &mut Account, records: &mut Vec<UsageRecord>| {
+        let visit = |account: &mut Account, records: &mut Vec<Arc<UsageRecord>>| {
             // One account's failure (a date out of range) must not stop the
             // others from lapsing their holds.
             if let Err(e) = account.advance(&catalog, now) {

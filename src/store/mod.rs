@@ -41,7 +41,7 @@ pub struct Applied {
     /// The engine's answer.
     pub reply: Reply,
     /// Usage records to emit (lapsed holds charged in full, settles, charges).
-    pub records: Vec<UsageRecord>,
+    pub records: Vec<Arc<UsageRecord>>,
 }
 
 /// The authoritative state of every account, and the catalog.
@@ -62,5 +62,5 @@ pub trait Store: Send + Sync + 'static {
     /// Brings every account up to `now` (lapsed holds, expiries, resets) and
     /// forgets what the idempotency window no longer needs. Returns the
     /// records this produced.
-    async fn sweep(&self, now: Timestamp) -> Result<Vec<UsageRecord>, StoreError>;
+    async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError>;
 }
