@@ -39,6 +39,11 @@ pub struct LimitSet {
 }
 
 impl LimitSet {
+    /// No rate and no concurrency limit: nothing to count.
+    pub fn is_unlimited(&self) -> bool {
+        self.requests_per_minute == 0 && self.tokens_per_minute == 0 && self.concurrent_requests == 0
+    }
+
     /// Checks every figure against [`MAX_LIMIT`]; names the first too large.
     pub fn check(&self) -> Result<(), String> {
         let figures = [

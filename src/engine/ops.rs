@@ -246,6 +246,10 @@ impl Account {
             out.push((key(Scope::ApiKey, api_key.shared()), per_key));
         }
         out.push((key(Scope::Model, model.shared()), per_model));
+        // A scope without limits needs no bucket: nothing to count, look up
+        // or store. (A concurrency limit set later counts the requests
+        // admitted from then on, not those already in flight.)
+        out.retain(|(_, set)| !set.is_unlimited());
         out
     }
 
