@@ -7,8 +7,10 @@
 //! reply, for the caller to hand to the usage sink.
 //!
 //! - [`memory`]: the embedded default; one process, volatile.
+//! - [`redis`]: the connection layer of the Redis-backed store (next stage).
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 

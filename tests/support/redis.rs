@@ -15,7 +15,8 @@ pub struct RedisServer {
     /// Its loopback port.
     pub port: u16,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -46,12 +47,21 @@ impl RedisServer {
     }
 
     fn try_start(extra: &[&str]) -> Option<RedisServer> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            args: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        server.spawn().then_some(server)
+    }
+
+    /// Spawns the process on this server's port and waits for PONG.
+    fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args([
                 "--port",
-                &port.to_string(),
+                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -59,29 +69,33 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
-            .args(["--dir", dir.path().to_str().expect("utf-8 temp path")])
-            .args(extra)
+            .args(["--dir", self.dir.path().to_str().expect("utf-8 temp path")])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server (package redis-server)");
-        let mut server = RedisServer {
-            port,
-            child: Some(child),
-            _dir: dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if cli(port, &["PING"]).trim() == "PONG" {
-                return Some(server);
+            if cli(self.port, &["PING"]).trim() == "PONG" {
+                return true;
             }
-            if let Some(Ok(Some(_))) = server.child.as_mut().map(Child::try_wait) {
-                return None; // exited: most likely the port was taken
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return false; // exited: most likely the port was taken
             }
             sleep(Duration::from_millis(20));
         }
-        server.stop();
-        None
+        self.stop();
+        false
+    }
+
+    /// Starts the stopped server again on the same port (empty: nothing is
+    /// persisted).
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(self.spawn(), "redis-server did not restart on port {}", self.port);
     }
 
     /// `redis://127.0.0.1:PORT`.

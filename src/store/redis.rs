@@ -1,0 +1,131 @@
+//! The connection layer of the Redis-backed store: one Redis or a Redis
+//! Cluster behind one handle, with a deadline on every call.
+//!
+//! - A single Redis is reached through a [`ConnectionManager`]: one
+//!   multiplexed connection, re-established in the background with
+//!   exponential backoff when it drops.
+//! - A cluster is reached through redis-rs' cluster client, seeded with one
+//!   or more node URLs; it follows slot moves and reconnects by itself.
+//! - Every call is bounded by `deadline` (on top of the client's own
+//!   response timeout), so nothing waits on a dead connection: a late call
+//!   is [`StoreError::Unavailable`].
+//! - Scripts are called by SHA (`EVALSHA`) and loaded again when Redis
+//!   answers `NOSCRIPT` (a restarted or flushed server); on a cluster
+//!   `SCRIPT LOAD` goes to every primary.
+//!
+//! The account store built on it (keys, scripts, leases) is the next stage.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, Script, ToRedisArgs};
+
+use super::StoreError;
+
+/// Where Redis is and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URLs: one for a single Redis, one or more
+    /// seed nodes for a cluster.
+    pub urls: Vec<String>,
+    /// Whether the URLs name Redis Cluster nodes.
+    pub cluster: bool,
+    /// The most any one call may take, connection attempts included.
+    pub deadline: Duration,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A handle on Redis; cheap to clone, shared by every task.
+#[derive(Clone)]
+pub struct Redis {
+    connection: Connection,
+    deadline: Duration,
+}
+
+fn unavailable(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {what}"))
+}
+
+impl Redis {
+    /// Connects, within the deadline.
+    pub async fn connect(settings: &RedisSettings) -> Result<Redis, StoreError> {
+        let deadline = settings.deadline;
+        let connect = async {
+            if settings.cluster {
+                let client = ClusterClientBuilder::new(settings.urls.clone())
+                    .connection_timeout(deadline)
+                    .response_timeout(deadline)
+                    .build()?;
+                Ok(Connection::Cluster(client.get_async_connection().await?))
+            } else {
+                let [url] = settings.urls.as_slice() else {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "a single Redis takes exactly one URL",
+                    )));
+                };
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(deadline))
+                    .set_response_timeout(Some(deadline))
+                    .set_number_of_retries(3)
+                    .set_max_delay(Duration::from_secs(2));
+                Ok(Connection::Single(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+        };
+        let connection = tokio::time::timeout(deadline, connect)
+            .await
+            .map_err(|_| unavailable(format!("no connection within {deadline:?}")))?
+            .map_err(unavailable)?;
+        Ok(Redis { connection, deadline })
+    }
+
+    /// Runs `script` with `keys` and `args` (a value or a tuple, each
+    /// element one argument) by SHA, loading it on `NOSCRIPT`.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: impl ToRedisArgs,
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        invocation.arg(args);
+        let call = async {
+            match self.connection.clone() {
+                Connection::Single(mut c) => invocation.invoke_async(&mut c).await,
+                Connection::Cluster(mut c) => invocation.invoke_async(&mut c).await,
+            }
+        };
+        self.bounded(call).await
+    }
+
+    /// Runs one command.
+    pub async fn query<T: FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        let call = async {
+            match self.connection.clone() {
+                Connection::Single(mut c) => command.query_async(&mut c).await,
+                Connection::Cluster(mut c) => command.query_async(&mut c).await,
+            }
+        };
+        self.bounded(call).await
+    }
+
+    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+        tokio::time::timeout(self.deadline, call)
+            .await
+            .map_err(|_| unavailable(format!("no answer within {:?}", self.deadline)))?
+            .map_err(unavailable)
+    }
+}

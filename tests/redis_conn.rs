@@ -1,0 +1,93 @@
+//! The Redis connection layer against real servers: scripts by SHA with a
+//! reload on NOSCRIPT, a single Redis and a 3-master cluster, a deadline on
+//! every call when Redis is gone, and reconnection when it is back.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::redis::{RedisCluster, RedisServer, cli};
+use tollgate::store::StoreError;
+use tollgate::store::redis::{Redis, RedisSettings};
+
+fn settings(urls: Vec<String>, cluster: bool) -> RedisSettings {
+    RedisSettings {
+        urls,
+        cluster,
+        deadline: Duration::from_millis(500),
+    }
+}
+
+fn incr() -> redis::Script {
+    redis::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+}
+
+#[tokio::test]
+async fn scripts_run_by_sha_and_reload_after_a_flush() {
+    let server = RedisServer::start(&[]);
+    let redis = Redis::connect(&settings(vec![server.url()], false)).await.unwrap();
+    let script = incr();
+    assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 5).await.unwrap(), 5);
+    assert!(cli(server.port, &["SCRIPT", "EXISTS", script.get_hash()]).contains('1'));
+    assert_eq!(cli(server.port, &["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 5).await.unwrap(), 10);
+    let pong: String = redis.query(&redis::cmd("PING")).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+#[tokio::test]
+async fn a_cluster_routes_each_account_to_its_slot() {
+    let cluster = RedisCluster::start(3);
+    let redis = Redis::connect(&settings(cluster.urls(), true)).await.unwrap();
+    let script = incr();
+    // Enough hash tags to land on every master.
+    for i in 0..30 {
+        let key = format!("{{acct-{i}}}:n");
+        assert_eq!(redis.invoke::<i64>(&script, &[&key], i).await.unwrap(), i);
+    }
+    let counts: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|n| cli(n.port, &["DBSIZE"]).trim().parse().unwrap())
+        .collect();
+    assert!(counts.iter().all(|c| *c > 0), "keys on every master: {counts:?}");
+    for node in &cluster.nodes {
+        cli(node.port, &["SCRIPT", "FLUSH"]);
+    }
+    assert_eq!(redis.invoke::<i64>(&script, &["{acct-1}:n"], 1).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn calls_fail_fast_while_redis_is_down_and_recover_when_it_is_back() {
+    let mut server = RedisServer::start(&[]);
+    let redis = Redis::connect(&settings(vec![server.url()], false)).await.unwrap();
+    let script = incr();
+    assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 1).await.unwrap(), 1);
+    server.stop();
+    let err = redis.invoke::<i64>(&script, &["{a}:n"], 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    server.restart();
+    // The manager reconnects in the background; a few calls may still fail.
+    let mut answer = None;
+    for _ in 0..50 {
+        if let Ok(n) = redis.invoke::<i64>(&script, &["{a}:n"], 1).await {
+            answer = Some(n);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, Some(1), "reconnected to the restarted (empty) server");
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_unavailable_not_a_hang() {
+    let server = RedisServer::start(&[]);
+    let url = server.url();
+    drop(server);
+    let err = Redis::connect(&settings(vec![url], false)).await.err().unwrap();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    let two = settings(vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:2".into()], false);
+    assert!(matches!(Redis::connect(&two).await, Err(StoreError::Unavailable(_))));
+}
