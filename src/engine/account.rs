@@ -321,7 +321,7 @@ impl Account {
             if let Some(Reservation::Open(hold)) = self.reservations.remove(&id) {
                 self.expiries.remove(&(hold.expires_at, id.clone()));
                 match catalog.on_expiry {
-                    ExpiryPolicy::Release => self.unhold(&hold.takes, now),
+                    ExpiryPolicy::Release => self.unhold(&hold.takes),
                     ExpiryPolicy::ChargeInFull => {
                         self.charge_held(&hold.takes);
                         let record =
@@ -372,8 +372,8 @@ impl Account {
         self.buckets.prune(now);
     }
 
-    /// The ledger behind a source reference (lots that do not exist get a
-    /// throwaway ledger: callers only name lots they found).
+    /// The ledger behind a source reference; `None` for a lot that does not
+    /// exist (callers only name lots they found, and lots are never removed).
     pub(crate) fn ledger_mut(&mut self, source: &SourceRef) -> Option<&mut Ledger> {
         match source {
             SourceRef::Allowance { .. } => Some(&mut self.allowance),

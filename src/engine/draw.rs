@@ -259,7 +259,7 @@ impl Account {
     }
 
     /// Stops holding `takes`, charging nothing.
-    pub(crate) fn unhold(&mut self, takes: &[Take], _now: Timestamp) {
+    pub(crate) fn unhold(&mut self, takes: &[Take]) {
         self.rebalance(takes, &[], &[]);
     }
 

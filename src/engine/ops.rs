@@ -567,7 +567,7 @@ impl Account {
             return Ok(released.clone());
         }
         let hold = self.open_hold(id)?.clone();
-        self.unhold(&hold.takes, now);
+        self.unhold(&hold.takes);
         self.expiries.remove(&(hold.expires_at, id.clone()));
         self.buckets.adjust_tokens(&hold.buckets, hold.admitted_tokens, 0, now);
         self.buckets.finish(&hold.buckets);
