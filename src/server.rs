@@ -191,20 +191,26 @@ fn reflection(service: &str) -> tonic_reflection::server::Builder<'static> {
     )
 }
 
-/// Lapses holds every `interval` until `stop` completes.
+/// Lapses holds every `interval` until `stop` completes, then sweeps once
+/// more.
 async fn sweep(tollgate: Tollgate, interval: Duration, stop: impl Future<Output = ()>) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
-        tokio::select! {
-            () = &mut stop => return,
-            _ = ticks.tick() => {}
-        }
+        let stopping = tokio::select! {
+            () = &mut stop => true,
+            _ = ticks.tick() => false,
+        };
         // Outside the select: a sweep, once started, runs to the end so the
         // records it takes from accounts always reach the sink.
         if let Err(e) = tollgate.sweep().await {
             tracing::warn!(error = %e, "sweep failed");
+        }
+        if stopping {
+            // That was the last sweep: records waiting in outboxes are now
+            // in the sink's queue, which the writer drains next.
+            return;
         }
     }
 }

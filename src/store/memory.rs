@@ -21,7 +21,8 @@ use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
 /// for the microseconds the engine takes, and never across an `.await`.
 pub struct MemoryStore {
     accounts: DashMap<AccountId, Account>,
-    /// Accounts with open holds: what a light sweep visits. An id is added
+    /// Accounts with open holds or records waiting in their outbox: what a
+    /// light sweep visits. An id is added
     /// after its account's guard is released and removed while it is held,
     /// so the two maps are never locked in opposite orders.
     holding: DashSet<AccountId>,
@@ -71,25 +72,23 @@ impl Store for MemoryStore {
             .get_mut(id)
             .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
         let result = account.apply(&catalog, command, now);
-        // Time-driven effects (lapsed holds) happen even when the command is
-        // refused, so their records are taken either way.
-        let records = account.take_records();
-        let holds = !account.expiries.is_empty();
+        // A refused command still lets time act (a lapsed hold charged in
+        // full): its records stay in the outbox, and the account stays on the
+        // sweep's list until a sweep or the next command takes them.
+        let records = if result.is_ok() {
+            account.take_records()
+        } else {
+            Vec::new()
+        };
+        let watch = !account.expiries.is_empty() || !account.outbox.is_empty();
         drop(account);
-        if holds {
+        if watch {
             self.holding.insert(id.clone());
         }
-        match result {
-            Ok(reply) => Ok(Applied { reply, records }),
-            Err(e) if records.is_empty() => Err(e.into()),
-            Err(e) => {
-                // Not lost: re-queue so the next command or sweep emits them.
-                if let Some(mut account) = self.accounts.get_mut(id) {
-                    account.outbox.extend(records);
-                }
-                Err(e.into())
-            }
-        }
+        Ok(Applied {
+            reply: result?,
+            records,
+        })
     }
 
     fn catalog(&self) -> Arc<Catalog> {
@@ -119,6 +118,7 @@ impl Store for MemoryStore {
             }
             records.append(&mut account.outbox);
             if account.expiries.is_empty() {
+                // The outbox was just emptied: nothing left to watch.
                 self.holding.remove(&account.id);
             }
         };
@@ -193,5 +193,49 @@ mod tests {
         assert_eq!(records[0].total_money.to_string(), "0.000300000000");
         assert!(store.holding.is_empty());
         assert!(store.sweep(later).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn records_of_a_refused_command_wait_for_the_next_sweep() {
+        let mut catalog = Settings::parse(DEMO, &|_| None).unwrap().catalog;
+        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
+        let store = MemoryStore::new(catalog.clone());
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let plan = &catalog.plans[&crate::engine::ids::PlanId::parse("payg").unwrap()];
+        let id = AccountId::parse("late").unwrap();
+        let account = Account::open(id.clone(), plan, jiff::tz::TimeZone::UTC, None, Money::ZERO, now).unwrap();
+        store.create(account).await.unwrap();
+        let top_up = Command::TopUp {
+            operation_id: crate::engine::ids::LotId::parse("t").unwrap(),
+            pool: Pool::Paid,
+            amount: "1".parse().unwrap(),
+        };
+        store.apply(&id, top_up, now).await.unwrap();
+        let reserve = ReserveRequest {
+            request_id: RequestId::parse("r1").unwrap(),
+            api_key_id: None,
+            model: ModelId::parse("llama-3.1-8b").unwrap(),
+            tier: TierId::default_tier(),
+            input_tokens: 10,
+            cached_input_tokens: 0,
+            max_output_tokens: 10,
+        };
+        store.apply(&id, Command::Reserve(reserve), now).await.unwrap();
+        store.sweep(now).await.unwrap(); // the full sweep; the next ones are light
+        // A settle after the TTL is refused, but the hold lapsed and was charged.
+        let late = now + catalog.hold_ttl;
+        let reservation = crate::engine::ids::ReservationId::parse("r1").unwrap();
+        let settle = Command::Settle {
+            reservation,
+            usage: Default::default(),
+        };
+        assert!(store.apply(&id, settle, late).await.is_err());
+        let records = store.sweep(late).await.unwrap();
+        assert_eq!(
+            records.len(),
+            1,
+            "the record of the lapsed hold is emitted by the light sweep"
+        );
+        assert!(store.sweep(late).await.unwrap().is_empty());
     }
 }

@@ -8,7 +8,11 @@
 //!   or more node URLs; it follows slot moves and reconnects by itself.
 //! - Every call is bounded by `deadline` (on top of the client's own
 //!   response timeout), so nothing waits on a dead connection: a late call
-//!   is [`StoreError::Unavailable`].
+//!   is [`StoreError::Unavailable`]. Its outcome is unknown (a script may
+//!   have run): what is built on this layer must make retries harmless.
+//! - Sockets set `TCP_USER_TIMEOUT`, so a connection to a vanished peer is
+//!   dropped and re-established instead of timing out call after call.
+//! - `rediss://` (TLS) is not enabled in this build yet.
 //! - Scripts are called by SHA (`EVALSHA`) and loaded again when Redis
 //!   answers `NOSCRIPT` (a restarted or flushed server); on a cluster
 //!   `SCRIPT LOAD` goes to every primary.
@@ -20,7 +24,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, Script, ToRedisArgs};
+use redis::io::tcp::TcpSettings;
+use redis::{FromRedisValue, IntoConnectionInfo, Script, ToRedisArgs};
 
 use super::StoreError;
 
@@ -49,6 +54,19 @@ pub struct Redis {
     deadline: Duration,
 }
 
+/// A peer that vanished without closing its sockets (power loss, a
+/// failover moving the address) would otherwise keep a connection "open"
+/// for the kernel's full retransmission time, about 15 minutes, and a
+/// timed-out call does not make the client reconnect. With
+/// `TCP_USER_TIMEOUT` the kernel drops a connection whose sent data stays
+/// unacknowledged a few deadlines long, and the client reconnects.
+fn tcp_settings(deadline: Duration) -> TcpSettings {
+    let settings = TcpSettings::default().set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout((deadline * 4).max(Duration::from_secs(2)));
+    settings
+}
+
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: {what}"))
 }
@@ -60,6 +78,7 @@ impl Redis {
         let connect = async {
             if settings.cluster {
                 let client = ClusterClientBuilder::new(settings.urls.clone())
+                    .tcp_settings(tcp_settings(deadline))
                     .connection_timeout(deadline)
                     .response_timeout(deadline)
                     .build()?;
@@ -71,7 +90,11 @@ impl Redis {
                         "a single Redis takes exactly one URL",
                     )));
                 };
-                let client = redis::Client::open(url.as_str())?;
+                let info = url
+                    .as_str()
+                    .into_connection_info()?
+                    .set_tcp_settings(tcp_settings(deadline));
+                let client = redis::Client::open(info)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(deadline))
                     .set_response_timeout(Some(deadline))

@@ -77,13 +77,15 @@ impl RedisServer {
             .expect("spawn redis-server (package redis-server)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(5);
+        let pid = format!("process_id:{}", self.child.as_ref().map_or(0, Child::id));
         while Instant::now() < deadline {
-            if cli(self.port, &["PING"]).trim() == "PONG" {
-                return true;
-            }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
                 return false; // exited: most likely the port was taken
+            }
+            // Our process answers, not another test's server on a reused port.
+            if cli(self.port, &["INFO", "server"]).lines().any(|l| l.trim() == pid) {
+                return true;
             }
             sleep(Duration::from_millis(20));
         }
