@@ -117,8 +117,12 @@ pub struct Hold {
     pub takes: Vec<Take>,
     /// When it lapses.
     pub expires_at: Timestamp,
-    /// The limit buckets it was admitted to.
+    /// The limit buckets it was admitted to (and holds a concurrency slot of).
     pub buckets: Vec<BucketKey>,
+    /// Those of them whose tokens-per-minute limit counted its tokens: only
+    /// these are corrected at settle, so a limit set after the reserve never
+    /// refunds tokens it never took.
+    pub token_buckets: Vec<BucketKey>,
     /// Tokens it was admitted for in tokens-per-minute limits.
     pub admitted_tokens: u64,
 }

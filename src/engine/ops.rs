@@ -406,6 +406,11 @@ impl Account {
             granted_output: granted,
             takes,
             expires_at,
+            token_buckets: limits
+                .iter()
+                .filter(|(_, set)| set.tokens_per_minute > 0)
+                .map(|(key, _)| key.clone())
+                .collect(),
             buckets: limits.into_iter().map(|(key, _)| key).collect(),
             admitted_tokens,
         };
@@ -485,7 +490,7 @@ impl Account {
         self.rebalance(&hold.takes, &takes, &[]);
         let admitted_tokens = hold.prompt.total_tokens() + granted;
         self.buckets
-            .adjust_tokens(&hold.buckets, hold.admitted_tokens, admitted_tokens, now);
+            .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, admitted_tokens, now);
         let extended = Extended {
             granted_output_tokens: granted,
             expires_at,
@@ -544,7 +549,7 @@ impl Account {
         };
         self.rebalance(&hold.takes, &[], &charges);
         self.buckets
-            .adjust_tokens(&hold.buckets, hold.admitted_tokens, usage.total_tokens(), now);
+            .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, usage.total_tokens(), now);
         self.buckets.finish(&hold.buckets);
         self.expiries.remove(&(hold.expires_at, id.clone()));
         let record = Arc::new(self.record_for(&hold, RecordKind::Settle, usage, charges, now));
@@ -569,7 +574,8 @@ impl Account {
         let hold = self.open_hold(id)?.clone();
         self.unhold(&hold.takes);
         self.expiries.remove(&(hold.expires_at, id.clone()));
-        self.buckets.adjust_tokens(&hold.buckets, hold.admitted_tokens, 0, now);
+        self.buckets
+            .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, 0, now);
         self.buckets.finish(&hold.buckets);
         self.reservations.insert(
             id.clone(),

@@ -730,3 +730,35 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
     ));
     allowed(a.reserve(&c, &req("m3", "m", 1, 1), t(NOW)).unwrap());
 }
+
+#[test]
+fn a_token_limit_set_after_a_reserve_is_not_refunded_by_its_settle() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    a.set_overrides(super::limits::LimitOverrides {
+        account: Some(LimitSet {
+            requests_per_minute: 100,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    // Admitted under requests-per-minute only: its tokens were not counted.
+    let first = allowed(a.reserve(&c, &req("r1", "m", 100, 100), t(NOW)).unwrap());
+    a.set_overrides(super::limits::LimitOverrides {
+        account: Some(LimitSet {
+            requests_per_minute: 100,
+            tokens_per_minute: 1000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let second = allowed(a.reserve(&c, &req("r2", "m", 300, 300), t(NOW)).unwrap());
+    assert_eq!(second.limits.tokens.remaining, 400);
+    a.settle(&c, &first.reservation_id, usage(10, 10), t(NOW)).unwrap();
+    let third = allowed(a.reserve(&c, &req("r3", "m", 100, 100), t(NOW)).unwrap());
+    assert_eq!(
+        third.limits.tokens.remaining, 200,
+        "the second request's 600 tokens still count"
+    );
+}
