@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::redis::{RedisCluster, RedisServer, cli};
+use support::redis::{RedisCluster, RedisServer, cli, start_tls};
 use tollgate::store::StoreError;
 use tollgate::store::redis::{Redis, RedisSettings};
 
@@ -17,6 +17,7 @@ fn settings(urls: Vec<String>, cluster: bool) -> RedisSettings {
         urls,
         cluster,
         deadline: Duration::from_millis(500),
+        ca_cert: None,
     }
 }
 
@@ -98,4 +99,21 @@ async fn nothing_listening_or_nothing_answering_is_unavailable_not_a_hang() {
     ));
     let two = settings(vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:2".into()], false);
     assert!(matches!(Redis::connect(&two).await, Err(StoreError::Unavailable(_))));
+}
+
+#[tokio::test]
+async fn rediss_urls_connect_over_tls_to_a_trusted_authority_only() {
+    let (_server, tls) = start_tls();
+    let trusted = RedisSettings {
+        ca_cert: Some(tls.ca.clone()),
+        ..settings(vec![tls.url()], false)
+    };
+    let redis = Redis::connect(&trusted).await.unwrap();
+    assert_eq!(redis.invoke::<i64>(&incr(), &["{tls}:n"], 7).await.unwrap(), 7);
+    // The system's roots do not include the test authority.
+    let untrusted = settings(vec![tls.url()], false);
+    assert!(matches!(
+        Redis::connect(&untrusted).await,
+        Err(StoreError::Unavailable(_))
+    ));
 }

@@ -12,20 +12,22 @@
 //!   have run): what is built on this layer must make retries harmless.
 //! - Sockets set `TCP_USER_TIMEOUT`, so a connection to a vanished peer is
 //!   dropped and re-established instead of timing out call after call.
-//! - `rediss://` (TLS) is not enabled in this build yet.
+//! - `rediss://` URLs connect over TLS (rustls), trusting the system's
+//!   roots or the certificate authority named in the settings.
 //! - Scripts are called by SHA (`EVALSHA`) and loaded again when Redis
 //!   answers `NOSCRIPT` (a restarted or flushed server); on a cluster
 //!   `SCRIPT LOAD` goes to every primary.
 //!
 //! The account store built on it (keys, scripts, leases) is the next stage.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
-use redis::{FromRedisValue, IntoConnectionInfo, Script, ToRedisArgs};
+use redis::{FromRedisValue, IntoConnectionInfo, Script, TlsCertificates, ToRedisArgs};
 
 use super::StoreError;
 
@@ -39,6 +41,9 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// The most any one call may take, connection attempts included.
     pub deadline: Duration,
+    /// For `rediss://`: a PEM file of the certificate authority to trust;
+    /// `None` trusts the system's roots.
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -75,9 +80,25 @@ impl Redis {
     /// Connects, within the deadline.
     pub async fn connect(settings: &RedisSettings) -> Result<Redis, StoreError> {
         let deadline = settings.deadline;
+        let certificates = match &settings.ca_cert {
+            None => None,
+            Some(path) => {
+                let pem = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| unavailable(format!("reading {}: {e}", path.display())))?;
+                Some(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                })
+            }
+        };
         let connect = async {
             if settings.cluster {
-                let client = ClusterClientBuilder::new(settings.urls.clone())
+                let mut builder = ClusterClientBuilder::new(settings.urls.clone());
+                if let Some(certificates) = certificates.clone() {
+                    builder = builder.certs(certificates);
+                }
+                let client = builder
                     .tcp_settings(tcp_settings(deadline))
                     .connection_timeout(deadline)
                     .response_timeout(deadline)
@@ -94,7 +115,10 @@ impl Redis {
                     .as_str()
                     .into_connection_info()?
                     .set_tcp_settings(tcp_settings(deadline));
-                let client = redis::Client::open(info)?;
+                let client = match certificates.clone() {
+                    Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
+                    None => redis::Client::open(info)?,
+                };
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(deadline))
                     .set_response_timeout(Some(deadline))
