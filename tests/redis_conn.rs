@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::redis::{RedisCluster, RedisServer, cli, start_tls};
 use tollgate::store::StoreError;
-use tollgate::store::redis::{Redis, RedisSettings};
+use tollgate::store::redis::{Credentials, Redis, RedisSettings};
 
 fn settings(urls: Vec<String>, cluster: bool) -> RedisSettings {
     RedisSettings {
@@ -18,6 +18,7 @@ fn settings(urls: Vec<String>, cluster: bool) -> RedisSettings {
         cluster,
         deadline: Duration::from_millis(500),
         ca_cert: None,
+        credentials: None,
     }
 }
 
@@ -116,4 +117,26 @@ async fn rediss_urls_connect_over_tls_to_a_trusted_authority_only() {
         Redis::connect(&untrusted).await,
         Err(StoreError::Unavailable(_))
     ));
+}
+
+#[tokio::test]
+async fn credentials_from_settings_authenticate() {
+    let server = RedisServer::start(&["--requirepass", "s3cret"]);
+    let anonymous = settings(vec![server.url()], false);
+    let err = match Redis::connect(&anonymous).await {
+        Err(e) => e,
+        Ok(redis) => redis.invoke::<i64>(&incr(), &["{auth}:n"], 1).await.unwrap_err(),
+    };
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    let password = Credentials {
+        username: None,
+        password: "s3cret".into(),
+    };
+    assert!(!format!("{password:?}").contains("s3cret"), "never printed");
+    let with = RedisSettings {
+        credentials: Some(password),
+        ..settings(vec![server.url()], false)
+    };
+    let redis = Redis::connect(&with).await.unwrap();
+    assert_eq!(redis.invoke::<i64>(&incr(), &["{auth}:n"], 1).await.unwrap(), 1);
 }

@@ -44,6 +44,28 @@ pub struct RedisSettings {
     /// For `rediss://`: a PEM file of the certificate authority to trust;
     /// `None` trusts the system's roots.
     pub ca_cert: Option<PathBuf>,
+    /// Credentials kept out of the URLs (read by configuration from the
+    /// environment or a file); they replace any given in a URL.
+    pub credentials: Option<Credentials>,
+}
+
+/// A Redis ACL user and password (`AUTH`); no username means `default`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The ACL user, if not `default`.
+    pub username: Option<String>,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    /// Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Clone)]
@@ -95,6 +117,12 @@ impl Redis {
         let connect = async {
             if settings.cluster {
                 let mut builder = ClusterClientBuilder::new(settings.urls.clone());
+                if let Some(credentials) = &settings.credentials {
+                    builder = builder.password(&credentials.password);
+                    if let Some(user) = &credentials.username {
+                        builder = builder.username(user);
+                    }
+                }
                 if let Some(certificates) = certificates.clone() {
                     builder = builder.certs(certificates);
                 }
@@ -111,10 +139,17 @@ impl Redis {
                         "a single Redis takes exactly one URL",
                     )));
                 };
-                let info = url
+                let mut info = url
                     .as_str()
                     .into_connection_info()?
                     .set_tcp_settings(tcp_settings(deadline));
+                if let Some(credentials) = &settings.credentials {
+                    let mut redis = info.redis_settings().clone().set_password(&credentials.password);
+                    if let Some(user) = &credentials.username {
+                        redis = redis.set_username(user);
+                    }
+                    info = info.set_redis_settings(redis);
+                }
                 let client = match certificates.clone() {
                     Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
                     None => redis::Client::open(info)?,

@@ -84,13 +84,29 @@ impl RedisServer {
                 return false; // exited: most likely the port was taken
             }
             // Our process answers, not another test's server on a reused port.
-            if cli(self.port, &["INFO", "server"]).lines().any(|l| l.trim() == pid) {
+            if self.cli(&["INFO", "server"]).lines().any(|l| l.trim() == pid) {
                 return true;
             }
             sleep(Duration::from_millis(20));
         }
         self.stop();
         false
+    }
+
+    /// Runs `redis-cli` against this server, with its password if it has one.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let password = self
+            .args
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| self.args.get(i + 1));
+        match password {
+            None => cli(self.port, args),
+            Some(password) => {
+                let auth = ["-a", password.as_str(), "--no-auth-warning"];
+                cli(self.port, &auth.iter().chain(args).copied().collect::<Vec<_>>())
+            }
+        }
     }
 
     /// Starts the stopped server again on the same port (empty: nothing is
