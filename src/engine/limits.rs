@@ -144,6 +144,23 @@ pub struct Exceeded {
     pub retry_after: Option<Duration>,
 }
 
+impl std::fmt::Display for Exceeded {
+    /// For people, e.g. "requests-per-minute limit of 600 on the API key".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Requests => "requests-per-minute",
+            Kind::Tokens => "tokens-per-minute",
+            Kind::Concurrency => "concurrent-requests",
+        };
+        let scope = match self.scope {
+            Scope::Account => "the account",
+            Scope::ApiKey => "the API key",
+            Scope::Model => "the model",
+        };
+        write!(f, "{kind} limit of {} on {scope}", self.limit)
+    }
+}
+
 /// One figure for rate-limit headers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Headroom {

@@ -379,10 +379,7 @@ impl Account {
         let status = match self.buckets.admit(&limits, admitted_tokens, now) {
             Ok(status) => status,
             Err(exceeded) => {
-                let message = format!(
-                    "{:?} {:?} limit of {} exceeded",
-                    exceeded.scope, exceeded.kind, exceeded.limit
-                );
+                let message = format!("{exceeded}");
                 return deny(self, Denial::RateLimited(exceeded), message);
             }
         };
