@@ -37,6 +37,9 @@ async fn scripts_run_by_sha_and_reload_after_a_flush() {
     assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 5).await.unwrap(), 10);
     let pong: String = redis.query(&redis::cmd("PING")).await.unwrap();
     assert_eq!(pong, "PONG");
+    // Same machine: Redis's clock and ours agree to well within a minute.
+    let skew = redis.time().await.unwrap().duration_since(jiff::Timestamp::now());
+    assert!(skew.abs() < jiff::SignedDuration::from_secs(60), "{skew:?}");
 }
 
 #[tokio::test]

@@ -204,6 +204,16 @@ impl Redis {
         self.bounded(call).await
     }
 
+    /// Redis's clock (`TIME`): one time base for every sidecar, for expiries
+    /// and period resets.
+    pub async fn time(&self) -> Result<jiff::Timestamp, StoreError> {
+        let (seconds, micros): (i64, i64) = self.query(&redis::cmd("TIME")).await?;
+        let nanos = micros.checked_mul(1000).and_then(|n| i32::try_from(n).ok());
+        nanos
+            .and_then(|n| jiff::Timestamp::new(seconds, n).ok())
+            .ok_or_else(|| unavailable(format!("TIME answered {seconds} s {micros} us")))
+    }
+
     async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
         tokio::time::timeout(self.deadline, call)
             .await
