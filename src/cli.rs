@@ -40,7 +40,7 @@ pub enum Cmd {
     /// Settle a reservation with actual usage.
     Settle(SettleArgs),
     /// Release a reservation without charge.
-    Release(ReleaseArgs),
+    Release(ReservationArgs),
     /// Show an account's balance.
     Balance(BalanceArgs),
 }
@@ -98,9 +98,9 @@ pub struct ReserveArgs {
     max_output: u64,
 }
 
-/// Options of `settle`.
+/// Which reservation, and where its Tollgate is.
 #[derive(Debug, Args)]
-pub struct SettleArgs {
+pub struct ReservationArgs {
     #[command(flatten)]
     endpoint: Endpoint,
     /// Account of the reservation.
@@ -109,6 +109,13 @@ pub struct SettleArgs {
     /// The reservation id from `reserve`.
     #[arg(long)]
     reservation: String,
+}
+
+/// Options of `settle`.
+#[derive(Debug, Args)]
+pub struct SettleArgs {
+    #[command(flatten)]
+    reservation: ReservationArgs,
     /// Uncached prompt tokens used.
     #[arg(long)]
     input: u64,
@@ -121,19 +128,6 @@ pub struct SettleArgs {
     /// Output tokens generated.
     #[arg(long)]
     output: u64,
-}
-
-/// Options of `release`.
-#[derive(Debug, Args)]
-pub struct ReleaseArgs {
-    #[command(flatten)]
-    endpoint: Endpoint,
-    /// Account of the reservation.
-    #[arg(long)]
-    account: String,
-    /// The reservation id from `reserve`.
-    #[arg(long)]
-    reservation: String,
 }
 
 /// Options of `balance`.
@@ -190,7 +184,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Cmd::Settle(a) => {
-            client(&a.endpoint, |mut c| async move {
+            client(&a.reservation.endpoint, |mut c| async move {
                 let usage = proto::Usage {
                     input_tokens: a.input,
                     cached_input_tokens: a.cached_input,
@@ -199,8 +193,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 };
                 let r = c
                     .settle(proto::SettleRequest {
-                        account_id: a.account,
-                        reservation_id: a.reservation,
+                        account_id: a.reservation.account,
+                        reservation_id: a.reservation.reservation,
                         usage: Some(usage),
                     })
                     .await?
@@ -211,13 +205,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Release(a) => {
             client(&a.endpoint, |mut c| async move {
-                let r = c
-                    .release(proto::ReleaseRequest {
-                        account_id: a.account,
-                        reservation_id: a.reservation,
-                    })
-                    .await?
-                    .into_inner();
+                let request = proto::ReleaseRequest {
+                    account_id: a.account,
+                    reservation_id: a.reservation,
+                };
+                let r = c.release(request).await?.into_inner();
                 Ok(format!("released: {}", show_amounts(&r.released)))
             })
             .await

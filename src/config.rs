@@ -397,10 +397,9 @@ pub fn parse_weight(s: &str) -> Result<u32, String> {
     if m.picos() % 1_000_000_000 != 0 {
         return Err(format!("weight {s:?} has more than 3 decimal places"));
     }
-    if milli <= 0 || milli > 1_000_000 {
-        return Err(format!("weight {s:?} must be above 0 and at most 1000"));
-    }
-    u32::try_from(milli).map_err(|_| format!("weight {s:?} out of range"))
+    // The bound itself is checked with the rest of the version
+    // (`PriceVersion::problems`); here only what fits a u32.
+    u32::try_from(milli).map_err(|_| format!("weight {s:?} must be above 0 and at most 1000"))
 }
 
 /// Parses `HH:MM` into minutes after midnight.

@@ -5,20 +5,11 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{money, reserve, settle, spawn_app};
+use support::{money, prices, reserve, settle, spawn_app};
 use tollgate::api::convert::timestamp_out;
 use tollgate::proto;
 use tollgate::proto::{Decision, DenyReason, SourceKind};
 use tonic::Code;
-
-fn prices(input: &str, output: &str) -> proto::TokenPrices {
-    proto::TokenPrices {
-        input_per_million: Some(money(input)),
-        cached_input_per_million: Some(money(input)),
-        cache_write_per_million: Some(money(input)),
-        output_per_million: Some(money(output)),
-    }
-}
 
 #[tokio::test]
 async fn accounts_money_packs_plans_limits_and_status() {

@@ -6,7 +6,7 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{money, reserve, settle, spawn_app};
+use support::{money, prices, reserve, settle, spawn_app};
 use tollgate::proto;
 use tonic::Code;
 
@@ -328,17 +328,21 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
             token_weight_milli: 0,
             tiers: vec![proto::TierPrices {
                 service_tier: "default".into(),
-                prices: Some(proto::TokenPrices {
-                    input_per_million: Some(money("0.0000001")),
-                    cached_input_per_million: Some(money("1")),
-                    cache_write_per_million: Some(money("1")),
-                    output_per_million: Some(money("1")),
-                }),
+                prices: Some(prices("0.0000001", "1")),
                 context_tiers: vec![],
             }],
         }],
         windows: vec![],
     };
+    let mut heavy = inexact.clone();
+    heavy.models[0].token_weight_milli = 1_000_001;
+    heavy.models[0].tiers[0].prices = Some(prices("1", "1"));
+    let publish = proto::PublishPriceVersionRequest { version: Some(heavy) };
+    expect(
+        a.publish_price_version(publish).await,
+        Code::InvalidArgument,
+        "token_weight",
+    );
     let publish = proto::PublishPriceVersionRequest { version: Some(inexact) };
     expect(
         a.publish_price_version(publish).await,

@@ -404,10 +404,10 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
         a.packs.values().map(|l| l.ledger.granted).sum::<i128>(),
         books.pack_tokens_credited
     );
-    if let (Some(sub), Some(plan)) = (&a.subscription, catalog.plans.get(&a.plan)) {
+    if let (Some(period), Some(plan)) = (a.current_period(), catalog.plans.get(&a.plan)) {
         let per_period = i128::from(plan.allowance.as_ref().map_or(0, |al| al.tokens));
         assert_eq!(
-            sub.period + 1,
+            period + 1,
             a.periods_started,
             "no plan changes here: periods are numbered from 0"
         );

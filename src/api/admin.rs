@@ -12,7 +12,7 @@ use super::convert::{
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
-use crate::config::{parse_time_zone, parse_weight, price_per_token};
+use crate::config::{parse_time_zone, price_per_token};
 use crate::engine::draw::SourceRef;
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::LimitOverrides;
@@ -88,8 +88,8 @@ fn lot_out(source: proto::SourceKind, lot_id: String, ledger: &Ledger, tokens: b
 fn detail_out(s: &Snapshot) -> proto::AccountDetail {
     let a = &s.account;
     let mut lots = Vec::new();
-    if let Some(sub) = &a.subscription {
-        let source = SourceRef::Allowance { period: sub.period };
+    if let Some(period) = a.current_period() {
+        let source = SourceRef::Allowance { period };
         lots.push(lot_out(
             proto::SourceKind::Allowance,
             source.lot().unwrap_or_default(),
@@ -162,10 +162,10 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
     for (i, m) in v.models.iter().enumerate() {
         let path = format!("version.models[{i}]");
         let model = id(&format!("{path}.model"), &m.model, ModelId::parse)?;
+        // 0 means one for one; the bound is checked with the version below.
         let weight_milli = match m.token_weight_milli {
             0 => 1000,
-            w => parse_weight(&format!("{}.{:03}", w / 1000, w % 1000))
-                .map_err(|e| invalid(&format!("{path}.token_weight_milli"), e))?,
+            w => w,
         };
         let mut tiers = HashMap::new();
         for (j, t) in m.tiers.iter().enumerate() {

@@ -86,8 +86,6 @@ pub struct Subscription {
     pub schedule: Schedule,
     /// The current period.
     pub window: Window,
-    /// Number of the current period (0 is the first).
-    pub period: u64,
     /// Tokens granted each period.
     pub tokens: u64,
     /// Most unused tokens carried into the next period.
@@ -168,19 +166,19 @@ pub enum Reservation {
 /// What a request id was used for, kept for idempotent replays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Remembered {
-    /// A reserve with this content fingerprint made this reservation.
+    /// This reserve made this reservation.
     Reserved {
-        /// Content fingerprint.
-        fingerprint: String,
+        /// The request, to tell a retry from a reuse with other content.
+        request: Box<super::ops::ReserveRequest>,
         /// The reservation.
         reservation: ReservationId,
         /// The first answer, returned to retries.
         outcome: Box<super::ops::Reserved>,
     },
-    /// A one-shot charge with this content made this record.
+    /// This one-shot charge made this record.
     Charged {
-        /// Content fingerprint.
-        fingerprint: String,
+        /// The request, to tell a retry from a reuse with other content.
+        request: Box<super::ops::ChargeRequest>,
         /// The record emitted.
         record: Arc<UsageRecord>,
         /// When.
@@ -209,7 +207,7 @@ pub struct Account {
     pub allowance: Ledger,
     /// Allowance periods started so far, across every subscription: period
     /// numbers never repeat, so a hold on a past period can never be
-    /// mistaken for one on the current period.
+    /// mistaken for one on the current period (see [`Account::current_period`]).
     pub periods_started: u64,
     /// Token packs by id.
     pub packs: BTreeMap<LotId, Lot>,
@@ -276,6 +274,12 @@ impl Account {
         Ok(account)
     }
 
+    /// Number of the current allowance period (0 is the account's first),
+    /// if subscribed: the last period started.
+    pub fn current_period(&self) -> Option<u64> {
+        self.subscription.as_ref().map(|_| self.periods_started - 1)
+    }
+
     /// Starts a new subscription on `plan` at `now`: what is left of the
     /// old allowance is forfeited, holds on it stay chargeable.
     pub fn subscribe(&mut self, plan: &Plan, anchor: Option<Anchor>, now: Timestamp) -> Result<(), EngineError> {
@@ -298,12 +302,10 @@ impl Account {
         self.anchor = anchor;
         self.subscription = next.map(|(a, schedule, window)| {
             self.allowance.granted += i128::from(a.tokens);
-            let period = self.periods_started;
             self.periods_started += 1;
             Subscription {
                 schedule,
                 window,
-                period,
                 tokens: a.tokens,
                 rollover_cap: a.rollover_cap,
             }
@@ -349,7 +351,6 @@ impl Account {
                 self.allowance.forfeited += unused - carried;
                 self.allowance.granted += i128::from(sub.tokens);
                 sub.window = sub.schedule.containing(sub.window.end)?;
-                sub.period = self.periods_started;
                 self.periods_started += 1;
             }
         }
@@ -393,7 +394,7 @@ impl Account {
     /// of a past period).
     pub(crate) fn accepts_returns(&self, source: &SourceRef) -> bool {
         match source {
-            SourceRef::Allowance { period } => self.subscription.as_ref().is_some_and(|s| s.period == *period),
+            SourceRef::Allowance { period } => self.current_period() == Some(*period),
             SourceRef::Pack(id) => self.packs.get(id).is_some_and(|l| !l.closed),
             SourceRef::Promo(id) => self.promos.get(id).is_some_and(|l| !l.closed),
             SourceRef::Paid | SourceRef::Credit | SourceRef::Debt => true,

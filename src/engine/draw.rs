@@ -165,7 +165,7 @@ impl Account {
             match class {
                 SourceClass::Allowance | SourceClass::Packs if model.is_none() => {}
                 SourceClass::Allowance => {
-                    let current = self.subscription.as_ref().map(|s| s.period);
+                    let current = self.current_period();
                     // Holds on past periods first: unused, they are forfeited.
                     let mut past: Vec<_> = bonus
                         .iter()

@@ -42,18 +42,6 @@ pub struct ReserveRequest {
 }
 
 impl ReserveRequest {
-    fn fingerprint(&self) -> String {
-        format!(
-            "{:?}|{}|{}|{}|{}|{}",
-            self.api_key_id.as_ref().map(ApiKeyId::as_str),
-            self.model,
-            self.tier,
-            self.input_tokens,
-            self.cached_input_tokens,
-            self.max_output_tokens
-        )
-    }
-
     fn prompt(&self) -> Usage {
         Usage {
             input_tokens: self.input_tokens,
@@ -305,18 +293,12 @@ impl Account {
         now: Timestamp,
     ) -> Result<ReserveOutcome, EngineError> {
         self.advance(catalog, now)?;
-        let fingerprint = req.fingerprint();
         if let Some(seen) = self.requests.get(&req.request_id) {
             return match seen {
-                Remembered::Reserved {
-                    fingerprint: f,
-                    outcome,
-                    ..
-                } if *f == fingerprint => Ok(ReserveOutcome::Allowed((**outcome).clone())),
-                _ => Err(EngineError::Conflict(format!(
-                    "request_id {} was already used with different content",
-                    req.request_id
-                ))),
+                Remembered::Reserved { request, outcome, .. } if **request == *req => {
+                    Ok(ReserveOutcome::Allowed((**outcome).clone()))
+                }
+                _ => Err(reused(&req.request_id)),
             };
         }
         let plan = self.plan_of(catalog)?;
@@ -417,7 +399,7 @@ impl Account {
         self.requests.insert(
             req.request_id.clone(),
             Remembered::Reserved {
-                fingerprint,
+                request: Box::new(req.clone()),
                 reservation: reservation_id,
                 outcome: Box::new(reserved.clone()),
             },
@@ -593,22 +575,12 @@ impl Account {
         now: Timestamp,
     ) -> Result<ChargeOutcome, EngineError> {
         self.advance(catalog, now)?;
-        let fingerprint = format!(
-            "{:?}|{:?}|{}|{:?}",
-            req.api_key_id.as_ref().map(ApiKeyId::as_str),
-            req.model.as_ref().map(ModelId::as_str),
-            req.tier,
-            req.what
-        );
         if let Some(seen) = self.requests.get(&req.request_id) {
             return match seen {
-                Remembered::Charged {
-                    fingerprint: f, record, ..
-                } if *f == fingerprint => Ok(ChargeOutcome::Charged(record.clone())),
-                _ => Err(EngineError::Conflict(format!(
-                    "request_id {} was already used with different content",
-                    req.request_id
-                ))),
+                Remembered::Charged { request, record, .. } if **request == *req => {
+                    Ok(ChargeOutcome::Charged(Arc::clone(record)))
+                }
+                _ => Err(reused(&req.request_id)),
             };
         }
         let plan = self.plan_of(catalog)?;
@@ -674,7 +646,7 @@ impl Account {
         self.requests.insert(
             req.request_id.clone(),
             Remembered::Charged {
-                fingerprint,
+                request: Box::new(req.clone()),
                 record: Arc::clone(&record),
                 at: now,
             },
@@ -924,6 +896,11 @@ fn check_operation_size(amount: Money) -> Result<(), EngineError> {
         ));
     }
     Ok(())
+}
+
+/// A request id already used with other content.
+fn reused(id: &RequestId) -> EngineError {
+    EngineError::Conflict(format!("request_id {id} was already used with different content"))
 }
 
 /// Plans a settle: it always succeeds, overflowing into debt.

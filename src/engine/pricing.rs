@@ -133,6 +133,9 @@ pub fn per_token(per_million: Money) -> Result<Money, String> {
     Ok(Money::from_picos(picos / 1_000_000))
 }
 
+/// The heaviest token weight, in thousandths (one token counting as 1000).
+pub const MAX_WEIGHT_MILLI: u32 = 1_000_000;
+
 /// Prices of one model in one service tier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierPrices {
@@ -258,8 +261,8 @@ impl PriceVersion {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         for (model, mp) in &self.models {
-            if mp.weight_milli == 0 {
-                problems.push(format!("models.{model}.token_weight: must be greater than zero"));
+            if mp.weight_milli == 0 || mp.weight_milli > MAX_WEIGHT_MILLI {
+                problems.push(format!("models.{model}.token_weight: must be above 0 and at most 1000"));
             }
             for (tier, tp) in &mp.tiers {
                 let mut last = 0;
@@ -494,6 +497,16 @@ pub(crate) mod tests {
             v.rates(&model, &TierId::parse("batch").unwrap(), 1, noon),
             Err(Unpriced::Tier)
         );
+    }
+
+    #[test]
+    fn token_weights_are_bounded() {
+        let model = ModelId::parse("m").unwrap();
+        for (weight, problems) in [(0, 1), (1, 0), (MAX_WEIGHT_MILLI, 0), (MAX_WEIGHT_MILLI + 1, 1)] {
+            let mut v = version("v1", "2026-01-01T00:00:00Z", 1, 1);
+            v.models.get_mut(&model).unwrap().weight_milli = weight;
+            assert_eq!(v.problems().len(), problems, "weight {weight}");
+        }
     }
 
     #[test]

@@ -374,7 +374,7 @@ fn allowance_resets_at_local_month_start_with_capped_rollover() {
     let june = t("2026-06-15T00:00:00Z");
     a.advance(&c, june).unwrap();
     assert_eq!(a.balance(june).allowance_tokens, 1300);
-    assert_eq!(a.subscription.as_ref().unwrap().period, 3);
+    assert_eq!(a.current_period(), Some(3));
 }
 
 #[test]
@@ -593,7 +593,7 @@ fn period_numbers_never_repeat_across_plan_changes() {
     a.assign_plan(&c, &PlanId::parse("payg").unwrap(), None, t(NOW))
         .unwrap();
     a.assign_plan(&c, &PlanId::parse("pro").unwrap(), None, t(NOW)).unwrap();
-    assert_eq!(a.subscription.as_ref().unwrap().period, 1);
+    assert_eq!(a.current_period(), Some(1));
     // The old period's hold is not the new period's: released, it is forfeited.
     a.release(&c, &r.reservation_id, t(NOW)).unwrap();
     assert_eq!(a.balance(t(NOW)).allowance_tokens, 1000);

@@ -150,39 +150,53 @@ mod tests {
     use super::*;
     use crate::config::{DEMO, Settings};
     use crate::engine::ExpiryPolicy;
-    use crate::engine::ids::{ModelId, RequestId, TierId};
+    use crate::engine::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
     use crate::engine::ops::Pool;
     use crate::engine::{Money, Reply, ReserveRequest};
 
-    #[tokio::test]
-    async fn light_sweeps_lapse_holds_and_full_sweeps_prune() {
+    const NOW: &str = "2026-11-29T12:00:00Z";
+
+    /// The demo catalog with holds charged in full, and `accounts` on
+    /// `payg` with 1 unit of paid money each.
+    async fn store(accounts: &[&str]) -> (MemoryStore, Catalog) {
         let mut catalog = Settings::parse(DEMO, &|_| None).unwrap().catalog;
         catalog.on_expiry = ExpiryPolicy::ChargeInFull;
         let store = MemoryStore::new(catalog.clone());
-        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
-        let plan = &catalog.plans[&crate::engine::ids::PlanId::parse("payg").unwrap()];
-        for name in ["idle", "busy"] {
+        let now: Timestamp = NOW.parse().unwrap();
+        let plan = &catalog.plans[&PlanId::parse("payg").unwrap()];
+        for name in accounts {
             let id = AccountId::parse(name).unwrap();
             let account = Account::open(id.clone(), plan, jiff::tz::TimeZone::UTC, None, Money::ZERO, now).unwrap();
             store.create(account).await.unwrap();
+            let operation_id = LotId::parse("t").unwrap();
             let top_up = Command::TopUp {
-                operation_id: crate::engine::ids::LotId::parse("t").unwrap(),
+                operation_id,
                 pool: Pool::Paid,
                 amount: "1".parse().unwrap(),
             };
             store.apply(&id, top_up, now).await.unwrap();
         }
-        let busy = AccountId::parse("busy").unwrap();
-        let reserve = ReserveRequest {
+        (store, catalog)
+    }
+
+    fn reserve(input_tokens: u64, max_output_tokens: u64) -> Command {
+        Command::Reserve(ReserveRequest {
             request_id: RequestId::parse("r1").unwrap(),
             api_key_id: None,
             model: ModelId::parse("llama-3.1-8b").unwrap(),
             tier: TierId::default_tier(),
-            input_tokens: 1000,
+            input_tokens,
             cached_input_tokens: 0,
-            max_output_tokens: 1000,
-        };
-        let applied = store.apply(&busy, Command::Reserve(reserve), now).await.unwrap();
+            max_output_tokens,
+        })
+    }
+
+    #[tokio::test]
+    async fn light_sweeps_lapse_holds_and_full_sweeps_prune() {
+        let (store, catalog) = store(&["idle", "busy"]).await;
+        let now: Timestamp = NOW.parse().unwrap();
+        let busy = AccountId::parse("busy").unwrap();
+        let applied = store.apply(&busy, reserve(1000, 1000), now).await.unwrap();
         assert!(matches!(applied.reply, Reply::Reserve(_)));
         assert_eq!(store.holding.len(), 1);
         // The first sweep is a full one; the next ones are light.
@@ -197,34 +211,14 @@ mod tests {
 
     #[tokio::test]
     async fn records_of_a_refused_command_wait_for_the_next_sweep() {
-        let mut catalog = Settings::parse(DEMO, &|_| None).unwrap().catalog;
-        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
-        let store = MemoryStore::new(catalog.clone());
-        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
-        let plan = &catalog.plans[&crate::engine::ids::PlanId::parse("payg").unwrap()];
+        let (store, catalog) = store(&["late"]).await;
+        let now: Timestamp = NOW.parse().unwrap();
         let id = AccountId::parse("late").unwrap();
-        let account = Account::open(id.clone(), plan, jiff::tz::TimeZone::UTC, None, Money::ZERO, now).unwrap();
-        store.create(account).await.unwrap();
-        let top_up = Command::TopUp {
-            operation_id: crate::engine::ids::LotId::parse("t").unwrap(),
-            pool: Pool::Paid,
-            amount: "1".parse().unwrap(),
-        };
-        store.apply(&id, top_up, now).await.unwrap();
-        let reserve = ReserveRequest {
-            request_id: RequestId::parse("r1").unwrap(),
-            api_key_id: None,
-            model: ModelId::parse("llama-3.1-8b").unwrap(),
-            tier: TierId::default_tier(),
-            input_tokens: 10,
-            cached_input_tokens: 0,
-            max_output_tokens: 10,
-        };
-        store.apply(&id, Command::Reserve(reserve), now).await.unwrap();
+        store.apply(&id, reserve(10, 10), now).await.unwrap();
         store.sweep(now).await.unwrap(); // the full sweep; the next ones are light
         // A settle after the TTL is refused, but the hold lapsed and was charged.
         let late = now + catalog.hold_ttl;
-        let reservation = crate::engine::ids::ReservationId::parse("r1").unwrap();
+        let reservation = ReservationId::parse("r1").unwrap();
         let settle = Command::Settle {
             reservation,
             usage: Default::default(),

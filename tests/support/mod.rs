@@ -213,6 +213,16 @@ pub fn settle(account: &str, reservation: &str, input: u64, output: u64) -> prot
     }
 }
 
+/// Per-million prices: `input` for every input kind, `output` for output.
+pub fn prices(input: &str, output: &str) -> proto::TokenPrices {
+    proto::TokenPrices {
+        input_per_million: Some(money(input)),
+        cached_input_per_million: Some(money(input)),
+        cache_write_per_million: Some(money(input)),
+        output_per_million: Some(money(output)),
+    }
+}
+
 /// Money from a decimal string, for requests.
 pub fn money(text: &str) -> proto::Money {
     let m: tollgate::engine::Money = text.parse().expect("money");
