@@ -19,6 +19,7 @@ pub fn status(e: StoreError) -> Status {
             EngineError::Precondition(_) => Status::failed_precondition(e.to_string()),
             EngineError::Overflow => Status::out_of_range(e.to_string()),
             EngineError::Period(_) => Status::internal(e.to_string()),
+            EngineError::Short(_) => Status::unavailable(e.to_string()),
         },
     }
 }

@@ -15,7 +15,10 @@ use jiff::tz::TimeZone;
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::draw::{SourceRef, Take};
 use super::error::EngineError;
-use super::ids::{AccountId, ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
+use super::ids::{
+    AccountId, ApiKeyId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId, VersionId,
+};
+use super::lease::{Lease, Mirror};
 use super::limits::{BucketKey, Buckets, LimitOverrides};
 use super::money::Money;
 use super::period::{Anchor, Schedule, Window};
@@ -69,13 +72,6 @@ impl Lot {
                 (Some(set), Some(m)) => set.contains(m),
                 (Some(_), None) => false,
             }
-    }
-
-    fn close(&mut self) {
-        if !self.closed {
-            self.closed = true;
-            self.ledger.forfeited += self.ledger.available();
-        }
     }
 }
 
@@ -235,6 +231,11 @@ pub struct Account {
     pub recent: VecDeque<Arc<UsageRecord>>,
     /// Records produced but not yet taken by the store for the usage sink.
     pub outbox: Vec<Arc<UsageRecord>>,
+    /// Shared account: what each sidecar holds on lease.
+    pub leases: BTreeMap<ProducerId, Lease>,
+    /// Sidecar mirror: its log and lease state (`None` on a shared or
+    /// stand-alone account).
+    pub mirror: Option<Box<Mirror>>,
 }
 
 impl Account {
@@ -269,6 +270,8 @@ impl Account {
             overrides: LimitOverrides::default(),
             recent: VecDeque::new(),
             outbox: Vec::new(),
+            leases: BTreeMap::new(),
+            mirror: None,
         };
         account.subscribe(plan, anchor, now)?;
         Ok(account)
@@ -339,21 +342,52 @@ impl Account {
                 self.reservations.insert(id, Reservation::Expired { closed_at: now });
             }
         }
-        for lot in self.packs.values_mut().chain(self.promos.values_mut()) {
-            if lot.expires_at.is_some_and(|t| t <= now) {
-                lot.close();
+        let mut closed = Vec::new();
+        for (lots, make) in [
+            (&mut self.packs, SourceRef::Pack as fn(LotId) -> SourceRef),
+            (&mut self.promos, SourceRef::Promo),
+        ] {
+            for (id, lot) in lots.iter_mut() {
+                if !lot.closed && lot.expires_at.is_some_and(|t| t <= now) {
+                    closed.push((make(id.clone()), lot.ledger.available()));
+                    lot.closed = true;
+                }
             }
         }
+        for (source, unused) in closed {
+            self.give_up(source, unused);
+        }
+        let mirror = self.mirror.is_some();
         if let Some(sub) = &mut self.subscription {
+            let mut ended = Vec::new();
             while sub.window.end <= now {
                 let unused = self.allowance.available();
-                let carried = unused.min(i128::from(sub.rollover_cap));
-                self.allowance.forfeited += unused - carried;
-                self.allowance.granted += i128::from(sub.tokens);
+                if mirror {
+                    // A mirror's allowance is lent: the shared account
+                    // starts the next period, the slice goes back.
+                    ended.push((self.periods_started - 1, unused));
+                    self.allowance.forfeited += unused;
+                } else {
+                    let carried = unused.min(i128::from(sub.rollover_cap));
+                    self.allowance.forfeited += unused - carried;
+                    self.allowance.granted += i128::from(sub.tokens);
+                }
                 sub.window = sub.schedule.containing(sub.window.end)?;
                 self.periods_started += 1;
             }
+            if let Some(log) = self.mirror.as_mut() {
+                for (period, unused) in ended.into_iter().filter(|(_, u)| *u > 0) {
+                    super::lease::merge(
+                        &mut log.returned,
+                        [Take {
+                            source: SourceRef::Allowance { period },
+                            amount: unused,
+                        }],
+                    );
+                }
+            }
         }
+        self.lapse_leases(now);
         Ok(())
     }
 
@@ -375,6 +409,7 @@ impl Account {
             Remembered::Charged { at, .. } => *at > horizon,
         });
         self.buckets.prune(now);
+        self.prune_leases(catalog, now);
     }
 
     /// The ledger behind a source reference; `None` for a lot that does not

@@ -244,6 +244,8 @@ impl Account {
             overrides: self.overrides.clone(),
             recent: self.recent.clone(),
             outbox: Vec::new(),
+            leases: Default::default(),
+            mirror: None,
         }
     }
 }

@@ -99,6 +99,47 @@ impl serde::Serialize for Take {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Take {
+    /// Reads the form [`Take`] is written in (as in usage records).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Take, D::Error> {
+        use serde::de::Error;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Form {
+            source: String,
+            lot: Option<String>,
+            tokens: Option<u64>,
+            money: Option<Money>,
+        }
+        let form = Form::deserialize(d)?;
+        let lot = || {
+            let text = form.lot.as_deref().ok_or_else(|| D::Error::custom("lot missing"))?;
+            LotId::parse(text).map_err(|e| D::Error::custom(format!("lot {text:?} {e}")))
+        };
+        let source = match form.source.as_str() {
+            "allowance" => {
+                let period = form.lot.as_deref().and_then(|l| l.strip_prefix("period:"));
+                let period = period.and_then(|p| p.parse().ok());
+                SourceRef::Allowance {
+                    period: period.ok_or_else(|| D::Error::custom("allowance needs lot \"period:N\""))?,
+                }
+            }
+            "pack" => SourceRef::Pack(lot()?),
+            "promo" => SourceRef::Promo(lot()?),
+            "paid" => SourceRef::Paid,
+            "credit" => SourceRef::Credit,
+            "debt" => SourceRef::Debt,
+            other => return Err(D::Error::custom(format!("unknown source {other:?}"))),
+        };
+        let amount = match (source.is_tokens(), form.tokens, form.money) {
+            (true, Some(tokens), None) => i128::from(tokens),
+            (false, None, Some(money)) => money.picos(),
+            _ => return Err(D::Error::custom("a token source takes `tokens`, a money source `money`")),
+        };
+        Ok(Take { source, amount })
+    }
+}
+
 /// The money part of `takes`.
 pub fn money_total(takes: &[Take]) -> Money {
     Money::from_picos(takes.iter().filter(|t| !t.source.is_tokens()).map(|t| t.amount).sum())
@@ -204,6 +245,14 @@ impl Account {
                         push(source.clone(), amount_on(bonus, &source) + lot.ledger.available());
                     }
                 }
+                SourceClass::Paid | SourceClass::Credit if self.mirror.is_some() => {
+                    // A mirror holds a slice of paid money (credit included):
+                    // never below zero.
+                    if *class == SourceClass::Paid {
+                        let slice = self.paid.available() + amount_on(bonus, &SourceRef::Paid);
+                        push(SourceRef::Paid, slice.max(0));
+                    }
+                }
                 SourceClass::Paid | SourceClass::Credit => {
                     let effective = self.paid.available()
                         + amount_on(bonus, &SourceRef::Paid)
@@ -215,6 +264,11 @@ impl Account {
                     }
                 }
             }
+        }
+        if let Some(m) = &self.mirror {
+            // The failure policy's allowance while the store is unreachable.
+            let owed = -self.debt.available();
+            push(SourceRef::Debt, m.overdraft - owed + amount_on(bonus, &SourceRef::Debt));
         }
         caps
     }
@@ -242,6 +296,9 @@ impl Account {
                 l.charged += t.amount;
             }
         }
+        if let Some(log) = self.mirror.as_mut() {
+            super::lease::merge(&mut log.charged, charged.iter().cloned());
+        }
         let mut sources: Vec<&SourceRef> = released.iter().map(|t| &t.source).collect();
         sources.sort();
         sources.dedup();
@@ -250,11 +307,7 @@ impl Account {
                 continue;
             }
             let back = amount_on(released, source) - amount_on(held, source) - amount_on(charged, source);
-            if back > 0
-                && let Some(l) = self.ledger_mut(source)
-            {
-                l.forfeited += back;
-            }
+            self.give_up(source.clone(), back);
         }
     }
 

@@ -29,6 +29,10 @@ pub enum EngineError {
     /// A period boundary left the supported date range.
     #[error(transparent)]
     Period(#[from] PeriodError),
+    /// A sidecar's mirror cannot decide alone: it needs this from the
+    /// shared account first (never leaves the store).
+    #[error("this sidecar's lease is short; the shared account must be asked")]
+    Short(Box<super::lease::Short>),
 }
 
 impl From<super::money::Overflow> for EngineError {

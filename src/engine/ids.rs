@@ -126,6 +126,10 @@ id_type!(
     PlanId
 );
 id_type!(
+    /// A sidecar as a producer of lease reports: unique per process start.
+    ProducerId
+);
+id_type!(
     /// A price-book version id.
     VersionId
 );

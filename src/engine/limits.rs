@@ -109,7 +109,8 @@ impl LimitOverrides {
 }
 
 /// What a limit is counted per.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// The account.
     Account,
@@ -193,7 +194,7 @@ pub struct RateStatus {
 
 /// A GCRA bucket: the theoretical arrival time in scaled nanoseconds, and
 /// the rate it was scaled at.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Gcra {
     tat: i128,
     rate: u64,
@@ -277,24 +278,48 @@ impl Gcra {
     }
 }
 
+/// Rate-limit units a sidecar holds on lease (see `engine::lease`):
+/// requests and tokens taken ahead from the account's GCRA buckets, and
+/// concurrency slots counted in flight there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Permits {
+    /// Requests.
+    pub requests: u64,
+    /// Tokens; below zero when actual usage outran what was admitted.
+    pub tokens: i128,
+    /// Concurrency slots.
+    pub slots: u64,
+}
+
+impl Permits {
+    /// Nothing at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Permits::default()
+    }
+}
+
 /// The state of one scope's limits.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bucket {
     requests: Gcra,
     tokens: Gcra,
     in_flight: u64,
+    /// In a leased mirror: what the sidecar holds of the shared bucket.
+    #[serde(skip)]
+    permits: Permits,
 }
 
 impl Bucket {
     fn idle(&self, now: Timestamp) -> bool {
         self.in_flight == 0
+            && self.permits.is_empty()
             && self.requests.tat <= scaled_now(now, self.requests.rate)
             && self.tokens.tat <= scaled_now(now, self.tokens.rate)
     }
 }
 
 /// Which bucket: a scope and, for keys and models, the id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct BucketKey {
     /// The scope.
     pub scope: Scope,
@@ -306,10 +331,45 @@ pub struct BucketKey {
 pub type Applicable = Vec<(BucketKey, LimitSet)>;
 
 /// Every limit bucket of one account, indexed by key (never scanned).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// In a leased mirror (a sidecar's copy of a shared account) the buckets
+/// count [`Permits`] taken from the shared buckets instead of running GCRA
+/// themselves: a request is admitted only if the sidecar holds a request
+/// permit, its tokens and a free slot for every limit that applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Buckets {
+    #[serde(with = "pairs")]
     map: HashMap<BucketKey, Bucket>,
+    #[serde(skip)]
+    leased: bool,
 }
+
+/// A map with structured keys as a list of pairs (JSON keys are strings).
+mod pairs {
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &HashMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// What a leased mirror lacks to admit a request: permits to ask for.
+pub type Lacking = Vec<(BucketKey, Permits)>;
 
 fn burst(rate: u64, burst: u64) -> u64 {
     if burst == 0 { rate } else { burst }
@@ -319,6 +379,9 @@ impl Buckets {
     /// Admits one request of `tokens` tokens against every applicable
     /// limit, or changes nothing and names the first limit it exceeds.
     pub fn admit(&mut self, limits: &Applicable, tokens: u64, now: Timestamp) -> Result<RateStatus, Exceeded> {
+        if self.leased {
+            return self.admit_leased(limits, tokens, now);
+        }
         let mut staged = Vec::with_capacity(limits.len());
         for (key, set) in limits {
             let mut bucket = self.map.get(key).cloned().unwrap_or_default();
@@ -350,11 +413,86 @@ impl Buckets {
         Ok(self.status(limits, now))
     }
 
+    /// A leased mirror's admission: every limit must be covered by the
+    /// permits held; nothing is taken unless all are.
+    fn admit_leased(&mut self, limits: &Applicable, tokens: u64, now: Timestamp) -> Result<RateStatus, Exceeded> {
+        if let Some(exceeded) = self.lacking(limits, tokens).into_iter().next().map(|(key, lack)| {
+            let set = limits.iter().find(|(k, _)| *k == key).map(|(_, s)| *s).unwrap_or_default();
+            let (kind, limit) = if lack.requests > 0 {
+                (Kind::Requests, set.requests_per_minute)
+            } else if lack.tokens > 0 {
+                (Kind::Tokens, set.tokens_per_minute)
+            } else {
+                (Kind::Concurrency, set.concurrent_requests)
+            };
+            Exceeded {
+                scope: key.scope,
+                kind,
+                limit,
+                retry_after: None,
+            }
+        }) {
+            return Err(exceeded);
+        }
+        for (key, set) in limits {
+            let bucket = self.map.entry(key.clone()).or_default();
+            if set.requests_per_minute > 0 {
+                bucket.permits.requests -= 1;
+            }
+            if set.tokens_per_minute > 0 {
+                bucket.permits.tokens -= i128::from(tokens);
+            }
+            bucket.in_flight += 1;
+        }
+        Ok(self.status(limits, now))
+    }
+
+    /// In a leased mirror, the permits missing to admit a request of
+    /// `tokens` tokens under `limits`; empty when it can be admitted (and
+    /// always outside a mirror).
+    pub fn lacking(&self, limits: &Applicable, tokens: u64) -> Lacking {
+        if !self.leased {
+            return Vec::new();
+        }
+        let mut lacking = Vec::new();
+        for (key, set) in limits {
+            let (held, in_flight) = self.map.get(key).map_or((Permits::default(), 0), |b| (b.permits, b.in_flight));
+            let lack = Permits {
+                requests: u64::from(set.requests_per_minute > 0 && held.requests == 0),
+                tokens: if set.tokens_per_minute > 0 {
+                    (i128::from(tokens) - held.tokens).max(0)
+                } else {
+                    0
+                },
+                slots: u64::from(set.concurrent_requests > 0 && in_flight >= held.slots),
+            };
+            if !lack.is_empty() {
+                lacking.push((key.clone(), lack));
+            }
+        }
+        lacking
+    }
+
     /// Header figures for `limits` at `now`, without admitting anything.
     pub fn status(&self, limits: &Applicable, now: Timestamp) -> RateStatus {
         let mut status = RateStatus::default();
         for (key, set) in limits {
             let bucket = self.map.get(key).cloned().unwrap_or_default();
+            if self.leased {
+                let room = |limit, held: i128| Headroom {
+                    limit,
+                    remaining: u64::try_from(held.max(0)).unwrap_or(u64::MAX),
+                    reset: Duration::ZERO,
+                };
+                if set.requests_per_minute > 0 {
+                    let held = room(set.requests_per_minute, i128::from(bucket.permits.requests));
+                    status.requests = status.requests.tighter(held);
+                }
+                if set.tokens_per_minute > 0 {
+                    status.tokens = status.tokens.tighter(room(set.tokens_per_minute, bucket.permits.tokens));
+                }
+                continue;
+            }
             if set.requests_per_minute > 0 {
                 let room = bucket
                     .requests
@@ -377,6 +515,14 @@ impl Buckets {
     /// or a grant extended): gives back unused tokens, takes extra ones
     /// without a check (they were already used).
     pub fn adjust_tokens(&mut self, keys: &[BucketKey], admitted: u64, actual: u64, now: Timestamp) {
+        if self.leased {
+            for key in keys {
+                if let Some(bucket) = self.map.get_mut(key) {
+                    bucket.permits.tokens += i128::from(admitted) - i128::from(actual);
+                }
+            }
+            return;
+        }
         for key in keys {
             if let Some(bucket) = self.map.get_mut(key).filter(|b| b.tokens.rate > 0) {
                 if actual < admitted {
@@ -405,6 +551,94 @@ impl Buckets {
     /// Requests in flight in one bucket.
     pub fn in_flight(&self, key: &BucketKey) -> u64 {
         self.map.get(key).map_or(0, |b| b.in_flight)
+    }
+
+    /// Makes these the buckets of a leased mirror: they count permits.
+    pub(crate) fn set_leased(&mut self) {
+        self.leased = true;
+    }
+
+    /// Shared side: takes up to `ask` from the bucket `key` (limits `set`)
+    /// for a sidecar: requests and tokens the GCRA admits now, and free
+    /// concurrency slots. Figures without a limit need no permits.
+    pub fn lease(&mut self, key: &BucketKey, set: &LimitSet, ask: Permits, now: Timestamp) -> Permits {
+        let bucket = self.map.entry(key.clone()).or_default();
+        let mut granted = Permits::default();
+        if set.requests_per_minute > 0 && ask.requests > 0 {
+            let gcra = bucket.requests.at_rate(set.requests_per_minute);
+            let room = gcra.headroom(burst(set.requests_per_minute, set.request_burst), now);
+            granted.requests = ask.requests.min(room.remaining);
+            bucket.requests = gcra;
+            bucket.requests.force(granted.requests, now);
+        }
+        if set.tokens_per_minute > 0 && ask.tokens > 0 {
+            let gcra = bucket.tokens.at_rate(set.tokens_per_minute);
+            let room = gcra.headroom(burst(set.tokens_per_minute, set.token_burst), now);
+            let tokens = u64::try_from(ask.tokens).unwrap_or(u64::MAX).min(room.remaining);
+            granted.tokens = i128::from(tokens);
+            bucket.tokens = gcra;
+            bucket.tokens.force(tokens, now);
+        }
+        if set.concurrent_requests > 0 && ask.slots > 0 {
+            granted.slots = ask.slots.min(set.concurrent_requests.saturating_sub(bucket.in_flight));
+            bucket.in_flight += granted.slots;
+        }
+        granted
+    }
+
+    /// Shared side: takes back what a sidecar did not use. Negative tokens
+    /// (usage beyond what was admitted) are counted without a check.
+    pub fn give_back(&mut self, key: &BucketKey, back: Permits, now: Timestamp) {
+        if let Some(bucket) = self.map.get_mut(key) {
+            if bucket.requests.rate > 0 {
+                bucket.requests.refund(back.requests, now);
+            }
+            if bucket.tokens.rate > 0 {
+                let magnitude = u64::try_from(back.tokens.unsigned_abs()).unwrap_or(u64::MAX);
+                if back.tokens >= 0 {
+                    bucket.tokens.refund(magnitude, now);
+                } else {
+                    bucket.tokens.force(magnitude, now);
+                }
+            }
+            bucket.in_flight = bucket.in_flight.saturating_sub(back.slots);
+        }
+    }
+
+    /// Mirror side: adds permits received.
+    pub fn credit(&mut self, key: &BucketKey, granted: Permits) {
+        let bucket = self.map.entry(key.clone()).or_default();
+        bucket.permits.requests += granted.requests;
+        bucket.permits.tokens += granted.tokens;
+        bucket.permits.slots += granted.slots;
+    }
+
+    /// Mirror side: what to give back. Token overruns always; with `all`
+    /// (idle, or a lease ending) every unused permit and free slot too.
+    pub fn unused(&mut self, all: bool) -> Lacking {
+        let mut back = Vec::new();
+        for (key, bucket) in &mut self.map {
+            let p = &mut bucket.permits;
+            let give = Permits {
+                requests: if all { p.requests } else { 0 },
+                tokens: if all || p.tokens < 0 { p.tokens } else { 0 },
+                slots: if all { p.slots.saturating_sub(bucket.in_flight) } else { 0 },
+            };
+            if !give.is_empty() {
+                p.requests -= give.requests;
+                p.tokens -= give.tokens;
+                p.slots -= give.slots;
+                back.push((key.clone(), give));
+            }
+        }
+        back
+    }
+
+    /// Mirror side: forgets every permit (its lease ended elsewhere).
+    pub fn drop_permits(&mut self) {
+        for bucket in self.map.values_mut() {
+            bucket.permits = Permits::default();
+        }
     }
 }
 

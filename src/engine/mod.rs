@@ -14,6 +14,7 @@
 //! - [`account`]: one account's sources, ledgers and reservations.
 //! - [`draw`]: which sources pay, and the one rounding rule.
 //! - [`command`]: one entry point for every account operation.
+//! - [`lease`]: slices of a shared account lent to sidecars, and their mirrors.
 //! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
 //! - [`record`]: usage records.
 
@@ -23,6 +24,7 @@ pub mod command;
 pub mod draw;
 pub mod error;
 pub mod ids;
+pub mod lease;
 pub mod limits;
 pub mod money;
 pub mod ops;

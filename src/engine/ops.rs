@@ -16,6 +16,7 @@ use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need, SourceRef, Take};
 use super::error::EngineError;
 use super::ids::{ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
+use super::lease::Needed;
 use super::limits::{Applicable, BucketKey, Exceeded, LimitOverrides, RateStatus, Scope};
 use super::money::Money;
 use super::period::Anchor;
@@ -219,7 +220,7 @@ fn to_u64(v: i128) -> u64 {
 }
 
 impl Account {
-    fn plan_of<'c>(&self, catalog: &'c Catalog) -> Result<&'c Plan, EngineError> {
+    pub(crate) fn plan_of<'c>(&self, catalog: &'c Catalog) -> Result<&'c Plan, EngineError> {
         catalog
             .plans
             .get(&self.plan)
@@ -335,7 +336,13 @@ impl Account {
                 );
             }
         };
-        let min_output = req.max_output_tokens.min(1);
+        // A mirror grants all or asks: the shared account may well have what
+        // its slice lacks.
+        let min_output = if self.must_ask() {
+            req.max_output_tokens
+        } else {
+            req.max_output_tokens.min(1)
+        };
         let funded = self.fund(
             &plan.draw_order,
             prompt,
@@ -346,6 +353,23 @@ impl Account {
             &[],
             now,
         );
+        if self.must_ask() {
+            let lacking = self
+                .buckets
+                .lacking(&limits, prompt.total_tokens() + req.max_output_tokens);
+            if funded.is_none() || !lacking.is_empty() || self.lease_stale(now) {
+                let worst = Usage {
+                    output_tokens: req.max_output_tokens,
+                    ..prompt
+                };
+                let need = Needed::Tokens {
+                    usage: worst,
+                    rates,
+                    model: req.model.clone(),
+                };
+                return Err(Account::short(funded.is_none().then_some((need, false)), lacking));
+            }
+        }
         let Some((granted, takes)) = funded else {
             return deny(
                 self,
@@ -463,6 +487,17 @@ impl Account {
                 now,
             );
             let (granted, takes) = funded.unwrap_or((hold.granted_output, hold.takes.clone()));
+            if self.must_ask() && (granted < max_output || self.lease_stale(now)) {
+                let need = Needed::Tokens {
+                    usage: Usage {
+                        output_tokens: max_output,
+                        ..hold.prompt
+                    },
+                    rates,
+                    model: hold.model.clone(),
+                };
+                return Err(Account::short(Some((need, true)), Vec::new()));
+            }
             let short = (granted < max_output).then_some(Denial::InsufficientFunds);
             (granted, takes, short)
         };
@@ -521,7 +556,11 @@ impl Account {
                 model: &hold.model,
             };
             let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
-            plan_with_debt(&caps, &need)?
+            let charges = plan_with_debt(&caps, &need)?;
+            if self.must_ask() && charges.iter().any(|t| t.source == SourceRef::Debt) {
+                return Err(Account::short(Some((Needed::of(&need), true)), Vec::new()));
+            }
+            charges
         };
         let Some(Reservation::Open(hold)) = self.reservations.remove(id) else {
             return Err(EngineError::NotFound(format!("reservation {id}")));
@@ -620,7 +659,11 @@ impl Account {
             }
         };
         let caps = self.capacities(&plan.draw_order, &need, &[], now);
-        let Ok(charges) = draw::plan(&caps, &need, false) else {
+        let planned = draw::plan(&caps, &need, false);
+        if self.must_ask() && (planned.is_err() || self.lease_stale(now)) {
+            return Err(Account::short(Some((Needed::of(&need), false)), Vec::new()));
+        }
+        let Ok(charges) = planned else {
             return Ok(ChargeOutcome::Denied(
                 Denial::InsufficientFunds,
                 "no source can cover the charge".into(),

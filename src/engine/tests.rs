@@ -762,3 +762,161 @@ fn a_token_limit_set_after_a_reserve_is_not_refunded_by_its_settle() {
         "the second request's 600 tokens still count"
     );
 }
+
+/// A sidecar as the store drives one: the command runs on the mirror; when
+/// the mirror is short, one sync with the shared account, then the command
+/// again as the last word.
+struct Sidecar {
+    producer: super::ids::ProducerId,
+    seq: u64,
+    mirror: Account,
+}
+
+impl Sidecar {
+    fn new(name: &str, shared: &Account) -> Sidecar {
+        Sidecar {
+            producer: super::ids::ProducerId::parse(name).unwrap(),
+            seq: 0,
+            mirror: Account::mirror_of(shared),
+        }
+    }
+
+    fn sync(
+        &mut self,
+        shared: &mut Account,
+        c: &Catalog,
+        short: super::lease::Short,
+        close: bool,
+        now: Timestamp,
+    ) -> super::lease::Granted {
+        // Short of funds: give every slice back and ask for exactly the need.
+        let all = close || short.need.is_some();
+        let (charged, returned, permits_back) = self.mirror.report(all);
+        self.seq += 1;
+        let sync = super::lease::Sync {
+            producer: self.producer.clone(),
+            seq: self.seq,
+            epoch: self.mirror.mirror.as_ref().unwrap().epoch,
+            charged,
+            returned,
+            permits_back,
+            want: Vec::new(),
+            need: short.need,
+            want_permits: short.permits,
+            ttl: SignedDuration::from_secs(30),
+            close,
+        };
+        let granted = shared.sync(c, &sync, now).unwrap();
+        self.mirror.refresh_mirror(shared);
+        self.mirror.accept(&granted);
+        self.mirror.mirror.as_mut().unwrap().decide_until = Some(granted.expires_at - SignedDuration::from_secs(10));
+        granted
+    }
+
+    fn apply(&mut self, shared: &mut Account, c: &Catalog, command: Command, now: Timestamp) -> Reply {
+        match self.mirror.apply(c, command.clone(), now) {
+            Err(EngineError::Short(short)) => {
+                self.sync(shared, c, *short, false, now);
+                self.mirror.mirror.as_mut().unwrap().last_word = true;
+                let reply = self.mirror.apply(c, command, now);
+                self.mirror.mirror.as_mut().unwrap().last_word = false;
+                reply.unwrap()
+            }
+            other => other.unwrap(),
+        }
+    }
+}
+
+use super::command::{Command, Reply};
+
+fn no_short() -> super::lease::Short {
+    super::lease::Short {
+        need: None,
+        permits: Vec::new(),
+    }
+}
+
+#[test]
+fn sidecars_on_leases_drain_an_account_exactly_and_never_below_zero() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut sidecars = [Sidecar::new("a", &shared), Sidecar::new("b", &shared)];
+    let now = t(NOW);
+    let (mut charged, mut denied) = (0i128, 0);
+    for i in 0..60 {
+        let car = &mut sidecars[i % 2];
+        let id = format!("r{i}");
+        let reserved = car.apply(&mut shared, &c, Command::Reserve(req(&id, "m", 10, 10)), now);
+        match reserved {
+            Reply::Reserve(ReserveOutcome::Allowed(r)) => {
+                let settle = Command::Settle {
+                    reservation: r.reservation_id,
+                    usage: usage(10, r.granted_output_tokens.min(5)),
+                };
+                let Reply::Settle(record) = car.apply(&mut shared, &c, settle, now) else {
+                    panic!("settle answers a record")
+                };
+                charged += record.total_money.picos();
+            }
+            Reply::Reserve(ReserveOutcome::Denied { .. }) => denied += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(shared.paid.available() >= 0, "never below zero");
+    }
+    assert!(denied > 0, "the account ran dry");
+    for car in &mut sidecars {
+        car.sync(&mut shared, &c, no_short(), true, now);
+    }
+    // What is left is less than one request's worst case per sidecar: a
+    // short mirror gives its slice back and asks for exactly its need.
+    assert!(shared.paid.available() < 2 * 50_000, "left {}", shared.paid.available());
+    assert_eq!(shared.paid.held, 0, "nothing lent after both left");
+    assert_eq!(shared.paid.charged, charged, "every charge reported exactly once");
+    assert_eq!(shared.paid.available(), 1_000_000 - charged);
+}
+
+#[test]
+fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let now = t(NOW);
+    let producer = super::ids::ProducerId::parse("a").unwrap();
+    let ask = |seq, charged: Vec<Take>| super::lease::Sync {
+        producer: producer.clone(),
+        seq,
+        epoch: 0,
+        charged,
+        returned: Vec::new(),
+        permits_back: Vec::new(),
+        want: vec![(SourceRef::Paid, 400_000)],
+        need: None,
+        want_permits: Vec::new(),
+        ttl: SignedDuration::from_secs(30),
+        close: false,
+    };
+    let first = shared.sync(&c, &ask(1, vec![]), now).unwrap();
+    assert_eq!(first.takes, vec![take(SourceRef::Paid, 250_000)], "a quarter of what is left");
+    assert_eq!(shared.sync(&c, &ask(1, vec![]), now).unwrap(), first, "a retry gets the first answer");
+    assert_eq!(shared.paid.held, 250_000, "and lends nothing twice");
+    let second = shared.sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now).unwrap();
+    assert_eq!(
+        second.takes,
+        vec![take(SourceRef::Paid, 187_500)],
+        "(1_000_000 - 150_000 held - 100_000 charged) / 4"
+    );
+    shared.sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now).unwrap();
+    assert_eq!(shared.paid.charged, 100_000, "a repeated report is applied once");
+    assert!(shared.sync(&c, &ask(1, vec![]), now).is_err(), "an older report is refused");
+    // The sidecar goes silent: at the expiry everything lent comes back.
+    let later = now + SignedDuration::from_secs(30);
+    shared.apply(&c, Command::Balance, later).unwrap();
+    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.leases[&producer].epoch, 1);
+    // A report from before the lapse still counts its charges.
+    let late = shared.sync(&c, &ask(3, vec![take(SourceRef::Paid, 50_000)]), later).unwrap();
+    assert!(late.lapsed);
+    assert_eq!(shared.paid.charged, 150_000);
+    assert_eq!(shared.paid.available() + shared.paid.held + shared.paid.charged, 1_000_000);
+}

@@ -1,0 +1,670 @@
+//! Leases: many sidecars deciding from memory on one shared account without
+//! any of them overspending it.
+//!
+//! The same engine plays two roles.
+//!
+//! - The **shared account** (kept by the store) lends sidecars slices of its
+//!   sources and permits of its limit buckets. A slice is *held* in the
+//!   shared ledgers exactly like a reservation's hold, so it can never be
+//!   lent twice and `granted = available + held + charged + forfeited`
+//!   still holds. [`Account::sync`] applies one sidecar's report (what it
+//!   charged, what it gives back), renews its lease and lends more. Reports
+//!   carry the sidecar's id and a sequence number: a report applied once is
+//!   never applied again, and its retry gets the first answer back.
+//! - A sidecar's **mirror** ([`Account::mirror_of`]) has the shared
+//!   account's settings, plan and lots, but its ledgers hold only what was
+//!   lent to it. The usual operations run on it unchanged and log every
+//!   charge and every amount they give up ([`Mirror`]) for the next report.
+//!   When a mirror cannot decide alone (its slice or permits are short, its
+//!   lease is too old), the operation fails with [`EngineError::Short`]
+//!   naming exactly what it needs; the sidecar asks the shared account for
+//!   that and runs the operation again as the last word.
+//!
+//! A lease the sidecar stops renewing lapses at its expiry: the shared
+//! account takes back everything still lent. Charges reported after that
+//! are applied as far as the sources allow, money beyond them as debt.
+
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::account::Account;
+use super::catalog::Catalog;
+use super::draw::{self, Need, SourceRef, Take};
+use super::error::EngineError;
+use super::ids::{ModelId, ProducerId};
+use super::limits::{BucketKey, Lacking, LimitSet, Permits, Scope};
+use super::money::Money;
+use super::pricing::{Rates, Usage};
+
+/// A slice is at most this fraction (1/n) of what the source has left, so
+/// capacity lent out shrinks with the balance and several sidecars never
+/// strand much of it.
+pub const FAIR_SHARE: i128 = 4;
+
+/// What one sidecar holds of a shared account.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    /// Amounts lent and not yet charged or given back, by source.
+    pub held: Vec<Take>,
+    /// Permits lent, by bucket.
+    pub permits: Vec<(BucketKey, Permits)>,
+    /// When it lapses unless renewed.
+    pub expires_at: Timestamp,
+    /// The last report applied.
+    pub seq: u64,
+    /// Incremented each time the lease lapses: a mirror still on an older
+    /// epoch lost what it held.
+    pub epoch: u64,
+    /// The answer to report `seq`, returned again to its retries.
+    pub last: Option<Granted>,
+}
+
+/// What a mirror needs covered, exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Needed {
+    /// Tokens of a model at rates.
+    Tokens {
+        /// Token counts.
+        usage: Usage,
+        /// Prices and weight.
+        rates: Rates,
+        /// The model (for pack scopes).
+        model: ModelId,
+    },
+    /// A fixed amount of money.
+    Money(Money),
+}
+
+impl Needed {
+    /// What a mirror asks for to cover `need`.
+    pub fn of(need: &Need<'_>) -> Needed {
+        match need {
+            Need::Tokens { usage, rates, model } => Needed::Tokens {
+                usage: *usage,
+                rates: *rates,
+                model: (*model).clone(),
+            },
+            Need::Money(m) => Needed::Money(*m),
+        }
+    }
+
+    fn as_need(&self) -> Need<'_> {
+        match self {
+            Needed::Tokens { usage, rates, model } => Need::Tokens {
+                usage: *usage,
+                rates: *rates,
+                model,
+            },
+            Needed::Money(m) => Need::Money(*m),
+        }
+    }
+}
+
+/// Why a mirror cannot decide alone, and what would let it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Short {
+    /// Funds to borrow, and whether part of them is worth having (a settle
+    /// or extend takes what there is; a reserve needs all or nothing).
+    pub need: Option<(Needed, bool)>,
+    /// Permits to borrow.
+    pub permits: Lacking,
+}
+
+/// One sidecar's report and request to the shared account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sync {
+    /// The sidecar.
+    pub producer: ProducerId,
+    /// This report's number: strictly increasing per producer.
+    pub seq: u64,
+    /// The lease epoch the sidecar's slices belong to.
+    pub epoch: u64,
+    /// Charged from the slices since the last report (debt included).
+    pub charged: Vec<Take>,
+    /// Given back since the last report.
+    pub returned: Vec<Take>,
+    /// Permits given back (tokens below zero: usage beyond admission).
+    pub permits_back: Lacking,
+    /// More of these sources, wanted for the coming seconds.
+    pub want: Vec<(SourceRef, i128)>,
+    /// A need to cover now.
+    pub need: Option<(Needed, bool)>,
+    /// More permits.
+    pub want_permits: Lacking,
+    /// How long the lease lives without another report.
+    pub ttl: SignedDuration,
+    /// The sidecar is leaving: take back everything it holds.
+    pub close: bool,
+}
+
+/// The shared account's answer to a [`Sync`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Granted {
+    /// Newly lent amounts.
+    pub takes: Vec<Take>,
+    /// Newly lent permits.
+    pub permits: Vec<(BucketKey, Permits)>,
+    /// The lease's new expiry.
+    pub expires_at: Timestamp,
+    /// The lease's epoch.
+    pub epoch: u64,
+    /// The sidecar's previous slices had lapsed and were taken back.
+    pub lapsed: bool,
+    /// Tokens charged after their lease lapsed that no source could cover.
+    pub written_off: u64,
+}
+
+/// A mirror's log and state (absent on a shared account).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mirror {
+    /// Charged since the last report.
+    pub charged: Vec<Take>,
+    /// Given up since the last report (unused, closed lots, past periods).
+    pub returned: Vec<Take>,
+    /// The shared account was asked (or cannot be): decide as a plain
+    /// account would, partial grants and denials included.
+    pub last_word: bool,
+    /// Money this mirror may owe beyond its slices while the store is
+    /// unreachable (the plan's failure policy), in pico-units.
+    pub overdraft: i128,
+    /// The lease epoch the slices belong to.
+    pub epoch: u64,
+    /// New decisions from the slices stop here (the lease's expiry less a
+    /// margin): past it, funds must be asked for.
+    pub decide_until: Option<Timestamp>,
+}
+
+/// Credit is the paid ledger below zero: both are lent as `Paid`.
+fn lent_as(source: &SourceRef) -> SourceRef {
+    match source {
+        SourceRef::Credit => SourceRef::Paid,
+        other => other.clone(),
+    }
+}
+
+/// Adds `takes` into `into`, one entry per source.
+pub fn merge(into: &mut Vec<Take>, takes: impl IntoIterator<Item = Take>) {
+    for take in takes {
+        let source = lent_as(&take.source);
+        match into.iter_mut().find(|t| t.source == source) {
+            Some(t) => t.amount += take.amount,
+            None => into.push(Take {
+                source,
+                amount: take.amount,
+            }),
+        }
+    }
+    into.retain(|t| t.amount != 0);
+}
+
+fn merge_permits(into: &mut Vec<(BucketKey, Permits)>, key: &BucketKey, p: Permits, sign: i128) {
+    let i = match into.iter().position(|(k, _)| k == key) {
+        Some(i) => i,
+        None => {
+            into.push((key.clone(), Permits::default()));
+            into.len() - 1
+        }
+    };
+    let slot = &mut into[i].1;
+    if sign > 0 {
+        slot.requests = slot.requests.saturating_add(p.requests);
+        slot.slots = slot.slots.saturating_add(p.slots);
+    } else {
+        slot.requests = slot.requests.saturating_sub(p.requests);
+        slot.slots = slot.slots.saturating_sub(p.slots);
+    }
+    slot.tokens += sign * p.tokens;
+    into.retain(|(_, p)| !p.is_empty());
+}
+
+/// Removes up to `amount` of `source` from `held`; returns how much.
+fn take_out(held: &mut Vec<Take>, source: &SourceRef, amount: i128) -> i128 {
+    let source = lent_as(source);
+    let Some(t) = held.iter_mut().find(|t| t.source == source) else {
+        return 0;
+    };
+    let out = t.amount.min(amount).max(0);
+    t.amount -= out;
+    held.retain(|t| t.amount != 0);
+    out
+}
+
+impl Account {
+    // ---- shared side ----
+
+    /// Lapses leases whose expiry has passed: what they held is available
+    /// again (or forfeited, for a lot closed or a period ended since), their
+    /// concurrency slots are free.
+    pub(crate) fn lapse_leases(&mut self, now: Timestamp) {
+        let lapsed: Vec<ProducerId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires_at <= now && (!l.held.is_empty() || !l.permits.is_empty()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lapsed {
+            if let Some(mut lease) = self.leases.remove(&id) {
+                self.unhold(&lease.held);
+                for (key, permits) in &lease.permits {
+                    let slots = Permits {
+                        slots: permits.slots,
+                        ..Permits::default()
+                    };
+                    self.buckets.give_back(key, slots, now);
+                }
+                lease.held.clear();
+                lease.permits.clear();
+                lease.epoch += 1;
+                self.leases.insert(id, lease);
+            }
+        }
+    }
+
+    /// Forgets leases that hold nothing and lapsed longer ago than the
+    /// idempotency window (their reports can no longer be retried).
+    pub(crate) fn prune_leases(&mut self, catalog: &Catalog, now: Timestamp) {
+        if let Ok(horizon) = now.checked_sub(catalog.idempotency_window) {
+            self.leases
+                .retain(|_, l| !l.held.is_empty() || !l.permits.is_empty() || l.expires_at > horizon);
+        }
+    }
+
+    /// What the shared account can lend of `source` now.
+    fn lendable(&self, source: &SourceRef, now: Timestamp) -> i128 {
+        let open = |lot: &super::account::Lot| !lot.closed && lot.expires_at.is_none_or(|t| now < t);
+        match source {
+            SourceRef::Allowance { period } if self.current_period() == Some(*period) => self.allowance.available(),
+            SourceRef::Pack(id) => self.packs.get(id).filter(|l| open(l)).map_or(0, |l| l.ledger.available()),
+            SourceRef::Promo(id) => self.promos.get(id).filter(|l| open(l)).map_or(0, |l| l.ledger.available()),
+            SourceRef::Paid => (self.paid.available() + self.credit_limit.picos()).max(0),
+            _ => 0,
+        }
+    }
+
+    /// The limits of one bucket under the account's plan and overrides.
+    fn limits_of(&self, catalog: &Catalog, key: &BucketKey) -> LimitSet {
+        let Some(plan) = catalog.plans.get(&self.plan) else {
+            return LimitSet::default();
+        };
+        match key.scope {
+            Scope::Account => self.overrides.account.unwrap_or(plan.limits.account),
+            Scope::ApiKey => self.overrides.api_key.unwrap_or(plan.limits.api_key),
+            Scope::Model => match ModelId::parse(&key.id) {
+                Ok(model) => self.overrides.resolve(&plan.limits, &model)[2],
+                Err(_) => LimitSet::default(),
+            },
+        }
+    }
+
+    /// Charges `amount` of `source` that no lease holds (reported after its
+    /// lease lapsed): as far as the source allows, money beyond it as debt.
+    /// Returns the tokens no source could cover.
+    fn charge_unleased(&mut self, source: &SourceRef, amount: i128, now: Timestamp) -> u64 {
+        let covered = match source {
+            SourceRef::Debt => amount,
+            other => amount.min(self.lendable(other, now).max(0)),
+        };
+        let mut charges = vec![Take {
+            source: source.clone(),
+            amount: covered,
+        }];
+        let rest = amount - covered;
+        let mut written_off = 0;
+        if rest > 0 {
+            if source.is_tokens() {
+                written_off = u64::try_from(rest).unwrap_or(u64::MAX);
+            } else {
+                charges.push(Take {
+                    source: SourceRef::Debt,
+                    amount: rest,
+                });
+            }
+        }
+        charges.retain(|t| t.amount > 0);
+        self.rebalance(&[], &[], &charges);
+        written_off
+    }
+
+    /// Applies one sidecar's report, renews its lease and lends what it
+    /// asks for, within [`FAIR_SHARE`] of each source (a need: all of it or,
+    /// if partial is acceptable, what there is). A report already applied
+    /// gets its first answer back and changes nothing.
+    pub fn sync(&mut self, catalog: &Catalog, sync: &Sync, now: Timestamp) -> Result<Granted, EngineError> {
+        self.advance(catalog, now)?;
+        let mut lease = match self.leases.remove(&sync.producer) {
+            Some(lease) => lease,
+            None => Lease {
+                held: Vec::new(),
+                permits: Vec::new(),
+                expires_at: now,
+                seq: 0,
+                epoch: sync.epoch,
+                last: None,
+            },
+        };
+        if sync.seq <= lease.seq {
+            let answer = lease.last.clone().filter(|_| sync.seq == lease.seq).ok_or_else(|| {
+                EngineError::Precondition(format!(
+                    "lease report {} of {} is older than the last one applied ({})",
+                    sync.seq, sync.producer, lease.seq
+                ))
+            });
+            self.leases.insert(sync.producer.clone(), lease);
+            return answer;
+        }
+        let lapsed = sync.epoch != lease.epoch;
+        let mut written_off = 0u64;
+        let mut charged = Vec::new();
+        merge(&mut charged, sync.charged.iter().cloned());
+        for take in &charged {
+            let covered = if lapsed {
+                0
+            } else {
+                take_out(&mut lease.held, &take.source, take.amount)
+            };
+            if covered > 0 {
+                let t = [Take {
+                    source: take.source.clone(),
+                    amount: covered,
+                }];
+                self.charge_held(&t);
+            }
+            if take.amount > covered {
+                written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
+            }
+        }
+        if !lapsed {
+            let mut returned = Vec::new();
+            merge(&mut returned, sync.returned.iter().cloned());
+            for take in &returned {
+                let back = take_out(&mut lease.held, &take.source, take.amount);
+                self.unhold(&[Take {
+                    source: take.source.clone(),
+                    amount: back,
+                }]);
+            }
+        }
+        for (key, back) in &sync.permits_back {
+            // After a lapse only overruns count: the rest was taken back.
+            let back = if lapsed {
+                Permits {
+                    tokens: back.tokens.min(0),
+                    ..Permits::default()
+                }
+            } else {
+                *back
+            };
+            self.buckets.give_back(key, back, now);
+            merge_permits(&mut lease.permits, key, back, -1);
+        }
+        let mut granted = Granted {
+            takes: Vec::new(),
+            permits: Vec::new(),
+            expires_at: now.checked_add(sync.ttl).map_err(|_| EngineError::Overflow)?,
+            epoch: lease.epoch,
+            lapsed,
+            written_off,
+        };
+        if sync.close {
+            self.unhold(&lease.held);
+            lease.held.clear();
+            for (key, p) in std::mem::take(&mut lease.permits) {
+                let slots = Permits {
+                    slots: p.slots,
+                    ..Permits::default()
+                };
+                self.buckets.give_back(&key, slots, now);
+            }
+        } else if !self.suspended {
+            self.lend(catalog, sync, &mut granted, now)?;
+            merge(&mut lease.held, granted.takes.iter().cloned());
+            for (key, p) in &granted.permits {
+                merge_permits(&mut lease.permits, key, *p, 1);
+            }
+        }
+        lease.expires_at = granted.expires_at;
+        lease.seq = sync.seq;
+        lease.last = Some(granted.clone());
+        self.leases.insert(sync.producer.clone(), lease);
+        Ok(granted)
+    }
+
+    fn lend(&mut self, catalog: &Catalog, sync: &Sync, granted: &mut Granted, now: Timestamp) -> Result<(), EngineError> {
+        let order = self.plan_of(catalog)?.draw_order.clone();
+        let mut takes = Vec::new();
+        if let Some((needed, partial)) = &sync.need {
+            let need = needed.as_need();
+            let caps = self.capacities(&order, &need, &[], now);
+            if let Ok(planned) = draw::plan(&caps, &need, *partial) {
+                let planned: Vec<Take> = planned.into_iter().filter(|t| t.source != SourceRef::Debt).collect();
+                self.rebalance(&[], &planned, &[]);
+                merge(&mut takes, planned);
+            }
+        }
+        for (source, want) in &sync.want {
+            let give = (*want).min(self.lendable(source, now) / FAIR_SHARE);
+            if give > 0 {
+                let take = Take {
+                    source: lent_as(source),
+                    amount: give,
+                };
+                self.rebalance(&[], std::slice::from_ref(&take), &[]);
+                merge(&mut takes, [take]);
+            }
+        }
+        granted.takes = takes;
+        for (key, ask) in &sync.want_permits {
+            let set = self.limits_of(catalog, key);
+            let lent = self.buckets.lease(key, &set, *ask, now);
+            if !lent.is_empty() {
+                granted.permits.push((key.clone(), lent));
+            }
+        }
+        Ok(())
+    }
+
+    /// What all leases hold, by source.
+    pub fn lent(&self) -> Vec<Take> {
+        let mut all = Vec::new();
+        for lease in self.leases.values() {
+            merge(&mut all, lease.held.iter().cloned());
+        }
+        all
+    }
+
+    // ---- mirror side ----
+
+    /// A sidecar's mirror of `shared`: its settings, plan and lots, with
+    /// nothing lent yet.
+    pub fn mirror_of(shared: &Account) -> Account {
+        let mut mirror = Account {
+            id: shared.id.clone(),
+            plan: shared.plan.clone(),
+            time_zone: shared.time_zone.clone(),
+            anchor: shared.anchor,
+            suspended: shared.suspended,
+            credit_limit: Money::ZERO,
+            subscription: shared.subscription.clone(),
+            allowance: Default::default(),
+            periods_started: shared.periods_started,
+            packs: BTreeMap::new(),
+            promos: BTreeMap::new(),
+            paid: Default::default(),
+            debt: Default::default(),
+            reservations: Default::default(),
+            expiries: Default::default(),
+            requests: Default::default(),
+            operations: Default::default(),
+            buckets: Default::default(),
+            overrides: shared.overrides.clone(),
+            recent: Default::default(),
+            outbox: Vec::new(),
+            leases: BTreeMap::new(),
+            mirror: Some(Box::default()),
+        };
+        mirror.buckets.set_leased();
+        mirror.refresh_mirror(shared);
+        mirror
+    }
+
+    /// Brings a mirror's settings, plan, period and lots up to `shared`'s.
+    /// What it holds of a lot closed or a period ended there is given up.
+    pub fn refresh_mirror(&mut self, shared: &Account) {
+        self.plan = shared.plan.clone();
+        self.time_zone = shared.time_zone.clone();
+        self.anchor = shared.anchor;
+        self.suspended = shared.suspended;
+        self.overrides = shared.overrides.clone();
+        if shared.periods_started > self.periods_started {
+            if let Some(period) = self.current_period() {
+                let unused = self.allowance.available();
+                self.give_up(SourceRef::Allowance { period }, unused);
+            }
+            self.subscription = shared.subscription.clone();
+            self.periods_started = shared.periods_started;
+        }
+        let mut closed = Vec::new();
+        for (lots, theirs, make) in [
+            (&mut self.packs, &shared.packs, SourceRef::Pack as fn(_) -> SourceRef),
+            (&mut self.promos, &shared.promos, SourceRef::Promo),
+        ] {
+            for (id, lot) in theirs {
+                let mine = lots.entry(id.clone()).or_insert_with(|| super::account::Lot {
+                    ledger: Default::default(),
+                    ..lot.clone()
+                });
+                mine.expires_at = lot.expires_at;
+                mine.models = lot.models.clone();
+                mine.priority = lot.priority;
+                if lot.closed && !mine.closed {
+                    mine.closed = true;
+                    closed.push((make(id.clone()), mine.ledger.available()));
+                }
+            }
+        }
+        for (source, amount) in closed {
+            self.give_up(source, amount);
+        }
+    }
+
+    /// Gives up `amount` of `source` (forfeited here, returned to the
+    /// shared account in the next report).
+    pub(crate) fn give_up(&mut self, source: SourceRef, amount: i128) {
+        if amount <= 0 {
+            return;
+        }
+        if let Some(l) = self.ledger_mut(&source) {
+            l.forfeited += amount;
+        }
+        if let Some(log) = self.mirror.as_mut() {
+            merge(&mut log.returned, [Take { source, amount }]);
+        }
+    }
+
+    /// Adds what the shared account lent. Slices of a period this mirror
+    /// has already left, or of a lot it has seen close, are given up again
+    /// at once.
+    pub fn accept(&mut self, granted: &Granted) {
+        if granted.lapsed {
+            self.forget_slices();
+        }
+        for take in &granted.takes {
+            if let Some(l) = self.ledger_mut(&take.source) {
+                l.granted += take.amount;
+            }
+            if !self.accepts_returns(&take.source) {
+                self.give_up(take.source.clone(), take.amount);
+            }
+        }
+        for (key, permits) in &granted.permits {
+            self.buckets.credit(key, *permits);
+        }
+        if let Some(m) = self.mirror.as_mut() {
+            m.epoch = granted.epoch;
+        }
+    }
+
+    /// The lease lapsed in the store: everything unused here is gone
+    /// (taken back there already), nothing to report for it.
+    fn forget_slices(&mut self) {
+        for l in [&mut self.allowance, &mut self.paid]
+            .into_iter()
+            .chain(self.packs.values_mut().map(|l| &mut l.ledger))
+            .chain(self.promos.values_mut().map(|l| &mut l.ledger))
+        {
+            l.forfeited += l.available();
+        }
+        if let Some(m) = self.mirror.as_mut() {
+            m.returned.clear();
+        }
+        self.buckets.drop_permits();
+    }
+
+    /// Takes the next report: what was charged and given up since the last
+    /// one, and permits to give back; with `all`, every unused amount and
+    /// permit is given back too (idle, or leaving).
+    pub fn report(&mut self, all: bool) -> (Vec<Take>, Vec<Take>, Lacking) {
+        if all {
+            let mut unused = vec![(SourceRef::Paid, self.paid.available())];
+            if let Some(period) = self.current_period() {
+                unused.push((SourceRef::Allowance { period }, self.allowance.available()));
+            }
+            for (id, lot) in &self.packs {
+                unused.push((SourceRef::Pack(id.clone()), lot.ledger.available()));
+            }
+            for (id, lot) in &self.promos {
+                unused.push((SourceRef::Promo(id.clone()), lot.ledger.available()));
+            }
+            for (source, amount) in unused {
+                self.give_up(source, amount);
+            }
+        }
+        let permits = self.buckets.unused(all);
+        match self.mirror.as_mut() {
+            Some(m) => (std::mem::take(&mut m.charged), std::mem::take(&mut m.returned), permits),
+            None => (Vec::new(), Vec::new(), permits),
+        }
+    }
+
+    /// For slice sizing: per source this mirror can draw on, what it has
+    /// unused and what it has consumed so far (held plus charged).
+    pub fn levels(&self, now: Timestamp) -> Vec<(SourceRef, i128, i128)> {
+        let used = |l: &super::account::Ledger| (l.available(), l.held + l.charged);
+        let mut out = Vec::new();
+        if let Some(period) = self.current_period() {
+            let (a, u) = used(&self.allowance);
+            out.push((SourceRef::Allowance { period }, a, u));
+        }
+        for (lots, make) in [
+            (&self.packs, SourceRef::Pack as fn(_) -> SourceRef),
+            (&self.promos, SourceRef::Promo),
+        ] {
+            for (id, lot) in lots.iter().filter(|(_, l)| !l.closed && l.expires_at.is_none_or(|t| now < t)) {
+                let (a, u) = used(&lot.ledger);
+                out.push((make(id.clone()), a, u));
+            }
+        }
+        let (a, u) = used(&self.paid);
+        out.push((SourceRef::Paid, a, u));
+        out
+    }
+
+    /// Fails with what to ask the shared account for.
+    pub(crate) fn short(need: Option<(Needed, bool)>, permits: Lacking) -> EngineError {
+        EngineError::Short(Box::new(Short { need, permits }))
+    }
+
+    /// Whether this mirror must ask before deciding (never on a shared
+    /// account, never as the last word).
+    pub(crate) fn must_ask(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| !m.last_word)
+    }
+
+    /// Whether this mirror's lease is too old to decide new spending from.
+    pub(crate) fn lease_stale(&self, now: Timestamp) -> bool {
+        self.mirror
+            .as_ref()
+            .is_some_and(|m| !m.last_word && m.decide_until.is_none_or(|t| now >= t))
+    }
+}
