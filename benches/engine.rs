@@ -57,6 +57,7 @@ fn catalog() -> Catalog {
         draw_order: SourceClass::DEFAULT_ORDER.to_vec(),
         allowed_models: None,
         limits,
+        on_store_outage: Default::default(),
     };
     let big = LimitSet {
         requests_per_minute: MAX_LIMIT,

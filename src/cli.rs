@@ -5,12 +5,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::clock::SystemClock;
 use crate::config::Settings;
 use crate::proto;
 use crate::proto::quota_client::QuotaClient;
@@ -57,6 +55,15 @@ pub struct ServeArgs {
     /// Control-plane address, overriding server.admin_listen.
     #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Use the Redis store at this redis:// or rediss:// URL; repeat the
+    /// flag (or separate with commas) to name several Redis Cluster seed
+    /// nodes. The password comes from TOLLGATE_REDIS_PASSWORD or
+    /// store.redis.password_file, never from the command line.
+    #[arg(long = "redis", value_name = "URL", env = "TOLLGATE_REDIS", value_delimiter = ',')]
+    pub redis: Vec<String>,
+    /// The one --redis URL is a Redis Cluster node.
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 }
 
 /// Where the client connects.
@@ -236,9 +243,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if args.config.is_none() {
-        tracing::info!(
-            "no --config given: serving the built-in demo (examples/tollgate.toml); state is in memory only"
-        );
+        tracing::info!("no --config given: serving the built-in demo (examples/tollgate.toml)");
     }
     if let Some(addr) = args.listen {
         settings.listen = addr;
@@ -246,7 +251,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.admin_listen {
         settings.admin_listen = addr;
     }
-    let app = App::build(settings, Arc::new(SystemClock)).await?;
+    if !args.redis.is_empty() {
+        if let Some(bad) = args
+            .redis
+            .iter()
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+        {
+            eprintln!("--redis {bad}: must start with redis:// or rediss://");
+            return Ok(ExitCode::FAILURE);
+        }
+        settings.store.use_redis(args.redis, args.redis_cluster);
+    }
+    let app = App::build_on_system_clock(settings).await?;
     tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), "tollgate listening");
     app.run(crate::signal::shutdown()).await?;
     Ok(ExitCode::SUCCESS)

@@ -15,7 +15,9 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
-use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass, check_draw_order};
+use crate::store::leased::LeaseSettings;
+use crate::store::redis::{Credentials, RedisSettings};
+use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass, check_draw_order};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::ScopedLimits;
 use crate::engine::money::Money;
@@ -96,6 +98,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// How often lapsed holds are swept.
     pub sweep_interval: Duration,
+    /// The store.
+    pub store: StoreSettings,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Where usage records go.
@@ -119,6 +123,7 @@ struct ServerFile {
 struct StoreFile {
     kind: String,
     sweep_interval_ms: u64,
+    redis: RedisFile,
 }
 
 impl Default for StoreFile {
@@ -126,7 +131,86 @@ impl Default for StoreFile {
         StoreFile {
             kind: "memory".into(),
             sweep_interval_ms: 1000,
+            redis: RedisFile::default(),
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RedisFile {
+    urls: Vec<String>,
+    cluster: bool,
+    deadline_ms: u64,
+    ca_cert: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    key_prefix: String,
+    max_clock_skew_ms: u64,
+}
+
+impl Default for RedisFile {
+    fn default() -> Self {
+        RedisFile {
+            urls: Vec::new(),
+            cluster: false,
+            deadline_ms: 250,
+            ca_cert: None,
+            username: None,
+            password_file: None,
+            key_prefix: "tollgate".into(),
+            max_clock_skew_ms: 2000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LeasesFile {
+    ttl_seconds: u64,
+    horizon_ms: u64,
+    idle_return_seconds: u64,
+    report_interval_ms: u64,
+}
+
+impl Default for LeasesFile {
+    fn default() -> Self {
+        LeasesFile {
+            ttl_seconds: 30,
+            horizon_ms: 2000,
+            idle_return_seconds: 10,
+            report_interval_ms: 1000,
+        }
+    }
+}
+
+/// Which store, and how to reach and lease from Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// `memory` or `redis`.
+    pub kind: StoreKind,
+    /// Where Redis is (used when `kind` is `redis`).
+    pub redis: RedisSettings,
+    /// Lease sizing and upkeep (Redis store).
+    pub leases: LeaseSettings,
+}
+
+/// The store kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded, one process.
+    Memory,
+    /// Shared through Redis or Redis Cluster.
+    Redis,
+}
+
+impl StoreSettings {
+    /// Switches to Redis at `urls` (`tollgate serve --redis URL ...`):
+    /// several URLs are Cluster seed nodes.
+    pub fn use_redis(&mut self, urls: Vec<String>, cluster: bool) {
+        self.kind = StoreKind::Redis;
+        self.redis.cluster = cluster || urls.len() > 1 || self.redis.cluster;
+        self.redis.urls = urls;
     }
 }
 
@@ -188,6 +272,10 @@ struct PlanFile {
     allowed_models: Option<Vec<String>>,
     #[serde(default)]
     limits: ScopedLimits,
+    #[serde(default)]
+    on_store_outage: Option<String>,
+    #[serde(default)]
+    outage_allowance: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +380,8 @@ struct File {
     server: ServerFile,
     #[serde(default)]
     store: StoreFile,
+    #[serde(default)]
+    leases: LeasesFile,
     #[serde(default)]
     holds: HoldsFile,
     #[serde(default)]
@@ -506,6 +596,87 @@ fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion
     Some(version)
 }
 
+fn store_settings(
+    p: &mut Problems,
+    f: &StoreFile,
+    leases: &LeasesFile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> StoreSettings {
+    let kind = match f.kind.as_str() {
+        "memory" => StoreKind::Memory,
+        "redis" => StoreKind::Redis,
+        other => {
+            p.push("store.kind", format!("expected memory or redis, got {other:?}"));
+            StoreKind::Memory
+        }
+    };
+    let r = &f.redis;
+    for (i, url) in r.urls.iter().enumerate() {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            p.push(format!("store.redis.urls[{i}]"), "must start with redis:// or rediss://");
+        }
+    }
+    if kind == StoreKind::Redis && r.urls.is_empty() && env("TOLLGATE_REDIS").is_none() {
+        p.push("store.redis.urls", "required with store.kind = \"redis\" (or give --redis URL)");
+    }
+    if !(10..=60_000).contains(&r.deadline_ms) {
+        p.push("store.redis.deadline_ms", "must be between 10 and 60000");
+    }
+    if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
+        p.push("store.redis.key_prefix", "must be non-empty and free of braces");
+    }
+    // The password never sits in the file itself: the environment or a
+    // mounted secret.
+    let password = match (env("TOLLGATE_REDIS_PASSWORD"), &r.password_file) {
+        (Some(password), _) => Some(password),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(text.trim_end_matches(['\n', '\r']).to_owned()),
+            Err(e) => {
+                p.push("store.redis.password_file", format!("{}: {e}", path.display()));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let username = env("TOLLGATE_REDIS_USERNAME").or_else(|| r.username.clone());
+    if username.is_some() && password.is_none() {
+        p.push(
+            "store.redis.username",
+            "needs a password (TOLLGATE_REDIS_PASSWORD or store.redis.password_file)",
+        );
+    }
+    if leases.ttl_seconds < 3 || leases.ttl_seconds > 3600 {
+        p.push("leases.ttl_seconds", "must be between 3 and 3600");
+    }
+    if leases.horizon_ms == 0 || leases.horizon_ms > 600_000 {
+        p.push("leases.horizon_ms", "must be between 1 and 600000");
+    }
+    if leases.report_interval_ms == 0 || leases.report_interval_ms > leases.ttl_seconds * 1000 / 3 {
+        p.push("leases.report_interval_ms", "must be between 1 and a third of leases.ttl_seconds");
+    }
+    if leases.idle_return_seconds == 0 {
+        p.push("leases.idle_return_seconds", "must be greater than zero");
+    }
+    StoreSettings {
+        kind,
+        redis: RedisSettings {
+            urls: r.urls.clone(),
+            cluster: r.cluster,
+            deadline: Duration::from_millis(r.deadline_ms),
+            ca_cert: r.ca_cert.clone(),
+            credentials: password.map(|password| Credentials { username, password }),
+        },
+        leases: LeaseSettings {
+            ttl: Duration::from_secs(leases.ttl_seconds),
+            horizon: Duration::from_millis(leases.horizon_ms),
+            idle_return: Duration::from_secs(leases.idle_return_seconds),
+            report_interval: Duration::from_millis(leases.report_interval_ms),
+            max_clock_skew: (r.max_clock_skew_ms > 0).then(|| Duration::from_millis(r.max_clock_skew_ms)),
+            prefix: r.key_prefix.clone(),
+        },
+    }
+}
+
 fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
     let path = format!("plans.{name}");
     let id = p.check(path.clone(), PlanId::parse(name));
@@ -552,12 +723,44 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
     for (model, set) in &f.limits.models {
         p.check(format!("{path}.limits.models.{model}"), set.check());
     }
+    let allowance_path = format!("{path}.outage_allowance");
+    let on_store_outage = match (f.on_store_outage.as_deref().unwrap_or("closed"), &f.outage_allowance) {
+        ("closed", None) => OutagePolicy::Closed,
+        ("open", None) => OutagePolicy::Open,
+        ("allowance", Some(amount)) => match amount.parse::<Money>() {
+            Ok(m) if m.is_positive() => OutagePolicy::Allowance(m),
+            Ok(_) => {
+                p.push(allowance_path, "must be greater than zero");
+                OutagePolicy::Closed
+            }
+            Err(e) => {
+                p.push(allowance_path, e);
+                OutagePolicy::Closed
+            }
+        },
+        ("allowance", None) => {
+            p.push(allowance_path, "required when on_store_outage is \"allowance\"");
+            OutagePolicy::Closed
+        }
+        ("closed" | "open", Some(_)) => {
+            p.push(allowance_path, "only with on_store_outage = \"allowance\"");
+            OutagePolicy::Closed
+        }
+        (other, _) => {
+            p.push(
+                format!("{path}.on_store_outage"),
+                format!("expected closed, open or allowance, got {other:?}"),
+            );
+            OutagePolicy::Closed
+        }
+    };
     Some(Plan {
         id: id?,
         allowance,
         draw_order,
         allowed_models,
         limits: f.limits.clone(),
+        on_store_outage,
     })
 }
 
@@ -686,12 +889,7 @@ impl Settings {
             file.server.admin_listen.as_deref(),
             "127.0.0.1:50052",
         );
-        if file.store.kind != "memory" {
-            p.push(
-                "store.kind",
-                format!("unknown store {:?}; this build offers \"memory\"", file.store.kind),
-            );
-        }
+        let store = store_settings(&mut p, &file.store, &file.leases, env);
         if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
             p.push("server.shutdown_grace_seconds", "must be at most 3600");
         }
@@ -756,6 +954,7 @@ impl Settings {
             listen,
             admin_listen,
             sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
+            store,
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
             usage,
             catalog: Catalog {

@@ -17,13 +17,15 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::api::admin::AdminApi;
 use crate::api::quota::QuotaApi;
-use crate::clock::Clock;
-use crate::config::Settings;
+use crate::clock::{Clock, OffsetClock, SystemClock};
+use crate::config::{Settings, StoreKind};
 use crate::proto::admin_server::AdminServer;
 use crate::proto::quota_server::QuotaServer;
 use crate::service::Tollgate;
 use crate::store::Store;
+use crate::store::leased::RedisStore;
 use crate::store::memory::MemoryStore;
+use crate::store::redis::Redis;
 use crate::usage;
 
 /// A built app, bound and seeded, not yet serving.
@@ -36,19 +38,68 @@ pub struct App {
     sweep_interval: Duration,
     shutdown_grace: Duration,
     writer: usage::Writer,
+    /// The Redis store, whose leases need upkeep while serving and
+    /// returning at the end.
+    leases: Option<Arc<RedisStore>>,
 }
 
 impl App {
     /// Binds the listeners, opens the store and the usage sink, seeds the
     /// configured accounts.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        App::build_with(settings, Some(clock)).await
+    }
+
+    /// Like [`App::build`] on the system clock; on the Redis store the
+    /// clock is aligned with Redis `TIME`, one time base for the fleet.
+    pub async fn build_on_system_clock(settings: Settings) -> anyhow::Result<App> {
+        App::build_with(settings, None).await
+    }
+
+    async fn build_with(settings: Settings, clock: Option<Arc<dyn Clock>>) -> anyhow::Result<App> {
         let quota = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding the data plane to {}", settings.listen))?;
         let admin = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.catalog.clone()));
+        let (store, clock, leases): (Arc<dyn Store>, Arc<dyn Clock>, _) = match settings.store.kind {
+            StoreKind::Memory => (
+                Arc::new(MemoryStore::new(settings.catalog.clone())),
+                clock.unwrap_or_else(|| Arc::new(SystemClock)),
+                None,
+            ),
+            StoreKind::Redis => {
+                let redis_settings = &settings.store.redis;
+                anyhow::ensure!(
+                    !redis_settings.urls.is_empty(),
+                    "store.kind is redis but no Redis URL is given (store.redis.urls or --redis URL)"
+                );
+                let redis = Redis::connect(redis_settings)
+                    .await
+                    .with_context(|| format!("connecting to Redis at {}", redis_settings.urls.join(", ")))?;
+                let clock = match clock {
+                    Some(clock) => clock,
+                    None => {
+                        let aligned = Arc::new(OffsetClock::default());
+                        let before = jiff::Timestamp::now();
+                        let reference = redis.time().await.context("reading Redis TIME")?;
+                        aligned.align(reference, before, jiff::Timestamp::now());
+                        tracing::info!(offset = ?aligned.offset(), "clock aligned with Redis TIME");
+                        aligned
+                    }
+                };
+                let store = RedisStore::open(
+                    redis,
+                    settings.catalog.clone(),
+                    Arc::clone(&clock),
+                    settings.store.leases.clone(),
+                )
+                .await
+                .context("opening the Redis store")?;
+                (store.clone() as Arc<dyn Store>, clock, Some(store))
+            }
+        };
         let (sender, writer) = usage::spawn(&settings.usage).await.context("opening the usage sink")?;
         let tollgate = Tollgate::new(store, clock, sender);
         for seed in &settings.seed {
@@ -66,6 +117,7 @@ impl App {
             sweep_interval: settings.sweep_interval,
             shutdown_grace: settings.shutdown_grace,
             writer,
+            leases,
         })
     }
 
@@ -88,6 +140,7 @@ impl App {
             sweep_interval,
             shutdown_grace,
             writer,
+            leases,
             ..
         } = self;
         let (stop, stopped) = watch::channel(false);
@@ -123,6 +176,9 @@ impl App {
             .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
             .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped.clone())));
+        // Lease upkeep runs until every call has finished, then returns the leases.
+        let (drained, drained_rx) = watch::channel(false);
+        let keeper = leases.map(|store| tokio::spawn(store.run(until_stopped(drained_rx))));
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight calls");
@@ -157,6 +213,10 @@ impl App {
             signal
         );
         sweeper.await.context("sweeper task")?;
+        let _ = drained.send(true);
+        if let Some(keeper) = keeper {
+            keeper.await.context("lease upkeep task")?;
+        }
         // Calls that outlived the grace period may still hold senders: the
         // writer stops taking records, drains what is queued and flushes.
         writer.finish().await.context("writing usage records")?;

@@ -146,6 +146,7 @@ fn catalog(charge_in_full: bool) -> Catalog {
         draw_order: order.to_vec(),
         allowed_models: None,
         limits: ScopedLimits::default(),
+        on_store_outage: Default::default(),
     };
     let daily = Allowance {
         tokens: 5000,

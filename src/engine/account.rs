@@ -27,7 +27,7 @@ use super::record::{RecordKind, UsageRecord};
 
 /// The running totals of one source or lot, in its unit (weighted tokens
 /// or pico-units).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     /// Everything credited (top-ups, grants, allowance periods, repayments).
     pub granted: i128,
@@ -47,7 +47,7 @@ impl Ledger {
 }
 
 /// A pack or a promotional money grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lot {
     /// Its ledger.
     pub ledger: Ledger,
@@ -76,7 +76,7 @@ impl Lot {
 }
 
 /// The subscription whose allowance is granted each period.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Subscription {
     /// How periods are cut.
     pub schedule: Schedule,
@@ -183,13 +183,18 @@ pub enum Remembered {
 }
 
 /// Everything Tollgate knows about one account.
-#[derive(Debug, Clone)]
+///
+/// Serialized (JSON) as a shared account in the Redis store: reservations,
+/// request ids, recent records and the outbox live in one process only and
+/// are left out.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Account {
     /// The account id.
     pub id: AccountId,
     /// Its plan.
     pub plan: PlanId,
     /// Its time zone (calendar periods).
+    #[serde(with = "jiff::fmt::serde::tz::required")]
     pub time_zone: TimeZone,
     /// Anchor chosen for the account, overriding the plan's.
     pub anchor: Option<Anchor>,
@@ -215,11 +220,14 @@ pub struct Account {
     /// `available` is minus what is owed.
     pub debt: Ledger,
     /// Reservations by id, open and recently closed.
+    #[serde(skip)]
     pub reservations: HashMap<ReservationId, Reservation>,
     /// Open holds by expiry: lapsing holds and listing them never scans the
     /// closed reservations kept for idempotent replays.
+    #[serde(skip)]
     pub expiries: BTreeSet<(Timestamp, ReservationId)>,
     /// Request ids seen, for idempotency.
+    #[serde(skip)]
     pub requests: HashMap<RequestId, Remembered>,
     /// Admin operation ids seen, with their content fingerprints.
     pub operations: HashMap<String, String>,
@@ -228,13 +236,16 @@ pub struct Account {
     /// Per-account limit overrides.
     pub overrides: LimitOverrides,
     /// The latest usage records, newest last.
+    #[serde(skip)]
     pub recent: VecDeque<Arc<UsageRecord>>,
     /// Records produced but not yet taken by the store for the usage sink.
+    #[serde(skip)]
     pub outbox: Vec<Arc<UsageRecord>>,
     /// Shared account: what each sidecar holds on lease.
     pub leases: BTreeMap<ProducerId, Lease>,
     /// Sidecar mirror: its log and lease state (`None` on a shared or
     /// stand-alone account).
+    #[serde(skip)]
     pub mirror: Option<Box<Mirror>>,
 }
 

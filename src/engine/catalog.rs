@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use jiff::SignedDuration;
 
 use super::ids::{ModelId, PlanId};
+use super::money::Money;
 use super::limits::ScopedLimits;
 use super::period::{Anchor, PeriodUnit};
 use super::pricing::PriceBook;
@@ -91,6 +92,22 @@ pub struct Plan {
     pub allowed_models: Option<HashSet<ModelId>>,
     /// Rate limits.
     pub limits: ScopedLimits,
+    /// What a sidecar decides when its lease cannot cover a request and the
+    /// shared store cannot be reached.
+    pub on_store_outage: OutagePolicy,
+}
+
+/// A plan's failure policy while the shared store is unreachable (as in
+/// telecom online charging: terminate or continue).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutagePolicy {
+    /// Refuse (UNAVAILABLE): the default, for money.
+    #[default]
+    Closed,
+    /// Admit; what is used is recorded as debt.
+    Open,
+    /// Admit until this much debt per sidecar and account, then refuse.
+    Allowance(Money),
 }
 
 /// What happens to a hold nobody settled or released before its TTL.

@@ -634,6 +634,11 @@ impl Buckets {
         back
     }
 
+    /// Mirror side: whether any permit is held.
+    pub fn holds_permits(&self) -> bool {
+        self.map.values().any(|b| !b.permits.is_empty())
+    }
+
     /// Mirror side: forgets every permit (its lease ended elsewhere).
     pub fn drop_permits(&mut self) {
         for bucket in self.map.values_mut() {

@@ -33,7 +33,7 @@ pub mod pricing;
 pub mod record;
 
 pub use account::{Account, Ledger};
-pub use catalog::{Catalog, ExpiryPolicy, Plan, SourceClass};
+pub use catalog::{Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass};
 pub use command::{Command, Reply, Snapshot};
 pub use error::EngineError;
 pub use money::Money;

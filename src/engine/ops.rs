@@ -903,7 +903,9 @@ impl Account {
         let paid = self.paid.available();
         let credit = (self.credit_limit.picos() + paid.min(0)).max(0);
         let (mut held_money, mut held_tokens) = (0i128, 0i128);
-        for take in self.holds().flat_map(|h| &h.takes) {
+        // Holds, and on a shared account the slices sidecars hold on lease.
+        let lent = self.lent();
+        for take in self.holds().flat_map(|h| &h.takes).chain(&lent) {
             if take.source.is_tokens() {
                 held_tokens += take.amount;
             } else {

@@ -56,7 +56,7 @@ pub enum Anchor {
 }
 
 /// A half-open interval `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     /// First instant of the period.
     pub start: Timestamp,
@@ -76,13 +76,14 @@ impl From<jiff::Error> for PeriodError {
 }
 
 /// How one subscription's periods are cut.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     /// Period length.
     pub unit: PeriodUnit,
     /// Calendar or anniversary.
     pub anchor: Anchor,
     /// The account's time zone.
+    #[serde(with = "jiff::fmt::serde::tz::required")]
     pub time_zone: TimeZone,
     /// When the subscription started.
     pub start: Timestamp,

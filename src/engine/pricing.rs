@@ -74,7 +74,7 @@ impl Usage {
 }
 
 /// Per-token prices of each kind, in pico-units.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenPrices {
     /// Uncached input.
     pub input: Money,
@@ -137,7 +137,7 @@ pub fn per_token(per_million: Money) -> Result<Money, String> {
 pub const MAX_WEIGHT_MILLI: u32 = 1_000_000;
 
 /// Prices of one model in one service tier.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TierPrices {
     /// Prices below every context tier.
     pub base: TokenPrices,
@@ -156,7 +156,7 @@ impl TierPrices {
 }
 
 /// One model of a price version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelPrices {
     /// Thousandths of an allowance/pack token that one token of this model
     /// counts as (1000 = one for one).
@@ -166,7 +166,7 @@ pub struct ModelPrices {
 }
 
 /// A daily time-of-day window with its own price level.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PriceWindow {
     /// Label, e.g. `off-peak`.
     pub name: String,
@@ -175,6 +175,7 @@ pub struct PriceWindow {
     /// End (exclusive), minutes after local midnight; may wrap midnight.
     pub end_minute: u32,
     /// Time zone the minutes are read in.
+    #[serde(with = "jiff::fmt::serde::tz::required")]
     pub time_zone: TimeZone,
     /// Price level in the window, percent of base.
     pub price_percent: u32,
@@ -218,7 +219,7 @@ pub enum Unpriced {
 }
 
 /// An immutable version of the price book.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PriceVersion {
     /// Unique id, named on every usage record it priced.
     pub id: VersionId,

@@ -34,6 +34,7 @@ fn plan(id: &str, allowance: Option<Allowance>) -> Plan {
         draw_order: SourceClass::DEFAULT_ORDER.to_vec(),
         allowed_models: None,
         limits: ScopedLimits::default(),
+        on_store_outage: Default::default(),
     }
 }
 

@@ -7,8 +7,10 @@
 //! reply, for the caller to hand to the usage sink.
 //!
 //! - [`memory`]: the embedded default; one process, volatile.
-//! - [`redis`]: the connection layer of the Redis-backed store (next stage).
+//! - [`leased`]: shared accounts in Redis, decided from leases.
+//! - [`redis`]: the connection layer under it.
 
+pub mod leased;
 pub mod memory;
 pub mod redis;
 

@@ -79,6 +79,7 @@ enum Connection {
 pub struct Redis {
     connection: Connection,
     deadline: Duration,
+    subscriber: redis::Client,
 }
 
 /// A peer that vanished without closing its sockets (power loss, a
@@ -114,6 +115,30 @@ impl Redis {
                 })
             }
         };
+        // One plain client on the first URL: the connection of a single
+        // Redis, and the subscriber to change announcements (on a cluster,
+        // PUBLISH reaches every node, so any one node will do).
+        let plain = || -> redis::RedisResult<redis::Client> {
+            let url = settings.urls.first().ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Client, "no Redis URL given"))
+            })?;
+            let mut info = url
+                .as_str()
+                .into_connection_info()?
+                .set_tcp_settings(tcp_settings(deadline));
+            if let Some(credentials) = &settings.credentials {
+                let mut redis = info.redis_settings().clone().set_password(&credentials.password);
+                if let Some(user) = &credentials.username {
+                    redis = redis.set_username(user);
+                }
+                info = info.set_redis_settings(redis);
+            }
+            match certificates.clone() {
+                Some(certificates) => redis::Client::build_with_tls(info, certificates),
+                None => redis::Client::open(info),
+            }
+        };
+        let subscriber = plain().map_err(unavailable)?;
         let connect = async {
             if settings.cluster {
                 let mut builder = ClusterClientBuilder::new(settings.urls.clone());
@@ -133,34 +158,19 @@ impl Redis {
                     .build()?;
                 Ok(Connection::Cluster(client.get_async_connection().await?))
             } else {
-                let [url] = settings.urls.as_slice() else {
+                if settings.urls.len() != 1 {
                     return Err(redis::RedisError::from((
                         redis::ErrorKind::Client,
                         "a single Redis takes exactly one URL",
                     )));
-                };
-                let mut info = url
-                    .as_str()
-                    .into_connection_info()?
-                    .set_tcp_settings(tcp_settings(deadline));
-                if let Some(credentials) = &settings.credentials {
-                    let mut redis = info.redis_settings().clone().set_password(&credentials.password);
-                    if let Some(user) = &credentials.username {
-                        redis = redis.set_username(user);
-                    }
-                    info = info.set_redis_settings(redis);
                 }
-                let client = match certificates.clone() {
-                    Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
-                    None => redis::Client::open(info)?,
-                };
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(deadline))
                     .set_response_timeout(Some(deadline))
                     .set_number_of_retries(3)
                     .set_max_delay(Duration::from_secs(2));
                 Ok(Connection::Single(
-                    ConnectionManager::new_with_config(client, config).await?,
+                    ConnectionManager::new_with_config(plain()?, config).await?,
                 ))
             }
         };
@@ -168,7 +178,22 @@ impl Redis {
             .await
             .map_err(|_| unavailable(format!("no connection within {deadline:?}")))?
             .map_err(unavailable)?;
-        Ok(Redis { connection, deadline })
+        Ok(Redis {
+            connection,
+            deadline,
+            subscriber,
+        })
+    }
+
+    /// Subscribes to `channel` on a connection of its own; the stream ends
+    /// when that connection drops (the caller subscribes again).
+    pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSubStream, StoreError> {
+        let subscribe = async {
+            let mut pubsub = self.subscriber.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok(pubsub.into_on_message())
+        };
+        self.bounded(subscribe).await
     }
 
     /// Runs `script` with `keys` and `args` (a value or a tuple, each

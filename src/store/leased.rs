@@ -1,0 +1,869 @@
+//! The Redis store: accounts shared by a fleet of sidecars, each deciding
+//! from memory on slices leased from Redis (see `engine::lease`).
+//!
+//! **Keys.** Every key of an account carries the account id as its hash
+//! tag, so it lives in one Cluster slot and one script can change it
+//! atomically:
+//!
+//! - `{prefix}:{<account>}:account`: a hash, `v` (version), `state` (the
+//!   shared account as JSON: ledgers, lots, plan, limit buckets, leases),
+//!   `at` (ms, the instant the last change was computed at).
+//! - `{prefix}:prices`: the same shape, `state` holding the price versions
+//!   published through the admin API (those in the configuration are not
+//!   repeated there).
+//! - channel `{prefix}:changes`: announces every admin change (an account
+//!   id, or `prices`).
+//!
+//! **Writes.** Every change is computed by the engine in the sidecar from
+//! the state it last read, then committed by one script, `lua/commit.lua`,
+//! only if the version is still the one it read; otherwise the script
+//! answers the current state and the engine computes again. The accounting
+//! rules (draw order, periods in time zones, rounding) thus exist once, in
+//! Rust, and every write is still one atomic step on one key.
+//!
+//! **Time** is the sidecar's clock aligned with Redis `TIME` (see
+//! [`crate::clock::OffsetClock`]); the script refuses a change computed at
+//! an instant further than `max_clock_skew` from Redis's own clock.
+//!
+//! **Decisions.** Reserve, extend, settle, release and charge run on the
+//! account's mirror in this process. When the mirror is short the store
+//! syncs once (report, give back, borrow exactly the need) and runs the
+//! command again as the last word. A background task reports charges,
+//! renews leases, refills slices ahead of need, gives back what idles, and
+//! refreshes mirrors on announcements.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use jiff::{SignedDuration, Timestamp};
+use redis::Script;
+use tokio_stream::StreamExt;
+
+use super::redis::Redis;
+use super::{Applied, Store, StoreError};
+use crate::clock::Clock;
+use crate::engine::catalog::OutagePolicy;
+use crate::engine::draw::SourceRef;
+use crate::engine::ids::{AccountId, ProducerId, VersionId};
+use crate::engine::lease::{Granted, Short, Sync};
+use crate::engine::limits::Permits;
+use crate::engine::pricing::{PriceBook, PriceVersion};
+use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
+
+/// How leases are sized and kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// A lease lapses this long after its last sync.
+    pub ttl: Duration,
+    /// A slice covers this much of the sidecar's recent burn.
+    pub horizon: Duration,
+    /// Slices unused this long go back.
+    pub idle_return: Duration,
+    /// Charges are reported at least this often.
+    pub report_interval: Duration,
+    /// How far the instant a change is computed at may be from Redis's
+    /// clock (`None`: unchecked, for simulated clocks).
+    pub max_clock_skew: Option<Duration>,
+    /// Key prefix.
+    pub prefix: String,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            ttl: Duration::from_secs(30),
+            horizon: Duration::from_secs(2),
+            idle_return: Duration::from_secs(10),
+            report_interval: Duration::from_secs(1),
+            max_clock_skew: Some(Duration::from_secs(2)),
+            prefix: "tollgate".into(),
+        }
+    }
+}
+
+/// Counters of what the store did, for tests, benchmarks and logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Commands decided (reserve, extend, settle, release, charge).
+    pub decisions: AtomicU64,
+    /// Calls to Redis.
+    pub redis_calls: AtomicU64,
+    /// Syncs that reached Redis.
+    pub syncs: AtomicU64,
+    /// Decisions made by the failure policy while Redis was unreachable.
+    pub outage_decisions: AtomicU64,
+    /// Commits retried because another sidecar changed the record first.
+    pub conflicts: AtomicU64,
+}
+
+/// One account's mirror and what this process knows around it.
+struct Local {
+    mirror: Account,
+    last_used: Instant,
+    last_sync: Instant,
+    /// Consumption per source at the last tick, and the burn rate (units
+    /// per second, smoothed).
+    used: HashMap<SourceRef, i128>,
+    burn: HashMap<SourceRef, f64>,
+    /// Requests and tokens admitted since the last tick, and their rates.
+    admitted: (u64, u64),
+    rates: (f64, f64),
+    measured_at: Instant,
+    /// An announcement arrived: read the shared state again.
+    stale: bool,
+    /// Debt owed by this mirror when the current outage began.
+    outage_base: Option<i128>,
+}
+
+/// Serializes syncs of one account, and keeps what they need between runs.
+#[derive(Default)]
+struct Gate {
+    /// A sync sent but not acknowledged: resent as is (same sequence), so
+    /// it is applied exactly once.
+    pending: Option<Sync>,
+    /// The shared record as last read or written: version and JSON.
+    cached: Option<(u64, String)>,
+}
+
+/// How a commit ended.
+enum Commit {
+    Done(u64),
+    Moved(u64, String),
+}
+
+/// Shared accounts in Redis, decided from leases.
+pub struct RedisStore {
+    redis: Redis,
+    clock: Arc<dyn Clock>,
+    settings: LeaseSettings,
+    producer: ProducerId,
+    seq: AtomicU64,
+    commit: Script,
+    /// The configured catalog; published versions are added to its prices.
+    base: Catalog,
+    catalog: RwLock<Arc<Catalog>>,
+    mirrors: DashMap<AccountId, Local>,
+    gates: DashMap<AccountId, Arc<tokio::sync::Mutex<Gate>>>,
+    /// Redis failed recently: until then, calls fail at once.
+    down_until: Mutex<Option<Instant>>,
+    prices_stale: std::sync::atomic::AtomicBool,
+    sweeps: AtomicU64,
+    /// What the store did.
+    pub stats: Stats,
+}
+
+/// After a failed call, Redis is not tried again for this long (the
+/// background task probes it; decisions use the failure policy meanwhile).
+const BACKOFF: Duration = Duration::from_millis(500);
+
+/// Most attempts of one change against concurrent writers.
+const MAX_ATTEMPTS: usize = 16;
+
+fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: record {key} is unreadable: {e}"))
+}
+
+impl RedisStore {
+    /// A store on `redis` for the accounts of `catalog`, timed by `clock`.
+    /// Loads the published price versions.
+    pub async fn open(
+        redis: Redis,
+        catalog: Catalog,
+        clock: Arc<dyn Clock>,
+        settings: LeaseSettings,
+    ) -> Result<Arc<RedisStore>, StoreError> {
+        let unique = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            Timestamp::now().as_millisecond(),
+            rand_suffix()
+        );
+        let producer = ProducerId::parse(&unique).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let store = Arc::new(RedisStore {
+            redis,
+            clock,
+            settings,
+            producer,
+            seq: AtomicU64::new(0),
+            commit: Script::new(include_str!("lua/commit.lua")),
+            catalog: RwLock::new(Arc::new(catalog.clone())),
+            base: catalog,
+            mirrors: DashMap::new(),
+            gates: DashMap::new(),
+            down_until: Mutex::new(None),
+            prices_stale: std::sync::atomic::AtomicBool::new(false),
+            sweeps: AtomicU64::new(0),
+            stats: Stats::default(),
+        });
+        store.load_prices().await?;
+        Ok(store)
+    }
+
+    /// This sidecar's producer id (on its lease reports).
+    pub fn producer(&self) -> &ProducerId {
+        &self.producer
+    }
+
+    fn account_key(&self, id: &AccountId) -> String {
+        format!("{}:{{{id}}}:account", self.settings.prefix)
+    }
+
+    fn prices_key(&self) -> String {
+        format!("{}:prices", self.settings.prefix)
+    }
+
+    /// The channel admin changes are announced on.
+    pub fn changes_channel(&self) -> String {
+        format!("{}:changes", self.settings.prefix)
+    }
+
+    fn ttl(&self) -> SignedDuration {
+        SignedDuration::try_from(self.settings.ttl).unwrap_or(SignedDuration::from_secs(30))
+    }
+
+    // ---- Redis calls, each counted and guarded by the backoff ----
+
+    fn check_up(&self) -> Result<(), StoreError> {
+        let down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *down {
+            Some(until) if Instant::now() < until => Err(StoreError::Unavailable(
+                "redis: unreachable at the last attempt; retrying shortly".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn note<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.stats.redis_calls.fetch_add(1, Ordering::Relaxed);
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Err(StoreError::Unavailable(_)) => *down = Some(Instant::now() + BACKOFF),
+            _ => *down = None,
+        }
+        result
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
+        self.check_up()?;
+        let got: (Option<u64>, Option<String>) = self
+            .note(self.redis.query(redis::cmd("HMGET").arg(key).arg("v").arg("state")).await)?;
+        Ok(match got {
+            (Some(v), Some(state)) => Some((v, state)),
+            _ => None,
+        })
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        version: u64,
+        state: &str,
+        at: Timestamp,
+        announce: Option<&str>,
+    ) -> Result<Commit, StoreError> {
+        self.check_up()?;
+        let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
+        let channel = announce.map(|_| self.changes_channel()).unwrap_or_default();
+        let args = (version, state, at.as_millisecond(), skew.to_string(), channel, announce.unwrap_or(""));
+        let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, &[key], args).await)?;
+        let int = |v: Option<&redis::Value>| match v {
+            Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        };
+        match (int(answer.first()), int(answer.get(1)), answer.get(2)) {
+            (Some(1), Some(v), None) => Ok(Commit::Done(v)),
+            (Some(0), Some(v), Some(redis::Value::BulkString(state))) => {
+                Ok(Commit::Moved(v, String::from_utf8_lossy(state).into_owned()))
+            }
+            _ => Err(StoreError::Unavailable(format!("redis: commit answered {answer:?}"))),
+        }
+    }
+
+    /// Reads the record at `key` (or takes `cache`), runs `change` on it and
+    /// commits; again from the newer state while other writers win.
+    async fn update<T>(
+        &self,
+        id: &AccountId,
+        cache: &mut Option<(u64, String)>,
+        announce: bool,
+        mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<T, EngineError>,
+    ) -> Result<(T, Account), StoreError> {
+        let key = &self.account_key(id);
+        let missing = || StoreError::UnknownAccount(id.clone());
+        let announce = announce.then_some(id.as_str());
+        for _ in 0..MAX_ATTEMPTS {
+            let (version, json) = match cache.take() {
+                Some(c) => c,
+                None => self.read(key).await?.ok_or_else(missing)?,
+            };
+            if version == 0 || json.is_empty() {
+                return Err(missing());
+            }
+            let mut account: Account = serde_json::from_str(&json).map_err(|e| corrupt(key, e))?;
+            let catalog = self.catalog();
+            let now = self.clock.now();
+            let out = match change(&mut account, &catalog, now) {
+                Ok(out) => out,
+                Err(e) => {
+                    *cache = Some((version, json));
+                    return Err(e.into());
+                }
+            };
+            let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
+            match self.write(key, version, &state, now, announce).await? {
+                Commit::Done(v) => {
+                    *cache = Some((v, state));
+                    return Ok((out, account));
+                }
+                Commit::Moved(v, state) => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    *cache = (v > 0).then_some((v, state));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn shared(&self, id: &AccountId) -> Result<Account, StoreError> {
+        let key = self.account_key(id);
+        let (_, json) = self
+            .read(&key)
+            .await?
+            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        serde_json::from_str(&json).map_err(|e| corrupt(&key, e))
+    }
+
+    fn gate(&self, id: &AccountId) -> Arc<tokio::sync::Mutex<Gate>> {
+        self.gates.entry(id.clone()).or_default().clone()
+    }
+
+    // ---- prices ----
+
+    async fn load_prices(&self) -> Result<(), StoreError> {
+        let published: Vec<PriceVersion> = match self.read(&self.prices_key()).await? {
+            Some((_, json)) => serde_json::from_str(&json).map_err(|e| corrupt(&self.prices_key(), e))?,
+            None => Vec::new(),
+        };
+        self.install_prices(published)
+    }
+
+    fn install_prices(&self, published: Vec<PriceVersion>) -> Result<(), StoreError> {
+        let mut all: Vec<PriceVersion> = self.base.prices.versions().iter().map(|v| (**v).clone()).collect();
+        all.extend(published);
+        let prices = PriceBook::new(all).map_err(EngineError::from)?;
+        let mut catalog = self.base.clone();
+        catalog.prices = prices;
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+        Ok(())
+    }
+
+    // ---- mirrors and syncs ----
+
+    /// Makes sure this process has a mirror of `id`.
+    async fn ensure_mirror(&self, id: &AccountId) -> Result<(), StoreError> {
+        if self.mirrors.contains_key(id) {
+            return Ok(());
+        }
+        let shared = self.shared(id).await?;
+        let now = Instant::now();
+        self.mirrors.entry(id.clone()).or_insert_with(|| Local {
+            mirror: Account::mirror_of(&shared),
+            last_used: now,
+            last_sync: now,
+            used: HashMap::new(),
+            burn: HashMap::new(),
+            admitted: (0, 0),
+            rates: (0.0, 0.0),
+            measured_at: now,
+            stale: false,
+            outage_base: None,
+        });
+        Ok(())
+    }
+
+    /// Reports, renews and borrows for `id`: one commit. With `short`,
+    /// borrows exactly its need (giving every slice back first, so the
+    /// whole balance can cover it); with `all`, gives back everything
+    /// unused; with `close`, ends the lease.
+    async fn sync(&self, id: &AccountId, short: Option<Short>, all: bool, close: bool) -> Result<(), StoreError> {
+        let gate = self.gate(id);
+        let mut gate = gate.lock().await;
+        if let Some(pending) = gate.pending.clone() {
+            self.send(id, &mut gate, pending).await?;
+        }
+        let give_back = all || close || short.as_ref().is_some_and(|s| s.need.is_some());
+        let sync = {
+            let Some(mut local) = self.mirrors.get_mut(id) else {
+                return Ok(());
+            };
+            let (charged, returned, permits_back) = local.mirror.report(give_back);
+            let (requests_rate, tokens_rate) = local.rates;
+            let horizon = self.settings.horizon.as_secs_f64();
+            let want = if close || all {
+                Vec::new()
+            } else {
+                wants(&local, self.settings.horizon, self.clock.now())
+            };
+            let short = short.unwrap_or(Short {
+                need: None,
+                permits: Vec::new(),
+            });
+            // Permits for the coming horizon, at least what is lacking.
+            let want_permits = short
+                .permits
+                .into_iter()
+                .map(|(key, lack)| {
+                    let ahead = |rate: f64| (rate * horizon).ceil() as u64;
+                    let scaled = Permits {
+                        requests: if lack.requests > 0 {
+                            lack.requests.max(ahead(requests_rate))
+                        } else {
+                            0
+                        },
+                        tokens: if lack.tokens > 0 {
+                            lack.tokens.max(i128::from(ahead(tokens_rate)))
+                        } else {
+                            0
+                        },
+                        slots: lack.slots,
+                    };
+                    (key, scaled)
+                })
+                .collect();
+            Sync {
+                producer: self.producer.clone(),
+                seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                epoch: local.mirror.mirror.as_ref().map_or(0, |m| m.epoch),
+                charged,
+                returned,
+                permits_back,
+                want,
+                need: short.need,
+                want_permits,
+                ttl: self.ttl(),
+                close,
+            }
+        };
+        gate.pending = Some(sync.clone());
+        self.send(id, &mut gate, sync).await
+    }
+
+    /// Sends one sync until acknowledged or refused; keeps it pending if
+    /// Redis could not be reached (its outcome is then unknown).
+    async fn send(&self, id: &AccountId, gate: &mut Gate, sync: Sync) -> Result<(), StoreError> {
+        let result = self
+            .update(id, &mut gate.cached, false, |account, catalog, now| {
+                account.sync(catalog, &sync, now)
+            })
+            .await;
+        let (granted, shared) = match result {
+            Ok(done) => done,
+            Err(e @ StoreError::Unavailable(_)) => return Err(e),
+            Err(e) => {
+                tracing::error!(account = %id, error = %e, "lease report refused; dropped");
+                gate.pending = None;
+                return Err(e);
+            }
+        };
+        gate.pending = None;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        if granted.written_off > 0 {
+            tracing::error!(
+                account = %id,
+                tokens = granted.written_off,
+                "token charges reported after their lease lapsed exceeded what the sources had; written off"
+            );
+        }
+        if let Some(mut local) = self.mirrors.get_mut(id) {
+            self.adopt(&mut local, &shared, &granted);
+        }
+        Ok(())
+    }
+
+    fn adopt(&self, local: &mut Local, shared: &Account, granted: &Granted) {
+        local.mirror.refresh_mirror(shared);
+        local.mirror.accept(granted);
+        let margin = self.ttl() / 3;
+        if let Some(m) = local.mirror.mirror.as_mut() {
+            m.decide_until = granted.expires_at.checked_sub(margin).ok();
+            m.overdraft = 0;
+        }
+        local.outage_base = None;
+        local.last_sync = Instant::now();
+        local.stale = false;
+    }
+
+    /// Runs `command` on the mirror (as the last word, with an outage
+    /// overdraft, if given) and takes its records.
+    fn on_mirror(
+        &self,
+        id: &AccountId,
+        command: &Command,
+        now: Timestamp,
+        last_word: Option<i128>,
+    ) -> Result<Result<Applied, EngineError>, StoreError> {
+        let catalog = self.catalog();
+        let mut local = self
+            .mirrors
+            .get_mut(id)
+            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        if let (Some(overdraft), Some(m)) = (last_word, local.mirror.mirror.as_mut()) {
+            m.last_word = true;
+            m.overdraft = m.overdraft.max(overdraft);
+        }
+        let result = local.mirror.apply(&catalog, command.clone(), now);
+        if let Some(m) = local.mirror.mirror.as_mut() {
+            m.last_word = false;
+        }
+        local.last_used = Instant::now();
+        if let Ok(crate::engine::Reply::Reserve(crate::engine::ReserveOutcome::Allowed(r))) = &result {
+            local.admitted.0 += 1;
+            if let Command::Reserve(req) = command {
+                local.admitted.1 += req.input_tokens + req.cached_input_tokens + r.granted_output_tokens;
+            }
+        }
+        let records = if result.is_ok() {
+            local.mirror.take_records()
+        } else {
+            Vec::new()
+        };
+        Ok(result.map(|reply| Applied { reply, records }))
+    }
+
+    /// A reserve or charge the lease cannot cover while Redis is down: the
+    /// plan's failure policy decides. Returns the overdraft to run with.
+    fn outage_overdraft(&self, id: &AccountId, why: &StoreError) -> Result<i128, StoreError> {
+        let catalog = self.catalog();
+        let mut local = self
+            .mirrors
+            .get_mut(id)
+            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        let policy = catalog
+            .plans
+            .get(&local.mirror.plan)
+            .map(|p| p.on_store_outage)
+            .unwrap_or_default();
+        self.stats.outage_decisions.fetch_add(1, Ordering::Relaxed);
+        let owed = -local.mirror.debt.available();
+        let base = *local.outage_base.get_or_insert(owed);
+        match policy {
+            OutagePolicy::Closed => {
+                tracing::warn!(account = %id, error = %why, policy = "closed", "store unreachable; refused");
+                Err(StoreError::Unavailable(format!(
+                    "{why}; this sidecar's lease cannot cover the request and the plan fails closed"
+                )))
+            }
+            OutagePolicy::Open => {
+                tracing::warn!(account = %id, error = %why, policy = "open", "store unreachable; admitted as debt");
+                Ok(i128::MAX / 4)
+            }
+            OutagePolicy::Allowance(m) => {
+                tracing::warn!(account = %id, error = %why, policy = "allowance", allowance = %m,
+                    "store unreachable; admitted within the outage allowance");
+                Ok(base + m.picos())
+            }
+        }
+    }
+
+    async fn decide(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
+        self.stats.decisions.fetch_add(1, Ordering::Relaxed);
+        self.ensure_mirror(id).await?;
+        let short = match self.on_mirror(id, &command, now, None)? {
+            Err(EngineError::Short(short)) => *short,
+            other => return Ok(other?),
+        };
+        let overdraft = match self.sync(id, Some(short), false, false).await {
+            Ok(()) => 0,
+            Err(e @ StoreError::Unavailable(_)) => match command {
+                // Spending already admitted is never refused: settle,
+                // extend and release decide from what the mirror holds.
+                Command::Reserve(_) | Command::Charge(_) => self.outage_overdraft(id, &e)?,
+                _ => 0,
+            },
+            Err(e) => return Err(e),
+        };
+        Ok(self.on_mirror(id, &command, now, Some(overdraft))??)
+    }
+
+    // ---- background ----
+
+    /// Keeps leases healthy until `stop` resolves, then gives every lease
+    /// back. Runs the announcement listener beside it.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let listener = tokio::spawn(Arc::clone(&self).listen());
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => self.tend().await,
+            }
+        }
+        listener.abort();
+        self.close().await;
+    }
+
+    /// Listens for announcements of admin changes; reconnects when the
+    /// subscription drops.
+    async fn listen(self: Arc<Self>) {
+        loop {
+            match self.redis.subscribe(&self.changes_channel()).await {
+                Ok(mut messages) => {
+                    // Anything may have changed while unsubscribed.
+                    self.mark_all_stale();
+                    while let Some(message) = messages.next().await {
+                        let Ok(payload) = message.get_payload::<String>() else {
+                            continue;
+                        };
+                        if payload == "prices" {
+                            self.prices_stale.store(true, Ordering::Relaxed);
+                        } else if let Ok(id) = AccountId::parse(&payload)
+                            && let Some(mut local) = self.mirrors.get_mut(&id)
+                        {
+                            local.stale = true;
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "change announcements unavailable; retrying"),
+            }
+            tokio::time::sleep(BACKOFF).await;
+        }
+    }
+
+    fn mark_all_stale(&self) {
+        self.prices_stale.store(true, Ordering::Relaxed);
+        for mut local in self.mirrors.iter_mut() {
+            local.stale = true;
+        }
+    }
+
+    /// One round of upkeep over every mirror.
+    async fn tend(self: &Arc<Self>) {
+        if self.prices_stale.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.load_prices().await
+        {
+            self.prices_stale.store(true, Ordering::Relaxed);
+            tracing::debug!(error = %e, "price reload failed; retrying");
+        }
+        let now = self.clock.now();
+        let mut work = tokio::task::JoinSet::new();
+        let mut idle = Vec::new();
+        for mut entry in self.mirrors.iter_mut() {
+            let id = entry.key().clone();
+            let local = entry.value_mut();
+            measure(local, now);
+            let since_use = local.last_used.elapsed();
+            let since_sync = local.last_sync.elapsed();
+            let holds = holds_anything(&local.mirror);
+            let logged = local
+                .mirror
+                .mirror
+                .as_ref()
+                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty());
+            let task = if since_use >= self.settings.idle_return && (holds || logged) {
+                Some((true, false))
+            } else if (logged && since_sync >= self.settings.report_interval)
+                || (holds && since_sync >= self.settings.ttl / 6)
+                || !wants(local, self.settings.horizon, now).is_empty()
+            {
+                Some((false, false))
+            } else if local.stale {
+                Some((false, false))
+            } else {
+                if since_use >= self.settings.idle_return && !holds && !logged {
+                    idle.push(id.clone());
+                }
+                None
+            };
+            if let Some((all, close)) = task {
+                let store = Arc::clone(self);
+                work.spawn(async move {
+                    if let Err(e) = store.sync(&id, None, all, close).await {
+                        tracing::debug!(account = %id, error = %e, "lease upkeep failed; retrying");
+                    }
+                });
+            }
+        }
+        while work.join_next().await.is_some() {}
+        for id in idle {
+            // Nothing held, nothing to report: forget the mirror (under its
+            // gate, so no sync is half-way).
+            let gate = self.gate(&id);
+            let guard = gate.lock().await;
+            if guard.pending.is_none() {
+                self.mirrors
+                    .remove_if(&id, |_, l| !holds_anything(&l.mirror) && l.last_used.elapsed() >= self.settings.idle_return);
+            }
+            drop(guard);
+        }
+    }
+
+    /// Reports everything and ends every lease (shutdown).
+    pub async fn close(&self) {
+        let ids: Vec<AccountId> = self.mirrors.iter().map(|e| e.key().clone()).collect();
+        for id in ids {
+            if let Err(e) = self.sync(&id, None, true, true).await {
+                tracing::warn!(account = %id, error = %e, "lease not returned; it lapses at its expiry");
+            }
+        }
+    }
+}
+
+/// Anything lent to this mirror is still here (slices, permits, holds).
+fn holds_anything(mirror: &Account) -> bool {
+    let lent = mirror.allowance.available() > 0
+        || mirror.paid.available() > 0
+        || mirror
+            .packs
+            .values()
+            .chain(mirror.promos.values())
+            .any(|l| l.ledger.available() > 0);
+    lent || !mirror.expiries.is_empty() || mirror.buckets.holds_permits()
+}
+
+/// Updates burn and admission rates (smoothed over a few seconds).
+fn measure(local: &mut Local, now: Timestamp) {
+    let dt = local.measured_at.elapsed().as_secs_f64();
+    if dt < 0.05 {
+        return;
+    }
+    local.measured_at = Instant::now();
+    let alpha = (dt / 2.0).min(1.0);
+    for (source, _, used) in local.mirror.levels(now) {
+        let before = local.used.insert(source.clone(), used).unwrap_or(used);
+        let rate = ((used - before).max(0) as f64) / dt;
+        let burn = local.burn.entry(source).or_insert(0.0);
+        *burn += alpha * (rate - *burn);
+    }
+    let (requests, tokens) = std::mem::take(&mut local.admitted);
+    local.rates.0 += alpha * (requests as f64 / dt - local.rates.0);
+    local.rates.1 += alpha * (tokens as f64 / dt - local.rates.1);
+}
+
+/// Slices worth asking for ahead of need: sources whose unused part is
+/// below half of what the horizon's burn would take.
+fn wants(local: &Local, horizon: Duration, now: Timestamp) -> Vec<(SourceRef, i128)> {
+    local
+        .mirror
+        .levels(now)
+        .into_iter()
+        .filter_map(|(source, available, _)| {
+            let burn = local.burn.get(&source).copied().unwrap_or(0.0);
+            let target = (burn * horizon.as_secs_f64()).ceil() as i128;
+            (target > 0 && available * 2 < target).then(|| (source, target - available))
+        })
+        .collect()
+}
+
+/// A short random suffix for producer ids (two processes started in the
+/// same millisecond with the same pid, in different containers).
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() & 0xffff_ffff
+}
+
+#[async_trait::async_trait]
+impl Store for RedisStore {
+    async fn create(&self, account: Account) -> Result<(), StoreError> {
+        let key = self.account_key(&account.id);
+        let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
+        match self
+            .write(&key, 0, &state, self.clock.now(), Some(account.id.as_str()))
+            .await?
+        {
+            Commit::Done(_) => Ok(()),
+            Commit::Moved(..) => Err(StoreError::AccountExists(account.id)),
+        }
+    }
+
+    async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
+        match command {
+            Command::Reserve(_)
+            | Command::Extend { .. }
+            | Command::Settle { .. }
+            | Command::Release(_)
+            | Command::Charge(_) => self.decide(id, command, now).await,
+            Command::Balance | Command::Snapshot => {
+                let mut shared = self.shared(id).await?;
+                let reply = shared.apply(&self.catalog(), command, now)?;
+                Ok(Applied {
+                    reply,
+                    records: Vec::new(),
+                })
+            }
+            admin => {
+                let (reply, shared) = self
+                    .update(id, &mut None, true, |account, catalog, now| {
+                        account.apply(catalog, admin.clone(), now)
+                    })
+                    .await?;
+                if let Some(mut local) = self.mirrors.get_mut(id) {
+                    local.mirror.refresh_mirror(&shared);
+                }
+                Ok(Applied {
+                    reply,
+                    records: Vec::new(),
+                })
+            }
+        }
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .map(|c| Arc::clone(&c))
+            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+    }
+
+    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError> {
+        let key = self.prices_key();
+        for _ in 0..MAX_ATTEMPTS {
+            let (v, mut published): (u64, Vec<PriceVersion>) = match self.read(&key).await? {
+                Some((v, json)) => (v, serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?),
+                None => (0, Vec::new()),
+            };
+            let mut book = self.base.prices.clone();
+            for p in &published {
+                book.publish(p.clone(), p.effective_at).map_err(EngineError::from)?;
+            }
+            book.publish(version.clone(), now).map_err(EngineError::from)?;
+            published.push(version.clone());
+            let state = serde_json::to_string(&published).map_err(|e| corrupt(&key, e))?;
+            if let Commit::Done(_) = self.write(&key, v, &state, now, Some("prices")).await? {
+                self.install_prices(published)?;
+                return Ok(book.versions().iter().map(|v| v.id.clone()).collect());
+            }
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(StoreError::Unavailable(format!(
+            "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {
+        let catalog = self.catalog();
+        let full = self
+            .sweeps
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(super::memory::FULL_SWEEP_EVERY);
+        let mut records = Vec::new();
+        for mut local in self.mirrors.iter_mut() {
+            if let Err(e) = local.mirror.advance(&catalog, now) {
+                tracing::warn!(account = %local.mirror.id, error = %e, "sweep could not advance account");
+            }
+            if full {
+                local.mirror.prune(&catalog, now);
+            }
+            records.append(&mut local.mirror.outbox);
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,32 @@
+-- Commits a new state of one record (a shared account, or the published
+-- price versions) if nobody changed it since it was read: optimistic
+-- concurrency, so the accounting itself runs in the sidecar's engine and
+-- the script only guards the write. One key, so valid on Redis Cluster.
+--
+-- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms)
+-- ARGV[1]  the version the change was computed from (0: must not exist)
+-- ARGV[2]  the new state
+-- ARGV[3]  the instant the change was computed at, ms since the epoch
+-- ARGV[4]  how far that instant may be from Redis's clock, ms (0: unchecked)
+-- ARGV[5]  channel announcing the change ("" for none)
+-- ARGV[6]  the announcement
+--
+-- Returns {1, new version} when committed, or {0, current version, current
+-- state} when the record moved on (the caller recomputes from that state).
+local t = redis.call('TIME')
+local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local at = tonumber(ARGV[3])
+local bound = tonumber(ARGV[4])
+if bound > 0 and math.abs(redis_ms - at) > bound then
+  return redis.error_reply('CLOCK change computed at ' .. ARGV[3] .. ' ms, Redis time is ' .. redis_ms ..
+    ' ms: more than ' .. ARGV[4] .. ' ms apart')
+end
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if current ~= tonumber(ARGV[1]) then
+  return {0, current, redis.call('HGET', KEYS[1], 'state') or ''}
+end
+redis.call('HSET', KEYS[1], 'v', current + 1, 'state', ARGV[2], 'at', ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+return {1, current + 1}
