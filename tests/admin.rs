@@ -5,15 +5,14 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{money, prices, reserve, settle, spawn_app};
+use support::{Backend, money, prices, reserve, settle, spawn_app_on};
 use tollgate::api::convert::timestamp_out;
 use tollgate::proto;
 use tollgate::proto::{Decision, DenyReason, SourceKind};
 use tonic::Code;
 
-#[tokio::test]
-async fn accounts_money_packs_plans_limits_and_status() {
-    let mut app = spawn_app().await;
+async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     let created = app
         .admin
         .create_account(proto::CreateAccountRequest {
@@ -255,9 +254,8 @@ async fn accounts_money_packs_plans_limits_and_status() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn published_prices_apply_from_their_effective_time_and_never_retroactively() {
-    let mut app = spawn_app().await;
+async fn published_prices_apply_from_their_effective_time_and_never_retroactively(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     let at = app.now().checked_add(SignedDuration::from_secs(10)).unwrap();
     let version = proto::PriceVersion {
         id: "v2".into(),
@@ -339,9 +337,8 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn get_account_shows_sources_lots_holds_and_recent_usage() {
-    let mut app = spawn_app().await;
+async fn get_account_shows_sources_lots_holds_and_recent_usage(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.quota.reserve(reserve("rich", "done", 10, 10)).await.unwrap();
     app.quota.settle(settle("rich", "done", 10, 5)).await.unwrap();
     app.quota.reserve(reserve("rich", "open", 10, 10)).await.unwrap();
@@ -372,3 +369,9 @@ async fn get_account_shows_sources_lots_holds_and_recent_usage() {
     assert_eq!(missing.code(), Code::NotFound);
     app.shutdown().await;
 }
+
+on_both_stores!(
+    accounts_money_packs_plans_limits_and_status,
+    published_prices_apply_from_their_effective_time_and_never_retroactively,
+    get_account_shows_sources_lots_holds_and_recent_usage,
+);

@@ -6,7 +6,7 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{money, prices, reserve, settle, spawn_app};
+use support::{Backend, money, prices, reserve, settle, spawn_app_on};
 use tollgate::proto;
 use tonic::Code;
 
@@ -20,9 +20,8 @@ fn expect(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, menti
     );
 }
 
-#[tokio::test]
-async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
-    let mut app = spawn_app().await;
+async fn malformed_data_plane_requests_are_refused_and_change_nothing(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.quota.reserve(reserve("rich", "open", 10, 10)).await.unwrap();
     let before = app.balance("rich").await;
 
@@ -133,9 +132,8 @@ async fn malformed_data_plane_requests_are_refused_and_change_nothing() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn settling_in_the_wrong_state_is_a_failed_precondition() {
-    let mut app = spawn_app().await;
+async fn settling_in_the_wrong_state_is_a_failed_precondition(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.quota.reserve(reserve("rich", "a", 10, 10)).await.unwrap();
     app.quota.settle(settle("rich", "a", 10, 10)).await.unwrap();
     let paid = app.paid("rich").await;
@@ -178,9 +176,8 @@ async fn settling_in_the_wrong_state_is_a_failed_precondition() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn malformed_admin_requests_are_refused_and_change_nothing() {
-    let mut app = spawn_app().await;
+async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     let before = app
         .admin
         .get_account(proto::GetAccountRequest {
@@ -359,3 +356,9 @@ async fn malformed_admin_requests_are_refused_and_change_nothing() {
     assert_eq!(before, after);
     app.shutdown().await;
 }
+
+on_both_stores!(
+    malformed_data_plane_requests_are_refused_and_change_nothing,
+    settling_in_the_wrong_state_is_a_failed_precondition,
+    malformed_admin_requests_are_refused_and_change_nothing,
+);

@@ -6,14 +6,13 @@
 
 mod support;
 
-use support::{money, reserve, settle, spawn_app};
+use support::{Backend, money, reserve, settle, spawn_app_on};
 use tollgate::engine::Money;
 use tollgate::proto;
 use tollgate::proto::{Decision, DenyReason};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_clients_drain_an_account_exactly() {
-    let mut app = spawn_app().await;
+async fn concurrent_clients_drain_an_account_exactly(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.admin
         .top_up(proto::TopUpRequest {
             account_id: "poor".into(),
@@ -81,3 +80,7 @@ async fn concurrent_clients_drain_an_account_exactly() {
     assert!(paid < Money::from_picos(1000 * 1_000_000 + 4_000_000));
     app.shutdown().await;
 }
+
+on_both_stores!(
+    concurrent_clients_drain_an_account_exactly,
+);

@@ -5,13 +5,12 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{money, reserve, settle, spawn_app};
+use support::{Backend, money, reserve, settle, spawn_app_on};
 use tollgate::proto;
 use tollgate::proto::{Decision, DenyReason, LimitKind, LimitScope, SourceKind};
 
-#[tokio::test]
-async fn reserve_settle_charges_actuals_and_writes_one_record() {
-    let mut app = spawn_app().await;
+async fn reserve_settle_charges_actuals_and_writes_one_record(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     let r = app
         .quota
         .reserve(reserve("rich", "req-1", 1000, 500))
@@ -63,9 +62,8 @@ async fn reserve_settle_charges_actuals_and_writes_one_record() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn extend_release_charge_and_balance() {
-    let mut app = spawn_app().await;
+async fn extend_release_charge_and_balance(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.quota.reserve(reserve("rich", "stream", 0, 10)).await.unwrap();
     let e = app
         .quota
@@ -140,9 +138,8 @@ async fn denied(app: &mut support::TestApp, req: proto::ReserveRequest) -> proto
     r
 }
 
-#[tokio::test]
-async fn every_denial_reason() {
-    let mut app = spawn_app().await;
+async fn every_denial_reason(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     let r = denied(&mut app, reserve("poor", "a", 10, 10)).await;
     assert_eq!(r.deny_reason, DenyReason::InsufficientFunds as i32);
 
@@ -225,9 +222,8 @@ async fn every_denial_reason() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first() {
-    let mut app = spawn_app().await;
+async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.admin
         .top_up(proto::TopUpRequest {
             account_id: "poor".into(),
@@ -262,9 +258,8 @@ async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn lapsed_holds_are_swept_and_settling_them_is_refused() {
-    let mut app = spawn_app().await;
+async fn lapsed_holds_are_swept_and_settling_them_is_refused(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
     app.quota.reserve(reserve("rich", "late", 10, 10)).await.unwrap();
     app.advance(SignedDuration::from_secs(61));
     // The sweeper runs every 20 ms of real time; wait for it to return the hold.
@@ -280,3 +275,11 @@ async fn lapsed_holds_are_swept_and_settling_them_is_refused() {
     assert!(err.message().contains("expired"), "{}", err.message());
     app.shutdown().await;
 }
+
+on_both_stores!(
+    reserve_settle_charges_actuals_and_writes_one_record,
+    extend_release_charge_and_balance,
+    every_denial_reason,
+    short_funds_shrink_the_grant_and_allowance_is_drawn_first,
+    lapsed_holds_are_swept_and_settling_them_is_refused,
+);

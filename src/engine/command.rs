@@ -196,15 +196,7 @@ impl Account {
     }
 
     fn snapshot(&self, now: Timestamp) -> Snapshot {
-        let mut holds: Vec<_> = self
-            .reservations
-            .iter()
-            .filter_map(|(id, r)| match r {
-                super::account::Reservation::Open(h) => Some((id.clone(), h.clone())),
-                _ => None,
-            })
-            .collect();
-        holds.sort_by(|a, b| a.0.cmp(&b.0));
+        let holds = self.open_holds();
         let lots = self
             .packs
             .iter()
@@ -218,6 +210,20 @@ impl Account {
             balance: self.balance(now),
             lots,
         }
+    }
+
+    /// Open holds with their reservation ids, by id.
+    pub fn open_holds(&self) -> Vec<(ReservationId, Hold)> {
+        let mut holds: Vec<_> = self
+            .reservations
+            .iter()
+            .filter_map(|(id, r)| match r {
+                super::account::Reservation::Open(h) => Some((id.clone(), h.clone())),
+                _ => None,
+            })
+            .collect();
+        holds.sort_by(|a, b| a.0.cmp(&b.0));
+        holds
     }
 
     /// A copy without the bulky maps.

@@ -153,6 +153,9 @@ pub struct Granted {
     pub lapsed: bool,
     /// Tokens charged after their lease lapsed that no source could cover.
     pub written_off: u64,
+    /// When a limit that lent less than asked expects to admit again, in
+    /// milliseconds.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A mirror's log and state (absent on a shared account).
@@ -405,6 +408,7 @@ impl Account {
             epoch: lease.epoch,
             lapsed,
             written_off,
+            retry_after_ms: None,
         };
         if sync.close {
             self.unhold(&lease.held);
@@ -457,6 +461,16 @@ impl Account {
         for (key, ask) in &sync.want_permits {
             let set = self.limits_of(catalog, key);
             let lent = self.buckets.lease(key, &set, *ask, now);
+            if lent.requests < ask.requests || lent.tokens < ask.tokens {
+                let lacking = Permits {
+                    requests: ask.requests - lent.requests,
+                    tokens: ask.tokens - lent.tokens,
+                    slots: 0,
+                };
+                let wait = self.buckets.retry_after(key, &set, lacking, now);
+                let ms = wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                granted.retry_after_ms = granted.retry_after_ms.max(ms);
+            }
             if !lent.is_empty() {
                 granted.permits.push((key.clone(), lent));
             }
@@ -580,6 +594,8 @@ impl Account {
         for (key, permits) in &granted.permits {
             self.buckets.credit(key, *permits);
         }
+        self.buckets
+            .set_retry_hint(granted.retry_after_ms.map(std::time::Duration::from_millis));
         if let Some(m) = self.mirror.as_mut() {
             m.epoch = granted.epoch;
         }
@@ -602,10 +618,11 @@ impl Account {
     }
 
     /// Takes the next report: what was charged and given up since the last
-    /// one, and permits to give back; with `all`, every unused amount and
-    /// permit is given back too (idle, or leaving).
-    pub fn report(&mut self, all: bool) -> (Vec<Take>, Vec<Take>, Lacking) {
-        if all {
+    /// one, and permits to give back. With `funds`, every unused amount is
+    /// given back too (before asking for an exact need, idle, leaving);
+    /// with `permits`, every unused permit (idle, leaving).
+    pub fn report(&mut self, funds: bool, permits: bool) -> (Vec<Take>, Vec<Take>, Lacking) {
+        if funds {
             let mut unused = vec![(SourceRef::Paid, self.paid.available())];
             if let Some(period) = self.current_period() {
                 unused.push((SourceRef::Allowance { period }, self.allowance.available()));
@@ -620,7 +637,7 @@ impl Account {
                 self.give_up(source, amount);
             }
         }
-        let permits = self.buckets.unused(all);
+        let permits = self.buckets.unused(permits);
         match self.mirror.as_mut() {
             Some(m) => (std::mem::take(&mut m.charged), std::mem::take(&mut m.returned), permits),
             None => (Vec::new(), Vec::new(), permits),

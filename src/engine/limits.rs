@@ -342,6 +342,10 @@ pub struct Buckets {
     map: HashMap<BucketKey, Bucket>,
     #[serde(skip)]
     leased: bool,
+    /// In a leased mirror: when the shared buckets expect to admit again,
+    /// as they said when they last lent less than asked.
+    #[serde(skip)]
+    retry_hint: Option<Duration>,
 }
 
 /// A map with structured keys as a list of pairs (JSON keys are strings).
@@ -429,7 +433,7 @@ impl Buckets {
                 scope: key.scope,
                 kind,
                 limit,
-                retry_after: None,
+                retry_after: if kind == Kind::Concurrency { None } else { self.retry_hint },
             }
         }) {
             return Err(exceeded);
@@ -584,6 +588,32 @@ impl Buckets {
             bucket.in_flight += granted.slots;
         }
         granted
+    }
+
+    /// Shared side: how long until the bucket `key` admits `ask`'s
+    /// requests and tokens, if it does not now (and ever can).
+    pub fn retry_after(&self, key: &BucketKey, set: &LimitSet, ask: Permits, now: Timestamp) -> Option<Duration> {
+        let bucket = self.map.get(key).cloned().unwrap_or_default();
+        let mut wait = None;
+        if set.requests_per_minute > 0 && ask.requests > 0 {
+            let gcra = bucket.requests.at_rate(set.requests_per_minute);
+            if let Err(Some(d)) = gcra.check(1, burst(set.requests_per_minute, set.request_burst), now) {
+                wait = wait.max(Some(d));
+            }
+        }
+        if set.tokens_per_minute > 0 && ask.tokens > 0 {
+            let gcra = bucket.tokens.at_rate(set.tokens_per_minute);
+            let tokens = u64::try_from(ask.tokens).unwrap_or(u64::MAX);
+            if let Err(Some(d)) = gcra.check(tokens, burst(set.tokens_per_minute, set.token_burst), now) {
+                wait = wait.max(Some(d));
+            }
+        }
+        wait
+    }
+
+    /// Mirror side: remembers when the shared buckets expect to admit.
+    pub fn set_retry_hint(&mut self, hint: Option<Duration>) {
+        self.retry_hint = hint;
     }
 
     /// Shared side: takes back what a sidecar did not use. Negative tokens

@@ -367,7 +367,9 @@ impl Account {
                     rates,
                     model: req.model.clone(),
                 };
-                return Err(Account::short(funded.is_none().then_some((need, false)), lacking));
+                // What there is, up to the worst case: the last word may
+                // grant less, as a stand-alone account would.
+                return Err(Account::short(funded.is_none().then_some((need, true)), lacking));
             }
         }
         let Some((granted, takes)) = funded else {

@@ -792,7 +792,7 @@ impl Sidecar {
     ) -> super::lease::Granted {
         // Short of funds: give every slice back and ask for exactly the need.
         let all = close || short.need.is_some();
-        let (charged, returned, permits_back) = self.mirror.report(all);
+        let (charged, returned, permits_back) = self.mirror.report(all, close);
         self.seq += 1;
         let sync = super::lease::Sync {
             producer: self.producer.clone(),

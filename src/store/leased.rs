@@ -51,7 +51,7 @@ use crate::engine::ids::{AccountId, ProducerId, VersionId};
 use crate::engine::lease::{Granted, Short, Sync};
 use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
-use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
+use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
 
 /// How leases are sized and kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +126,16 @@ struct Gate {
     pending: Option<Sync>,
     /// The shared record as last read or written: version and JSON.
     cached: Option<(u64, String)>,
+}
+
+/// What one account's upkeep needs this round.
+enum Upkeep {
+    /// Report and give back everything unused (idle).
+    GiveBack,
+    /// Report, renew, refill.
+    Sync,
+    /// Read settings again (an announcement arrived).
+    Refresh,
 }
 
 /// How a commit ended.
@@ -396,12 +406,12 @@ impl RedisStore {
         if let Some(pending) = gate.pending.clone() {
             self.send(id, &mut gate, pending).await?;
         }
-        let give_back = all || close || short.as_ref().is_some_and(|s| s.need.is_some());
+        let funds_back = all || close || short.as_ref().is_some_and(|s| s.need.is_some());
         let sync = {
             let Some(mut local) = self.mirrors.get_mut(id) else {
                 return Ok(());
             };
-            let (charged, returned, permits_back) = local.mirror.report(give_back);
+            let (charged, returned, permits_back) = local.mirror.report(funds_back, all || close);
             let (requests_rate, tokens_rate) = local.rates;
             let horizon = self.settings.horizon.as_secs_f64();
             let want = if close || all {
@@ -573,21 +583,28 @@ impl RedisStore {
     async fn decide(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
         self.stats.decisions.fetch_add(1, Ordering::Relaxed);
         self.ensure_mirror(id).await?;
-        let short = match self.on_mirror(id, &command, now, None)? {
-            Err(EngineError::Short(short)) => *short,
-            other => return Ok(other?),
-        };
-        let overdraft = match self.sync(id, Some(short), false, false).await {
-            Ok(()) => 0,
-            Err(e @ StoreError::Unavailable(_)) => match command {
-                // Spending already admitted is never refused: settle,
-                // extend and release decide from what the mirror holds.
-                Command::Reserve(_) | Command::Charge(_) => self.outage_overdraft(id, &e)?,
-                _ => 0,
-            },
-            Err(e) => return Err(e),
-        };
-        Ok(self.on_mirror(id, &command, now, Some(overdraft))??)
+        // Ask at most twice (the first answer may find the lease lapsed, or
+        // another request may take what it lent), then decide.
+        for _ in 0..2 {
+            let short = match self.on_mirror(id, &command, now, None)? {
+                Err(EngineError::Short(short)) => *short,
+                other => return Ok(other?),
+            };
+            match self.sync(id, Some(short), false, false).await {
+                Ok(()) => {}
+                Err(e @ StoreError::Unavailable(_)) => {
+                    let overdraft = match command {
+                        // Spending already admitted is never refused: settle,
+                        // extend and release decide from what the mirror holds.
+                        Command::Reserve(_) | Command::Charge(_) => self.outage_overdraft(id, &e)?,
+                        _ => 0,
+                    };
+                    return Ok(self.on_mirror(id, &command, now, Some(overdraft))??);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.on_mirror(id, &command, now, Some(0))??)
     }
 
     // ---- background ----
@@ -666,25 +683,32 @@ impl RedisStore {
                 .mirror
                 .as_ref()
                 .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty());
+            let refill = since_sync >= self.settings.report_interval / 4
+                && !wants(local, self.settings.horizon, now).is_empty();
             let task = if since_use >= self.settings.idle_return && (holds || logged) {
-                Some((true, false))
+                Some(Upkeep::GiveBack)
             } else if (logged && since_sync >= self.settings.report_interval)
                 || (holds && since_sync >= self.settings.ttl / 6)
-                || !wants(local, self.settings.horizon, now).is_empty()
+                || refill
             {
-                Some((false, false))
+                Some(Upkeep::Sync)
             } else if local.stale {
-                Some((false, false))
+                Some(Upkeep::Refresh)
             } else {
                 if since_use >= self.settings.idle_return && !holds && !logged {
                     idle.push(id.clone());
                 }
                 None
             };
-            if let Some((all, close)) = task {
+            if let Some(task) = task {
                 let store = Arc::clone(self);
                 work.spawn(async move {
-                    if let Err(e) = store.sync(&id, None, all, close).await {
+                    let done = match task {
+                        Upkeep::GiveBack => store.sync(&id, None, true, false).await,
+                        Upkeep::Sync => store.sync(&id, None, false, false).await,
+                        Upkeep::Refresh => store.refresh(&id).await,
+                    };
+                    if let Err(e) = done {
                         tracing::debug!(account = %id, error = %e, "lease upkeep failed; retrying");
                     }
                 });
@@ -702,6 +726,23 @@ impl RedisStore {
             }
             drop(guard);
         }
+    }
+
+    /// Reads the shared account again and brings the mirror up to it.
+    async fn refresh(&self, id: &AccountId) -> Result<(), StoreError> {
+        let gate = self.gate(id);
+        let mut gate = gate.lock().await;
+        let key = self.account_key(id);
+        let Some((version, json)) = self.read(&key).await? else {
+            return Ok(());
+        };
+        let shared: Account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
+        gate.cached = Some((version, json));
+        if let Some(mut local) = self.mirrors.get_mut(id) {
+            local.mirror.refresh_mirror(&shared);
+            local.stale = false;
+        }
+        Ok(())
     }
 
     /// Reports everything and ends every lease (shutdown).
@@ -792,8 +833,20 @@ impl Store for RedisStore {
             | Command::Release(_)
             | Command::Charge(_) => self.decide(id, command, now).await,
             Command::Balance | Command::Snapshot => {
+                // Report first and give back what this sidecar holds unused,
+                // so the figures count its charges and show as held only
+                // what its open reservations hold.
+                if self.mirrors.contains_key(id) {
+                    self.sync(id, None, true, false).await?;
+                }
                 let mut shared = self.shared(id).await?;
-                let reply = shared.apply(&self.catalog(), command, now)?;
+                let mut reply = shared.apply(&self.catalog(), command, now)?;
+                if let Reply::Snapshot(snapshot) = &mut reply
+                    && let Some(local) = self.mirrors.get(id)
+                {
+                    snapshot.holds = local.mirror.open_holds();
+                    snapshot.account.recent = local.mirror.recent.clone();
+                }
                 Ok(Applied {
                     reply,
                     records: Vec::new(),

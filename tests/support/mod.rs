@@ -6,6 +6,8 @@
 
 pub mod redis;
 
+use redis::RedisServer;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -93,27 +95,106 @@ pub struct TestApp {
     pub admin: AdminClient<Channel>,
     pub quota_url: String,
     pub admin_url: String,
-    pub clock: Arc<ManualClock>,
+    /// The app's clock, when it runs on a manual one.
+    pub clock: Option<Arc<ManualClock>>,
     pub usage_path: PathBuf,
+    /// The Redis it shares state through, kept running while it lives.
+    pub redis: Option<Arc<RedisServer>>,
     _dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Starts the app on [`CONFIG`].
+/// Which store an app runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store.
+    Memory,
+    /// A Redis of its own, started for the test.
+    Redis,
+}
+
+/// Runs each named scenario (an `async fn(Backend)`) as two tests, one on
+/// each store: `mod memory` and `mod redis`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Memory).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Redis).await
+                }
+            )*
+        }
+    };
+}
+
+/// Starts the app on [`CONFIG`] and the embedded store.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(CONFIG).await
 }
 
-/// Starts the app on `config` (usage records go to a fresh temp file).
+/// Starts the app on `config` and the embedded store.
 pub async fn spawn_app_with(config: &str) -> TestApp {
+    spawn_app_on_with(Backend::Memory, config).await
+}
+
+/// Starts the app on [`CONFIG`] and `backend`.
+pub async fn spawn_app_on(backend: Backend) -> TestApp {
+    spawn_app_on_with(backend, CONFIG).await
+}
+
+/// Parses `config` with usage records going to a fresh temp file.
+pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let usage_path = dir.path().join("usage.jsonl");
     let path = usage_path.to_string_lossy().into_owned();
     let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| path.clone());
     let settings = Settings::parse(config, &env).expect("test config is valid");
+    (settings, dir, usage_path)
+}
+
+/// Starts the app on `config` and `backend`, on a manual clock.
+pub async fn spawn_app_on_with(backend: Backend, config: &str) -> TestApp {
+    let (mut settings, dir, usage_path) = settings(config);
+    let redis = match backend {
+        Backend::Memory => None,
+        Backend::Redis => {
+            let server = Arc::new(RedisServer::start(&[]));
+            settings.store.use_redis(vec![server.url()], false);
+            // The manual clock is far from Redis's: do not compare them.
+            settings.store.leases.max_clock_skew = None;
+            Some(server)
+        }
+    };
     let clock = Arc::new(ManualClock::new(START.parse().expect("start")));
     let app = App::build(settings, clock.clone()).await.expect("app builds");
+    start(app, Some(clock), redis, dir, usage_path).await
+}
+
+/// Starts a sidecar of a fleet: `settings` already name its Redis; the
+/// system clock, aligned with Redis as in production.
+pub async fn spawn_sidecar(settings: Settings, dir: tempfile::TempDir, usage_path: PathBuf) -> TestApp {
+    let app = App::build_on_system_clock(settings).await.expect("app builds");
+    start(app, None, None, dir, usage_path).await
+}
+
+async fn start(
+    app: App,
+    clock: Option<Arc<ManualClock>>,
+    redis: Option<Arc<RedisServer>>,
+    dir: tempfile::TempDir,
+    usage_path: PathBuf,
+) -> TestApp {
     let quota_url = format!("http://{}", app.quota_addr());
     let admin_url = format!("http://{}", app.admin_addr());
     let (stop, stopped) = oneshot::channel::<()>();
@@ -127,6 +208,7 @@ pub async fn spawn_app_with(config: &str) -> TestApp {
         admin_url,
         clock,
         usage_path,
+        redis,
         _dir: dir,
         stop: Some(stop),
         task,
@@ -143,15 +225,16 @@ impl TestApp {
         task.await.expect("app task").expect("app ran cleanly");
     }
 
-    /// Moves the app's clock.
+    /// Moves the app's manual clock.
     pub fn advance(&self, by: SignedDuration) {
-        self.clock.advance(by);
+        self.clock.as_ref().expect("a manual clock").advance(by);
     }
 
-    /// The current instant of the app's clock.
+    /// The current instant of the app's manual clock.
     pub fn now(&self) -> Timestamp {
-        tollgate::clock::Clock::now(&*self.clock)
+        tollgate::clock::Clock::now(&**self.clock.as_ref().expect("a manual clock"))
     }
+
 
     /// The usage records written so far (waits until at least `n` exist, up
     /// to five seconds: the sink writes asynchronously).
