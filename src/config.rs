@@ -15,8 +15,6 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
-use crate::store::leased::LeaseSettings;
-use crate::store::redis::{Credentials, RedisSettings};
 use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass, check_draw_order};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::ScopedLimits;
@@ -24,6 +22,8 @@ use crate::engine::money::Money;
 use crate::engine::ops::PackGrant;
 use crate::engine::period::{Anchor, PeriodUnit};
 use crate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices, per_token};
+use crate::store::leased::LeaseSettings;
+use crate::store::redis::{Credentials, RedisSettings};
 
 /// The built-in demo configuration (also `examples/tollgate.toml`).
 pub const DEMO: &str = include_str!("../examples/tollgate.toml");
@@ -613,11 +613,17 @@ fn store_settings(
     let r = &f.redis;
     for (i, url) in r.urls.iter().enumerate() {
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            p.push(format!("store.redis.urls[{i}]"), "must start with redis:// or rediss://");
+            p.push(
+                format!("store.redis.urls[{i}]"),
+                "must start with redis:// or rediss://",
+            );
         }
     }
     if kind == StoreKind::Redis && r.urls.is_empty() && env("TOLLGATE_REDIS").is_none() {
-        p.push("store.redis.urls", "required with store.kind = \"redis\" (or give --redis URL)");
+        p.push(
+            "store.redis.urls",
+            "required with store.kind = \"redis\" (or give --redis URL)",
+        );
     }
     if !(10..=60_000).contains(&r.deadline_ms) {
         p.push("store.redis.deadline_ms", "must be between 10 and 60000");
@@ -652,7 +658,10 @@ fn store_settings(
         p.push("leases.horizon_ms", "must be between 1 and 600000");
     }
     if leases.report_interval_ms == 0 || leases.report_interval_ms > leases.ttl_seconds * 1000 / 3 {
-        p.push("leases.report_interval_ms", "must be between 1 and a third of leases.ttl_seconds");
+        p.push(
+            "leases.report_interval_ms",
+            "must be between 1 and a third of leases.ttl_seconds",
+        );
     }
     if leases.idle_return_seconds == 0 {
         p.push("leases.idle_return_seconds", "must be greater than zero");

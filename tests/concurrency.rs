@@ -81,6 +81,4 @@ async fn concurrent_clients_drain_an_account_exactly(backend: Backend) {
     app.shutdown().await;
 }
 
-on_both_stores!(
-    concurrent_clients_drain_an_account_exactly,
-);
+on_both_stores!(concurrent_clients_drain_an_account_exactly,);

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use jiff::SignedDuration;
 
 use super::ids::{ModelId, PlanId};
-use super::money::Money;
 use super::limits::ScopedLimits;
+use super::money::Money;
 use super::period::{Anchor, PeriodUnit};
 use super::pricing::PriceBook;
 

@@ -134,7 +134,11 @@ impl<'de> serde::Deserialize<'de> for Take {
         let amount = match (source.is_tokens(), form.tokens, form.money) {
             (true, Some(tokens), None) => i128::from(tokens),
             (false, None, Some(money)) => money.picos(),
-            _ => return Err(D::Error::custom("a token source takes `tokens`, a money source `money`")),
+            _ => {
+                return Err(D::Error::custom(
+                    "a token source takes `tokens`, a money source `money`",
+                ));
+            }
         };
         Ok(Take { source, amount })
     }

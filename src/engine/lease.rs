@@ -278,8 +278,16 @@ impl Account {
         let open = |lot: &super::account::Lot| !lot.closed && lot.expires_at.is_none_or(|t| now < t);
         match source {
             SourceRef::Allowance { period } if self.current_period() == Some(*period) => self.allowance.available(),
-            SourceRef::Pack(id) => self.packs.get(id).filter(|l| open(l)).map_or(0, |l| l.ledger.available()),
-            SourceRef::Promo(id) => self.promos.get(id).filter(|l| open(l)).map_or(0, |l| l.ledger.available()),
+            SourceRef::Pack(id) => self
+                .packs
+                .get(id)
+                .filter(|l| open(l))
+                .map_or(0, |l| l.ledger.available()),
+            SourceRef::Promo(id) => self
+                .promos
+                .get(id)
+                .filter(|l| open(l))
+                .map_or(0, |l| l.ledger.available()),
             SourceRef::Paid => (self.paid.available() + self.credit_limit.picos()).max(0),
             _ => 0,
         }
@@ -374,7 +382,8 @@ impl Account {
                 self.charge_held(&t);
             }
             if take.amount > covered {
-                written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
+                written_off =
+                    written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
             }
         }
         if !lapsed {
@@ -434,7 +443,13 @@ impl Account {
         Ok(granted)
     }
 
-    fn lend(&mut self, catalog: &Catalog, sync: &Sync, granted: &mut Granted, now: Timestamp) -> Result<(), EngineError> {
+    fn lend(
+        &mut self,
+        catalog: &Catalog,
+        sync: &Sync,
+        granted: &mut Granted,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
         let order = self.plan_of(catalog)?.draw_order.clone();
         let mut takes = Vec::new();
         if let Some((needed, partial)) = &sync.need {
@@ -657,7 +672,10 @@ impl Account {
             (&self.packs, SourceRef::Pack as fn(_) -> SourceRef),
             (&self.promos, SourceRef::Promo),
         ] {
-            for (id, lot) in lots.iter().filter(|(_, l)| !l.closed && l.expires_at.is_none_or(|t| now < t)) {
+            for (id, lot) in lots
+                .iter()
+                .filter(|(_, l)| !l.closed && l.expires_at.is_none_or(|t| now < t))
+            {
                 let (a, u) = used(&lot.ledger);
                 out.push((make(id.clone()), a, u));
             }

@@ -355,10 +355,7 @@ mod pairs {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
-        map: &HashMap<K, V>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &HashMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(map.iter())
     }
 
@@ -421,7 +418,11 @@ impl Buckets {
     /// permits held; nothing is taken unless all are.
     fn admit_leased(&mut self, limits: &Applicable, tokens: u64, now: Timestamp) -> Result<RateStatus, Exceeded> {
         if let Some(exceeded) = self.lacking(limits, tokens).into_iter().next().map(|(key, lack)| {
-            let set = limits.iter().find(|(k, _)| *k == key).map(|(_, s)| *s).unwrap_or_default();
+            let set = limits
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| *s)
+                .unwrap_or_default();
             let (kind, limit) = if lack.requests > 0 {
                 (Kind::Requests, set.requests_per_minute)
             } else if lack.tokens > 0 {
@@ -433,7 +434,11 @@ impl Buckets {
                 scope: key.scope,
                 kind,
                 limit,
-                retry_after: if kind == Kind::Concurrency { None } else { self.retry_hint },
+                retry_after: if kind == Kind::Concurrency {
+                    None
+                } else {
+                    self.retry_hint
+                },
             }
         }) {
             return Err(exceeded);
@@ -460,7 +465,10 @@ impl Buckets {
         }
         let mut lacking = Vec::new();
         for (key, set) in limits {
-            let (held, in_flight) = self.map.get(key).map_or((Permits::default(), 0), |b| (b.permits, b.in_flight));
+            let (held, in_flight) = self
+                .map
+                .get(key)
+                .map_or((Permits::default(), 0), |b| (b.permits, b.in_flight));
             let lack = Permits {
                 requests: u64::from(set.requests_per_minute > 0 && held.requests == 0),
                 tokens: if set.tokens_per_minute > 0 {
@@ -493,7 +501,9 @@ impl Buckets {
                     status.requests = status.requests.tighter(held);
                 }
                 if set.tokens_per_minute > 0 {
-                    status.tokens = status.tokens.tighter(room(set.tokens_per_minute, bucket.permits.tokens));
+                    status.tokens = status
+                        .tokens
+                        .tighter(room(set.tokens_per_minute, bucket.permits.tokens));
                 }
                 continue;
             }
@@ -652,7 +662,11 @@ impl Buckets {
             let give = Permits {
                 requests: if all { p.requests } else { 0 },
                 tokens: if all || p.tokens < 0 { p.tokens } else { 0 },
-                slots: if all { p.slots.saturating_sub(bucket.in_flight) } else { 0 },
+                slots: if all {
+                    p.slots.saturating_sub(bucket.in_flight)
+                } else {
+                    0
+                },
             };
             if !give.is_empty() {
                 p.requests -= give.requests;

@@ -898,26 +898,46 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         close: false,
     };
     let first = shared.sync(&c, &ask(1, vec![]), now).unwrap();
-    assert_eq!(first.takes, vec![take(SourceRef::Paid, 250_000)], "a quarter of what is left");
-    assert_eq!(shared.sync(&c, &ask(1, vec![]), now).unwrap(), first, "a retry gets the first answer");
+    assert_eq!(
+        first.takes,
+        vec![take(SourceRef::Paid, 250_000)],
+        "a quarter of what is left"
+    );
+    assert_eq!(
+        shared.sync(&c, &ask(1, vec![]), now).unwrap(),
+        first,
+        "a retry gets the first answer"
+    );
     assert_eq!(shared.paid.held, 250_000, "and lends nothing twice");
-    let second = shared.sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now).unwrap();
+    let second = shared
+        .sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now)
+        .unwrap();
     assert_eq!(
         second.takes,
         vec![take(SourceRef::Paid, 187_500)],
         "(1_000_000 - 150_000 held - 100_000 charged) / 4"
     );
-    shared.sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now).unwrap();
+    shared
+        .sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now)
+        .unwrap();
     assert_eq!(shared.paid.charged, 100_000, "a repeated report is applied once");
-    assert!(shared.sync(&c, &ask(1, vec![]), now).is_err(), "an older report is refused");
+    assert!(
+        shared.sync(&c, &ask(1, vec![]), now).is_err(),
+        "an older report is refused"
+    );
     // The sidecar goes silent: at the expiry everything lent comes back.
     let later = now + SignedDuration::from_secs(30);
     shared.apply(&c, Command::Balance, later).unwrap();
     assert_eq!(shared.paid.held, 0);
     assert_eq!(shared.leases[&producer].epoch, 1);
     // A report from before the lapse still counts its charges.
-    let late = shared.sync(&c, &ask(3, vec![take(SourceRef::Paid, 50_000)]), later).unwrap();
+    let late = shared
+        .sync(&c, &ask(3, vec![take(SourceRef::Paid, 50_000)]), later)
+        .unwrap();
     assert!(late.lapsed);
     assert_eq!(shared.paid.charged, 150_000);
-    assert_eq!(shared.paid.available() + shared.paid.held + shared.paid.charged, 1_000_000);
+    assert_eq!(
+        shared.paid.available() + shared.paid.held + shared.paid.charged,
+        1_000_000
+    );
 }

@@ -169,8 +169,9 @@ pub struct RedisStore {
 /// background task probes it; decisions use the failure policy meanwhile).
 const BACKOFF: Duration = Duration::from_millis(500);
 
-/// Most attempts of one change against concurrent writers.
-const MAX_ATTEMPTS: usize = 16;
+/// Most attempts of one change against concurrent writers. A lost race
+/// answers the current state, so the next attempt starts from it at once.
+const MAX_ATTEMPTS: u32 = 32;
 
 fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: record {key} is unreadable: {e}"))
@@ -258,8 +259,11 @@ impl RedisStore {
 
     async fn read(&self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
         self.check_up()?;
-        let got: (Option<u64>, Option<String>) = self
-            .note(self.redis.query(redis::cmd("HMGET").arg(key).arg("v").arg("state")).await)?;
+        let got: (Option<u64>, Option<String>) = self.note(
+            self.redis
+                .query(redis::cmd("HMGET").arg(key).arg("v").arg("state"))
+                .await,
+        )?;
         Ok(match got {
             (Some(v), Some(state)) => Some((v, state)),
             _ => None,
@@ -277,7 +281,14 @@ impl RedisStore {
         self.check_up()?;
         let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
         let channel = announce.map(|_| self.changes_channel()).unwrap_or_default();
-        let args = (version, state, at.as_millisecond(), skew.to_string(), channel, announce.unwrap_or(""));
+        let args = (
+            version,
+            state,
+            at.as_millisecond(),
+            skew.to_string(),
+            channel,
+            announce.unwrap_or(""),
+        );
         let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, &[key], args).await)?;
         let int = |v: Option<&redis::Value>| match v {
             Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
@@ -624,6 +635,15 @@ impl RedisStore {
         }
         listener.abort();
         self.close().await;
+        let s = &self.stats;
+        tracing::info!(
+            decisions = s.decisions.load(Ordering::Relaxed),
+            redis_calls = s.redis_calls.load(Ordering::Relaxed),
+            syncs = s.syncs.load(Ordering::Relaxed),
+            conflicts = s.conflicts.load(Ordering::Relaxed),
+            outage_decisions = s.outage_decisions.load(Ordering::Relaxed),
+            "leases returned"
+        );
     }
 
     /// Listens for announcements of admin changes; reconnects when the
@@ -683,8 +703,8 @@ impl RedisStore {
                 .mirror
                 .as_ref()
                 .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty());
-            let refill = since_sync >= self.settings.report_interval / 4
-                && !wants(local, self.settings.horizon, now).is_empty();
+            let refill =
+                since_sync >= self.settings.report_interval / 4 && !wants(local, self.settings.horizon, now).is_empty();
             let task = if since_use >= self.settings.idle_return && (holds || logged) {
                 Some(Upkeep::GiveBack)
             } else if (logged && since_sync >= self.settings.report_interval)
@@ -721,8 +741,9 @@ impl RedisStore {
             let gate = self.gate(&id);
             let guard = gate.lock().await;
             if guard.pending.is_none() {
-                self.mirrors
-                    .remove_if(&id, |_, l| !holds_anything(&l.mirror) && l.last_used.elapsed() >= self.settings.idle_return);
+                self.mirrors.remove_if(&id, |_, l| {
+                    !holds_anything(&l.mirror) && l.last_used.elapsed() >= self.settings.idle_return
+                });
             }
             drop(guard);
         }
@@ -804,11 +825,8 @@ fn wants(local: &Local, horizon: Duration, now: Timestamp) -> Vec<(SourceRef, i1
 
 /// A short random suffix for producer ids (two processes started in the
 /// same millisecond with the same pid, in different containers).
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    h.finish() & 0xffff_ffff
+fn rand_suffix() -> u32 {
+    fastrand::u32(..)
 }
 
 #[async_trait::async_trait]

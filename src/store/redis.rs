@@ -119,9 +119,10 @@ impl Redis {
         // Redis, and the subscriber to change announcements (on a cluster,
         // PUBLISH reaches every node, so any one node will do).
         let plain = || -> redis::RedisResult<redis::Client> {
-            let url = settings.urls.first().ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::Client, "no Redis URL given"))
-            })?;
+            let url = settings
+                .urls
+                .first()
+                .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "no Redis URL given")))?;
             let mut info = url
                 .as_str()
                 .into_connection_info()?

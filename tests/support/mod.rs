@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod redis;
 
 use redis::RedisServer;
@@ -234,7 +235,6 @@ impl TestApp {
     pub fn now(&self) -> Timestamp {
         tollgate::clock::Clock::now(&**self.clock.as_ref().expect("a manual clock"))
     }
-
 
     /// The usage records written so far (waits until at least `n` exist, up
     /// to five seconds: the sink writes asynchronously).

@@ -1,0 +1,243 @@
+//! Several real Tollgate processes share accounts through one Redis or a
+//! Redis Cluster: no source goes below its floor, every unit is accounted
+//! for once the fleet is quiescent, and the usage records add up to what
+//! Redis charged — with all sidecars healthy, with one crashing, and
+//! through a Redis outage.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::fleet::{Ledger, Sidecar, drain, shared_account, write_config};
+use support::redis::{RedisCluster, RedisServer};
+use tollgate::engine::Money;
+
+/// Short leases so expiry fits in a test: a lease lapses 3 s after its
+/// last sync, slices cover half a second of burn, idle ones go back after
+/// a second.
+const FLEET: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[store]
+sweep_interval_ms = 100
+
+[store.redis]
+deadline_ms = 200
+
+[leases]
+ttl_seconds = 3
+horizon_ms = 500
+idle_return_seconds = 1
+report_interval_ms = 200
+
+[plans.payg]
+
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models.m.tiers.default]
+input = "1"
+output = "4"
+
+[[accounts]]
+id = "shared"
+plan = "payg"
+paid = "0.5"
+"#;
+
+const PAID: i128 = 500_000_000_000;
+
+/// Starts `n` sidecars on `urls`, each with its own usage file in `dir`.
+fn fleet(n: usize, dir: &std::path::Path, urls: &[String]) -> Vec<Sidecar> {
+    let config = write_config(dir, FLEET);
+    (0..n)
+        .map(|i| Sidecar::spawn(&config, urls, dir.join(format!("usage-{i}.jsonl"))))
+        .collect()
+}
+
+/// Runs `per_sidecar` clients on each sidecar until they are denied (or
+/// `stop` is set); returns allowed and unavailable counts per sidecar.
+async fn load(
+    sidecars: &[Sidecar],
+    per_sidecar: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
+    let mut tasks = Vec::new();
+    for (s, sidecar) in sidecars.iter().enumerate() {
+        for c in 0..per_sidecar {
+            let quota = sidecar.client().await;
+            let stop = Arc::clone(stop);
+            tasks.push(tokio::spawn(
+                async move { drain(quota, "shared", s * 1000 + c, stop).await },
+            ));
+        }
+    }
+    tasks
+}
+
+/// The paid ledger of the shared account, checked for the invariants that
+/// hold at any quiescent point: nothing lent or held, never below zero,
+/// conservation.
+fn quiescent(port: u16) -> Ledger {
+    let account = shared_account(port, "tollgate", "shared");
+    let paid = Ledger::of(&account["paid"]);
+    assert_eq!(paid.granted, PAID, "credited once, however many sidecars seeded it");
+    assert_eq!(paid.held, 0, "nothing lent or held once every lease is back: {account}");
+    assert!(paid.available() >= 0, "below zero: {paid:?}");
+    assert_eq!(
+        paid.granted,
+        paid.available() + paid.held + paid.charged + paid.forfeited
+    );
+    for (producer, lease) in account["leases"].as_object().unwrap() {
+        assert!(
+            lease["held"].as_array().unwrap().is_empty(),
+            "lease of {producer} still holds"
+        );
+    }
+    paid
+}
+
+async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = fleet(3, dir.path(), &urls);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut allowed = 0;
+    for task in load(&sidecars, 40, &stop).await {
+        let (a, unavailable) = task.await.unwrap();
+        assert_eq!(unavailable, 0, "Redis is up: nothing is unavailable");
+        allowed += a;
+    }
+    assert!(allowed > 500, "the fleet served the account: {allowed}");
+    for sidecar in &mut sidecars {
+        sidecar.stop();
+    }
+    let paid = quiescent(port);
+    let recorded = sidecars
+        .iter()
+        .map(Sidecar::charged)
+        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
+        .unwrap();
+    assert_eq!(
+        recorded.picos(),
+        paid.charged,
+        "the records add up to what Redis charged"
+    );
+    assert_eq!(
+        paid.granted - paid.available(),
+        paid.charged,
+        "and to the balance change"
+    );
+    // Drained: less than one request's worst case (0.0005) per sidecar is left.
+    assert!(paid.available() < 3 * 500_000_000, "left {}", paid.available());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_on_one_redis_drain_one_account_exactly() {
+    let redis = RedisServer::start(&[]);
+    three_sidecars_drain_one_account(vec![redis.url()], redis.port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_on_a_redis_cluster_drain_one_account_exactly() {
+    let cluster = RedisCluster::start(3);
+    three_sidecars_drain_one_account(cluster.urls(), cluster.nodes[0].port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = fleet(3, dir.path(), &[redis.url()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&sidecars, 20, &stop).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Mid-load, no lease returned, nothing flushed.
+    sidecars[0].kill();
+    let lent_at_crash: i128 = Ledger::of(&shared_account(redis.port, "tollgate", "shared")["paid"]).held;
+    assert!(lent_at_crash > 0, "the fleet held slices when one crashed");
+    // The others go on; the crashed one's lease lapses 3 s after its last sync.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for sidecar in &mut sidecars[1..] {
+        sidecar.stop();
+    }
+    let account = shared_account(redis.port, "tollgate", "shared");
+    let lapsed: Vec<_> = account["leases"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|l| l["epoch"].as_u64() > Some(0))
+        .collect();
+    assert_eq!(lapsed.len(), 1, "exactly the crashed sidecar's lease lapsed: {account}");
+    let paid = quiescent(redis.port);
+    let survivors = sidecars[1..]
+        .iter()
+        .map(Sidecar::charged)
+        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
+        .unwrap();
+    assert!(
+        survivors.picos() <= paid.charged,
+        "every record of a survivor was charged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
+    // Persistent, so a restart keeps what was committed.
+    let mut redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = fleet(3, dir.path(), &[redis.url()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&sidecars, 8, &stop).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = count_allowed(&sidecars).await;
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = count_allowed(&sidecars).await;
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut unavailable = 0;
+    for task in tasks {
+        unavailable += task.await.unwrap().1;
+    }
+    assert!(during > before, "decisions continued from leases while Redis was down");
+    assert!(unavailable > 0, "once the slices ran dry, the plan failed closed");
+    for sidecar in &mut sidecars {
+        sidecar.stop();
+    }
+    let paid = quiescent(redis.port);
+    let recorded = sidecars
+        .iter()
+        .map(Sidecar::charged)
+        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
+        .unwrap();
+    assert_eq!(
+        recorded.picos(),
+        paid.charged,
+        "every settle reached Redis exactly once"
+    );
+}
+
+/// Usage records written so far by every sidecar.
+async fn count_allowed(sidecars: &[Sidecar]) -> usize {
+    sidecars
+        .iter()
+        .map(|s| {
+            std::fs::read_to_string(&s.usage_path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        })
+        .sum()
+}

@@ -1,0 +1,263 @@
+//! A fleet of real `tollgate serve` processes sharing one Redis (or a
+//! cluster), each on its own loopback ports with its own usage file, and
+//! the checks every fleet test makes on the shared state.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tollgate::engine::Money;
+use tollgate::proto;
+use tollgate::proto::quota_client::QuotaClient;
+use tonic::transport::Channel;
+
+/// One sidecar process.
+pub struct Sidecar {
+    child: Option<Child>,
+    /// Its data-plane URL.
+    pub quota_url: String,
+    /// Where it writes usage records.
+    pub usage_path: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts `tollgate serve --config CONFIG --redis URL...` and waits
+    /// until it listens.
+    pub fn spawn(config: &Path, redis: &[String], usage_path: PathBuf) -> Sidecar {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command.arg("serve").arg("--config").arg(config);
+        for url in redis {
+            command.arg("--redis").arg(url);
+        }
+        let mut child = command
+            .env("TOLLGATE_USAGE_PATH", &usage_path)
+            .env("RUST_LOG", "info")
+            .env_remove("TOLLGATE_REDIS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tollgate serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("tollgate listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                if line.contains("ERROR") || line.contains("WARN") {
+                    eprintln!("sidecar: {line}");
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the sidecar reports its addresses");
+        let quota = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("quota="))
+            .expect("quota address in the log line");
+        Sidecar {
+            child: Some(child),
+            quota_url: format!("http://{quota}"),
+            usage_path,
+        }
+    }
+
+    /// A data-plane client.
+    pub async fn client(&self) -> QuotaClient<Channel> {
+        QuotaClient::connect(self.quota_url.clone())
+            .await
+            .expect("connect to the sidecar")
+    }
+
+    /// SIGTERM, then waits for a clean exit (leases returned).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    assert!(status.success(), "sidecar exited with {status}");
+                    return;
+                }
+                assert!(Instant::now() < deadline, "sidecar did not stop within 20 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL: a crash, nothing returned or flushed.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The money of every usage record written so far.
+    pub fn charged(&self) -> Money {
+        let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let record: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                record["total_money"]
+                    .as_str()
+                    .expect("total_money")
+                    .parse::<Money>()
+                    .expect("money")
+            })
+            .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
+            .expect("no overflow")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes `config` into `dir` and returns its path.
+pub fn write_config(dir: &Path, config: &str) -> PathBuf {
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+/// The shared account `id` as stored in Redis (via `redis-cli -c` on
+/// `port`, which follows cluster redirects).
+pub fn shared_account(port: u16, prefix: &str, id: &str) -> serde_json::Value {
+    let key = format!("{prefix}:{{{id}}}:account");
+    let out = Command::new("redis-cli")
+        .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string(), "HGET", &key, "state"])
+        .output()
+        .expect("run redis-cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("state of {key} is JSON ({e}): {text}"))
+}
+
+/// One ledger of a shared account, as integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ledger {
+    pub granted: i128,
+    pub held: i128,
+    pub charged: i128,
+    pub forfeited: i128,
+}
+
+impl Ledger {
+    pub fn of(value: &serde_json::Value) -> Ledger {
+        let n = |k: &str| {
+            value[k]
+                .as_i64()
+                .map(i128::from)
+                .or_else(|| value[k].as_u64().map(i128::from))
+                .unwrap_or_else(|| panic!("ledger field {k}: {value}"))
+        };
+        Ledger {
+            granted: n("granted"),
+            held: n("held"),
+            charged: n("charged"),
+            forfeited: n("forfeited"),
+        }
+    }
+
+    pub fn available(&self) -> i128 {
+        self.granted - self.held - self.charged - self.forfeited
+    }
+}
+
+/// UNAVAILABLE (Redis down, plan failing closed), or the sidecar itself
+/// gone (its connection broke).
+fn gone(status: &tonic::Status) -> bool {
+    let broken = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+        && std::error::Error::source(status).is_some();
+    if status.code() == tonic::Code::Unavailable {
+        eprintln!("unavailable: {}", status.message());
+    }
+    status.code() == tonic::Code::Unavailable || broken
+}
+
+/// A client loop: small reserves and settles (every fifth released) on
+/// `account` until a reserve is denied or `stop` is set. Returns how many
+/// reserves were allowed and how many calls were UNAVAILABLE (a sidecar
+/// gone, or Redis down and the plan failing closed); other errors panic.
+pub async fn drain(
+    mut quota: QuotaClient<Channel>,
+    account: &str,
+    client: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    let (mut allowed, mut unavailable) = (0u64, 0u64);
+    for i in 0u64.. {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let id = format!("c{client}-{i}");
+        let reserve = proto::ReserveRequest {
+            account_id: account.into(),
+            model: "m".into(),
+            request_id: id.clone(),
+            input_tokens: 100,
+            max_output_tokens: 100,
+            ..Default::default()
+        };
+        let r = match quota.reserve(reserve).await {
+            Ok(r) => r.into_inner(),
+            Err(status) if gone(&status) => {
+                unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(status) => panic!("reserve failed: {status}"),
+        };
+        if r.decision == proto::Decision::Deny as i32 {
+            assert_eq!(
+                r.deny_reason,
+                proto::DenyReason::InsufficientFunds as i32,
+                "{}",
+                r.message
+            );
+            break;
+        }
+        allowed += 1;
+        let output = (client as u64 * 7 + i) % (r.granted_output_tokens + 1);
+        if i % 5 == 4 {
+            let release = proto::ReleaseRequest {
+                account_id: account.into(),
+                reservation_id: id,
+            };
+            match quota.release(release).await {
+                Ok(_) => {}
+                Err(status) if gone(&status) => unavailable += 1,
+                Err(status) => panic!("release failed: {status}"),
+            }
+        } else {
+            let settle = proto::SettleRequest {
+                account_id: account.into(),
+                reservation_id: id,
+                usage: Some(proto::Usage {
+                    input_tokens: 100,
+                    output_tokens: output,
+                    ..Default::default()
+                }),
+            };
+            match quota.settle(settle).await {
+                Ok(_) => {}
+                Err(status) if gone(&status) => unavailable += 1,
+                Err(status) => panic!("settle failed: {status}"),
+            }
+        }
+    }
+    (allowed, unavailable)
+}
