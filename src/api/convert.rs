@@ -221,6 +221,7 @@ pub fn denial_out(
                 Kind::Requests => proto::LimitKind::RequestsPerMinute,
                 Kind::Tokens => proto::LimitKind::TokensPerMinute,
                 Kind::Concurrency => proto::LimitKind::ConcurrentRequests,
+                Kind::SidecarConcurrency => proto::LimitKind::ConcurrentRequestsPerSidecar,
             };
             let limit = proto::LimitRef {
                 scope: scope as i32,
@@ -242,6 +243,7 @@ pub fn limit_set(field: &str, l: &proto::LimitSet) -> Result<LimitSet, Status> {
         requests_per_minute: l.requests_per_minute,
         tokens_per_minute: l.tokens_per_minute,
         concurrent_requests: l.concurrent_requests,
+        concurrent_requests_per_sidecar: l.concurrent_requests_per_sidecar,
         request_burst: l.request_burst,
         token_burst: l.token_burst,
     };
@@ -255,6 +257,7 @@ pub fn limit_set_out(l: &LimitSet) -> proto::LimitSet {
         requests_per_minute: l.requests_per_minute,
         tokens_per_minute: l.tokens_per_minute,
         concurrent_requests: l.concurrent_requests,
+        concurrent_requests_per_sidecar: l.concurrent_requests_per_sidecar,
         request_burst: l.request_burst,
         token_burst: l.token_burst,
     }

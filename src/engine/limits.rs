@@ -30,8 +30,12 @@ pub struct LimitSet {
     pub requests_per_minute: u64,
     /// Tokens per minute.
     pub tokens_per_minute: u64,
-    /// Requests in flight.
+    /// Requests in flight across every sidecar sharing the account (leased
+    /// as slots on the Redis store).
     pub concurrent_requests: u64,
+    /// Requests in flight through any one sidecar (counted locally, never
+    /// shared).
+    pub concurrent_requests_per_sidecar: u64,
     /// Requests allowed at once; zero means `requests_per_minute`.
     pub request_burst: u64,
     /// Tokens allowed at once; zero means `tokens_per_minute`.
@@ -41,7 +45,15 @@ pub struct LimitSet {
 impl LimitSet {
     /// No rate and no concurrency limit: nothing to count.
     pub fn is_unlimited(&self) -> bool {
-        self.requests_per_minute == 0 && self.tokens_per_minute == 0 && self.concurrent_requests == 0
+        self.requests_per_minute == 0
+            && self.tokens_per_minute == 0
+            && self.concurrent_requests == 0
+            && self.concurrent_requests_per_sidecar == 0
+    }
+
+    /// The per-sidecar concurrency limit, if set and `in_flight` reaches it.
+    fn sidecar_full(&self, in_flight: u64) -> bool {
+        self.concurrent_requests_per_sidecar > 0 && in_flight >= self.concurrent_requests_per_sidecar
     }
 
     /// Checks every figure against [`MAX_LIMIT`]; names the first too large.
@@ -50,6 +62,7 @@ impl LimitSet {
             ("requests_per_minute", self.requests_per_minute),
             ("tokens_per_minute", self.tokens_per_minute),
             ("concurrent_requests", self.concurrent_requests),
+            ("concurrent_requests_per_sidecar", self.concurrent_requests_per_sidecar),
             ("request_burst", self.request_burst),
             ("token_burst", self.token_burst),
         ];
@@ -129,6 +142,8 @@ pub enum Kind {
     Tokens,
     /// Requests in flight.
     Concurrency,
+    /// Requests in flight through one sidecar.
+    SidecarConcurrency,
 }
 
 /// The limit that denied a request.
@@ -152,6 +167,7 @@ impl std::fmt::Display for Exceeded {
             Kind::Requests => "requests-per-minute",
             Kind::Tokens => "tokens-per-minute",
             Kind::Concurrency => "concurrent-requests",
+            Kind::SidecarConcurrency => "per-sidecar concurrent-requests",
         };
         let scope = match self.scope {
             Scope::Account => "the account",
@@ -407,6 +423,10 @@ impl Buckets {
             if set.concurrent_requests > 0 && bucket.in_flight >= set.concurrent_requests {
                 return Err(exceeded(Kind::Concurrency, set.concurrent_requests, None));
             }
+            if set.sidecar_full(bucket.in_flight) {
+                let limit = set.concurrent_requests_per_sidecar;
+                return Err(exceeded(Kind::SidecarConcurrency, limit, None));
+            }
             bucket.in_flight += 1;
             staged.push((key.clone(), bucket));
         }
@@ -417,6 +437,16 @@ impl Buckets {
     /// A leased mirror's admission: every limit must be covered by the
     /// permits held; nothing is taken unless all are.
     fn admit_leased(&mut self, limits: &Applicable, tokens: u64, now: Timestamp) -> Result<RateStatus, Exceeded> {
+        for (key, set) in limits {
+            if set.sidecar_full(self.in_flight(key)) {
+                return Err(Exceeded {
+                    scope: key.scope,
+                    kind: Kind::SidecarConcurrency,
+                    limit: set.concurrent_requests_per_sidecar,
+                    retry_after: None,
+                });
+            }
+        }
         if let Some(exceeded) = self.lacking(limits, tokens).into_iter().next().map(|(key, lack)| {
             let set = limits
                 .iter()
@@ -476,7 +506,10 @@ impl Buckets {
                 } else {
                     0
                 },
-                slots: u64::from(set.concurrent_requests > 0 && in_flight >= held.slots),
+                // Never a slot beyond what this sidecar may use.
+                slots: u64::from(
+                    set.concurrent_requests > 0 && in_flight >= held.slots && !set.sidecar_full(in_flight),
+                ),
             };
             if !lack.is_empty() {
                 lacking.push((key.clone(), lack));

@@ -941,3 +941,38 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         1_000_000
     );
 }
+
+#[test]
+fn per_sidecar_concurrency_is_counted_locally_and_fleet_concurrency_is_leased() {
+    let mut c = catalog();
+    let plan = c.plans.get_mut(&PlanId::parse("limited").unwrap()).unwrap();
+    plan.limits.account = LimitSet {
+        concurrent_requests: 3,
+        concurrent_requests_per_sidecar: 2,
+        ..Default::default()
+    };
+    let mut shared = account(&c, "limited");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 10_000_000);
+    let now = t(NOW);
+    let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
+    let outcome = |reply: Reply| match reply {
+        Reply::Reserve(o) => o,
+        other => panic!("unexpected {other:?}"),
+    };
+    for id in ["a1", "a2"] {
+        allowed(outcome(a.apply(&mut shared, &c, Command::Reserve(req(id, "m", 1, 1)), now)));
+    }
+    let ReserveOutcome::Denied { message, .. } =
+        outcome(a.apply(&mut shared, &c, Command::Reserve(req("a3", "m", 1, 1)), now))
+    else {
+        panic!("a third request through one sidecar")
+    };
+    assert_eq!(message, "per-sidecar concurrent-requests limit of 2 on the account");
+    allowed(outcome(b.apply(&mut shared, &c, Command::Reserve(req("b1", "m", 1, 1)), now)));
+    let ReserveOutcome::Denied { message, .. } =
+        outcome(b.apply(&mut shared, &c, Command::Reserve(req("b2", "m", 1, 1)), now))
+    else {
+        panic!("a fourth request in the fleet")
+    };
+    assert_eq!(message, "concurrent-requests limit of 3 on the account");
+}
