@@ -241,3 +241,146 @@ async fn count_allowed(sidecars: &[Sidecar]) -> usize {
         })
         .sum()
 }
+
+/// One plan per failure policy.
+const POLICIES: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[store.redis]
+deadline_ms = 200
+
+[leases]
+ttl_seconds = 30
+report_interval_ms = 200
+
+[plans.closed]
+[plans.open]
+on_store_outage = "open"
+[plans.allowance]
+on_store_outage = "allowance"
+outage_allowance = "0.002"
+
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models.m.tiers.default]
+input = "1"
+output = "4"
+
+[[accounts]]
+id = "closed"
+plan = "closed"
+paid = "1"
+
+[[accounts]]
+id = "open"
+plan = "open"
+paid = "1"
+
+[[accounts]]
+id = "allowance"
+plan = "allowance"
+paid = "1"
+"#;
+
+/// Reserves and settles (0.0005 each) on `account` until the first
+/// UNAVAILABLE or `most` allowed; returns how many were allowed.
+async fn until_refused(sidecar: &Sidecar, account: &str, most: u32) -> u32 {
+    let mut quota = sidecar.client().await;
+    for i in 0..most {
+        let id = format!("{account}-{i}");
+        let reserve = support::reserve(account, &id, 100, 100);
+        match quota.reserve(reserve).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                assert_eq!(
+                    r.decision,
+                    tollgate::proto::Decision::Allow as i32,
+                    "{account}: {}",
+                    r.message
+                );
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+                return i;
+            }
+        }
+        quota.settle(support::settle(account, &id, 100, 100)).await.unwrap();
+    }
+    most
+}
+
+/// Money the records of `account` drew from `source`.
+fn drawn(sidecar: &Sidecar, account: &str, source: &str) -> i128 {
+    sidecar
+        .records()
+        .iter()
+        .filter(|r| r["account_id"] == account)
+        .flat_map(|r| r["charges"].as_array().unwrap().clone())
+        .filter(|c| c["source"] == source)
+        .map(|c| c["money"].as_str().unwrap().parse::<Money>().unwrap().picos())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_plan_fails_closed_open_or_within_its_allowance_while_redis_is_down() {
+    let mut redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), POLICIES);
+    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    for account in ["closed", "open", "allowance"] {
+        assert_eq!(until_refused(&sidecar, account, 1).await, 1, "Redis is up");
+    }
+    redis.stop();
+    // What each mirror still holds is small (one request's need), then:
+    let closed = until_refused(&sidecar, "closed", 50).await;
+    let open = until_refused(&sidecar, "open", 50).await;
+    let allowance = until_refused(&sidecar, "allowance", 50).await;
+    assert!(closed < 50, "closed refuses once the slice is dry");
+    assert_eq!(open, 50, "open admits everything, as debt");
+    assert!(allowance < 50, "the allowance runs out");
+    redis.restart();
+    sidecar.stop();
+    let debt = |account: &str| Ledger::of(&shared_account(redis.port, "tollgate", account)["debt"]);
+    assert_eq!(debt("closed").charged, 0, "a closed plan never owes");
+    assert_eq!(debt("open").charged, drawn(&sidecar, "open", "debt"));
+    assert!(debt("open").charged > 0);
+    assert_eq!(debt("allowance").charged, drawn(&sidecar, "allowance", "debt"));
+    assert!(
+        (1..=2_000_000_000).contains(&debt("allowance").charged),
+        "owed within the 0.002 allowance: {:?}",
+        debt("allowance")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_at_one_sidecar_reach_the_others() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = fleet(2, dir.path(), &[redis.url()]);
+    let (mut a, mut b) = (sidecars[0].admin().await, sidecars[1].client().await);
+    let reserve = |id: &str| support::reserve("shared", id, 100, 100);
+    assert_eq!(
+        b.reserve(reserve("r1")).await.unwrap().into_inner().decision,
+        tollgate::proto::Decision::Allow as i32
+    );
+    a.suspend(tollgate::proto::SuspendRequest {
+        account_id: "shared".into(),
+        reason: "fraud review".into(),
+    })
+    .await
+    .unwrap();
+    let mut seen = false;
+    for i in 0..500 {
+        let r = b.reserve(reserve(&format!("s{i}"))).await.unwrap().into_inner();
+        if r.deny_reason == tollgate::proto::DenyReason::AccountSuspended as i32 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the other sidecar saw the suspension");
+}

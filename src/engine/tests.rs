@@ -960,7 +960,12 @@ fn per_sidecar_concurrency_is_counted_locally_and_fleet_concurrency_is_leased() 
         other => panic!("unexpected {other:?}"),
     };
     for id in ["a1", "a2"] {
-        allowed(outcome(a.apply(&mut shared, &c, Command::Reserve(req(id, "m", 1, 1)), now)));
+        allowed(outcome(a.apply(
+            &mut shared,
+            &c,
+            Command::Reserve(req(id, "m", 1, 1)),
+            now,
+        )));
     }
     let ReserveOutcome::Denied { message, .. } =
         outcome(a.apply(&mut shared, &c, Command::Reserve(req("a3", "m", 1, 1)), now))
@@ -968,7 +973,12 @@ fn per_sidecar_concurrency_is_counted_locally_and_fleet_concurrency_is_leased() 
         panic!("a third request through one sidecar")
     };
     assert_eq!(message, "per-sidecar concurrent-requests limit of 2 on the account");
-    allowed(outcome(b.apply(&mut shared, &c, Command::Reserve(req("b1", "m", 1, 1)), now)));
+    allowed(outcome(b.apply(
+        &mut shared,
+        &c,
+        Command::Reserve(req("b1", "m", 1, 1)),
+        now,
+    )));
     let ReserveOutcome::Denied { message, .. } =
         outcome(b.apply(&mut shared, &c, Command::Reserve(req("b2", "m", 1, 1)), now))
     else {

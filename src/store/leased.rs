@@ -51,7 +51,9 @@ use crate::engine::ids::{AccountId, ProducerId, VersionId};
 use crate::engine::lease::{Granted, Short, Sync};
 use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
-use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
+use crate::engine::{
+    Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
+};
 
 /// How leases are sized and kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +170,9 @@ pub struct RedisStore {
 /// After a failed call, Redis is not tried again for this long (the
 /// background task probes it; decisions use the failure policy meanwhile).
 const BACKOFF: Duration = Duration::from_millis(500);
+
+/// How long shutdown keeps trying to report and return leases.
+const CLOSE_RETRIES: Duration = Duration::from_secs(5);
 
 /// Most attempts of one change against concurrent writers. A lost race
 /// answers the current state, so the next attempt starts from it at once.
@@ -542,7 +547,7 @@ impl RedisStore {
             m.last_word = false;
         }
         local.last_used = Instant::now();
-        if let Ok(crate::engine::Reply::Reserve(crate::engine::ReserveOutcome::Allowed(r))) = &result {
+        if let Ok(Reply::Reserve(ReserveOutcome::Allowed(r))) = &result {
             local.admitted.0 += 1;
             if let Command::Reserve(req) = command {
                 local.admitted.1 += req.input_tokens + req.cached_input_tokens + r.granted_output_tokens;
@@ -604,13 +609,26 @@ impl RedisStore {
             match self.sync(id, Some(short), false, false).await {
                 Ok(()) => {}
                 Err(e @ StoreError::Unavailable(_)) => {
-                    let overdraft = match command {
-                        // Spending already admitted is never refused: settle,
-                        // extend and release decide from what the mirror holds.
-                        Command::Reserve(_) | Command::Charge(_) => self.outage_overdraft(id, &e)?,
-                        _ => 0,
-                    };
-                    return Ok(self.on_mirror(id, &command, now, Some(overdraft))??);
+                    // Spending already admitted is never refused: settle,
+                    // extend and release decide from what the mirror holds.
+                    if !matches!(command, Command::Reserve(_) | Command::Charge(_)) {
+                        return Ok(self.on_mirror(id, &command, now, Some(0))??);
+                    }
+                    let overdraft = self.outage_overdraft(id, &e)?;
+                    let applied = self.on_mirror(id, &command, now, Some(overdraft))??;
+                    // Short of funds here is the allowance used up, not the
+                    // account's balance, which nobody can read now.
+                    if let Reply::Reserve(ReserveOutcome::Denied {
+                        denial: Denial::InsufficientFunds,
+                        ..
+                    })
+                    | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _)) = &applied.reply
+                    {
+                        return Err(StoreError::Unavailable(format!(
+                            "{e}; this sidecar has used up the plan's outage allowance for account {id}"
+                        )));
+                    }
+                    return Ok(applied);
                 }
                 Err(e) => return Err(e),
             }
@@ -766,13 +784,30 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Reports everything and ends every lease (shutdown).
+    /// Reports everything and ends every lease (shutdown), retrying for a
+    /// few seconds while Redis is unreachable; what is still unreported
+    /// then is logged (its lease lapses at its expiry).
     pub async fn close(&self) {
-        let ids: Vec<AccountId> = self.mirrors.iter().map(|e| e.key().clone()).collect();
-        for id in ids {
-            if let Err(e) = self.sync(&id, None, true, true).await {
-                tracing::warn!(account = %id, error = %e, "lease not returned; it lapses at its expiry");
+        let mut left: Vec<AccountId> = self.mirrors.iter().map(|e| e.key().clone()).collect();
+        let deadline = Instant::now() + CLOSE_RETRIES;
+        loop {
+            let mut failed = Vec::new();
+            for id in left {
+                if let Err(e) = self.sync(&id, None, true, true).await {
+                    failed.push((id, e));
+                }
             }
+            if failed.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for (id, e) in failed {
+                    tracing::error!(account = %id, error = %e, "lease not returned and its last charges not reported");
+                }
+                return;
+            }
+            left = failed.into_iter().map(|(id, _)| id).collect();
+            tokio::time::sleep(BACKOFF).await;
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct Sidecar {
     child: Option<Child>,
     /// Its data-plane URL.
     pub quota_url: String,
+    /// Its control-plane URL.
+    pub admin_url: String,
     /// Where it writes usage records.
     pub usage_path: PathBuf,
 }
@@ -58,13 +60,17 @@ impl Sidecar {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("the sidecar reports its addresses");
-        let quota = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("quota="))
-            .expect("quota address in the log line");
+        let address = |name: &str| {
+            let address = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .expect("addresses in the log line");
+            format!("http://{address}")
+        };
         Sidecar {
             child: Some(child),
-            quota_url: format!("http://{quota}"),
+            quota_url: address("quota="),
+            admin_url: address("admin="),
             usage_path,
         }
     }
@@ -74,6 +80,21 @@ impl Sidecar {
         QuotaClient::connect(self.quota_url.clone())
             .await
             .expect("connect to the sidecar")
+    }
+
+    /// A control-plane client.
+    pub async fn admin(&self) -> tollgate::proto::admin_client::AdminClient<Channel> {
+        tollgate::proto::admin_client::AdminClient::connect(self.admin_url.clone())
+            .await
+            .expect("connect to the sidecar's admin API")
+    }
+
+    /// Every usage record written so far.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
     }
 
     /// SIGTERM, then waits for a clean exit (leases returned).
@@ -106,11 +127,10 @@ impl Sidecar {
 
     /// The money of every usage record written so far.
     pub fn charged(&self) -> Money {
-        let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
-        text.lines()
-            .map(|l| {
-                let record: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
-                record["total_money"]
+        self.records()
+            .iter()
+            .map(|r| {
+                r["total_money"]
                     .as_str()
                     .expect("total_money")
                     .parse::<Money>()
