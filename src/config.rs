@@ -1065,4 +1065,88 @@ mod tests {
             "TOLLGATE_HOLD_TTL_SECONDS"
         );
     }
+
+    #[test]
+    fn redis_store_settings_with_credentials_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let text = format!(
+            r#"
+            [store]
+            kind = "redis"
+            [store.redis]
+            urls = ["rediss://10.0.0.1:6379", "rediss://10.0.0.2:6379"]
+            cluster = true
+            username = "tollgate"
+            password_file = "{}"
+            max_clock_skew_ms = 500
+            [leases]
+            ttl_seconds = 12
+            [plans.p]
+            on_store_outage = "allowance"
+            outage_allowance = "2.50"
+            "#,
+            secret.display()
+        );
+        let s = Settings::parse(&text, &no_env).unwrap();
+        assert_eq!(s.store.kind, StoreKind::Redis);
+        assert!(s.store.redis.cluster);
+        let credentials = s.store.redis.credentials.clone().unwrap();
+        assert_eq!(credentials.username.as_deref(), Some("tollgate"));
+        assert_eq!(
+            credentials.password, "s3cret",
+            "the trailing newline of a mounted secret is dropped"
+        );
+        assert!(!format!("{:?}", s.store).contains("s3cret"), "never printed");
+        assert_eq!(s.store.leases.ttl, Duration::from_secs(12));
+        assert_eq!(s.store.leases.max_clock_skew, Some(Duration::from_millis(500)));
+        let plan = &s.catalog.plans[&PlanId::parse("p").unwrap()];
+        assert_eq!(plan.on_store_outage, OutagePolicy::Allowance("2.50".parse().unwrap()));
+        let env = |k: &str| (k == "TOLLGATE_REDIS_PASSWORD").then(|| "from-env".to_owned());
+        let s = Settings::parse(&text, &env).unwrap();
+        assert_eq!(s.store.redis.credentials.unwrap().password, "from-env");
+    }
+
+    #[test]
+    fn bad_store_settings_name_their_fields() {
+        let text = r#"
+            [store]
+            kind = "etcd"
+            [store.redis]
+            urls = ["http://localhost:6379"]
+            deadline_ms = 0
+            username = "u"
+            password_file = "/nonexistent/password"
+            key_prefix = "{x}"
+            [leases]
+            ttl_seconds = 1
+            report_interval_ms = 0
+            [plans.a]
+            on_store_outage = "maybe"
+            [plans.b]
+            on_store_outage = "allowance"
+            [plans.c]
+            outage_allowance = "1"
+        "#;
+        let errors = Settings::parse(text, &no_env).unwrap_err().0;
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "store.kind",
+            "store.redis.urls[0]",
+            "store.redis.deadline_ms",
+            "store.redis.password_file",
+            "store.redis.key_prefix",
+            "leases.ttl_seconds",
+            "leases.report_interval_ms",
+            "plans.a.on_store_outage",
+            "plans.b.outage_allowance",
+            "plans.c.outage_allowance",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+        }
+        let no_urls = "[store]\nkind = \"redis\"\n";
+        let errors = Settings::parse(no_urls, &no_env).unwrap_err().0;
+        assert_eq!(errors[0].path, "store.redis.urls");
+    }
 }

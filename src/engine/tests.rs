@@ -986,3 +986,24 @@ fn per_sidecar_concurrency_is_counted_locally_and_fleet_concurrency_is_leased() 
     };
     assert_eq!(message, "concurrent-requests limit of 3 on the account");
 }
+
+#[test]
+fn a_shared_account_survives_its_json_form_exactly() {
+    let c = catalog();
+    let mut shared = account(&c, "pro");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 123_456_789_012_345);
+    pack(&mut shared, &c, "p1", 500, "2026-06-01T00:00:00Z");
+    let mut car = Sidecar::new("a", &shared);
+    car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), t(NOW));
+    let json = serde_json::to_string(&shared).unwrap();
+    let back: Account = serde_json::from_str(&json).unwrap();
+    assert_eq!(serde_json::to_string(&back).unwrap(), json, "a fixed point");
+    assert_eq!(back.paid, shared.paid);
+    assert_eq!(back.allowance, shared.allowance);
+    assert_eq!(back.packs, shared.packs);
+    assert_eq!(back.subscription, shared.subscription);
+    assert_eq!(back.leases, shared.leases);
+    assert_eq!(back.buckets, shared.buckets);
+    assert_eq!(back.time_zone.iana_name(), Some("Europe/Paris"));
+    assert!(!back.leases.is_empty());
+}
