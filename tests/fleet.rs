@@ -29,7 +29,7 @@ shutdown_grace_seconds = 5
 sweep_interval_ms = 100
 
 [store.redis]
-deadline_ms = 200
+deadline_ms = 1000
 
 [leases]
 ttl_seconds = 3
@@ -199,7 +199,22 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     let mut sidecars = fleet(3, dir.path(), &[redis.url()]);
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = load(&sidecars, 8, &stop).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Steady state: every sidecar holds a slice.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let account = shared_account(redis.port, "tollgate", "shared");
+        let holding = account["leases"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|l| !l["held"].as_array().unwrap().is_empty())
+            .count();
+        if holding == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sidecars never all held slices");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let before = count_allowed(&sidecars).await;
     redis.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -250,7 +265,7 @@ admin_listen = "127.0.0.1:0"
 shutdown_grace_seconds = 5
 
 [store.redis]
-deadline_ms = 200
+deadline_ms = 1000
 
 [leases]
 ttl_seconds = 30
@@ -383,4 +398,49 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(seen, "the other sidecar saw the suspension");
+    a.resume(tollgate::proto::ResumeRequest {
+        account_id: "shared".into(),
+        reason: "cleared".into(),
+    })
+    .await
+    .unwrap();
+
+    // A price version published at one sidecar prices the other's reserves
+    // from its effective time.
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_millis(1500);
+    let version = tollgate::proto::PriceVersion {
+        id: "v2".into(),
+        effective_at: Some(tollgate::api::convert::timestamp_out(at)),
+        models: vec![tollgate::proto::ModelPrices {
+            model: "m".into(),
+            token_weight_milli: 0,
+            tiers: vec![tollgate::proto::TierPrices {
+                service_tier: "default".into(),
+                prices: Some(support::prices("2", "8")),
+                context_tiers: vec![],
+            }],
+        }],
+        windows: vec![],
+    };
+    a.publish_price_version(tollgate::proto::PublishPriceVersionRequest { version: Some(version) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut priced = None;
+    for i in 0..500 {
+        let r = b.reserve(reserve(&format!("p{i}"))).await.unwrap().into_inner();
+        if r.decision == tollgate::proto::Decision::Allow as i32 && r.price_version == "v2" {
+            priced = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = priced.expect("the other sidecar prices with v2");
+    let held = r
+        .held
+        .iter()
+        .map(|t| t.money.clone().unwrap().decimal.parse::<Money>().unwrap())
+        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
+        .unwrap();
+    assert_eq!(held.to_string(), "0.001000000000", "100 × 2/M + 100 × 8/M");
 }

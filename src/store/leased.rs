@@ -175,8 +175,12 @@ const BACKOFF: Duration = Duration::from_millis(500);
 const CLOSE_RETRIES: Duration = Duration::from_secs(5);
 
 /// Most attempts of one change against concurrent writers. A lost race
-/// answers the current state, so the next attempt starts from it at once.
-const MAX_ATTEMPTS: u32 = 32;
+/// answers the current state, so the next attempt starts from it at once;
+/// after [`EAGER_ATTEMPTS`] lost races in a row a writer steps aside for a
+/// random moment (up to 2 ms) and reads afresh, so a slow writer is not
+/// starved by faster ones.
+const MAX_ATTEMPTS: u32 = 64;
+const EAGER_ATTEMPTS: u32 = 8;
 
 fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: record {key} is unreadable: {e}"))
@@ -320,7 +324,11 @@ impl RedisStore {
         let key = &self.account_key(id);
         let missing = || StoreError::UnknownAccount(id.clone());
         let announce = announce.then_some(id.as_str());
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt >= EAGER_ATTEMPTS {
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
+                *cache = None;
+            }
             let (version, json) = match cache.take() {
                 Some(c) => c,
                 None => self.read(key).await?.ok_or_else(missing)?,

@@ -1,0 +1,195 @@
+//! Decisions on the Redis store beside decisions on the memory store, in
+//! one run, over real gRPC on loopback:
+//!
+//! - a memory-backed Tollgate, then three Redis-backed ones sharing one
+//!   `redis-server`, each driven by the same number of clients doing
+//!   reserve+settle pairs on one busy account;
+//! - latency per decision (p50/p90/p99) and throughput for each, and the
+//!   ratio of the medians;
+//! - Redis commands per decision at steady state, from `INFO commandstats`
+//!   (every command Redis ran, those inside scripts included), and round
+//!   trips (script calls and reads) per decision.
+//!
+//! Run: `cargo bench --bench redis` (needs `redis-server` on PATH).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../tests/support/redis.rs"]
+mod redis_server;
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tollgate::config::Settings;
+use tollgate::proto;
+use tollgate::proto::quota_client::QuotaClient;
+use tollgate::server::App;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[plans.open]
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models."llama-3.1-8b".tiers.default]
+input = "0.10"
+output = "0.20"
+[[accounts]]
+id = "busy"
+plan = "open"
+paid = "1000000"
+"#;
+
+/// Clients in each phase (spread over the sidecars).
+const CLIENTS: usize = 12;
+const WARM_UP: Duration = Duration::from_secs(2);
+const MEASURE: Duration = Duration::from_secs(6);
+
+async fn start(settings: Settings) -> String {
+    let app = App::build_on_system_clock(settings).await.unwrap();
+    let url = format!("http://{}", app.quota_addr());
+    tokio::spawn(app.run(std::future::pending()));
+    url
+}
+
+/// Drives `urls` with [`CLIENTS`] clients for `time`; latency of every
+/// decision (reserve or settle) in microseconds.
+async fn drive(urls: &[String], time: Duration, tag: &str) -> Histogram<u64> {
+    let until = Instant::now() + time;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let mut client = QuotaClient::connect(urls[c % urls.len()].clone()).await.unwrap();
+        let tag = format!("{tag}-{c}");
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new(3).unwrap();
+            let mut i = 0u64;
+            while Instant::now() < until {
+                i += 1;
+                let id = format!("{tag}-{i}");
+                let reserve = proto::ReserveRequest {
+                    account_id: "busy".into(),
+                    model: "llama-3.1-8b".into(),
+                    request_id: id.clone(),
+                    input_tokens: 100,
+                    max_output_tokens: 100,
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let r = client.reserve(reserve).await.unwrap().into_inner();
+                histogram.record(t.elapsed().as_micros() as u64).unwrap();
+                assert_eq!(r.decision, proto::Decision::Allow as i32, "{}", r.message);
+                let settle = proto::SettleRequest {
+                    account_id: "busy".into(),
+                    reservation_id: id,
+                    usage: Some(proto::Usage {
+                        input_tokens: 100,
+                        output_tokens: 50,
+                        ..Default::default()
+                    }),
+                };
+                let t = Instant::now();
+                client.settle(settle).await.unwrap();
+                histogram.record(t.elapsed().as_micros() as u64).unwrap();
+            }
+            histogram
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3).unwrap();
+    for task in tasks {
+        all.add(task.await.unwrap()).unwrap();
+    }
+    all
+}
+
+/// Calls per command name since the server started.
+fn commandstats(redis: &redis_server::RedisServer) -> Vec<(String, u64)> {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+fn delta(before: &[(String, u64)], after: &[(String, u64)], keep: impl Fn(&str) -> bool) -> u64 {
+    after
+        .iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(name, calls)| calls - before.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c))
+        .sum()
+}
+
+fn row(name: &str, h: &Histogram<u64>, time: Duration) -> String {
+    format!(
+        "| {name} | {:.0} | {} | {} | {} | {} |",
+        h.len() as f64 / time.as_secs_f64(),
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+    )
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("redis: bench");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = redis_server::RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let settings = |i: usize, on_redis: bool| {
+        let usage = dir
+            .path()
+            .join(format!("usage-{i}.jsonl"))
+            .to_string_lossy()
+            .into_owned();
+        let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
+        let mut settings = Settings::parse(CONFIG, &env).unwrap();
+        if on_redis {
+            settings.store.use_redis(vec![redis.url()], false);
+        }
+        settings
+    };
+    runtime.block_on(async {
+        let memory = [start(settings(0, false)).await];
+        drive(&memory, WARM_UP, "m-warm").await;
+        let memory_latency = drive(&memory, MEASURE, "m").await;
+
+        let mut fleet = Vec::new();
+        for i in 1..=3 {
+            fleet.push(start(settings(i, true)).await);
+        }
+        drive(&fleet, WARM_UP, "r-warm").await;
+        let before = commandstats(&redis);
+        let redis_latency = drive(&fleet, MEASURE, "r").await;
+        let after = commandstats(&redis);
+
+        let decisions = redis_latency.len();
+        let all = delta(&before, &after, |n| n != "info");
+        let trips = delta(&before, &after, |n| matches!(n, "evalsha" | "eval" | "hmget" | "script|load"));
+        println!("\n{CLIENTS} clients, {MEASURE:?} measured after {WARM_UP:?} of warm-up; latency per decision in µs\n");
+        println!("| store | decisions/s | p50 | p90 | p99 | p99.9 |");
+        println!("|---|---|---|---|---|---|");
+        println!("{}", row("memory (1 sidecar)", &memory_latency, MEASURE));
+        println!("{}", row("redis (3 sidecars, 1 Redis)", &redis_latency, MEASURE));
+        println!(
+            "\np50 ratio redis/memory: {:.2}",
+            redis_latency.value_at_quantile(0.5) as f64 / memory_latency.value_at_quantile(0.5) as f64
+        );
+        println!("throughput ratio redis/memory: {:.2}", redis_latency.len() as f64 / memory_latency.len() as f64);
+        println!(
+            "Redis commands per decision: {:.4} ({all} commands, {decisions} decisions); round trips per decision: {:.4} ({trips})",
+            all as f64 / decisions as f64,
+            trips as f64 / decisions as f64
+        );
+    });
+}
