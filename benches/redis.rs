@@ -175,12 +175,18 @@ fn main() {
         let mut redis_latency = Histogram::<u64>::new(3).unwrap();
         let (mut all, mut trips) = (0, 0);
         for turn in 0..TURNS {
-            memory_latency.add(drive(&memory, MEASURE, &format!("m{turn}")).await).unwrap();
+            memory_latency
+                .add(drive(&memory, MEASURE, &format!("m{turn}")).await)
+                .unwrap();
             let before = commandstats(&redis);
-            redis_latency.add(drive(&fleet, MEASURE, &format!("r{turn}")).await).unwrap();
+            redis_latency
+                .add(drive(&fleet, MEASURE, &format!("r{turn}")).await)
+                .unwrap();
             let after = commandstats(&redis);
             all += delta(&before, &after, |n| n != "info");
-            trips += delta(&before, &after, |n| matches!(n, "evalsha" | "eval" | "hmget" | "script|load"));
+            trips += delta(&before, &after, |n| {
+                matches!(n, "evalsha" | "eval" | "hmget" | "script|load")
+            });
         }
         let measured = MEASURE * TURNS;
         let decisions = redis_latency.len();
@@ -190,7 +196,10 @@ fn main() {
         );
         println!("| store | decisions/s | p50 | p90 | p99 | p99.9 |");
         println!("|---|---|---|---|---|---|");
-        println!("{}", row("memory (3 sidecars, each its own)", &memory_latency, measured));
+        println!(
+            "{}",
+            row("memory (3 sidecars, each its own)", &memory_latency, measured)
+        );
         println!("{}", row("redis (3 sidecars, 1 Redis)", &redis_latency, measured));
         println!(
             "\np50 ratio redis/memory: {:.2}",

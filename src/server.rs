@@ -78,21 +78,22 @@ impl App {
                 let redis = Redis::connect(redis_settings)
                     .await
                     .with_context(|| format!("connecting to Redis at {}", redis_settings.urls.join(", ")))?;
-                let clock = match clock {
-                    Some(clock) => clock,
+                let (clock, aligned): (Arc<dyn Clock>, _) = match clock {
+                    Some(clock) => (clock, None),
                     None => {
                         let aligned = Arc::new(OffsetClock::default());
                         let before = jiff::Timestamp::now();
                         let reference = redis.time().await.context("reading Redis TIME")?;
                         aligned.align(reference, before, jiff::Timestamp::now());
                         tracing::info!(offset = ?aligned.offset(), "clock aligned with Redis TIME");
-                        aligned
+                        (aligned.clone(), Some(aligned))
                     }
                 };
                 let store = RedisStore::open(
                     redis,
                     settings.catalog.clone(),
                     Arc::clone(&clock),
+                    aligned,
                     settings.store.leases.clone(),
                 )
                 .await

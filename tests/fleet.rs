@@ -212,7 +212,10 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
         if holding == 3 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the sidecars never all held slices");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sidecars never all held slices"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = count_allowed(&sidecars).await;

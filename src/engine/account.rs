@@ -230,7 +230,7 @@ pub struct Account {
     #[serde(skip)]
     pub requests: HashMap<RequestId, Remembered>,
     /// Admin operation ids seen, with their content fingerprints.
-    pub operations: HashMap<String, String>,
+    pub operations: BTreeMap<String, String>,
     /// Rate-limit state.
     pub buckets: Buckets,
     /// Per-account limit overrides.
@@ -276,7 +276,7 @@ impl Account {
             reservations: HashMap::new(),
             expiries: BTreeSet::new(),
             requests: HashMap::new(),
-            operations: HashMap::new(),
+            operations: BTreeMap::new(),
             buckets: Buckets::default(),
             overrides: LimitOverrides::default(),
             recent: VecDeque::new(),

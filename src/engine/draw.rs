@@ -303,6 +303,7 @@ impl Account {
         if let Some(log) = self.mirror.as_mut() {
             super::lease::merge(&mut log.charged, charged.iter().cloned());
         }
+        self.settle_unbacked(released, charged);
         let mut sources: Vec<&SourceRef> = released.iter().map(|t| &t.source).collect();
         sources.sort();
         sources.dedup();

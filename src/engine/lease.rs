@@ -122,6 +122,9 @@ pub struct Sync {
     pub epoch: u64,
     /// Charged from the slices since the last report (debt included).
     pub charged: Vec<Take>,
+    /// Charged from holds whose backing lapsed with an earlier lease:
+    /// applied as far as the sources allow, whatever the epoch.
+    pub unleased: Vec<Take>,
     /// Given back since the last report.
     pub returned: Vec<Take>,
     /// Permits given back (tokens below zero: usage beyond admission).
@@ -136,6 +139,19 @@ pub struct Sync {
     pub ttl: SignedDuration,
     /// The sidecar is leaving: take back everything it holds.
     pub close: bool,
+}
+
+/// What a mirror reports in its next [`Sync`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Charged from leased slices.
+    pub charged: Vec<Take>,
+    /// Charged from unbacked holds.
+    pub unleased: Vec<Take>,
+    /// Given up.
+    pub returned: Vec<Take>,
+    /// Permits given back.
+    pub permits_back: Lacking,
 }
 
 /// The shared account's answer to a [`Sync`].
@@ -165,6 +181,12 @@ pub struct Mirror {
     pub charged: Vec<Take>,
     /// Given up since the last report (unused, closed lots, past periods).
     pub returned: Vec<Take>,
+    /// Held by open reservations made under a lease that lapsed: the shared
+    /// account took their backing back, so what they charge is reported as
+    /// unleased and what they release is given up here.
+    pub unbacked: Vec<Take>,
+    /// Charged from unbacked holds since the last report.
+    pub unleased: Vec<Take>,
     /// The shared account was asked (or cannot be): decide as a plain
     /// account would, partial grants and denials included.
     pub last_word: bool,
@@ -386,6 +408,11 @@ impl Account {
                     written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
             }
         }
+        let mut unleased = Vec::new();
+        merge(&mut unleased, sync.unleased.iter().cloned());
+        for take in &unleased {
+            written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount, now));
+        }
         if !lapsed {
             let mut returned = Vec::new();
             merge(&mut returned, sync.returned.iter().cloned());
@@ -430,7 +457,9 @@ impl Account {
                 self.buckets.give_back(&key, slots, now);
             }
         } else if !self.suspended {
-            self.lend(catalog, sync, &mut granted, now)?;
+            // The report above stands even if nothing can be lent (a plan
+            // this sidecar's configuration lacks): it is never lost.
+            let _ = self.lend(catalog, sync, &mut granted, now);
             merge(&mut lease.held, granted.takes.iter().cloned());
             for (key, p) in &granted.permits {
                 merge_permits(&mut lease.permits, key, *p, 1);
@@ -440,6 +469,10 @@ impl Account {
         lease.seq = sync.seq;
         lease.last = Some(granted.clone());
         self.leases.insert(sync.producer.clone(), lease);
+        // The shared account is only ever touched by syncs and admin
+        // changes: forget what no longer matters here.
+        self.prune_leases(catalog, now);
+        self.buckets.prune(now);
         Ok(granted)
     }
 
@@ -545,7 +578,10 @@ impl Account {
         self.anchor = shared.anchor;
         self.suspended = shared.suspended;
         self.overrides = shared.overrides.clone();
-        if shared.periods_started > self.periods_started {
+        // A new period or plan there (a mirror may be ahead at a period
+        // boundary, never behind), or no subscription any more.
+        let unsubscribed = shared.subscription.is_none() && self.subscription.is_some();
+        if shared.periods_started > self.periods_started || unsubscribed {
             if let Some(period) = self.current_period() {
                 let unused = self.allowance.available();
                 self.give_up(SourceRef::Allowance { period }, unused);
@@ -597,6 +633,18 @@ impl Account {
     pub fn accept(&mut self, granted: &Granted) {
         if granted.lapsed {
             self.forget_slices();
+            let held: Vec<Take> = self.holds().flat_map(|h| h.takes.clone()).collect();
+            if let Some(m) = self.mirror.as_mut() {
+                // Charges reported since, and the open holds, lost their
+                // backing with the lease.
+                let charged = std::mem::take(&mut m.charged);
+                merge(&mut m.unleased, charged);
+                m.unbacked.clear();
+                merge(
+                    &mut m.unbacked,
+                    held.into_iter().filter(|t| t.source != SourceRef::Debt),
+                );
+            }
         }
         for take in &granted.takes {
             if let Some(l) = self.ledger_mut(&take.source) {
@@ -636,7 +684,7 @@ impl Account {
     /// one, and permits to give back. With `funds`, every unused amount is
     /// given back too (before asking for an exact need, idle, leaving);
     /// with `permits`, every unused permit (idle, leaving).
-    pub fn report(&mut self, funds: bool, permits: bool) -> (Vec<Take>, Vec<Take>, Lacking) {
+    pub fn report(&mut self, funds: bool, permits: bool) -> Report {
         if funds {
             let mut unused = vec![(SourceRef::Paid, self.paid.available())];
             if let Some(period) = self.current_period() {
@@ -652,10 +700,65 @@ impl Account {
                 self.give_up(source, amount);
             }
         }
-        let permits = self.buckets.unused(permits);
-        match self.mirror.as_mut() {
-            Some(m) => (std::mem::take(&mut m.charged), std::mem::take(&mut m.returned), permits),
-            None => (Vec::new(), Vec::new(), permits),
+        let permits_back = self.buckets.unused(permits);
+        let mut report = Report {
+            permits_back,
+            ..Report::default()
+        };
+        if let Some(m) = self.mirror.as_mut() {
+            report.charged = std::mem::take(&mut m.charged);
+            report.unleased = std::mem::take(&mut m.unleased);
+            report.returned = std::mem::take(&mut m.returned);
+        }
+        report
+    }
+
+    /// In a mirror, books `charged` and `released` amounts of unbacked
+    /// holds (see [`Mirror::unbacked`]): their charges move to the
+    /// unleased log, what they give back is forfeited here and not
+    /// returned. Called by `rebalance` after it logged them.
+    pub(crate) fn settle_unbacked(&mut self, released: &[Take], charged: &[Take]) {
+        if self.mirror.as_ref().is_none_or(|m| m.unbacked.is_empty()) {
+            return;
+        }
+        let mut sources: Vec<SourceRef> = released.iter().map(|t| lent_as(&t.source)).collect();
+        sources.sort();
+        sources.dedup();
+        for source in sources {
+            let accepts = self.accepts_returns(&source);
+            let sum = |takes: &[Take]| -> i128 {
+                takes
+                    .iter()
+                    .filter(|t| lent_as(&t.source) == source)
+                    .map(|t| t.amount)
+                    .sum()
+            };
+            let (freed, spent) = (sum(released), sum(charged));
+            let Some(m) = self.mirror.as_mut() else {
+                return;
+            };
+            let spent_unbacked = take_out(&mut m.unbacked, &source, spent);
+            if spent_unbacked > 0 {
+                take_out(&mut m.charged, &source, spent_unbacked);
+                let moved = Take {
+                    source: source.clone(),
+                    amount: spent_unbacked,
+                };
+                merge(&mut m.unleased, [moved]);
+            }
+            let back = take_out(&mut m.unbacked, &source, (freed - spent).max(0));
+            if back == 0 {
+                continue;
+            }
+            if accepts {
+                // Back to available here, but nothing backs it: gone.
+                if let Some(l) = self.ledger_mut(&source) {
+                    l.forfeited += back;
+                }
+            } else if let Some(m) = self.mirror.as_mut() {
+                // Already forfeited and logged as returned: nothing to return.
+                take_out(&mut m.returned, &source, back);
+            }
         }
     }
 

@@ -663,7 +663,7 @@ impl Account {
         let caps = self.capacities(&plan.draw_order, &need, &[], now);
         let planned = draw::plan(&caps, &need, false);
         if self.must_ask() && (planned.is_err() || self.lease_stale(now)) {
-            return Err(Account::short(Some((Needed::of(&need), false)), Vec::new()));
+            return Err(Account::short(Some((Needed::of(&need), true)), Vec::new()));
         }
         let Ok(charges) = planned else {
             return Ok(ChargeOutcome::Denied(

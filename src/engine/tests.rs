@@ -790,17 +790,16 @@ impl Sidecar {
         close: bool,
         now: Timestamp,
     ) -> super::lease::Granted {
-        // Short of funds: give every slice back and ask for exactly the need.
-        let all = close || short.need.is_some();
-        let (charged, returned, permits_back) = self.mirror.report(all, close);
+        let report = self.mirror.report(close, close);
         self.seq += 1;
         let sync = super::lease::Sync {
             producer: self.producer.clone(),
             seq: self.seq,
             epoch: self.mirror.mirror.as_ref().unwrap().epoch,
-            charged,
-            returned,
-            permits_back,
+            charged: report.charged,
+            unleased: report.unleased,
+            returned: report.returned,
+            permits_back: report.permits_back,
             want: Vec::new(),
             need: short.need,
             want_permits: short.permits,
@@ -889,6 +888,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         seq,
         epoch: 0,
         charged,
+        unleased: Vec::new(),
         returned: Vec::new(),
         permits_back: Vec::new(),
         want: vec![(SourceRef::Paid, 400_000)],
@@ -995,9 +995,9 @@ fn a_shared_account_survives_its_json_form_exactly() {
     pack(&mut shared, &c, "p1", 500, "2026-06-01T00:00:00Z");
     let mut car = Sidecar::new("a", &shared);
     car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), t(NOW));
-    let json = serde_json::to_string(&shared).unwrap();
-    let back: Account = serde_json::from_str(&json).unwrap();
-    assert_eq!(serde_json::to_string(&back).unwrap(), json, "a fixed point");
+    let json = serde_json::to_value(&shared).unwrap();
+    let back: Account = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&back).unwrap(), json, "a fixed point");
     assert_eq!(back.paid, shared.paid);
     assert_eq!(back.allowance, shared.allowance);
     assert_eq!(back.packs, shared.packs);
@@ -1006,4 +1006,42 @@ fn a_shared_account_survives_its_json_form_exactly() {
     assert_eq!(back.buckets, shared.buckets);
     assert_eq!(back.time_zone.iana_name(), Some("Europe/Paris"));
     assert!(!back.leases.is_empty());
+}
+
+#[test]
+fn a_hold_that_outlives_its_lapsed_lease_is_charged_unleased_and_never_from_the_new_lease() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut car = Sidecar::new("a", &shared);
+    let now = t(NOW);
+    let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
+    assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
+    assert_eq!(shared.paid.held, 50_000, "exactly the need was lent");
+    // Cut off longer than the lease: the shared account takes the slice back.
+    let later = now + SignedDuration::from_secs(31);
+    shared.apply(&c, Command::Balance, later).unwrap();
+    assert_eq!(shared.paid.held, 0);
+    // The sidecar is back and borrows for a new request under a new epoch.
+    let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r2", "m", 10, 10)), later);
+    assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
+    assert_eq!(shared.paid.held, 50_000, "r2's backing");
+    // r1 settles: its charge is applied unleased, r2's backing stays whole.
+    let settle = Command::Settle {
+        reservation: "r1".parse_id(),
+        usage: usage(10, 5),
+    };
+    car.apply(&mut shared, &c, settle, later);
+    car.sync(&mut shared, &c, no_short(), false, later);
+    assert_eq!(shared.paid.charged, 30_000);
+    assert_eq!(shared.paid.held, 50_000, "r2's backing is untouched");
+    let m = &car.mirror;
+    assert_eq!(m.paid.available(), 0, "what r1 released was not backed: gone");
+    assert_eq!(
+        m.paid.granted,
+        m.paid.available() + m.paid.held + m.paid.charged + m.paid.forfeited
+    );
+    car.sync(&mut shared, &c, no_short(), true, later);
+    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.available(), 1_000_000 - 30_000);
 }

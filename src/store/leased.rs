@@ -44,7 +44,7 @@ use tokio_stream::StreamExt;
 
 use super::redis::Redis;
 use super::{Applied, Store, StoreError};
-use crate::clock::Clock;
+use crate::clock::{Clock, OffsetClock};
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::draw::SourceRef;
 use crate::engine::ids::{AccountId, ProducerId, VersionId};
@@ -150,6 +150,7 @@ enum Commit {
 pub struct RedisStore {
     redis: Redis,
     clock: Arc<dyn Clock>,
+    aligned: Option<Arc<OffsetClock>>,
     settings: LeaseSettings,
     producer: ProducerId,
     seq: AtomicU64,
@@ -187,12 +188,16 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedisStore {
-    /// A store on `redis` for the accounts of `catalog`, timed by `clock`.
+    /// A store on `redis` for the accounts of `catalog`, timed by `clock`
+    /// (when that is an [`OffsetClock`] on Redis's time, pass it as
+    /// `aligned` too: it is aligned again every minute, so a stepped host
+    /// clock or a failover to a Redis with another clock is followed).
     /// Loads the published price versions.
     pub async fn open(
         redis: Redis,
         catalog: Catalog,
         clock: Arc<dyn Clock>,
+        aligned: Option<Arc<OffsetClock>>,
         settings: LeaseSettings,
     ) -> Result<Arc<RedisStore>, StoreError> {
         let unique = format!(
@@ -205,6 +210,7 @@ impl RedisStore {
         let store = Arc::new(RedisStore {
             redis,
             clock,
+            aligned,
             settings,
             producer,
             seq: AtomicU64::new(0),
@@ -421,21 +427,21 @@ impl RedisStore {
     }
 
     /// Reports, renews and borrows for `id`: one commit. With `short`,
-    /// borrows exactly its need (giving every slice back first, so the
-    /// whole balance can cover it); with `all`, gives back everything
-    /// unused; with `close`, ends the lease.
+    /// borrows its need, or what there is of it, on top of what the mirror
+    /// holds; with `all`, gives back everything unused; with `close`, ends
+    /// the lease.
     async fn sync(&self, id: &AccountId, short: Option<Short>, all: bool, close: bool) -> Result<(), StoreError> {
         let gate = self.gate(id);
         let mut gate = gate.lock().await;
         if let Some(pending) = gate.pending.clone() {
             self.send(id, &mut gate, pending).await?;
         }
-        let funds_back = all || close || short.as_ref().is_some_and(|s| s.need.is_some());
+        let funds_back = all || close;
         let sync = {
             let Some(mut local) = self.mirrors.get_mut(id) else {
                 return Ok(());
             };
-            let (charged, returned, permits_back) = local.mirror.report(funds_back, all || close);
+            let report = local.mirror.report(funds_back, all || close);
             let (requests_rate, tokens_rate) = local.rates;
             let horizon = self.settings.horizon.as_secs_f64();
             let want = if close || all {
@@ -473,9 +479,10 @@ impl RedisStore {
                 producer: self.producer.clone(),
                 seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
                 epoch: local.mirror.mirror.as_ref().map_or(0, |m| m.epoch),
-                charged,
-                returned,
-                permits_back,
+                charged: report.charged,
+                unleased: report.unleased,
+                returned: report.returned,
+                permits_back: report.permits_back,
                 want,
                 need: short.need,
                 want_permits,
@@ -652,11 +659,14 @@ impl RedisStore {
         let listener = tokio::spawn(Arc::clone(&self).listen());
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut align = tokio::time::interval(Duration::from_secs(60));
+        align.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tick.tick() => self.tend().await,
+                _ = align.tick() => self.align().await,
             }
         }
         listener.abort();
@@ -670,6 +680,17 @@ impl RedisStore {
             outage_decisions = s.outage_decisions.load(Ordering::Relaxed),
             "leases returned"
         );
+    }
+
+    /// Aligns the clock with Redis `TIME` again, if it is aligned at all.
+    async fn align(&self) {
+        if let Some(clock) = &self.aligned {
+            let before = Timestamp::now();
+            match self.redis.time().await {
+                Ok(reference) => clock.align(reference, before, Timestamp::now()),
+                Err(e) => tracing::debug!(error = %e, "clock not aligned with Redis this time"),
+            }
+        }
     }
 
     /// Listens for announcements of admin changes; reconnects when the
@@ -716,7 +737,7 @@ impl RedisStore {
         }
         let now = self.clock.now();
         let mut work = tokio::task::JoinSet::new();
-        let mut idle = Vec::new();
+        let mut forget = Vec::new();
         for mut entry in self.mirrors.iter_mut() {
             let id = entry.key().clone();
             let local = entry.value_mut();
@@ -724,14 +745,16 @@ impl RedisStore {
             let since_use = local.last_used.elapsed();
             let since_sync = local.last_sync.elapsed();
             let holds = holds_anything(&local.mirror);
+            let unused = holds_unused(&local.mirror);
             let logged = local
                 .mirror
                 .mirror
                 .as_ref()
-                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty());
+                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty());
+            let idle = since_use >= self.settings.idle_return;
             let refill =
                 since_sync >= self.settings.report_interval / 4 && !wants(local, self.settings.horizon, now).is_empty();
-            let task = if since_use >= self.settings.idle_return && (holds || logged) {
+            let task = if idle && (unused || logged) && since_sync >= self.settings.report_interval {
                 Some(Upkeep::GiveBack)
             } else if (logged && since_sync >= self.settings.report_interval)
                 || (holds && since_sync >= self.settings.ttl / 6)
@@ -741,8 +764,11 @@ impl RedisStore {
             } else if local.stale {
                 Some(Upkeep::Refresh)
             } else {
-                if since_use >= self.settings.idle_return && !holds && !logged {
-                    idle.push(id.clone());
+                // Nothing held, nothing to report, no request id to remember
+                // for retries: the mirror can go.
+                let remembers = !local.mirror.requests.is_empty() || !local.mirror.reservations.is_empty();
+                if idle && !holds && !logged && !remembers {
+                    forget.push(id.clone());
                 }
                 None
             };
@@ -761,14 +787,16 @@ impl RedisStore {
             }
         }
         while work.join_next().await.is_some() {}
-        for id in idle {
-            // Nothing held, nothing to report: forget the mirror (under its
-            // gate, so no sync is half-way).
+        for id in forget {
+            // Under its gate, so no sync is half-way.
             let gate = self.gate(&id);
             let guard = gate.lock().await;
             if guard.pending.is_none() {
                 self.mirrors.remove_if(&id, |_, l| {
-                    !holds_anything(&l.mirror) && l.last_used.elapsed() >= self.settings.idle_return
+                    !holds_anything(&l.mirror)
+                        && l.mirror.requests.is_empty()
+                        && l.mirror.reservations.is_empty()
+                        && l.last_used.elapsed() >= self.settings.idle_return
                 });
             }
             drop(guard);
@@ -822,14 +850,19 @@ impl RedisStore {
 
 /// Anything lent to this mirror is still here (slices, permits, holds).
 fn holds_anything(mirror: &Account) -> bool {
-    let lent = mirror.allowance.available() > 0
+    holds_unused(mirror) || !mirror.expiries.is_empty()
+}
+
+/// This mirror holds lent slices or permits that nothing uses.
+fn holds_unused(mirror: &Account) -> bool {
+    mirror.allowance.available() > 0
         || mirror.paid.available() > 0
         || mirror
             .packs
             .values()
             .chain(mirror.promos.values())
-            .any(|l| l.ledger.available() > 0);
-    lent || !mirror.expiries.is_empty() || mirror.buckets.holds_permits()
+            .any(|l| l.ledger.available() > 0)
+        || mirror.buckets.holds_permits()
 }
 
 /// Updates burn and admission rates (smoothed over a few seconds).
