@@ -157,6 +157,7 @@ fn main() {
             .into_owned();
         let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
         let mut settings = Settings::parse(CONFIG, &env).unwrap();
+        settings.journal.dir = dir.path().join(format!("journal-{i}"));
         if on_redis {
             settings.store.use_redis(vec![redis.url()], false);
         }

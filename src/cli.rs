@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// The one --redis URL is a Redis Cluster node.
     #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
     pub redis_cluster: bool,
+    /// The usage journal's directory (Redis store), overriding journal.dir.
+    #[arg(long, value_name = "DIR")]
+    pub journal: Option<PathBuf>,
 }
 
 /// Where the client connects.
@@ -250,6 +253,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(addr) = args.admin_listen {
         settings.admin_listen = addr;
+    }
+    if let Some(dir) = args.journal {
+        settings.journal.dir = dir;
     }
     if !args.redis.is_empty() {
         if let Some(bad) = args

@@ -22,6 +22,7 @@ use crate::engine::money::Money;
 use crate::engine::ops::PackGrant;
 use crate::engine::period::{Anchor, PeriodUnit};
 use crate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices, per_token};
+use crate::journal::{JournalSettings, OnCorrupt, SyncPolicy};
 use crate::store::leased::LeaseSettings;
 use crate::store::redis::{Credentials, RedisSettings};
 
@@ -100,6 +101,8 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// The store.
     pub store: StoreSettings,
+    /// The usage journal (Redis store).
+    pub journal: JournalSettings,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Where usage records go.
@@ -147,6 +150,7 @@ struct RedisFile {
     password_file: Option<PathBuf>,
     key_prefix: String,
     max_clock_skew_ms: u64,
+    shards: u32,
 }
 
 impl Default for RedisFile {
@@ -160,6 +164,33 @@ impl Default for RedisFile {
             password_file: None,
             key_prefix: "tollgate".into(),
             max_clock_skew_ms: 2000,
+            shards: 0,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct JournalFile {
+    dir: PathBuf,
+    sync: String,
+    sync_interval_ms: u64,
+    segment_bytes: u64,
+    max_bytes: u64,
+    on_corrupt: String,
+    archive: bool,
+}
+
+impl Default for JournalFile {
+    fn default() -> Self {
+        JournalFile {
+            dir: PathBuf::from("tollgate-journal"),
+            sync: "always".into(),
+            sync_interval_ms: 10,
+            segment_bytes: 16 << 20,
+            max_bytes: 1 << 30,
+            on_corrupt: "stop".into(),
+            archive: false,
         }
     }
 }
@@ -209,8 +240,12 @@ impl StoreSettings {
     /// several URLs are Cluster seed nodes.
     pub fn use_redis(&mut self, urls: Vec<String>, cluster: bool) {
         self.kind = StoreKind::Redis;
+        let was_cluster = self.redis.cluster;
         self.redis.cluster = cluster || urls.len() > 1 || self.redis.cluster;
         self.redis.urls = urls;
+        if self.redis.cluster && !was_cluster && self.leases.shards == 1 {
+            self.leases.shards = shards(0, true);
+        }
     }
 }
 
@@ -382,6 +417,8 @@ struct File {
     store: StoreFile,
     #[serde(default)]
     leases: LeasesFile,
+    #[serde(default)]
+    journal: JournalFile,
     #[serde(default)]
     holds: HoldsFile,
     #[serde(default)]
@@ -682,7 +719,67 @@ fn store_settings(
             report_interval: Duration::from_millis(leases.report_interval_ms),
             max_clock_skew: (r.max_clock_skew_ms > 0).then(|| Duration::from_millis(r.max_clock_skew_ms)),
             prefix: r.key_prefix.clone(),
+            shards: shards(r.shards, r.cluster),
         },
+    }
+}
+
+/// Logical shards of the usage streams: as configured, else one on a
+/// single Redis and 16 on a cluster (spread over its masters).
+pub fn shards(configured: u32, cluster: bool) -> u32 {
+    match (configured, cluster) {
+        (0, false) => 1,
+        (0, true) => 16,
+        (n, _) => n,
+    }
+}
+
+fn journal_settings(p: &mut Problems, f: &JournalFile) -> JournalSettings {
+    let sync = match f.sync.as_str() {
+        "always" => SyncPolicy::Always,
+        "interval" if (1..=60_000).contains(&f.sync_interval_ms) => {
+            SyncPolicy::Interval(Duration::from_millis(f.sync_interval_ms))
+        }
+        "interval" => {
+            p.push("journal.sync_interval_ms", "must be between 1 and 60000");
+            SyncPolicy::Always
+        }
+        "none" => SyncPolicy::None,
+        other => {
+            p.push(
+                "journal.sync",
+                format!("expected always, interval or none, got {other:?}"),
+            );
+            SyncPolicy::Always
+        }
+    };
+    let on_corrupt = match f.on_corrupt.as_str() {
+        "stop" => OnCorrupt::Stop,
+        "continue" => OnCorrupt::Continue,
+        other => {
+            p.push(
+                "journal.on_corrupt",
+                format!("expected stop or continue, got {other:?}"),
+            );
+            OnCorrupt::Stop
+        }
+    };
+    if f.dir.as_os_str().is_empty() {
+        p.push("journal.dir", "must not be empty");
+    }
+    if f.segment_bytes < 4096 {
+        p.push("journal.segment_bytes", "must be at least 4096");
+    }
+    if f.max_bytes < f.segment_bytes.saturating_mul(2) {
+        p.push("journal.max_bytes", "must be at least twice journal.segment_bytes");
+    }
+    JournalSettings {
+        dir: f.dir.clone(),
+        sync,
+        segment_bytes: f.segment_bytes,
+        max_bytes: f.max_bytes,
+        on_corrupt,
+        archive: f.archive,
     }
 }
 
@@ -899,6 +996,10 @@ impl Settings {
             "127.0.0.1:50052",
         );
         let store = store_settings(&mut p, &file.store, &file.leases, env);
+        if let Some(dir) = env("TOLLGATE_JOURNAL") {
+            file.journal.dir = PathBuf::from(dir);
+        }
+        let journal = journal_settings(&mut p, &file.journal);
         if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
             p.push("server.shutdown_grace_seconds", "must be at most 3600");
         }
@@ -964,6 +1065,7 @@ impl Settings {
             admin_listen,
             sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
             store,
+            journal,
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
             usage,
             catalog: Catalog {

@@ -6,7 +6,9 @@
 //!
 //! - [`engine`]: pure accounting (money, prices, periods, sources, holds,
 //!   limits); no I/O, no clock, no async.
-//! - [`store`]: the `Store` trait and its embedded `memory` implementation.
+//! - [`store`]: the `Store` trait, the embedded `memory` store, and the
+//!   Redis store with leases.
+//! - [`journal`]: the local, durable usage journal in front of Redis.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
 //! - [`server`]: binds listeners, serves, drains on shutdown.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod engine;
+pub mod journal;
 pub mod server;
 pub mod service;
 pub mod signal;

@@ -19,6 +19,7 @@ use crate::api::admin::AdminApi;
 use crate::api::quota::QuotaApi;
 use crate::clock::{Clock, OffsetClock, SystemClock};
 use crate::config::{Settings, StoreKind};
+use crate::journal::Journal;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::quota_server::QuotaServer;
 use crate::service::Tollgate;
@@ -89,11 +90,20 @@ impl App {
                         (aligned.clone(), Some(aligned))
                     }
                 };
+                let journal = Journal::open(settings.journal.clone())
+                    .with_context(|| format!("opening the usage journal in {}", settings.journal.dir.display()))?;
+                tracing::info!(
+                    journal = %journal.0.id(),
+                    dir = %settings.journal.dir.display(),
+                    replay = journal.1.len(),
+                    "usage journal open"
+                );
                 let store = RedisStore::open(
                     redis,
                     settings.catalog.clone(),
                     Arc::clone(&clock),
                     aligned,
+                    Some(journal),
                     settings.store.leases.clone(),
                 )
                 .await

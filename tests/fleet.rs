@@ -85,8 +85,8 @@ async fn load(
 /// The paid ledger of the shared account, checked for the invariants that
 /// hold at any quiescent point: nothing lent or held, never below zero,
 /// conservation.
-fn quiescent(port: u16) -> Ledger {
-    let account = shared_account(port, "tollgate", "shared");
+fn quiescent(port: u16, shards: u32) -> Ledger {
+    let account = shared_account(port, shards, "shared");
     let paid = Ledger::of(&account["paid"]);
     assert_eq!(paid.granted, PAID, "credited once, however many sidecars seeded it");
     assert_eq!(paid.held, 0, "nothing lent or held once every lease is back: {account}");
@@ -104,7 +104,7 @@ fn quiescent(port: u16) -> Ledger {
     paid
 }
 
-async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16) {
+async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16, shards: u32) {
     let dir = tempfile::tempdir().unwrap();
     let mut sidecars = fleet(3, dir.path(), &urls);
     let stop = Arc::new(AtomicBool::new(false));
@@ -118,7 +118,7 @@ async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16) {
     for sidecar in &mut sidecars {
         sidecar.stop();
     }
-    let paid = quiescent(port);
+    let paid = quiescent(port, shards);
     let recorded = sidecars
         .iter()
         .map(Sidecar::charged)
@@ -141,13 +141,13 @@ async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sidecars_on_one_redis_drain_one_account_exactly() {
     let redis = RedisServer::start(&[]);
-    three_sidecars_drain_one_account(vec![redis.url()], redis.port).await;
+    three_sidecars_drain_one_account(vec![redis.url()], redis.port, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sidecars_on_a_redis_cluster_drain_one_account_exactly() {
     let cluster = RedisCluster::start(3);
-    three_sidecars_drain_one_account(cluster.urls(), cluster.nodes[0].port).await;
+    three_sidecars_drain_one_account(cluster.urls(), cluster.nodes[0].port, 16).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +160,7 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     // Mid-load, no lease returned, nothing flushed.
     sidecars[0].kill();
-    let lent_at_crash: i128 = Ledger::of(&shared_account(redis.port, "tollgate", "shared")["paid"]).held;
+    let lent_at_crash: i128 = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]).held;
     assert!(lent_at_crash > 0, "the fleet held slices when one crashed");
     // The others go on; the crashed one's lease lapses 3 s after its last sync.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -171,7 +171,7 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
     for sidecar in &mut sidecars[1..] {
         sidecar.stop();
     }
-    let account = shared_account(redis.port, "tollgate", "shared");
+    let account = shared_account(redis.port, 1, "shared");
     let lapsed: Vec<_> = account["leases"]
         .as_object()
         .unwrap()
@@ -179,7 +179,7 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
         .filter(|l| l["epoch"].as_u64() > Some(0))
         .collect();
     assert_eq!(lapsed.len(), 1, "exactly the crashed sidecar's lease lapsed: {account}");
-    let paid = quiescent(redis.port);
+    let paid = quiescent(redis.port, 1);
     let survivors = sidecars[1..]
         .iter()
         .map(Sidecar::charged)
@@ -202,7 +202,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     // Steady state: every sidecar holds a slice.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let account = shared_account(redis.port, "tollgate", "shared");
+        let account = shared_account(redis.port, 1, "shared");
         let holding = account["leases"]
             .as_object()
             .unwrap()
@@ -234,7 +234,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     for sidecar in &mut sidecars {
         sidecar.stop();
     }
-    let paid = quiescent(redis.port);
+    let paid = quiescent(redis.port, 1);
     let recorded = sidecars
         .iter()
         .map(Sidecar::charged)
@@ -362,7 +362,7 @@ async fn each_plan_fails_closed_open_or_within_its_allowance_while_redis_is_down
     assert!(allowance < 50, "the allowance runs out");
     redis.restart();
     sidecar.stop();
-    let debt = |account: &str| Ledger::of(&shared_account(redis.port, "tollgate", account)["debt"]);
+    let debt = |account: &str| Ledger::of(&shared_account(redis.port, 1, account)["debt"]);
     assert_eq!(debt("closed").charged, 0, "a closed plan never owes");
     assert_eq!(debt("open").charged, drawn(&sidecar, "open", "debt"));
     assert!(debt("open").charged > 0);

@@ -243,6 +243,9 @@ pub struct Account {
     pub outbox: Vec<Arc<UsageRecord>>,
     /// Shared account: what each sidecar holds on lease.
     pub leases: BTreeMap<ProducerId, Lease>,
+    /// Shared account: per journal, the last journaled record applied.
+    #[serde(default)]
+    pub journals: BTreeMap<ProducerId, u64>,
     /// Sidecar mirror: its log and lease state (`None` on a shared or
     /// stand-alone account).
     #[serde(skip)]
@@ -282,6 +285,7 @@ impl Account {
             recent: VecDeque::new(),
             outbox: Vec::new(),
             leases: BTreeMap::new(),
+            journals: BTreeMap::new(),
             mirror: None,
         };
         account.subscribe(plan, anchor, now)?;

@@ -251,6 +251,7 @@ impl Account {
             recent: self.recent.clone(),
             outbox: Vec::new(),
             leases: Default::default(),
+            journals: Default::default(),
             mirror: None,
         }
     }

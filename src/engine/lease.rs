@@ -36,6 +36,7 @@ use super::ids::{ModelId, ProducerId};
 use super::limits::{BucketKey, Lacking, LimitSet, Permits, Scope};
 use super::money::Money;
 use super::pricing::{Rates, Usage};
+use super::record::UsageRecord;
 
 /// A slice is at most this fraction (1/n) of what the source has left, so
 /// capacity lent out shrinks with the balance and several sidecars never
@@ -58,6 +59,26 @@ pub struct Lease {
     pub epoch: u64,
     /// The answer to report `seq`, returned again to its retries.
     pub last: Option<Granted>,
+}
+
+/// A usage record as journaled by a sidecar, with what it charged: the
+/// unit in which records reach the shared account and the usage stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Journaled {
+    /// The journal it was written to.
+    pub journal: ProducerId,
+    /// Its position there, from 1, strictly increasing.
+    pub seq: u64,
+    /// The record.
+    pub record: UsageRecord,
+    /// Charged from what lease `producer` held at `epoch`.
+    pub leased: Vec<Take>,
+    /// Charged from holds whose lease had lapsed.
+    pub unleased: Vec<Take>,
+    /// The sidecar process whose lease backed `leased`.
+    pub producer: ProducerId,
+    /// That lease's epoch.
+    pub epoch: u64,
 }
 
 /// What a mirror needs covered, exactly.
@@ -129,6 +150,10 @@ pub struct Sync {
     pub returned: Vec<Take>,
     /// Permits given back (tokens below zero: usage beyond admission).
     pub permits_back: Lacking,
+    /// Journaled records of this account, in journal order: each is
+    /// applied once (its charges debited, itself returned for the usage
+    /// stream), whoever sends it and however often.
+    pub records: Vec<Journaled>,
     /// More of these sources, wanted for the coming seconds.
     pub want: Vec<(SourceRef, i128)>,
     /// A need to cover now.
@@ -139,6 +164,17 @@ pub struct Sync {
     pub ttl: SignedDuration,
     /// The sidecar is leaving: take back everything it holds.
     pub close: bool,
+}
+
+/// What a sync did: the answer for the sidecar, and the journaled records
+/// applied by it for the first time (for the usage stream, in the same
+/// commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Synced {
+    /// The answer.
+    pub granted: Granted,
+    /// Records applied now.
+    pub applied: Vec<Journaled>,
 }
 
 /// What a mirror reports in its next [`Sync`].
@@ -363,7 +399,7 @@ impl Account {
     /// asks for, within [`FAIR_SHARE`] of each source (a need: all of it or,
     /// if partial is acceptable, what there is). A report already applied
     /// gets its first answer back and changes nothing.
-    pub fn sync(&mut self, catalog: &Catalog, sync: &Sync, now: Timestamp) -> Result<Granted, EngineError> {
+    pub fn sync(&mut self, catalog: &Catalog, sync: &Sync, now: Timestamp) -> Result<Synced, EngineError> {
         self.advance(catalog, now)?;
         let mut lease = match self.leases.remove(&sync.producer) {
             Some(lease) => lease,
@@ -384,10 +420,49 @@ impl Account {
                 ))
             });
             self.leases.insert(sync.producer.clone(), lease);
-            return answer;
+            return answer.map(|granted| Synced {
+                granted,
+                applied: Vec::new(),
+            });
+        }
+        // Journaled records first, each once: its charges from the lease
+        // that backed them while that lease lives, else as far as the
+        // sources allow.
+        let mut applied = Vec::new();
+        let mut written_off = 0u64;
+        for entry in &sync.records {
+            let done = self.journals.get(&entry.journal).copied().unwrap_or(0);
+            if entry.seq <= done {
+                continue;
+            }
+            for take in &entry.leased {
+                let backing = if entry.producer == sync.producer {
+                    Some(&mut lease)
+                } else {
+                    self.leases.get_mut(&entry.producer)
+                };
+                let covered = match backing {
+                    Some(l) if l.epoch == entry.epoch => take_out(&mut l.held, &take.source, take.amount),
+                    _ => 0,
+                };
+                if covered > 0 {
+                    self.charge_held(&[Take {
+                        source: take.source.clone(),
+                        amount: covered,
+                    }]);
+                }
+                if take.amount > covered {
+                    written_off =
+                        written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
+                }
+            }
+            for take in &entry.unleased {
+                written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount, now));
+            }
+            self.journals.insert(entry.journal.clone(), entry.seq);
+            applied.push(entry.clone());
         }
         let lapsed = sync.epoch != lease.epoch;
-        let mut written_off = 0u64;
         let mut charged = Vec::new();
         merge(&mut charged, sync.charged.iter().cloned());
         for take in &charged {
@@ -473,7 +548,7 @@ impl Account {
         // changes: forget what no longer matters here.
         self.prune_leases(catalog, now);
         self.buckets.prune(now);
-        Ok(granted)
+        Ok(Synced { granted, applied })
     }
 
     fn lend(
@@ -563,6 +638,7 @@ impl Account {
             recent: Default::default(),
             outbox: Vec::new(),
             leases: BTreeMap::new(),
+            journals: BTreeMap::new(),
             mirror: Some(Box::default()),
         };
         mirror.buckets.set_leased();

@@ -31,7 +31,7 @@ impl RecordKind {
 }
 
 /// What one request was charged, from which lots, at which prices.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
     /// Why the record exists.
     pub kind: RecordKind,
@@ -59,4 +59,19 @@ pub struct UsageRecord {
     pub reserved_at: Timestamp,
     /// When it was charged.
     pub settled_at: Timestamp,
+}
+
+impl UsageRecord {
+    /// A deterministic id: the first 16 bytes (hex) of SHA-256 over the
+    /// account, the request id and the kind, which together name exactly
+    /// one record. A consumer that sees an id twice has seen one record.
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [self.account_id.as_str(), self.request_id.as_str(), self.kind.as_str()] {
+            hash.update(part.as_bytes());
+            hash.update([0u8]);
+        }
+        hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }

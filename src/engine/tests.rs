@@ -800,13 +800,14 @@ impl Sidecar {
             unleased: report.unleased,
             returned: report.returned,
             permits_back: report.permits_back,
+            records: Vec::new(),
             want: Vec::new(),
             need: short.need,
             want_permits: short.permits,
             ttl: SignedDuration::from_secs(30),
             close,
         };
-        let granted = shared.sync(c, &sync, now).unwrap();
+        let granted = shared.sync(c, &sync, now).unwrap().granted;
         self.mirror.refresh_mirror(shared);
         self.mirror.accept(&granted);
         self.mirror.mirror.as_mut().unwrap().decide_until = Some(granted.expires_at - SignedDuration::from_secs(10));
@@ -891,20 +892,21 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         unleased: Vec::new(),
         returned: Vec::new(),
         permits_back: Vec::new(),
+        records: Vec::new(),
         want: vec![(SourceRef::Paid, 400_000)],
         need: None,
         want_permits: Vec::new(),
         ttl: SignedDuration::from_secs(30),
         close: false,
     };
-    let first = shared.sync(&c, &ask(1, vec![]), now).unwrap();
+    let first = shared.sync(&c, &ask(1, vec![]), now).unwrap().granted;
     assert_eq!(
         first.takes,
         vec![take(SourceRef::Paid, 250_000)],
         "a quarter of what is left"
     );
     assert_eq!(
-        shared.sync(&c, &ask(1, vec![]), now).unwrap(),
+        shared.sync(&c, &ask(1, vec![]), now).unwrap().granted,
         first,
         "a retry gets the first answer"
     );
@@ -913,7 +915,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         .sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now)
         .unwrap();
     assert_eq!(
-        second.takes,
+        second.granted.takes,
         vec![take(SourceRef::Paid, 187_500)],
         "(1_000_000 - 150_000 held - 100_000 charged) / 4"
     );
@@ -934,7 +936,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     let late = shared
         .sync(&c, &ask(3, vec![take(SourceRef::Paid, 50_000)]), later)
         .unwrap();
-    assert!(late.lapsed);
+    assert!(late.granted.lapsed);
     assert_eq!(shared.paid.charged, 150_000);
     assert_eq!(
         shared.paid.available() + shared.paid.held + shared.paid.charged,

@@ -32,7 +32,7 @@
 //! renews leases, refills slices ahead of need, gives back what idles, and
 //! refreshes mirrors on announcements.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -48,12 +48,13 @@ use crate::clock::{Clock, OffsetClock};
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::draw::SourceRef;
 use crate::engine::ids::{AccountId, ProducerId, VersionId};
-use crate::engine::lease::{Granted, Short, Sync};
+use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
 use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
+use crate::journal::{Entry, Journal};
 
 /// How leases are sized and kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +72,9 @@ pub struct LeaseSettings {
     pub max_clock_skew: Option<Duration>,
     /// Key prefix.
     pub prefix: String,
+    /// Logical shards: accounts map to shards by a hash of their id; each
+    /// shard is one hash tag, with its own usage stream.
+    pub shards: u32,
 }
 
 impl Default for LeaseSettings {
@@ -82,6 +86,7 @@ impl Default for LeaseSettings {
             report_interval: Duration::from_secs(1),
             max_clock_skew: Some(Duration::from_secs(2)),
             prefix: "tollgate".into(),
+            shards: 1,
         }
     }
 }
@@ -118,6 +123,12 @@ struct Local {
     stale: bool,
     /// Debt owed by this mirror when the current outage began.
     outage_base: Option<i128>,
+    /// Journaled records of this account not yet applied to Redis.
+    journaled: Vec<Journaled>,
+    /// Sequence numbers of this account's records on their way to the
+    /// journal: a sync sends only records numbered below all of them, so
+    /// the shared account sees each journal's records in order.
+    appending: BTreeSet<u64>,
 }
 
 /// Serializes syncs of one account, and keeps what they need between runs.
@@ -151,6 +162,11 @@ pub struct RedisStore {
     redis: Redis,
     clock: Arc<dyn Clock>,
     aligned: Option<Arc<OffsetClock>>,
+    /// Where records are made durable before they are acknowledged.
+    journal: Option<Journal>,
+    /// Journaled records found at start-up, waiting to be placed with their
+    /// account's mirror (which needs Redis).
+    replay: Mutex<Vec<Entry>>,
     settings: LeaseSettings,
     producer: ProducerId,
     seq: AtomicU64,
@@ -192,14 +208,21 @@ impl RedisStore {
     /// (when that is an [`OffsetClock`] on Redis's time, pass it as
     /// `aligned` too: it is aligned again every minute, so a stepped host
     /// clock or a failover to a Redis with another clock is followed).
+    /// With a `journal` (and the entries it found at start-up, replayed in
+    /// the background), records are durable before they are acknowledged.
     /// Loads the published price versions.
     pub async fn open(
         redis: Redis,
         catalog: Catalog,
         clock: Arc<dyn Clock>,
         aligned: Option<Arc<OffsetClock>>,
+        journal: Option<(Journal, Vec<Entry>)>,
         settings: LeaseSettings,
     ) -> Result<Arc<RedisStore>, StoreError> {
+        let (journal, replay) = match journal {
+            Some((journal, pending)) => (Some(journal), pending),
+            None => (None, Vec::new()),
+        };
         let unique = format!(
             "{}-{}-{}",
             std::process::id(),
@@ -211,6 +234,8 @@ impl RedisStore {
             redis,
             clock,
             aligned,
+            journal,
+            replay: Mutex::new(replay),
             settings,
             producer,
             seq: AtomicU64::new(0),
@@ -234,7 +259,11 @@ impl RedisStore {
     }
 
     fn account_key(&self, id: &AccountId) -> String {
-        format!("{}:{{{id}}}:account", self.settings.prefix)
+        account_key(&self.settings.prefix, self.settings.shards, id.as_str())
+    }
+
+    fn stream_key(&self, id: &AccountId) -> String {
+        stream_key(&self.settings.prefix, shard_of(self.settings.shards, id.as_str()))
     }
 
     fn prices_key(&self) -> String {
@@ -287,24 +316,36 @@ impl RedisStore {
 
     async fn write(
         &self,
-        key: &str,
+        keys: &[&str],
         version: u64,
         state: &str,
         at: Timestamp,
         announce: Option<&str>,
+        records: &[Journaled],
     ) -> Result<Commit, StoreError> {
         self.check_up()?;
         let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
         let channel = announce.map(|_| self.changes_channel()).unwrap_or_default();
-        let args = (
-            version,
-            state,
-            at.as_millisecond(),
-            skew.to_string(),
-            channel,
-            announce.unwrap_or(""),
-        );
-        let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, &[key], args).await)?;
+        let mut args: Vec<Vec<u8>> = vec![
+            version.to_string().into_bytes(),
+            state.as_bytes().to_vec(),
+            at.as_millisecond().to_string().into_bytes(),
+            skew.to_string().into_bytes(),
+            channel.into_bytes(),
+            announce.unwrap_or("").as_bytes().to_vec(),
+            records.len().to_string().into_bytes(),
+        ];
+        for entry in records {
+            let json = serde_json::to_vec(&entry.record).map_err(|e| corrupt("a usage record", e))?;
+            args.push(entry.record.id().into_bytes());
+            args.push(entry.journal.as_str().as_bytes().to_vec());
+            args.push(entry.seq.to_string().into_bytes());
+            args.push(json);
+            args.push(prost::Message::encode_to_vec(&crate::api::convert::record_out(
+                &entry.record,
+            )));
+        }
+        let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, keys, args).await)?;
         let int = |v: Option<&redis::Value>| match v {
             Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
             _ => None,
@@ -325,9 +366,10 @@ impl RedisStore {
         id: &AccountId,
         cache: &mut Option<(u64, String)>,
         announce: bool,
-        mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<T, EngineError>,
+        mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<(T, Vec<Journaled>), EngineError>,
     ) -> Result<(T, Account), StoreError> {
         let key = &self.account_key(id);
+        let stream = &self.stream_key(id);
         let missing = || StoreError::UnknownAccount(id.clone());
         let announce = announce.then_some(id.as_str());
         for attempt in 0..MAX_ATTEMPTS {
@@ -345,7 +387,7 @@ impl RedisStore {
             let mut account: Account = serde_json::from_str(&json).map_err(|e| corrupt(key, e))?;
             let catalog = self.catalog();
             let now = self.clock.now();
-            let out = match change(&mut account, &catalog, now) {
+            let (out, records) = match change(&mut account, &catalog, now) {
                 Ok(out) => out,
                 Err(e) => {
                     *cache = Some((version, json));
@@ -353,7 +395,10 @@ impl RedisStore {
                 }
             };
             let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
-            match self.write(key, version, &state, now, announce).await? {
+            match self
+                .write(&[key, stream], version, &state, now, announce, &records)
+                .await?
+            {
                 Commit::Done(v) => {
                     *cache = Some((v, state));
                     return Ok((out, account));
@@ -404,25 +449,42 @@ impl RedisStore {
 
     // ---- mirrors and syncs ----
 
-    /// Makes sure this process has a mirror of `id`.
+    /// Makes sure this process has a mirror of `id`, with the journaled
+    /// records of the account found at start-up (before any new one).
     async fn ensure_mirror(&self, id: &AccountId) -> Result<(), StoreError> {
         if self.mirrors.contains_key(id) {
             return Ok(());
         }
         let shared = self.shared(id).await?;
         let now = Instant::now();
-        self.mirrors.entry(id.clone()).or_insert_with(|| Local {
-            mirror: Account::mirror_of(&shared),
-            last_used: now,
-            last_sync: now,
-            used: HashMap::new(),
-            burn: HashMap::new(),
-            admitted: (0, 0),
-            rates: (0.0, 0.0),
-            measured_at: now,
-            stale: false,
-            outage_base: None,
-        });
+        if let dashmap::Entry::Vacant(slot) = self.mirrors.entry(id.clone()) {
+            let mut replayed: Vec<Entry> = {
+                let mut waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+                let (mine, others) = std::mem::take(&mut *waiting)
+                    .into_iter()
+                    .partition(|e: &Entry| e.record.account_id == *id);
+                *waiting = others;
+                mine
+            };
+            replayed.sort_by(|a, b| (&a.journal, a.seq).cmp(&(&b.journal, b.seq)));
+            if !replayed.is_empty() {
+                tracing::info!(account = %id, records = replayed.len(), "replaying journaled records");
+            }
+            slot.insert(Local {
+                mirror: Account::mirror_of(&shared),
+                last_used: now,
+                last_sync: now,
+                used: HashMap::new(),
+                burn: HashMap::new(),
+                admitted: (0, 0),
+                rates: (0.0, 0.0),
+                measured_at: now,
+                stale: false,
+                outage_base: None,
+                journaled: replayed,
+                appending: BTreeSet::new(),
+            });
+        }
         Ok(())
     }
 
@@ -483,6 +545,16 @@ impl RedisStore {
                 unleased: report.unleased,
                 returned: report.returned,
                 permits_back: report.permits_back,
+                records: {
+                    let below = local.appending.first().copied().unwrap_or(u64::MAX);
+                    let own = self.journal.as_ref().map(Journal::id);
+                    local
+                        .journaled
+                        .iter()
+                        .filter(|e| Some(&e.journal) != own || e.seq < below)
+                        .cloned()
+                        .collect()
+                },
                 want,
                 need: short.need,
                 want_permits,
@@ -499,10 +571,11 @@ impl RedisStore {
     async fn send(&self, id: &AccountId, gate: &mut Gate, sync: Sync) -> Result<(), StoreError> {
         let result = self
             .update(id, &mut gate.cached, false, |account, catalog, now| {
-                account.sync(catalog, &sync, now)
+                let synced = account.sync(catalog, &sync, now)?;
+                Ok((synced.granted, synced.applied))
             })
             .await;
-        let (granted, shared) = match result {
+        let (granted, shared): (Granted, Account) = match result {
             Ok(done) => done,
             Err(e @ StoreError::Unavailable(_)) => return Err(e),
             Err(e) => {
@@ -513,6 +586,23 @@ impl RedisStore {
         };
         gate.pending = None;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        // Every record sent is applied now, or was before (a retry): its
+        // journal entry is no longer needed.
+        if !sync.records.is_empty() {
+            if let Some(journal) = &self.journal {
+                journal.applied(
+                    sync.records
+                        .iter()
+                        .filter(|e| e.journal == *journal.id())
+                        .map(|e| e.seq),
+                );
+            }
+            if let Some(mut local) = self.mirrors.get_mut(id) {
+                local
+                    .journaled
+                    .retain(|e| !sync.records.iter().any(|s| s.journal == e.journal && s.seq == e.seq));
+            }
+        }
         if granted.written_off > 0 {
             tracing::error!(
                 account = %id,
@@ -547,7 +637,7 @@ impl RedisStore {
         command: &Command,
         now: Timestamp,
         last_word: Option<i128>,
-    ) -> Result<Result<Applied, EngineError>, StoreError> {
+    ) -> Result<Result<(Applied, Vec<Entry>), EngineError>, StoreError> {
         let catalog = self.catalog();
         let mut local = self
             .mirrors
@@ -568,12 +658,71 @@ impl RedisStore {
                 local.admitted.1 += req.input_tokens + req.cached_input_tokens + r.granted_output_tokens;
             }
         }
-        let records = if result.is_ok() {
-            local.mirror.take_records()
-        } else {
-            Vec::new()
+        // Records of a refused command (a hold that lapsed meanwhile) are
+        // real too: they go out with it.
+        let records = local.mirror.take_records();
+        let entries = self.entries_of(&mut local, &records);
+        drop(local);
+        Ok(result.map(|reply| (Applied { reply, records }, entries)))
+    }
+
+    /// The journal entries of `records`, just produced by one command or
+    /// sweep on `local`: the charges logged meanwhile go with them (all on
+    /// the first entry: they are applied together).
+    fn entries_of(&self, local: &mut Local, records: &[Arc<UsageRecord>]) -> Vec<Entry> {
+        let Some(m) = local.mirror.mirror.as_mut() else {
+            return Vec::new();
         };
-        Ok(result.map(|reply| Applied { reply, records }))
+        if records.is_empty() || self.journal.is_none() {
+            return Vec::new();
+        }
+        let mut leased = std::mem::take(&mut m.charged);
+        let mut unleased = std::mem::take(&mut m.unleased);
+        let epoch = m.epoch;
+        let mut entries: Vec<Entry> = records
+            .iter()
+            .map(|record| Entry {
+                journal: self.producer.clone(),
+                seq: 0,
+                record: (**record).clone(),
+                leased: std::mem::take(&mut leased),
+                unleased: std::mem::take(&mut unleased),
+                producer: self.producer.clone(),
+                epoch,
+            })
+            .collect();
+        if let Some(journal) = &self.journal {
+            journal.number(&mut entries);
+        }
+        local.appending.extend(entries.iter().map(|e| e.seq));
+        entries
+    }
+
+    /// Makes `entries` durable, then queues them for the next sync.
+    async fn journal_records(&self, id: &AccountId, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Not durable on failure, but not lost while this process lives:
+        // still applied by the next sync. The caller hears of the failure.
+        let result = journal
+            .append(entries.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(e.to_string()));
+        if let Some(mut local) = self.mirrors.get_mut(id) {
+            for entry in &entries {
+                local.appending.remove(&entry.seq);
+            }
+            local.journaled.extend(entries);
+            local
+                .journaled
+                .sort_by(|a, b| (&a.journal, a.seq).cmp(&(&b.journal, b.seq)));
+        }
+        result
     }
 
     /// A reserve or charge the lease cannot cover while Redis is down: the
@@ -613,11 +762,29 @@ impl RedisStore {
 
     async fn decide(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
         self.stats.decisions.fetch_add(1, Ordering::Relaxed);
+        if let Some(journal) = &self.journal
+            && !matches!(command, Command::Release(_))
+            && let Err(full) = journal.has_room()
+        {
+            return Err(StoreError::Unavailable(full.to_string()));
+        }
         self.ensure_mirror(id).await?;
+        let (applied, entries) = self.decide_on_mirror(id, &command, now).await?;
+        // Acknowledged only once its records are durable.
+        self.journal_records(id, entries).await?;
+        Ok(applied)
+    }
+
+    async fn decide_on_mirror(
+        &self,
+        id: &AccountId,
+        command: &Command,
+        now: Timestamp,
+    ) -> Result<(Applied, Vec<Entry>), StoreError> {
         // Ask at most twice (the first answer may find the lease lapsed, or
         // another request may take what it lent), then decide.
         for _ in 0..2 {
-            let short = match self.on_mirror(id, &command, now, None)? {
+            let short = match self.on_mirror(id, command, now, None)? {
                 Err(EngineError::Short(short)) => *short,
                 other => return Ok(other?),
             };
@@ -627,10 +794,10 @@ impl RedisStore {
                     // Spending already admitted is never refused: settle,
                     // extend and release decide from what the mirror holds.
                     if !matches!(command, Command::Reserve(_) | Command::Charge(_)) {
-                        return Ok(self.on_mirror(id, &command, now, Some(0))??);
+                        return Ok(self.on_mirror(id, command, now, Some(0))??);
                     }
                     let overdraft = self.outage_overdraft(id, &e)?;
-                    let applied = self.on_mirror(id, &command, now, Some(overdraft))??;
+                    let (applied, entries) = self.on_mirror(id, command, now, Some(overdraft))??;
                     // Short of funds here is the allowance used up, not the
                     // account's balance, which nobody can read now.
                     if let Reply::Reserve(ReserveOutcome::Denied {
@@ -639,16 +806,17 @@ impl RedisStore {
                     })
                     | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _)) = &applied.reply
                     {
+                        self.journal_records(id, entries).await?;
                         return Err(StoreError::Unavailable(format!(
                             "{e}; this sidecar has used up the plan's outage allowance for account {id}"
                         )));
                     }
-                    return Ok(applied);
+                    return Ok((applied, entries));
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(self.on_mirror(id, &command, now, Some(0))??)
+        Ok(self.on_mirror(id, command, now, Some(0))??)
     }
 
     // ---- background ----
@@ -727,8 +895,24 @@ impl RedisStore {
         }
     }
 
+    /// Places journaled records found at start-up with their accounts'
+    /// mirrors (each account's shared record says which are applied
+    /// already); what cannot be placed yet (Redis down) waits.
+    async fn place_replay(&self) {
+        let accounts: BTreeSet<AccountId> = {
+            let waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+            waiting.iter().map(|e| e.record.account_id.clone()).collect()
+        };
+        for id in accounts {
+            if let Err(e) = self.ensure_mirror(&id).await {
+                tracing::debug!(account = %id, error = %e, "journal replay waits for Redis");
+            }
+        }
+    }
+
     /// One round of upkeep over every mirror.
     async fn tend(self: &Arc<Self>) {
+        self.place_replay().await;
         if self.prices_stale.swap(false, Ordering::Relaxed)
             && let Err(e) = self.load_prices().await
         {
@@ -794,6 +978,8 @@ impl RedisStore {
             if guard.pending.is_none() {
                 self.mirrors.remove_if(&id, |_, l| {
                     !holds_anything(&l.mirror)
+                        && l.journaled.is_empty()
+                        && l.appending.is_empty()
                         && l.mirror.requests.is_empty()
                         && l.mirror.reservations.is_empty()
                         && l.last_used.elapsed() >= self.settings.idle_return
@@ -899,6 +1085,21 @@ fn wants(local: &Local, horizon: Duration, now: Timestamp) -> Vec<(SourceRef, i1
         .collect()
 }
 
+/// The logical shard of an account: CRC-32C of its id modulo `shards`.
+pub fn shard_of(shards: u32, account: &str) -> u32 {
+    crc32c::crc32c(account.as_bytes()) % shards.max(1)
+}
+
+/// The key of an account's shared record: `PREFIX:{SHARD}:account:ID`.
+pub fn account_key(prefix: &str, shards: u32, account: &str) -> String {
+    format!("{prefix}:{{{}}}:account:{account}", shard_of(shards, account))
+}
+
+/// The usage stream of a shard: `PREFIX:{SHARD}:usage`.
+pub fn stream_key(prefix: &str, shard: u32) -> String {
+    format!("{prefix}:{{{shard}}}:usage")
+}
+
 /// A short random suffix for producer ids (two processes started in the
 /// same millisecond with the same pid, in different containers).
 fn rand_suffix() -> u32 {
@@ -911,7 +1112,7 @@ impl Store for RedisStore {
         let key = self.account_key(&account.id);
         let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
         match self
-            .write(&key, 0, &state, self.clock.now(), Some(account.id.as_str()))
+            .write(&[&key], 0, &state, self.clock.now(), Some(account.id.as_str()), &[])
             .await?
         {
             Commit::Done(_) => Ok(()),
@@ -949,7 +1150,7 @@ impl Store for RedisStore {
             admin => {
                 let (reply, shared) = self
                     .update(id, &mut None, true, |account, catalog, now| {
-                        account.apply(catalog, admin.clone(), now)
+                        Ok((account.apply(catalog, admin.clone(), now)?, Vec::new()))
                     })
                     .await?;
                 if let Some(mut local) = self.mirrors.get_mut(id) {
@@ -984,7 +1185,7 @@ impl Store for RedisStore {
             book.publish(version.clone(), now).map_err(EngineError::from)?;
             published.push(version.clone());
             let state = serde_json::to_string(&published).map_err(|e| corrupt(&key, e))?;
-            if let Commit::Done(_) = self.write(&key, v, &state, now, Some("prices")).await? {
+            if let Commit::Done(_) = self.write(&[&key], v, &state, now, Some("prices"), &[]).await? {
                 self.install_prices(published)?;
                 return Ok(book.versions().iter().map(|v| v.id.clone()).collect());
             }
@@ -1002,6 +1203,7 @@ impl Store for RedisStore {
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(super::memory::FULL_SWEEP_EVERY);
         let mut records = Vec::new();
+        let mut entries = Vec::new();
         for mut local in self.mirrors.iter_mut() {
             if let Err(e) = local.mirror.advance(&catalog, now) {
                 tracing::warn!(account = %local.mirror.id, error = %e, "sweep could not advance account");
@@ -1009,7 +1211,17 @@ impl Store for RedisStore {
             if full {
                 local.mirror.prune(&catalog, now);
             }
-            records.append(&mut local.mirror.outbox);
+            let produced = local.mirror.take_records();
+            if !produced.is_empty() {
+                let made = self.entries_of(&mut local, &produced);
+                entries.push((local.mirror.id.clone(), made));
+            }
+            records.extend(produced);
+        }
+        for (id, made) in entries {
+            if let Err(e) = self.journal_records(&id, made).await {
+                tracing::error!(account = %id, error = %e, "records of lapsed holds are not durable");
+            }
         }
         Ok(records)
     }

@@ -29,8 +29,19 @@ impl Sidecar {
     /// Starts `tollgate serve --config CONFIG --redis URL...` and waits
     /// until it listens.
     pub fn spawn(config: &Path, redis: &[String], usage_path: PathBuf) -> Sidecar {
+        let journal = usage_path.with_extension("journal");
+        Sidecar::spawn_with_journal(config, redis, usage_path, &journal)
+    }
+
+    /// Like [`Sidecar::spawn`], with the usage journal in `journal`.
+    pub fn spawn_with_journal(config: &Path, redis: &[String], usage_path: PathBuf, journal: &Path) -> Sidecar {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        command.arg("serve").arg("--config").arg(config);
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--journal")
+            .arg(journal);
         for url in redis {
             command.arg("--redis").arg(url);
         }
@@ -154,10 +165,11 @@ pub fn write_config(dir: &Path, config: &str) -> PathBuf {
     path
 }
 
-/// The shared account `id` as stored in Redis (via `redis-cli -c` on
-/// `port`, which follows cluster redirects).
-pub fn shared_account(port: u16, prefix: &str, id: &str) -> serde_json::Value {
-    let key = format!("{prefix}:{{{id}}}:account");
+/// The shared account `id` as stored in Redis under the default prefix with
+/// `shards` logical shards (via `redis-cli -c` on `port`, which follows
+/// cluster redirects).
+pub fn shared_account(port: u16, shards: u32, id: &str) -> serde_json::Value {
+    let key = tollgate::store::leased::account_key("tollgate", shards, id);
     let out = Command::new("redis-cli")
         .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string(), "HGET", &key, "state"])
         .output()

@@ -160,7 +160,8 @@ pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     let usage_path = dir.path().join("usage.jsonl");
     let path = usage_path.to_string_lossy().into_owned();
     let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| path.clone());
-    let settings = Settings::parse(config, &env).expect("test config is valid");
+    let mut settings = Settings::parse(config, &env).expect("test config is valid");
+    settings.journal.dir = dir.path().join("journal");
     (settings, dir, usage_path)
 }
 

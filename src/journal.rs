@@ -1,0 +1,589 @@
+//! The usage journal: every usage record, and what it charged from which
+//! lease, made durable on local disk before the settle or charge that made
+//! it is acknowledged, then applied to Redis (which debits the account and
+//! adds the record to the usage stream in one commit) and deleted.
+//!
+//! **Format.** Segments `DIR/{first seq:020}.tgj`, each an 8-byte header
+//! (`TGJ1`, then the format version as a little-endian `u32`) followed by
+//! entries: a little-endian `u32` payload length, the CRC-32C of the
+//! payload (`u32`), and the payload, one [`Entry`] as JSON. `DIR/journal-id`
+//! names the journal: the identity under which its entries are applied, so
+//! a restarted sidecar on the same directory continues where it stopped.
+//!
+//! **Durability** ([`SyncPolicy`]): `always` writes a batch and `fsync`s it
+//! before acknowledging any of it; appends that arrive while a batch is
+//! being written wait for the next one, so many concurrent settles share
+//! one `fsync` (group commit). `interval` acknowledges after the write and
+//! `fsync`s every N ms (a power loss can lose the last N ms). `none` leaves
+//! flushing to the operating system (a crash of the host can lose records;
+//! for tests and trials only).
+//!
+//! **Reading** never panics on a bad file. A torn tail (the last entry cut
+//! short by a crash mid-write) is truncated and counted. Anything else (an
+//! empty or headerless file, a wrong magic or version, a bad checksum or an
+//! impossible length before the end) quarantines the segment: it is renamed
+//! `*.quarantined`, kept, named in the log and counted, and start-up stops
+//! or goes on without it as configured.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::engine::ids::ProducerId;
+use crate::engine::lease::Journaled;
+
+/// The first bytes of every segment.
+pub const MAGIC: &[u8; 4] = b"TGJ1";
+/// The format version after the magic.
+pub const VERSION: u32 = 1;
+const HEADER: usize = 8;
+/// The largest payload an entry may have.
+pub const MAX_ENTRY: usize = 1 << 20;
+
+/// One journaled record and what it charged.
+pub type Entry = Journaled;
+
+/// When an appended entry counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// `fsync` before acknowledging (group commit).
+    Always,
+    /// `fsync` every interval; acknowledge after the write.
+    Interval(Duration),
+    /// Never `fsync` (unsafe: for tests and trials).
+    None,
+}
+
+/// What to do with a corrupt segment at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCorrupt {
+    /// Quarantine it and refuse to start.
+    Stop,
+    /// Quarantine it and start without it.
+    Continue,
+}
+
+/// Journal settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSettings {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Durability.
+    pub sync: SyncPolicy,
+    /// A segment is closed once it reaches this size.
+    pub segment_bytes: u64,
+    /// Appends are refused once the segments take this much.
+    pub max_bytes: u64,
+    /// Corrupt segments at start-up.
+    pub on_corrupt: OnCorrupt,
+    /// Applied segments are moved to `DIR/archive` instead of deleted.
+    pub archive: bool,
+}
+
+/// Why the journal refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// The disk bound is reached.
+    #[error("the usage journal is full ({used} of {max} bytes): settles are refused until Redis takes the backlog")]
+    Full {
+        /// Bytes in use.
+        used: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// Reading or writing failed.
+    #[error("usage journal: {0}")]
+    Io(String),
+    /// A corrupt segment stopped start-up.
+    #[error("usage journal: {0}")]
+    Corrupt(String),
+}
+
+fn io(context: impl std::fmt::Display, e: std::io::Error) -> JournalError {
+    JournalError::Io(format!("{context}: {e}"))
+}
+
+/// How a segment's bytes ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Every byte is a whole entry.
+    Clean,
+    /// The last entry is cut short (or its checksum fails at the very
+    /// end): the bytes from `at` on are a torn write.
+    Torn {
+        /// Where the torn entry starts.
+        at: usize,
+    },
+    /// Not a journal segment, or damaged before its end.
+    Corrupt {
+        /// Where.
+        at: usize,
+        /// What.
+        why: String,
+    },
+}
+
+/// Decodes a segment's bytes: the entries before any damage, and how the
+/// bytes ended. Never panics, whatever the input (see `fuzz/`).
+pub fn decode(bytes: &[u8]) -> (Vec<Entry>, Ending) {
+    let corrupt = |at: usize, why: &str| Ending::Corrupt {
+        at,
+        why: why.to_owned(),
+    };
+    if bytes.len() < HEADER {
+        return (Vec::new(), corrupt(0, "shorter than the segment header"));
+    }
+    if &bytes[..4] != MAGIC {
+        return (Vec::new(), corrupt(0, "not a journal segment (wrong magic)"));
+    }
+    let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if version != VERSION {
+        return (
+            Vec::new(),
+            corrupt(4, &format!("format version {version}, expected {VERSION}")),
+        );
+    }
+    let mut entries = Vec::new();
+    let mut at = HEADER;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.len() < 8 {
+            return (entries, Ending::Torn { at });
+        }
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        if len == 0 || len > MAX_ENTRY {
+            return (entries, corrupt(at, &format!("impossible entry length {len}")));
+        }
+        let Some(payload) = rest.get(8..8 + len) else {
+            return (entries, Ending::Torn { at });
+        };
+        let last = at + 8 + len == bytes.len();
+        if crc32c::crc32c(payload) != crc {
+            return if last {
+                (entries, Ending::Torn { at })
+            } else {
+                (entries, corrupt(at, "checksum mismatch"))
+            };
+        }
+        match serde_json::from_slice::<Entry>(payload) {
+            Ok(entry) => entries.push(entry),
+            Err(e) => return (entries, corrupt(at, &format!("unreadable entry: {e}"))),
+        }
+        at += 8 + len;
+    }
+    (entries, Ending::Clean)
+}
+
+/// Encodes one entry, framed.
+pub fn encode(entry: &Entry) -> Vec<u8> {
+    let payload = serde_json::to_vec(entry).unwrap_or_default();
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn header() -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
+/// Counts of what start-up found, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Torn tails truncated.
+    pub torn: AtomicU64,
+    /// Segments quarantined.
+    pub quarantined: AtomicU64,
+}
+
+/// A closed or open segment: its first sequence number, path and size, and
+/// the highest sequence number written to it.
+#[derive(Debug, Clone)]
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    bytes: u64,
+    max_seq: u64,
+}
+
+/// What the writer and the appliers share.
+struct Shared {
+    /// Segments, oldest first; the last is the one written to.
+    segments: Vec<Segment>,
+    /// Sequence numbers numbered and not yet applied.
+    unapplied: BTreeSet<u64>,
+}
+
+/// An append request: entries without sequence numbers yet, and where to
+/// say they are durable.
+struct Append {
+    entries: Vec<Entry>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<Entry>, JournalError>>,
+}
+
+/// The journal: appends go to one writer thread; appliers mark entries
+/// applied and fully applied segments go away.
+///
+/// Entries are numbered by [`Journal::number`] before they are appended,
+/// when the caller still holds its account: an account's entries are then
+/// numbered in the order they were decided, whatever order concurrent
+/// appends reach the disk in.
+#[derive(Clone)]
+pub struct Journal {
+    id: ProducerId,
+    next: Arc<AtomicU64>,
+    settings: Arc<JournalSettings>,
+    shared: Arc<Mutex<Shared>>,
+    appends: std::sync::mpsc::Sender<Append>,
+    /// What start-up found.
+    pub found: Arc<Found>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("id", &self.id)
+            .field("dir", &self.settings.dir)
+            .finish()
+    }
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.tgj"))
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `settings.dir`. Returns it and the
+    /// entries written before and not known to be applied, in order: the
+    /// caller replays them and marks what turns out applied already.
+    pub fn open(settings: JournalSettings) -> Result<(Journal, Vec<Entry>), JournalError> {
+        let dir = &settings.dir;
+        fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
+        let id = journal_id(dir)?;
+        let found = Arc::new(Found::default());
+        let mut names: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+            .map_err(|e| io(dir.display(), e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "tgj"))
+            .filter_map(|p| Some((p.file_stem()?.to_str()?.parse().ok()?, p)))
+            .collect();
+        names.sort();
+        let mut segments = Vec::new();
+        let mut pending = Vec::new();
+        let last_index = names.len().checked_sub(1);
+        for (i, (first, path)) in names.into_iter().enumerate() {
+            let bytes = fs::read(&path).map_err(|e| io(path.display(), e))?;
+            let (entries, ending) = decode(&bytes);
+            let max_seq = entries.iter().map(|e| e.seq).max().unwrap_or(0);
+            let keep = match ending {
+                Ending::Clean => bytes.len(),
+                Ending::Torn { at } if Some(i) == last_index => {
+                    tracing::warn!(segment = %path.display(), offset = at, "torn tail of the usage journal truncated");
+                    found.torn.fetch_add(1, Ordering::Relaxed);
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| io(path.display(), e))?;
+                    file.set_len(at as u64).map_err(|e| io(path.display(), e))?;
+                    file.sync_all().map_err(|e| io(path.display(), e))?;
+                    at
+                }
+                Ending::Torn { at } | Ending::Corrupt { at, .. } => {
+                    let why = match ending {
+                        Ending::Corrupt { why, .. } => why,
+                        _ => "cut short before the last segment".to_owned(),
+                    };
+                    let kept = path.with_extension("tgj.quarantined");
+                    fs::rename(&path, &kept).map_err(|e| io(path.display(), e))?;
+                    found.quarantined.fetch_add(1, Ordering::Relaxed);
+                    let message = format!(
+                        "segment {} is corrupt at byte {at} ({why}); kept as {}",
+                        path.display(),
+                        kept.display()
+                    );
+                    if settings.on_corrupt == OnCorrupt::Stop {
+                        return Err(JournalError::Corrupt(format!(
+                            "{message}; start-up stopped (journal.on_corrupt = \"stop\"): inspect it, then \
+                             move it away or set on_corrupt = \"continue\""
+                        )));
+                    }
+                    tracing::error!(
+                        "{message}; {} entries before the damage are replayed, the rest are not",
+                        entries.len()
+                    );
+                    pending.extend(entries);
+                    continue;
+                }
+            };
+            pending.extend(entries);
+            segments.push(Segment {
+                first,
+                path,
+                bytes: keep as u64,
+                max_seq,
+            });
+        }
+        // Sequence numbers continue from the newest segment kept. Without
+        // one (a first start, or the newest was quarantined) they could
+        // repeat numbers already applied: a fresh journal id starts a fresh
+        // series instead.
+        let quarantined = found.quarantined.load(Ordering::Relaxed) > 0;
+        let id = if segments.is_empty() || quarantined {
+            new_journal_id(dir)?
+        } else {
+            id
+        };
+        let next = pending
+            .iter()
+            .filter(|e| e.journal == id)
+            .map(|e| e.seq)
+            .max()
+            .unwrap_or(0)
+            .max(segments.last().map_or(0, |s| s.first.saturating_sub(1)))
+            + 1;
+        let shared = Arc::new(Mutex::new(Shared {
+            segments,
+            unapplied: pending.iter().filter(|e| e.journal == id).map(|e| e.seq).collect(),
+        }));
+        let (appends, rx) = std::sync::mpsc::channel();
+        let journal = Journal {
+            id,
+            next: Arc::new(AtomicU64::new(next)),
+            settings: Arc::new(settings),
+            shared,
+            appends,
+            found,
+        };
+        let writer = journal.clone();
+        std::thread::Builder::new()
+            .name("tollgate-journal".into())
+            .spawn(move || writer.write_loop(rx))
+            .map_err(|e| io("starting the journal writer", e))?;
+        Ok((journal, pending))
+    }
+
+    /// This journal's identity.
+    pub fn id(&self) -> &ProducerId {
+        &self.id
+    }
+
+    /// Names the journal and the next sequence numbers on `entries`; they
+    /// count as unapplied from now on.
+    pub fn number(&self, entries: &mut [Entry]) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            entry.journal = self.id.clone();
+            entry.seq = self.next.fetch_add(1, Ordering::Relaxed);
+            shared.unapplied.insert(entry.seq);
+        }
+    }
+
+    /// Appends numbered `entries` and waits until they are durable under
+    /// the sync policy.
+    pub async fn append(&self, entries: Vec<Entry>) -> Result<Vec<Entry>, JournalError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.appends
+            .send(Append { entries, done })
+            .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?;
+        wait.await
+            .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?
+    }
+
+    /// Marks entries applied; segments with nothing unapplied left, other
+    /// than the one being written, are deleted (or archived).
+    pub fn applied(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        for seq in seqs {
+            shared.unapplied.remove(&seq);
+        }
+        let oldest_unapplied = shared.unapplied.first().copied().unwrap_or(u64::MAX);
+        // The newest segment stays: it carries the sequence on across restarts.
+        while shared.segments.len() > 1 {
+            if shared.segments[0].max_seq >= oldest_unapplied {
+                break;
+            }
+            let done = shared.segments.remove(0);
+            let result = if self.settings.archive {
+                let archive = self.settings.dir.join("archive");
+                fs::create_dir_all(&archive)
+                    .and_then(|()| fs::rename(&done.path, archive.join(done.path.file_name().unwrap_or_default())))
+            } else {
+                fs::remove_file(&done.path)
+            };
+            if let Err(e) = result {
+                tracing::warn!(segment = %done.path.display(), error = %e, "applied journal segment not removed");
+            }
+        }
+    }
+
+    /// Whether appends are taken now (the disk bound is not reached).
+    pub fn has_room(&self) -> Result<(), JournalError> {
+        let used = self.bytes();
+        if used >= self.settings.max_bytes {
+            return Err(JournalError::Full {
+                used,
+                max: self.settings.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes the segments take.
+    pub fn bytes(&self) -> u64 {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Entries written and not yet applied.
+    pub fn backlog(&self) -> usize {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).unapplied.len()
+    }
+
+    fn write_loop(self, rx: std::sync::mpsc::Receiver<Append>) {
+        let mut file: Option<File> = None;
+        let mut dirty = false;
+        loop {
+            let first = match self.settings.sync {
+                SyncPolicy::Interval(every) => match rx.recv_timeout(every) {
+                    Ok(a) => Some(a),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                _ => match rx.recv() {
+                    Ok(a) => Some(a),
+                    Err(_) => return,
+                },
+            };
+            let Some(first) = first else {
+                if dirty && let Some(f) = &file {
+                    let _ = f.sync_data();
+                    dirty = false;
+                }
+                continue;
+            };
+            // Everything queued meanwhile shares this write and its fsync.
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let result = self.write_batch(&mut file, &mut batch);
+            match result {
+                Ok(()) => dirty = self.settings.sync != SyncPolicy::Always,
+                Err(e) => {
+                    for append in batch {
+                        let _ = append.done.send(Err(e.clone()));
+                    }
+                    file = None;
+                    continue;
+                }
+            }
+            for append in batch {
+                let entries = append.entries;
+                let _ = append.done.send(Ok(entries));
+            }
+        }
+    }
+
+    /// Numbers and writes every entry of `batch`, syncing as the policy says.
+    fn write_batch(&self, file: &mut Option<File>, batch: &mut [Append]) -> Result<(), JournalError> {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = Vec::new();
+        let (mut first_seq, mut max_seq) = (u64::MAX, 0);
+        for append in batch.iter_mut() {
+            for entry in &append.entries {
+                first_seq = first_seq.min(entry.seq);
+                max_seq = max_seq.max(entry.seq);
+                bytes.extend_from_slice(&encode(entry));
+            }
+        }
+        let used: u64 = shared.segments.iter().map(|s| s.bytes).sum();
+        if used + bytes.len() as u64 > self.settings.max_bytes {
+            return Err(JournalError::Full {
+                used,
+                max: self.settings.max_bytes,
+            });
+        }
+        let rotate = shared
+            .segments
+            .last()
+            .is_none_or(|s| s.bytes >= self.settings.segment_bytes)
+            || file.is_none();
+        if rotate {
+            let path = match shared.segments.last() {
+                // Reopen the open segment after a restart or an error.
+                Some(s) if s.bytes < self.settings.segment_bytes => s.path.clone(),
+                _ => {
+                    let path = segment_path(&self.settings.dir, first_seq);
+                    let mut f = File::create(&path).map_err(|e| io(path.display(), e))?;
+                    f.write_all(&header()).map_err(|e| io(path.display(), e))?;
+                    f.sync_all().map_err(|e| io(path.display(), e))?;
+                    if let Ok(d) = File::open(&self.settings.dir) {
+                        let _ = d.sync_all();
+                    }
+                    shared.segments.push(Segment {
+                        first: first_seq,
+                        path: path.clone(),
+                        bytes: HEADER as u64,
+                        max_seq: 0,
+                    });
+                    path
+                }
+            };
+            *file = Some(
+                OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| io(path.display(), e))?,
+            );
+        }
+        let f = file
+            .as_mut()
+            .ok_or_else(|| JournalError::Io("no open segment".into()))?;
+        let path = shared.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        f.write_all(&bytes).map_err(|e| io(path.display(), e))?;
+        if self.settings.sync == SyncPolicy::Always {
+            f.sync_data().map_err(|e| io(path.display(), e))?;
+        }
+        if let Some(s) = shared.segments.last_mut() {
+            s.bytes += bytes.len() as u64;
+            s.max_seq = s.max_seq.max(max_seq);
+        }
+        Ok(())
+    }
+}
+
+/// The journal's identity, kept in `journal-id` (created on first use).
+fn journal_id(dir: &Path) -> Result<ProducerId, JournalError> {
+    let path = dir.join("journal-id");
+    let mut text = String::new();
+    match File::open(&path) {
+        Ok(mut f) => {
+            f.read_to_string(&mut text).map_err(|e| io(path.display(), e))?;
+            ProducerId::parse(text.trim()).map_err(|e| JournalError::Corrupt(format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_journal_id(dir),
+        Err(e) => Err(io(path.display(), e)),
+    }
+}
+
+/// A new identity, written to `journal-id` atomically.
+fn new_journal_id(dir: &Path) -> Result<ProducerId, JournalError> {
+    let text = format!(
+        "journal-{}-{:08x}",
+        jiff::Timestamp::now().as_millisecond(),
+        fastrand::u32(..)
+    );
+    let (tmp, path) = (dir.join("journal-id.tmp"), dir.join("journal-id"));
+    fs::write(&tmp, &text).map_err(|e| io(tmp.display(), e))?;
+    fs::rename(&tmp, &path).map_err(|e| io(path.display(), e))?;
+    ProducerId::parse(&text).map_err(|e| JournalError::Corrupt(e.to_string()))
+}
