@@ -227,7 +227,7 @@ struct Shared {
 /// say they are durable.
 struct Append {
     entries: Vec<Entry>,
-    done: tokio::sync::oneshot::Sender<Result<Vec<Entry>, JournalError>>,
+    done: tokio::sync::oneshot::Sender<Result<(), JournalError>>,
 }
 
 /// The journal: appends go to one writer thread; appliers mark entries
@@ -246,6 +246,19 @@ pub struct Journal {
     appends: std::sync::mpsc::Sender<Append>,
     /// What start-up found.
     pub found: Arc<Found>,
+    /// What the writer did.
+    pub stats: Arc<WriteStats>,
+}
+
+/// Counts of the writer's work.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    /// Batches written (each one `fsync` under `always`).
+    pub batches: AtomicU64,
+    /// Entries written.
+    pub entries: AtomicU64,
+    /// Bytes written.
+    pub bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -362,6 +375,7 @@ impl Journal {
             shared,
             appends,
             found,
+            stats: Arc::new(WriteStats::default()),
         };
         let writer = journal.clone();
         std::thread::Builder::new()
@@ -387,15 +401,16 @@ impl Journal {
         }
     }
 
-    /// Appends numbered `entries` and waits until they are durable under
-    /// the sync policy.
-    pub async fn append(&self, entries: Vec<Entry>) -> Result<Vec<Entry>, JournalError> {
+    /// Appends numbered `entries` (handed to the writer at once) and
+    /// returns what resolves once they are durable under the sync policy.
+    pub fn append(&self, entries: Vec<Entry>) -> impl Future<Output = Result<(), JournalError>> + use<> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.appends
-            .send(Append { entries, done })
-            .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?;
-        wait.await
-            .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?
+        let sent = self.appends.send(Append { entries, done });
+        async move {
+            sent.map_err(|_| JournalError::Io("the journal writer has stopped".into()))?;
+            wait.await
+                .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?
+        }
     }
 
     /// Marks entries applied; segments with nothing unapplied left, other
@@ -486,9 +501,12 @@ impl Journal {
                     continue;
                 }
             }
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
             for append in batch {
-                let entries = append.entries;
-                let _ = append.done.send(Ok(entries));
+                self.stats
+                    .entries
+                    .fetch_add(append.entries.len() as u64, Ordering::Relaxed);
+                let _ = append.done.send(Ok(()));
             }
         }
     }
@@ -550,6 +568,7 @@ impl Journal {
             .ok_or_else(|| JournalError::Io("no open segment".into()))?;
         let path = shared.segments.last().map(|s| s.path.clone()).unwrap_or_default();
         f.write_all(&bytes).map_err(|e| io(path.display(), e))?;
+        self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if self.settings.sync == SyncPolicy::Always {
             f.sync_data().map_err(|e| io(path.display(), e))?;
         }
@@ -586,4 +605,257 @@ fn new_journal_id(dir: &Path) -> Result<ProducerId, JournalError> {
     fs::write(&tmp, &text).map_err(|e| io(tmp.display(), e))?;
     fs::rename(&tmp, &path).map_err(|e| io(path.display(), e))?;
     ProducerId::parse(&text).map_err(|e| JournalError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::draw::{SourceRef, Take};
+    use crate::engine::ids::{AccountId, RequestId};
+    use crate::engine::money::Money;
+    use crate::engine::pricing::Usage;
+    use crate::engine::record::{RecordKind, UsageRecord};
+
+    fn settings(dir: &Path) -> JournalSettings {
+        JournalSettings {
+            dir: dir.to_path_buf(),
+            sync: SyncPolicy::Always,
+            segment_bytes: 4096,
+            max_bytes: 1 << 20,
+            on_corrupt: OnCorrupt::Stop,
+            archive: false,
+        }
+    }
+
+    fn entry(i: u64) -> Entry {
+        let at: jiff::Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        Entry {
+            journal: ProducerId::parse("unnamed").unwrap(),
+            seq: 0,
+            record: UsageRecord {
+                kind: RecordKind::Settle,
+                request_id: RequestId::parse(&format!("r{i}")).unwrap(),
+                reservation_id: None,
+                account_id: AccountId::parse("acme").unwrap(),
+                api_key_id: None,
+                model: None,
+                service_tier: None,
+                usage: Usage::default(),
+                charges: vec![],
+                total_money: Money::from_picos(i128::from(i)),
+                price_version: None,
+                reserved_at: at,
+                settled_at: at,
+            },
+            leased: vec![Take {
+                source: SourceRef::Paid,
+                amount: i128::from(i),
+            }],
+            unleased: vec![],
+            producer: ProducerId::parse("p").unwrap(),
+            epoch: 0,
+        }
+    }
+
+    /// Appends `n` entries, ten at a time.
+    async fn write(journal: &Journal, n: u64) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = (1..=n).map(entry).collect();
+        journal.number(&mut entries);
+        for chunk in entries.chunks(10) {
+            journal.append(chunk.to_vec()).await.unwrap();
+        }
+        entries
+    }
+
+    fn segments(dir: &Path, extension: &str) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(extension))
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[tokio::test]
+    async fn what_was_appended_is_replayed_in_order_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, pending) = Journal::open(settings(dir.path())).unwrap();
+        assert!(pending.is_empty());
+        let written = write(&journal, 40).await;
+        assert!(segments(dir.path(), ".tgj").len() > 1, "rotated at 4 KiB");
+        let id = journal.id().clone();
+        drop(journal);
+        let (again, pending) = Journal::open(settings(dir.path())).unwrap();
+        assert_eq!(again.id(), &id, "the same journal");
+        assert_eq!(pending, written);
+        let mut next = vec![entry(41)];
+        again.number(&mut next);
+        assert_eq!(next[0].seq, 41, "numbering goes on");
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_fsyncs_and_applied_segments_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(settings(dir.path())).unwrap();
+        // 64 appends handed over together, as from 64 concurrent settles.
+        let mut waits = Vec::new();
+        let mut seqs = Vec::new();
+        for i in 0..64 {
+            let mut e = vec![entry(i + 1)];
+            journal.number(&mut e);
+            seqs.push(e[0].seq);
+            waits.push(journal.append(e));
+        }
+        for wait in waits {
+            wait.await.unwrap();
+        }
+        let batches = journal.stats.batches.load(Ordering::Relaxed);
+        assert_eq!(journal.stats.entries.load(Ordering::Relaxed), 64);
+        assert!(batches < 64, "group commit: {batches} fsyncs for 64 appends");
+        assert_eq!(journal.backlog(), 64);
+        let before = segments(dir.path(), ".tgj").len();
+        journal.applied(seqs);
+        assert_eq!(journal.backlog(), 0);
+        let after = segments(dir.path(), ".tgj").len();
+        assert_eq!(after, 1, "every applied segment but the newest is gone (from {before})");
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_truncated_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(settings(dir.path())).unwrap();
+        let written = write(&journal, 3).await;
+        drop(journal);
+        let last = segments(dir.path(), ".tgj").pop().unwrap();
+        let len = fs::metadata(&last).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let (journal, pending) = Journal::open(settings(dir.path())).unwrap();
+        assert_eq!(
+            pending,
+            written[..2].to_vec(),
+            "the torn entry is gone, the rest is kept"
+        );
+        assert_eq!(journal.found.torn.load(Ordering::Relaxed), 1);
+        let (entries, ending) = decode(&fs::read(&last).unwrap());
+        assert_eq!((entries.len(), ending), (2, Ending::Clean), "truncated on disk");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_middle_quarantines_the_segment_and_stops_or_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(settings(dir.path())).unwrap();
+        write(&journal, 3).await;
+        let old_id = journal.id().clone();
+        drop(journal);
+        let seg = segments(dir.path(), ".tgj").pop().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[HEADER + 20] ^= 0xff; // inside the first entry's payload
+        fs::write(&seg, &bytes).unwrap();
+        let err = Journal::open(settings(dir.path())).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::Corrupt(m) if m.contains("checksum") && m.contains("quarantined")),
+            "{err}"
+        );
+        assert_eq!(segments(dir.path(), ".quarantined").len(), 1, "kept on disk");
+        // Put it back and start anyway.
+        fs::rename(segments(dir.path(), ".quarantined").pop().unwrap(), &seg).unwrap();
+        let mut go_on = settings(dir.path());
+        go_on.on_corrupt = OnCorrupt::Continue;
+        let (journal, pending) = Journal::open(go_on).unwrap();
+        assert!(pending.is_empty(), "nothing before the damage");
+        assert_eq!(journal.found.quarantined.load(Ordering::Relaxed), 1);
+        assert_ne!(journal.id(), &old_id, "a fresh series: numbers could otherwise repeat");
+    }
+
+    #[tokio::test]
+    async fn bad_files_are_quarantined_never_read_as_entries() {
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("empty", vec![]),
+            ("wrong magic", b"XXXX\x01\x00\x00\x00".to_vec()),
+            ("wrong version", b"TGJ1\x07\x00\x00\x00".to_vec()),
+            (
+                "impossible length",
+                [&header()[..], &[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0, 1]].concat(),
+            ),
+            (
+                "random bytes",
+                (0..4096u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                    .collect(),
+            ),
+        ];
+        for (name, bytes) in cases {
+            let (entries, ending) = decode(&bytes);
+            assert!(entries.is_empty(), "{name}");
+            assert!(matches!(ending, Ending::Corrupt { .. }), "{name}: {ending:?}");
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join(format!("{:020}.tgj", 1)), &bytes).unwrap();
+            fs::write(dir.path().join(format!("{:020}.tgj", 2)), header()).unwrap();
+            assert!(Journal::open(settings(dir.path())).is_err(), "{name} stops start-up");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_journal_refuses_appends_and_archives_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut small = settings(dir.path());
+        small.max_bytes = 8192;
+        small.archive = true;
+        let (journal, _) = Journal::open(small).unwrap();
+        let mut refused = None;
+        let mut seqs = Vec::new();
+        for i in 1..200 {
+            let mut e = vec![entry(i)];
+            journal.number(&mut e);
+            match journal.append(e.clone()).await {
+                Ok(()) => seqs.push(e[0].seq),
+                Err(err) => {
+                    refused = Some(err);
+                    break;
+                }
+            }
+        }
+        assert!(matches!(refused, Some(JournalError::Full { .. })), "{refused:?}");
+        assert!(journal.has_room().is_err() || journal.bytes() > 4096);
+        journal.applied(seqs);
+        assert!(
+            !segments(&dir.path().join("archive"), ".tgj").is_empty(),
+            "applied segments archived"
+        );
+        assert!(journal.has_room().is_ok(), "room again once applied");
+    }
+
+    /// Every seed of the fuzz corpus (`fuzz/corpus/journal_decode`) decodes
+    /// without panicking, to what its name says.
+    #[test]
+    fn the_fuzz_seed_corpus_decodes_as_named() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/journal_decode");
+        let mut seen = 0;
+        for file in fs::read_dir(&dir).unwrap() {
+            let path = file.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let (entries, ending) = decode(&fs::read(&path).unwrap());
+            seen += 1;
+            match name.as_str() {
+                "valid-two-entries" => assert_eq!((entries.len(), ending), (2, Ending::Clean)),
+                "header-only" => assert_eq!((entries.len(), ending), (0, Ending::Clean)),
+                "torn-tail" => assert_eq!((entries.len(), ending), (1, Ending::Torn { at: entries_end(&path) })),
+                _ => assert!(matches!(ending, Ending::Corrupt { .. }), "{name}: {ending:?}"),
+            }
+        }
+        assert!(seen >= 9, "the seed corpus is there ({seen} files)");
+    }
+
+    /// Where the first entry of a seed ends (the torn one starts there).
+    fn entries_end(path: &Path) -> usize {
+        let bytes = fs::read(path).unwrap();
+        let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+        HEADER + 8 + len
+    }
 }
