@@ -293,3 +293,57 @@ pub async fn drain(
     }
     (allowed, unavailable)
 }
+
+/// Every record in the usage streams of `shards` shards (default prefix),
+/// as the JSON each stream entry carries, in stream order per shard.
+pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let mut records = Vec::new();
+    for shard in 0..shards {
+        let key = tollgate::store::leased::stream_key("tollgate", shard);
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        let redis::Value::Array(entries) = reply else {
+            panic!("XRANGE answered {reply:?}")
+        };
+        for entry in entries {
+            let redis::Value::Array(parts) = entry else { continue };
+            let Some(redis::Value::Array(fields)) = parts.get(1) else {
+                continue;
+            };
+            let text = |v: &redis::Value| match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                other => panic!("unexpected field {other:?}"),
+            };
+            let mut record = serde_json::Value::Null;
+            for pair in fields.chunks(2) {
+                if text(&pair[0]) == "json" {
+                    record = serde_json::from_str(&text(&pair[1])).expect("record JSON");
+                }
+            }
+            records.push(record);
+        }
+    }
+    records
+}
+
+/// Money of `records` in pico-units.
+pub fn picos(records: &[serde_json::Value]) -> i128 {
+    records
+        .iter()
+        .map(|r| {
+            r["total_money"]
+                .as_str()
+                .expect("total_money")
+                .parse::<Money>()
+                .expect("money")
+                .picos()
+        })
+        .sum()
+}

@@ -1,0 +1,135 @@
+//! The journal and the usage stream against real processes: a sidecar
+//! killed with SIGKILL again and again under load, restarted on the same
+//! journal; every settle it acknowledged reaches the usage stream exactly
+//! once, and the account is charged exactly what the stream says.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::fleet::{Ledger, Sidecar, picos, shared_account, stream_records, write_config};
+use support::redis::RedisServer;
+use tollgate::proto;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[store.redis]
+deadline_ms = 1000
+
+[leases]
+ttl_seconds = 3
+horizon_ms = 500
+idle_return_seconds = 1
+report_interval_ms = 200
+
+[journal]
+sync = "always"
+
+[plans.payg]
+
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models.m.tiers.default]
+input = "1"
+output = "4"
+
+[[accounts]]
+id = "shared"
+plan = "payg"
+paid = "1000"
+"#;
+
+/// Reserve+settle loops against `sidecar` until `until`; the request ids of
+/// every settle acknowledged go into `acked`. Errors (the sidecar killed)
+/// end a loop.
+async fn load(sidecar: &Sidecar, round: usize, until: Instant, acked: &Arc<Mutex<HashSet<String>>>) {
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let mut quota = sidecar.client().await;
+        let acked = Arc::clone(acked);
+        tasks.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                if Instant::now() >= until {
+                    return;
+                }
+                let id = format!("r{round}-c{c}-{i}");
+                let Ok(r) = quota.reserve(support::reserve("shared", &id, 100, 100)).await else {
+                    return;
+                };
+                assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+                match quota.settle(support::settle("shared", &id, 100, i % 100)).await {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_again_and_again_every_acknowledged_settle_is_in_the_stream_once() {
+    let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let journal = dir.path().join("journal");
+    let usage = |round: usize| dir.path().join(format!("usage-{round}.jsonl"));
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    for round in 0..4 {
+        let mut sidecar = Sidecar::spawn_with_journal(&config, &[redis.url()], usage(round), &journal);
+        let killer = async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        };
+        let until = Instant::now() + Duration::from_secs(60);
+        tokio::select! {
+            () = load(&sidecar, round, until, &acked) => panic!("the load ended before the crash"),
+            () = killer => {}
+        }
+        // Mid-load: no lease returned, no report sent, the journal as it is.
+        sidecar.kill();
+    }
+    // Once more, to replay what the last crash left, then a clean stop.
+    let mut sidecar = Sidecar::spawn_with_journal(&config, &[redis.url()], usage(9), &journal);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sidecar.stop();
+
+    let records = stream_records(&redis.url(), 1).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *seen.entry(r["request_id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicated.is_empty(), "records in the stream twice: {duplicated:?}");
+    let acked = acked.lock().unwrap();
+    assert!(acked.len() > 100, "the load ran: {} settles acknowledged", acked.len());
+    let missing: Vec<_> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged settles missing from the stream: {missing:?}"
+    );
+    let account = shared_account(redis.port, 1, "shared");
+    let (paid, debt) = (Ledger::of(&account["paid"]), Ledger::of(&account["debt"]));
+    assert_eq!(
+        paid.charged + debt.charged,
+        picos(&records),
+        "the account is charged exactly what the stream records"
+    );
+    assert!(paid.available() >= 0);
+    assert_eq!(
+        paid.granted,
+        paid.available() + paid.held + paid.charged + paid.forfeited
+    );
+}
