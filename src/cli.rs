@@ -41,6 +41,77 @@ pub enum Cmd {
     Release(ReservationArgs),
     /// Show an account's balance.
     Balance(BalanceArgs),
+    /// Read the usage streams in Redis through a consumer group.
+    #[command(subcommand)]
+    Usage(UsageCmd),
+}
+
+/// `usage` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsageCmd {
+    /// Print new usage records as JSON lines as they arrive, acknowledging
+    /// each once printed.
+    Tail {
+        /// Where the streams are.
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// Consumer group.
+        #[arg(long, default_value = "tollgate-tail")]
+        group: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Consume what the group has not seen yet and print totals per account
+    /// and model of the records settled in [from, to), as CSV or JSON lines.
+    Export {
+        /// Where the streams are.
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// Consumer group (each export consumes what it reads; a new group
+        /// reads the streams from their beginning).
+        #[arg(long, default_value = "tollgate-export")]
+        group: String,
+        /// Records settled at or after this instant (RFC 3339).
+        #[arg(long)]
+        from: jiff::Timestamp,
+        /// Records settled before this instant (RFC 3339).
+        #[arg(long)]
+        to: jiff::Timestamp,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// `csv` or `jsonl`.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
+}
+
+/// Where the usage streams are.
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// Redis URL; repeat (or separate with commas) for Redis Cluster seed
+    /// nodes. Credentials: TOLLGATE_REDIS_USERNAME, TOLLGATE_REDIS_PASSWORD.
+    #[arg(
+        long = "redis",
+        value_name = "URL",
+        env = "TOLLGATE_REDIS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub redis: Vec<String>,
+    /// The one URL is a Redis Cluster node.
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// Key prefix (store.redis.key_prefix).
+    #[arg(long, default_value = "tollgate")]
+    pub prefix: String,
+    /// Logical shards (store.redis.shards; default 1, or 16 on a cluster).
+    #[arg(long)]
+    pub shards: Option<u32>,
+    /// This consumer's name in the group (default: host-pid).
+    #[arg(long)]
+    pub consumer: Option<String>,
 }
 
 /// Options of `serve`.
@@ -158,6 +229,7 @@ fn env(key: &str) -> Option<String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Serve(args) => serve(args).await,
+        Cmd::Usage(cmd) => usage(cmd).await,
         Cmd::CheckConfig { file } => Ok(match Settings::load(Some(&file), &env) {
             Ok(s) => {
                 println!(
@@ -233,6 +305,95 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(show_balance(&r))
             })
             .await
+        }
+    }
+}
+
+async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::consume::Consumer> {
+    let cluster = streams.redis_cluster || streams.redis.len() > 1;
+    let password = env("TOLLGATE_REDIS_PASSWORD");
+    let settings = crate::store::redis::RedisSettings {
+        urls: streams.redis.clone(),
+        cluster,
+        deadline: std::time::Duration::from_secs(10),
+        ca_cert: None,
+        credentials: password.map(|password| crate::store::redis::Credentials {
+            username: env("TOLLGATE_REDIS_USERNAME"),
+            password,
+        }),
+    };
+    let redis = crate::store::redis::Redis::connect(&settings)
+        .await
+        .with_context(|| format!("connecting to {}", streams.redis.join(", ")))?;
+    let shards = crate::config::shards(streams.shards.unwrap_or(0), cluster);
+    let name = streams.consumer.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            env("HOSTNAME").unwrap_or_else(|| "tollgate".into()),
+            std::process::id()
+        )
+    });
+    Ok(crate::consume::Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
+}
+
+async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    match cmd {
+        UsageCmd::Tail { streams, group, max } => {
+            let consumer = consumer(&streams, &group).await?;
+            let mut printed = 0u64;
+            let stdout = std::io::stdout();
+            loop {
+                let batch = consumer.read(100, Some(2000)).await?;
+                let mut out = stdout.lock();
+                for d in &batch {
+                    writeln!(out, "{}", d.record)?;
+                }
+                out.flush()?;
+                drop(out);
+                consumer.ack(&batch).await?;
+                printed += batch.len() as u64;
+                if max.is_some_and(|m| printed >= m) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        UsageCmd::Export {
+            streams,
+            group,
+            from,
+            to,
+            account,
+            format,
+        } => {
+            let csv = match format.as_str() {
+                "csv" => true,
+                "jsonl" => false,
+                other => anyhow::bail!("--format {other}: expected csv or jsonl"),
+            };
+            let consumer = consumer(&streams, &group).await?;
+            let mut totals = std::collections::BTreeMap::new();
+            let (mut read, mut counted) = (0usize, 0usize);
+            loop {
+                let batch = consumer.read(1000, None).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for d in &batch {
+                    counted += usize::from(crate::consume::tally(
+                        &mut totals,
+                        &d.record,
+                        from,
+                        to,
+                        account.as_deref(),
+                    ));
+                }
+                read += batch.len();
+                consumer.ack(&batch).await?;
+            }
+            crate::consume::write_totals(&mut std::io::stdout().lock(), &totals, csv)?;
+            eprintln!("{read} records consumed, {counted} in range");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`store`]: the `Store` trait, the embedded `memory` store, and the
 //!   Redis store with leases.
 //! - [`journal`]: the local, durable usage journal in front of Redis.
+//! - [`consume`]: reading the usage streams through a consumer group.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
 //! - [`server`]: binds listeners, serves, drains on shutdown.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod consume;
 pub mod engine;
 pub mod journal;
 pub mod server;

@@ -133,3 +133,60 @@ async fn sigkilled_again_and_again_every_acknowledged_settle_is_in_the_stream_on
         paid.available() + paid.held + paid.charged + paid.forfeited
     );
 }
+
+/// Runs `tollgate ARGS` and returns its stdout.
+fn tollgate(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env_remove("TOLLGATE_REDIS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut sidecar = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("usage.jsonl"),
+        &dir.path().join("journal"),
+    );
+    let mut quota = sidecar.client().await;
+    for i in 0..10u64 {
+        let id = format!("e{i}");
+        quota.reserve(support::reserve("shared", &id, 100, 100)).await.unwrap();
+        quota.settle(support::settle("shared", &id, 100, 10 * i)).await.unwrap();
+    }
+    sidecar.stop();
+    let url = redis.url();
+    let window = ["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
+    let csv = tollgate(&[&["usage", "export", "--redis", &url][..], &window[..]].concat());
+    // 10 × 100 input tokens at 1/M, 0+10+…+90 = 450 output tokens at 4/M.
+    assert_eq!(
+        csv,
+        "account_id,model,records,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,total_money\n\
+         shared,m,10,1000,0,0,450,0.002800000000\n"
+    );
+    let again = tollgate(&[&["usage", "export", "--redis", &url][..], &window[..]].concat());
+    assert_eq!(again.lines().count(), 1, "the group consumed them: only the header");
+    let tail = tollgate(&["usage", "tail", "--redis", &url, "--group", "audit", "--max", "10"]);
+    let ids: HashSet<String> = tail
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 10, "another group reads them all again, once each");
+}

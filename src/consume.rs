@@ -1,0 +1,261 @@
+//! Reading the usage streams as a billing pipeline does: through a Redis
+//! consumer group, acknowledging what was processed (`tollgate usage tail`
+//! and `tollgate usage export`).
+//!
+//! Records are in `PREFIX:{SHARD}:usage` for every shard `0..shards`; each
+//! stream entry has the fields `id` (the record id), `journal` and `seq`
+//! (where it was journaled), `json` (the record as JSON) and `pb` (the
+//! record as a `tollgate.v1.UsageRecord` protobuf message). A consumer
+//! that sees a record id again (after its own crash, before its `XACK`)
+//! has seen the same record.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use jiff::Timestamp;
+
+use crate::engine::money::Money;
+use crate::store::StoreError;
+use crate::store::leased::stream_key;
+use crate::store::redis::Redis;
+
+/// One record read from a stream.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// The stream it came from.
+    pub stream: String,
+    /// Its stream entry id (for `XACK`).
+    pub entry: String,
+    /// The record, as JSON.
+    pub record: serde_json::Value,
+}
+
+/// A consumer of every shard's stream in one consumer group.
+pub struct Consumer {
+    redis: Redis,
+    streams: Vec<String>,
+    group: String,
+    name: String,
+}
+
+fn text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+impl Consumer {
+    /// Joins (creating if needed) consumer group `group` on every shard
+    /// stream, as consumer `name`. A new group starts at the beginning of
+    /// each stream.
+    pub async fn join(
+        redis: Redis,
+        prefix: &str,
+        shards: u32,
+        group: &str,
+        name: &str,
+    ) -> Result<Consumer, StoreError> {
+        let streams: Vec<String> = (0..shards.max(1)).map(|s| stream_key(prefix, s)).collect();
+        for stream in &streams {
+            let created: Result<redis::Value, StoreError> = redis
+                .query(
+                    redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(stream)
+                        .arg(group)
+                        .arg("0")
+                        .arg("MKSTREAM"),
+                )
+                .await;
+            match created {
+                Ok(_) => {}
+                Err(StoreError::Unavailable(m)) if m.contains("BUSYGROUP") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Consumer {
+            redis,
+            streams,
+            group: group.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Reads up to `count` records per stream that the group has not been
+    /// given yet (first those given to this consumer and not acknowledged,
+    /// after a crash). Waits up to `block` ms for new ones when there are
+    /// none (`None`: no wait).
+    pub async fn read(&self, count: usize, block: Option<u64>) -> Result<Vec<Delivered>, StoreError> {
+        let mut out = Vec::new();
+        for stream in &self.streams {
+            for from in ["0", ">"] {
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg("GROUP")
+                    .arg(&self.group)
+                    .arg(&self.name)
+                    .arg("COUNT")
+                    .arg(count);
+                if from == ">"
+                    && let Some(ms) = block
+                    && out.is_empty()
+                    && self.streams.len() == 1
+                {
+                    cmd.arg("BLOCK").arg(ms);
+                }
+                cmd.arg("STREAMS").arg(stream).arg(from);
+                let reply: redis::Value = self.redis.query(&cmd).await?;
+                out.extend(parse(stream, &reply));
+            }
+        }
+        if out.is_empty()
+            && let Some(ms) = block
+            && self.streams.len() > 1
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms.min(1000))).await;
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges processed records.
+    pub async fn ack(&self, delivered: &[Delivered]) -> Result<(), StoreError> {
+        for stream in &self.streams {
+            let ids: Vec<&str> = delivered
+                .iter()
+                .filter(|d| &d.stream == stream)
+                .map(|d| d.entry.as_str())
+                .collect();
+            if !ids.is_empty() {
+                let _: redis::Value = self
+                    .redis
+                    .query(redis::cmd("XACK").arg(stream).arg(&self.group).arg(ids))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The records in an `XREADGROUP` reply (one stream).
+fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
+    let mut out = Vec::new();
+    let redis::Value::Array(streams) = reply else {
+        return out;
+    };
+    for s in streams {
+        let redis::Value::Array(pair) = s else { continue };
+        let Some(redis::Value::Array(entries)) = pair.get(1) else {
+            continue;
+        };
+        for e in entries {
+            let redis::Value::Array(parts) = e else { continue };
+            let (Some(id), Some(redis::Value::Array(fields))) = (parts.first().and_then(text), parts.get(1)) else {
+                continue;
+            };
+            let json = fields
+                .chunks(2)
+                .find(|kv| kv.first().and_then(text).as_deref() == Some("json"))
+                .and_then(|kv| kv.get(1).and_then(text));
+            if let Some(record) = json.and_then(|j| serde_json::from_str(&j).ok()) {
+                out.push(Delivered {
+                    stream: stream.to_owned(),
+                    entry: id,
+                    record,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Totals of one account and model.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    /// The account.
+    pub account_id: String,
+    /// The model ("" for money charges without one).
+    pub model: String,
+    /// Records counted.
+    pub records: u64,
+    /// Uncached input tokens.
+    pub input_tokens: u64,
+    /// Cached input tokens.
+    pub cached_input_tokens: u64,
+    /// Cache-write tokens.
+    pub cache_write_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Money charged.
+    pub total_money: Money,
+}
+
+/// Adds `record` to `totals` if it was settled in `[from, to)` and, with
+/// `account`, is that account's. Returns whether it counted.
+pub fn tally(
+    totals: &mut BTreeMap<(String, String), Totals>,
+    record: &serde_json::Value,
+    from: Timestamp,
+    to: Timestamp,
+    account: Option<&str>,
+) -> bool {
+    let at = record["settled_at"].as_str().and_then(|t| t.parse::<Timestamp>().ok());
+    let id = record["account_id"].as_str().unwrap_or_default();
+    if at.is_none_or(|at| at < from || at >= to) || account.is_some_and(|a| a != id) {
+        return false;
+    }
+    let model = record["model"].as_str().unwrap_or_default();
+    let t = totals
+        .entry((id.to_owned(), model.to_owned()))
+        .or_insert_with(|| Totals {
+            account_id: id.to_owned(),
+            model: model.to_owned(),
+            ..Totals::default()
+        });
+    let usage = &record["usage"];
+    let n = |k: &str| usage[k].as_u64().unwrap_or(0);
+    t.records += 1;
+    t.input_tokens += n("input_tokens");
+    t.cached_input_tokens += n("cached_input_tokens");
+    t.cache_write_tokens += n("cache_write_tokens");
+    t.output_tokens += n("output_tokens");
+    let money = record["total_money"].as_str().and_then(|m| m.parse::<Money>().ok());
+    t.total_money = t
+        .total_money
+        .checked_add(money.unwrap_or(Money::ZERO))
+        .unwrap_or(t.total_money);
+    true
+}
+
+/// Writes `totals` as CSV (with a header) or JSON Lines.
+pub fn write_totals(
+    out: &mut impl Write,
+    totals: &BTreeMap<(String, String), Totals>,
+    csv: bool,
+) -> std::io::Result<()> {
+    if csv {
+        writeln!(
+            out,
+            "account_id,model,records,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,total_money"
+        )?;
+        for t in totals.values() {
+            writeln!(
+                out,
+                "{},{},{},{},{},{},{},{}",
+                t.account_id,
+                t.model,
+                t.records,
+                t.input_tokens,
+                t.cached_input_tokens,
+                t.cache_write_tokens,
+                t.output_tokens,
+                t.total_money
+            )?;
+        }
+    } else {
+        for t in totals.values() {
+            writeln!(out, "{}", serde_json::to_string(t).unwrap_or_default())?;
+        }
+    }
+    Ok(())
+}
