@@ -177,6 +177,9 @@ pub fn record_out(r: &UsageRecord) -> proto::UsageRecord {
         reserved_at: Some(timestamp_out(r.reserved_at)),
         settled_at: Some(timestamp_out(r.settled_at)),
         kind: r.kind.as_str().to_owned(),
+        record_id: r.id(),
+        journal: String::new(),
+        journal_seq: 0,
     }
 }
 

@@ -179,6 +179,8 @@ pub struct RedisStore {
     /// Redis failed recently: until then, calls fail at once.
     down_until: Mutex<Option<Instant>>,
     prices_stale: std::sync::atomic::AtomicBool,
+    /// The version of the prices record installed.
+    prices_version: AtomicU64,
     sweeps: AtomicU64,
     /// What the store did.
     pub stats: Stats,
@@ -246,6 +248,7 @@ impl RedisStore {
             gates: DashMap::new(),
             down_until: Mutex::new(None),
             prices_stale: std::sync::atomic::AtomicBool::new(false),
+            prices_version: AtomicU64::new(0),
             sweeps: AtomicU64::new(0),
             stats: Stats::default(),
         });
@@ -430,20 +433,30 @@ impl RedisStore {
     // ---- prices ----
 
     async fn load_prices(&self) -> Result<(), StoreError> {
-        let published: Vec<PriceVersion> = match self.read(&self.prices_key()).await? {
-            Some((_, json)) => serde_json::from_str(&json).map_err(|e| corrupt(&self.prices_key(), e))?,
-            None => Vec::new(),
+        let (version, published): (u64, Vec<PriceVersion>) = match self.read(&self.prices_key()).await? {
+            Some((v, json)) => (
+                v,
+                serde_json::from_str(&json).map_err(|e| corrupt(&self.prices_key(), e))?,
+            ),
+            None => (0, Vec::new()),
         };
-        self.install_prices(published)
+        self.install_prices(version, published)
     }
 
-    fn install_prices(&self, published: Vec<PriceVersion>) -> Result<(), StoreError> {
+    /// Installs the published versions of record version `version`, unless
+    /// a newer one is installed already (a slow read never undoes a
+    /// publication).
+    fn install_prices(&self, version: u64, published: Vec<PriceVersion>) -> Result<(), StoreError> {
         let mut all: Vec<PriceVersion> = self.base.prices.versions().iter().map(|v| (**v).clone()).collect();
         all.extend(published);
         let prices = PriceBook::new(all).map_err(EngineError::from)?;
         let mut catalog = self.base.clone();
         catalog.prices = prices;
-        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(catalog);
+        let mut installed = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        if version >= self.prices_version.load(Ordering::Relaxed) {
+            self.prices_version.store(version, Ordering::Relaxed);
+            *installed = Arc::new(catalog);
+        }
         Ok(())
     }
 
@@ -1185,8 +1198,8 @@ impl Store for RedisStore {
             book.publish(version.clone(), now).map_err(EngineError::from)?;
             published.push(version.clone());
             let state = serde_json::to_string(&published).map_err(|e| corrupt(&key, e))?;
-            if let Commit::Done(_) = self.write(&[&key], v, &state, now, Some("prices"), &[]).await? {
-                self.install_prices(published)?;
+            if let Commit::Done(committed) = self.write(&[&key], v, &state, now, Some("prices"), &[]).await? {
+                self.install_prices(committed, published)?;
                 return Ok(book.versions().iter().map(|v| v.id.clone()).collect());
             }
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
