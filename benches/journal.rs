@@ -142,7 +142,10 @@ fn main() {
         println!("journal: bench");
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let redis = redis_server::RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     println!("\nSettles over gRPC, Redis store, {CLIENTS} clients, {MEASURE:?} per policy (µs)\n");
@@ -150,7 +153,11 @@ fn main() {
     println!("|---|---|---|---|---|");
     runtime.block_on(async {
         for (i, (name, policy)) in policies().into_iter().enumerate() {
-            let usage = dir.path().join(format!("usage-{i}.jsonl")).to_string_lossy().into_owned();
+            let usage = dir
+                .path()
+                .join(format!("usage-{i}.jsonl"))
+                .to_string_lossy()
+                .into_owned();
             let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
             let mut settings = Settings::parse(CONFIG, &env).unwrap();
             settings.store.use_redis(vec![redis.url()], false);

@@ -14,9 +14,10 @@ use crate::engine::money::Money;
 use crate::engine::ops::Pool;
 use crate::engine::period::Anchor;
 use crate::engine::pricing::PriceVersion;
+use crate::engine::record::AuditRecord;
 use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
 use crate::store::{Store, StoreError};
-use crate::usage::UsageSender;
+use crate::usage::{Emitted, UsageSender};
 
 /// Tollgate's operations, shared by every request handler.
 #[derive(Clone)]
@@ -66,9 +67,39 @@ impl Tollgate {
         .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
     }
 
+    /// Runs an operator's `command` on `account` with its audit record
+    /// (`audit.at` is set here), which reaches the usage stream with the
+    /// change and the usage sink after it.
+    pub async fn apply_admin(
+        &self,
+        account: &AccountId,
+        command: Command,
+        mut audit: AuditRecord,
+    ) -> Result<Reply, StoreError> {
+        if self.usage.is_closed() {
+            return Err(StoreError::Unavailable(
+                "the usage sink has stopped; refusing a change without its audit record".into(),
+            ));
+        }
+        let this = self.clone();
+        let account = account.clone();
+        tokio::spawn(async move {
+            let now = this.now();
+            audit.at = now;
+            let applied = this.store.apply_audited(&account, command, now, &audit).await?;
+            this.emit(applied.records).await;
+            if this.usage.send(Emitted::Audit(Arc::new(audit))).await.is_err() {
+                tracing::error!("usage sink has stopped; an audit record was not written");
+            }
+            Ok(applied.reply)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
+    }
+
     async fn emit(&self, records: Vec<Arc<UsageRecord>>) {
         for record in records {
-            if self.usage.send(record).await.is_err() {
+            if self.usage.send(Emitted::Usage(record)).await.is_err() {
                 tracing::error!("usage sink has stopped; a usage record was not written");
             }
         }

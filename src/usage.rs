@@ -4,8 +4,8 @@
 //! path never waits on disk unless the queue is full (explicit
 //! back-pressure). The writer flushes whenever the queue runs empty and
 //! when every sender is gone, which is how shutdown drains it. Records
-//! still queued when the process dies are lost; the durable journal is the
-//! fix (a later stage of the design).
+//! still queued when the process dies are lost from this sink; with the
+//! Redis store the journal and the usage stream are the durable copy.
 
 use std::io;
 use std::sync::Arc;
@@ -16,12 +16,24 @@ use tokio::task::JoinHandle;
 
 use crate::config::UsageSinkConfig;
 use crate::engine::UsageRecord;
+use crate::engine::record::AuditRecord;
+
+/// What goes to the sink: usage records and audit records, one JSON line
+/// each (told apart by `kind`).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Emitted {
+    /// A usage record.
+    Usage(Arc<UsageRecord>),
+    /// An operator's change.
+    Audit(Arc<AuditRecord>),
+}
 
 /// Records queued before senders wait.
 pub const QUEUE: usize = 8192;
 
 /// Sends records to the writer task.
-pub type UsageSender = mpsc::Sender<Arc<UsageRecord>>;
+pub type UsageSender = mpsc::Sender<Emitted>;
 
 /// The writer task, and the way to stop it.
 pub struct Writer {
@@ -60,7 +72,7 @@ pub async fn spawn(config: &UsageSinkConfig) -> io::Result<(UsageSender, Writer)
 }
 
 async fn write(
-    mut rx: mpsc::Receiver<Arc<UsageRecord>>,
+    mut rx: mpsc::Receiver<Emitted>,
     mut closed: oneshot::Receiver<()>,
     mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
 ) -> io::Result<()> {
@@ -76,7 +88,7 @@ async fn write(
             }
         };
         let Some(record) = record else { break };
-        let mut line = serde_json::to_vec(&*record)?;
+        let mut line = serde_json::to_vec(&record)?;
         line.push(b'\n');
         out.write_all(&line).await?;
         if rx.is_empty() {
@@ -90,9 +102,9 @@ async fn write(
 mod tests {
     use super::*;
 
-    fn record(n: u32) -> Arc<UsageRecord> {
+    fn record(n: u32) -> Emitted {
         let id = |s: &str| crate::engine::ids::RequestId::parse(s).unwrap();
-        Arc::new(UsageRecord {
+        Emitted::Usage(Arc::new(UsageRecord {
             kind: crate::engine::record::RecordKind::Charge,
             request_id: id(&format!("r{n}")),
             reservation_id: None,
@@ -106,7 +118,7 @@ mod tests {
             price_version: None,
             reserved_at: jiff::Timestamp::UNIX_EPOCH,
             settled_at: jiff::Timestamp::UNIX_EPOCH,
-        })
+        }))
     }
 
     #[tokio::test]

@@ -52,6 +52,17 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .top_up(top_up("t1", proto::MoneyPool::Paid, "10"))
         .await
         .unwrap();
+    // Every applied change leaves an audit record in the usage sink.
+    let audit = &app.audits(1).await[0];
+    assert_eq!(
+        (
+            audit["operator"].as_str(),
+            audit["operation"].as_str(),
+            audit["operation_id"].as_str(),
+            audit["reason"].as_str()
+        ),
+        (Some("unauthenticated"), Some("top_up"), Some("t1"), Some("invoice 42"))
+    );
     // A retry credits once.
     app.admin
         .top_up(top_up("t1", proto::MoneyPool::Paid, "10"))

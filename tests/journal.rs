@@ -160,6 +160,19 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         dir.path().join("usage.jsonl"),
         &dir.path().join("journal"),
     );
+    let mut admin = sidecar.admin().await;
+    let mut top_up = tonic::Request::new(proto::TopUpRequest {
+        account_id: "shared".into(),
+        operation_id: "invoice-2026-11".into(),
+        pool: proto::MoneyPool::Paid as i32,
+        amount: Some(support::money("5")),
+        reason: "November invoice paid".into(),
+        ..Default::default()
+    });
+    top_up
+        .metadata_mut()
+        .insert("x-tollgate-operator", "alice@billing".parse().unwrap());
+    admin.top_up(top_up).await.unwrap();
     let mut quota = sidecar.client().await;
     for i in 0..10u64 {
         let id = format!("e{i}");
@@ -178,15 +191,28 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
     );
     let again = tollgate(&[&["usage", "export", "--redis", &url][..], &window[..]].concat());
     assert_eq!(again.lines().count(), 1, "the group consumed them: only the header");
-    let tail = tollgate(&["usage", "tail", "--redis", &url, "--group", "audit", "--max", "10"]);
-    let ids: HashSet<String> = tail
+    let tail = tollgate(&["usage", "tail", "--redis", &url, "--group", "audit", "--max", "11"]);
+    let (audits, records): (Vec<serde_json::Value>, Vec<serde_json::Value>) = tail
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .partition(|r| r["kind"] == "audit");
+    // The operator's change is on the stream too, with who and why.
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    let audit = &audits[0];
+    assert_eq!(
+        (
+            audit["operator"].as_str(),
+            audit["reason"].as_str(),
+            audit["operation"].as_str()
+        ),
+        (Some("alice@billing"), Some("November invoice paid"), Some("top_up"))
+    );
+    assert_eq!(audit["operation_id"], "invoice-2026-11");
+    let ids: HashSet<&str> = records.iter().map(|r| r["record_id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 10, "another group reads them all again, once each");
+    for r in &records {
+        assert_eq!(r["record_id"].as_str().unwrap().len(), 32, "{r}");
+        assert!(r["journal"].as_str().unwrap().starts_with("journal-"), "{r}");
+        assert!(r["journal_seq"].as_u64().unwrap() > 0, "{r}");
+    }
 }

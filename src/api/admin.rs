@@ -19,6 +19,7 @@ use crate::engine::limits::LimitOverrides;
 use crate::engine::ops::{PackGrant, Pool};
 use crate::engine::period::Anchor;
 use crate::engine::pricing::{ModelPrices, PriceVersion, PriceWindow, TierPrices, TokenPrices};
+use crate::engine::record::AuditRecord;
 use crate::engine::{Command, Ledger, Reply, Snapshot};
 use crate::proto;
 use crate::proto::admin_server::Admin;
@@ -42,18 +43,55 @@ impl AdminApi {
         Ok(Response::new(detail_out(&s)))
     }
 
-    /// Applies an operator's change and logs it, with its reason, on the
-    /// `audit` target.
+    /// Applies an operator's change with its audit record (on the usage
+    /// stream and sink), and logs it on the `audit` target.
     async fn mutate(
         &self,
+        caller: Caller,
         account: &AccountId,
         command: Command,
         why: &str,
     ) -> Result<Response<proto::AccountDetail>, Status> {
         let what = format!("{command:?}");
-        self.tollgate.apply(account, command).await.map_err(status)?;
+        let audit = AuditRecord {
+            kind: "audit".into(),
+            account_id: account.clone(),
+            operator: caller.operator,
+            peer: caller.peer,
+            operation: command.name().into(),
+            operation_id: command.operation_id(),
+            reason: why.into(),
+            change: what.clone(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+        };
+        self.tollgate
+            .apply_admin(account, command, audit)
+            .await
+            .map_err(status)?;
         tracing::info!(target: "audit", account = %account, change = %what, reason = why, "admin change applied");
         self.detail(account).await
+    }
+}
+
+/// Who called, as far as the admin API can tell: the operator named in
+/// the `x-tollgate-operator` metadata (until the admin API authenticates
+/// callers), and the peer address.
+struct Caller {
+    operator: String,
+    peer: String,
+}
+
+impl Caller {
+    fn of<T>(request: &Request<T>) -> Caller {
+        let operator = request
+            .metadata()
+            .get("x-tollgate-operator")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().filter(|c| !c.is_control()).take(128).collect::<String>())
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| "unauthenticated".into());
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        Caller { operator, peer }
     }
 }
 
@@ -248,6 +286,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::UpdateAccountRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let time_zone = match &r.time_zone {
@@ -259,6 +298,7 @@ impl Admin for AdminApi {
             Some(m) => Some(money("credit_limit", Some(m))?),
         };
         self.mutate(
+            caller,
             &account,
             Command::Update {
                 time_zone,
@@ -270,6 +310,7 @@ impl Admin for AdminApi {
     }
 
     async fn top_up(&self, request: Request<proto::TopUpRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
@@ -296,6 +337,7 @@ impl Admin for AdminApi {
             Err(_) => return Err(invalid("pool", format!("unknown value {}", r.pool))),
         };
         self.mutate(
+            caller,
             &account,
             Command::TopUp {
                 operation_id,
@@ -311,12 +353,13 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::AdjustMoneyRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
         let amount = money("amount", r.amount.as_ref())?;
         let why = reason(&r.reason)?;
-        self.mutate(&account, Command::Adjust { operation_id, amount }, &why)
+        self.mutate(caller, &account, Command::Adjust { operation_id, amount }, &why)
             .await
     }
 
@@ -324,6 +367,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::GrantPackRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
@@ -339,35 +383,39 @@ impl Admin for AdminApi {
             models: (!models.is_empty()).then_some(models),
             priority: r.priority,
         };
-        self.mutate(&account, Command::GrantPack(grant), &why).await
+        self.mutate(caller, &account, Command::GrantPack(grant), &why).await
     }
 
     async fn revoke_pack(
         &self,
         request: Request<proto::RevokePackRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let pack = id("pack_id", &r.pack_id, LotId::parse)?;
         let why = reason(&r.reason)?;
-        self.mutate(&account, Command::RevokePack(pack), &why).await
+        self.mutate(caller, &account, Command::RevokePack(pack), &why).await
     }
 
     async fn assign_plan(
         &self,
         request: Request<proto::AssignPlanRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
         let anchor = anchor(r.anchor)?;
-        self.mutate(&account, Command::AssignPlan { plan, anchor }, "").await
+        self.mutate(caller, &account, Command::AssignPlan { plan, anchor }, "")
+            .await
     }
 
     async fn set_limit_overrides(
         &self,
         request: Request<proto::SetLimitOverridesRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let o = r.overrides.unwrap_or_default();
@@ -385,21 +433,24 @@ impl Admin for AdminApi {
                 })
                 .collect::<Result<_, Status>>()?,
         };
-        self.mutate(&account, Command::SetOverrides(overrides), "").await
+        self.mutate(caller, &account, Command::SetOverrides(overrides), "")
+            .await
     }
 
     async fn suspend(&self, request: Request<proto::SuspendRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
-        self.mutate(&account, Command::SetSuspended(true), &why).await
+        self.mutate(caller, &account, Command::SetSuspended(true), &why).await
     }
 
     async fn resume(&self, request: Request<proto::ResumeRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
-        self.mutate(&account, Command::SetSuspended(false), &why).await
+        self.mutate(caller, &account, Command::SetSuspended(false), &why).await
     }
 
     async fn publish_price_version(

@@ -85,6 +85,42 @@ pub enum Command {
     Snapshot,
 }
 
+impl Command {
+    /// The operation's name, as in audit records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Reserve(_) => "reserve",
+            Command::Extend { .. } => "extend",
+            Command::Settle { .. } => "settle",
+            Command::Release(_) => "release",
+            Command::Charge(_) => "charge",
+            Command::TopUp { .. } => "top_up",
+            Command::Adjust { .. } => "adjust_money",
+            Command::GrantPack(_) => "grant_pack",
+            Command::RevokePack(_) => "revoke_pack",
+            Command::AssignPlan { .. } => "assign_plan",
+            Command::SetOverrides(_) => "set_limit_overrides",
+            Command::SetSuspended(true) => "suspend",
+            Command::SetSuspended(false) => "resume",
+            Command::Update { .. } => "update_account",
+            Command::Balance => "balance",
+            Command::Snapshot => "snapshot",
+        }
+    }
+
+    /// The operator-chosen id of an adjustment, if it has one.
+    pub fn operation_id(&self) -> Option<String> {
+        match self {
+            Command::TopUp { operation_id, .. } | Command::Adjust { operation_id, .. } => {
+                Some(operation_id.to_string())
+            }
+            Command::GrantPack(grant) => Some(grant.pack_id.to_string()),
+            Command::RevokePack(id) => Some(id.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// A read-out of one account.
 #[derive(Debug, Clone)]
 pub struct Snapshot {

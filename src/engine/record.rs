@@ -75,3 +75,46 @@ impl UsageRecord {
         hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
+
+/// An operator's change to an account, for the audit trail: on the usage
+/// stream beside the usage records (`kind` is `"audit"`), and in the usage
+/// sink.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditRecord {
+    /// Always `"audit"`.
+    pub kind: String,
+    /// The account changed.
+    pub account_id: AccountId,
+    /// Who made the change, as the admin API knows them.
+    pub operator: String,
+    /// Where the call came from.
+    pub peer: String,
+    /// The change, e.g. `top_up`.
+    pub operation: String,
+    /// The operator-chosen id of the change, when it has one.
+    pub operation_id: Option<String>,
+    /// The operator's reason.
+    pub reason: String,
+    /// The change in full, as the engine received it.
+    pub change: String,
+    /// When it was applied.
+    pub at: Timestamp,
+}
+
+impl AuditRecord {
+    /// A deterministic id over the account, the change and the instant.
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in [
+            self.kind.as_str(),
+            self.account_id.as_str(),
+            self.change.as_str(),
+            &self.at.to_string(),
+        ] {
+            hash.update(part.as_bytes());
+            hash.update([0u8]);
+        }
+        hash.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

@@ -51,6 +51,7 @@ use crate::engine::ids::{AccountId, ProducerId, VersionId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
+use crate::engine::record::AuditRecord;
 use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
@@ -139,6 +140,55 @@ struct Gate {
     pending: Option<Sync>,
     /// The shared record as last read or written: version and JSON.
     cached: Option<(u64, String)>,
+}
+
+/// One entry for a usage stream.
+struct StreamItem {
+    id: String,
+    journal: String,
+    seq: u64,
+    json: String,
+    pb: Vec<u8>,
+}
+
+impl StreamItem {
+    /// A journaled usage record: the record as in the usage file, with
+    /// where it comes from, as JSON and as protobuf.
+    fn record(entry: &Journaled) -> Result<StreamItem, StoreError> {
+        let id = entry.record.id();
+        let mut json = serde_json::to_value(&entry.record).map_err(|e| corrupt("a usage record", e))?;
+        if let Some(fields) = json.as_object_mut() {
+            fields.insert("record_id".into(), id.clone().into());
+            fields.insert("journal".into(), entry.journal.as_str().into());
+            fields.insert("journal_seq".into(), entry.seq.into());
+        }
+        let mut pb = crate::api::convert::record_out(&entry.record);
+        pb.journal = entry.journal.to_string();
+        pb.journal_seq = entry.seq;
+        Ok(StreamItem {
+            id,
+            journal: entry.journal.to_string(),
+            seq: entry.seq,
+            json: json.to_string(),
+            pb: prost::Message::encode_to_vec(&pb),
+        })
+    }
+
+    /// An operator's change (JSON only).
+    fn audit(audit: &AuditRecord) -> Result<StreamItem, StoreError> {
+        let id = audit.id();
+        let mut json = serde_json::to_value(audit).map_err(|e| corrupt("an audit record", e))?;
+        if let Some(fields) = json.as_object_mut() {
+            fields.insert("record_id".into(), id.clone().into());
+        }
+        Ok(StreamItem {
+            id,
+            journal: String::new(),
+            seq: 0,
+            json: json.to_string(),
+            pb: Vec::new(),
+        })
+    }
 }
 
 /// What one account's upkeep needs this round.
@@ -324,7 +374,7 @@ impl RedisStore {
         state: &str,
         at: Timestamp,
         announce: Option<&str>,
-        records: &[Journaled],
+        records: &[StreamItem],
     ) -> Result<Commit, StoreError> {
         self.check_up()?;
         let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
@@ -338,15 +388,12 @@ impl RedisStore {
             announce.unwrap_or("").as_bytes().to_vec(),
             records.len().to_string().into_bytes(),
         ];
-        for entry in records {
-            let json = serde_json::to_vec(&entry.record).map_err(|e| corrupt("a usage record", e))?;
-            args.push(entry.record.id().into_bytes());
-            args.push(entry.journal.as_str().as_bytes().to_vec());
-            args.push(entry.seq.to_string().into_bytes());
-            args.push(json);
-            args.push(prost::Message::encode_to_vec(&crate::api::convert::record_out(
-                &entry.record,
-            )));
+        for item in records {
+            args.push(item.id.as_bytes().to_vec());
+            args.push(item.journal.as_bytes().to_vec());
+            args.push(item.seq.to_string().into_bytes());
+            args.push(item.json.as_bytes().to_vec());
+            args.push(item.pb.clone());
         }
         let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, keys, args).await)?;
         let int = |v: Option<&redis::Value>| match v {
@@ -368,13 +415,14 @@ impl RedisStore {
         &self,
         id: &AccountId,
         cache: &mut Option<(u64, String)>,
-        announce: bool,
+        audit: Option<&AuditRecord>,
         mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<(T, Vec<Journaled>), EngineError>,
     ) -> Result<(T, Account), StoreError> {
         let key = &self.account_key(id);
         let stream = &self.stream_key(id);
         let missing = || StoreError::UnknownAccount(id.clone());
-        let announce = announce.then_some(id.as_str());
+        // Admin changes (those with an audit record) are announced.
+        let announce = audit.is_some().then_some(id.as_str());
         for attempt in 0..MAX_ATTEMPTS {
             if attempt >= EAGER_ATTEMPTS {
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
@@ -398,8 +446,12 @@ impl RedisStore {
                 }
             };
             let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
+            let mut items = records.iter().map(StreamItem::record).collect::<Result<Vec<_>, _>>()?;
+            if let Some(audit) = audit.filter(|a| !a.operator.is_empty()) {
+                items.push(StreamItem::audit(audit)?);
+            }
             match self
-                .write(&[key, stream], version, &state, now, announce, &records)
+                .write(&[key, stream], version, &state, now, announce, &items)
                 .await?
             {
                 Commit::Done(v) => {
@@ -583,7 +635,7 @@ impl RedisStore {
     /// Redis could not be reached (its outcome is then unknown).
     async fn send(&self, id: &AccountId, gate: &mut Gate, sync: Sync) -> Result<(), StoreError> {
         let result = self
-            .update(id, &mut gate.cached, false, |account, catalog, now| {
+            .update(id, &mut gate.cached, None, |account, catalog, now| {
                 let synced = account.sync(catalog, &sync, now)?;
                 Ok((synced.granted, synced.applied))
             })
@@ -1113,6 +1165,46 @@ pub fn stream_key(prefix: &str, shard: u32) -> String {
     format!("{prefix}:{{{shard}}}:usage")
 }
 
+impl RedisStore {
+    /// An operator's change: one commit on the shared account, announced,
+    /// with its audit record (when the admin API made one) added to the
+    /// shard's usage stream in the same step.
+    async fn admin(
+        &self,
+        id: &AccountId,
+        command: Command,
+        audit: Option<&AuditRecord>,
+    ) -> Result<Applied, StoreError> {
+        // Without a record (seeding), the change is announced all the same.
+        let unrecorded = AuditRecord {
+            kind: "audit".into(),
+            account_id: id.clone(),
+            operator: String::new(),
+            peer: String::new(),
+            operation: command.name().into(),
+            operation_id: None,
+            reason: String::new(),
+            change: String::new(),
+            at: Timestamp::UNIX_EPOCH,
+        };
+        let (reply, shared) = self
+            .update(
+                id,
+                &mut None,
+                Some(audit.unwrap_or(&unrecorded)),
+                |account, catalog, now| Ok((account.apply(catalog, command.clone(), now)?, Vec::new())),
+            )
+            .await?;
+        if let Some(mut local) = self.mirrors.get_mut(id) {
+            local.mirror.refresh_mirror(&shared);
+        }
+        Ok(Applied {
+            reply,
+            records: Vec::new(),
+        })
+    }
+}
+
 /// A short random suffix for producer ids (two processes started in the
 /// same millisecond with the same pid, in different containers).
 fn rand_suffix() -> u32 {
@@ -1160,20 +1252,26 @@ impl Store for RedisStore {
                     records: Vec::new(),
                 })
             }
-            admin => {
-                let (reply, shared) = self
-                    .update(id, &mut None, true, |account, catalog, now| {
-                        Ok((account.apply(catalog, admin.clone(), now)?, Vec::new()))
-                    })
-                    .await?;
-                if let Some(mut local) = self.mirrors.get_mut(id) {
-                    local.mirror.refresh_mirror(&shared);
-                }
-                Ok(Applied {
-                    reply,
-                    records: Vec::new(),
-                })
-            }
+            admin => self.admin(id, admin, None).await,
+        }
+    }
+
+    async fn apply_audited(
+        &self,
+        id: &AccountId,
+        command: Command,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<Applied, StoreError> {
+        match command {
+            Command::Reserve(_)
+            | Command::Extend { .. }
+            | Command::Settle { .. }
+            | Command::Release(_)
+            | Command::Charge(_)
+            | Command::Balance
+            | Command::Snapshot => self.apply(id, command, now).await,
+            admin => self.admin(id, admin, Some(audit)).await,
         }
     }
 

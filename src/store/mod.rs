@@ -20,6 +20,7 @@ use jiff::Timestamp;
 
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::PriceVersion;
+use crate::engine::record::AuditRecord;
 use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
 
 /// Why a store operation failed.
@@ -56,6 +57,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs `command` on account `id` at `now`, atomically.
     async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError>;
+
+    /// Runs an operator's `command` like [`Store::apply`], with its audit
+    /// record: a store with a usage stream adds the record to it in the
+    /// same atomic step as the change. (The caller also hands the record
+    /// to the usage sink.)
+    async fn apply_audited(
+        &self,
+        id: &AccountId,
+        command: Command,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<Applied, StoreError> {
+        let _ = audit;
+        self.apply(id, command, now).await
+    }
 
     /// The current catalog.
     fn catalog(&self) -> Arc<Catalog>;

@@ -100,11 +100,12 @@ impl Sidecar {
             .expect("connect to the sidecar's admin API")
     }
 
-    /// Every usage record written so far.
+    /// Every usage record written so far (audit records left out).
     pub fn records(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
         text.lines()
-            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .filter(|r| r["kind"] != "audit")
             .collect()
     }
 
@@ -327,7 +328,9 @@ pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
                     record = serde_json::from_str(&text(&pair[1])).expect("record JSON");
                 }
             }
-            records.push(record);
+            if record["kind"] != "audit" {
+                records.push(record);
+            }
         }
     }
     records

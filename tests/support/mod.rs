@@ -240,11 +240,21 @@ impl TestApp {
     /// The usage records written so far (waits until at least `n` exist, up
     /// to five seconds: the sink writes asynchronously).
     pub async fn records(&self, n: usize) -> Vec<serde_json::Value> {
+        self.lines(n, |kind| kind != "audit").await
+    }
+
+    /// The audit records written so far (waits until at least `n` exist).
+    pub async fn audits(&self, n: usize) -> Vec<serde_json::Value> {
+        self.lines(n, |kind| kind == "audit").await
+    }
+
+    async fn lines(&self, n: usize, keep: impl Fn(&str) -> bool) -> Vec<serde_json::Value> {
         for _ in 0..500 {
             let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
             let records: Vec<serde_json::Value> = text
                 .lines()
-                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+                .filter(|r| keep(r["kind"].as_str().unwrap_or_default()))
                 .collect();
             if records.len() >= n {
                 return records;
