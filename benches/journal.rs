@@ -206,7 +206,7 @@ fn main() {
                     while Instant::now() < until {
                         n += 1;
                         let mut e = vec![record(w * 1_000_000 + n)];
-                        journal.number(&mut e);
+                        journal.number(&mut e).unwrap();
                         let t = Instant::now();
                         journal.append(e).await.unwrap();
                         h.record(t.elapsed().as_micros() as u64).unwrap();

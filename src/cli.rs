@@ -109,7 +109,7 @@ pub struct StreamArgs {
     /// Logical shards (store.redis.shards; default 1, or 16 on a cluster).
     #[arg(long)]
     pub shards: Option<u32>,
-    /// This consumer's name in the group (default: host-pid).
+    /// This consumer's name in the group (default: the host name).
     #[arg(long)]
     pub consumer: Option<String>,
 }
@@ -326,13 +326,12 @@ async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::co
         .await
         .with_context(|| format!("connecting to {}", streams.redis.join(", ")))?;
     let shards = crate::config::shards(streams.shards.unwrap_or(0), cluster);
-    let name = streams.consumer.clone().unwrap_or_else(|| {
-        format!(
-            "{}-{}",
-            env("HOSTNAME").unwrap_or_else(|| "tollgate".into()),
-            std::process::id()
-        )
-    });
+    // A stable default name: a consumer restarted after a crash gets back
+    // what it was given and had not acknowledged.
+    let name = streams
+        .consumer
+        .clone()
+        .unwrap_or_else(|| env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
     Ok(crate::consume::Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
 }
 
@@ -346,7 +345,7 @@ async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             loop {
                 let batch = consumer.read(100, Some(2000)).await?;
                 let mut out = stdout.lock();
-                for d in &batch {
+                for d in batch.iter().filter(|d| !d.record.is_null()) {
                     writeln!(out, "{}", d.record)?;
                 }
                 out.flush()?;

@@ -150,20 +150,26 @@ fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
         };
         for e in entries {
             let redis::Value::Array(parts) = e else { continue };
-            let (Some(id), Some(redis::Value::Array(fields))) = (parts.first().and_then(text), parts.get(1)) else {
+            let Some(id) = parts.first().and_then(text) else {
                 continue;
+            };
+            let fields = match parts.get(1) {
+                Some(redis::Value::Array(fields)) => fields.as_slice(),
+                _ => &[],
             };
             let json = fields
                 .chunks(2)
                 .find(|kv| kv.first().and_then(text).as_deref() == Some("json"))
                 .and_then(|kv| kv.get(1).and_then(text));
-            if let Some(record) = json.and_then(|j| serde_json::from_str(&j).ok()) {
-                out.push(Delivered {
-                    stream: stream.to_owned(),
-                    entry: id,
-                    record,
-                });
-            }
+            // An entry without a readable record (trimmed away, or not
+            // Tollgate's) is delivered as null, so it is acknowledged and
+            // never comes back.
+            let record = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+            out.push(Delivered {
+                stream: stream.to_owned(),
+                entry: id,
+                record,
+            });
         }
     }
     out

@@ -217,6 +217,8 @@ pub struct RedisStore {
     /// Journaled records found at start-up, waiting to be placed with their
     /// account's mirror (which needs Redis).
     replay: Mutex<Vec<Entry>>,
+    /// Records whose append failed (already queued for Redis).
+    unwritten: Mutex<Vec<Entry>>,
     settings: LeaseSettings,
     producer: ProducerId,
     seq: AtomicU64,
@@ -288,6 +290,7 @@ impl RedisStore {
             aligned,
             journal,
             replay: Mutex::new(replay),
+            unwritten: Mutex::new(Vec::new()),
             settings,
             producer,
             seq: AtomicU64::new(0),
@@ -416,7 +419,7 @@ impl RedisStore {
         id: &AccountId,
         cache: &mut Option<(u64, String)>,
         audit: Option<&AuditRecord>,
-        mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<(T, Vec<Journaled>), EngineError>,
+        mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<(T, Vec<Journaled>, bool), EngineError>,
     ) -> Result<(T, Account), StoreError> {
         let key = &self.account_key(id);
         let stream = &self.stream_key(id);
@@ -438,7 +441,7 @@ impl RedisStore {
             let mut account: Account = serde_json::from_str(&json).map_err(|e| corrupt(key, e))?;
             let catalog = self.catalog();
             let now = self.clock.now();
-            let (out, records) = match change(&mut account, &catalog, now) {
+            let (out, records, audited) = match change(&mut account, &catalog, now) {
                 Ok(out) => out,
                 Err(e) => {
                     *cache = Some((version, json));
@@ -447,7 +450,7 @@ impl RedisStore {
             };
             let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
             let mut items = records.iter().map(StreamItem::record).collect::<Result<Vec<_>, _>>()?;
-            if let Some(audit) = audit.filter(|a| !a.operator.is_empty()) {
+            if let Some(audit) = audit.filter(|a| audited && !a.operator.is_empty()) {
                 items.push(StreamItem::audit(audit)?);
             }
             match self
@@ -637,7 +640,7 @@ impl RedisStore {
         let result = self
             .update(id, &mut gate.cached, None, |account, catalog, now| {
                 let synced = account.sync(catalog, &sync, now)?;
-                Ok((synced.granted, synced.applied))
+                Ok((synced.granted, synced.applied, false))
             })
             .await;
         let (granted, shared): (Granted, Account) = match result {
@@ -655,12 +658,7 @@ impl RedisStore {
         // journal entry is no longer needed.
         if !sync.records.is_empty() {
             if let Some(journal) = &self.journal {
-                journal.applied(
-                    sync.records
-                        .iter()
-                        .filter(|e| e.journal == *journal.id())
-                        .map(|e| e.seq),
-                );
+                journal.applied(sync.records.iter().map(|e| (e.journal.clone(), e.seq)));
             }
             if let Some(mut local) = self.mirrors.get_mut(id) {
                 local
@@ -723,26 +721,29 @@ impl RedisStore {
                 local.admitted.1 += req.input_tokens + req.cached_input_tokens + r.granted_output_tokens;
             }
         }
-        // Records of a refused command (a hold that lapsed meanwhile) are
-        // real too: they go out with it.
+        // A refused command leaves what time did meanwhile (a hold charged
+        // in full at its TTL) in the mirror: its records and their charges
+        // go out together with the next command or sweep.
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(e) => return Ok(Err(e)),
+        };
         let records = local.mirror.take_records();
-        let entries = self.entries_of(&mut local, &records);
+        let entries = self.entries_of(&mut local, &records)?;
         drop(local);
-        Ok(result.map(|reply| (Applied { reply, records }, entries)))
+        Ok(Ok((Applied { reply, records }, entries)))
     }
 
     /// The journal entries of `records`, just produced by one command or
     /// sweep on `local`: the charges logged meanwhile go with them (all on
     /// the first entry: they are applied together).
-    fn entries_of(&self, local: &mut Local, records: &[Arc<UsageRecord>]) -> Vec<Entry> {
-        let Some(m) = local.mirror.mirror.as_mut() else {
-            return Vec::new();
+    fn entries_of(&self, local: &mut Local, records: &[Arc<UsageRecord>]) -> Result<Vec<Entry>, StoreError> {
+        let (Some(journal), Some(m)) = (&self.journal, local.mirror.mirror.as_mut()) else {
+            return Ok(Vec::new());
         };
-        if records.is_empty() || self.journal.is_none() {
-            return Vec::new();
+        if records.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut leased = std::mem::take(&mut m.charged);
-        let mut unleased = std::mem::take(&mut m.unleased);
         let epoch = m.epoch;
         let mut entries: Vec<Entry> = records
             .iter()
@@ -750,17 +751,25 @@ impl RedisStore {
                 journal: self.producer.clone(),
                 seq: 0,
                 record: (**record).clone(),
-                leased: std::mem::take(&mut leased),
-                unleased: std::mem::take(&mut unleased),
+                leased: Vec::new(),
+                unleased: Vec::new(),
                 producer: self.producer.clone(),
                 epoch,
             })
             .collect();
-        if let Some(journal) = &self.journal {
-            journal.number(&mut entries);
+        if let Err(e) = journal.number(&mut entries) {
+            // The disk refuses even the number reservation: the charges stay
+            // in the mirror's log and reach Redis with the lease report;
+            // the records reach only the local sink. The caller is told.
+            tracing::error!(error = %e, "usage records not journaled");
+            return Err(StoreError::Unavailable(e.to_string()));
+        }
+        if let Some(first) = entries.first_mut() {
+            first.leased = std::mem::take(&mut m.charged);
+            first.unleased = std::mem::take(&mut m.unleased);
         }
         local.appending.extend(entries.iter().map(|e| e.seq));
-        entries
+        Ok(entries)
     }
 
     /// Makes `entries` durable, then queues them for the next sync.
@@ -772,12 +781,18 @@ impl RedisStore {
             return Ok(());
         }
         // Not durable on failure, but not lost while this process lives:
-        // still applied by the next sync. The caller hears of the failure.
+        // still applied by the next sync, and appended again before any
+        // later decision is acknowledged. The caller hears of the failure.
         let result = journal
             .append(entries.clone())
             .await
-            .map(|_| ())
             .map_err(|e| StoreError::Unavailable(e.to_string()));
+        if result.is_err() {
+            self.unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(entries.iter().cloned());
+        }
         if let Some(mut local) = self.mirrors.get_mut(id) {
             for entry in &entries {
                 local.appending.remove(&entry.seq);
@@ -833,11 +848,30 @@ impl RedisStore {
         {
             return Err(StoreError::Unavailable(full.to_string()));
         }
+        self.write_unwritten().await?;
         self.ensure_mirror(id).await?;
         let (applied, entries) = self.decide_on_mirror(id, &command, now).await?;
         // Acknowledged only once its records are durable.
         self.journal_records(id, entries).await?;
         Ok(applied)
+    }
+
+    /// Appends again records whose append failed; until that succeeds no
+    /// decision is acknowledged (a retry answered from memory would
+    /// otherwise acknowledge a record that is not on disk).
+    async fn write_unwritten(&self) -> Result<(), StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let waiting = std::mem::take(&mut *self.unwritten.lock().unwrap_or_else(|p| p.into_inner()));
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = journal.append(waiting.clone()).await {
+            self.unwritten.lock().unwrap_or_else(|p| p.into_inner()).extend(waiting);
+            return Err(StoreError::Unavailable(e.to_string()));
+        }
+        Ok(())
     }
 
     async fn decide_on_mirror(
@@ -1192,7 +1226,14 @@ impl RedisStore {
                 id,
                 &mut None,
                 Some(audit.unwrap_or(&unrecorded)),
-                |account, catalog, now| Ok((account.apply(catalog, command.clone(), now)?, Vec::new())),
+                |account, catalog, now| {
+                    // A retried adjustment (its id already applied) changes
+                    // nothing and is not audited again.
+                    let known = account.operations.len();
+                    let reply = account.apply(catalog, command.clone(), now)?;
+                    let replayed = command.operation_id().is_some() && account.operations.len() == known;
+                    Ok((reply, Vec::new(), !replayed))
+                },
             )
             .await?;
         if let Some(mut local) = self.mirrors.get_mut(id) {
@@ -1324,8 +1365,12 @@ impl Store for RedisStore {
             }
             let produced = local.mirror.take_records();
             if !produced.is_empty() {
-                let made = self.entries_of(&mut local, &produced);
-                entries.push((local.mirror.id.clone(), made));
+                match self.entries_of(&mut local, &produced) {
+                    Ok(made) => entries.push((local.mirror.id.clone(), made)),
+                    Err(e) => {
+                        tracing::error!(account = %local.mirror.id, error = %e, "records of lapsed holds not journaled")
+                    }
+                }
             }
             records.extend(produced);
         }
