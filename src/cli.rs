@@ -143,7 +143,8 @@ pub struct ServeArgs {
 /// Where the client connects.
 #[derive(Debug, Args)]
 pub struct Endpoint {
-    /// Data-plane URL of a running Tollgate.
+    /// Data-plane URL of a running Tollgate (`http://HOST:PORT`, or
+    /// `unix:/PATH` for its Unix socket).
     #[arg(long, env = "TOLLGATE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
 }
@@ -439,9 +440,10 @@ where
     F: FnOnce(QuotaClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<String, tonic::Status>>,
 {
-    let client = QuotaClient::connect(endpoint.addr.clone())
+    let channel = crate::channel::connect(&endpoint.addr)
         .await
         .with_context(|| format!("connecting to {}", endpoint.addr))?;
+    let client = QuotaClient::new(channel);
     match call(client).await {
         Ok(text) => {
             println!("{text}");

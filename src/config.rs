@@ -97,6 +97,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Control-plane address.
     pub admin_listen: SocketAddr,
+    /// A Unix domain socket for the data plane too (beside TCP), e.g. one
+    /// shared with the model server in a pod.
+    pub listen_unix: Option<PathBuf>,
     /// How often lapsed holds are swept.
     pub sweep_interval: Duration,
     /// The store.
@@ -118,6 +121,7 @@ pub struct Settings {
 struct ServerFile {
     listen: Option<String>,
     admin_listen: Option<String>,
+    listen_unix: Option<PathBuf>,
     shutdown_grace_seconds: Option<u64>,
 }
 
@@ -1063,6 +1067,7 @@ impl Settings {
             currency: file.currency,
             listen,
             admin_listen,
+            listen_unix: file.server.listen_unix.clone(),
             sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
             store,
             journal,

@@ -16,11 +16,13 @@
 //! - [`config`]: TOML configuration, environment overrides, validation.
 //! - [`usage`]: the usage-record sink (JSON Lines file or stdout).
 //! - [`clock`]: where "now" comes from (system, or manual for tests).
+//! - [`channel`]: gRPC channels over TCP or a Unix domain socket.
 //! - [`cli`]: the command line (serve, check-config, a small client).
 //! - [`signal`], [`telemetry`]: shutdown signals and logging.
 //! - [`proto`]: the generated gRPC types of `tollgate.v1`.
 
 pub mod api;
+pub mod channel;
 pub mod cli;
 pub mod clock;
 pub mod config;

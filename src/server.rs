@@ -32,6 +32,7 @@ use crate::usage;
 /// A built app, bound and seeded, not yet serving.
 pub struct App {
     quota: TcpListener,
+    quota_unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
     admin: TcpListener,
     quota_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -64,6 +65,20 @@ impl App {
         let admin = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
+        let quota_unix = match &settings.listen_unix {
+            None => None,
+            Some(path) => {
+                // A socket file left by an earlier run would refuse the bind.
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                let listener = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("binding the data plane to unix:{}", path.display()))?;
+                Some((listener, path.clone()))
+            }
+        };
         let (store, clock, leases): (Arc<dyn Store>, Arc<dyn Clock>, _) = match settings.store.kind {
             StoreKind::Memory => (
                 Arc::new(MemoryStore::new(settings.catalog.clone())),
@@ -123,6 +138,7 @@ impl App {
             quota_addr: quota.local_addr()?,
             admin_addr: admin.local_addr()?,
             quota,
+            quota_unix,
             admin,
             tollgate,
             sweep_interval: settings.sweep_interval,
@@ -146,6 +162,7 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let App {
             quota,
+            quota_unix,
             admin,
             tollgate,
             sweep_interval,
@@ -175,11 +192,29 @@ impl App {
             reflection(admin_name).build_v1alpha()?,
         );
         let quota_server = Server::builder()
-            .add_service(quota_health_service)
+            .add_service(quota_health_service.clone())
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
             .serve_with_incoming_shutdown(incoming(quota), until_stopped(stopped.clone()));
+        // The same data plane on the Unix socket, if configured.
+        let quota_unix_server = {
+            let health = quota_health_service.clone();
+            let api = QuotaServer::new(QuotaApi::new(tollgate.clone()));
+            let stop = until_stopped(stopped.clone());
+            async move {
+                let Some((listener, path)) = quota_unix else {
+                    return Ok(());
+                };
+                let served = Server::builder()
+                    .add_service(health)
+                    .add_service(api)
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+                    .await;
+                let _ = std::fs::remove_file(&path);
+                served
+            }
+        };
         let admin_server = Server::builder()
             .add_service(admin_health_service)
             .add_service(admin_v1)
@@ -210,7 +245,10 @@ impl App {
             until_stopped(stopped).await;
             tokio::time::sleep(shutdown_grace).await;
         };
-        let serving = async { tokio::join!(quota_server, admin_server) };
+        let serving = async {
+            let (quota, admin, unix) = tokio::join!(quota_server, admin_server, quota_unix_server);
+            (quota.and(unix), admin)
+        };
         let ((quota_result, admin_result), ()) = tokio::join!(
             async {
                 tokio::select! {

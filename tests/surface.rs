@@ -234,3 +234,42 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
     let (ok, _, err) = run(dir.path(), &["check-config", "/nonexistent.toml"]);
     assert!(!ok && err.contains("nonexistent"), "{err}");
 }
+
+#[tokio::test]
+async fn the_data_plane_also_listens_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tollgate.sock");
+    let config = format!(
+        "{}\n",
+        support::CONFIG.replacen(
+            "[server]\n",
+            &format!("[server]\nlisten_unix = \"{}\"\n", socket.display()),
+            1
+        )
+    );
+    let app = support::spawn_app_with(&config).await;
+    let target = format!("unix:{}", socket.display());
+    let channel = tollgate::channel::connect(&target).await.unwrap();
+    let mut quota = tollgate::proto::quota_client::QuotaClient::new(channel.clone());
+    let r = quota
+        .reserve(support::reserve("rich", "over-uds", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision, tollgate::proto::Decision::Allow as i32);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tollgate.v1.Quota".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    app.shutdown().await;
+    assert!(!socket.exists(), "the socket file is removed at shutdown");
+}
