@@ -44,6 +44,51 @@ pub enum Cmd {
     /// Read the usage streams in Redis through a consumer group.
     #[command(subcommand)]
     Usage(UsageCmd),
+    /// Drive a running Tollgate (or the baseline) with reserves and settles
+    /// and report throughput and latency percentiles (JSON).
+    Loadgen(LoadgenArgs),
+    /// Serve the empty baseline service: Tollgate's API on the same stack,
+    /// answering at once without doing anything (the floor for loadgen).
+    Baseline {
+        /// TCP address.
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: SocketAddr,
+        /// Also on this Unix socket.
+        #[arg(long)]
+        listen_unix: Option<PathBuf>,
+    },
+}
+
+/// Options of `loadgen`.
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// `http://HOST:PORT` or `unix:/PATH`.
+    #[arg(long, env = "TOLLGATE_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// Concurrent clients, one connection each.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// How long to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Stop after this many calls instead.
+    #[arg(long)]
+    pub calls: Option<u64>,
+    /// Accounts to spread the calls over (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "demo")]
+    pub accounts: Vec<String>,
+    /// Send this share of calls (0 to 1) to the first account (hot-key skew).
+    #[arg(long)]
+    pub hot: Option<f64>,
+    /// The model on reserves.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    pub model: String,
+    /// Also write the report to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// `usage` subcommands.
@@ -231,6 +276,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Serve(args) => serve(args).await,
         Cmd::Usage(cmd) => usage(cmd).await,
+        Cmd::Loadgen(args) => loadgen(args).await,
+        Cmd::Baseline { listen, listen_unix } => {
+            let tcp = tokio::net::TcpListener::bind(listen).await?;
+            let unix = listen_unix
+                .as_ref()
+                .map(tokio::net::UnixListener::bind)
+                .transpose()
+                .context("binding the Unix socket")?;
+            tracing::info!(%listen, unix = ?listen_unix, "baseline listening");
+            crate::server::serve_baseline(tcp, unix, crate::signal::shutdown()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::CheckConfig { file } => Ok(match Settings::load(Some(&file), &env) {
             Ok(s) => {
                 println!(
@@ -396,6 +453,39 @@ async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(!args.accounts.is_empty(), "--accounts: name at least one");
+    anyhow::ensure!(args.connections > 0, "--connections: at least 1");
+    let mix = match args.hot {
+        None => crate::loadgen::Mix::Uniform,
+        Some(share) if (0.0..=1.0).contains(&share) => crate::loadgen::Mix::Hot(share),
+        Some(share) => anyhow::bail!("--hot {share}: a share between 0 and 1"),
+    };
+    let spec = crate::loadgen::Spec {
+        target: args.target,
+        connections: args.connections,
+        duration: std::time::Duration::try_from_secs_f64(args.seconds).context("--seconds")?,
+        calls: args.calls,
+        accounts: args.accounts,
+        mix,
+        model: args.model,
+        progress: !args.quiet,
+    };
+    let report = crate::loadgen::run(&spec)
+        .await
+        .with_context(|| format!("connecting to {}", spec.target))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = args.json {
+        std::fs::write(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{json}");
+    Ok(if report.errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

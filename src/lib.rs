@@ -10,6 +10,7 @@
 //!   Redis store with leases.
 //! - [`journal`]: the local, durable usage journal in front of Redis.
 //! - [`consume`]: reading the usage streams through a consumer group.
+//! - [`loadgen`]: the load generator and the empty baseline service.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
 //! - [`server`]: binds listeners, serves, drains on shutdown.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod consume;
 pub mod engine;
 pub mod journal;
+pub mod loadgen;
 pub mod server;
 pub mod service;
 pub mod signal;

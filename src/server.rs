@@ -283,6 +283,47 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// Serves the empty baseline service ([`crate::loadgen::Baseline`]) on
+/// `tcp` (and `unix`) with the same stack and listener options as the
+/// data plane, until `stop` completes: the floor the load generator
+/// compares Tollgate with.
+pub async fn serve_baseline(
+    tcp: TcpListener,
+    unix: Option<tokio::net::UnixListener>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let until = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let service = || QuotaServer::new(crate::loadgen::Baseline);
+    let on_tcp = Server::builder()
+        .add_service(service())
+        .serve_with_incoming_shutdown(incoming(tcp), until(stop_rx.clone()));
+    let on_unix = {
+        let stop = until(stop_rx);
+        async move {
+            match unix {
+                Some(listener) => {
+                    Server::builder()
+                        .add_service(service())
+                        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    };
+    let signal = async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    };
+    let (tcp, unix, ()) = tokio::join!(on_tcp, on_unix, signal);
+    tcp.context("baseline over TCP")?;
+    unix.context("baseline over the Unix socket")?;
+    Ok(())
+}
+
 /// A server-reflection builder listing `service` with health and reflection.
 fn reflection(service: &str) -> tonic_reflection::server::Builder<'static> {
     [

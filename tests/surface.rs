@@ -273,3 +273,48 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
     app.shutdown().await;
     assert!(!socket.exists(), "the socket file is removed at shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tollgate.sock");
+    let config = support::CONFIG.replacen(
+        "[server]\n",
+        &format!("[server]\nlisten_unix = \"{}\"\n", socket.display()),
+        1,
+    );
+    let app = support::spawn_app_with(&config).await;
+    let baseline_socket = dir.path().join("baseline.sock");
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baseline_url = format!("http://{}", tcp.local_addr().unwrap());
+    let unix = tokio::net::UnixListener::bind(&baseline_socket).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let baseline = tokio::spawn(tollgate::server::serve_baseline(tcp, Some(unix), async {
+        let _ = stopped.await;
+    }));
+    for target in [
+        app.quota_url.clone(),
+        format!("unix:{}", socket.display()),
+        baseline_url,
+        format!("unix:{}", baseline_socket.display()),
+    ] {
+        let spec = tollgate::loadgen::Spec {
+            target: target.clone(),
+            connections: 4,
+            duration: std::time::Duration::from_secs(30),
+            calls: Some(200),
+            accounts: vec!["rich".into(), "limited".into()],
+            mix: tollgate::loadgen::Mix::Hot(0.9),
+            model: "m".into(),
+            progress: false,
+        };
+        let report = tollgate::loadgen::run(&spec).await.unwrap();
+        assert_eq!(report.errors, 0, "{target}");
+        assert!(report.calls >= 200, "{target}: {} calls", report.calls);
+        let l = report.latency_us;
+        assert!(l.p50 <= l.p99 && l.p99 <= l.max, "{target}: {l:?}");
+    }
+    let _ = stop.send(());
+    baseline.await.unwrap().unwrap();
+    app.shutdown().await;
+}

@@ -1,0 +1,293 @@
+//! The load generator (`tollgate loadgen`) and the empty baseline service
+//! it is compared with.
+//!
+//! The generator drives a running Tollgate's data plane over TCP or a Unix
+//! socket: `connections` clients, each on its own connection, loop over a
+//! Reserve and its Settle on accounts drawn uniformly or with a hot key,
+//! for a time or a number of calls. Every call's latency goes into an HDR
+//! histogram; the report gives throughput and percentiles, and is written
+//! as JSON.
+//!
+//! The baseline ([`Baseline`]) is the floor Tollgate cannot beat: the same
+//! `tollgate.v1.Quota` service on the same stack (tonic, the same listener
+//! options) answering every call at once with a response of the same shape
+//! and size as Tollgate's, touching no state.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tonic::{Request, Response, Status};
+
+use crate::proto;
+use crate::proto::quota_client::QuotaClient;
+
+/// How accounts are drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mix {
+    /// Each call picks an account uniformly.
+    Uniform,
+    /// This share of calls goes to the first account, the rest uniformly.
+    Hot(f64),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// `http://HOST:PORT` or `unix:/PATH`.
+    pub target: String,
+    /// Concurrent clients, one connection each.
+    pub connections: usize,
+    /// Run this long (unless `calls` ends it first).
+    pub duration: Duration,
+    /// Stop after this many calls.
+    pub calls: Option<u64>,
+    /// Accounts to spread calls over.
+    pub accounts: Vec<String>,
+    /// How.
+    pub mix: Mix,
+    /// The model named on reserves.
+    pub model: String,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// The slowest call.
+    pub max: u64,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// The target.
+    pub target: String,
+    /// Concurrent clients.
+    pub connections: usize,
+    /// Calls completed (each Reserve and each Settle is one).
+    pub calls: u64,
+    /// Calls that failed (a gRPC error; denials are answers, not errors).
+    pub errors: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Calls per second.
+    pub calls_per_second: f64,
+    /// Latency per call, µs.
+    pub latency_us: Percentiles,
+    /// (latency µs, quantile) points for plotting the distribution.
+    pub distribution: Vec<(u64, f64)>,
+}
+
+/// Runs `spec` and reports.
+pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
+    let started = Instant::now();
+    let until = started + spec.duration;
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let bar = spec.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(spec.duration.as_millis() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:40}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut tasks = Vec::new();
+    for client in 0..spec.connections {
+        let mut quota = QuotaClient::new(crate::channel::connect(&spec.target).await?);
+        let (done, errors, spec) = (Arc::clone(&done), Arc::clone(&errors), spec.clone());
+        let seed = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(client as u64 + 1);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut histogram = Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable_histogram());
+            let mut i = 0u64;
+            while Instant::now() < until && spec.calls.is_none_or(|n| done.load(Ordering::Relaxed) < n) {
+                i += 1;
+                let account = match spec.mix {
+                    Mix::Hot(share) if rng.f64() < share => spec.accounts[0].clone(),
+                    _ => spec.accounts[rng.usize(..spec.accounts.len())].clone(),
+                };
+                let id = format!("lg-{}-{client}-{i}", std::process::id());
+                let reserve = proto::ReserveRequest {
+                    account_id: account.clone(),
+                    model: spec.model.clone(),
+                    request_id: id.clone(),
+                    input_tokens: 100,
+                    max_output_tokens: 100,
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let allowed = match quota.reserve(reserve).await {
+                    Ok(r) => r.into_inner().decision == proto::Decision::Allow as i32,
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                };
+                let _ = histogram.record(t.elapsed().as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
+                if !allowed {
+                    continue;
+                }
+                let settle = proto::SettleRequest {
+                    account_id: account,
+                    reservation_id: id,
+                    usage: Some(proto::Usage {
+                        input_tokens: 100,
+                        output_tokens: 50,
+                        ..Default::default()
+                    }),
+                };
+                let t = Instant::now();
+                if quota.settle(settle).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = histogram.record(t.elapsed().as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            histogram
+        }));
+    }
+    let ticker = bar.clone().map(|bar| {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bar.set_position(started.elapsed().as_millis() as u64);
+                bar.set_message(format!("{} calls", done.load(Ordering::Relaxed)));
+            }
+        })
+    });
+    let mut all = Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable_histogram());
+    for task in tasks {
+        if let Ok(h) = task.await {
+            let _ = all.add(h);
+        }
+    }
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let q = |p| all.value_at_quantile(p);
+    Ok(Report {
+        target: spec.target.clone(),
+        connections: spec.connections,
+        calls: all.len(),
+        errors: errors.load(Ordering::Relaxed),
+        seconds,
+        calls_per_second: all.len() as f64 / seconds,
+        latency_us: Percentiles {
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: all.max(),
+        },
+        distribution: [0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0]
+            .iter()
+            .map(|&p| (q(p), p))
+            .collect(),
+    })
+}
+
+/// A histogram of 3 significant digits always builds; this is never reached.
+fn unreachable_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_max(u64::MAX / 4, 2).unwrap_or_else(|_| std::process::abort())
+}
+
+/// The empty service: the same API and response sizes as Tollgate, no work.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Baseline;
+
+fn now() -> prost_types::Timestamp {
+    crate::api::convert::timestamp_out(jiff::Timestamp::now())
+}
+
+fn money(decimal: &str) -> proto::Money {
+    let m: crate::engine::Money = decimal.parse().unwrap_or(crate::engine::Money::ZERO);
+    crate::api::convert::money_out(m)
+}
+
+#[tonic::async_trait]
+impl proto::quota_server::Quota for Baseline {
+    async fn reserve(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Result<Response<proto::ReserveResponse>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(proto::ReserveResponse {
+            decision: proto::Decision::Allow as i32,
+            granted_output_tokens: r.max_output_tokens,
+            reservation_id: r.request_id,
+            expires_at: Some(now()),
+            rate_limits: Some(proto::RateLimitStatus::default()),
+            price_version: "v1".into(),
+            held: vec![proto::SourceAmount {
+                source: proto::SourceKind::Paid as i32,
+                money: Some(money("0.000030000000")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+    }
+
+    async fn extend(&self, _: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
+        Ok(Response::new(proto::ExtendResponse::default()))
+    }
+
+    async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
+        let r = request.into_inner();
+        let charge = proto::SourceAmount {
+            source: proto::SourceKind::Paid as i32,
+            money: Some(money("0.000020000000")),
+            ..Default::default()
+        };
+        Ok(Response::new(proto::SettleResponse {
+            record: Some(proto::UsageRecord {
+                request_id: r.reservation_id.clone(),
+                reservation_id: r.reservation_id,
+                account_id: r.account_id,
+                model: "llama-3.1-8b".into(),
+                service_tier: "default".into(),
+                usage: r.usage,
+                charges: vec![charge],
+                total_money: Some(money("0.000020000000")),
+                price_version: "v1".into(),
+                reserved_at: Some(now()),
+                settled_at: Some(now()),
+                kind: "settle".into(),
+                record_id: "0123456789abcdef0123456789abcdef".into(),
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn release(&self, _: Request<proto::ReleaseRequest>) -> Result<Response<proto::ReleaseResponse>, Status> {
+        Ok(Response::new(proto::ReleaseResponse::default()))
+    }
+
+    async fn charge(&self, _: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
+        Ok(Response::new(proto::ChargeResponse::default()))
+    }
+
+    async fn get_balance(
+        &self,
+        _: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::GetBalanceResponse>, Status> {
+        Ok(Response::new(proto::GetBalanceResponse::default()))
+    }
+}
