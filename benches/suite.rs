@@ -1,0 +1,135 @@
+//! Tollgate against the floor it cannot beat, in one run: the empty
+//! baseline service (the same API on the same stack, doing nothing) and a
+//! memory-backed Tollgate, each driven by the same load generator over TCP
+//! and over a Unix socket, at 1 and 64 concurrent connections, measured in
+//! alternating turns. Prints the table of figures and ratios against the
+//! targets, and writes every report to `target/bench/suite.json`.
+//!
+//! Run: `cargo bench --bench suite`.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use tollgate::config::Settings;
+use tollgate::loadgen::{Mix, Report, Spec, run};
+use tollgate::server::{App, serve_baseline};
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[plans.open]
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models."llama-3.1-8b".tiers.default]
+input = "0.10"
+output = "0.20"
+[[accounts]]
+id = "a0"
+plan = "open"
+paid = "1000000"
+[[accounts]]
+id = "a1"
+plan = "open"
+paid = "1000000"
+[[accounts]]
+id = "a2"
+plan = "open"
+paid = "1000000"
+[[accounts]]
+id = "a3"
+plan = "open"
+paid = "1000000"
+"#;
+
+const TURN: Duration = Duration::from_secs(3);
+const TURNS: usize = 2;
+
+fn spec(target: &str, connections: usize) -> Spec {
+    Spec {
+        target: target.to_owned(),
+        connections,
+        duration: TURN,
+        calls: None,
+        accounts: (0..4).map(|i| format!("a{i}")).collect(),
+        mix: Mix::Hot(0.5),
+        model: "llama-3.1-8b".into(),
+        progress: false,
+    }
+}
+
+/// Sums turns: calls and seconds add up; percentiles are the turns' worst.
+fn combine(reports: &[Report]) -> (f64, u64, u64) {
+    let calls: u64 = reports.iter().map(|r| r.calls).sum();
+    let seconds: f64 = reports.iter().map(|r| r.seconds).sum();
+    let p50 = reports.iter().map(|r| r.latency_us.p50).max().unwrap_or(0);
+    let p99 = reports.iter().map(|r| r.latency_us.p99).max().unwrap_or(0);
+    (calls as f64 / seconds, p50, p99)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("suite: bench");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        // The baseline, on TCP and a Unix socket.
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let baseline_tcp = format!("http://{}", tcp.local_addr().unwrap());
+        let baseline_sock = dir.path().join("baseline.sock");
+        let unix = tokio::net::UnixListener::bind(&baseline_sock).unwrap();
+        tokio::spawn(serve_baseline(tcp, Some(unix), std::future::pending()));
+        // Tollgate on the memory store, on TCP and a Unix socket.
+        let tollgate_sock = dir.path().join("tollgate.sock");
+        let usage = dir.path().join("usage.jsonl").to_string_lossy().into_owned();
+        let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
+        let mut settings = Settings::parse(CONFIG, &env).unwrap();
+        settings.listen_unix = Some(tollgate_sock.clone());
+        let app = App::build_on_system_clock(settings).await.unwrap();
+        let tollgate_tcp = format!("http://{}", app.quota_addr());
+        tokio::spawn(app.run(std::future::pending()));
+
+        let cases = [
+            ("TCP", 1, baseline_tcp.clone(), tollgate_tcp.clone()),
+            ("TCP", 64, baseline_tcp, tollgate_tcp),
+            ("UDS", 1, format!("unix:{}", baseline_sock.display()), format!("unix:{}", tollgate_sock.display())),
+            ("UDS", 64, format!("unix:{}", baseline_sock.display()), format!("unix:{}", tollgate_sock.display())),
+        ];
+        let mut all = Vec::new();
+        println!("\n{TURNS} alternating turns of {TURN:?} per side and case; latency per call in µs\n");
+        println!("| transport | connections | baseline calls/s | Tollgate calls/s | throughput ratio (≥ 0.8) | baseline p50 / p99 | Tollgate p50 / p99 | p99 ratio (≤ 1.25) |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for (transport, connections, baseline, tollgate) in cases {
+            run(&spec(&tollgate, connections)).await.unwrap(); // warm-up
+            let (mut b, mut t) = (Vec::new(), Vec::new());
+            for _ in 0..TURNS {
+                b.push(run(&spec(&baseline, connections)).await.unwrap());
+                t.push(run(&spec(&tollgate, connections)).await.unwrap());
+            }
+            let (b_rate, b_p50, b_p99) = combine(&b);
+            let (t_rate, t_p50, t_p99) = combine(&t);
+            println!(
+                "| {transport} | {connections} | {b_rate:.0} | {t_rate:.0} | {:.2} | {b_p50} / {b_p99} | {t_p50} / {t_p99} | {:.2} |",
+                t_rate / b_rate,
+                t_p99 as f64 / b_p99 as f64
+            );
+            all.push(serde_json::json!({
+                "transport": transport,
+                "connections": connections,
+                "baseline": b,
+                "tollgate": t,
+                "throughput_ratio": t_rate / b_rate,
+                "p99_ratio": t_p99 as f64 / b_p99 as f64,
+            }));
+        }
+        let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        std::fs::create_dir_all(&out).unwrap();
+        let path = out.join("suite.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&all).unwrap()).unwrap();
+        println!("\nreports: {}", path.display());
+    });
+}
