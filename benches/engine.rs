@@ -1,6 +1,9 @@
 //! Criterion scenarios for the hot path: one reserve and its settle, on the
-//! engine alone and through the memory store. Deterministic inputs (no
-//! randomness), so runs compare side by side.
+//! engine alone (paid money, every kind of source, rate limits, a sidecar's
+//! mirror deciding from its lease) and through the memory store holding 1,
+//! 1,000 or 1,000,000 accounts (picked by a seeded generator). Inputs are
+//! fixed, so runs compare side by side. Also prints the resident memory per
+//! idle account with a million of them.
 //!
 //! Run: `cargo bench --bench engine`.
 
@@ -14,7 +17,9 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
+use tollgate::engine::draw::{SourceRef, Take};
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
+use tollgate::engine::lease::Granted;
 use tollgate::engine::limits::{LimitSet, MAX_LIMIT, ScopedLimits};
 use tollgate::engine::money::Money;
 use tollgate::engine::ops::{PackGrant, Pool, ReserveRequest};
@@ -167,6 +172,41 @@ fn engine(c: &mut Criterion) {
         ("3 rate-limit scopes", "limited", 0, 0),
         ("paid, 100k settled requests remembered", "paid", 0, 100_000),
     ];
+    // A sidecar's mirror deciding from a large paid slice of its lease.
+    {
+        let shared = account(&catalog, "paid", 0, now);
+        let mut mirror = Account::mirror_of(&shared);
+        mirror.accept(&Granted {
+            takes: vec![Take {
+                source: SourceRef::Paid,
+                amount: 1_000_000_000_000_000_000_000,
+            }],
+            permits: vec![],
+            expires_at: now + SignedDuration::from_hours(24),
+            epoch: 0,
+            lapsed: false,
+            written_off: 0,
+            retry_after_ms: None,
+        });
+        if let Some(m) = mirror.mirror.as_mut() {
+            m.decide_until = Some(now + SignedDuration::from_hours(24));
+        }
+        let mut i = 0u64;
+        group.bench_function("paid, on a lease (sidecar mirror)", |b| {
+            b.iter(|| {
+                i += 1;
+                let (req, id) = request(i);
+                black_box(mirror.reserve(&catalog, &req, now).unwrap());
+                black_box(mirror.settle(&catalog, &id, USAGE, now).unwrap());
+                mirror.take_records();
+                // What a sync would take: the charges logged for Redis.
+                let _ = mirror.report(false, false);
+                if i.is_multiple_of(4096) {
+                    mirror.prune(&catalog, now);
+                }
+            })
+        });
+    }
     for (name, plan, packs, remembered) in scenarios {
         let mut a = account(&catalog, plan, packs, now);
         let mut i = 0u64;
@@ -231,5 +271,68 @@ fn memory_store(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, engine, memory_store);
+/// Resident memory of this process, in bytes.
+fn resident() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+fn accounts(c: &mut Criterion) {
+    let catalog = catalog();
+    let now: Timestamp = "2026-03-10T12:00:00Z".parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut group = c.benchmark_group("memory store reserve+settle by accounts held");
+    for n in [1u64, 1_000, 1_000_000] {
+        let template = account(&catalog, "paid", 0, now);
+        let before = resident();
+        let store = MemoryStore::new(catalog.clone());
+        let ids: Vec<AccountId> = (0..n)
+            .map(|i| AccountId::parse(&format!("acct-{i:07}")).unwrap())
+            .collect();
+        runtime.block_on(async {
+            for id in &ids {
+                let mut a = template.clone();
+                a.id = id.clone();
+                store.create(a).await.unwrap();
+            }
+        });
+        let per_account = resident().saturating_sub(before) / n;
+        if n >= 1_000_000 {
+            println!("resident memory per idle account, {n} accounts: {per_account} bytes (target ≤ 1024)");
+        }
+        let mut rng = fastrand::Rng::with_seed(42);
+        let mut i = 0u64;
+        group.bench_function(format!("{n} accounts"), |b| {
+            b.iter(|| {
+                i += 1;
+                let id = &ids[rng.usize(..ids.len())];
+                let (req, reservation) = request(i);
+                runtime.block_on(async {
+                    store.apply(id, Command::Reserve(req), now).await.unwrap();
+                    black_box(
+                        store
+                            .apply(
+                                id,
+                                Command::Settle {
+                                    reservation,
+                                    usage: USAGE,
+                                },
+                                now,
+                            )
+                            .await
+                            .unwrap(),
+                    );
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, engine, memory_store, accounts);
 criterion_main!(benches);

@@ -74,7 +74,10 @@ fn main() {
         println!("suite: bench");
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     runtime.block_on(async {
         // The baseline, on TCP and a Unix socket.
