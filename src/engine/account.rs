@@ -182,6 +182,41 @@ pub enum Remembered {
     },
 }
 
+/// Admin operation ids applied, with their content fingerprints, sorted by
+/// id: a few per account, so a sorted vector (one small allocation) rather
+/// than a tree (a node of room for eleven).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Operations(Vec<(String, String)>);
+
+impl Operations {
+    /// The fingerprint recorded for `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Records `key` with `fingerprint` (replacing any earlier one).
+    pub fn insert(&mut self, key: String, fingerprint: String) {
+        match self.0.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
+            Ok(i) => self.0[i].1 = fingerprint,
+            Err(i) => self.0.insert(i, (key, fingerprint)),
+        }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// None yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Everything Tollgate knows about one account.
 ///
 /// Serialized (JSON) as a shared account in the Redis store: reservations,
@@ -203,7 +238,7 @@ pub struct Account {
     /// How far paid money may go below zero.
     pub credit_limit: Money,
     /// The subscription, when the plan includes an allowance.
-    pub subscription: Option<Subscription>,
+    pub subscription: Option<Box<Subscription>>,
     /// The allowance ledger, across periods.
     pub allowance: Ledger,
     /// Allowance periods started so far, across every subscription: period
@@ -230,11 +265,11 @@ pub struct Account {
     #[serde(skip)]
     pub requests: HashMap<RequestId, Remembered>,
     /// Admin operation ids seen, with their content fingerprints.
-    pub operations: BTreeMap<String, String>,
+    pub operations: Operations,
     /// Rate-limit state.
     pub buckets: Buckets,
     /// Per-account limit overrides.
-    pub overrides: LimitOverrides,
+    pub overrides: Box<LimitOverrides>,
     /// The latest usage records, newest last.
     #[serde(skip)]
     pub recent: VecDeque<Arc<UsageRecord>>,
@@ -279,9 +314,9 @@ impl Account {
             reservations: HashMap::new(),
             expiries: BTreeSet::new(),
             requests: HashMap::new(),
-            operations: BTreeMap::new(),
+            operations: Operations::default(),
             buckets: Buckets::default(),
-            overrides: LimitOverrides::default(),
+            overrides: Box::default(),
             recent: VecDeque::new(),
             outbox: Vec::new(),
             leases: BTreeMap::new(),
@@ -321,12 +356,12 @@ impl Account {
         self.subscription = next.map(|(a, schedule, window)| {
             self.allowance.granted += i128::from(a.tokens);
             self.periods_started += 1;
-            Subscription {
+            Box::new(Subscription {
                 schedule,
                 window,
                 tokens: a.tokens,
                 rollover_cap: a.rollover_cap,
-            }
+            })
         });
         Ok(())
     }

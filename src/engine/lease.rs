@@ -653,7 +653,7 @@ impl Account {
         self.time_zone = shared.time_zone.clone();
         self.anchor = shared.anchor;
         self.suspended = shared.suspended;
-        self.overrides = shared.overrides.clone();
+        self.overrides.clone_from(&shared.overrides);
         // A new period or plan there (a mirror may be ahead at a period
         // boundary, never behind), or no subscription any more.
         let unsubscribed = shared.subscription.is_none() && self.subscription.is_some();

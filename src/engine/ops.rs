@@ -884,7 +884,7 @@ impl Account {
 
     /// Replaces the per-account limit overrides.
     pub fn set_overrides(&mut self, overrides: LimitOverrides) {
-        self.overrides = overrides;
+        *self.overrides = overrides;
     }
 
     /// Changes the credit limit (zero or more). Lowering it below what is
