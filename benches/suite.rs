@@ -3,7 +3,8 @@
 //! memory-backed Tollgate, each driven by the same load generator over TCP
 //! and over a Unix socket, at 1 and 64 concurrent connections, measured in
 //! alternating turns. Prints the table of figures and ratios against the
-//! targets, and writes every report to `target/bench/suite.json`.
+//! targets, writes every report to `target/bench/suite.json`, and draws
+//! the latency distributions to `docs/latency.png`.
 //!
 //! Run: `cargo bench --bench suite`.
 
@@ -129,10 +130,77 @@ fn main() {
                 "p99_ratio": t_p99 as f64 / b_p99 as f64,
             }));
         }
-        let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        plot(&all, &root.join("docs/latency.png"));
+        let out = root.join("target/bench");
         std::fs::create_dir_all(&out).unwrap();
         let path = out.join("suite.json");
         std::fs::write(&path, serde_json::to_string_pretty(&all).unwrap()).unwrap();
         println!("\nreports: {}", path.display());
     });
+}
+
+/// Latency against percentile (log scale towards the tail), one line per
+/// case and side: Tollgate solid and dark, the baseline light.
+fn plot(results: &[serde_json::Value], path: &std::path::Path) {
+    use plotters::prelude::*;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, include_bytes!("fonts/DejaVuSans.ttf"))
+        .map_err(|_| "font")
+        .unwrap();
+    // x = -log10(1 - p): 0 is the minimum... 3 is p99.9.
+    let x_of = |p: f64| -(1.0 - p).max(1e-4).log10();
+    let mut series = Vec::new();
+    let mut top = 1u64;
+    for r in results {
+        let case = format!("{} x{}", r["transport"].as_str().unwrap(), r["connections"]);
+        for side in ["baseline", "tollgate"] {
+            let points: Vec<(f64, u64)> = r[side][0]["distribution"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|pt| {
+                    let (us, p) = (pt[0].as_u64()?, pt[1].as_f64()?);
+                    (p < 0.9999).then_some((x_of(p), us))
+                })
+                .collect();
+            top = top.max(points.iter().map(|p| p.1).max().unwrap_or(0));
+            series.push((format!("{case} {side}"), side == "tollgate", points));
+        }
+    }
+    let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Latency per call: Tollgate against the empty gRPC baseline", ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..3.05f64, (1u64..top * 12 / 10).log_scale())
+        .unwrap();
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("microseconds (log)")
+        .x_labels(4)
+        .x_label_formatter(&|x| format!("p{}", (100.0 * (1.0 - 10f64.powf(-x)) * 10.0).round() / 10.0))
+        .draw()
+        .unwrap();
+    let colors = [RED, BLUE, GREEN, MAGENTA];
+    for (i, (name, solid, points)) in series.into_iter().enumerate() {
+        let base = colors[(i / 2) % colors.len()];
+        let style = if solid { base.stroke_width(3) } else { base.mix(0.35).stroke_width(2) };
+        chart
+            .draw_series(LineSeries::new(points, style))
+            .unwrap()
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .unwrap();
+    root.present().unwrap();
 }
