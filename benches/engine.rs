@@ -2,8 +2,8 @@
 //! engine alone (paid money, every kind of source, rate limits, a sidecar's
 //! mirror deciding from its lease) and through the memory store holding 1,
 //! 1,000 or 1,000,000 accounts (picked by a seeded generator). Inputs are
-//! fixed, so runs compare side by side. Also prints the resident memory per
-//! idle account with a million of them.
+//! fixed, so runs compare side by side. (Memory per account:
+//! `benches/memory.rs`.)
 //!
 //! Run: `cargo bench --bench engine`.
 
@@ -271,17 +271,6 @@ fn memory_store(c: &mut Criterion) {
     });
 }
 
-/// Resident memory of this process, in bytes.
-fn resident() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 4096
-}
-
 fn accounts(c: &mut Criterion) {
     let catalog = catalog();
     let now: Timestamp = "2026-03-10T12:00:00Z".parse().unwrap();
@@ -289,7 +278,6 @@ fn accounts(c: &mut Criterion) {
     let mut group = c.benchmark_group("memory store reserve+settle by accounts held");
     for n in [1u64, 1_000, 1_000_000] {
         let template = account(&catalog, "paid", 0, now);
-        let before = resident();
         let store = MemoryStore::new(catalog.clone());
         let ids: Vec<AccountId> = (0..n)
             .map(|i| AccountId::parse(&format!("acct-{i:07}")).unwrap())
@@ -301,10 +289,6 @@ fn accounts(c: &mut Criterion) {
                 store.create(a).await.unwrap();
             }
         });
-        let per_account = resident().saturating_sub(before) / n;
-        if n >= 1_000_000 {
-            println!("resident memory per idle account, {n} accounts: {per_account} bytes (target ≤ 1024)");
-        }
         let mut rng = fastrand::Rng::with_seed(42);
         let mut i = 0u64;
         group.bench_function(format!("{n} accounts"), |b| {

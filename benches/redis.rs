@@ -8,6 +8,8 @@
 //!   twice each, so drift during the run falls on both;
 //! - latency per decision (p50/p90/p99) and throughput for each, and the
 //!   ratio of the medians;
+//! - the journal set to `sync = "none"` on the Redis side: this compares
+//!   the stores, `benches/journal.rs` measures what `fsync` adds;
 //! - Redis commands per decision at steady state, from `INFO commandstats`
 //!   (every command Redis ran, those inside scripts included), and round
 //!   trips (script calls and reads) per decision.
@@ -158,6 +160,9 @@ fn main() {
         let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
         let mut settings = Settings::parse(CONFIG, &env).unwrap();
         settings.journal.dir = dir.path().join(format!("journal-{i}"));
+        // The store alone: what the journal's fsync costs is measured by
+        // benches/journal.rs.
+        settings.journal.sync = tollgate::journal::SyncPolicy::None;
         if on_redis {
             settings.store.use_redis(vec![redis.url()], false);
         }

@@ -170,7 +170,10 @@ fn plot(results: &[serde_json::Value], path: &std::path::Path) {
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let mut chart = ChartBuilder::on(&root)
-        .caption("Latency per call: Tollgate against the empty gRPC baseline", ("sans-serif", 24))
+        .caption(
+            "Latency per call: Tollgate against the empty gRPC baseline",
+            ("sans-serif", 24),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -187,7 +190,11 @@ fn plot(results: &[serde_json::Value], path: &std::path::Path) {
     let colors = [RED, BLUE, GREEN, MAGENTA];
     for (i, (name, solid, points)) in series.into_iter().enumerate() {
         let base = colors[(i / 2) % colors.len()];
-        let style = if solid { base.stroke_width(3) } else { base.mix(0.35).stroke_width(2) };
+        let style = if solid {
+            base.stroke_width(3)
+        } else {
+            base.mix(0.35).stroke_width(2)
+        };
         chart
             .draw_series(LineSeries::new(points, style))
             .unwrap()

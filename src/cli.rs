@@ -409,7 +409,7 @@ async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
                 out.flush()?;
                 drop(out);
                 consumer.ack(&batch).await?;
-                printed += batch.len() as u64;
+                printed += batch.iter().filter(|d| !d.record.is_null()).count() as u64;
                 if max.is_some_and(|m| printed >= m) {
                     return Ok(ExitCode::SUCCESS);
                 }

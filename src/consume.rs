@@ -3,11 +3,11 @@
 //! and `tollgate usage export`).
 //!
 //! Records are in `PREFIX:{SHARD}:usage` for every shard `0..shards`; each
-//! stream entry has the fields `id` (the record id), `journal` and `seq`
-//! (where it was journaled), `json` (the record as JSON) and `pb` (the
-//! record as a `tollgate.v1.UsageRecord` protobuf message). A consumer
-//! that sees a record id again (after its own crash, before its `XACK`)
-//! has seen the same record.
+//! stream entry holds the records one commit applied: `count`, `json` (a
+//! JSON array of the records) and `pb` (a `tollgate.v1.UsageRecordBatch`
+//! protobuf message). Every record carries its `record_id`: a consumer that
+//! sees an id again (after its own crash, before its `XACK`) has seen the
+//! same record.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -161,15 +161,21 @@ fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
                 .chunks(2)
                 .find(|kv| kv.first().and_then(text).as_deref() == Some("json"))
                 .and_then(|kv| kv.get(1).and_then(text));
-            // An entry without a readable record (trimmed away, or not
-            // Tollgate's) is delivered as null, so it is acknowledged and
-            // never comes back.
-            let record = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
-            out.push(Delivered {
-                stream: stream.to_owned(),
-                entry: id,
-                record,
-            });
+            // An entry holds the records of one commit, as a JSON array. One
+            // without readable records (trimmed away, or not Tollgate's) is
+            // delivered as a single null, so it is acknowledged and never
+            // comes back.
+            let records = match json.and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok()) {
+                Some(serde_json::Value::Array(records)) => records,
+                _ => vec![serde_json::Value::Null],
+            };
+            for record in records {
+                out.push(Delivered {
+                    stream: stream.to_owned(),
+                    entry: id.clone(),
+                    record,
+                });
+            }
         }
     }
     out

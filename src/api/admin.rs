@@ -175,7 +175,7 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
             .collect(),
         recent_usage: a.recent.iter().map(|r| record_out(r)).collect(),
         balance: Some(balance_out(&a.id, &s.balance)),
-        overrides: Some(overrides_out(&a.overrides)),
+        overrides: Some(overrides_out(a.overrides())),
     }
 }
 

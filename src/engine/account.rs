@@ -269,7 +269,9 @@ pub struct Account {
     /// Rate-limit state.
     pub buckets: Buckets,
     /// Per-account limit overrides.
-    pub overrides: Box<LimitOverrides>,
+    /// `None` when the plan's limits apply unchanged (most accounts):
+    /// nothing allocated. Read through [`Account::overrides`].
+    pub overrides: Option<Box<LimitOverrides>>,
     /// The latest usage records, newest last.
     #[serde(skip)]
     pub recent: VecDeque<Arc<UsageRecord>>,
@@ -316,7 +318,7 @@ impl Account {
             requests: HashMap::new(),
             operations: Operations::default(),
             buckets: Buckets::default(),
-            overrides: Box::default(),
+            overrides: None,
             recent: VecDeque::new(),
             outbox: Vec::new(),
             leases: BTreeMap::new(),
@@ -325,6 +327,12 @@ impl Account {
         };
         account.subscribe(plan, anchor, now)?;
         Ok(account)
+    }
+
+    /// The per-account limit overrides (none set: the plan's limits).
+    pub fn overrides(&self) -> &LimitOverrides {
+        static NONE: std::sync::LazyLock<LimitOverrides> = std::sync::LazyLock::new(LimitOverrides::default);
+        self.overrides.as_deref().unwrap_or(&NONE)
     }
 
     /// Number of the current allowance period (0 is the account's first),

@@ -357,10 +357,10 @@ impl Account {
             return LimitSet::default();
         };
         match key.scope {
-            Scope::Account => self.overrides.account.unwrap_or(plan.limits.account),
-            Scope::ApiKey => self.overrides.api_key.unwrap_or(plan.limits.api_key),
+            Scope::Account => self.overrides().account.unwrap_or(plan.limits.account),
+            Scope::ApiKey => self.overrides().api_key.unwrap_or(plan.limits.api_key),
             Scope::Model => match ModelId::parse(&key.id) {
-                Ok(model) => self.overrides.resolve(&plan.limits, &model)[2],
+                Ok(model) => self.overrides().resolve(&plan.limits, &model)[2],
                 Err(_) => LimitSet::default(),
             },
         }

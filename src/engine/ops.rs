@@ -228,7 +228,7 @@ impl Account {
     }
 
     fn applicable(&self, plan: &Plan, api_key: Option<&ApiKeyId>, model: &ModelId) -> Applicable {
-        let [account, per_key, per_model] = self.overrides.resolve(&plan.limits, model);
+        let [account, per_key, per_model] = self.overrides().resolve(&plan.limits, model);
         let key = |scope, id: Arc<str>| BucketKey { scope, id };
         let mut out = vec![(key(Scope::Account, ACCOUNT_BUCKET.clone()), account)];
         if let Some(api_key) = api_key {
@@ -884,7 +884,7 @@ impl Account {
 
     /// Replaces the per-account limit overrides.
     pub fn set_overrides(&mut self, overrides: LimitOverrides) {
-        *self.overrides = overrides;
+        self.overrides = (overrides != LimitOverrides::default()).then(|| Box::new(overrides));
     }
 
     /// Changes the credit limit (zero or more). Lowering it below what is

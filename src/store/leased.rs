@@ -56,6 +56,7 @@ use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
 use crate::journal::{Entry, Journal};
+use crate::proto;
 
 /// How leases are sized and kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,52 +143,37 @@ struct Gate {
     cached: Option<(u64, String)>,
 }
 
-/// One entry for a usage stream.
+/// One record for a usage stream: its JSON form and, for usage records,
+/// its protobuf form.
 struct StreamItem {
-    id: String,
-    journal: String,
-    seq: u64,
-    json: String,
-    pb: Vec<u8>,
+    json: serde_json::Value,
+    pb: Option<proto::UsageRecord>,
 }
 
 impl StreamItem {
-    /// A journaled usage record: the record as in the usage file, with
-    /// where it comes from, as JSON and as protobuf.
+    /// A journaled usage record: the record as in the usage file, with its
+    /// id and where it was journaled.
     fn record(entry: &Journaled) -> Result<StreamItem, StoreError> {
         let id = entry.record.id();
         let mut json = serde_json::to_value(&entry.record).map_err(|e| corrupt("a usage record", e))?;
         if let Some(fields) = json.as_object_mut() {
-            fields.insert("record_id".into(), id.clone().into());
+            fields.insert("record_id".into(), id.into());
             fields.insert("journal".into(), entry.journal.as_str().into());
             fields.insert("journal_seq".into(), entry.seq.into());
         }
         let mut pb = crate::api::convert::record_out(&entry.record);
         pb.journal = entry.journal.to_string();
         pb.journal_seq = entry.seq;
-        Ok(StreamItem {
-            id,
-            journal: entry.journal.to_string(),
-            seq: entry.seq,
-            json: json.to_string(),
-            pb: prost::Message::encode_to_vec(&pb),
-        })
+        Ok(StreamItem { json, pb: Some(pb) })
     }
 
     /// An operator's change (JSON only).
     fn audit(audit: &AuditRecord) -> Result<StreamItem, StoreError> {
-        let id = audit.id();
         let mut json = serde_json::to_value(audit).map_err(|e| corrupt("an audit record", e))?;
         if let Some(fields) = json.as_object_mut() {
-            fields.insert("record_id".into(), id.clone().into());
+            fields.insert("record_id".into(), audit.id().into());
         }
-        Ok(StreamItem {
-            id,
-            journal: String::new(),
-            seq: 0,
-            json: json.to_string(),
-            pb: Vec::new(),
-        })
+        Ok(StreamItem { json, pb: None })
     }
 }
 
@@ -391,12 +377,13 @@ impl RedisStore {
             announce.unwrap_or("").as_bytes().to_vec(),
             records.len().to_string().into_bytes(),
         ];
-        for item in records {
-            args.push(item.id.as_bytes().to_vec());
-            args.push(item.journal.as_bytes().to_vec());
-            args.push(item.seq.to_string().into_bytes());
-            args.push(item.json.as_bytes().to_vec());
-            args.push(item.pb.clone());
+        if !records.is_empty() {
+            let json: Vec<&serde_json::Value> = records.iter().map(|i| &i.json).collect();
+            let batch = proto::UsageRecordBatch {
+                records: records.iter().filter_map(|i| i.pb.clone()).collect(),
+            };
+            args.push(serde_json::to_vec(&json).map_err(|e| corrupt("usage records", e))?);
+            args.push(prost::Message::encode_to_vec(&batch));
         }
         let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, keys, args).await)?;
         let int = |v: Option<&redis::Value>| match v {

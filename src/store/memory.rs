@@ -20,7 +20,9 @@ use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
 /// Accounts in a [`DashMap`]: a command locks only its account's shard,
 /// for the microseconds the engine takes, and never across an `.await`.
 pub struct MemoryStore {
-    accounts: DashMap<AccountId, Account>,
+    /// Boxed: the map's table keeps slots empty for growth, and an empty
+    /// slot then costs a pointer, not a whole account.
+    accounts: DashMap<AccountId, Box<Account>>,
     /// Accounts with open holds or records waiting in their outbox: what a
     /// light sweep visits. An id is added
     /// after its account's guard is released and removed while it is held,
@@ -59,7 +61,7 @@ impl Store for MemoryStore {
         match self.accounts.entry(account.id.clone()) {
             Entry::Occupied(_) => Err(StoreError::AccountExists(account.id)),
             Entry::Vacant(slot) => {
-                slot.insert(account);
+                slot.insert(Box::new(account));
                 Ok(())
             }
         }

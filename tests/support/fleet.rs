@@ -322,14 +322,11 @@ pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
                 redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
                 other => panic!("unexpected field {other:?}"),
             };
-            let mut record = serde_json::Value::Null;
             for pair in fields.chunks(2) {
                 if text(&pair[0]) == "json" {
-                    record = serde_json::from_str(&text(&pair[1])).expect("record JSON");
+                    let batch: Vec<serde_json::Value> = serde_json::from_str(&text(&pair[1])).expect("records JSON");
+                    records.extend(batch.into_iter().filter(|r| r["kind"] != "audit"));
                 }
-            }
-            if record["kind"] != "audit" {
-                records.push(record);
             }
         }
     }

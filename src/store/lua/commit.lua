@@ -2,7 +2,8 @@
 -- price versions) if nobody changed it since it was read: optimistic
 -- concurrency, so the accounting itself runs in the sidecar's engine and
 -- the script only guards the write. With it, in the same atomic step, the
--- usage records the change applied are added to the usage stream.
+-- usage records the change applied are added to the usage stream, as one
+-- entry (one XADD per commit, however many records).
 --
 -- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms)
 -- KEYS[2]  the usage stream of the record's shard (same hash tag), if any
@@ -12,8 +13,9 @@
 -- ARGV[4]  how far that instant may be from Redis's clock, ms (0: unchecked)
 -- ARGV[5]  channel announcing the change ("" for none)
 -- ARGV[6]  the announcement
--- ARGV[7]  how many records follow, then per record five values: record
---          id, journal, journal sequence, JSON, protobuf
+-- ARGV[7]  how many records the entry holds (0: no entry)
+-- ARGV[8]  the records as a JSON array
+-- ARGV[9]  the records as a tollgate.v1.UsageRecordBatch protobuf message
 --
 -- Returns {1, new version} when committed, or {0, current version, current
 -- state} when the record moved on (the caller recomputes from that state).
@@ -30,11 +32,8 @@ if current ~= tonumber(ARGV[1]) then
   return {0, current, redis.call('HGET', KEYS[1], 'state') or ''}
 end
 redis.call('HSET', KEYS[1], 'v', current + 1, 'state', ARGV[2], 'at', ARGV[3])
-local records = tonumber(ARGV[7] or '0')
-for i = 0, records - 1 do
-  local a = 8 + i * 5
-  redis.call('XADD', KEYS[2], '*', 'id', ARGV[a], 'journal', ARGV[a + 1], 'seq', ARGV[a + 2],
-    'json', ARGV[a + 3], 'pb', ARGV[a + 4])
+if tonumber(ARGV[7] or '0') > 0 then
+  redis.call('XADD', KEYS[2], '*', 'count', ARGV[7], 'json', ARGV[8], 'pb', ARGV[9])
 end
 if ARGV[5] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[6])
