@@ -570,7 +570,8 @@ impl Journal {
     /// Writes every entry of `batch`, syncing as the policy says. A failed
     /// write is cut off again, so the segment never keeps half an entry.
     fn write_batch(&self, file: &mut Option<File>, batch: &mut [Append]) -> Result<(), JournalError> {
-        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        // Encode before taking the lock: `number` (on the decision path)
+        // takes it too, and must never wait for this writer's work.
         let mut bytes = Vec::new();
         let mut first_seq = u64::MAX;
         for append in batch.iter() {
@@ -579,6 +580,7 @@ impl Journal {
                 bytes.extend_from_slice(&encode(entry));
             }
         }
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let used: u64 = shared.segments.iter().map(|s| s.bytes).sum();
         if used + bytes.len() as u64 > self.settings.max_bytes {
             return Err(JournalError::Full {
@@ -636,6 +638,9 @@ impl Journal {
             .last()
             .map(|s| (s.path.clone(), s.bytes))
             .unwrap_or_default();
+        // The write and its fsync happen without the lock (only this
+        // thread writes, and the newest segment is never removed).
+        drop(shared);
         let written = f.write_all(&bytes).and_then(|()| match self.settings.sync {
             SyncPolicy::Always => f.sync_data(),
             _ => Ok(()),
@@ -646,6 +651,7 @@ impl Journal {
             return Err(io(path.display(), e));
         }
         self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let segment_first = shared.segments.last().map_or(0, |s| s.first);
         let mut count = 0;
         for append in batch.iter() {

@@ -648,9 +648,9 @@ impl RedisStore {
                 journal.applied(sync.records.iter().map(|e| (e.journal.clone(), e.seq)));
             }
             if let Some(mut local) = self.mirrors.get_mut(id) {
-                local
-                    .journaled
-                    .retain(|e| !sync.records.iter().any(|s| s.journal == e.journal && s.seq == e.seq));
+                let sent: std::collections::HashSet<(&ProducerId, u64)> =
+                    sync.records.iter().map(|e| (&e.journal, e.seq)).collect();
+                local.journaled.retain(|e| !sent.contains(&(&e.journal, e.seq)));
             }
         }
         if granted.written_off > 0 {
@@ -784,10 +784,14 @@ impl RedisStore {
             for entry in &entries {
                 local.appending.remove(&entry.seq);
             }
-            local.journaled.extend(entries);
-            local
-                .journaled
-                .sort_by(|a, b| (&a.journal, a.seq).cmp(&(&b.journal, b.seq)));
+            // Kept in (journal, number) order: each goes where it belongs
+            // (almost always at the end), never a sort of the whole list.
+            for entry in entries {
+                let at = local
+                    .journaled
+                    .partition_point(|e| (&e.journal, e.seq) <= (&entry.journal, entry.seq));
+                local.journaled.insert(at, entry);
+            }
         }
         result
     }
