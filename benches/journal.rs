@@ -78,7 +78,8 @@ async fn settles(url: String, tag: &str) -> Histogram<u64> {
                     max_output_tokens: 100,
                     ..Default::default()
                 };
-                client.reserve(reserve).await.unwrap();
+                let r = client.reserve(reserve).await.unwrap().into_inner();
+                assert_eq!(r.decision, proto::Decision::Allow as i32, "{}", r.message);
                 let settle = proto::SettleRequest {
                     account_id: "busy".into(),
                     reservation_id: id,

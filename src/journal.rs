@@ -440,17 +440,12 @@ impl Journal {
     pub fn append(&self, entries: Vec<Entry>) -> impl Future<Output = Result<(), JournalError>> + use<> {
         let (done, wait) = tokio::sync::oneshot::channel();
         let sent = self.appends.send(Append { entries, done });
-        // `none` promises nothing about the disk: handing the entries to the
-        // writer is all there is to wait for.
-        let wait = (self.settings.sync != SyncPolicy::None).then_some(wait);
+        // Every policy waits for the write itself: that is also what keeps
+        // callers from outrunning the writer.
         async move {
             sent.map_err(|_| JournalError::Io("the journal writer has stopped".into()))?;
-            match wait {
-                Some(wait) => wait
-                    .await
-                    .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?,
-                None => Ok(()),
-            }
+            wait.await
+                .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?
         }
     }
 

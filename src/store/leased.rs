@@ -228,6 +228,10 @@ pub struct RedisStore {
 /// background task probes it; decisions use the failure policy meanwhile).
 const BACKOFF: Duration = Duration::from_millis(500);
 
+/// How many syncs one decision may ask for before deciding as the last
+/// word.
+const ASKS: usize = 6;
+
 /// How long shutdown keeps trying to report and return leases.
 const CLOSE_RETRIES: Duration = Duration::from_secs(5);
 
@@ -871,9 +875,10 @@ impl RedisStore {
         command: &Command,
         now: Timestamp,
     ) -> Result<(Applied, Vec<Entry>), StoreError> {
-        // Ask at most twice (the first answer may find the lease lapsed, or
-        // another request may take what it lent), then decide.
-        for _ in 0..2 {
+        // Ask a few times (the first answer may find the lease lapsed, and
+        // concurrent requests short at the same moment, as on a cold start,
+        // may take what was lent for one another), then decide.
+        for _ in 0..ASKS {
             let short = match self.on_mirror(id, command, now, None)? {
                 Err(EngineError::Short(short)) => *short,
                 other => return Ok(other?),
