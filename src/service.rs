@@ -51,46 +51,48 @@ impl Tollgate {
     /// Once the sink has stopped (its writer failed), commands are refused
     /// rather than charged without a record.
     pub async fn apply(&self, account: &AccountId, command: Command) -> Result<Reply, StoreError> {
-        if self.usage.is_closed() {
-            return Err(StoreError::Unavailable(
-                "the usage sink has stopped; refusing to charge without a record".into(),
-            ));
-        }
-        let this = self.clone();
-        let account = account.clone();
-        tokio::spawn(async move {
-            let applied = this.store.apply(&account, command, this.now()).await?;
-            this.emit(applied.records).await;
-            Ok(applied.reply)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
+        self.run(account, command, None).await
     }
 
-    /// Runs an operator's `command` on `account` with its audit record
-    /// (`audit.at` is set here), which reaches the usage stream with the
-    /// change and the usage sink after it.
+    /// Runs an operator's `command` on `account` like [`Tollgate::apply`],
+    /// with its audit record (`audit.at` is set here), which reaches the
+    /// usage stream with the change and the usage sink after it.
     pub async fn apply_admin(
         &self,
         account: &AccountId,
         command: Command,
-        mut audit: AuditRecord,
+        audit: AuditRecord,
+    ) -> Result<Reply, StoreError> {
+        self.run(account, command, Some(audit)).await
+    }
+
+    async fn run(
+        &self,
+        account: &AccountId,
+        command: Command,
+        audit: Option<AuditRecord>,
     ) -> Result<Reply, StoreError> {
         if self.usage.is_closed() {
             return Err(StoreError::Unavailable(
-                "the usage sink has stopped; refusing a change without its audit record".into(),
+                "the usage sink has stopped; refusing to change an account without its record".into(),
             ));
         }
         let this = self.clone();
         let account = account.clone();
         tokio::spawn(async move {
             let now = this.now();
-            audit.at = now;
-            let applied = this.store.apply_audited(&account, command, now, &audit).await?;
+            let applied = match audit {
+                None => this.store.apply(&account, command, now).await?,
+                Some(mut audit) => {
+                    audit.at = now;
+                    let applied = this.store.apply_audited(&account, command, now, &audit).await?;
+                    if this.usage.send(Emitted::Audit(Arc::new(audit))).await.is_err() {
+                        tracing::error!("usage sink has stopped; an audit record was not written");
+                    }
+                    applied
+                }
+            };
             this.emit(applied.records).await;
-            if this.usage.send(Emitted::Audit(Arc::new(audit))).await.is_err() {
-                tracing::error!("usage sink has stopped; an audit record was not written");
-            }
             Ok(applied.reply)
         })
         .await

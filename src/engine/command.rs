@@ -108,6 +108,20 @@ impl Command {
         }
     }
 
+    /// An operator's change (not a decision or a read-out).
+    pub fn is_admin(&self) -> bool {
+        !matches!(
+            self,
+            Command::Reserve(_)
+                | Command::Extend { .. }
+                | Command::Settle { .. }
+                | Command::Release(_)
+                | Command::Charge(_)
+                | Command::Balance
+                | Command::Snapshot
+        )
+    }
+
     /// The operator-chosen id of an adjustment, if it has one.
     pub fn operation_id(&self) -> Option<String> {
         match self {

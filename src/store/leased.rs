@@ -1300,15 +1300,10 @@ impl Store for RedisStore {
         now: Timestamp,
         audit: &AuditRecord,
     ) -> Result<Applied, StoreError> {
-        match command {
-            Command::Reserve(_)
-            | Command::Extend { .. }
-            | Command::Settle { .. }
-            | Command::Release(_)
-            | Command::Charge(_)
-            | Command::Balance
-            | Command::Snapshot => self.apply(id, command, now).await,
-            admin => self.admin(id, admin, Some(audit)).await,
+        if command.is_admin() {
+            self.admin(id, command, Some(audit)).await
+        } else {
+            self.apply(id, command, now).await
         }
     }
 
