@@ -172,7 +172,10 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
     top_up
         .metadata_mut()
         .insert("x-tollgate-operator", "alice@billing".parse().unwrap());
+    let retry = tonic::Request::new(top_up.get_ref().clone());
     admin.top_up(top_up).await.unwrap();
+    // A retried adjustment changes nothing and is not audited twice.
+    admin.top_up(retry).await.unwrap();
     let mut quota = sidecar.client().await;
     for i in 0..10u64 {
         let id = format!("e{i}");
