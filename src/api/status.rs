@@ -11,7 +11,7 @@ pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownAccount(id) => Status::not_found(format!("account {id} not found")),
         StoreError::AccountExists(id) => Status::already_exists(format!("account {id} already exists")),
-        StoreError::Unavailable(m) => Status::unavailable(m),
+        StoreError::Unavailable(m) | StoreError::Busy(m) => Status::unavailable(m),
         StoreError::Engine(e) => match e {
             EngineError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             EngineError::NotFound(_) => Status::not_found(e.to_string()),

@@ -458,7 +458,7 @@ impl RedisStore {
                 }
             }
         }
-        Err(StoreError::Unavailable(format!(
+        Err(StoreError::Busy(format!(
             "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
         )))
     }
@@ -636,7 +636,8 @@ impl RedisStore {
             .await;
         let (granted, shared): (Granted, Account) = match result {
             Ok(done) => done,
-            Err(e @ StoreError::Unavailable(_)) => return Err(e),
+            // Outcome unknown or not reached: kept pending, resent as is.
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Busy(_))) => return Err(e),
             Err(e) => {
                 tracing::error!(account = %id, error = %e, "lease report refused; dropped");
                 gate.pending = None;
@@ -885,6 +886,9 @@ impl RedisStore {
             };
             match self.sync(id, Some(short), false, false).await {
                 Ok(()) => {}
+                // Reachable but contended (many sidecars short at once near
+                // zero): not an outage; decide from what is held.
+                Err(StoreError::Busy(_)) => break,
                 Err(e @ StoreError::Unavailable(_)) => {
                     // Spending already admitted is never refused: settle,
                     // extend and release decide from what the mirror holds.
@@ -1334,7 +1338,7 @@ impl Store for RedisStore {
             }
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         }
-        Err(StoreError::Unavailable(format!(
+        Err(StoreError::Busy(format!(
             "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
         )))
     }

@@ -38,6 +38,10 @@ pub enum StoreError {
     /// The store cannot be reached.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Other writers kept winning the race for the same record: the store
+    /// is reachable, only busy.
+    #[error("store busy: {0}")]
+    Busy(String),
 }
 
 /// A command's reply and the records it produced.
