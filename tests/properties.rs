@@ -322,8 +322,8 @@ fn state(a: &Account) -> String {
         a.debt,
         a.packs,
         a.promos,
-        a.reservations.len(),
-        a.requests.len(),
+        a.traffic().reservations.len(),
+        a.traffic().requests.len(),
         a.operations.len()
     )
 }
@@ -371,6 +371,7 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
 
     // The expiry index lists exactly the open holds.
     let open: std::collections::BTreeSet<_> = a
+        .traffic()
         .reservations
         .iter()
         .filter_map(|(id, r)| match r {
@@ -378,7 +379,7 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
             _ => None,
         })
         .collect();
-    assert_eq!(open, a.expiries, "expiry index out of step with open holds");
+    assert_eq!(&open, &a.traffic().expiries, "expiry index out of step with open holds");
 
     // Held by ledgers = held by open holds, per unit.
     let (mut hold_tokens, mut hold_money) = (0, 0);

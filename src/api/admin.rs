@@ -173,7 +173,7 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
                 expires_at: Some(timestamp_out(h.expires_at)),
             })
             .collect(),
-        recent_usage: a.recent.iter().map(|r| record_out(r)).collect(),
+        recent_usage: a.traffic().recent.iter().map(|r| record_out(r)).collect(),
         balance: Some(balance_out(&a.id, &s.balance)),
         overrides: Some(overrides_out(a.overrides())),
     }

@@ -7,7 +7,7 @@
 //! made and every usage record emitted (invariant 1, conservation).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -217,6 +217,38 @@ impl Operations {
     }
 }
 
+/// What one process remembers of an account's requests: state that lives
+/// in one process only (never serialized) and that an idle account does
+/// not need.
+#[derive(Debug, Clone, Default)]
+pub struct Traffic {
+    /// Reservations by id, open and recently closed.
+    pub reservations: HashMap<ReservationId, Reservation>,
+    /// Open holds by expiry: lapsing holds and listing them never scans the
+    /// closed reservations kept for idempotent replays.
+    pub expiries: BTreeSet<(Timestamp, ReservationId)>,
+    /// Request ids seen, for idempotency.
+    pub requests: HashMap<RequestId, Remembered>,
+    /// The latest usage records, newest last.
+    pub recent: VecDeque<Arc<UsageRecord>>,
+    /// Records produced but not yet taken by the store for the usage sink.
+    pub outbox: Vec<Arc<UsageRecord>>,
+}
+
+impl Traffic {
+    /// Nothing remembered.
+    pub fn is_empty(&self) -> bool {
+        self.reservations.is_empty()
+            && self.expiries.is_empty()
+            && self.requests.is_empty()
+            && self.recent.is_empty()
+            && self.outbox.is_empty()
+    }
+}
+
+/// The traffic of an account that has none.
+static NO_TRAFFIC: LazyLock<Traffic> = LazyLock::new(Traffic::default);
+
 /// Everything Tollgate knows about one account.
 ///
 /// Serialized (JSON) as a shared account in the Redis store: reservations,
@@ -254,16 +286,12 @@ pub struct Account {
     /// Debt: usage beyond every source and the credit limit. Its
     /// `available` is minus what is owed.
     pub debt: Ledger,
-    /// Reservations by id, open and recently closed.
+    /// What this process remembers of the account's requests; `None` until
+    /// the first one and again once everything in it is forgotten, so an
+    /// idle account carries one pointer for it. Read through
+    /// [`Account::traffic`].
     #[serde(skip)]
-    pub reservations: HashMap<ReservationId, Reservation>,
-    /// Open holds by expiry: lapsing holds and listing them never scans the
-    /// closed reservations kept for idempotent replays.
-    #[serde(skip)]
-    pub expiries: BTreeSet<(Timestamp, ReservationId)>,
-    /// Request ids seen, for idempotency.
-    #[serde(skip)]
-    pub requests: HashMap<RequestId, Remembered>,
+    pub traffic: Option<Box<Traffic>>,
     /// Admin operation ids seen, with their content fingerprints.
     pub operations: Operations,
     /// Rate-limit state.
@@ -272,12 +300,6 @@ pub struct Account {
     /// `None` when the plan's limits apply unchanged (most accounts):
     /// nothing allocated. Read through [`Account::overrides`].
     pub overrides: Option<Box<LimitOverrides>>,
-    /// The latest usage records, newest last.
-    #[serde(skip)]
-    pub recent: VecDeque<Arc<UsageRecord>>,
-    /// Records produced but not yet taken by the store for the usage sink.
-    #[serde(skip)]
-    pub outbox: Vec<Arc<UsageRecord>>,
     /// Shared account: what each sidecar holds on lease.
     pub leases: BTreeMap<ProducerId, Lease>,
     /// Shared account: per journal, the last journaled record applied.
@@ -313,14 +335,10 @@ impl Account {
             promos: BTreeMap::new(),
             paid: Ledger::default(),
             debt: Ledger::default(),
-            reservations: HashMap::new(),
-            expiries: BTreeSet::new(),
-            requests: HashMap::new(),
+            traffic: None,
             operations: Operations::default(),
             buckets: Buckets::default(),
             overrides: None,
-            recent: VecDeque::new(),
-            outbox: Vec::new(),
             leases: BTreeMap::new(),
             journals: BTreeMap::new(),
             mirror: None,
@@ -379,14 +397,15 @@ impl Account {
     /// periods (with rollover). Idempotent for a given `now`.
     pub fn advance(&mut self, catalog: &Catalog, now: Timestamp) -> Result<(), EngineError> {
         let lapsed: Vec<ReservationId> = self
+            .traffic()
             .expiries
             .iter()
             .take_while(|(at, _)| *at <= now)
             .map(|(_, id)| id.clone())
             .collect();
         for id in lapsed {
-            if let Some(Reservation::Open(hold)) = self.reservations.remove(&id) {
-                self.expiries.remove(&(hold.expires_at, id.clone()));
+            if let Some(Reservation::Open(hold)) = self.traffic_mut().reservations.remove(&id) {
+                self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
                 match catalog.on_expiry {
                     ExpiryPolicy::Release => self.unhold(&hold.takes),
                     ExpiryPolicy::ChargeInFull => {
@@ -397,7 +416,9 @@ impl Account {
                     }
                 }
                 self.buckets.finish(&hold.buckets);
-                self.reservations.insert(id, Reservation::Expired { closed_at: now });
+                self.traffic_mut()
+                    .reservations
+                    .insert(id, Reservation::Expired { closed_at: now });
             }
         }
         let mut closed = Vec::new();
@@ -455,17 +476,20 @@ impl Account {
         let Ok(horizon) = now.checked_sub(catalog.idempotency_window) else {
             return;
         };
-        self.reservations.retain(|_, r| match r {
-            Reservation::Open(_) => true,
-            Reservation::Settled { closed_at, .. }
-            | Reservation::Released { closed_at, .. }
-            | Reservation::Expired { closed_at } => *closed_at > horizon,
-        });
-        let reservations = &self.reservations;
-        self.requests.retain(|_, r| match r {
-            Remembered::Reserved { reservation, .. } => reservations.contains_key(reservation),
-            Remembered::Charged { at, .. } => *at > horizon,
-        });
+        if let Some(traffic) = self.traffic.as_deref_mut() {
+            traffic.reservations.retain(|_, r| match r {
+                Reservation::Open(_) => true,
+                Reservation::Settled { closed_at, .. }
+                | Reservation::Released { closed_at, .. }
+                | Reservation::Expired { closed_at } => *closed_at > horizon,
+            });
+            let reservations = &traffic.reservations;
+            traffic.requests.retain(|_, r| match r {
+                Remembered::Reserved { reservation, .. } => reservations.contains_key(reservation),
+                Remembered::Charged { at, .. } => *at > horizon,
+            });
+            self.shed_traffic();
+        }
         self.buckets.prune(now);
         self.prune_leases(catalog, now);
     }
@@ -523,24 +547,47 @@ impl Account {
     /// Queues `record` for the usage sink and keeps it among the recent.
     pub(crate) fn emit(&mut self, record: Arc<UsageRecord>, catalog: &Catalog) {
         if catalog.recent_usage > 0 {
-            if self.recent.len() == catalog.recent_usage {
-                self.recent.pop_front();
+            if self.traffic().recent.len() == catalog.recent_usage {
+                self.traffic_mut().recent.pop_front();
             }
-            self.recent.push_back(record.clone());
+            self.traffic_mut().recent.push_back(record.clone());
         }
-        self.outbox.push(record);
+        self.traffic_mut().outbox.push(record);
     }
 
     /// Takes the records queued for the usage sink.
     pub fn take_records(&mut self) -> Vec<Arc<UsageRecord>> {
-        std::mem::take(&mut self.outbox)
+        let Some(traffic) = self.traffic.as_deref_mut() else {
+            return Vec::new();
+        };
+        let records = std::mem::take(&mut traffic.outbox);
+        self.shed_traffic();
+        records
+    }
+
+    /// What this process remembers of the account's requests.
+    pub fn traffic(&self) -> &Traffic {
+        self.traffic.as_deref().unwrap_or(&NO_TRAFFIC)
+    }
+
+    /// The same, to change: allocated on first use.
+    pub fn traffic_mut(&mut self) -> &mut Traffic {
+        self.traffic.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the traffic state once nothing is left in it.
+    fn shed_traffic(&mut self) {
+        if self.traffic.as_deref().is_some_and(Traffic::is_empty) {
+            self.traffic = None;
+        }
     }
 
     /// Open holds, soonest expiry first.
     pub fn holds(&self) -> impl Iterator<Item = &Hold> {
-        self.expiries
+        self.traffic()
+            .expiries
             .iter()
-            .filter_map(|(_, id)| match self.reservations.get(id) {
+            .filter_map(|(_, id)| match self.traffic().reservations.get(id) {
                 Some(Reservation::Open(h)) => Some(h),
                 _ => None,
             })

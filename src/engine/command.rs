@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
-use super::account::{Account, Hold, Lot};
+use super::account::{Account, Hold, Lot, Traffic};
 use super::catalog::Catalog;
 use super::draw::Take;
 use super::error::EngineError;
@@ -265,6 +265,7 @@ impl Account {
     /// Open holds with their reservation ids, by id.
     pub fn open_holds(&self) -> Vec<(ReservationId, Hold)> {
         let mut holds: Vec<_> = self
+            .traffic()
             .reservations
             .iter()
             .filter_map(|(id, r)| match r {
@@ -278,6 +279,7 @@ impl Account {
 
     /// A copy without the bulky maps.
     fn clone_shallow(&self) -> Account {
+        let recent = &self.traffic().recent;
         Account {
             id: self.id.clone(),
             plan: self.plan.clone(),
@@ -292,14 +294,15 @@ impl Account {
             promos: Default::default(),
             paid: self.paid,
             debt: self.debt,
-            reservations: Default::default(),
-            expiries: Default::default(),
-            requests: Default::default(),
+            traffic: (!recent.is_empty()).then(|| {
+                Box::new(Traffic {
+                    recent: recent.clone(),
+                    ..Traffic::default()
+                })
+            }),
             operations: Default::default(),
             buckets: Default::default(),
             overrides: self.overrides.clone(),
-            recent: self.recent.clone(),
-            outbox: Vec::new(),
             leases: Default::default(),
             journals: Default::default(),
             mirror: None,

@@ -294,7 +294,7 @@ impl Account {
         now: Timestamp,
     ) -> Result<ReserveOutcome, EngineError> {
         self.advance(catalog, now)?;
-        if let Some(seen) = self.requests.get(&req.request_id) {
+        if let Some(seen) = self.traffic().requests.get(&req.request_id) {
             return match seen {
                 Remembered::Reserved { request, outcome, .. } if **request == *req => {
                     Ok(ReserveOutcome::Allowed((**outcome).clone()))
@@ -419,10 +419,11 @@ impl Account {
             buckets: limits.into_iter().map(|(key, _)| key).collect(),
             admitted_tokens,
         };
-        self.expiries.insert((expires_at, reservation_id.clone()));
-        self.reservations
+        self.traffic_mut().expiries.insert((expires_at, reservation_id.clone()));
+        self.traffic_mut()
+            .reservations
             .insert(reservation_id.clone(), Reservation::Open(hold));
-        self.requests.insert(
+        self.traffic_mut().requests.insert(
             req.request_id.clone(),
             Remembered::Reserved {
                 request: Box::new(req.clone()),
@@ -434,7 +435,7 @@ impl Account {
     }
 
     fn open_hold(&self, id: &ReservationId) -> Result<&Hold, EngineError> {
-        match self.reservations.get(id) {
+        match self.traffic().reservations.get(id) {
             Some(Reservation::Open(hold)) => Ok(hold),
             Some(Reservation::Settled { .. }) => Err(EngineError::Precondition(format!(
                 "reservation {id} is already settled"
@@ -513,9 +514,9 @@ impl Account {
             held: takes.clone(),
             shortfall,
         };
-        self.expiries.remove(&(hold.expires_at, id.clone()));
-        self.expiries.insert((expires_at, id.clone()));
-        if let Some(Reservation::Open(h)) = self.reservations.get_mut(id) {
+        self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
+        self.traffic_mut().expiries.insert((expires_at, id.clone()));
+        if let Some(Reservation::Open(h)) = self.traffic_mut().reservations.get_mut(id) {
             h.granted_output = granted;
             h.takes = takes;
             h.expires_at = expires_at;
@@ -537,7 +538,7 @@ impl Account {
         self.advance(catalog, now)?;
         if let Some(Reservation::Settled {
             usage: first, record, ..
-        }) = self.reservations.get(id)
+        }) = self.traffic().reservations.get(id)
         {
             return if *first == usage {
                 Ok(Arc::clone(record))
@@ -564,17 +565,17 @@ impl Account {
             }
             charges
         };
-        let Some(Reservation::Open(hold)) = self.reservations.remove(id) else {
+        let Some(Reservation::Open(hold)) = self.traffic_mut().reservations.remove(id) else {
             return Err(EngineError::NotFound(format!("reservation {id}")));
         };
         self.rebalance(&hold.takes, &[], &charges);
         self.buckets
             .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, usage.total_tokens(), now);
         self.buckets.finish(&hold.buckets);
-        self.expiries.remove(&(hold.expires_at, id.clone()));
+        self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
         let record = Arc::new(self.record_for(&hold, RecordKind::Settle, usage, charges, now));
         self.emit(Arc::clone(&record), catalog);
-        self.reservations.insert(
+        self.traffic_mut().reservations.insert(
             id.clone(),
             Reservation::Settled {
                 usage,
@@ -588,16 +589,16 @@ impl Account {
     /// Returns a reservation's whole hold, charging nothing.
     pub fn release(&mut self, catalog: &Catalog, id: &ReservationId, now: Timestamp) -> Result<Vec<Take>, EngineError> {
         self.advance(catalog, now)?;
-        if let Some(Reservation::Released { released, .. }) = self.reservations.get(id) {
+        if let Some(Reservation::Released { released, .. }) = self.traffic().reservations.get(id) {
             return Ok(released.clone());
         }
         let hold = self.open_hold(id)?.clone();
         self.unhold(&hold.takes);
-        self.expiries.remove(&(hold.expires_at, id.clone()));
+        self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
         self.buckets
             .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, 0, now);
         self.buckets.finish(&hold.buckets);
-        self.reservations.insert(
+        self.traffic_mut().reservations.insert(
             id.clone(),
             Reservation::Released {
                 released: hold.takes.clone(),
@@ -616,7 +617,7 @@ impl Account {
         now: Timestamp,
     ) -> Result<ChargeOutcome, EngineError> {
         self.advance(catalog, now)?;
-        if let Some(seen) = self.requests.get(&req.request_id) {
+        if let Some(seen) = self.traffic().requests.get(&req.request_id) {
             return match seen {
                 Remembered::Charged { request, record, .. } if **request == *req => {
                     Ok(ChargeOutcome::Charged(Arc::clone(record)))
@@ -688,7 +689,7 @@ impl Account {
             settled_at: now,
         });
         self.emit(Arc::clone(&record), catalog);
-        self.requests.insert(
+        self.traffic_mut().requests.insert(
             req.request_id.clone(),
             Remembered::Charged {
                 request: Box::new(req.clone()),

@@ -220,6 +220,28 @@ fn settle_charges_actuals_and_releases_the_rest() {
 }
 
 #[test]
+fn an_idle_account_forgets_its_requests_and_frees_their_state() {
+    let mut c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    assert!(a.traffic.is_none(), "no request yet, nothing allocated");
+    let r = allowed(a.reserve(&c, &req("r1", "m", 100, 1000), t(NOW)).unwrap());
+    a.settle(&c, &r.reservation_id, usage(100, 10), t(NOW)).unwrap();
+    let later = t(NOW) + c.idempotency_window + SignedDuration::from_secs(1);
+    a.prune(&c, later);
+    assert_eq!(a.take_records().len(), 1);
+    let kept = a.traffic.as_deref().expect("the recent record is kept for read-outs");
+    assert!(kept.requests.is_empty() && kept.reservations.is_empty() && kept.recent.len() == 1);
+
+    c.recent_usage = 0;
+    let r = allowed(a.reserve(&c, &req("r2", "m", 100, 1000), later).unwrap());
+    a.release(&c, &r.reservation_id, later).unwrap();
+    a.traffic_mut().recent.clear();
+    a.prune(&c, later + c.idempotency_window + SignedDuration::from_secs(1));
+    assert!(a.traffic.is_none(), "everything forgotten, the state is freed");
+}
+
+#[test]
 fn grant_shrinks_to_what_funds_cover() {
     let c = catalog();
     let mut a = account(&c, "payg");
@@ -543,7 +565,7 @@ fn denials_name_their_reason_and_take_nothing() {
         denial(b.reserve(&c, &req("r1", "big", 1, 1), t(NOW)).unwrap()),
         Denial::ModelNotAllowed
     );
-    assert!(b.requests.is_empty() && b.holds().count() == 0);
+    assert!(b.traffic().requests.is_empty() && b.holds().count() == 0);
 }
 
 #[test]

@@ -1049,7 +1049,8 @@ impl RedisStore {
             } else {
                 // Nothing held, nothing to report, no request id to remember
                 // for retries: the mirror can go.
-                let remembers = !local.mirror.requests.is_empty() || !local.mirror.reservations.is_empty();
+                let remembers =
+                    !local.mirror.traffic().requests.is_empty() || !local.mirror.traffic().reservations.is_empty();
                 if idle && !holds && !logged && !remembers {
                     forget.push(id.clone());
                 }
@@ -1079,8 +1080,8 @@ impl RedisStore {
                     !holds_anything(&l.mirror)
                         && l.journaled.is_empty()
                         && l.appending.is_empty()
-                        && l.mirror.requests.is_empty()
-                        && l.mirror.reservations.is_empty()
+                        && l.mirror.traffic().requests.is_empty()
+                        && l.mirror.traffic().reservations.is_empty()
                         && l.last_used.elapsed() >= self.settings.idle_return
                 });
             }
@@ -1135,7 +1136,7 @@ impl RedisStore {
 
 /// Anything lent to this mirror is still here (slices, permits, holds).
 fn holds_anything(mirror: &Account) -> bool {
-    holds_unused(mirror) || !mirror.expiries.is_empty()
+    holds_unused(mirror) || !mirror.traffic().expiries.is_empty()
 }
 
 /// This mirror holds lent slices or permits that nothing uses.
@@ -1286,7 +1287,7 @@ impl Store for RedisStore {
                     && let Some(local) = self.mirrors.get(id)
                 {
                     snapshot.holds = local.mirror.open_holds();
-                    snapshot.account.recent = local.mirror.recent.clone();
+                    snapshot.account.traffic_mut().recent = local.mirror.traffic().recent.clone();
                 }
                 Ok(Applied {
                     reply,

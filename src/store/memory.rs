@@ -82,7 +82,7 @@ impl Store for MemoryStore {
         } else {
             Vec::new()
         };
-        let watch = !account.expiries.is_empty() || !account.outbox.is_empty();
+        let watch = !account.traffic().expiries.is_empty() || !account.traffic().outbox.is_empty();
         drop(account);
         if watch {
             self.holding.insert(id.clone());
@@ -118,8 +118,8 @@ impl Store for MemoryStore {
             if let Err(e) = account.advance(&catalog, now) {
                 tracing::warn!(account = %account.id, error = %e, "sweep could not advance account");
             }
-            records.append(&mut account.outbox);
-            if account.expiries.is_empty() {
+            records.append(&mut account.take_records());
+            if account.traffic().expiries.is_empty() {
                 // The outbox was just emptied: nothing left to watch.
                 self.holding.remove(&account.id);
             }
