@@ -5,7 +5,7 @@
 //! The environment is read through a lookup function, so tests never touch
 //! the process environment.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
 use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass, check_draw_order};
+use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::ScopedLimits;
 use crate::engine::money::Money;
@@ -562,7 +563,7 @@ fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion
     let before = p.0.len();
     let id = p.check(format!("{path}.id"), VersionId::parse(&f.id));
     let effective_at = p.check(format!("{path}.effective_at"), f.effective_at.parse::<Timestamp>());
-    let mut models = HashMap::new();
+    let mut models = Map::default();
     for (name, m) in &f.models {
         let mpath = format!("{path}.models.{name}");
         let model = p.check(mpath.clone(), ModelId::parse(name));
@@ -570,7 +571,7 @@ fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion
             None => Some(1000),
             Some(w) => p.check(format!("{mpath}.token_weight"), parse_weight(w)),
         };
-        let mut tiers = HashMap::new();
+        let mut tiers = Map::default();
         for (tier_name, t) in &m.tiers {
             let tpath = format!("{mpath}.tiers.{tier_name}");
             let tier = p.check(tpath.clone(), TierId::parse(tier_name));
@@ -821,7 +822,7 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
         names
             .iter()
             .filter_map(|n| p.check(format!("{path}.allowed_models"), ModelId::parse(n)))
-            .collect::<HashSet<_>>()
+            .collect::<Set<_>>()
     });
     for (scope, set) in [
         ("account", &f.limits.account),
@@ -874,7 +875,7 @@ fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
     })
 }
 
-fn account(p: &mut Problems, i: usize, f: &AccountFile, plans: &HashMap<PlanId, Plan>) -> Option<SeedAccount> {
+fn account(p: &mut Problems, i: usize, f: &AccountFile, plans: &Map<PlanId, Plan>) -> Option<SeedAccount> {
     let path = format!("accounts[{i}]");
     let id = p.check(format!("{path}.id"), AccountId::parse(&f.id));
     let plan = p.check(format!("{path}.plan"), PlanId::parse(&f.plan));
@@ -907,7 +908,7 @@ fn account(p: &mut Problems, i: usize, f: &AccountFile, plans: &HashMap<PlanId, 
         if pk.tokens == 0 {
             p.push(format!("{ppath}.tokens"), "must be greater than zero");
         }
-        let models: HashSet<_> = pk
+        let models: Set<_> = pk
             .models
             .iter()
             .filter_map(|m| p.check(format!("{ppath}.models"), ModelId::parse(m)))
@@ -1036,7 +1037,7 @@ impl Settings {
                 UsageSinkConfig::Stdout
             }
         };
-        let plans: HashMap<PlanId, Plan> = file
+        let plans: Map<PlanId, Plan> = file
             .plans
             .iter()
             .filter_map(|(name, f)| plan(&mut p, name, f))

@@ -12,7 +12,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+use tollgate::engine::hash::Map;
 
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
@@ -122,7 +122,7 @@ fn prices(input: i128, output: i128) -> TokenPrices {
 
 fn catalog(charge_in_full: bool) -> Catalog {
     let model = |weight_milli| {
-        let tiers = HashMap::from([(
+        let tiers = Map::from_iter([(
             TierId::default_tier(),
             TierPrices {
                 base: prices(100, 400),
@@ -134,7 +134,7 @@ fn catalog(charge_in_full: bool) -> Catalog {
     let version = PriceVersion {
         id: VersionId::parse("v1").unwrap(),
         effective_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-        models: HashMap::from([
+        models: Map::from_iter([
             (ModelId::parse("m").unwrap(), model(1000)),
             (ModelId::parse("w").unwrap(), model(1500)),
         ]),
@@ -302,7 +302,7 @@ fn command(op: &Op, now: Timestamp) -> Option<(usize, Command)> {
                 pack_id: lot("pack", id),
                 tokens: *tokens,
                 expires_at: now + SignedDuration::from_secs(*ttl),
-                models: scoped.then(|| [ModelId::parse("w").unwrap()].into()),
+                models: scoped.then(|| std::iter::once(ModelId::parse("w").unwrap()).collect()),
                 priority: i32::from(*id % 2),
             }),
         ),

@@ -2,8 +2,6 @@
 //! Authentication arrives with the admin-auth stage; until then, bind this
 //! listener to a trusted interface only.
 
-use std::collections::{HashMap, HashSet};
-
 use tonic::{Request, Response, Status};
 
 use super::convert::{
@@ -14,6 +12,7 @@ use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
 use crate::config::{parse_time_zone, price_per_token};
 use crate::engine::draw::SourceRef;
+use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::LimitOverrides;
 use crate::engine::ops::{PackGrant, Pool};
@@ -196,7 +195,7 @@ fn token_prices(field: &str, p: Option<&proto::TokenPrices>) -> Result<TokenPric
 
 fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status> {
     let v = v.ok_or_else(|| invalid("version", "is required"))?;
-    let mut models = HashMap::new();
+    let mut models = Map::default();
     for (i, m) in v.models.iter().enumerate() {
         let path = format!("version.models[{i}]");
         let model = id(&format!("{path}.model"), &m.model, ModelId::parse)?;
@@ -205,7 +204,7 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
             0 => 1000,
             w => w,
         };
-        let mut tiers = HashMap::new();
+        let mut tiers = Map::default();
         for (j, t) in m.tiers.iter().enumerate() {
             let tpath = format!("{path}.tiers[{j}]");
             let tier = id(&format!("{tpath}.service_tier"), &t.service_tier, TierId::parse)?;
@@ -230,7 +229,7 @@ fn price_version(v: Option<&proto::PriceVersion>) -> Result<PriceVersion, Status
     for (i, w) in v.windows.iter().enumerate() {
         let path = format!("version.windows[{i}]");
         let time_zone = parse_time_zone(&w.time_zone).map_err(|e| invalid(&format!("{path}.time_zone"), e))?;
-        let models: HashSet<ModelId> = w
+        let models: Set<ModelId> = w
             .models
             .iter()
             .map(|m| id(&format!("{path}.models"), m, ModelId::parse))
@@ -371,7 +370,7 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
-        let models: HashSet<ModelId> = r
+        let models: Set<ModelId> = r
             .models
             .iter()
             .map(|m| id("models", m, ModelId::parse))

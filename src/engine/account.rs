@@ -6,7 +6,7 @@
 //! the property tests check that the totals also agree with every credit
 //! made and every usage record emitted (invariant 1, conservation).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, LazyLock};
 
 use jiff::Timestamp;
@@ -15,6 +15,7 @@ use jiff::tz::TimeZone;
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::draw::{SourceRef, Take};
 use super::error::EngineError;
+use super::hash::{Map, Set};
 use super::ids::{
     AccountId, ApiKeyId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId, VersionId,
 };
@@ -54,7 +55,7 @@ pub struct Lot {
     /// When it expires (exclusive: at this instant it is gone).
     pub expires_at: Option<Timestamp>,
     /// Models it applies to; `None` for all.
-    pub models: Option<HashSet<ModelId>>,
+    pub models: Option<Set<ModelId>>,
     /// Higher drawn first; ties go to the earlier expiry.
     pub priority: i32,
     /// Expired or revoked: what was available is forfeited, holds on it may
@@ -164,12 +165,11 @@ pub enum Reservation {
 pub enum Remembered {
     /// This reserve made this reservation.
     Reserved {
-        /// The request, to tell a retry from a reuse with other content.
-        request: Box<super::ops::ReserveRequest>,
         /// The reservation.
         reservation: ReservationId,
-        /// The first answer, returned to retries.
-        outcome: Box<super::ops::Reserved>,
+        /// The request (to tell a retry from a reuse with other content)
+        /// and the first answer (returned to retries), in one allocation.
+        first: Box<(super::ops::ReserveRequest, super::ops::Reserved)>,
     },
     /// This one-shot charge made this record.
     Charged {
@@ -223,12 +223,12 @@ impl Operations {
 #[derive(Debug, Clone, Default)]
 pub struct Traffic {
     /// Reservations by id, open and recently closed.
-    pub reservations: HashMap<ReservationId, Reservation>,
+    pub reservations: Map<ReservationId, Reservation>,
     /// Open holds by expiry: lapsing holds and listing them never scans the
     /// closed reservations kept for idempotent replays.
     pub expiries: BTreeSet<(Timestamp, ReservationId)>,
     /// Request ids seen, for idempotency.
-    pub requests: HashMap<RequestId, Remembered>,
+    pub requests: Map<RequestId, Remembered>,
     /// The latest usage records, newest last.
     pub recent: VecDeque<Arc<UsageRecord>>,
     /// Records produced but not yet taken by the store for the usage sink.
@@ -530,7 +530,7 @@ impl Account {
         UsageRecord {
             kind,
             request_id: hold.request_id.clone(),
-            reservation_id: ReservationId::parse(hold.request_id.as_str()).ok(),
+            reservation_id: Some(hold.request_id.reservation_id()),
             account_id: self.id.clone(),
             api_key_id: hold.api_key_id.clone(),
             model: Some(hold.model.clone()),

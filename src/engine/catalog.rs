@@ -2,10 +2,11 @@
 //! policy. Read-mostly; the store swaps in a new catalog when an operator
 //! publishes prices.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use jiff::SignedDuration;
 
+use super::hash::{Map, Set};
 use super::ids::{ModelId, PlanId};
 use super::limits::ScopedLimits;
 use super::money::Money;
@@ -89,7 +90,7 @@ pub struct Plan {
     /// Draw-down order (validated by [`check_draw_order`]).
     pub draw_order: Vec<SourceClass>,
     /// Models the plan may use; `None` for every priced model.
-    pub allowed_models: Option<HashSet<ModelId>>,
+    pub allowed_models: Option<Set<ModelId>>,
     /// Rate limits.
     pub limits: ScopedLimits,
     /// What a sidecar decides when its lease cannot cover a request and the
@@ -124,7 +125,7 @@ pub enum ExpiryPolicy {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     /// Plans by name.
-    pub plans: HashMap<PlanId, Plan>,
+    pub plans: Map<PlanId, Plan>,
     /// The price book.
     pub prices: PriceBook,
     /// How long a hold lives without extend, settle or release.

@@ -73,6 +73,10 @@ impl SourceRef {
     }
 }
 
+/// What each source can give, in draw order: a handful of sources, kept on
+/// the stack (two of these are built for every reserve and its settle).
+pub(crate) type Capacities = smallvec::SmallVec<[(SourceRef, i128); 6]>;
+
 /// An amount taken from (or held on) one source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Take {
@@ -195,12 +199,12 @@ impl Account {
         need: &Need<'_>,
         bonus: &[Take],
         now: Timestamp,
-    ) -> Vec<(SourceRef, i128)> {
+    ) -> Capacities {
         let model = match need {
             Need::Tokens { model, .. } => Some(*model),
             Need::Money(_) => None,
         };
-        let mut caps = Vec::new();
+        let mut caps = Capacities::new();
         let mut push = |source: SourceRef, cap: i128| {
             if cap > 0 {
                 caps.push((source, cap));

@@ -33,11 +33,11 @@ fn check(s: &str) -> Result<(), IdError> {
     if s.len() > MAX_ID_LEN {
         return Err(IdError::TooLong(s.len()));
     }
-    match s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-_.:/@".contains(*c)))
-    {
-        Some(c) => Err(IdError::BadChar(c)),
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'@');
+    match s.bytes().position(|b| !allowed(&b)) {
+        // A byte outside the set starts the character to name (a non-ASCII
+        // byte is at a character boundary: the bytes before it are ASCII).
+        Some(i) => Err(IdError::BadChar(s[i..].chars().next().unwrap_or('\u{fffd}'))),
         None => Ok(()),
     }
 }
@@ -137,7 +137,16 @@ id_type!(
 impl TierId {
     /// The tier used when a request names none.
     pub fn default_tier() -> TierId {
-        TierId(Arc::from("default"))
+        static DEFAULT: std::sync::LazyLock<TierId> = std::sync::LazyLock::new(|| TierId(Arc::from("default")));
+        DEFAULT.clone()
+    }
+}
+
+impl RequestId {
+    /// The reservation a reserve with this request id opens: the same text,
+    /// shared, with nothing to check again.
+    pub fn reservation_id(&self) -> ReservationId {
+        ReservationId(Arc::clone(&self.0))
     }
 }
 

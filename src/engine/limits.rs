@@ -11,7 +11,7 @@
 //! emission interval of one unit is the integer 60·10^9 and no rounding
 //! ever accumulates.
 
-use std::collections::HashMap;
+use super::hash::Map;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -355,7 +355,7 @@ pub type Applicable = Vec<(BucketKey, LimitSet)>;
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Buckets {
     #[serde(with = "pairs")]
-    map: HashMap<BucketKey, Bucket>,
+    map: Map<BucketKey, Bucket>,
     #[serde(skip)]
     leased: bool,
     /// In a leased mirror: when the shared buckets expect to admit again,
@@ -366,16 +366,16 @@ pub struct Buckets {
 
 /// A map with structured keys as a list of pairs (JSON keys are strings).
 mod pairs {
-    use std::collections::HashMap;
+    use super::Map;
     use std::hash::Hash;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &HashMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &Map<K, V>, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(map.iter())
     }
 
-    pub fn deserialize<'de, K, V, D>(d: D) -> Result<HashMap<K, V>, D::Error>
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<Map<K, V>, D::Error>
     where
         K: Deserialize<'de> + Eq + Hash,
         V: Deserialize<'de>,

@@ -23,6 +23,7 @@ pub mod catalog;
 pub mod command;
 pub mod draw;
 pub mod error;
+pub mod hash;
 pub mod ids;
 pub mod lease;
 pub mod limits;

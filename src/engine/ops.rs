@@ -6,7 +6,7 @@
 //! state, and only then commits. A refused operation therefore changes
 //! nothing but what the passage of time changes anyway (invariant 5).
 
-use std::collections::HashSet;
+use super::hash::Set;
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -172,7 +172,7 @@ pub struct PackGrant {
     /// Expiry (in the future).
     pub expires_at: Timestamp,
     /// Models it applies to; `None` for all.
-    pub models: Option<HashSet<ModelId>>,
+    pub models: Option<Set<ModelId>>,
     /// Draw priority.
     pub priority: i32,
 }
@@ -229,17 +229,21 @@ impl Account {
 
     fn applicable(&self, plan: &Plan, api_key: Option<&ApiKeyId>, model: &ModelId) -> Applicable {
         let [account, per_key, per_model] = self.overrides().resolve(&plan.limits, model);
-        let key = |scope, id: Arc<str>| BucketKey { scope, id };
-        let mut out = vec![(key(Scope::Account, ACCOUNT_BUCKET.clone()), account)];
-        if let Some(api_key) = api_key {
-            out.push((key(Scope::ApiKey, api_key.shared()), per_key));
-        }
-        out.push((key(Scope::Model, model.shared()), per_model));
         // A scope without limits needs no bucket: nothing to count, look up
-        // or store. (A concurrency limit set later counts the requests
-        // admitted from then on, not those already in flight.)
-        out.retain(|(_, set)| !set.is_unlimited());
-        out
+        // or store (and with no limits at all, nothing is allocated). A
+        // concurrency limit set later counts the requests admitted from
+        // then on, not those already in flight.
+        let scopes = [
+            Some((Scope::Account, ACCOUNT_BUCKET.clone(), account)),
+            api_key.map(|k| (Scope::ApiKey, k.shared(), per_key)),
+            Some((Scope::Model, model.shared(), per_model)),
+        ];
+        scopes
+            .into_iter()
+            .flatten()
+            .filter(|(_, _, set)| !set.is_unlimited())
+            .map(|(scope, id, set)| (BucketKey { scope, id }, set))
+            .collect()
     }
 
     /// Funds the largest output grant in `min_output..=max_output`, or
@@ -296,9 +300,7 @@ impl Account {
         self.advance(catalog, now)?;
         if let Some(seen) = self.traffic().requests.get(&req.request_id) {
             return match seen {
-                Remembered::Reserved { request, outcome, .. } if **request == *req => {
-                    Ok(ReserveOutcome::Allowed((**outcome).clone()))
-                }
+                Remembered::Reserved { first, .. } if first.0 == *req => Ok(ReserveOutcome::Allowed(first.1.clone())),
                 _ => Err(reused(&req.request_id)),
             };
         }
@@ -380,8 +382,7 @@ impl Account {
             );
         };
         // Everything that can fail comes before the limits are charged.
-        let reservation_id = ReservationId::parse(req.request_id.as_str())
-            .map_err(|e| EngineError::invalid("request_id", e.to_string()))?;
+        let reservation_id = req.request_id.reservation_id();
         let expires_at = Self::expiry(catalog, now)?;
         let admitted_tokens = prompt.total_tokens() + granted;
         let status = match self.buckets.admit(&limits, admitted_tokens, now) {
@@ -426,9 +427,8 @@ impl Account {
         self.traffic_mut().requests.insert(
             req.request_id.clone(),
             Remembered::Reserved {
-                request: Box::new(req.clone()),
                 reservation: reservation_id,
-                outcome: Box::new(reserved.clone()),
+                first: Box::new((req.clone(), reserved.clone())),
             },
         );
         Ok(ReserveOutcome::Allowed(reserved))

@@ -6,7 +6,7 @@
 //! is chosen from the actual prompt size at settle. Prices are whole
 //! pico-units per token, so a cost is a sum of integer products.
 
-use std::collections::{HashMap, HashSet};
+use super::hash::{Map, Set};
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -162,7 +162,7 @@ pub struct ModelPrices {
     /// counts as (1000 = one for one).
     pub weight_milli: u32,
     /// Prices per service tier.
-    pub tiers: HashMap<TierId, TierPrices>,
+    pub tiers: Map<TierId, TierPrices>,
 }
 
 /// A daily time-of-day window with its own price level.
@@ -180,7 +180,7 @@ pub struct PriceWindow {
     /// Price level in the window, percent of base.
     pub price_percent: u32,
     /// Models it applies to; `None` for all.
-    pub models: Option<HashSet<ModelId>>,
+    pub models: Option<Set<ModelId>>,
 }
 
 impl PriceWindow {
@@ -226,7 +226,7 @@ pub struct PriceVersion {
     /// When it takes effect.
     pub effective_at: Timestamp,
     /// Prices per model.
-    pub models: HashMap<ModelId, ModelPrices>,
+    pub models: Map<ModelId, ModelPrices>,
     /// Time-of-day windows; the first that covers a request applies.
     pub windows: Vec<PriceWindow>,
 }
@@ -387,7 +387,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn version(id: &str, at: &str, input: i128, output: i128) -> PriceVersion {
-        let mut tiers = HashMap::new();
+        let mut tiers = Map::default();
         tiers.insert(
             TierId::default_tier(),
             TierPrices {
@@ -395,7 +395,7 @@ pub(crate) mod tests {
                 context_tiers: vec![],
             },
         );
-        let mut models = HashMap::new();
+        let mut models = Map::default();
         models.insert(
             ModelId::parse("m").unwrap(),
             ModelPrices {

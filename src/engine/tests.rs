@@ -1,7 +1,7 @@
 //! Scenario tests of the engine: each states a billing rule and checks it
 //! to the unit.
 
-use std::collections::{HashMap, HashSet};
+use super::hash::{Map, Set};
 
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
@@ -42,7 +42,7 @@ fn plan(id: &str, allowance: Option<Allowance>) -> Plan {
 /// pico-units per token. Model `big`: same prices, weight 1.5.
 fn catalog() -> Catalog {
     let mut v1 = version("v1", "2026-01-01T00:00:00Z", 1000, 4000);
-    let mut tiers = HashMap::new();
+    let mut tiers = Map::default();
     tiers.insert(
         TierId::default_tier(),
         TierPrices {
@@ -69,7 +69,7 @@ fn catalog() -> Catalog {
         ..Default::default()
     };
     let mut only_m = plan("only-m", None);
-    only_m.allowed_models = Some(HashSet::from([ModelId::parse("m").unwrap()]));
+    only_m.allowed_models = Some(Set::from_iter([ModelId::parse("m").unwrap()]));
     Catalog {
         plans: [plan("payg", None), plan("pro", Some(monthly)), limited, only_m]
             .into_iter()
@@ -334,7 +334,7 @@ fn packs_draw_by_priority_then_earliest_expiry_and_respect_model_scope() {
         pack_id: "big-only".parse_id(),
         tokens: 100,
         expires_at: t("2026-03-20T00:00:00Z"),
-        models: Some(HashSet::from(["big".parse_id()])),
+        models: Some(Set::from_iter(["big".parse_id()])),
         priority: 0,
     };
     a.grant_pack(&c, scoped, t(NOW)).unwrap();
