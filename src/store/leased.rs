@@ -56,7 +56,6 @@ use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
 use crate::journal::{Entry, Journal};
-use crate::proto;
 
 /// How leases are sized and kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,37 +142,71 @@ struct Gate {
     cached: Option<(u64, String)>,
 }
 
-/// One record for a usage stream: its JSON form and, for usage records,
-/// its protobuf form.
-struct StreamItem {
-    json: serde_json::Value,
-    pb: Option<proto::UsageRecord>,
+/// The records of one commit as its usage stream entry carries them, each
+/// encoded once, straight into the entry's two fields: a JSON array (usage
+/// records as in the usage file, with their id and where they were
+/// journaled; audit records with their id) and a protobuf
+/// `UsageRecordBatch` (usage records only).
+#[derive(Default)]
+struct StreamEntry {
+    count: usize,
+    json: Vec<u8>,
+    pb: Vec<u8>,
 }
 
-impl StreamItem {
-    /// A journaled usage record: the record as in the usage file, with its
-    /// id and where it was journaled.
-    fn record(entry: &Journaled) -> Result<StreamItem, StoreError> {
-        let id = entry.record.id();
-        let mut json = serde_json::to_value(&entry.record).map_err(|e| corrupt("a usage record", e))?;
-        if let Some(fields) = json.as_object_mut() {
-            fields.insert("record_id".into(), id.into());
-            fields.insert("journal".into(), entry.journal.as_str().into());
-            fields.insert("journal_seq".into(), entry.seq.into());
-        }
+/// A record with the fields the stream adds to it.
+#[derive(serde::Serialize)]
+struct Tagged<'a, R> {
+    #[serde(flatten)]
+    record: &'a R,
+    record_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal_seq: Option<u64>,
+}
+
+impl StreamEntry {
+    /// Adds a journaled usage record.
+    fn record(&mut self, entry: &Journaled) -> Result<(), StoreError> {
+        self.json(&Tagged {
+            record: &entry.record,
+            record_id: entry.record.id(),
+            journal: Some(entry.journal.as_str()),
+            journal_seq: Some(entry.seq),
+        })?;
         let mut pb = crate::api::convert::record_out(&entry.record);
         pb.journal = entry.journal.to_string();
         pb.journal_seq = entry.seq;
-        Ok(StreamItem { json, pb: Some(pb) })
+        // `records` is field 1 of the batch: its tag, then the message,
+        // length-delimited; a batch is these, one after the other.
+        self.pb.push(0x0a);
+        prost::Message::encode_length_delimited(&pb, &mut self.pb).map_err(|e| corrupt("a usage record", e))
     }
 
-    /// An operator's change (JSON only).
-    fn audit(audit: &AuditRecord) -> Result<StreamItem, StoreError> {
-        let mut json = serde_json::to_value(audit).map_err(|e| corrupt("an audit record", e))?;
-        if let Some(fields) = json.as_object_mut() {
-            fields.insert("record_id".into(), audit.id().into());
-        }
-        Ok(StreamItem { json, pb: None })
+    /// Adds an operator's change (JSON only).
+    fn audit(&mut self, audit: &AuditRecord) -> Result<(), StoreError> {
+        self.json(&Tagged {
+            record: audit,
+            record_id: audit.id(),
+            journal: None,
+            journal_seq: None,
+        })
+    }
+
+    fn json(&mut self, tagged: &impl serde::Serialize) -> Result<(), StoreError> {
+        self.json.push(if self.count == 0 { b'[' } else { b',' });
+        serde_json::to_writer(&mut self.json, tagged).map_err(|e| corrupt("a stream record", e))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The entry's JSON array.
+    fn json_array(&self) -> Vec<u8> {
+        let mut json = Vec::with_capacity(self.json.len() + 1);
+        json.extend_from_slice(&self.json);
+        json.push(b']');
+        json
     }
 }
 
@@ -367,7 +400,7 @@ impl RedisStore {
         state: &str,
         at: Timestamp,
         announce: Option<&str>,
-        records: &[StreamItem],
+        records: &StreamEntry,
     ) -> Result<Commit, StoreError> {
         self.check_up()?;
         let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
@@ -379,15 +412,11 @@ impl RedisStore {
             skew.to_string().into_bytes(),
             channel.into_bytes(),
             announce.unwrap_or("").as_bytes().to_vec(),
-            records.len().to_string().into_bytes(),
+            records.count.to_string().into_bytes(),
         ];
-        if !records.is_empty() {
-            let json: Vec<&serde_json::Value> = records.iter().map(|i| &i.json).collect();
-            let batch = proto::UsageRecordBatch {
-                records: records.iter().filter_map(|i| i.pb.clone()).collect(),
-            };
-            args.push(serde_json::to_vec(&json).map_err(|e| corrupt("usage records", e))?);
-            args.push(prost::Message::encode_to_vec(&batch));
+        if records.count > 0 {
+            args.push(records.json_array());
+            args.push(records.pb.clone());
         }
         let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, keys, args).await)?;
         let int = |v: Option<&redis::Value>| match v {
@@ -440,9 +469,12 @@ impl RedisStore {
                 }
             };
             let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
-            let mut items = records.iter().map(StreamItem::record).collect::<Result<Vec<_>, _>>()?;
+            let mut items = StreamEntry::default();
+            for record in &records {
+                items.record(record)?;
+            }
             if let Some(audit) = audit.filter(|a| audited && !a.operator.is_empty()) {
-                items.push(StreamItem::audit(audit)?);
+                items.audit(audit)?;
             }
             match self
                 .write(&[key, stream], version, &state, now, announce, &items)
@@ -1259,7 +1291,14 @@ impl Store for RedisStore {
         let key = self.account_key(&account.id);
         let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
         match self
-            .write(&[&key], 0, &state, self.clock.now(), Some(account.id.as_str()), &[])
+            .write(
+                &[&key],
+                0,
+                &state,
+                self.clock.now(),
+                Some(account.id.as_str()),
+                &StreamEntry::default(),
+            )
             .await?
         {
             Commit::Done(_) => Ok(()),
@@ -1333,7 +1372,10 @@ impl Store for RedisStore {
             book.publish(version.clone(), now).map_err(EngineError::from)?;
             published.push(version.clone());
             let state = serde_json::to_string(&published).map_err(|e| corrupt(&key, e))?;
-            if let Commit::Done(committed) = self.write(&[&key], v, &state, now, Some("prices"), &[]).await? {
+            if let Commit::Done(committed) = self
+                .write(&[&key], v, &state, now, Some("prices"), &StreamEntry::default())
+                .await?
+            {
                 self.install_prices(committed, published)?;
                 return Ok(book.versions().iter().map(|v| v.id.clone()).collect());
             }

@@ -296,7 +296,8 @@ pub async fn drain(
 }
 
 /// Every record in the usage streams of `shards` shards (default prefix),
-/// as the JSON each stream entry carries, in stream order per shard.
+/// as the JSON each stream entry carries, in stream order per shard. Each
+/// entry's protobuf batch must carry the same usage records.
 pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
     let client = redis::Client::open(url).expect("redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
@@ -318,16 +319,37 @@ pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
             let Some(redis::Value::Array(fields)) = parts.get(1) else {
                 continue;
             };
-            let text = |v: &redis::Value| match v {
-                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            let bytes = |v: &redis::Value| match v {
+                redis::Value::BulkString(b) => b.clone(),
                 other => panic!("unexpected field {other:?}"),
             };
-            for pair in fields.chunks(2) {
-                if text(&pair[0]) == "json" {
-                    let batch: Vec<serde_json::Value> = serde_json::from_str(&text(&pair[1])).expect("records JSON");
-                    records.extend(batch.into_iter().filter(|r| r["kind"] != "audit"));
-                }
-            }
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|pair| bytes(&pair[0]) == name.as_bytes())
+                    .map(|pair| bytes(&pair[1]))
+            };
+            let Some(json) = field("json") else { continue };
+            let batch: Vec<serde_json::Value> = serde_json::from_slice(&json).expect("records JSON");
+            let usage: Vec<serde_json::Value> = batch.into_iter().filter(|r| r["kind"] != "audit").collect();
+            let pb = <proto::UsageRecordBatch as prost::Message>::decode(field("pb").expect("pb field").as_slice())
+                .expect("records protobuf");
+            let pb_ids: Vec<(String, u64)> = pb
+                .records
+                .iter()
+                .map(|r| (r.request_id.clone(), r.journal_seq))
+                .collect();
+            let json_ids: Vec<(String, u64)> = usage
+                .iter()
+                .map(|r| {
+                    (
+                        r["request_id"].as_str().unwrap_or_default().to_owned(),
+                        r["journal_seq"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            assert_eq!(pb_ids, json_ids, "the entry's protobuf and JSON records differ");
+            records.extend(usage);
         }
     }
     records
