@@ -27,3 +27,41 @@ pub async fn connect(target: &str) -> Result<Channel, tonic::transport::Error> {
         }
     }
 }
+
+/// Adds `authorization: Bearer TOKEN` to every call (the admin API's
+/// credential); without a token, nothing.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// Presents `token`.
+    pub fn new(token: &str) -> Result<Bearer, tonic::metadata::errors::InvalidMetadataValue> {
+        let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Bearer(..)" } else { "Bearer(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An admin API client presenting its credential on every call.
+pub type AdminClient =
+    crate::proto::admin_client::AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// An admin API client on `channel` presenting `bearer`.
+pub fn admin_client(channel: Channel, bearer: Bearer) -> AdminClient {
+    crate::proto::admin_client::AdminClient::with_interceptor(channel, bearer)
+}

@@ -183,6 +183,10 @@ pub struct ServeArgs {
     /// The usage journal's directory (Redis store), overriding journal.dir.
     #[arg(long, value_name = "DIR")]
     pub journal: Option<PathBuf>,
+    /// Admin tokens from this file too (`[[tokens]]` entries with
+    /// operator, role and sha256; `tollgate admin token` makes one).
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_ADMIN_TOKENS_FILE")]
+    pub admin_tokens: Option<PathBuf>,
 }
 
 /// Where the client connects.
@@ -507,6 +511,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(dir) = args.journal {
         settings.journal.dir = dir;
+    }
+    if let Some(path) = &args.admin_tokens {
+        match crate::config::read_admin_tokens(path) {
+            Ok(tokens) => settings.admin.extend(tokens),
+            Err(errors) => {
+                eprint!("{errors}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     if !args.redis.is_empty() {
         if let Some(bad) = args

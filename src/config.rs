@@ -15,6 +15,7 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
+use crate::api::auth::{Operators, Role, Token, parse_sha256};
 use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass, check_draw_order};
 use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
@@ -111,6 +112,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Where usage records go.
     pub usage: UsageSinkConfig,
+    /// Who may call the admin API.
+    pub admin: Operators,
     /// Plans, prices, hold policy.
     pub catalog: Catalog,
     /// Accounts to create at start.
@@ -429,11 +432,87 @@ struct File {
     #[serde(default)]
     usage: UsageFile,
     #[serde(default)]
+    admin: AdminFile,
+    #[serde(default)]
     plans: BTreeMap<String, PlanFile>,
     #[serde(default)]
     prices: Vec<VersionFile>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
+}
+
+/// `[admin]`: who may call the admin API.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AdminFile {
+    tokens: Vec<TokenFile>,
+    tokens_file: Option<PathBuf>,
+}
+
+/// A file of tokens (a mounted secret): `[[tokens]]` entries.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct TokensFile {
+    tokens: Vec<TokenFile>,
+}
+
+/// One admin token: its SHA-256 (never the token), role and operator.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    operator: String,
+    role: String,
+    sha256: String,
+}
+
+fn tokens(p: &mut Problems, path: &str, entries: &[TokenFile]) -> Vec<Token> {
+    let mut out = Vec::new();
+    for (i, t) in entries.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        let operator = t.operator.trim();
+        if operator.is_empty() || operator.len() > 128 || operator.chars().any(char::is_control) {
+            p.push(format!("{at}.operator"), "must be 1 to 128 printable characters");
+        }
+        let role = p.check(format!("{at}.role"), t.role.parse::<Role>());
+        let sha256 = p.check(format!("{at}.sha256"), parse_sha256(&t.sha256));
+        if let (Some(role), Some(sha256)) = (role, sha256) {
+            out.push(Token {
+                sha256,
+                role,
+                operator: operator.to_owned(),
+            });
+        }
+    }
+    out
+}
+
+fn tokens_file(p: &mut Problems, label: &str, path: &Path) -> Vec<Token> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            p.push(label, format!("{}: {e}", path.display()));
+            return Vec::new();
+        }
+    };
+    match toml::from_str::<TokensFile>(&text) {
+        Ok(file) => tokens(p, &format!("{}: tokens", path.display()), &file.tokens),
+        Err(e) => {
+            p.push(label, format!("{}: {}", path.display(), e.message()));
+            Vec::new()
+        }
+    }
+}
+
+/// The admin tokens in the file at `path` (`[[tokens]]` entries with
+/// `operator`, `role` and `sha256`), or every problem found in it.
+pub fn read_admin_tokens(path: &Path) -> Result<Vec<Token>, ConfigErrors> {
+    let mut p = Problems::default();
+    let tokens = tokens_file(&mut p, "--admin-tokens", path);
+    if p.0.is_empty() {
+        Ok(tokens)
+    } else {
+        Err(ConfigErrors(p.0))
+    }
 }
 
 fn default_currency() -> String {
@@ -1060,11 +1139,16 @@ impl Settings {
                 seed.push(a);
             }
         }
+        let mut admin = tokens(&mut p, "admin.tokens", &file.admin.tokens);
+        if let Some(path) = &file.admin.tokens_file {
+            admin.extend(tokens_file(&mut p, "admin.tokens_file", path));
+        }
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
         let seconds = |s: u64| SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
         Ok(Settings {
+            admin: Operators::new(admin),
             currency: file.currency,
             listen,
             admin_listen,

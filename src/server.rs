@@ -16,6 +16,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::admin::AdminApi;
+use crate::api::auth::Operators;
 use crate::api::quota::QuotaApi;
 use crate::clock::{Clock, OffsetClock, SystemClock};
 use crate::config::{Settings, StoreKind};
@@ -43,6 +44,8 @@ pub struct App {
     /// The Redis store, whose leases need upkeep while serving and
     /// returning at the end.
     leases: Option<Arc<RedisStore>>,
+    /// Who may call the admin API.
+    credentials: Arc<Operators>,
 }
 
 impl App {
@@ -145,6 +148,7 @@ impl App {
             shutdown_grace: settings.shutdown_grace,
             writer,
             leases,
+            credentials: Arc::new(settings.admin),
         })
     }
 
@@ -169,8 +173,15 @@ impl App {
             shutdown_grace,
             writer,
             leases,
+            credentials,
             ..
         } = self;
+        if credentials.is_empty() {
+            tracing::warn!(
+                "no admin credentials configured: the admin API refuses every call \
+                 (admin.tokens in the config, or --admin-tokens FILE; `tollgate admin token` makes one)"
+            );
+        }
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -219,7 +230,7 @@ impl App {
             .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)
-            .add_service(AdminServer::new(AdminApi::new(tollgate.clone())))
+            .add_service(AdminServer::new(AdminApi::new(tollgate.clone(), credentials)))
             .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped.clone())));
         // Lease upkeep runs until every call has finished, then returns the leases.

@@ -61,7 +61,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
             audit["operation_id"].as_str(),
             audit["reason"].as_str()
         ),
-        (Some("unauthenticated"), Some("top_up"), Some("t1"), Some("invoice 42"))
+        (Some("alice@billing"), Some("top_up"), Some("t1"), Some("invoice 42"))
     );
     // A retry credits once.
     app.admin
@@ -379,6 +379,204 @@ async fn get_account_shows_sources_lots_holds_and_recent_usage(backend: Backend)
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     app.shutdown().await;
+}
+
+/// Every Admin RPC once on `account`, as `client` presents itself: the
+/// code each answered.
+async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) -> Vec<(&'static str, Code)> {
+    let id = || account.to_owned();
+    let later = Some(timestamp_out("2031-01-01T00:00:00Z".parse().unwrap()));
+    let mut codes = Vec::new();
+    macro_rules! call {
+        ($name:literal, $call:expr) => {
+            codes.push(($name, $call.await.map(|_| Code::Ok).unwrap_or_else(|s| s.code())))
+        };
+    }
+    call!(
+        "CreateAccount",
+        client.create_account(proto::CreateAccountRequest {
+            account_id: format!("{account}-2"),
+            plan: "payg".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "UpdateAccount",
+        client.update_account(proto::UpdateAccountRequest {
+            account_id: id(),
+            credit_limit: Some(money("1")),
+            ..Default::default()
+        })
+    );
+    call!(
+        "TopUp",
+        client.top_up(proto::TopUpRequest {
+            account_id: id(),
+            operation_id: "auth-t".into(),
+            pool: proto::MoneyPool::Paid as i32,
+            amount: Some(money("1")),
+            reason: "r".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "AdjustMoney",
+        client.adjust_money(proto::AdjustMoneyRequest {
+            account_id: id(),
+            operation_id: "auth-a".into(),
+            amount: Some(money("1")),
+            reason: "r".into(),
+        })
+    );
+    call!(
+        "GrantPack",
+        client.grant_pack(proto::GrantPackRequest {
+            account_id: id(),
+            pack_id: "auth-p".into(),
+            tokens: 10,
+            expires_at: later,
+            ..Default::default()
+        })
+    );
+    call!(
+        "RevokePack",
+        client.revoke_pack(proto::RevokePackRequest {
+            account_id: id(),
+            pack_id: "auth-p".into(),
+            reason: "r".into(),
+        })
+    );
+    call!(
+        "AssignPlan",
+        client.assign_plan(proto::AssignPlanRequest {
+            account_id: id(),
+            plan: "pro".into(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "SetLimitOverrides",
+        client.set_limit_overrides(proto::SetLimitOverridesRequest {
+            account_id: id(),
+            overrides: Some(Default::default()),
+        })
+    );
+    call!(
+        "Suspend",
+        client.suspend(proto::SuspendRequest {
+            account_id: id(),
+            reason: "r".into(),
+        })
+    );
+    call!(
+        "Resume",
+        client.resume(proto::ResumeRequest {
+            account_id: id(),
+            reason: "r".into(),
+        })
+    );
+    call!(
+        "PublishPriceVersion",
+        client.publish_price_version(proto::PublishPriceVersionRequest { version: None })
+    );
+    call!(
+        "GetAccount",
+        client.get_account(proto::GetAccountRequest { account_id: id() })
+    );
+    codes
+}
+
+#[tokio::test]
+async fn operators_need_a_valid_token_and_the_role_for_the_call() {
+    let mut app = support::spawn_app().await;
+    let before = app
+        .admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for account in ["rich", "ghost"] {
+        // No token, or one nobody issued: nothing is looked at, so an
+        // unknown account is refused exactly as a known one.
+        for token in [None, Some("tg_not_issued"), Some("")] {
+            let mut client = support::admin_client(&app.admin_url, token).await;
+            for (call, code) in every_call(&mut client, account).await {
+                assert_eq!(code, Code::Unauthenticated, "{call} on {account} with {token:?}");
+            }
+        }
+        // The read role reads and changes nothing.
+        let mut reader = support::admin_client(&app.admin_url, Some(support::READ_TOKEN)).await;
+        for (call, code) in every_call(&mut reader, account).await {
+            let expected = match (call, account) {
+                ("GetAccount", "rich") => Code::Ok,
+                ("GetAccount", _) => Code::NotFound,
+                _ => Code::PermissionDenied,
+            };
+            assert_eq!(code, expected, "{call} on {account} with the read token");
+        }
+    }
+    let after = app
+        .admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before, after, "a refused call changed the account");
+    // The write role may do everything; its first change is the first
+    // audit record (the sink keeps order), so no refused call left one.
+    let mut writer = support::admin_client(&app.admin_url, Some(support::WRITE_TOKEN)).await;
+    writer
+        .top_up(proto::TopUpRequest {
+            account_id: "rich".into(),
+            operation_id: "marker".into(),
+            pool: proto::MoneyPool::Paid as i32,
+            amount: Some(money("1")),
+            reason: "r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let audits = app.audits(1).await;
+    assert_eq!(audits.len(), 1, "a refused call was audited: {audits:?}");
+    assert_eq!(audits[0]["operation_id"], "marker");
+    assert_eq!(audits[0]["operator"], "alice@billing");
+    let codes = every_call(&mut writer, "rich").await;
+    assert!(
+        codes
+            .iter()
+            .all(|(_, c)| !matches!(c, Code::Unauthenticated | Code::PermissionDenied)),
+        "{codes:?}"
+    );
+    assert!(codes.iter().filter(|(_, c)| *c == Code::Ok).count() >= 9, "{codes:?}");
+}
+
+#[tokio::test]
+async fn the_data_plane_listener_does_not_serve_the_admin_api() {
+    let app = support::spawn_app().await;
+    let mut on_data_port = support::admin_client(&app.quota_url, Some(support::WRITE_TOKEN)).await;
+    let refused = on_data_port
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    let refused = on_data_port
+        .top_up(proto::TopUpRequest {
+            account_id: "rich".into(),
+            operation_id: "via-data-port".into(),
+            pool: proto::MoneyPool::Paid as i32,
+            amount: Some(money("1")),
+            reason: "r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
 }
 
 on_both_stores!(

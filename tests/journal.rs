@@ -161,7 +161,7 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         &dir.path().join("journal"),
     );
     let mut admin = sidecar.admin().await;
-    let mut top_up = tonic::Request::new(proto::TopUpRequest {
+    let top_up = tonic::Request::new(proto::TopUpRequest {
         account_id: "shared".into(),
         operation_id: "invoice-2026-11".into(),
         pool: proto::MoneyPool::Paid as i32,
@@ -169,9 +169,6 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         reason: "November invoice paid".into(),
         ..Default::default()
     });
-    top_up
-        .metadata_mut()
-        .insert("x-tollgate-operator", "alice@billing".parse().unwrap());
     let retry = tonic::Request::new(top_up.get_ref().clone());
     admin.top_up(top_up).await.unwrap();
     // A retried adjustment changes nothing and is not audited twice.

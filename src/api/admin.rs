@@ -4,6 +4,9 @@
 
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
+use super::auth::{Operators, Role};
 use super::convert::{
     id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out, timestamp,
     timestamp_out,
@@ -27,12 +30,24 @@ use crate::service::Tollgate;
 /// The control-plane service.
 pub struct AdminApi {
     tollgate: Tollgate,
+    credentials: Arc<Operators>,
 }
 
 impl AdminApi {
-    /// Serves `tollgate`.
-    pub fn new(tollgate: Tollgate) -> AdminApi {
-        AdminApi { tollgate }
+    /// Serves `tollgate` to the callers `credentials` allow.
+    pub fn new(tollgate: Tollgate, credentials: Arc<Operators>) -> AdminApi {
+        AdminApi { tollgate, credentials }
+    }
+
+    /// The caller of `request` if they may make a call that needs `role`;
+    /// decided before anything in the request is looked at.
+    fn caller<T>(&self, request: &Request<T>, role: Role) -> Result<Caller, Status> {
+        let principal = self.credentials.authorize(request, role)?;
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        Ok(Caller {
+            operator: principal.operator,
+            peer,
+        })
     }
 
     async fn detail(&self, account: &AccountId) -> Result<Response<proto::AccountDetail>, Status> {
@@ -72,26 +87,10 @@ impl AdminApi {
     }
 }
 
-/// Who called, as far as the admin API can tell: the operator named in
-/// the `x-tollgate-operator` metadata (until the admin API authenticates
-/// callers), and the peer address.
+/// Who called: the operator their credential names, and the peer address.
 struct Caller {
     operator: String,
     peer: String,
-}
-
-impl Caller {
-    fn of<T>(request: &Request<T>) -> Caller {
-        let operator = request
-            .metadata()
-            .get("x-tollgate-operator")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().filter(|c| !c.is_control()).take(128).collect::<String>())
-            .filter(|v| !v.trim().is_empty())
-            .unwrap_or_else(|| "unauthenticated".into());
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        Caller { operator, peer }
-    }
 }
 
 fn account_id(text: &str) -> Result<AccountId, Status> {
@@ -265,6 +264,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::CreateAccountRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
@@ -285,7 +285,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::UpdateAccountRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let time_zone = match &r.time_zone {
@@ -309,7 +309,7 @@ impl Admin for AdminApi {
     }
 
     async fn top_up(&self, request: Request<proto::TopUpRequest>) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
@@ -352,7 +352,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::AdjustMoneyRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
@@ -366,7 +366,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::GrantPackRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
@@ -389,7 +389,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::RevokePackRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let pack = id("pack_id", &r.pack_id, LotId::parse)?;
@@ -401,7 +401,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::AssignPlanRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
@@ -414,7 +414,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::SetLimitOverridesRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let o = r.overrides.unwrap_or_default();
@@ -437,7 +437,7 @@ impl Admin for AdminApi {
     }
 
     async fn suspend(&self, request: Request<proto::SuspendRequest>) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
@@ -445,7 +445,7 @@ impl Admin for AdminApi {
     }
 
     async fn resume(&self, request: Request<proto::ResumeRequest>) -> Result<Response<proto::AccountDetail>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = reason(&r.reason)?;
@@ -456,6 +456,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::PublishPriceVersionRequest>,
     ) -> Result<Response<proto::PublishPriceVersionResponse>, Status> {
+        self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let version = price_version(r.version.as_ref())?;
         let id = version.id.to_string();
@@ -470,6 +471,7 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::GetAccountRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
+        self.caller(&request, Role::Read)?;
         let account = account_id(&request.into_inner().account_id)?;
         self.detail(&account).await
     }

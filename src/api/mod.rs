@@ -4,10 +4,12 @@
 //!
 //! - [`quota`]: the data plane (`tollgate.v1.Quota`).
 //! - [`admin`]: the control plane (`tollgate.v1.Admin`).
+//! - [`auth`]: who may call the control plane, and for what.
 //! - [`convert`]: field validation and proto <-> domain conversion.
 //! - [`status`]: the one table from errors to gRPC status codes.
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod quota;
 pub mod status;

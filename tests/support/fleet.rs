@@ -41,7 +41,11 @@ impl Sidecar {
             .arg("--config")
             .arg(config)
             .arg("--journal")
-            .arg(journal);
+            .arg(journal)
+            .arg("--admin-tokens")
+            .arg(super::write_tokens_file(
+                config.parent().expect("config in a directory"),
+            ));
         for url in redis {
             command.arg("--redis").arg(url);
         }
@@ -94,10 +98,8 @@ impl Sidecar {
     }
 
     /// A control-plane client.
-    pub async fn admin(&self) -> tollgate::proto::admin_client::AdminClient<Channel> {
-        tollgate::proto::admin_client::AdminClient::connect(self.admin_url.clone())
-            .await
-            .expect("connect to the sidecar's admin API")
+    pub async fn admin(&self) -> tollgate::channel::AdminClient {
+        super::admin_client(&self.admin_url, Some(super::WRITE_TOKEN)).await
     }
 
     /// Every usage record written so far (audit records left out).

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tollgate::api::auth::{Role, Token, parse_sha256};
+use tollgate::channel::{AdminClient, Bearer};
 use tollgate::clock::ManualClock;
 use tollgate::config::Settings;
 use tollgate::proto;
-use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::server::App;
 use tonic::transport::Channel;
@@ -93,7 +94,8 @@ suspended = true
 /// A running app with clients.
 pub struct TestApp {
     pub quota: QuotaClient<Channel>,
-    pub admin: AdminClient<Channel>,
+    /// Presents [`WRITE_TOKEN`].
+    pub admin: AdminClient,
     pub quota_url: String,
     pub admin_url: String,
     /// The app's clock, when it runs on a manual one.
@@ -154,6 +156,49 @@ pub async fn spawn_app_on(backend: Backend) -> TestApp {
     spawn_app_on_with(backend, CONFIG).await
 }
 
+/// An admin token of the `write` role (operator `alice@billing`), known
+/// to every test app.
+pub const WRITE_TOKEN: &str = "tg_test_write";
+/// An admin token of the `read` role (operator `auditor`).
+pub const READ_TOKEN: &str = "tg_test_read";
+
+/// The test tokens, as configured (hashes only).
+pub fn test_tokens() -> Vec<Token> {
+    let token = |hash: &str, role, operator: &str| Token {
+        sha256: parse_sha256(hash).expect("hash"),
+        role,
+        operator: operator.into(),
+    };
+    vec![
+        token(
+            "79a8639ebf26530f4bc031484a4e1ef1ee755cde16461ba68052abc53421301c",
+            Role::Write,
+            "alice@billing",
+        ),
+        token(
+            "c4c12e35e2e9328217d38ba50af65862029779ceb3ea1bfb58b2951f3f193a93",
+            Role::Read,
+            "auditor",
+        ),
+    ]
+}
+
+/// The test tokens as a tokens file (`--admin-tokens`), written into `dir`.
+pub fn write_tokens_file(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("admin-tokens.toml");
+    let text = "[[tokens]]\noperator = \"alice@billing\"\nrole = \"write\"\nsha256 = \"79a8639ebf26530f4bc031484a4e1ef1ee755cde16461ba68052abc53421301c\"\n\n\
+                [[tokens]]\noperator = \"auditor\"\nrole = \"read\"\nsha256 = \"c4c12e35e2e9328217d38ba50af65862029779ceb3ea1bfb58b2951f3f193a93\"\n";
+    std::fs::write(&path, text).expect("write tokens file");
+    path
+}
+
+/// An admin client of the app at `url`, presenting `token` (or nothing).
+pub async fn admin_client(url: &str, token: Option<&str>) -> AdminClient {
+    let channel = tollgate::channel::connect(url).await.expect("admin channel");
+    let bearer = token.map_or_else(Bearer::default, |t| Bearer::new(t).expect("token"));
+    tollgate::channel::admin_client(channel, bearer)
+}
+
 /// Parses `config` with usage records going to a fresh temp file.
 pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -161,6 +206,7 @@ pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     let path = usage_path.to_string_lossy().into_owned();
     let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| path.clone());
     let mut settings = Settings::parse(config, &env).expect("test config is valid");
+    settings.admin.extend(test_tokens());
     settings.journal.dir = dir.path().join("journal");
     (settings, dir, usage_path)
 }
@@ -205,7 +251,7 @@ async fn start(
     }));
     TestApp {
         quota: QuotaClient::connect(quota_url.clone()).await.expect("quota client"),
-        admin: AdminClient::connect(admin_url.clone()).await.expect("admin client"),
+        admin: admin_client(&admin_url, Some(WRITE_TOKEN)).await,
         quota_url,
         admin_url,
         clock,
