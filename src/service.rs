@@ -83,10 +83,11 @@ impl Tollgate {
             let now = this.now();
             let applied = match audit {
                 None => this.store.apply(&account, command, now).await?,
-                Some(mut audit) => {
-                    audit.at = now;
-                    let applied = this.store.apply_audited(&account, command, now, &audit).await?;
-                    if this.usage.send(Emitted::Audit(Arc::new(audit))).await.is_err() {
+                Some(audit) => {
+                    let (applied, record) = this.store.apply_audited(&account, command, now, &audit).await?;
+                    if let Some(record) = record
+                        && this.usage.send(Emitted::Audit(Arc::new(record))).await.is_err()
+                    {
                         tracing::error!("usage sink has stopped; an audit record was not written");
                     }
                     applied

@@ -42,7 +42,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
 
     let top_up = |op: &str, pool: proto::MoneyPool, amount: &str| proto::TopUpRequest {
         account_id: "acme".into(),
-        operation_id: op.into(),
+        adjustment_id: op.into(),
         pool: pool as i32,
         amount: Some(money(amount)),
         reason: "invoice 42".into(),
@@ -58,7 +58,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         (
             audit["operator"].as_str(),
             audit["operation"].as_str(),
-            audit["operation_id"].as_str(),
+            audit["adjustment_id"].as_str(),
             audit["reason"].as_str()
         ),
         (Some("alice@billing"), Some("top_up"), Some("t1"), Some("invoice 42"))
@@ -93,7 +93,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .adjust_money(proto::AdjustMoneyRequest {
             account_id: "acme".into(),
-            operation_id: "refund-1".into(),
+            adjustment_id: "refund-1".into(),
             amount: Some(money("-0.5")),
             reason: "goodwill reversal".into(),
         })
@@ -105,7 +105,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .adjust_money(proto::AdjustMoneyRequest {
             account_id: "acme".into(),
-            operation_id: "refund-2".into(),
+            adjustment_id: "refund-2".into(),
             amount: Some(money("-11.000000000001")),
             reason: "too much".into(),
         })
@@ -118,6 +118,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .grant_pack(proto::GrantPackRequest {
             account_id: "acme".into(),
+            adjustment_id: "grantpack-7".into(),
             pack_id: "pack-1".into(),
             tokens: 1000,
             expires_at: Some(timestamp_out(expires)),
@@ -140,6 +141,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .revoke_pack(proto::RevokePackRequest {
             account_id: "acme".into(),
+            adjustment_id: "revokepack-8".into(),
             pack_id: "pack-1".into(),
             reason: "refunded".into(),
         })
@@ -165,6 +167,8 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .assign_plan(proto::AssignPlanRequest {
             account_id: "acme".into(),
+            adjustment_id: "assignplan-9".into(),
+            reason: "test".into(),
             plan: "pro".into(),
             ..Default::default()
         })
@@ -192,6 +196,8 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
     };
     let request = proto::SetLimitOverridesRequest {
         account_id: "acme".into(),
+        adjustment_id: "setlimitoverrides-10".into(),
+        reason: "test".into(),
         overrides: Some(overrides.clone()),
     };
     let d = app.admin.set_limit_overrides(request).await.unwrap().into_inner();
@@ -216,6 +222,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
     app.admin
         .suspend(proto::SuspendRequest {
             account_id: "acme".into(),
+            adjustment_id: "suspend-11".into(),
             reason: "fraud check".into(),
         })
         .await
@@ -232,6 +239,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .resume(proto::ResumeRequest {
             account_id: "acme".into(),
+            adjustment_id: "resume-12".into(),
             reason: "cleared".into(),
         })
         .await
@@ -252,6 +260,8 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .admin
         .update_account(proto::UpdateAccountRequest {
             account_id: "acme".into(),
+            adjustment_id: "updateaccount-13".into(),
+            reason: "test".into(),
             time_zone: Some("Asia/Tokyo".into()),
             credit_limit: Some(money("0")),
         })
@@ -404,6 +414,8 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "UpdateAccount",
         client.update_account(proto::UpdateAccountRequest {
             account_id: id(),
+            adjustment_id: "updateaccount-14".into(),
+            reason: "test".into(),
             credit_limit: Some(money("1")),
             ..Default::default()
         })
@@ -412,7 +424,7 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "TopUp",
         client.top_up(proto::TopUpRequest {
             account_id: id(),
-            operation_id: "auth-t".into(),
+            adjustment_id: "auth-t".into(),
             pool: proto::MoneyPool::Paid as i32,
             amount: Some(money("1")),
             reason: "r".into(),
@@ -423,7 +435,7 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "AdjustMoney",
         client.adjust_money(proto::AdjustMoneyRequest {
             account_id: id(),
-            operation_id: "auth-a".into(),
+            adjustment_id: "auth-a".into(),
             amount: Some(money("1")),
             reason: "r".into(),
         })
@@ -432,6 +444,8 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "GrantPack",
         client.grant_pack(proto::GrantPackRequest {
             account_id: id(),
+            adjustment_id: "grantpack-15".into(),
+            reason: "test".into(),
             pack_id: "auth-p".into(),
             tokens: 10,
             expires_at: later,
@@ -442,6 +456,7 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "RevokePack",
         client.revoke_pack(proto::RevokePackRequest {
             account_id: id(),
+            adjustment_id: "revokepack-16".into(),
             pack_id: "auth-p".into(),
             reason: "r".into(),
         })
@@ -450,6 +465,8 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "AssignPlan",
         client.assign_plan(proto::AssignPlanRequest {
             account_id: id(),
+            adjustment_id: "assignplan-17".into(),
+            reason: "test".into(),
             plan: "pro".into(),
             ..Default::default()
         })
@@ -458,6 +475,8 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "SetLimitOverrides",
         client.set_limit_overrides(proto::SetLimitOverridesRequest {
             account_id: id(),
+            adjustment_id: "setlimitoverrides-18".into(),
+            reason: "test".into(),
             overrides: Some(Default::default()),
         })
     );
@@ -465,6 +484,7 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "Suspend",
         client.suspend(proto::SuspendRequest {
             account_id: id(),
+            adjustment_id: "suspend-19".into(),
             reason: "r".into(),
         })
     );
@@ -472,6 +492,7 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "Resume",
         client.resume(proto::ResumeRequest {
             account_id: id(),
+            adjustment_id: "resume-20".into(),
             reason: "r".into(),
         })
     );
@@ -532,7 +553,7 @@ async fn operators_need_a_valid_token_and_the_role_for_the_call() {
     writer
         .top_up(proto::TopUpRequest {
             account_id: "rich".into(),
-            operation_id: "marker".into(),
+            adjustment_id: "marker".into(),
             pool: proto::MoneyPool::Paid as i32,
             amount: Some(money("1")),
             reason: "r".into(),
@@ -542,7 +563,7 @@ async fn operators_need_a_valid_token_and_the_role_for_the_call() {
         .unwrap();
     let audits = app.audits(1).await;
     assert_eq!(audits.len(), 1, "a refused call was audited: {audits:?}");
-    assert_eq!(audits[0]["operation_id"], "marker");
+    assert_eq!(audits[0]["adjustment_id"], "marker");
     assert_eq!(audits[0]["operator"], "alice@billing");
     let codes = every_call(&mut writer, "rich").await;
     assert!(
@@ -568,7 +589,7 @@ async fn the_data_plane_listener_does_not_serve_the_admin_api() {
     let refused = on_data_port
         .top_up(proto::TopUpRequest {
             account_id: "rich".into(),
-            operation_id: "via-data-port".into(),
+            adjustment_id: "via-data-port".into(),
             pool: proto::MoneyPool::Paid as i32,
             amount: Some(money("1")),
             reason: "r".into(),
@@ -579,7 +600,82 @@ async fn the_data_plane_listener_does_not_serve_the_admin_api() {
     assert_eq!(refused.code(), Code::Unimplemented);
 }
 
+async fn adjustments_apply_once_and_are_audited_with_before_and_after(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
+    let suspend = |adjustment: &str| proto::SuspendRequest {
+        account_id: "rich".into(),
+        reason: "chargeback".into(),
+        adjustment_id: adjustment.into(),
+    };
+    app.admin.suspend(suspend("case-7")).await.unwrap();
+    // The same change again: the first result, nothing applied or audited.
+    let again = app.admin.suspend(suspend("case-7")).await.unwrap().into_inner();
+    assert!(again.suspended);
+    // Another change under the same id is refused and changes nothing.
+    let reused = app
+        .admin
+        .resume(proto::ResumeRequest {
+            account_id: "rich".into(),
+            reason: "resolved".into(),
+            adjustment_id: "case-7".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    let detail = app
+        .admin
+        .get_account(proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(detail.suspended);
+    // No id, or no reason: refused before anything is applied.
+    for (adjustment, reason, field) in [("", "r", "adjustment_id"), ("x-1", " ", "reason")] {
+        let refused = app
+            .admin
+            .resume(proto::ResumeRequest {
+                account_id: "rich".into(),
+                reason: reason.into(),
+                adjustment_id: adjustment.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains(field), "{refused:?}");
+    }
+    app.admin
+        .top_up(proto::TopUpRequest {
+            account_id: "rich".into(),
+            adjustment_id: "inv-9".into(),
+            pool: proto::MoneyPool::Paid as i32,
+            amount: Some(money("2.5")),
+            reason: "invoice 9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // One record per applied change, each saying who, which, why, and
+    // what changed from what to what.
+    let audits = app.audits(2).await;
+    assert_eq!(audits.len(), 2, "{audits:#?}");
+    let (suspended, topped) = (&audits[0], &audits[1]);
+    for (audit, adjustment, reason) in [(suspended, "case-7", "chargeback"), (topped, "inv-9", "invoice 9")] {
+        assert_eq!(audit["operator"], "alice@billing");
+        assert_eq!(audit["adjustment_id"], adjustment);
+        assert_eq!(audit["reason"], reason);
+        assert_eq!(audit["account_id"], "rich");
+    }
+    assert_eq!(suspended["before"], serde_json::json!({"suspended": false}));
+    assert_eq!(suspended["after"], serde_json::json!({"suspended": true}));
+    assert_eq!(topped["before"]["paid"], "100.000000000000");
+    assert_eq!(topped["after"]["paid"], "102.500000000000");
+    assert_eq!(topped["before"].as_object().map(|o| o.len()), Some(1), "{topped}");
+}
+
 on_both_stores!(
+    adjustments_apply_once_and_are_audited_with_before_and_after,
     accounts_money_packs_plans_limits_and_status,
     published_prices_apply_from_their_effective_time_and_never_retroactively,
     get_account_shows_sources_lots_holds_and_recent_usage,

@@ -189,7 +189,7 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
     let a = &mut app.admin;
     let top_up = |pool: i32, amount: proto::Money, reason: &str| proto::TopUpRequest {
         account_id: "rich".into(),
-        operation_id: "op".into(),
+        adjustment_id: "op".into(),
         pool,
         amount: Some(amount),
         reason: reason.into(),
@@ -237,6 +237,8 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
     };
     let set = proto::SetLimitOverridesRequest {
         account_id: "rich".into(),
+        adjustment_id: "setlimitoverrides-3".into(),
+        reason: "test".into(),
         overrides: Some(overrides),
     };
     expect(
@@ -250,6 +252,8 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
     };
     let set = proto::SetLimitOverridesRequest {
         account_id: "rich".into(),
+        adjustment_id: "setlimitoverrides-4".into(),
+        reason: "test".into(),
         overrides: Some(named),
     };
     expect(
@@ -287,6 +291,7 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
     );
     let pack = proto::GrantPackRequest {
         account_id: "rich".into(),
+        adjustment_id: "grantpack-5".into(),
         pack_id: "p".into(),
         tokens: 10,
         expires_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
@@ -310,6 +315,7 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
     );
     let revoke = proto::RevokePackRequest {
         account_id: "rich".into(),
+        adjustment_id: "revokepack-6".into(),
         pack_id: "none".into(),
         reason: "r".into(),
     };

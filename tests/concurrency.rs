@@ -16,7 +16,7 @@ async fn concurrent_clients_drain_an_account_exactly(backend: Backend) {
     app.admin
         .top_up(proto::TopUpRequest {
             account_id: "poor".into(),
-            operation_id: "funding".into(),
+            adjustment_id: "funding".into(),
             pool: proto::MoneyPool::Paid as i32,
             amount: Some(money("0.5")),
             reason: "load test".into(),

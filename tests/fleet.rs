@@ -405,6 +405,7 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
     );
     a.suspend(tollgate::proto::SuspendRequest {
         account_id: "shared".into(),
+        adjustment_id: "suspend-1".into(),
         reason: "fraud review".into(),
     })
     .await
@@ -421,6 +422,7 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
     assert!(seen, "the other sidecar saw the suspension");
     a.resume(tollgate::proto::ResumeRequest {
         account_id: "shared".into(),
+        adjustment_id: "resume-2".into(),
         reason: "cleared".into(),
     })
     .await

@@ -163,7 +163,7 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
     let mut admin = sidecar.admin().await;
     let top_up = tonic::Request::new(proto::TopUpRequest {
         account_id: "shared".into(),
-        operation_id: "invoice-2026-11".into(),
+        adjustment_id: "invoice-2026-11".into(),
         pool: proto::MoneyPool::Paid as i32,
         amount: Some(support::money("5")),
         reason: "November invoice paid".into(),
@@ -207,7 +207,7 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         ),
         (Some("alice@billing"), Some("November invoice paid"), Some("top_up"))
     );
-    assert_eq!(audit["operation_id"], "invoice-2026-11");
+    assert_eq!(audit["adjustment_id"], "invoice-2026-11");
     let ids: HashSet<&str> = records.iter().map(|r| r["record_id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 10, "another group reads them all again, once each");
     for r in &records {

@@ -227,7 +227,7 @@ async fn short_funds_shrink_the_grant_and_allowance_is_drawn_first(backend: Back
     app.admin
         .top_up(proto::TopUpRequest {
             account_id: "poor".into(),
-            operation_id: "t1".into(),
+            adjustment_id: "t1".into(),
             pool: proto::MoneyPool::Paid as i32,
             amount: Some(money("0.0001")),
             reason: "test".into(),

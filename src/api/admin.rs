@@ -64,7 +64,7 @@ impl AdminApi {
         caller: Caller,
         account: &AccountId,
         command: Command,
-        why: &str,
+        why: Adjustment,
     ) -> Result<Response<proto::AccountDetail>, Status> {
         let what = format!("{command:?}");
         let audit = AuditRecord {
@@ -73,18 +73,34 @@ impl AdminApi {
             operator: caller.operator,
             peer: caller.peer,
             operation: command.name().into(),
-            operation_id: command.operation_id(),
-            reason: why.into(),
+            adjustment_id: why.id.to_string(),
+            reason: why.reason,
             change: what.clone(),
             at: jiff::Timestamp::UNIX_EPOCH,
+            before: Default::default(),
+            after: Default::default(),
         };
+        let (adjustment, reason) = (audit.adjustment_id.clone(), audit.reason.clone());
         self.tollgate
             .apply_admin(account, command, audit)
             .await
             .map_err(status)?;
-        tracing::info!(target: "audit", account = %account, change = %what, reason = why, "admin change applied");
+        tracing::info!(target: "audit", account = %account, adjustment = %adjustment, change = %what, reason = %reason, "admin change applied");
         self.detail(account).await
     }
+}
+
+/// An operator's change's id and reason, both required.
+struct Adjustment {
+    id: LotId,
+    reason: String,
+}
+
+fn adjustment(id_text: &str, why: &str) -> Result<Adjustment, Status> {
+    Ok(Adjustment {
+        id: id("adjustment_id", id_text, LotId::parse)?,
+        reason: reason(why)?,
+    })
 }
 
 /// Who called: the operator their credential names, and the peer address.
@@ -288,6 +304,7 @@ impl Admin for AdminApi {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let time_zone = match &r.time_zone {
             None => None,
             Some(tz) => Some(parse_time_zone(tz).map_err(|e| invalid("time_zone", e))?),
@@ -303,7 +320,7 @@ impl Admin for AdminApi {
                 time_zone,
                 credit_limit,
             },
-            "",
+            why,
         )
         .await
     }
@@ -312,9 +329,8 @@ impl Admin for AdminApi {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let amount = money("amount", r.amount.as_ref())?;
-        let why = reason(&r.reason)?;
         let pool = match proto::MoneyPool::try_from(r.pool) {
             Ok(proto::MoneyPool::Paid) => {
                 if r.expires_at.is_some() {
@@ -339,11 +355,11 @@ impl Admin for AdminApi {
             caller,
             &account,
             Command::TopUp {
-                operation_id,
+                operation_id: why.id.clone(),
                 pool,
                 amount,
             },
-            &why,
+            why,
         )
         .await
     }
@@ -355,10 +371,10 @@ impl Admin for AdminApi {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        let operation_id = id("operation_id", &r.operation_id, LotId::parse)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let amount = money("amount", r.amount.as_ref())?;
-        let why = reason(&r.reason)?;
-        self.mutate(caller, &account, Command::Adjust { operation_id, amount }, &why)
+        let operation_id = why.id.clone();
+        self.mutate(caller, &account, Command::Adjust { operation_id, amount }, why)
             .await
     }
 
@@ -369,7 +385,7 @@ impl Admin for AdminApi {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        let why = reason(&r.reason)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let models: Set<ModelId> = r
             .models
             .iter()
@@ -382,7 +398,7 @@ impl Admin for AdminApi {
             models: (!models.is_empty()).then_some(models),
             priority: r.priority,
         };
-        self.mutate(caller, &account, Command::GrantPack(grant), &why).await
+        self.mutate(caller, &account, Command::GrantPack(grant), why).await
     }
 
     async fn revoke_pack(
@@ -393,8 +409,8 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let pack = id("pack_id", &r.pack_id, LotId::parse)?;
-        let why = reason(&r.reason)?;
-        self.mutate(caller, &account, Command::RevokePack(pack), &why).await
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        self.mutate(caller, &account, Command::RevokePack(pack), why).await
     }
 
     async fn assign_plan(
@@ -406,7 +422,8 @@ impl Admin for AdminApi {
         let account = account_id(&r.account_id)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
         let anchor = anchor(r.anchor)?;
-        self.mutate(caller, &account, Command::AssignPlan { plan, anchor }, "")
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        self.mutate(caller, &account, Command::AssignPlan { plan, anchor }, why)
             .await
     }
 
@@ -417,6 +434,7 @@ impl Admin for AdminApi {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let o = r.overrides.unwrap_or_default();
         let set = |field: &str, l: &Option<proto::LimitSet>| l.as_ref().map(|l| limit_set(field, l)).transpose();
         let overrides = LimitOverrides {
@@ -432,7 +450,7 @@ impl Admin for AdminApi {
                 })
                 .collect::<Result<_, Status>>()?,
         };
-        self.mutate(caller, &account, Command::SetOverrides(overrides), "")
+        self.mutate(caller, &account, Command::SetOverrides(overrides), why)
             .await
     }
 
@@ -440,16 +458,16 @@ impl Admin for AdminApi {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        let why = reason(&r.reason)?;
-        self.mutate(caller, &account, Command::SetSuspended(true), &why).await
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        self.mutate(caller, &account, Command::SetSuspended(true), why).await
     }
 
     async fn resume(&self, request: Request<proto::ResumeRequest>) -> Result<Response<proto::AccountDetail>, Status> {
         let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
-        let why = reason(&r.reason)?;
-        self.mutate(caller, &account, Command::SetSuspended(false), &why).await
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        self.mutate(caller, &account, Command::SetSuspended(false), why).await
     }
 
     async fn publish_price_version(

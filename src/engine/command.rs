@@ -16,7 +16,7 @@ use super::money::Money;
 use super::ops::{Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome, ReserveRequest};
 use super::period::{Anchor, Window};
 use super::pricing::Usage;
-use super::record::UsageRecord;
+use super::record::{AuditRecord, UsageRecord, digest_id};
 
 /// An operation on one account.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,18 +121,6 @@ impl Command {
                 | Command::Snapshot
         )
     }
-
-    /// The operator-chosen id of an adjustment, if it has one.
-    pub fn operation_id(&self) -> Option<String> {
-        match self {
-            Command::TopUp { operation_id, .. } | Command::Adjust { operation_id, .. } => {
-                Some(operation_id.to_string())
-            }
-            Command::GrantPack(grant) => Some(grant.pack_id.to_string()),
-            Command::RevokePack(id) => Some(id.to_string()),
-            _ => None,
-        }
-    }
 }
 
 /// A read-out of one account.
@@ -173,6 +161,82 @@ pub enum Reply {
 }
 
 impl Account {
+    /// Runs an operator's `command` under the adjustment id and with the
+    /// audit record `audit` names. The first time, it applies and returns
+    /// the record completed: when, and what changed (before and after, of
+    /// the fields that changed). Again with the same change, it changes
+    /// nothing and returns no record (the first one stands); with another
+    /// change under the same id, it is refused.
+    pub fn apply_audited(
+        &mut self,
+        catalog: &Catalog,
+        command: Command,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<(Reply, Option<AuditRecord>), EngineError> {
+        let key = format!("adjustment {}", audit.adjustment_id);
+        // The change in full, hashed: the same content gives the same text.
+        let fingerprint = digest_id([format!("{command:?}").as_str()]);
+        match self.operations.get(&key) {
+            Some(first) if *first == fingerprint => return Ok((Reply::Done, None)),
+            Some(_) => {
+                return Err(EngineError::Conflict(format!(
+                    "adjustment id {} was already used for a different change",
+                    audit.adjustment_id
+                )));
+            }
+            None => {}
+        }
+        let before = self.audit_view(now);
+        let reply = self.apply(catalog, command, now)?;
+        self.operations.insert(key, fingerprint);
+        let after = self.audit_view(now);
+        let mut record = audit.clone();
+        record.at = now;
+        for (field, was) in before {
+            let is = after.get(&field).cloned().unwrap_or_default();
+            if was != is {
+                record.before.insert(field.clone(), was);
+                record.after.insert(field, is);
+            }
+        }
+        Ok((reply, Some(record)))
+    }
+
+    /// What an operator's change may touch, as audit records show it.
+    fn audit_view(&self, now: Timestamp) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let b = self.balance(now);
+        let lots = |lots: &std::collections::BTreeMap<LotId, Lot>, amount: fn(i128) -> serde_json::Value| {
+            lots.iter()
+                .map(|(id, lot)| {
+                    let lot = json!({"available": amount(lot.ledger.available()), "closed": lot.closed});
+                    (id.to_string(), lot)
+                })
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let tokens = |n: i128| json!(n);
+        let money = |picos: i128| json!(Money::from_picos(picos).to_string());
+        let view = json!({
+            "plan": self.plan.as_str(),
+            "suspended": self.suspended,
+            "time_zone": self.time_zone.iana_name().unwrap_or_default(),
+            "credit_limit": b.credit_limit.to_string(),
+            "paid": b.paid.to_string(),
+            "promo": b.promo.to_string(),
+            "debt": b.debt.to_string(),
+            "allowance_tokens": b.allowance_tokens,
+            "pack_tokens": b.pack_tokens,
+            "packs": lots(&self.packs, tokens),
+            "promos": lots(&self.promos, money),
+            "limit_overrides": serde_json::to_value(self.overrides()).unwrap_or_default(),
+        });
+        match view {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+
     /// Runs `command` at `now`.
     pub fn apply(&mut self, catalog: &Catalog, command: Command, now: Timestamp) -> Result<Reply, EngineError> {
         Ok(match command {

@@ -85,12 +85,20 @@ pub struct AuditRecord {
     pub peer: String,
     /// The change, e.g. `top_up`.
     pub operation: String,
-    /// The operator-chosen id of the change, when it has one.
-    pub operation_id: Option<String>,
+    /// The operator-chosen id of the change: repeating it applies nothing
+    /// again.
+    pub adjustment_id: String,
     /// The operator's reason.
     pub reason: String,
     /// The change in full, as the engine received it.
     pub change: String,
+    /// What the change changed, as it was before (the same fields as
+    /// `after`).
+    #[serde(default)]
+    pub before: serde_json::Map<String, serde_json::Value>,
+    /// What the change changed, as it is after.
+    #[serde(default)]
+    pub after: serde_json::Map<String, serde_json::Value>,
     /// When it was applied.
     pub at: Timestamp,
 }
@@ -109,7 +117,7 @@ impl AuditRecord {
 
 /// The first 16 bytes of SHA-256 over `parts` (each followed by a zero
 /// byte), in hex.
-fn digest_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+pub(crate) fn digest_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     use sha2::{Digest, Sha256};
     use std::fmt::Write;
     let mut hash = Sha256::new();

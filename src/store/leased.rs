@@ -433,19 +433,25 @@ impl RedisStore {
     }
 
     /// Reads the record at `key` (or takes `cache`), runs `change` on it and
-    /// commits; again from the newer state while other writers win.
+    /// commits, with the usage records and the audit record `change` gives
+    /// added to the usage stream in the same step; again from the newer
+    /// state while other writers win. An `announce`d change (an operator's)
+    /// is announced to the other sidecars.
     async fn update<T>(
         &self,
         id: &AccountId,
         cache: &mut Option<(u64, String)>,
-        audit: Option<&AuditRecord>,
-        mut change: impl FnMut(&mut Account, &Catalog, Timestamp) -> Result<(T, Vec<Journaled>, bool), EngineError>,
+        announce: bool,
+        mut change: impl FnMut(
+            &mut Account,
+            &Catalog,
+            Timestamp,
+        ) -> Result<(T, Vec<Journaled>, Option<AuditRecord>), EngineError>,
     ) -> Result<(T, Account), StoreError> {
         let key = &self.account_key(id);
         let stream = &self.stream_key(id);
         let missing = || StoreError::UnknownAccount(id.clone());
-        // Admin changes (those with an audit record) are announced.
-        let announce = audit.is_some().then_some(id.as_str());
+        let announce = announce.then_some(id.as_str());
         for attempt in 0..MAX_ATTEMPTS {
             if attempt >= EAGER_ATTEMPTS {
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
@@ -461,7 +467,7 @@ impl RedisStore {
             let mut account: Account = serde_json::from_str(&json).map_err(|e| corrupt(key, e))?;
             let catalog = self.catalog();
             let now = self.clock.now();
-            let (out, records, audited) = match change(&mut account, &catalog, now) {
+            let (out, records, audit) = match change(&mut account, &catalog, now) {
                 Ok(out) => out,
                 Err(e) => {
                     *cache = Some((version, json));
@@ -473,7 +479,7 @@ impl RedisStore {
             for record in &records {
                 items.record(record)?;
             }
-            if let Some(audit) = audit.filter(|a| audited && !a.operator.is_empty()) {
+            if let Some(audit) = &audit {
                 items.audit(audit)?;
             }
             match self
@@ -661,9 +667,9 @@ impl RedisStore {
     /// Redis could not be reached (its outcome is then unknown).
     async fn send(&self, id: &AccountId, gate: &mut Gate, sync: Sync) -> Result<(), StoreError> {
         let result = self
-            .update(id, &mut gate.cached, None, |account, catalog, now| {
+            .update(id, &mut gate.cached, false, |account, catalog, now| {
                 let synced = account.sync(catalog, &sync, now)?;
-                Ok((synced.granted, synced.applied, false))
+                Ok((synced.granted, synced.applied, None))
             })
             .await;
         let (granted, shared): (Granted, Account) = match result {
@@ -1234,48 +1240,32 @@ pub fn stream_key(prefix: &str, shard: u32) -> String {
 
 impl RedisStore {
     /// An operator's change: one commit on the shared account, announced,
-    /// with its audit record (when the admin API made one) added to the
-    /// shard's usage stream in the same step.
+    /// with its audit record (completed by the engine; none for a retried
+    /// adjustment, or for seeding) added to the shard's usage stream in the
+    /// same step.
     async fn admin(
         &self,
         id: &AccountId,
         command: Command,
         audit: Option<&AuditRecord>,
-    ) -> Result<Applied, StoreError> {
-        // Without a record (seeding), the change is announced all the same.
-        let unrecorded = AuditRecord {
-            kind: "audit".into(),
-            account_id: id.clone(),
-            operator: String::new(),
-            peer: String::new(),
-            operation: command.name().into(),
-            operation_id: None,
-            reason: String::new(),
-            change: String::new(),
-            at: Timestamp::UNIX_EPOCH,
-        };
-        let (reply, shared) = self
-            .update(
-                id,
-                &mut None,
-                Some(audit.unwrap_or(&unrecorded)),
-                |account, catalog, now| {
-                    // A retried adjustment (its id already applied) changes
-                    // nothing and is not audited again.
-                    let known = account.operations.len();
-                    let reply = account.apply(catalog, command.clone(), now)?;
-                    let replayed = command.operation_id().is_some() && account.operations.len() == known;
-                    Ok((reply, Vec::new(), !replayed))
-                },
-            )
+    ) -> Result<(Applied, Option<AuditRecord>), StoreError> {
+        let ((reply, record), shared) = self
+            .update(id, &mut None, true, |account, catalog, now| {
+                let (reply, record) = match audit {
+                    Some(audit) => account.apply_audited(catalog, command.clone(), now, audit)?,
+                    None => (account.apply(catalog, command.clone(), now)?, None),
+                };
+                Ok(((reply, record.clone()), Vec::new(), record))
+            })
             .await?;
         if let Some(mut local) = self.mirrors.get_mut(id) {
             local.mirror.refresh_mirror(&shared);
         }
-        Ok(Applied {
+        let applied = Applied {
             reply,
             records: Vec::new(),
-        })
+        };
+        Ok((applied, record))
     }
 }
 
@@ -1333,7 +1323,7 @@ impl Store for RedisStore {
                     records: Vec::new(),
                 })
             }
-            admin => self.admin(id, admin, None).await,
+            admin => Ok(self.admin(id, admin, None).await?.0),
         }
     }
 
@@ -1343,11 +1333,11 @@ impl Store for RedisStore {
         command: Command,
         now: Timestamp,
         audit: &AuditRecord,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<(Applied, Option<AuditRecord>), StoreError> {
         if command.is_admin() {
             self.admin(id, command, Some(audit)).await
         } else {
-            self.apply(id, command, now).await
+            Ok((self.apply(id, command, now).await?, None))
         }
     }
 

@@ -15,6 +15,7 @@ use jiff::Timestamp;
 use super::{Applied, Store, StoreError};
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::PriceVersion;
+use crate::engine::record::AuditRecord;
 use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
 
 /// Accounts in a [`DashMap`]: a command locks only its account's shard,
@@ -91,6 +92,23 @@ impl Store for MemoryStore {
             reply: result?,
             records,
         })
+    }
+
+    async fn apply_audited(
+        &self,
+        id: &AccountId,
+        command: Command,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<(Applied, Option<AuditRecord>), StoreError> {
+        let catalog = self.catalog();
+        let mut account = self
+            .accounts
+            .get_mut(id)
+            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        let (reply, record) = account.apply_audited(&catalog, command, now, audit)?;
+        let records = account.take_records();
+        Ok((Applied { reply, records }, record))
     }
 
     fn catalog(&self) -> Arc<Catalog> {

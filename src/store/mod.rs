@@ -62,20 +62,21 @@ pub trait Store: Send + Sync + 'static {
     /// Runs `command` on account `id` at `now`, atomically.
     async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError>;
 
-    /// Runs an operator's `command` like [`Store::apply`], with its audit
-    /// record: a store with a usage stream adds the record to it in the
-    /// same atomic step as the change. (The caller also hands the record
-    /// to the usage sink.)
+    /// Runs an operator's `command` under the adjustment id and with the
+    /// audit record `audit` names (see [`Account::apply_audited`]): returns
+    /// the record completed, or none for a retried adjustment (applied
+    /// once, audited once). A store with a usage stream adds the record to
+    /// it in the same atomic step as the change; the caller hands it to
+    /// the usage sink.
+    ///
+    /// [`Account::apply_audited`]: crate::engine::account::Account::apply_audited
     async fn apply_audited(
         &self,
         id: &AccountId,
         command: Command,
         now: Timestamp,
         audit: &AuditRecord,
-    ) -> Result<Applied, StoreError> {
-        let _ = audit;
-        self.apply(id, command, now).await
-    }
+    ) -> Result<(Applied, Option<AuditRecord>), StoreError>;
 
     /// The current catalog.
     fn catalog(&self) -> Arc<Catalog>;
