@@ -301,6 +301,18 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
         .unwrap()
         .into_inner();
     assert_eq!(published.versions, vec!["v1", "v2"]);
+    // Listed back as published (a weight of 0 reads as one for one); v1
+    // stays in force until v2's time.
+    let listed = app
+        .admin
+        .list_price_versions(proto::ListPriceVersionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut expected = version.clone();
+    expected.models[0].token_weight_milli = 1000;
+    assert_eq!(listed.versions.last(), Some(&expected));
+    assert_eq!(listed.in_force, "v1");
     let dup = app
         .admin
         .publish_price_version(proto::PublishPriceVersionRequest {
@@ -504,6 +516,10 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         "GetAccount",
         client.get_account(proto::GetAccountRequest { account_id: id() })
     );
+    call!(
+        "ListPriceVersions",
+        client.list_price_versions(proto::ListPriceVersionsRequest {})
+    );
     codes
 }
 
@@ -531,7 +547,7 @@ async fn operators_need_a_valid_token_and_the_role_for_the_call() {
         let mut reader = support::admin_client(&app.admin_url, Some(support::READ_TOKEN)).await;
         for (call, code) in every_call(&mut reader, account).await {
             let expected = match (call, account) {
-                ("GetAccount", "rich") => Code::Ok,
+                ("GetAccount", "rich") | ("ListPriceVersions", _) => Code::Ok,
                 ("GetAccount", _) => Code::NotFound,
                 _ => Code::PermissionDenied,
             };

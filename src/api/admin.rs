@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use super::auth::{Operators, Role};
 use super::convert::{
-    id, ledger_figures, limit_set, money, money_out, overrides_out, reason, record_out, takes_out, timestamp,
-    timestamp_out,
+    id, ledger_figures, limit_set, money, money_out, overrides_out, price_version_out, reason, record_out, takes_out,
+    timestamp, timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
@@ -492,5 +492,18 @@ impl Admin for AdminApi {
         self.caller(&request, Role::Read)?;
         let account = account_id(&request.into_inner().account_id)?;
         self.detail(&account).await
+    }
+
+    async fn list_price_versions(
+        &self,
+        request: Request<proto::ListPriceVersionsRequest>,
+    ) -> Result<Response<proto::ListPriceVersionsResponse>, Status> {
+        self.caller(&request, Role::Read)?;
+        let catalog = self.tollgate.catalog();
+        let in_force = catalog.prices.in_force(self.tollgate.now());
+        Ok(Response::new(proto::ListPriceVersionsResponse {
+            versions: catalog.prices.versions().iter().map(|v| price_version_out(v)).collect(),
+            in_force: in_force.map(|v| v.id.to_string()).unwrap_or_default(),
+        }))
     }
 }

@@ -12,7 +12,7 @@ use crate::engine::ids::{IdError, TierId};
 use crate::engine::limits::{Exceeded, Kind, LimitOverrides, LimitSet, RateStatus, Scope};
 use crate::engine::money::{MAX_TOKENS_PER_FIELD, Money, SCALE};
 use crate::engine::ops::Denial;
-use crate::engine::pricing::Usage;
+use crate::engine::pricing::{PriceVersion, TokenPrices, Usage};
 use crate::engine::{Ledger, UsageRecord};
 use crate::proto;
 
@@ -296,4 +296,69 @@ pub fn ledger_figures(l: &Ledger, tokens: bool) -> [String; 5] {
         show(l.charged),
         show(l.forfeited),
     ]
+}
+
+/// Prices per token, as the API states them: per million tokens.
+pub fn token_prices_out(p: &TokenPrices) -> proto::TokenPrices {
+    let per_million = |m: Money| Some(money_out(Money::from_picos(m.picos() * 1_000_000)));
+    proto::TokenPrices {
+        input_per_million: per_million(p.input),
+        cached_input_per_million: per_million(p.cached_input),
+        cache_write_per_million: per_million(p.cache_write),
+        output_per_million: per_million(p.output),
+    }
+}
+
+/// A price version, models, tiers and windows sorted by name.
+pub fn price_version_out(v: &PriceVersion) -> proto::PriceVersion {
+    let mut models: Vec<_> = v
+        .models
+        .iter()
+        .map(|(model, m)| {
+            let mut tiers: Vec<_> = m
+                .tiers
+                .iter()
+                .map(|(tier, t)| proto::TierPrices {
+                    service_tier: tier.to_string(),
+                    prices: Some(token_prices_out(&t.base)),
+                    context_tiers: t
+                        .context_tiers
+                        .iter()
+                        .map(|(min, prices)| proto::ContextTier {
+                            min_prompt_tokens: *min,
+                            prices: Some(token_prices_out(prices)),
+                        })
+                        .collect(),
+                })
+                .collect();
+            tiers.sort_by(|a, b| a.service_tier.cmp(&b.service_tier));
+            proto::ModelPrices {
+                model: model.to_string(),
+                token_weight_milli: m.weight_milli,
+                tiers,
+            }
+        })
+        .collect();
+    models.sort_by(|a, b| a.model.cmp(&b.model));
+    proto::PriceVersion {
+        id: v.id.to_string(),
+        effective_at: Some(timestamp_out(v.effective_at)),
+        models,
+        windows: v
+            .windows
+            .iter()
+            .map(|w| {
+                let mut models: Vec<String> = w.models.iter().flatten().map(ToString::to_string).collect();
+                models.sort();
+                proto::PriceWindow {
+                    name: w.name.clone(),
+                    start_minute: w.start_minute,
+                    end_minute: w.end_minute,
+                    time_zone: w.time_zone.iana_name().unwrap_or_default().to_owned(),
+                    price_percent: w.price_percent,
+                    models,
+                }
+            })
+            .collect(),
+    }
 }
