@@ -41,6 +41,10 @@ pub enum Cmd {
     Release(ReservationArgs),
     /// Show an account's balance.
     Balance(BalanceArgs),
+    /// Operate a running Tollgate through its admin API (accounts, money,
+    /// packs, plans, limits, prices, holds; tokens).
+    #[command(subcommand)]
+    Admin(crate::admin_cli::AdminCmd),
     /// Read the usage streams in Redis through a consumer group.
     #[command(subcommand)]
     Usage(UsageCmd),
@@ -280,6 +284,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Serve(args) => serve(args).await,
         Cmd::Usage(cmd) => usage(cmd).await,
+        Cmd::Admin(cmd) => crate::admin_cli::run(cmd).await,
         Cmd::Loadgen(args) => loadgen(args).await,
         Cmd::Baseline { listen, listen_unix } => {
             let tcp = tokio::net::TcpListener::bind(listen).await?;

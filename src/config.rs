@@ -503,6 +503,38 @@ fn tokens_file(p: &mut Problems, label: &str, path: &Path) -> Vec<Token> {
     }
 }
 
+/// A TOML syntax or shape error in `text`, with its line.
+fn syntax(text: &str, e: &toml::de::Error) -> ConfigErrors {
+    let message = e.message().to_owned();
+    let path = e
+        .span()
+        .map(|span| {
+            let line = text[..span.start].matches('\n').count() + 1;
+            format!("line {line}")
+        })
+        .unwrap_or_else(|| "(file)".into());
+    ConfigErrors(vec![ConfigError { path, message }])
+}
+
+/// Price versions written as in the configuration (`[[prices]]` tables),
+/// e.g. for `tollgate admin prices publish`: every version, or every
+/// problem found.
+pub fn parse_price_versions(text: &str) -> Result<Vec<PriceVersion>, ConfigErrors> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PricesFile {
+        prices: Vec<VersionFile>,
+    }
+    let file: PricesFile = toml::from_str(text).map_err(|e| syntax(text, &e))?;
+    let mut p = Problems::default();
+    let versions = versions(&mut p, &file.prices);
+    if p.0.is_empty() {
+        Ok(versions)
+    } else {
+        Err(ConfigErrors(p.0))
+    }
+}
+
 /// The admin tokens in the file at `path` (`[[tokens]]` entries with
 /// `operator`, `role` and `sha256`), or every problem found in it.
 pub fn read_admin_tokens(path: &Path) -> Result<Vec<Token>, ConfigErrors> {
@@ -636,6 +668,15 @@ fn prices(p: &mut Problems, path: &str, f: &PricesFile) -> TokenPrices {
         cache_write: one("cache_write", f.cache_write.as_ref(), &f.input),
         output: one("output", None, &f.output),
     }
+}
+
+/// The `[[prices]]` tables as versions (their problems go to `p`).
+fn versions(p: &mut Problems, files: &[VersionFile]) -> Vec<PriceVersion> {
+    files
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| version(p, &format!("prices[{i}]"), f))
+        .collect()
 }
 
 fn version(p: &mut Problems, path: &str, f: &VersionFile) -> Option<PriceVersion> {
@@ -1040,17 +1081,7 @@ impl Settings {
     /// (`TOLLGATE_USAGE_SINK`, `TOLLGATE_USAGE_PATH`,
     /// `TOLLGATE_HOLD_TTL_SECONDS`) read through `env`.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
-        let mut file: File = toml::from_str(text).map_err(|e| {
-            let message = e.message().to_owned();
-            let path = e
-                .span()
-                .map(|span| {
-                    let line = text[..span.start].matches('\n').count() + 1;
-                    format!("line {line}")
-                })
-                .unwrap_or_else(|| "(file)".into());
-            ConfigErrors(vec![ConfigError { path, message }])
-        })?;
+        let mut file: File = toml::from_str(text).map_err(|e| syntax(text, &e))?;
         let mut p = Problems::default();
         if let Some(sink) = env("TOLLGATE_USAGE_SINK") {
             file.usage.sink = sink;
@@ -1122,12 +1153,7 @@ impl Settings {
             .filter_map(|(name, f)| plan(&mut p, name, f))
             .map(|plan| (plan.id.clone(), plan))
             .collect();
-        let versions: Vec<PriceVersion> = file
-            .prices
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| version(&mut p, &format!("prices[{i}]"), f))
-            .collect();
+        let versions = versions(&mut p, &file.prices);
         let prices = p.check("prices", PriceBook::new(versions)).unwrap_or_default();
         let mut seen = HashSet::new();
         let mut seed = Vec::new();

@@ -22,6 +22,7 @@
 //! - [`signal`], [`telemetry`]: shutdown signals and logging.
 //! - [`proto`]: the generated gRPC types of `tollgate.v1`.
 
+pub mod admin_cli;
 pub mod api;
 pub mod channel;
 pub mod cli;

@@ -110,33 +110,76 @@ fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `tollgate serve` on the built-in demo in `dir`, on free ports, with a
+/// watchdog that kills it after 60 s whatever the test does.
+struct Served {
+    child: std::process::Child,
+    quota: String,
+    admin: String,
+    done: std::sync::mpsc::Sender<()>,
+    watchdog: std::thread::JoinHandle<()>,
+}
+
+impl Served {
+    fn start(dir: &std::path::Path, args: &[&str]) -> Served {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .env_remove("TOLLGATE_CONFIG")
+            .env_remove("TOLLGATE_ADMIN_TOKENS_FILE")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tollgate serve");
+        let pid = child.id().to_string();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if finished.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        });
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (quota, admin) = loop {
+            let line = lines.next().expect("serve exited before listening").unwrap();
+            let field = |name: &str| {
+                line.split(name)
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(|a| format!("http://{a}"))
+            };
+            if let (Some(quota), Some(admin)) = (field("quota="), field("admin=")) {
+                break (quota, admin);
+            }
+        };
+        // Keep reading, so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Served {
+            child,
+            quota,
+            admin,
+            done,
+            watchdog,
+        }
+    }
+
+    /// SIGTERM, and how it exited.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        let _ = self.done.send(());
+        let _ = self.watchdog.join();
+        status
+    }
+}
+
 #[test]
 fn the_binary_serves_the_demo_answers_its_client_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .env_remove("TOLLGATE_CONFIG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tollgate serve");
-    // A watchdog: the test stops by itself even if serve never answers.
-    let pid = child.id().to_string();
-    let (done, finished) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if finished.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        }
-    });
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("serve exited before listening").unwrap();
-        if let Some(rest) = line.split("quota=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    let url = format!("http://{addr}");
+    let served = Served::start(dir.path(), &[]);
+    let url = served.quota.clone();
     let (ok, out, err) = run(dir.path(), &["balance", "--addr", &url, "--account", "demo"]);
     assert!(ok, "{err}");
     assert!(out.contains("paid:           10.000000000000"), "{out}");
@@ -195,14 +238,7 @@ fn the_binary_serves_the_demo_answers_its_client_and_stops_on_sigterm() {
     );
     assert!(!ok && err.contains("NotFound"), "{err}");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    let _ = done.send(());
-    watchdog.join().unwrap();
+    let exit = served.stop();
     assert!(exit.success(), "tollgate exited with {exit}");
     let usage = std::fs::read_to_string(dir.path().join("tollgate-usage.jsonl")).unwrap();
     let records: Vec<serde_json::Value> = usage.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -317,4 +353,149 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
     let _ = stop.send(());
     baseline.await.unwrap().unwrap();
     app.shutdown().await;
+}
+
+/// `tollgate admin ARGS` against `addr`, presenting the token in
+/// `token_file` (if any): exit code, stdout, stderr.
+fn admin(dir: &std::path::Path, addr: &str, token_file: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("admin")
+        .args(args)
+        .current_dir(dir)
+        .env("TOLLGATE_ADMIN_ADDR", addr)
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .env_remove("TOLLGATE_ADMIN_TOKEN_FILE");
+    if let Some(file) = token_file {
+        command.env("TOLLGATE_ADMIN_TOKEN_FILE", file);
+    }
+    let out = command.output().expect("run tollgate admin");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two tokens made by the CLI: the token on stdout, its entry on stderr.
+    let mut entries = String::new();
+    for (operator, role, file) in [
+        ("ops@example", "write", "write.token"),
+        ("auditor", "read", "read.token"),
+    ] {
+        let (code, token, entry) = admin(dir.path(), "", None, &["token", "--operator", operator, "--role", role]);
+        assert_eq!(code, 0, "{entry}");
+        assert!(
+            token.trim().starts_with("tg_") && !entry.contains(token.trim()),
+            "{entry}"
+        );
+        std::fs::write(dir.path().join(file), token.trim()).unwrap();
+        entries +=
+            &entry[entry.find("[[admin.tokens]]").expect("an entry")..].replace("[[admin.tokens]]", "[[tokens]]");
+    }
+    std::fs::write(dir.path().join("tokens.toml"), &entries).unwrap();
+    let served = Served::start(dir.path(), &["--admin-tokens", "tokens.toml"]);
+    let addr = served.admin.clone();
+    let (write, read) = (Some("write.token"), Some("read.token"));
+    let d = dir.path();
+    let top_up = [
+        "topup",
+        "demo",
+        "--id",
+        "inv-1",
+        "--reason",
+        "invoice 1",
+        "--amount",
+        "5",
+        "--json",
+    ];
+    let (code, out, err) = admin(d, &addr, write, &top_up);
+    assert_eq!(code, 0, "{err}");
+    let detail: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(detail["balance"]["paid"], "15.000000000000");
+    // A retry applies nothing; the same id for another amount is refused.
+    let (code, out, _) = admin(d, &addr, write, &top_up);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"paid\":\"15.000000000000\""), "{out}");
+    let mut other = top_up;
+    other[7] = "6";
+    assert_eq!(admin(d, &addr, write, &other).0, 4);
+    // Exit codes a script can rely on.
+    assert_eq!(
+        admin(d, &addr, write, &["suspend", "ghost", "--id", "s1", "--reason", "r"]).0,
+        3
+    );
+    assert_eq!(admin(d, &addr, None, &["show", "demo"]).0, 5);
+    assert_eq!(
+        admin(d, &addr, read, &["suspend", "demo", "--id", "s1", "--reason", "r"]).0,
+        5
+    );
+    assert_eq!(
+        admin(
+            d,
+            &addr,
+            write,
+            &["adjust", "demo", "--id", "a1", "--reason", "r", "--amount", "1.2.3"]
+        )
+        .0,
+        2
+    );
+    assert_eq!(admin(d, "http://127.0.0.1:1", write, &["show", "demo"]).0, 6);
+    // The read role reads: a table by default.
+    let (code, out, err) = admin(d, &addr, read, &["show", "demo"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().eq(["paid", "15.000000000000"])),
+        "{out}"
+    );
+    // Limits, holds and prices.
+    let set_limit = [
+        "set-limit",
+        "demo",
+        "--id",
+        "l1",
+        "--reason",
+        "abuse",
+        "--scope",
+        "model:llama-3.1-8b",
+        "--rpm",
+        "60",
+    ];
+    let (code, _, err) = admin(d, &addr, write, &set_limit);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = admin(d, &addr, read, &["holds", "list", "demo", "--json"]);
+    assert_eq!((code, out.trim()), (0, "[]"));
+    std::fs::write(
+        d.join("prices.toml"),
+        "[[prices]]\nid = \"2031-01\"\neffective_at = \"2031-01-01T00:00:00Z\"\n\n\
+         [prices.models.\"llama-3.1-8b\".tiers.default]\ninput = \"0.08\"\noutput = \"0.16\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = admin(d, &addr, write, &["prices", "publish", "--file", "prices.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("published 2031-01"), "{out}");
+    let (code, out, _) = admin(d, &addr, read, &["prices", "list", "--json"]);
+    assert_eq!(code, 0);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let future = list["prices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["version"] == "2031-01")
+        .expect("listed");
+    assert_eq!(
+        (future["input_per_million"].as_str(), future["in_force"].as_bool()),
+        (Some("0.080000000000"), Some(false))
+    );
+    assert_eq!(
+        admin(d, &addr, write, &["prices", "publish", "--file", "prices.toml"]).0,
+        4,
+        "published versions never change"
+    );
+    let status = served.stop();
+    assert!(status.success(), "{status:?}");
 }
