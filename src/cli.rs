@@ -537,7 +537,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         settings.store.use_redis(args.redis, args.redis_cluster);
     }
-    let app = App::build_on_system_clock(settings).await?;
+    let mut app = App::build_on_system_clock(settings).await?;
+    if let Some(path) = args.config {
+        app = app.watch_config(path);
+    }
     tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), "tollgate listening");
     app.run(crate::signal::shutdown()).await?;
     Ok(ExitCode::SUCCESS)

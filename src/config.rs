@@ -110,6 +110,9 @@ pub struct Settings {
     pub journal: JournalSettings,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How often the configuration file is compared for a reload; `None`:
+    /// on SIGHUP only.
+    pub reload_poll: Option<Duration>,
     /// Where usage records go.
     pub usage: UsageSinkConfig,
     /// Who may call the admin API.
@@ -127,6 +130,7 @@ struct ServerFile {
     admin_listen: Option<String>,
     listen_unix: Option<PathBuf>,
     shutdown_grace_seconds: Option<u64>,
+    reload_poll_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1115,6 +1119,9 @@ impl Settings {
             file.journal.dir = PathBuf::from(dir);
         }
         let journal = journal_settings(&mut p, &file.journal);
+        if file.server.reload_poll_ms.is_some_and(|ms| ms > 3_600_000) {
+            p.push("server.reload_poll_ms", "must be at most 3600000 (0: on SIGHUP only)");
+        }
         if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
             p.push("server.shutdown_grace_seconds", "must be at most 3600");
         }
@@ -1183,6 +1190,10 @@ impl Settings {
             store,
             journal,
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
+            reload_poll: match file.server.reload_poll_ms.unwrap_or(2000) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             usage,
             catalog: Catalog {
                 plans,

@@ -32,6 +32,7 @@ pub mod consume;
 pub mod engine;
 pub mod journal;
 pub mod loadgen;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod signal;

@@ -46,6 +46,10 @@ pub struct App {
     leases: Option<Arc<RedisStore>>,
     /// Who may call the admin API.
     credentials: Arc<Operators>,
+    /// The configuration file to reload, if any, and how often to look.
+    watch: Option<crate::reload::Watch>,
+    reload_poll: Option<Duration>,
+    reloads: Arc<crate::reload::Reloads>,
 }
 
 impl App {
@@ -149,7 +153,26 @@ impl App {
             writer,
             leases,
             credentials: Arc::new(settings.admin),
+            watch: None,
+            reload_poll: settings.reload_poll,
+            reloads: Arc::default(),
         })
+    }
+
+    /// Reloads the catalog from `path` while serving: on SIGHUP, and when
+    /// its content changes (`server.reload_poll_ms`).
+    pub fn watch_config(mut self, path: std::path::PathBuf) -> App {
+        self.watch = Some(crate::reload::Watch {
+            loaded: std::fs::read(&path).ok(),
+            path,
+            poll: self.reload_poll,
+        });
+        self
+    }
+
+    /// Reloads applied and refused so far.
+    pub fn reloads(&self) -> Arc<crate::reload::Reloads> {
+        Arc::clone(&self.reloads)
     }
 
     /// Where the data plane listens.
@@ -174,6 +197,8 @@ impl App {
             writer,
             leases,
             credentials,
+            watch,
+            reloads,
             ..
         } = self;
         if credentials.is_empty() {
@@ -232,6 +257,14 @@ impl App {
             .add_service(admin_v1alpha)
             .add_service(AdminServer::new(AdminApi::new(tollgate.clone(), credentials)))
             .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
+        let reloader = watch.map(|watch| {
+            tokio::spawn(crate::reload::run(
+                tollgate.clone(),
+                watch,
+                reloads,
+                until_stopped(stopped.clone()),
+            ))
+        });
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped.clone())));
         // Lease upkeep runs until every call has finished, then returns the leases.
         let (drained, drained_rx) = watch::channel(false);
@@ -273,6 +306,9 @@ impl App {
             signal
         );
         sweeper.await.context("sweeper task")?;
+        if let Some(reloader) = reloader {
+            reloader.await.context("reloader task")?;
+        }
         let _ = drained.send(true);
         if let Some(keeper) = keeper {
             keeper.await.context("lease upkeep task")?;

@@ -43,6 +43,12 @@ impl Tollgate {
         self.store.catalog()
     }
 
+    /// Takes the configuration's catalog `next` (a reload): every problem
+    /// if it is refused, and then the catalog in force is unchanged.
+    pub async fn reload(&self, next: Catalog) -> Result<(), Vec<String>> {
+        self.store.reload(next, self.now()).await
+    }
+
     /// Runs `command` on `account` now and emits its records.
     ///
     /// The command and the hand-over of its records run in a task of their

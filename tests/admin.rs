@@ -696,3 +696,119 @@ on_both_stores!(
     published_prices_apply_from_their_effective_time_and_never_retroactively,
     get_account_shows_sources_lots_holds_and_recent_usage,
 );
+
+/// Waits up to five seconds for `counter` to reach `n`.
+async fn reached(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    for _ in 0..250 {
+        if counter.load(std::sync::atomic::Ordering::Relaxed) >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the counter stayed below {n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_reloads_under_load_and_a_new_price_takes_effect_on_time() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = support::CONFIG.replace("[server]\n", "[server]\nreload_poll_ms = 20\n");
+    let (mut app, path, reloads) = support::spawn_app_watching(&config).await;
+    // Load: four clients reserve and settle until told to stop; every
+    // failure is kept.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (mut quota, stop) = (app.quota.clone(), Arc::clone(&stop));
+        clients.push(tokio::spawn(async move {
+            let (mut settled, mut failed, mut versions) = (0u64, Vec::new(), std::collections::BTreeSet::new());
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let id = format!("load-{c}-{i}");
+                match quota.reserve(reserve("rich", &id, 10, 10)).await {
+                    Ok(r) if r.get_ref().decision == Decision::Allow as i32 => {}
+                    other => {
+                        failed.push(format!("{other:?}"));
+                        continue;
+                    }
+                }
+                match quota.settle(settle("rich", &id, 10, 5)).await {
+                    Ok(s) => {
+                        settled += 1;
+                        versions.insert(s.into_inner().record.map(|r| r.price_version).unwrap_or_default());
+                    }
+                    Err(e) => failed.push(format!("{e:?}")),
+                }
+            }
+            (settled, failed, versions)
+        }));
+    }
+    let list = |mut admin: tollgate::channel::AdminClient| async move {
+        admin
+            .list_price_versions(proto::ListPriceVersionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    // A version ahead of its time, and a plan's limit raised.
+    let at = app.now().checked_add(SignedDuration::from_secs(10)).unwrap();
+    let v2 = format!(
+        "[[prices]]\nid = \"v2\"\neffective_at = \"{at}\"\n[prices.models.m.tiers.default]\ninput = \"2\"\noutput = \"8\"\n\n[[accounts]]\nid = \"rich\""
+    );
+    let next = config
+        .replacen("[[accounts]]\nid = \"rich\"", &v2, 1)
+        .replace("requests_per_minute = 2", "requests_per_minute = 3");
+    std::fs::write(&path, &next).unwrap();
+    reached(&reloads.applied, 1).await;
+    let listed = list(app.admin.clone()).await;
+    let ids: Vec<&str> = listed.versions.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!((ids, listed.in_force.as_str()), (vec!["v1", "v2"], "v1"));
+    for i in 0..3 {
+        let id = format!("limited-{i}");
+        let r = app
+            .quota
+            .reserve(reserve("limited", &id, 1, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.decision,
+            Decision::Allow as i32,
+            "request {i} under the raised limit: {r:?}"
+        );
+        app.quota
+            .release(proto::ReleaseRequest {
+                account_id: "limited".into(),
+                reservation_id: id,
+            })
+            .await
+            .unwrap();
+    }
+    // A file with problems is refused whole; so is one that edits a
+    // published version. The catalog in force stays.
+    let broken = next
+        .replace("period = \"month\"", "period = \"fortnight\"")
+        .replacen("[plans.payg]\n", "", 1);
+    std::fs::write(&path, broken).unwrap();
+    reached(&reloads.refused, 1).await;
+    std::fs::write(&path, next.replace("input = \"2\"", "input = \"3\"")).unwrap();
+    reached(&reloads.refused, 2).await;
+    assert_eq!(list(app.admin.clone()).await.versions, listed.versions);
+    // v2's time comes while the load runs: reserves from then on are
+    // charged at v2.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    app.advance(SignedDuration::from_secs(10));
+    assert_eq!(list(app.admin.clone()).await.in_force, "v2");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut versions = std::collections::BTreeSet::new();
+    for client in clients {
+        let (settled, failed, seen) = client.await.unwrap();
+        assert!(failed.is_empty(), "failed under reload: {failed:?}");
+        assert!(settled > 0);
+        versions.extend(seen);
+    }
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec!["v1", "v2"]);
+    assert_eq!(reloads.applied.load(Ordering::Relaxed), 1);
+}

@@ -499,3 +499,51 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
     let status = served.stop();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn sighup_reloads_the_configuration_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tollgate.toml")).unwrap();
+    // Polling off: only the signal reloads.
+    let config = demo.replacen("[server]\n", "[server]\nreload_poll_ms = 0\n", 1);
+    assert_ne!(config, demo, "the demo has a [server] section");
+    std::fs::write(d.join("tollgate.toml"), &config).unwrap();
+    support::write_tokens_file(d);
+    std::fs::write(d.join("read.token"), support::READ_TOKEN).unwrap();
+    let served = Served::start(d, &["--config", "tollgate.toml", "--admin-tokens", "admin-tokens.toml"]);
+    let versions = || {
+        let (code, out, err) = admin(d, &served.admin, Some("read.token"), &["prices", "list", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut ids: Vec<String> = list["prices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["version"].as_str().unwrap().to_owned())
+            .collect();
+        ids.dedup();
+        ids
+    };
+    assert_eq!(versions(), ["2026-01"]);
+    let next = format!(
+        "{config}\n[[prices]]\nid = \"2031-01\"\neffective_at = \"2031-01-01T00:00:00Z\"\n\
+         [prices.models.\"llama-3.1-8b\".tiers.default]\ninput = \"0.08\"\noutput = \"0.16\"\n"
+    );
+    std::fs::write(d.join("tollgate.toml"), next).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(versions(), ["2026-01"], "no reload without the signal");
+    let pid = served.child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = versions();
+        if seen.len() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(seen, ["2026-01", "2031-01"]);
+    let status = served.stop();
+    assert!(status.success(), "SIGHUP must not stop the server: {status:?}");
+}

@@ -4,14 +4,14 @@
 
 use std::collections::HashSet;
 
-use jiff::SignedDuration;
+use jiff::{SignedDuration, Timestamp};
 
 use super::hash::{Map, Set};
 use super::ids::{ModelId, PlanId};
 use super::limits::ScopedLimits;
 use super::money::Money;
 use super::period::{Anchor, PeriodUnit};
-use super::pricing::PriceBook;
+use super::pricing::{PriceBook, PriceVersion};
 
 /// A class of source in a plan's draw-down order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -136,6 +136,45 @@ pub struct Catalog {
     pub idempotency_window: SignedDuration,
     /// Usage records kept per account for read-outs.
     pub recent_usage: usize,
+}
+
+impl Catalog {
+    /// This catalog with the configuration `next` read at `now` (a reload):
+    /// plans, limits and hold policy as `next` has them; every price
+    /// version this catalog has stays (versions are history), versions new
+    /// in `next` are published (not retroactively). Refused, with every
+    /// problem, if `next` drops a plan (accounts may be on it) or changes
+    /// a version that exists (a version is never edited, only superseded).
+    pub fn reloaded(&self, next: Catalog, now: Timestamp) -> Result<Catalog, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut dropped: Vec<&PlanId> = self.plans.keys().filter(|id| !next.plans.contains_key(*id)).collect();
+        dropped.sort();
+        for id in dropped {
+            problems.push(format!(
+                "plans.{id}: removed; accounts may be on it, so a reload keeps every plan (restart to remove one)"
+            ));
+        }
+        let mut prices = self.prices.clone();
+        for version in next.prices.versions() {
+            match self.prices.get(&version.id) {
+                Some(existing) if existing == version => {}
+                Some(_) => problems.push(format!(
+                    "prices: version {} differs from the one in the price book; a version is never edited, \
+                     only superseded by a new one",
+                    version.id
+                )),
+                None => {
+                    if let Err(e) = prices.publish(PriceVersion::clone(version), now) {
+                        problems.push(format!("prices: {e}"));
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Catalog { prices, ..next })
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::account::Account;
 use super::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
 use super::draw::{SourceRef, Take};
 use super::error::EngineError;
-use super::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
+use super::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
 use super::limits::{LimitSet, ScopedLimits};
 use super::money::Money;
 use super::ops::{
@@ -18,7 +18,7 @@ use super::ops::{
 };
 use super::period::{Anchor, PeriodUnit};
 use super::pricing::tests::{prices, version};
-use super::pricing::{ModelPrices, PriceBook, TierPrices, Usage};
+use super::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, Usage};
 use super::record::RecordKind;
 
 fn t(s: &str) -> Timestamp {
@@ -1068,4 +1068,35 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_unleased_and_never_from_the_
     car.sync(&mut shared, &c, no_short(), true, later);
     assert_eq!(shared.paid.held, 0);
     assert_eq!(shared.paid.available(), 1_000_000 - 30_000);
+}
+
+#[test]
+fn a_reload_takes_plans_and_new_versions_and_refuses_what_would_rewrite_history() {
+    let current = catalog();
+    let mut next = catalog();
+    next.hold_ttl = SignedDuration::from_mins(5);
+    // v1 as it is in force (with the `big` model): unchanged, so accepted.
+    let v1 = current.prices.get(&VersionId::parse("v1").unwrap()).unwrap();
+    let v2 = version("v2", "2026-04-01T00:00:00Z", 500, 2000);
+    next.prices = PriceBook::new(vec![PriceVersion::clone(v1), v2.clone()]).unwrap();
+    let reloaded = current.reloaded(next.clone(), t(NOW)).unwrap();
+    assert_eq!(reloaded.hold_ttl, SignedDuration::from_mins(5));
+    let ids: Vec<String> = reloaded.prices.versions().iter().map(|v| v.id.to_string()).collect();
+    assert_eq!(ids, ["v1", "v2"]);
+
+    // Dropping a plan, editing a version, or adding one in the past: each
+    // named, nothing taken.
+    let mut bad = next.clone();
+    bad.plans.remove(&PlanId::parse("pro").unwrap());
+    let edited = version("v1", "2026-01-01T00:00:00Z", 999, 4000);
+    let past = version("v0", "2026-03-01T00:00:00Z", 1, 1);
+    bad.prices = PriceBook::new(vec![edited, past]).unwrap();
+    let problems = current.reloaded(bad, t(NOW)).unwrap_err();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(problems[0].contains("plans.pro"), "{problems:?}");
+    assert!(
+        problems.iter().any(|p| p.contains("v1") && p.contains("never edited")),
+        "{problems:?}"
+    );
+    assert!(problems.iter().any(|p| p.contains("v0")), "{problems:?}");
 }

@@ -210,6 +210,12 @@ impl StreamEntry {
     }
 }
 
+/// The configured catalog and the one in force (see `RedisStore::catalogs`).
+struct Catalogs {
+    base: Catalog,
+    installed: Arc<Catalog>,
+}
+
 /// What one account's upkeep needs this round.
 enum Upkeep {
     /// Report and give back everything unused (idle).
@@ -242,9 +248,10 @@ pub struct RedisStore {
     producer: ProducerId,
     seq: AtomicU64,
     commit: Script,
-    /// The configured catalog; published versions are added to its prices.
-    base: Catalog,
-    catalog: RwLock<Arc<Catalog>>,
+    /// The configured catalog, and the one in force: the configured one
+    /// with the published versions added to its prices. One lock, so a
+    /// reload and an installation of prices never interleave.
+    catalogs: RwLock<Catalogs>,
     mirrors: DashMap<AccountId, Local>,
     gates: DashMap<AccountId, Arc<tokio::sync::Mutex<Gate>>>,
     /// Redis failed recently: until then, calls fail at once.
@@ -318,8 +325,10 @@ impl RedisStore {
             producer,
             seq: AtomicU64::new(0),
             commit: Script::new(include_str!("lua/commit.lua")),
-            catalog: RwLock::new(Arc::new(catalog.clone())),
-            base: catalog,
+            catalogs: RwLock::new(Catalogs {
+                installed: Arc::new(catalog.clone()),
+                base: catalog,
+            }),
             mirrors: DashMap::new(),
             gates: DashMap::new(),
             down_until: Mutex::new(None),
@@ -531,15 +540,15 @@ impl RedisStore {
     /// a newer one is installed already (a slow read never undoes a
     /// publication).
     fn install_prices(&self, version: u64, published: Vec<PriceVersion>) -> Result<(), StoreError> {
-        let mut all: Vec<PriceVersion> = self.base.prices.versions().iter().map(|v| (**v).clone()).collect();
+        let mut catalogs = self.catalogs.write().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<PriceVersion> = catalogs.base.prices.versions().iter().map(|v| (**v).clone()).collect();
         all.extend(published);
         let prices = PriceBook::new(all).map_err(EngineError::from)?;
-        let mut catalog = self.base.clone();
+        let mut catalog = catalogs.base.clone();
         catalog.prices = prices;
-        let mut installed = self.catalog.write().unwrap_or_else(|p| p.into_inner());
         if version >= self.prices_version.load(Ordering::Relaxed) {
             self.prices_version.store(version, Ordering::Relaxed);
-            *installed = Arc::new(catalog);
+            catalogs.installed = Arc::new(catalog);
         }
         Ok(())
     }
@@ -1342,10 +1351,37 @@ impl Store for RedisStore {
     }
 
     fn catalog(&self) -> Arc<Catalog> {
-        self.catalog
-            .read()
-            .map(|c| Arc::clone(&c))
-            .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
+        let catalogs = self.catalogs.read().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(&catalogs.installed)
+    }
+
+    async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>> {
+        let mut catalogs = self.catalogs.write().unwrap_or_else(|p| p.into_inner());
+        // Checked against every version, published ones included.
+        let installed = catalogs.installed.reloaded(next, now)?;
+        let Catalogs { base, .. } = &*catalogs;
+        let published: Vec<&VersionId> = catalogs
+            .installed
+            .prices
+            .versions()
+            .iter()
+            .filter(|v| base.prices.get(&v.id).is_none())
+            .map(|v| &v.id)
+            .collect();
+        let configured: Vec<PriceVersion> = installed
+            .prices
+            .versions()
+            .iter()
+            .filter(|v| !published.contains(&&v.id))
+            .map(|v| PriceVersion::clone(v))
+            .collect();
+        let prices = PriceBook::new(configured).map_err(|e| vec![format!("prices: {e}")])?;
+        catalogs.base = Catalog {
+            prices,
+            ..Catalog::clone(&installed)
+        };
+        catalogs.installed = Arc::new(installed);
+        Ok(())
     }
 
     async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError> {
@@ -1355,7 +1391,13 @@ impl Store for RedisStore {
                 Some((v, json)) => (v, serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?),
                 None => (0, Vec::new()),
             };
-            let mut book = self.base.prices.clone();
+            let mut book = self
+                .catalogs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .base
+                .prices
+                .clone();
             for p in &published {
                 book.publish(p.clone(), p.effective_at).map_err(EngineError::from)?;
             }

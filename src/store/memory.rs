@@ -118,6 +118,12 @@ impl Store for MemoryStore {
             .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
     }
 
+    async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>> {
+        let mut guard = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        *guard = Arc::new(guard.reloaded(next, now)?);
+        Ok(())
+    }
+
     async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError> {
         let mut guard = self.catalog.write().map_err(|_| poisoned())?;
         let mut next = Catalog::clone(&guard);

@@ -81,6 +81,13 @@ pub trait Store: Send + Sync + 'static {
     /// The current catalog.
     fn catalog(&self) -> Arc<Catalog>;
 
+    /// Takes the configuration's catalog `next`, read again at `now` (see
+    /// [`Catalog::reloaded`]): every problem if it is refused, and then
+    /// the catalog in force is unchanged.
+    ///
+    /// [`Catalog::reloaded`]: crate::engine::catalog::Catalog::reloaded
+    async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>>;
+
     /// Publishes a price version; returns every version id, oldest first.
     async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError>;
 

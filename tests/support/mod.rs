@@ -229,6 +229,21 @@ pub async fn spawn_app_on_with(backend: Backend, config: &str) -> TestApp {
     start(app, Some(clock), redis, dir, usage_path).await
 }
 
+/// Starts the app on the embedded store and `config`, written to a file
+/// that it reloads: the file's path, and the reload counters.
+pub async fn spawn_app_watching(config: &str) -> (TestApp, PathBuf, Arc<tollgate::reload::Reloads>) {
+    let (settings, dir, usage_path) = settings(config);
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let clock = Arc::new(ManualClock::new(START.parse().expect("start")));
+    let app = App::build(settings, clock.clone())
+        .await
+        .expect("app builds")
+        .watch_config(path.clone());
+    let reloads = app.reloads();
+    (start(app, Some(clock), None, dir, usage_path).await, path, reloads)
+}
+
 /// Starts a sidecar of a fleet: `settings` already name its Redis; the
 /// system clock, aligned with Redis as in production.
 pub async fn spawn_sidecar(settings: Settings, dir: tempfile::TempDir, usage_path: PathBuf) -> TestApp {
