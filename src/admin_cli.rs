@@ -52,6 +52,9 @@ pub enum AdminCmd {
     GrantPack(GrantPackArgs),
     /// Revoke a pack: what is left of it is forfeited.
     RevokePack(RevokePackArgs),
+    /// Refund a usage record: what it charged goes back to the sources
+    /// and lots it was charged to.
+    Refund(RefundArgs),
     /// Move an account to a plan.
     SetPlan(SetPlanArgs),
     /// Set (or clear) one scope of an account's limit overrides.
@@ -208,6 +211,17 @@ pub struct RevokePackArgs {
     /// The pack's id.
     #[arg(long)]
     pack: String,
+}
+
+/// Options of `admin refund`.
+#[derive(Debug, Args)]
+pub struct RefundArgs {
+    #[command(flatten)]
+    change: ChangeArgs,
+    /// The usage record, as one JSON line of the usage sink or of
+    /// `tollgate usage tail` (`-` for standard input).
+    #[arg(long)]
+    record: PathBuf,
 }
 
 /// Options of `admin set-plan`.
@@ -444,6 +458,33 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
             (client.assign_plan(r).await?.into_inner(), c.endpoint.json)
         }
         AdminCmd::SetLimit(a) => set_limit(a).await?,
+        AdminCmd::Refund(a) => {
+            let c = a.change;
+            let text = if a.record.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&a.record)
+            }
+            .map_err(|e| Failure::Input(format!("--record {}: {e}", a.record.display())))?;
+            let record: crate::engine::UsageRecord = serde_json::from_str(text.trim())
+                .map_err(|e| Failure::Input(format!("--record {}: not a usage record: {e}", a.record.display())))?;
+            if record.account_id.as_str() != c.account {
+                return Err(Failure::Input(format!(
+                    "the record charged account {}, not {}",
+                    record.account_id, c.account
+                )));
+            }
+            let mut client = connect(&c.endpoint).await?;
+            let r = proto::RefundRequest {
+                account_id: c.account,
+                request_id: record.request_id.to_string(),
+                kind: record.kind.as_str().to_owned(),
+                charges: crate::api::convert::takes_out(&record.charges),
+                reason: c.reason,
+                adjustment_id: c.adjustment_id,
+            };
+            (client.refund(r).await?.into_inner(), c.endpoint.json)
+        }
         AdminCmd::Suspend(c) => {
             let mut client = connect(&c.endpoint).await?;
             let r = proto::SuspendRequest {

@@ -517,6 +517,21 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         client.get_account(proto::GetAccountRequest { account_id: id() })
     );
     call!(
+        "Refund",
+        client.refund(proto::RefundRequest {
+            account_id: id(),
+            request_id: "nothing-charged".into(),
+            kind: "settle".into(),
+            charges: vec![proto::SourceAmount {
+                source: SourceKind::Paid as i32,
+                money: Some(money("1")),
+                ..Default::default()
+            }],
+            reason: "r".into(),
+            adjustment_id: "auth-r".into(),
+        })
+    );
+    call!(
         "ListPriceVersions",
         client.list_price_versions(proto::ListPriceVersionsRequest {})
     );
@@ -690,7 +705,105 @@ async fn adjustments_apply_once_and_are_audited_with_before_and_after(backend: B
     assert_eq!(topped["before"].as_object().map(|o| o.len()), Some(1), "{topped}");
 }
 
+async fn refunds_unwind_the_lots_a_charge_drew_from(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
+    let expires = app.now().checked_add(SignedDuration::from_hours(24 * 30)).unwrap();
+    app.admin
+        .grant_pack(proto::GrantPackRequest {
+            account_id: "rich".into(),
+            pack_id: "p1".into(),
+            tokens: 100,
+            expires_at: Some(timestamp_out(expires)),
+            reason: "order 1".into(),
+            adjustment_id: "order-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let get = |mut admin: tollgate::channel::AdminClient| async move {
+        admin
+            .get_account(proto::GetAccountRequest {
+                account_id: "rich".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let paid = |d: &proto::AccountDetail| d.balance.as_ref().and_then(|b| b.paid.clone()).unwrap().decimal;
+    let pack = |d: &proto::AccountDetail| {
+        let lot = d.lots.iter().find(|l| l.lot_id == "p1").unwrap();
+        (lot.available.clone(), lot.charged.clone())
+    };
+    let before = get(app.admin.clone()).await;
+    // 150 tokens: the pack's 100, the rest from paid money.
+    app.quota.reserve(reserve("rich", "r1", 60, 100)).await.unwrap();
+    let record = app
+        .quota
+        .settle(settle("rich", "r1", 60, 90))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    let kinds: Vec<i32> = record.charges.iter().map(|c| c.source).collect();
+    assert_eq!(
+        kinds,
+        vec![SourceKind::Pack as i32, SourceKind::Paid as i32],
+        "{record:?}"
+    );
+    let charged = get(app.admin.clone()).await;
+    assert_ne!(paid(&charged), paid(&before));
+    let refund = |adjustment: &str, charges: Vec<proto::SourceAmount>| proto::RefundRequest {
+        account_id: "rich".into(),
+        request_id: "r1".into(),
+        kind: "settle".into(),
+        charges,
+        reason: "customer complaint".into(),
+        adjustment_id: adjustment.into(),
+    };
+    // Too much from one source: refused, nothing changed.
+    let mut greedy = record.charges.clone();
+    greedy[0].tokens += 1;
+    let refused = app.admin.refund(refund("ref-0", greedy)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(get(app.admin.clone()).await, charged);
+    // The whole record: each lot gets back what it gave.
+    let refunded = app
+        .admin
+        .refund(refund("ref-1", record.charges.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paid(&refunded), paid(&before));
+    assert_eq!(pack(&refunded), ("100".to_owned(), "0".to_owned()));
+    // A retry applies nothing; the same record again under another id is refused.
+    let again = app
+        .admin
+        .refund(refund("ref-1", record.charges.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paid(&again), paid(&before));
+    let twice = app
+        .admin
+        .refund(refund("ref-2", record.charges.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists, "{twice:?}");
+    // The audit record says what moved back.
+    let audits = app.audits(2).await;
+    let audit = audits
+        .iter()
+        .find(|a| a["operation"] == "refund")
+        .expect("a refund audit");
+    assert_eq!(audit["adjustment_id"], "ref-1");
+    assert_eq!(audit["after"]["paid"].as_str(), Some(paid(&before).as_str()));
+    assert_eq!(audit["after"]["packs"]["p1"]["available"], 100);
+    assert_eq!(audits.iter().filter(|a| a["operation"] == "refund").count(), 1);
+}
+
 on_both_stores!(
+    refunds_unwind_the_lots_a_charge_drew_from,
     adjustments_apply_once_and_are_audited_with_before_and_after,
     accounts_money_packs_plans_limits_and_status,
     published_prices_apply_from_their_effective_time_and_never_retroactively,

@@ -496,6 +496,56 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         4,
         "published versions never change"
     );
+    // A charge, then its refund from the record as the usage file has it.
+    let quota = served.quota.clone();
+    let charge = [
+        "reserve",
+        "--addr",
+        &quota,
+        "--account",
+        "demo",
+        "--request-id",
+        "q-1",
+        "--model",
+        "llama-3.1-8b",
+    ];
+    let (ok, _, err) = run(d, &[&charge[..], &["--input", "1000", "--max-output", "500"]].concat());
+    assert!(ok, "{err}");
+    let settle = ["settle", "--addr", &quota, "--account", "demo", "--reservation", "q-1"];
+    let (ok, _, err) = run(d, &[&settle[..], &["--input", "1000", "--output", "500"]].concat());
+    assert!(ok, "{err}");
+    let line = (0..100)
+        .find_map(|_| {
+            let text = std::fs::read_to_string(d.join("tollgate-usage.jsonl")).unwrap_or_default();
+            let found = text.lines().find(|l| l.contains("\"q-1\"")).map(str::to_owned);
+            if found.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            found
+        })
+        .expect("the record in the usage file");
+    std::fs::write(d.join("record.json"), &line).unwrap();
+    let refund = [
+        "refund",
+        "demo",
+        "--record",
+        "record.json",
+        "--id",
+        "ref-q-1",
+        "--reason",
+        "complaint",
+        "--json",
+    ];
+    let (code, out, err) = admin(d, &addr, write, &refund);
+    assert_eq!(code, 0, "{err}");
+    let detail: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        detail["balance"]["paid"], "15.000000000000",
+        "back to before the charge"
+    );
+    let mut again = refund;
+    again[5] = "ref-q-2";
+    assert_eq!(admin(d, &addr, write, &again).0, 4, "a record is refunded once");
     let status = served.stop();
     assert!(status.success(), "{status:?}");
 }

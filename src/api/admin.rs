@@ -8,20 +8,20 @@ use std::sync::Arc;
 
 use super::auth::{Operators, Role};
 use super::convert::{
-    id, ledger_figures, limit_set, money, money_out, overrides_out, price_version_out, reason, record_out, takes_out,
-    timestamp, timestamp_out,
+    id, ledger_figures, limit_set, money, money_out, overrides_out, price_version_out, reason, record_out, take_in,
+    takes_out, timestamp, timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
 use crate::config::{parse_time_zone, price_per_token};
 use crate::engine::draw::SourceRef;
 use crate::engine::hash::{Map, Set};
-use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
+use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, TierId, VersionId};
 use crate::engine::limits::LimitOverrides;
 use crate::engine::ops::{PackGrant, Pool};
 use crate::engine::period::Anchor;
 use crate::engine::pricing::{ModelPrices, PriceVersion, PriceWindow, TierPrices, TokenPrices};
-use crate::engine::record::AuditRecord;
+use crate::engine::record::{AuditRecord, RecordKind, record_id};
 use crate::engine::{Command, Ledger, Reply, Snapshot};
 use crate::proto;
 use crate::proto::admin_server::Admin;
@@ -451,6 +451,24 @@ impl Admin for AdminApi {
                 .collect::<Result<_, Status>>()?,
         };
         self.mutate(caller, &account, Command::SetOverrides(overrides), why)
+            .await
+    }
+
+    async fn refund(&self, request: Request<proto::RefundRequest>) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = self.caller(&request, Role::Write)?;
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        let request_id = id("request_id", &r.request_id, RequestId::parse)?;
+        let kind: RecordKind = r.kind.parse().map_err(|e: String| invalid("kind", e))?;
+        let charges = r
+            .charges
+            .iter()
+            .enumerate()
+            .map(|(i, c)| take_in(&format!("charges[{i}]"), c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let record_id = record_id(&account, &request_id, kind);
+        self.mutate(caller, &account, Command::Refund { record_id, charges }, why)
             .await
     }
 

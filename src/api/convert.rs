@@ -151,6 +151,38 @@ pub fn takes_out(takes: &[Take]) -> Vec<proto::SourceAmount> {
         .collect()
 }
 
+/// A take from the wire (as `takes_out` writes it).
+pub fn take_in(field: &str, a: &proto::SourceAmount) -> Result<Take, Status> {
+    let lot_field = format!("{field}.lot_id");
+    let lot = || id(&lot_field, &a.lot_id, crate::engine::ids::LotId::parse);
+    let source = match proto::SourceKind::try_from(a.source) {
+        Ok(proto::SourceKind::Allowance) => SourceRef::Allowance {
+            period: a
+                .lot_id
+                .strip_prefix("period:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| invalid(&lot_field, "expected period:N for an allowance"))?,
+        },
+        Ok(proto::SourceKind::Pack) => SourceRef::Pack(lot()?),
+        Ok(proto::SourceKind::Promo) => SourceRef::Promo(lot()?),
+        Ok(proto::SourceKind::Paid) => SourceRef::Paid,
+        Ok(proto::SourceKind::Credit) => SourceRef::Credit,
+        Ok(proto::SourceKind::Debt) => SourceRef::Debt,
+        Ok(proto::SourceKind::Unspecified) | Err(_) => {
+            return Err(invalid(
+                &format!("{field}.source"),
+                format!("unknown source {}", a.source),
+            ));
+        }
+    };
+    let amount = if source.is_tokens() {
+        i128::from(tokens(&format!("{field}.tokens"), a.tokens)?)
+    } else {
+        money(&format!("{field}.money"), a.money.as_ref())?.picos()
+    };
+    Ok(Take { source, amount })
+}
+
 /// Token counts for the wire.
 pub fn usage_out(u: &Usage) -> proto::Usage {
     proto::Usage {

@@ -61,6 +61,15 @@ pub enum Command {
     GrantPack(PackGrant),
     /// Revoke a pack.
     RevokePack(LotId),
+    /// Give back what a usage record charged, to the sources it was
+    /// charged to.
+    Refund {
+        /// The record's id (see [`UsageRecord::id`]): refunded once.
+        record_id: String,
+        /// What to give back, per source and lot (at most what each was
+        /// charged).
+        charges: Vec<Take>,
+    },
     /// Move to a plan.
     AssignPlan {
         /// The plan.
@@ -98,6 +107,7 @@ impl Command {
             Command::Adjust { .. } => "adjust_money",
             Command::GrantPack(_) => "grant_pack",
             Command::RevokePack(_) => "revoke_pack",
+            Command::Refund { .. } => "refund",
             Command::AssignPlan { .. } => "assign_plan",
             Command::SetOverrides(_) => "set_limit_overrides",
             Command::SetSuspended(true) => "suspend",
@@ -266,6 +276,10 @@ impl Account {
             }
             Command::RevokePack(id) => {
                 self.revoke_pack(catalog, &id, now)?;
+                Reply::Done
+            }
+            Command::Refund { record_id, charges } => {
+                self.refund(catalog, &record_id, &charges, now)?;
                 Reply::Done
             }
             Command::AssignPlan { plan, anchor } => {

@@ -849,6 +849,76 @@ impl Account {
         Ok(())
     }
 
+    /// Gives back what the usage record `record_id` charged, `charges`
+    /// per source and lot (as the record lists them): each source's
+    /// charged amount goes back to its available balance, or is forfeited
+    /// where the source takes nothing back any more (a closed lot, a past
+    /// allowance period). A record is refunded once; no source gives back
+    /// more than it was ever charged. Checks everything before changing
+    /// anything.
+    pub fn refund(
+        &mut self,
+        catalog: &Catalog,
+        record_id: &str,
+        charges: &[Take],
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        self.advance(catalog, now)?;
+        if charges.is_empty() {
+            return Err(EngineError::invalid("charges", "name at least one source to refund"));
+        }
+        // A retry comes back under its adjustment id and never gets here
+        // (`apply_audited`); the same record again is a second refund.
+        let key = format!("refund of record {record_id}");
+        if self.operations.get(&key).is_some() {
+            return Err(EngineError::Conflict(format!(
+                "record {record_id} was already refunded"
+            )));
+        }
+        let mut per_source: std::collections::BTreeMap<SourceRef, i128> = std::collections::BTreeMap::new();
+        for take in charges {
+            if take.amount <= 0 {
+                return Err(EngineError::invalid("charges", "every amount must be above zero"));
+            }
+            // Credit is drawn from the paid ledger: one ledger, one limit.
+            let source = match &take.source {
+                SourceRef::Credit => SourceRef::Paid,
+                other => other.clone(),
+            };
+            let sum = per_source.entry(source).or_default();
+            *sum = sum.checked_add(take.amount).ok_or(EngineError::Overflow)?;
+        }
+        for (source, amount) in &per_source {
+            let Some(ledger) = self.ledger_mut(source) else {
+                let lot = source.lot().unwrap_or_default();
+                return Err(EngineError::NotFound(format!(
+                    "{} {lot} on this account",
+                    source.kind_name()
+                )));
+            };
+            if ledger.charged < *amount {
+                return Err(EngineError::Precondition(format!(
+                    "{} {} was charged {} in all; it cannot give back {amount}",
+                    source.kind_name(),
+                    source.lot().unwrap_or_default(),
+                    ledger.charged
+                )));
+            }
+        }
+        for (source, amount) in per_source {
+            let accepts = self.accepts_returns(&source);
+            if let Some(ledger) = self.ledger_mut(&source) {
+                ledger.charged -= amount;
+                if !accepts {
+                    ledger.forfeited += amount;
+                }
+            }
+        }
+        let fingerprint = super::record::digest_id([format!("{charges:?}").as_str()]);
+        self.operations.insert(key, fingerprint);
+        Ok(())
+    }
+
     /// Revokes what is left of a pack; its holds stay chargeable.
     pub fn revoke_pack(&mut self, catalog: &Catalog, pack_id: &LotId, now: Timestamp) -> Result<(), EngineError> {
         self.advance(catalog, now)?;

@@ -19,6 +19,17 @@ pub enum RecordKind {
     Expired,
 }
 
+impl std::str::FromStr for RecordKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RecordKind, String> {
+        [RecordKind::Settle, RecordKind::Charge, RecordKind::Expired]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("expected settle, charge or expired, got {s:?}"))
+    }
+}
+
 impl RecordKind {
     /// The name used on the wire and in files.
     pub fn as_str(self) -> &'static str {
@@ -66,7 +77,7 @@ impl UsageRecord {
     /// account, the request id and the kind, which together name exactly
     /// one record. A consumer that sees an id twice has seen one record.
     pub fn id(&self) -> String {
-        digest_id([self.account_id.as_str(), self.request_id.as_str(), self.kind.as_str()])
+        record_id(&self.account_id, &self.request_id, self.kind)
     }
 }
 
@@ -113,6 +124,12 @@ impl AuditRecord {
             &self.at.to_string(),
         ])
     }
+}
+
+/// The id of the record of `kind` for `request_id` on `account` (see
+/// [`UsageRecord::id`]).
+pub fn record_id(account: &AccountId, request_id: &RequestId, kind: RecordKind) -> String {
+    digest_id([account.as_str(), request_id.as_str(), kind.as_str()])
 }
 
 /// The first 16 bytes of SHA-256 over `parts` (each followed by a zero
