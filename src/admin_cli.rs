@@ -113,6 +113,16 @@ pub struct AdminEndpoint {
     /// Read the bearer token from this file.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// Trust this CA for the admin listener's certificate (PEM; with an
+    /// `https://` address).
+    #[arg(long, env = "TOLLGATE_ADMIN_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Present this client certificate (PEM; with --key).
+    #[arg(long, env = "TOLLGATE_ADMIN_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "TOLLGATE_ADMIN_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -345,7 +355,25 @@ async fn connect(endpoint: &AdminEndpoint) -> Result<AdminClient, Failure> {
         Some(t) => Bearer::new(&t).map_err(|_| Failure::Input("the token is not valid header text".into()))?,
         None => Bearer::default(),
     };
-    let channel = crate::channel::connect(&endpoint.addr)
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| Failure::Input(format!("--{flag} {}: {e}", path.display())))
+    };
+    let tls = if endpoint.addr.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &endpoint.ca_cert {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read("ca-cert", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&endpoint.cert, &endpoint.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("cert", cert)?,
+                read("key", key)?,
+            ));
+        }
+        Some(tls)
+    } else {
+        None
+    };
+    let channel = crate::channel::connect_with(&endpoint.addr, tls)
         .await
         .map_err(|e| Failure::Connect(format!("connecting to {}: {e}", endpoint.addr)))?;
     Ok(crate::channel::admin_client(channel, bearer))

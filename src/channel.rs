@@ -1,10 +1,15 @@
 //! gRPC channels to a Tollgate, over TCP or a Unix domain socket.
 
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 /// Connects to `target`: `http://HOST:PORT`, or `unix:/PATH` for a Unix
 /// domain socket (as grpcio and grpc-go spell it).
 pub async fn connect(target: &str) -> Result<Channel, tonic::transport::Error> {
+    connect_with(target, None).await
+}
+
+/// Like [`connect`], over TLS with `tls` (for `https://HOST:PORT`).
+pub async fn connect_with(target: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
     match target.strip_prefix("unix:") {
         Some(path) => {
             let path = path.trim_start_matches("//").to_owned();
@@ -20,10 +25,11 @@ pub async fn connect(target: &str) -> Result<Channel, tonic::transport::Error> {
                 .await
         }
         None => {
-            Endpoint::from_shared(target.to_owned())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
+            let mut endpoint = Endpoint::from_shared(target.to_owned())?.tcp_nodelay(true);
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls)?;
+            }
+            endpoint.connect().await
         }
     }
 }

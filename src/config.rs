@@ -15,7 +15,7 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
-use crate::api::auth::{Operators, Role, Token, parse_sha256};
+use crate::api::auth::{CertificateRule, Operators, Role, Token, parse_sha256};
 use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass, check_draw_order};
 use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
@@ -117,6 +117,10 @@ pub struct Settings {
     pub usage: UsageSinkConfig,
     /// Who may call the admin API.
     pub admin: Operators,
+    /// TLS on the data plane's TCP listener (mTLS with a client CA).
+    pub tls: Option<TlsSettings>,
+    /// TLS on the admin listener (client certificates with a client CA).
+    pub admin_tls: Option<TlsSettings>,
     /// Plans, prices, hold policy.
     pub catalog: Catalog,
     /// Accounts to create at start.
@@ -126,6 +130,7 @@ pub struct Settings {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct ServerFile {
+    tls: Option<TlsFile>,
     listen: Option<String>,
     admin_listen: Option<String>,
     listen_unix: Option<PathBuf>,
@@ -451,6 +456,74 @@ struct File {
 struct AdminFile {
     tokens: Vec<TokenFile>,
     tokens_file: Option<PathBuf>,
+    tls: Option<TlsFile>,
+    certificates: Vec<CertificateFile>,
+}
+
+/// `[server.tls]`, `[admin.tls]`: a listener's certificate and key, and
+/// the CA its clients' certificates must chain to (PEM files).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+/// `[[admin.certificates]]`: the operator a client certificate's common
+/// name stands for.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateFile {
+    common_name: String,
+    role: String,
+    operator: Option<String>,
+}
+
+/// A listener's TLS material, read at start (PEM).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate chain.
+    pub cert: Vec<u8>,
+    /// Its private key.
+    pub key: Vec<u8>,
+    /// Clients must (data plane) or may (admin) present a certificate
+    /// chaining to this CA.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("client_ca", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls(p: &mut Problems, path: &str, f: Option<&TlsFile>) -> Option<TlsSettings> {
+    let f = f?;
+    let mut read = |name: &str, file: &Path| match std::fs::read(file) {
+        Ok(pem) if String::from_utf8_lossy(&pem).contains("-----BEGIN ") => Some(pem),
+        Ok(_) => {
+            p.push(format!("{path}.{name}"), format!("{}: not a PEM file", file.display()));
+            None
+        }
+        Err(e) => {
+            p.push(format!("{path}.{name}"), format!("{}: {e}", file.display()));
+            None
+        }
+    };
+    let cert = read("cert", &f.cert);
+    let key = read("key", &f.key);
+    let client_ca = match &f.client_ca {
+        Some(file) => Some(read("client_ca", file)?),
+        None => None,
+    };
+    Some(TlsSettings {
+        cert: cert?,
+        key: key?,
+        client_ca,
+    })
 }
 
 /// A file of tokens (a mounted secret): `[[tokens]]` entries.
@@ -1173,6 +1246,28 @@ impl Settings {
             }
         }
         let mut admin = tokens(&mut p, "admin.tokens", &file.admin.tokens);
+        let server_tls = tls(&mut p, "server.tls", file.server.tls.as_ref());
+        let admin_tls = tls(&mut p, "admin.tls", file.admin.tls.as_ref());
+        let mut certificates = Vec::new();
+        for (i, c) in file.admin.certificates.iter().enumerate() {
+            let at = format!("admin.certificates[{i}]");
+            if c.common_name.trim().is_empty() {
+                p.push(format!("{at}.common_name"), "must not be empty");
+            }
+            if let Some(role) = p.check(format!("{at}.role"), c.role.parse::<Role>()) {
+                certificates.push(CertificateRule {
+                    common_name: c.common_name.trim().to_owned(),
+                    role,
+                    operator: c.operator.clone().unwrap_or_else(|| c.common_name.trim().to_owned()),
+                });
+            }
+        }
+        if !certificates.is_empty() && file.admin.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            p.push(
+                "admin.certificates",
+                "need admin.tls with a client_ca (client certificates are checked against it)",
+            );
+        }
         if let Some(path) = &file.admin.tokens_file {
             admin.extend(tokens_file(&mut p, "admin.tokens_file", path));
         }
@@ -1181,7 +1276,9 @@ impl Settings {
         }
         let seconds = |s: u64| SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX));
         Ok(Settings {
-            admin: Operators::new(admin),
+            admin: Operators::new(admin).with_certificates(certificates),
+            tls: server_tls,
+            admin_tls,
             currency: file.currency,
             listen,
             admin_listen,

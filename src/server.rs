@@ -12,8 +12,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::admin::AdminApi;
 use crate::api::auth::Operators;
@@ -29,6 +29,36 @@ use crate::store::leased::RedisStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::Redis;
 use crate::usage;
+
+/// A listener's TLS: its identity, and the CA client certificates must
+/// chain to, required (data plane) or optional (admin: a client may use a
+/// bearer token instead). Checked here, at start.
+fn server_tls(
+    tls: Option<&crate::config::TlsSettings>,
+    optional_clients: bool,
+) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(optional_clients);
+    }
+    // tonic reads the PEM when it is applied: fail now, not when serving.
+    Server::builder()
+        .tls_config(config.clone())
+        .context("the certificate, key or client CA is not usable")?;
+    Ok(Some(config))
+}
+
+fn with_tls(builder: Server, tls: Option<ServerTlsConfig>) -> anyhow::Result<Server> {
+    Ok(match tls {
+        Some(tls) => builder.tls_config(tls)?,
+        None => builder,
+    })
+}
 
 /// A built app, bound and seeded, not yet serving.
 pub struct App {
@@ -46,6 +76,9 @@ pub struct App {
     leases: Option<Arc<RedisStore>>,
     /// Who may call the admin API.
     credentials: Arc<Operators>,
+    /// TLS of the data plane's TCP listener and of the admin listener.
+    quota_tls: Option<ServerTlsConfig>,
+    admin_tls: Option<ServerTlsConfig>,
     /// The configuration file to reload, if any, and how often to look.
     watch: Option<crate::reload::Watch>,
     reload_poll: Option<Duration>,
@@ -153,6 +186,8 @@ impl App {
             writer,
             leases,
             credentials: Arc::new(settings.admin),
+            quota_tls: server_tls(settings.tls.as_ref(), false).context("server.tls")?,
+            admin_tls: server_tls(settings.admin_tls.as_ref(), true).context("admin.tls")?,
             watch: None,
             reload_poll: settings.reload_poll,
             reloads: Arc::default(),
@@ -199,6 +234,8 @@ impl App {
             credentials,
             watch,
             reloads,
+            quota_tls,
+            admin_tls,
             ..
         } = self;
         if credentials.is_empty() {
@@ -227,7 +264,7 @@ impl App {
             reflection(admin_name).build_v1()?,
             reflection(admin_name).build_v1alpha()?,
         );
-        let quota_server = Server::builder()
+        let quota_server = with_tls(Server::builder(), quota_tls)?
             .add_service(quota_health_service.clone())
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
@@ -251,7 +288,7 @@ impl App {
                 served
             }
         };
-        let admin_server = Server::builder()
+        let admin_server = with_tls(Server::builder(), admin_tls)?
             .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)

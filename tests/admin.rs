@@ -925,3 +925,164 @@ async fn the_catalog_reloads_under_load_and_a_new_price_takes_effect_on_time() {
     assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec!["v1", "v2"]);
     assert_eq!(reloads.applied.load(Ordering::Relaxed), 1);
 }
+
+/// A CA, a server certificate for localhost and client certificates.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tollgate test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let write = |name: &str, cert: String, key: &KeyPair| {
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        };
+        let leaf = |name: &str, sans: Vec<String>, cn: &str, issuer: &Issuer<'_, KeyPair>| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            write(name, params.signed_by(&key, issuer).unwrap().pem(), &key);
+        };
+        leaf("server", vec!["localhost".into()], "localhost", &issuer);
+        leaf("alice", vec![], "alice", &issuer);
+        leaf("auditor", vec![], "auditor-cert", &issuer);
+        leaf("nobody", vec![], "nobody", &issuer);
+        // The same name, from a CA the server does not trust.
+        let other_key = KeyPair::generate().unwrap();
+        let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        other.distinguished_name.push(DnType::CommonName, "another CA");
+        leaf("impostor", vec![], "alice", &Issuer::new(other, other_key));
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+
+    /// A TLS channel to `port` on localhost, presenting `client`'s
+    /// certificate if named.
+    async fn channel(&self, port: u16, client: Option<&str>) -> Result<tonic::transport::Channel, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .domain_name("localhost");
+        if let Some(name) = client {
+            let read = |ext: &str| std::fs::read(self.dir.path().join(format!("{name}.{ext}"))).unwrap();
+            tls = tls.identity(Identity::from_pem(read("pem"), read("key")));
+        }
+        tollgate::channel::connect_with(&format!("https://localhost:{port}"), Some(tls))
+            .await
+            .map_err(|e| format!("{e:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_identify_operators_and_the_data_plane_can_require_them() {
+    let pki = Pki::new();
+    let tls = |section: &str| {
+        format!(
+            "[{section}]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+            pki.path("server.pem"),
+            pki.path("server.key"),
+            pki.path("ca.pem")
+        )
+    };
+    let config = format!(
+        "{}\n{}\n[[admin.certificates]]\ncommon_name = \"alice\"\nrole = \"write\"\noperator = \"alice@billing\"\n\n\
+         [[admin.certificates]]\ncommon_name = \"auditor-cert\"\nrole = \"read\"\n",
+        support::CONFIG.replacen("[server]\n", &format!("{}\n[server]\n", tls("server.tls")), 1),
+        tls("admin.tls"),
+    );
+    let (settings, _dir, _usage) = support::settings(&config);
+    let clock = std::sync::Arc::new(tollgate::clock::ManualClock::new(support::START.parse().unwrap()));
+    let app = tollgate::server::App::build(settings, clock).await.unwrap();
+    let (quota_port, admin_port) = (app.quota_addr().port(), app.admin_addr().port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app.run(async {
+        let _ = stopped.await;
+    }));
+    let admin = |channel, token: Option<&str>| {
+        let bearer = token.map_or_else(tollgate::channel::Bearer::default, |t| {
+            tollgate::channel::Bearer::new(t).unwrap()
+        });
+        tollgate::channel::admin_client(channel, bearer)
+    };
+    let show = || proto::GetAccountRequest {
+        account_id: "rich".into(),
+    };
+    let suspend = |adjustment: &str| proto::SuspendRequest {
+        account_id: "rich".into(),
+        reason: "r".into(),
+        adjustment_id: adjustment.into(),
+    };
+    // A mapped certificate is an operator with its role.
+    let mut alice = admin(pki.channel(admin_port, Some("alice")).await.unwrap(), None);
+    alice.suspend(suspend("cert-1")).await.unwrap();
+    let mut auditor = admin(pki.channel(admin_port, Some("auditor")).await.unwrap(), None);
+    assert!(auditor.get_account(show()).await.unwrap().into_inner().suspended);
+    assert_eq!(
+        auditor.suspend(suspend("cert-2")).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // A certificate no rule names is nobody, unless a token says who.
+    let nobody = pki.channel(admin_port, Some("nobody")).await.unwrap();
+    assert_eq!(
+        admin(nobody.clone(), None)
+            .get_account(show())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    admin(nobody, Some(support::READ_TOKEN))
+        .get_account(show())
+        .await
+        .unwrap();
+    // No certificate: a token over TLS works too.
+    let plain = pki.channel(admin_port, None).await.unwrap();
+    admin(plain, Some(support::READ_TOKEN))
+        .get_account(show())
+        .await
+        .unwrap();
+    // A certificate from another CA is refused in the handshake.
+    let impostor = match pki.channel(admin_port, Some("impostor")).await {
+        Ok(channel) => admin(channel, None)
+            .get_account(show())
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code()),
+        Err(_) => Err(Code::Unavailable),
+    };
+    assert!(impostor.is_err(), "a certificate from an unknown CA was accepted");
+    // The data plane requires a client certificate.
+    let mut quota =
+        tollgate::proto::quota_client::QuotaClient::new(pki.channel(quota_port, Some("alice")).await.unwrap());
+    quota.reserve(reserve("pro", "tls-1", 1, 1)).await.unwrap();
+    let anonymous = match pki.channel(quota_port, None).await {
+        Ok(channel) => tollgate::proto::quota_client::QuotaClient::new(channel)
+            .reserve(reserve("pro", "tls-2", 1, 1))
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code()),
+        Err(_) => Err(Code::Unavailable),
+    };
+    assert!(
+        anonymous.is_err(),
+        "the data plane served a client without a certificate"
+    );
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+}

@@ -1,6 +1,8 @@
 //! Who may call the admin API, and for what.
 //!
-//! Operators present a bearer token (`authorization: Bearer TOKEN`). Only
+//! Operators present a client certificate (on an admin listener with TLS
+//! and a client CA: its subject's common name maps to a role and an
+//! operator) or a bearer token (`authorization: Bearer TOKEN`). Only
 //! the token's SHA-256 is configured, each with a role and the operator
 //! identity that audit records name; a presented token is hashed and
 //! compared with every configured hash in constant time. `read` allows the
@@ -80,16 +82,39 @@ pub struct Principal {
     pub role: Role,
 }
 
+/// The operator a client certificate stands for, by its subject's common
+/// name (the certificate itself is verified by TLS against the admin
+/// listener's client CA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRule {
+    /// The subject's common name.
+    pub common_name: String,
+    /// What it allows.
+    pub role: Role,
+    /// Who it is, as audit records name them.
+    pub operator: String,
+}
+
 /// The operators the admin API knows: credentials, roles, identities.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Operators {
     tokens: Vec<Token>,
+    certificates: Vec<CertificateRule>,
 }
 
 impl Operators {
     /// The operators `tokens` identify.
     pub fn new(tokens: Vec<Token>) -> Operators {
-        Operators { tokens }
+        Operators {
+            tokens,
+            certificates: Vec::new(),
+        }
+    }
+
+    /// These operators, and those client certificates stand for.
+    pub fn with_certificates(mut self, certificates: Vec<CertificateRule>) -> Operators {
+        self.certificates = certificates;
+        self
     }
 
     /// Adds `tokens`.
@@ -99,7 +124,22 @@ impl Operators {
 
     /// None configured: every admin call is refused.
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.tokens.is_empty() && self.certificates.is_empty()
+    }
+
+    /// The operator the verified client certificate of `request` stands
+    /// for, if it presented one that a rule names.
+    fn certificate<T>(&self, request: &Request<T>) -> Option<Principal> {
+        let certs = request.peer_certs()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+        let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+        self.certificates
+            .iter()
+            .find(|rule| rule.common_name == name)
+            .map(|rule| Principal {
+                operator: rule.operator.clone(),
+                role: rule.role,
+            })
     }
 
     /// The principal a presented `token` belongs to. Every configured hash
@@ -120,6 +160,9 @@ impl Operators {
 
     /// The caller of `request`, if allowed `needed`; the refusal otherwise.
     pub fn authorize<T>(&self, request: &Request<T>, needed: Role) -> Result<Principal, Status> {
+        if let Some(principal) = self.certificate(request) {
+            return allowed(principal, needed);
+        }
         let presented = request
             .metadata()
             .get("authorization")
@@ -134,14 +177,18 @@ impl Operators {
         let Some(principal) = self.authenticate(token.as_bytes()) else {
             return Err(Status::unauthenticated("the bearer token is not valid"));
         };
-        if principal.role < needed {
-            return Err(Status::permission_denied(format!(
-                "operator {} has the {} role; this call needs {needed}",
-                principal.operator, principal.role
-            )));
-        }
-        Ok(principal)
+        allowed(principal, needed)
     }
+}
+
+fn allowed(principal: Principal, needed: Role) -> Result<Principal, Status> {
+    if principal.role < needed {
+        return Err(Status::permission_denied(format!(
+            "operator {} has the {} role; this call needs {needed}",
+            principal.operator, principal.role
+        )));
+    }
+    Ok(principal)
 }
 
 /// A new random token (256 bits from the operating system, hex) and its
