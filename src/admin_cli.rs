@@ -157,9 +157,7 @@ pub struct ChangeArgs {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     #[command(flatten)]
-    endpoint: AdminEndpoint,
-    /// The new account's id.
-    account: String,
+    change: ChangeArgs,
     /// A configured plan.
     #[arg(long)]
     plan: String,
@@ -404,9 +402,10 @@ async fn show(a: AccountArgs, holds_only: bool) -> Result<(), Failure> {
 async fn change(cmd: AdminCmd) -> Result<(), Failure> {
     let detail = match cmd {
         AdminCmd::Create(a) => {
-            let mut client = connect(&a.endpoint).await?;
+            let c = a.change;
+            let mut client = connect(&c.endpoint).await?;
             let r = proto::CreateAccountRequest {
-                account_id: a.account,
+                account_id: c.account,
                 plan: a.plan,
                 time_zone: a.time_zone,
                 credit_limit: a
@@ -415,8 +414,10 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
                     .map(|m| money("--credit-limit", m))
                     .transpose()?,
                 anchor: 0,
+                adjustment_id: c.adjustment_id,
+                reason: c.reason,
             };
-            (client.create_account(r).await?.into_inner(), a.endpoint.json)
+            (client.create_account(r).await?.into_inner(), c.endpoint.json)
         }
         AdminCmd::Topup(a) => {
             let c = a.change;

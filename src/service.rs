@@ -114,7 +114,9 @@ impl Tollgate {
         }
     }
 
-    /// Opens a new account.
+    /// Opens a new account; with an operator's `audit` record, as their
+    /// audited change: a retry of the same creation (same adjustment id and
+    /// content) answers as the first did.
     pub async fn open_account(
         &self,
         id: AccountId,
@@ -122,6 +124,7 @@ impl Tollgate {
         time_zone: TimeZone,
         anchor: Option<Anchor>,
         credit_limit: Money,
+        audit: Option<AuditRecord>,
     ) -> Result<(), StoreError> {
         let catalog = self.catalog();
         let plan = catalog
@@ -131,8 +134,31 @@ impl Tollgate {
         if credit_limit.is_negative() {
             return Err(EngineError::invalid("credit_limit", "must not be negative").into());
         }
-        let account = Account::open(id, plan, time_zone, anchor, credit_limit, self.now())?;
-        self.store.create(account).await
+        let now = self.now();
+        let account = Account::open(id, plan, time_zone, anchor, credit_limit, now)?;
+        let Some(audit) = audit else {
+            return self.store.create(account).await;
+        };
+        let (account, record) = account.opened(&audit, now);
+        let opening = account.opening();
+        match self.store.create_audited(account, &record).await {
+            Ok(()) => {
+                if self.usage.send(Emitted::Audit(Arc::new(record))).await.is_err() {
+                    tracing::error!("usage sink has stopped; an audit record was not written");
+                }
+                Ok(())
+            }
+            Err(StoreError::AccountExists(id)) => {
+                let first = self
+                    .apply(&id, Command::Adjustment(audit.adjustment_id.clone()))
+                    .await?;
+                match first {
+                    Reply::Adjustment(Some(f)) if f == opening => Ok(()),
+                    _ => Err(StoreError::AccountExists(id)),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates a configured account if missing and applies its credits.
@@ -145,6 +171,7 @@ impl Tollgate {
                 seed.time_zone.clone(),
                 seed.anchor,
                 seed.credit_limit,
+                None,
             )
             .await
         {

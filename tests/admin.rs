@@ -20,6 +20,8 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
             plan: "payg".into(),
             time_zone: "America/New_York".into(),
             credit_limit: Some(money("1.5")),
+            adjustment_id: "signup-1".into(),
+            reason: "signed up".into(),
             ..Default::default()
         })
         .await
@@ -29,16 +31,34 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         (created.plan.as_str(), created.time_zone.as_str()),
         ("payg", "America/New_York")
     );
-    let again = app
+    // A retry of the creation answers as the first did; another creation
+    // of the same id is refused, whatever its adjustment id.
+    let create = |adjustment: &str, tz: &str| proto::CreateAccountRequest {
+        account_id: "acme".into(),
+        plan: "payg".into(),
+        time_zone: tz.into(),
+        credit_limit: Some(money("1.5")),
+        adjustment_id: adjustment.into(),
+        reason: "signed up".into(),
+        ..Default::default()
+    };
+    let retried = app
         .admin
-        .create_account(proto::CreateAccountRequest {
-            account_id: "acme".into(),
-            plan: "payg".into(),
-            ..Default::default()
-        })
+        .create_account(create("signup-1", "America/New_York"))
         .await
-        .unwrap_err();
-    assert_eq!(again.code(), Code::AlreadyExists);
+        .unwrap();
+    assert_eq!(retried.into_inner().account_id, "acme");
+    for (adjustment, tz) in [("signup-1", "UTC"), ("signup-2", "America/New_York")] {
+        let again = app.admin.create_account(create(adjustment, tz)).await.unwrap_err();
+        assert_eq!(again.code(), Code::AlreadyExists, "{adjustment} {tz}");
+    }
+    let opened = &app.audits(1).await[0];
+    assert_eq!(
+        (opened["operation"].as_str(), opened["adjustment_id"].as_str()),
+        (Some("create_account"), Some("signup-1"))
+    );
+    assert_eq!(opened["after"]["plan"], "payg");
+    assert_eq!(opened["after"]["credit_limit"], "1.500000000000");
 
     let top_up = |op: &str, pool: proto::MoneyPool, amount: &str| proto::TopUpRequest {
         account_id: "acme".into(),
@@ -53,7 +73,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
         .await
         .unwrap();
     // Every applied change leaves an audit record in the usage sink.
-    let audit = &app.audits(1).await[0];
+    let audit = &app.audits(2).await[1];
     assert_eq!(
         (
             audit["operator"].as_str(),
@@ -419,6 +439,8 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         client.create_account(proto::CreateAccountRequest {
             account_id: format!("{account}-2"),
             plan: "payg".into(),
+            adjustment_id: "auth-c".into(),
+            reason: "r".into(),
             ..Default::default()
         })
     );

@@ -267,6 +267,8 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
         plan: plan.into(),
         time_zone: tz.into(),
         anchor,
+        adjustment_id: format!("open-{id}"),
+        reason: "test".into(),
         ..Default::default()
     };
     expect(

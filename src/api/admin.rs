@@ -280,9 +280,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::CreateAccountRequest>,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        self.caller(&request, Role::Write)?;
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let plan = id("plan", &r.plan, PlanId::parse)?;
         let time_zone = parse_time_zone(&r.time_zone).map_err(|e| invalid("time_zone", e))?;
         let credit_limit = match &r.credit_limit {
@@ -290,8 +291,24 @@ impl Admin for AdminApi {
             Some(m) => money("credit_limit", Some(m))?,
         };
         let anchor = anchor(r.anchor)?;
+        let command = format!(
+            "CreateAccount {{ plan: {plan}, time_zone: {time_zone:?}, anchor: {anchor:?}, credit_limit: {credit_limit} }}"
+        );
+        let audit = AuditRecord {
+            kind: "audit".into(),
+            account_id: account.clone(),
+            operator: caller.operator,
+            peer: caller.peer,
+            operation: "create_account".into(),
+            adjustment_id: why.id.to_string(),
+            reason: why.reason,
+            change: command,
+            at: jiff::Timestamp::UNIX_EPOCH,
+            before: Default::default(),
+            after: Default::default(),
+        };
         self.tollgate
-            .open_account(account.clone(), &plan, time_zone, anchor, credit_limit)
+            .open_account(account.clone(), &plan, time_zone, anchor, credit_limit, Some(audit))
             .await
             .map_err(status)?;
         self.detail(&account).await

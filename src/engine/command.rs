@@ -90,6 +90,8 @@ pub enum Command {
     },
     /// Read the balance.
     Balance,
+    /// Read the fingerprint of the change made under an adjustment id.
+    Adjustment(String),
     /// Read everything.
     Snapshot,
 }
@@ -114,6 +116,7 @@ impl Command {
             Command::SetSuspended(false) => "resume",
             Command::Update { .. } => "update_account",
             Command::Balance => "balance",
+            Command::Adjustment(_) => "adjustment",
             Command::Snapshot => "snapshot",
         }
     }
@@ -128,9 +131,15 @@ impl Command {
                 | Command::Release(_)
                 | Command::Charge(_)
                 | Command::Balance
+                | Command::Adjustment(_)
                 | Command::Snapshot
         )
     }
+}
+
+/// Where the change made under adjustment id `id` is remembered.
+fn adjustment_key(id: &str) -> String {
+    format!("adjustment {id}")
 }
 
 /// A read-out of one account.
@@ -166,6 +175,9 @@ pub enum Reply {
     Balance(Balance),
     /// To [`Command::Snapshot`].
     Snapshot(Box<Snapshot>),
+    /// To [`Command::Adjustment`]: the change's fingerprint, if one was
+    /// made under that id.
+    Adjustment(Option<String>),
     /// To the admin commands.
     Done,
 }
@@ -184,7 +196,7 @@ impl Account {
         now: Timestamp,
         audit: &AuditRecord,
     ) -> Result<(Reply, Option<AuditRecord>), EngineError> {
-        let key = format!("adjustment {}", audit.adjustment_id);
+        let key = adjustment_key(&audit.adjustment_id);
         // The change in full, hashed: the same content gives the same text.
         let fingerprint = digest_id([format!("{command:?}").as_str()]);
         match self.operations.get(&key) {
@@ -211,6 +223,31 @@ impl Account {
             }
         }
         Ok((reply, Some(record)))
+    }
+
+    /// A new account opened by an operator: the adjustment is remembered
+    /// (a retry finds it through [`Command::Adjustment`], with
+    /// [`Account::opening`] as its fingerprint) and the audit record says
+    /// what the account starts with.
+    pub fn opened(mut self, audit: &AuditRecord, now: Timestamp) -> (Account, AuditRecord) {
+        self.operations
+            .insert(adjustment_key(&audit.adjustment_id), self.opening());
+        let mut record = audit.clone();
+        record.at = now;
+        record.after = self.audit_view(now);
+        (self, record)
+    }
+
+    /// The fingerprint of opening this account as it is.
+    pub fn opening(&self) -> String {
+        let content = format!(
+            "open|{}|{:?}|{:?}|{}",
+            self.plan,
+            self.time_zone.iana_name(),
+            self.anchor,
+            self.credit_limit
+        );
+        digest_id([content.as_str()])
     }
 
     /// What an operator's change may touch, as audit records show it.
@@ -312,6 +349,7 @@ impl Account {
                 }
                 Reply::Done
             }
+            Command::Adjustment(id) => Reply::Adjustment(self.operations.get(&adjustment_key(&id)).cloned()),
             Command::Balance => {
                 self.advance(catalog, now)?;
                 Reply::Balance(self.balance(now))

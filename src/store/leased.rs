@@ -1248,6 +1248,32 @@ pub fn stream_key(prefix: &str, shard: u32) -> String {
 }
 
 impl RedisStore {
+    /// Writes a new account, with the audit record of an operator's
+    /// creation (if any) on its shard's usage stream in the same step.
+    async fn write_new(&self, account: Account, audit: Option<&AuditRecord>) -> Result<(), StoreError> {
+        let key = self.account_key(&account.id);
+        let stream = self.stream_key(&account.id);
+        let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
+        let mut entry = StreamEntry::default();
+        if let Some(audit) = audit {
+            entry.audit(audit)?;
+        }
+        match self
+            .write(
+                &[&key, &stream],
+                0,
+                &state,
+                self.clock.now(),
+                Some(account.id.as_str()),
+                &entry,
+            )
+            .await?
+        {
+            Commit::Done(_) => Ok(()),
+            Commit::Moved(..) => Err(StoreError::AccountExists(account.id)),
+        }
+    }
+
     /// An operator's change: one commit on the shared account, announced,
     /// with its audit record (completed by the engine; none for a retried
     /// adjustment, or for seeding) added to the shard's usage stream in the
@@ -1287,22 +1313,11 @@ fn rand_suffix() -> u32 {
 #[async_trait::async_trait]
 impl Store for RedisStore {
     async fn create(&self, account: Account) -> Result<(), StoreError> {
-        let key = self.account_key(&account.id);
-        let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
-        match self
-            .write(
-                &[&key],
-                0,
-                &state,
-                self.clock.now(),
-                Some(account.id.as_str()),
-                &StreamEntry::default(),
-            )
-            .await?
-        {
-            Commit::Done(_) => Ok(()),
-            Commit::Moved(..) => Err(StoreError::AccountExists(account.id)),
-        }
+        self.write_new(account, None).await
+    }
+
+    async fn create_audited(&self, account: Account, audit: &AuditRecord) -> Result<(), StoreError> {
+        self.write_new(account, Some(audit)).await
     }
 
     async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
@@ -1312,6 +1327,10 @@ impl Store for RedisStore {
             | Command::Settle { .. }
             | Command::Release(_)
             | Command::Charge(_) => self.decide(id, command, now).await,
+            Command::Adjustment(_) => Ok(Applied {
+                reply: self.shared(id).await?.apply(&self.catalog(), command, now)?,
+                records: Vec::new(),
+            }),
             Command::Balance | Command::Snapshot => {
                 // Report first and give back what this sidecar holds unused,
                 // so the figures count its charges and show as held only

@@ -59,6 +59,13 @@ pub trait Store: Send + Sync + 'static {
     /// Adds a new account.
     async fn create(&self, account: Account) -> Result<(), StoreError>;
 
+    /// Adds a new account an operator opened, with its audit record: a
+    /// store with a usage stream adds the record to it in the same step.
+    async fn create_audited(&self, account: Account, audit: &AuditRecord) -> Result<(), StoreError> {
+        let _ = audit;
+        self.create(account).await
+    }
+
     /// Runs `command` on account `id` at `now`, atomically.
     async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError>;
 
