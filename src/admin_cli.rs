@@ -42,6 +42,18 @@ pub enum AdminCmd {
     },
     /// Show an account: balance, lots, open holds, recent usage.
     Show(AccountArgs),
+    /// List account ids, in byte order.
+    List {
+        /// Where, and how.
+        #[command(flatten)]
+        endpoint: AdminEndpoint,
+        /// Start after this id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many (up to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Create an account on a plan.
     Create(CreateArgs),
     /// Credit money (paid, or promo with --promo).
@@ -531,6 +543,32 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
                 adjustment_id: c.adjustment_id,
             };
             (client.resume(r).await?.into_inner(), c.endpoint.json)
+        }
+        AdminCmd::List { endpoint, after, limit } => {
+            let mut client = connect(&endpoint).await?;
+            let page = client
+                .list_accounts(proto::ListAccountsRequest {
+                    after: after.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if endpoint.json {
+                println!(
+                    "{}",
+                    json!({ "account_ids": page.account_ids, "next_after": page.next_after })
+                );
+            } else {
+                let mut t = table(&["account"]);
+                for id in &page.account_ids {
+                    t.add_row([id]);
+                }
+                println!("{t}");
+                if !page.next_after.is_empty() {
+                    eprintln!("more: --after {}", page.next_after);
+                }
+            }
+            return Ok(());
         }
         AdminCmd::Prices(PricesCmd::List { endpoint }) => {
             let mut client = connect(&endpoint).await?;

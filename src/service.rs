@@ -49,6 +49,11 @@ impl Tollgate {
         self.store.reload(next, self.now()).await
     }
 
+    /// Up to `limit` account ids after `after`, in byte order.
+    pub async fn list_accounts(&self, after: Option<&AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        self.store.list(after, limit).await
+    }
+
     /// Runs `command` on `account` now and emits its records.
     ///
     /// The command and the hand-over of its records run in a task of their

@@ -554,6 +554,10 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
         })
     );
     call!(
+        "ListAccounts",
+        client.list_accounts(proto::ListAccountsRequest::default())
+    );
+    call!(
         "ListPriceVersions",
         client.list_price_versions(proto::ListPriceVersionsRequest {})
     );
@@ -584,7 +588,7 @@ async fn operators_need_a_valid_token_and_the_role_for_the_call() {
         let mut reader = support::admin_client(&app.admin_url, Some(support::READ_TOKEN)).await;
         for (call, code) in every_call(&mut reader, account).await {
             let expected = match (call, account) {
-                ("GetAccount", "rich") | ("ListPriceVersions", _) => Code::Ok,
+                ("GetAccount", "rich") | ("ListPriceVersions" | "ListAccounts", _) => Code::Ok,
                 ("GetAccount", _) => Code::NotFound,
                 _ => Code::PermissionDenied,
             };
@@ -824,7 +828,48 @@ async fn refunds_unwind_the_lots_a_charge_drew_from(backend: Backend) {
     assert_eq!(audits.iter().filter(|a| a["operation"] == "refund").count(), 1);
 }
 
+async fn accounts_list_in_pages(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
+    for id in ["zeta", "alpha"] {
+        app.admin
+            .create_account(proto::CreateAccountRequest {
+                account_id: id.into(),
+                plan: "payg".into(),
+                adjustment_id: format!("open-{id}"),
+                reason: "signed up".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let (mut seen, mut after) = (Vec::new(), String::new());
+    loop {
+        let page = app
+            .admin
+            .list_accounts(proto::ListAccountsRequest { after, limit: 3 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.account_ids.len() <= 3);
+        seen.extend(page.account_ids);
+        if page.next_after.is_empty() {
+            break;
+        }
+        after = page.next_after;
+    }
+    assert_eq!(seen, ["alpha", "frozen", "limited", "poor", "pro", "rich", "zeta"]);
+    let too_many = proto::ListAccountsRequest {
+        after: String::new(),
+        limit: 1001,
+    };
+    assert_eq!(
+        app.admin.list_accounts(too_many).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
 on_both_stores!(
+    accounts_list_in_pages,
     refunds_unwind_the_lots_a_charge_drew_from,
     adjustments_apply_once_and_are_audited_with_before_and_after,
     accounts_money_packs_plans_limits_and_status,

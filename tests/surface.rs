@@ -452,6 +452,9 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
             .any(|l| l.split_whitespace().eq(["paid", "15.000000000000"])),
         "{out}"
     );
+    let (code, out, _) = admin(d, &addr, read, &["list", "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"account_ids\":[") && out.contains("\"demo\""), "{out}");
     // Limits, holds and prices.
     let set_limit = [
         "set-limit",

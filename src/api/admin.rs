@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use super::auth::{Operators, Role};
 use super::convert::{
-    id, ledger_figures, limit_set, money, money_out, overrides_out, price_version_out, reason, record_out, take_in,
-    takes_out, timestamp, timestamp_out,
+    id, ledger_figures, limit_set, money, money_out, opt_id, overrides_out, price_version_out, reason, record_out,
+    take_in, takes_out, timestamp, timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
@@ -527,6 +527,34 @@ impl Admin for AdminApi {
         self.caller(&request, Role::Read)?;
         let account = account_id(&request.into_inner().account_id)?;
         self.detail(&account).await
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<proto::ListAccountsResponse>, Status> {
+        self.caller(&request, Role::Read)?;
+        let r = request.into_inner();
+        let after = opt_id("after", &r.after, AccountId::parse)?;
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            n => return Err(invalid("limit", format!("must be at most 1000, got {n}"))),
+        };
+        let ids = self
+            .tollgate
+            .list_accounts(after.as_ref(), limit)
+            .await
+            .map_err(status)?;
+        let next_after = if ids.len() == limit {
+            ids.last().map(ToString::to_string).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListAccountsResponse {
+            account_ids: ids.iter().map(ToString::to_string).collect(),
+            next_after,
+        }))
     }
 
     async fn list_price_versions(

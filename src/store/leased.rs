@@ -354,6 +354,10 @@ impl RedisStore {
         stream_key(&self.settings.prefix, shard_of(self.settings.shards, id.as_str()))
     }
 
+    fn index_key(&self, shard: u32) -> String {
+        format!("{}:{{{shard}}}:accounts", self.settings.prefix)
+    }
+
     fn prices_key(&self) -> String {
         format!("{}:prices", self.settings.prefix)
     }
@@ -402,6 +406,8 @@ impl RedisStore {
         })
     }
 
+    // One argument per argument of the script it calls.
+    #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
         keys: &[&str],
@@ -410,6 +416,7 @@ impl RedisStore {
         at: Timestamp,
         announce: Option<&str>,
         records: &StreamEntry,
+        indexed_as: Option<&str>,
     ) -> Result<Commit, StoreError> {
         self.check_up()?;
         let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
@@ -423,9 +430,16 @@ impl RedisStore {
             announce.unwrap_or("").as_bytes().to_vec(),
             records.count.to_string().into_bytes(),
         ];
-        if records.count > 0 {
-            args.push(records.json_array());
+        if records.count > 0 || indexed_as.is_some() {
+            args.push(if records.count > 0 {
+                records.json_array()
+            } else {
+                Vec::new()
+            });
             args.push(records.pb.clone());
+        }
+        if let Some(name) = indexed_as {
+            args.push(name.as_bytes().to_vec());
         }
         let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, keys, args).await)?;
         let int = |v: Option<&redis::Value>| match v {
@@ -492,7 +506,7 @@ impl RedisStore {
                 items.audit(audit)?;
             }
             match self
-                .write(&[key, stream], version, &state, now, announce, &items)
+                .write(&[key, stream], version, &state, now, announce, &items, None)
                 .await?
             {
                 Commit::Done(v) => {
@@ -1253,6 +1267,7 @@ impl RedisStore {
     async fn write_new(&self, account: Account, audit: Option<&AuditRecord>) -> Result<(), StoreError> {
         let key = self.account_key(&account.id);
         let stream = self.stream_key(&account.id);
+        let index = self.index_key(shard_of(self.settings.shards, account.id.as_str()));
         let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
         let mut entry = StreamEntry::default();
         if let Some(audit) = audit {
@@ -1260,12 +1275,13 @@ impl RedisStore {
         }
         match self
             .write(
-                &[&key, &stream],
+                &[&key, &stream, &index],
                 0,
                 &state,
                 self.clock.now(),
                 Some(account.id.as_str()),
                 &entry,
+                Some(account.id.as_str()),
             )
             .await?
         {
@@ -1369,6 +1385,32 @@ impl Store for RedisStore {
         }
     }
 
+    async fn list(&self, after: Option<&AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        // Each shard's index in order, merged: `limit` from each is enough.
+        let from = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let mut ids = Vec::new();
+        for shard in 0..self.settings.shards.max(1) {
+            let names: Vec<String> = self.note(
+                self.redis
+                    .query(
+                        redis::cmd("ZRANGE")
+                            .arg(self.index_key(shard))
+                            .arg(&from)
+                            .arg("+")
+                            .arg("BYLEX")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(limit),
+                    )
+                    .await,
+            )?;
+            ids.extend(names.iter().filter_map(|n| AccountId::parse(n).ok()));
+        }
+        ids.sort();
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
     fn catalog(&self) -> Arc<Catalog> {
         let catalogs = self.catalogs.read().unwrap_or_else(|p| p.into_inner());
         Arc::clone(&catalogs.installed)
@@ -1424,7 +1466,7 @@ impl Store for RedisStore {
             published.push(version.clone());
             let state = serde_json::to_string(&published).map_err(|e| corrupt(&key, e))?;
             if let Commit::Done(committed) = self
-                .write(&[&key], v, &state, now, Some("prices"), &StreamEntry::default())
+                .write(&[&key], v, &state, now, Some("prices"), &StreamEntry::default(), None)
                 .await?
             {
                 self.install_prices(committed, published)?;

@@ -111,6 +111,18 @@ impl Store for MemoryStore {
         Ok((Applied { reply, records }, record))
     }
 
+    async fn list(&self, after: Option<&AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError> {
+        let mut ids: Vec<AccountId> = self
+            .accounts
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|id| after.is_none_or(|a| id > a))
+            .collect();
+        ids.sort();
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
     fn catalog(&self) -> Arc<Catalog> {
         self.catalog
             .read()

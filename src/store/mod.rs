@@ -85,6 +85,10 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditRecord,
     ) -> Result<(Applied, Option<AuditRecord>), StoreError>;
 
+    /// Up to `limit` account ids after `after` (all from the first
+    /// without), in byte order.
+    async fn list(&self, after: Option<&AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError>;
+
     /// The current catalog.
     fn catalog(&self) -> Arc<Catalog>;
 

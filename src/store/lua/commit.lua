@@ -7,6 +7,8 @@
 --
 -- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms)
 -- KEYS[2]  the usage stream of the record's shard (same hash tag), if any
+-- KEYS[3]  the shard's index of records (a sorted set), if any: a record
+--          created by this call (version 0) is added to it as ARGV[10]
 -- ARGV[1]  the version the change was computed from (0: must not exist)
 -- ARGV[2]  the new state
 -- ARGV[3]  the instant the change was computed at, ms since the epoch
@@ -16,6 +18,8 @@
 -- ARGV[7]  how many records the entry holds (0: no entry)
 -- ARGV[8]  the records as a JSON array
 -- ARGV[9]  the records as a tollgate.v1.UsageRecordBatch protobuf message
+--          (ARGV[8] and ARGV[9] are empty when ARGV[7] is 0)
+-- ARGV[10] the name to index the record under, with KEYS[3]
 --
 -- Returns {1, new version} when committed, or {0, current version, current
 -- state} when the record moved on (the caller recomputes from that state).
@@ -32,6 +36,9 @@ if current ~= tonumber(ARGV[1]) then
   return {0, current, redis.call('HGET', KEYS[1], 'state') or ''}
 end
 redis.call('HSET', KEYS[1], 'v', current + 1, 'state', ARGV[2], 'at', ARGV[3])
+if current == 0 and KEYS[3] and ARGV[10] then
+  redis.call('ZADD', KEYS[3], 0, ARGV[10])
+end
 if tonumber(ARGV[7] or '0') > 0 then
   redis.call('XADD', KEYS[2], '*', 'count', ARGV[7], 'json', ARGV[8], 'pb', ARGV[9])
 end
