@@ -40,22 +40,9 @@ pub enum AdminCmd {
         #[arg(long, default_value = "read")]
         role: Role,
     },
-    /// Show an account: balance, lots, open holds, recent usage.
-    Show(AccountArgs),
-    /// List account ids, in byte order.
-    List {
-        /// Where, and how.
-        #[command(flatten)]
-        endpoint: AdminEndpoint,
-        /// Start after this id (the `next` of the previous page).
-        #[arg(long)]
-        after: Option<String>,
-        /// At most this many (up to 1000).
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
-    /// Create an account on a plan.
-    Create(CreateArgs),
+    /// Accounts: show, list, create.
+    #[command(subcommand)]
+    Accounts(AccountsCmd),
     /// Credit money (paid, or promo with --promo).
     Topup(TopUpArgs),
     /// Add a signed amount to paid money (a correction).
@@ -81,6 +68,27 @@ pub enum AdminCmd {
     /// Open holds of an account.
     #[command(subcommand)]
     Holds(HoldsCmd),
+}
+
+/// `admin accounts` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AccountsCmd {
+    /// Show an account: balance, lots, open holds, recent usage.
+    Show(AccountArgs),
+    /// List account ids, in byte order.
+    List {
+        /// Where, and how.
+        #[command(flatten)]
+        endpoint: AdminEndpoint,
+        /// Start after this id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many (up to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Create an account on a plan.
+    Create(CreateArgs),
 }
 
 /// `admin prices` subcommands.
@@ -165,7 +173,7 @@ pub struct ChangeArgs {
     reason: String,
 }
 
-/// Options of `admin create`.
+/// Options of `admin accounts create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     #[command(flatten)]
@@ -283,7 +291,7 @@ pub struct SetLimitArgs {
 pub async fn run(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
     let outcome = match cmd {
         AdminCmd::Token { operator, role } => return token(&operator, role),
-        AdminCmd::Show(a) => show(a, false).await,
+        AdminCmd::Accounts(AccountsCmd::Show(a)) => show(a, false).await,
         AdminCmd::Holds(HoldsCmd::List(a)) => show(a, true).await,
         other => change(other).await,
     };
@@ -385,8 +393,19 @@ async fn connect(endpoint: &AdminEndpoint) -> Result<AdminClient, Failure> {
     };
     let channel = crate::channel::connect_with(&endpoint.addr, tls)
         .await
-        .map_err(|e| Failure::Connect(format!("connecting to {}: {e}", endpoint.addr)))?;
+        .map_err(|e| Failure::Connect(format!("connecting to {}: {}", endpoint.addr, causes(&e))))?;
     Ok(crate::channel::admin_client(channel, bearer))
+}
+
+/// An error with its causes, outermost first ("transport error: ...").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 fn money(flag: &str, text: &str) -> Result<proto::Money, Failure> {
@@ -413,7 +432,7 @@ async fn show(a: AccountArgs, holds_only: bool) -> Result<(), Failure> {
 
 async fn change(cmd: AdminCmd) -> Result<(), Failure> {
     let detail = match cmd {
-        AdminCmd::Create(a) => {
+        AdminCmd::Accounts(AccountsCmd::Create(a)) => {
             let c = a.change;
             let mut client = connect(&c.endpoint).await?;
             let r = proto::CreateAccountRequest {
@@ -544,7 +563,7 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
             };
             (client.resume(r).await?.into_inner(), c.endpoint.json)
         }
-        AdminCmd::List { endpoint, after, limit } => {
+        AdminCmd::Accounts(AccountsCmd::List { endpoint, after, limit }) => {
             let mut client = connect(&endpoint).await?;
             let page = client
                 .list_accounts(proto::ListAccountsRequest {
@@ -600,7 +619,7 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
             }
             return Ok(());
         }
-        AdminCmd::Token { .. } | AdminCmd::Show(_) | AdminCmd::Holds(_) => return Ok(()),
+        AdminCmd::Token { .. } | AdminCmd::Accounts(AccountsCmd::Show(_)) | AdminCmd::Holds(_) => return Ok(()),
     };
     print_detail(&detail.0, detail.1);
     Ok(())

@@ -102,6 +102,8 @@ pub struct Settings {
     /// A Unix domain socket for the data plane too (beside TCP), e.g. one
     /// shared with the model server in a pod.
     pub listen_unix: Option<PathBuf>,
+    /// A Unix domain socket for the admin API too (beside TCP).
+    pub admin_listen_unix: Option<PathBuf>,
     /// How often lapsed holds are swept.
     pub sweep_interval: Duration,
     /// The store.
@@ -134,6 +136,7 @@ struct ServerFile {
     listen: Option<String>,
     admin_listen: Option<String>,
     listen_unix: Option<PathBuf>,
+    admin_listen_unix: Option<PathBuf>,
     shutdown_grace_seconds: Option<u64>,
     reload_poll_ms: Option<u64>,
 }
@@ -1283,6 +1286,7 @@ impl Settings {
             listen,
             admin_listen,
             listen_unix: file.server.listen_unix.clone(),
+            admin_listen_unix: file.server.admin_listen_unix.clone(),
             sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
             store,
             journal,

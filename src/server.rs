@@ -60,10 +60,45 @@ fn with_tls(builder: Server, tls: Option<ServerTlsConfig>) -> anyhow::Result<Ser
     })
 }
 
+/// Binds a Unix socket at `path` for `what`, replacing a socket file an
+/// earlier run left (it would refuse the bind).
+fn bind_unix(
+    path: Option<&std::path::PathBuf>,
+    what: &str,
+) -> anyhow::Result<Option<(tokio::net::UnixListener, std::path::PathBuf)>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("binding {what} to unix:{}", path.display()))?;
+    Ok(Some((listener, path.clone())))
+}
+
+/// Serves `router` on the Unix socket `unix` (if any) until `stop`, then
+/// removes the socket file.
+async fn serve_unix(
+    unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+    router: tonic::transport::server::Router,
+    stop: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let Some((listener, path)) = unix else {
+        return Ok(());
+    };
+    let served = router
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    served
+}
+
 /// A built app, bound and seeded, not yet serving.
 pub struct App {
     quota: TcpListener,
     quota_unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+    admin_unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
     admin: TcpListener,
     quota_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -105,20 +140,8 @@ impl App {
         let admin = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
-        let quota_unix = match &settings.listen_unix {
-            None => None,
-            Some(path) => {
-                // A socket file left by an earlier run would refuse the bind.
-                if std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    let _ = std::fs::remove_file(path);
-                }
-                let listener = tokio::net::UnixListener::bind(path)
-                    .with_context(|| format!("binding the data plane to unix:{}", path.display()))?;
-                Some((listener, path.clone()))
-            }
-        };
+        let quota_unix = bind_unix(settings.listen_unix.as_ref(), "the data plane")?;
+        let admin_unix = bind_unix(settings.admin_listen_unix.as_ref(), "the control plane")?;
         let (store, clock, leases): (Arc<dyn Store>, Arc<dyn Clock>, _) = match settings.store.kind {
             StoreKind::Memory => (
                 Arc::new(MemoryStore::new(settings.catalog.clone())),
@@ -179,6 +202,7 @@ impl App {
             admin_addr: admin.local_addr()?,
             quota,
             quota_unix,
+            admin_unix,
             admin,
             tollgate,
             sweep_interval: settings.sweep_interval,
@@ -225,6 +249,7 @@ impl App {
         let App {
             quota,
             quota_unix,
+            admin_unix,
             admin,
             tollgate,
             sweep_interval,
@@ -271,28 +296,27 @@ impl App {
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
             .serve_with_incoming_shutdown(incoming(quota), until_stopped(stopped.clone()));
         // The same data plane on the Unix socket, if configured.
-        let quota_unix_server = {
-            let health = quota_health_service.clone();
-            let api = QuotaServer::new(QuotaApi::new(tollgate.clone()));
-            let stop = until_stopped(stopped.clone());
-            async move {
-                let Some((listener, path)) = quota_unix else {
-                    return Ok(());
-                };
-                let served = Server::builder()
-                    .add_service(health)
-                    .add_service(api)
-                    .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
-                    .await;
-                let _ = std::fs::remove_file(&path);
-                served
-            }
-        };
+        let quota_unix_server = serve_unix(
+            quota_unix,
+            Server::builder()
+                .add_service(quota_health_service.clone())
+                .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone()))),
+            until_stopped(stopped.clone()),
+        );
+        let admin_api = AdminServer::new(AdminApi::new(tollgate.clone(), credentials));
+        // And the control plane on its own socket, if configured.
+        let admin_unix_server = serve_unix(
+            admin_unix,
+            Server::builder()
+                .add_service(admin_health_service.clone())
+                .add_service(admin_api.clone()),
+            until_stopped(stopped.clone()),
+        );
         let admin_server = with_tls(Server::builder(), admin_tls)?
             .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)
-            .add_service(AdminServer::new(AdminApi::new(tollgate.clone(), credentials)))
+            .add_service(admin_api)
             .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
         let reloader = watch.map(|watch| {
             tokio::spawn(crate::reload::run(
@@ -327,8 +351,9 @@ impl App {
             tokio::time::sleep(shutdown_grace).await;
         };
         let serving = async {
-            let (quota, admin, unix) = tokio::join!(quota_server, admin_server, quota_unix_server);
-            (quota.and(unix), admin)
+            let (quota, admin, unix, admin_unix) =
+                tokio::join!(quota_server, admin_server, quota_unix_server, admin_unix_server);
+            (quota.and(unix), admin.and(admin_unix))
         };
         let ((quota_result, admin_result), ()) = tokio::join!(
             async {

@@ -275,11 +275,16 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
 async fn the_data_plane_also_listens_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("tollgate.sock");
+    let admin_socket = dir.path().join("admin.sock");
     let config = format!(
         "{}\n",
         support::CONFIG.replacen(
             "[server]\n",
-            &format!("[server]\nlisten_unix = \"{}\"\n", socket.display()),
+            &format!(
+                "[server]\nlisten_unix = \"{}\"\nadmin_listen_unix = \"{}\"\n",
+                socket.display(),
+                admin_socket.display()
+            ),
             1
         )
     );
@@ -306,8 +311,28 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // The admin API has a socket of its own; the data plane's does not
+    // serve it.
+    let on_admin_socket = format!("unix:{}", admin_socket.display());
+    let mut admin = support::admin_client(&on_admin_socket, Some(support::READ_TOKEN)).await;
+    let detail = admin
+        .get_account(tollgate::proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(detail.into_inner().account_id, "rich");
+    let mut wrong = support::admin_client(&target, Some(support::READ_TOKEN)).await;
+    let refused = wrong
+        .get_account(tollgate::proto::GetAccountRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
     app.shutdown().await;
     assert!(!socket.exists(), "the socket file is removed at shutdown");
+    assert!(!admin_socket.exists(), "so is the admin socket");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +453,7 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         admin(d, &addr, write, &["suspend", "ghost", "--id", "s1", "--reason", "r"]).0,
         3
     );
-    assert_eq!(admin(d, &addr, None, &["show", "demo"]).0, 5);
+    assert_eq!(admin(d, &addr, None, &["accounts", "show", "demo"]).0, 5);
     assert_eq!(
         admin(d, &addr, read, &["suspend", "demo", "--id", "s1", "--reason", "r"]).0,
         5
@@ -443,16 +468,19 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         .0,
         2
     );
-    assert_eq!(admin(d, "http://127.0.0.1:1", write, &["show", "demo"]).0, 6);
+    assert_eq!(
+        admin(d, "http://127.0.0.1:1", write, &["accounts", "show", "demo"]).0,
+        6
+    );
     // The read role reads: a table by default.
-    let (code, out, err) = admin(d, &addr, read, &["show", "demo"]);
+    let (code, out, err) = admin(d, &addr, read, &["accounts", "show", "demo"]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.lines()
             .any(|l| l.split_whitespace().eq(["paid", "15.000000000000"])),
         "{out}"
     );
-    let (code, out, _) = admin(d, &addr, read, &["list", "--json"]);
+    let (code, out, _) = admin(d, &addr, read, &["accounts", "list", "--json"]);
     assert_eq!(code, 0);
     assert!(out.contains("\"account_ids\":[") && out.contains("\"demo\""), "{out}");
     // Limits, holds and prices.
