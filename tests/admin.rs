@@ -608,14 +608,7 @@ async fn operators_need_a_valid_token_and_the_role_for_the_call() {
     // audit record (the sink keeps order), so no refused call left one.
     let mut writer = support::admin_client(&app.admin_url, Some(support::WRITE_TOKEN)).await;
     writer
-        .top_up(proto::TopUpRequest {
-            account_id: "rich".into(),
-            adjustment_id: "marker".into(),
-            pool: proto::MoneyPool::Paid as i32,
-            amount: Some(money("1")),
-            reason: "r".into(),
-            ..Default::default()
-        })
+        .top_up(support::paid_top_up("rich", "marker", "1", "r"))
         .await
         .unwrap();
     let audits = app.audits(1).await;
@@ -644,14 +637,7 @@ async fn the_data_plane_listener_does_not_serve_the_admin_api() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unimplemented);
     let refused = on_data_port
-        .top_up(proto::TopUpRequest {
-            account_id: "rich".into(),
-            adjustment_id: "via-data-port".into(),
-            pool: proto::MoneyPool::Paid as i32,
-            amount: Some(money("1")),
-            reason: "r".into(),
-            ..Default::default()
-        })
+        .top_up(support::paid_top_up("rich", "via-data-port", "1", "r"))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unimplemented);
@@ -703,14 +689,7 @@ async fn adjustments_apply_once_and_are_audited_with_before_and_after(backend: B
         assert!(refused.message().contains(field), "{refused:?}");
     }
     app.admin
-        .top_up(proto::TopUpRequest {
-            account_id: "rich".into(),
-            adjustment_id: "inv-9".into(),
-            pool: proto::MoneyPool::Paid as i32,
-            amount: Some(money("2.5")),
-            reason: "invoice 9".into(),
-            ..Default::default()
-        })
+        .top_up(support::paid_top_up("rich", "inv-9", "2.5", "invoice 9"))
         .await
         .unwrap();
     // One record per applied change, each saying who, which, why, and

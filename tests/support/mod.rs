@@ -368,6 +368,18 @@ pub fn settle(account: &str, reservation: &str, input: u64, output: u64) -> prot
     }
 }
 
+/// A top-up of paid money on `account`, under `adjustment`.
+pub fn paid_top_up(account: &str, adjustment: &str, amount: &str, reason: &str) -> proto::TopUpRequest {
+    proto::TopUpRequest {
+        account_id: account.into(),
+        adjustment_id: adjustment.into(),
+        pool: proto::MoneyPool::Paid as i32,
+        amount: Some(money(amount)),
+        reason: reason.into(),
+        ..Default::default()
+    }
+}
+
 /// Per-million prices: `input` for every input kind, `output` for output.
 pub fn prices(input: &str, output: &str) -> proto::TokenPrices {
     proto::TokenPrices {
