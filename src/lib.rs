@@ -33,6 +33,7 @@ pub mod engine;
 pub mod journal;
 pub mod loadgen;
 pub mod reload;
+pub mod rls;
 pub mod server;
 pub mod service;
 pub mod signal;
