@@ -1108,7 +1108,7 @@ fn account(p: &mut Problems, i: usize, f: &AccountFile, plans: &Map<PlanId, Plan
         if pk.tokens == 0 {
             p.push(format!("{ppath}.tokens"), "must be greater than zero");
         }
-        let models: Set<_> = pk
+        let models: std::collections::BTreeSet<_> = pk
             .models
             .iter()
             .filter_map(|m| p.check(format!("{ppath}.models"), ModelId::parse(m)))

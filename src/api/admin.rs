@@ -21,7 +21,7 @@ use crate::engine::limits::LimitOverrides;
 use crate::engine::ops::{PackGrant, Pool};
 use crate::engine::period::Anchor;
 use crate::engine::pricing::{ModelPrices, PriceVersion, PriceWindow, TierPrices, TokenPrices};
-use crate::engine::record::{AuditRecord, RecordKind, record_id};
+use crate::engine::record::{AuditRecord, RecordKind};
 use crate::engine::{Command, Ledger, Reply, Snapshot};
 use crate::proto;
 use crate::proto::admin_server::Admin;
@@ -403,7 +403,7 @@ impl Admin for AdminApi {
         let r = request.into_inner();
         let account = account_id(&r.account_id)?;
         let why = adjustment(&r.adjustment_id, &r.reason)?;
-        let models: Set<ModelId> = r
+        let models: std::collections::BTreeSet<ModelId> = r
             .models
             .iter()
             .map(|m| id("models", m, ModelId::parse))
@@ -484,9 +484,12 @@ impl Admin for AdminApi {
             .enumerate()
             .map(|(i, c)| take_in(&format!("charges[{i}]"), c))
             .collect::<Result<Vec<_>, _>>()?;
-        let record_id = record_id(&account, &request_id, kind);
-        self.mutate(caller, &account, Command::Refund { record_id, charges }, why)
-            .await
+        let command = Command::Refund {
+            request_id,
+            kind,
+            charges,
+        };
+        self.mutate(caller, &account, command, why).await
     }
 
     async fn suspend(&self, request: Request<proto::SuspendRequest>) -> Result<Response<proto::AccountDetail>, Status> {

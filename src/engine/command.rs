@@ -64,8 +64,11 @@ pub enum Command {
     /// Give back what a usage record charged, to the sources it was
     /// charged to.
     Refund {
-        /// The record's id (see [`UsageRecord::id`]): refunded once.
-        record_id: String,
+        /// The request the record charged (one record per request id):
+        /// refunded once.
+        request_id: crate::engine::ids::RequestId,
+        /// The record's kind.
+        kind: crate::engine::record::RecordKind,
         /// What to give back, per source and lot (at most what each was
         /// charged).
         charges: Vec<Take>,
@@ -209,6 +212,9 @@ impl Account {
             }
             None => {}
         }
+        // Time acts first (a period that ended, a lot that expired), so
+        // the record shows only what the operator changed.
+        self.advance(catalog, now)?;
         let before = self.audit_view(now);
         let reply = self.apply(catalog, command, now)?;
         self.operations.insert(key, fingerprint);
@@ -315,8 +321,12 @@ impl Account {
                 self.revoke_pack(catalog, &id, now)?;
                 Reply::Done
             }
-            Command::Refund { record_id, charges } => {
-                self.refund(catalog, &record_id, &charges, now)?;
+            Command::Refund {
+                request_id,
+                kind,
+                charges,
+            } => {
+                self.refund(catalog, &request_id, kind, &charges, now)?;
                 Reply::Done
             }
             Command::AssignPlan { plan, anchor } => {

@@ -6,7 +6,6 @@
 //! state, and only then commits. A refused operation therefore changes
 //! nothing but what the passage of time changes anyway (invariant 5).
 
-use super::hash::Set;
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -171,8 +170,9 @@ pub struct PackGrant {
     pub tokens: u64,
     /// Expiry (in the future).
     pub expires_at: Timestamp,
-    /// Models it applies to; `None` for all.
-    pub models: Option<Set<ModelId>>,
+    /// Models it applies to; `None` for all. Ordered, so the change reads
+    /// (and fingerprints) the same every time.
+    pub models: Option<std::collections::BTreeSet<ModelId>>,
     /// Draw priority.
     pub priority: i32,
 }
@@ -840,7 +840,7 @@ impl Account {
         let lot = Lot {
             ledger,
             expires_at: Some(grant.expires_at),
-            models: grant.models,
+            models: grant.models.map(|m| m.into_iter().collect()),
             priority: grant.priority,
             closed: false,
         };
@@ -849,30 +849,37 @@ impl Account {
         Ok(())
     }
 
-    /// Gives back what the usage record `record_id` charged, `charges`
-    /// per source and lot (as the record lists them): each source's
-    /// charged amount goes back to its available balance, or is forfeited
-    /// where the source takes nothing back any more (a closed lot, a past
-    /// allowance period). A record is refunded once; no source gives back
-    /// more than it was ever charged. Checks everything before changing
-    /// anything.
+    /// Gives back what the usage record of `kind` for `request_id`
+    /// charged, `charges` per source and lot (as the record lists them):
+    /// each source's charged amount goes back to its available balance, or
+    /// is forfeited where the source takes nothing back any more (a closed
+    /// lot, a past allowance period). A request's record is refunded once;
+    /// no source gives back more than it was ever charged. Checks
+    /// everything before changing anything.
+    ///
+    /// The account does not keep its records (the usage stream does), so
+    /// the charges are the operator's word, checked against the ledgers:
+    /// like any change with the write role, a refund is trusted to name a
+    /// record that exists.
     pub fn refund(
         &mut self,
         catalog: &Catalog,
-        record_id: &str,
+        request_id: &RequestId,
+        kind: super::record::RecordKind,
         charges: &[Take],
         now: Timestamp,
     ) -> Result<(), EngineError> {
+        let record_id = super::record::record_id(&self.id, request_id, kind);
         self.advance(catalog, now)?;
         if charges.is_empty() {
             return Err(EngineError::invalid("charges", "name at least one source to refund"));
         }
         // A retry comes back under its adjustment id and never gets here
         // (`apply_audited`); the same record again is a second refund.
-        let key = format!("refund of record {record_id}");
+        let key = format!("refund of request {request_id}");
         if self.operations.get(&key).is_some() {
             return Err(EngineError::Conflict(format!(
-                "record {record_id} was already refunded"
+                "the record of request {request_id} ({record_id}) was already refunded"
             )));
         }
         let mut per_source: std::collections::BTreeMap<SourceRef, i128> = std::collections::BTreeMap::new();
@@ -905,6 +912,7 @@ impl Account {
                 )));
             }
         }
+        let refunded_paid = per_source.get(&SourceRef::Paid).copied().unwrap_or(0);
         for (source, amount) in per_source {
             let accepts = self.accepts_returns(&source);
             if let Some(ledger) = self.ledger_mut(&source) {
@@ -914,6 +922,15 @@ impl Account {
                 }
             }
         }
+        // Paid money given back repays what is owed first, as a top-up
+        // would; debt given back beyond what is still owed (top-ups repaid
+        // it since) was paid with paid money, which goes back there.
+        let owed = (-self.debt.available()).max(0);
+        let repay = owed.min(refunded_paid);
+        let excess = self.debt.available().max(0);
+        let moved = repay - excess;
+        self.paid.granted -= moved;
+        self.debt.granted += moved;
         let fingerprint = super::record::digest_id([format!("{charges:?}").as_str()]);
         self.operations.insert(key, fingerprint);
         Ok(())

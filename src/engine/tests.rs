@@ -334,7 +334,7 @@ fn packs_draw_by_priority_then_earliest_expiry_and_respect_model_scope() {
         pack_id: "big-only".parse_id(),
         tokens: 100,
         expires_at: t("2026-03-20T00:00:00Z"),
-        models: Some(Set::from_iter(["big".parse_id()])),
+        models: Some(std::collections::BTreeSet::from(["big".parse_id()])),
         priority: 0,
     };
     a.grant_pack(&c, scoped, t(NOW)).unwrap();
@@ -1099,4 +1099,94 @@ fn a_reload_takes_plans_and_new_versions_and_refuses_what_would_rewrite_history(
         "{problems:?}"
     );
     assert!(problems.iter().any(|p| p.contains("v0")), "{problems:?}");
+}
+
+#[test]
+fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
+    use super::record::RecordKind;
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
+    // 2,000,000 charged: 1,000,000 paid, 1,000,000 debt.
+    let record = a.settle(&c, &r.reservation_id, usage(0, 500), t(NOW)).unwrap();
+    assert_eq!(
+        record.charges,
+        vec![take(SourceRef::Paid, 1_000_000), take(SourceRef::Debt, 1_000_000)]
+    );
+    // A top-up repays the debt; then the whole record is refunded.
+    top_up(&mut a, &c, "t2", Pool::Paid, 1_000_000);
+    let request = RequestId::parse("r1").unwrap();
+    a.refund(&c, &request, RecordKind::Settle, &record.charges, t(NOW))
+        .unwrap();
+    let b = a.balance(t(NOW));
+    assert_eq!(
+        (b.paid, b.debt),
+        (Money::from_picos(2_000_000), Money::ZERO),
+        "all of it spendable again"
+    );
+    for ledger in [&a.paid, &a.debt] {
+        assert_eq!(
+            ledger.granted,
+            ledger.available() + ledger.held + ledger.charged + ledger.forfeited
+        );
+    }
+    // Once per request, whatever kind the caller names.
+    let again = a.refund(&c, &request, RecordKind::Charge, &[take(SourceRef::Paid, 1)], t(NOW));
+    assert!(matches!(again, Err(EngineError::Conflict(_))), "{again:?}");
+
+    // Owing debt, a refunded paid charge repays it first.
+    let mut d = account(&c, "payg");
+    top_up(&mut d, &c, "t1", Pool::Paid, 1_000_000);
+    let r = allowed(d.reserve(&c, &req("r2", "m", 0, 10), t(NOW)).unwrap());
+    d.settle(&c, &r.reservation_id, usage(0, 500), t(NOW)).unwrap();
+    let request = RequestId::parse("r2").unwrap();
+    d.refund(
+        &c,
+        &request,
+        RecordKind::Settle,
+        &[take(SourceRef::Paid, 400_000)],
+        t(NOW),
+    )
+    .unwrap();
+    let b = d.balance(t(NOW));
+    assert_eq!((b.paid, b.debt), (Money::ZERO, Money::from_picos(600_000)));
+}
+
+#[test]
+fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
+    use super::command::Command;
+    use super::record::AuditRecord;
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    let grant = |models: [&str; 3]| {
+        Command::GrantPack(PackGrant {
+            pack_id: LotId::parse("p1").unwrap(),
+            tokens: 10,
+            expires_at: t("2026-04-01T00:00:00Z"),
+            models: Some(models.iter().map(|m| ModelId::parse(m).unwrap()).collect()),
+            priority: 0,
+        })
+    };
+    let audit = AuditRecord {
+        kind: "audit".into(),
+        account_id: a.id.clone(),
+        operator: "op".into(),
+        peer: String::new(),
+        operation: "grant_pack".into(),
+        adjustment_id: "order-1".into(),
+        reason: "r".into(),
+        change: String::new(),
+        at: t(NOW),
+        before: Default::default(),
+        after: Default::default(),
+    };
+    let (_, first) = a
+        .apply_audited(&c, grant(["m", "big", "other"]), t(NOW), &audit)
+        .unwrap();
+    assert!(first.is_some());
+    let (_, again) = a
+        .apply_audited(&c, grant(["other", "m", "big"]), t(NOW), &audit)
+        .unwrap();
+    assert!(again.is_none(), "a retry, not another change");
 }

@@ -226,7 +226,10 @@ impl Rules {
                 rules: descriptors(&mut push, "descriptors", &parsed.descriptors),
             };
             if rules.domains.insert(parsed.domain.clone(), domain).is_some() {
-                problems.push(format!("{file}: domain: {} is defined by another file too", parsed.domain));
+                problems.push(format!(
+                    "{file}: domain: {} is defined by another file too",
+                    parsed.domain
+                ));
             }
         }
         if problems.is_empty() { Ok(rules) } else { Err(problems) }
@@ -243,9 +246,15 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
         }
         if seen.insert((d.key.clone(), d.value.clone()), i).is_some() {
             let value = d.value.as_deref().unwrap_or("(any)");
-            push(at.clone(), format!("key {} with value {value} appears twice at this level", d.key));
+            push(
+                at.clone(),
+                format!("key {} with value {value} appears twice at this level", d.key),
+            );
         }
-        let limit = d.rate_limit.as_ref().and_then(|r| limit(push, &format!("{at}.rate_limit"), r));
+        let limit = d
+            .rate_limit
+            .as_ref()
+            .and_then(|r| limit(push, &format!("{at}.rate_limit"), r));
         out.push(Rule {
             key: d.key.clone(),
             value: d.value.clone(),
@@ -263,7 +272,10 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
 fn limit(push: &mut impl FnMut(String, String), at: &str, r: &RateLimitFile) -> Option<Limit> {
     let allowance = if r.unlimited {
         if r.unit.is_some() || r.requests_per_unit.is_some() {
-            push(at.into(), "an unlimited rate limit has no unit or requests_per_unit".into());
+            push(
+                at.into(),
+                "an unlimited rate limit has no unit or requests_per_unit".into(),
+            );
             return None;
         }
         Allowance::Unlimited
@@ -283,7 +295,10 @@ fn limit(push: &mut impl FnMut(String, String), at: &str, r: &RateLimitFile) -> 
             }
         };
         let Some(requests_per_unit) = r.requests_per_unit else {
-            push(format!("{at}.requests_per_unit"), "is required (or unlimited: true)".into());
+            push(
+                format!("{at}.requests_per_unit"),
+                "is required (or unlimited: true)".into(),
+            );
             return None;
         };
         Allowance::PerUnit {
@@ -360,12 +375,27 @@ mod tests {
         .unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(problems[0].contains("descriptors[0].rate_limit.unit") && problems[0].contains("fortnight"));
-        assert!(problems.iter().any(|p| p.contains("descriptors[1]") && p.contains("twice")));
-        assert!(problems.iter().any(|p| p.contains("descriptors[1].rate_limit") && p.contains("unlimited")));
-        assert!(problems.iter().any(|p| p.contains("descriptors[2].rate_limit.requests_per_unit")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("descriptors[1]") && p.contains("twice"))
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("descriptors[1].rate_limit") && p.contains("unlimited"))
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("descriptors[2].rate_limit.requests_per_unit"))
+        );
         assert!(parse("domain: d\ndescriptors:\n  - key: a\n    colour: red\n").is_err());
         assert!(parse("descriptors: []\n").is_err(), "a domain is required");
-        let two = Rules::parse(&[("a.yaml".into(), "domain: d\n".into()), ("b.yaml".into(), "domain: d\n".into())]);
+        let two = Rules::parse(&[
+            ("a.yaml".into(), "domain: d\n".into()),
+            ("b.yaml".into(), "domain: d\n".into()),
+        ]);
         assert!(two.unwrap_err()[0].contains("another file"));
     }
 }

@@ -473,6 +473,7 @@ impl RedisStore {
     ) -> Result<(T, Account), StoreError> {
         let key = &self.account_key(id);
         let stream = &self.stream_key(id);
+        let index = &self.index_key(shard_of(self.settings.shards, id.as_str()));
         let missing = || StoreError::UnknownAccount(id.clone());
         let announce = announce.then_some(id.as_str());
         for attempt in 0..MAX_ATTEMPTS {
@@ -506,7 +507,15 @@ impl RedisStore {
                 items.audit(audit)?;
             }
             match self
-                .write(&[key, stream], version, &state, now, announce, &items, None)
+                .write(
+                    &[key, stream, index],
+                    version,
+                    &state,
+                    now,
+                    announce,
+                    &items,
+                    Some(id.as_str()),
+                )
                 .await?
             {
                 Commit::Done(v) => {
@@ -555,8 +564,20 @@ impl RedisStore {
     /// publication).
     fn install_prices(&self, version: u64, published: Vec<PriceVersion>) -> Result<(), StoreError> {
         let mut catalogs = self.catalogs.write().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<PriceVersion> = catalogs.base.prices.versions().iter().map(|v| (**v).clone()).collect();
-        all.extend(published);
+        let base = &catalogs.base.prices;
+        let mut all: Vec<PriceVersion> = base.versions().iter().map(|v| (**v).clone()).collect();
+        // A version both configured here and published (a reload brought
+        // it, or the file had it all along) counts once.
+        for version in published {
+            match base.get(&version.id) {
+                None => all.push(version),
+                Some(configured) if **configured == version => {}
+                Some(_) => tracing::error!(
+                    version = %version.id,
+                    "a published price version differs from the configured one of the same id; the configured one stays"
+                ),
+            }
+        }
         let prices = PriceBook::new(all).map_err(EngineError::from)?;
         let mut catalog = catalogs.base.clone();
         catalog.prices = prices;

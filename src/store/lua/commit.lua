@@ -7,8 +7,9 @@
 --
 -- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms)
 -- KEYS[2]  the usage stream of the record's shard (same hash tag), if any
--- KEYS[3]  the shard's index of records (a sorted set), if any: a record
---          created by this call (version 0) is added to it as ARGV[10]
+-- KEYS[3]  the shard's index of records (a sorted set), if any: the record
+--          is (re)added to it as ARGV[10] with every commit, so records
+--          written before the index existed join it at their next change
 -- ARGV[1]  the version the change was computed from (0: must not exist)
 -- ARGV[2]  the new state
 -- ARGV[3]  the instant the change was computed at, ms since the epoch
@@ -36,7 +37,7 @@ if current ~= tonumber(ARGV[1]) then
   return {0, current, redis.call('HGET', KEYS[1], 'state') or ''}
 end
 redis.call('HSET', KEYS[1], 'v', current + 1, 'state', ARGV[2], 'at', ARGV[3])
-if current == 0 and KEYS[3] and ARGV[10] then
+if KEYS[3] and ARGV[10] then
   redis.call('ZADD', KEYS[3], 0, ARGV[10])
 end
 if tonumber(ARGV[7] or '0') > 0 then
