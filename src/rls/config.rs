@@ -22,8 +22,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-/// A window unit. `week`, `month` and `year` are in Envoy's API; the
-/// reference service accepts second to day (and some versions more).
+/// A window unit. Windows are fixed and counted in whole seconds from the
+/// Unix epoch, as the reference counts them: a week is 604,800 seconds (so
+/// weeks start on Thursdays, UTC), a month 30 days and a year 365 days.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Unit {
     /// One second.
@@ -34,11 +35,11 @@ pub enum Unit {
     Hour,
     /// One day (UTC).
     Day,
-    /// One week (UTC, from Monday).
+    /// Seven days.
     Week,
-    /// One calendar month (UTC).
+    /// Thirty days.
     Month,
-    /// One calendar year (UTC).
+    /// 365 days.
     Year,
 }
 
@@ -54,6 +55,30 @@ impl Unit {
             "year" => Unit::Year,
             _ => return None,
         })
+    }
+}
+
+impl Unit {
+    /// The window's length in seconds.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 60,
+            Unit::Hour => 3_600,
+            Unit::Day => 86_400,
+            Unit::Week => 604_800,
+            Unit::Month => 2_592_000,
+            Unit::Year => 31_536_000,
+        }
+    }
+
+    /// The window `now` falls in: its start (seconds since the epoch) and
+    /// the seconds left until the next one starts.
+    pub fn window(self, now: jiff::Timestamp) -> (i64, i64) {
+        let length = self.seconds();
+        let at = now.as_second();
+        let start = at.div_euclid(length) * length;
+        (start, start + length - at)
     }
 }
 
@@ -251,6 +276,12 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
                 format!("key {} with value {value} appears twice at this level", d.key),
             );
         }
+        if d.share_threshold && !d.value.as_deref().is_some_and(|v| v.contains('*')) {
+            push(
+                format!("{at}.share_threshold"),
+                "applies to wildcard values only (a value with *)".into(),
+            );
+        }
         let limit = d
             .rate_limit
             .as_ref()
@@ -270,12 +301,11 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
 }
 
 fn limit(push: &mut impl FnMut(String, String), at: &str, r: &RateLimitFile) -> Option<Limit> {
+    // As the reference: a unit beside `unlimited` is an error, a
+    // requests_per_unit is ignored.
     let allowance = if r.unlimited {
-        if r.unit.is_some() || r.requests_per_unit.is_some() {
-            push(
-                at.into(),
-                "an unlimited rate limit has no unit or requests_per_unit".into(),
-            );
+        if r.unit.is_some() {
+            push(format!("{at}.unit"), "an unlimited rate limit has no unit".into());
             return None;
         }
         Allowance::Unlimited
@@ -308,6 +338,12 @@ fn limit(push: &mut impl FnMut(String, String), at: &str, r: &RateLimitFile) -> 
     };
     if r.replaces.iter().any(|n| n.name.is_empty()) {
         push(format!("{at}.replaces"), "every entry needs a name".into());
+    }
+    if r.name
+        .as_deref()
+        .is_some_and(|own| r.replaces.iter().any(|n| n.name == own))
+    {
+        push(format!("{at}.replaces"), "a limit cannot replace itself".into());
     }
     Some(Limit {
         allowance,
@@ -361,6 +397,22 @@ mod tests {
     }
 
     #[test]
+    fn windows_are_fixed_from_the_epoch() {
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        assert_eq!(Unit::Minute.window(at("2026-11-29T12:00:59Z")).1, 1);
+        assert_eq!(Unit::Minute.window(at("2026-11-29T12:01:00Z")).1, 60);
+        let (start, left) = Unit::Day.window(at("2026-11-29T18:00:00Z"));
+        assert_eq!((start, left), (at("2026-11-29T00:00:00Z").as_second(), 6 * 3600));
+        // 1970-01-01 was a Thursday: so is every week's first day.
+        let (start, _) = Unit::Week.window(at("2026-11-29T12:00:00Z"));
+        assert_eq!(
+            jiff::Timestamp::from_second(start).unwrap().to_string(),
+            "2026-11-26T00:00:00Z"
+        );
+        assert_eq!(Unit::Second.window(at("2026-11-29T12:00:00.900Z")).1, 1);
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let problems = parse(
             "domain: d\n\
@@ -383,7 +435,7 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("descriptors[1].rate_limit") && p.contains("unlimited"))
+                .any(|p| p.contains("descriptors[1].rate_limit.unit") && p.contains("unlimited"))
         );
         assert!(
             problems
@@ -391,6 +443,16 @@ mod tests {
                 .any(|p| p.contains("descriptors[2].rate_limit.requests_per_unit"))
         );
         assert!(parse("domain: d\ndescriptors:\n  - key: a\n    colour: red\n").is_err());
+        let shared_exact = "domain: d\ndescriptors:\n  - key: a\n    value: b\n    share_threshold: true\n";
+        assert!(parse(shared_exact).unwrap_err()[0].contains("share_threshold"));
+        let itself = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, name: n, replaces: [{ name: n }] }\n";
+        assert!(parse(itself).unwrap_err()[0].contains("itself"));
+        let ignored =
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, requests_per_unit: 5 }\n";
+        assert!(
+            parse(ignored).is_ok(),
+            "requests_per_unit beside unlimited is ignored, as the reference does"
+        );
         assert!(parse("descriptors: []\n").is_err(), "a domain is required");
         let two = Rules::parse(&[
             ("a.yaml".into(), "domain: d\n".into()),

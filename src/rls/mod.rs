@@ -3,3 +3,4 @@
 //! descriptors match them.
 
 pub mod config;
+pub mod matcher;
