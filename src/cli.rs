@@ -187,6 +187,11 @@ pub struct ServeArgs {
     /// The usage journal's directory (Redis store), overriding journal.dir.
     #[arg(long, value_name = "DIR")]
     pub journal: Option<PathBuf>,
+    /// Serve Envoy's rate-limit API with the envoyproxy/ratelimit rules
+    /// (YAML, one domain per file) in this directory, overriding
+    /// rls.config_dir.
+    #[arg(long, value_name = "DIR", env = "TOLLGATE_RLS_CONFIG")]
+    pub rls_config: Option<PathBuf>,
     /// Admin tokens from this file too (`[[tokens]]` entries with
     /// operator, role and sha256; `tollgate admin token` makes one).
     #[arg(long, value_name = "FILE", env = "TOLLGATE_ADMIN_TOKENS_FILE")]
@@ -516,6 +521,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(dir) = args.journal {
         settings.journal.dir = dir;
+    }
+    if let Some(dir) = args.rls_config.clone() {
+        settings.rls_config_dir = Some(dir);
     }
     if let Some(path) = &args.admin_tokens {
         match crate::config::read_admin_tokens(path) {

@@ -119,6 +119,11 @@ pub struct Settings {
     pub usage: UsageSinkConfig,
     /// Who may call the admin API.
     pub admin: Operators,
+    /// The Envoy rate-limit service's rules directory (envoyproxy/ratelimit
+    /// YAML files), if it is served.
+    pub rls_config_dir: Option<PathBuf>,
+    /// How it answers beyond the rules.
+    pub rls: crate::api::rls::RlsSettings,
     /// TLS on the data plane's TCP listener (mTLS with a client CA).
     pub tls: Option<TlsSettings>,
     /// TLS on the admin listener (client certificates with a client CA).
@@ -446,11 +451,22 @@ struct File {
     #[serde(default)]
     admin: AdminFile,
     #[serde(default)]
+    rls: RlsFile,
+    #[serde(default)]
     plans: BTreeMap<String, PlanFile>,
     #[serde(default)]
     prices: Vec<VersionFile>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
+}
+
+/// `[rls]`: the Envoy rate-limit service.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RlsFile {
+    config_dir: Option<PathBuf>,
+    shadow_mode: bool,
+    response_headers: bool,
 }
 
 /// `[admin]`: who may call the admin API.
@@ -1282,6 +1298,11 @@ impl Settings {
             admin: Operators::new(admin).with_certificates(certificates),
             tls: server_tls,
             admin_tls,
+            rls_config_dir: file.rls.config_dir.clone(),
+            rls: crate::api::rls::RlsSettings {
+                shadow_mode: file.rls.shadow_mode,
+                response_headers: file.rls.response_headers,
+            },
             currency: file.currency,
             listen,
             admin_listen,

@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::api::admin::AdminApi;
 use crate::api::auth::Operators;
 use crate::api::quota::QuotaApi;
+use crate::api::rls::RlsApi;
 use crate::clock::{Clock, OffsetClock, SystemClock};
 use crate::config::{Settings, StoreKind};
 use crate::journal::Journal;
@@ -29,6 +30,7 @@ use crate::store::leased::RedisStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::Redis;
 use crate::usage;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 /// A listener's TLS: its identity, and the CA client certificates must
 /// chain to, required (data plane) or optional (admin: a client may use a
@@ -111,6 +113,8 @@ pub struct App {
     leases: Option<Arc<RedisStore>>,
     /// Who may call the admin API.
     credentials: Arc<Operators>,
+    /// The Envoy rate-limit service's rules and settings, if it is served.
+    rls: Option<(Arc<crate::rls::config::Rules>, crate::api::rls::RlsSettings)>,
     /// TLS of the data plane's TCP listener and of the admin listener.
     quota_tls: Option<ServerTlsConfig>,
     admin_tls: Option<ServerTlsConfig>,
@@ -210,6 +214,21 @@ impl App {
             writer,
             leases,
             credentials: Arc::new(settings.admin),
+            rls: match &settings.rls_config_dir {
+                None => None,
+                Some(dir) => {
+                    let rules = crate::rls::config::Rules::load_dir(dir).map_err(|problems| {
+                        anyhow::anyhow!(
+                            "the rate-limit rules in {} have {} problem(s):\n  {}",
+                            dir.display(),
+                            problems.len(),
+                            problems.join("\n  ")
+                        )
+                    })?;
+                    tracing::info!(dir = %dir.display(), domains = rules.domains.len(), "Envoy rate-limit rules loaded");
+                    Some((Arc::new(rules), settings.rls.clone()))
+                }
+            },
             quota_tls: server_tls(settings.tls.as_ref(), false).context("server.tls")?,
             admin_tls: server_tls(settings.admin_tls.as_ref(), true).context("admin.tls")?,
             watch: None,
@@ -261,8 +280,11 @@ impl App {
             reloads,
             quota_tls,
             admin_tls,
+            rls,
             ..
         } = self;
+        let rls =
+            rls.map(|(rules, settings)| RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), rules, settings)));
         if credentials.is_empty() {
             tracing::warn!(
                 "no admin credentials configured: the admin API refuses every call \
@@ -294,13 +316,15 @@ impl App {
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
+            .add_optional_service(rls.clone())
             .serve_with_incoming_shutdown(incoming(quota), until_stopped(stopped.clone()));
         // The same data plane on the Unix socket, if configured.
         let quota_unix_server = serve_unix(
             quota_unix,
             Server::builder()
                 .add_service(quota_health_service.clone())
-                .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone()))),
+                .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
+                .add_optional_service(rls),
             until_stopped(stopped.clone()),
         );
         let admin_api = AdminServer::new(AdminApi::new(tollgate.clone(), credentials));

@@ -49,6 +49,18 @@ impl Tollgate {
         self.store.reload(next, self.now()).await
     }
 
+    /// Adds `hits` to the rate-limit window `key`, which ends `ttl` after
+    /// `now`; its count.
+    pub async fn count_hits(
+        &self,
+        key: &str,
+        hits: u64,
+        ttl: std::time::Duration,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        self.store.count_hits(key, hits, ttl, now).await
+    }
+
     /// Up to `limit` account ids after `after`, in byte order.
     pub async fn list_accounts(&self, after: Option<&AccountId>, limit: usize) -> Result<Vec<AccountId>, StoreError> {
         self.store.list(after, limit).await

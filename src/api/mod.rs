@@ -12,4 +12,5 @@ pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod quota;
+pub mod rls;
 pub mod status;

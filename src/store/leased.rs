@@ -248,6 +248,8 @@ pub struct RedisStore {
     producer: ProducerId,
     seq: AtomicU64,
     commit: Script,
+    /// The Envoy rate-limit windows' counter script.
+    count: Script,
     /// The configured catalog, and the one in force: the configured one
     /// with the published versions added to its prices. One lock, so a
     /// reload and an installation of prices never interleave.
@@ -325,6 +327,7 @@ impl RedisStore {
             producer,
             seq: AtomicU64::new(0),
             commit: Script::new(include_str!("lua/commit.lua")),
+            count: Script::new(include_str!("lua/count.lua")),
             catalogs: RwLock::new(Catalogs {
                 installed: Arc::new(catalog.clone()),
                 base: catalog,
@@ -1430,6 +1433,12 @@ impl Store for RedisStore {
         ids.sort();
         ids.truncate(limit);
         Ok(ids)
+    }
+
+    async fn count_hits(&self, key: &str, hits: u64, ttl: Duration, _now: Timestamp) -> Result<u64, StoreError> {
+        let key = format!("{}:rls:{key}", self.settings.prefix);
+        let seconds = ttl.as_secs().max(1);
+        self.note(self.redis.invoke(&self.count, &[&key], (hits, seconds)).await)
     }
 
     fn catalog(&self) -> Arc<Catalog> {

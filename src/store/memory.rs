@@ -5,6 +5,7 @@
 //! through the Redis store.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,6 +32,8 @@ pub struct MemoryStore {
     holding: DashSet<AccountId>,
     /// Sweeps so far; every [`FULL_SWEEP_EVERY`]th visits every account.
     sweeps: AtomicU64,
+    /// Envoy rate-limit windows: count, and when the window ends.
+    windows: DashMap<String, (u64, Timestamp)>,
     /// Replaced whole on publish; readers clone the `Arc` and let go of the
     /// lock at once.
     catalog: RwLock<Arc<Catalog>>,
@@ -43,6 +46,7 @@ impl MemoryStore {
             accounts: DashMap::new(),
             holding: DashSet::new(),
             sweeps: AtomicU64::new(0),
+            windows: DashMap::new(),
             catalog: RwLock::new(Arc::new(catalog)),
         }
     }
@@ -130,6 +134,18 @@ impl Store for MemoryStore {
             .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
     }
 
+    async fn count_hits(&self, key: &str, hits: u64, ttl: Duration, now: Timestamp) -> Result<u64, StoreError> {
+        let ends = now
+            .checked_add(ttl)
+            .map_err(|_| StoreError::Engine(EngineError::Overflow))?;
+        let mut window = self.windows.entry(key.to_owned()).or_insert((0, ends));
+        if window.1 <= now {
+            *window = (0, ends);
+        }
+        window.0 = window.0.saturating_add(hits);
+        Ok(window.0)
+    }
+
     async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>> {
         let mut guard = self.catalog.write().unwrap_or_else(|p| p.into_inner());
         *guard = Arc::new(guard.reloaded(next, now)?);
@@ -146,6 +162,7 @@ impl Store for MemoryStore {
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {
+        self.windows.retain(|_, (_, ends)| *ends > now);
         let catalog = self.catalog();
         let mut records = Vec::new();
         let visit = |account: &mut Account, records: &mut Vec<Arc<UsageRecord>>| {

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 
@@ -84,6 +85,11 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         audit: &AuditRecord,
     ) -> Result<(Applied, Option<AuditRecord>), StoreError>;
+
+    /// Adds `hits` to the fixed-window counter `key` (an Envoy rate-limit
+    /// window, ending `ttl` after `now`) and answers its count; shared by
+    /// every sidecar of a store that is.
+    async fn count_hits(&self, key: &str, hits: u64, ttl: Duration, now: Timestamp) -> Result<u64, StoreError>;
 
     /// Up to `limit` account ids after `after` (all from the first
     /// without), in byte order.

@@ -1,0 +1,233 @@
+//! `envoy.service.ratelimit.v3.RateLimitService` on the data plane: Envoy's
+//! rate-limit API, answered as envoyproxy/ratelimit answers it
+//! (docs/envoy-rls-reference.md), with rules in its configuration format
+//! and windows counted by the store (so every sidecar sharing Redis counts
+//! together).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as WireUnit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::Duration as WireDuration;
+use tonic::{Request, Response, Status};
+
+use super::status::invalid;
+use crate::rls::config::{Allowance, Rules, Unit};
+use crate::rls::matcher::{Entry, drop_replaced, find};
+use crate::service::Tollgate;
+
+/// How the service answers beyond the rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RlsSettings {
+    /// Global shadow mode: count and report, but the overall answer is
+    /// always OK.
+    pub shadow_mode: bool,
+    /// Add `x-ratelimit-limit`, `-remaining` and `-reset` to the response
+    /// headers, for the most constrained descriptor.
+    pub response_headers: bool,
+}
+
+/// The service.
+pub struct RlsApi {
+    tollgate: Tollgate,
+    rules: Arc<Rules>,
+    settings: RlsSettings,
+}
+
+impl RlsApi {
+    /// Answers from `rules`, counting in `tollgate`'s store.
+    pub fn new(tollgate: Tollgate, rules: Arc<Rules>, settings: RlsSettings) -> RlsApi {
+        RlsApi {
+            tollgate,
+            rules,
+            settings,
+        }
+    }
+}
+
+fn wire_unit(unit: Unit) -> WireUnit {
+    match unit {
+        Unit::Second => WireUnit::Second,
+        Unit::Minute => WireUnit::Minute,
+        Unit::Hour => WireUnit::Hour,
+        Unit::Day => WireUnit::Day,
+        Unit::Week => WireUnit::Week,
+        Unit::Month => WireUnit::Month,
+        Unit::Year => WireUnit::Year,
+    }
+}
+
+/// The store key of a window: the domain, the descriptor as counted and
+/// the window's start, hashed (request values are arbitrary text).
+fn counter_key(domain: &str, counter: &[(String, String)], start: i64) -> String {
+    let mut text = String::from(domain);
+    for (key, value) in counter {
+        text.push('\0');
+        text.push_str(key);
+        text.push('\0');
+        text.push_str(value);
+    }
+    text.push('\0');
+    text.push_str(&start.to_string());
+    crate::engine::record::digest_id([text.as_str()])
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RlsApi {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let r = request.into_inner();
+        if r.domain.is_empty() {
+            return Err(invalid("domain", "must not be empty"));
+        }
+        if r.descriptors.is_empty() {
+            return Err(invalid("descriptors", "must not be empty"));
+        }
+        let ok = DescriptorStatus {
+            code: Code::Ok as i32,
+            ..Default::default()
+        };
+        // A domain without rules limits nothing (as the reference).
+        let Some(domain) = self.rules.domains.get(&r.domain) else {
+            return Ok(Response::new(RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                statuses: vec![ok; r.descriptors.len()],
+                ..Default::default()
+            }));
+        };
+        let entries: Vec<Vec<Entry>> = r
+            .descriptors
+            .iter()
+            .map(|d| {
+                d.entries
+                    .iter()
+                    .map(|e| Entry {
+                        key: e.key.clone(),
+                        value: e.value.clone(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut matched: Vec<_> = entries.iter().map(|e| find(domain, e)).collect();
+        drop_replaced(&mut matched);
+        let now = self.tollgate.now();
+        let mut statuses = Vec::with_capacity(matched.len());
+        let mut over = false;
+        for (descriptor, matched) in r.descriptors.iter().zip(&matched) {
+            let Some(m) = matched else {
+                statuses.push(ok.clone());
+                continue;
+            };
+            let (unit, requests_per_unit) = match m.limit.allowance {
+                Allowance::Unlimited => {
+                    statuses.push(DescriptorStatus {
+                        limit_remaining: u32::MAX,
+                        ..ok.clone()
+                    });
+                    continue;
+                }
+                Allowance::PerUnit {
+                    unit,
+                    requests_per_unit,
+                } => (unit, requests_per_unit),
+            };
+            // The descriptor's own hits_addend wins (0 included: a check
+            // that adds nothing); the request's counts at least one.
+            let hits = match &descriptor.hits_addend {
+                Some(own) => own.value,
+                None => u64::from(r.hits_addend.max(1)),
+            };
+            let (start, left) = unit.window(now);
+            let key = counter_key(&r.domain, &m.counter, start);
+            let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(1));
+            // A store that cannot count is UNAVAILABLE: Envoy's
+            // failure_mode_deny decides.
+            let count = self
+                .tollgate
+                .count_hits(&key, hits, ttl, now)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let limit = u64::from(requests_per_unit);
+            let exceeded = count > limit;
+            let code = if exceeded && !m.shadow_mode {
+                over = true;
+                Code::OverLimit
+            } else {
+                Code::Ok
+            };
+            statuses.push(DescriptorStatus {
+                code: code as i32,
+                current_limit: Some(RateLimit {
+                    name: m.limit.name.clone().unwrap_or_default(),
+                    requests_per_unit,
+                    unit: wire_unit(unit) as i32,
+                }),
+                limit_remaining: u32::try_from(limit.saturating_sub(count)).unwrap_or(u32::MAX),
+                duration_until_reset: Some(WireDuration {
+                    seconds: left,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            });
+        }
+        let response_headers_to_add = if self.settings.response_headers {
+            headers(&statuses)
+        } else {
+            Vec::new()
+        };
+        let overall = if over && !self.settings.shadow_mode {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        };
+        Ok(Response::new(RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            response_headers_to_add,
+            ..Default::default()
+        }))
+    }
+}
+
+/// `x-ratelimit-*` for the most constrained limited descriptor: an
+/// over-limit one (the last, as the reference), else the one with the
+/// least remaining (the first on a tie).
+fn headers(statuses: &[DescriptorStatus]) -> Vec<HeaderValue> {
+    let limited = || statuses.iter().filter(|s| s.current_limit.is_some());
+    let chosen = limited()
+        .rfind(|s| s.code == Code::OverLimit as i32)
+        .or_else(|| limited().min_by_key(|s| s.limit_remaining));
+    let Some(status) = chosen else {
+        return Vec::new();
+    };
+    let header = |key: &str, value: String| HeaderValue {
+        key: key.into(),
+        value,
+        ..Default::default()
+    };
+    vec![
+        header(
+            "x-ratelimit-limit",
+            status
+                .current_limit
+                .as_ref()
+                .map_or(0, |l| l.requests_per_unit)
+                .to_string(),
+        ),
+        header("x-ratelimit-remaining", status.limit_remaining.to_string()),
+        header(
+            "x-ratelimit-reset",
+            status
+                .duration_until_reset
+                .as_ref()
+                .map_or(0, |d| d.seconds)
+                .to_string(),
+        ),
+    ]
+}

@@ -1,0 +1,270 @@
+//! Envoy's rate-limit API over real gRPC, with rules in envoyproxy/ratelimit's
+//! format: matching, counting, windows (on the manual clock), the response
+//! fields, shadow modes, and sidecars sharing Redis counting together.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::UInt64Value;
+use jiff::SignedDuration;
+use support::{Backend, TestApp};
+
+const RULES: &str = "domain: inference
+descriptors:
+  - key: api_key
+    rate_limit: { unit: minute, requests_per_unit: 3, name: per_key }
+    descriptors:
+      - key: model
+        value: llama-3.1-70b
+        rate_limit: { unit: minute, requests_per_unit: 1 }
+      - key: model
+        value: llama-*-8b
+        share_threshold: true
+        rate_limit: { unit: minute, requests_per_unit: 2 }
+  - key: api_key
+    value: vip
+    rate_limit: { unlimited: true }
+  - key: tokens
+    rate_limit: { unit: hour, requests_per_unit: 1000 }
+  - key: premium
+    rate_limit: { unit: minute, requests_per_unit: 100, replaces: [{ name: per_key }] }
+  - key: path
+    value: /v1/chat
+    shadow_mode: true
+    rate_limit: { unit: second, requests_per_unit: 1 }
+";
+
+/// An app serving `rules` (and the global settings in `extra`), with a
+/// rate-limit client.
+async fn app(
+    backend: Backend,
+    rules: &str,
+    extra: &str,
+) -> (
+    TestApp,
+    RateLimitServiceClient<tonic::transport::Channel>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inference.yaml"), rules).unwrap();
+    let config = format!(
+        "{}\n[rls]\nconfig_dir = \"{}\"\n{extra}",
+        support::CONFIG,
+        dir.path().display()
+    );
+    let app = support::spawn_app_on_with(backend, &config).await;
+    let client = RateLimitServiceClient::new(tollgate::channel::connect(&app.quota_url).await.unwrap());
+    (app, client, dir)
+}
+
+fn descriptor(pairs: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: pairs
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn request(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "inference".into(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+async fn ask(client: &mut RateLimitServiceClient<tonic::transport::Channel>, r: RateLimitRequest) -> RateLimitResponse {
+    client.should_rate_limit(r).await.unwrap().into_inner()
+}
+
+/// (code, remaining) of each descriptor.
+fn codes(r: &RateLimitResponse) -> Vec<(i32, u32)> {
+    r.statuses.iter().map(|s| (s.code, s.limit_remaining)).collect()
+}
+
+const OK: i32 = Code::Ok as i32;
+const OVER: i32 = Code::OverLimit as i32;
+
+async fn limits_count_per_descriptor_and_reset_with_their_window(backend: Backend) {
+    let (app, mut rls, _dir) = app(backend, RULES, "").await;
+    let key = |k: &str| descriptor(&[("api_key", k)]);
+    for remaining in [2, 1, 0] {
+        let r = ask(&mut rls, request(vec![key("k1")])).await;
+        assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, remaining)]));
+        let status = &r.statuses[0];
+        let limit = status.current_limit.as_ref().unwrap();
+        assert_eq!((limit.requests_per_unit, limit.name.as_str()), (3, "per_key"));
+        assert_eq!(
+            status.duration_until_reset.as_ref().unwrap().seconds,
+            60,
+            "the manual clock sits on a minute"
+        );
+    }
+    let r = ask(&mut rls, request(vec![key("k1")])).await;
+    assert_eq!((r.overall_code, codes(&r)), (OVER, vec![(OVER, 0)]));
+    // Another key has its own counter; the next window starts afresh.
+    assert_eq!(ask(&mut rls, request(vec![key("k2")])).await.overall_code, OK);
+    app.advance(SignedDuration::from_secs(60));
+    let r = ask(&mut rls, request(vec![key("k1")])).await;
+    assert_eq!(codes(&r), vec![(OK, 2)]);
+}
+
+async fn depth_wildcards_unlimited_and_unmatched_descriptors(backend: Backend) {
+    let (_app, mut rls, _dir) = app(backend, RULES, "").await;
+    let model = |m: &str| descriptor(&[("api_key", "k1"), ("model", m)]);
+    // Exact value at depth 2.
+    let r = ask(&mut rls, request(vec![model("llama-3.1-70b")])).await;
+    assert_eq!(codes(&r), vec![(OK, 0)]);
+    assert_eq!(
+        ask(&mut rls, request(vec![model("llama-3.1-70b")])).await.overall_code,
+        OVER
+    );
+    // A shared wildcard: two models, one counter of 2.
+    assert_eq!(
+        codes(&ask(&mut rls, request(vec![model("llama-3.1-8b")])).await),
+        vec![(OK, 1)]
+    );
+    assert_eq!(
+        codes(&ask(&mut rls, request(vec![model("llama-3.2-8b")])).await),
+        vec![(OK, 0)]
+    );
+    assert_eq!(
+        codes(&ask(&mut rls, request(vec![model("llama-3.3-8b")])).await),
+        vec![(OVER, 0)]
+    );
+    // No rule at depth 2 for this model: nothing limits it (the depth-1
+    // key rule applies only to one-entry descriptors).
+    let r = ask(&mut rls, request(vec![model("mistral")])).await;
+    assert_eq!((r.statuses[0].code, r.statuses[0].current_limit.is_none()), (OK, true));
+    // Unlimited: OK with the largest remaining, never counted.
+    let r = ask(&mut rls, request(vec![descriptor(&[("api_key", "vip")])])).await;
+    assert_eq!(codes(&r), vec![(OK, u32::MAX)]);
+    // An unknown domain limits nothing.
+    let mut unknown = request(vec![descriptor(&[("api_key", "k1")])]);
+    unknown.domain = "other".into();
+    assert_eq!(codes(&ask(&mut rls, unknown).await), vec![(OK, 0)]);
+    // An empty domain or descriptor list is an error.
+    let empty = rls.should_rate_limit(request(vec![])).await.unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+}
+
+async fn hits_addend_replaces_shadow_mode_and_many_descriptors(backend: Backend) {
+    let (_app, mut rls, _dir) = app(backend, RULES, "").await;
+    let tokens = descriptor(&[("tokens", "acct-1")]);
+    // A request-level hits_addend counts tokens (as Envoy AI Gateway sends
+    // them after a response).
+    let mut r = request(vec![tokens.clone()]);
+    r.hits_addend = 900;
+    assert_eq!(codes(&ask(&mut rls, r.clone()).await), vec![(OK, 100)]);
+    // The descriptor's own wins; 0 only checks.
+    let mut own = tokens.clone();
+    own.hits_addend = Some(UInt64Value { value: 0 });
+    r.descriptors = vec![own];
+    assert_eq!(codes(&ask(&mut rls, r.clone()).await), vec![(OK, 100)]);
+    let mut big = tokens.clone();
+    big.hits_addend = Some(UInt64Value { value: 101 });
+    r.descriptors = vec![big];
+    assert_eq!(codes(&ask(&mut rls, r).await), vec![(OVER, 0)]);
+    // Several descriptors: over if any is; statuses in request order.
+    let both = request(vec![descriptor(&[("api_key", "vip")]), tokens.clone()]);
+    let answer = ask(&mut rls, both).await;
+    assert_eq!(
+        (answer.overall_code, codes(&answer)),
+        (OVER, vec![(OK, u32::MAX), (OVER, 0)])
+    );
+    // A premium descriptor replaces the per-key limit of the same request.
+    for _ in 0..5 {
+        let r = ask(
+            &mut rls,
+            request(vec![
+                descriptor(&[("api_key", "k9")]),
+                descriptor(&[("premium", "yes")]),
+            ]),
+        )
+        .await;
+        assert_eq!(r.overall_code, OK);
+        assert!(r.statuses[0].current_limit.is_none(), "replaced");
+    }
+    // Shadow mode: over the limit, yet OK.
+    let chat = || request(vec![descriptor(&[("path", "/v1/chat")])]);
+    ask(&mut rls, chat()).await;
+    let r = ask(&mut rls, chat()).await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 0)]));
+}
+
+async fn global_shadow_mode_and_response_headers(backend: Backend) {
+    let (_app, mut rls, _dir) = app(backend, RULES, "shadow_mode = true\nresponse_headers = true\n").await;
+    let key = || request(vec![descriptor(&[("api_key", "k1")]), descriptor(&[("tokens", "t")])]);
+    for _ in 0..3 {
+        ask(&mut rls, key()).await;
+    }
+    let r = ask(&mut rls, key()).await;
+    // Per descriptor the truth; overall OK.
+    assert_eq!((r.overall_code, r.statuses[0].code), (OK, OVER));
+    let headers: Vec<(String, String)> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            ("x-ratelimit-limit".to_owned(), "3".to_owned()),
+            ("x-ratelimit-remaining".to_owned(), "0".to_owned()),
+            ("x-ratelimit-reset".to_owned(), "60".to_owned()),
+        ]
+    );
+}
+
+on_both_stores!(
+    limits_count_per_descriptor_and_reset_with_their_window,
+    depth_wildcards_unlimited_and_unmatched_descriptors,
+    hits_addend_replaces_shadow_mode_and_many_descriptors,
+    global_shadow_mode_and_response_headers,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_sharing_redis_count_one_window_together() {
+    let redis = support::redis::RedisServer::start(&[]);
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("inference.yaml"), RULES).unwrap();
+    let config = format!(
+        "{}\n[rls]\nconfig_dir = \"{}\"\n",
+        support::CONFIG,
+        rules.path().display()
+    );
+    let mut clients = Vec::new();
+    let mut sidecars = Vec::new();
+    for _ in 0..2 {
+        // Both on the system clock, as in production: one window for both.
+        let (mut settings, dir, usage) = support::settings(&config);
+        settings.store.use_redis(vec![redis.url()], false);
+        let sidecar = support::spawn_sidecar(settings, dir, usage).await;
+        clients.push(RateLimitServiceClient::new(
+            tollgate::channel::connect(&sidecar.quota_url).await.unwrap(),
+        ));
+        sidecars.push(sidecar);
+    }
+    // 400 tokens a call against 1,000 an hour: two calls pass, wherever
+    // they land.
+    let mut request = request(vec![descriptor(&[("tokens", "shared")])]);
+    request.hits_addend = 400;
+    let mut allowed = 0;
+    for i in 0..6 {
+        if ask(&mut clients[i % 2], request.clone()).await.overall_code == OK {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 2, "one window of 1,000 tokens across both sidecars");
+}
