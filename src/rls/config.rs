@@ -397,6 +397,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_rules_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/rls");
+        let rules = Rules::load_dir(&dir).unwrap();
+        assert!(rules.domains.contains_key("inference"));
+    }
+
+    #[test]
     fn windows_are_fixed_from_the_epoch() {
         let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
         assert_eq!(Unit::Minute.window(at("2026-11-29T12:00:59Z")).1, 1);
