@@ -11,11 +11,13 @@
 //!
 //! [`Catalog::reloaded`]: crate::engine::catalog::Catalog::reloaded
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::Settings;
+use crate::rls::config::{Rules, RulesCell};
 use crate::service::Tollgate;
 
 /// Reloads done and refused since start.
@@ -32,10 +34,62 @@ pub struct Reloads {
 pub struct Watch {
     /// The configuration file.
     pub path: PathBuf,
+    /// The Envoy rate-limit rules' directory, and the rules in force.
+    pub rules: Option<(PathBuf, Arc<RulesCell>)>,
     /// How often its content is compared; `None`: on SIGHUP only.
     pub poll: Option<Duration>,
-    /// Its content when the configuration in force was read.
+    /// Its content (see [`snapshot`]) when the configuration in force was
+    /// read.
     pub loaded: Option<Vec<u8>>,
+}
+
+/// What a reload compares: the configuration file, and each rules file
+/// (name and content, in name order).
+pub fn snapshot(path: &Path, rules: Option<&Path>) -> Option<Vec<u8>> {
+    let mut content = std::fs::read(path).ok()?;
+    if let Some(dir) = rules {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for file in files {
+            content.extend_from_slice(file.as_os_str().as_encoded_bytes());
+            content.push(0);
+            content.extend(std::fs::read(&file).ok()?);
+            content.push(0);
+        }
+    }
+    Some(content)
+}
+
+/// Reads the configuration and the rules again and puts them in force,
+/// both or neither: every problem if refused.
+async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<(), Vec<String>> {
+    let text = std::fs::read_to_string(&watch.path).map_err(|e| vec![format!("{}: {e}", watch.path.display())])?;
+    let settings = Settings::parse(&text, &|key| std::env::var(key).ok()).map_err(|errors| {
+        errors
+            .0
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect::<Vec<_>>()
+    });
+    let rules = watch.rules.as_ref().map(|(dir, _)| Rules::load_dir(dir)).transpose();
+    let (settings, rules) = match (settings, rules) {
+        (Ok(settings), Ok(rules)) => (settings, rules),
+        (settings, rules) => {
+            let mut problems = settings.err().unwrap_or_default();
+            problems.extend(rules.err().unwrap_or_default());
+            return Err(problems);
+        }
+    };
+    tollgate.reload(settings.catalog).await?;
+    if let (Some(rules), Some((_, cell))) = (rules, &watch.rules) {
+        *cell.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+    Ok(())
 }
 
 /// Reloads `watch.path` into `tollgate` on SIGHUP and on change until
@@ -63,24 +117,18 @@ pub async fn run(
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
             _ = tick.tick(), if watch.poll.is_some() => false,
         };
-        let content = match std::fs::read(&watch.path) {
-            Ok(content) => content,
-            Err(e) => {
-                reloads.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(path = %watch.path.display(), error = %e, "configuration not reloaded: cannot read it");
-                continue;
-            }
+        let rules_dir = watch.rules.as_ref().map(|(dir, _)| dir.as_path());
+        let Some(content) = snapshot(&watch.path, rules_dir) else {
+            reloads.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(path = %watch.path.display(), "configuration not reloaded: cannot read it or its rules");
+            continue;
         };
         if !asked && last.as_ref() == Some(&content) {
             continue;
         }
         last = Some(content.clone());
         let why = if asked { "SIGHUP" } else { "file changed" };
-        let text = String::from_utf8_lossy(&content);
-        let outcome = match Settings::parse(&text, &|key| std::env::var(key).ok()) {
-            Ok(settings) => tollgate.reload(settings.catalog).await,
-            Err(errors) => Err(errors.0.iter().map(|e| format!("{}: {}", e.path, e.message)).collect()),
-        };
+        let outcome = reload(&tollgate, &watch).await;
         match outcome {
             Ok(()) => {
                 let n = reloads.applied.fetch_add(1, Ordering::Relaxed) + 1;

@@ -96,6 +96,14 @@ async fn serve_unix(
     served
 }
 
+/// The Envoy rate-limit service: its rules (reloaded with the
+/// configuration), where they come from, and its settings.
+struct Rls {
+    rules: Arc<crate::rls::config::RulesCell>,
+    settings: crate::api::rls::RlsSettings,
+    dir: std::path::PathBuf,
+}
+
 /// A built app, bound and seeded, not yet serving.
 pub struct App {
     quota: TcpListener,
@@ -114,7 +122,7 @@ pub struct App {
     /// Who may call the admin API.
     credentials: Arc<Operators>,
     /// The Envoy rate-limit service's rules and settings, if it is served.
-    rls: Option<(Arc<crate::rls::config::Rules>, crate::api::rls::RlsSettings)>,
+    rls: Option<Rls>,
     /// TLS of the data plane's TCP listener and of the admin listener.
     quota_tls: Option<ServerTlsConfig>,
     admin_tls: Option<ServerTlsConfig>,
@@ -226,7 +234,11 @@ impl App {
                         )
                     })?;
                     tracing::info!(dir = %dir.display(), domains = rules.domains.len(), "Envoy rate-limit rules loaded");
-                    Some((Arc::new(rules), settings.rls.clone()))
+                    Some(Rls {
+                        rules: Arc::new(std::sync::RwLock::new(Arc::new(rules))),
+                        settings: settings.rls.clone(),
+                        dir: dir.clone(),
+                    })
                 }
             },
             quota_tls: server_tls(settings.tls.as_ref(), false).context("server.tls")?,
@@ -240,9 +252,11 @@ impl App {
     /// Reloads the catalog from `path` while serving: on SIGHUP, and when
     /// its content changes (`server.reload_poll_ms`).
     pub fn watch_config(mut self, path: std::path::PathBuf) -> App {
+        let rules = self.rls.as_ref().map(|r| (r.dir.clone(), Arc::clone(&r.rules)));
         self.watch = Some(crate::reload::Watch {
-            loaded: std::fs::read(&path).ok(),
+            loaded: crate::reload::snapshot(&path, rules.as_ref().map(|(dir, _)| dir.as_path())),
             path,
+            rules,
             poll: self.reload_poll,
         });
         self
@@ -283,8 +297,7 @@ impl App {
             rls,
             ..
         } = self;
-        let rls =
-            rls.map(|(rules, settings)| RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), rules, settings)));
+        let rls = rls.map(|r| RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), r.rules, r.settings)));
         if credentials.is_empty() {
             tracing::warn!(
                 "no admin credentials configured: the admin API refuses every call \

@@ -268,3 +268,50 @@ async fn sidecars_sharing_redis_count_one_window_together() {
     }
     assert_eq!(allowed, 2, "one window of 1,000 tokens across both sidecars");
 }
+
+/// Waits up to five seconds for `counter` to reach `n`.
+async fn reached(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    for _ in 0..250 {
+        if counter.load(std::sync::atomic::Ordering::Relaxed) >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the counter stayed below {n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothing() {
+    let rules = tempfile::tempdir().unwrap();
+    let file = rules.path().join("inference.yaml");
+    std::fs::write(&file, RULES).unwrap();
+    let config = format!(
+        "{}\n[rls]\nconfig_dir = \"{}\"\n",
+        support::CONFIG.replace("[server]\n", "[server]\nreload_poll_ms = 20\n"),
+        rules.path().display()
+    );
+    let (app, _path, reloads) = support::spawn_app_watching(&config).await;
+    let mut rls = RateLimitServiceClient::new(tollgate::channel::connect(&app.quota_url).await.unwrap());
+    let key = |k: &str| request(vec![descriptor(&[("api_key", k)])]);
+    assert_eq!(codes(&ask(&mut rls, key("a")).await), vec![(OK, 2)]);
+    // A tighter limit, in force once reloaded.
+    std::fs::write(
+        &file,
+        RULES.replace(
+            "requests_per_unit: 3, name: per_key",
+            "requests_per_unit: 1, name: per_key",
+        ),
+    )
+    .unwrap();
+    reached(&reloads.applied, 1).await;
+    assert_eq!(codes(&ask(&mut rls, key("b")).await), vec![(OK, 0)]);
+    assert_eq!(codes(&ask(&mut rls, key("b")).await), vec![(OVER, 0)]);
+    // A broken rules file is refused whole; the rules in force stay.
+    std::fs::write(
+        &file,
+        "domain: inference\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: fortnight }\n",
+    )
+    .unwrap();
+    reached(&reloads.refused, 1).await;
+    assert_eq!(codes(&ask(&mut rls, key("c")).await), vec![(OK, 0)]);
+}

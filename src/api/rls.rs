@@ -16,7 +16,7 @@ use envoy_types::pb::google::protobuf::Duration as WireDuration;
 use tonic::{Request, Response, Status};
 
 use super::status::invalid;
-use crate::rls::config::{Allowance, Rules, Unit};
+use crate::rls::config::{Allowance, RulesCell, Unit};
 use crate::rls::matcher::{Entry, drop_replaced, find};
 use crate::service::Tollgate;
 
@@ -34,13 +34,14 @@ pub struct RlsSettings {
 /// The service.
 pub struct RlsApi {
     tollgate: Tollgate,
-    rules: Arc<Rules>,
+    rules: Arc<RulesCell>,
     settings: RlsSettings,
 }
 
 impl RlsApi {
-    /// Answers from `rules`, counting in `tollgate`'s store.
-    pub fn new(tollgate: Tollgate, rules: Arc<Rules>, settings: RlsSettings) -> RlsApi {
+    /// Answers from the rules in force in `rules`, counting in
+    /// `tollgate`'s store.
+    pub fn new(tollgate: Tollgate, rules: Arc<RulesCell>, settings: RlsSettings) -> RlsApi {
         RlsApi {
             tollgate,
             rules,
@@ -93,8 +94,9 @@ impl RateLimitService for RlsApi {
             code: Code::Ok as i32,
             ..Default::default()
         };
+        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
         // A domain without rules limits nothing (as the reference).
-        let Some(domain) = self.rules.domains.get(&r.domain) else {
+        let Some(domain) = rules.domains.get(&r.domain) else {
             return Ok(Response::new(RateLimitResponse {
                 overall_code: Code::Ok as i32,
                 statuses: vec![ok; r.descriptors.len()],

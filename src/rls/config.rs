@@ -152,6 +152,10 @@ pub struct Domain {
     pub rules: Vec<Rule>,
 }
 
+/// The rules in force, swapped whole by a reload (requests in flight keep
+/// the `Arc` they took).
+pub type RulesCell = std::sync::RwLock<std::sync::Arc<Rules>>;
+
 /// Every domain, by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rules {
