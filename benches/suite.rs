@@ -57,6 +57,7 @@ fn spec(target: &str, connections: usize) -> Spec {
         accounts: (0..4).map(|i| format!("a{i}")).collect(),
         mix: Mix::Hot(0.5),
         model: "llama-3.1-8b".into(),
+        rls_domain: None,
         progress: false,
     }
 }

@@ -87,6 +87,10 @@ pub struct LoadgenArgs {
     /// The model on reserves.
     #[arg(long, default_value = "llama-3.1-8b")]
     pub model: String,
+    /// Call Envoy's ShouldRateLimit in this domain instead (one descriptor:
+    /// api_key = the account).
+    #[arg(long)]
+    pub rls_domain: Option<String>,
     /// Also write the report to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -485,6 +489,7 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         accounts: args.accounts,
         mix,
         model: args.model,
+        rls_domain: args.rls_domain,
         progress: !args.quiet,
     };
     let report = crate::loadgen::run(&spec)

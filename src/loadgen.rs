@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tonic::{Request, Response, Status};
 
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
 use crate::proto;
 use crate::proto::quota_client::QuotaClient;
 
@@ -49,6 +54,9 @@ pub struct Spec {
     pub mix: Mix,
     /// The model named on reserves.
     pub model: String,
+    /// Call Envoy's ShouldRateLimit in this domain instead (one descriptor,
+    /// `api_key` = the account), rather than Reserve and Settle.
+    pub rls_domain: Option<String>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -105,7 +113,9 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
     });
     let mut tasks = Vec::new();
     for client in 0..spec.connections {
-        let mut quota = QuotaClient::new(crate::channel::connect(&spec.target).await?);
+        let channel = crate::channel::connect(&spec.target).await?;
+        let mut rls = RateLimitServiceClient::new(channel.clone());
+        let mut quota = QuotaClient::new(channel);
         let (done, errors, spec) = (Arc::clone(&done), Arc::clone(&errors), spec.clone());
         let seed = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(client as u64 + 1);
         tasks.push(tokio::spawn(async move {
@@ -118,6 +128,15 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
                     Mix::Hot(share) if rng.f64() < share => spec.accounts[0].clone(),
                     _ => spec.accounts[rng.usize(..spec.accounts.len())].clone(),
                 };
+                if let Some(domain) = &spec.rls_domain {
+                    let t = Instant::now();
+                    if rls.should_rate_limit(rls_request(domain, &account)).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = histogram.record(t.elapsed().as_micros() as u64);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let id = format!("lg-{}-{client}-{i}", std::process::id());
                 let reserve = proto::ReserveRequest {
                     account_id: account.clone(),
@@ -202,6 +221,22 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
             .map(|&p| (q(p), p))
             .collect(),
     })
+}
+
+/// A ShouldRateLimit call in `domain` for one descriptor, `api_key` =
+/// `account` (over the limit is an answer, not an error).
+fn rls_request(domain: &str, account: &str) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_owned(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "api_key".into(),
+                value: account.to_owned(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 1,
+    }
 }
 
 /// A histogram of 3 significant digits always builds; this is never reached.

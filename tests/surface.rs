@@ -367,6 +367,7 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
             accounts: vec!["rich".into(), "limited".into()],
             mix: tollgate::loadgen::Mix::Hot(0.9),
             model: "m".into(),
+            rls_domain: None,
             progress: false,
         };
         let report = tollgate::loadgen::run(&spec).await.unwrap();

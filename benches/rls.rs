@@ -1,0 +1,97 @@
+//! Envoy's ShouldRateLimit, served by Tollgate on the memory store and on
+//! the Redis store, side by side in one run: the load generator
+//! (`tollgate::loadgen` with an RLS domain) drives one sidecar of each kind
+//! in alternating turns, 16 connections, one descriptor per call on
+//! uniformly drawn API keys (limits high enough that nothing is over).
+//!
+//! Run: `cargo bench --bench rls` (needs `redis-server` on PATH).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../tests/support/redis.rs"]
+mod redis_server;
+
+use std::time::Duration;
+
+use tollgate::config::Settings;
+use tollgate::loadgen::{Mix, Report, Spec};
+use tollgate::server::App;
+
+const RULES: &str = "domain: bench
+descriptors:
+  - key: api_key
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+";
+
+const CONNECTIONS: usize = 16;
+const TURN: Duration = Duration::from_secs(3);
+const TURNS: usize = 2;
+
+async fn start(settings: Settings) -> String {
+    let app = App::build_on_system_clock(settings).await.unwrap();
+    let url = format!("http://{}", app.quota_addr());
+    tokio::spawn(app.run(std::future::pending()));
+    url
+}
+
+async fn turn(target: &str) -> Report {
+    let spec = Spec {
+        target: target.to_owned(),
+        connections: CONNECTIONS,
+        duration: TURN,
+        calls: None,
+        accounts: (0..64).map(|i| format!("key-{i}")).collect(),
+        mix: Mix::Uniform,
+        model: String::new(),
+        rls_domain: Some("bench".into()),
+        progress: false,
+    };
+    tollgate::loadgen::run(&spec).await.unwrap()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("rls: bench");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bench.yaml"), RULES).unwrap();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[rls]\nconfig_dir = \"{}\"\n[plans.open]\n",
+            dir.path().display()
+        );
+        let settings = || {
+            let mut s = Settings::parse(&config, &|_| None).unwrap();
+            s.usage = tollgate::config::UsageSinkConfig::File(dir.path().join("usage.jsonl"));
+            s
+        };
+        let memory = start(settings()).await;
+        let redis = redis_server::RedisServer::start(&[]);
+        let mut on_redis = settings();
+        on_redis.store.use_redis(vec![redis.url()], false);
+        on_redis.journal.dir = dir.path().join("journal");
+        let on_redis = start(on_redis).await;
+        // Warm both, then alternate.
+        turn(&memory).await;
+        turn(&on_redis).await;
+        let mut reports: Vec<(&str, Report)> = Vec::new();
+        for _ in 0..TURNS {
+            reports.push(("memory", turn(&memory).await));
+            reports.push(("redis", turn(&on_redis).await));
+        }
+        println!(
+            "\nShouldRateLimit, {CONNECTIONS} connections, {TURNS} turns of {}s per store; latency per call in µs\n",
+            TURN.as_secs()
+        );
+        println!("| store | calls/s | p50 | p90 | p99 | p99.9 | errors |");
+        println!("|---|---|---|---|---|---|---|");
+        for (store, r) in &reports {
+            println!(
+                "| {store} | {:.0} | {} | {} | {} | {} | {} |",
+                r.calls_per_second, r.latency_us.p50, r.latency_us.p90, r.latency_us.p99, r.latency_us.p999, r.errors
+            );
+        }
+    });
+}
