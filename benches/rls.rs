@@ -54,7 +54,10 @@ fn main() {
         println!("rls: bench");
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("bench.yaml"), RULES).unwrap();

@@ -176,6 +176,14 @@ async fn hits_addend_replaces_shadow_mode_and_many_descriptors(backend: Backend)
     big.hits_addend = Some(UInt64Value { value: 101 });
     r.descriptors = vec![big];
     assert_eq!(codes(&ask(&mut rls, r).await), vec![(OVER, 0)]);
+    // An outsized count is over the limit, not an error, and the counter
+    // still answers afterwards.
+    let mut huge = descriptor(&[("tokens", "acct-2")]);
+    huge.hits_addend = Some(UInt64Value { value: u64::MAX });
+    for _ in 0..2 {
+        let r = request(vec![huge.clone()]);
+        assert_eq!(codes(&ask(&mut rls, r).await), vec![(OVER, 0)]);
+    }
     // Several descriptors: over if any is; statuses in request order.
     let both = request(vec![descriptor(&[("api_key", "vip")]), tokens.clone()]);
     let answer = ask(&mut rls, both).await;
@@ -201,6 +209,22 @@ async fn hits_addend_replaces_shadow_mode_and_many_descriptors(backend: Backend)
     ask(&mut rls, chat()).await;
     let r = ask(&mut rls, chat()).await;
     assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OK, 0)]));
+    assert_eq!(per_unit(&r), vec![Some(1)], "the shadowed rule matched");
+}
+
+/// The requests_per_unit of each descriptor's limit, if it has one.
+fn per_unit(r: &RateLimitResponse) -> Vec<Option<u32>> {
+    r.statuses
+        .iter()
+        .map(|s| s.current_limit.as_ref().map(|l| l.requests_per_unit))
+        .collect()
+}
+
+/// Replaces `file` at once (a reload never sees it half written).
+fn replace(file: &std::path::Path, text: &str) {
+    let next = file.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, file).unwrap();
 }
 
 async fn global_shadow_mode_and_response_headers(backend: Backend) {
@@ -295,23 +319,24 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
     let key = |k: &str| request(vec![descriptor(&[("api_key", k)])]);
     assert_eq!(codes(&ask(&mut rls, key("a")).await), vec![(OK, 2)]);
     // A tighter limit, in force once reloaded.
-    std::fs::write(
+    replace(
         &file,
-        RULES.replace(
+        &RULES.replace(
             "requests_per_unit: 3, name: per_key",
             "requests_per_unit: 1, name: per_key",
         ),
-    )
-    .unwrap();
+    );
     reached(&reloads.applied, 1).await;
-    assert_eq!(codes(&ask(&mut rls, key("b")).await), vec![(OK, 0)]);
+    let first = ask(&mut rls, key("b")).await;
+    assert_eq!((codes(&first), per_unit(&first)), (vec![(OK, 0)], vec![Some(1)]));
     assert_eq!(codes(&ask(&mut rls, key("b")).await), vec![(OVER, 0)]);
     // A broken rules file is refused whole; the rules in force stay.
-    std::fs::write(
+    replace(
         &file,
         "domain: inference\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: fortnight }\n",
-    )
-    .unwrap();
+    );
     reached(&reloads.refused, 1).await;
-    assert_eq!(codes(&ask(&mut rls, key("c")).await), vec![(OK, 0)]);
+    let c = ask(&mut rls, key("c")).await;
+    assert_eq!((codes(&c), per_unit(&c)), (vec![(OK, 0)], vec![Some(1)]));
+    assert_eq!(codes(&ask(&mut rls, key("c")).await), vec![(OVER, 0)]);
 }

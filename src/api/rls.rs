@@ -20,6 +20,9 @@ use crate::rls::config::{Allowance, RulesCell, Unit};
 use crate::rls::matcher::{Entry, drop_replaced, find};
 use crate::service::Tollgate;
 
+/// The most hits one descriptor adds (2^53, where counts stop).
+const MOST_HITS: u64 = 1 << 53;
+
 /// How the service answers beyond the rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RlsSettings {
@@ -62,18 +65,22 @@ fn wire_unit(unit: Unit) -> WireUnit {
     }
 }
 
-/// The store key of a window: the domain, the descriptor as counted and
-/// the window's start, hashed (request values are arbitrary text).
-fn counter_key(domain: &str, counter: &[(String, String)], start: i64) -> String {
-    let mut text = String::from(domain);
+/// The store key of a window: the domain, the descriptor as counted, the
+/// unit and the window's start, each part prefixed with its length (values
+/// are arbitrary text), hashed.
+fn counter_key(domain: &str, counter: &[(String, String)], unit: Unit, start: i64) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    let mut part = |p: &str| {
+        let _ = write!(text, "{}:{p}", p.len());
+    };
+    part(domain);
     for (key, value) in counter {
-        text.push('\0');
-        text.push_str(key);
-        text.push('\0');
-        text.push_str(value);
+        part(key);
+        part(value);
     }
-    text.push('\0');
-    text.push_str(&start.to_string());
+    part(&unit.to_string());
+    part(&start.to_string());
     crate::engine::record::digest_id([text.as_str()])
 }
 
@@ -142,11 +149,11 @@ impl RateLimitService for RlsApi {
             // The descriptor's own hits_addend wins (0 included: a check
             // that adds nothing); the request's counts at least one.
             let hits = match &descriptor.hits_addend {
-                Some(own) => own.value,
+                Some(own) => own.value.min(MOST_HITS),
                 None => u64::from(r.hits_addend.max(1)),
             };
             let (start, left) = unit.window(now);
-            let key = counter_key(&r.domain, &m.counter, start);
+            let key = counter_key(&r.domain, &m.counter, unit, start);
             let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(1));
             // A store that cannot count is UNAVAILABLE: Envoy's
             // failure_mode_deny decides.

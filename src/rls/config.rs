@@ -273,14 +273,14 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
         if d.key.is_empty() {
             push(format!("{at}.key"), "must not be empty".into());
         }
-        if seen.insert((d.key.clone(), d.value.clone()), i).is_some() {
+        if seen.insert((d.key.clone(), value(d)), i).is_some() {
             let value = d.value.as_deref().unwrap_or("(any)");
             push(
                 at.clone(),
                 format!("key {} with value {value} appears twice at this level", d.key),
             );
         }
-        if d.share_threshold && !d.value.as_deref().is_some_and(|v| v.contains('*')) {
+        if d.share_threshold && !value(d).is_some_and(|v| v.contains('*')) {
             push(
                 format!("{at}.share_threshold"),
                 "applies to wildcard values only (a value with *)".into(),
@@ -292,7 +292,7 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
             .and_then(|r| limit(push, &format!("{at}.rate_limit"), r));
         out.push(Rule {
             key: d.key.clone(),
-            value: d.value.clone(),
+            value: value(d),
             limit,
             children: descriptors(push, &format!("{at}.descriptors"), &d.descriptors),
             shadow_mode: d.shadow_mode,
@@ -302,6 +302,12 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
         });
     }
     out
+}
+
+/// A rule's value; an empty one is none (the key's default), as the
+/// reference reads it.
+fn value(d: &DescriptorFile) -> Option<String> {
+    d.value.clone().filter(|v| !v.is_empty())
 }
 
 fn limit(push: &mut impl FnMut(String, String), at: &str, r: &RateLimitFile) -> Option<Limit> {
@@ -458,6 +464,11 @@ mod tests {
         assert!(parse(shared_exact).unwrap_err()[0].contains("share_threshold"));
         let itself = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, name: n, replaces: [{ name: n }] }\n";
         assert!(parse(itself).unwrap_err()[0].contains("itself"));
+        let empty = "domain: d\ndescriptors:\n  - key: a\n  - key: a\n    value: \"\"\n";
+        assert!(
+            parse(empty).unwrap_err()[0].contains("twice"),
+            "an empty value is no value"
+        );
         let ignored =
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, requests_per_unit: 5 }\n";
         assert!(

@@ -52,6 +52,13 @@ impl MemoryStore {
     }
 }
 
+/// Open rate-limit windows the memory store keeps at most: request values
+/// are chosen by callers, so their number is bounded.
+const MAX_WINDOWS: usize = 1_000_000;
+
+/// Where a window's count stops (as on Redis: 2^53).
+const MOST_HITS: u64 = 1 << 53;
+
 /// Every how many sweeps one visits every account (and prunes idempotency
 /// memory); the others visit only accounts with open holds.
 pub const FULL_SWEEP_EVERY: u64 = 60;
@@ -138,11 +145,24 @@ impl Store for MemoryStore {
         let ends = now
             .checked_add(ttl)
             .map_err(|_| StoreError::Engine(EngineError::Overflow))?;
+        if !self.windows.contains_key(key) {
+            if hits == 0 {
+                return Ok(0);
+            }
+            if self.windows.len() >= MAX_WINDOWS {
+                self.windows.retain(|_, (_, ends)| *ends > now);
+                if self.windows.len() >= MAX_WINDOWS {
+                    return Err(StoreError::Busy(format!(
+                        "{MAX_WINDOWS} rate-limit windows are open; refusing a new one"
+                    )));
+                }
+            }
+        }
         let mut window = self.windows.entry(key.to_owned()).or_insert((0, ends));
         if window.1 <= now {
             *window = (0, ends);
         }
-        window.0 = window.0.saturating_add(hits);
+        window.0 = window.0.saturating_add(hits).min(MOST_HITS);
         Ok(window.0)
     }
 
