@@ -123,7 +123,7 @@ pub struct Settings {
     /// YAML files), if it is served.
     pub rls_config_dir: Option<PathBuf>,
     /// How it answers beyond the rules.
-    pub rls: crate::api::rls::RlsSettings,
+    pub rls: crate::rls::config::RlsSettings,
     /// TLS on the data plane's TCP listener (mTLS with a client CA).
     pub tls: Option<TlsSettings>,
     /// TLS on the admin listener (client certificates with a client CA).
@@ -1299,7 +1299,7 @@ impl Settings {
             tls: server_tls,
             admin_tls,
             rls_config_dir: file.rls.config_dir.clone(),
-            rls: crate::api::rls::RlsSettings {
+            rls: crate::rls::config::RlsSettings {
                 shadow_mode: file.rls.shadow_mode,
                 response_headers: file.rls.response_headers,
             },

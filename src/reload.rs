@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::Settings;
-use crate::rls::config::{Rules, RulesCell};
+use crate::rls::config::{InForce, Rules, RulesCell};
 use crate::service::Tollgate;
 
 /// Reloads done and refused since start.
@@ -87,7 +87,11 @@ async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<(), Vec<String>> {
     };
     tollgate.reload(settings.catalog).await?;
     if let (Some(rules), Some((_, cell))) = (rules, &watch.rules) {
-        *cell.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+        let in_force = InForce {
+            rules,
+            settings: settings.rls,
+        };
+        *cell.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(in_force);
     }
     Ok(())
 }

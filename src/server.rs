@@ -99,8 +99,7 @@ async fn serve_unix(
 /// The Envoy rate-limit service: its rules (reloaded with the
 /// configuration), where they come from, and its settings.
 struct Rls {
-    rules: Arc<crate::rls::config::RulesCell>,
-    settings: crate::api::rls::RlsSettings,
+    in_force: Arc<crate::rls::config::RulesCell>,
     dir: std::path::PathBuf,
 }
 
@@ -234,9 +233,12 @@ impl App {
                         )
                     })?;
                     tracing::info!(dir = %dir.display(), domains = rules.domains.len(), "Envoy rate-limit rules loaded");
-                    Some(Rls {
-                        rules: Arc::new(std::sync::RwLock::new(Arc::new(rules))),
+                    let in_force = crate::rls::config::InForce {
+                        rules,
                         settings: settings.rls.clone(),
+                    };
+                    Some(Rls {
+                        in_force: Arc::new(std::sync::RwLock::new(Arc::new(in_force))),
                         dir: dir.clone(),
                     })
                 }
@@ -252,7 +254,7 @@ impl App {
     /// Reloads the catalog from `path` while serving: on SIGHUP, and when
     /// its content changes (`server.reload_poll_ms`).
     pub fn watch_config(mut self, path: std::path::PathBuf) -> App {
-        let rules = self.rls.as_ref().map(|r| (r.dir.clone(), Arc::clone(&r.rules)));
+        let rules = self.rls.as_ref().map(|r| (r.dir.clone(), Arc::clone(&r.in_force)));
         self.watch = Some(crate::reload::Watch {
             loaded: crate::reload::snapshot(&path, rules.as_ref().map(|(dir, _)| dir.as_path())),
             path,
@@ -297,7 +299,7 @@ impl App {
             rls,
             ..
         } = self;
-        let rls = rls.map(|r| RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), r.rules, r.settings)));
+        let rls = rls.map(|r| RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), r.in_force)));
         if credentials.is_empty() {
             tracing::warn!(
                 "no admin credentials configured: the admin API refuses every call \

@@ -314,7 +314,7 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
         support::CONFIG.replace("[server]\n", "[server]\nreload_poll_ms = 20\n"),
         rules.path().display()
     );
-    let (app, _path, reloads) = support::spawn_app_watching(&config).await;
+    let (app, path, reloads) = support::spawn_app_watching(&config).await;
     let mut rls = RateLimitServiceClient::new(tollgate::channel::connect(&app.quota_url).await.unwrap());
     let key = |k: &str| request(vec![descriptor(&[("api_key", k)])]);
     assert_eq!(codes(&ask(&mut rls, key("a")).await), vec![(OK, 2)]);
@@ -339,4 +339,18 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
     let c = ask(&mut rls, key("c")).await;
     assert_eq!((codes(&c), per_unit(&c)), (vec![(OK, 0)], vec![Some(1)]));
     assert_eq!(codes(&ask(&mut rls, key("c")).await), vec![(OVER, 0)]);
+    // The [rls] settings reload too: global shadow mode, from now on. (The
+    // configuration first: with the rules still broken it is refused, so
+    // the second reload applied has both.)
+    replace(&path, &config.replace("[rls]\n", "[rls]\nshadow_mode = true\n"));
+    replace(
+        &file,
+        &RULES.replace(
+            "requests_per_unit: 3, name: per_key",
+            "requests_per_unit: 1, name: per_key",
+        ),
+    );
+    reached(&reloads.applied, 2).await;
+    let shadowed = ask(&mut rls, key("c")).await;
+    assert_eq!((shadowed.overall_code, codes(&shadowed)), (OK, vec![(OVER, 0)]));
 }

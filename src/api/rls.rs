@@ -23,33 +23,17 @@ use crate::service::Tollgate;
 /// The most hits one descriptor adds (2^53, where counts stop).
 const MOST_HITS: u64 = 1 << 53;
 
-/// How the service answers beyond the rules.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RlsSettings {
-    /// Global shadow mode: count and report, but the overall answer is
-    /// always OK.
-    pub shadow_mode: bool,
-    /// Add `x-ratelimit-limit`, `-remaining` and `-reset` to the response
-    /// headers, for the most constrained descriptor.
-    pub response_headers: bool,
-}
-
 /// The service.
 pub struct RlsApi {
     tollgate: Tollgate,
-    rules: Arc<RulesCell>,
-    settings: RlsSettings,
+    in_force: Arc<RulesCell>,
 }
 
 impl RlsApi {
-    /// Answers from the rules in force in `rules`, counting in
-    /// `tollgate`'s store.
-    pub fn new(tollgate: Tollgate, rules: Arc<RulesCell>, settings: RlsSettings) -> RlsApi {
-        RlsApi {
-            tollgate,
-            rules,
-            settings,
-        }
+    /// Answers from the rules and settings in force in `in_force`,
+    /// counting in `tollgate`'s store.
+    pub fn new(tollgate: Tollgate, in_force: Arc<RulesCell>) -> RlsApi {
+        RlsApi { tollgate, in_force }
     }
 }
 
@@ -101,7 +85,8 @@ impl RateLimitService for RlsApi {
             code: Code::Ok as i32,
             ..Default::default()
         };
-        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
+        let in_force = Arc::clone(&self.in_force.read().unwrap_or_else(|p| p.into_inner()));
+        let (rules, settings) = (&in_force.rules, &in_force.settings);
         // A domain without rules limits nothing (as the reference).
         let Some(domain) = rules.domains.get(&r.domain) else {
             return Ok(Response::new(RateLimitResponse {
@@ -185,12 +170,12 @@ impl RateLimitService for RlsApi {
                 ..Default::default()
             });
         }
-        let response_headers_to_add = if self.settings.response_headers {
+        let response_headers_to_add = if settings.response_headers {
             headers(&statuses)
         } else {
             Vec::new()
         };
-        let overall = if over && !self.settings.shadow_mode {
+        let overall = if over && !settings.shadow_mode {
             Code::OverLimit
         } else {
             Code::Ok

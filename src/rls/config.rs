@@ -152,9 +152,29 @@ pub struct Domain {
     pub rules: Vec<Rule>,
 }
 
-/// The rules in force, swapped whole by a reload (requests in flight keep
+/// How the service answers beyond the rules (`[rls]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RlsSettings {
+    /// Global shadow mode: count and report, but the overall answer is
+    /// always OK.
+    pub shadow_mode: bool,
+    /// Add `x-ratelimit-limit`, `-remaining` and `-reset` to the response
+    /// headers, for the most constrained descriptor.
+    pub response_headers: bool,
+}
+
+/// The rules and settings in force together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InForce {
+    /// The rules.
+    pub rules: Rules,
+    /// The settings.
+    pub settings: RlsSettings,
+}
+
+/// What is in force, swapped whole by a reload (requests in flight keep
 /// the `Arc` they took).
-pub type RulesCell = std::sync::RwLock<std::sync::Arc<Rules>>;
+pub type RulesCell = std::sync::RwLock<std::sync::Arc<InForce>>;
 
 /// Every domain, by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
