@@ -251,7 +251,41 @@ async fn global_shadow_mode_and_response_headers(backend: Backend) {
     );
 }
 
+async fn a_charging_descriptor_charges_and_checks_a_tollgate_account(backend: Backend) {
+    let (mut app, mut rls, _dir) = app(backend, RULES, "").await;
+    let charge = |account: &str, request: &str| {
+        descriptor(&[
+            ("tollgate_account", account),
+            ("tollgate_model", "m"),
+            ("tollgate_tokens", "output"),
+            ("tollgate_request", request),
+        ])
+    };
+    let paid = |b: &tollgate::proto::GetBalanceResponse| b.paid.clone().unwrap().decimal;
+    let before = paid(&app.balance("rich").await);
+    // 1,000 output tokens at 4 per million: 0.004, charged once however
+    // often Envoy retries.
+    for _ in 0..2 {
+        let mut r = request(vec![charge("rich", "resp-1")]);
+        r.hits_addend = 1000;
+        assert_eq!(codes(&ask(&mut rls, r).await), vec![(OK, 0)]);
+    }
+    assert_eq!(before, "100.000000000000");
+    assert_eq!(paid(&app.balance("rich").await), "99.996000000000");
+    // No hits: a check that the account can spend.
+    let check = |account: &str| request(vec![charge(account, "pre")]);
+    assert_eq!(ask(&mut rls, check("rich")).await.overall_code, OK);
+    for refused in ["poor", "frozen", "nobody"] {
+        assert_eq!(ask(&mut rls, check(refused)).await.overall_code, OVER, "{refused}");
+    }
+    // A charge needs its model.
+    let no_model = request(vec![descriptor(&[("tollgate_account", "rich")])]);
+    let refused = rls.should_rate_limit(no_model).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
+
 on_both_stores!(
+    a_charging_descriptor_charges_and_checks_a_tollgate_account,
     limits_count_per_descriptor_and_reset_with_their_window,
     depth_wildcards_unlimited_and_unmatched_descriptors,
     hits_addend_replaces_shadow_mode_and_many_descriptors,

@@ -15,10 +15,17 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as WireDuration;
 use tonic::{Request, Response, Status};
 
-use super::status::invalid;
+use super::convert::id;
+use super::status::{invalid, status, unexpected};
+use crate::engine::ids::{AccountId, ModelId, RequestId, TierId};
+use crate::engine::ops::{ChargeOutcome, ChargeRequest, ChargeWhat};
+use crate::engine::pricing::{TokenKind, Usage};
+use crate::engine::{Command, EngineError, Reply};
 use crate::rls::config::{Allowance, RulesCell, Unit};
 use crate::rls::matcher::{Entry, drop_replaced, find};
 use crate::service::Tollgate;
+use crate::store::StoreError;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 
 /// The most hits one descriptor adds (2^53, where counts stop).
 const MOST_HITS: u64 = 1 << 53;
@@ -34,6 +41,101 @@ impl RlsApi {
     /// counting in `tollgate`'s store.
     pub fn new(tollgate: Tollgate, in_force: Arc<RulesCell>) -> RlsApi {
         RlsApi { tollgate, in_force }
+    }
+}
+
+/// A descriptor that charges a Tollgate account (the entries
+/// `tollgate_account`, `tollgate_model`, and optionally `tollgate_tokens`
+/// and `tollgate_request`; see the README).
+struct Charging {
+    account: AccountId,
+    model: ModelId,
+    kind: TokenKind,
+    request: Option<RequestId>,
+}
+
+impl Charging {
+    /// The charge `descriptor` asks for, if it names an account.
+    fn of(descriptor: &RateLimitDescriptor) -> Result<Option<Charging>, Status> {
+        let entry = |key: &str| {
+            descriptor
+                .entries
+                .iter()
+                .find(|e| e.key == key)
+                .map(|e| e.value.as_str())
+        };
+        let Some(account) = entry("tollgate_account") else {
+            return Ok(None);
+        };
+        let model =
+            entry("tollgate_model").ok_or_else(|| invalid("tollgate_model", "is required beside tollgate_account"))?;
+        let kind = match entry("tollgate_tokens").unwrap_or("output") {
+            "input" => TokenKind::Input,
+            "cached_input" => TokenKind::CachedInput,
+            "cache_write" => TokenKind::CacheWrite,
+            "output" => TokenKind::Output,
+            other => {
+                return Err(invalid(
+                    "tollgate_tokens",
+                    format!("expected input, cached_input, cache_write or output, got {other:?}"),
+                ));
+            }
+        };
+        Ok(Some(Charging {
+            account: id("tollgate_account", account, AccountId::parse)?,
+            model: id("tollgate_model", model, ModelId::parse)?,
+            kind,
+            request: entry("tollgate_request")
+                .map(|r| id("tollgate_request", r, RequestId::parse))
+                .transpose()?,
+        }))
+    }
+}
+
+impl RlsApi {
+    /// Charges `hits` tokens to the account of `charge` (or, with no hits,
+    /// checks that it can spend): whether it is allowed.
+    async fn charge(&self, charge: Charging, hits: u64) -> Result<bool, Status> {
+        let refused = |e: StoreError| match e {
+            StoreError::UnknownAccount(_) => Ok(false),
+            StoreError::Engine(EngineError::Invalid { .. }) => Err(status(e)),
+            other => Err(Status::unavailable(other.to_string())),
+        };
+        if hits == 0 {
+            return match self.tollgate.apply(&charge.account, Command::Balance).await {
+                Ok(Reply::Balance(b)) => {
+                    Ok(!b.suspended && (b.spendable.is_positive() || b.allowance_tokens > 0 || b.pack_tokens > 0))
+                }
+                Ok(_) => Err(unexpected("Balance")),
+                Err(e) => refused(e),
+            };
+        }
+        let mut usage = Usage::default();
+        match charge.kind {
+            TokenKind::Input => usage.input_tokens = hits,
+            TokenKind::CachedInput => usage.cached_input_tokens = hits,
+            TokenKind::CacheWrite => usage.cache_write_tokens = hits,
+            TokenKind::Output => usage.output_tokens = hits,
+        }
+        // Without a request id, each call is its own charge.
+        let request_id = match charge.request {
+            Some(r) => r,
+            None => RequestId::parse(&format!("rls-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)))
+                .map_err(|e| invalid("tollgate_request", e.to_string()))?,
+        };
+        let command = Command::Charge(ChargeRequest {
+            request_id,
+            api_key_id: None,
+            model: Some(charge.model),
+            tier: TierId::default_tier(),
+            what: ChargeWhat::Usage(usage),
+        });
+        match self.tollgate.apply(&charge.account, command).await {
+            Ok(Reply::Charge(ChargeOutcome::Charged(_))) => Ok(true),
+            Ok(Reply::Charge(ChargeOutcome::Denied(..))) => Ok(false),
+            Ok(_) => Err(unexpected("Charge")),
+            Err(e) => refused(e),
+        }
     }
 }
 
@@ -88,13 +190,7 @@ impl RateLimitService for RlsApi {
         let in_force = Arc::clone(&self.in_force.read().unwrap_or_else(|p| p.into_inner()));
         let (rules, settings) = (&in_force.rules, &in_force.settings);
         // A domain without rules limits nothing (as the reference).
-        let Some(domain) = rules.domains.get(&r.domain) else {
-            return Ok(Response::new(RateLimitResponse {
-                overall_code: Code::Ok as i32,
-                statuses: vec![ok; r.descriptors.len()],
-                ..Default::default()
-            }));
-        };
+        let domain = rules.domains.get(&r.domain);
         let entries: Vec<Vec<Entry>> = r
             .descriptors
             .iter()
@@ -108,12 +204,25 @@ impl RateLimitService for RlsApi {
                     .collect()
             })
             .collect();
-        let mut matched: Vec<_> = entries.iter().map(|e| find(domain, e)).collect();
+        let mut matched: Vec<_> = entries.iter().map(|e| domain.and_then(|d| find(d, e))).collect();
         drop_replaced(&mut matched);
         let now = self.tollgate.now();
         let mut statuses = Vec::with_capacity(matched.len());
         let mut over = false;
         for (descriptor, matched) in r.descriptors.iter().zip(&matched) {
+            if let Some(charge) = Charging::of(descriptor)? {
+                let hits = descriptor
+                    .hits_addend
+                    .as_ref()
+                    .map_or(u64::from(r.hits_addend), |h| h.value);
+                let allowed = self.charge(charge, hits).await?;
+                over |= !allowed;
+                statuses.push(DescriptorStatus {
+                    code: if allowed { Code::Ok } else { Code::OverLimit } as i32,
+                    ..Default::default()
+                });
+                continue;
+            }
             let Some(m) = matched else {
                 statuses.push(ok.clone());
                 continue;
