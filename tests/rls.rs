@@ -284,7 +284,38 @@ async fn a_charging_descriptor_charges_and_checks_a_tollgate_account(backend: Ba
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 }
 
+async fn envoys_own_limit_for_a_descriptor_replaces_the_rules(backend: Backend) {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+    let (_app, mut rls, _dir) = app(backend, RULES, "").await;
+    let with_limit = |pairs: &[(&str, &str)], unit: i32| {
+        let mut d = descriptor(pairs);
+        d.limit = Some(RateLimitOverride {
+            requests_per_unit: 1,
+            unit,
+        });
+        request(vec![d])
+    };
+    // No rule for this key: the override alone limits it. A rule for
+    // api_key allows 3: the override's 1 wins.
+    for pairs in [&[("anything", "x")][..], &[("api_key", "k1")][..]] {
+        let first = ask(&mut rls, with_limit(pairs, 2)).await;
+        assert_eq!(
+            (codes(&first), per_unit(&first)),
+            (vec![(OK, 0)], vec![Some(1)]),
+            "{pairs:?}"
+        );
+        assert_eq!(
+            codes(&ask(&mut rls, with_limit(pairs, 2)).await),
+            vec![(OVER, 0)],
+            "{pairs:?}"
+        );
+    }
+    let unknown_unit = rls.should_rate_limit(with_limit(&[("a", "b")], 0)).await.unwrap_err();
+    assert_eq!(unknown_unit.code(), tonic::Code::InvalidArgument);
+}
+
 on_both_stores!(
+    envoys_own_limit_for_a_descriptor_replaces_the_rules,
     a_charging_descriptor_charges_and_checks_a_tollgate_account,
     limits_count_per_descriptor_and_reset_with_their_window,
     depth_wildcards_unlimited_and_unmatched_descriptors,

@@ -139,6 +139,20 @@ impl RlsApi {
     }
 }
 
+/// The unit of Envoy's per-descriptor limit (`envoy.type.v3.RateLimitUnit`).
+fn override_unit(value: i32) -> Result<Unit, Status> {
+    Ok(match value {
+        1 => Unit::Second,
+        2 => Unit::Minute,
+        3 => Unit::Hour,
+        4 => Unit::Day,
+        5 => Unit::Month,
+        6 => Unit::Year,
+        7 => Unit::Week,
+        other => return Err(invalid("descriptors.limit.unit", format!("unknown unit {other}"))),
+    })
+}
+
 fn wire_unit(unit: Unit) -> WireUnit {
     match unit {
         Unit::Second => WireUnit::Second,
@@ -223,11 +237,35 @@ impl RateLimitService for RlsApi {
                 });
                 continue;
             }
-            let Some(m) = matched else {
-                statuses.push(ok.clone());
-                continue;
+            // Envoy's own limit for the descriptor replaces the rules' (never
+            // shadowed, unnamed, counted per the values as sent).
+            let overridden;
+            let (allowance, counter, shadow_mode, name) = match (&descriptor.limit, matched) {
+                (Some(o), _) => {
+                    let unit = override_unit(o.unit)?;
+                    overridden = descriptor
+                        .entries
+                        .iter()
+                        .map(|e| (e.key.clone(), e.value.clone()))
+                        .collect::<Vec<_>>();
+                    let allowance = Allowance::PerUnit {
+                        unit,
+                        requests_per_unit: o.requests_per_unit,
+                    };
+                    (allowance, &overridden, false, None)
+                }
+                (None, Some(m)) => (
+                    m.limit.allowance.clone(),
+                    &m.counter,
+                    m.shadow_mode,
+                    m.limit.name.as_ref(),
+                ),
+                (None, None) => {
+                    statuses.push(ok.clone());
+                    continue;
+                }
             };
-            let (unit, requests_per_unit) = match m.limit.allowance {
+            let (unit, requests_per_unit) = match allowance {
                 Allowance::Unlimited => {
                     statuses.push(DescriptorStatus {
                         limit_remaining: u32::MAX,
@@ -247,7 +285,7 @@ impl RateLimitService for RlsApi {
                 None => u64::from(r.hits_addend.max(1)),
             };
             let (start, left) = unit.window(now);
-            let key = counter_key(&r.domain, &m.counter, unit, start);
+            let key = counter_key(&r.domain, counter, unit, start);
             let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(1));
             // A store that cannot count is UNAVAILABLE: Envoy's
             // failure_mode_deny decides.
@@ -258,7 +296,7 @@ impl RateLimitService for RlsApi {
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             let limit = u64::from(requests_per_unit);
             let exceeded = count > limit;
-            let code = if exceeded && !m.shadow_mode {
+            let code = if exceeded && !shadow_mode {
                 over = true;
                 Code::OverLimit
             } else {
@@ -267,7 +305,7 @@ impl RateLimitService for RlsApi {
             statuses.push(DescriptorStatus {
                 code: code as i32,
                 current_limit: Some(RateLimit {
-                    name: m.limit.name.clone().unwrap_or_default(),
+                    name: name.cloned().unwrap_or_default(),
                     requests_per_unit,
                     unit: wire_unit(unit) as i32,
                 }),
