@@ -314,7 +314,25 @@ async fn envoys_own_limit_for_a_descriptor_replaces_the_rules(backend: Backend) 
     assert_eq!(unknown_unit.code(), tonic::Code::InvalidArgument);
 }
 
+async fn quota_descriptors_make_a_request_over_only_together(backend: Backend) {
+    let rules = "domain: inference\n\
+        descriptors:\n\
+        \x20 - key: quota\n\
+        \x20   quota_mode: true\n\
+        \x20   rate_limit: { unit: hour, requests_per_unit: 1 }\n";
+    let (_app, mut rls, _dir) = app(backend, rules, "").await;
+    let quota = |v: &str| descriptor(&[("quota", v)]);
+    ask(&mut rls, request(vec![quota("a")])).await;
+    // One quota of two is spent: reported over, the request is not.
+    let r = ask(&mut rls, request(vec![quota("a"), quota("b")])).await;
+    assert_eq!((r.overall_code, codes(&r)), (OK, vec![(OVER, 0), (OK, 0)]));
+    // Every quota spent: over.
+    let r = ask(&mut rls, request(vec![quota("a"), quota("b")])).await;
+    assert_eq!((r.overall_code, codes(&r)), (OVER, vec![(OVER, 0), (OVER, 0)]));
+}
+
 on_both_stores!(
+    quota_descriptors_make_a_request_over_only_together,
     envoys_own_limit_for_a_descriptor_replaces_the_rules,
     a_charging_descriptor_charges_and_checks_a_tollgate_account,
     limits_count_per_descriptor_and_reset_with_their_window,

@@ -222,7 +222,9 @@ impl RateLimitService for RlsApi {
         drop_replaced(&mut matched);
         let now = self.tollgate.now();
         let mut statuses = Vec::with_capacity(matched.len());
+        // Over if any limit that is not a quota is, or if every quota is.
         let mut over = false;
+        let (mut quotas, mut quotas_over) = (0usize, 0usize);
         for (descriptor, matched) in r.descriptors.iter().zip(&matched) {
             if let Some(charge) = Charging::of(descriptor)? {
                 let hits = descriptor
@@ -240,7 +242,7 @@ impl RateLimitService for RlsApi {
             // Envoy's own limit for the descriptor replaces the rules' (never
             // shadowed, unnamed, counted per the values as sent).
             let overridden;
-            let (allowance, counter, shadow_mode, name) = match (&descriptor.limit, matched) {
+            let (allowance, counter, shadow_mode, quota_mode, name) = match (&descriptor.limit, matched) {
                 (Some(o), _) => {
                     let unit = override_unit(o.unit)?;
                     overridden = descriptor
@@ -252,12 +254,13 @@ impl RateLimitService for RlsApi {
                         unit,
                         requests_per_unit: o.requests_per_unit,
                     };
-                    (allowance, &overridden, false, None)
+                    (allowance, &overridden, false, false, None)
                 }
                 (None, Some(m)) => (
                     m.limit.allowance.clone(),
                     &m.counter,
                     m.shadow_mode,
+                    m.quota_mode,
                     m.limit.name.as_ref(),
                 ),
                 (None, None) => {
@@ -267,6 +270,7 @@ impl RateLimitService for RlsApi {
             };
             let (unit, requests_per_unit) = match allowance {
                 Allowance::Unlimited => {
+                    quotas += usize::from(quota_mode);
                     statuses.push(DescriptorStatus {
                         limit_remaining: u32::MAX,
                         ..ok.clone()
@@ -297,11 +301,16 @@ impl RateLimitService for RlsApi {
             let limit = u64::from(requests_per_unit);
             let exceeded = count > limit;
             let code = if exceeded && !shadow_mode {
-                over = true;
                 Code::OverLimit
             } else {
                 Code::Ok
             };
+            if quota_mode {
+                quotas += 1;
+                quotas_over += usize::from(code == Code::OverLimit);
+            } else {
+                over |= code == Code::OverLimit;
+            }
             statuses.push(DescriptorStatus {
                 code: code as i32,
                 current_limit: Some(RateLimit {
@@ -322,6 +331,7 @@ impl RateLimitService for RlsApi {
         } else {
             Vec::new()
         };
+        let over = over || (quotas > 0 && quotas_over == quotas);
         let overall = if over && !settings.shadow_mode {
             Code::OverLimit
         } else {

@@ -134,6 +134,9 @@ pub struct Rule {
     pub children: Vec<Rule>,
     /// Counted and reported, never enforced.
     pub shadow_mode: bool,
+    /// A quota: over its limit, it is reported over, but the request is
+    /// over only if every quota descriptor of it is (or another limit is).
+    pub quota_mode: bool,
     /// Wildcard values that match share one counter (rather than one per
     /// value).
     pub share_threshold: bool,
@@ -201,6 +204,8 @@ struct DescriptorFile {
     descriptors: Vec<DescriptorFile>,
     #[serde(default)]
     shadow_mode: bool,
+    #[serde(default)]
+    quota_mode: bool,
     #[serde(default)]
     share_threshold: bool,
     #[serde(default)]
@@ -316,6 +321,7 @@ fn descriptors(push: &mut impl FnMut(String, String), path: &str, files: &[Descr
             limit,
             children: descriptors(push, &format!("{at}.descriptors"), &d.descriptors),
             shadow_mode: d.shadow_mode,
+            quota_mode: d.quota_mode,
             share_threshold: d.share_threshold,
             detailed_metric: d.detailed_metric,
             value_to_metric: d.value_to_metric,

@@ -28,6 +28,8 @@ pub struct Matched<'a> {
     pub limit: &'a Limit,
     /// Counted and reported, never enforced.
     pub shadow_mode: bool,
+    /// A quota (see [`Rule::quota_mode`]).
+    pub quota_mode: bool,
     /// What the descriptor is counted under: per entry, the key and either
     /// its value or, where a `share_threshold` wildcard matched it, the
     /// pattern (so every value it matches shares one counter).
@@ -90,6 +92,7 @@ pub fn find<'a>(domain: &'a Domain, entries: &[Entry]) -> Option<Matched<'a>> {
     Some(Matched {
         limit: rule.limit.as_ref()?,
         shadow_mode: rule.shadow_mode,
+        quota_mode: rule.quota_mode,
         counter,
     })
 }
