@@ -208,6 +208,9 @@ struct DescriptorFile {
     quota_mode: bool,
     #[serde(default)]
     share_threshold: bool,
+    /// Accepted and ignored (the reference returns it as dynamic metadata).
+    #[serde(default, rename = "metadata")]
+    _metadata: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     detailed_metric: bool,
     #[serde(default)]
@@ -490,6 +493,11 @@ mod tests {
         assert!(parse(shared_exact).unwrap_err()[0].contains("share_threshold"));
         let itself = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, name: n, replaces: [{ name: n }] }\n";
         assert!(parse(itself).unwrap_err()[0].contains("itself"));
+        let with_metadata = "domain: d\ndescriptors:\n  - key: a\n    metadata: { team: billing, tags: [x] }\n";
+        assert!(
+            parse(with_metadata).is_ok(),
+            "metadata is accepted, as the reference accepts it"
+        );
         let empty = "domain: d\ndescriptors:\n  - key: a\n  - key: a\n    value: \"\"\n";
         assert!(
             parse(empty).unwrap_err()[0].contains("twice"),
