@@ -856,17 +856,6 @@ on_both_stores!(
     get_account_shows_sources_lots_holds_and_recent_usage,
 );
 
-/// Waits up to five seconds for `counter` to reach `n`.
-async fn reached(counter: &std::sync::atomic::AtomicU64, n: u64) {
-    for _ in 0..250 {
-        if counter.load(std::sync::atomic::Ordering::Relaxed) >= n {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("the counter stayed below {n}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_catalog_reloads_under_load_and_a_new_price_takes_effect_on_time() {
     use std::sync::Arc;
@@ -919,7 +908,7 @@ async fn the_catalog_reloads_under_load_and_a_new_price_takes_effect_on_time() {
         .replacen("[[accounts]]\nid = \"rich\"", &v2, 1)
         .replace("requests_per_minute = 2", "requests_per_minute = 3");
     std::fs::write(&path, &next).unwrap();
-    reached(&reloads.applied, 1).await;
+    support::reached(&reloads.applied, 1).await;
     let listed = list(app.admin.clone()).await;
     let ids: Vec<&str> = listed.versions.iter().map(|v| v.id.as_str()).collect();
     assert_eq!((ids, listed.in_force.as_str()), (vec!["v1", "v2"], "v1"));
@@ -950,9 +939,9 @@ async fn the_catalog_reloads_under_load_and_a_new_price_takes_effect_on_time() {
         .replace("period = \"month\"", "period = \"fortnight\"")
         .replacen("[plans.payg]\n", "", 1);
     std::fs::write(&path, broken).unwrap();
-    reached(&reloads.refused, 1).await;
+    support::reached(&reloads.refused, 1).await;
     std::fs::write(&path, next.replace("input = \"2\"", "input = \"3\"")).unwrap();
-    reached(&reloads.refused, 2).await;
+    support::reached(&reloads.refused, 2).await;
     assert_eq!(list(app.admin.clone()).await.versions, listed.versions);
     // v2's time comes while the load runs: reserves from then on are
     // charged at v2.

@@ -310,8 +310,15 @@ async fn envoys_own_limit_for_a_descriptor_replaces_the_rules(backend: Backend) 
             "{pairs:?}"
         );
     }
-    let unknown_unit = rls.should_rate_limit(with_limit(&[("a", "b")], 0)).await.unwrap_err();
-    assert_eq!(unknown_unit.code(), tonic::Code::InvalidArgument);
+    // Bad input changes nothing: with one descriptor unreadable, the others
+    // are not counted either.
+    let mut mixed = with_limit(&[("a", "b")], 0);
+    mixed.descriptors.insert(0, descriptor(&[("api_key", "k2")]));
+    mixed.descriptors.push(descriptor(&[("tollgate_account", "rich")]));
+    let refused = rls.should_rate_limit(mixed).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let after = ask(&mut rls, request(vec![descriptor(&[("api_key", "k2")])])).await;
+    assert_eq!(codes(&after), vec![(OK, 2)], "the refused call counted nothing");
 }
 
 async fn quota_descriptors_make_a_request_over_only_together(backend: Backend) {
@@ -376,17 +383,6 @@ async fn sidecars_sharing_redis_count_one_window_together() {
     assert_eq!(allowed, 2, "one window of 1,000 tokens across both sidecars");
 }
 
-/// Waits up to five seconds for `counter` to reach `n`.
-async fn reached(counter: &std::sync::atomic::AtomicU64, n: u64) {
-    for _ in 0..250 {
-        if counter.load(std::sync::atomic::Ordering::Relaxed) >= n {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("the counter stayed below {n}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothing() {
     let rules = tempfile::tempdir().unwrap();
@@ -409,7 +405,7 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
             "requests_per_unit: 1, name: per_key",
         ),
     );
-    reached(&reloads.applied, 1).await;
+    support::reached(&reloads.applied, 1).await;
     let first = ask(&mut rls, key("b")).await;
     assert_eq!((codes(&first), per_unit(&first)), (vec![(OK, 0)], vec![Some(1)]));
     assert_eq!(codes(&ask(&mut rls, key("b")).await), vec![(OVER, 0)]);
@@ -418,7 +414,7 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
         &file,
         "domain: inference\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: fortnight }\n",
     );
-    reached(&reloads.refused, 1).await;
+    support::reached(&reloads.refused, 1).await;
     let c = ask(&mut rls, key("c")).await;
     assert_eq!((codes(&c), per_unit(&c)), (vec![(OK, 0)], vec![Some(1)]));
     assert_eq!(codes(&ask(&mut rls, key("c")).await), vec![(OVER, 0)]);
@@ -433,7 +429,7 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
             "requests_per_unit: 1, name: per_key",
         ),
     );
-    reached(&reloads.applied, 2).await;
+    support::reached(&reloads.applied, 2).await;
     let shadowed = ask(&mut rls, key("c")).await;
     assert_eq!((shadowed.overall_code, codes(&shadowed)), (OK, vec![(OVER, 0)]));
 }

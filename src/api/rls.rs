@@ -225,8 +225,18 @@ impl RateLimitService for RlsApi {
         // Over if any limit that is not a quota is, or if every quota is.
         let mut over = false;
         let (mut quotas, mut quotas_over) = (0usize, 0usize);
-        for (descriptor, matched) in r.descriptors.iter().zip(&matched) {
-            if let Some(charge) = Charging::of(descriptor)? {
+        // Bad input changes nothing: every descriptor is read before any
+        // is counted or charged.
+        let mut charges = Vec::with_capacity(r.descriptors.len());
+        let mut overrides = Vec::with_capacity(r.descriptors.len());
+        for descriptor in &r.descriptors {
+            charges.push(Charging::of(descriptor)?);
+            overrides.push(descriptor.limit.as_ref().map(|o| override_unit(o.unit)).transpose()?);
+        }
+        for (((descriptor, matched), charge), override_unit) in
+            r.descriptors.iter().zip(&matched).zip(charges).zip(overrides)
+        {
+            if let Some(charge) = charge {
                 let hits = descriptor
                     .hits_addend
                     .as_ref()
@@ -242,9 +252,9 @@ impl RateLimitService for RlsApi {
             // Envoy's own limit for the descriptor replaces the rules' (never
             // shadowed, unnamed, counted per the values as sent).
             let overridden;
-            let (allowance, counter, shadow_mode, quota_mode, name) = match (&descriptor.limit, matched) {
-                (Some(o), _) => {
-                    let unit = override_unit(o.unit)?;
+            let limit_override = override_unit.zip(descriptor.limit.as_ref());
+            let (allowance, counter, shadow_mode, quota_mode, name) = match (limit_override, matched) {
+                (Some((unit, o)), _) => {
                     overridden = descriptor
                         .entries
                         .iter()

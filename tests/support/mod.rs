@@ -199,6 +199,18 @@ pub async fn admin_client(url: &str, token: Option<&str>) -> AdminClient {
     tollgate::channel::admin_client(channel, bearer)
 }
 
+/// Waits up to five seconds for `counter` (e.g. reloads applied) to reach
+/// `n`.
+pub async fn reached(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    for _ in 0..250 {
+        if counter.load(std::sync::atomic::Ordering::Relaxed) >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the counter stayed below {n}");
+}
+
 /// Parses `config` with usage records going to a fresh temp file.
 pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
