@@ -49,16 +49,17 @@ impl Tollgate {
         self.store.reload(next, self.now()).await
     }
 
-    /// Adds `hits` to the rate-limit window `key`, which ends `ttl` after
-    /// `now`; its count.
+    /// Adds `hits` to the rate-limit window `key` of `limit` hits, which
+    /// ends `ttl` after `now`; its count.
     pub async fn count_hits(
         &self,
         key: &str,
         hits: u64,
+        limit: u64,
         ttl: std::time::Duration,
         now: Timestamp,
     ) -> Result<u64, StoreError> {
-        self.store.count_hits(key, hits, ttl, now).await
+        self.store.count_hits(key, hits, limit, ttl, now).await
     }
 
     /// Up to `limit` account ids after `after`, in byte order.

@@ -383,6 +383,87 @@ async fn sidecars_sharing_redis_count_one_window_together() {
     assert_eq!(allowed, 2, "one window of 1,000 tokens across both sidecars");
 }
 
+/// Calls of the script that counts rate-limit windows, per Redis.
+fn window_trips(redis: &support::redis::RedisServer) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The count of the one open window in `redis`.
+fn window_count(redis: &support::redis::RedisServer) -> u64 {
+    let keys = redis.cli(&["KEYS", "tollgate:rls:*"]);
+    let key = keys.lines().next().expect("a window is open");
+    redis.cli(&["GET", key]).trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_count_from_hits_taken_ahead_and_give_back_what_idles() {
+    let redis = support::redis::RedisServer::start(&[]);
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules.path().join("inference.yaml"),
+        "domain: inference\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: hour, requests_per_unit: 300 }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "{}\n[leases]\nidle_return_seconds = 1\n\n[rls]\nconfig_dir = \"{}\"\n",
+        support::CONFIG,
+        rules.path().display()
+    );
+    let mut clients = Vec::new();
+    let mut sidecars = Vec::new();
+    for _ in 0..2 {
+        let (mut settings, dir, usage) = support::settings(&config);
+        settings.store.use_redis(vec![redis.url()], false);
+        let sidecar = support::spawn_sidecar(settings, dir, usage).await;
+        clients.push(RateLimitServiceClient::new(
+            tollgate::channel::connect(&sidecar.quota_url).await.unwrap(),
+        ));
+        sidecars.push(sidecar);
+    }
+    let call = request(vec![descriptor(&[("api_key", "k")])]);
+    // One sidecar's burn: its count stays exact, most calls are counted
+    // from hits it took ahead, and the shared count holds them.
+    let before = window_trips(&redis);
+    for used in 1..=100u32 {
+        let r = ask(&mut clients[0], call.clone()).await;
+        assert_eq!(codes(&r), vec![(OK, 300 - used)]);
+    }
+    let trips = window_trips(&redis) - before;
+    assert!(trips < 50, "100 calls took {trips} trips to Redis");
+    assert!(window_count(&redis) > 100, "hits are held ahead of use");
+    // Idle for a second, it gives them back.
+    for _ in 0..100 {
+        if window_count(&redis) == 100 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(window_count(&redis), 100, "what idled came back");
+    // Both, concurrently: exactly the rest of the limit is allowed.
+    let mut calls = tokio::task::JoinSet::new();
+    for task in 0..8 {
+        let mut client = clients[task % 2].clone();
+        let call = call.clone();
+        calls.spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..100 {
+                allowed += u32::from(ask(&mut client, call.clone()).await.overall_code == OK);
+            }
+            allowed
+        });
+    }
+    let mut allowed = 0;
+    while let Some(n) = calls.join_next().await {
+        allowed += n.unwrap();
+    }
+    assert_eq!(allowed, 200, "the window's 300, less the 100 counted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothing() {
     let rules = tempfile::tempdir().unwrap();

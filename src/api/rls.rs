@@ -301,14 +301,14 @@ impl RateLimitService for RlsApi {
             let (start, left) = unit.window(now);
             let key = counter_key(&r.domain, counter, unit, start);
             let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(1));
+            let limit = u64::from(requests_per_unit);
             // A store that cannot count is UNAVAILABLE: Envoy's
             // failure_mode_deny decides.
             let count = self
                 .tollgate
-                .count_hits(&key, hits, ttl, now)
+                .count_hits(&key, hits, limit, ttl, now)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
-            let limit = u64::from(requests_per_unit);
             let exceeded = count > limit;
             let code = if exceeded && !shadow_mode {
                 Code::OverLimit

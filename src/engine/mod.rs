@@ -17,6 +17,7 @@
 //! - [`lease`]: slices of a shared account lent to sidecars, and their mirrors.
 //! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
 //! - [`record`]: usage records.
+//! - [`window`]: a sidecar's share of a fixed window counted in a shared store.
 
 pub mod account;
 pub mod catalog;
@@ -32,6 +33,7 @@ pub mod ops;
 pub mod period;
 pub mod pricing;
 pub mod record;
+pub mod window;
 
 pub use account::{Account, Ledger};
 pub use catalog::{Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass};

@@ -52,6 +52,7 @@ use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
 use crate::engine::record::AuditRecord;
+use crate::engine::window::WindowShare;
 use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
@@ -105,6 +106,9 @@ pub struct Stats {
     pub outage_decisions: AtomicU64,
     /// Commits retried because another sidecar changed the record first.
     pub conflicts: AtomicU64,
+    /// Rate-limit window hits counted from what this sidecar held, without
+    /// a call to Redis.
+    pub window_hits_held: AtomicU64,
 }
 
 /// One account's mirror and what this process knows around it.
@@ -250,6 +254,8 @@ pub struct RedisStore {
     commit: Script,
     /// The Envoy rate-limit windows' counter script.
     count: Script,
+    /// This sidecar's share of each open rate-limit window, by key.
+    windows: DashMap<String, WindowShare>,
     /// The configured catalog, and the one in force: the configured one
     /// with the published versions added to its prices. One lock, so a
     /// reload and an installation of prices never interleave.
@@ -283,6 +289,14 @@ const CLOSE_RETRIES: Duration = Duration::from_secs(5);
 /// random moment (up to 2 ms) and reads afresh, so a slow writer is not
 /// starved by faster ones.
 const MAX_ATTEMPTS: u32 = 64;
+
+/// Rate-limit windows this sidecar keeps a share of; beyond, new windows
+/// are counted in Redis call by call.
+const MAX_WINDOW_SHARES: usize = 100_000;
+
+/// Seconds a window's counter outlives its end in Redis: a sidecar whose
+/// clock trails the others' still finds the count.
+const WINDOW_MARGIN_SECONDS: u64 = 60;
 const EAGER_ATTEMPTS: u32 = 8;
 
 fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
@@ -328,6 +342,7 @@ impl RedisStore {
             seq: AtomicU64::new(0),
             commit: Script::new(include_str!("lua/commit.lua")),
             count: Script::new(include_str!("lua/count.lua")),
+            windows: DashMap::new(),
             catalogs: RwLock::new(Catalogs {
                 installed: Arc::new(catalog.clone()),
                 base: catalog,
@@ -1155,6 +1170,7 @@ impl RedisStore {
                 });
             }
         }
+        self.tend_windows(now).await;
         while work.join_next().await.is_some() {}
         for id in forget {
             // Under its gate, so no sync is half-way.
@@ -1171,6 +1187,36 @@ impl RedisStore {
                 });
             }
             drop(guard);
+        }
+    }
+
+    /// Forgets the shares of ended windows and gives back what this
+    /// sidecar holds in windows it has not counted in for
+    /// `idle_return` (everything, with `all`, at shutdown).
+    async fn tend_windows(&self, now: Timestamp) {
+        let idle = SignedDuration::try_from(self.settings.idle_return).unwrap_or(SignedDuration::MAX);
+        self.windows.retain(|_, share| !share.ended(now));
+        let back: Vec<(String, u64)> = self
+            .windows
+            .iter_mut()
+            .filter(|share| share.held() > 0 && now.duration_since(share.last_used()) >= idle)
+            .map(|mut share| (share.key().clone(), share.give_back(now)))
+            .collect();
+        self.give_back_windows(back).await;
+    }
+
+    /// Gives back hits held ahead of use in Redis's window counters. A
+    /// failure leaves them counted until the window ends (the safe side).
+    async fn give_back_windows(&self, back: Vec<(String, u64)>) {
+        for (key, hits) in back {
+            let add = -i64::try_from(hits).unwrap_or(i64::MAX);
+            let given: Result<(u64, u64), _> = self
+                .redis
+                .invoke(&self.count, &[&key], (add, WINDOW_MARGIN_SECONDS, 0, 0))
+                .await;
+            if let Err(e) = self.note(given) {
+                tracing::debug!(key, hits, error = %e, "rate-limit hits held not given back; they lapse with the window");
+            }
         }
     }
 
@@ -1195,6 +1241,14 @@ impl RedisStore {
     /// few seconds while Redis is unreachable; what is still unreported
     /// then is logged (its lease lapses at its expiry).
     pub async fn close(&self) {
+        let now = self.clock.now();
+        let held: Vec<(String, u64)> = self
+            .windows
+            .iter_mut()
+            .map(|mut share| (share.key().clone(), share.give_back(now)))
+            .filter(|(_, hits)| *hits > 0)
+            .collect();
+        self.give_back_windows(held).await;
         let mut left: Vec<AccountId> = self.mirrors.iter().map(|e| e.key().clone()).collect();
         let deadline = Instant::now() + CLOSE_RETRIES;
         loop {
@@ -1435,12 +1489,45 @@ impl Store for RedisStore {
         Ok(ids)
     }
 
-    async fn count_hits(&self, key: &str, hits: u64, ttl: Duration, _now: Timestamp) -> Result<u64, StoreError> {
+    async fn count_hits(
+        &self,
+        key: &str,
+        hits: u64,
+        limit: u64,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
         let key = format!("{}:rls:{key}", self.settings.prefix);
-        // A minute past the window's end: a sidecar whose clock trails
-        // the others' still finds the count.
-        let seconds = ttl.as_secs().max(1) + 60;
-        self.note(self.redis.invoke(&self.count, &[&key], (hits, seconds)).await)
+        let ends = now
+            .checked_add(ttl)
+            .map_err(|_| StoreError::Engine(EngineError::Overflow))?;
+        let horizon = self.settings.horizon;
+        let trip = match self.windows.get_mut(&key) {
+            Some(mut share) => {
+                if let Some(count) = share.serve(hits, limit, now) {
+                    self.stats.window_hits_held.fetch_add(1, Ordering::Relaxed);
+                    return Ok(count);
+                }
+                share.trip(hits, limit, horizon, now)
+            }
+            None if self.windows.len() < MAX_WINDOW_SHARES => self
+                .windows
+                .entry(key.clone())
+                .or_insert_with(|| WindowShare::new(now, ends))
+                .trip(hits, limit, horizon, now),
+            // Too many windows open: this one is counted call by call.
+            None => WindowShare::new(now, ends).trip(hits, 0, horizon, now),
+        };
+        let seconds = ttl.as_secs().max(1) + WINDOW_MARGIN_SECONDS;
+        let (count, granted): (u64, u64) = self.note(
+            self.redis
+                .invoke(&self.count, &[&key], (trip.add, seconds, trip.want, limit))
+                .await,
+        )?;
+        Ok(match self.windows.get_mut(&key) {
+            Some(mut share) => share.took(hits, count, granted, now),
+            None => count,
+        })
     }
 
     fn catalog(&self) -> Arc<Catalog> {

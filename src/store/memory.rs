@@ -141,7 +141,14 @@ impl Store for MemoryStore {
             .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
     }
 
-    async fn count_hits(&self, key: &str, hits: u64, ttl: Duration, now: Timestamp) -> Result<u64, StoreError> {
+    async fn count_hits(
+        &self,
+        key: &str,
+        hits: u64,
+        _limit: u64,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
         let ends = now
             .checked_add(ttl)
             .map_err(|_| StoreError::Engine(EngineError::Overflow))?;

@@ -87,9 +87,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Applied, Option<AuditRecord>), StoreError>;
 
     /// Adds `hits` to the fixed-window counter `key` (an Envoy rate-limit
-    /// window, ending `ttl` after `now`) and answers its count; shared by
-    /// every sidecar of a store that is.
-    async fn count_hits(&self, key: &str, hits: u64, ttl: Duration, now: Timestamp) -> Result<u64, StoreError>;
+    /// window of `limit` hits, ending `ttl` after `now`) and answers its
+    /// count; shared by every sidecar of a store that is (each may count
+    /// from hits it took ahead of use within the limit: see
+    /// [`WindowShare`]).
+    ///
+    /// [`WindowShare`]: crate::engine::window::WindowShare
+    async fn count_hits(
+        &self,
+        key: &str,
+        hits: u64,
+        limit: u64,
+        ttl: Duration,
+        now: Timestamp,
+    ) -> Result<u64, StoreError>;
 
     /// Up to `limit` account ids after `after` (all from the first
     /// without), in byte order.
