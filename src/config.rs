@@ -104,6 +104,11 @@ pub struct Settings {
     pub listen_unix: Option<PathBuf>,
     /// A Unix domain socket for the admin API too (beside TCP).
     pub admin_listen_unix: Option<PathBuf>,
+    /// The admin side's plain-HTTP address (`/metrics`, `/live`,
+    /// `/ready`), if it is served.
+    pub http_listen: Option<SocketAddr>,
+    /// Accounts whose balances the metrics show (`[metrics] accounts`).
+    pub metrics_accounts: Vec<AccountId>,
     /// How often lapsed holds are swept.
     pub sweep_interval: Duration,
     /// The store.
@@ -142,6 +147,7 @@ struct ServerFile {
     admin_listen: Option<String>,
     listen_unix: Option<PathBuf>,
     admin_listen_unix: Option<PathBuf>,
+    http_listen: Option<String>,
     shutdown_grace_seconds: Option<u64>,
     reload_poll_ms: Option<u64>,
 }
@@ -453,6 +459,8 @@ struct File {
     #[serde(default)]
     rls: RlsFile,
     #[serde(default)]
+    metrics: MetricsFile,
+    #[serde(default)]
     plans: BTreeMap<String, PlanFile>,
     #[serde(default)]
     prices: Vec<VersionFile>,
@@ -468,6 +476,17 @@ struct RlsFile {
     shadow_mode: bool,
     response_headers: bool,
 }
+
+/// `[metrics]`: what the Prometheus endpoint shows beyond the defaults.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct MetricsFile {
+    accounts: Vec<String>,
+}
+
+/// Accounts `[metrics] accounts` may list: each is a label value, so the
+/// list stays short.
+const MAX_METRICS_ACCOUNTS: usize = 50;
 
 /// `[admin]`: who may call the admin API.
 #[derive(Deserialize, Default)]
@@ -1206,6 +1225,28 @@ impl Settings {
             file.server.admin_listen.as_deref(),
             "127.0.0.1:50052",
         );
+        let http_listen = file
+            .server
+            .http_listen
+            .as_deref()
+            .map(|text| address(&mut p, "server.http_listen", Some(text), text));
+        if file.metrics.accounts.len() > MAX_METRICS_ACCOUNTS {
+            p.push(
+                "metrics.accounts",
+                format!("at most {MAX_METRICS_ACCOUNTS} accounts (each is a label value)"),
+            );
+        }
+        let metrics_accounts = file
+            .metrics
+            .accounts
+            .iter()
+            .filter_map(|a| {
+                p.check(
+                    "metrics.accounts",
+                    AccountId::parse(a).map_err(|e| format!("{a:?}: {e}")),
+                )
+            })
+            .collect();
         let store = store_settings(&mut p, &file.store, &file.leases, env);
         if let Some(dir) = env("TOLLGATE_JOURNAL") {
             file.journal.dir = PathBuf::from(dir);
@@ -1308,6 +1349,8 @@ impl Settings {
             admin_listen,
             listen_unix: file.server.listen_unix.clone(),
             admin_listen_unix: file.server.admin_listen_unix.clone(),
+            http_listen,
+            metrics_accounts,
             sweep_interval: Duration::from_millis(file.store.sweep_interval_ms),
             store,
             journal,

@@ -124,6 +124,7 @@ pub async fn run(
         let rules_dir = watch.rules.as_ref().map(|(dir, _)| dir.as_path());
         let Some(content) = snapshot(&watch.path, rules_dir) else {
             reloads.refused.fetch_add(1, Ordering::Relaxed);
+            counted("refused");
             tracing::error!(path = %watch.path.display(), "configuration not reloaded: cannot read it or its rules");
             continue;
         };
@@ -136,10 +137,12 @@ pub async fn run(
         match outcome {
             Ok(()) => {
                 let n = reloads.applied.fetch_add(1, Ordering::Relaxed) + 1;
+                counted("applied");
                 tracing::info!(path = %watch.path.display(), trigger = why, reloads = n, "configuration reloaded");
             }
             Err(problems) => {
                 let n = reloads.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                counted("refused");
                 tracing::error!(
                     path = %watch.path.display(),
                     trigger = why,
@@ -150,4 +153,12 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Counts a reload's `result` in the metrics.
+fn counted(result: &'static str) {
+    crate::metrics::metrics()
+        .config_reloads
+        .get_or_create(&crate::metrics::ReloadResult { result })
+        .inc();
 }

@@ -21,6 +21,7 @@ use crate::api::quota::QuotaApi;
 use crate::api::rls::RlsApi;
 use crate::clock::{Clock, OffsetClock, SystemClock};
 use crate::config::{Settings, StoreKind};
+use crate::http::Probes;
 use crate::journal::Journal;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::quota_server::QuotaServer;
@@ -109,8 +110,12 @@ pub struct App {
     quota_unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
     admin_unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
     admin: TcpListener,
+    /// The admin side's HTTP endpoint (metrics and probes), if served.
+    http: Option<TcpListener>,
     quota_addr: SocketAddr,
     admin_addr: SocketAddr,
+    /// What the probes and the metrics read off the app.
+    probes: Probes,
     tollgate: Tollgate,
     sweep_interval: Duration,
     shutdown_grace: Duration,
@@ -151,6 +156,14 @@ impl App {
         let admin = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("binding the control plane to {}", settings.admin_listen))?;
+        let http = match settings.http_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the HTTP endpoint to {addr}"))?,
+            ),
+            None => None,
+        };
         let quota_unix = bind_unix(settings.listen_unix.as_ref(), "the data plane")?;
         let admin_unix = bind_unix(settings.admin_listen_unix.as_ref(), "the control plane")?;
         let (store, clock, leases): (Arc<dyn Store>, Arc<dyn Clock>, _) = match settings.store.kind {
@@ -202,6 +215,7 @@ impl App {
         };
         let (sender, writer) = usage::spawn(&settings.usage).await.context("opening the usage sink")?;
         let tollgate = Tollgate::new(store, clock, sender);
+        let probes = Probes::new(tollgate.clone(), settings.metrics_accounts.clone());
         for seed in &settings.seed {
             tollgate
                 .seed(seed)
@@ -215,6 +229,8 @@ impl App {
             quota_unix,
             admin_unix,
             admin,
+            http,
+            probes,
             tollgate,
             sweep_interval: settings.sweep_interval,
             shutdown_grace: settings.shutdown_grace,
@@ -279,6 +295,16 @@ impl App {
         self.admin_addr
     }
 
+    /// Where the HTTP endpoint (metrics and probes) listens, if it does.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// What the probes and the metrics read off the app.
+    pub fn probes(&self) -> Probes {
+        self.probes.clone()
+    }
+
     /// Serves both planes until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let App {
@@ -286,6 +312,8 @@ impl App {
             quota_unix,
             admin_unix,
             admin,
+            http,
+            probes,
             tollgate,
             sweep_interval,
             shutdown_grace,
@@ -315,6 +343,13 @@ impl App {
         quota_health.set_serving::<QuotaServer<QuotaApi>>().await;
         let (admin_health, admin_health_service) = tonic_health::server::health_reporter();
         admin_health.set_serving::<AdminServer<AdminApi>>().await;
+        // "live": SERVING while the process answers (a liveness probe's
+        // service); "" follows readiness (see `health_follows`).
+        for reporter in [&quota_health, &admin_health] {
+            reporter
+                .set_service_status(LIVE, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         // v1, and v1alpha for older grpcurl releases.
         let quota_name = <QuotaServer<QuotaApi> as NamedService>::NAME;
         let admin_name = <AdminServer<AdminApi> as NamedService>::NAME;
@@ -357,6 +392,12 @@ impl App {
             .add_service(admin_v1alpha)
             .add_service(admin_api)
             .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
+        probes.set_serving(true);
+        let follower = tokio::spawn(health_follows(
+            probes.clone(),
+            [quota_health.clone(), admin_health.clone()],
+            until_stopped(stopped.clone()),
+        ));
         let reloader = watch.map(|watch| {
             tokio::spawn(crate::reload::run(
                 tollgate.clone(),
@@ -368,9 +409,14 @@ impl App {
         let sweeper = tokio::spawn(sweep(tollgate, sweep_interval, until_stopped(stopped.clone())));
         // Lease upkeep runs until every call has finished, then returns the leases.
         let (drained, drained_rx) = watch::channel(false);
-        let keeper = leases.map(|store| tokio::spawn(store.run(until_stopped(drained_rx))));
+        let keeper = leases.map(|store| tokio::spawn(store.run(until_stopped(drained_rx.clone()))));
+        // Metrics and probes stay up until the calls have drained (they
+        // answer "not ready" meanwhile).
+        let http_server =
+            http.map(|listener| tokio::spawn(crate::http::serve(listener, probes.clone(), until_stopped(drained_rx))));
         let signal = async move {
             shutdown.await;
+            probes.set_serving(false);
             tracing::info!("shutting down: finishing in-flight calls");
             quota_health.set_not_serving::<QuotaServer<QuotaApi>>().await;
             admin_health.set_not_serving::<AdminServer<AdminApi>>().await;
@@ -407,12 +453,16 @@ impl App {
             signal
         );
         sweeper.await.context("sweeper task")?;
+        follower.await.context("health task")?;
         if let Some(reloader) = reloader {
             reloader.await.context("reloader task")?;
         }
         let _ = drained.send(true);
         if let Some(keeper) = keeper {
             keeper.await.context("lease upkeep task")?;
+        }
+        if let Some(server) = http_server {
+            server.await.context("HTTP endpoint task")?.context("HTTP endpoint")?;
         }
         // Calls that outlived the grace period may still hold senders: the
         // writer stops taking records, drains what is queued and flushes.
@@ -510,5 +560,46 @@ async fn sweep(tollgate: Tollgate, interval: Duration, stop: impl Future<Output 
             // in the sink's queue, which the writer drains next.
             return;
         }
+    }
+}
+
+/// The gRPC health service's name for liveness: SERVING while the process
+/// answers at all.
+pub const LIVE: &str = "live";
+
+/// Keeps the overall status ("") of each health reporter in step with
+/// readiness, until `stop`.
+async fn health_follows(
+    probes: Probes,
+    reporters: [tonic_health::server::HealthReporter; 2],
+    stop: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    let mut was = None;
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let ready = probes.ready();
+        if was.as_ref() == Some(&ready) {
+            continue;
+        }
+        let status = match &ready {
+            Ok(()) => tonic_health::ServingStatus::Serving,
+            Err(why) => {
+                tracing::warn!(why = %why, "not ready");
+                tonic_health::ServingStatus::NotServing
+            }
+        };
+        if ready.is_ok() && was.is_some() {
+            tracing::info!("ready again");
+        }
+        for reporter in &reporters {
+            reporter.set_service_status("", status).await;
+        }
+        was = Some(ready);
     }
 }

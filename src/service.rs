@@ -38,6 +38,11 @@ impl Tollgate {
         self.clock.now()
     }
 
+    /// The store's state for the probes and the metrics.
+    pub fn health(&self) -> crate::store::Health {
+        self.store.health(self.now())
+    }
+
     /// The current catalog.
     pub fn catalog(&self) -> Arc<Catalog> {
         self.store.catalog()
@@ -126,6 +131,11 @@ impl Tollgate {
 
     async fn emit(&self, records: Vec<Arc<UsageRecord>>) {
         for record in records {
+            let kind = record.kind.as_str();
+            crate::metrics::metrics()
+                .usage_records
+                .get_or_create(&crate::metrics::RecordKind { kind })
+                .inc();
             if self.usage.send(Emitted::Usage(record)).await.is_err() {
                 tracing::error!("usage sink has stopped; a usage record was not written");
             }

@@ -1,7 +1,18 @@
 //! Shutdown signals: SIGINT (Ctrl-C) or SIGTERM (Kubernetes).
 
-/// Completes at the first SIGINT or SIGTERM.
+/// Completes at the first SIGINT or SIGTERM; a second one exits the process
+/// at once (status 130), without waiting for the drain the first began.
 pub async fn shutdown() {
+    one().await;
+    tokio::spawn(async {
+        one().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(130);
+    });
+}
+
+/// Completes at the next SIGINT or SIGTERM.
+async fn one() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");

@@ -31,10 +31,10 @@ async fn scripts_run_by_sha_and_reload_after_a_flush() {
     let server = RedisServer::start(&[]);
     let redis = Redis::connect(&settings(vec![server.url()], false)).await.unwrap();
     let script = incr();
-    assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 5).await.unwrap(), 5);
+    assert_eq!(redis.invoke::<i64>("test", &script, &["{a}:n"], 5).await.unwrap(), 5);
     assert!(cli(server.port, &["SCRIPT", "EXISTS", script.get_hash()]).contains('1'));
     assert_eq!(cli(server.port, &["SCRIPT", "FLUSH"]).trim(), "OK");
-    assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 5).await.unwrap(), 10);
+    assert_eq!(redis.invoke::<i64>("test", &script, &["{a}:n"], 5).await.unwrap(), 10);
     let pong: String = redis.query(&redis::cmd("PING")).await.unwrap();
     assert_eq!(pong, "PONG");
     // Same machine: Redis's clock and ours agree to well within a minute.
@@ -50,7 +50,7 @@ async fn a_cluster_routes_each_account_to_its_slot() {
     // Enough hash tags to land on every master.
     for i in 0..30 {
         let key = format!("{{acct-{i}}}:n");
-        assert_eq!(redis.invoke::<i64>(&script, &[&key], i).await.unwrap(), i);
+        assert_eq!(redis.invoke::<i64>("test", &script, &[&key], i).await.unwrap(), i);
     }
     let counts: Vec<usize> = cluster
         .nodes
@@ -61,7 +61,10 @@ async fn a_cluster_routes_each_account_to_its_slot() {
     for node in &cluster.nodes {
         cli(node.port, &["SCRIPT", "FLUSH"]);
     }
-    assert_eq!(redis.invoke::<i64>(&script, &["{acct-1}:n"], 1).await.unwrap(), 2);
+    assert_eq!(
+        redis.invoke::<i64>("test", &script, &["{acct-1}:n"], 1).await.unwrap(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -69,15 +72,15 @@ async fn calls_fail_fast_while_redis_is_down_and_recover_when_it_is_back() {
     let mut server = RedisServer::start(&[]);
     let redis = Redis::connect(&settings(vec![server.url()], false)).await.unwrap();
     let script = incr();
-    assert_eq!(redis.invoke::<i64>(&script, &["{a}:n"], 1).await.unwrap(), 1);
+    assert_eq!(redis.invoke::<i64>("test", &script, &["{a}:n"], 1).await.unwrap(), 1);
     server.stop();
-    let err = redis.invoke::<i64>(&script, &["{a}:n"], 1).await.unwrap_err();
+    let err = redis.invoke::<i64>("test", &script, &["{a}:n"], 1).await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
     server.restart();
     // The manager reconnects in the background; a few calls may still fail.
     let mut answer = None;
     for _ in 0..50 {
-        if let Ok(n) = redis.invoke::<i64>(&script, &["{a}:n"], 1).await {
+        if let Ok(n) = redis.invoke::<i64>("test", &script, &["{a}:n"], 1).await {
             answer = Some(n);
             break;
         }
@@ -113,7 +116,7 @@ async fn rediss_urls_connect_over_tls_to_a_trusted_authority_only() {
         ..settings(vec![tls.url()], false)
     };
     let redis = Redis::connect(&trusted).await.unwrap();
-    assert_eq!(redis.invoke::<i64>(&incr(), &["{tls}:n"], 7).await.unwrap(), 7);
+    assert_eq!(redis.invoke::<i64>("test", &incr(), &["{tls}:n"], 7).await.unwrap(), 7);
     // The system's roots do not include the test authority.
     let untrusted = settings(vec![tls.url()], false);
     assert!(matches!(
@@ -128,7 +131,10 @@ async fn credentials_from_settings_authenticate() {
     let anonymous = settings(vec![server.url()], false);
     let err = match Redis::connect(&anonymous).await {
         Err(e) => e,
-        Ok(redis) => redis.invoke::<i64>(&incr(), &["{auth}:n"], 1).await.unwrap_err(),
+        Ok(redis) => redis
+            .invoke::<i64>("test", &incr(), &["{auth}:n"], 1)
+            .await
+            .unwrap_err(),
     };
     assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
     let password = Credentials {
@@ -141,5 +147,5 @@ async fn credentials_from_settings_authenticate() {
         ..settings(vec![server.url()], false)
     };
     let redis = Redis::connect(&with).await.unwrap();
-    assert_eq!(redis.invoke::<i64>(&incr(), &["{auth}:n"], 1).await.unwrap(), 1);
+    assert_eq!(redis.invoke::<i64>("test", &incr(), &["{auth}:n"], 1).await.unwrap(), 1);
 }

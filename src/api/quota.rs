@@ -1,5 +1,7 @@
 //! `tollgate.v1.Quota`: what a model server calls around each generation.
 
+use std::time::Instant;
+
 use tonic::{Request, Response, Status};
 
 use super::convert::{
@@ -11,6 +13,7 @@ use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId}
 use crate::engine::limits::RateStatus;
 use crate::engine::ops::{ChargeOutcome, ChargeWhat, Denial, ReserveOutcome};
 use crate::engine::{ChargeRequest, Command, Reply, ReserveRequest};
+use crate::metrics::{code_label, metrics};
 use crate::proto;
 use crate::proto::quota_server::Quota;
 use crate::service::Tollgate;
@@ -48,9 +51,8 @@ fn account_and_reservation(account: &str, reservation: &str) -> Result<(AccountI
     ))
 }
 
-#[tonic::async_trait]
-impl Quota for QuotaApi {
-    async fn reserve(
+impl QuotaApi {
+    async fn answer_reserve(
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
@@ -97,7 +99,10 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
+    async fn answer_extend(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let max_output_tokens = tokens("max_output_tokens", r.max_output_tokens)?;
@@ -121,7 +126,10 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
+    async fn answer_settle(
+        &self,
+        request: Request<proto::SettleRequest>,
+    ) -> Result<Response<proto::SettleResponse>, Status> {
         let r = request.into_inner();
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let usage = usage("usage", r.usage.as_ref())?;
@@ -138,7 +146,7 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn release(
+    async fn answer_release(
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
@@ -157,7 +165,10 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn charge(&self, request: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
+    async fn answer_charge(
+        &self,
+        request: Request<proto::ChargeRequest>,
+    ) -> Result<Response<proto::ChargeResponse>, Status> {
         let r = request.into_inner();
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let what = match &r.charge {
@@ -205,7 +216,7 @@ impl Quota for QuotaApi {
         }))
     }
 
-    async fn get_balance(
+    async fn answer_get_balance(
         &self,
         request: Request<proto::GetBalanceRequest>,
     ) -> Result<Response<proto::GetBalanceResponse>, Status> {
@@ -215,6 +226,122 @@ impl Quota for QuotaApi {
             return Err(unexpected("GetBalance"));
         };
         Ok(Response::new(balance_out(&account, &b)))
+    }
+}
+
+/// Counts `answer` of `rpc` in the metrics: its outcome, reason and time.
+fn observed<T: Decided>(rpc: &'static str, started: Instant, answer: &Result<Response<T>, Status>) {
+    let (outcome, reason) = match answer {
+        Ok(response) => match response.get_ref().denial() {
+            None => ("allowed", "none"),
+            Some(reason) => ("denied", reason_label(reason)),
+        },
+        Err(status) => ("error", code_label(status.code())),
+    };
+    metrics().decided(rpc, outcome, reason, started);
+}
+
+/// A denial reason's metric label.
+fn reason_label(reason: proto::DenyReason) -> &'static str {
+    match reason {
+        proto::DenyReason::Unspecified => "unspecified",
+        proto::DenyReason::InsufficientFunds => "insufficient_funds",
+        proto::DenyReason::RateLimited => "rate_limited",
+        proto::DenyReason::UnknownAccount => "unknown_account",
+        proto::DenyReason::AccountSuspended => "account_suspended",
+        proto::DenyReason::ModelNotPriced => "model_not_priced",
+        proto::DenyReason::ModelNotAllowed => "model_not_allowed",
+    }
+}
+
+/// An answer that may be a denial.
+trait Decided {
+    /// The reason, if it denies.
+    fn denial(&self) -> Option<proto::DenyReason> {
+        None
+    }
+}
+
+/// Reads a denial from a `decision` and `deny_reason` pair.
+fn denial_of(decision: i32, deny_reason: i32) -> Option<proto::DenyReason> {
+    (decision == proto::Decision::Deny as i32)
+        .then(|| proto::DenyReason::try_from(deny_reason).unwrap_or(proto::DenyReason::Unspecified))
+}
+
+impl Decided for proto::ReserveResponse {
+    fn denial(&self) -> Option<proto::DenyReason> {
+        denial_of(self.decision, self.deny_reason)
+    }
+}
+
+impl Decided for proto::ExtendResponse {
+    fn denial(&self) -> Option<proto::DenyReason> {
+        denial_of(self.decision, self.deny_reason)
+    }
+}
+
+impl Decided for proto::ChargeResponse {
+    fn denial(&self) -> Option<proto::DenyReason> {
+        denial_of(self.decision, self.deny_reason)
+    }
+}
+
+impl Decided for proto::SettleResponse {}
+impl Decided for proto::ReleaseResponse {}
+impl Decided for proto::GetBalanceResponse {}
+
+/// Each RPC answered by its `answer_` method, counted in the metrics.
+#[tonic::async_trait]
+impl Quota for QuotaApi {
+    async fn reserve(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Result<Response<proto::ReserveResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_reserve(request).await;
+        observed("reserve", started, &answer);
+        answer
+    }
+
+    async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_extend(request).await;
+        observed("extend", started, &answer);
+        answer
+    }
+
+    async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_settle(request).await;
+        observed("settle", started, &answer);
+        answer
+    }
+
+    async fn release(
+        &self,
+        request: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_release(request).await;
+        observed("release", started, &answer);
+        answer
+    }
+
+    async fn charge(&self, request: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_charge(request).await;
+        observed("charge", started, &answer);
+        answer
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<proto::GetBalanceRequest>,
+    ) -> Result<Response<proto::GetBalanceResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.answer_get_balance(request).await;
+        observed("balance", started, &answer);
+        answer
     }
 }
 

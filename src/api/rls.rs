@@ -21,6 +21,7 @@ use crate::engine::ids::{AccountId, ModelId, RequestId, TierId};
 use crate::engine::ops::{ChargeOutcome, ChargeRequest, ChargeWhat};
 use crate::engine::pricing::{TokenKind, Usage};
 use crate::engine::{Command, EngineError, Reply};
+use crate::metrics::{RlsHits, metrics};
 use crate::rls::config::{Allowance, RulesCell, Unit};
 use crate::rls::matcher::{Entry, drop_replaced, find};
 use crate::service::Tollgate;
@@ -190,6 +191,20 @@ impl RateLimitService for RlsApi {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let started = std::time::Instant::now();
+        let answer = self.answer(request).await;
+        let (outcome, reason) = match &answer {
+            Ok(r) if r.get_ref().overall_code == Code::OverLimit as i32 => ("denied", "over_limit"),
+            Ok(_) => ("allowed", "none"),
+            Err(status) => ("error", crate::metrics::code_label(status.code())),
+        };
+        metrics().decided("should_rate_limit", outcome, reason, started);
+        answer
+    }
+}
+
+impl RlsApi {
+    async fn answer(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
         let r = request.into_inner();
         if r.domain.is_empty() {
             return Err(invalid("domain", "must not be empty"));
@@ -205,6 +220,13 @@ impl RateLimitService for RlsApi {
         let (rules, settings) = (&in_force.rules, &in_force.settings);
         // A domain without rules limits nothing (as the reference).
         let domain = rules.domains.get(&r.domain);
+        // Metric labels name configured domains only (the request's text
+        // is unbounded).
+        let domain_label = if domain.is_some() {
+            r.domain.as_str()
+        } else {
+            "unconfigured"
+        };
         let entries: Vec<Vec<Entry>> = r
             .descriptors
             .iter()
@@ -253,7 +275,8 @@ impl RateLimitService for RlsApi {
             // shadowed, unnamed, counted per the values as sent).
             let overridden;
             let limit_override = override_unit.zip(descriptor.limit.as_ref());
-            let (allowance, counter, shadow_mode, quota_mode, name) = match (limit_override, matched) {
+            let overridden_metric;
+            let (allowance, counter, shadow_mode, quota_mode, name, metric) = match (limit_override, matched) {
                 (Some((unit, o)), _) => {
                     overridden = descriptor
                         .entries
@@ -264,7 +287,13 @@ impl RateLimitService for RlsApi {
                         unit,
                         requests_per_unit: o.requests_per_unit,
                     };
-                    (allowance, &overridden, false, false, None)
+                    overridden_metric = descriptor
+                        .entries
+                        .iter()
+                        .map(|e| e.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(".");
+                    (allowance, &overridden, false, false, None, &overridden_metric)
                 }
                 (None, Some(m)) => (
                     m.limit.allowance.clone(),
@@ -272,6 +301,7 @@ impl RateLimitService for RlsApi {
                     m.shadow_mode,
                     m.quota_mode,
                     m.limit.name.as_ref(),
+                    &m.metric,
                 ),
                 (None, None) => {
                     statuses.push(ok.clone());
@@ -310,6 +340,21 @@ impl RateLimitService for RlsApi {
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             let exceeded = count > limit;
+            let outcome = match (exceeded, shadow_mode) {
+                (true, true) => "shadow_mode",
+                (true, false) => "over_limit",
+                // Past 80 % of the limit, as the reference's near_limit.
+                (false, _) if u128::from(count) * 5 > u128::from(limit) * 4 => "near_limit",
+                (false, _) => "within_limit",
+            };
+            metrics()
+                .rls_hits
+                .get_or_create(&RlsHits {
+                    domain: domain_label.to_owned(),
+                    key: metric.clone(),
+                    outcome,
+                })
+                .inc_by(hits);
             let code = if exceeded && !shadow_mode {
                 Code::OverLimit
             } else {

@@ -111,6 +111,13 @@ pub enum OutagePolicy {
     Allowance(Money),
 }
 
+impl OutagePolicy {
+    /// Whether it admits anything while the store is unreachable.
+    pub fn admits(self) -> bool {
+        self != OutagePolicy::Closed
+    }
+}
+
 /// What happens to a hold nobody settled or released before its TTL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

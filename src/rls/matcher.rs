@@ -34,6 +34,12 @@ pub struct Matched<'a> {
     /// its value or, where a `share_threshold` wildcard matched it, the
     /// pattern (so every value it matches shares one counter).
     pub counter: Vec<(String, String)>,
+    /// Its name in the metrics, as the reference names its statistics:
+    /// each rule's `key` or `key_value` (the rule's value) joined with
+    /// `.`; a rule with `value_to_metric` names the request's value
+    /// instead, and a limit with `detailed_metric` the whole descriptor as
+    /// sent.
+    pub metric: String,
 }
 
 /// Whether `value` matches `pattern`, where each `*` stands for any run of
@@ -62,6 +68,7 @@ pub fn wildcard_match(pattern: &str, value: &str) -> bool {
 pub fn find<'a>(domain: &'a Domain, entries: &[Entry]) -> Option<Matched<'a>> {
     let mut level = &domain.rules;
     let mut counter = Vec::with_capacity(entries.len());
+    let mut metric = Vec::with_capacity(entries.len());
     let mut found = None;
     for (i, entry) in entries.iter().enumerate() {
         let same_key = || level.iter().filter(|r| r.key == entry.key);
@@ -83,17 +90,32 @@ pub fn find<'a>(domain: &'a Domain, entries: &[Entry]) -> Option<Matched<'a>> {
             _ => entry.value.clone(),
         };
         counter.push((entry.key.clone(), counted));
+        metric.push(match &rule.value {
+            _ if rule.value_to_metric => format!("{}_{}", entry.key, entry.value),
+            Some(value) => format!("{}_{value}", entry.key),
+            None => entry.key.clone(),
+        });
         if i + 1 == entries.len() {
             found = Some(rule);
         }
         level = &rule.children;
     }
     let rule = found?;
+    let metric = if rule.detailed_metric {
+        entries
+            .iter()
+            .map(|e| format!("{}_{}", e.key, e.value))
+            .collect::<Vec<_>>()
+            .join(".")
+    } else {
+        metric.join(".")
+    };
     Some(Matched {
         limit: rule.limit.as_ref()?,
         shadow_mode: rule.shadow_mode,
         quota_mode: rule.quota_mode,
         counter,
+        metric,
     })
 }
 

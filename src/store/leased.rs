@@ -43,7 +43,7 @@ use redis::Script;
 use tokio_stream::StreamExt;
 
 use super::redis::Redis;
-use super::{Applied, Store, StoreError};
+use super::{Applied, Health, JournalHealth, Store, StoreError};
 use crate::clock::{Clock, OffsetClock};
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::draw::SourceRef;
@@ -57,6 +57,7 @@ use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
 use crate::journal::{Entry, Journal};
+use crate::metrics::metrics;
 
 /// How leases are sized and kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,7 +460,7 @@ impl RedisStore {
         if let Some(name) = indexed_as {
             args.push(name.as_bytes().to_vec());
         }
-        let answer: Vec<redis::Value> = self.note(self.redis.invoke(&self.commit, keys, args).await)?;
+        let answer: Vec<redis::Value> = self.note(self.redis.invoke("commit", &self.commit, keys, args).await)?;
         let int = |v: Option<&redis::Value>| match v {
             Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
             _ => None,
@@ -746,6 +747,19 @@ impl RedisStore {
         };
         gate.pending = None;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let m = metrics();
+        m.lease_syncs.inc();
+        if !granted.takes.is_empty() || !granted.permits.is_empty() {
+            m.lease_refills.inc();
+            m.lent(&granted.takes);
+        }
+        if !sync.returned.is_empty() || sync.close {
+            m.lease_returns.inc();
+        }
+        if granted.lapsed {
+            m.lease_expiries.inc();
+        }
+        m.usage_records_applied.inc_by(sync.records.len() as u64);
         // Every record sent is applied now, or was before (a retry): its
         // journal entry is no longer needed.
         if !sync.records.is_empty() {
@@ -915,6 +929,15 @@ impl RedisStore {
             .map(|p| p.on_store_outage)
             .unwrap_or_default();
         self.stats.outage_decisions.fetch_add(1, Ordering::Relaxed);
+        let label = match policy {
+            OutagePolicy::Closed => "closed",
+            OutagePolicy::Open => "open",
+            OutagePolicy::Allowance(_) => "allowance",
+        };
+        metrics()
+            .failure_policy_decisions
+            .get_or_create(&crate::metrics::Policy { policy: label })
+            .inc();
         let owed = -local.mirror.debt.available();
         let base = *local.outage_base.get_or_insert(owed);
         match policy {
@@ -1028,12 +1051,15 @@ impl RedisStore {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut align = tokio::time::interval(Duration::from_secs(60));
         align.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = tokio::time::interval(Duration::from_secs(1));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tick.tick() => self.tend().await,
                 _ = align.tick() => self.align().await,
+                _ = probe.tick() => self.probe().await,
             }
         }
         listener.abort();
@@ -1047,6 +1073,15 @@ impl RedisStore {
             outage_decisions = s.outage_decisions.load(Ordering::Relaxed),
             "leases returned"
         );
+    }
+
+    /// Pings Redis, so an outage (and the end of one) is noticed even
+    /// while no call needs Redis: readiness follows it.
+    async fn probe(&self) {
+        let pong: Result<String, StoreError> = self.redis.query(&redis::cmd("PING")).await;
+        if let Err(e) = self.note(pong) {
+            tracing::debug!(error = %e, "Redis did not answer PING");
+        }
     }
 
     /// Aligns the clock with Redis `TIME` again, if it is aligned at all.
@@ -1212,7 +1247,7 @@ impl RedisStore {
             let add = -i64::try_from(hits).unwrap_or(i64::MAX);
             let given: Result<(u64, u64), _> = self
                 .redis
-                .invoke(&self.count, &[&key], (add, WINDOW_MARGIN_SECONDS, 0, 0))
+                .invoke("count", &self.count, &[&key], (add, WINDOW_MARGIN_SECONDS, 0, 0))
                 .await;
             if let Err(e) = self.note(given) {
                 tracing::debug!(key, hits, error = %e, "rate-limit hits held not given back; they lapse with the window");
@@ -1521,7 +1556,7 @@ impl Store for RedisStore {
         let seconds = ttl.as_secs().max(1) + WINDOW_MARGIN_SECONDS;
         let (count, granted): (u64, u64) = self.note(
             self.redis
-                .invoke(&self.count, &[&key], (trip.add, seconds, trip.want, limit))
+                .invoke("count", &self.count, &[&key], (trip.add, seconds, trip.want, limit))
                 .await,
         )?;
         Ok(match self.windows.get_mut(&key) {
@@ -1596,6 +1631,36 @@ impl Store for RedisStore {
         Err(StoreError::Busy(format!(
             "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
         )))
+    }
+
+    fn health(&self, now: Timestamp) -> Health {
+        let mut holds_open = 0;
+        let mut oldest: Option<Timestamp> = None;
+        for local in self.mirrors.iter() {
+            holds_open += local.mirror.traffic().expiries.len() as u64;
+            for entry in &local.journaled {
+                let at = entry.record.settled_at;
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
+            }
+        }
+        let replaying = !self.replay.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+        let unready = if replaying {
+            Some("replaying the usage journal".to_owned())
+        } else if self.check_up().is_err() && !self.catalog().plans.values().any(|p| p.on_store_outage.admits()) {
+            Some("Redis is unreachable and every plan's failure policy is closed".to_owned())
+        } else {
+            None
+        };
+        Health {
+            unready,
+            holds_open,
+            accounts_cached: self.mirrors.len() as u64,
+            journal: self.journal.as_ref().map(|j| JournalHealth {
+                pending: j.backlog() as u64,
+                bytes: j.bytes(),
+                lag: oldest.map(|o| now.duration_since(o).unsigned_abs()).unwrap_or_default(),
+            }),
+        }
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {

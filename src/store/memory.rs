@@ -13,7 +13,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::{DashMap, DashSet};
 use jiff::Timestamp;
 
-use super::{Applied, Store, StoreError};
+use super::{Applied, Health, Store, StoreError};
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::PriceVersion;
 use crate::engine::record::AuditRecord;
@@ -171,6 +171,20 @@ impl Store for MemoryStore {
         }
         window.0 = window.0.saturating_add(hits).min(MOST_HITS);
         Ok(window.0)
+    }
+
+    fn health(&self, _now: Timestamp) -> Health {
+        let holds_open = self
+            .holding
+            .iter()
+            .filter_map(|id| self.accounts.get(id.key()).map(|a| a.traffic().expiries.len() as u64))
+            .sum();
+        Health {
+            unready: None,
+            holds_open,
+            accounts_cached: self.accounts.len() as u64,
+            journal: None,
+        }
     }
 
     async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>> {

@@ -123,4 +123,31 @@ pub trait Store: Send + Sync + 'static {
     /// forgets what the idempotency window no longer needs. Returns the
     /// records this produced.
     async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError>;
+
+    /// What the probes and the metrics read off the store at `now`.
+    fn health(&self, now: Timestamp) -> Health;
+}
+
+/// A store's state for the readiness probe and the metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Health {
+    /// Why the store cannot serve now, if it cannot.
+    pub unready: Option<String>,
+    /// Reservations open in this process.
+    pub holds_open: u64,
+    /// Accounts held in this process's memory.
+    pub accounts_cached: u64,
+    /// The usage journal, if there is one.
+    pub journal: Option<JournalHealth>,
+}
+
+/// The usage journal's backlog.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JournalHealth {
+    /// Records written and not yet applied to Redis.
+    pub pending: u64,
+    /// Bytes its segments take.
+    pub bytes: u64,
+    /// Age of the oldest record not yet applied.
+    pub lag: Duration,
 }

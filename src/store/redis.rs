@@ -194,13 +194,15 @@ impl Redis {
             pubsub.subscribe(channel).await?;
             Ok(pubsub.into_on_message())
         };
-        self.bounded(subscribe).await
+        self.bounded("subscribe", subscribe).await
     }
 
-    /// Runs `script` with `keys` and `args` (a value or a tuple, each
-    /// element one argument) by SHA, loading it on `NOSCRIPT`.
+    /// Runs `script` (named `name` in the metrics) with `keys` and `args`
+    /// (a value or a tuple, each element one argument) by SHA, loading it
+    /// on `NOSCRIPT`.
     pub async fn invoke<T: FromRedisValue>(
         &self,
+        name: &'static str,
         script: &Script,
         keys: &[&str],
         args: impl ToRedisArgs,
@@ -216,7 +218,7 @@ impl Redis {
                 Connection::Cluster(mut c) => invocation.invoke_async(&mut c).await,
             }
         };
-        self.bounded(call).await
+        self.bounded(name, call).await
     }
 
     /// Runs one command.
@@ -227,7 +229,7 @@ impl Redis {
                 Connection::Cluster(mut c) => command.query_async(&mut c).await,
             }
         };
-        self.bounded(call).await
+        self.bounded(command_name(command), call).await
     }
 
     /// Redis's clock (`TIME`): one time base for every sidecar, for expiries
@@ -240,10 +242,45 @@ impl Redis {
             .ok_or_else(|| unavailable(format!("TIME answered {seconds} s {micros} us")))
     }
 
-    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        tokio::time::timeout(self.deadline, call)
+    /// Runs `call` (`name` in the metrics) within the deadline, timed.
+    async fn bounded<T>(
+        &self,
+        name: &'static str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.deadline, call)
             .await
-            .map_err(|_| unavailable(format!("no answer within {:?}", self.deadline)))?
-            .map_err(unavailable)
+            .map_err(|_| unavailable(format!("no answer within {:?}", self.deadline)))
+            .and_then(|r| r.map_err(unavailable));
+        crate::metrics::metrics().redis_call(name, started.elapsed(), result.is_err());
+        result
     }
+}
+
+/// A command's name for the metrics (a fixed set: label values stay
+/// bounded).
+fn command_name(command: &redis::Cmd) -> &'static str {
+    let Some(redis::Arg::Simple(name)) = command.args_iter().next() else {
+        return "other";
+    };
+    const KNOWN: [&str; 12] = [
+        "PING",
+        "TIME",
+        "HMGET",
+        "HGET",
+        "ZRANGE",
+        "XADD",
+        "XREADGROUP",
+        "XACK",
+        "XGROUP",
+        "XAUTOCLAIM",
+        "XPENDING",
+        "XRANGE",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes().eq_ignore_ascii_case(name))
+        .copied()
+        .unwrap_or("other")
 }

@@ -98,6 +98,8 @@ pub struct TestApp {
     pub admin: AdminClient,
     pub quota_url: String,
     pub admin_url: String,
+    /// The HTTP endpoint (metrics and probes), if the config serves it.
+    pub http: Option<std::net::SocketAddr>,
     /// The app's clock, when it runs on a manual one.
     pub clock: Option<Arc<ManualClock>>,
     pub usage_path: PathBuf,
@@ -223,6 +225,30 @@ pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     (settings, dir, usage_path)
 }
 
+/// `GET path` from an HTTP/1.0 server at `addr`: the status and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, body.to_owned())
+}
+
+/// The value of the sample `name` (with its labels, as printed) in a
+/// metrics page; `None` if it is not there.
+pub fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
 /// Starts the app on `config` and `backend`, on a manual clock.
 pub async fn spawn_app_on_with(backend: Backend, config: &str) -> TestApp {
     let (mut settings, dir, usage_path) = settings(config);
@@ -272,6 +298,7 @@ async fn start(
 ) -> TestApp {
     let quota_url = format!("http://{}", app.quota_addr());
     let admin_url = format!("http://{}", app.admin_addr());
+    let http = app.http_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(async {
         let _ = stopped.await;
@@ -281,6 +308,7 @@ async fn start(
         admin: admin_client(&admin_url, Some(WRITE_TOKEN)).await,
         quota_url,
         admin_url,
+        http,
         clock,
         usage_path,
         redis,

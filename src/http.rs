@@ -1,0 +1,141 @@
+//! The admin side's plain-HTTP endpoint (`server.http_listen`): Prometheus
+//! `/metrics`, and `/live` and `/ready` for Kubernetes probes. The gRPC
+//! health service reports the same readiness ([`Probes::ready`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::engine::ids::AccountId;
+use crate::engine::money::{Money, SCALE};
+use crate::engine::{Command, Reply};
+use crate::metrics::{AccountSource, metrics};
+use crate::service::Tollgate;
+
+/// What the probes and the metrics read off a running app.
+#[derive(Clone)]
+pub struct Probes {
+    tollgate: Tollgate,
+    /// Set once the listeners serve, cleared at the shutdown signal.
+    serving: Arc<AtomicBool>,
+    /// Accounts whose balances the metrics show.
+    accounts: Arc<[AccountId]>,
+}
+
+impl Probes {
+    /// Probes of `tollgate`, showing the balances of `accounts`; not ready
+    /// until [`set_serving`](Self::set_serving).
+    pub fn new(tollgate: Tollgate, accounts: Vec<AccountId>) -> Probes {
+        Probes {
+            tollgate,
+            serving: Arc::new(AtomicBool::new(false)),
+            accounts: accounts.into(),
+        }
+    }
+
+    /// Marks the app serving (listeners up) or not (shutting down).
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
+    /// Ready to take traffic, or why not: the configuration is loaded and
+    /// the listeners serve, the journal is replayed, and the store is
+    /// reachable or a failure policy admits without it.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.serving.load(Ordering::Relaxed) {
+            return Err("not serving: starting or shutting down".into());
+        }
+        match self.tollgate.health().unready {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
+    /// The metrics in Prometheus's text format, with the gauges read off
+    /// the app now.
+    pub async fn metrics_text(&self) -> String {
+        let m = metrics();
+        let health = self.tollgate.health();
+        m.holds_open.set(gauge(health.holds_open));
+        m.accounts_cached.set(gauge(health.accounts_cached));
+        if let Some(journal) = &health.journal {
+            m.journal_pending_records.set(gauge(journal.pending));
+            m.journal_bytes.set(gauge(journal.bytes));
+            m.journal_lag.set(journal.lag.as_secs_f64());
+        }
+        m.ready.set(i64::from(self.ready().is_ok()));
+        for account in self.accounts.iter() {
+            let Ok(Reply::Balance(b)) = self.tollgate.apply(account, Command::Balance).await else {
+                continue;
+            };
+            let sources = [
+                ("allowance", b.allowance_tokens as f64),
+                ("packs", b.pack_tokens as f64),
+                ("promo", units(b.promo)),
+                ("paid", units(b.paid)),
+                ("spendable", units(b.spendable)),
+            ];
+            for (source, value) in sources {
+                m.account_available
+                    .get_or_create(&AccountSource {
+                        account: account.to_string(),
+                        source,
+                    })
+                    .set(value);
+            }
+        }
+        m.render()
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Money in the currency's unit (for a gauge: not exact, and need not be).
+fn units(m: Money) -> f64 {
+    m.picos() as f64 / SCALE as f64
+}
+
+/// Serves the endpoint on `listener` until `stop` completes.
+pub async fn serve(
+    listener: TcpListener,
+    probes: Probes,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .with_state(probes);
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
+}
+
+async fn metrics_page(State(probes): State<Probes>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        probes.metrics_text().await,
+    )
+}
+
+/// Alive while the process answers at all.
+async fn live() -> &'static str {
+    "live\n"
+}
+
+async fn ready(State(probes): State<Probes>) -> (StatusCode, String) {
+    match probes.ready() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
