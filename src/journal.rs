@@ -277,6 +277,16 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// `fsync`s the data of `f`, timed in the metrics.
+fn timed_sync(f: &File) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    let synced = f.sync_data();
+    crate::metrics::metrics()
+        .journal_fsync
+        .observe(started.elapsed().as_secs_f64());
+    synced
+}
+
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.tgj"))
 }
@@ -553,7 +563,7 @@ impl Journal {
                 && synced.elapsed() >= every
                 && let Some(f) = &file
             {
-                if let Err(e) = f.sync_data() {
+                if let Err(e) = timed_sync(f) {
                     tracing::error!(error = %e, "usage journal fsync failed");
                 }
                 synced = std::time::Instant::now();
@@ -637,7 +647,7 @@ impl Journal {
         // thread writes, and the newest segment is never removed).
         drop(shared);
         let written = f.write_all(&bytes).and_then(|()| match self.settings.sync {
-            SyncPolicy::Always => f.sync_data(),
+            SyncPolicy::Always => timed_sync(f),
             _ => Ok(()),
         });
         if let Err(e) = written {

@@ -1,6 +1,6 @@
-//! What operators see: the Prometheus metrics moving under a small load
-//! (scraped over HTTP), the readiness probe and the gRPC health service
-//! following a Redis outage.
+//! What operators see: the Prometheus metrics moving under a small load,
+//! scraped over HTTP. (One test in this binary: the metrics are the
+//! process's, and other apps in it would move them too.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,12 +14,6 @@ use support::{Backend, http_get, reserve, sample, settle};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// The test config, serving the HTTP endpoint on a free port.
-fn config(extra: &str) -> String {
-    let config = support::CONFIG.replace("[server]\n", "[server]\nhttp_listen = \"127.0.0.1:0\"\n");
-    format!("{config}\n{extra}")
-}
 
 /// Samples of `page`, by name with labels, read as numbers (0 if absent).
 fn read(page: &str, names: &[&str]) -> Vec<f64> {
@@ -40,7 +34,7 @@ async fn metrics_count_decisions_holds_records_and_only_listed_accounts() {
         "[metrics]\naccounts = [\"rich\"]\n\n[rls]\nconfig_dir = \"{}\"\n",
         rules.path().display()
     );
-    let mut app = support::spawn_app_on_with(Backend::Memory, &config(&extra)).await;
+    let mut app = support::spawn_app_on_with(Backend::Memory, &support::with_http(&extra)).await;
     let http = app.http.unwrap();
     let names = [
         r#"tollgate_decisions_total{rpc="reserve",outcome="allowed",reason="none"}"#,
@@ -112,80 +106,24 @@ async fn metrics_count_decisions_holds_records_and_only_listed_accounts() {
     for other in ["poor", "limited", "frozen"] {
         assert!(!page.contains(&format!("\"{other}\"")), "{other} is not listed");
     }
+    // Every metric the deployment files may use (deploy/metrics.txt) is
+    // exported, with its type.
+    let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/metrics.txt")).unwrap();
+    for line in listed.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (name, kind) = line.split_once(' ').unwrap();
+        let family = if kind == "counter" {
+            name.trim_end_matches("_total")
+        } else {
+            name
+        };
+        let exported: Vec<&str> = page.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        assert!(
+            exported.contains(&format!("# TYPE {family} {kind}").as_str()),
+            "{name} ({kind}) is not exported: {exported:#?}"
+        );
+    }
     assert_eq!(http_get(http, "/live").await.0, 200);
     assert_eq!(http_get(http, "/ready").await, (200, "ready\n".into()));
     assert_eq!(http_get(http, "/nothing").await.0, 404);
-    app.shutdown().await;
-}
-
-async fn health(client: &mut HealthClient<tonic::transport::Channel>, service: &str) -> ServingStatus {
-    let answer = client
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ServingStatus::try_from(answer.status).unwrap()
-}
-
-/// Polls the health service until `service` reports `status` (up to five
-/// seconds: it follows readiness every 250 ms).
-async fn health_becomes(client: &mut HealthClient<tonic::transport::Channel>, service: &str, status: ServingStatus) {
-    for _ in 0..100 {
-        if health(client, service).await == status {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("{service:?} never became {status:?}");
-}
-
-/// Polls `/ready` until it answers `status` (up to ten seconds).
-async fn ready_becomes(http: std::net::SocketAddr, status: u16) -> String {
-    for _ in 0..200 {
-        let (now, body) = http_get(http, "/ready").await;
-        if now == status {
-            return body;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("/ready never answered {status}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_follows_a_redis_outage_and_the_grpc_health_service_agrees() {
-    let mut redis = support::redis::RedisServer::start(&[]);
-    let (mut settings, dir, usage) = support::settings(&config(""));
-    settings.store.use_redis(vec![redis.url()], false);
-    let mut app = support::spawn_sidecar(settings, dir, usage).await;
-    let http = app.http.unwrap();
-    let mut grpc = HealthClient::new(tollgate::channel::connect(&app.admin_url).await.unwrap());
-    ready_becomes(http, 200).await;
-    assert_eq!(health(&mut grpc, "").await, ServingStatus::Serving);
-    app.quota.reserve(reserve("rich", "r1", 10, 10)).await.unwrap();
-
-    // Every plan here fails closed: without Redis the sidecar is not ready,
-    // but alive.
-    redis.stop();
-    let why = ready_becomes(http, 503).await;
-    assert!(why.contains("Redis is unreachable"), "{why}");
-    assert_eq!(http_get(http, "/live").await.0, 200);
-    health_becomes(&mut grpc, "", ServingStatus::NotServing).await;
-    assert_eq!(health(&mut grpc, "live").await, ServingStatus::Serving);
-    let (_, page) = http_get(http, "/metrics").await;
-    let errors: f64 = page
-        .lines()
-        .filter(|l| l.starts_with("tollgate_redis_errors_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(errors >= 1.0, "{page}");
-    assert!(sample(&page, r#"tollgate_redis_call_duration_seconds_count{script="commit"}"#).unwrap() >= 1.0);
-    assert_eq!(sample(&page, "tollgate_ready"), Some(0.0));
-
-    redis.restart();
-    ready_becomes(http, 200).await;
-    health_becomes(&mut grpc, "", ServingStatus::Serving).await;
-    app.quota.settle(settle("rich", "r1", 10, 5)).await.unwrap();
     app.shutdown().await;
 }

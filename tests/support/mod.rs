@@ -225,6 +225,13 @@ pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     (settings, dir, usage_path)
 }
 
+/// [`CONFIG`] serving the HTTP endpoint on a free port, with `extra`
+/// appended.
+pub fn with_http(extra: &str) -> String {
+    let config = CONFIG.replace("[server]\n", "[server]\nhttp_listen = \"127.0.0.1:0\"\n");
+    format!("{config}\n{extra}")
+}
+
 /// `GET path` from an HTTP/1.0 server at `addr`: the status and the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,0 +1,83 @@
+//! The process's life as an operator sees it: readiness (the HTTP probe
+//! and the gRPC health service) following a Redis outage.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use support::{http_get, reserve, sample, settle};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn health(client: &mut HealthClient<tonic::transport::Channel>, service: &str) -> ServingStatus {
+    let answer = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(answer.status).unwrap()
+}
+
+/// Polls the health service until `service` reports `status` (up to five
+/// seconds: it follows readiness every 250 ms).
+async fn health_becomes(client: &mut HealthClient<tonic::transport::Channel>, service: &str, status: ServingStatus) {
+    for _ in 0..100 {
+        if health(client, service).await == status {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{service:?} never became {status:?}");
+}
+
+/// Polls `/ready` until it answers `status` (up to ten seconds).
+async fn ready_becomes(http: std::net::SocketAddr, status: u16) -> String {
+    for _ in 0..200 {
+        let (now, body) = http_get(http, "/ready").await;
+        if now == status {
+            return body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("/ready never answered {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_redis_outage_and_the_grpc_health_service_agrees() {
+    let mut redis = support::redis::RedisServer::start(&[]);
+    let (mut settings, dir, usage) = support::settings(&support::with_http(""));
+    settings.store.use_redis(vec![redis.url()], false);
+    let mut app = support::spawn_sidecar(settings, dir, usage).await;
+    let http = app.http.unwrap();
+    let mut grpc = HealthClient::new(tollgate::channel::connect(&app.admin_url).await.unwrap());
+    ready_becomes(http, 200).await;
+    assert_eq!(health(&mut grpc, "").await, ServingStatus::Serving);
+    app.quota.reserve(reserve("rich", "r1", 10, 10)).await.unwrap();
+
+    // Every plan here fails closed: without Redis the sidecar is not ready,
+    // but alive.
+    redis.stop();
+    let why = ready_becomes(http, 503).await;
+    assert!(why.contains("Redis is unreachable"), "{why}");
+    assert_eq!(http_get(http, "/live").await.0, 200);
+    health_becomes(&mut grpc, "", ServingStatus::NotServing).await;
+    assert_eq!(health(&mut grpc, "live").await, ServingStatus::Serving);
+    let (_, page) = http_get(http, "/metrics").await;
+    let errors: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("tollgate_redis_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(errors >= 1.0, "{page}");
+    assert!(sample(&page, r#"tollgate_redis_call_duration_seconds_count{script="commit"}"#).unwrap() >= 1.0);
+    assert_eq!(sample(&page, "tollgate_ready"), Some(0.0));
+
+    redis.restart();
+    ready_becomes(http, 200).await;
+    health_becomes(&mut grpc, "", ServingStatus::Serving).await;
+    app.quota.settle(settle("rich", "r1", 10, 5)).await.unwrap();
+    app.shutdown().await;
+}
