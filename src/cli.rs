@@ -179,6 +179,10 @@ pub struct ServeArgs {
     /// Control-plane address, overriding server.admin_listen.
     #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve metrics (`/metrics`) and probes (`/live`, `/ready`) over HTTP
+    /// here, overriding server.http_listen.
+    #[arg(long, env = "TOLLGATE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Use the Redis store at this redis:// or rediss:// URL; repeat the
     /// flag (or separate with commas) to name several Redis Cluster seed
     /// nodes. The password comes from TOLLGATE_REDIS_PASSWORD or
@@ -524,6 +528,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.admin_listen {
         settings.admin_listen = addr;
     }
+    if let Some(addr) = args.http_listen {
+        settings.http_listen = Some(addr);
+    }
     if let Some(dir) = args.journal {
         settings.journal.dir = dir;
     }
@@ -554,7 +561,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = args.config {
         app = app.watch_config(path);
     }
-    tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), "tollgate listening");
+    tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), http = ?app.http_addr(), "tollgate listening");
     app.run(crate::signal::shutdown()).await?;
     Ok(ExitCode::SUCCESS)
 }
