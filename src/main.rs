@@ -7,12 +7,14 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = tollgate::cli::Cli::parse();
-    tollgate::telemetry::init();
-    match tollgate::cli::run(cli).await {
+    let telemetry = tollgate::telemetry::init();
+    let code = match tollgate::cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

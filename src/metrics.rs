@@ -281,17 +281,17 @@ impl Metrics {
         // Series of known label values start at zero, so rates and alerts
         // see them before their first event.
         for script in ["commit", "count"] {
-            redis_duration.get_or_create(&Script { script });
-            redis_errors.get_or_create(&Script { script });
+            drop(redis_duration.get_or_create(&Script { script }));
+            drop(redis_errors.get_or_create(&Script { script }));
         }
         for unit in ["tokens", "money"] {
-            lease_slice_size.get_or_create(&SliceUnit { unit });
+            drop(lease_slice_size.get_or_create(&SliceUnit { unit }));
         }
         for policy in ["closed", "open", "allowance"] {
-            failure_policy_decisions.get_or_create(&Policy { policy });
+            drop(failure_policy_decisions.get_or_create(&Policy { policy }));
         }
         for result in ["applied", "refused"] {
-            config_reloads.get_or_create(&ReloadResult { result });
+            drop(config_reloads.get_or_create(&ReloadResult { result }));
         }
         Metrics {
             registry: r,

@@ -361,7 +361,7 @@ impl App {
             reflection(admin_name).build_v1()?,
             reflection(admin_name).build_v1alpha()?,
         );
-        let quota_server = with_tls(Server::builder(), quota_tls)?
+        let quota_server = with_tls(Server::builder().trace_fn(crate::telemetry::grpc_span), quota_tls)?
             .add_service(quota_health_service.clone())
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
@@ -372,6 +372,7 @@ impl App {
         let quota_unix_server = serve_unix(
             quota_unix,
             Server::builder()
+                .trace_fn(crate::telemetry::grpc_span)
                 .add_service(quota_health_service.clone())
                 .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
                 .add_optional_service(rls),
@@ -382,11 +383,12 @@ impl App {
         let admin_unix_server = serve_unix(
             admin_unix,
             Server::builder()
+                .trace_fn(crate::telemetry::grpc_span)
                 .add_service(admin_health_service.clone())
                 .add_service(admin_api.clone()),
             until_stopped(stopped.clone()),
         );
-        let admin_server = with_tls(Server::builder(), admin_tls)?
+        let admin_server = with_tls(Server::builder().trace_fn(crate::telemetry::grpc_span), admin_tls)?
             .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)

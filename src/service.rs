@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::SeedAccount;
@@ -108,23 +109,26 @@ impl Tollgate {
         }
         let this = self.clone();
         let account = account.clone();
-        tokio::spawn(async move {
-            let now = this.now();
-            let applied = match audit {
-                None => this.store.apply(&account, command, now).await?,
-                Some(audit) => {
-                    let (applied, record) = this.store.apply_audited(&account, command, now, &audit).await?;
-                    if let Some(record) = record
-                        && this.usage.send(Emitted::Audit(Arc::new(record))).await.is_err()
-                    {
-                        tracing::error!("usage sink has stopped; an audit record was not written");
+        tokio::spawn(
+            async move {
+                let now = this.now();
+                let applied = match audit {
+                    None => this.store.apply(&account, command, now).await?,
+                    Some(audit) => {
+                        let (applied, record) = this.store.apply_audited(&account, command, now, &audit).await?;
+                        if let Some(record) = record
+                            && this.usage.send(Emitted::Audit(Arc::new(record))).await.is_err()
+                        {
+                            tracing::error!("usage sink has stopped; an audit record was not written");
+                        }
+                        applied
                     }
-                    applied
-                }
-            };
-            this.emit(applied.records).await;
-            Ok(applied.reply)
-        })
+                };
+                this.emit(applied.records).await;
+                Ok(applied.reply)
+            }
+            .in_current_span(),
+        )
         .await
         .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
     }

@@ -18,6 +18,7 @@ use crate::proto;
 use crate::proto::quota_server::Quota;
 use crate::service::Tollgate;
 use crate::store::StoreError;
+use crate::telemetry::note_ids;
 
 /// The data-plane service.
 pub struct QuotaApi {
@@ -57,6 +58,7 @@ impl QuotaApi {
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
         let r = request.into_inner();
+        note_ids(&r.account_id, &r.request_id);
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let req = ReserveRequest {
             request_id: id("request_id", &r.request_id, RequestId::parse)?,
@@ -104,6 +106,7 @@ impl QuotaApi {
         request: Request<proto::ExtendRequest>,
     ) -> Result<Response<proto::ExtendResponse>, Status> {
         let r = request.into_inner();
+        note_ids(&r.account_id, &r.reservation_id);
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let max_output_tokens = tokens("max_output_tokens", r.max_output_tokens)?;
         let command = Command::Extend {
@@ -131,6 +134,7 @@ impl QuotaApi {
         request: Request<proto::SettleRequest>,
     ) -> Result<Response<proto::SettleResponse>, Status> {
         let r = request.into_inner();
+        note_ids(&r.account_id, &r.reservation_id);
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let usage = usage("usage", r.usage.as_ref())?;
         let Reply::Settle(record) = self
@@ -151,6 +155,7 @@ impl QuotaApi {
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
         let r = request.into_inner();
+        note_ids(&r.account_id, &r.reservation_id);
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let Reply::Release(released) = self
             .tollgate
@@ -170,6 +175,7 @@ impl QuotaApi {
         request: Request<proto::ChargeRequest>,
     ) -> Result<Response<proto::ChargeResponse>, Status> {
         let r = request.into_inner();
+        note_ids(&r.account_id, &r.request_id);
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let what = match &r.charge {
             None => return Err(invalid("charge", "one of usage or amount is required")),
@@ -221,6 +227,7 @@ impl QuotaApi {
         request: Request<proto::GetBalanceRequest>,
     ) -> Result<Response<proto::GetBalanceResponse>, Status> {
         let r = request.into_inner();
+        note_ids(&r.account_id, "");
         let account = id("account_id", &r.account_id, AccountId::parse)?;
         let Reply::Balance(b) = self.tollgate.apply(&account, Command::Balance).await.map_err(status)? else {
             return Err(unexpected("GetBalance"));
