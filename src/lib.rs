@@ -41,6 +41,7 @@ pub mod service;
 pub mod signal;
 pub mod store;
 pub mod telemetry;
+pub mod uds;
 pub mod usage;
 
 /// Generated code for the `tollgate.v1` gRPC package.

@@ -91,7 +91,7 @@ async fn serve_unix(
         return Ok(());
     };
     let served = router
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(crate::uds::incoming(listener), stop)
         .await;
     let _ = std::fs::remove_file(&path);
     served
