@@ -163,11 +163,16 @@ impl Served {
         }
     }
 
-    /// SIGTERM, and how it exited.
-    fn stop(mut self) -> std::process::ExitStatus {
+    /// SIGTERM, without waiting.
+    fn terminate(&self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+    }
+
+    /// SIGTERM, and how it exited.
+    fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
         let status = self.child.wait().unwrap();
         let _ = self.done.send(());
         let _ = self.watchdog.join();
@@ -628,4 +633,46 @@ fn sighup_reloads_the_configuration_file() {
     assert_eq!(seen, ["2026-01", "2031-01"]);
     let status = served.stop();
     assert!(status.success(), "SIGHUP must not stop the server: {status:?}");
+}
+
+/// A health Watch on `url` that has seen SERVING.
+async fn watching(url: &str) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut client = HealthClient::new(channel(url).await);
+    let mut watch = client
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    watch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_health_watch_cannot_hold_shutdown_and_a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tollgate.toml")).unwrap();
+    let short = dir.path().join("short-grace.toml");
+    std::fs::write(
+        &short,
+        demo.replace("shutdown_grace_seconds = 20", "shutdown_grace_seconds = 1"),
+    )
+    .unwrap();
+    // An open Watch stream never finishes by itself: the process stops at
+    // the end of its grace period all the same, cleanly, and the watcher
+    // hears NOT_SERVING first.
+    let served = Served::start(dir.path(), &["--config", short.to_str().unwrap()]);
+    let mut watch = watching(&served.quota).await;
+    let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
+    assert!(status.success(), "{status}");
+    let heard = watch.message().await.unwrap().unwrap();
+    assert_eq!(heard.status, ServingStatus::NotServing as i32);
+    // With the default 20 s grace and a Watch open, a second SIGTERM ends
+    // the drain at once.
+    let served = Served::start(dir.path(), &[]);
+    let _watch = watching(&served.quota).await;
+    served.terminate();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
 }
