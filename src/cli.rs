@@ -306,8 +306,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(tokio::net::UnixListener::bind)
                 .transpose()
                 .context("binding the Unix socket")?;
+            // Listening for signals before saying so: a signal from then on
+            // drains rather than kills.
+            let stop = crate::signal::shutdown();
             tracing::info!(%listen, unix = ?listen_unix, "baseline listening");
-            crate::server::serve_baseline(tcp, unix, crate::signal::shutdown()).await?;
+            crate::server::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { file } => Ok(match Settings::load(Some(&file), &env) {
@@ -561,8 +564,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = args.config {
         app = app.watch_config(path);
     }
+    // Listening for signals before saying so: a signal from then on drains
+    // rather than kills.
+    let stop = crate::signal::shutdown();
     tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), http = ?app.http_addr(), "tollgate listening");
-    app.run(crate::signal::shutdown()).await?;
+    app.run(stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 
