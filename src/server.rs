@@ -579,7 +579,8 @@ async fn health_follows(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
-    let mut was = None;
+    // The reporters start out SERVING.
+    let mut was: Option<Result<(), String>> = Some(Ok(()));
     loop {
         tokio::select! {
             () = &mut stop => return,
