@@ -4,16 +4,15 @@
 //! percent-encoding) as the HTTP/2 `:authority`, which is not a valid
 //! authority; the HTTP/2 server under tonic (h2) then resets every stream
 //! with `PROTOCOL_ERROR`. Every connection accepted on Tollgate's Unix
-//! sockets is therefore relayed through [`AuthorityFix`], which rewrites an
-//! invalid `:authority` in the client's header blocks to `localhost` and
-//! passes every other byte as it came. The server's side goes back
-//! untouched.
+//! sockets is therefore read through [`Conn`]: a connection whose first
+//! header block names a valid authority passes untouched; one that does not
+//! has every header block re-encoded by [`AuthorityFix`] with `localhost`
+//! in its place. What the server writes goes straight to the socket.
 
 use std::io;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{UnixListener, UnixStream};
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
@@ -28,8 +27,6 @@ const MAX_FRAME: usize = 16_384;
 /// A header block larger than this is refused (h2's own default limit on
 /// a header list is 16 KiB; a client's block cannot usefully exceed it).
 const MAX_BLOCK: usize = 1 << 20;
-/// What the relay buffers between the client and the server.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Rewrites invalid `:authority` values in the frames a client sends:
 /// header blocks are decoded (with the client's dynamic table) and encoded
@@ -39,6 +36,10 @@ pub struct AuthorityFix {
     encoder: loona_hpack::Encoder<'static>,
     /// A header block waiting for its CONTINUATION frames.
     pending: Option<Pending>,
+    /// Header blocks completed so far.
+    blocks: u64,
+    /// Some block's authority was replaced.
+    changed: bool,
 }
 
 /// A header block being received.
@@ -59,6 +60,8 @@ impl Default for AuthorityFix {
             decoder: loona_hpack::Decoder::new(),
             encoder: loona_hpack::Encoder::new(),
             pending: None,
+            blocks: 0,
+            changed: false,
         }
     }
 }
@@ -141,8 +144,10 @@ impl AuthorityFix {
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
                 *value = b"localhost".to_vec();
+                self.changed = true;
             }
         }
+        self.blocks += 1;
         let mut encoded = priority;
         let fields = headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice()));
         encoded.extend(self.encoder.encode(fields));
@@ -164,74 +169,222 @@ impl AuthorityFix {
     }
 }
 
-/// Relays `client` to `server`: the client's frames through
-/// [`AuthorityFix`], the server's bytes as they are.
-async fn relay(client: UnixStream, server: DuplexStream) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = tokio::io::split(server);
-    let up = async {
-        let result = forward(&mut client_read, &mut server_write).await;
-        let _ = server_write.shutdown().await;
-        result
-    };
-    let down = tokio::io::copy(&mut server_read, &mut client_write);
-    let (up, _) = tokio::join!(up, down);
-    if let Err(e) = up {
-        tracing::debug!(error = %e, "Unix socket connection ended");
+/// A client connection on a Unix socket, as the server reads it.
+///
+/// Until the first header block is complete, the client's frames are
+/// decoded ([`AuthorityFix`]). If its `:authority` is valid, everything
+/// from then on passes untouched (a channel keeps one authority, and an
+/// untouched connection costs nothing); if not, every header block of the
+/// connection is re-encoded with the authority fixed. What the server
+/// writes goes straight to the socket.
+pub struct Conn {
+    inner: UnixStream,
+    mode: Mode,
+    /// Read from the client, not yet passed on.
+    input: Vec<u8>,
+    /// Ready for the server to read, from `at`.
+    output: Vec<u8>,
+    at: usize,
+}
+
+enum Mode {
+    /// The preface is still to come.
+    Preface(AuthorityFix),
+    /// Before the first header block is complete: what came so far, as
+    /// sent, in case it can pass untouched.
+    Sniffing(AuthorityFix, Vec<u8>),
+    /// Every header block re-encoded.
+    Fixing(AuthorityFix),
+    /// Everything as sent.
+    Passing,
+}
+
+impl Conn {
+    fn new(inner: UnixStream) -> Conn {
+        Conn {
+            inner,
+            mode: Mode::Preface(AuthorityFix::default()),
+            input: Vec::new(),
+            output: Vec::new(),
+            at: 0,
+        }
+    }
+
+    /// Moves whatever complete units `input` holds to `output`.
+    fn process(&mut self) -> io::Result<()> {
+        loop {
+            let mode = std::mem::replace(&mut self.mode, Mode::Passing);
+            let (next, more) = self.step(mode)?;
+            self.mode = next;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One unit of `input` under `mode`: the next mode, and whether there
+    /// may be more to do.
+    fn step(&mut self, mode: Mode) -> io::Result<(Mode, bool)> {
+        match mode {
+            Mode::Passing => {
+                self.output.append(&mut self.input);
+                Ok((Mode::Passing, false))
+            }
+            Mode::Preface(fix) => {
+                if self.input.len() < PREFACE.len() {
+                    return Ok((Mode::Preface(fix), false));
+                }
+                if &self.input[..PREFACE.len()] != PREFACE {
+                    return Err(invalid("not an HTTP/2 connection"));
+                }
+                self.output.extend(self.input.drain(..PREFACE.len()));
+                Ok((Mode::Sniffing(fix, Vec::new()), true))
+            }
+            Mode::Sniffing(mut fix, mut held) => {
+                let Some((head, payload, original)) = self.next_frame()? else {
+                    return Ok((Mode::Sniffing(fix, held), false));
+                };
+                let blocks = fix.blocks;
+                let mut fixed = Vec::new();
+                fix.frame(head, payload, &mut fixed)?;
+                held.extend_from_slice(&original);
+                if fix.blocks == blocks {
+                    // No header block completed: frames outside one pass
+                    // as sent; a block's first frames wait for its end.
+                    if fix.pending.is_none() {
+                        self.output.append(&mut held);
+                    }
+                    return Ok((Mode::Sniffing(fix, held), true));
+                }
+                if fix.changed {
+                    self.output.extend_from_slice(&fixed);
+                    Ok((Mode::Fixing(fix), true))
+                } else {
+                    self.output.append(&mut held);
+                    Ok((Mode::Passing, true))
+                }
+            }
+            Mode::Fixing(mut fix) => {
+                let Some((head, payload, _)) = self.next_frame()? else {
+                    return Ok((Mode::Fixing(fix), false));
+                };
+                fix.frame(head, payload, &mut self.output)?;
+                Ok((Mode::Fixing(fix), true))
+            }
+        }
+    }
+
+    /// The next whole frame in `input`, taken out: its header, its payload
+    /// and its bytes as sent.
+    fn next_frame(&mut self) -> io::Result<Option<([u8; 9], Vec<u8>, Vec<u8>)>> {
+        if self.input.len() < 9 {
+            return Ok(None);
+        }
+        let len = usize::from(self.input[0]) << 16 | usize::from(self.input[1]) << 8 | usize::from(self.input[2]);
+        if len > MAX_BLOCK {
+            return Err(invalid("frame too large"));
+        }
+        if self.input.len() < 9 + len {
+            return Ok(None);
+        }
+        let original: Vec<u8> = self.input.drain(..9 + len).collect();
+        let mut head = [0u8; 9];
+        head.copy_from_slice(&original[..9]);
+        Ok(Some((head, original[9..].to_vec(), original)))
     }
 }
 
-/// The client's side of [`relay`]: the preface, then frame by frame.
-async fn forward(
-    client_read: &mut tokio::net::unix::OwnedReadHalf,
-    server_write: &mut tokio::io::WriteHalf<DuplexStream>,
-) -> io::Result<()> {
-    {
-        let mut preface = [0u8; 24];
-        client_read.read_exact(&mut preface).await?;
-        if &preface != PREFACE {
-            return Err(invalid("not an HTTP/2 connection"));
-        }
-        server_write.write_all(&preface).await?;
-        let mut fix = AuthorityFix::default();
-        let mut out = Vec::new();
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
         loop {
-            let mut head = [0u8; 9];
-            match client_read.read_exact(&mut head).await {
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                other => other?,
-            };
-            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            if len > MAX_BLOCK {
-                return Err(invalid("frame too large"));
+            if this.at < this.output.len() {
+                let n = buf.remaining().min(this.output.len() - this.at);
+                buf.put_slice(&this.output[this.at..this.at + n]);
+                this.at += n;
+                if this.at == this.output.len() {
+                    this.output.clear();
+                    this.at = 0;
+                }
+                return Poll::Ready(Ok(()));
             }
-            let mut payload = vec![0u8; len];
-            client_read.read_exact(&mut payload).await?;
-            fix.frame(head, payload, &mut out)?;
-            server_write.write_all(&out).await?;
-            out.clear();
+            if matches!(this.mode, Mode::Passing) && this.input.is_empty() {
+                return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let mut scratch = [0u8; 16 * 1024];
+            let mut read = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    // End of stream: pass on what is left as it came.
+                    this.output.append(&mut this.input);
+                    if this.output.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(())) => {
+                    this.input.extend_from_slice(read.filled());
+                    this.process()?;
+                }
+            }
         }
     }
 }
 
-/// The connections accepted on `listener`, each relayed (see the module
-/// documentation), as a stream for `serve_with_incoming_shutdown`.
-pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<DuplexStream>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let accepted = listener.accept().await;
-            let item = accepted.map(|(client, _)| {
-                let (server, ours) = tokio::io::duplex(RELAY_BUFFER);
-                tokio::spawn(relay(client, ours));
-                server
-            });
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::Connected::connect_info(&self.inner)
+    }
+}
+
+/// The connections accepted on `listener` (see [`Conn`]), as a stream for
+/// `serve_with_incoming_shutdown`.
+pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<Conn>> {
+    tokio_stream::wrappers::UnixListenerStream::new(listener).map(|accepted| accepted.map(Conn::new))
 }
 
 #[cfg(test)]
@@ -320,6 +473,52 @@ mod tests {
         assert!(
             out.windows(8).any(|w| w == [0, 0, 4, 0, END_STREAM, 0, 0, 0]),
             "DATA passed"
+        );
+    }
+
+    /// What the server reads through [`Conn`] when a client writes
+    /// `sent` and closes.
+    async fn through_conn(sent: Vec<u8>) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(&sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut read = Vec::new();
+        Conn::new(server).read_to_end(&mut read).await.unwrap();
+        read
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_a_valid_authority_passes_as_sent_and_one_without_is_fixed() {
+        let list = |authority: &[u8]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            vec![
+                (b":path".to_vec(), b"/x".to_vec()),
+                (b":authority".to_vec(), authority.to_vec()),
+            ]
+        };
+        // A client's connection: preface, SETTINGS, two requests.
+        let connection = |authority: &[u8]| {
+            let mut client = loona_hpack::Encoder::new();
+            let mut bytes = PREFACE.to_vec();
+            let (h, p) = frame(0x4, 0, 0, &[]);
+            bytes.extend_from_slice(&h);
+            bytes.extend_from_slice(&p);
+            for stream in [1, 3] {
+                let l = list(authority);
+                let block = client.encode(l.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+                let (h, p) = frame(HEADERS, END_HEADERS, stream, &block);
+                bytes.extend_from_slice(&h);
+                bytes.extend_from_slice(&p);
+            }
+            bytes
+        };
+        let valid = connection(b"localhost:1");
+        assert_eq!(through_conn(valid.clone()).await, valid, "untouched");
+        let read = through_conn(connection(b"/run/tollgate/quota.sock")).await;
+        assert!(read.starts_with(PREFACE));
+        assert_eq!(
+            server_sees(&read[PREFACE.len()..]),
+            vec![list(b"localhost"), list(b"localhost")]
         );
     }
 
