@@ -187,6 +187,9 @@ pub struct Conn {
     at: usize,
 }
 
+/// A frame: its 9-byte header, its payload, and its bytes as sent.
+type Frame = ([u8; 9], Vec<u8>, Vec<u8>);
+
 enum Mode {
     /// The preface is still to come.
     Preface(AuthorityFix),
@@ -276,7 +279,7 @@ impl Conn {
 
     /// The next whole frame in `input`, taken out: its header, its payload
     /// and its bytes as sent.
-    fn next_frame(&mut self) -> io::Result<Option<([u8; 9], Vec<u8>, Vec<u8>)>> {
+    fn next_frame(&mut self) -> io::Result<Option<Frame>> {
         if self.input.len() < 9 {
             return Ok(None);
         }
