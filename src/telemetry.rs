@@ -124,9 +124,13 @@ pub fn grpc_span(request: &http::Request<()>) -> tracing::Span {
         account = tracing::field::Empty,
         request_id = tracing::field::Empty,
     );
-    let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
-    // Without the OpenTelemetry layer (tracing off) there is nothing to join.
-    let _ = span.set_parent(parent);
+    // A span nothing records (no subscriber wants it) joins nothing.
+    if !span.is_disabled() {
+        let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
+        // Without the OpenTelemetry layer (traces off) there is nothing to
+        // join either.
+        let _ = span.set_parent(parent);
+    }
     span
 }
 
