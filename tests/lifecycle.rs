@@ -1,7 +1,7 @@
 //! The process's life as an operator sees it: readiness (the HTTP probe
 //! and the gRPC health service) following a Redis outage, and the data
 //! plane's Unix socket serving a Python grpcio client as a model server in
-//! the pod would call it.
+//! the pod would call it, and a sidecar stopped with SIGTERM under load.
 
 #![allow(clippy::unwrap_used)]
 
@@ -138,4 +138,112 @@ async fn a_python_grpcio_client_with_default_options_is_served_on_the_unix_socke
         })
     );
     app.shutdown().await;
+}
+
+/// Reserve then settle on the shared account until the sidecar goes away
+/// (or the account runs dry): the request ids whose settle was
+/// acknowledged, and whether the sidecar went away.
+async fn settle_until_gone(
+    mut quota: tollgate::proto::quota_client::QuotaClient<tonic::transport::Channel>,
+    client: usize,
+) -> (Vec<String>, bool) {
+    use tollgate::proto;
+    let mut acknowledged = Vec::new();
+    for i in 0u64.. {
+        let id = format!("t{client}-{i}");
+        let reserve = proto::ReserveRequest {
+            account_id: "shared".into(),
+            model: "m".into(),
+            request_id: id.clone(),
+            input_tokens: 100,
+            max_output_tokens: 100,
+            ..Default::default()
+        };
+        let Ok(r) = quota.reserve(reserve).await else {
+            return (acknowledged, true);
+        };
+        if r.into_inner().decision == proto::Decision::Deny as i32 {
+            return (acknowledged, false);
+        }
+        let settle = proto::SettleRequest {
+            account_id: "shared".into(),
+            reservation_id: id.clone(),
+            usage: Some(proto::Usage {
+                input_tokens: 100,
+                output_tokens: 10 + i % 50,
+                ..Default::default()
+            }),
+        };
+        if quota.settle(settle).await.is_err() {
+            return (acknowledged, true);
+        }
+        acknowledged.push(id);
+    }
+    (acknowledged, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_keeps_every_acknowledged_settle_and_returns_the_lease() {
+    let redis = support::redis::RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = support::fleet::fleet(1, dir.path(), &[redis.url()]);
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..16 {
+        clients.spawn(settle_until_gone(sidecars[0].client().await, c));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // SIGTERM mid-load; the sidecar must exit cleanly (stop asserts it).
+    let sidecar = sidecars.pop().unwrap();
+    let sidecar = tokio::task::spawn_blocking(move || {
+        let mut sidecar = sidecar;
+        sidecar.stop();
+        sidecar
+    })
+    .await
+    .unwrap();
+    let (mut acknowledged, mut cut) = (Vec::new(), 0);
+    while let Some(done) = clients.join_next().await {
+        let (ids, gone) = done.unwrap();
+        acknowledged.extend(ids);
+        cut += usize::from(gone);
+    }
+    assert!(acknowledged.len() > 50, "the load ran: {}", acknowledged.len());
+    assert!(cut > 0, "the shutdown came mid-load, not after the account ran dry");
+    // Every acknowledged settle is in the usage file and the Redis stream,
+    // once; nothing is in them twice.
+    let ids = |records: Vec<serde_json::Value>| {
+        let mut ids: Vec<String> = records
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let written = ids(sidecar.records());
+    let streamed = ids(support::fleet::stream_records(&redis.url(), 1).await);
+    assert_eq!(written, streamed, "the stream holds exactly what the sidecar wrote");
+    let mut deduplicated = written.clone();
+    deduplicated.dedup();
+    assert_eq!(deduplicated, written, "no record twice");
+    for id in &acknowledged {
+        assert!(written.binary_search(id).is_ok(), "acknowledged settle {id} lost");
+    }
+    // The lease came back: nothing lent, and Redis charged what the records say.
+    let account = support::fleet::shared_account(redis.port, 1, "shared");
+    for (producer, lease) in account["leases"].as_object().unwrap() {
+        assert!(
+            lease["held"].as_array().unwrap().is_empty(),
+            "lease of {producer} still holds"
+        );
+    }
+    let paid = support::fleet::Ledger::of(&account["paid"]);
+    assert_eq!(
+        paid.granted,
+        paid.available() + paid.held + paid.charged + paid.forfeited
+    );
+    assert_eq!(
+        sidecar.charged().picos(),
+        paid.charged,
+        "Redis charged what the records say"
+    );
 }

@@ -371,3 +371,47 @@ pub fn picos(records: &[serde_json::Value]) -> i128 {
         })
         .sum()
 }
+
+/// Short leases so expiry fits in a test: a lease lapses 3 s after its
+/// last sync, slices cover half a second of burn, idle ones go back after
+/// a second.
+pub const FLEET: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[store]
+sweep_interval_ms = 100
+
+[store.redis]
+deadline_ms = 1000
+
+[leases]
+ttl_seconds = 3
+horizon_ms = 500
+idle_return_seconds = 1
+report_interval_ms = 200
+
+[plans.payg]
+
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models.m.tiers.default]
+input = "1"
+output = "4"
+
+[[accounts]]
+id = "shared"
+plan = "payg"
+paid = "0.5"
+"#;
+
+/// Starts `n` sidecars on `urls`, each with its own usage file in `dir`.
+pub fn fleet(n: usize, dir: &std::path::Path, urls: &[String]) -> Vec<Sidecar> {
+    let config = write_config(dir, FLEET);
+    (0..n)
+        .map(|i| Sidecar::spawn(&config, urls, dir.join(format!("usage-{i}.jsonl"))))
+        .collect()
+}
