@@ -265,6 +265,9 @@ pub struct RedisStore {
     gates: DashMap<AccountId, Arc<tokio::sync::Mutex<Gate>>>,
     /// Redis failed recently: until then, calls fail at once.
     down_until: Mutex<Option<Instant>>,
+    /// Redis answered the last PING (readiness; decisions never wait on
+    /// it).
+    reachable: std::sync::atomic::AtomicBool,
     prices_stale: std::sync::atomic::AtomicBool,
     /// The version of the prices record installed.
     prices_version: AtomicU64,
@@ -351,6 +354,7 @@ impl RedisStore {
             mirrors: DashMap::new(),
             gates: DashMap::new(),
             down_until: Mutex::new(None),
+            reachable: std::sync::atomic::AtomicBool::new(true),
             prices_stale: std::sync::atomic::AtomicBool::new(false),
             prices_version: AtomicU64::new(0),
             sweeps: AtomicU64::new(0),
@@ -1076,12 +1080,15 @@ impl RedisStore {
     }
 
     /// Pings Redis, so an outage (and the end of one) is noticed even
-    /// while no call needs Redis: readiness follows it.
+    /// while no call needs Redis: readiness follows it. The answer only
+    /// feeds readiness: a slow PING must not turn decisions to the failure
+    /// policy (that is for calls that fail).
     async fn probe(&self) {
         let pong: Result<String, StoreError> = self.redis.query(&redis::cmd("PING")).await;
-        if let Err(e) = self.note(pong) {
+        if let Err(e) = &pong {
             tracing::debug!(error = %e, "Redis did not answer PING");
         }
+        self.reachable.store(pong.is_ok(), Ordering::Relaxed);
     }
 
     /// Aligns the clock with Redis `TIME` again, if it is aligned at all.
@@ -1646,7 +1653,9 @@ impl Store for RedisStore {
         let replaying = !self.replay.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
         let unready = if replaying {
             Some("replaying the usage journal".to_owned())
-        } else if self.check_up().is_err() && !self.catalog().plans.values().any(|p| p.on_store_outage.admits()) {
+        } else if !self.reachable.load(Ordering::Relaxed)
+            && !self.catalog().plans.values().any(|p| p.on_store_outage.admits())
+        {
             Some("Redis is unreachable and every plan's failure policy is closed".to_owned())
         } else {
             None
