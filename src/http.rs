@@ -14,9 +14,8 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::engine::ids::AccountId;
-use crate::engine::money::{Money, SCALE};
 use crate::engine::{Command, Reply};
-use crate::metrics::{AccountSource, metrics};
+use crate::metrics::{AccountSource, currency_units, metrics};
 use crate::service::Tollgate;
 
 /// What the probes and the metrics read off a running app.
@@ -78,9 +77,9 @@ impl Probes {
             let sources = [
                 ("allowance", b.allowance_tokens as f64),
                 ("packs", b.pack_tokens as f64),
-                ("promo", units(b.promo)),
-                ("paid", units(b.paid)),
-                ("spendable", units(b.spendable)),
+                ("promo", currency_units(b.promo)),
+                ("paid", currency_units(b.paid)),
+                ("spendable", currency_units(b.spendable)),
             ];
             for (source, value) in sources {
                 m.account_available
@@ -97,11 +96,6 @@ impl Probes {
 
 fn gauge(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// Money in the currency's unit (for a gauge: not exact, and need not be).
-fn units(m: Money) -> f64 {
-    m.picos() as f64 / SCALE as f64
 }
 
 /// Serves the endpoint on `listener` until `stop` completes.

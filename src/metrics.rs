@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::engine::draw::Take;
-use crate::engine::money::SCALE;
+use crate::engine::money::{Money, SCALE};
 
 /// An RPC's name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -351,11 +351,17 @@ impl Metrics {
             let (unit, amount) = if take.source.is_tokens() {
                 ("tokens", take.amount as f64)
             } else {
-                ("money", take.amount as f64 / SCALE as f64)
+                ("money", currency_units(Money::from_picos(take.amount)))
             };
             self.lease_slice_size.get_or_create(&SliceUnit { unit }).observe(amount);
         }
     }
+}
+
+/// Money in the currency's unit, for a gauge or a histogram (not exact,
+/// and need not be).
+pub fn currency_units(m: Money) -> f64 {
+    m.picos() as f64 / SCALE as f64
 }
 
 /// The process's metrics.

@@ -348,6 +348,26 @@ on_both_stores!(
     global_shadow_mode_and_response_headers,
 );
 
+/// Two sidecars on `redis` serving `config`, both on the system clock as
+/// in production (one window for both), with a rate-limit client each.
+async fn two_sidecars(
+    redis: &support::redis::RedisServer,
+    config: &str,
+) -> (Vec<TestApp>, Vec<RateLimitServiceClient<tonic::transport::Channel>>) {
+    let mut sidecars = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (mut settings, dir, usage) = support::settings(config);
+        settings.store.use_redis(vec![redis.url()], false);
+        let sidecar = support::spawn_sidecar(settings, dir, usage).await;
+        clients.push(RateLimitServiceClient::new(
+            tollgate::channel::connect(&sidecar.quota_url).await.unwrap(),
+        ));
+        sidecars.push(sidecar);
+    }
+    (sidecars, clients)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_sharing_redis_count_one_window_together() {
     let redis = support::redis::RedisServer::start(&[]);
@@ -358,18 +378,7 @@ async fn sidecars_sharing_redis_count_one_window_together() {
         support::CONFIG,
         rules.path().display()
     );
-    let mut clients = Vec::new();
-    let mut sidecars = Vec::new();
-    for _ in 0..2 {
-        // Both on the system clock, as in production: one window for both.
-        let (mut settings, dir, usage) = support::settings(&config);
-        settings.store.use_redis(vec![redis.url()], false);
-        let sidecar = support::spawn_sidecar(settings, dir, usage).await;
-        clients.push(RateLimitServiceClient::new(
-            tollgate::channel::connect(&sidecar.quota_url).await.unwrap(),
-        ));
-        sidecars.push(sidecar);
-    }
+    let (_sidecars, mut clients) = two_sidecars(&redis, &config).await;
     // 400 tokens a call against 1,000 an hour: two calls pass, wherever
     // they land.
     let mut request = request(vec![descriptor(&[("tokens", "shared")])]);
@@ -414,17 +423,7 @@ async fn sidecars_count_from_hits_taken_ahead_and_give_back_what_idles() {
         support::CONFIG,
         rules.path().display()
     );
-    let mut clients = Vec::new();
-    let mut sidecars = Vec::new();
-    for _ in 0..2 {
-        let (mut settings, dir, usage) = support::settings(&config);
-        settings.store.use_redis(vec![redis.url()], false);
-        let sidecar = support::spawn_sidecar(settings, dir, usage).await;
-        clients.push(RateLimitServiceClient::new(
-            tollgate::channel::connect(&sidecar.quota_url).await.unwrap(),
-        ));
-        sidecars.push(sidecar);
-    }
+    let (_sidecars, mut clients) = two_sidecars(&redis, &config).await;
     let call = request(vec![descriptor(&[("api_key", "k")])]);
     // One sidecar's burn: its count stays exact, most calls are counted
     // from hits it took ahead, and the shared count holds them.

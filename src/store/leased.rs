@@ -1075,6 +1075,7 @@ impl RedisStore {
             syncs = s.syncs.load(Ordering::Relaxed),
             conflicts = s.conflicts.load(Ordering::Relaxed),
             outage_decisions = s.outage_decisions.load(Ordering::Relaxed),
+            window_hits_held = s.window_hits_held.load(Ordering::Relaxed),
             "leases returned"
         );
     }
