@@ -134,6 +134,52 @@ async fn sigkilled_again_and_again_every_acknowledged_settle_is_in_the_stream_on
     );
 }
 
+/// Found by the simulation (tests/simulation.rs, seeds 3, 6, 27 and 57): a
+/// hold that lapsed under `charge_in_full` is charged by the next command
+/// on its account, even one that is refused; its record must reach the
+/// journal with that command, or a crash before the next one loses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_charged_in_full_during_a_refused_call_survives_a_crash() {
+    let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    // No sweep to take the record first; holds lapse after a second.
+    let config = CONFIG.replace(
+        "[plans.payg]",
+        "[store]\nsweep_interval_ms = 600000\n\n[holds]\nttl_seconds = 1\non_expiry = \"charge_in_full\"\n\n[plans.payg]",
+    );
+    let config = write_config(dir.path(), &config);
+    let journal = dir.path().join("journal");
+    let mut sidecar = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("usage-0.jsonl"), &journal);
+    let mut quota = sidecar.client().await;
+    let held = quota
+        .reserve(support::reserve("shared", "lapsing", 100, 100))
+        .await
+        .unwrap();
+    assert_eq!(held.into_inner().decision, proto::Decision::Allow as i32);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let refused = quota
+        .settle(support::settle("shared", "unknown", 1, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    sidecar.kill();
+
+    let mut sidecar = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("usage-1.jsonl"), &journal);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sidecar.stop();
+    let records = stream_records(&redis.url(), 1).await;
+    let lapsed: Vec<_> = records.iter().filter(|r| r["request_id"] == "lapsing").collect();
+    assert_eq!(lapsed.len(), 1, "the lapsed hold's record, once: {records:?}");
+    let account = shared_account(redis.port, 1, "shared");
+    let (paid, debt) = (Ledger::of(&account["paid"]), Ledger::of(&account["debt"]));
+    assert_eq!(paid.charged + debt.charged, picos(&records));
+    assert_eq!(
+        picos(&records),
+        500_000_000,
+        "100 in and 100 out at 1 and 4 per million"
+    );
+}
+
 /// Runs `tollgate ARGS` and returns its stdout.
 fn tollgate(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))

@@ -135,6 +135,10 @@ struct Local {
     /// journal: a sync sends only records numbered below all of them, so
     /// the shared account sees each journal's records in order.
     appending: BTreeSet<u64>,
+    /// Records time made while a command was refused (a lapsed hold
+    /// charged in full): journaled with their charges at once, handed to
+    /// the caller with the next command's.
+    untold: Vec<Arc<UsageRecord>>,
 }
 
 /// Serializes syncs of one account, and keeps what they need between runs.
@@ -647,6 +651,7 @@ impl RedisStore {
                 outage_base: None,
                 journaled: replayed,
                 appending: BTreeSet::new(),
+                untold: Vec::new(),
             });
         }
         Ok(())
@@ -803,14 +808,18 @@ impl RedisStore {
     }
 
     /// Runs `command` on the mirror (as the last word, with an outage
-    /// overdraft, if given) and takes its records.
+    /// overdraft, if given) and takes its records, with the journal
+    /// entries to write for them. Records time made meanwhile (a lapsed
+    /// hold charged in full) are taken whatever the command's fate: left
+    /// in the mirror, their charges would go out with the next report
+    /// without them, and a crash before the next command would lose them.
     fn on_mirror(
         &self,
         id: &AccountId,
         command: &Command,
         now: Timestamp,
         last_word: Option<i128>,
-    ) -> Result<Result<(Applied, Vec<Entry>), EngineError>, StoreError> {
+    ) -> Result<(Result<Applied, EngineError>, Vec<Entry>), StoreError> {
         let catalog = self.catalog();
         let mut local = self
             .mirrors
@@ -831,17 +840,37 @@ impl RedisStore {
                 local.admitted.1 += req.input_tokens + req.cached_input_tokens + r.granted_output_tokens;
             }
         }
-        // A refused command leaves what time did meanwhile (a hold charged
-        // in full at its TTL) in the mirror: its records and their charges
-        // go out together with the next command or sweep.
-        let reply = match result {
-            Ok(reply) => reply,
-            Err(e) => return Ok(Err(e)),
-        };
         let records = local.mirror.take_records();
         let entries = self.entries_of(&mut local, &records)?;
-        drop(local);
-        Ok(Ok((Applied { reply, records }, entries)))
+        let outcome = match result {
+            Ok(reply) => {
+                let mut all = std::mem::take(&mut local.untold);
+                all.extend(records);
+                Ok(Applied { reply, records: all })
+            }
+            Err(e) => {
+                local.untold.extend(records);
+                Err(e)
+            }
+        };
+        Ok((outcome, entries))
+    }
+
+    /// What [`RedisStore::on_mirror`] decided: the applied command with
+    /// the entries to journal before it is acknowledged, or the refusal,
+    /// once the entries time made meanwhile are journaled.
+    async fn decided(
+        &self,
+        id: &AccountId,
+        (outcome, entries): (Result<Applied, EngineError>, Vec<Entry>),
+    ) -> Result<Result<(Applied, Vec<Entry>), EngineError>, StoreError> {
+        match outcome {
+            Ok(applied) => Ok(Ok((applied, entries))),
+            Err(e) => {
+                self.journal_records(id, entries).await?;
+                Ok(Err(e))
+            }
+        }
     }
 
     /// The journal entries of `records`, just produced by one command or
@@ -1007,7 +1036,7 @@ impl RedisStore {
         // concurrent requests short at the same moment, as on a cold start,
         // may take what was lent for one another), then decide.
         for _ in 0..ASKS {
-            let short = match self.on_mirror(id, command, now, None)? {
+            let short = match self.decided(id, self.on_mirror(id, command, now, None)?).await? {
                 Err(EngineError::Short(short)) => *short,
                 other => return Ok(other?),
             };
@@ -1020,10 +1049,12 @@ impl RedisStore {
                     // Spending already admitted is never refused: settle,
                     // extend and release decide from what the mirror holds.
                     if !matches!(command, Command::Reserve(_) | Command::Charge(_)) {
-                        return Ok(self.on_mirror(id, command, now, Some(0))??);
+                        return Ok(self.decided(id, self.on_mirror(id, command, now, Some(0))?).await??);
                     }
                     let overdraft = self.outage_overdraft(id, &e)?;
-                    let (applied, entries) = self.on_mirror(id, command, now, Some(overdraft))??;
+                    let (applied, entries) = self
+                        .decided(id, self.on_mirror(id, command, now, Some(overdraft))?)
+                        .await??;
                     // Short of funds here is the allowance used up, not the
                     // account's balance, which nobody can read now.
                     if let Reply::Reserve(ReserveOutcome::Denied {
@@ -1042,7 +1073,7 @@ impl RedisStore {
                 Err(e) => return Err(e),
             }
         }
-        Ok(self.on_mirror(id, command, now, Some(0))??)
+        Ok(self.decided(id, self.on_mirror(id, command, now, Some(0))?).await??)
     }
 
     // ---- background ----
@@ -1689,6 +1720,7 @@ impl Store for RedisStore {
                 local.mirror.prune(&catalog, now);
             }
             let produced = local.mirror.take_records();
+            records.append(&mut local.untold);
             if !produced.is_empty() {
                 match self.entries_of(&mut local, &produced) {
                     Ok(made) => entries.push((local.mirror.id.clone(), made)),
