@@ -400,6 +400,7 @@ async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::co
         cluster,
         deadline: std::time::Duration::from_secs(10),
         ca_cert: None,
+        replicas: 0,
         credentials: password.map(|password| crate::store::redis::Credentials {
             username: env("TOLLGATE_REDIS_USERNAME"),
             password,

@@ -182,6 +182,7 @@ struct RedisFile {
     key_prefix: String,
     max_clock_skew_ms: u64,
     shards: u32,
+    replicas: u32,
 }
 
 impl Default for RedisFile {
@@ -196,6 +197,7 @@ impl Default for RedisFile {
             key_prefix: "tollgate".into(),
             max_clock_skew_ms: 2000,
             shards: 0,
+            replicas: 0,
         }
     }
 }
@@ -255,6 +257,8 @@ pub struct StoreSettings {
     pub redis: RedisSettings,
     /// Lease sizing and upkeep (Redis store).
     pub leases: LeaseSettings,
+    /// `store.redis.shards` as configured (0: by the kind of Redis).
+    pub shards_configured: u32,
 }
 
 /// The store kinds.
@@ -274,7 +278,7 @@ impl StoreSettings {
         let was_cluster = self.redis.cluster;
         self.redis.cluster = cluster || urls.len() > 1 || self.redis.cluster;
         self.redis.urls = urls;
-        if self.redis.cluster && !was_cluster && self.leases.shards == 1 {
+        if self.redis.cluster && !was_cluster && self.shards_configured == 0 {
             self.leases.shards = shards(0, true);
         }
     }
@@ -905,6 +909,9 @@ fn store_settings(
     if !(10..=60_000).contains(&r.deadline_ms) {
         p.push("store.redis.deadline_ms", "must be between 10 and 60000");
     }
+    if r.replicas > 16 {
+        p.push("store.redis.replicas", "must be at most 16");
+    }
     if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
         p.push("store.redis.key_prefix", "must be non-empty and free of braces");
     }
@@ -951,6 +958,7 @@ fn store_settings(
             deadline: Duration::from_millis(r.deadline_ms),
             ca_cert: r.ca_cert.clone(),
             credentials: password.map(|password| Credentials { username, password }),
+            replicas: r.replicas,
         },
         leases: LeaseSettings {
             ttl: Duration::from_secs(leases.ttl_seconds),
@@ -961,6 +969,7 @@ fn store_settings(
             prefix: r.key_prefix.clone(),
             shards: shards(r.shards, r.cluster),
         },
+        shards_configured: r.shards,
     }
 }
 
@@ -1387,6 +1396,26 @@ mod tests {
         assert_eq!(s.seed.len(), 3);
         assert_eq!(s.catalog.plans.len(), 3);
         assert_eq!(s.catalog.prices.versions().len(), 1);
+    }
+
+    /// Cluster seed URLs on the command line default the shards to 16,
+    /// but never replace a number the file gives.
+    #[test]
+    fn redis_urls_from_the_command_line_keep_configured_shards() {
+        let mut by_kind = Settings::parse(DEMO, &no_env).unwrap();
+        by_kind
+            .store
+            .use_redis(vec!["redis://a".into(), "redis://b".into()], false);
+        assert_eq!(by_kind.store.leases.shards, 16);
+        let text = DEMO
+            .replace("\nshards = 0\n", "\nshards = 1\n")
+            .replace("\nreplicas = 0\n", "\nreplicas = 1\n");
+        let mut configured = Settings::parse(&text, &no_env).unwrap();
+        configured
+            .store
+            .use_redis(vec!["redis://a".into(), "redis://b".into()], false);
+        assert_eq!(configured.store.leases.shards, 1);
+        assert_eq!(configured.store.redis.replicas, 1);
     }
 
     #[test]

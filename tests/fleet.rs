@@ -12,54 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use support::fleet::{Ledger, Sidecar, drain, fleet, shared_account, write_config};
+use support::fleet::{Ledger, Sidecar, fleet, load, quiescent, shared_account, write_config};
 use support::redis::{RedisCluster, RedisServer};
 use tollgate::engine::Money;
 
 /// What `FLEET` credits the shared account (0.5), in pico-units.
 const PAID: i128 = 500_000_000_000;
-
-/// Runs `per_sidecar` clients on each sidecar until they are denied (or
-/// `stop` is set); returns allowed and unavailable counts per sidecar.
-async fn load(
-    sidecars: &[Sidecar],
-    per_sidecar: usize,
-    stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
-    let mut tasks = Vec::new();
-    for (s, sidecar) in sidecars.iter().enumerate() {
-        for c in 0..per_sidecar {
-            let quota = sidecar.client().await;
-            let stop = Arc::clone(stop);
-            tasks.push(tokio::spawn(
-                async move { drain(quota, "shared", s * 1000 + c, stop).await },
-            ));
-        }
-    }
-    tasks
-}
-
-/// The paid ledger of the shared account, checked for the invariants that
-/// hold at any quiescent point: nothing lent or held, never below zero,
-/// conservation.
-fn quiescent(port: u16, shards: u32) -> Ledger {
-    let account = shared_account(port, shards, "shared");
-    let paid = Ledger::of(&account["paid"]);
-    assert_eq!(paid.granted, PAID, "credited once, however many sidecars seeded it");
-    assert_eq!(paid.held, 0, "nothing lent or held once every lease is back: {account}");
-    assert!(paid.available() >= 0, "below zero: {paid:?}");
-    assert_eq!(
-        paid.granted,
-        paid.available() + paid.held + paid.charged + paid.forfeited
-    );
-    for (producer, lease) in account["leases"].as_object().unwrap() {
-        assert!(
-            lease["held"].as_array().unwrap().is_empty(),
-            "lease of {producer} still holds"
-        );
-    }
-    paid
-}
 
 async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16, shards: u32) {
     let dir = tempfile::tempdir().unwrap();
@@ -75,7 +33,7 @@ async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16, shards: 
     for sidecar in &mut sidecars {
         sidecar.stop();
     }
-    let paid = quiescent(port, shards);
+    let paid = quiescent(port, shards, PAID);
     let recorded = sidecars
         .iter()
         .map(Sidecar::charged)
@@ -136,7 +94,7 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
         .filter(|l| l["epoch"].as_u64() > Some(0))
         .collect();
     assert_eq!(lapsed.len(), 1, "exactly the crashed sidecar's lease lapsed: {account}");
-    let paid = quiescent(redis.port, 1);
+    let paid = quiescent(redis.port, 1, PAID);
     let survivors = sidecars[1..]
         .iter()
         .map(Sidecar::charged)
@@ -191,7 +149,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     for sidecar in &mut sidecars {
         sidecar.stop();
     }
-    let paid = quiescent(redis.port, 1);
+    let paid = quiescent(redis.port, 1, PAID);
     let recorded = sidecars
         .iter()
         .map(Sidecar::charged)

@@ -19,6 +19,7 @@ fn settings(urls: Vec<String>, cluster: bool) -> RedisSettings {
         deadline: Duration::from_millis(500),
         ca_cert: None,
         credentials: None,
+        replicas: 0,
     }
 }
 

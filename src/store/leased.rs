@@ -469,6 +469,9 @@ impl RedisStore {
             args.push(name.as_bytes().to_vec());
         }
         let answer: Vec<redis::Value> = self.note(self.redis.invoke("commit", &self.commit, keys, args).await)?;
+        if matches!(answer.first(), Some(redis::Value::Int(1))) {
+            self.note(self.redis.replicated(keys[0]).await)?;
+        }
         let int = |v: Option<&redis::Value>| match v {
             Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
             _ => None,

@@ -26,6 +26,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
 use redis::{FromRedisValue, IntoConnectionInfo, Script, TlsCertificates, ToRedisArgs};
 
@@ -47,6 +48,12 @@ pub struct RedisSettings {
     /// Credentials kept out of the URLs (read by configuration from the
     /// environment or a file); they replace any given in a URL.
     pub credentials: Option<Credentials>,
+    /// Replicas that must have a commit before it counts as done (`WAIT`
+    /// after each one, within half the deadline); 0: none. Redis
+    /// replicates asynchronously: a master that dies before its replicas
+    /// have a commit loses it in the failover, and a sidecar that took the
+    /// commit as done has already dropped what it sent.
+    pub replicas: u32,
 }
 
 /// A Redis ACL user and password (`AUTH`); no username means `default`.
@@ -79,6 +86,7 @@ enum Connection {
 pub struct Redis {
     connection: Connection,
     deadline: Duration,
+    replicas: u32,
     subscriber: redis::Client,
 }
 
@@ -182,6 +190,7 @@ impl Redis {
         Ok(Redis {
             connection,
             deadline,
+            replicas: settings.replicas,
             subscriber,
         })
     }
@@ -232,6 +241,43 @@ impl Redis {
         self.bounded(command_name(command), call).await
     }
 
+    /// With `replicas` configured, waits until that many replicas have every
+    /// write made so far on the connection that serves `key` (`WAIT`, on
+    /// the key's master). Not confirmed in time, the writes' fate in a
+    /// failover is unknown: `Unavailable`, and the caller sends again
+    /// what it sent (its writes are idempotent).
+    pub async fn replicated(&self, key: &str) -> Result<(), StoreError> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let mut wait = redis::cmd("WAIT");
+        let timeout = u64::try_from((self.deadline / 2).as_millis()).unwrap_or(u64::MAX);
+        wait.arg(self.replicas).arg(timeout.max(1));
+        let call = async {
+            match self.connection.clone() {
+                Connection::Single(mut c) => wait.query_async::<u64>(&mut c).await,
+                Connection::Cluster(mut c) => {
+                    let master = Route::with_key(key, SlotAddr::Master);
+                    let answer = c
+                        .route_command(
+                            wait,
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(master)),
+                        )
+                        .await?;
+                    Ok(redis::from_redis_value(answer)?)
+                }
+            }
+        };
+        let acked = self.bounded("WAIT", call).await?;
+        if acked < u64::from(self.replicas) {
+            return Err(unavailable(format!(
+                "a commit reached {acked} of {} replicas within {timeout} ms; its outcome is unknown",
+                self.replicas
+            )));
+        }
+        Ok(())
+    }
+
     /// Redis's clock (`TIME`): one time base for every sidecar, for expiries
     /// and period resets.
     pub async fn time(&self) -> Result<jiff::Timestamp, StoreError> {
@@ -264,8 +310,9 @@ fn command_name(command: &redis::Cmd) -> &'static str {
     let Some(redis::Arg::Simple(name)) = command.args_iter().next() else {
         return "other";
     };
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "PING",
+        "WAIT",
         "TIME",
         "HMGET",
         "HGET",

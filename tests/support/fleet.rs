@@ -7,6 +7,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use tollgate::engine::Money;
@@ -410,7 +412,54 @@ paid = "0.5"
 
 /// Starts `n` sidecars on `urls`, each with its own usage file in `dir`.
 pub fn fleet(n: usize, dir: &std::path::Path, urls: &[String]) -> Vec<Sidecar> {
-    let config = write_config(dir, FLEET);
+    fleet_with(n, dir, urls, FLEET)
+}
+
+/// Runs `per_sidecar` clients on each sidecar until they are denied (or
+/// `stop` is set); returns allowed and unavailable counts per sidecar.
+pub async fn load(
+    sidecars: &[Sidecar],
+    per_sidecar: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, u64)>> {
+    let mut tasks = Vec::new();
+    for (s, sidecar) in sidecars.iter().enumerate() {
+        for c in 0..per_sidecar {
+            let quota = sidecar.client().await;
+            let stop = Arc::clone(stop);
+            tasks.push(tokio::spawn(
+                async move { drain(quota, "shared", s * 1000 + c, stop).await },
+            ));
+        }
+    }
+    tasks
+}
+
+/// The paid ledger of the shared account, checked for the invariants that
+/// hold at any quiescent point: nothing lent or held, never below zero,
+/// conservation.
+pub fn quiescent(port: u16, shards: u32, paid_in: i128) -> Ledger {
+    let account = shared_account(port, shards, "shared");
+    let paid = Ledger::of(&account["paid"]);
+    assert_eq!(paid.granted, paid_in, "credited once, however many sidecars seeded it");
+    assert_eq!(paid.held, 0, "nothing lent or held once every lease is back: {account}");
+    assert!(paid.available() >= 0, "below zero: {paid:?}");
+    assert_eq!(
+        paid.granted,
+        paid.available() + paid.held + paid.charged + paid.forfeited
+    );
+    for (producer, lease) in account["leases"].as_object().unwrap() {
+        assert!(
+            lease["held"].as_array().unwrap().is_empty(),
+            "lease of {producer} still holds"
+        );
+    }
+    paid
+}
+
+/// Like [`fleet`], with `config` instead of [`FLEET`].
+pub fn fleet_with(n: usize, dir: &std::path::Path, urls: &[String], config: &str) -> Vec<Sidecar> {
+    let config = write_config(dir, config);
     (0..n)
         .map(|i| Sidecar::spawn(&config, urls, dir.join(format!("usage-{i}.jsonl"))))
         .collect()

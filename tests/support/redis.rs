@@ -243,6 +243,37 @@ impl RedisCluster {
         port
     }
 
+    /// The node replicating the master on `master` (its port).
+    pub fn replica_of(&self, master: u16) -> u16 {
+        let nodes = cluster_nodes(master);
+        let id = &nodes.iter().find(|n| n.port == master).expect("the master itself").id;
+        nodes
+            .iter()
+            .find(|n| n.master_id.as_ref() == Some(id))
+            .map(|n| n.port)
+            .unwrap_or_else(|| panic!("no replica of {master}: {nodes:?}"))
+    }
+
+    /// Kills (SIGKILL, by PID) the node on `port`, asking nobody first.
+    pub fn kill(&mut self, port: u16) {
+        self.node_mut(port).stop();
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the node on `port`.
+    pub fn signal(&self, port: u16, signal: &str) {
+        let pid = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(RedisServer::pid)
+            .unwrap_or_else(|| panic!("no running node on {port}"));
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Waits up to `timeout` until every live node reports
     /// `cluster_state:ok` and names the same live, non-failing master for
     /// the slot of `key`, and returns that master's port. (At once, with
