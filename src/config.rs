@@ -117,6 +117,8 @@ pub struct Settings {
     pub journal: JournalSettings,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Limits on each TCP listener's connections.
+    pub connections: crate::conn::Guard,
     /// How often the configuration file is compared for a reload; `None`:
     /// on SIGHUP only.
     pub reload_poll: Option<Duration>,
@@ -150,6 +152,8 @@ struct ServerFile {
     http_listen: Option<String>,
     shutdown_grace_seconds: Option<u64>,
     reload_poll_ms: Option<u64>,
+    max_connections: Option<usize>,
+    first_bytes_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +161,7 @@ struct ServerFile {
 struct StoreFile {
     kind: String,
     sweep_interval_ms: u64,
+    max_rate_limit_windows: usize,
     redis: RedisFile,
 }
 
@@ -165,6 +170,7 @@ impl Default for StoreFile {
         StoreFile {
             kind: "memory".into(),
             sweep_interval_ms: 1000,
+            max_rate_limit_windows: crate::store::memory::MAX_WINDOWS,
             redis: RedisFile::default(),
         }
     }
@@ -259,6 +265,8 @@ pub struct StoreSettings {
     pub leases: LeaseSettings,
     /// `store.redis.shards` as configured (0: by the kind of Redis).
     pub shards_configured: u32,
+    /// The most Envoy rate-limit windows the memory store keeps open.
+    pub max_rate_limit_windows: usize,
 }
 
 /// The store kinds.
@@ -891,6 +899,9 @@ fn store_settings(
             StoreKind::Memory
         }
     };
+    if !(1..=100_000_000).contains(&f.max_rate_limit_windows) {
+        p.push("store.max_rate_limit_windows", "must be between 1 and 100000000");
+    }
     let r = &f.redis;
     for (i, url) in r.urls.iter().enumerate() {
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -970,6 +981,7 @@ fn store_settings(
             shards: shards(r.shards, r.cluster),
         },
         shards_configured: r.shards,
+        max_rate_limit_windows: f.max_rate_limit_windows,
     }
 }
 
@@ -1264,6 +1276,20 @@ impl Settings {
         if file.server.reload_poll_ms.is_some_and(|ms| ms > 3_600_000) {
             p.push("server.reload_poll_ms", "must be at most 3600000 (0: on SIGHUP only)");
         }
+        if file
+            .server
+            .max_connections
+            .is_some_and(|n| !(1..=1_000_000).contains(&n))
+        {
+            p.push("server.max_connections", "must be between 1 and 1000000");
+        }
+        if file
+            .server
+            .first_bytes_timeout_ms
+            .is_some_and(|ms| !(1..=600_000).contains(&ms))
+        {
+            p.push("server.first_bytes_timeout_ms", "must be between 1 and 600000");
+        }
         if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
             p.push("server.shutdown_grace_seconds", "must be at most 3600");
         }
@@ -1364,6 +1390,10 @@ impl Settings {
             store,
             journal,
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
+            connections: crate::conn::Guard {
+                max: file.server.max_connections.unwrap_or(10_000),
+                first_bytes: Duration::from_millis(file.server.first_bytes_timeout_ms.unwrap_or(10_000)),
+            },
             reload_poll: match file.server.reload_poll_ms.unwrap_or(2000) {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),

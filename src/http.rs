@@ -64,6 +64,7 @@ impl Probes {
         let health = self.tollgate.health();
         m.holds_open.set(gauge(health.holds_open));
         m.accounts_cached.set(gauge(health.accounts_cached));
+        m.rate_limit_windows.set(gauge(health.rate_limit_windows));
         if let Some(journal) = &health.journal {
             m.journal_pending_records.set(gauge(journal.pending));
             m.journal_bytes.set(gauge(journal.bytes));

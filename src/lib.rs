@@ -18,8 +18,11 @@
 //! - [`usage`]: the usage-record sink (JSON Lines file or stdout).
 //! - [`clock`]: where "now" comes from (system, or manual for tests).
 //! - [`channel`]: gRPC channels over TCP or a Unix domain socket.
+//! - [`conn`]: guards on TCP connections (how many, how soon they speak).
 //! - [`cli`]: the command line (serve, check-config, a small client).
 //! - [`signal`], [`telemetry`]: shutdown signals and logging.
+//! - [`fuzzing`]: the fuzz targets' entry points (`fuzz/`), also run by
+//!   `cargo test` over their seed corpora.
 //! - [`proto`]: the generated gRPC types of `tollgate.v1`.
 
 pub mod admin_cli;
@@ -28,8 +31,10 @@ pub mod channel;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod consume;
 pub mod engine;
+pub mod fuzzing;
 pub mod http;
 pub mod journal;
 pub mod loadgen;

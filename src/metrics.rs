@@ -87,6 +87,14 @@ pub struct RlsHits {
     pub outcome: &'static str,
 }
 
+/// State this process keeps for callers and lets go of.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Evicted {
+    /// `rate_limit_window` (memory store), `window_share` or `mirror`
+    /// (Redis store).
+    pub state: &'static str,
+}
+
 /// An allow-listed account's source.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AccountSource {
@@ -141,6 +149,9 @@ pub struct Metrics {
     pub ready: Gauge,
     pub account_available: Family<AccountSource, Gauge<f64, AtomicU64>>,
     pub accounts_cached: Gauge,
+    pub rate_limit_windows: Gauge,
+    pub evicted: Family<Evicted, Counter>,
+    pub connections_refused: Counter,
 }
 
 impl Metrics {
@@ -271,6 +282,27 @@ impl Metrics {
             "Accounts held in this process's memory",
             accounts_cached.clone(),
         );
+        let rate_limit_windows = Gauge::default();
+        r.register(
+            "rate_limit_windows",
+            "Envoy rate-limit windows (memory store) or window shares (Redis store) held in this process",
+            rate_limit_windows.clone(),
+        );
+        let evicted = Family::<Evicted, Counter>::default();
+        r.register(
+            "evicted",
+            "Idle or ended state let go of, by kind: memory stays bounded whatever callers send",
+            evicted.clone(),
+        );
+        for state in ["rate_limit_window", "window_share", "mirror"] {
+            drop(evicted.get_or_create(&Evicted { state }));
+        }
+        let connections_refused = Counter::default();
+        r.register(
+            "connections_refused",
+            "TCP connections closed at once (over server.max_connections) or silent past server.first_bytes_timeout_ms",
+            connections_refused.clone(),
+        );
         let build_info = Family::<Build, Gauge>::default();
         build_info
             .get_or_create(&Build {
@@ -317,6 +349,16 @@ impl Metrics {
             ready,
             account_available,
             accounts_cached,
+            rate_limit_windows,
+            evicted,
+            connections_refused,
+        }
+    }
+
+    /// Counts `n` of `state` let go of.
+    pub fn evicted(&self, state: &'static str, n: usize) {
+        if n > 0 {
+            self.evicted.get_or_create(&Evicted { state }).inc_by(n as u64);
         }
     }
 

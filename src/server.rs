@@ -119,6 +119,8 @@ pub struct App {
     tollgate: Tollgate,
     sweep_interval: Duration,
     shutdown_grace: Duration,
+    /// Limits on the TCP listeners' connections.
+    connections: crate::conn::Guard,
     writer: usage::Writer,
     /// The Redis store, whose leases need upkeep while serving and
     /// returning at the end.
@@ -168,7 +170,9 @@ impl App {
         let admin_unix = bind_unix(settings.admin_listen_unix.as_ref(), "the control plane")?;
         let (store, clock, leases): (Arc<dyn Store>, Arc<dyn Clock>, _) = match settings.store.kind {
             StoreKind::Memory => (
-                Arc::new(MemoryStore::new(settings.catalog.clone())),
+                Arc::new(
+                    MemoryStore::new(settings.catalog.clone()).with_max_windows(settings.store.max_rate_limit_windows),
+                ),
                 clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 None,
             ),
@@ -234,6 +238,7 @@ impl App {
             tollgate,
             sweep_interval: settings.sweep_interval,
             shutdown_grace: settings.shutdown_grace,
+            connections: settings.connections,
             writer,
             leases,
             credentials: Arc::new(settings.admin),
@@ -317,6 +322,7 @@ impl App {
             tollgate,
             sweep_interval,
             shutdown_grace,
+            connections,
             writer,
             leases,
             credentials,
@@ -361,18 +367,20 @@ impl App {
             reflection(admin_name).build_v1()?,
             reflection(admin_name).build_v1alpha()?,
         );
-        let quota_server = with_tls(Server::builder().trace_fn(crate::telemetry::grpc_span), quota_tls)?
+        let quota_server = with_tls(builder(), quota_tls)?
             .add_service(quota_health_service.clone())
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
             .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
             .add_optional_service(rls.clone())
-            .serve_with_incoming_shutdown(incoming(quota), until_stopped(stopped.clone()));
+            .serve_with_incoming_shutdown(
+                crate::conn::incoming(quota, connections),
+                until_stopped(stopped.clone()),
+            );
         // The same data plane on the Unix socket, if configured.
         let quota_unix_server = serve_unix(
             quota_unix,
-            Server::builder()
-                .trace_fn(crate::telemetry::grpc_span)
+            builder()
                 .add_service(quota_health_service.clone())
                 .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
                 .add_optional_service(rls),
@@ -382,18 +390,20 @@ impl App {
         // And the control plane on its own socket, if configured.
         let admin_unix_server = serve_unix(
             admin_unix,
-            Server::builder()
-                .trace_fn(crate::telemetry::grpc_span)
+            builder()
                 .add_service(admin_health_service.clone())
                 .add_service(admin_api.clone()),
             until_stopped(stopped.clone()),
         );
-        let admin_server = with_tls(Server::builder().trace_fn(crate::telemetry::grpc_span), admin_tls)?
+        let admin_server = with_tls(builder(), admin_tls)?
             .add_service(admin_health_service)
             .add_service(admin_v1)
             .add_service(admin_v1alpha)
             .add_service(admin_api)
-            .serve_with_incoming_shutdown(incoming(admin), until_stopped(stopped.clone()));
+            .serve_with_incoming_shutdown(
+                crate::conn::incoming(admin, connections),
+                until_stopped(stopped.clone()),
+            );
         probes.set_serving(true);
         let follower = tokio::spawn(health_follows(
             probes.clone(),
@@ -479,6 +489,15 @@ impl App {
 /// Accepted connections with Nagle's algorithm off: a decision is a few
 /// hundred bytes each way, and waiting to coalesce them (against the
 /// peer's delayed ACK) would add milliseconds to every call.
+/// Every gRPC server's stack: the RPC span, and HTTP/2 keepalive pings
+/// so a peer that vanished without closing is dropped.
+fn builder() -> Server {
+    Server::builder()
+        .trace_fn(crate::telemetry::grpc_span)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }

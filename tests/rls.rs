@@ -7,13 +7,12 @@
 mod support;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::UInt64Value;
 use jiff::SignedDuration;
-use support::{Backend, TestApp};
+use support::{Backend, TestApp, descriptor, rls_app as app};
 
 const RULES: &str = "domain: inference
 descriptors:
@@ -39,42 +38,6 @@ descriptors:
     shadow_mode: true
     rate_limit: { unit: second, requests_per_unit: 1 }
 ";
-
-/// An app serving `rules` (and the global settings in `extra`), with a
-/// rate-limit client.
-async fn app(
-    backend: Backend,
-    rules: &str,
-    extra: &str,
-) -> (
-    TestApp,
-    RateLimitServiceClient<tonic::transport::Channel>,
-    tempfile::TempDir,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("inference.yaml"), rules).unwrap();
-    let config = format!(
-        "{}\n[rls]\nconfig_dir = \"{}\"\n{extra}",
-        support::CONFIG,
-        dir.path().display()
-    );
-    let app = support::spawn_app_on_with(backend, &config).await;
-    let client = RateLimitServiceClient::new(tollgate::channel::connect(&app.quota_url).await.unwrap());
-    (app, client, dir)
-}
-
-fn descriptor(pairs: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: pairs
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).into(),
-                value: (*v).into(),
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
 
 fn request(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
     RateLimitRequest {

@@ -185,6 +185,42 @@ fn counter_key(domain: &str, counter: &[(String, String)], unit: Unit, start: i6
     crate::engine::record::digest_id([text.as_str()])
 }
 
+/// The most descriptors one request may carry, entries one descriptor
+/// may, and bytes a key or value may: Envoy sends a handful of short ones;
+/// more is refused before anything is counted (each value becomes a
+/// counter's key, in memory or in Redis).
+pub const MAX_DESCRIPTORS: usize = 256;
+/// See [`MAX_DESCRIPTORS`].
+pub const MAX_ENTRIES: usize = 64;
+/// See [`MAX_DESCRIPTORS`].
+pub const MAX_TEXT: usize = 1024;
+
+fn check_sizes(r: &RateLimitRequest) -> Result<(), Status> {
+    if r.descriptors.len() > MAX_DESCRIPTORS {
+        return Err(invalid(
+            "descriptors",
+            format!("at most {MAX_DESCRIPTORS}, got {}", r.descriptors.len()),
+        ));
+    }
+    for (i, d) in r.descriptors.iter().enumerate() {
+        if d.entries.len() > MAX_ENTRIES {
+            return Err(invalid(
+                &format!("descriptors[{i}].entries"),
+                format!("at most {MAX_ENTRIES}, got {}", d.entries.len()),
+            ));
+        }
+        for (j, e) in d.entries.iter().enumerate() {
+            if e.key.len() > MAX_TEXT || e.value.len() > MAX_TEXT {
+                return Err(invalid(
+                    &format!("descriptors[{i}].entries[{j}]"),
+                    format!("key and value are at most {MAX_TEXT} bytes each"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl RateLimitService for RlsApi {
     async fn should_rate_limit(
@@ -212,6 +248,7 @@ impl RlsApi {
         if r.descriptors.is_empty() {
             return Err(invalid("descriptors", "must not be empty"));
         }
+        check_sizes(&r)?;
         let ok = DescriptorStatus {
             code: Code::Ok as i32,
             ..Default::default()

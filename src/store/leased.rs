@@ -1254,14 +1254,16 @@ impl RedisStore {
             let gate = self.gate(&id);
             let guard = gate.lock().await;
             if guard.pending.is_none() {
-                self.mirrors.remove_if(&id, |_, l| {
+                let gone = self.mirrors.remove_if(&id, |_, l| {
                     !holds_anything(&l.mirror)
                         && l.journaled.is_empty()
                         && l.appending.is_empty()
+                        && l.untold.is_empty()
                         && l.mirror.traffic().requests.is_empty()
                         && l.mirror.traffic().reservations.is_empty()
                         && l.last_used.elapsed() >= self.settings.idle_return
                 });
+                metrics().evicted("mirror", usize::from(gone.is_some()));
             }
             drop(guard);
         }
@@ -1272,7 +1274,9 @@ impl RedisStore {
     /// `idle_return` (everything, with `all`, at shutdown).
     async fn tend_windows(&self, now: Timestamp) {
         let idle = SignedDuration::try_from(self.settings.idle_return).unwrap_or(SignedDuration::MAX);
+        let before = self.windows.len();
         self.windows.retain(|_, share| !share.ended(now));
+        metrics().evicted("window_share", before.saturating_sub(self.windows.len()));
         let back: Vec<(String, u64)> = self
             .windows
             .iter_mut()
@@ -1699,6 +1703,7 @@ impl Store for RedisStore {
             unready,
             holds_open,
             accounts_cached: self.mirrors.len() as u64,
+            rate_limit_windows: self.windows.len() as u64,
             journal: self.journal.as_ref().map(|j| JournalHealth {
                 pending: j.backlog() as u64,
                 bytes: j.bytes(),

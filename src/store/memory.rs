@@ -34,6 +34,8 @@ pub struct MemoryStore {
     sweeps: AtomicU64,
     /// Envoy rate-limit windows: count, and when the window ends.
     windows: DashMap<String, (u64, Timestamp)>,
+    /// The most windows open at once (their keys are chosen by callers).
+    max_windows: usize,
     /// Replaced whole on publish; readers clone the `Arc` and let go of the
     /// lock at once.
     catalog: RwLock<Arc<Catalog>>,
@@ -47,14 +49,28 @@ impl MemoryStore {
             holding: DashSet::new(),
             sweeps: AtomicU64::new(0),
             windows: DashMap::new(),
+            max_windows: MAX_WINDOWS,
             catalog: RwLock::new(Arc::new(catalog)),
         }
     }
+
+    /// The same, keeping at most `n` rate-limit windows open.
+    pub fn with_max_windows(mut self, n: usize) -> MemoryStore {
+        self.max_windows = n;
+        self
+    }
+
+    /// Forgets windows that have ended; counts them.
+    fn end_windows(&self, now: Timestamp) {
+        let before = self.windows.len();
+        self.windows.retain(|_, (_, ends)| *ends > now);
+        crate::metrics::metrics().evicted("rate_limit_window", before.saturating_sub(self.windows.len()));
+    }
 }
 
-/// Open rate-limit windows the memory store keeps at most: request values
-/// are chosen by callers, so their number is bounded.
-const MAX_WINDOWS: usize = 1_000_000;
+/// Open rate-limit windows the memory store keeps at most by default:
+/// request values are chosen by callers, so their number is bounded.
+pub const MAX_WINDOWS: usize = 1_000_000;
 
 /// Where a window's count stops (as on Redis: 2^53).
 const MOST_HITS: u64 = 1 << 53;
@@ -156,11 +172,12 @@ impl Store for MemoryStore {
             if hits == 0 {
                 return Ok(0);
             }
-            if self.windows.len() >= MAX_WINDOWS {
-                self.windows.retain(|_, (_, ends)| *ends > now);
-                if self.windows.len() >= MAX_WINDOWS {
+            if self.windows.len() >= self.max_windows {
+                self.end_windows(now);
+                if self.windows.len() >= self.max_windows {
                     return Err(StoreError::Busy(format!(
-                        "{MAX_WINDOWS} rate-limit windows are open; refusing a new one"
+                        "{} rate-limit windows are open; refusing a new one",
+                        self.max_windows
                     )));
                 }
             }
@@ -183,6 +200,7 @@ impl Store for MemoryStore {
             unready: None,
             holds_open,
             accounts_cached: self.accounts.len() as u64,
+            rate_limit_windows: self.windows.len() as u64,
             journal: None,
         }
     }
@@ -203,7 +221,7 @@ impl Store for MemoryStore {
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {
-        self.windows.retain(|_, (_, ends)| *ends > now);
+        self.end_windows(now);
         let catalog = self.catalog();
         let mut records = Vec::new();
         let visit = |account: &mut Account, records: &mut Vec<Arc<UsageRecord>>| {

@@ -137,6 +137,8 @@ pub struct Health {
     pub holds_open: u64,
     /// Accounts held in this process's memory.
     pub accounts_cached: u64,
+    /// Envoy rate-limit windows (or window shares) held in memory.
+    pub rate_limit_windows: u64,
     /// The usage journal, if there is one.
     pub journal: Option<JournalHealth>,
 }

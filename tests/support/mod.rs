@@ -8,6 +8,9 @@ pub mod faults;
 pub mod fleet;
 pub mod redis;
 
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use redis::RedisServer;
 
 use std::path::PathBuf;
@@ -475,4 +478,52 @@ pub fn prices(input: &str, output: &str) -> proto::TokenPrices {
 pub fn money(text: &str) -> proto::Money {
     let m: tollgate::engine::Money = text.parse().expect("money");
     tollgate::api::convert::money_out(m)
+}
+
+/// An app serving `rules` (and the global settings in `extra`), with a
+/// rate-limit client.
+pub async fn rls_app(
+    backend: Backend,
+    rules: &str,
+    extra: &str,
+) -> (
+    TestApp,
+    RateLimitServiceClient<tonic::transport::Channel>,
+    tempfile::TempDir,
+) {
+    rls_app_on(backend, CONFIG, rules, extra).await
+}
+
+/// Like [`rls_app`], on `base` instead of [`CONFIG`].
+pub async fn rls_app_on(
+    backend: Backend,
+    base: &str,
+    rules: &str,
+    extra: &str,
+) -> (
+    TestApp,
+    RateLimitServiceClient<tonic::transport::Channel>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("inference.yaml"), rules).expect("write rules");
+    let config = format!("{}\n[rls]\nconfig_dir = \"{}\"\n{extra}", base, dir.path().display());
+    let app = spawn_app_on_with(backend, &config).await;
+    let channel = tollgate::channel::connect(&app.quota_url).await.expect("connect");
+    let client = RateLimitServiceClient::new(channel);
+    (app, client, dir)
+}
+
+/// A rate-limit descriptor of `(key, value)` entries.
+pub fn descriptor(pairs: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: pairs
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..Default::default()
+    }
 }

@@ -1,0 +1,132 @@
+//! Guards on TCP connections, against clients that hold sockets without
+//! using them: at most `max` open at once (a connection beyond is closed as
+//! soon as it is accepted, so the ones being served keep their share), and
+//! a deadline for a new connection's first bytes (a socket that never
+//! starts its HTTP/2 preface is closed instead of holding a place).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// How connections are guarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guard {
+    /// Open connections at most.
+    pub max: usize,
+    /// A new connection's first bytes must arrive within this.
+    pub first_bytes: Duration,
+}
+
+/// A connection counted against [`Guard::max`] while it is open.
+pub struct Guarded {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    /// Until the first bytes are read.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+/// Accepts from `listener` under `guard` (no Nagle delay, as the plain
+/// listener had), until the returned stream is dropped.
+pub fn incoming(listener: TcpListener, guard: Guard) -> ReceiverStream<io::Result<Guarded>> {
+    let open = Arc::new(Semaphore::new(guard.max));
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                // Out of descriptors and the like: wait, then go on; the
+                // listener must outlive a bad moment.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                crate::metrics::metrics().connections_refused.inc();
+                tracing::debug!(%peer, max = guard.max, "connection refused: too many open");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let guarded = Guarded {
+                stream,
+                _permit: permit,
+                deadline: Some(Box::pin(tokio::time::sleep(guard.first_bytes))),
+            };
+            if tx.send(Ok(guarded)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(deadline) = this.deadline.as_mut() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.deadline = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    crate::metrics::metrics().connections_refused.inc();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no bytes from the client in time",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

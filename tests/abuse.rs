@@ -1,0 +1,320 @@
+//! Hostile clients over real gRPC: oversized messages, malformed protobuf
+//! and invalid UTF-8 on the wire, huge descriptor lists, floods of distinct
+//! accounts and rate-limit keys, many idle connections and a client that
+//! never speaks. Each gets a clear error or is shed; the server goes on
+//! serving, changes nothing for bad input, and keeps its memory bounded
+//! (idle state is let go of, and counted).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use jiff::SignedDuration;
+use prost::bytes::{Buf, BufMut};
+use support::{Backend, descriptor, http_get, rls_app, rls_app_on, sample, spawn_app_on_with, with_http};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate::proto;
+use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// Held by each test that reads gauges off `/metrics`: the registry is
+/// the process's, and a scrape sets the gauges from its own app.
+static SCRAPES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bytes as they are, both ways: whatever a client puts on the wire.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Calls `path` with `body` as the request message's bytes.
+async fn raw_call(url: &str, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    let channel = tollgate::channel::connect(url).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        http::uri::PathAndQuery::from_static(path),
+        Raw,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn balance(app: &mut support::TestApp, account: &str) -> proto::GetBalanceResponse {
+    app.quota
+        .get_balance(proto::GetBalanceRequest {
+            account_id: account.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_and_the_server_goes_on() {
+    let mut app = spawn_app_on_with(Backend::Memory, support::CONFIG).await;
+    let huge = "x".repeat(5 << 20);
+    let refused = app
+        .quota
+        .reserve(support::reserve("rich", &huge, 10, 10))
+        .await
+        .unwrap_err();
+    // tonic's code for a message over its 4 MiB limit.
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("too large"), "{refused:?}");
+    // Within the limit, a long id is refused for what it is.
+    let long = "x".repeat(100_000);
+    let refused = app
+        .quota
+        .reserve(support::reserve("rich", &long, 10, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let r = app
+        .quota
+        .reserve(support::reserve("rich", "after", 10, 10))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+}
+
+#[tokio::test]
+async fn malformed_protobuf_and_invalid_utf8_are_refused_and_change_nothing() {
+    let mut app = spawn_app_on_with(Backend::Memory, support::CONFIG).await;
+    let before = balance(&mut app, "rich").await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a truncated varint", vec![0x20, 0xff]),
+        ("a length beyond the message", vec![0x0a, 0x7f, b'r']),
+        ("a wrong wire type", vec![0x0d, 0, 0, 0, 0]),
+        (
+            "invalid UTF-8 in the account id",
+            vec![0x0a, 0x04, b'r', 0xff, 0xfe, b'h'],
+        ),
+        ("groups nested past the decoder's limit", [0x7b].repeat(200)),
+        ("an unterminated group", vec![0x7b, 0x08, 0x01]),
+    ];
+    for (what, body) in cases {
+        let refused = raw_call(&app.quota_url, "/tollgate.v1.Quota/Reserve", body)
+            .await
+            .unwrap_err();
+        // gRPC's code for a request that cannot be parsed.
+        assert_eq!(refused.code(), Code::Internal, "{what}: {refused:?}");
+        assert!(refused.message().contains("decode"), "{what}: {refused:?}");
+    }
+    // Valid protobuf for an unknown field only is an empty request:
+    // refused for what it lacks.
+    let refused = raw_call(&app.quota_url, "/tollgate.v1.Quota/Reserve", vec![0xf8, 0x07, 0x01])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(balance(&mut app, "rich").await, before, "nothing changed");
+    let r = app
+        .quota
+        .reserve(support::reserve("rich", "after", 10, 10))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+}
+
+const RULES: &str = "domain: inference
+descriptors:
+  - key: user
+    rate_limit: { unit: second, requests_per_unit: 100 }
+";
+
+#[tokio::test]
+async fn huge_descriptor_lists_are_refused_before_anything_is_counted() {
+    let (_app, mut rls, _dir) = rls_app(Backend::Memory, RULES, "").await;
+    let request = |descriptors| envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "inference".into(),
+        descriptors,
+        hits_addend: 0,
+    };
+    let many = (0..10_000).map(|i| descriptor(&[("user", &format!("u{i}"))])).collect();
+    let mut wide = descriptor(&[]);
+    wide.entries = (0..1000).flat_map(|_| descriptor(&[("user", "a")]).entries).collect();
+    let wide = vec![wide];
+    let long = vec![descriptor(&[("user", &"v".repeat(100_000))])];
+    for (what, descriptors, mentions) in [
+        ("10,000 descriptors", many, "descriptors"),
+        ("1,000 entries", wide, "descriptors[0].entries"),
+        ("a 100 kB value", long, "descriptors[0].entries[0]"),
+    ] {
+        let refused = rls.should_rate_limit(request(descriptors)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{what}: {refused:?}");
+        assert!(refused.message().starts_with(mentions), "{what}: {refused:?}");
+    }
+    // Nothing was counted: the first hit of u0 finds the whole limit.
+    let answer = rls
+        .should_rate_limit(request(vec![descriptor(&[("user", "u0")])]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.statuses[0].limit_remaining, 99);
+}
+
+#[tokio::test]
+async fn a_flood_of_distinct_rate_limit_keys_stays_bounded_and_is_let_go_of() {
+    let _alone = SCRAPES.lock().await;
+    let base = with_http("").replace(
+        "[store]\nsweep_interval_ms = 20\n",
+        "[store]\nsweep_interval_ms = 20\nmax_rate_limit_windows = 1000\n",
+    );
+    let (app, mut rls, _dir) = rls_app_on(Backend::Memory, &base, RULES, "").await;
+    let clock = app.clock.clone().unwrap();
+    let http = app.http.unwrap();
+    let (mut answered, mut shed) = (0u64, 0u64);
+    for round in 0..40 {
+        let descriptors = (0..250)
+            .map(|i| descriptor(&[("user", &format!("r{round}-u{i}"))]))
+            .collect();
+        let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+            domain: "inference".into(),
+            descriptors,
+            hits_addend: 0,
+        };
+        match rls.should_rate_limit(request).await {
+            Ok(_) => answered += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("windows are open"), "{status:?}");
+                shed += 1;
+            }
+        }
+        let (_, page) = http_get(http, "/metrics").await;
+        let open = sample(&page, "tollgate_rate_limit_windows").unwrap();
+        assert!(open <= 1000.0, "at most the configured windows are open: {open}");
+        // Every sixth round (1,500 windows asked for), a second passes:
+        // those windows end.
+        if round % 6 == 5 {
+            clock.advance(SignedDuration::from_secs(2));
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
+    let (_, page) = http_get(http, "/metrics").await;
+    let evicted = sample(&page, "tollgate_evicted_total{state=\"rate_limit_window\"}").unwrap();
+    assert!(answered > 0 && shed > 0, "answered {answered}, shed {shed}");
+    assert!(
+        evicted >= 5000.0,
+        "ended windows were let go of (1,000 a second): {evicted}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_distinct_unknown_accounts_leaves_no_state() {
+    let _alone = SCRAPES.lock().await;
+    for backend in [Backend::Memory, Backend::Redis] {
+        let mut app = spawn_app_on_with(backend, &with_http("")).await;
+        let http = app.http.unwrap();
+        let (_, page) = http_get(http, "/metrics").await;
+        let cached = sample(&page, "tollgate_accounts_cached").unwrap();
+        for i in 0..2000 {
+            let denied = app
+                .quota
+                .reserve(support::reserve(&format!("nobody-{i}"), &format!("r{i}"), 10, 10))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(denied.deny_reason, proto::DenyReason::UnknownAccount as i32);
+        }
+        let (_, page) = http_get(http, "/metrics").await;
+        assert_eq!(
+            sample(&page, "tollgate_accounts_cached").unwrap(),
+            cached,
+            "{backend:?}: unknown accounts are not kept"
+        );
+    }
+}
+
+/// Whether the server closes `s` within 10 s (reading what it sends
+/// meanwhile: its HTTP/2 settings).
+async fn closed_by_server(mut s: tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn idle_and_silent_connections_are_capped_and_closed_and_service_goes_on() {
+    let config = with_http("").replace(
+        "[server]\n",
+        "[server]\nmax_connections = 40\nfirst_bytes_timeout_ms = 500\n",
+    );
+    let _alone = SCRAPES.lock().await;
+    let mut app = spawn_app_on_with(Backend::Memory, &config).await;
+    let addr: std::net::SocketAddr = app.quota_url.trim_start_matches("http://").parse().unwrap();
+    // 35 clients that connect and never speak, within the cap.
+    let mut silent = Vec::new();
+    for _ in 0..35 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // 20 more: beyond the cap (closed at once), or silent too.
+    for _ in 0..20 {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed_by_server(s).await, "a connection beyond the cap is closed");
+    }
+    // The silent ones are closed once their first bytes are late, and the
+    // service answers again.
+    for s in silent {
+        assert!(closed_by_server(s).await, "a silent connection is closed");
+    }
+    // A slow client: the HTTP/2 preface a byte at a time, then a reserve
+    // on the same connection would follow; it is served like any other
+    // once it has spoken.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+        slow.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let r = app
+        .quota
+        .reserve(support::reserve("rich", "after", 10, 10))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+    let (_, page) = http_get(app.http.unwrap(), "/metrics").await;
+    let refused = sample(&page, "tollgate_connections_refused_total").unwrap();
+    assert!(
+        refused >= 50.0,
+        "refused and timed-out connections are counted: {refused}"
+    );
+    drop(slow);
+}
