@@ -1390,9 +1390,15 @@ impl Settings {
             store,
             journal,
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
-            connections: crate::conn::Guard {
-                max: file.server.max_connections.unwrap_or(10_000),
-                first_bytes: Duration::from_millis(file.server.first_bytes_timeout_ms.unwrap_or(10_000)),
+            connections: {
+                let default = crate::conn::Guard::default();
+                crate::conn::Guard {
+                    max: file.server.max_connections.unwrap_or(default.max),
+                    first_bytes: file
+                        .server
+                        .first_bytes_timeout_ms
+                        .map_or(default.first_bytes, Duration::from_millis),
+                }
             },
             reload_poll: match file.server.reload_poll_ms.unwrap_or(2000) {
                 0 => None,

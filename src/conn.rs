@@ -27,6 +27,16 @@ pub struct Guard {
     pub first_bytes: Duration,
 }
 
+impl Default for Guard {
+    /// 10,000 connections; 10 s for the first bytes.
+    fn default() -> Self {
+        Guard {
+            max: 10_000,
+            first_bytes: Duration::from_secs(10),
+        }
+    }
+}
+
 /// A connection counted against [`Guard::max`] while it is open.
 pub struct Guarded {
     stream: TcpStream,

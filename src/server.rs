@@ -12,7 +12,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::admin::AdminApi;
@@ -498,10 +497,6 @@ fn builder() -> Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// Serves the empty baseline service ([`crate::loadgen::Baseline`]) on
 /// `tcp` (and `unix`) with the same stack and listener options as the
 /// data plane, until `stop` completes: the floor the load generator
@@ -518,7 +513,10 @@ pub async fn serve_baseline(
     let service = || QuotaServer::new(crate::loadgen::Baseline);
     let on_tcp = Server::builder()
         .add_service(service())
-        .serve_with_incoming_shutdown(incoming(tcp), until(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            crate::conn::incoming(tcp, crate::conn::Guard::default()),
+            until(stop_rx.clone()),
+        );
     let on_unix = {
         let stop = until(stop_rx);
         async move {
