@@ -1,8 +1,9 @@
 //! Guards on TCP connections, against clients that hold sockets without
 //! using them: at most `max` open at once (a connection beyond is closed as
 //! soon as it is accepted, so the ones being served keep their share), and
-//! a deadline for a new connection's first bytes (a socket that never
-//! starts its HTTP/2 preface is closed instead of holding a place).
+//! a deadline for a new connection's opening bytes (a socket that never
+//! sends its HTTP/2 preface, or sends it a byte at a time, is closed
+//! instead of holding a place; HTTP/2 keepalive takes over after).
 
 use std::io;
 use std::pin::Pin;
@@ -23,7 +24,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 pub struct Guard {
     /// Open connections at most.
     pub max: usize,
-    /// A new connection's first bytes must arrive within this.
+    /// A new connection's opening bytes (the 24 of the HTTP/2 preface, or
+    /// as many of a TLS hello) must all arrive within this.
     pub first_bytes: Duration,
 }
 
@@ -41,12 +43,20 @@ impl Default for Guard {
 pub struct Guarded {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
-    /// Until the first bytes are read.
+    /// Until the opening bytes are read.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes read so far, up to [`OPENING`].
+    read: usize,
 }
 
-/// Accepts from `listener` under `guard` (no Nagle delay, as the plain
-/// listener had), until the returned stream is dropped.
+/// The length of the HTTP/2 client preface: one byte is not a client
+/// speaking, but a client keeping a connection open.
+const OPENING: usize = 24;
+
+/// Accepts from `listener` under `guard`, until the returned stream is
+/// dropped. Nagle's algorithm is off: a decision is a few hundred bytes
+/// each way, and waiting to coalesce them (against the peer's delayed ACK)
+/// would add milliseconds to every call.
 pub fn incoming(listener: TcpListener, guard: Guard) -> ReceiverStream<io::Result<Guarded>> {
     let open = Arc::new(Semaphore::new(guard.max));
     let (tx, rx) = mpsc::channel(16);
@@ -76,6 +86,7 @@ pub fn incoming(listener: TcpListener, guard: Guard) -> ReceiverStream<io::Resul
                 stream,
                 _permit: permit,
                 deadline: Some(Box::pin(tokio::time::sleep(guard.first_bytes))),
+                read: 0,
             };
             if tx.send(Ok(guarded)).await.is_err() {
                 return;
@@ -98,18 +109,24 @@ impl AsyncRead for Guarded {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some(deadline) = this.deadline.as_mut() {
-            match &read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => this.deadline = None,
-                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                    crate::metrics::metrics().connections_refused.inc();
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no bytes from the client in time",
-                    )));
-                }
-                _ => {}
+        let Some(deadline) = this.deadline.as_mut() else {
+            return read;
+        };
+        if let Poll::Ready(Ok(())) = &read {
+            this.read += buf.filled().len() - before;
+            if this.read >= OPENING {
+                this.deadline = None;
+                return read;
             }
+        }
+        // Polled whatever the read did, so the timer is armed while the
+        // client is silent and fires even if it trickles.
+        if matches!(read, Poll::Pending | Poll::Ready(Ok(()))) && deadline.as_mut().poll(cx).is_ready() {
+            crate::metrics::metrics().connections_refused.inc();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client's opening bytes did not arrive in time",
+            )));
         }
         read
     }

@@ -485,9 +485,6 @@ impl App {
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: a decision is a few
-/// hundred bytes each way, and waiting to coalesce them (against the
-/// peer's delayed ACK) would add milliseconds to every call.
 /// Every gRPC server's stack: the RPC span, and HTTP/2 keepalive pings
 /// so a peer that vanished without closing is dropped.
 fn builder() -> Server {
@@ -511,12 +508,10 @@ pub async fn serve_baseline(
         let _ = rx.wait_for(|s| *s).await;
     };
     let service = || QuotaServer::new(crate::loadgen::Baseline);
-    let on_tcp = Server::builder()
-        .add_service(service())
-        .serve_with_incoming_shutdown(
-            crate::conn::incoming(tcp, crate::conn::Guard::default()),
-            until(stop_rx.clone()),
-        );
+    let on_tcp = Server::builder().add_service(service()).serve_with_incoming_shutdown(
+        crate::conn::incoming(tcp, crate::conn::Guard::default()),
+        until(stop_rx.clone()),
+    );
     let on_unix = {
         let stop = until(stop_rx);
         async move {

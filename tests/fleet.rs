@@ -162,22 +162,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     );
     // And the usage stream has every record once, the journal having held
     // them through the outage.
-    let mut streamed: Vec<String> = support::fleet::stream_records(&redis.url(), 1)
-        .await
-        .iter()
-        .map(|r| r["request_id"].as_str().unwrap().to_owned())
-        .collect();
-    let mut written: Vec<String> = sidecars
-        .iter()
-        .flat_map(Sidecar::records)
-        .map(|r| r["request_id"].as_str().unwrap().to_owned())
-        .collect();
-    streamed.sort();
-    written.sort();
-    assert_eq!(
-        streamed, written,
-        "the stream holds exactly the records the sidecars made"
-    );
+    support::fleet::stream_holds_each_record_once(&sidecars, &redis.url()).await;
 }
 
 /// Usage records written so far by every sidecar.

@@ -164,8 +164,21 @@ async fn a_hold_charged_in_full_during_a_refused_call_survives_a_crash() {
     assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
     sidecar.kill();
 
+    // Replayed and sent by the upkeep (within report_interval_ms), not
+    // only at shutdown, though the new mirror holds nothing.
     let mut sidecar = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("usage-1.jsonl"), &journal);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stream_records(&redis.url(), 1)
+        .await
+        .iter()
+        .any(|r| r["request_id"] == "lapsing")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replayed record never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     sidecar.stop();
     let records = stream_records(&redis.url(), 1).await;
     let lapsed: Vec<_> = records.iter().filter(|r| r["request_id"] == "lapsing").collect();

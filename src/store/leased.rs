@@ -112,6 +112,9 @@ pub struct Stats {
     pub window_hits_held: AtomicU64,
 }
 
+/// A command the mirror refused, with the records time made meanwhile.
+type Refused = (EngineError, Vec<Arc<UsageRecord>>);
+
 /// One account's mirror and what this process knows around it.
 struct Local {
     mirror: Account,
@@ -468,10 +471,9 @@ impl RedisStore {
         if let Some(name) = indexed_as {
             args.push(name.as_bytes().to_vec());
         }
-        let answer: Vec<redis::Value> = self.note(self.redis.invoke("commit", &self.commit, keys, args).await)?;
-        if matches!(answer.first(), Some(redis::Value::Int(1))) {
-            self.note(self.redis.replicated(keys[0]).await)?;
-        }
+        let answer = self.note(self.redis.invoke_durable("commit", &self.commit, keys, args).await)?;
+        let answer: Vec<redis::Value> = redis::from_redis_value(answer)
+            .map_err(|e| StoreError::Unavailable(format!("redis: commit answered {e}")))?;
         let int = |v: Option<&redis::Value>| match v {
             Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
             _ => None,
@@ -822,7 +824,7 @@ impl RedisStore {
         command: &Command,
         now: Timestamp,
         last_word: Option<i128>,
-    ) -> Result<(Result<Applied, EngineError>, Vec<Entry>), StoreError> {
+    ) -> Result<(Result<Applied, Refused>, Vec<Entry>), StoreError> {
         let catalog = self.catalog();
         let mut local = self
             .mirrors
@@ -851,10 +853,7 @@ impl RedisStore {
                 all.extend(records);
                 Ok(Applied { reply, records: all })
             }
-            Err(e) => {
-                local.untold.extend(records);
-                Err(e)
-            }
+            Err(e) => Err((e, records)),
         };
         Ok((outcome, entries))
     }
@@ -865,12 +864,16 @@ impl RedisStore {
     async fn decided(
         &self,
         id: &AccountId,
-        (outcome, entries): (Result<Applied, EngineError>, Vec<Entry>),
+        (outcome, entries): (Result<Applied, Refused>, Vec<Entry>),
     ) -> Result<Result<(Applied, Vec<Entry>), EngineError>, StoreError> {
         match outcome {
             Ok(applied) => Ok(Ok((applied, entries))),
-            Err(e) => {
+            Err((e, records)) => {
                 self.journal_records(id, entries).await?;
+                // Durable now: handed to the caller with the next command's.
+                if let Some(mut local) = self.mirrors.get_mut(id) {
+                    local.untold.extend(records);
+                }
                 Ok(Err(e))
             }
         }
@@ -1210,7 +1213,10 @@ impl RedisStore {
                 .mirror
                 .mirror
                 .as_ref()
-                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty());
+                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty())
+                // Journaled records (their charges with them) go out with
+                // the next report, whether or not the mirror holds anything.
+                || !local.journaled.is_empty();
             let idle = since_use >= self.settings.idle_return;
             let refill =
                 since_sync >= self.settings.report_interval / 4 && !wants(local, self.settings.horizon, now).is_empty();
@@ -1355,7 +1361,9 @@ impl RedisStore {
 }
 
 /// Anything lent to this mirror is still here (slices, permits, holds).
-fn holds_anything(mirror: &Account) -> bool {
+/// This mirror holds something: lent slices or permits, or open holds
+/// (the upkeep keeps its lease alive).
+pub fn holds_anything(mirror: &Account) -> bool {
     holds_unused(mirror) || !mirror.traffic().expiries.is_empty()
 }
 

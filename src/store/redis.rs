@@ -26,7 +26,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
 use redis::{FromRedisValue, IntoConnectionInfo, Script, TlsCertificates, ToRedisArgs};
 
@@ -85,6 +85,8 @@ enum Connection {
 #[derive(Clone)]
 pub struct Redis {
     connection: Connection,
+    /// Where commits go when they wait for replicas.
+    commits: Option<Connection>,
     deadline: Duration,
     replicas: u32,
     subscriber: redis::Client,
@@ -148,7 +150,7 @@ impl Redis {
             }
         };
         let subscriber = plain().map_err(unavailable)?;
-        let connect = async {
+        let connect = || async {
             if settings.cluster {
                 let mut builder = ClusterClientBuilder::new(settings.urls.clone());
                 if let Some(credentials) = &settings.credentials {
@@ -183,12 +185,25 @@ impl Redis {
                 ))
             }
         };
-        let connection = tokio::time::timeout(deadline, connect)
+        let late = |_| unavailable(format!("no connection within {deadline:?}"));
+        let connection = tokio::time::timeout(deadline, connect())
             .await
-            .map_err(|_| unavailable(format!("no connection within {deadline:?}")))?
+            .map_err(late)?
             .map_err(unavailable)?;
+        // Commits that wait for replicas go on a connection of their own:
+        // Redis answers nothing else on a connection while its WAIT waits.
+        let commits = match settings.replicas {
+            0 => None,
+            _ => Some(
+                tokio::time::timeout(deadline, connect())
+                    .await
+                    .map_err(late)?
+                    .map_err(unavailable)?,
+            ),
+        };
         Ok(Redis {
             connection,
+            commits,
             deadline,
             replicas: settings.replicas,
             subscriber,
@@ -241,41 +256,65 @@ impl Redis {
         self.bounded(command_name(command), call).await
     }
 
-    /// With `replicas` configured, waits until that many replicas have every
-    /// write made so far on the connection that serves `key` (`WAIT`, on
-    /// the key's master). Not confirmed in time, the writes' fate in a
-    /// failover is unknown: `Unavailable`, and the caller sends again
-    /// what it sent (its writes are idempotent).
-    pub async fn replicated(&self, key: &str) -> Result<(), StoreError> {
-        if self.replicas == 0 {
-            return Ok(());
+    /// Runs `script` like [`Redis::invoke`], for a write that must
+    /// survive a failover: with `replicas` configured, the script and a
+    /// `WAIT` for that many replicas go in one pipeline, on one connection
+    /// to the master of `keys[0]` (`WAIT` counts that connection's own
+    /// writes; sent apart, a reconnection between the two could confirm
+    /// nothing at all). A write not confirmed in time has an unknown fate:
+    /// `Unavailable`, and the caller sends it again (its writes are
+    /// idempotent).
+    pub async fn invoke_durable(
+        &self,
+        name: &'static str,
+        script: &Script,
+        keys: &[&str],
+        args: impl ToRedisArgs,
+    ) -> Result<redis::Value, StoreError> {
+        let Some(commits) = &self.commits else {
+            return self.invoke(name, script, keys, args).await;
+        };
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
         }
-        let mut wait = redis::cmd("WAIT");
-        let timeout = u64::try_from((self.deadline / 2).as_millis()).unwrap_or(u64::MAX);
-        wait.arg(self.replicas).arg(timeout.max(1));
+        invocation.arg(args);
+        let timeout = u64::try_from((self.deadline / 2).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut pipe = redis::pipe();
+        // Loaded each time: the pipeline cannot answer NOSCRIPT by loading.
+        pipe.load_script(script)
+            .invoke_script(&invocation)
+            .cmd("WAIT")
+            .arg(self.replicas)
+            .arg(timeout);
         let call = async {
-            match self.connection.clone() {
-                Connection::Single(mut c) => wait.query_async::<u64>(&mut c).await,
+            let answers: Vec<redis::Value> = match commits.clone() {
+                Connection::Single(mut c) => pipe.query_async(&mut c).await?,
                 Connection::Cluster(mut c) => {
-                    let master = Route::with_key(key, SlotAddr::Master);
-                    let answer = c
-                        .route_command(
-                            wait,
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(master)),
-                        )
-                        .await?;
-                    Ok(redis::from_redis_value(answer)?)
+                    let master = Route::with_key(keys.first().copied().unwrap_or_default(), SlotAddr::Master);
+                    c.route_pipeline(pipe, 0, 3, SingleNodeRoutingInfo::SpecificNode(master))
+                        .await?
                 }
+            };
+            match <[redis::Value; 3]>::try_from(answers) {
+                Ok([_, answer, acked]) => Ok((answer, redis::from_redis_value::<u64>(acked)?)),
+                Err(other) => Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "a commit pipeline answered",
+                    format!("{other:?}"),
+                ))),
             }
         };
-        let acked = self.bounded("WAIT", call).await?;
+        let (answer, acked) = self.bounded(name, call).await?;
         if acked < u64::from(self.replicas) {
             return Err(unavailable(format!(
                 "a commit reached {acked} of {} replicas within {timeout} ms; its outcome is unknown",
                 self.replicas
             )));
         }
-        Ok(())
+        Ok(answer)
     }
 
     /// Redis's clock (`TIME`): one time base for every sidecar, for expiries

@@ -464,3 +464,27 @@ pub fn fleet_with(n: usize, dir: &std::path::Path, urls: &[String], config: &str
         .map(|i| Sidecar::spawn(&config, urls, dir.join(format!("usage-{i}.jsonl"))))
         .collect()
 }
+
+/// The usage stream (one shard, at `url`) holds exactly the records the
+/// `sidecars` wrote to their usage files, none twice; returns them.
+pub async fn stream_holds_each_record_once(sidecars: &[Sidecar], url: &str) -> Vec<serde_json::Value> {
+    let streamed = stream_records(url, 1).await;
+    let ids = |records: &mut dyn Iterator<Item = &serde_json::Value>| {
+        let mut ids: Vec<String> = records
+            .map(|r| r["request_id"].as_str().expect("a request id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut in_stream = ids(&mut streamed.iter());
+    let written: Vec<serde_json::Value> = sidecars.iter().flat_map(Sidecar::records).collect();
+    let written = ids(&mut written.iter());
+    let all = in_stream.len();
+    in_stream.dedup();
+    assert_eq!(all, in_stream.len(), "records in the stream twice");
+    assert_eq!(
+        in_stream, written,
+        "the stream holds exactly the records the sidecars made"
+    );
+    streamed
+}
