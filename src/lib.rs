@@ -18,6 +18,8 @@
 //! - [`usage`]: the usage-record sink (JSON Lines file or stdout).
 //! - [`clock`]: where "now" comes from (system, or manual for tests).
 //! - [`channel`]: gRPC channels over TCP or a Unix domain socket.
+//! - [`client`]: the data plane's Rust client (deadlines, retries, a
+//!   reservation released unless settled).
 //! - [`conn`]: guards on TCP connections (how many, how soon they speak).
 //! - [`cli`]: the command line (serve, check-config, a small client).
 //! - [`signal`], [`telemetry`]: shutdown signals and logging.
@@ -29,6 +31,7 @@ pub mod admin_cli;
 pub mod api;
 pub mod channel;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conn;

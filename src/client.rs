@@ -1,0 +1,325 @@
+//! The data plane's Rust client, for inference servers: reserve before
+//! generating, extend while streaming, settle with the real counts, and
+//! release whatever is never settled.
+//!
+//! - Every call has a deadline ([`Options::deadline`]).
+//! - Every data-plane call is idempotent (by request id, or by reservation
+//!   id), so a call whose outcome is unknown (`UNAVAILABLE`,
+//!   `DEADLINE_EXCEEDED`) is sent again as is, up to
+//!   [`Options::attempts`] times, with a doubling pause between.
+//! - A [`Reservation`] settles explicitly ([`Reservation::settle`]) and is
+//!   released when dropped unsettled: a handler that returns early, fails
+//!   or is cancelled (its client disconnected) gives back what it held.
+//! - Targets are `http://HOST:PORT` or `unix:/PATH` ([`crate::channel`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use crate::proto;
+use crate::proto::quota_client::QuotaClient;
+
+/// How calls are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Each attempt's deadline.
+    pub deadline: Duration,
+    /// Attempts per call, the first included (at least 1).
+    pub attempts: u32,
+    /// The pause before the first retry; doubled before each next one.
+    pub backoff: Duration,
+}
+
+impl Default for Options {
+    /// 500 ms a call, three attempts, 25 ms then 50 ms between.
+    fn default() -> Self {
+        Options {
+            deadline: Duration::from_millis(500),
+            attempts: 3,
+            backoff: Duration::from_millis(25),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The target could not be reached at all.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// Where.
+        target: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The call's last answer: an error status (bad input, unknown
+    /// reservation, or still unavailable after every attempt).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+/// A Tollgate data plane; cheap to clone (one HTTP/2 connection shared).
+#[derive(Debug, Clone)]
+pub struct Client(std::sync::Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    quota: QuotaClient<Channel>,
+    options: Options,
+}
+
+/// What a reserve asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// The account to charge.
+    pub account: String,
+    /// The request's id: a retry of the same request sends the same one.
+    pub request_id: String,
+    /// The model.
+    pub model: String,
+    /// The API key, if limits apply per key.
+    pub api_key: String,
+    /// The service tier; empty is `default`.
+    pub tier: String,
+    /// Prompt tokens, cached ones excluded.
+    pub input_tokens: u64,
+    /// Prompt tokens read from the cache.
+    pub cached_input_tokens: u64,
+    /// The most output tokens the request may generate.
+    pub max_output_tokens: u64,
+}
+
+/// A reserve's answer.
+#[derive(Debug)]
+pub enum Reserved {
+    /// Go ahead, within [`Reservation::granted_output_tokens`].
+    Granted(Reservation),
+    /// Do not.
+    Denied(Denial),
+}
+
+/// Why a reserve was denied, and when to come back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denial {
+    /// The reason.
+    pub reason: proto::DenyReason,
+    /// For people.
+    pub message: String,
+    /// When the limit that denied expects to admit again, if it is a rate.
+    pub retry_after: Option<Duration>,
+    /// The rate-limit figures now (for `x-ratelimit-*` headers).
+    pub limits: Option<proto::RateLimitStatus>,
+}
+
+/// Held funds and permits for one request: settle it, or it is released
+/// when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    client: Client,
+    account: String,
+    id: String,
+    granted: u64,
+    limits: Option<proto::RateLimitStatus>,
+    /// Settled or released: nothing to give back on drop.
+    done: bool,
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    d.and_then(|d| {
+        Some(Duration::new(
+            u64::try_from(d.seconds).ok()?,
+            u32::try_from(d.nanos).ok()?,
+        ))
+    })
+}
+
+impl Client {
+    /// Connects to `target` (`http://HOST:PORT` or `unix:/PATH`).
+    pub async fn connect(target: &str, options: Options) -> Result<Client, ClientError> {
+        let channel = crate::channel::connect(target)
+            .await
+            .map_err(|source| ClientError::Connect {
+                target: target.to_owned(),
+                source,
+            })?;
+        Ok(Client::new(channel, options))
+    }
+
+    /// A client on `channel`.
+    pub fn new(channel: Channel, options: Options) -> Client {
+        Client(std::sync::Arc::new(Inner {
+            quota: QuotaClient::new(channel),
+            options: Options {
+                attempts: options.attempts.max(1),
+                ..options
+            },
+        }))
+    }
+
+    /// Reserves for `ask`.
+    pub async fn reserve(&self, ask: &Ask) -> Result<Reserved, ClientError> {
+        let request = proto::ReserveRequest {
+            account_id: ask.account.clone(),
+            api_key_id: ask.api_key.clone(),
+            model: ask.model.clone(),
+            service_tier: ask.tier.clone(),
+            request_id: ask.request_id.clone(),
+            input_tokens: ask.input_tokens,
+            cached_input_tokens: ask.cached_input_tokens,
+            max_output_tokens: ask.max_output_tokens,
+        };
+        let r = self.call(request, |mut q, r| async move { q.reserve(r).await }).await?;
+        if r.decision == proto::Decision::Allow as i32 {
+            return Ok(Reserved::Granted(Reservation {
+                client: self.clone(),
+                account: ask.account.clone(),
+                id: r.reservation_id,
+                granted: r.granted_output_tokens,
+                limits: r.rate_limits,
+                done: false,
+            }));
+        }
+        Ok(Reserved::Denied(Denial {
+            reason: proto::DenyReason::try_from(r.deny_reason).unwrap_or(proto::DenyReason::Unspecified),
+            message: r.message,
+            retry_after: duration(r.retry_after.as_ref()),
+            limits: r.rate_limits,
+        }))
+    }
+
+    /// What `account` can spend now.
+    pub async fn balance(&self, account: &str) -> Result<proto::GetBalanceResponse, ClientError> {
+        let request = proto::GetBalanceRequest {
+            account_id: account.to_owned(),
+        };
+        self.call(request, |mut q, r| async move { q.get_balance(r).await })
+            .await
+    }
+
+    /// Gives back what reservation `id` of `account` holds.
+    async fn release(&self, account: &str, id: &str) -> Result<(), ClientError> {
+        let request = proto::ReleaseRequest {
+            account_id: account.to_owned(),
+            reservation_id: id.to_owned(),
+        };
+        self.call(request, |mut q, r| async move { q.release(r).await }).await?;
+        Ok(())
+    }
+
+    /// Makes `request` with a deadline, again as is while its outcome is
+    /// unknown.
+    async fn call<Req, Resp, F, Fut>(&self, request: Req, mut send: F) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: FnMut(QuotaClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let Inner { quota, options } = &*self.0;
+        let mut pause = options.backoff;
+        let mut attempt = 1;
+        loop {
+            // Kept here, as DEADLINE_EXCEEDED. (Not sent as grpc-timeout:
+            // the server finishes a command it started whatever the caller
+            // does, and tonic would report its own expiry as CANCELLED.)
+            let r = tonic::Request::new(request.clone());
+            let answer = tokio::time::timeout(options.deadline, send(quota.clone(), r))
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within the deadline")));
+            match answer {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) if unknown_outcome(status.code()) && attempt < options.attempts => {
+                    tokio::time::sleep(pause).await;
+                    pause = pause.saturating_mul(2);
+                    attempt += 1;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+}
+
+/// Codes after which the call may or may not have taken effect.
+fn unknown_outcome(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+}
+
+impl Reservation {
+    /// The reservation's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Output tokens the request may generate: cap `max_tokens` to this.
+    pub fn granted_output_tokens(&self) -> u64 {
+        self.granted
+    }
+
+    /// The rate-limit figures at the reserve (for `x-ratelimit-*`
+    /// headers).
+    pub fn limits(&self) -> Option<&proto::RateLimitStatus> {
+        self.limits.as_ref()
+    }
+
+    /// Asks to generate up to `max_output_tokens` in all (a stream about
+    /// to pass its grant); returns the new grant, which may be less.
+    pub async fn extend(&mut self, max_output_tokens: u64) -> Result<u64, ClientError> {
+        let request = proto::ExtendRequest {
+            account_id: self.account.clone(),
+            reservation_id: self.id.clone(),
+            max_output_tokens,
+        };
+        let r = self
+            .client
+            .call(request, |mut q, r| async move { q.extend(r).await })
+            .await?;
+        self.granted = r.granted_output_tokens;
+        Ok(self.granted)
+    }
+
+    /// Charges what the request used; returns its usage record.
+    pub async fn settle(mut self, usage: proto::Usage) -> Result<proto::UsageRecord, ClientError> {
+        let request = proto::SettleRequest {
+            account_id: self.account.clone(),
+            reservation_id: self.id.clone(),
+            usage: Some(usage),
+        };
+        // Never released after a settle was sent, even one that failed:
+        // usage may have been charged, and a release must not undo it. A
+        // settle still failing after every attempt leaves the hold to the
+        // account's expiry policy.
+        self.done = true;
+        let answer = self
+            .client
+            .call(request, |mut q, r| async move { q.settle(r).await })
+            .await?;
+        Ok(answer.record.unwrap_or_default())
+    }
+
+    /// Gives back what the reservation holds (the request failed before
+    /// producing anything billable).
+    pub async fn release(mut self) -> Result<(), ClientError> {
+        self.done = true;
+        self.client.release(&self.account, &self.id).await
+    }
+}
+
+impl Drop for Reservation {
+    /// Never settled nor released: released in the background (on the
+    /// runtime the drop happens in; without one, its hold lapses at its
+    /// expiry).
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (client, account, id) = (self.client.clone(), self.account.clone(), self.id.clone());
+        runtime.spawn(async move {
+            if let Err(e) = client.release(&account, &id).await {
+                tracing::warn!(%account, reservation = %id, error = %e, "releasing a dropped reservation failed; its hold lapses at expiry");
+            }
+        });
+    }
+}
