@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use crate::client::{Client, ClientError};
 use crate::config::Settings;
 use crate::proto;
-use crate::proto::quota_client::QuotaClient;
 use crate::server::App;
 
 /// Tollgate: quota, balance and rate-limit sidecar for LLM inference.
@@ -330,9 +330,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }),
         Cmd::Reserve(a) => {
-            client(&a.endpoint, |mut c| async move {
+            client(&a.endpoint, |c| async move {
                 let r = c
-                    .reserve(proto::ReserveRequest {
+                    .reserve_request(proto::ReserveRequest {
                         account_id: a.account,
                         api_key_id: a.api_key,
                         model: a.model,
@@ -342,14 +342,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         cached_input_tokens: a.cached_input,
                         max_output_tokens: a.max_output,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 Ok(show_reserve(&r))
             })
             .await
         }
         Cmd::Settle(a) => {
-            client(&a.reservation.endpoint, |mut c| async move {
+            client(&a.reservation.endpoint, |c| async move {
                 let usage = proto::Usage {
                     input_tokens: a.input,
                     cached_input_tokens: a.cached_input,
@@ -357,34 +356,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     output_tokens: a.output,
                 };
                 let r = c
-                    .settle(proto::SettleRequest {
+                    .settle_request(proto::SettleRequest {
                         account_id: a.reservation.account,
                         reservation_id: a.reservation.reservation,
                         usage: Some(usage),
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 Ok(r.record.as_ref().map(show_record).unwrap_or_default())
             })
             .await
         }
         Cmd::Release(a) => {
-            client(&a.endpoint, |mut c| async move {
+            client(&a.endpoint, |c| async move {
                 let request = proto::ReleaseRequest {
                     account_id: a.account,
                     reservation_id: a.reservation,
                 };
-                let r = c.release(request).await?.into_inner();
+                let r = c.release_request(request).await?;
                 Ok(format!("released: {}", show_amounts(&r.released)))
             })
             .await
         }
         Cmd::Balance(a) => {
-            client(&a.endpoint, |mut c| async move {
-                let r = c
-                    .get_balance(proto::GetBalanceRequest { account_id: a.account })
-                    .await?
-                    .into_inner();
+            client(&a.endpoint, |c| async move {
+                let r = c.balance(&a.account).await?;
                 Ok(show_balance(&r))
             })
             .await
@@ -575,22 +570,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 async fn client<F, Fut>(endpoint: &Endpoint, call: F) -> anyhow::Result<ExitCode>
 where
-    F: FnOnce(QuotaClient<tonic::transport::Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<String, tonic::Status>>,
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<String, ClientError>>,
 {
-    let channel = crate::channel::connect(&endpoint.addr)
-        .await
-        .with_context(|| format!("connecting to {}", endpoint.addr))?;
-    let client = QuotaClient::new(channel);
+    // A person waits longer than a model server would.
+    let options = crate::client::Options {
+        deadline: std::time::Duration::from_secs(5),
+        ..crate::client::Options::default()
+    };
+    let client = Client::connect(&endpoint.addr, options).await?;
     match call(client).await {
         Ok(text) => {
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(status) => {
+        Err(ClientError::Status(status)) => {
             eprintln!("error: {:?}: {}", status.code(), status.message());
             Ok(ExitCode::FAILURE)
         }
+        Err(e) => Err(e.into()),
     }
 }
 

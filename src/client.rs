@@ -169,7 +169,7 @@ impl Client {
             cached_input_tokens: ask.cached_input_tokens,
             max_output_tokens: ask.max_output_tokens,
         };
-        let r = self.call(request, |mut q, r| async move { q.reserve(r).await }).await?;
+        let r = self.reserve_request(request).await?;
         if r.decision == proto::Decision::Allow as i32 {
             return Ok(Reserved::Granted(Reservation {
                 client: self.clone(),
@@ -188,6 +188,24 @@ impl Client {
         }))
     }
 
+    /// A plain reserve, for callers that keep the ids themselves (a
+    /// command line that reserves in one process and settles in another):
+    /// the same deadline and retries, the whole answer, nothing released
+    /// on the caller's behalf.
+    pub async fn reserve_request(&self, request: proto::ReserveRequest) -> Result<proto::ReserveResponse, ClientError> {
+        self.call(request, |mut q, r| async move { q.reserve(r).await }).await
+    }
+
+    /// A plain settle (see [`Client::reserve_request`]).
+    pub async fn settle_request(&self, request: proto::SettleRequest) -> Result<proto::SettleResponse, ClientError> {
+        self.call(request, |mut q, r| async move { q.settle(r).await }).await
+    }
+
+    /// A plain release (see [`Client::reserve_request`]).
+    pub async fn release_request(&self, request: proto::ReleaseRequest) -> Result<proto::ReleaseResponse, ClientError> {
+        self.call(request, |mut q, r| async move { q.release(r).await }).await
+    }
+
     /// What `account` can spend now.
     pub async fn balance(&self, account: &str) -> Result<proto::GetBalanceResponse, ClientError> {
         let request = proto::GetBalanceRequest {
@@ -203,7 +221,7 @@ impl Client {
             account_id: account.to_owned(),
             reservation_id: id.to_owned(),
         };
-        self.call(request, |mut q, r| async move { q.release(r).await }).await?;
+        self.release_request(request).await?;
         Ok(())
     }
 
@@ -289,10 +307,7 @@ impl Reservation {
         // settle still failing after every attempt leaves the hold to the
         // account's expiry policy.
         self.done = true;
-        let answer = self
-            .client
-            .call(request, |mut q, r| async move { q.settle(r).await })
-            .await?;
+        let answer = self.client.settle_request(request).await?;
         Ok(answer.record.unwrap_or_default())
     }
 
