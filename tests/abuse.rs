@@ -57,6 +57,12 @@ impl Decoder for Raw {
     }
 }
 
+/// `quota` still allows a small reserve on `rich` (under request `id`).
+async fn serves(quota: &mut proto::quota_client::QuotaClient<tonic::transport::Channel>, id: &str) {
+    let r = quota.reserve(support::reserve("rich", id, 10, 10)).await.unwrap();
+    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+}
+
 /// Calls `path` with `body` as the request message's bytes.
 async fn raw_call(url: &str, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
     let channel = tollgate::channel::connect(url).await.unwrap();
@@ -101,12 +107,7 @@ async fn oversized_messages_are_refused_and_the_server_goes_on() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    let r = app
-        .quota
-        .reserve(support::reserve("rich", "after", 10, 10))
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+    serves(&mut app.quota, "after").await;
 }
 
 #[tokio::test]
@@ -139,12 +140,7 @@ async fn malformed_protobuf_and_invalid_utf8_are_refused_and_change_nothing() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert_eq!(balance(&mut app, "rich").await, before, "nothing changed");
-    let r = app
-        .quota
-        .reserve(support::reserve("rich", "after", 10, 10))
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+    serves(&mut app.quota, "after").await;
 }
 
 const RULES: &str = "domain: inference
@@ -306,22 +302,13 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_served_once_below_it(
     assert!(refused >= 10.0, "each is counted: {refused}");
     // The connection being served was not disturbed; places freed are
     // taken again.
-    let r = app
-        .quota
-        .reserve(support::reserve("rich", "during", 10, 10))
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+    serves(&mut app.quota, "during").await;
     silent.truncate(20);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut another = proto::quota_client::QuotaClient::connect(app.quota_url.clone())
         .await
         .unwrap();
-    let r = another
-        .reserve(support::reserve("rich", "after", 10, 10))
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+    serves(&mut another, "after").await;
     drop(silent);
 }
 
@@ -355,10 +342,5 @@ async fn silent_and_trickling_connections_are_closed_and_service_goes_on() {
     }
     assert!(trickle.await.unwrap(), "a trickling connection is closed");
     // A client that speaks is served as before.
-    let r = app
-        .quota
-        .reserve(support::reserve("rich", "after", 10, 10))
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+    serves(&mut app.quota, "after").await;
 }

@@ -54,7 +54,7 @@ use tollgate::engine::ops::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveR
 use tollgate::engine::period::{Anchor, PeriodUnit};
 use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
 use tollgate::engine::{ChargeOutcome, Command, EngineError, Money, Reply, ReserveOutcome, UsageRecord};
-use tollgate::store::leased::holds_anything;
+use tollgate::store::leased::{has_news, holds_anything};
 
 const ACCOUNTS: usize = 3;
 const SIDECARS: usize = 3;
@@ -696,16 +696,10 @@ impl World {
         }
         let ids: Vec<AccountId> = self.sidecars[s].mirrors.keys().cloned().collect();
         for id in ids {
-            // What leased.rs's `tend` looks at: something logged (charges,
-            // returns, journaled records) or something held.
+            // What leased.rs's `tend` looks at: news to report, or
+            // something held.
             let local = &self.sidecars[s].mirrors[&id];
-            let logged = local
-                .mirror
-                .mirror
-                .as_ref()
-                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty())
-                || !local.journaled.is_empty();
-            if !logged && !holds_anything(&local.mirror) {
+            if !has_news(&local.mirror, &local.journaled) && !holds_anything(&local.mirror) {
                 continue;
             }
             let give_back = self.rng.u32(0..4) == 0;

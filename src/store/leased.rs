@@ -1209,14 +1209,7 @@ impl RedisStore {
             let since_sync = local.last_sync.elapsed();
             let holds = holds_anything(&local.mirror);
             let unused = holds_unused(&local.mirror);
-            let logged = local
-                .mirror
-                .mirror
-                .as_ref()
-                .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty())
-                // Journaled records (their charges with them) go out with
-                // the next report, whether or not the mirror holds anything.
-                || !local.journaled.is_empty();
+            let logged = has_news(&local.mirror, &local.journaled);
             let idle = since_use >= self.settings.idle_return;
             let refill =
                 since_sync >= self.settings.report_interval / 4 && !wants(local, self.settings.horizon, now).is_empty();
@@ -1361,6 +1354,17 @@ impl RedisStore {
 }
 
 /// Anything lent to this mirror is still here (slices, permits, holds).
+/// This mirror has something to report: charges or returns logged, or
+/// journaled records (their charges with them), which go out with the next
+/// report whether or not the mirror holds anything.
+pub fn has_news(mirror: &Account, journaled: &[Journaled]) -> bool {
+    mirror
+        .mirror
+        .as_ref()
+        .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty())
+        || !journaled.is_empty()
+}
+
 /// This mirror holds something: lent slices or permits, or open holds
 /// (the upkeep keeps its lease alive).
 pub fn holds_anything(mirror: &Account) -> bool {
