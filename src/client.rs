@@ -10,6 +10,9 @@
 //! - A [`Reservation`] settles explicitly ([`Reservation::settle`]) and is
 //!   released when dropped unsettled: a handler that returns early, fails
 //!   or is cancelled (its client disconnected) gives back what it held.
+//! - A [`Denial`] carries its reason and, for rate limits, when to retry;
+//!   [`headers`] turns either answer into the `x-ratelimit-*` and
+//!   `retry-after` headers OpenAI-compatible clients read.
 //! - Targets are `http://HOST:PORT` or `unix:/PATH` ([`crate::channel`]).
 
 use std::future::Future;
@@ -134,6 +137,87 @@ fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
     })
 }
 
+impl Denial {
+    /// The response headers for this denial (see [`headers`]).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        headers(self.limits.as_ref(), self.retry_after)
+    }
+}
+
+/// The response headers OpenAI-compatible clients read:
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the limits
+/// configured (a limit of zero is none, and has no headers), and, given
+/// `retry_after`, `retry-after` (whole seconds, rounded up) and
+/// `retry-after-ms`. Resets are written as OpenAI writes them (Go's
+/// notation, to the millisecond rounded up: `250ms`, `1.5s`, `6m0s`).
+pub fn headers(limits: Option<&proto::RateLimitStatus>, retry_after: Option<Duration>) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(l) = limits {
+        let kinds = [
+            (
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+                l.requests_limit,
+                l.requests_remaining,
+                l.requests_reset.as_ref(),
+            ),
+            (
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+                l.tokens_limit,
+                l.tokens_remaining,
+                l.tokens_reset.as_ref(),
+            ),
+        ];
+        for ([limit_name, remaining_name, reset_name], limit, remaining, reset) in kinds {
+            if limit > 0 {
+                out.push((limit_name, limit.to_string()));
+                out.push((remaining_name, remaining.to_string()));
+                out.push((reset_name, go_duration(duration(reset).unwrap_or_default())));
+            }
+        }
+    }
+    if let Some(after) = retry_after {
+        let millis = after.as_nanos().div_ceil(1_000_000);
+        out.push(("retry-after", millis.div_ceil(1000).to_string()));
+        out.push(("retry-after-ms", millis.to_string()));
+    }
+    out
+}
+
+/// `d` in Go's notation, to the millisecond rounded up.
+fn go_duration(d: Duration) -> String {
+    let millis = d.as_nanos().div_ceil(1_000_000);
+    if millis == 0 {
+        return "0s".to_owned();
+    }
+    if millis < 1000 {
+        return format!("{millis}ms");
+    }
+    let (hours, minutes, seconds, fraction) = (
+        millis / 3_600_000,
+        millis / 60_000 % 60,
+        millis / 1000 % 60,
+        millis % 1000,
+    );
+    let seconds = if fraction == 0 {
+        seconds.to_string()
+    } else {
+        format!("{seconds}.{fraction:03}").trim_end_matches('0').to_owned()
+    };
+    match (hours, minutes) {
+        (0, 0) => format!("{seconds}s"),
+        (0, m) => format!("{m}m{seconds}s"),
+        (h, m) => format!("{h}h{m}m{seconds}s"),
+    }
+}
+
 impl Client {
     /// Connects to `target` (`http://HOST:PORT` or `unix:/PATH`).
     pub async fn connect(target: &str, options: Options) -> Result<Client, ClientError> {
@@ -234,26 +318,27 @@ impl Client {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let Inner { quota, options } = &*self.0;
-        let mut pause = options.backoff;
-        let mut attempt = 1;
-        loop {
-            // Kept here, as DEADLINE_EXCEEDED. (Not sent as grpc-timeout:
-            // the server finishes a command it started whatever the caller
-            // does, and tonic would report its own expiry as CANCELLED.)
-            let r = tonic::Request::new(request.clone());
-            let answer = tokio::time::timeout(options.deadline, send(quota.clone(), r))
+        // Kept here, as DEADLINE_EXCEEDED. (Not sent as grpc-timeout: the
+        // server finishes a command it started whatever the caller does,
+        // and tonic would report its own expiry as CANCELLED.)
+        let mut once = async |request: Req| {
+            tokio::time::timeout(options.deadline, send(quota.clone(), tonic::Request::new(request)))
                 .await
-                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within the deadline")));
-            match answer {
-                Ok(answer) => return Ok(answer.into_inner()),
-                Err(status) if unknown_outcome(status.code()) && attempt < options.attempts => {
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within the deadline")))
+                .map(tonic::Response::into_inner)
+        };
+        let mut pause = options.backoff;
+        // Every attempt but the last sends a copy.
+        for _ in 1..options.attempts {
+            match once(request.clone()).await {
+                Err(status) if unknown_outcome(status.code()) => {
                     tokio::time::sleep(pause).await;
                     pause = pause.saturating_mul(2);
-                    attempt += 1;
                 }
-                Err(status) => return Err(status.into()),
+                answer => return answer.map_err(ClientError::from),
             }
         }
+        once(request).await.map_err(ClientError::from)
     }
 }
 
@@ -273,10 +358,15 @@ impl Reservation {
         self.granted
     }
 
-    /// The rate-limit figures at the reserve (for `x-ratelimit-*`
-    /// headers).
+    /// The rate-limit figures at the reserve.
     pub fn limits(&self) -> Option<&proto::RateLimitStatus> {
         self.limits.as_ref()
+    }
+
+    /// The `x-ratelimit-*` response headers, as of the reserve (see
+    /// [`headers`]).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        headers(self.limits.as_ref(), None)
     }
 
     /// Asks to generate up to `max_output_tokens` in all (a stream about
@@ -336,5 +426,47 @@ impl Drop for Reservation {
                 tracing::warn!(%account, reservation = %id, error = %e, "releasing a dropped reservation failed; its hold lapses at expiry");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_written_as_openai_writes_them() {
+        let cases = [
+            (0, 0, "0s"),
+            (0, 1, "1ms"),
+            (0, 250_000_000, "250ms"),
+            (1, 0, "1s"),
+            (1, 500_000_000, "1.5s"),
+            (59, 999_000_000, "59.999s"),
+            (360, 0, "6m0s"),
+            (3723, 0, "1h2m3s"),
+        ];
+        for (seconds, nanos, text) in cases {
+            assert_eq!(go_duration(Duration::new(seconds, nanos)), text);
+        }
+    }
+
+    #[test]
+    fn headers_name_the_configured_limits_and_when_to_retry() {
+        let limits = proto::RateLimitStatus {
+            requests_limit: 2,
+            requests_remaining: 0,
+            requests_reset: Some(prost_types::Duration { seconds: 30, nanos: 1 }),
+            ..Default::default()
+        };
+        let got = headers(Some(&limits), Some(Duration::from_millis(1500)));
+        let want = [
+            ("x-ratelimit-limit-requests", "2"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "30.001s"),
+            ("retry-after", "2"),
+            ("retry-after-ms", "1500"),
+        ];
+        assert_eq!(got, want.map(|(k, v)| (k, v.to_owned())));
+        assert!(headers(Some(&proto::RateLimitStatus::default()), None).is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! it is compared with.
 //!
 //! The generator drives a running Tollgate's data plane over TCP or a Unix
-//! socket: `connections` clients, each on its own connection, loop over a
+//! socket through [`crate::client`]: `connections` clients, each on its own connection, loop over a
 //! Reserve and its Settle on accounts drawn uniformly or with a hot key,
 //! for a time or a number of calls. Every call's latency goes into an HDR
 //! histogram; the report gives throughput and percentiles, and is written
@@ -25,8 +25,16 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descri
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 
+use crate::client::{Ask, Client, Options, Reserved};
 use crate::proto;
-use crate::proto::quota_client::QuotaClient;
+
+/// Calls as measured: one attempt each (a retry would hide an error and
+/// count its latency twice), and a deadline no healthy call reaches.
+const CALLS: Options = Options {
+    deadline: Duration::from_secs(10),
+    attempts: 1,
+    backoff: Duration::ZERO,
+};
 
 /// How accounts are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,7 +123,7 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
     for client in 0..spec.connections {
         let channel = crate::channel::connect(&spec.target).await?;
         let mut rls = RateLimitServiceClient::new(channel.clone());
-        let mut quota = QuotaClient::new(channel);
+        let quota = Client::new(channel, CALLS);
         let (done, errors, spec) = (Arc::clone(&done), Arc::clone(&errors), spec.clone());
         let seed = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(client as u64 + 1);
         tasks.push(tokio::spawn(async move {
@@ -137,39 +145,33 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
                     done.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let id = format!("lg-{}-{client}-{i}", std::process::id());
-                let reserve = proto::ReserveRequest {
-                    account_id: account.clone(),
+                let ask = Ask {
+                    account,
+                    request_id: format!("lg-{}-{client}-{i}", std::process::id()),
                     model: spec.model.clone(),
-                    request_id: id.clone(),
                     input_tokens: 100,
                     max_output_tokens: 100,
+                    ..Ask::default()
+                };
+                let t = Instant::now();
+                let reserved = quota.reserve(&ask).await;
+                let _ = histogram.record(t.elapsed().as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
+                let reservation = match reserved {
+                    Ok(Reserved::Granted(reservation)) => reservation,
+                    Ok(Reserved::Denied(_)) => continue,
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                let usage = proto::Usage {
+                    input_tokens: 100,
+                    output_tokens: 50,
                     ..Default::default()
                 };
                 let t = Instant::now();
-                let allowed = match quota.reserve(reserve).await {
-                    Ok(r) => r.into_inner().decision == proto::Decision::Allow as i32,
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        false
-                    }
-                };
-                let _ = histogram.record(t.elapsed().as_micros() as u64);
-                done.fetch_add(1, Ordering::Relaxed);
-                if !allowed {
-                    continue;
-                }
-                let settle = proto::SettleRequest {
-                    account_id: account,
-                    reservation_id: id,
-                    usage: Some(proto::Usage {
-                        input_tokens: 100,
-                        output_tokens: 50,
-                        ..Default::default()
-                    }),
-                };
-                let t = Instant::now();
-                if quota.settle(settle).await.is_err() {
+                if reservation.settle(usage).await.is_err() {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
                 let _ = histogram.record(t.elapsed().as_micros() as u64);

@@ -61,9 +61,7 @@ async fn a_request_cycle(client: &Client) {
         panic!("poor has nothing")
     };
     assert_eq!(denial.reason, proto::DenyReason::InsufficientFunds);
-    // A retried reserve (the same request id) is the same reservation.
-    let again = client.reserve(&ask("rich", "one")).await;
-    assert!(matches!(again, Ok(Reserved::Granted(_)) | Err(ClientError::Status(_))));
+    assert_eq!(denial.retry_after, None);
 }
 
 #[tokio::test]
@@ -118,4 +116,81 @@ async fn a_silent_server_costs_each_attempt_its_deadline_then_fails() {
         started.elapsed()
     );
     silent.abort();
+}
+
+/// A model server's request handler as the README's "Integrate your
+/// inference server" writes it (with this test's model, and the headers
+/// of a denial as its reply).
+async fn handle(
+    target: &str,
+    account: String,
+    request_id: String,
+    prompt_tokens: u64,
+) -> Result<Vec<(&'static str, String)>, Box<dyn std::error::Error>> {
+    let tg = Client::connect(target, Options::default()).await?;
+    let ask = Ask {
+        account,
+        request_id,
+        model: "m".into(),
+        input_tokens: prompt_tokens,
+        max_output_tokens: 1024,
+        ..Ask::default()
+    };
+    match tg.reserve(&ask).await? {
+        Reserved::Granted(r) => {
+            let usage = generate(prompt_tokens, r.granted_output_tokens()).await?; // dropped: released
+            r.settle(usage).await?;
+        }
+        Reserved::Denied(denied) => return Ok(denied.headers()),
+    }
+    Ok(Vec::new())
+}
+
+/// The model: 7 tokens out, 10 of the prompt from its cache.
+async fn generate(prompt_tokens: u64, max_tokens: u64) -> Result<proto::Usage, std::io::Error> {
+    assert_eq!(max_tokens, 1024);
+    Ok(proto::Usage {
+        input_tokens: prompt_tokens - 10,
+        cached_input_tokens: 10,
+        output_tokens: 7,
+        ..proto::Usage::default()
+    })
+}
+
+#[tokio::test]
+async fn the_readme_handler_settles_and_answers_a_rate_limit_with_its_headers() {
+    let app = support::spawn_app().await;
+    let target = &app.quota_url;
+    assert!(
+        handle(target, "rich".into(), "h-1".into(), 30)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let record = app
+        .quota
+        .clone()
+        .get_balance(proto::GetBalanceRequest {
+            account_id: "rich".into(),
+        })
+        .await
+        .unwrap();
+    // 20 x 1 + 10 x 0.5 + 7 x 4 per million.
+    assert_eq!(record.into_inner().paid.unwrap().decimal, "99.999947000000");
+
+    for id in ["h-2", "h-3"] {
+        assert!(
+            handle(target, "limited".into(), id.into(), 30)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let headers = handle(target, "limited".into(), "h-4".into(), 30).await.unwrap();
+    let named = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+    assert_eq!(named("x-ratelimit-limit-requests"), Some("2"));
+    assert_eq!(named("x-ratelimit-remaining-requests"), Some("0"));
+    let after: u64 = named("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&after), "{headers:?}");
+    assert!(named("retry-after-ms").is_some(), "{headers:?}");
 }
