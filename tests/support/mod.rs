@@ -229,39 +229,6 @@ pub fn settings(config: &str) -> (Settings, tempfile::TempDir, PathBuf) {
     (settings, dir, usage_path)
 }
 
-/// A Python interpreter with `packages` (pip requirement, module it
-/// provides) installed: a virtual environment under the target directory,
-/// made (with pip, from PyPI) on first use.
-pub fn python_with(packages: &[(&str, &str)]) -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("py-venv");
-    let python = venv.join("bin/python");
-    let modules: Vec<&str> = packages.iter().map(|(_, module)| *module).collect();
-    let requirements: Vec<&str> = packages.iter().map(|(requirement, _)| *requirement).collect();
-    let has = |python: &PathBuf| {
-        std::process::Command::new(python)
-            .args(["-c", &format!("import {}", modules.join(", "))])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if has(&python) {
-        return python;
-    }
-    let made = std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .expect("python3 -m venv");
-    assert!(made.success(), "python3 -m venv {} failed", venv.display());
-    let installed = std::process::Command::new(&python)
-        .args(["-m", "pip", "install", "-q"])
-        .args(&requirements)
-        .status()
-        .expect("pip install");
-    assert!(installed.success(), "pip install {requirements:?} failed");
-    assert!(has(&python), "{packages:?} installed but not importable");
-    python
-}
-
 /// [`CONFIG`] serving the HTTP endpoint on a free port, with `extra`
 /// appended.
 pub fn with_http(extra: &str) -> String {
