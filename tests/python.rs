@@ -75,7 +75,7 @@ fn python_module(dir: &str, module: &str, args: &[&str]) -> String {
 
 #[test]
 fn the_python_client_is_typed_and_passes_its_tests_against_the_binary() {
-    let cache = format!("--cache-dir={}/mypy-cache", env!("CARGO_TARGET_TMPDIR"));
+    let cache = format!("--cache-dir={}/mypy-cache-client", env!("CARGO_TARGET_TMPDIR"));
     let checked = python_module("clients/python", "mypy", &[&cache]);
     assert!(checked.contains("Success: no issues found"), "{checked}");
     let tested = python_module("clients/python", "pytest", &["-q", "-p", "no:cacheprovider"]);
@@ -84,7 +84,9 @@ fn the_python_client_is_typed_and_passes_its_tests_against_the_binary() {
 
 #[test]
 fn the_openai_gateway_example_works_end_to_end_with_the_openai_package() {
-    let cache = format!("--cache-dir={}/mypy-cache", env!("CARGO_TARGET_TMPDIR"));
+    // A cache of its own: the two tests run at once, and mypy's cache is
+    // one SQLite file.
+    let cache = format!("--cache-dir={}/mypy-cache-gateway", env!("CARGO_TARGET_TMPDIR"));
     let files = ["gateway.py", "model_server.py", "tokens.py", "test_gateway.py"];
     let checked = python_module(
         "examples/openai-gateway",

@@ -41,5 +41,6 @@ class ProtoStubs(BuildHookInterface):  # type: ignore[type-arg]
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"grpc_tools.protoc failed: {' '.join(args)}")
-        # Gitignored, so listed for the build to include.
+        # Ignored by git: named, so that the wheel includes them whatever
+        # ignore file the build reads.
         build_data["artifacts"].append("src/tollgate/v1/*_pb2*.py*")

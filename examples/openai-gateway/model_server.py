@@ -1,7 +1,10 @@
 """A fake model server with an OpenAI-style `/v1/chat/completions`: it
 "generates" by counting ("count to 40" in the last message; anything else
-gets a short greeting), one token a chunk, `MODEL_TOKEN_DELAY_MS` apart
-(default 2), and stops at `max_tokens`. It keeps a prefix cache of 16-token
+gets a short greeting), streaming one to three tokens a chunk,
+`MODEL_TOKEN_DELAY_MS` a token (default 2), with the running count on each
+chunk if asked (vLLM's `stream_options.continuous_usage_stats`), and stops
+at `max_tokens`. A last message starting "fail" gets a 500; one ending
+"then fail" breaks its stream after the tokens. It keeps a prefix cache of 16-token
 blocks like vLLM's and reports the cached part of a prompt as
 `prompt_tokens_details.cached_tokens`. Run: `uvicorn model_server:app`."""
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -25,6 +29,8 @@ from starlette.routing import Route
 from tokens import ENCODING, chat_prompt, text_of
 
 BLOCK = 16
+# Tokens per streamed chunk, in turn: like vLLM, a chunk may carry several.
+CHUNK_SIZES = (1, 2, 3)
 DELAY = int(os.environ.get("MODEL_TOKEN_DELAY_MS", "2")) / 1000
 cached_blocks: set[bytes] = set()
 
@@ -51,6 +57,9 @@ def answer(messages: list[dict[str, Any]]) -> list[int]:
 
 async def completions(request: Request) -> Response:
     body = await request.json()
+    last = text_of(body["messages"][-1].get("content")) if body["messages"] else ""
+    if last.startswith("fail"):
+        return JSONResponse({"error": {"message": "the model failed"}}, status_code=500)
     prompt = chat_prompt(body["messages"])
     cached = cached_prefix(prompt)
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or 4096
@@ -95,13 +104,24 @@ async def completions(request: Request) -> Response:
             }
         )
 
+    options = body.get("stream_options") or {}
+
     async def stream() -> AsyncIterator[str]:
         yield f"data: {json.dumps(chunk({'role': 'assistant', 'content': ''}, None))}\n\n"
-        for token in tokens:
-            await asyncio.sleep(DELAY)
-            yield f"data: {json.dumps(chunk({'content': ENCODING.decode([token])}, None))}\n\n"
+        sent = 0
+        for size in itertools.cycle(CHUNK_SIZES):
+            if sent == len(tokens):
+                break
+            await asyncio.sleep(DELAY * size)
+            piece, sent = tokens[sent : sent + size], min(sent + size, len(tokens))
+            event = chunk({"content": ENCODING.decode(piece)}, None)
+            if options.get("continuous_usage_stats"):
+                event["usage"] = usage(sent)
+            yield f"data: {json.dumps(event)}\n\n"
+        if last.endswith("then fail"):
+            raise RuntimeError("the model failed mid-stream")
         yield f"data: {json.dumps(chunk({}, finish))}\n\n"
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if options.get("include_usage"):
             yield f"data: {json.dumps({**chunk({}, None), 'choices': [], 'usage': usage(len(tokens))})}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -161,8 +161,15 @@ def test_a_repeated_prompt_is_charged_its_cached_tokens_at_the_cached_price(stac
     assert stack.paid("acme") == before - charged
 
 
+def extends(stack: Stack) -> int:
+    """Extends Tollgate has granted so far."""
+    page = stack.sidecar.metrics()
+    found = re.search(r'^tollgate_decisions_total\{rpc="extend",outcome="allowed",reason="none"\} (\d+)', page, re.M)
+    return int(found.group(1)) if found else 0
+
+
 def test_a_stream_extends_its_grant_and_reports_usage(stack: Stack) -> None:
-    before = stack.paid("acme")
+    before, extended = stack.paid("acme"), extends(stack)
     chunks = list(
         stack.openai("sk-acme").chat.completions.create(
             model=MODEL,
@@ -177,7 +184,9 @@ def test_a_stream_extends_its_grant_and_reports_usage(stack: Stack) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == len(ENCODING.encode(text)) == 599
-    # 599 tokens through grants of 64: the reservation was extended nine times.
+    # 599 tokens from a first grant of 64, in steps of 64 (and chunks of
+    # up to three tokens): nine extends at the least.
+    assert extends(stack) - extended >= 9
     record = stack.record(chunks[0].id)
     assert record["usage"]["output_tokens"] == 599
     assert stack.paid("acme") == before - cost(usage.prompt_tokens, 0, 599)
@@ -190,7 +199,8 @@ def test_a_stream_stops_where_the_funds_do(stack: Stack) -> None:
         model=MODEL, messages=[{"role": "user", "content": "count to 300"}], max_tokens=1000, stream=True
     )
     chunks = list(stream)
-    delivered = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    delivered = len(ENCODING.encode(text))
     assert chunks[-1].choices[0].finish_reason == "length"
     assert 64 < delivered < 599  # past the first grant, short of the answer
     record = stack.record(chunks[0].id)
@@ -218,6 +228,33 @@ def test_a_client_leaving_mid_stream_pays_for_what_was_generated_and_no_more(sta
     eventually(lambda: stack.held("acme") == 0)
     assert stack.paid("acme") == before - Decimal(record["total_money"])
     assert Decimal(record["total_money"]) == cost(record["usage"]["input_tokens"], 0, generated)
+
+
+def test_a_failing_model_costs_nothing_or_what_it_streamed(stack: Stack) -> None:
+    client = stack.openai("sk-acme")
+    before, records = stack.paid("acme"), len(stack.sidecar.usage_records())
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "fail"}], stream=stream
+            )
+        assert failed.value.status_code == 502
+    assert stack.paid("acme") == before and stack.held("acme") == 0
+    assert len(stack.sidecar.usage_records()) == records  # released, not charged
+
+    received, ids = "", set()
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "count to 30 then fail"}], stream=True
+        ):
+            ids.add(chunk.id)
+            received += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert received == " ".join(str(i) for i in range(1, 31))
+    [request_id] = ids
+    record = stack.record(request_id)
+    assert record["usage"]["output_tokens"] == len(ENCODING.encode(received))
+    eventually(lambda: stack.held("acme") == 0)
+    assert stack.paid("acme") == before - Decimal(record["total_money"])
 
 
 def test_denials_are_429s_with_retry_after_and_rate_limit_headers(stack: Stack) -> None:
@@ -257,11 +294,26 @@ def test_every_admitted_request_has_exactly_one_record_and_money_adds_up(stack: 
     assert not [r for r in records if r["account_id"] == "broke"]
 
 
-def test_a_bad_request_is_a_400_and_holds_nothing(stack: Stack) -> None:
-    answer = httpx.post(
-        f"{stack.gateway.url}/v1/chat/completions",
-        headers={"authorization": "Bearer sk-acme"},
-        json={"model": MODEL, "messages": [], "max_tokens": 5},
-    )
-    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request"
-    assert stack.held("acme") == 0
+def test_bad_requests_are_400s_before_anything_is_reserved(stack: Stack) -> None:
+    reserves = len(stack.sidecar.usage_records())
+    for body in (
+        {"model": MODEL, "messages": [], "max_tokens": 5},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2},  # one choice is reserved for
+    ):
+        answer = httpx.post(
+            f"{stack.gateway.url}/v1/chat/completions", headers={"authorization": "Bearer sk-acme"}, json=body
+        )
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request", body
+    assert len(stack.sidecar.usage_records()) == reserves
+
+
+def test_a_replayed_request_id_is_a_new_request_not_a_free_one(stack: Stack) -> None:
+    client = stack.openai("sk-acme")
+    ask: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "count to 3"}]}
+    before = stack.paid("acme")
+    first = client.chat.completions.create(**ask, extra_headers={"x-request-id": "same"})
+    second = client.chat.completions.create(**ask, extra_headers={"x-request-id": "same"})
+    assert first.id != second.id
+    charged = Decimal(stack.record(first.id)["total_money"]) + Decimal(stack.record(second.id)["total_money"])
+    assert charged > 0 and stack.paid("acme") == before - charged

@@ -162,7 +162,10 @@ def test_options_are_checked() -> None:
 
 
 def test_the_readme_snippet_runs_as_written(sidecar: Sidecar) -> None:
-    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    readme_file = Path(__file__).parents[3] / "README.md"
+    if not readme_file.exists():
+        pytest.skip("the repository's README is not here (an sdist)")
+    readme = readme_file.read_text()
     section = readme[readme.index("## Integrate your inference server") :]
     snippet = section[section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))]
     snippet = snippet.replace("unix:/run/tollgate/quota.sock", sidecar.target)

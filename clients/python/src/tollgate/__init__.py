@@ -15,7 +15,7 @@ counts, and release whatever is never settled.
 Every call has a deadline and is retried, as is, while its outcome is
 unknown (every data-plane call is idempotent)."""
 
-from tollgate._aio import AsyncClient, AsyncReservation
+from tollgate._aio import AsyncClient, AsyncReservation, Reserving
 from tollgate._common import Denied, Options, Reason, TollgateError, rate_limit_headers
 from tollgate._sync import Client, Reservation
 
@@ -27,6 +27,7 @@ __all__ = [
     "Options",
     "Reason",
     "Reservation",
+    "Reserving",
     "TollgateError",
     "rate_limit_headers",
 ]

@@ -19,6 +19,16 @@ log = logging.getLogger("tollgate")
 Reply = TypeVar("Reply")
 
 
+# Releases under way (see AsyncReservation.__aexit__).
+_releasing: set[asyncio.Future[None]] = set()
+
+
+def _released(release: asyncio.Future[None]) -> None:
+    _releasing.discard(release)
+    if not release.cancelled() and (failed := release.exception()) is not None:
+        log.warning("releasing a reservation failed (its hold lapses at expiry): %s", failed)
+
+
 class AsyncClient:
     """`Client` for asyncio: the same calls, awaited. Use it as an async
     context manager, or `await close()`."""
@@ -123,7 +133,9 @@ class Reserving:
 class AsyncReservation(Held):
     """`Reservation` for asyncio. Leaving its `async with` block unsettled,
     by an exception or by cancellation (the caller went away), releases
-    it; the release runs to the end even if the task is cancelled again."""
+    it; the release runs to the end even if the task is cancelled again.
+    (A reserve cancelled while in flight may still have been granted: that
+    hold lapses at its expiry.)"""
 
     def __init__(self, client: AsyncClient, grant: Grant) -> None:
         super().__init__(grant)
@@ -140,10 +152,16 @@ class AsyncReservation(Held):
     ) -> None:
         if self._done:
             return
+        # In a task of its own, kept until done: it finishes even if this
+        # one is cancelled again (anyio cancels at every await), and its
+        # failure is logged either way.
+        release = asyncio.ensure_future(self.release())
+        _releasing.add(release)
+        release.add_done_callback(_released)
         try:
-            await asyncio.shield(self.release())
-        except _common.TollgateError as failed:
-            log.warning("releasing reservation %s failed (its hold lapses at expiry): %s", self.id, failed)
+            await asyncio.shield(release)
+        except _common.TollgateError:
+            pass  # logged by _released
 
     async def extend(self, max_output_tokens: int) -> int:
         """Asks to generate up to `max_output_tokens` in all; returns the

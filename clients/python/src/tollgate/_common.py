@@ -84,12 +84,11 @@ class Denied(Exception):
         self.reason = Reason.of(response.deny_reason)
         super().__init__(f"{self.reason.value}: {response.message}")
         self.message = response.message
-        self.retry_after: float | None = (
-            seconds(response.retry_after) if response.HasField("retry_after") else None
-        )
+        known = response.HasField("retry_after") and seconds(response.retry_after) >= 0
+        self.retry_after: float | None = seconds(response.retry_after) if known else None
         self.limit: quota_pb2.LimitRef | None = response.limit if response.HasField("limit") else None
         self.headers = rate_limit_headers(response.rate_limits)
-        if response.HasField("retry_after"):
+        if known:
             after = millis(response.retry_after)
             self.headers["retry-after"] = str(-(-after // 1000))
             self.headers["retry-after-ms"] = str(after)

@@ -1,5 +1,6 @@
 """A real Tollgate for tests: `tollgate serve` in a scratch directory, on
-a Unix socket and free loopback ports, stopped (SIGTERM) on leaving.
+a Unix socket and free loopback ports (data plane, admin, metrics),
+stopped (SIGTERM) on leaving.
 
     with Sidecar(CONFIG) as sidecar, Client(sidecar.target) as tg:
         ...
@@ -18,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ class Sidecar:
         (self.directory / "tollgate.toml").write_text(config)
         self.log: list[str] = []
         self._process = subprocess.Popen(
-            [self.binary, "serve", "--config", "tollgate.toml", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            [self.binary, "serve", "--config", "tollgate.toml"]
+            + ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
             cwd=self.directory,
             env={**os.environ, "TOLLGATE_LOG_FORMAT": "json", "RUST_LOG": "info"},
             stdin=subprocess.DEVNULL,
@@ -53,6 +56,7 @@ class Sidecar:
         listening = self._wait_for("tollgate listening", lines, startup)
         self.tcp_target = str(listening["quota"])
         self.admin_target = str(listening["admin"])
+        self.http = str(listening["http"]).removeprefix("Some(").removesuffix(")")
 
     @property
     def target(self) -> str:
@@ -91,7 +95,11 @@ class Sidecar:
         file = self.directory / path
         if not file.exists():
             return []
-        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        records: list[dict[str, Any]] = []
+        for line in file.read_text().splitlines(keepends=True):
+            if line.endswith("\n"):  # not one being written
+                records.append(json.loads(line))
+        return records
 
     def record(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """The usage record of `request_id`, once written (an error if
@@ -104,6 +112,11 @@ class Sidecar:
         if len(found) > 1:
             raise AssertionError(f"{len(found)} usage records for {request_id}: {found}")
         return found[0]
+
+    def metrics(self) -> str:
+        """The Prometheus page (`/metrics`)."""
+        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=10) as page:
+            return str(page.read().decode())
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, and the exit code (SIGKILL after `timeout` seconds)."""
