@@ -5,9 +5,12 @@
 //! model server and the gateway as processes on loopback, driven by the
 //! official `openai` package).
 //!
-//! Both run in one virtual environment under the target directory, made
-//! with pip from PyPI (the pinned requirements of each) and remade when
-//! those change; the package is reinstalled on every run.
+//! Both run in one virtual environment with the pinned requirements of
+//! each, made with pip from PyPI once and kept under `~/.cache/tollgate/python/`
+//! (named by a hash of the requirements and the interpreter's version, so a
+//! change makes a new one; made aside and renamed into place, so runs at
+//! once never see half of one). The package itself is built on every run,
+//! into a directory of the target put first on `PYTHONPATH`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,41 +18,60 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use sha2::{Digest, Sha256};
 
-/// The environment's Python, ready (once per run of this binary).
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const REQUIREMENTS: [&str; 2] = [
+    "clients/python/requirements-dev.txt",
+    "examples/openai-gateway/requirements.txt",
+];
+
+/// The environment's Python and the directory the package is built into
+/// (once per run of this binary).
+fn python() -> &'static (PathBuf, PathBuf) {
+    static PYTHON: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     PYTHON.get_or_init(|| {
-        let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("py-clients");
+        let venv = venv();
         let python = venv.join("bin/python");
-        let requirements = [
-            "clients/python/requirements-dev.txt",
-            "examples/openai-gateway/requirements.txt",
-        ];
-        let wanted: String = requirements
-            .iter()
-            .map(|r| std::fs::read_to_string(Path::new(ROOT).join(r)).expect("requirements file"))
-            .collect();
-        let stamp = venv.join("requirements.stamp");
-        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-            let _ = std::fs::remove_dir_all(&venv);
-            run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
-            let mut pip = Command::new(&python);
-            pip.args(["-m", "pip", "install", "-q", "--disable-pip-version-check"]);
-            for r in requirements {
-                pip.arg("-r").arg(Path::new(ROOT).join(r));
-            }
-            run(&mut pip);
-            std::fs::write(&stamp, &wanted).unwrap();
-        }
-        // The package, its stubs generated afresh from proto/.
+        let package = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("py-tollgate");
+        let _ = std::fs::remove_dir_all(&package);
+        // The stubs generated afresh from proto/.
         run(Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args(["--no-deps", "--no-build-isolation", "--force-reinstall"])
+            .args(["--no-deps", "--no-build-isolation", "--target"])
+            .arg(&package)
             .arg(Path::new(ROOT).join("clients/python")));
-        python
+        (python, package)
     })
+}
+
+/// The virtual environment with every requirement, made if missing.
+fn venv() -> PathBuf {
+    let mut key = Sha256::new();
+    key.update(run(Command::new("python3").arg("--version")));
+    for r in REQUIREMENTS {
+        key.update(std::fs::read(Path::new(ROOT).join(r)).expect("a requirements file"));
+    }
+    let name: String = key.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    let venv = home.join(".cache/tollgate/python").join(name);
+    if venv.join("bin/python").exists() {
+        return venv;
+    }
+    let aside = venv.with_extension(format!("making-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&aside);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&aside));
+    let mut pip = Command::new(aside.join("bin/python"));
+    pip.args(["-m", "pip", "install", "-q", "--disable-pip-version-check"]);
+    for r in REQUIREMENTS {
+        pip.arg("-r").arg(Path::new(ROOT).join(r));
+    }
+    run(&mut pip);
+    // Another run may have made it meanwhile: theirs is as good.
+    if std::fs::rename(&aside, &venv).is_err() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+    venv
 }
 
 /// Runs `command` to success, or fails the test with its output.
@@ -63,12 +85,15 @@ fn run(command: &mut Command) -> String {
     stdout.into_owned()
 }
 
-/// `python -m MODULE ARGS` in `dir`, with the binary under test.
+/// `python -m MODULE ARGS` in `dir`, with the package and the binary under
+/// test.
 fn python_module(dir: &str, module: &str, args: &[&str]) -> String {
-    run(Command::new(python())
+    let (python, package) = python();
+    run(Command::new(python)
         .current_dir(Path::new(ROOT).join(dir))
         .args(["-m", module])
         .args(args)
+        .env("PYTHONPATH", package)
         .env("TOLLGATE_BIN", env!("CARGO_BIN_EXE_tollgate"))
         .env("PYTHONDONTWRITEBYTECODE", "1"))
 }
