@@ -4,6 +4,7 @@ Unix socket with grpcio's default options and over TCP."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -185,3 +186,33 @@ def test_the_readme_snippet_runs_as_written(sidecar: Sidecar) -> None:
     run("poor", "readme-2")
     [headers] = replies  # denied for funds: the token limit's figures, no retry-after
     assert headers["x-ratelimit-limit-tokens"] == "1000000" and "retry-after" not in headers
+
+
+def decisions(sidecar: Sidecar, rpc: str) -> int:
+    """Calls of `rpc` Tollgate has answered yes to."""
+    found = re.search(rf'^tollgate_decisions_total\{{rpc="{rpc}",outcome="allowed",reason="none"\}} (\d+)', sidecar.metrics(), re.M)
+    return int(found.group(1)) if found else 0
+
+
+def test_a_reserve_cancelled_in_flight_is_released_once_it_lands(sidecar: Sidecar) -> None:
+    async def run() -> None:
+        async with AsyncClient(sidecar.target) as tg:
+            reserves, releases = decisions(sidecar, "reserve"), decisions(sidecar, "release")
+
+            async def generate() -> None:
+                async with tg.reserve(account="async", model="m", input_tokens=10, max_output_tokens=10):
+                    raise AssertionError("cancelled before the reserve answered")
+
+            task = asyncio.create_task(generate())
+            await asyncio.sleep(0)  # the reserve is on its way
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 10
+            while decisions(sidecar, "release") == releases:
+                assert time.monotonic() < deadline, "the landed reserve was never released"
+                await asyncio.sleep(0.02)
+            assert decisions(sidecar, "reserve") == reserves + 1
+            assert (await tg.balance("async")).held_money.decimal == "0.000000000000"
+
+    asyncio.run(run())

@@ -110,8 +110,25 @@ class Reserving:
         self._reservation: AsyncReservation | None = None
 
     async def _send(self) -> AsyncReservation:
-        response = await self._client._call(self._client._stub.Reserve, self._request)
+        # In a task of its own: if this one is cancelled while the reserve
+        # is in flight, the reserve still finishes, and what it granted is
+        # released rather than left to lapse.
+        call = asyncio.ensure_future(self._client._call(self._client._stub.Reserve, self._request))
+        try:
+            response: quota_pb2.ReserveResponse = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(self._abandoned)
+            raise
         return AsyncReservation(self._client, _common.granted(self._account, self._request, response))
+
+    def _abandoned(self, call: asyncio.Future[quota_pb2.ReserveResponse]) -> None:
+        """A reserve whose caller went away: releases what it granted."""
+        if call.cancelled() or call.exception() is not None or call.result().decision != quota_pb2.DECISION_ALLOW:
+            return
+        grant = _common.granted(self._account, self._request, call.result())
+        release = asyncio.ensure_future(AsyncReservation(self._client, grant).release())
+        _releasing.add(release)
+        release.add_done_callback(_released)
 
     def __await__(self) -> Generator[Any, None, AsyncReservation]:
         return self._send().__await__()
@@ -134,8 +151,8 @@ class AsyncReservation(Held):
     """`Reservation` for asyncio. Leaving its `async with` block unsettled,
     by an exception or by cancellation (the caller went away), releases
     it; the release runs to the end even if the task is cancelled again.
-    (A reserve cancelled while in flight may still have been granted: that
-    hold lapses at its expiry.)"""
+    A reserve cancelled while in flight still finishes, and what it granted
+    is released."""
 
     def __init__(self, client: AsyncClient, grant: Grant) -> None:
         super().__init__(grant)
