@@ -9,7 +9,8 @@
 //!   [`Options::attempts`] times, with a doubling pause between.
 //! - A [`Reservation`] settles explicitly ([`Reservation::settle`]) and is
 //!   released when dropped unsettled: a handler that returns early, fails
-//!   or is cancelled (its client disconnected) gives back what it held.
+//!   or is cancelled (its client disconnected) gives back what it held,
+//!   even when cancelled while its reserve was in flight.
 //! - A [`Denial`] carries its reason and, for rate limits, when to retry;
 //!   [`headers`] turns either answer into the `x-ratelimit-*` and
 //!   `retry-after` headers OpenAI-compatible clients read.
@@ -242,13 +243,30 @@ impl Client {
     }
 
     /// Reserves for `ask`.
+    ///
+    /// The call runs in a task of its own: if the caller goes away while
+    /// it is in flight (its future dropped, say by a client that
+    /// disconnected), the reserve still lands, and what it grants is
+    /// released when the answer nobody took is dropped.
     pub async fn reserve(&self, ask: &Ask) -> Result<Reserved, ClientError> {
+        let (client, ask) = (self.clone(), ask.clone());
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // Undelivered: dropped here, which releases a grant.
+            let _ = answer.send(client.reserve_owned(ask).await);
+        });
+        answered
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::cancelled("the runtime stopped before the reserve ended").into()))
+    }
+
+    async fn reserve_owned(self, ask: Ask) -> Result<Reserved, ClientError> {
         let request = proto::ReserveRequest {
             account_id: ask.account.clone(),
-            api_key_id: ask.api_key.clone(),
-            model: ask.model.clone(),
-            service_tier: ask.tier.clone(),
-            request_id: ask.request_id.clone(),
+            api_key_id: ask.api_key,
+            model: ask.model,
+            service_tier: ask.tier,
+            request_id: ask.request_id,
             input_tokens: ask.input_tokens,
             cached_input_tokens: ask.cached_input_tokens,
             max_output_tokens: ask.max_output_tokens,
@@ -256,8 +274,8 @@ impl Client {
         let r = self.reserve_request(request).await?;
         if r.decision == proto::Decision::Allow as i32 {
             return Ok(Reserved::Granted(Reservation {
-                client: self.clone(),
-                account: ask.account.clone(),
+                client: self,
+                account: ask.account,
                 id: r.reservation_id,
                 granted: r.granted_output_tokens,
                 limits: r.rate_limits,

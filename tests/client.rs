@@ -194,3 +194,48 @@ async fn the_readme_handler_settles_and_answers_a_rate_limit_with_its_headers() 
     assert!((1..=60).contains(&after), "{headers:?}");
     assert!(named("retry-after-ms").is_some(), "{headers:?}");
 }
+
+#[tokio::test]
+async fn a_reserve_whose_caller_goes_away_in_flight_is_released_once_it_lands() {
+    let app = support::spawn_app().await;
+    let client = Client::connect(&app.quota_url, Options::default()).await.unwrap();
+    // The caller's future is dropped after its first poll: the reserve is
+    // on its way, its answer will find nobody.
+    let gone = tokio::time::timeout(Duration::ZERO, client.reserve(&ask("rich", "abandoned"))).await;
+    assert!(gone.is_err(), "answered within no time at all");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // It landed (a replay of the request id gives its first answer)...
+        let replay = client
+            .reserve_request(proto::ReserveRequest {
+                account_id: "rich".into(),
+                model: "m".into(),
+                request_id: "abandoned".into(),
+                input_tokens: 100,
+                max_output_tokens: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(replay.decision, proto::Decision::Allow as i32);
+        // ...and was released: nothing held, nothing left to settle.
+        if held(&client, "rich").await == "0.000000000000" {
+            let settle = proto::SettleRequest {
+                account_id: "rich".into(),
+                reservation_id: replay.reservation_id,
+                usage: Some(proto::Usage {
+                    input_tokens: 100,
+                    output_tokens: 1,
+                    ..Default::default()
+                }),
+            };
+            let ClientError::Status(status) = client.settle_request(settle).await.unwrap_err() else {
+                panic!("a status")
+            };
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the abandoned reservation is still held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
