@@ -244,38 +244,29 @@ impl Client {
 
     /// Reserves for `ask`.
     ///
-    /// The call runs in a task of its own: if the caller goes away while
-    /// it is in flight (its future dropped, say by a client that
-    /// disconnected), the reserve still lands, and what it grants is
-    /// released when the answer nobody took is dropped.
+    /// If the caller goes away while the reserve is in flight (its future
+    /// dropped, say by a client that disconnected), the reserve may land
+    /// unseen: it is sent again in the background (the same request id
+    /// gets the same answer) and what it grants is released.
     pub async fn reserve(&self, ask: &Ask) -> Result<Reserved, ClientError> {
-        let (client, ask) = (self.clone(), ask.clone());
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            // Undelivered: dropped here, which releases a grant.
-            let _ = answer.send(client.reserve_owned(ask).await);
-        });
-        answered
-            .await
-            .unwrap_or_else(|_| Err(tonic::Status::cancelled("the runtime stopped before the reserve ended").into()))
-    }
-
-    async fn reserve_owned(self, ask: Ask) -> Result<Reserved, ClientError> {
         let request = proto::ReserveRequest {
             account_id: ask.account.clone(),
-            api_key_id: ask.api_key,
-            model: ask.model,
-            service_tier: ask.tier,
-            request_id: ask.request_id,
+            api_key_id: ask.api_key.clone(),
+            model: ask.model.clone(),
+            service_tier: ask.tier.clone(),
+            request_id: ask.request_id.clone(),
             input_tokens: ask.input_tokens,
             cached_input_tokens: ask.cached_input_tokens,
             max_output_tokens: ask.max_output_tokens,
         };
-        let r = self.reserve_request(request).await?;
+        let mut in_flight = InFlight(Some((self.clone(), request.clone())));
+        let answer = self.reserve_request(request).await;
+        in_flight.0 = None;
+        let r = answer?;
         if r.decision == proto::Decision::Allow as i32 {
             return Ok(Reserved::Granted(Reservation {
-                client: self,
-                account: ask.account,
+                client: self.clone(),
+                account: ask.account.clone(),
                 id: r.reservation_id,
                 granted: r.granted_output_tokens,
                 limits: r.rate_limits,
@@ -357,6 +348,34 @@ impl Client {
             }
         }
         once(request).await.map_err(ClientError::from)
+    }
+}
+
+/// A reserve on its way; dropped before its answer came (its caller went
+/// away), it is sent again in the background and what it grants is
+/// released.
+struct InFlight(Option<(Client, proto::ReserveRequest)>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some((client, request)) = self.0.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let account = request.account_id.clone();
+            match client.reserve_request(request).await {
+                Ok(r) if r.decision == proto::Decision::Allow as i32 => {
+                    if let Err(e) = client.release(&account, &r.reservation_id).await {
+                        tracing::warn!(%account, reservation = %r.reservation_id, error = %e, "releasing an abandoned reservation failed; its hold lapses at expiry");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%account, error = %e, "resending an abandoned reserve failed; a hold it made lapses at expiry"),
+            }
+        });
     }
 }
 
