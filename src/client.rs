@@ -249,19 +249,13 @@ impl Client {
     /// unseen: it is sent again in the background (the same request id
     /// gets the same answer) and what it grants is released.
     pub async fn reserve(&self, ask: &Ask) -> Result<Reserved, ClientError> {
-        let request = proto::ReserveRequest {
-            account_id: ask.account.clone(),
-            api_key_id: ask.api_key.clone(),
-            model: ask.model.clone(),
-            service_tier: ask.tier.clone(),
-            request_id: ask.request_id.clone(),
-            input_tokens: ask.input_tokens,
-            cached_input_tokens: ask.cached_input_tokens,
-            max_output_tokens: ask.max_output_tokens,
+        let mut in_flight = InFlight {
+            client: self,
+            ask,
+            answered: false,
         };
-        let mut in_flight = InFlight(Some((self.clone(), request.clone())));
-        let answer = self.reserve_request(request).await;
-        in_flight.0 = None;
+        let answer = self.reserve_request(ask.into()).await;
+        in_flight.answered = true;
         let r = answer?;
         if r.decision == proto::Decision::Allow as i32 {
             return Ok(Reserved::Granted(Reservation {
@@ -351,19 +345,39 @@ impl Client {
     }
 }
 
+impl From<&Ask> for proto::ReserveRequest {
+    fn from(ask: &Ask) -> Self {
+        proto::ReserveRequest {
+            account_id: ask.account.clone(),
+            api_key_id: ask.api_key.clone(),
+            model: ask.model.clone(),
+            service_tier: ask.tier.clone(),
+            request_id: ask.request_id.clone(),
+            input_tokens: ask.input_tokens,
+            cached_input_tokens: ask.cached_input_tokens,
+            max_output_tokens: ask.max_output_tokens,
+        }
+    }
+}
+
 /// A reserve on its way; dropped before its answer came (its caller went
 /// away), it is sent again in the background and what it grants is
-/// released.
-struct InFlight(Option<(Client, proto::ReserveRequest)>);
+/// released. Costs nothing until then: it only borrows.
+struct InFlight<'a> {
+    client: &'a Client,
+    ask: &'a Ask,
+    answered: bool,
+}
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let Some((client, request)) = self.0.take() else {
+        if self.answered {
             return;
-        };
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let (client, request) = (self.client.clone(), proto::ReserveRequest::from(self.ask));
         runtime.spawn(async move {
             let account = request.account_id.clone();
             match client.reserve_request(request).await {

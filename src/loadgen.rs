@@ -2,11 +2,11 @@
 //! it is compared with.
 //!
 //! The generator drives a running Tollgate's data plane over TCP or a Unix
-//! socket through [`crate::client`]: `connections` clients, each on its own connection, loop over a
-//! Reserve and its Settle on accounts drawn uniformly or with a hot key,
-//! for a time or a number of calls. Every call's latency goes into an HDR
-//! histogram; the report gives throughput and percentiles, and is written
-//! as JSON.
+//! socket through [`crate::client`]: `connections` clients, each on its
+//! own connection, loop over a Reserve and its Settle on accounts drawn
+//! uniformly or with a hot key, for a time or a number of calls. Every
+//! call's latency goes into an HDR histogram; the report gives throughput
+//! and percentiles, and is written as JSON.
 //!
 //! The baseline ([`Baseline`]) is the floor Tollgate cannot beat: the same
 //! `tollgate.v1.Quota` service on the same stack (tonic, the same listener

@@ -1353,7 +1353,6 @@ impl RedisStore {
     }
 }
 
-/// Anything lent to this mirror is still here (slices, permits, holds).
 /// This mirror has something to report: charges or returns logged, or
 /// journaled records (their charges with them), which go out with the next
 /// report whether or not the mirror holds anything.

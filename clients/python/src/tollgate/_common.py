@@ -7,11 +7,10 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from tollgate.v1 import common_pb2, quota_pb2
 
@@ -113,10 +112,6 @@ class Grant:
     def id(self) -> str:
         return self.response.reservation_id
 
-    @property
-    def expires_at(self) -> datetime:
-        return instant(self.response.expires_at)
-
 
 class Held:
     """What a reservation shows, sync or asyncio."""
@@ -216,10 +211,6 @@ def failure(error: Any) -> TollgateError:
 
 def seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
-
-
-def instant(t: timestamp_pb2.Timestamp) -> datetime:
-    return datetime.fromtimestamp(t.seconds + t.nanos / 1e9, tz=timezone.utc)
 
 
 def rate_limit_headers(status: quota_pb2.RateLimitStatus) -> dict[str, str]:
