@@ -31,6 +31,11 @@
 //! command again as the last word. A background task reports charges,
 //! renews leases, refills slices ahead of need, gives back what idles, and
 //! refreshes mirrors on announcements.
+//!
+//! **Locks.** An account's gate (a tokio mutex, held across its Redis
+//! calls), then a `mirrors` shard, then the leaves; no `std` or DashMap
+//! guard across an `.await`. The whole order, for both stores, is in
+//! `docs/architecture.md` (Lock order).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

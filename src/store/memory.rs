@@ -3,6 +3,14 @@
 //! Volatile by design: everything is lost when the process exits. It is the
 //! default so Tollgate runs with nothing else installed; fleets share state
 //! through the Redis store.
+//!
+//! # Lock order
+//! An `accounts` shard first, then the watchlist; the rate-limit windows and
+//! the catalog are leaves (nothing else is taken while one is held). The
+//! watchlist enforces its place: it hands out no guard, so no code can hold
+//! it while taking an account. The readiness probe and the sweeper once took
+//! the two in opposite orders and hung every worker. (Both stores' orders
+//! are in `docs/architecture.md`, Lock order.)
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -26,10 +34,8 @@ pub struct MemoryStore {
     /// slot then costs a pointer, not a whole account.
     accounts: DashMap<AccountId, Box<Account>>,
     /// Accounts with open holds or records waiting in their outbox: what a
-    /// light sweep visits. An id is added
-    /// after its account's guard is released and removed while it is held,
-    /// so the two maps are never locked in opposite orders.
-    holding: DashSet<AccountId>,
+    /// light sweep visits.
+    holding: Watchlist,
     /// Sweeps so far; every [`FULL_SWEEP_EVERY`]th visits every account.
     sweeps: AtomicU64,
     /// Envoy rate-limit windows: count, and when the window ends.
@@ -46,7 +52,7 @@ impl MemoryStore {
     pub fn new(catalog: Catalog) -> MemoryStore {
         MemoryStore {
             accounts: DashMap::new(),
-            holding: DashSet::new(),
+            holding: Watchlist::default(),
             sweeps: AtomicU64::new(0),
             windows: DashMap::new(),
             max_windows: MAX_WINDOWS,
@@ -65,6 +71,35 @@ impl MemoryStore {
         let before = self.windows.len();
         self.windows.retain(|_, (_, ends)| *ends > now);
         crate::metrics::metrics().evicted("rate_limit_window", before.saturating_sub(self.windows.len()));
+    }
+}
+
+/// A set of account ids that is last in the lock order: each method takes
+/// and lets go of the set's lock within itself and takes no other lock, and
+/// none hands out a guard. So an account's guard may be held while calling
+/// it, and the set is never held while an account is taken.
+#[derive(Default)]
+struct Watchlist(DashSet<AccountId>);
+
+impl Watchlist {
+    fn watch(&self, id: &AccountId) {
+        if !self.0.contains(id) {
+            self.0.insert(id.clone());
+        }
+    }
+
+    fn unwatch(&self, id: &AccountId) {
+        self.0.remove(id);
+    }
+
+    /// The ids watched now, copied out.
+    fn ids(&self) -> Vec<AccountId> {
+        self.0.iter().map(|id| id.clone()).collect()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -113,7 +148,7 @@ impl Store for MemoryStore {
         let watch = !account.traffic().expiries.is_empty() || !account.traffic().outbox.is_empty();
         drop(account);
         if watch {
-            self.holding.insert(id.clone());
+            self.holding.watch(id);
         }
         Ok(Applied {
             reply: result?,
@@ -193,8 +228,9 @@ impl Store for MemoryStore {
     fn health(&self, _now: Timestamp) -> Health {
         let holds_open = self
             .holding
+            .ids()
             .iter()
-            .filter_map(|id| self.accounts.get(id.key()).map(|a| a.traffic().expiries.len() as u64))
+            .filter_map(|id| self.accounts.get(id).map(|a| a.traffic().expiries.len() as u64))
             .sum();
         Health {
             unready: None,
@@ -233,7 +269,7 @@ impl Store for MemoryStore {
             records.append(&mut account.take_records());
             if account.traffic().expiries.is_empty() {
                 // The outbox was just emptied: nothing left to watch.
-                self.holding.remove(&account.id);
+                self.holding.unwatch(&account.id);
             }
         };
         if self
@@ -248,8 +284,7 @@ impl Store for MemoryStore {
             }
         } else {
             // Light pass: only accounts with open holds can have holds to lapse.
-            let ids: Vec<AccountId> = self.holding.iter().map(|id| id.clone()).collect();
-            for id in ids {
+            for id in self.holding.ids() {
                 if let Some(mut account) = self.accounts.get_mut(&id) {
                     visit(&mut account, &mut records);
                 }
@@ -294,8 +329,12 @@ mod tests {
     }
 
     fn reserve(input_tokens: u64, max_output_tokens: u64) -> Command {
+        reserve_as("r1", input_tokens, max_output_tokens)
+    }
+
+    fn reserve_as(request_id: &str, input_tokens: u64, max_output_tokens: u64) -> Command {
         Command::Reserve(ReserveRequest {
-            request_id: RequestId::parse("r1").unwrap(),
+            request_id: RequestId::parse(request_id).unwrap(),
             api_key_id: None,
             model: ModelId::parse("llama-3.1-8b").unwrap(),
             tier: TierId::default_tier(),
@@ -319,7 +358,7 @@ mod tests {
         let records = store.sweep(later).await.unwrap();
         assert_eq!(records.len(), 1, "the lapsed hold was charged in full");
         assert_eq!(records[0].total_money.to_string(), "0.000300000000");
-        assert!(store.holding.is_empty());
+        assert_eq!(store.holding.len(), 0);
         assert!(store.sweep(later).await.unwrap().is_empty());
     }
 
@@ -345,5 +384,65 @@ mod tests {
             "the record of the lapsed hold is emitted by the light sweep"
         );
         assert!(store.sweep(late).await.unwrap().is_empty());
+    }
+
+    /// The readiness probe reads the store every 250 ms while sweeps lapse
+    /// holds: the two once took the account map and the holding set in
+    /// opposite orders and hung both tokio workers. Here they race on two
+    /// threads for a bounded number of rounds; a deadlock shows as a round
+    /// that never ends.
+    #[test]
+    fn health_and_sweep_racing_never_deadlock() {
+        const ACCOUNTS: usize = 500;
+        const ROUNDS: u64 = 100;
+        let runtime = || tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("a{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (store, catalog) = runtime().block_on(store(&names));
+        let store = Arc::new(store);
+        let ids: Vec<AccountId> = names.iter().map(|n| AccountId::parse(n).unwrap()).collect();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (finished, finishing) = std::sync::mpsc::channel();
+
+        let prober = {
+            let (store, done, finished) = (Arc::clone(&store), Arc::clone(&done), finished.clone());
+            std::thread::spawn(move || {
+                let now: Timestamp = NOW.parse().unwrap();
+                let mut probes = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    std::hint::black_box(store.health(now));
+                    probes += 1;
+                }
+                finished.send("prober").unwrap();
+                probes
+            })
+        };
+        let sweeper = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let runtime = runtime();
+                let mut now: Timestamp = NOW.parse().unwrap();
+                for round in 0..ROUNDS {
+                    for id in &ids {
+                        let command = reserve_as(&format!("r{round}"), 10, 10);
+                        runtime.block_on(store.apply(id, command, now)).unwrap();
+                    }
+                    now += catalog.hold_ttl;
+                    let lapsed = runtime.block_on(store.sweep(now)).unwrap();
+                    assert_eq!(lapsed.len(), ACCOUNTS, "round {round}: every hold lapsed");
+                }
+                done.store(true, Ordering::Relaxed);
+                finished.send("sweeper").unwrap();
+            })
+        };
+        for _ in 0..2 {
+            match finishing.recv_timeout(Duration::from_secs(60)) {
+                Ok(_) => {}
+                Err(_) => panic!("health and sweep deadlocked: a thread is stuck on the store's locks"),
+            }
+        }
+        sweeper.join().unwrap();
+        assert!(prober.join().unwrap() > 0);
+        assert_eq!(store.holding.len(), 0, "no hold is left open");
     }
 }
