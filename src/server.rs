@@ -304,6 +304,13 @@ impl App {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// How long a drain may take before the process is ended regardless
+    /// (see [`crate::signal::shutdown`]): the grace period for in-flight
+    /// calls, then [`DRAIN_BUDGET`].
+    pub fn shutdown_deadline(&self) -> Duration {
+        self.shutdown_grace + DRAIN_BUDGET
+    }
+
     /// What the probes and the metrics read off the app.
     pub fn probes(&self) -> Probes {
         self.probes.clone()
@@ -484,6 +491,13 @@ impl App {
         Ok(())
     }
 }
+
+/// What the drain may take after the grace period of in-flight calls: the
+/// last sweep, returning leases (a few seconds of retries while Redis
+/// fails) and flushing the usage sink. Past it the process is ended
+/// regardless: leases then lapse in Redis and the journal replays at the
+/// next start.
+pub const DRAIN_BUDGET: Duration = Duration::from_secs(10);
 
 /// Every gRPC server's stack: the RPC span, and HTTP/2 keepalive pings
 /// so a peer that vanished without closing is dropped.

@@ -1,64 +1,70 @@
-//! Shutdown signals: SIGINT (Ctrl-C) or SIGTERM (Kubernetes).
+//! Shutdown signals: SIGINT (Ctrl-C) or SIGTERM (Kubernetes), and the
+//! deadline that ends the process when its drain does not.
+//!
+//! The signals are read by a thread of their own, outside the async
+//! runtime: should every worker be stuck (a deadlock, a blocking call), a
+//! signal is still seen and the deadline still ends the process.
 
 use std::future::Future;
+use std::time::Duration;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// Exit status when the drain outlived its deadline.
+pub const DEADLINE_EXIT: i32 = 1;
+
+/// Exit status at a second signal.
+pub const SECOND_SIGNAL_EXIT: i32 = 130;
 
 /// Listens for SIGINT and SIGTERM from now on (so a signal that comes
 /// before the returned future is first polled is not lost to the default
-/// action): the future completes at the first one; a second one exits the
-/// process at once (status 130), without waiting for the drain the first
-/// began.
-pub fn shutdown() -> impl Future<Output = ()> {
-    let mut signals = Signals::new();
-    async move {
-        signals.next().await;
-        tokio::spawn(async move {
-            signals.next().await;
-            tracing::warn!("second signal: exiting at once");
-            std::process::exit(130);
-        });
-    }
-}
-
-/// SIGINT and SIGTERM, registered when made.
-struct Signals {
-    #[cfg(unix)]
-    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl Signals {
-    fn new() -> Signals {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let streams = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-                (Ok(int), Ok(term)) => Some((int, term)),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::error!(error = %e, "cannot listen for SIGINT and SIGTERM");
-                    None
-                }
-            };
-            Signals { streams }
-        }
-        #[cfg(not(unix))]
-        Signals {}
-    }
-
-    /// Completes at the next signal.
-    async fn next(&mut self) {
-        #[cfg(unix)]
-        match &mut self.streams {
-            Some((int, term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
+/// action): the future completes at the first one. From then on the
+/// process has `deadline` to exit; past it, it is ended with status
+/// [`DEADLINE_EXIT`], and a second signal ends it at once with status
+/// [`SECOND_SIGNAL_EXIT`]. Both hold even if the runtime is stuck.
+pub fn shutdown(deadline: Duration) -> impl Future<Output = ()> {
+    let (first, seen) = tokio::sync::oneshot::channel();
+    match Signals::new([SIGINT, SIGTERM]) {
+        Ok(signals) => {
+            let spawned = std::thread::Builder::new()
+                .name("tollgate-signals".into())
+                .spawn(move || watch(signals, first, deadline));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the signal thread");
             }
-            None => std::future::pending().await,
         }
-        #[cfg(not(unix))]
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+        Err(e) => tracing::error!(error = %e, "cannot listen for SIGINT and SIGTERM"),
+    }
+    async move {
+        if seen.await.is_err() {
+            // Nobody will ever signal: serve until the process is killed.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// The signal thread: tells the runtime of the first signal, then ends the
+/// process at the deadline or at a second signal, whichever comes first
+/// (unless it exits by itself before).
+fn watch(mut signals: Signals, first: tokio::sync::oneshot::Sender<()>, deadline: Duration) {
+    let mut forever = signals.forever();
+    if forever.next().is_none() {
+        return;
+    }
+    let _ = first.send(());
+    let spawned = std::thread::Builder::new()
+        .name("tollgate-deadline".into())
+        .spawn(move || {
+            std::thread::sleep(deadline);
+            tracing::error!(?deadline, "shutdown did not finish within its deadline: exiting now");
+            std::process::exit(DEADLINE_EXIT);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the shutdown deadline");
+    }
+    if forever.next().is_some() {
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(SECOND_SIGNAL_EXIT);
     }
 }

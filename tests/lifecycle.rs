@@ -191,3 +191,121 @@ async fn sigterm_under_load_keeps_every_acknowledged_settle_and_returns_the_leas
         "Redis charged what the records say"
     );
 }
+
+/// Set in a child process of the tests below: which stuck process to be.
+const STUCK_CHILD: &str = "TOLLGATE_TEST_STUCK_CHILD";
+
+/// The child: listens for signals with `deadline` as `tollgate serve`
+/// does, deadlocks both runtime workers (two locks taken in opposite
+/// orders, as the memory store once did), says so on stdout, and at the
+/// signal begins a drain that waits for them forever.
+fn be_stuck(deadline: std::time::Duration) {
+    use std::sync::{Arc, Barrier, Mutex};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let stop = tollgate::signal::shutdown(deadline);
+        let (a, b) = (Arc::new(Mutex::new(())), Arc::new(Mutex::new(())));
+        let both_hold_one = Arc::new(Barrier::new(2));
+        let (holds, held) = std::sync::mpsc::channel();
+        let stuck = |first: Arc<Mutex<()>>, second: Arc<Mutex<()>>| {
+            let (barrier, holds) = (Arc::clone(&both_hold_one), holds.clone());
+            let worker = tokio::spawn(async move {
+                let _one = first.lock().unwrap();
+                holds.send(()).unwrap();
+                barrier.wait();
+                let _two = second.lock().unwrap();
+            });
+            // The next task must find this worker blocked, and go to the other.
+            tokio::task::block_in_place(|| held.recv().unwrap());
+            worker
+        };
+        let workers = [stuck(Arc::clone(&a), Arc::clone(&b)), stuck(b, a)];
+        println!("child: stuck");
+        stop.await;
+        println!("child: draining");
+        for worker in workers {
+            let _ = worker.await;
+        }
+    });
+    unreachable!("the drain waited for deadlocked workers");
+}
+
+/// Runs this test binary's `test` as a stuck child, sends it `signals`
+/// SIGTERMs (1 or 2) once it is stuck, and returns its exit status. Gives
+/// the child 30 s for each step, then kills it and fails.
+fn signal_stuck_child(test: &str, signals: usize) -> std::process::ExitStatus {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    const STEP: Duration = Duration::from_secs(30);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(STUCK_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (said, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if said.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let fail = |mut child: std::process::Child, why: &str| -> ! {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{why}");
+    };
+    // Signals are not queued: each is sent once the one before was seen.
+    for awaited in ["child: stuck", "child: draining"].into_iter().take(signals) {
+        let give_up = Instant::now() + STEP;
+        // (libtest may print its test's name on the same line, unended.)
+        while !lines
+            .recv_timeout(give_up.saturating_duration_since(Instant::now()))
+            .is_ok_and(|l| l.ends_with(awaited))
+        {
+            if Instant::now() >= give_up {
+                fail(child, &format!("the child never said {awaited:?}"));
+            }
+        }
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    let give_up = Instant::now() + STEP;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > give_up {
+            fail(child, "a process whose workers are stuck ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_ends_a_process_whose_workers_are_stuck_at_the_deadline() {
+    if std::env::var_os(STUCK_CHILD).is_some() {
+        be_stuck(std::time::Duration::from_millis(500));
+    }
+    let status = signal_stuck_child("sigterm_ends_a_process_whose_workers_are_stuck_at_the_deadline", 1);
+    assert_eq!(status.code(), Some(tollgate::signal::DEADLINE_EXIT), "{status}");
+}
+
+#[test]
+fn a_second_sigterm_ends_a_stuck_process_at_once() {
+    if std::env::var_os(STUCK_CHILD).is_some() {
+        // A deadline the test would not wait out.
+        be_stuck(std::time::Duration::from_secs(3600));
+    }
+    let status = signal_stuck_child("a_second_sigterm_ends_a_stuck_process_at_once", 2);
+    assert_eq!(status.code(), Some(tollgate::signal::SECOND_SIGNAL_EXIT), "{status}");
+}
