@@ -55,7 +55,9 @@ pub struct Lease {
     /// The last report applied.
     pub seq: u64,
     /// Incremented each time the lease lapses: a mirror still on an older
-    /// epoch lost what it held.
+    /// epoch lost what it held. At least 1: a mirror at epoch 0 has never
+    /// held a lease, and a lease made anew for a mirror that has is put
+    /// past its epoch.
     pub epoch: u64,
     /// The answer to report `seq`, returned again to its retries.
     pub last: Option<Granted>,
@@ -401,16 +403,26 @@ impl Account {
     /// gets its first answer back and changes nothing.
     pub fn sync(&mut self, catalog: &Catalog, sync: &Sync, now: Timestamp) -> Result<Synced, EngineError> {
         self.advance(catalog, now)?;
-        let mut lease = match self.leases.remove(&sync.producer) {
-            Some(lease) => lease,
-            None => Lease {
-                held: Vec::new(),
-                permits: Vec::new(),
-                expires_at: now,
-                seq: 0,
-                epoch: sync.epoch,
-                last: None,
-            },
+        let (mut lease, lapsed) = match self.leases.remove(&sync.producer) {
+            Some(lease) => {
+                let lapsed = sync.epoch != lease.epoch;
+                (lease, lapsed)
+            }
+            // No lease: a sidecar that never had one (epoch 0: it holds
+            // nothing), or one whose lease lapsed and was forgotten since
+            // (`prune_leases`). Either way nothing it believes it holds is
+            // backed here, so the new lease is never at its epoch.
+            None => (
+                Lease {
+                    held: Vec::new(),
+                    permits: Vec::new(),
+                    expires_at: now,
+                    seq: 0,
+                    epoch: sync.epoch.checked_add(1).ok_or(EngineError::Overflow)?,
+                    last: None,
+                },
+                sync.epoch != 0,
+            ),
         };
         if sync.seq <= lease.seq {
             let answer = lease.last.clone().filter(|_| sync.seq == lease.seq).ok_or_else(|| {
@@ -462,7 +474,6 @@ impl Account {
             self.journals.insert(entry.journal.clone(), entry.seq);
             applied.push(entry.clone());
         }
-        let lapsed = sync.epoch != lease.epoch;
         let mut charged = Vec::new();
         merge(&mut charged, sync.charged.iter().cloned());
         for take in &charged {

@@ -906,10 +906,10 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
     let now = t(NOW);
     let producer = super::ids::ProducerId::parse("a").unwrap();
-    let ask = |seq, charged: Vec<Take>| super::lease::Sync {
+    let ask = |seq, epoch, charged: Vec<Take>| super::lease::Sync {
         producer: producer.clone(),
         seq,
-        epoch: 0,
+        epoch,
         charged,
         unleased: Vec::new(),
         returned: Vec::new(),
@@ -921,20 +921,23 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         ttl: SignedDuration::from_secs(30),
         close: false,
     };
-    let first = shared.sync(&c, &ask(1, vec![]), now).unwrap().granted;
+    // A first lease: epoch 1 (a mirror that never held one is at 0).
+    let first = shared.sync(&c, &ask(1, 0, vec![]), now).unwrap().granted;
+    assert!(!first.lapsed);
+    assert_eq!(first.epoch, 1);
     assert_eq!(
         first.takes,
         vec![take(SourceRef::Paid, 250_000)],
         "a quarter of what is left"
     );
     assert_eq!(
-        shared.sync(&c, &ask(1, vec![]), now).unwrap().granted,
+        shared.sync(&c, &ask(1, 0, vec![]), now).unwrap().granted,
         first,
         "a retry gets the first answer"
     );
     assert_eq!(shared.paid.held, 250_000, "and lends nothing twice");
     let second = shared
-        .sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now)
+        .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), now)
         .unwrap();
     assert_eq!(
         second.granted.takes,
@@ -942,21 +945,21 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         "(1_000_000 - 150_000 held - 100_000 charged) / 4"
     );
     shared
-        .sync(&c, &ask(2, vec![take(SourceRef::Paid, 100_000)]), now)
+        .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), now)
         .unwrap();
     assert_eq!(shared.paid.charged, 100_000, "a repeated report is applied once");
     assert!(
-        shared.sync(&c, &ask(1, vec![]), now).is_err(),
+        shared.sync(&c, &ask(1, 1, vec![]), now).is_err(),
         "an older report is refused"
     );
     // The sidecar goes silent: at the expiry everything lent comes back.
     let later = now + SignedDuration::from_secs(30);
     shared.apply(&c, Command::Balance, later).unwrap();
     assert_eq!(shared.paid.held, 0);
-    assert_eq!(shared.leases[&producer].epoch, 1);
+    assert_eq!(shared.leases[&producer].epoch, 2);
     // A report from before the lapse still counts its charges.
     let late = shared
-        .sync(&c, &ask(3, vec![take(SourceRef::Paid, 50_000)]), later)
+        .sync(&c, &ask(3, 1, vec![take(SourceRef::Paid, 50_000)]), later)
         .unwrap();
     assert!(late.granted.lapsed);
     assert_eq!(shared.paid.charged, 150_000);
@@ -1068,6 +1071,45 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_unleased_and_never_from_the_
     car.sync(&mut shared, &c, no_short(), true, later);
     assert_eq!(shared.paid.held, 0);
     assert_eq!(shared.paid.available(), 1_000_000 - 30_000);
+}
+
+/// A lease that lapsed is forgotten by the shared account once the
+/// idempotency window has passed (at once with a window of zero), by
+/// whichever sidecar syncs next. Its own sidecar, back after a cut, must
+/// still learn that it lapsed: its slices were taken back and may have been
+/// lent again. It was once given a new lease at its old epoch and went on
+/// deciding from slices it no longer had.
+#[test]
+fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
+    let mut c = catalog();
+    c.idempotency_window = SignedDuration::ZERO;
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
+    let now = t(NOW);
+    let reserved = a.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
+    let Reply::Reserve(ReserveOutcome::Allowed(r1)) = reserved else {
+        panic!("r1 is allowed: {reserved:?}")
+    };
+    assert_eq!(shared.paid.held, 50_000, "exactly the need was lent to a");
+    // a is cut off longer than its lease. Its request fails: the hold goes
+    // back to a's slice, which a believes it still holds.
+    let later = now + SignedDuration::from_secs(31);
+    a.apply(&mut shared, &c, Command::Release(r1.reservation_id), later);
+    assert_eq!(a.mirror.paid.available(), 50_000);
+    // b syncs meanwhile: a's lease lapses and, holding nothing, is forgotten.
+    b.sync(&mut shared, &c, no_short(), false, later);
+    assert_eq!(shared.paid.held, 0, "a's slice was taken back");
+    assert!(!shared.leases.contains_key(&a.producer), "and a's lease forgotten");
+    // a is back: it must drop the slice, not go on deciding from it.
+    let granted = a.sync(&mut shared, &c, no_short(), false, later);
+    assert!(granted.lapsed, "a is told its lease lapsed");
+    assert_eq!(a.mirror.paid.available(), 0, "a decides from nothing it lost");
+    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.available(), 1_000_000, "nothing was charged");
+    // A sidecar that never held a lease is not told of a lapse.
+    let mut fresh = Sidecar::new("c", &shared);
+    assert!(!fresh.sync(&mut shared, &c, no_short(), false, later).lapsed);
 }
 
 #[test]
