@@ -308,19 +308,24 @@ impl Account {
             .collect();
         for id in lapsed {
             if let Some(mut lease) = self.leases.remove(&id) {
-                self.unhold(&lease.held);
-                for (key, permits) in &lease.permits {
-                    let slots = Permits {
-                        slots: permits.slots,
-                        ..Permits::default()
-                    };
-                    self.buckets.give_back(key, slots, now);
-                }
-                lease.held.clear();
-                lease.permits.clear();
+                self.take_back(&mut lease, now);
                 lease.epoch += 1;
                 self.leases.insert(id, lease);
             }
+        }
+    }
+
+    /// Takes back everything `lease` holds: its funds are available again,
+    /// its concurrency slots free.
+    fn take_back(&mut self, lease: &mut Lease, now: Timestamp) {
+        self.unhold(&lease.held);
+        lease.held.clear();
+        for (key, p) in std::mem::take(&mut lease.permits) {
+            let slots = Permits {
+                slots: p.slots,
+                ..Permits::default()
+            };
+            self.buckets.give_back(&key, slots, now);
         }
     }
 
@@ -404,8 +409,11 @@ impl Account {
     pub fn sync(&mut self, catalog: &Catalog, sync: &Sync, now: Timestamp) -> Result<Synced, EngineError> {
         self.advance(catalog, now)?;
         let (mut lease, lapsed) = match self.leases.remove(&sync.producer) {
+            // A mirror made anew (epoch 0: it holds nothing, as after an
+            // idle mirror was dropped) is not told of a lapse; what its
+            // lease still holds is taken back below.
             Some(lease) => {
-                let lapsed = sync.epoch != lease.epoch;
+                let lapsed = sync.epoch != 0 && sync.epoch != lease.epoch;
                 (lease, lapsed)
             }
             // No lease: a sidecar that never had one (epoch 0: it holds
@@ -474,6 +482,10 @@ impl Account {
             self.journals.insert(entry.journal.clone(), entry.seq);
             applied.push(entry.clone());
         }
+        if sync.epoch == 0 {
+            // Nothing of it is known to the mirror now reporting.
+            self.take_back(&mut lease, now);
+        }
         let mut charged = Vec::new();
         merge(&mut charged, sync.charged.iter().cloned());
         for take in &charged {
@@ -533,15 +545,7 @@ impl Account {
             retry_after_ms: None,
         };
         if sync.close {
-            self.unhold(&lease.held);
-            lease.held.clear();
-            for (key, p) in std::mem::take(&mut lease.permits) {
-                let slots = Permits {
-                    slots: p.slots,
-                    ..Permits::default()
-                };
-                self.buckets.give_back(&key, slots, now);
-            }
+            self.take_back(&mut lease, now);
         } else if !self.suspended {
             // The report above stands even if nothing can be lent (a plan
             // this sidecar's configuration lacks): it is never lost.

@@ -1112,6 +1112,30 @@ fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
     assert!(!fresh.sync(&mut shared, &c, no_short(), false, later).lapsed);
 }
 
+/// A sidecar drops an idle mirror and makes it anew at the next request
+/// (epoch 0) while its lease lives on: it is not told of a lapse, and what
+/// the lease still holds, unknown to the new mirror, is taken back rather
+/// than stranded.
+#[test]
+fn a_mirror_made_anew_is_not_lapsed_and_strands_nothing() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut a = Sidecar::new("a", &shared);
+    let now = t(NOW);
+    let reserved = a.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
+    assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
+    assert_eq!(shared.paid.held, 50_000);
+    // Same producer, report numbers going on, a mirror that knows nothing.
+    let mut again = Sidecar::new("a", &shared);
+    again.seq = a.seq;
+    let granted = again.sync(&mut shared, &c, no_short(), false, now);
+    assert!(!granted.lapsed, "a new mirror is not a lapsed one");
+    assert_eq!(granted.epoch, shared.leases[&again.producer].epoch);
+    assert_eq!(shared.paid.held, 0, "what the old mirror held came back");
+    assert_eq!(shared.paid.available(), 1_000_000);
+}
+
 #[test]
 fn a_reload_takes_plans_and_new_versions_and_refuses_what_would_rewrite_history() {
     let current = catalog();
