@@ -308,7 +308,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("binding the Unix socket")?;
             // Listening for signals before saying so: a signal from then on
             // drains rather than kills.
-            let stop = crate::signal::shutdown(crate::server::DRAIN_BUDGET);
+            let stop = crate::signal::shutdown(crate::server::BASELINE_DRAIN);
             tracing::info!(%listen, unix = ?listen_unix, "baseline listening");
             crate::server::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)

@@ -117,6 +117,9 @@ pub struct Settings {
     pub journal: JournalSettings,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long the drain may take after that (last sweep, leases
+    /// returned, usage flushed) before the process is ended regardless.
+    pub shutdown_drain: Duration,
     /// Limits on each TCP listener's connections.
     pub connections: crate::conn::Guard,
     /// How often the configuration file is compared for a reload; `None`:
@@ -151,6 +154,7 @@ struct ServerFile {
     admin_listen_unix: Option<PathBuf>,
     http_listen: Option<String>,
     shutdown_grace_seconds: Option<u64>,
+    shutdown_drain_seconds: Option<u64>,
     reload_poll_ms: Option<u64>,
     max_connections: Option<usize>,
     first_bytes_timeout_ms: Option<u64>,
@@ -1293,6 +1297,13 @@ impl Settings {
         if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
             p.push("server.shutdown_grace_seconds", "must be at most 3600");
         }
+        if file
+            .server
+            .shutdown_drain_seconds
+            .is_some_and(|s| !(1..=3600).contains(&s))
+        {
+            p.push("server.shutdown_drain_seconds", "must be between 1 and 3600");
+        }
         if file.store.sweep_interval_ms == 0 {
             p.push("store.sweep_interval_ms", "must be greater than zero");
         }
@@ -1390,6 +1401,7 @@ impl Settings {
             store,
             journal,
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
+            shutdown_drain: Duration::from_secs(file.server.shutdown_drain_seconds.unwrap_or(10)),
             connections: {
                 let default = crate::conn::Guard::default();
                 crate::conn::Guard {

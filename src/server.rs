@@ -118,6 +118,8 @@ pub struct App {
     tollgate: Tollgate,
     sweep_interval: Duration,
     shutdown_grace: Duration,
+    /// What the drain may take after the grace period.
+    shutdown_drain: Duration,
     /// Limits on the TCP listeners' connections.
     connections: crate::conn::Guard,
     writer: usage::Writer,
@@ -237,6 +239,7 @@ impl App {
             tollgate,
             sweep_interval: settings.sweep_interval,
             shutdown_grace: settings.shutdown_grace,
+            shutdown_drain: settings.shutdown_drain,
             connections: settings.connections,
             writer,
             leases,
@@ -306,9 +309,9 @@ impl App {
 
     /// How long a drain may take before the process is ended regardless
     /// (see [`crate::signal::shutdown`]): the grace period for in-flight
-    /// calls, then [`DRAIN_BUDGET`].
+    /// calls, then `server.shutdown_drain_seconds`.
     pub fn shutdown_deadline(&self) -> Duration {
-        self.shutdown_grace + DRAIN_BUDGET
+        self.shutdown_grace + self.shutdown_drain
     }
 
     /// What the probes and the metrics read off the app.
@@ -492,12 +495,8 @@ impl App {
     }
 }
 
-/// What the drain may take after the grace period of in-flight calls: the
-/// last sweep, returning leases (a few seconds of retries while Redis
-/// fails) and flushing the usage sink. Past it the process is ended
-/// regardless: leases then lapse in Redis and the journal replays at the
-/// next start.
-pub const DRAIN_BUDGET: Duration = Duration::from_secs(10);
+/// What the baseline's drain may take after a shutdown signal.
+pub const BASELINE_DRAIN: Duration = Duration::from_secs(10);
 
 /// Every gRPC server's stack: the RPC span, and HTTP/2 keepalive pings
 /// so a peer that vanished without closing is dropped.

@@ -677,5 +677,5 @@ async fn an_open_health_watch_cannot_hold_shutdown_and_a_second_signal_exits_at_
     served.terminate();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
-    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(status.code(), Some(tollgate::signal::SECOND_SIGNAL_EXIT), "{status}");
 }

@@ -420,6 +420,19 @@ mod tests {
         let sweeper = {
             let store = Arc::clone(&store);
             std::thread::spawn(move || {
+                // Stops the prober however this thread ends (a failed
+                // assertion too), and says so.
+                struct Finish(
+                    Arc<std::sync::atomic::AtomicBool>,
+                    std::sync::mpsc::Sender<&'static str>,
+                );
+                impl Drop for Finish {
+                    fn drop(&mut self) {
+                        self.0.store(true, Ordering::Relaxed);
+                        let _ = self.1.send("sweeper");
+                    }
+                }
+                let _finish = Finish(done, finished);
                 let runtime = runtime();
                 let mut now: Timestamp = NOW.parse().unwrap();
                 for round in 0..ROUNDS {
@@ -431,8 +444,6 @@ mod tests {
                     let lapsed = runtime.block_on(store.sweep(now)).unwrap();
                     assert_eq!(lapsed.len(), ACCOUNTS, "round {round}: every hold lapsed");
                 }
-                done.store(true, Ordering::Relaxed);
-                finished.send("sweeper").unwrap();
             })
         };
         for _ in 0..2 {
@@ -441,7 +452,9 @@ mod tests {
                 Err(_) => panic!("health and sweep deadlocked: a thread is stuck on the store's locks"),
             }
         }
-        sweeper.join().unwrap();
+        if let Err(panic) = sweeper.join() {
+            std::panic::resume_unwind(panic);
+        }
         assert!(prober.join().unwrap() > 0);
         assert_eq!(store.holding.len(), 0, "no hold is left open");
     }
