@@ -296,6 +296,10 @@ impl StoreSettings {
     }
 }
 
+/// The shortest idempotency window accepted: request ids and lease
+/// reports must be remembered for as long as they may be retried.
+pub const MIN_IDEMPOTENCY_WINDOW_SECONDS: u64 = 900;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct HoldsFile {
@@ -1321,6 +1325,14 @@ impl Settings {
         if file.holds.ttl_seconds == 0 || file.holds.ttl_seconds > 7 * 86_400 {
             p.push("holds.ttl_seconds", "must be between 1 and 604800 (a week)");
         }
+        // Shorter, and a retry could be charged again, and a lease report
+        // resent after its lapsed lease was forgotten applied twice.
+        if !(MIN_IDEMPOTENCY_WINDOW_SECONDS..=366 * 86_400).contains(&file.holds.idempotency_window_seconds) {
+            p.push(
+                "holds.idempotency_window_seconds",
+                "must be between 900 (15 minutes) and 31622400 (a year)",
+            );
+        }
         let usage = match file.usage.sink.as_str() {
             "file" if file.usage.path.is_empty() => {
                 p.push("usage.path", "must not be empty");
@@ -1473,6 +1485,7 @@ mod tests {
             listen = "nowhere"
             [holds]
             on_expiry = "forget"
+            idempotency_window_seconds = 0
             [plans.p]
             draw_order = ["paid", "packs"]
             [plans.p.limits.models.m]
@@ -1496,6 +1509,7 @@ mod tests {
         for expected in [
             "server.listen",
             "holds.on_expiry",
+            "holds.idempotency_window_seconds",
             "plans.p.allowance.period",
             "plans.p.allowance.tokens",
             "plans.p.draw_order",
