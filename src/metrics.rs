@@ -144,6 +144,7 @@ pub struct Metrics {
     pub journal_fsync: Histogram,
     pub usage_records: Family<RecordKind, Counter>,
     pub usage_records_applied: Counter,
+    pub usage_records_repeated: Counter,
     pub config_reloads: Family<ReloadResult, Counter>,
     pub rls_hits: Family<RlsHits, Counter>,
     pub ready: Gauge,
@@ -256,6 +257,12 @@ impl Metrics {
             "Journaled usage records applied to Redis",
             usage_records_applied.clone(),
         );
+        let usage_records_repeated = Counter::default();
+        r.register(
+            "usage_records_repeated",
+            "Journaled usage records of request ids already recorded (retries decided again elsewhere): not applied, their charges given back",
+            usage_records_repeated.clone(),
+        );
         let config_reloads = Family::<ReloadResult, Counter>::default();
         r.register(
             "config_reloads",
@@ -344,6 +351,7 @@ impl Metrics {
             journal_fsync,
             usage_records,
             usage_records_applied,
+            usage_records_repeated,
             config_reloads,
             rls_hits,
             ready,

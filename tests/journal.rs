@@ -193,6 +193,74 @@ async fn a_hold_charged_in_full_during_a_refused_call_survives_a_crash() {
     );
 }
 
+/// A one-shot charge of `money` for `request_id` on account `shared`.
+fn charge(request_id: &str, money: &str) -> proto::ChargeRequest {
+    proto::ChargeRequest {
+        account_id: "shared".into(),
+        request_id: request_id.into(),
+        charge: Some(proto::charge_request::Charge::Amount(support::money(money))),
+        ..Default::default()
+    }
+}
+
+/// Retries as a fleet sees them: the same request id sent to a second
+/// sidecar, and to a sidecar SIGKILLed and restarted on its journal (which
+/// remembers nothing of the first call). Each request id is charged once,
+/// the stream holds one record for it, and the balance moves by what the
+/// stream says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_charged_once_across_sidecars_and_restarts() {
+    let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let (journal_a, journal_b) = (dir.path().join("journal-a"), dir.path().join("journal-b"));
+    let mut a = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("a-0.jsonl"), &journal_a);
+    let mut b = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("b.jsonl"), &journal_b);
+    let (mut qa, mut qb) = (a.client().await, b.client().await);
+
+    // The same charge through both sidecars.
+    qa.charge(charge("both", "1")).await.unwrap();
+    qb.charge(charge("both", "1")).await.unwrap();
+    // The same reserve and settle through both.
+    for q in [&mut qa, &mut qb] {
+        let r = q
+            .reserve(support::reserve("shared", "held-twice", 100, 100))
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().decision, proto::Decision::Allow as i32);
+        q.settle(support::settle("shared", "held-twice", 100, 50))
+            .await
+            .unwrap();
+    }
+    // A charge acknowledged, the sidecar killed and restarted, the charge again.
+    qa.charge(charge("restarted", "2")).await.unwrap();
+    a.kill();
+    let mut a = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("a-1.jsonl"), &journal_a);
+    a.client().await.charge(charge("restarted", "2")).await.unwrap();
+    a.stop();
+    b.stop();
+
+    let records = stream_records(&redis.url(), 1).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *seen.entry(r["request_id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    assert_eq!(
+        seen,
+        HashMap::from([("both".into(), 1), ("held-twice".into(), 1), ("restarted".into(), 1)]),
+        "one record per request id: {records:?}"
+    );
+    let account = shared_account(redis.port, 1, "shared");
+    let paid = Ledger::of(&account["paid"]);
+    // 1 + 2, and 100 in and 50 out at 1 and 4 per million.
+    assert_eq!(picos(&records), 3_000_000_000_000 + 300_000_000);
+    assert_eq!(paid.charged, picos(&records), "charged once per request id");
+    assert_eq!(
+        paid.granted,
+        paid.available() + paid.held + paid.charged + paid.forfeited
+    );
+}
+
 /// Runs `tollgate ARGS` and returns its stdout.
 fn tollgate(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))

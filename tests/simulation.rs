@@ -609,7 +609,7 @@ impl World {
         let mut first_time_written_off = 0;
         let call = self.store.update(&mut self.rng, &mut self.tally, id, |account| {
             let fresh = account.leases.get(&sync.producer).is_none_or(|l| sync.seq > l.seq);
-            let synced = account.sync(catalog, &sync, now)?;
+            let synced = account.sync(catalog, &sync, &[], now)?;
             if fresh {
                 first_time_written_off = synced.granted.written_off;
             }

@@ -177,6 +177,10 @@ pub struct Synced {
     pub granted: Granted,
     /// Records applied now.
     pub applied: Vec<Journaled>,
+    /// Records of request ids already recorded (a retry decided again by
+    /// another sidecar, or by one restarted): not applied, their charges
+    /// given back.
+    pub duplicates: Vec<Journaled>,
 }
 
 /// What a mirror reports in its next [`Sync`].
@@ -406,7 +410,18 @@ impl Account {
     /// asks for, within [`FAIR_SHARE`] of each source (a need: all of it or,
     /// if partial is acceptable, what there is). A report already applied
     /// gets its first answer back and changes nothing.
-    pub fn sync(&mut self, catalog: &Catalog, sync: &Sync, now: Timestamp) -> Result<Synced, EngineError> {
+    ///
+    /// `duplicates` names the journaled records (journal, number) whose
+    /// request ids the store found already recorded: each is taken as done
+    /// but not applied, and what it charged is given back, so a request id
+    /// is charged once however many sidecars decided it.
+    pub fn sync(
+        &mut self,
+        catalog: &Catalog,
+        sync: &Sync,
+        duplicates: &[(ProducerId, u64)],
+        now: Timestamp,
+    ) -> Result<Synced, EngineError> {
         self.advance(catalog, now)?;
         let (mut lease, lapsed) = match self.leases.remove(&sync.producer) {
             // A mirror made anew (epoch 0: it holds nothing, as after an
@@ -443,12 +458,14 @@ impl Account {
             return answer.map(|granted| Synced {
                 granted,
                 applied: Vec::new(),
+                duplicates: Vec::new(),
             });
         }
         // Journaled records first, each once: its charges from the lease
         // that backed them while that lease lives, else as far as the
         // sources allow.
         let mut applied = Vec::new();
+        let mut repeated = Vec::new();
         let mut written_off = 0u64;
         for entry in &sync.records {
             let done = self.journals.get(&entry.journal).copied().unwrap_or(0);
@@ -480,7 +497,16 @@ impl Account {
                 written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount, now));
             }
             self.journals.insert(entry.journal.clone(), entry.seq);
-            applied.push(entry.clone());
+            if duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
+                // The entry's charges are its batch's (the first record of
+                // a batch carries them all): applied as usual above, then
+                // this record's own charges given back, as far as they were
+                // charged here.
+                self.give_back_duplicate(&entry.record)?;
+                repeated.push(entry.clone());
+            } else {
+                applied.push(entry.clone());
+            }
         }
         if sync.epoch == 0 {
             // Nothing of it is known to the mirror now reporting.
@@ -563,7 +589,26 @@ impl Account {
         // changes: forget what no longer matters here.
         self.prune_leases(catalog, now);
         self.buckets.prune(now);
-        Ok(Synced { granted, applied })
+        Ok(Synced {
+            granted,
+            applied,
+            duplicates: repeated,
+        })
+    }
+
+    /// Gives back what `record`, a second record of a request id already
+    /// recorded, charged: each ledger at most what it was charged (charges
+    /// written off when they were applied are not given back).
+    fn give_back_duplicate(&mut self, record: &UsageRecord) -> Result<(), EngineError> {
+        let charges: Vec<Take> = record.charges.iter().filter(|t| t.amount > 0).cloned().collect();
+        let mut per_source = super::ops::per_ledger(&charges)?;
+        for (source, amount) in per_source.iter_mut() {
+            let charged = self.ledger_mut(source).map_or(0, |l| l.charged);
+            *amount = (*amount).min(charged).max(0);
+        }
+        per_source.retain(|_, amount| *amount > 0);
+        self.give_back_charged(per_source);
+        Ok(())
     }
 
     fn lend(

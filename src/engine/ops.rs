@@ -882,19 +882,10 @@ impl Account {
                 "the record of request {request_id} ({record_id}) was already refunded"
             )));
         }
-        let mut per_source: std::collections::BTreeMap<SourceRef, i128> = std::collections::BTreeMap::new();
-        for take in charges {
-            if take.amount <= 0 {
-                return Err(EngineError::invalid("charges", "every amount must be above zero"));
-            }
-            // Credit is drawn from the paid ledger: one ledger, one limit.
-            let source = match &take.source {
-                SourceRef::Credit => SourceRef::Paid,
-                other => other.clone(),
-            };
-            let sum = per_source.entry(source).or_default();
-            *sum = sum.checked_add(take.amount).ok_or(EngineError::Overflow)?;
+        if charges.iter().any(|take| take.amount <= 0) {
+            return Err(EngineError::invalid("charges", "every amount must be above zero"));
         }
+        let per_source = per_ledger(charges)?;
         for (source, amount) in &per_source {
             let Some(ledger) = self.ledger_mut(source) else {
                 let lot = source.lot().unwrap_or_default();
@@ -912,6 +903,17 @@ impl Account {
                 )));
             }
         }
+        self.give_back_charged(per_source);
+        let fingerprint = super::record::digest_id([format!("{charges:?}").as_str()]);
+        self.operations.insert(key, fingerprint);
+        Ok(())
+    }
+
+    /// Gives back what `per_source` names (by ledger, each at most what the
+    /// ledger was charged): to each source's available balance, or
+    /// forfeited where the source takes nothing back any more (a closed
+    /// lot, a past allowance period).
+    pub(crate) fn give_back_charged(&mut self, per_source: std::collections::BTreeMap<SourceRef, i128>) {
         let refunded_paid = per_source.get(&SourceRef::Paid).copied().unwrap_or(0);
         for (source, amount) in per_source {
             let accepts = self.accepts_returns(&source);
@@ -931,9 +933,6 @@ impl Account {
         let moved = repay - excess;
         self.paid.granted -= moved;
         self.debt.granted += moved;
-        let fingerprint = super::record::digest_id([format!("{charges:?}").as_str()]);
-        self.operations.insert(key, fingerprint);
-        Ok(())
     }
 
     /// Revokes what is left of a pack; its holds stay chargeable.
@@ -1041,4 +1040,19 @@ fn reused(id: &RequestId) -> EngineError {
 /// Plans a settle: it always succeeds, overflowing into debt.
 fn plan_with_debt(caps: &[(SourceRef, i128)], need: &Need<'_>) -> Result<Vec<Take>, EngineError> {
     draw::plan(caps, need, true).map_err(|_| EngineError::Overflow)
+}
+
+/// `charges` summed per ledger: credit is drawn from the paid ledger (one
+/// ledger, one limit).
+pub(crate) fn per_ledger(charges: &[Take]) -> Result<std::collections::BTreeMap<SourceRef, i128>, EngineError> {
+    let mut per_source = std::collections::BTreeMap::new();
+    for take in charges {
+        let source = match &take.source {
+            SourceRef::Credit => SourceRef::Paid,
+            other => other.clone(),
+        };
+        let sum: &mut i128 = per_source.entry(source).or_default();
+        *sum = sum.checked_add(take.amount).ok_or(EngineError::Overflow)?;
+    }
+    Ok(per_source)
 }

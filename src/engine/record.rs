@@ -132,18 +132,34 @@ pub fn record_id(account: &AccountId, request_id: &RequestId, kind: RecordKind) 
     digest_id([account.as_str(), request_id.as_str(), kind.as_str()])
 }
 
-/// The first 16 bytes of SHA-256 over `parts` (each followed by a zero
-/// byte), in hex.
-pub(crate) fn digest_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+/// A request id's fingerprint on `account`: what the Redis store remembers
+/// of a request whose record it committed, so that no later record for the
+/// same request id is charged (12 bytes: as cheap to keep in Redis as 8,
+/// and far out of reach of a caller searching for two ids that collide).
+pub fn request_fingerprint(account: &AccountId, request_id: &RequestId) -> [u8; 12] {
+    let digest = digest([account.as_str(), request_id.as_str(), "request"]);
+    let mut fingerprint = [0u8; 12];
+    fingerprint.copy_from_slice(&digest[..12]);
+    fingerprint
+}
+
+/// SHA-256 over `parts`, each followed by a zero byte.
+fn digest<'a>(parts: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    use std::fmt::Write;
     let mut hash = Sha256::new();
     for part in parts {
         hash.update(part.as_bytes());
         hash.update([0u8]);
     }
+    hash.finalize().into()
+}
+
+/// The first 16 bytes of SHA-256 over `parts` (each followed by a zero
+/// byte), in hex.
+pub(crate) fn digest_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    use std::fmt::Write;
     let mut id = String::with_capacity(32);
-    for b in &hash.finalize()[..16] {
+    for b in &digest(parts)[..16] {
         let _ = write!(id, "{b:02x}");
     }
     id

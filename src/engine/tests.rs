@@ -812,6 +812,49 @@ impl Sidecar {
         close: bool,
         now: Timestamp,
     ) -> super::lease::Granted {
+        self.sync_records(shared, c, short, close, (Vec::new(), &[]), now)
+            .granted
+    }
+
+    /// The records made since the last call, journaled as the store
+    /// journals them: the mirror's charges since ride on the first.
+    fn journal(&mut self, numbered: &mut u64) -> Vec<super::lease::Journaled> {
+        let mut entries: Vec<super::lease::Journaled> = self
+            .mirror
+            .take_records()
+            .into_iter()
+            .map(|record| {
+                *numbered += 1;
+                super::lease::Journaled {
+                    journal: self.producer.clone(),
+                    seq: *numbered,
+                    record: (*record).clone(),
+                    leased: Vec::new(),
+                    unleased: Vec::new(),
+                    producer: self.producer.clone(),
+                    epoch: self.mirror.mirror.as_ref().unwrap().epoch,
+                }
+            })
+            .collect();
+        let log = self.mirror.mirror.as_mut().unwrap();
+        if let Some(first) = entries.first_mut() {
+            first.leased = std::mem::take(&mut log.charged);
+            first.unleased = std::mem::take(&mut log.unleased);
+        }
+        entries
+    }
+
+    /// One sync carrying `records`, of which `repeated` (journal, number)
+    /// were found already recorded by the store.
+    fn sync_records(
+        &mut self,
+        shared: &mut Account,
+        c: &Catalog,
+        short: super::lease::Short,
+        close: bool,
+        (records, repeated): (Vec<super::lease::Journaled>, &[(super::ids::ProducerId, u64)]),
+        now: Timestamp,
+    ) -> super::lease::Synced {
         let report = self.mirror.report(close, close);
         self.seq += 1;
         let sync = super::lease::Sync {
@@ -822,18 +865,19 @@ impl Sidecar {
             unleased: report.unleased,
             returned: report.returned,
             permits_back: report.permits_back,
-            records: Vec::new(),
+            records,
             want: Vec::new(),
             need: short.need,
             want_permits: short.permits,
             ttl: SignedDuration::from_secs(30),
             close,
         };
-        let granted = shared.sync(c, &sync, now).unwrap().granted;
+        let synced = shared.sync(c, &sync, repeated, now).unwrap();
         self.mirror.refresh_mirror(shared);
-        self.mirror.accept(&granted);
-        self.mirror.mirror.as_mut().unwrap().decide_until = Some(granted.expires_at - SignedDuration::from_secs(10));
-        granted
+        self.mirror.accept(&synced.granted);
+        self.mirror.mirror.as_mut().unwrap().decide_until =
+            Some(synced.granted.expires_at - SignedDuration::from_secs(10));
+        synced
     }
 
     fn apply(&mut self, shared: &mut Account, c: &Catalog, command: Command, now: Timestamp) -> Reply {
@@ -857,6 +901,54 @@ fn no_short() -> super::lease::Short {
         need: None,
         permits: Vec::new(),
     }
+}
+
+/// The same request decided by two sidecars (a retry sent to another one):
+/// the store finds the second record's request id already recorded, and the
+/// shared account applies it as a repeat, giving its charges back, even
+/// when it shares its batch (and the batch's charges) with a new record.
+#[test]
+fn a_repeated_request_is_charged_once_and_its_batch_mate_in_full() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut sidecars = [Sidecar::new("a", &shared), Sidecar::new("b", &shared)];
+    let now = t(NOW);
+    let charge = |id: &str, picos: i128| {
+        Command::Charge(ChargeRequest {
+            request_id: id.parse_id(),
+            api_key_id: None,
+            model: None,
+            tier: TierId::default_tier(),
+            what: ChargeWhat::Money(Money::from_picos(picos)),
+        })
+    };
+    let mut numbered = [0, 0];
+    let [a, b] = &mut sidecars;
+    a.apply(&mut shared, &c, charge("retried", 7_000), now);
+    let first = a.journal(&mut numbered[0]);
+    let synced = a.sync_records(&mut shared, &c, no_short(), false, (first, &[]), now);
+    assert_eq!(synced.applied.len(), 1);
+    // b decides the retry again, and a new request beside it: one batch.
+    b.apply(&mut shared, &c, charge("retried", 7_000), now);
+    let mut batch = b.journal(&mut numbered[1]);
+    b.apply(&mut shared, &c, charge("new", 5_000), now);
+    let mut mate = b.journal(&mut numbered[1]);
+    // As a sweep batches records: the batch's charges ride on its first.
+    super::lease::merge(&mut batch[0].leased, std::mem::take(&mut mate[0].leased));
+    batch.extend(mate);
+    assert_eq!(batch[0].leased, vec![take(SourceRef::Paid, 12_000)]);
+    let repeat = [(batch[0].journal.clone(), batch[0].seq)];
+    let synced = b.sync_records(&mut shared, &c, no_short(), false, (batch.clone(), &repeat), now);
+    assert_eq!(synced.duplicates, vec![batch[0].clone()]);
+    assert_eq!(synced.applied, vec![batch[1].clone()]);
+    assert_eq!(shared.paid.charged, 12_000, "7 000 once and 5 000");
+    for car in &mut sidecars {
+        car.sync(&mut shared, &c, no_short(), true, now);
+    }
+    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.charged, 12_000);
+    assert_eq!(shared.paid.available(), 1_000_000 - 12_000);
 }
 
 #[test]
@@ -922,7 +1014,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         close: false,
     };
     // A first lease: epoch 1 (a mirror that never held one is at 0).
-    let first = shared.sync(&c, &ask(1, 0, vec![]), now).unwrap().granted;
+    let first = shared.sync(&c, &ask(1, 0, vec![]), &[], now).unwrap().granted;
     assert!(!first.lapsed);
     assert_eq!(first.epoch, 1);
     assert_eq!(
@@ -931,13 +1023,13 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         "a quarter of what is left"
     );
     assert_eq!(
-        shared.sync(&c, &ask(1, 0, vec![]), now).unwrap().granted,
+        shared.sync(&c, &ask(1, 0, vec![]), &[], now).unwrap().granted,
         first,
         "a retry gets the first answer"
     );
     assert_eq!(shared.paid.held, 250_000, "and lends nothing twice");
     let second = shared
-        .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), now)
+        .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), &[], now)
         .unwrap();
     assert_eq!(
         second.granted.takes,
@@ -945,11 +1037,11 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         "(1_000_000 - 150_000 held - 100_000 charged) / 4"
     );
     shared
-        .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), now)
+        .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), &[], now)
         .unwrap();
     assert_eq!(shared.paid.charged, 100_000, "a repeated report is applied once");
     assert!(
-        shared.sync(&c, &ask(1, 1, vec![]), now).is_err(),
+        shared.sync(&c, &ask(1, 1, vec![]), &[], now).is_err(),
         "an older report is refused"
     );
     // The sidecar goes silent: at the expiry everything lent comes back.
@@ -959,7 +1051,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     assert_eq!(shared.leases[&producer].epoch, 2);
     // A report from before the lapse still counts its charges.
     let late = shared
-        .sync(&c, &ask(3, 1, vec![take(SourceRef::Paid, 50_000)]), later)
+        .sync(&c, &ask(3, 1, vec![take(SourceRef::Paid, 50_000)]), &[], later)
         .unwrap();
     assert!(late.granted.lapsed);
     assert_eq!(shared.paid.charged, 150_000);

@@ -56,7 +56,7 @@ use crate::engine::ids::{AccountId, ProducerId, VersionId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
-use crate::engine::record::AuditRecord;
+use crate::engine::record::{AuditRecord, request_fingerprint};
 use crate::engine::window::WindowShare;
 use crate::engine::{
     Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
@@ -163,12 +163,14 @@ struct Gate {
 /// encoded once, straight into the entry's two fields: a JSON array (usage
 /// records as in the usage file, with their id and where they were
 /// journaled; audit records with their id) and a protobuf
-/// `UsageRecordBatch` (usage records only).
+/// `UsageRecordBatch` (usage records only). With them, the fingerprints of
+/// the usage records' request ids, checked and remembered by the commit.
 #[derive(Default)]
 struct StreamEntry {
     count: usize,
     json: Vec<u8>,
     pb: Vec<u8>,
+    fingerprints: Vec<u8>,
 }
 
 /// A record with the fields the stream adds to it.
@@ -198,7 +200,10 @@ impl StreamEntry {
         // `records` is field 1 of the batch: its tag, then the message,
         // length-delimited; a batch is these, one after the other.
         self.pb.push(0x0a);
-        prost::Message::encode_length_delimited(&pb, &mut self.pb).map_err(|e| corrupt("a usage record", e))
+        prost::Message::encode_length_delimited(&pb, &mut self.pb).map_err(|e| corrupt("a usage record", e))?;
+        self.fingerprints
+            .extend_from_slice(&request_fingerprint(&entry.record.account_id, &entry.record.request_id));
+        Ok(())
     }
 
     /// Adds an operator's change (JSON only).
@@ -247,7 +252,25 @@ enum Upkeep {
 enum Commit {
     Done(u64),
     Moved(u64, String),
+    /// These usage records (by position) are of request ids committed
+    /// already: nothing was written.
+    Repeated(Vec<usize>),
 }
+
+/// Where a commit checks and remembers its records' request ids (see
+/// [`RedisStore::seen`]).
+struct Seen {
+    /// The sets of the buckets of the last idempotency window, the current
+    /// one first.
+    keys: Vec<String>,
+    /// When the current bucket's set may go, ms since the epoch.
+    until_ms: i64,
+}
+
+/// Request ids are remembered in one set per shard and time bucket, a
+/// quarter of the idempotency window long: a commit looks in the buckets
+/// that may hold an id of the last window and adds to the current one.
+const SEEN_BUCKETS: i64 = 4;
 
 /// Shared accounts in Redis, decided from leases.
 pub struct RedisStore {
@@ -452,6 +475,7 @@ impl RedisStore {
         announce: Option<&str>,
         records: &StreamEntry,
         indexed_as: Option<&str>,
+        seen: Option<&Seen>,
     ) -> Result<Commit, StoreError> {
         self.check_up()?;
         let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
@@ -465,18 +489,20 @@ impl RedisStore {
             announce.unwrap_or("").as_bytes().to_vec(),
             records.count.to_string().into_bytes(),
         ];
-        if records.count > 0 || indexed_as.is_some() {
-            args.push(if records.count > 0 {
-                records.json_array()
-            } else {
-                Vec::new()
-            });
-            args.push(records.pb.clone());
+        args.push(if records.count > 0 {
+            records.json_array()
+        } else {
+            Vec::new()
+        });
+        args.push(records.pb.clone());
+        args.push(indexed_as.unwrap_or("").as_bytes().to_vec());
+        let mut keys = keys.to_vec();
+        if let Some(seen) = seen.filter(|_| !records.fingerprints.is_empty()) {
+            keys.extend(seen.keys.iter().map(String::as_str));
+            args.push(records.fingerprints.clone());
+            args.push(seen.until_ms.to_string().into_bytes());
         }
-        if let Some(name) = indexed_as {
-            args.push(name.as_bytes().to_vec());
-        }
-        let answer = self.note(self.redis.invoke_durable("commit", &self.commit, keys, args).await)?;
+        let answer = self.note(self.redis.invoke_durable("commit", &self.commit, &keys, args).await)?;
         let answer: Vec<redis::Value> = redis::from_redis_value(answer)
             .map_err(|e| StoreError::Unavailable(format!("redis: commit answered {e}")))?;
         let int = |v: Option<&redis::Value>| match v {
@@ -488,6 +514,13 @@ impl RedisStore {
             (Some(0), Some(v), Some(redis::Value::BulkString(state))) => {
                 Ok(Commit::Moved(v, String::from_utf8_lossy(state).into_owned()))
             }
+            (Some(2), Some(_), Some(redis::Value::Array(found))) => Ok(Commit::Repeated(
+                found
+                    .iter()
+                    .filter_map(|i| int(Some(i)))
+                    .filter_map(|i| usize::try_from(i).ok()?.checked_sub(1))
+                    .collect(),
+            )),
             _ => Err(StoreError::Unavailable(format!("redis: commit answered {answer:?}"))),
         }
     }
@@ -497,6 +530,11 @@ impl RedisStore {
     /// added to the usage stream in the same step; again from the newer
     /// state while other writers win. An `announce`d change (an operator's)
     /// is announced to the other sidecars.
+    ///
+    /// The commit also checks the usage records' request ids against those
+    /// committed in the idempotency window, and remembers them: records of
+    /// ids already committed come back to `change`, as repeats (journal,
+    /// number), and it runs again on the same state.
     async fn update<T>(
         &self,
         id: &AccountId,
@@ -505,6 +543,7 @@ impl RedisStore {
         mut change: impl FnMut(
             &mut Account,
             &Catalog,
+            &[(ProducerId, u64)],
             Timestamp,
         ) -> Result<(T, Vec<Journaled>, Option<AuditRecord>), EngineError>,
     ) -> Result<(T, Account), StoreError> {
@@ -513,6 +552,7 @@ impl RedisStore {
         let index = &self.index_key(shard_of(self.settings.shards, id.as_str()));
         let missing = || StoreError::UnknownAccount(id.clone());
         let announce = announce.then_some(id.as_str());
+        let mut repeated: Vec<(ProducerId, u64)> = Vec::new();
         for attempt in 0..MAX_ATTEMPTS {
             if attempt >= EAGER_ATTEMPTS {
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
@@ -528,7 +568,7 @@ impl RedisStore {
             let mut account: Account = serde_json::from_str(&json).map_err(|e| corrupt(key, e))?;
             let catalog = self.catalog();
             let now = self.clock.now();
-            let (out, records, audit) = match change(&mut account, &catalog, now) {
+            let (out, records, audit) = match change(&mut account, &catalog, &repeated, now) {
                 Ok(out) => out,
                 Err(e) => {
                     *cache = Some((version, json));
@@ -543,6 +583,7 @@ impl RedisStore {
             if let Some(audit) = &audit {
                 items.audit(audit)?;
             }
+            let seen = self.seen(id, catalog.idempotency_window, now);
             match self
                 .write(
                     &[key, stream, index],
@@ -552,6 +593,7 @@ impl RedisStore {
                     announce,
                     &items,
                     Some(id.as_str()),
+                    Some(&seen),
                 )
                 .await?
             {
@@ -563,11 +605,42 @@ impl RedisStore {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     *cache = (v > 0).then_some((v, state));
                 }
+                Commit::Repeated(found) => {
+                    repeated.extend(
+                        found
+                            .iter()
+                            .filter_map(|i| records.get(*i))
+                            .map(|r| (r.journal.clone(), r.seq)),
+                    );
+                    *cache = Some((version, json));
+                }
             }
         }
         Err(StoreError::Busy(format!(
             "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
         )))
+    }
+
+    /// The request-id sets a commit on `id` at `now` checks, for an
+    /// idempotency window of `window` (see [`SEEN_BUCKETS`]):
+    /// `PREFIX:{SHARD}:seen:BUCKET_MS:N`, the current bucket first. Each
+    /// goes once the window has passed over its end (and a minute more,
+    /// for clocks that trail).
+    fn seen(&self, id: &AccountId, window: SignedDuration, now: Timestamp) -> Seen {
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX).max(SEEN_BUCKETS);
+        let bucket_ms = window_ms / SEEN_BUCKETS;
+        let current = now.as_millisecond().div_euclid(bucket_ms);
+        let shard = shard_of(self.settings.shards, id.as_str());
+        let prefix = &self.settings.prefix;
+        Seen {
+            keys: (0..=SEEN_BUCKETS)
+                .map(|back| format!("{prefix}:{{{shard}}}:seen:{bucket_ms}:{}", current - back))
+                .collect(),
+            until_ms: (current + 1)
+                .saturating_mul(bucket_ms)
+                .saturating_add(window_ms)
+                .saturating_add(WINDOW_MARGIN_SECONDS as i64 * 1000),
+        }
     }
 
     async fn shared(&self, id: &AccountId) -> Result<Account, StoreError> {
@@ -749,12 +822,12 @@ impl RedisStore {
     /// Redis could not be reached (its outcome is then unknown).
     async fn send(&self, id: &AccountId, gate: &mut Gate, sync: Sync) -> Result<(), StoreError> {
         let result = self
-            .update(id, &mut gate.cached, false, |account, catalog, now| {
-                let synced = account.sync(catalog, &sync, now)?;
-                Ok((synced.granted, synced.applied, None))
+            .update(id, &mut gate.cached, false, |account, catalog, repeated, now| {
+                let synced = account.sync(catalog, &sync, repeated, now)?;
+                Ok(((synced.granted, synced.duplicates), synced.applied, None))
             })
             .await;
-        let (granted, shared): (Granted, Account) = match result {
+        let ((granted, repeated), shared): ((Granted, Vec<Journaled>), Account) = match result {
             Ok(done) => done,
             // Outcome unknown or not reached: kept pending, resent as is.
             Err(e @ (StoreError::Unavailable(_) | StoreError::Busy(_))) => return Err(e),
@@ -778,7 +851,18 @@ impl RedisStore {
         if granted.lapsed {
             m.lease_expiries.inc();
         }
-        m.usage_records_applied.inc_by(sync.records.len() as u64);
+        m.usage_records_applied
+            .inc_by((sync.records.len() - repeated.len()) as u64);
+        m.usage_records_repeated.inc_by(repeated.len() as u64);
+        for entry in &repeated {
+            tracing::warn!(
+                account = %id,
+                request = %entry.record.request_id,
+                journal = %entry.journal,
+                seq = entry.seq,
+                "a usage record of a request id already recorded (a retry decided again); not applied, its charges given back"
+            );
+        }
         // Every record sent is applied now, or was before (a retry): its
         // journal entry is no longer needed.
         if !sync.records.is_empty() {
@@ -1457,11 +1541,13 @@ impl RedisStore {
                 Some(account.id.as_str()),
                 &entry,
                 Some(account.id.as_str()),
+                None,
             )
             .await?
         {
             Commit::Done(_) => Ok(()),
-            Commit::Moved(..) => Err(StoreError::AccountExists(account.id)),
+            // No records here, so never repeats.
+            Commit::Moved(..) | Commit::Repeated(_) => Err(StoreError::AccountExists(account.id)),
         }
     }
 
@@ -1476,7 +1562,7 @@ impl RedisStore {
         audit: Option<&AuditRecord>,
     ) -> Result<(Applied, Option<AuditRecord>), StoreError> {
         let ((reply, record), shared) = self
-            .update(id, &mut None, true, |account, catalog, now| {
+            .update(id, &mut None, true, |account, catalog, _, now| {
                 let (reply, record) = match audit {
                     Some(audit) => account.apply_audited(catalog, command.clone(), now, audit)?,
                     None => (account.apply(catalog, command.clone(), now)?, None),
@@ -1682,7 +1768,16 @@ impl Store for RedisStore {
             published.push(version.clone());
             let state = serde_json::to_string(&published).map_err(|e| corrupt(&key, e))?;
             if let Commit::Done(committed) = self
-                .write(&[&key], v, &state, now, Some("prices"), &StreamEntry::default(), None)
+                .write(
+                    &[&key],
+                    v,
+                    &state,
+                    now,
+                    Some("prices"),
+                    &StreamEntry::default(),
+                    None,
+                    None,
+                )
                 .await?
             {
                 self.install_prices(committed, published)?;

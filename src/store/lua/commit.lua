@@ -20,10 +20,19 @@
 -- ARGV[8]  the records as a JSON array
 -- ARGV[9]  the records as a tollgate.v1.UsageRecordBatch protobuf message
 --          (ARGV[8] and ARGV[9] are empty when ARGV[7] is 0)
--- ARGV[10] the name to index the record under, with KEYS[3]
+-- KEYS[4..] the sets of request-id fingerprints committed in the last
+--          idempotency window, one per time bucket, the current bucket
+--          first, if any
+-- ARGV[10] the name to index the record under, with KEYS[3] ("" for none)
+-- ARGV[11] the fingerprints of the records' request ids, 12 bytes each, in
+--          the records' order ("" for none)
+-- ARGV[12] when the current bucket's set may go, ms since the epoch
 --
--- Returns {1, new version} when committed, or {0, current version, current
--- state} when the record moved on (the caller recomputes from that state).
+-- Returns {1, new version} when committed; {0, current version, current
+-- state} when the record moved on (the caller recomputes from that state);
+-- or {2, current version, {i, ...}} when records i (from 1) are of request
+-- ids committed already, or earlier in this entry: nothing is written, and
+-- the caller recomputes with those records taken as repeats.
 local t = redis.call('TIME')
 local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local at = tonumber(ARGV[3])
@@ -36,9 +45,46 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, current, redis.call('HGET', KEYS[1], 'state') or ''}
 end
+local fingerprints = ARGV[11] or ''
+local n = #fingerprints / 12
+local function fingerprint(i)
+  return string.sub(fingerprints, i * 12 - 11, i * 12)
+end
+if n > 0 then
+  local repeated, here = {}, {}
+  for i = 1, n do
+    local fp = fingerprint(i)
+    local seen = here[fp]
+    if not seen then
+      for k = 4, #KEYS do
+        if redis.call('SISMEMBER', KEYS[k], fp) == 1 then
+          seen = true
+          break
+        end
+      end
+    end
+    if seen then
+      repeated[#repeated + 1] = i
+    end
+    here[fp] = true
+  end
+  if #repeated > 0 then
+    return {2, current, repeated}
+  end
+end
 redis.call('HSET', KEYS[1], 'v', current + 1, 'state', ARGV[2], 'at', ARGV[3])
-if KEYS[3] and ARGV[10] then
+if KEYS[3] and (ARGV[10] or '') ~= '' then
   redis.call('ZADD', KEYS[3], 0, ARGV[10])
+end
+if n > 0 then
+  for first = 1, n, 512 do
+    local members = {}
+    for i = first, math.min(n, first + 511) do
+      members[#members + 1] = fingerprint(i)
+    end
+    redis.call('SADD', KEYS[4], unpack(members))
+  end
+  redis.call('PEXPIREAT', KEYS[4], ARGV[12])
 end
 if tonumber(ARGV[7] or '0') > 0 then
   redis.call('XADD', KEYS[2], '*', 'count', ARGV[7], 'json', ARGV[8], 'pb', ARGV[9])
