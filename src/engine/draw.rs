@@ -204,6 +204,9 @@ impl Account {
             Need::Tokens { model, .. } => Some(*model),
             Need::Money(_) => None,
         };
+        // A mirror whose lease expired draws nothing new from its slices.
+        let lapsed = self.slices_lapsed(now);
+        let own = |available: i128| if lapsed { 0 } else { available };
         let mut caps = Capacities::new();
         let mut push = |source: SourceRef, cap: i128| {
             if cap > 0 {
@@ -231,7 +234,10 @@ impl Account {
                     }
                     if let Some(period) = current {
                         let source = SourceRef::Allowance { period };
-                        push(source.clone(), self.allowance.available() + amount_on(bonus, &source));
+                        push(
+                            source.clone(),
+                            own(self.allowance.available()) + amount_on(bonus, &source),
+                        );
                     }
                 }
                 SourceClass::Packs | SourceClass::Promo => {
@@ -250,14 +256,14 @@ impl Account {
                     }
                     for (id, lot) in ordered.iter().filter(|(_, lot)| lot.usable(lot_model, now)) {
                         let source = make((*id).clone());
-                        push(source.clone(), amount_on(bonus, &source) + lot.ledger.available());
+                        push(source.clone(), amount_on(bonus, &source) + own(lot.ledger.available()));
                     }
                 }
                 SourceClass::Paid | SourceClass::Credit if self.mirror.is_some() => {
                     // A mirror holds a slice of paid money (credit included):
                     // never below zero.
                     if *class == SourceClass::Paid {
-                        let slice = self.paid.available() + amount_on(bonus, &SourceRef::Paid);
+                        let slice = own(self.paid.available()) + amount_on(bonus, &SourceRef::Paid);
                         push(SourceRef::Paid, slice.max(0));
                     }
                 }

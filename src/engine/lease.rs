@@ -240,6 +240,10 @@ pub struct Mirror {
     /// New decisions from the slices stop here (the lease's expiry less a
     /// margin): past it, funds must be asked for.
     pub decide_until: Option<Timestamp>,
+    /// The lease's expiry as last granted. Past it the shared account may
+    /// have taken the slices back and lent them again: nothing new is
+    /// drawn from them, not even as the last word (holds keep their takes).
+    pub expires_at: Option<Timestamp>,
 }
 
 /// Credit is the paid ledger below zero: both are lent as `Paid`.
@@ -793,6 +797,7 @@ impl Account {
             .set_retry_hint(granted.retry_after_ms.map(std::time::Duration::from_millis));
         if let Some(m) = self.mirror.as_mut() {
             m.epoch = granted.epoch;
+            m.expires_at = Some(granted.expires_at);
         }
     }
 
@@ -929,6 +934,14 @@ impl Account {
     /// account, never as the last word).
     pub(crate) fn must_ask(&self) -> bool {
         self.mirror.as_ref().is_some_and(|m| !m.last_word)
+    }
+
+    /// Whether this mirror's lease has expired: its slices may be lent to
+    /// others by now.
+    pub(crate) fn slices_lapsed(&self, now: Timestamp) -> bool {
+        self.mirror
+            .as_ref()
+            .is_some_and(|m| m.expires_at.is_some_and(|t| now >= t))
     }
 
     /// Whether this mirror's lease is too old to decide new spending from.

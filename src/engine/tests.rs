@@ -951,6 +951,62 @@ fn a_repeated_request_is_charged_once_and_its_batch_mate_in_full() {
     assert_eq!(shared.paid.available(), 1_000_000 - 12_000);
 }
 
+/// A sidecar cut off from the store decides as the last word (the store
+/// contended, or an extend under a closed failure policy). Once its lease
+/// has expired, the shared account may have taken its slices back and lent
+/// them again: they are spent nowhere any more, and only the outage
+/// allowance (none here) may be drawn on.
+#[test]
+fn a_mirror_past_its_leases_expiry_never_spends_its_slices_as_the_last_word() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut a = Sidecar::new("a", &shared);
+    let mut b = Sidecar::new("b", &shared);
+    let now = t(NOW);
+    let reserve = |id: &str| Command::Reserve(req(id, "m", 10, 10));
+    let Reply::Reserve(ReserveOutcome::Allowed(r)) = a.apply(&mut shared, &c, reserve("a1"), now) else {
+        panic!("a borrows a slice")
+    };
+    let settle = Command::Settle {
+        reservation: r.reservation_id,
+        usage: usage(1, 1),
+    };
+    a.apply(&mut shared, &c, settle, now);
+    a.sync(&mut shared, &c, no_short(), false, now);
+    assert!(a.mirror.paid.available() > 0, "a has a slice left");
+    // a's lease expires; b takes everything there is.
+    let later = now + SignedDuration::from_secs(31);
+    for i in 0.. {
+        let Reply::Reserve(ReserveOutcome::Allowed(r)) = b.apply(&mut shared, &c, reserve(&format!("b{i}")), later)
+        else {
+            break;
+        };
+        let settle = Command::Settle {
+            reservation: r.reservation_id,
+            usage: usage(10, r.granted_output_tokens),
+        };
+        b.apply(&mut shared, &c, settle, later);
+    }
+    // a, still cut off, is asked to decide as the last word.
+    a.mirror.mirror.as_mut().unwrap().last_word = true;
+    let reply = a
+        .mirror
+        .apply(&c, Command::Reserve(req("a2", "m", 1, 1)), later)
+        .unwrap();
+    a.mirror.mirror.as_mut().unwrap().last_word = false;
+    assert!(
+        matches!(reply, Reply::Reserve(ReserveOutcome::Denied { .. })),
+        "decided from a slice that lapsed: {reply:?}"
+    );
+    for car in [&mut a, &mut b] {
+        car.sync(&mut shared, &c, no_short(), true, later);
+    }
+    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
+    assert!(shared.paid.available() >= 0);
+    assert_eq!(shared.paid.held, 0);
+}
+
 #[test]
 fn sidecars_on_leases_drain_an_account_exactly_and_never_below_zero() {
     let c = catalog();

@@ -892,8 +892,15 @@ impl RedisStore {
         local.mirror.refresh_mirror(shared);
         local.mirror.accept(granted);
         let margin = self.ttl() / 3;
+        let skew = self
+            .settings
+            .max_clock_skew
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .unwrap_or_default();
         if let Some(m) = local.mirror.mirror.as_mut() {
             m.decide_until = granted.expires_at.checked_sub(margin).ok();
+            // Another sidecar's clock may be ahead of this one's by as much.
+            m.expires_at = granted.expires_at.checked_sub(skew).ok();
             m.overdraft = 0;
         }
         local.outage_base = None;
