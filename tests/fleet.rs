@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use support::fleet::{Ledger, Sidecar, fleet, load, quiescent, shared_account, write_config};
+use support::fleet::{FLEET, Ledger, Sidecar, fleet, fleet_with, load, quiescent, shared_account, write_config};
 use support::redis::{RedisCluster, RedisServer};
 use tollgate::engine::Money;
 
@@ -69,7 +69,9 @@ async fn three_sidecars_on_a_redis_cluster_drain_one_account_exactly() {
 async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
     let redis = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let mut sidecars = fleet(3, dir.path(), &[redis.url()]);
+    // Holds lapse after a second.
+    let config = FLEET.replace("[plans.payg]", "[holds]\nttl_seconds = 1\n\n[plans.payg]");
+    let mut sidecars = fleet_with(3, dir.path(), &[redis.url()], &config);
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = load(&sidecars, 20, &stop).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -77,8 +79,9 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
     sidecars[0].kill();
     let lent_at_crash: i128 = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]).held;
     assert!(lent_at_crash > 0, "the fleet held slices when one crashed");
-    // The others go on; the crashed one's lease lapses 3 s after its last sync.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The others go on; the crashed one's lease lapses 3 s after its last
+    // sync, and what it held comes back a hold TTL later.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();

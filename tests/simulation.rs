@@ -584,6 +584,7 @@ impl World {
             charged: report.charged,
             unleased: report.unleased,
             returned: report.returned,
+            unbacked: Some(report.unbacked),
             permits_back: report.permits_back,
             records: local.journaled.clone(),
             want: match want_paid {
@@ -1003,9 +1004,9 @@ impl World {
                 self.sidecars[s].journal
             );
         }
-        // Leases of crashed processes lapse at their expiry, taken back by
-        // the next sync on their account.
-        self.now += TTL + SignedDuration::from_secs(1);
+        // Leases of crashed processes lapse at their expiry; what they held
+        // is taken back a hold TTL later, by the next sync on the account.
+        self.now += TTL + self.catalog.hold_ttl + SignedDuration::from_secs(1);
         for id in self.accounts.clone() {
             let mut tries = 0;
             while self.ensure_mirror(0, &id).is_err() || self.sync(0, &id, None, true, true).is_err() {

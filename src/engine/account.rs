@@ -466,7 +466,7 @@ impl Account {
                 }
             }
         }
-        self.lapse_leases(now);
+        self.lapse_leases(catalog.hold_ttl, now);
         Ok(())
     }
 

@@ -61,6 +61,27 @@ pub struct Lease {
     pub epoch: u64,
     /// The answer to report `seq`, returned again to its retries.
     pub last: Option<Granted>,
+    /// What the lease held when it lapsed, by epoch, oldest first: kept
+    /// held until no hold made under it can be charged any more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lapsed: Vec<Lapsed>,
+}
+
+/// The funds of a lapsed lease. Its sidecar may be cut off, not gone: it
+/// still settles the holds it made under the lease, and reports their
+/// charges when it is back. Lent to another sidecar meanwhile, the same
+/// funds would be spent twice, so they stay held, covering those charges,
+/// until a hold TTL has passed over the lease's expiry (a hold made under
+/// it lapses by then, unless extended), or until the sidecar reports that
+/// it starts anew.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lapsed {
+    /// The lease's epoch when it lapsed.
+    pub epoch: u64,
+    /// What it still holds.
+    pub held: Vec<Take>,
+    /// When what is left is taken back.
+    pub until: Timestamp,
 }
 
 /// A usage record as journaled by a sidecar, with what it charged: the
@@ -150,6 +171,10 @@ pub struct Sync {
     pub unleased: Vec<Take>,
     /// Given back since the last report.
     pub returned: Vec<Take>,
+    /// Held by open holds whose lease lapsed: what they may still charge
+    /// (see [`Lapsed`]), or `None` when the sidecar cannot tell (records
+    /// on their way to its journal carry charges of such holds).
+    pub unbacked: Option<Vec<Take>>,
     /// Permits given back (tokens below zero: usage beyond admission).
     pub permits_back: Lacking,
     /// Journaled records of this account, in journal order: each is
@@ -192,6 +217,8 @@ pub struct Report {
     pub unleased: Vec<Take>,
     /// Given up.
     pub returned: Vec<Take>,
+    /// Held by open holds whose lease lapsed.
+    pub unbacked: Vec<Take>,
     /// Permits given back.
     pub permits_back: Lacking,
 }
@@ -301,33 +328,72 @@ fn take_out(held: &mut Vec<Take>, source: &SourceRef, amount: i128) -> i128 {
     out
 }
 
+/// Takes up to `amount` of `source` out of what `lease` set aside when it
+/// lapsed: of `epoch`'s funds, or (`None`, charges of holds whose backing
+/// lapsed at an epoch the sidecar no longer knows) of any, oldest first.
+fn take_lapsed(lease: &mut Lease, epoch: Option<u64>, source: &SourceRef, amount: i128) -> i128 {
+    let mut out = 0;
+    for q in lease.lapsed.iter_mut().filter(|q| epoch.is_none_or(|e| q.epoch == e)) {
+        out += take_out(&mut q.held, source, amount - out);
+    }
+    lease.lapsed.retain(|q| !q.held.is_empty());
+    out
+}
+
 impl Account {
     // ---- shared side ----
 
-    /// Lapses leases whose expiry has passed: what they held is available
-    /// again (or forfeited, for a lot closed or a period ended since), their
-    /// concurrency slots are free.
-    pub(crate) fn lapse_leases(&mut self, now: Timestamp) {
-        let lapsed: Vec<ProducerId> = self
+    /// Lapses leases whose expiry has passed: their concurrency slots are
+    /// free, their funds set aside ([`Lapsed`]) for `hold_ttl`. Funds set
+    /// aside whose time is up are available again (or forfeited, for a lot
+    /// closed or a period ended since).
+    pub(crate) fn lapse_leases(&mut self, hold_ttl: SignedDuration, now: Timestamp) {
+        let due: Vec<ProducerId> = self
             .leases
             .iter()
-            .filter(|(_, l)| l.expires_at <= now && (!l.held.is_empty() || !l.permits.is_empty()))
+            .filter(|(_, l)| {
+                (l.expires_at <= now && (!l.held.is_empty() || !l.permits.is_empty()))
+                    || l.lapsed.iter().any(|q| q.until <= now)
+            })
             .map(|(id, _)| id.clone())
             .collect();
-        for id in lapsed {
-            if let Some(mut lease) = self.leases.remove(&id) {
-                self.take_back(&mut lease, now);
+        for id in due {
+            let Some(mut lease) = self.leases.remove(&id) else {
+                continue;
+            };
+            if lease.expires_at <= now && (!lease.held.is_empty() || !lease.permits.is_empty()) {
+                self.free_permits(&mut lease, now);
+                if !lease.held.is_empty() {
+                    lease.lapsed.push(Lapsed {
+                        epoch: lease.epoch,
+                        held: std::mem::take(&mut lease.held),
+                        until: lease.expires_at.checked_add(hold_ttl).unwrap_or(now),
+                    });
+                }
                 lease.epoch += 1;
-                self.leases.insert(id, lease);
             }
+            let (over, kept): (Vec<Lapsed>, Vec<Lapsed>) = lease.lapsed.drain(..).partition(|q| q.until <= now);
+            lease.lapsed = kept;
+            for q in over {
+                self.unhold(&q.held);
+            }
+            self.leases.insert(id, lease);
         }
     }
 
-    /// Takes back everything `lease` holds: its funds are available again,
-    /// its concurrency slots free.
+    /// Takes back everything `lease` holds, set-aside funds included: its
+    /// funds are available again, its concurrency slots free.
     fn take_back(&mut self, lease: &mut Lease, now: Timestamp) {
         self.unhold(&lease.held);
         lease.held.clear();
+        for q in std::mem::take(&mut lease.lapsed) {
+            self.unhold(&q.held);
+        }
+        self.free_permits(lease, now);
+    }
+
+    /// Frees the concurrency slots `lease` holds.
+    fn free_permits(&mut self, lease: &mut Lease, now: Timestamp) {
         for (key, p) in std::mem::take(&mut lease.permits) {
             let slots = Permits {
                 slots: p.slots,
@@ -341,8 +407,9 @@ impl Account {
     /// idempotency window (their reports can no longer be retried).
     pub(crate) fn prune_leases(&mut self, catalog: &Catalog, now: Timestamp) {
         if let Ok(horizon) = now.checked_sub(catalog.idempotency_window) {
-            self.leases
-                .retain(|_, l| !l.held.is_empty() || !l.permits.is_empty() || l.expires_at > horizon);
+            self.leases.retain(|_, l| {
+                !l.held.is_empty() || !l.permits.is_empty() || !l.lapsed.is_empty() || l.expires_at > horizon
+            });
         }
     }
 
@@ -378,6 +445,55 @@ impl Account {
                 Ok(model) => self.overrides().resolve(&plan.limits, &model)[2],
                 Err(_) => LimitSet::default(),
             },
+        }
+    }
+
+    /// Takes back what `lease` set aside beyond `unbacked`, per source,
+    /// newest first.
+    fn trim_lapsed(&mut self, lease: &mut Lease, unbacked: &[Take]) {
+        let mut keep: Vec<Take> = Vec::new();
+        merge(
+            &mut keep,
+            unbacked.iter().map(|t| Take {
+                source: lent_as(&t.source),
+                amount: t.amount,
+            }),
+        );
+        let mut back = Vec::new();
+        for q in lease.lapsed.iter_mut().rev() {
+            for t in &mut q.held {
+                let kept = keep.iter_mut().find(|k| k.source == t.source).map_or(0, |k| {
+                    let kept = k.amount.min(t.amount).max(0);
+                    k.amount -= kept;
+                    kept
+                });
+                back.push(Take {
+                    source: t.source.clone(),
+                    amount: t.amount - kept,
+                });
+                t.amount = kept;
+            }
+            q.held.retain(|t| t.amount != 0);
+        }
+        lease.lapsed.retain(|q| !q.held.is_empty());
+        back.retain(|t| t.amount > 0);
+        self.unhold(&back);
+    }
+
+    /// Charges `take`, of which `covered` came out of what a lease held
+    /// (charged from the hold), the rest as [`Account::charge_unleased`].
+    /// Returns the tokens no source could cover.
+    fn charge_covered(&mut self, take: &Take, covered: i128, now: Timestamp) -> u64 {
+        if covered > 0 {
+            self.charge_held(&[Take {
+                source: take.source.clone(),
+                amount: covered,
+            }]);
+        }
+        if take.amount > covered {
+            self.charge_unleased(&take.source, take.amount - covered, now)
+        } else {
+            0
         }
     }
 
@@ -447,6 +563,7 @@ impl Account {
                     seq: 0,
                     epoch: sync.epoch.checked_add(1).ok_or(EngineError::Overflow)?,
                     last: None,
+                    lapsed: Vec::new(),
                 },
                 sync.epoch != 0,
             ),
@@ -484,21 +601,19 @@ impl Account {
                 };
                 let covered = match backing {
                     Some(l) if l.epoch == entry.epoch => take_out(&mut l.held, &take.source, take.amount),
-                    _ => 0,
+                    Some(l) => take_lapsed(l, Some(entry.epoch), &take.source, take.amount),
+                    None => 0,
                 };
-                if covered > 0 {
-                    self.charge_held(&[Take {
-                        source: take.source.clone(),
-                        amount: covered,
-                    }]);
-                }
-                if take.amount > covered {
-                    written_off =
-                        written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
-                }
+                written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
             }
             for take in &entry.unleased {
-                written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount, now));
+                let backing = if entry.producer == sync.producer {
+                    Some(&mut lease)
+                } else {
+                    self.leases.get_mut(&entry.producer)
+                };
+                let covered = backing.map_or(0, |l| take_lapsed(l, None, &take.source, take.amount));
+                written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
             }
             self.journals.insert(entry.journal.clone(), entry.seq);
             if duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
@@ -520,37 +635,38 @@ impl Account {
         merge(&mut charged, sync.charged.iter().cloned());
         for take in &charged {
             let covered = if lapsed {
-                0
+                take_lapsed(&mut lease, Some(sync.epoch), &take.source, take.amount)
             } else {
                 take_out(&mut lease.held, &take.source, take.amount)
             };
-            if covered > 0 {
-                let t = [Take {
-                    source: take.source.clone(),
-                    amount: covered,
-                }];
-                self.charge_held(&t);
-            }
-            if take.amount > covered {
-                written_off =
-                    written_off.saturating_add(self.charge_unleased(&take.source, take.amount - covered, now));
-            }
+            written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
         }
         let mut unleased = Vec::new();
         merge(&mut unleased, sync.unleased.iter().cloned());
         for take in &unleased {
-            written_off = written_off.saturating_add(self.charge_unleased(&take.source, take.amount, now));
+            let covered = take_lapsed(&mut lease, None, &take.source, take.amount);
+            written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
         }
-        if !lapsed {
-            let mut returned = Vec::new();
-            merge(&mut returned, sync.returned.iter().cloned());
-            for take in &returned {
-                let back = take_out(&mut lease.held, &take.source, take.amount);
-                self.unhold(&[Take {
-                    source: take.source.clone(),
-                    amount: back,
-                }]);
-            }
+        if let (false, Some(unbacked)) = (lapsed, &sync.unbacked) {
+            // The sidecar knows of every lapse by now: of what was set
+            // aside, only what its open unbacked holds may still charge is
+            // kept.
+            self.trim_lapsed(&mut lease, unbacked);
+        }
+        let mut returned = Vec::new();
+        merge(&mut returned, sync.returned.iter().cloned());
+        for take in &returned {
+            // Given back from the slices of the epoch reported: after a
+            // lapse, from what was set aside of them.
+            let back = if lapsed {
+                take_lapsed(&mut lease, Some(sync.epoch), &take.source, take.amount)
+            } else {
+                take_out(&mut lease.held, &take.source, take.amount)
+            };
+            self.unhold(&[Take {
+                source: take.source.clone(),
+                amount: back,
+            }]);
         }
         for (key, back) in &sync.permits_back {
             // After a lapse only overruns count: the rest was taken back.
@@ -670,6 +786,9 @@ impl Account {
         let mut all = Vec::new();
         for lease in self.leases.values() {
             merge(&mut all, lease.held.iter().cloned());
+            for q in &lease.lapsed {
+                merge(&mut all, q.held.iter().cloned());
+            }
         }
         all
     }
@@ -846,6 +965,7 @@ impl Account {
             report.charged = std::mem::take(&mut m.charged);
             report.unleased = std::mem::take(&mut m.unleased);
             report.returned = std::mem::take(&mut m.returned);
+            report.unbacked = m.unbacked.clone();
         }
         report
     }

@@ -864,6 +864,7 @@ impl Sidecar {
             charged: report.charged,
             unleased: report.unleased,
             returned: report.returned,
+            unbacked: Some(report.unbacked),
             permits_back: report.permits_back,
             records,
             want: Vec::new(),
@@ -1007,6 +1008,83 @@ fn a_mirror_past_its_leases_expiry_never_spends_its_slices_as_the_last_word() {
     assert_eq!(shared.paid.held, 0);
 }
 
+/// Reserves and settles on `car` at `now` until the account runs dry;
+/// returns what was charged.
+fn drain(car: &mut Sidecar, shared: &mut Account, c: &Catalog, tag: &str, now: Timestamp) -> i128 {
+    let mut charged = 0;
+    for i in 0.. {
+        let reserve = Command::Reserve(req(&format!("{tag}{i}"), "m", 10, 10));
+        let Reply::Reserve(ReserveOutcome::Allowed(r)) = car.apply(shared, c, reserve, now) else {
+            return charged;
+        };
+        let settle = Command::Settle {
+            reservation: r.reservation_id,
+            usage: usage(10, r.granted_output_tokens),
+        };
+        let Reply::Settle(record) = car.apply(shared, c, settle, now) else {
+            panic!("a settle answers its record")
+        };
+        charged += record.total_money.picos();
+    }
+    unreachable!()
+}
+
+/// A sidecar cut off past its lease's expiry settles a hold it made under
+/// the lease, and reports when it is back. What the lease held was kept
+/// held meanwhile (for the hold TTL past the expiry), so the charge is
+/// covered and nothing of it went to another sidecar.
+#[test]
+fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut a = Sidecar::new("a", &shared);
+    let mut b = Sidecar::new("b", &shared);
+    let now = t(NOW);
+    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
+        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
+    else {
+        panic!("a holds a slice")
+    };
+    let later = now + SignedDuration::from_secs(31);
+    let drained = drain(&mut b, &mut shared, &c, "b", later);
+    let settle = Command::Settle {
+        reservation: r.reservation_id,
+        usage: usage(10, 10),
+    };
+    let Reply::Settle(record) = a.mirror.apply(&c, settle, later).unwrap() else {
+        panic!("a settle answers its record")
+    };
+    assert!(a.sync(&mut shared, &c, no_short(), false, later).lapsed);
+    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
+    assert_eq!(shared.paid.charged, drained + record.total_money.picos());
+    for car in [&mut a, &mut b] {
+        car.sync(&mut shared, &c, no_short(), true, later);
+    }
+    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.available(), 1_000_000 - shared.paid.charged);
+}
+
+/// A sidecar that never comes back: what its lapsed lease held is lent
+/// again once no hold made under it can be charged any more.
+#[test]
+fn a_vanished_sidecars_lease_comes_back_a_hold_ttl_after_it_lapsed() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut a = Sidecar::new("a", &shared);
+    let mut b = Sidecar::new("b", &shared);
+    let now = t(NOW);
+    a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now);
+    let held = shared.paid.held;
+    assert!(held > 0);
+    let first = drain(&mut b, &mut shared, &c, "b", now + SignedDuration::from_secs(31));
+    assert_eq!(first, 1_000_000 - held, "all but what a's lease held");
+    let after = now + SignedDuration::from_secs(30) + c.hold_ttl;
+    let second = drain(&mut b, &mut shared, &c, "c", after);
+    assert_eq!(first + second, 1_000_000, "then that too");
+}
+
 #[test]
 fn sidecars_on_leases_drain_an_account_exactly_and_never_below_zero() {
     let c = catalog();
@@ -1061,6 +1139,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         charged,
         unleased: Vec::new(),
         returned: Vec::new(),
+        unbacked: Some(Vec::new()),
         permits_back: Vec::new(),
         records: Vec::new(),
         want: vec![(SourceRef::Paid, 400_000)],
@@ -1100,17 +1179,34 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         shared.sync(&c, &ask(1, 1, vec![]), &[], now).is_err(),
         "an older report is refused"
     );
-    // The sidecar goes silent: at the expiry everything lent comes back.
+    // The sidecar goes silent: at the expiry what was lent is set aside,
+    // lent to nobody, for the hold TTL.
     let later = now + SignedDuration::from_secs(30);
     shared.apply(&c, Command::Balance, later).unwrap();
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.held, 337_500);
     assert_eq!(shared.leases[&producer].epoch, 2);
-    // A report from before the lapse still counts its charges.
+    // A report from before the lapse still counts its charges, out of what
+    // was set aside.
     let late = shared
         .sync(&c, &ask(3, 1, vec![take(SourceRef::Paid, 50_000)]), &[], later)
         .unwrap();
     assert!(late.granted.lapsed);
     assert_eq!(shared.paid.charged, 150_000);
+    assert_eq!(
+        shared.leases[&producer].lapsed[0].held,
+        vec![take(SourceRef::Paid, 287_500)]
+    );
+    // A hold TTL after each lease's expiry, the rest comes back.
+    let lent_late = late.granted.takes[0].amount;
+    shared.apply(&c, Command::Balance, later + c.hold_ttl).unwrap();
+    assert_eq!(
+        shared.paid.held, lent_late,
+        "the new lease's slice, set aside in its turn"
+    );
+    shared
+        .apply(&c, Command::Balance, later + SignedDuration::from_secs(30) + c.hold_ttl)
+        .unwrap();
+    assert_eq!(shared.paid.held, 0);
     assert_eq!(
         shared.paid.available() + shared.paid.held + shared.paid.charged,
         1_000_000
@@ -1184,7 +1280,7 @@ fn a_shared_account_survives_its_json_form_exactly() {
 }
 
 #[test]
-fn a_hold_that_outlives_its_lapsed_lease_is_charged_unleased_and_never_from_the_new_lease() {
+fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_never_from_the_new_lease() {
     let c = catalog();
     let mut shared = account(&c, "payg");
     top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
@@ -1193,15 +1289,18 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_unleased_and_never_from_the_
     let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
     assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
     assert_eq!(shared.paid.held, 50_000, "exactly the need was lent");
-    // Cut off longer than the lease: the shared account takes the slice back.
+    // Cut off longer than the lease: the shared account sets the slice
+    // aside, lent to nobody, for the hold TTL.
     let later = now + SignedDuration::from_secs(31);
     shared.apply(&c, Command::Balance, later).unwrap();
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.held, 50_000);
+    assert!(shared.leases[&car.producer].held.is_empty());
     // The sidecar is back and borrows for a new request under a new epoch.
     let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r2", "m", 10, 10)), later);
     assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
-    assert_eq!(shared.paid.held, 50_000, "r2's backing");
-    // r1 settles: its charge is applied unleased, r2's backing stays whole.
+    assert_eq!(shared.paid.held, 100_000, "r2's backing, and r1's set aside");
+    // r1 settles: its charge comes out of what was set aside, r2's backing
+    // stays whole.
     let settle = Command::Settle {
         reservation: "r1".parse_id(),
         usage: usage(10, 5),
@@ -1209,7 +1308,18 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_unleased_and_never_from_the_
     car.apply(&mut shared, &c, settle, later);
     car.sync(&mut shared, &c, no_short(), false, later);
     assert_eq!(shared.paid.charged, 30_000);
-    assert_eq!(shared.paid.held, 50_000, "r2's backing is untouched");
+    assert_eq!(shared.debt.charged, 0);
+    let lease = &shared.leases[&car.producer];
+    assert_eq!(
+        lease.held,
+        vec![take(SourceRef::Paid, 50_000)],
+        "r2's backing is untouched"
+    );
+    assert!(
+        lease.lapsed.is_empty(),
+        "r1's release came back: the sidecar holds nothing unbacked any more"
+    );
+    assert_eq!(shared.paid.held, 50_000);
     let m = &car.mirror;
     assert_eq!(m.paid.available(), 0, "what r1 released was not backed: gone");
     assert_eq!(
@@ -1245,11 +1355,16 @@ fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
     let later = now + SignedDuration::from_secs(31);
     a.apply(&mut shared, &c, Command::Release(r1.reservation_id), later);
     assert_eq!(a.mirror.paid.available(), 50_000);
-    // b syncs meanwhile: a's lease lapses and, holding nothing, is forgotten.
+    // b syncs meanwhile: a's lease lapses, what it held is set aside for a
+    // hold TTL, then taken back, and the lease, holding nothing, forgotten.
     b.sync(&mut shared, &c, no_short(), false, later);
+    assert_eq!(shared.paid.held, 50_000, "a's slice is set aside");
+    let gone = now + SignedDuration::from_secs(31) + c.hold_ttl;
+    b.sync(&mut shared, &c, no_short(), false, gone);
     assert_eq!(shared.paid.held, 0, "a's slice was taken back");
     assert!(!shared.leases.contains_key(&a.producer), "and a's lease forgotten");
     // a is back: it must drop the slice, not go on deciding from it.
+    let later = gone;
     let granted = a.sync(&mut shared, &c, no_short(), false, later);
     assert!(granted.lapsed, "a is told its lease lapsed");
     assert_eq!(a.mirror.paid.available(), 0, "a decides from nothing it lost");

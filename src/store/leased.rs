@@ -796,6 +796,9 @@ impl RedisStore {
                 charged: report.charged,
                 unleased: report.unleased,
                 returned: report.returned,
+                // Records on their way to the journal may carry charges of
+                // unbacked holds that are no longer in the report.
+                unbacked: local.appending.is_empty().then_some(report.unbacked),
                 permits_back: report.permits_back,
                 records: {
                     let below = local.appending.first().copied().unwrap_or(u64::MAX);
