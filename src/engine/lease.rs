@@ -72,8 +72,10 @@ pub struct Lease {
 /// charges when it is back. Lent to another sidecar meanwhile, the same
 /// funds would be spent twice, so they stay held, covering those charges,
 /// until a hold TTL has passed over the lease's expiry (a hold made under
-/// it lapses by then, unless extended), or until the sidecar reports that
-/// it starts anew.
+/// it lapses by then, unless extended). A sidecar back from the cut says
+/// in each report what its open holds of lapsed leases still hold: only
+/// that is kept, for a hold TTL from the report (they may be extended).
+/// A sidecar that starts anew (epoch 0) or leaves takes it all back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lapsed {
     /// The lease's epoch when it lapsed.
@@ -449,8 +451,9 @@ impl Account {
     }
 
     /// Takes back what `lease` set aside beyond `unbacked`, per source,
-    /// newest first.
-    fn trim_lapsed(&mut self, lease: &mut Lease, unbacked: &[Take]) {
+    /// newest first; keeps the rest at least `until` (holds still open may
+    /// have been extended).
+    fn trim_lapsed(&mut self, lease: &mut Lease, unbacked: &[Take], until: Timestamp) {
         let mut keep: Vec<Take> = Vec::new();
         merge(
             &mut keep,
@@ -474,6 +477,7 @@ impl Account {
                 t.amount = kept;
             }
             q.held.retain(|t| t.amount != 0);
+            q.until = q.until.max(until);
         }
         lease.lapsed.retain(|q| !q.held.is_empty());
         back.retain(|t| t.amount > 0);
@@ -651,7 +655,8 @@ impl Account {
             // The sidecar knows of every lapse by now: of what was set
             // aside, only what its open unbacked holds may still charge is
             // kept.
-            self.trim_lapsed(&mut lease, unbacked);
+            let until = now.checked_add(catalog.hold_ttl).map_err(|_| EngineError::Overflow)?;
+            self.trim_lapsed(&mut lease, unbacked, until);
         }
         let mut returned = Vec::new();
         merge(&mut returned, sync.returned.iter().cloned());
