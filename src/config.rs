@@ -314,7 +314,7 @@ impl Default for HoldsFile {
         HoldsFile {
             ttl_seconds: 900,
             on_expiry: "release".into(),
-            idempotency_window_seconds: 86_400,
+            idempotency_window_seconds: 3_600,
             recent_usage: 20,
         }
     }

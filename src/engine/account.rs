@@ -7,10 +7,11 @@
 //! made and every usage record emitted (invariant 1, conservation).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Arc, LazyLock};
 
-use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
 
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::draw::{SourceRef, Take};
@@ -227,8 +228,12 @@ pub struct Traffic {
     /// Open holds by expiry: lapsing holds and listing them never scans the
     /// closed reservations kept for idempotent replays.
     pub expiries: BTreeSet<(Timestamp, ReservationId)>,
-    /// Request ids seen, for idempotency.
+    /// Request ids seen, for idempotency, with their answers (for
+    /// [`ANSWERS_KEPT`] after they are closed).
     pub requests: Map<RequestId, Remembered>,
+    /// Request ids whose answers were let go, for the rest of the
+    /// idempotency window.
+    pub spent: Spent,
     /// The latest usage records, newest last.
     pub recent: VecDeque<Arc<UsageRecord>>,
     /// Records produced but not yet taken by the store for the usage sink.
@@ -241,8 +246,83 @@ impl Traffic {
         self.reservations.is_empty()
             && self.expiries.is_empty()
             && self.requests.is_empty()
+            && self.spent.is_empty()
             && self.recent.is_empty()
             && self.outbox.is_empty()
+    }
+}
+
+/// How long a request's answer is kept after the request is closed (a
+/// charge made, a reservation settled, released or lapsed), for retries to
+/// get it again; then only a 16-byte trace of the request is kept
+/// ([`Spent`]), for the rest of the idempotency window. Retries come within
+/// seconds; a day of full answers at 1,000 requests a second would take
+/// tens of gigabytes.
+pub const ANSWERS_KEPT: SignedDuration = SignedDuration::from_secs(60);
+
+/// Request ids whose answers were let go, in time slots of a quarter of the
+/// idempotency window: a slot goes whole once the window has passed over
+/// its end, so no set is ever pruned entry by entry (which would leave it
+/// full of tombstones and double it). A 64-bit fingerprint an id, about 16
+/// bytes with the sets' room: an hour's window at 1,000 requests a second
+/// takes tens of megabytes, not gigabytes. A retry of one is refused with
+/// a clear error; it is never decided (and charged) again.
+#[derive(Debug, Clone, Default)]
+pub struct Spent {
+    /// Oldest first: the slot's number and length in seconds, and the
+    /// fingerprints of the request ids closed in it.
+    slots: VecDeque<(i64, i64, Set<u64>)>,
+}
+
+/// Fingerprints are keyed by a seed drawn once per process: a caller cannot
+/// choose ids that collide.
+static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
+
+impl Spent {
+    /// Remembers `id`, closed `at`, in slots `slot` long.
+    pub fn insert(&mut self, id: &str, at: Timestamp, slot: SignedDuration) {
+        let length = slot.as_secs().max(1);
+        let number = at.as_second().div_euclid(length);
+        match self.slots.back_mut() {
+            // Closed a little before the newest slot began: kept with it, a
+            // little longer.
+            Some((newest, _, ids)) if *newest >= number => {
+                ids.insert(SEED.hash_one(id));
+            }
+            _ => {
+                let mut ids = Set::default();
+                ids.insert(SEED.hash_one(id));
+                self.slots.push_back((number, length, ids));
+            }
+        }
+    }
+
+    /// Whether `id` is remembered.
+    pub fn contains(&self, id: &str) -> bool {
+        let key = SEED.hash_one(id);
+        self.slots.iter().rev().any(|(_, _, ids)| ids.contains(&key))
+    }
+
+    /// Forgets the slots that ended before `horizon`.
+    pub fn prune(&mut self, horizon: Timestamp) {
+        let horizon = horizon.as_second();
+        while self
+            .slots
+            .front()
+            .is_some_and(|(number, length, _)| (number + 1).saturating_mul(*length) <= horizon)
+        {
+            self.slots.pop_front();
+        }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.slots.iter().map(|(_, _, ids)| ids.len()).sum()
+    }
+
+    /// None.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 }
 
@@ -473,21 +553,43 @@ impl Account {
     /// Forgets closed reservations and request ids older than the
     /// idempotency window, and idle limit buckets.
     pub fn prune(&mut self, catalog: &Catalog, now: Timestamp) {
-        let Ok(horizon) = now.checked_sub(catalog.idempotency_window) else {
+        let (Ok(horizon), Ok(answers)) = (
+            now.checked_sub(catalog.idempotency_window),
+            now.checked_sub(catalog.idempotency_window.min(ANSWERS_KEPT)),
+        ) else {
             return;
         };
         if let Some(traffic) = self.traffic.as_deref_mut() {
-            traffic.reservations.retain(|_, r| match r {
+            // Closed reservations whose answers go now, with when they closed.
+            let mut closed: Map<ReservationId, Timestamp> = Map::default();
+            traffic.reservations.retain(|id, r| match r {
                 Reservation::Open(_) => true,
                 Reservation::Settled { closed_at, .. }
                 | Reservation::Released { closed_at, .. }
-                | Reservation::Expired { closed_at } => *closed_at > horizon,
+                | Reservation::Expired { closed_at } => {
+                    if *closed_at <= answers {
+                        closed.insert(id.clone(), *closed_at);
+                    }
+                    *closed_at > answers
+                }
             });
             let reservations = &traffic.reservations;
-            traffic.requests.retain(|_, r| match r {
-                Remembered::Reserved { reservation, .. } => reservations.contains_key(reservation),
-                Remembered::Charged { at, .. } => *at > horizon,
+            let spent = &mut traffic.spent;
+            traffic.requests.retain(|id, r| {
+                let gone_at = match r {
+                    Remembered::Reserved { reservation, .. } if reservations.contains_key(reservation) => {
+                        return true;
+                    }
+                    Remembered::Reserved { reservation, .. } => closed.get(reservation).copied(),
+                    Remembered::Charged { at, .. } if *at > answers => return true,
+                    Remembered::Charged { at, .. } => Some(*at),
+                };
+                if let Some(at) = gone_at.filter(|at| *at > horizon) {
+                    spent.insert(id.as_str(), at, catalog.idempotency_window / 4);
+                }
+                false
             });
+            traffic.spent.prune(horizon);
             self.shed_traffic();
         }
         self.buckets.prune(now);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::account::{Account, Hold, Lot, Remembered, Reservation};
+use super::account::{ANSWERS_KEPT, Account, Hold, Lot, Remembered, Reservation};
 use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need, SourceRef, Take};
 use super::error::EngineError;
@@ -304,6 +304,7 @@ impl Account {
                 _ => Err(reused(&req.request_id)),
             };
         }
+        self.refuse_spent(&req.request_id)?;
         let plan = self.plan_of(catalog)?;
         let limits = self.applicable(plan, req.api_key_id.as_ref(), &req.model);
         let deny = |account: &Account, denial, message: String| {
@@ -446,8 +447,24 @@ impl Account {
             Some(Reservation::Expired { .. }) => Err(EngineError::Precondition(format!(
                 "reservation {id} expired at its TTL; charge late usage with Charge"
             ))),
+            None if self.traffic().spent.contains(id.as_str()) => Err(EngineError::Precondition(format!(
+                "reservation {id} was closed more than {} s ago; its outcome is no longer kept",
+                ANSWERS_KEPT.as_secs()
+            ))),
             None => Err(EngineError::NotFound(format!("reservation {id}"))),
         }
+    }
+
+    /// Refuses a request whose answer was let go ([`Spent`]): it is never
+    /// decided (or charged) again.
+    fn refuse_spent(&self, id: &RequestId) -> Result<(), EngineError> {
+        if self.traffic().spent.contains(id.as_str()) {
+            return Err(EngineError::Precondition(format!(
+                "request {id} was answered more than {} s ago; its answer is no longer kept",
+                ANSWERS_KEPT.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     fn hold_rates(&self, catalog: &Catalog, hold: &Hold, prompt_tokens: u64) -> Result<Rates, EngineError> {
@@ -625,6 +642,7 @@ impl Account {
                 _ => Err(reused(&req.request_id)),
             };
         }
+        self.refuse_spent(&req.request_id)?;
         let plan = self.plan_of(catalog)?;
         if self.suspended {
             return Ok(ChargeOutcome::Denied(

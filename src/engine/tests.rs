@@ -241,6 +241,52 @@ fn an_idle_account_forgets_its_requests_and_frees_their_state() {
     assert!(a.traffic.is_none(), "everything forgotten, the state is freed");
 }
 
+/// A minute after a request closes its answer is let go; for the rest of
+/// the idempotency window a fingerprint refuses a retry, or a reuse with
+/// other content, with a clear error (never a second charge).
+#[test]
+fn answers_go_after_a_minute_and_retries_are_refused_for_the_rest_of_the_window() {
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let charge = ChargeRequest {
+        request_id: "c1".parse_id(),
+        api_key_id: None,
+        model: None,
+        tier: TierId::default_tier(),
+        what: ChargeWhat::Money(Money::from_picos(7)),
+    };
+    a.charge(&c, &charge, t(NOW)).unwrap();
+    let r = allowed(a.reserve(&c, &req("r1", "m", 100, 1000), t(NOW)).unwrap());
+    a.settle(&c, &r.reservation_id, usage(100, 10), t(NOW)).unwrap();
+    let charged = a.paid.charged;
+    let later = t(NOW) + super::account::ANSWERS_KEPT + SignedDuration::from_secs(1);
+    a.prune(&c, later);
+    let traffic = a.traffic.as_deref().unwrap();
+    assert!(traffic.requests.is_empty() && traffic.reservations.is_empty());
+    assert_eq!(traffic.spent.len(), 2);
+    let no_longer_kept = |e: EngineError| matches!(&e, EngineError::Precondition(m) if m.contains("no longer kept"));
+    assert!(no_longer_kept(a.charge(&c, &charge, later).unwrap_err()));
+    assert!(no_longer_kept(
+        a.reserve(&c, &req("r1", "m", 100, 1000), later).unwrap_err()
+    ));
+    assert!(no_longer_kept(
+        a.settle(&c, &r.reservation_id, usage(100, 10), later).unwrap_err()
+    ));
+    let other = ChargeRequest {
+        what: ChargeWhat::Money(Money::from_picos(8)),
+        ..charge.clone()
+    };
+    assert!(no_longer_kept(a.charge(&c, &other, later).unwrap_err()));
+    assert_eq!(a.paid.charged, charged, "nothing decided again");
+    // Past the window (and the quarter of it its time slot may add), the
+    // id is new.
+    let after = t(NOW) + c.idempotency_window + c.idempotency_window / 4 + SignedDuration::from_secs(61);
+    a.prune(&c, after);
+    assert!(a.traffic.as_deref().is_none_or(|t| t.spent.is_empty()));
+    assert!(matches!(a.charge(&c, &charge, after), Ok(ChargeOutcome::Charged(_))));
+}
+
 #[test]
 fn grant_shrinks_to_what_funds_cover() {
     let c = catalog();
