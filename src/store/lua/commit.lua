@@ -50,23 +50,33 @@ local n = #fingerprints / 12
 local function fingerprint(i)
   return string.sub(fingerprints, i * 12 - 11, i * 12)
 end
+-- Fingerprints are checked 512 at a time with one SMISMEMBER per bucket
+-- (Redis 6.2 or later): a few calls per commit, not per record.
+local CHUNK = 512
 if n > 0 then
   local repeated, here = {}, {}
-  for i = 1, n do
-    local fp = fingerprint(i)
-    local seen = here[fp]
-    if not seen then
-      for k = 4, #KEYS do
-        if redis.call('SISMEMBER', KEYS[k], fp) == 1 then
-          seen = true
-          break
+  for first = 1, n, CHUNK do
+    local last = math.min(n, first + CHUNK - 1)
+    local members = {}
+    for i = first, last do
+      members[#members + 1] = fingerprint(i)
+    end
+    local seen = {}
+    for k = 4, #KEYS do
+      local found = redis.call('SMISMEMBER', KEYS[k], unpack(members))
+      for j = 1, #found do
+        if found[j] == 1 then
+          seen[j] = true
         end
       end
     end
-    if seen then
-      repeated[#repeated + 1] = i
+    for j = 1, #members do
+      local fp = members[j]
+      if seen[j] or here[fp] then
+        repeated[#repeated + 1] = first + j - 1
+      end
+      here[fp] = true
     end
-    here[fp] = true
   end
   if #repeated > 0 then
     return {2, current, repeated}
@@ -77,9 +87,9 @@ if KEYS[3] and (ARGV[10] or '') ~= '' then
   redis.call('ZADD', KEYS[3], 0, ARGV[10])
 end
 if n > 0 then
-  for first = 1, n, 512 do
+  for first = 1, n, CHUNK do
     local members = {}
-    for i = first, math.min(n, first + 511) do
+    for i = first, math.min(n, first + CHUNK - 1) do
       members[#members + 1] = fingerprint(i)
     end
     redis.call('SADD', KEYS[4], unpack(members))
