@@ -637,12 +637,17 @@ impl Account {
         }
         let mut charged = Vec::new();
         merge(&mut charged, sync.charged.iter().cloned());
-        for take in &charged {
-            let covered = if lapsed {
-                take_lapsed(&mut lease, Some(sync.epoch), &take.source, take.amount)
+        // Charged from or given back to the slices of the epoch reported:
+        // after a lapse, what was set aside of them.
+        let of_epoch = |lease: &mut Lease, take: &Take| {
+            if lapsed {
+                take_lapsed(lease, Some(sync.epoch), &take.source, take.amount)
             } else {
                 take_out(&mut lease.held, &take.source, take.amount)
-            };
+            }
+        };
+        for take in &charged {
+            let covered = of_epoch(&mut lease, take);
             written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
         }
         let mut unleased = Vec::new();
@@ -661,13 +666,7 @@ impl Account {
         let mut returned = Vec::new();
         merge(&mut returned, sync.returned.iter().cloned());
         for take in &returned {
-            // Given back from the slices of the epoch reported: after a
-            // lapse, from what was set aside of them.
-            let back = if lapsed {
-                take_lapsed(&mut lease, Some(sync.epoch), &take.source, take.amount)
-            } else {
-                take_out(&mut lease.held, &take.source, take.amount)
-            };
+            let back = of_epoch(&mut lease, take);
             self.unhold(&[Take {
                 source: take.source.clone(),
                 amount: back,
