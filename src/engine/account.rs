@@ -254,7 +254,7 @@ impl Traffic {
 
 /// How long a request's answer is kept after the request is closed (a
 /// charge made, a reservation settled, released or lapsed), for retries to
-/// get it again; then only a 16-byte trace of the request is kept
+/// get it again; then only a 64-bit fingerprint of its id is kept
 /// ([`Spent`]), for the rest of the idempotency window. Retries come within
 /// seconds; a day of full answers at 1,000 requests a second would take
 /// tens of gigabytes.

@@ -1111,6 +1111,52 @@ fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
     assert_eq!(shared.paid.available(), 1_000_000 - shared.paid.charged);
 }
 
+/// A hold whose lease lapsed is extended while its sidecar, back from the
+/// cut, reports it: what was set aside for it stays past the lease's
+/// expiry plus a hold TTL, so its settle is still covered.
+///
+/// Fails today, for a reason outside the set-aside: the extend releases the
+/// hold's takes and holds them again, and `settle_unbacked` counts the
+/// release as the unbacked hold's end, so the mirror reports nothing
+/// unbacked and later charges the hold as leased at the new epoch.
+#[test]
+#[ignore = "an extend makes an unbacked hold look backed (see the doc comment)"]
+fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut a = Sidecar::new("a", &shared);
+    let mut b = Sidecar::new("b", &shared);
+    let now = t(NOW);
+    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
+        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
+    else {
+        panic!("a holds a slice")
+    };
+    let at = |s: i64| now + SignedDuration::from_secs(s);
+    assert!(a.sync(&mut shared, &c, no_short(), false, at(31)).lapsed);
+    // Extended from its own takes (the stream goes on), then reported.
+    let extend = Command::Extend {
+        reservation: r.reservation_id.clone(),
+        max_output_tokens: 10,
+    };
+    a.mirror.mirror.as_mut().unwrap().last_word = true;
+    a.mirror.apply(&c, extend, at(55)).unwrap();
+    a.mirror.mirror.as_mut().unwrap().last_word = false;
+    a.sync(&mut shared, &c, no_short(), false, at(55));
+    // Past the lease's expiry plus a hold TTL (90 s), b takes all there is.
+    let drained = drain(&mut b, &mut shared, &c, "b", at(100));
+    assert_eq!(drained, 1_000_000 - 50_000, "all but what the extended hold needs");
+    let settle = Command::Settle {
+        reservation: r.reservation_id,
+        usage: usage(10, 10),
+    };
+    a.mirror.apply(&c, settle, at(100)).unwrap();
+    a.sync(&mut shared, &c, no_short(), true, at(100));
+    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
+    assert_eq!(shared.paid.charged, 1_000_000);
+}
+
 /// A sidecar that never comes back: what its lapsed lease held is lent
 /// again once no hold made under it can be charged any more.
 #[test]
