@@ -313,7 +313,7 @@ impl Account {
         if let Some(log) = self.mirror.as_mut() {
             super::lease::merge(&mut log.charged, charged.iter().cloned());
         }
-        self.settle_unbacked(released, charged);
+        self.settle_unbacked(released, held, charged);
         let mut sources: Vec<&SourceRef> = released.iter().map(|t| &t.source).collect();
         sources.sort();
         sources.dedup();

@@ -978,7 +978,7 @@ impl Account {
     /// holds (see [`Mirror::unbacked`]): their charges move to the
     /// unleased log, what they give back is forfeited here and not
     /// returned. Called by `rebalance` after it logged them.
-    pub(crate) fn settle_unbacked(&mut self, released: &[Take], charged: &[Take]) {
+    pub(crate) fn settle_unbacked(&mut self, released: &[Take], held: &[Take], charged: &[Take]) {
         if self.mirror.as_ref().is_none_or(|m| m.unbacked.is_empty()) {
             return;
         }
@@ -994,7 +994,9 @@ impl Account {
                     .map(|t| t.amount)
                     .sum()
             };
-            let (freed, spent) = (sum(released), sum(charged));
+            // What is held again (an extend re-plans its hold) stays
+            // unbacked: only the net release ends any of it.
+            let (freed, spent) = (sum(released) - sum(held), sum(charged));
             let Some(m) = self.mirror.as_mut() else {
                 return;
             };

@@ -1113,14 +1113,10 @@ fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
 
 /// A hold whose lease lapsed is extended while its sidecar, back from the
 /// cut, reports it: what was set aside for it stays past the lease's
-/// expiry plus a hold TTL, so its settle is still covered.
-///
-/// Fails today, for a reason outside the set-aside: the extend releases the
-/// hold's takes and holds them again, and `settle_unbacked` counts the
-/// release as the unbacked hold's end, so the mirror reports nothing
-/// unbacked and later charges the hold as leased at the new epoch.
+/// expiry plus a hold TTL, so its settle is still covered. (The extend
+/// releases the hold's takes and holds them again; that release once ended
+/// the hold's unbacked status, and its settle went to debt.)
 #[test]
-#[ignore = "an extend makes an unbacked hold look backed (see the doc comment)"]
 fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
     let c = catalog();
     let mut shared = account(&c, "payg");
