@@ -319,6 +319,17 @@ fn merge_permits(into: &mut Vec<(BucketKey, Permits)>, key: &BucketKey, p: Permi
 }
 
 /// Removes up to `amount` of `source` from `held`; returns how much.
+/// Takes up to `take`'s amount of its source out of `skip`.
+fn skip_of(skip: &mut Vec<Take>, take: &Take) -> i128 {
+    let Some(t) = skip.iter_mut().find(|t| t.source == take.source) else {
+        return 0;
+    };
+    let out = t.amount.min(take.amount).max(0);
+    t.amount -= out;
+    skip.retain(|t| t.amount != 0);
+    out
+}
+
 fn take_out(held: &mut Vec<Take>, source: &SourceRef, amount: i128) -> i128 {
     let source = lent_as(source);
     let Some(t) = held.iter_mut().find(|t| t.source == source) else {
@@ -501,6 +512,26 @@ impl Account {
         }
     }
 
+    /// Charges `take` as [`Account::charge_covered`] does, less `skip` of
+    /// it (a repeated request's own charges): that comes off the part no
+    /// lease covered first, and what a lease covered of it goes back to
+    /// the source.
+    fn charge_skipping(&mut self, take: &Take, covered: i128, skip: i128, now: Timestamp) -> u64 {
+        let skip_uncovered = skip.min(take.amount - covered).max(0);
+        let skip_covered = (skip - skip_uncovered).min(covered).max(0);
+        if skip_covered > 0 {
+            self.unhold(&[Take {
+                source: take.source.clone(),
+                amount: skip_covered,
+            }]);
+        }
+        let charged = Take {
+            source: take.source.clone(),
+            amount: take.amount - skip_uncovered - skip_covered,
+        };
+        self.charge_covered(&charged, covered - skip_covered, now)
+    }
+
     /// Charges `amount` of `source` that no lease holds (reported after its
     /// lease lapsed): as far as the source allows, money beyond it as debt.
     /// Returns the tokens no source could cover.
@@ -592,6 +623,16 @@ impl Account {
         let mut applied = Vec::new();
         let mut repeated = Vec::new();
         let mut written_off = 0u64;
+        // A repeated request's own charges are not charged: they come off
+        // the takes that carry them (the first record of a batch carries
+        // the whole batch's), and what a lease held for them goes back.
+        let mut skip: Vec<Take> = Vec::new();
+        for entry in &sync.records {
+            let done = self.journals.get(&entry.journal).copied().unwrap_or(0);
+            if entry.seq > done && duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
+                merge(&mut skip, entry.record.charges.iter().filter(|t| t.amount > 0).cloned());
+            }
+        }
         for entry in &sync.records {
             let done = self.journals.get(&entry.journal).copied().unwrap_or(0);
             if entry.seq <= done {
@@ -608,7 +649,8 @@ impl Account {
                     Some(l) => take_lapsed(l, Some(entry.epoch), &take.source, take.amount),
                     None => 0,
                 };
-                written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
+                let skipped = skip_of(&mut skip, take);
+                written_off = written_off.saturating_add(self.charge_skipping(take, covered, skipped, now));
             }
             for take in &entry.unleased {
                 let backing = if entry.producer == sync.producer {
@@ -617,15 +659,11 @@ impl Account {
                     self.leases.get_mut(&entry.producer)
                 };
                 let covered = backing.map_or(0, |l| take_lapsed(l, None, &take.source, take.amount));
-                written_off = written_off.saturating_add(self.charge_covered(take, covered, now));
+                let skipped = skip_of(&mut skip, take);
+                written_off = written_off.saturating_add(self.charge_skipping(take, covered, skipped, now));
             }
             self.journals.insert(entry.journal.clone(), entry.seq);
             if duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
-                // The entry's charges are its batch's (the first record of
-                // a batch carries them all): applied as usual above, then
-                // this record's own charges given back, as far as they were
-                // charged here.
-                self.give_back_duplicate(&entry.record)?;
                 repeated.push(entry.clone());
             } else {
                 applied.push(entry.clone());
@@ -718,21 +756,6 @@ impl Account {
             applied,
             duplicates: repeated,
         })
-    }
-
-    /// Gives back what `record`, a second record of a request id already
-    /// recorded, charged: each ledger at most what it was charged (charges
-    /// written off when they were applied are not given back).
-    fn give_back_duplicate(&mut self, record: &UsageRecord) -> Result<(), EngineError> {
-        let charges: Vec<Take> = record.charges.iter().filter(|t| t.amount > 0).cloned().collect();
-        let mut per_source = super::ops::per_ledger(&charges)?;
-        for (source, amount) in per_source.iter_mut() {
-            let charged = self.ledger_mut(source).map_or(0, |l| l.charged);
-            *amount = (*amount).min(charged).max(0);
-        }
-        per_source.retain(|_, amount| *amount > 0);
-        self.give_back_charged(per_source);
-        Ok(())
     }
 
     fn lend(
