@@ -6,6 +6,8 @@
 //!
 //! - [`engine`]: pure accounting (money, prices, periods, sources, holds,
 //!   limits); no I/O, no clock, no async.
+//! - [`lease`]: the sidecar's lease protocol (mirror, syncs, decisions),
+//!   without I/O; the Redis store drives it.
 //! - [`store`]: the `Store` trait, the embedded `memory` store, and the
 //!   Redis store with leases.
 //! - [`journal`]: the local, durable usage journal in front of Redis.
@@ -40,6 +42,7 @@ pub mod engine;
 pub mod fuzzing;
 pub mod http;
 pub mod journal;
+pub mod lease;
 pub mod loadgen;
 pub mod metrics;
 pub mod reload;

@@ -185,6 +185,15 @@ pub enum Reply {
     Done,
 }
 
+/// A command's reply and the records it produced.
+#[derive(Debug)]
+pub struct Applied {
+    /// The engine's answer.
+    pub reply: Reply,
+    /// Usage records to emit (lapsed holds charged in full, settles, charges).
+    pub records: Vec<Arc<UsageRecord>>,
+}
+
 impl Account {
     /// Runs an operator's `command` under the adjustment id and with the
     /// audit record `audit` names. The first time, it applies and returns

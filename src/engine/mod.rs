@@ -37,7 +37,7 @@ pub mod window;
 
 pub use account::{Account, Ledger};
 pub use catalog::{Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass};
-pub use command::{Command, Reply, Snapshot};
+pub use command::{Applied, Command, Reply, Snapshot};
 pub use error::EngineError;
 pub use money::Money;
 pub use ops::{ChargeOutcome, ChargeRequest, ChargeWhat, Denial, ReserveOutcome, ReserveRequest};

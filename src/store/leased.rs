@@ -37,7 +37,7 @@
 //! guard across an `.await`. The whole order, for both stores, is in
 //! `docs/architecture.md` (Lock order).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -51,53 +51,17 @@ use super::redis::Redis;
 use super::{Applied, Health, JournalHealth, Store, StoreError};
 use crate::clock::{Clock, OffsetClock};
 use crate::engine::catalog::OutagePolicy;
-use crate::engine::draw::SourceRef;
 use crate::engine::ids::{AccountId, ProducerId, VersionId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
-use crate::engine::limits::Permits;
 use crate::engine::pricing::{PriceBook, PriceVersion};
 use crate::engine::record::{AuditRecord, request_fingerprint};
 use crate::engine::window::WindowShare;
-use crate::engine::{
-    Account, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
-};
+use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
 use crate::journal::{Entry, Journal};
+use crate::lease::{Context, Decide, Failure, Local, Next, Numbering, Purpose, SyncOutcome, Upkeep};
 use crate::metrics::metrics;
 
-/// How leases are sized and kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseSettings {
-    /// A lease lapses this long after its last sync.
-    pub ttl: Duration,
-    /// A slice covers this much of the sidecar's recent burn.
-    pub horizon: Duration,
-    /// Slices unused this long go back.
-    pub idle_return: Duration,
-    /// Charges are reported at least this often.
-    pub report_interval: Duration,
-    /// How far the instant a change is computed at may be from Redis's
-    /// clock (`None`: unchecked, for simulated clocks).
-    pub max_clock_skew: Option<Duration>,
-    /// Key prefix.
-    pub prefix: String,
-    /// Logical shards: accounts map to shards by a hash of their id; each
-    /// shard is one hash tag, with its own usage stream.
-    pub shards: u32,
-}
-
-impl Default for LeaseSettings {
-    fn default() -> Self {
-        LeaseSettings {
-            ttl: Duration::from_secs(30),
-            horizon: Duration::from_secs(2),
-            idle_return: Duration::from_secs(10),
-            report_interval: Duration::from_secs(1),
-            max_clock_skew: Some(Duration::from_secs(2)),
-            prefix: "tollgate".into(),
-            shards: 1,
-        }
-    }
-}
+pub use crate::lease::LeaseSettings;
 
 /// Counters of what the store did, for tests, benchmarks and logs.
 #[derive(Debug, Default)]
@@ -117,44 +81,10 @@ pub struct Stats {
     pub window_hits_held: AtomicU64,
 }
 
-/// A command the mirror refused, with the records time made meanwhile.
-type Refused = (EngineError, Vec<Arc<UsageRecord>>);
-
-/// One account's mirror and what this process knows around it.
-struct Local {
-    mirror: Account,
-    last_used: Instant,
-    last_sync: Instant,
-    /// Consumption per source at the last tick, and the burn rate (units
-    /// per second, smoothed).
-    used: HashMap<SourceRef, i128>,
-    burn: HashMap<SourceRef, f64>,
-    /// Requests and tokens admitted since the last tick, and their rates.
-    admitted: (u64, u64),
-    rates: (f64, f64),
-    measured_at: Instant,
-    /// An announcement arrived: read the shared state again.
-    stale: bool,
-    /// Debt owed by this mirror when the current outage began.
-    outage_base: Option<i128>,
-    /// Journaled records of this account not yet applied to Redis.
-    journaled: Vec<Journaled>,
-    /// Sequence numbers of this account's records on their way to the
-    /// journal: a sync sends only records numbered below all of them, so
-    /// the shared account sees each journal's records in order.
-    appending: BTreeSet<u64>,
-    /// Records time made while a command was refused (a lapsed hold
-    /// charged in full): journaled with their charges at once, handed to
-    /// the caller with the next command's.
-    untold: Vec<Arc<UsageRecord>>,
-}
-
-/// Serializes syncs of one account, and keeps what they need between runs.
+/// Serializes syncs of one account, and keeps the shared record between
+/// them.
 #[derive(Default)]
 struct Gate {
-    /// A sync sent but not acknowledged: resent as is (same sequence), so
-    /// it is applied exactly once.
-    pending: Option<Sync>,
     /// The shared record as last read or written: version and JSON.
     cached: Option<(u64, String)>,
 }
@@ -238,16 +168,6 @@ struct Catalogs {
     installed: Arc<Catalog>,
 }
 
-/// What one account's upkeep needs this round.
-enum Upkeep {
-    /// Report and give back everything unused (idle).
-    GiveBack,
-    /// Report, renew, refill.
-    Sync,
-    /// Read settings again (an announcement arrived).
-    Refresh,
-}
-
 /// How a commit ended.
 enum Commit {
     Done(u64),
@@ -314,10 +234,6 @@ pub struct RedisStore {
 /// After a failed call, Redis is not tried again for this long (the
 /// background task probes it; decisions use the failure policy meanwhile).
 const BACKOFF: Duration = Duration::from_millis(500);
-
-/// How many syncs one decision may ask for before deciding as the last
-/// word.
-const ASKS: usize = 6;
 
 /// How long shutdown keeps trying to report and return leases.
 const CLOSE_RETRIES: Duration = Duration::from_secs(5);
@@ -423,10 +339,6 @@ impl RedisStore {
     /// The channel admin changes are announced on.
     pub fn changes_channel(&self) -> String {
         format!("{}:changes", self.settings.prefix)
-    }
-
-    fn ttl(&self) -> SignedDuration {
-        SignedDuration::try_from(self.settings.ttl).unwrap_or(SignedDuration::from_secs(30))
     }
 
     // ---- Redis calls, each counted and guarded by the backoff ----
@@ -707,9 +619,8 @@ impl RedisStore {
             return Ok(());
         }
         let shared = self.shared(id).await?;
-        let now = Instant::now();
         if let dashmap::Entry::Vacant(slot) = self.mirrors.entry(id.clone()) {
-            let mut replayed: Vec<Entry> = {
+            let replayed: Vec<Entry> = {
                 let mut waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
                 let (mine, others) = std::mem::take(&mut *waiting)
                     .into_iter()
@@ -717,107 +628,38 @@ impl RedisStore {
                 *waiting = others;
                 mine
             };
-            replayed.sort_by(|a, b| (&a.journal, a.seq).cmp(&(&b.journal, b.seq)));
             if !replayed.is_empty() {
                 tracing::info!(account = %id, records = replayed.len(), "replaying journaled records");
             }
-            slot.insert(Local {
-                mirror: Account::mirror_of(&shared),
-                last_used: now,
-                last_sync: now,
-                used: HashMap::new(),
-                burn: HashMap::new(),
-                admitted: (0, 0),
-                rates: (0.0, 0.0),
-                measured_at: now,
-                stale: false,
-                outage_base: None,
-                journaled: replayed,
-                appending: BTreeSet::new(),
-                untold: Vec::new(),
-            });
+            slot.insert(Local::new(&shared, replayed, self.clock.now()));
         }
         Ok(())
     }
 
-    /// Reports, renews and borrows for `id`: one commit. With `short`,
-    /// borrows its need, or what there is of it, on top of what the mirror
-    /// holds; with `all`, gives back everything unused; with `close`, ends
-    /// the lease.
-    async fn sync(&self, id: &AccountId, short: Option<Short>, all: bool, close: bool) -> Result<(), StoreError> {
+    /// Reports, renews and borrows for `id`: one commit, after the pending
+    /// one if its outcome is unknown. With `short`, borrows its need, or
+    /// what there is of it, on top of what the mirror holds.
+    async fn sync(&self, id: &AccountId, short: Option<Short>, purpose: Purpose) -> Result<(), StoreError> {
         let gate = self.gate(id);
         let mut gate = gate.lock().await;
-        if let Some(pending) = gate.pending.clone() {
+        let pending = self.mirrors.get(id).and_then(|local| local.pending().cloned());
+        if let Some(pending) = pending {
             self.send(id, &mut gate, pending).await?;
         }
-        let funds_back = all || close;
         let sync = {
             let Some(mut local) = self.mirrors.get_mut(id) else {
                 return Ok(());
             };
-            let report = local.mirror.report(funds_back, all || close);
-            let (requests_rate, tokens_rate) = local.rates;
-            let horizon = self.settings.horizon.as_secs_f64();
-            let want = if close || all {
-                Vec::new()
-            } else {
-                wants(&local, self.settings.horizon, self.clock.now())
-            };
-            let short = short.unwrap_or(Short {
-                need: None,
-                permits: Vec::new(),
-            });
-            // Permits for the coming horizon, at least what is lacking.
-            let want_permits = short
-                .permits
-                .into_iter()
-                .map(|(key, lack)| {
-                    let ahead = |rate: f64| (rate * horizon).ceil() as u64;
-                    let scaled = Permits {
-                        requests: if lack.requests > 0 {
-                            lack.requests.max(ahead(requests_rate))
-                        } else {
-                            0
-                        },
-                        tokens: if lack.tokens > 0 {
-                            lack.tokens.max(i128::from(ahead(tokens_rate)))
-                        } else {
-                            0
-                        },
-                        slots: lack.slots,
-                    };
-                    (key, scaled)
-                })
-                .collect();
-            Sync {
-                producer: self.producer.clone(),
-                seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-                epoch: local.mirror.mirror.as_ref().map_or(0, |m| m.epoch),
-                charged: report.charged,
-                unleased: report.unleased,
-                returned: report.returned,
-                // Records on their way to the journal may carry charges of
-                // unbacked holds that are no longer in the report.
-                unbacked: local.appending.is_empty().then_some(report.unbacked),
-                permits_back: report.permits_back,
-                records: {
-                    let below = local.appending.first().copied().unwrap_or(u64::MAX);
-                    let own = self.journal.as_ref().map(Journal::id);
-                    local
-                        .journaled
-                        .iter()
-                        .filter(|e| Some(&e.journal) != own || e.seq < below)
-                        .cloned()
-                        .collect()
-                },
-                want,
-                need: short.need,
-                want_permits,
-                ttl: self.ttl(),
-                close,
-            }
+            local.next_sync(
+                &self.producer,
+                self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+                self.journal.as_ref().map(Journal::id),
+                short,
+                purpose,
+                &self.settings,
+                self.clock.now(),
+            )
         };
-        gate.pending = Some(sync.clone());
         self.send(id, &mut gate, sync).await
     }
 
@@ -836,11 +678,12 @@ impl RedisStore {
             Err(e @ (StoreError::Unavailable(_) | StoreError::Busy(_))) => return Err(e),
             Err(e) => {
                 tracing::error!(account = %id, error = %e, "lease report refused; dropped");
-                gate.pending = None;
+                if let Some(mut local) = self.mirrors.get_mut(id) {
+                    local.refused();
+                }
                 return Err(e);
             }
         };
-        gate.pending = None;
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         let m = metrics();
         m.lease_syncs.inc();
@@ -868,15 +711,10 @@ impl RedisStore {
         }
         // Every record sent is applied now, or was before (a retry): its
         // journal entry is no longer needed.
-        if !sync.records.is_empty() {
-            if let Some(journal) = &self.journal {
-                journal.applied(sync.records.iter().map(|e| (e.journal.clone(), e.seq)));
-            }
-            if let Some(mut local) = self.mirrors.get_mut(id) {
-                let sent: std::collections::HashSet<(&ProducerId, u64)> =
-                    sync.records.iter().map(|e| (&e.journal, e.seq)).collect();
-                local.journaled.retain(|e| !sent.contains(&(&e.journal, e.seq)));
-            }
+        if !sync.records.is_empty()
+            && let Some(journal) = &self.journal
+        {
+            journal.applied(sync.records.iter().map(|e| (e.journal.clone(), e.seq)));
         }
         if granted.written_off > 0 {
             tracing::error!(
@@ -886,217 +724,65 @@ impl RedisStore {
             );
         }
         if let Some(mut local) = self.mirrors.get_mut(id) {
-            self.adopt(&mut local, &shared, &granted);
+            local.synced(&sync, &shared, &granted, &self.settings, self.clock.now());
         }
         Ok(())
     }
 
-    fn adopt(&self, local: &mut Local, shared: &Account, granted: &Granted) {
-        local.mirror.refresh_mirror(shared);
-        local.mirror.accept(granted);
-        let margin = self.ttl() / 3;
-        let skew = self
-            .settings
-            .max_clock_skew
-            .and_then(|d| SignedDuration::try_from(d).ok())
-            .unwrap_or_default();
-        if let Some(m) = local.mirror.mirror.as_mut() {
-            m.decide_until = granted.expires_at.checked_sub(margin).ok();
-            // Another sidecar's clock may be ahead of this one's by as much.
-            m.expires_at = granted.expires_at.checked_sub(skew).ok();
-            m.overdraft = 0;
-        }
-        local.outage_base = None;
-        local.last_sync = Instant::now();
-        local.stale = false;
-    }
-
-    /// Runs `command` on the mirror (as the last word, with an outage
-    /// overdraft, if given) and takes its records, with the journal
-    /// entries to write for them. Records time made meanwhile (a lapsed
-    /// hold charged in full) are taken whatever the command's fate: left
-    /// in the mirror, their charges would go out with the next report
-    /// without them, and a crash before the next command would lose them.
-    fn on_mirror(
+    /// Runs one step of a decision on `id`'s mirror.
+    fn step(
         &self,
         id: &AccountId,
-        command: &Command,
         now: Timestamp,
-        last_word: Option<i128>,
-    ) -> Result<(Result<Applied, Refused>, Vec<Entry>), StoreError> {
+        step: impl FnOnce(&mut Local, Context<'_>) -> Next,
+    ) -> Result<Next, StoreError> {
         let catalog = self.catalog();
+        let mut numbering = self.journal.as_ref();
         let mut local = self
             .mirrors
             .get_mut(id)
             .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
-        if let (Some(overdraft), Some(m)) = (last_word, local.mirror.mirror.as_mut()) {
-            m.last_word = true;
-            m.overdraft = m.overdraft.max(overdraft);
-        }
-        let result = local.mirror.apply(&catalog, command.clone(), now);
-        if let Some(m) = local.mirror.mirror.as_mut() {
-            m.last_word = false;
-        }
-        local.last_used = Instant::now();
-        if let Ok(Reply::Reserve(ReserveOutcome::Allowed(r))) = &result {
-            local.admitted.0 += 1;
-            if let Command::Reserve(req) = command {
-                local.admitted.1 += req.input_tokens + req.cached_input_tokens + r.granted_output_tokens;
-            }
-        }
-        let records = local.mirror.take_records();
-        let entries = self.entries_of(&mut local, &records)?;
-        let outcome = match result {
-            Ok(reply) => {
-                let mut all = std::mem::take(&mut local.untold);
-                all.extend(records);
-                Ok(Applied { reply, records: all })
-            }
-            Err(e) => Err((e, records)),
+        let cx = Context {
+            catalog: &catalog,
+            now,
+            producer: &self.producer,
+            journal: numbering.as_mut().map(|j| j as &mut dyn Numbering),
         };
-        Ok((outcome, entries))
+        Ok(step(&mut local, cx))
     }
 
-    /// What [`RedisStore::on_mirror`] decided: the applied command with
-    /// the entries to journal before it is acknowledged, or the refusal,
-    /// once the entries time made meanwhile are journaled.
-    async fn decided(
-        &self,
-        id: &AccountId,
-        (outcome, entries): (Result<Applied, Refused>, Vec<Entry>),
-    ) -> Result<Result<(Applied, Vec<Entry>), EngineError>, StoreError> {
-        match outcome {
-            Ok(applied) => Ok(Ok((applied, entries))),
-            Err((e, records)) => {
-                self.journal_records(id, entries).await?;
-                // Durable now: handed to the caller with the next command's.
-                if let Some(mut local) = self.mirrors.get_mut(id) {
-                    local.untold.extend(records);
-                }
-                Ok(Err(e))
-            }
-        }
-    }
-
-    /// The journal entries of `records`, just produced by one command or
-    /// sweep on `local`: the charges logged meanwhile go with them (all on
-    /// the first entry: they are applied together).
-    fn entries_of(&self, local: &mut Local, records: &[Arc<UsageRecord>]) -> Result<Vec<Entry>, StoreError> {
-        let (Some(journal), Some(m)) = (&self.journal, local.mirror.mirror.as_mut()) else {
-            return Ok(Vec::new());
-        };
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let epoch = m.epoch;
-        let mut entries: Vec<Entry> = records
-            .iter()
-            .map(|record| Entry {
-                journal: self.producer.clone(),
-                seq: 0,
-                record: (**record).clone(),
-                leased: Vec::new(),
-                unleased: Vec::new(),
-                producer: self.producer.clone(),
-                epoch,
-            })
-            .collect();
-        if let Err(e) = journal.number(&mut entries) {
-            // The disk refuses even the number reservation: the charges stay
-            // in the mirror's log and reach Redis with the lease report;
-            // the records reach only the local sink. The caller is told.
-            tracing::error!(error = %e, "usage records not journaled");
-            return Err(StoreError::Unavailable(e.to_string()));
-        }
-        if let Some(first) = entries.first_mut() {
-            first.leased = std::mem::take(&mut m.charged);
-            first.unleased = std::mem::take(&mut m.unleased);
-        }
-        local.appending.extend(entries.iter().map(|e| e.seq));
-        Ok(entries)
-    }
-
-    /// Makes `entries` durable, then queues them for the next sync.
-    async fn journal_records(&self, id: &AccountId, entries: Vec<Entry>) -> Result<(), StoreError> {
+    /// Makes `entries` durable. Not durable on failure, but not lost while
+    /// this process lives: still applied by the next sync, and appended
+    /// again before any later decision is acknowledged.
+    async fn append(&self, entries: &[Entry]) -> Result<(), String> {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
         if entries.is_empty() {
             return Ok(());
         }
-        // Not durable on failure, but not lost while this process lives:
-        // still applied by the next sync, and appended again before any
-        // later decision is acknowledged. The caller hears of the failure.
-        let result = journal
-            .append(entries.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()));
+        let result = journal.append(entries.to_vec()).await.map_err(|e| e.to_string());
         if result.is_err() {
             self.unwritten
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(entries.iter().cloned());
         }
+        result
+    }
+
+    /// Makes `entries` of `id` durable (see [`RedisStore::append`]), then
+    /// queues them for the next sync.
+    async fn journal_records(&self, id: &AccountId, entries: Vec<Entry>) -> Result<(), String> {
+        let result = self.append(&entries).await;
         if let Some(mut local) = self.mirrors.get_mut(id) {
-            for entry in &entries {
-                local.appending.remove(&entry.seq);
-            }
-            // Kept in (journal, number) order: each goes where it belongs
-            // (almost always at the end), never a sort of the whole list.
-            for entry in entries {
-                let at = local
-                    .journaled
-                    .partition_point(|e| (&e.journal, e.seq) <= (&entry.journal, entry.seq));
-                local.journaled.insert(at, entry);
-            }
+            local.appended(entries);
         }
         result
     }
 
-    /// A reserve or charge the lease cannot cover while Redis is down: the
-    /// plan's failure policy decides. Returns the overdraft to run with.
-    fn outage_overdraft(&self, id: &AccountId, why: &StoreError) -> Result<i128, StoreError> {
-        let catalog = self.catalog();
-        let mut local = self
-            .mirrors
-            .get_mut(id)
-            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
-        let policy = catalog
-            .plans
-            .get(&local.mirror.plan)
-            .map(|p| p.on_store_outage)
-            .unwrap_or_default();
-        self.stats.outage_decisions.fetch_add(1, Ordering::Relaxed);
-        let label = match policy {
-            OutagePolicy::Closed => "closed",
-            OutagePolicy::Open => "open",
-            OutagePolicy::Allowance(_) => "allowance",
-        };
-        metrics()
-            .failure_policy_decisions
-            .get_or_create(&crate::metrics::Policy { policy: label })
-            .inc();
-        let owed = -local.mirror.debt.available();
-        let base = *local.outage_base.get_or_insert(owed);
-        match policy {
-            OutagePolicy::Closed => {
-                tracing::warn!(account = %id, error = %why, policy = "closed", "store unreachable; refused");
-                Err(StoreError::Unavailable(format!(
-                    "{why}; this sidecar's lease cannot cover the request and the plan fails closed"
-                )))
-            }
-            OutagePolicy::Open => {
-                tracing::warn!(account = %id, error = %why, policy = "open", "store unreachable; admitted as debt");
-                Ok(i128::MAX / 4)
-            }
-            OutagePolicy::Allowance(m) => {
-                tracing::warn!(account = %id, error = %why, policy = "allowance", allowance = %m,
-                    "store unreachable; admitted within the outage allowance");
-                Ok(base + m.picos())
-            }
-        }
-    }
-
+    /// A decision on a mirror: the protocol's steps (`lease::decide`),
+    /// each one's I/O done here.
     async fn decide(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
         self.stats.decisions.fetch_add(1, Ordering::Relaxed);
         if let Some(journal) = &self.journal
@@ -1107,10 +793,50 @@ impl RedisStore {
         }
         self.write_unwritten().await?;
         self.ensure_mirror(id).await?;
-        let (applied, entries) = self.decide_on_mirror(id, &command, now).await?;
-        // Acknowledged only once its records are durable.
-        self.journal_records(id, entries).await?;
-        Ok(applied)
+        let mut decide = Decide::new(command);
+        let mut next = self.step(id, now, |local, cx| decide.start(local, cx))?;
+        loop {
+            next = match next {
+                Next::Journal(entries) => {
+                    let written = self.append(&entries).await;
+                    self.step(id, now, |local, _| decide.journaled(local, entries, written))?
+                }
+                Next::Sync(short) => {
+                    let outcome = match self.sync(id, Some(short), Purpose::Renew).await {
+                        Ok(()) => SyncOutcome::Done,
+                        Err(StoreError::Busy(_)) => SyncOutcome::Busy,
+                        Err(StoreError::Unavailable(why)) => SyncOutcome::Unreachable(why),
+                        Err(e) => return Err(e),
+                    };
+                    self.step(id, now, |local, cx| decide.synced(local, cx, outcome))?
+                }
+                Next::Done(answer) => {
+                    if let Some(policy) = decide.outage() {
+                        self.outage_decided(id, policy, &answer);
+                    }
+                    return answer.map_err(StoreError::from);
+                }
+            };
+        }
+    }
+
+    /// Counts and logs a decision the plan's failure policy made while
+    /// Redis was unreachable.
+    fn outage_decided(&self, id: &AccountId, policy: OutagePolicy, answer: &Result<Applied, Failure>) {
+        self.stats.outage_decisions.fetch_add(1, Ordering::Relaxed);
+        let label = match policy {
+            OutagePolicy::Closed => "closed",
+            OutagePolicy::Open => "open",
+            OutagePolicy::Allowance(_) => "allowance",
+        };
+        metrics()
+            .failure_policy_decisions
+            .get_or_create(&crate::metrics::Policy { policy: label })
+            .inc();
+        match answer {
+            Ok(_) => tracing::warn!(account = %id, policy = label, "store unreachable; decided by the failure policy"),
+            Err(e) => tracing::warn!(account = %id, policy = label, error = ?e, "store unreachable; refused"),
+        }
     }
 
     /// Appends again records whose append failed; until that succeeds no
@@ -1129,56 +855,6 @@ impl RedisStore {
             return Err(StoreError::Unavailable(e.to_string()));
         }
         Ok(())
-    }
-
-    async fn decide_on_mirror(
-        &self,
-        id: &AccountId,
-        command: &Command,
-        now: Timestamp,
-    ) -> Result<(Applied, Vec<Entry>), StoreError> {
-        // Ask a few times (the first answer may find the lease lapsed, and
-        // concurrent requests short at the same moment, as on a cold start,
-        // may take what was lent for one another), then decide.
-        for _ in 0..ASKS {
-            let short = match self.decided(id, self.on_mirror(id, command, now, None)?).await? {
-                Err(EngineError::Short(short)) => *short,
-                other => return Ok(other?),
-            };
-            match self.sync(id, Some(short), false, false).await {
-                Ok(()) => {}
-                // Reachable but contended (many sidecars short at once near
-                // zero): not an outage; decide from what is held.
-                Err(StoreError::Busy(_)) => break,
-                Err(e @ StoreError::Unavailable(_)) => {
-                    // Spending already admitted is never refused: settle,
-                    // extend and release decide from what the mirror holds.
-                    if !matches!(command, Command::Reserve(_) | Command::Charge(_)) {
-                        return Ok(self.decided(id, self.on_mirror(id, command, now, Some(0))?).await??);
-                    }
-                    let overdraft = self.outage_overdraft(id, &e)?;
-                    let (applied, entries) = self
-                        .decided(id, self.on_mirror(id, command, now, Some(overdraft))?)
-                        .await??;
-                    // Short of funds here is the allowance used up, not the
-                    // account's balance, which nobody can read now.
-                    if let Reply::Reserve(ReserveOutcome::Denied {
-                        denial: Denial::InsufficientFunds,
-                        ..
-                    })
-                    | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _)) = &applied.reply
-                    {
-                        self.journal_records(id, entries).await?;
-                        return Err(StoreError::Unavailable(format!(
-                            "{e}; this sidecar has used up the plan's outage allowance for account {id}"
-                        )));
-                    }
-                    return Ok((applied, entries));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(self.decided(id, self.on_mirror(id, command, now, Some(0))?).await??)
     }
 
     // ---- background ----
@@ -1256,7 +932,7 @@ impl RedisStore {
                         } else if let Ok(id) = AccountId::parse(&payload)
                             && let Some(mut local) = self.mirrors.get_mut(&id)
                         {
-                            local.stale = true;
+                            local.mark_stale();
                         }
                     }
                 }
@@ -1269,7 +945,7 @@ impl RedisStore {
     fn mark_all_stale(&self) {
         self.prices_stale.store(true, Ordering::Relaxed);
         for mut local in self.mirrors.iter_mut() {
-            local.stale = true;
+            local.mark_stale();
         }
     }
 
@@ -1302,48 +978,25 @@ impl RedisStore {
         let mut forget = Vec::new();
         for mut entry in self.mirrors.iter_mut() {
             let id = entry.key().clone();
-            let local = entry.value_mut();
-            measure(local, now);
-            let since_use = local.last_used.elapsed();
-            let since_sync = local.last_sync.elapsed();
-            let holds = holds_anything(&local.mirror);
-            let unused = holds_unused(&local.mirror);
-            let logged = has_news(&local.mirror, &local.journaled);
-            let idle = since_use >= self.settings.idle_return;
-            let refill =
-                since_sync >= self.settings.report_interval / 4 && !wants(local, self.settings.horizon, now).is_empty();
-            let task = if idle && (unused || logged) && since_sync >= self.settings.report_interval {
-                Some(Upkeep::GiveBack)
-            } else if (logged && since_sync >= self.settings.report_interval)
-                || (holds && since_sync >= self.settings.ttl / 6)
-                || refill
-            {
-                Some(Upkeep::Sync)
-            } else if local.stale {
-                Some(Upkeep::Refresh)
-            } else {
-                // Nothing held, nothing to report, no request id to remember
-                // for retries: the mirror can go.
-                let remembers =
-                    !local.mirror.traffic().requests.is_empty() || !local.mirror.traffic().reservations.is_empty();
-                if idle && !holds && !logged && !remembers {
-                    forget.push(id.clone());
+            let task = match entry.value_mut().upkeep(&self.settings, now) {
+                None => continue,
+                Some(Upkeep::Forget) => {
+                    forget.push(id);
+                    continue;
                 }
-                None
+                Some(task) => task,
             };
-            if let Some(task) = task {
-                let store = Arc::clone(self);
-                work.spawn(async move {
-                    let done = match task {
-                        Upkeep::GiveBack => store.sync(&id, None, true, false).await,
-                        Upkeep::Sync => store.sync(&id, None, false, false).await,
-                        Upkeep::Refresh => store.refresh(&id).await,
-                    };
-                    if let Err(e) = done {
-                        tracing::debug!(account = %id, error = %e, "lease upkeep failed; retrying");
-                    }
-                });
-            }
+            let store = Arc::clone(self);
+            work.spawn(async move {
+                let done = match task {
+                    Upkeep::GiveBack => store.sync(&id, None, Purpose::GiveBack).await,
+                    Upkeep::Refresh => store.refresh(&id).await,
+                    Upkeep::Renew | Upkeep::Forget => store.sync(&id, None, Purpose::Renew).await,
+                };
+                if let Err(e) = done {
+                    tracing::debug!(account = %id, error = %e, "lease upkeep failed; retrying");
+                }
+            });
         }
         self.tend_windows(now).await;
         while work.join_next().await.is_some() {}
@@ -1351,18 +1004,11 @@ impl RedisStore {
             // Under its gate, so no sync is half-way.
             let gate = self.gate(&id);
             let guard = gate.lock().await;
-            if guard.pending.is_none() {
-                let gone = self.mirrors.remove_if(&id, |_, l| {
-                    !holds_anything(&l.mirror)
-                        && l.journaled.is_empty()
-                        && l.appending.is_empty()
-                        && l.untold.is_empty()
-                        && l.mirror.traffic().requests.is_empty()
-                        && l.mirror.traffic().reservations.is_empty()
-                        && l.last_used.elapsed() >= self.settings.idle_return
-                });
-                metrics().evicted("mirror", usize::from(gone.is_some()));
-            }
+            let now = self.clock.now();
+            let gone = self
+                .mirrors
+                .remove_if(&id, |_, l| l.forgettable() && l.idle(self.settings.idle_return, now));
+            metrics().evicted("mirror", usize::from(gone.is_some()));
             drop(guard);
         }
     }
@@ -1410,8 +1056,7 @@ impl RedisStore {
         let shared: Account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
         gate.cached = Some((version, json));
         if let Some(mut local) = self.mirrors.get_mut(id) {
-            local.mirror.refresh_mirror(&shared);
-            local.stale = false;
+            local.refreshed(&shared);
         }
         Ok(())
     }
@@ -1433,7 +1078,7 @@ impl RedisStore {
         loop {
             let mut failed = Vec::new();
             for id in left {
-                if let Err(e) = self.sync(&id, None, true, true).await {
+                if let Err(e) = self.sync(&id, None, Purpose::Close).await {
                     failed.push((id, e));
                 }
             }
@@ -1450,69 +1095,6 @@ impl RedisStore {
             tokio::time::sleep(BACKOFF).await;
         }
     }
-}
-
-/// This mirror has something to report: charges or returns logged, or
-/// journaled records (their charges with them), which go out with the next
-/// report whether or not the mirror holds anything.
-pub fn has_news(mirror: &Account, journaled: &[Journaled]) -> bool {
-    mirror
-        .mirror
-        .as_ref()
-        .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty())
-        || !journaled.is_empty()
-}
-
-/// This mirror holds something: lent slices or permits, or open holds
-/// (the upkeep keeps its lease alive).
-pub fn holds_anything(mirror: &Account) -> bool {
-    holds_unused(mirror) || !mirror.traffic().expiries.is_empty()
-}
-
-/// This mirror holds lent slices or permits that nothing uses.
-fn holds_unused(mirror: &Account) -> bool {
-    mirror.allowance.available() > 0
-        || mirror.paid.available() > 0
-        || mirror
-            .packs
-            .values()
-            .chain(mirror.promos.values())
-            .any(|l| l.ledger.available() > 0)
-        || mirror.buckets.holds_permits()
-}
-
-/// Updates burn and admission rates (smoothed over a few seconds).
-fn measure(local: &mut Local, now: Timestamp) {
-    let dt = local.measured_at.elapsed().as_secs_f64();
-    if dt < 0.05 {
-        return;
-    }
-    local.measured_at = Instant::now();
-    let alpha = (dt / 2.0).min(1.0);
-    for (source, _, used) in local.mirror.levels(now) {
-        let before = local.used.insert(source.clone(), used).unwrap_or(used);
-        let rate = ((used - before).max(0) as f64) / dt;
-        let burn = local.burn.entry(source).or_insert(0.0);
-        *burn += alpha * (rate - *burn);
-    }
-    let (requests, tokens) = std::mem::take(&mut local.admitted);
-    local.rates.0 += alpha * (requests as f64 / dt - local.rates.0);
-    local.rates.1 += alpha * (tokens as f64 / dt - local.rates.1);
-}
-
-/// Slices worth asking for ahead of need: sources whose unused part is
-/// below half of what the horizon's burn would take.
-fn wants(local: &Local, horizon: Duration, now: Timestamp) -> Vec<(SourceRef, i128)> {
-    local
-        .mirror
-        .levels(now)
-        .into_iter()
-        .filter_map(|(source, available, _)| {
-            let burn = local.burn.get(&source).copied().unwrap_or(0.0);
-            let target = (burn * horizon.as_secs_f64()).ceil() as i128;
-            (target > 0 && available * 2 < target).then(|| (source, target - available))
-        })
-        .collect()
 }
 
 /// The logical shard of an account: CRC-32C of its id modulo `shards`.
@@ -1581,7 +1163,7 @@ impl RedisStore {
             })
             .await?;
         if let Some(mut local) = self.mirrors.get_mut(id) {
-            local.mirror.refresh_mirror(&shared);
+            local.refresh(&shared);
         }
         let applied = Applied {
             reply,
@@ -1623,15 +1205,15 @@ impl Store for RedisStore {
                 // so the figures count its charges and show as held only
                 // what its open reservations hold.
                 if self.mirrors.contains_key(id) {
-                    self.sync(id, None, true, false).await?;
+                    self.sync(id, None, Purpose::GiveBack).await?;
                 }
                 let mut shared = self.shared(id).await?;
                 let mut reply = shared.apply(&self.catalog(), command, now)?;
                 if let Reply::Snapshot(snapshot) = &mut reply
                     && let Some(local) = self.mirrors.get(id)
                 {
-                    snapshot.holds = local.mirror.open_holds();
-                    snapshot.account.traffic_mut().recent = local.mirror.traffic().recent.clone();
+                    snapshot.holds = local.mirror().open_holds();
+                    snapshot.account.traffic_mut().recent = local.mirror().traffic().recent.clone();
                 }
                 Ok(Applied {
                     reply,
@@ -1804,8 +1386,8 @@ impl Store for RedisStore {
         let mut holds_open = 0;
         let mut oldest: Option<Timestamp> = None;
         for local in self.mirrors.iter() {
-            holds_open += local.mirror.traffic().expiries.len() as u64;
-            for entry in &local.journaled {
+            holds_open += local.mirror().traffic().expiries.len() as u64;
+            for entry in local.journaled() {
                 let at = entry.record.settled_at;
                 oldest = Some(oldest.map_or(at, |o| o.min(at)));
             }
@@ -1841,30 +1423,46 @@ impl Store for RedisStore {
             .is_multiple_of(super::memory::FULL_SWEEP_EVERY);
         let mut records = Vec::new();
         let mut entries = Vec::new();
-        for mut local in self.mirrors.iter_mut() {
-            if let Err(e) = local.mirror.advance(&catalog, now) {
-                tracing::warn!(account = %local.mirror.id, error = %e, "sweep could not advance account");
+        let mut numbering = self.journal.as_ref();
+        for mut entry in self.mirrors.iter_mut() {
+            let id = entry.key().clone();
+            let local = entry.value_mut();
+            let (advanced, made, told) = local.sweep(&catalog, now, full);
+            if let Err(e) = advanced {
+                tracing::warn!(account = %id, error = %e, "sweep could not advance account");
             }
-            if full {
-                local.mirror.prune(&catalog, now);
+            match local.entries(
+                &made,
+                numbering.as_mut().map(|j| j as &mut dyn Numbering),
+                &self.producer,
+            ) {
+                Ok(made) => entries.push((id, made)),
+                Err(e) => tracing::error!(account = %id, error = %e, "records of lapsed holds not journaled"),
             }
-            let produced = local.mirror.take_records();
-            records.append(&mut local.untold);
-            if !produced.is_empty() {
-                match self.entries_of(&mut local, &produced) {
-                    Ok(made) => entries.push((local.mirror.id.clone(), made)),
-                    Err(e) => {
-                        tracing::error!(account = %local.mirror.id, error = %e, "records of lapsed holds not journaled")
-                    }
-                }
-            }
-            records.extend(produced);
+            records.extend(told);
         }
         for (id, made) in entries {
+            if made.is_empty() {
+                continue;
+            }
             if let Err(e) = self.journal_records(&id, made).await {
                 tracing::error!(account = %id, error = %e, "records of lapsed holds are not durable");
             }
         }
         Ok(records)
+    }
+}
+
+/// The journal numbers a sidecar's records.
+impl Numbering for &Journal {
+    fn id(&self) -> &ProducerId {
+        Journal::id(self)
+    }
+
+    fn number(&mut self, entries: &mut [Journaled]) -> Result<(), String> {
+        Journal::number(self, entries).map_err(|e| {
+            tracing::error!(error = %e, "usage records not journaled: the journal cannot number them");
+            e.to_string()
+        })
     }
 }

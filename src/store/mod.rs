@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+pub use crate::engine::Applied;
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::PriceVersion;
 use crate::engine::record::AuditRecord;
-use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
+use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +46,13 @@ pub enum StoreError {
     Busy(String),
 }
 
-/// A command's reply and the records it produced.
-#[derive(Debug)]
-pub struct Applied {
-    /// The engine's answer.
-    pub reply: Reply,
-    /// Usage records to emit (lapsed holds charged in full, settles, charges).
-    pub records: Vec<Arc<UsageRecord>>,
+impl From<crate::lease::Failure> for StoreError {
+    fn from(failure: crate::lease::Failure) -> StoreError {
+        match failure {
+            crate::lease::Failure::Engine(e) => StoreError::Engine(e),
+            crate::lease::Failure::Unavailable(why) => StoreError::Unavailable(why),
+        }
+    }
 }
 
 /// The authoritative state of every account, and the catalog.

@@ -1,0 +1,204 @@
+//! The steps of one decision on a sidecar.
+//!
+//! The command runs on the mirror. If the mirror is short, the sidecar
+//! syncs (report, give back, borrow exactly the need) and runs it again, a
+//! few times at most: the first answer may find the lease lapsed, and
+//! requests short at the same moment (a cold start) may take what was lent
+//! for one another. Then it decides as the last word from what it holds.
+//! When the store cannot be reached, settle, extend and release decide from
+//! what the mirror holds (spending already admitted is never refused), and
+//! a reserve or charge the lease cannot cover follows the plan's failure
+//! policy. Records the mirror makes on the way are journaled before the
+//! next step, and before any answer.
+
+use jiff::Timestamp;
+
+use super::{Failure, Local, Numbering};
+use crate::engine::catalog::OutagePolicy;
+use crate::engine::ids::ProducerId;
+use crate::engine::lease::{Journaled, Short};
+use crate::engine::{Applied, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome};
+
+/// How many syncs one decision may ask for before deciding as the last
+/// word.
+pub const ASKS: usize = 6;
+
+/// What the sidecar's process lends a step: the catalog, the time, who it
+/// is and where its records are numbered.
+pub struct Context<'a> {
+    /// The catalog in force.
+    pub catalog: &'a Catalog,
+    /// The decision's instant.
+    pub now: Timestamp,
+    /// This process (on its lease reports and journal entries).
+    pub producer: &'a ProducerId,
+    /// The journal numbering its records, if it has one.
+    pub journal: Option<&'a mut dyn Numbering>,
+}
+
+/// What the driver does next.
+#[derive(Debug)]
+pub enum Next {
+    /// Make these entries durable, then call [`Decide::journaled`].
+    Journal(Vec<Journaled>),
+    /// Sync with this shortfall (after the pending sync, if any), then call
+    /// [`Decide::synced`].
+    Sync(Short),
+    /// The answer ([`Decide::outage`] says whether a failure policy made
+    /// it).
+    Done(Result<Applied, Failure>),
+}
+
+/// How a sync the decision asked for went.
+#[derive(Debug)]
+pub enum SyncOutcome {
+    /// Applied: the mirror holds what was lent.
+    Done,
+    /// The store is reachable, but other writers kept winning.
+    Busy,
+    /// The store could not be reached, or its answer was lost: why.
+    Unreachable(String),
+}
+
+/// One decision, between its I/O steps.
+#[derive(Debug)]
+pub struct Decide {
+    command: Command,
+    asks: usize,
+    /// The failure policy consulted, when the store was unreachable.
+    outage: Option<OutagePolicy>,
+    /// What follows the journal write in flight.
+    then: Option<Then>,
+}
+
+/// What follows a journal write.
+#[derive(Debug)]
+enum Then {
+    Sync(Short),
+    Answer(Result<Applied, Failure>),
+}
+
+impl Decide {
+    /// A decision of `command`.
+    pub fn new(command: Command) -> Decide {
+        Decide {
+            command,
+            asks: 0,
+            outage: None,
+            then: None,
+        }
+    }
+
+    /// The failure policy that decided, if the store was unreachable.
+    pub fn outage(&self) -> Option<OutagePolicy> {
+        self.outage
+    }
+
+    /// The first step: the command on the mirror.
+    pub fn start(&mut self, local: &mut Local, cx: Context<'_>) -> Next {
+        self.run(local, cx, None, None)
+    }
+
+    /// The sync asked for went as `outcome`.
+    pub fn synced(&mut self, local: &mut Local, cx: Context<'_>, outcome: SyncOutcome) -> Next {
+        match outcome {
+            SyncOutcome::Done if self.asks < ASKS => self.run(local, cx, None, None),
+            // Asked enough, or reachable but contended (many sidecars short
+            // at once near zero): not an outage; decide from what is held.
+            SyncOutcome::Done | SyncOutcome::Busy => self.run(local, cx, Some(0), None),
+            SyncOutcome::Unreachable(why) => {
+                if !matches!(self.command, Command::Reserve(_) | Command::Charge(_)) {
+                    return self.run(local, cx, Some(0), None);
+                }
+                let policy = cx
+                    .catalog
+                    .plans
+                    .get(&local.mirror().plan)
+                    .map(|p| p.on_store_outage)
+                    .unwrap_or_default();
+                self.outage = Some(policy);
+                match local.outage_overdraft(policy) {
+                    None => Next::Done(Err(Failure::Unavailable(format!(
+                        "{why}; this sidecar's lease cannot cover the request and the plan fails closed"
+                    )))),
+                    Some(overdraft) => self.run(local, cx, Some(overdraft), Some(why)),
+                }
+            }
+        }
+    }
+
+    /// The journal write asked for went as `written` (`entries` are kept
+    /// in memory either way, for the next sync).
+    pub fn journaled(&mut self, local: &mut Local, entries: Vec<Journaled>, written: Result<(), String>) -> Next {
+        local.appended(entries);
+        let then = self.then.take();
+        if let Err(e) = written {
+            return Next::Done(Err(Failure::Unavailable(e)));
+        }
+        match then {
+            Some(Then::Sync(short)) => Next::Sync(short),
+            Some(Then::Answer(answer)) => Next::Done(answer),
+            None => Next::Done(Err(Failure::Unavailable(
+                "a journal write answered that nothing asked for".into(),
+            ))),
+        }
+    }
+
+    /// Runs the command on the mirror (as the last word with `last_word`),
+    /// in an outage of the store if `outage` says why; then journals what
+    /// it made, and syncs or answers.
+    fn run(&mut self, local: &mut Local, cx: Context<'_>, last_word: Option<i128>, outage: Option<String>) -> Next {
+        let (result, records) = local.run(cx.catalog, &self.command, cx.now, last_word);
+        let entries = match local.entries(&records, cx.journal, cx.producer) {
+            Ok(entries) => entries,
+            // The disk refuses even the number reservation: the charges
+            // stay in the mirror's log and reach the store with the next
+            // report. The caller is told.
+            Err(e) => return Next::Done(Err(Failure::Unavailable(e))),
+        };
+        let then = match result {
+            Ok(reply) => match outage {
+                // Short of funds here is the outage allowance used up, not
+                // the account's balance, which nobody can read now.
+                Some(why) if denied_for_funds(&reply) => {
+                    local.untold(records);
+                    Then::Answer(Err(Failure::Unavailable(format!(
+                        "{why}; this sidecar has used up the plan's outage allowance for account {}",
+                        local.mirror().id
+                    ))))
+                }
+                _ => Then::Answer(Ok(Applied {
+                    reply,
+                    records: local.told(records),
+                })),
+            },
+            Err(EngineError::Short(short)) if last_word.is_none() => {
+                self.asks += 1;
+                local.untold(records);
+                Then::Sync(*short)
+            }
+            Err(e) => {
+                local.untold(records);
+                Then::Answer(Err(Failure::Engine(e)))
+            }
+        };
+        if entries.is_empty() {
+            return match then {
+                Then::Sync(short) => Next::Sync(short),
+                Then::Answer(answer) => Next::Done(answer),
+            };
+        }
+        self.then = Some(then);
+        Next::Journal(entries)
+    }
+}
+
+fn denied_for_funds(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::Reserve(ReserveOutcome::Denied {
+            denial: Denial::InsufficientFunds,
+            ..
+        }) | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))
+    )
+}
