@@ -371,3 +371,121 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
         .unwrap();
     assert_eq!(held.to_string(), "0.001000000000", "100 × 2/M + 100 × 8/M");
 }
+
+/// A gateway in front of the fleet: a call whose outcome it did not see
+/// goes again, with the same request id, to another sidecar; some calls
+/// acknowledged go again anyway (a reply lost on the way back); one
+/// sidecar is SIGKILLed mid-load and restarted on its journal, and the
+/// calls it had acknowledged are sent to it again. Every request id is
+/// charged once: the stream holds one record per id acknowledged, and
+/// Redis charged exactly what those records say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
+    const CLIENTS: usize = 9;
+    const CALLS: usize = 30;
+    let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    // Holds lapse after a second, so the killed process's lease comes back
+    // (3 s and a hold TTL after its last sync) before the end.
+    let config = FLEET.replace("[plans.payg]", "[holds]\nttl_seconds = 1\n\n[plans.payg]");
+    let config = write_config(dir.path(), &config);
+    let journal = |i: usize| dir.path().join(format!("journal-{i}"));
+    let mut sidecars: Vec<Sidecar> = (0..3)
+        .map(|i| {
+            let usage = dir.path().join(format!("usage-{i}.jsonl"));
+            Sidecar::spawn_with_journal(&config, &[redis.url()], usage, &journal(i))
+        })
+        .collect();
+    let urls = Arc::new(std::sync::RwLock::new(
+        sidecars.iter().map(|s| s.quota_url.clone()).collect::<Vec<_>>(),
+    ));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let (urls, calls) = (Arc::clone(&urls), Arc::clone(&calls));
+        clients.push(tokio::spawn(async move {
+            // Request ids acknowledged, with the sidecar that acknowledged.
+            let mut acknowledged = Vec::new();
+            for i in 0..CALLS {
+                let id = format!("g{client}-{i}");
+                let first = (client + i) % 3;
+                let by = send_until_acknowledged(&urls, &id, first).await;
+                if i % 4 == 0 {
+                    // The reply was lost on its way: sent again elsewhere.
+                    send_until_acknowledged(&urls, &id, (by + 1) % 3).await;
+                }
+                acknowledged.push((id, by));
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            acknowledged
+        }));
+    }
+    // Mid-load, sidecar 0 is killed and started again on its journal.
+    while calls.load(Ordering::Relaxed) < CLIENTS * CALLS / 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sidecars[0].kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let usage = dir.path().join("usage-0-restarted.jsonl");
+    sidecars[0] = Sidecar::spawn_with_journal(&config, &[redis.url()], usage, &journal(0));
+    urls.write().unwrap()[0] = sidecars[0].quota_url.clone();
+    let mut acknowledged = Vec::new();
+    for task in clients {
+        acknowledged.extend(task.await.unwrap());
+    }
+    // What sidecar 0 acknowledged, before the kill or after, sent to it again.
+    for (id, _) in acknowledged.iter().filter(|(_, by)| *by == 0) {
+        send_until_acknowledged(&urls, id, 0).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for sidecar in &mut sidecars {
+        sidecar.stop();
+    }
+
+    let records = support::fleet::stream_records(&redis.url(), 1).await;
+    let mut in_stream: Vec<&str> = records.iter().map(|r| r["request_id"].as_str().unwrap()).collect();
+    in_stream.sort_unstable();
+    let mut expected: Vec<&str> = acknowledged.iter().map(|(id, _)| id.as_str()).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        in_stream, expected,
+        "one record per request id acknowledged, none twice"
+    );
+    let paid = quiescent(redis.port, 1, PAID);
+    assert_eq!(
+        paid.charged,
+        support::fleet::picos(&records),
+        "Redis charged what the records say, to the unit"
+    );
+    assert_eq!(paid.charged, expected.len() as i128 * 1_000_000_000, "each charge once");
+}
+
+/// Sends a charge of 0.001 under `id`, first to sidecar `first`, then to
+/// the next one after each failure (a sidecar gone, a call timed out),
+/// until one acknowledges it; returns which did.
+async fn send_until_acknowledged(urls: &std::sync::RwLock<Vec<String>>, id: &str, first: usize) -> usize {
+    for attempt in 0..60 {
+        let s = (first + attempt) % 3;
+        let url = urls.read().unwrap()[s].clone();
+        let charge = tollgate::proto::ChargeRequest {
+            account_id: "shared".into(),
+            request_id: id.into(),
+            charge: Some(tollgate::proto::charge_request::Charge::Amount(support::money("0.001"))),
+            ..Default::default()
+        };
+        let call = async {
+            let mut quota = tollgate::proto::quota_client::QuotaClient::connect(url).await.ok()?;
+            quota.charge(charge).await.ok()
+        };
+        if let Ok(Some(answer)) = tokio::time::timeout(Duration::from_secs(2), call).await {
+            assert_eq!(
+                answer.into_inner().decision,
+                tollgate::proto::Decision::Allow as i32,
+                "{id}: the balance covers every charge"
+            );
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{id}: no sidecar acknowledged it in 60 attempts");
+}
