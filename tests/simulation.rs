@@ -203,7 +203,7 @@ impl Store {
     /// Reads, changes and commits one account, with the records the
     /// change applied for the stream. Records of request ids committed in
     /// the last `window` come back to the change as repeats, and it runs
-    /// again on the same state (`leased.rs`'s `update`).
+    /// again on the same state (`store::leased`'s `update`).
     // One argument per part of a call: the fault source, the tally, the
     // link, the account, the window and the change.
     #[allow(clippy::too_many_arguments)]
@@ -314,7 +314,7 @@ struct Sidecar {
     mirrors: BTreeMap<AccountId, Local>,
     disk: Disk,
     /// Entries whose append failed, appended again before any decision is
-    /// acknowledged (`leased.rs`'s `unwritten`).
+    /// acknowledged (`store::leased`'s `unwritten`).
     unwritten: Vec<Journaled>,
     /// Entries read back at start, waiting for their account's mirror.
     replay: Vec<Journaled>,
@@ -609,7 +609,7 @@ impl World {
         format!("{prefix}{}", self.next_id)
     }
 
-    // ---- the sidecar protocol (`lease`), driven as `leased.rs` drives it ----
+    // ---- the sidecar protocol (`lease`), driven as `store::leased` drives it ----
 
     /// Makes sure sidecar `s` has a mirror of `id`, with the journal
     /// entries it replays for it.
@@ -644,7 +644,7 @@ impl World {
         step(local, cx)
     }
 
-    /// Appends `entries` to `s`'s journal (`leased.rs`'s `append`): on a
+    /// Appends `entries` to `s`'s journal (`store::leased`'s `append`): on a
     /// failing disk they wait in memory, appended again before the next
     /// decision.
     fn append(&mut self, s: usize, entries: &[Journaled]) -> Result<(), String> {
@@ -666,7 +666,7 @@ impl World {
         Ok(())
     }
 
-    /// `leased.rs`'s `write_unwritten`.
+    /// `store::leased`'s `write_unwritten`.
     fn write_unwritten(&mut self, s: usize) -> Result<(), Failed> {
         let sidecar = &mut self.sidecars[s];
         if sidecar.unwritten.is_empty() {
@@ -689,7 +689,7 @@ impl World {
         }
     }
 
-    /// Reports, renews and borrows (`leased.rs`'s `sync`): the pending sync
+    /// Reports, renews and borrows (`store::leased`'s `sync`): the pending sync
     /// first, then a new one.
     fn sync(&mut self, s: usize, id: &AccountId, short: Option<Short>, purpose: Purpose) -> Result<(), Failed> {
         if let Some(pending) = self.sidecars[s].mirrors.get(id).and_then(|l| l.pending().cloned()) {
@@ -712,7 +712,7 @@ impl World {
         self.send(s, id, sync)
     }
 
-    /// Sends one sync (`leased.rs`'s `send`): kept pending while its outcome
+    /// Sends one sync (`store::leased`'s `send`): kept pending while its outcome
     /// is unknown; on an answer, the records it carried leave the journal
     /// and the mirror takes what was lent.
     fn send(&mut self, s: usize, id: &AccountId, sync: Sync) -> Result<(), Failed> {
@@ -764,7 +764,7 @@ impl World {
         Ok(())
     }
 
-    /// One decision (`leased.rs`'s `decide`): the protocol's steps, each
+    /// One decision (`store::leased`'s `decide`): the protocol's steps, each
     /// one's I/O done against the simulated store and disk.
     fn decide(&mut self, s: usize, id: &AccountId, command: &Command) -> Result<Reply, Failed> {
         if !self.sidecars[s].up {
@@ -798,7 +798,7 @@ impl World {
         }
     }
 
-    /// Upkeep of one sidecar (`leased.rs`'s `tend`): replay placed, then
+    /// Upkeep of one sidecar (`store::leased`'s `tend`): replay placed, then
     /// what each mirror's upkeep asks for.
     fn tend(&mut self, s: usize) {
         if !self.sidecars[s].up {
@@ -839,7 +839,7 @@ impl World {
     }
 
     /// The sweeper on one sidecar: time acts on every mirror
-    /// (`leased.rs`'s `sweep`).
+    /// (`store::leased`'s `sweep`).
     fn sweep(&mut self, s: usize) {
         let ids: Vec<AccountId> = self.sidecars[s].mirrors.keys().cloned().collect();
         for id in ids {
@@ -855,7 +855,7 @@ impl World {
         }
     }
 
-    /// Graceful shutdown (`leased.rs`'s `close`): every lease reported and
+    /// Graceful shutdown (`store::leased`'s `close`): every lease reported and
     /// ended, retried through faults (the store is up, the link whole).
     fn shut_down(&mut self, s: usize) {
         let ids: Vec<AccountId> = self.sidecars[s].mirrors.keys().cloned().collect();

@@ -1,0 +1,338 @@
+//! Commits: one script (`lua/commit.lua`) writes an account's new state
+//! if its version is still the one read, with the records it applied
+//! added to the usage stream and their request ids checked, in one step.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::RedisStore;
+use super::keys::{Seen, shard_of};
+use crate::engine::ids::{AccountId, ProducerId};
+use crate::engine::lease::Journaled;
+use crate::engine::record::{AuditRecord, request_fingerprint};
+use crate::engine::{Account, Catalog, Command, EngineError};
+use crate::store::{Applied, Store, StoreError};
+
+/// The records of one commit as its usage stream entry carries them, each
+/// encoded once, straight into the entry's two fields: a JSON array (usage
+/// records as in the usage file, with their id and where they were
+/// journaled; audit records with their id) and a protobuf
+/// `UsageRecordBatch` (usage records only). With them, the fingerprints of
+/// the usage records' request ids, checked and remembered by the commit.
+#[derive(Default)]
+pub(super) struct StreamEntry {
+    count: usize,
+    json: Vec<u8>,
+    pb: Vec<u8>,
+    fingerprints: Vec<u8>,
+}
+
+/// A record with the fields the stream adds to it.
+#[derive(serde::Serialize)]
+struct Tagged<'a, R> {
+    #[serde(flatten)]
+    record: &'a R,
+    record_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    journal_seq: Option<u64>,
+}
+
+impl StreamEntry {
+    /// Adds a journaled usage record.
+    fn record(&mut self, entry: &Journaled) -> Result<(), StoreError> {
+        self.json(&Tagged {
+            record: &entry.record,
+            record_id: entry.record.id(),
+            journal: Some(entry.journal.as_str()),
+            journal_seq: Some(entry.seq),
+        })?;
+        let mut pb = crate::api::convert::record_out(&entry.record);
+        pb.journal = entry.journal.to_string();
+        pb.journal_seq = entry.seq;
+        // `records` is field 1 of the batch: its tag, then the message,
+        // length-delimited; a batch is these, one after the other.
+        self.pb.push(0x0a);
+        prost::Message::encode_length_delimited(&pb, &mut self.pb).map_err(|e| corrupt("a usage record", e))?;
+        self.fingerprints
+            .extend_from_slice(&request_fingerprint(&entry.record.account_id, &entry.record.request_id));
+        Ok(())
+    }
+
+    /// Adds an operator's change (JSON only).
+    fn audit(&mut self, audit: &AuditRecord) -> Result<(), StoreError> {
+        self.json(&Tagged {
+            record: audit,
+            record_id: audit.id(),
+            journal: None,
+            journal_seq: None,
+        })
+    }
+
+    fn json(&mut self, tagged: &impl serde::Serialize) -> Result<(), StoreError> {
+        self.json.push(if self.count == 0 { b'[' } else { b',' });
+        serde_json::to_writer(&mut self.json, tagged).map_err(|e| corrupt("a stream record", e))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The entry's JSON array.
+    fn json_array(&self) -> Vec<u8> {
+        let mut json = Vec::with_capacity(self.json.len() + 1);
+        json.extend_from_slice(&self.json);
+        json.push(b']');
+        json
+    }
+}
+
+/// How a commit ended.
+pub(super) enum Commit {
+    Done(u64),
+    Moved(u64, String),
+    /// These usage records (by position) are of request ids committed
+    /// already: nothing was written.
+    Repeated(Vec<usize>),
+}
+
+/// Most attempts of one change against concurrent writers. A lost race
+/// answers the current state, so the next attempt starts from it at once;
+/// after [`EAGER_ATTEMPTS`] lost races in a row a writer steps aside for a
+/// random moment (up to 2 ms) and reads afresh, so a slow writer is not
+/// starved by faster ones.
+pub(super) const MAX_ATTEMPTS: u32 = 64;
+
+pub(super) const EAGER_ATTEMPTS: u32 = 8;
+
+pub(super) fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: record {key} is unreadable: {e}"))
+}
+
+impl RedisStore {
+    // One argument per argument of the script it calls.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn write(
+        &self,
+        keys: &[&str],
+        version: u64,
+        state: &str,
+        at: Timestamp,
+        announce: Option<&str>,
+        records: &StreamEntry,
+        indexed_as: Option<&str>,
+        seen: Option<&Seen>,
+    ) -> Result<Commit, StoreError> {
+        self.check_up()?;
+        let skew = self.settings.max_clock_skew.map_or(0, |d| d.as_millis());
+        let channel = announce.map(|_| self.changes_channel()).unwrap_or_default();
+        let mut args: Vec<Vec<u8>> = vec![
+            version.to_string().into_bytes(),
+            state.as_bytes().to_vec(),
+            at.as_millisecond().to_string().into_bytes(),
+            skew.to_string().into_bytes(),
+            channel.into_bytes(),
+            announce.unwrap_or("").as_bytes().to_vec(),
+            records.count.to_string().into_bytes(),
+        ];
+        args.push(if records.count > 0 {
+            records.json_array()
+        } else {
+            Vec::new()
+        });
+        args.push(records.pb.clone());
+        args.push(indexed_as.unwrap_or("").as_bytes().to_vec());
+        let mut keys = keys.to_vec();
+        if let Some(seen) = seen.filter(|_| !records.fingerprints.is_empty()) {
+            keys.extend(seen.keys.iter().map(String::as_str));
+            args.push(records.fingerprints.clone());
+            args.push(seen.until_ms.to_string().into_bytes());
+        }
+        let answer = self.note(self.redis.invoke_durable("commit", &self.commit, &keys, args).await)?;
+        let answer: Vec<redis::Value> = redis::from_redis_value(answer)
+            .map_err(|e| StoreError::Unavailable(format!("redis: commit answered {e}")))?;
+        let int = |v: Option<&redis::Value>| match v {
+            Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        };
+        match (int(answer.first()), int(answer.get(1)), answer.get(2)) {
+            (Some(1), Some(v), None) => Ok(Commit::Done(v)),
+            (Some(0), Some(v), Some(redis::Value::BulkString(state))) => {
+                Ok(Commit::Moved(v, String::from_utf8_lossy(state).into_owned()))
+            }
+            (Some(2), Some(_), Some(redis::Value::Array(found))) => Ok(Commit::Repeated(
+                found
+                    .iter()
+                    .filter_map(|i| int(Some(i)))
+                    .filter_map(|i| usize::try_from(i).ok()?.checked_sub(1))
+                    .collect(),
+            )),
+            _ => Err(StoreError::Unavailable(format!("redis: commit answered {answer:?}"))),
+        }
+    }
+
+    /// Reads the record at `key` (or takes `cache`), runs `change` on it and
+    /// commits, with the usage records and the audit record `change` gives
+    /// added to the usage stream in the same step; again from the newer
+    /// state while other writers win. An `announce`d change (an operator's)
+    /// is announced to the other sidecars.
+    ///
+    /// The commit also checks the usage records' request ids against those
+    /// committed in the idempotency window, and remembers them: records of
+    /// ids already committed come back to `change`, as repeats (journal,
+    /// number), and it runs again on the same state.
+    pub(super) async fn update<T>(
+        &self,
+        id: &AccountId,
+        cache: &mut Option<(u64, String)>,
+        announce: bool,
+        mut change: impl FnMut(
+            &mut Account,
+            &Catalog,
+            &[(ProducerId, u64)],
+            Timestamp,
+        ) -> Result<(T, Vec<Journaled>, Option<AuditRecord>), EngineError>,
+    ) -> Result<(T, Account), StoreError> {
+        let key = &self.account_key(id);
+        let stream = &self.stream_key(id);
+        let index = &self.index_key(shard_of(self.settings.shards, id.as_str()));
+        let missing = || StoreError::UnknownAccount(id.clone());
+        let announce = announce.then_some(id.as_str());
+        let mut repeated: Vec<(ProducerId, u64)> = Vec::new();
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt >= EAGER_ATTEMPTS {
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
+                *cache = None;
+            }
+            let (version, json) = match cache.take() {
+                Some(c) => c,
+                None => self.read(key).await?.ok_or_else(missing)?,
+            };
+            if version == 0 || json.is_empty() {
+                return Err(missing());
+            }
+            let mut account: Account = serde_json::from_str(&json).map_err(|e| corrupt(key, e))?;
+            let catalog = self.catalog();
+            let now = self.clock.now();
+            let (out, records, audit) = match change(&mut account, &catalog, &repeated, now) {
+                Ok(out) => out,
+                Err(e) => {
+                    *cache = Some((version, json));
+                    return Err(e.into());
+                }
+            };
+            let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
+            let mut items = StreamEntry::default();
+            for record in &records {
+                items.record(record)?;
+            }
+            if let Some(audit) = &audit {
+                items.audit(audit)?;
+            }
+            let seen = self.seen(id, catalog.idempotency_window, now);
+            match self
+                .write(
+                    &[key, stream, index],
+                    version,
+                    &state,
+                    now,
+                    announce,
+                    &items,
+                    Some(id.as_str()),
+                    Some(&seen),
+                )
+                .await?
+            {
+                Commit::Done(v) => {
+                    *cache = Some((v, state));
+                    return Ok((out, account));
+                }
+                Commit::Moved(v, state) => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    *cache = (v > 0).then_some((v, state));
+                }
+                Commit::Repeated(found) => {
+                    repeated.extend(
+                        found
+                            .iter()
+                            .filter_map(|i| records.get(*i))
+                            .map(|r| (r.journal.clone(), r.seq)),
+                    );
+                    *cache = Some((version, json));
+                }
+            }
+        }
+        Err(StoreError::Busy(format!(
+            "redis: {key} changed under every one of {MAX_ATTEMPTS} attempts"
+        )))
+    }
+
+    pub(super) async fn shared(&self, id: &AccountId) -> Result<Account, StoreError> {
+        let key = self.account_key(id);
+        let (_, json) = self
+            .read(&key)
+            .await?
+            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        serde_json::from_str(&json).map_err(|e| corrupt(&key, e))
+    }
+
+    /// Writes a new account, with the audit record of an operator's
+    /// creation (if any) on its shard's usage stream in the same step.
+    pub(super) async fn write_new(&self, account: Account, audit: Option<&AuditRecord>) -> Result<(), StoreError> {
+        let key = self.account_key(&account.id);
+        let stream = self.stream_key(&account.id);
+        let index = self.index_key(shard_of(self.settings.shards, account.id.as_str()));
+        let state = serde_json::to_string(&account).map_err(|e| corrupt(&key, e))?;
+        let mut entry = StreamEntry::default();
+        if let Some(audit) = audit {
+            entry.audit(audit)?;
+        }
+        match self
+            .write(
+                &[&key, &stream, &index],
+                0,
+                &state,
+                self.clock.now(),
+                Some(account.id.as_str()),
+                &entry,
+                Some(account.id.as_str()),
+                None,
+            )
+            .await?
+        {
+            Commit::Done(_) => Ok(()),
+            // No records here, so never repeats.
+            Commit::Moved(..) | Commit::Repeated(_) => Err(StoreError::AccountExists(account.id)),
+        }
+    }
+
+    /// An operator's change: one commit on the shared account, announced,
+    /// with its audit record (completed by the engine; none for a retried
+    /// adjustment, or for seeding) added to the shard's usage stream in the
+    /// same step.
+    pub(super) async fn admin(
+        &self,
+        id: &AccountId,
+        command: Command,
+        audit: Option<&AuditRecord>,
+    ) -> Result<(Applied, Option<AuditRecord>), StoreError> {
+        let ((reply, record), shared) = self
+            .update(id, &mut None, true, |account, catalog, _, now| {
+                let (reply, record) = match audit {
+                    Some(audit) => account.apply_audited(catalog, command.clone(), now, audit)?,
+                    None => (account.apply(catalog, command.clone(), now)?, None),
+                };
+                Ok(((reply, record.clone()), Vec::new(), record))
+            })
+            .await?;
+        if let Some(mut local) = self.mirrors.get_mut(id) {
+            local.refresh(&shared);
+        }
+        let applied = Applied {
+            reply,
+            records: Vec::new(),
+        };
+        Ok((applied, record))
+    }
+}

@@ -1,0 +1,206 @@
+//! The background upkeep: leases reported, renewed, refilled and given
+//! back as the protocol asks, announcements followed, leases returned at
+//! shutdown.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+
+use super::RedisStore;
+use super::commit::corrupt;
+use super::connection::BACKOFF;
+use crate::engine::Account;
+use crate::engine::ids::AccountId;
+use crate::lease::{Purpose, Upkeep};
+use crate::metrics::metrics;
+use crate::store::StoreError;
+
+/// How long shutdown keeps trying to report and return leases.
+pub(super) const CLOSE_RETRIES: Duration = Duration::from_secs(5);
+
+impl RedisStore {
+    /// Keeps leases healthy until `stop` resolves, then gives every lease
+    /// back. Runs the announcement listener beside it.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let listener = tokio::spawn(Arc::clone(&self).listen());
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut align = tokio::time::interval(Duration::from_secs(60));
+        align.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe = tokio::time::interval(Duration::from_secs(1));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => self.tend().await,
+                _ = align.tick() => self.align().await,
+                _ = probe.tick() => self.probe().await,
+            }
+        }
+        listener.abort();
+        self.close().await;
+        let s = &self.stats;
+        tracing::info!(
+            decisions = s.decisions.load(Ordering::Relaxed),
+            redis_calls = s.redis_calls.load(Ordering::Relaxed),
+            syncs = s.syncs.load(Ordering::Relaxed),
+            conflicts = s.conflicts.load(Ordering::Relaxed),
+            outage_decisions = s.outage_decisions.load(Ordering::Relaxed),
+            window_hits_held = s.window_hits_held.load(Ordering::Relaxed),
+            "leases returned"
+        );
+    }
+
+    /// Listens for announcements of admin changes; reconnects when the
+    /// subscription drops.
+    pub(super) async fn listen(self: Arc<Self>) {
+        loop {
+            match self.redis.subscribe(&self.changes_channel()).await {
+                Ok(mut messages) => {
+                    // Anything may have changed while unsubscribed.
+                    self.mark_all_stale();
+                    while let Some(message) = messages.next().await {
+                        let Ok(payload) = message.get_payload::<String>() else {
+                            continue;
+                        };
+                        if payload == "prices" {
+                            self.prices_stale.store(true, Ordering::Relaxed);
+                        } else if let Ok(id) = AccountId::parse(&payload)
+                            && let Some(mut local) = self.mirrors.get_mut(&id)
+                        {
+                            local.mark_stale();
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "change announcements unavailable; retrying"),
+            }
+            tokio::time::sleep(BACKOFF).await;
+        }
+    }
+
+    pub(super) fn mark_all_stale(&self) {
+        self.prices_stale.store(true, Ordering::Relaxed);
+        for mut local in self.mirrors.iter_mut() {
+            local.mark_stale();
+        }
+    }
+
+    /// Places journaled records found at start-up with their accounts'
+    /// mirrors (each account's shared record says which are applied
+    /// already); what cannot be placed yet (Redis down) waits.
+    pub(super) async fn place_replay(&self) {
+        let accounts: BTreeSet<AccountId> = {
+            let waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+            waiting.iter().map(|e| e.record.account_id.clone()).collect()
+        };
+        for id in accounts {
+            if let Err(e) = self.ensure_mirror(&id).await {
+                tracing::debug!(account = %id, error = %e, "journal replay waits for Redis");
+            }
+        }
+    }
+
+    /// One round of upkeep over every mirror.
+    pub(super) async fn tend(self: &Arc<Self>) {
+        self.place_replay().await;
+        if self.prices_stale.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.load_prices().await
+        {
+            self.prices_stale.store(true, Ordering::Relaxed);
+            tracing::debug!(error = %e, "price reload failed; retrying");
+        }
+        let now = self.clock.now();
+        let mut work = tokio::task::JoinSet::new();
+        let mut forget = Vec::new();
+        for mut entry in self.mirrors.iter_mut() {
+            let id = entry.key().clone();
+            let task = match entry.value_mut().upkeep(&self.settings, now) {
+                None => continue,
+                Some(Upkeep::Forget) => {
+                    forget.push(id);
+                    continue;
+                }
+                Some(task) => task,
+            };
+            let store = Arc::clone(self);
+            work.spawn(async move {
+                let done = match task {
+                    Upkeep::GiveBack => store.sync(&id, None, Purpose::GiveBack).await,
+                    Upkeep::Refresh => store.refresh(&id).await,
+                    Upkeep::Renew | Upkeep::Forget => store.sync(&id, None, Purpose::Renew).await,
+                };
+                if let Err(e) = done {
+                    tracing::debug!(account = %id, error = %e, "lease upkeep failed; retrying");
+                }
+            });
+        }
+        self.tend_windows(now).await;
+        while work.join_next().await.is_some() {}
+        for id in forget {
+            // Under its gate, so no sync is half-way.
+            let gate = self.gate(&id);
+            let guard = gate.lock().await;
+            let now = self.clock.now();
+            let gone = self
+                .mirrors
+                .remove_if(&id, |_, l| l.forgettable() && l.idle(self.settings.idle_return, now));
+            metrics().evicted("mirror", usize::from(gone.is_some()));
+            drop(guard);
+        }
+    }
+
+    /// Reads the shared account again and brings the mirror up to it.
+    pub(super) async fn refresh(&self, id: &AccountId) -> Result<(), StoreError> {
+        let gate = self.gate(id);
+        let mut gate = gate.lock().await;
+        let key = self.account_key(id);
+        let Some((version, json)) = self.read(&key).await? else {
+            return Ok(());
+        };
+        let shared: Account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
+        gate.cached = Some((version, json));
+        if let Some(mut local) = self.mirrors.get_mut(id) {
+            local.refreshed(&shared);
+        }
+        Ok(())
+    }
+
+    /// Reports everything and ends every lease (shutdown), retrying for a
+    /// few seconds while Redis is unreachable; what is still unreported
+    /// then is logged (its lease lapses at its expiry).
+    pub async fn close(&self) {
+        let now = self.clock.now();
+        let held: Vec<(String, u64)> = self
+            .windows
+            .iter_mut()
+            .map(|mut share| (share.key().clone(), share.give_back(now)))
+            .filter(|(_, hits)| *hits > 0)
+            .collect();
+        self.give_back_windows(held).await;
+        let mut left: Vec<AccountId> = self.mirrors.iter().map(|e| e.key().clone()).collect();
+        let deadline = Instant::now() + CLOSE_RETRIES;
+        loop {
+            let mut failed = Vec::new();
+            for id in left {
+                if let Err(e) = self.sync(&id, None, Purpose::Close).await {
+                    failed.push((id, e));
+                }
+            }
+            if failed.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for (id, e) in failed {
+                    tracing::error!(account = %id, error = %e, "lease not returned and its last charges not reported");
+                }
+                return;
+            }
+            left = failed.into_iter().map(|(id, _)| id).collect();
+            tokio::time::sleep(BACKOFF).await;
+        }
+    }
+}
