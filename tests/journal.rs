@@ -261,6 +261,77 @@ async fn a_request_id_is_charged_once_across_sidecars_and_restarts() {
     );
 }
 
+/// A settle resent after its record reached Redis, to a sidecar that never
+/// held the reservation and to the one that did, killed and restarted
+/// meanwhile: the first finds the record committed and says the
+/// reservation was settled, the second answers from its journal as the
+/// first call did (or, its journal cleared, says it was settled). Nothing
+/// is charged again; a reservation nobody made is still not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_resent_elsewhere_or_after_a_restart_is_known_to_be_settled() {
+    let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let journal = dir.path().join("journal-a");
+    let mut a = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("a-0.jsonl"), &journal);
+    let mut b = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("b.jsonl"),
+        &dir.path().join("journal-b"),
+    );
+    let mut qa = a.client().await;
+    qa.reserve(support::reserve("shared", "settled-once", 100, 100))
+        .await
+        .unwrap();
+    let first = qa
+        .settle(support::settle("shared", "settled-once", 100, 50))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_records(&redis.url(), 1).await.is_empty() {
+        assert!(Instant::now() < deadline, "the record never reached the stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut qb = b.client().await;
+    let elsewhere = qb
+        .settle(support::settle("shared", "settled-once", 100, 50))
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), tonic::Code::FailedPrecondition, "{elsewhere:?}");
+    assert!(
+        elsewhere.message().contains("settled or charged already"),
+        "{elsewhere:?}"
+    );
+    let never = qb
+        .settle(support::settle("shared", "never-reserved", 100, 50))
+        .await
+        .unwrap_err();
+    assert_eq!(never.code(), tonic::Code::NotFound, "{never:?}");
+
+    a.kill();
+    let mut a = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("a-1.jsonl"), &journal);
+    match a
+        .client()
+        .await
+        .settle(support::settle("shared", "settled-once", 100, 50))
+        .await
+    {
+        Ok(again) => assert_eq!(again.into_inner().record, first.record, "answered as the first time"),
+        Err(again) => {
+            assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+            assert!(again.message().contains("settled or charged already"), "{again:?}");
+        }
+    }
+    a.stop();
+    b.stop();
+    let records = stream_records(&redis.url(), 1).await;
+    assert_eq!(records.len(), 1, "settled once: {records:?}");
+    let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
+    assert_eq!(paid.charged, picos(&records), "charged once");
+}
+
 /// Runs `tollgate ARGS` and returns its stdout.
 fn tollgate(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))

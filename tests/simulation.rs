@@ -113,6 +113,7 @@ struct Tally {
     repeats: u64,
     cuts: u64,
     disk_faults: u64,
+    settles_after_restart: u64,
 }
 
 impl Tally {
@@ -137,6 +138,7 @@ impl Tally {
         self.repeats += o.repeats;
         self.cuts += o.cuts;
         self.disk_faults += o.disk_faults;
+        self.settles_after_restart += o.settles_after_restart;
     }
 }
 
@@ -788,6 +790,17 @@ impl World {
                     };
                     self.protocol(s, id, |local, cx| decide.synced(local, cx, outcome))
                 }
+                Next::Recorded(request) => {
+                    let recorded = match self.sidecars[s].cut || self.store.down {
+                        true => Err("store unreachable".to_owned()),
+                        false => Ok(self
+                            .store
+                            .seen
+                            .get(&(id.clone(), request))
+                            .is_some_and(|at| self.now.duration_since(*at) < self.catalog.idempotency_window)),
+                    };
+                    decide.recorded(recorded)
+                }
                 Next::Done(answer) => {
                     return answer.map(|a| a.reply).map_err(|f| match f {
                         Failure::Unavailable(_) => Failed::Unavailable,
@@ -1122,12 +1135,29 @@ impl World {
                 }
             }
             // Sent again to the same sidecar, killed and restarted meanwhile.
-            (3, Ok(_)) => {
+            (3, Ok(first)) => {
                 self.tally.restart_retries += 1;
                 self.tally.crashes += 1;
                 self.sidecars[call.sidecar].crash();
                 self.sidecars[call.sidecar].restart();
-                let _ = self.call(&call);
+                let again = self.call(&call);
+                // A settle is answered as the first time from the journal,
+                // or found recorded in the store: never not found.
+                if let Reply::Settle(_) = first {
+                    match &again {
+                        Ok(again) => assert_eq!(
+                            format!("{first:?}"),
+                            format!("{again:?}"),
+                            "a settle resent after a restart answered differently"
+                        ),
+                        Err(Failed::Engine(e)) => assert!(
+                            e.contains("settled or charged already"),
+                            "a settle resent after a restart: {e}"
+                        ),
+                        Err(Failed::Unavailable) => {}
+                    }
+                    self.tally.settles_after_restart += u64::from(again.is_ok());
+                }
             }
             _ => {}
         }
@@ -1528,6 +1558,7 @@ fn random_fleets_keep_every_invariant_through_faults() {
             ("repeated request ids", total.repeats),
             ("link cuts", total.cuts),
             ("disk faults", total.disk_faults),
+            ("settles answered again after a restart", total.settles_after_restart),
         ] {
             assert!(count > 0, "no {kind} in {} seeds", seeds.len());
         }

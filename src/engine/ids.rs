@@ -150,6 +150,13 @@ impl RequestId {
     }
 }
 
+impl ReservationId {
+    /// The request id of the reserve that opened this reservation.
+    pub fn request_id(&self) -> RequestId {
+        RequestId(Arc::clone(&self.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,8 +15,9 @@ use jiff::Timestamp;
 
 use super::{Failure, Local, Numbering};
 use crate::engine::catalog::OutagePolicy;
-use crate::engine::ids::ProducerId;
+use crate::engine::ids::{ProducerId, RequestId, ReservationId};
 use crate::engine::lease::{Journaled, Short};
+use crate::engine::record::RecordKind;
 use crate::engine::{Applied, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome};
 
 /// How many syncs one decision may ask for before deciding as the last
@@ -44,6 +45,9 @@ pub enum Next {
     /// Sync with this shortfall (after the pending sync, if any), then call
     /// [`Decide::synced`].
     Sync(Short),
+    /// Ask the store whether a record of this request id was committed
+    /// within the idempotency window, then call [`Decide::recorded`].
+    Recorded(RequestId),
     /// The answer ([`Decide::outage`] says whether a failure policy made
     /// it).
     Done(Result<Applied, Failure>),
@@ -75,6 +79,7 @@ pub struct Decide {
 #[derive(Debug)]
 enum Then {
     Sync(Short),
+    Recorded(RequestId),
     Answer(Result<Applied, Failure>),
 }
 
@@ -136,8 +141,7 @@ impl Decide {
             return Next::Done(Err(Failure::Unavailable(e)));
         }
         match then {
-            Some(Then::Sync(short)) => Next::Sync(short),
-            Some(Then::Answer(answer)) => Next::Done(answer),
+            Some(then) => then.next(),
             None => Next::Done(Err(Failure::Unavailable(
                 "a journal write answered that nothing asked for".into(),
             ))),
@@ -177,20 +181,83 @@ impl Decide {
                 local.untold(records);
                 Then::Sync(*short)
             }
+            Err(EngineError::NotFound(what)) => {
+                local.untold(records);
+                self.unknown_reservation(local, what)
+            }
             Err(e) => {
                 local.untold(records);
                 Then::Answer(Err(Failure::Engine(e)))
             }
         };
         if entries.is_empty() {
-            return match then {
-                Then::Sync(short) => Next::Sync(short),
-                Then::Answer(answer) => Next::Done(answer),
-            };
+            return then.next();
         }
         self.then = Some(then);
         Next::Journal(entries)
     }
+
+    /// A settle or release of a reservation this mirror does not know: it
+    /// may have been closed here before a restart. Its record, journaled
+    /// and not yet applied, answers as the first call did; else the store
+    /// is asked whether its record was committed. Anything else is not
+    /// found.
+    fn unknown_reservation(&self, local: &Local, what: String) -> Then {
+        let (reservation, usage) = match &self.command {
+            Command::Settle { reservation, usage } => (reservation, Some(usage)),
+            Command::Release(reservation) => (reservation, None),
+            _ => return Then::Answer(Err(Failure::Engine(EngineError::NotFound(what)))),
+        };
+        match local.journaled_record(reservation) {
+            Some(record) if record.kind == RecordKind::Settle && Some(&record.usage) == usage => {
+                Then::Answer(Ok(Applied {
+                    reply: Reply::Settle(std::sync::Arc::new(record.clone())),
+                    records: Vec::new(),
+                }))
+            }
+            Some(_) => Then::Answer(Err(Failure::Engine(closed(reservation)))),
+            None => Then::Recorded(reservation.request_id()),
+        }
+    }
+
+    /// The store said whether the request the command closes was recorded
+    /// (`Err`: it could not be asked).
+    pub fn recorded(&mut self, recorded: Result<bool, String>) -> Next {
+        let reservation = match &self.command {
+            Command::Settle { reservation, .. } | Command::Release(reservation) => reservation,
+            _ => {
+                return Next::Done(Err(Failure::Unavailable(
+                    "nothing asked whether it was recorded".into(),
+                )));
+            }
+        };
+        Next::Done(match recorded {
+            Ok(true) => Err(Failure::Engine(closed(reservation))),
+            Ok(false) => Err(Failure::Engine(EngineError::NotFound(format!(
+                "reservation {reservation}"
+            )))),
+            // Whether it was settled cannot be known now: retry.
+            Err(why) => Err(Failure::Unavailable(why)),
+        })
+    }
+}
+
+impl Then {
+    fn next(self) -> Next {
+        match self {
+            Then::Sync(short) => Next::Sync(short),
+            Then::Recorded(request) => Next::Recorded(request),
+            Then::Answer(answer) => Next::Done(answer),
+        }
+    }
+}
+
+/// A reservation closed by this sidecar before it restarted, or by another
+/// one: its record exists, its answer is no longer here.
+fn closed(reservation: &ReservationId) -> EngineError {
+    EngineError::Precondition(format!(
+        "reservation {reservation} was settled or charged already; its usage record is in the usage stream"
+    ))
 }
 
 fn denied_for_funds(reply: &Reply) -> bool {

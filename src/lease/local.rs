@@ -11,7 +11,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::rates::Rates;
 use super::{LeaseSettings, Numbering};
 use crate::engine::catalog::OutagePolicy;
-use crate::engine::ids::ProducerId;
+use crate::engine::ids::{ProducerId, ReservationId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::{Account, Catalog, Command, EngineError, Reply, ReserveOutcome, UsageRecord};
 
@@ -103,6 +103,17 @@ impl Local {
     /// Journaled records not yet known to be applied.
     pub fn journaled(&self) -> &[Journaled] {
         &self.journaled
+    }
+
+    /// The record journaled here for `reservation`, not yet applied to the
+    /// shared account: a restarted sidecar replays it, and answers a
+    /// retried settle or release with it.
+    pub fn journaled_record(&self, reservation: &ReservationId) -> Option<&UsageRecord> {
+        self.journaled
+            .iter()
+            .map(|e| &e.record)
+            .chain(self.unnumbered.iter().map(|e| &e.record))
+            .find(|r| r.reservation_id.as_ref() == Some(reservation))
     }
 
     /// The sync whose outcome is unknown, if any.

@@ -7,8 +7,9 @@ use jiff::Timestamp;
 
 use super::{Gate, RedisStore};
 use crate::engine::catalog::OutagePolicy;
-use crate::engine::ids::{AccountId, ProducerId};
+use crate::engine::ids::{AccountId, ProducerId, RequestId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
+use crate::engine::record::request_fingerprint;
 use crate::engine::{Account, Command};
 use crate::journal::{Entry, Journal};
 use crate::lease::{Context, Decide, Failure, Local, Next, Numbering, Purpose, SyncOutcome};
@@ -214,6 +215,10 @@ impl RedisStore {
                     };
                     self.step(id, now, |local, cx| decide.synced(local, cx, outcome))?
                 }
+                Next::Recorded(request) => {
+                    let recorded = self.recorded(id, &request, now).await;
+                    decide.recorded(recorded)
+                }
                 Next::Done(answer) => {
                     if let Some(policy) = decide.outage() {
                         self.outage_decided(id, policy, &answer);
@@ -222,6 +227,28 @@ impl RedisStore {
                 }
             };
         }
+    }
+
+    /// Whether a usage record of `request` on `id` was committed within
+    /// the idempotency window: its fingerprint in one of the sets the
+    /// commits keep (`keys.rs`). Asked only for a settle or release of a
+    /// reservation the mirror does not know.
+    async fn recorded(&self, id: &AccountId, request: &RequestId, now: Timestamp) -> Result<bool, String> {
+        let fingerprint = request_fingerprint(id, request);
+        for key in self.seen(id, self.catalog().idempotency_window, now).keys {
+            self.check_up().map_err(|e| e.to_string())?;
+            let found: bool = self
+                .note(
+                    self.redis
+                        .query(redis::cmd("SISMEMBER").arg(&key).arg(&fingerprint[..]))
+                        .await,
+                )
+                .map_err(|e| e.to_string())?;
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Counts and logs a decision the plan's failure policy made while
