@@ -114,6 +114,8 @@ struct Tally {
     cuts: u64,
     disk_faults: u64,
     settles_after_restart: u64,
+    shutdowns: u64,
+    dropped_at_close: u64,
 }
 
 impl Tally {
@@ -139,6 +141,8 @@ impl Tally {
         self.cuts += o.cuts;
         self.disk_faults += o.disk_faults;
         self.settles_after_restart += o.settles_after_restart;
+        self.shutdowns += o.shutdowns;
+        self.dropped_at_close += o.dropped_at_close;
     }
 }
 
@@ -868,15 +872,33 @@ impl World {
         }
     }
 
-    /// Graceful shutdown (`store::leased`'s `close`): every lease reported and
-    /// ended, retried through faults (the store is up, the link whole).
-    fn shut_down(&mut self, s: usize) {
+    /// Graceful shutdown (`store::leased`'s `close`): records waiting for
+    /// numbers numbered (or, the disk still failing, dropped with their
+    /// charges), then every lease reported and ended, retried through
+    /// faults; with `patient`, until it gets through (the store is up, the
+    /// link whole), else a few times, and what is left lapses.
+    fn shut_down(&mut self, s: usize, patient: bool) {
         let ids: Vec<AccountId> = self.sidecars[s].mirrors.keys().cloned().collect();
+        for id in &ids {
+            let sidecar = &mut self.sidecars[s];
+            let local = sidecar.mirrors.get_mut(id).unwrap();
+            match local.before_close(Some(&mut sidecar.disk), &sidecar.producer) {
+                Ok(entries) if !entries.is_empty() => self.journal_records(s, id, entries),
+                Ok(_) => {}
+                Err(dropped) => {
+                    assert!(!patient, "records dropped at a shutdown with a healthy disk: {dropped:?}");
+                    self.tally.dropped_at_close += dropped.len() as u64;
+                }
+            }
+        }
         for id in ids {
             let mut tries = 0;
             while self.sync(s, &id, None, Purpose::Close).is_err() {
                 tries += 1;
                 assert!(tries < 200, "a close never got through");
+                if !patient && tries >= 3 {
+                    break;
+                }
             }
         }
         self.sidecars[s].crash();
@@ -947,11 +969,20 @@ impl World {
                 self.tally.period_jumps += 1;
                 self.now += SignedDuration::from_hours(self.rng.i64(20..30));
             }
-            855..870 => {
+            855..866 => {
                 let s = self.rng.usize(0..SIDECARS);
                 if self.sidecars[s].up {
                     self.tally.crashes += 1;
                     self.sidecars[s].crash();
+                }
+            }
+            866..870 => {
+                // SIGTERM: a graceful shutdown, whatever the store and the
+                // disk are doing.
+                let s = self.rng.usize(0..SIDECARS);
+                if self.sidecars[s].up {
+                    self.tally.shutdowns += 1;
+                    self.shut_down(s, false);
                 }
             }
             870..900 => {
@@ -1283,7 +1314,7 @@ impl World {
                     self.sidecars[s].disk.entries
                 );
             }
-            self.shut_down(s);
+            self.shut_down(s, true);
             self.sidecars[s].restart();
             assert!(
                 self.sidecars[s].disk.entries.is_empty(),
@@ -1559,6 +1590,7 @@ fn random_fleets_keep_every_invariant_through_faults() {
             ("link cuts", total.cuts),
             ("disk faults", total.disk_faults),
             ("settles answered again after a restart", total.settles_after_restart),
+            ("graceful shutdowns at any moment", total.shutdowns),
         ] {
             assert!(count > 0, "no {kind} in {} seeds", seeds.len());
         }

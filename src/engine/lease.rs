@@ -205,8 +205,8 @@ pub struct Synced {
     /// Records applied now.
     pub applied: Vec<Journaled>,
     /// Records of request ids already recorded (a retry decided again by
-    /// another sidecar, or by one restarted): not applied, their charges
-    /// given back.
+    /// another sidecar, or by one restarted): not applied, their own
+    /// charges never charged.
     pub duplicates: Vec<Journaled>,
 }
 
@@ -318,7 +318,6 @@ fn merge_permits(into: &mut Vec<(BucketKey, Permits)>, key: &BucketKey, p: Permi
     into.retain(|(_, p)| !p.is_empty());
 }
 
-/// Removes up to `amount` of `source` from `held`; returns how much.
 /// Takes up to `take`'s amount of its source out of `skip`.
 fn skip_of(skip: &mut Vec<Take>, take: &Take) -> i128 {
     let Some(t) = skip.iter_mut().find(|t| t.source == take.source) else {
@@ -330,6 +329,7 @@ fn skip_of(skip: &mut Vec<Take>, take: &Take) -> i128 {
     out
 }
 
+/// Removes up to `amount` of `source` from `held`; returns how much.
 fn take_out(held: &mut Vec<Take>, source: &SourceRef, amount: i128) -> i128 {
     let source = lent_as(source);
     let Some(t) = held.iter_mut().find(|t| t.source == source) else {
@@ -568,7 +568,8 @@ impl Account {
     ///
     /// `duplicates` names the journaled records (journal, number) whose
     /// request ids the store found already recorded: each is taken as done
-    /// but not applied, and what it charged is given back, so a request id
+    /// but not applied, and its own charges are left out of the takes that
+    /// carry them (what a lease held for them goes back), so a request id
     /// is charged once however many sidecars decided it.
     pub fn sync(
         &mut self,

@@ -18,7 +18,9 @@ use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{ProducerId, RequestId, ReservationId};
 use crate::engine::lease::{Journaled, Short};
 use crate::engine::record::RecordKind;
-use crate::engine::{Applied, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome};
+use crate::engine::{
+    Applied, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
+};
 
 /// How many syncs one decision may ask for before deciding as the last
 /// word.
@@ -153,6 +155,13 @@ impl Decide {
     /// it made, and syncs or answers.
     fn run(&mut self, local: &mut Local, cx: Context<'_>, last_word: Option<i128>, outage: Option<String>) -> Next {
         let (result, records) = local.run(cx.catalog, &self.command, cx.now, last_word);
+        // Looked up before `entries` takes what waits for numbers.
+        let journaled = match (&result, &self.command) {
+            (Err(EngineError::NotFound(_)), Command::Settle { reservation, .. } | Command::Release(reservation)) => {
+                local.journaled_record(reservation).cloned()
+            }
+            _ => None,
+        };
         let entries = match local.entries(&records, cx.journal, cx.producer) {
             Ok(entries) => entries,
             // The disk refuses even the number reservation: the charges
@@ -183,7 +192,7 @@ impl Decide {
             }
             Err(EngineError::NotFound(what)) => {
                 local.untold(records);
-                self.unknown_reservation(local, what)
+                self.unknown_reservation(journaled, what)
             }
             Err(e) => {
                 local.untold(records);
@@ -202,16 +211,16 @@ impl Decide {
     /// and not yet applied, answers as the first call did; else the store
     /// is asked whether its record was committed. Anything else is not
     /// found.
-    fn unknown_reservation(&self, local: &Local, what: String) -> Then {
+    fn unknown_reservation(&self, journaled: Option<UsageRecord>, what: String) -> Then {
         let (reservation, usage) = match &self.command {
             Command::Settle { reservation, usage } => (reservation, Some(usage)),
             Command::Release(reservation) => (reservation, None),
             _ => return Then::Answer(Err(Failure::Engine(EngineError::NotFound(what)))),
         };
-        match local.journaled_record(reservation) {
+        match journaled {
             Some(record) if record.kind == RecordKind::Settle && Some(&record.usage) == usage => {
                 Then::Answer(Ok(Applied {
-                    reply: Reply::Settle(std::sync::Arc::new(record.clone())),
+                    reply: Reply::Settle(std::sync::Arc::new(record)),
                     records: Vec::new(),
                 }))
             }

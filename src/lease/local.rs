@@ -214,6 +214,25 @@ impl Local {
         Ok(entries)
     }
 
+    /// Before the last report (the sidecar is leaving): the records that
+    /// wait for the journal are numbered now (`Ok`: the entries to write,
+    /// sent with the report even if the write fails), or, if the journal
+    /// still refuses, dropped with their charges (`Err`: the records, for
+    /// the caller to log), as a crash would drop them: no call that made
+    /// them was acknowledged, and what their lease held for them comes back
+    /// with the closing report.
+    pub fn before_close(
+        &mut self,
+        journal: Option<&mut dyn Numbering>,
+        producer: &ProducerId,
+    ) -> Result<Vec<Journaled>, Vec<Journaled>> {
+        if self.unnumbered.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.entries(&[], journal, producer)
+            .map_err(|_| std::mem::take(&mut self.unnumbered))
+    }
+
     /// `entries` reached the journal (or failed to: they are kept in
     /// memory either way, and sent with the next sync).
     pub fn appended(&mut self, entries: Vec<Journaled>) {
@@ -384,7 +403,8 @@ impl Local {
         let since_use = elapsed(self.last_used, now);
         let since_sync = elapsed(self.last_sync, now);
         let holds = holds_anything(&self.mirror);
-        let news = has_news(&self.mirror, &self.journaled);
+        // Unnumbered records carry charges: their lease is kept alive.
+        let news = has_news(&self.mirror, &self.journaled) || !self.unnumbered.is_empty();
         let idle = since_use >= settings.idle_return;
         let refill = since_sync >= settings.report_interval / 4
             && !self.rates.wants(&self.mirror, settings.horizon, now).is_empty();
@@ -408,6 +428,7 @@ impl Local {
     /// no request id to remember for retries.
     pub fn forgettable(&self) -> bool {
         !holds_anything(&self.mirror)
+            && !has_news(&self.mirror, &self.journaled)
             && self.journaled.is_empty()
             && self.appending.is_empty()
             && self.unnumbered.is_empty()

@@ -14,7 +14,7 @@ use super::commit::corrupt;
 use super::connection::BACKOFF;
 use crate::engine::Account;
 use crate::engine::ids::AccountId;
-use crate::lease::{Purpose, Upkeep};
+use crate::lease::{Numbering, Purpose, Upkeep};
 use crate::metrics::metrics;
 use crate::store::StoreError;
 
@@ -169,6 +169,41 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Before the last reports: records still waiting for the journal
+    /// are numbered and written, or dropped and logged
+    /// ([`Local::before_close`]).
+    ///
+    /// [`Local::before_close`]: crate::lease::Local::before_close
+    async fn number_or_give_up(&self) {
+        let ids: Vec<AccountId> = self.mirrors.iter().map(|l| l.key().clone()).collect();
+        for id in ids {
+            let numbered = {
+                let Some(mut local) = self.mirrors.get_mut(&id) else {
+                    continue;
+                };
+                let mut numbering = self.journal.as_ref();
+                local.before_close(numbering.as_mut().map(|j| j as &mut dyn Numbering), &self.producer)
+            };
+            match numbered {
+                Ok(entries) if entries.is_empty() => {}
+                Ok(entries) => {
+                    if let Err(e) = self.journal_records(&id, entries).await {
+                        tracing::error!(account = %id, error = %e, "usage records sent with the last report but not written to the journal");
+                    }
+                }
+                Err(lost) => {
+                    for entry in lost {
+                        tracing::error!(
+                            account = %id,
+                            request = %entry.record.request_id,
+                            "usage record dropped with its charges: the journal could not number it before shutdown (its call was answered UNAVAILABLE)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Reports everything and ends every lease (shutdown), retrying for a
     /// few seconds while Redis is unreachable; what is still unreported
     /// then is logged (its lease lapses at its expiry).
@@ -181,6 +216,7 @@ impl RedisStore {
             .filter(|(_, hits)| *hits > 0)
             .collect();
         self.give_back_windows(held).await;
+        self.number_or_give_up().await;
         let mut left: Vec<AccountId> = self.mirrors.iter().map(|e| e.key().clone()).collect();
         let deadline = Instant::now() + CLOSE_RETRIES;
         loop {
