@@ -886,7 +886,10 @@ impl World {
                 Ok(entries) if !entries.is_empty() => self.journal_records(s, id, entries),
                 Ok(_) => {}
                 Err(dropped) => {
-                    assert!(!patient, "records dropped at a shutdown with a healthy disk: {dropped:?}");
+                    assert!(
+                        !patient,
+                        "records dropped at a shutdown with a healthy disk: {dropped:?}"
+                    );
                     self.tally.dropped_at_close += dropped.len() as u64;
                 }
             }
