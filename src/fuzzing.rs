@@ -57,6 +57,24 @@ pub fn journal_decode(bytes: &[u8]) {
     }
 }
 
+/// The Unix sockets' reading of a client's connection (preface, frames,
+/// header blocks decoded and re-encoded), on any bytes: the first byte
+/// sets the size of the pieces the rest arrives in. It must never panic,
+/// and never pass on more than a header list's bound per block it takes.
+pub fn uds_frames(bytes: &[u8]) {
+    let Some((&piece, rest)) = bytes.split_first() else {
+        return;
+    };
+    let mut reader = crate::uds::Reader::default();
+    for chunk in rest.chunks(usize::from(piece).max(1)) {
+        if reader.feed(chunk).is_err() {
+            return;
+        }
+    }
+    // Re-encoding never grows a connection by more than its blocks' bound.
+    assert!(reader.output().len() <= rest.len() + 64 * 1024 * (1 + rest.len() / 9));
+}
+
 /// Every RPC of the data plane, the control plane and the Envoy
 /// rate-limit service, called in process through the real handlers on a
 /// memory store seeded with the demo configuration, on a manual clock.

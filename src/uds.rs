@@ -24,9 +24,19 @@ const PRIORITY: u8 = 0x20;
 /// The frame size every HTTP/2 peer must accept (the protocol's default
 /// SETTINGS_MAX_FRAME_SIZE): re-encoded header blocks are split at it.
 const MAX_FRAME: usize = 16_384;
-/// A header block larger than this is refused (h2's own default limit on
-/// a header list is 16 KiB; a client's block cannot usefully exceed it).
-const MAX_BLOCK: usize = 1 << 20;
+/// A header block larger than this is refused (the server refuses a
+/// header list over 16 KiB; a client's compressed block cannot usefully
+/// exceed it).
+const MAX_BLOCK: usize = 64 << 10;
+/// A decoded header list larger than this is refused, counted as HTTP/2
+/// counts SETTINGS_MAX_HEADER_LIST_SIZE (name, value and 32 octets per
+/// field): a small block of references to one large table entry must not
+/// decode into a huge list (an HPACK bomb), and this runs before any
+/// authentication.
+const MAX_HEADER_LIST: usize = 64 << 10;
+/// The dynamic table a client may ask for (HPACK's default): larger size
+/// updates are refused.
+const MAX_TABLE: usize = 4_096;
 
 /// Rewrites invalid `:authority` values in the frames a client sends:
 /// header blocks are decoded (with the client's dynamic table) and encoded
@@ -56,8 +66,10 @@ struct Pending {
 
 impl Default for AuthorityFix {
     fn default() -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(MAX_TABLE);
         AuthorityFix {
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             encoder: loona_hpack::Encoder::new(),
             pending: None,
             blocks: 0,
@@ -95,6 +107,9 @@ impl AuthorityFix {
                 } else {
                     Vec::new()
                 };
+                if body.len() > MAX_BLOCK {
+                    return Err(invalid("header block too large"));
+                }
                 self.pending = Some(Pending {
                     flags,
                     stream,
@@ -137,10 +152,24 @@ impl AuthorityFix {
         else {
             return Ok(());
         };
-        let mut headers = self
-            .decoder
-            .decode(&block)
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0usize;
+        self.decoder
+            .decode_with_cb(&block, |name, value| {
+                // Counted whole, kept only while within the bound: the
+                // rest of the block is still decoded (its table entries
+                // matter to later blocks), never stored.
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_HEADER_LIST {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
             .map_err(|e| invalid(format!("header block: {e:?}")))?;
+        if size > MAX_HEADER_LIST {
+            return Err(invalid(format!(
+                "header list of {size} octets decoded; at most {MAX_HEADER_LIST} are accepted"
+            )));
+        }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
                 *value = b"localhost".to_vec();
@@ -179,12 +208,29 @@ impl AuthorityFix {
 /// writes goes straight to the socket.
 pub struct Conn {
     inner: UnixStream,
+    reader: Reader,
+    /// `reader.output` is read by the server from here.
+    at: usize,
+}
+
+/// What the server reads of a client's connection, computed from what the
+/// client sent, without I/O (the fuzz target `uds_frames` drives it).
+pub struct Reader {
     mode: Mode,
     /// Read from the client, not yet passed on.
     input: Vec<u8>,
-    /// Ready for the server to read, from `at`.
+    /// Ready for the server to read.
     output: Vec<u8>,
-    at: usize,
+}
+
+impl Default for Reader {
+    fn default() -> Self {
+        Reader {
+            mode: Mode::Preface(AuthorityFix::default()),
+            input: Vec::new(),
+            output: Vec::new(),
+        }
+    }
 }
 
 /// A frame: its 9-byte header, its payload, and its bytes as sent.
@@ -206,11 +252,23 @@ impl Conn {
     fn new(inner: UnixStream) -> Conn {
         Conn {
             inner,
-            mode: Mode::Preface(AuthorityFix::default()),
-            input: Vec::new(),
-            output: Vec::new(),
+            reader: Reader::default(),
             at: 0,
         }
+    }
+}
+
+impl Reader {
+    /// Takes what the client sent next; what the server may read of it is
+    /// in [`Reader::output`]. An error closes the connection.
+    pub fn feed(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.input.extend_from_slice(bytes);
+        self.process()
+    }
+
+    /// What the server may read so far.
+    pub fn output(&self) -> &[u8] {
+        &self.output
     }
 
     /// Moves whatever complete units `input` holds to `output`.
@@ -306,17 +364,18 @@ impl tokio::io::AsyncRead for Conn {
         use std::task::Poll;
         let this = &mut *self;
         loop {
-            if this.at < this.output.len() {
-                let n = buf.remaining().min(this.output.len() - this.at);
-                buf.put_slice(&this.output[this.at..this.at + n]);
+            let reader = &mut this.reader;
+            if this.at < reader.output.len() {
+                let n = buf.remaining().min(reader.output.len() - this.at);
+                buf.put_slice(&reader.output[this.at..this.at + n]);
                 this.at += n;
-                if this.at == this.output.len() {
-                    this.output.clear();
+                if this.at == reader.output.len() {
+                    reader.output.clear();
                     this.at = 0;
                 }
                 return Poll::Ready(Ok(()));
             }
-            if matches!(this.mode, Mode::Passing) && this.input.is_empty() {
+            if matches!(reader.mode, Mode::Passing) && reader.input.is_empty() {
                 return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let mut scratch = [0u8; 16 * 1024];
@@ -326,14 +385,14 @@ impl tokio::io::AsyncRead for Conn {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) if read.filled().is_empty() => {
                     // End of stream: pass on what is left as it came.
-                    this.output.append(&mut this.input);
-                    if this.output.is_empty() {
+                    let reader = &mut this.reader;
+                    reader.output.append(&mut reader.input);
+                    if reader.output.is_empty() {
                         return Poll::Ready(Ok(()));
                     }
                 }
                 Poll::Ready(Ok(())) => {
-                    this.input.extend_from_slice(read.filled());
-                    this.process()?;
+                    this.reader.feed(read.filled())?;
                 }
             }
         }
@@ -523,6 +582,42 @@ mod tests {
             server_sees(&read[PREFACE.len()..]),
             vec![list(b"localhost"), list(b"localhost")]
         );
+    }
+
+    /// A header block whose first field adds a 4,000-octet value to the
+    /// dynamic table, then refers to it once per octet.
+    fn bomb(references: usize) -> Vec<u8> {
+        let mut block = vec![0x40, 0x01, b'x'];
+        // A 4,000-octet value: its length as an HPACK integer (7-bit prefix).
+        block.extend([0x7f, 0xa1, 0x1e]);
+        block.extend(std::iter::repeat_n(b'a', 4_000));
+        // 0xBE: indexed field 62, the newest dynamic table entry.
+        block.extend(std::iter::repeat_n(0xbe, references));
+        block
+    }
+
+    #[test]
+    fn an_hpack_bomb_is_refused_without_decoding_it_whole() {
+        let mut fix = AuthorityFix::default();
+        let mut out = Vec::new();
+        // 5,000 octets that would decode to 20 MB of headers.
+        let (h, p) = frame(HEADERS, END_HEADERS, 1, &bomb(5_000));
+        let refused = fix.frame(h, p, &mut out).unwrap_err();
+        assert!(refused.to_string().contains("header list"), "{refused}");
+        assert!(out.is_empty(), "nothing passed on");
+        // A list of a few such fields is still fine.
+        let mut fix = AuthorityFix::default();
+        let (h, p) = frame(HEADERS, END_HEADERS, 1, &bomb(3));
+        fix.frame(h, p, &mut out).unwrap();
+        assert_eq!(server_sees(&out)[0].len(), 4);
+    }
+
+    #[test]
+    fn a_dynamic_table_larger_than_the_default_is_refused() {
+        let mut fix = AuthorityFix::default();
+        // A size update to 1 MiB (5-bit prefix), then one indexed field.
+        let (h, p) = frame(HEADERS, END_HEADERS, 1, &[0x3f, 0xe1, 0xff, 0x3f, 0x82]);
+        assert!(fix.frame(h, p, &mut Vec::new()).is_err());
     }
 
     #[test]

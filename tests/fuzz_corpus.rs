@@ -43,6 +43,13 @@ fn journal_decode_seeds() {
     }
 }
 
+#[test]
+fn uds_frames_seeds() {
+    for (_, bytes) in seeds("uds_frames") {
+        tollgate::fuzzing::uds_frames(&bytes);
+    }
+}
+
 /// The RPC seeds cover every RPC, each with a message that decodes.
 #[test]
 fn rpc_request_seeds() {

@@ -679,3 +679,71 @@ async fn an_open_health_watch_cannot_hold_shutdown_and_a_second_signal_exits_at_
     let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
     assert_eq!(status.code(), Some(tollgate::signal::SECOND_SIGNAL_EXIT), "{status}");
 }
+
+/// An HPACK bomb on both Unix sockets, before any token is checked: a
+/// header block that adds one 4,000-octet value to the dynamic table, then
+/// refers to it 60,000 times (240 MB once decoded). The connection is
+/// refused, the process's resident memory stays within 32 MiB of where it
+/// was, and the data plane still answers on its socket.
+#[test]
+fn an_hpack_bomb_on_the_unix_sockets_is_refused_and_memory_stays_bounded() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (data, admin) = (dir.path().join("quota.sock"), dir.path().join("admin.sock"));
+    let config = dir.path().join("tollgate.toml");
+    let sockets = format!(
+        "[server]\nlisten_unix = \"{}\"\nadmin_listen_unix = \"{}\"\n",
+        data.display(),
+        admin.display()
+    );
+    std::fs::write(&config, support::CONFIG.replacen("[server]\n", &sockets, 1)).unwrap();
+    let served = Served::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", served.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let before = rss();
+    let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e];
+    block.extend(std::iter::repeat_n(b'a', 4_000));
+    block.extend(std::iter::repeat_n(0xbe, 60_000));
+    let len = block.len().to_be_bytes();
+    let mut bomb = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bomb.extend([0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
+    bomb.extend([len[5], len[6], len[7], 0x1, 0x4 | 0x1, 0, 0, 0, 1]); // HEADERS, stream 1
+    bomb.extend(&block);
+    for socket in [&data, &admin] {
+        let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&bomb);
+        let mut rest = Vec::new();
+        let closed = s.read_to_end(&mut rest);
+        assert!(closed.is_ok(), "the connection is closed, not left hanging: {closed:?}");
+    }
+    let grown = rss().saturating_sub(before);
+    eprintln!(
+        "resident memory {} MiB before, grown by {} KiB",
+        before >> 20,
+        grown >> 10
+    );
+    assert!(grown < 32 << 20, "resident memory grew by {} MiB", grown >> 20);
+    let target = format!("unix:{}", data.display());
+    let reserve = [
+        "reserve",
+        "--addr",
+        &target,
+        "--account",
+        "rich",
+        "--request-id",
+        "after-the-bomb",
+        "--model",
+        "m",
+        "--input",
+        "10",
+        "--max-output",
+        "10",
+    ];
+    let (ok, out, err) = run(dir.path(), &reserve);
+    assert!(ok && out.contains("decision:       ALLOW"), "{out}{err}");
+    assert!(served.stop().success());
+}
