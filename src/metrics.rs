@@ -80,7 +80,8 @@ pub struct RlsHits {
     /// The domain.
     pub domain: String,
     /// The rule's descriptor keys joined with `.` (with values for rules
-    /// marked `detailed_metric`).
+    /// marked `detailed_metric`); `(limit override)` for descriptors that
+    /// carry Envoy's own limit (their keys are the caller's).
     pub key: String,
     /// `within_limit`, `near_limit` (over 80 % of the limit),
     /// `over_limit` or `shadow_mode`.

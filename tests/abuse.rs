@@ -227,6 +227,42 @@ async fn a_flood_of_distinct_rate_limit_keys_stays_bounded_and_is_let_go_of() {
     );
 }
 
+/// Descriptors with Envoy's own limit and a new key name each: their hits
+/// are counted under one metric label, not one series per name (before,
+/// each name became a `key` label of `tollgate_rls_hits_total`, for ever).
+#[tokio::test]
+async fn limit_overrides_with_ever_new_keys_add_no_metric_series() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+    let _alone = SCRAPES.lock().await;
+    let (app, mut rls, _dir) = rls_app_on(Backend::Memory, &with_http(""), RULES, "").await;
+    let http = app.http.unwrap();
+    for round in 0..20 {
+        let descriptors = (0..16)
+            .map(|i| {
+                let mut d = descriptor(&[(&format!("k{round}-{i}"), "v")]);
+                d.limit = Some(RateLimitOverride {
+                    requests_per_unit: 1000,
+                    unit: 2, // MINUTE
+                });
+                d
+            })
+            .collect();
+        let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+            domain: "inference".into(),
+            descriptors,
+            hits_addend: 0,
+        };
+        rls.should_rate_limit(request).await.unwrap();
+    }
+    let (_, after) = http_get(http, "/metrics").await;
+    let named: Vec<&str> = after
+        .lines()
+        .filter(|l| l.starts_with("tollgate_rls_hits_total{") && l.contains("key=\"k"))
+        .collect();
+    assert!(named.is_empty(), "series named after the caller's keys: {named:?}");
+    assert!(after.contains("key=\"(limit override)\""), "the hits are counted");
+}
+
 #[tokio::test]
 async fn a_flood_of_distinct_unknown_accounts_leaves_no_state() {
     let _alone = SCRAPES.lock().await;

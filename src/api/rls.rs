@@ -141,6 +141,9 @@ impl RlsApi {
 }
 
 /// The unit of Envoy's per-descriptor limit (`envoy.type.v3.RateLimitUnit`).
+/// The `key` label of the hits of descriptors that carry Envoy's own limit.
+const OVERRIDE_METRIC: &str = "(limit override)";
+
 fn override_unit(value: i32) -> Result<Unit, Status> {
     Ok(match value {
         1 => Unit::Second,
@@ -324,12 +327,9 @@ impl RlsApi {
                         unit,
                         requests_per_unit: o.requests_per_unit,
                     };
-                    overridden_metric = descriptor
-                        .entries
-                        .iter()
-                        .map(|e| e.key.as_str())
-                        .collect::<Vec<_>>()
-                        .join(".");
+                    // The caller names these keys: as a metric label they
+                    // would make a series per name, for ever.
+                    overridden_metric = OVERRIDE_METRIC.to_owned();
                     (allowance, &overridden, false, false, None, &overridden_metric)
                 }
                 (None, Some(m)) => (
