@@ -498,11 +498,19 @@ impl App {
 /// What the baseline's drain may take after a shutdown signal.
 pub const BASELINE_DRAIN: Duration = Duration::from_secs(10);
 
-/// Every gRPC server's stack: the RPC span, and HTTP/2 keepalive pings
-/// so a peer that vanished without closing is dropped.
+/// Streams one connection may have open at once, advertised to every
+/// client (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS): far above what a
+/// client multiplexes, low enough that half-sent streams cannot pile up
+/// on one connection (without it there was no bound at all).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
+/// Every gRPC server's stack: the RPC span, a bound on the streams of one
+/// connection, and HTTP/2 keepalive pings so a peer that vanished without
+/// closing is dropped.
 fn builder() -> Server {
     Server::builder()
         .trace_fn(crate::telemetry::grpc_span)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }

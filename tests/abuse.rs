@@ -263,6 +263,43 @@ async fn limit_overrides_with_ever_new_keys_add_no_metric_series() {
     assert!(after.contains("key=\"(limit override)\""), "the hits are counted");
 }
 
+/// Both planes advertise a bound on the streams of one connection
+/// (without it a client could hold any number of half-sent streams open
+/// on one connection, before any token is checked), and a connection at
+/// the bound is still served.
+#[tokio::test]
+async fn every_plane_bounds_the_streams_of_one_connection() {
+    let app = support::spawn_app().await;
+    for url in [&app.quota_url, &app.admin_url] {
+        let address = url.trim_start_matches("http://");
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let mut connection = Box::pin(connection);
+        // The server's SETTINGS arrive with the first exchange.
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{url}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        client = client.ready().await.unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(vec![0u8, 0, 0, 0, 0].into(), true).unwrap();
+        let response = tokio::select! {
+            r = response => r.unwrap(),
+            _ = &mut connection => panic!("the connection ended"),
+        };
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            connection.max_concurrent_send_streams(),
+            tollgate::server::MAX_STREAMS_PER_CONNECTION as usize,
+            "{url}"
+        );
+    }
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_flood_of_distinct_unknown_accounts_leaves_no_state() {
     let _alone = SCRAPES.lock().await;
