@@ -99,9 +99,20 @@ fn gauge(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Serves the endpoint on `listener` until `stop` completes.
+/// Connections the endpoint serves at once: scrapers and probes need a
+/// handful; more would let a caller take the process's file descriptors
+/// from the data plane.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the endpoint on `listener` until `stop` completes: at most
+/// [`MAX_CONNECTIONS`] open, each closed if its opening bytes do not
+/// arrive within `first_bytes` (as the gRPC listeners' are,
+/// `crate::conn`), and read from for no longer than that either: a
+/// request whose headers never end cannot keep its place (a scraper
+/// whose keep-alive outlives it simply connects again).
 pub async fn serve(
     listener: TcpListener,
+    first_bytes: std::time::Duration,
     probes: Probes,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -110,7 +121,51 @@ pub async fn serve(
         .route("/live", get(live))
         .route("/ready", get(ready))
         .with_state(probes);
+    let local = listener.local_addr()?;
+    let guard = crate::conn::Guard {
+        max: MAX_CONNECTIONS,
+        first_bytes,
+    };
+    let listener = Guarded {
+        incoming: crate::conn::incoming(listener, guard),
+        local,
+        lifetime: first_bytes,
+    };
     axum::serve(listener, app).with_graceful_shutdown(stop).await
+}
+
+/// The endpoint's connections, let in by [`crate::conn::incoming`].
+struct Guarded {
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::conn::Guarded>>,
+    local: std::net::SocketAddr,
+    /// How long one connection is read from.
+    lifetime: std::time::Duration,
+}
+
+impl axum::serve::Listener for Guarded {
+    type Io = Expiring;
+    type Addr = Option<std::net::SocketAddr>;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(connection)) => {
+                    let peer = tonic::transport::server::Connected::connect_info(&connection).remote_addr();
+                    let deadline = Box::pin(tokio::time::sleep(self.lifetime));
+                    return (Expiring { connection, deadline }, peer);
+                }
+                // Refused or failed connections are logged by `incoming`.
+                Some(Err(_)) => {}
+                // The listener is gone: nothing more will come.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(Some(self.local))
+    }
 }
 
 async fn metrics_page(State(probes): State<Probes>) -> impl IntoResponse {
@@ -132,5 +187,48 @@ async fn ready(State(probes): State<Probes>) -> (StatusCode, String) {
     match probes.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+/// A connection whose reads fail once its lifetime is over.
+struct Expiring {
+    connection: crate::conn::Guarded,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for Expiring {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        std::pin::Pin::new(&mut self.connection).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Expiring {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.connection).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.connection).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.connection).poll_shutdown(cx)
     }
 }

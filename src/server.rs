@@ -433,8 +433,14 @@ impl App {
         let keeper = leases.map(|store| tokio::spawn(store.run(until_stopped(drained_rx.clone()))));
         // Metrics and probes stay up until the calls have drained (they
         // answer "not ready" meanwhile).
-        let http_server =
-            http.map(|listener| tokio::spawn(crate::http::serve(listener, probes.clone(), until_stopped(drained_rx))));
+        let http_server = http.map(|listener| {
+            tokio::spawn(crate::http::serve(
+                listener,
+                connections.first_bytes,
+                probes.clone(),
+                until_stopped(drained_rx),
+            ))
+        });
         let signal = async move {
             shutdown.await;
             probes.set_serving(false);

@@ -385,6 +385,44 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_served_once_below_it(
     drop(silent);
 }
 
+/// Half-sent requests on the HTTP endpoint (headers that never end): at
+/// most `http::MAX_CONNECTIONS` are let in, the rest closed at once, and
+/// those let in are closed after the first-bytes timeout; the probes
+/// answer again, and the data plane answers throughout (before, 2,000 of
+/// them stayed open past 70 s and took the data plane's descriptors).
+#[tokio::test]
+async fn half_sent_requests_cannot_hold_the_http_endpoint() {
+    let _alone = SCRAPES.lock().await;
+    let config = with_http("").replace("[server]\n", "[server]\nfirst_bytes_timeout_ms = 400\n");
+    let mut app = spawn_app_on_with(Backend::Memory, &config).await;
+    let http = app.http.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..tollgate::http::MAX_CONNECTIONS + 20 {
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tollgate\r\nX-Never-Ends: ")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    serves(&mut app.quota, "while-held").await;
+    let over = held.split_off(tollgate::http::MAX_CONNECTIONS);
+    for s in over {
+        assert!(
+            closed_within(s, Duration::from_secs(2)).await,
+            "over the bound: closed at once"
+        );
+    }
+    for s in held {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "a request whose headers never end is closed"
+        );
+    }
+    let (status, _) = http_get(http, "/live").await;
+    assert_eq!(status, 200);
+    serves(&mut app.quota, "after").await;
+}
+
 #[tokio::test]
 async fn silent_and_trickling_connections_are_closed_and_service_goes_on() {
     let config = support::CONFIG.replace("[server]\n", "[server]\nfirst_bytes_timeout_ms = 500\n");
