@@ -130,7 +130,10 @@ async fn settle_until_gone(
 async fn sigterm_under_load_keeps_every_acknowledged_settle_and_returns_the_lease() {
     let redis = support::redis::RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let mut sidecars = support::fleet::fleet(1, dir.path(), &[redis.url()]);
+    // Enough money that the load cannot run it dry before the SIGTERM
+    // (about 1,400 settles in 1.5 s here; this pays for about 200,000).
+    let config = support::fleet::FLEET.replace(r#"paid = "0.5""#, r#"paid = "50""#);
+    let mut sidecars = support::fleet::fleet_with(1, dir.path(), &[redis.url()], &config);
     let mut clients = tokio::task::JoinSet::new();
     for c in 0..16 {
         clients.spawn(settle_until_gone(sidecars[0].client().await, c));
