@@ -489,12 +489,24 @@ struct File {
 }
 
 /// `[rls]`: the Envoy rate-limit service.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RlsFile {
     config_dir: Option<PathBuf>,
     shadow_mode: bool,
     response_headers: bool,
+    max_override_windows: usize,
+}
+
+impl Default for RlsFile {
+    fn default() -> Self {
+        RlsFile {
+            config_dir: None,
+            shadow_mode: false,
+            response_headers: false,
+            max_override_windows: crate::rls::config::MAX_OVERRIDE_WINDOWS,
+        }
+    }
 }
 
 /// `[metrics]`: what the Prometheus endpoint shows beyond the defaults.
@@ -1389,6 +1401,9 @@ impl Settings {
         if let Some(path) = &file.admin.tokens_file {
             admin.extend(tokens_file(&mut p, "admin.tokens_file", path));
         }
+        if !(1..=10_000_000).contains(&file.rls.max_override_windows) {
+            p.push("rls.max_override_windows", "must be between 1 and 10000000");
+        }
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
@@ -1401,6 +1416,7 @@ impl Settings {
             rls: crate::rls::config::RlsSettings {
                 shadow_mode: file.rls.shadow_mode,
                 response_headers: file.rls.response_headers,
+                max_override_windows: file.rls.max_override_windows,
             },
             currency: file.currency,
             listen,

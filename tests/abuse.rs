@@ -171,6 +171,11 @@ async fn huge_descriptor_lists_are_refused_before_anything_is_counted() {
         assert_eq!(refused.code(), Code::InvalidArgument, "{what}: {refused:?}");
         assert!(refused.message().starts_with(mentions), "{what}: {refused:?}");
     }
+    let mut long_domain = request(vec![descriptor(&[("user", "u0")])]);
+    long_domain.domain = "d".repeat(100_000);
+    let refused = rls.should_rate_limit(long_domain).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("domain"), "{refused:?}");
     // Nothing was counted: the first hit of u0 finds the whole limit.
     let answer = rls
         .should_rate_limit(request(vec![descriptor(&[("user", "u0")])]))
@@ -261,6 +266,57 @@ async fn limit_overrides_with_ever_new_keys_add_no_metric_series() {
         .collect();
     assert!(named.is_empty(), "series named after the caller's keys: {named:?}");
     assert!(after.contains("key=\"(limit override)\""), "the hits are counted");
+}
+
+/// Year-long windows of Envoy's own limits, each under a new key, cannot
+/// pin the window table: they have a budget of their own
+/// (`rls.max_override_windows`), and past it only new override windows
+/// are refused, while the rules' windows for new callers keep being
+/// counted (before, the overrides filled the table and every new caller
+/// was UNAVAILABLE until restart).
+#[tokio::test]
+async fn override_windows_cannot_crowd_out_the_rules_windows() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+    let base = support::CONFIG.replace(
+        "[store]\nsweep_interval_ms = 20\n",
+        "[store]\nsweep_interval_ms = 20\nmax_rate_limit_windows = 100\n",
+    );
+    let (_app, mut rls, _dir) = rls_app_on(Backend::Memory, &base, RULES, "max_override_windows = 50\n").await;
+    let request = |descriptors| envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "inference".into(),
+        descriptors,
+        hits_addend: 0,
+    };
+    let (mut answered, mut refused) = (0, 0);
+    for round in 0..15 {
+        let descriptors = (0..10)
+            .map(|i| {
+                let mut d = descriptor(&[("user", &format!("flood-{round}-{i}"))]);
+                d.limit = Some(RateLimitOverride {
+                    requests_per_unit: 1_000_000,
+                    unit: 6, // YEAR
+                });
+                d
+            })
+            .collect();
+        match rls.should_rate_limit(request(descriptors)).await {
+            Ok(_) => answered += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("rls.max_override_windows"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((answered, refused), (5, 10), "50 override windows, then none");
+    for i in 0..40 {
+        let answer = rls
+            .should_rate_limit(request(vec![descriptor(&[("user", &format!("new-caller-{i}"))])]))
+            .await
+            .unwrap_or_else(|e| panic!("new caller {i} refused: {e:?}"))
+            .into_inner();
+        assert_eq!(answer.statuses[0].limit_remaining, 99, "new caller {i}");
+    }
 }
 
 /// Both planes advertise a bound on the streams of one connection

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::{SignedDuration, Timestamp};
+
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as WireUnit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit};
@@ -24,6 +26,7 @@ use crate::engine::{Command, EngineError, Reply};
 use crate::metrics::{RlsHits, metrics};
 use crate::rls::config::{Allowance, RulesCell, Unit};
 use crate::rls::matcher::{Entry, drop_replaced, find};
+use crate::rls::overrides::OverrideWindows;
 use crate::service::Tollgate;
 use crate::store::StoreError;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -35,13 +38,18 @@ const MOST_HITS: u64 = 1 << 53;
 pub struct RlsApi {
     tollgate: Tollgate,
     in_force: Arc<RulesCell>,
+    overrides: OverrideWindows,
 }
 
 impl RlsApi {
     /// Answers from the rules and settings in force in `in_force`,
     /// counting in `tollgate`'s store.
     pub fn new(tollgate: Tollgate, in_force: Arc<RulesCell>) -> RlsApi {
-        RlsApi { tollgate, in_force }
+        RlsApi {
+            tollgate,
+            in_force,
+            overrides: OverrideWindows::default(),
+        }
     }
 }
 
@@ -189,7 +197,7 @@ fn counter_key(domain: &str, counter: &[(String, String)], unit: Unit, start: i6
 }
 
 /// The most descriptors one request may carry, entries one descriptor
-/// may, and bytes a key or value may: Envoy sends a handful of short ones;
+/// may, and bytes a key, a value or the domain may: Envoy sends a handful of short ones;
 /// more is refused before anything is counted (each value becomes a
 /// counter's key, in memory or in Redis).
 pub const MAX_DESCRIPTORS: usize = 256;
@@ -199,6 +207,9 @@ pub const MAX_ENTRIES: usize = 64;
 pub const MAX_TEXT: usize = 1024;
 
 fn check_sizes(r: &RateLimitRequest) -> Result<(), Status> {
+    if r.domain.len() > MAX_TEXT {
+        return Err(invalid("domain", format!("at most {MAX_TEXT} bytes")));
+    }
     if r.descriptors.len() > MAX_DESCRIPTORS {
         return Err(invalid(
             "descriptors",
@@ -369,6 +380,17 @@ impl RlsApi {
             let key = counter_key(&r.domain, counter, unit, start);
             let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(1));
             let limit = u64::from(requests_per_unit);
+            if limit_override.is_some() {
+                let ends = now
+                    .checked_add(SignedDuration::from_secs(left))
+                    .unwrap_or(Timestamp::MAX);
+                let max = settings.max_override_windows;
+                if !self.overrides.admit(&key, ends, now, max) {
+                    return Err(Status::unavailable(format!(
+                        "{max} windows of Envoy's own limits are open; refusing a new one (rls.max_override_windows)"
+                    )));
+                }
+            }
             // A store that cannot count is UNAVAILABLE: Envoy's
             // failure_mode_deny decides.
             let count = self

@@ -156,7 +156,7 @@ pub struct Domain {
 }
 
 /// How the service answers beyond the rules (`[rls]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RlsSettings {
     /// Global shadow mode: count and report, but the overall answer is
     /// always OK.
@@ -164,7 +164,25 @@ pub struct RlsSettings {
     /// Add `x-ratelimit-limit`, `-remaining` and `-reset` to the response
     /// headers, for the most constrained descriptor.
     pub response_headers: bool,
+    /// Windows of Envoy's own per-descriptor limits (`limit` overrides)
+    /// this sidecar opens at most at once: their keys and lengths (up to a
+    /// year) are the caller's choice, so they get a budget of their own
+    /// and can never crowd out the rules' windows.
+    pub max_override_windows: usize,
 }
+
+impl Default for RlsSettings {
+    fn default() -> Self {
+        RlsSettings {
+            shadow_mode: false,
+            response_headers: false,
+            max_override_windows: MAX_OVERRIDE_WINDOWS,
+        }
+    }
+}
+
+/// [`RlsSettings::max_override_windows`] by default.
+pub const MAX_OVERRIDE_WINDOWS: usize = 100_000;
 
 /// The rules and settings in force together.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
