@@ -158,6 +158,7 @@ struct ServerFile {
     reload_poll_ms: Option<u64>,
     max_connections: Option<usize>,
     first_bytes_timeout_ms: Option<u64>,
+    call_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1310,6 +1311,13 @@ impl Settings {
         {
             p.push("server.first_bytes_timeout_ms", "must be between 1 and 600000");
         }
+        if file
+            .server
+            .call_timeout_ms
+            .is_some_and(|ms| !(1..=3_600_000).contains(&ms))
+        {
+            p.push("server.call_timeout_ms", "must be between 1 and 3600000");
+        }
         if file.server.shutdown_grace_seconds.is_some_and(|s| s > 3600) {
             p.push("server.shutdown_grace_seconds", "must be at most 3600");
         }
@@ -1438,6 +1446,7 @@ impl Settings {
                         .server
                         .first_bytes_timeout_ms
                         .map_or(default.first_bytes, Duration::from_millis),
+                    call: file.server.call_timeout_ms.map_or(default.call, Duration::from_millis),
                 }
             },
             reload_poll: match file.server.reload_poll_ms.unwrap_or(2000) {

@@ -5,6 +5,7 @@
 //! sends its HTTP/2 preface, or sends it a byte at a time, is closed
 //! instead of holding a place; HTTP/2 keepalive takes over after).
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +18,9 @@ use tokio::sync::mpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::codegen::BoxFuture;
+use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// How connections are guarded.
@@ -27,14 +31,19 @@ pub struct Guard {
     /// A new connection's opening bytes (the 24 of the HTTP/2 preface, or
     /// as many of a TLS hello) must all arrive within this.
     pub first_bytes: Duration,
+    /// A call's request must arrive whole and be answered within this
+    /// ([`Deadline`]): a stream whose body stops half-way gives back its
+    /// place and its buffer then.
+    pub call: Duration,
 }
 
 impl Default for Guard {
-    /// 10,000 connections; 10 s for the first bytes.
+    /// 10,000 connections; 10 s for the first bytes, 30 s for a call.
     fn default() -> Self {
         Guard {
             max: 10_000,
             first_bytes: Duration::from_secs(10),
+            call: Duration::from_secs(30),
         }
     }
 }
@@ -155,5 +164,58 @@ impl AsyncWrite for Guarded {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+/// A gRPC service whose calls end with DEADLINE_EXCEEDED after a fixed
+/// time: the request is read inside the call, so a client that sends half
+/// a message and stalls holds its stream and buffer only that long. For
+/// services whose answers are single messages; a streamed answer's body
+/// is not bounded (health `Watch` is left unwrapped).
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    after: Duration,
+}
+
+impl<S> Deadline<S> {
+    /// `inner`, each call ended after `after`.
+    pub fn new(inner: S, after: Duration) -> Deadline<S> {
+        Deadline { inner, after }
+    }
+}
+
+impl<S: NamedService> NamedService for Deadline<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<Body>> for Deadline<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let (call, after) = (self.inner.call(request), self.after);
+        Box::pin(async move {
+            match tokio::time::timeout(after, call).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    crate::metrics::metrics().calls_timed_out.inc();
+                    Ok(tonic::Status::deadline_exceeded(format!(
+                        "the call was not received and answered within {} ms (server.call_timeout_ms)",
+                        after.as_millis()
+                    ))
+                    .into_http())
+                }
+            }
+        })
     }
 }

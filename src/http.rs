@@ -125,6 +125,7 @@ pub async fn serve(
     let guard = crate::conn::Guard {
         max: MAX_CONNECTIONS,
         first_bytes,
+        ..crate::conn::Guard::default()
     };
     let listener = Guarded {
         incoming: crate::conn::incoming(listener, guard),

@@ -154,6 +154,7 @@ pub struct Metrics {
     pub rate_limit_windows: Gauge,
     pub evicted: Family<Evicted, Counter>,
     pub connections_refused: Counter,
+    pub calls_timed_out: Counter,
 }
 
 impl Metrics {
@@ -302,7 +303,7 @@ impl Metrics {
             "Idle or ended state let go of, by kind: memory stays bounded whatever callers send",
             evicted.clone(),
         );
-        for state in ["rate_limit_window", "window_share", "mirror"] {
+        for state in ["rate_limit_window", "window_share", "mirror", "override_window"] {
             drop(evicted.get_or_create(&Evicted { state }));
         }
         let connections_refused = Counter::default();
@@ -310,6 +311,12 @@ impl Metrics {
             "connections_refused",
             "TCP connections closed at once (over server.max_connections) or silent past server.first_bytes_timeout_ms",
             connections_refused.clone(),
+        );
+        let calls_timed_out = Counter::default();
+        r.register(
+            "calls_timed_out",
+            "Calls ended with DEADLINE_EXCEEDED: not received and answered within server.call_timeout_ms",
+            calls_timed_out.clone(),
         );
         let build_info = Family::<Build, Gauge>::default();
         build_info
@@ -361,6 +368,7 @@ impl Metrics {
             rate_limit_windows,
             evicted,
             connections_refused,
+            calls_timed_out,
         }
     }
 

@@ -12,14 +12,16 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::admin::AdminApi;
-use crate::api::auth::Operators;
+use crate::api::auth::{Operators, Role};
 use crate::api::quota::QuotaApi;
 use crate::api::rls::RlsApi;
 use crate::clock::{Clock, OffsetClock, SystemClock};
 use crate::config::{Settings, StoreKind};
+use crate::conn::Deadline;
 use crate::http::Probes;
 use crate::journal::Journal;
 use crate::proto::admin_server::AdminServer;
@@ -342,7 +344,13 @@ impl App {
             rls,
             ..
         } = self;
-        let rls = rls.map(|r| RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), r.in_force)));
+        let rls = rls.map(|r| {
+            Deadline::new(
+                RateLimitServiceServer::new(RlsApi::new(tollgate.clone(), r.in_force))
+                    .max_decoding_message_size(MAX_RLS_MESSAGE),
+                connections.call,
+            )
+        });
         if credentials.is_empty() {
             tracing::warn!(
                 "no admin credentials configured: the admin API refuses every call \
@@ -376,11 +384,16 @@ impl App {
             reflection(admin_name).build_v1()?,
             reflection(admin_name).build_v1alpha()?,
         );
+        let call = connections.call;
+        let quota_api = Deadline::new(
+            QuotaServer::new(QuotaApi::new(tollgate.clone())).max_decoding_message_size(MAX_QUOTA_MESSAGE),
+            call,
+        );
         let quota_server = with_tls(builder(), quota_tls)?
             .add_service(quota_health_service.clone())
             .add_service(quota_v1)
             .add_service(quota_v1alpha)
-            .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
+            .add_service(quota_api.clone())
             .add_optional_service(rls.clone())
             .serve_with_incoming_shutdown(
                 crate::conn::incoming(quota, connections),
@@ -391,11 +404,17 @@ impl App {
             quota_unix,
             builder()
                 .add_service(quota_health_service.clone())
-                .add_service(QuotaServer::new(QuotaApi::new(tollgate.clone())))
+                .add_service(quota_api)
                 .add_optional_service(rls),
             until_stopped(stopped.clone()),
         );
-        let admin_api = AdminServer::new(AdminApi::new(tollgate.clone(), credentials));
+        // Callers without a valid credential are refused on their headers,
+        // before their request's bytes are read; each call checks its role.
+        let known = Arc::clone(&credentials);
+        let admin_api = InterceptedService::new(
+            Deadline::new(AdminServer::new(AdminApi::new(tollgate.clone(), credentials)), call),
+            move |request: tonic::Request<()>| known.authorize(&request, Role::Read).map(|_| request),
+        );
         // And the control plane on its own socket, if configured.
         let admin_unix_server = serve_unix(
             admin_unix,
@@ -510,13 +529,28 @@ pub const BASELINE_DRAIN: Duration = Duration::from_secs(10);
 /// on one connection (without it there was no bound at all).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
+/// The largest data-plane request message (a reserve, settle or charge is
+/// a few hundred bytes): a client that announces a larger one is refused
+/// (`OUT_OF_RANGE`) before its bytes arrive, and one that sends half of
+/// one holds at most this.
+pub const MAX_QUOTA_MESSAGE: usize = 16 << 10;
+
+/// The largest Envoy rate-limit request message (Envoy sends a handful of
+/// short descriptors).
+pub const MAX_RLS_MESSAGE: usize = 64 << 10;
+
+/// Request bytes one stream may have in flight unread (HTTP/2's initial
+/// window): at least any data-plane message, far below hyper's 1 MiB.
+const STREAM_WINDOW: u32 = 64 << 10;
+
 /// Every gRPC server's stack: the RPC span, a bound on the streams of one
-/// connection, and HTTP/2 keepalive pings so a peer that vanished without
-/// closing is dropped.
+/// connection and on the bytes each may have in flight, and HTTP/2
+/// keepalive pings so a peer that vanished without closing is dropped.
 fn builder() -> Server {
     Server::builder()
         .trace_fn(crate::telemetry::grpc_span)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
