@@ -69,7 +69,8 @@ impl Sidecar {
                 {
                     let _ = tx.send(line.clone());
                 }
-                if line.contains("ERROR") || line.contains("WARN") {
+                // `Error:` is how a sidecar that failed to start says why.
+                if line.contains("ERROR") || line.contains("WARN") || line.starts_with("Error") {
                     eprintln!("sidecar: {line}");
                 }
             }
