@@ -5,7 +5,7 @@
 //! budget is spent, and the rules' windows keep being counted, in memory
 //! as in Redis (where each window is a key this sidecar created).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
@@ -16,10 +16,10 @@ pub struct OverrideWindows(Mutex<Open>);
 
 #[derive(Debug, Default)]
 struct Open {
-    /// When each open window ends, by its store key.
-    ends: HashMap<Arc<str>, Timestamp>,
-    /// The same, soonest end first: ended windows are let go of from the
-    /// front, never by a scan.
+    /// The store keys of the open windows.
+    keys: HashSet<Arc<str>>,
+    /// The same with when each ends, soonest first: ended windows are let
+    /// go of from the front, never by a scan.
     by_end: BTreeSet<(Timestamp, Arc<str>)>,
 }
 
@@ -29,33 +29,29 @@ impl OverrideWindows {
     /// are open (ended windows are let go of first, and counted).
     pub fn admit(&self, key: &str, ends: Timestamp, now: Timestamp, max: usize) -> bool {
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if open.ends.contains_key(key) {
+        if open.keys.contains(key) {
             return true;
         }
         let mut ended = 0;
         while let Some(first) = open.by_end.first().filter(|(end, _)| *end <= now).cloned() {
             open.by_end.remove(&first);
-            open.ends.remove(&first.1);
+            open.keys.remove(&first.1);
             ended += 1;
         }
         crate::metrics::metrics().evicted("override_window", ended);
-        if open.ends.len() >= max {
+        if open.keys.len() >= max {
             return false;
         }
         let key: Arc<str> = Arc::from(key);
-        open.ends.insert(Arc::clone(&key), ends);
+        open.keys.insert(Arc::clone(&key));
         open.by_end.insert((ends, key));
         true
     }
 
     /// How many are open.
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).ends.len()
-    }
-
-    /// None.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).keys.len()
     }
 }
 
