@@ -96,6 +96,7 @@ fn catalog() -> Catalog {
         on_expiry: ExpiryPolicy::Release,
         idempotency_window: SignedDuration::ZERO,
         recent_usage: 20,
+        max_request_ids: 1_000_000,
     }
 }
 

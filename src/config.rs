@@ -308,6 +308,7 @@ struct HoldsFile {
     on_expiry: String,
     idempotency_window_seconds: u64,
     recent_usage: usize,
+    max_request_ids: usize,
 }
 
 impl Default for HoldsFile {
@@ -317,6 +318,7 @@ impl Default for HoldsFile {
             on_expiry: "release".into(),
             idempotency_window_seconds: 3_600,
             recent_usage: 20,
+            max_request_ids: 1_000_000,
         }
     }
 }
@@ -1353,6 +1355,9 @@ impl Settings {
                 "must be between 900 (15 minutes) and 31622400 (a year)",
             );
         }
+        if !(1_000..=1_000_000_000).contains(&file.holds.max_request_ids) {
+            p.push("holds.max_request_ids", "must be between 1000 and 1000000000");
+        }
         let usage = match file.usage.sink.as_str() {
             "file" if file.usage.path.is_empty() => {
                 p.push("usage.path", "must not be empty");
@@ -1461,6 +1466,7 @@ impl Settings {
                 on_expiry,
                 idempotency_window: seconds(file.holds.idempotency_window_seconds),
                 recent_usage: file.holds.recent_usage,
+                max_request_ids: file.holds.max_request_ids,
             },
             seed,
         })

@@ -511,3 +511,64 @@ async fn silent_and_trickling_connections_are_closed_and_service_goes_on() {
     // A client that speaks is served as before.
     serves(&mut app.quota, "after").await;
 }
+
+/// Charges of one pico-unit pass every request limit, so a caller could
+/// make an account remember ids (and their answers) as fast as it can
+/// send them. Full answers are kept for the 4,096 latest closed requests
+/// only; beyond `holds.max_request_ids` ids remembered, new requests are
+/// refused (`RESOURCE_EXHAUSTED`) and nothing is charged for them, while
+/// other accounts go on being served and no charge is ever made twice.
+#[tokio::test]
+async fn a_flood_of_cheap_charges_is_bounded_per_account() {
+    const BUDGET: usize = 5_000;
+    let config = support::CONFIG.replacen("[holds]\n", &format!("[holds]\nmax_request_ids = {BUDGET}\n"), 1);
+    for backend in [Backend::Memory, Backend::Redis] {
+        let mut app = spawn_app_on_with(backend, &config).await;
+        let paid = |b: &proto::GetBalanceResponse| b.paid.clone().unwrap().decimal;
+        let before = paid(&balance(&mut app, "rich").await);
+        let charge = |id: String| proto::ChargeRequest {
+            account_id: "rich".into(),
+            request_id: id,
+            charge: Some(proto::charge_request::Charge::Amount(support::money("0.000000000001"))),
+            ..Default::default()
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..8 {
+            let (mut quota, charge) = (app.quota.clone(), charge);
+            tasks.spawn(async move {
+                for i in (worker..BUDGET).step_by(8) {
+                    let done = quota.charge(charge(format!("c{i}"))).await.unwrap().into_inner();
+                    assert!(done.record.is_some(), "c{i}: {done:?}");
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let refused = app.quota.charge(charge("one-too-many".into())).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{backend:?}: {refused:?}");
+        assert!(refused.message().contains("holds.max_request_ids"), "{refused:?}");
+        // The latest answers are kept; the oldest were let go early, and
+        // their retries are refused rather than charged again.
+        let last = format!("c{}", BUDGET - 1);
+        let again = app.quota.charge(charge(last.clone())).await.unwrap().into_inner();
+        assert_eq!(again.record.unwrap().request_id, last, "{backend:?}");
+        let first = app.quota.charge(charge("c0".into())).await.unwrap_err();
+        assert_eq!(first.code(), Code::FailedPrecondition, "{backend:?}: {first:?}");
+        assert!(first.message().contains("no longer kept"), "{first:?}");
+        let after = balance(&mut app, "rich").await;
+        let picos = |decimal: String| decimal.parse::<tollgate::engine::Money>().unwrap().picos();
+        let charged = picos(before.clone()) - picos(paid(&after));
+        assert_eq!(charged, BUDGET as i128, "{backend:?}: each charged once");
+        // Another account is not held back by this one's budget.
+        let other = proto::ChargeRequest {
+            account_id: "limited".into(),
+            ..charge("elsewhere".into())
+        };
+        assert!(
+            app.quota.charge(other).await.unwrap().into_inner().record.is_some(),
+            "{backend:?}"
+        );
+        app.shutdown().await;
+    }
+}

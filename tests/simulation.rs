@@ -531,6 +531,7 @@ fn catalog(start: Timestamp, charge_in_full: bool) -> Catalog {
         },
         idempotency_window: SignedDuration::from_secs(3600),
         recent_usage: 5,
+        max_request_ids: 1_000_000,
     }
 }
 

@@ -17,6 +17,7 @@ pub fn status(e: StoreError) -> Status {
             EngineError::NotFound(_) => Status::not_found(e.to_string()),
             EngineError::Conflict(_) => Status::already_exists(e.to_string()),
             EngineError::Precondition(_) => Status::failed_precondition(e.to_string()),
+            EngineError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
             EngineError::Overflow => Status::out_of_range(e.to_string()),
             EngineError::Period(_) => Status::internal(e.to_string()),
             EngineError::Short(_) => Status::unavailable(e.to_string()),

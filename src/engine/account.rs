@@ -161,6 +161,18 @@ pub enum Reservation {
     },
 }
 
+impl Reservation {
+    /// When it was closed; `None` while it is open.
+    pub fn closed_at(&self) -> Option<Timestamp> {
+        match self {
+            Reservation::Open(_) => None,
+            Reservation::Settled { closed_at, .. }
+            | Reservation::Released { closed_at, .. }
+            | Reservation::Expired { closed_at } => Some(*closed_at),
+        }
+    }
+}
+
 /// What a request id was used for, kept for idempotent replays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Remembered {
@@ -259,6 +271,14 @@ impl Traffic {
 /// seconds; a day of full answers at 1,000 requests a second would take
 /// tens of gigabytes.
 pub const ANSWERS_KEPT: SignedDuration = SignedDuration::from_secs(60);
+
+/// Closed requests an account keeps the full answers of at most (about
+/// 760 bytes each): past it, the oldest are let go early, down to half of
+/// it ([`Account::bound_answers`]), so a flood of cheap calls cannot hold
+/// [`ANSWERS_KEPT`] worth of answers (at 13,000 calls a second, over half
+/// a gigabyte). Their ids stay remembered ([`Spent`]): a retry is refused,
+/// never decided again.
+pub const MAX_ANSWERS: usize = 4_096;
 
 /// Request ids whose answers were let go, in time slots of a quarter of the
 /// idempotency window: a slot goes whole once the window has passed over
@@ -559,41 +579,78 @@ impl Account {
         ) else {
             return;
         };
+        self.let_go_of_answers(catalog, answers, horizon);
         if let Some(traffic) = self.traffic.as_deref_mut() {
-            // Closed reservations whose answers go now, with when they closed.
-            let mut closed: Map<ReservationId, Timestamp> = Map::default();
-            traffic.reservations.retain(|id, r| match r {
-                Reservation::Open(_) => true,
-                Reservation::Settled { closed_at, .. }
-                | Reservation::Released { closed_at, .. }
-                | Reservation::Expired { closed_at } => {
-                    if *closed_at <= answers {
-                        closed.insert(id.clone(), *closed_at);
-                    }
-                    *closed_at > answers
-                }
-            });
-            let reservations = &traffic.reservations;
-            let spent = &mut traffic.spent;
-            traffic.requests.retain(|id, r| {
-                let gone_at = match r {
-                    Remembered::Reserved { reservation, .. } if reservations.contains_key(reservation) => {
-                        return true;
-                    }
-                    Remembered::Reserved { reservation, .. } => closed.get(reservation).copied(),
-                    Remembered::Charged { at, .. } if *at > answers => return true,
-                    Remembered::Charged { at, .. } => Some(*at),
-                };
-                if let Some(at) = gone_at.filter(|at| *at > horizon) {
-                    spent.insert(id.as_str(), at, catalog.idempotency_window / 4);
-                }
-                false
-            });
             traffic.spent.prune(horizon);
-            self.shed_traffic();
         }
+        self.shed_traffic();
         self.buckets.prune(now);
         self.prune_leases(catalog, now);
+    }
+
+    /// Keeps the answers of at most [`MAX_ANSWERS`] closed requests: past
+    /// that, lets go of the oldest, down to half of it, at once. Each pass
+    /// looks at every request, and the next comes only after as many new
+    /// ones again: constant time per request, amortized.
+    pub(crate) fn bound_answers(&mut self, catalog: &Catalog, now: Timestamp) {
+        let traffic = self.traffic();
+        // Every open hold has one request; the rest are closed.
+        if traffic.requests.len().saturating_sub(traffic.expiries.len()) <= MAX_ANSWERS {
+            return;
+        }
+        let Ok(horizon) = now.checked_sub(catalog.idempotency_window) else {
+            return;
+        };
+        let mut closed: Vec<Timestamp> = traffic
+            .requests
+            .values()
+            .filter_map(|r| match r {
+                Remembered::Reserved { reservation, .. } => traffic.reservations.get(reservation)?.closed_at(),
+                Remembered::Charged { at, .. } => Some(*at),
+            })
+            .collect();
+        let keep = MAX_ANSWERS / 2;
+        if closed.len() <= keep {
+            return;
+        }
+        let last = closed.len() - keep - 1;
+        let (_, cutoff, _) = closed.select_nth_unstable(last);
+        let cutoff = *cutoff;
+        self.let_go_of_answers(catalog, cutoff, horizon);
+    }
+
+    /// Lets go of the answers of the requests closed at `answers` or
+    /// before, keeping their ids as fingerprints ([`Spent`]) while they
+    /// closed after `horizon`.
+    fn let_go_of_answers(&mut self, catalog: &Catalog, answers: Timestamp, horizon: Timestamp) {
+        let Some(traffic) = self.traffic.as_deref_mut() else {
+            return;
+        };
+        // Closed reservations whose answers go now, with when they closed.
+        let mut closed: Map<ReservationId, Timestamp> = Map::default();
+        traffic.reservations.retain(|id, r| match r.closed_at() {
+            Some(closed_at) if closed_at <= answers => {
+                closed.insert(id.clone(), closed_at);
+                false
+            }
+            _ => true,
+        });
+        let reservations = &traffic.reservations;
+        let spent = &mut traffic.spent;
+        traffic.requests.retain(|id, r| {
+            let gone_at = match r {
+                Remembered::Reserved { reservation, .. } if reservations.contains_key(reservation) => {
+                    return true;
+                }
+                Remembered::Reserved { reservation, .. } => closed.get(reservation).copied(),
+                Remembered::Charged { at, .. } if *at > answers => return true,
+                Remembered::Charged { at, .. } => Some(*at),
+            };
+            if let Some(at) = gone_at.filter(|at| *at > horizon) {
+                spent.insert(id.as_str(), at, catalog.idempotency_window / 4);
+            }
+            false
+        });
     }
 
     /// The ledger behind a source reference; `None` for a lot that does not

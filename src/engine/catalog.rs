@@ -143,6 +143,10 @@ pub struct Catalog {
     pub idempotency_window: SignedDuration,
     /// Usage records kept per account for read-outs.
     pub recent_usage: usize,
+    /// Request ids one account may have remembered in one process at
+    /// once (each for the idempotency window); new requests beyond are
+    /// refused until older ids age out.
+    pub max_request_ids: usize,
 }
 
 impl Catalog {

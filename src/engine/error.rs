@@ -23,6 +23,10 @@ pub enum EngineError {
     /// The operation does not fit the current state.
     #[error("{0}")]
     Precondition(String),
+    /// The account used up a budget that bounds what a process keeps for
+    /// it; a later retry can pass.
+    #[error("{0}")]
+    Exhausted(String),
     /// An amount would leave the representable range.
     #[error("amount out of range")]
     Overflow,

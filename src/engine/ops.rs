@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::account::{ANSWERS_KEPT, Account, Hold, Lot, Remembered, Reservation};
+use super::account::{ANSWERS_KEPT, Account, Hold, Lot, MAX_ANSWERS, Remembered, Reservation};
 use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need, SourceRef, Take};
 use super::error::EngineError;
@@ -305,6 +305,7 @@ impl Account {
             };
         }
         self.refuse_spent(&req.request_id)?;
+        self.refuse_beyond_budget(catalog)?;
         let plan = self.plan_of(catalog)?;
         let limits = self.applicable(plan, req.api_key_id.as_ref(), &req.model);
         let deny = |account: &Account, denial, message: String| {
@@ -432,6 +433,7 @@ impl Account {
                 first: Box::new((req.clone(), reserved.clone())),
             },
         );
+        self.bound_answers(catalog, now);
         Ok(ReserveOutcome::Allowed(reserved))
     }
 
@@ -448,8 +450,8 @@ impl Account {
                 "reservation {id} expired at its TTL; charge late usage with Charge"
             ))),
             None if self.traffic().spent.contains(id.as_str()) => Err(EngineError::Precondition(format!(
-                "reservation {id} was closed more than {} s ago; its outcome is no longer kept",
-                ANSWERS_KEPT.as_secs()
+                "reservation {id} was closed; its outcome is no longer kept ({})",
+                answers_kept()
             ))),
             None => Err(EngineError::NotFound(format!("reservation {id}"))),
         }
@@ -460,8 +462,26 @@ impl Account {
     fn refuse_spent(&self, id: &RequestId) -> Result<(), EngineError> {
         if self.traffic().spent.contains(id.as_str()) {
             return Err(EngineError::Precondition(format!(
-                "request {id} was answered more than {} s ago; its answer is no longer kept",
-                ANSWERS_KEPT.as_secs()
+                "request {id} was answered; its answer is no longer kept ({})",
+                answers_kept()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a new request while the account has as many request ids
+    /// remembered as [`Catalog::max_request_ids`] allows: each is kept for
+    /// the idempotency window, so without a budget a flood of cheap calls
+    /// would hold memory without bound.
+    fn refuse_beyond_budget(&self, catalog: &Catalog) -> Result<(), EngineError> {
+        let traffic = self.traffic();
+        let remembered = traffic.requests.len() + traffic.spent.len();
+        if remembered >= catalog.max_request_ids {
+            return Err(EngineError::Exhausted(format!(
+                "account {} has {remembered} request ids remembered, the most one account may have within \
+                 the idempotency window ({} s; holds.max_request_ids); retry later",
+                self.id,
+                catalog.idempotency_window.as_secs()
             )));
         }
         Ok(())
@@ -643,6 +663,7 @@ impl Account {
             };
         }
         self.refuse_spent(&req.request_id)?;
+        self.refuse_beyond_budget(catalog)?;
         let plan = self.plan_of(catalog)?;
         if self.suspended {
             return Ok(ChargeOutcome::Denied(
@@ -715,6 +736,7 @@ impl Account {
                 at: now,
             },
         );
+        self.bound_answers(catalog, now);
         Ok(ChargeOutcome::Charged(record))
     }
 
@@ -1051,6 +1073,15 @@ fn check_operation_size(amount: Money) -> Result<(), EngineError> {
 }
 
 /// A request id already used with other content.
+/// How long and how many answers are kept, for the errors that say one
+/// was let go.
+fn answers_kept() -> String {
+    format!(
+        "answers are kept {} s after the request closed, and for at most the {MAX_ANSWERS} latest per account",
+        ANSWERS_KEPT.as_secs()
+    )
+}
+
 fn reused(id: &RequestId) -> EngineError {
     EngineError::Conflict(format!("request_id {id} was already used with different content"))
 }

@@ -80,6 +80,7 @@ fn catalog() -> Catalog {
         on_expiry: ExpiryPolicy::Release,
         idempotency_window: SignedDuration::from_hours(24),
         recent_usage: 10,
+        max_request_ids: 1_000_000,
     }
 }
 
