@@ -64,20 +64,38 @@ fn with_tls(builder: Server, tls: Option<ServerTlsConfig>) -> anyhow::Result<Ser
     })
 }
 
+/// The mode of the Unix sockets: the owner and its group may connect
+/// (the model server's container shares the group), nobody else,
+/// whatever the umask.
+pub const SOCKET_MODE: u32 = 0o660;
+
 /// Binds a Unix socket at `path` for `what`, replacing a socket file an
-/// earlier run left (it would refuse the bind).
+/// earlier run left (it would refuse the bind). The socket is bound under
+/// a temporary name, given [`SOCKET_MODE`], then renamed into place: it
+/// never exists at `path` with the umask's mode, not even for a moment.
 fn bind_unix(
     path: Option<&std::path::PathBuf>,
     what: &str,
 ) -> anyhow::Result<Option<(tokio::net::UnixListener, std::path::PathBuf)>> {
+    use std::os::unix::fs::PermissionsExt;
     let Some(path) = path else {
         return Ok(None);
     };
     if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
         let _ = std::fs::remove_file(path);
     }
-    let listener =
-        tokio::net::UnixListener::bind(path).with_context(|| format!("binding {what} to unix:{}", path.display()))?;
+    let mut binding = path.clone().into_os_string();
+    binding.push(format!(".{}.binding", std::process::id()));
+    let binding = std::path::PathBuf::from(binding);
+    let _ = std::fs::remove_file(&binding);
+    let listener = tokio::net::UnixListener::bind(&binding)
+        .with_context(|| format!("binding {what} to unix:{}", binding.display()))?;
+    let placed = std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| std::fs::rename(&binding, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&binding);
+        return Err(e).with_context(|| format!("placing {what}'s socket at unix:{}", path.display()));
+    }
     Ok(Some((listener, path.clone())))
 }
 
@@ -85,6 +103,7 @@ fn bind_unix(
 /// removes the socket file.
 async fn serve_unix(
     unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
+    max_connections: usize,
     router: tonic::transport::server::Router,
     stop: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -92,7 +111,7 @@ async fn serve_unix(
         return Ok(());
     };
     let served = router
-        .serve_with_incoming_shutdown(crate::uds::incoming(listener), stop)
+        .serve_with_incoming_shutdown(crate::uds::incoming(listener, max_connections), stop)
         .await;
     let _ = std::fs::remove_file(&path);
     served
@@ -357,6 +376,19 @@ impl App {
                  (admin.tokens in the config, or --admin-tokens FILE; `tollgate admin token` makes one)"
             );
         }
+        let admin_addr = admin.local_addr()?;
+        if admin_tls.is_none() && !admin_addr.ip().is_loopback() {
+            tracing::warn!(
+                listen = %admin_addr,
+                "the admin API listens beyond loopback without TLS: its bearer tokens cross the network \
+                 in the clear (set admin.tls, or fence the port, as the shipped NetworkPolicy does)"
+            );
+        }
+        let listeners = [true, quota_unix.is_some(), admin_unix.is_some(), true]
+            .into_iter()
+            .filter(|l| *l)
+            .count();
+        reserve_descriptors(listeners * connections.max + http.as_ref().map_or(0, |_| crate::http::MAX_CONNECTIONS));
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -402,6 +434,7 @@ impl App {
         // The same data plane on the Unix socket, if configured.
         let quota_unix_server = serve_unix(
             quota_unix,
+            connections.max,
             builder()
                 .add_service(quota_health_service.clone())
                 .add_service(quota_api)
@@ -418,6 +451,7 @@ impl App {
         // And the control plane on its own socket, if configured.
         let admin_unix_server = serve_unix(
             admin_unix,
+            connections.max,
             builder()
                 .add_service(admin_health_service.clone())
                 .add_service(admin_api.clone()),
@@ -517,6 +551,29 @@ impl App {
         admin_result.context("control plane")?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Descriptors kept beyond the connections' for everything else: Redis
+/// connections, the journal, the usage file, the listeners.
+const OTHER_DESCRIPTORS: usize = 256;
+
+/// Raises the soft limit on open files to what `connections` (every
+/// listener's cap, summed) and [`OTHER_DESCRIPTORS`] need, up to the hard
+/// limit; warns if that is still short, since then clients filling the
+/// connection caps could leave the process without descriptors.
+fn reserve_descriptors(connections: usize) {
+    let needed = (connections + OTHER_DESCRIPTORS) as u64;
+    match rlimit::increase_nofile_limit(needed) {
+        Ok(limit) if limit >= needed => tracing::debug!(limit, needed, "open files"),
+        Ok(limit) => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what the connection caps allow: clients filling them could \
+             leave no descriptor for Redis, the journal or new files (lower server.max_connections, or \
+             raise the limit: ulimit -n, LimitNOFILE=)"
+        ),
+        Err(e) => tracing::warn!(error = %e, needed, "could not read or raise the open-file limit"),
     }
 }
 

@@ -208,6 +208,8 @@ impl AuthorityFix {
 /// writes goes straight to the socket.
 pub struct Conn {
     inner: UnixStream,
+    /// Counted against the listener's cap while open.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     reader: Reader,
     /// `reader.output` is read by the server from here.
     at: usize,
@@ -249,9 +251,10 @@ enum Mode {
 }
 
 impl Conn {
-    fn new(inner: UnixStream) -> Conn {
+    fn new(inner: UnixStream, permit: tokio::sync::OwnedSemaphorePermit) -> Conn {
         Conn {
             inner,
+            _permit: permit,
             reader: Reader::default(),
             at: 0,
         }
@@ -443,10 +446,22 @@ impl tonic::transport::server::Connected for Conn {
     }
 }
 
-/// The connections accepted on `listener` (see [`Conn`]), as a stream for
+/// The connections accepted on `listener` (see [`Conn`]), at most `max`
+/// open at once (one beyond is closed as soon as it is accepted, as on
+/// TCP: `server.max_connections`), as a stream for
 /// `serve_with_incoming_shutdown`.
-pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<Conn>> {
-    tokio_stream::wrappers::UnixListenerStream::new(listener).map(|accepted| accepted.map(Conn::new))
+pub fn incoming(listener: UnixListener, max: usize) -> impl Stream<Item = io::Result<Conn>> {
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
+        Ok(stream) => match std::sync::Arc::clone(&open).try_acquire_owned() {
+            Ok(permit) => Some(Ok(Conn::new(stream, permit))),
+            Err(_) => {
+                crate::metrics::metrics().connections_refused.inc();
+                None
+            }
+        },
+        Err(e) => Some(Err(e)),
+    })
 }
 
 #[cfg(test)]
@@ -546,7 +561,15 @@ mod tests {
         client.write_all(&sent).await.unwrap();
         client.shutdown().await.unwrap();
         let mut read = Vec::new();
-        Conn::new(server).read_to_end(&mut read).await.unwrap();
+        Conn::new(
+            server,
+            std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .unwrap(),
+        )
+        .read_to_end(&mut read)
+        .await
+        .unwrap();
         read
     }
 

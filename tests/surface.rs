@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use support::spawn_app;
+use tollgate::proto;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -163,6 +164,20 @@ impl Served {
         }
     }
 
+    /// Its resident memory, in bytes (from /proc).
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    /// Starts it on `config` written to `dir`.
+    fn with_config(dir: &std::path::Path, config: &str) -> Served {
+        let path = dir.join("tollgate.toml");
+        std::fs::write(&path, config).unwrap();
+        Served::start(dir, &["--config", path.to_str().unwrap()])
+    }
+
     /// SIGTERM, without waiting.
     fn terminate(&self) {
         let _ = Command::new("kill")
@@ -286,7 +301,7 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
         support::CONFIG.replacen(
             "[server]\n",
             &format!(
-                "[server]\nlisten_unix = \"{}\"\nadmin_listen_unix = \"{}\"\n",
+                "[server]\nmax_connections = 4\nlisten_unix = \"{}\"\nadmin_listen_unix = \"{}\"\n",
                 socket.display(),
                 admin_socket.display()
             ),
@@ -335,6 +350,36 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    // Only the owner and its group may connect, whatever the umask; and
+    // connections are capped as on TCP (`server.max_connections`).
+    for path in [&socket, &admin_socket] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions());
+        assert_eq!(mode & 0o777, tollgate::server::SOCKET_MODE, "{}", path.display());
+    }
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut over = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut over, &mut [0u8; 64]),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0))),
+        "a connection over the cap is closed at once: {read:?}"
+    );
+    drop(silent);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let again = tollgate::channel::connect(&target).await.unwrap();
+    let r = tollgate::proto::quota_client::QuotaClient::new(again)
+        .reserve(support::reserve("rich", "after-the-cap", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision, tollgate::proto::Decision::Allow as i32);
     app.shutdown().await;
     assert!(!socket.exists(), "the socket file is removed at shutdown");
     assert!(!admin_socket.exists(), "so is the admin socket");
@@ -690,19 +735,13 @@ fn an_hpack_bomb_on_the_unix_sockets_is_refused_and_memory_stays_bounded() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let (data, admin) = (dir.path().join("quota.sock"), dir.path().join("admin.sock"));
-    let config = dir.path().join("tollgate.toml");
     let sockets = format!(
         "[server]\nlisten_unix = \"{}\"\nadmin_listen_unix = \"{}\"\n",
         data.display(),
         admin.display()
     );
-    std::fs::write(&config, support::CONFIG.replacen("[server]\n", &sockets, 1)).unwrap();
-    let served = Served::start(dir.path(), &["--config", config.to_str().unwrap()]);
-    let rss = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", served.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-    };
+    let served = Served::with_config(dir.path(), &support::CONFIG.replacen("[server]\n", &sockets, 1));
+    let rss = || served.rss();
     let before = rss();
     let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e];
     block.extend(std::iter::repeat_n(b'a', 4_000));
@@ -746,4 +785,208 @@ fn an_hpack_bomb_on_the_unix_sockets_is_refused_and_memory_stays_bounded() {
     let (ok, out, err) = run(dir.path(), &reserve);
     assert!(ok && out.contains("decision:       ALLOW"), "{out}{err}");
     assert!(served.stop().success());
+}
+
+/// Opens `streams` calls of `path` on one connection to `url`, each with a
+/// gRPC message announced at `announced` bytes of which `sent` are sent,
+/// and never finished. Returns what each was answered (once the server
+/// gives up on it), in the order they were answered.
+async fn half_sent(
+    url: &str,
+    path: &str,
+    streams: usize,
+    announced: u32,
+    sent: usize,
+) -> tokio::task::JoinHandle<Vec<Option<String>>> {
+    let tcp = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut answers = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{url}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        client = client.ready().await.unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        let mut bytes = vec![0u8];
+        bytes.extend(announced.to_be_bytes());
+        bytes.resize(5 + sent, 0);
+        body.reserve_capacity(bytes.len());
+        body.send_data(bytes.into(), false).unwrap();
+        answers.spawn(async move {
+            let _keep_open = body;
+            let response = response.await.ok()?;
+            let status = response.headers().get("grpc-status").cloned();
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            let trailers = body.trailers().await.ok().flatten();
+            status
+                .or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()))
+                .map(|v| v.to_str().unwrap().to_owned())
+        });
+    }
+    tokio::spawn(async move { answers.join_all().await })
+}
+
+/// Streams that send half a message and stall hold their buffers only
+/// until the call deadline (`server.call_timeout_ms`), then are answered
+/// DEADLINE_EXCEEDED; meanwhile the process's memory stays within the
+/// stated bound per connection (128 streams, each with at most a
+/// message's bytes: [`PER_QUOTA_CONNECTION`], [`PER_RLS_CONNECTION`]) and
+/// a legitimate call is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_bounded() {
+    const CONNECTIONS: usize = 4;
+    const STREAMS: usize = tollgate::server::MAX_STREAMS_PER_CONNECTION as usize;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("inference.yaml"),
+        "domain: inference\ndescriptors: []\n",
+    )
+    .unwrap();
+    let config = format!(
+        "{}\n[rls]\nconfig_dir = \"{}\"\n",
+        support::CONFIG.replacen("[server]\n", "[server]\ncall_timeout_ms = 5000\n", 1),
+        dir.path().display()
+    );
+    let served = Served::with_config(dir.path(), &config);
+    let started = std::time::Instant::now();
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(500));
+    let mut held = Vec::new();
+    let mut grown = Vec::new();
+    for (path, connections, message) in [
+        (
+            "/tollgate.v1.Quota/Reserve",
+            CONNECTIONS,
+            tollgate::server::MAX_QUOTA_MESSAGE,
+        ),
+        (
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            1,
+            tollgate::server::MAX_RLS_MESSAGE,
+        ),
+    ] {
+        let before = served.rss();
+        for _ in 0..connections {
+            held.push(half_sent(&served.quota, path, STREAMS, message as u32, message - 1).await);
+        }
+        settle().await;
+        let per_connection = served.rss().saturating_sub(before) / connections as u64;
+        eprintln!(
+            "{path}: {connections} x {STREAMS} half-sent streams of {message} bytes: resident memory {} MiB \
+             before, grown by {} KiB a connection",
+            before >> 20,
+            per_connection >> 10,
+        );
+        grown.push(per_connection);
+    }
+    let mut quota = proto::quota_client::QuotaClient::new(channel(&served.quota).await);
+    let allowed = quota
+        .reserve(support::reserve("rich", "while-held", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.decision, proto::Decision::Allow as i32);
+    let answered_while_held = started.elapsed();
+    let mut answers = Vec::new();
+    for streams in held {
+        answers.extend(streams.await.unwrap());
+    }
+    eprintln!(
+        "a reserve answered {answered_while_held:?} in; all let go {:?} in",
+        started.elapsed()
+    );
+    assert!(grown[0] < PER_QUOTA_CONNECTION, "{} KiB a connection", grown[0] >> 10);
+    assert!(grown[1] < PER_RLS_CONNECTION, "{} KiB a connection", grown[1] >> 10);
+    let deadline_exceeded = (tonic::Code::DeadlineExceeded as i32).to_string();
+    assert_eq!(answers.len(), (CONNECTIONS + 1) * STREAMS);
+    assert!(
+        answers.iter().all(|a| a.as_deref() == Some(deadline_exceeded.as_str())),
+        "every stalled call ends DEADLINE_EXCEEDED: {:?}",
+        answers
+            .iter()
+            .find(|a| a.as_deref() != Some(deadline_exceeded.as_str()))
+    );
+    assert!(served.stop().success());
+}
+
+/// What one connection of half-sent `Quota` streams may hold.
+const PER_QUOTA_CONNECTION: u64 = 8 << 20;
+/// What one connection of half-sent `ShouldRateLimit` streams may hold.
+const PER_RLS_CONNECTION: u64 = 24 << 20;
+
+/// Starts `tollgate serve` under `ulimit` (a shell's `ulimit` arguments)
+/// with `config`; once it listens, returns its soft open-file limit and
+/// what it logged, and stops it.
+fn serve_under_ulimit(ulimit: &str, config: &str) -> (u64, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit {ulimit} && exec \"$0\" serve --config \"$1\""))
+        .arg(BIN)
+        .arg(&path)
+        .current_dir(dir.path())
+        .env_remove("TOLLGATE_CONFIG")
+        .env_remove("TOLLGATE_ADMIN_TOKENS_FILE")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+    let mut log = String::new();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Everything up to the listening line, and what follows it for a moment.
+    while let Ok(line) = rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+        let listening = line.contains("tollgate listening");
+        log.push_str(&line);
+        log.push('\n');
+        if listening {
+            log.extend(
+                std::iter::from_fn(|| rx.recv_timeout(std::time::Duration::from_millis(700)).ok()).map(|l| l + "\n"),
+            );
+            break;
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (soft, log)
+}
+
+/// Clients filling the connection caps must not leave the process without
+/// descriptors: the soft open-file limit is raised to what the caps need
+/// (up to the hard limit), and a hard limit below it is reported.
+#[test]
+fn the_open_file_limit_is_raised_to_what_the_connection_caps_need_or_reported() {
+    let small = support::CONFIG.replacen("[server]\n", "[server]\nmax_connections = 16\n", 1);
+    let (soft, log) = serve_under_ulimit("-Sn 64 && ulimit -Hn 1024", &small);
+    assert!(log.contains("tollgate listening"), "{log}");
+    // Two TCP listeners of 16, and 256 for everything else.
+    assert_eq!(soft, 2 * 16 + 256, "{log}");
+    assert!(!log.contains("open-file limit"), "{log}");
+    // The default caps (10,000 a listener) do not fit under 1,024.
+    let (soft, log) = serve_under_ulimit("-Sn 64 && ulimit -Hn 1024", support::CONFIG);
+    assert_eq!(soft, 1024, "raised as far as it goes: {log}");
+    assert!(
+        log.contains("the open-file limit is below what the connection caps allow"),
+        "{log}"
+    );
 }
