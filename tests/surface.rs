@@ -990,3 +990,55 @@ fn the_open_file_limit_is_raised_to_what_the_connection_caps_need_or_reported() 
         "{log}"
     );
 }
+
+/// A flood of one-pico charges (which no request limit counts) grows the
+/// process by what the per-account budgets allow (4,096 full answers and
+/// 16-byte fingerprints for the rest), not by an answer per call, and
+/// legitimate calls are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_cheap_charges_keeps_memory_within_the_budgets() {
+    const CHARGES: usize = 30_000;
+    const WORKERS: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::with_config(dir.path(), support::CONFIG);
+    let quota = proto::quota_client::QuotaClient::new(channel(&served.quota).await);
+    let flood = |from: usize, to: usize| {
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..WORKERS {
+            let mut quota = quota.clone();
+            tasks.spawn(async move {
+                for i in (from + worker..to).step_by(WORKERS) {
+                    let charge = proto::ChargeRequest {
+                        account_id: "rich".into(),
+                        request_id: format!("flood-{i}"),
+                        charge: Some(proto::charge_request::Charge::Amount(support::money("0.000000000001"))),
+                        ..Default::default()
+                    };
+                    quota.charge(charge).await.unwrap();
+                }
+            });
+        }
+        tasks.join_all()
+    };
+    // The first answers, connections and buffers: not what is measured.
+    flood(0, 3_000).await;
+    let before = served.rss();
+    flood(3_000, 3_000 + CHARGES).await;
+    let grown = served.rss().saturating_sub(before);
+    let mut legitimate = quota.clone();
+    let allowed = legitimate
+        .reserve(support::reserve("rich", "after-the-flood", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.decision, proto::Decision::Allow as i32);
+    eprintln!(
+        "{CHARGES} one-pico charges: resident memory {} MiB before, grown by {} KiB ({} bytes a charge)",
+        before >> 20,
+        grown >> 10,
+        grown / CHARGES as u64
+    );
+    // 4,096 answers of about 760 bytes, and 16 bytes for each other id.
+    assert!(grown < 8 << 20, "resident memory grew by {} MiB", grown >> 20);
+    assert!(served.stop().success());
+}
