@@ -110,6 +110,14 @@ pub enum PricesCmd {
         /// The TOML file.
         #[arg(long)]
         file: PathBuf,
+        /// Your id for this change (with `:VERSION` appended for each
+        /// version when the file has several): publishing again with it
+        /// is answered as the first time.
+        #[arg(long = "id")]
+        adjustment_id: String,
+        /// Why (kept in the audit record).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -598,7 +606,12 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
             print_prices(&list, endpoint.json);
             return Ok(());
         }
-        AdminCmd::Prices(PricesCmd::Publish { endpoint, file }) => {
+        AdminCmd::Prices(PricesCmd::Publish {
+            endpoint,
+            file,
+            adjustment_id,
+            reason,
+        }) => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
             let versions = crate::config::parse_price_versions(&text)
@@ -608,6 +621,11 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
             for version in &versions {
                 let r = proto::PublishPriceVersionRequest {
                     version: Some(price_version_out(version)),
+                    adjustment_id: match versions.len() {
+                        1 => adjustment_id.clone(),
+                        _ => format!("{adjustment_id}:{}", version.id),
+                    },
+                    reason: reason.clone(),
                 };
                 published = client.publish_price_version(r).await?.into_inner().versions;
                 if !endpoint.json {

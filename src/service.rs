@@ -247,9 +247,19 @@ impl Tollgate {
         Ok(())
     }
 
-    /// Publishes a price version effective no earlier than now.
-    pub async fn publish(&self, version: PriceVersion) -> Result<Vec<VersionId>, StoreError> {
-        self.store.publish(version, self.now()).await
+    /// Publishes a price version effective no earlier than now, with the
+    /// operator's audit record, which reaches the usage sink after it.
+    pub async fn publish(&self, version: PriceVersion, audit: AuditRecord) -> Result<Vec<VersionId>, StoreError> {
+        if self.usage.is_closed() {
+            return Err(StoreError::Unavailable(
+                "the usage sink has stopped; refusing to publish prices without the audit record".into(),
+            ));
+        }
+        let (versions, record) = self.store.publish(version, self.now(), &audit).await?;
+        if self.usage.send(Emitted::Audit(Arc::new(record))).await.is_err() {
+            tracing::error!("usage sink has stopped; an audit record was not written");
+        }
+        Ok(versions)
     }
 
     /// Lapses holds and forgets what is no longer needed, emitting records.

@@ -312,15 +312,42 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
         }],
         windows: vec![],
     };
+    let publish = |version: &proto::PriceVersion| proto::PublishPriceVersionRequest {
+        version: Some(version.clone()),
+        adjustment_id: "list-2026-03".into(),
+        reason: "March price list".into(),
+    };
     let published = app
         .admin
-        .publish_price_version(proto::PublishPriceVersionRequest {
-            version: Some(version.clone()),
-        })
+        .publish_price_version(publish(&version))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(published.versions, vec!["v1", "v2"]);
+    // Audited like every operator change: who, from where, under which
+    // id, why, and the version in full; on no account.
+    let audit = &app.audits(1).await[0];
+    assert_eq!(
+        (
+            audit["operation"].as_str(),
+            audit["operator"].as_str(),
+            audit["adjustment_id"].as_str(),
+            audit["reason"].as_str()
+        ),
+        (
+            Some("publish_price_version"),
+            Some("alice@billing"),
+            Some("list-2026-03"),
+            Some("March price list")
+        ),
+        "{audit}"
+    );
+    assert!(
+        audit["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{audit}"
+    );
+    assert!(audit["change"].as_str().is_some_and(|c| c.contains("v2")), "{audit}");
+    assert!(audit.get("account_id").is_none(), "{audit}");
     // Listed back as published (a weight of 0 reads as one for one); v1
     // stays in force until v2's time.
     let listed = app
@@ -333,14 +360,33 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
     expected.models[0].token_weight_milli = 1000;
     assert_eq!(listed.versions.last(), Some(&expected));
     assert_eq!(listed.in_force, "v1");
-    let dup = app
+    // The same version again (a retry): answered as the first time.
+    let again = app
         .admin
-        .publish_price_version(proto::PublishPriceVersionRequest {
-            version: Some(version.clone()),
+        .publish_price_version(publish(&version))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.versions, vec!["v1", "v2"]);
+    let mut changed = version.clone();
+    changed.models[0].tiers[0].prices = Some(prices("3", "8"));
+    let dup = app.admin.publish_price_version(publish(&changed)).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    // Neither published anything: still the one audit record.
+    app.admin
+        .top_up(proto::TopUpRequest {
+            account_id: "poor".into(),
+            adjustment_id: "marker".into(),
+            pool: proto::MoneyPool::Paid as i32,
+            amount: Some(money("1")),
+            reason: "r".into(),
+            ..Default::default()
         })
         .await
-        .unwrap_err();
-    assert_eq!(dup.code(), Code::AlreadyExists);
+        .unwrap();
+    let audits = app.audits(2).await;
+    assert_eq!(audits.len(), 2, "{audits:#?}");
+    assert_eq!(audits[1]["adjustment_id"], "marker");
     let past = proto::PriceVersion {
         id: "v0".into(),
         effective_at: Some(timestamp_out(
@@ -348,11 +394,7 @@ async fn published_prices_apply_from_their_effective_time_and_never_retroactivel
         )),
         ..version
     };
-    let err = app
-        .admin
-        .publish_price_version(proto::PublishPriceVersionRequest { version: Some(past) })
-        .await
-        .unwrap_err();
+    let err = app.admin.publish_price_version(publish(&past)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("retroactive"), "{}", err.message());
 
@@ -532,7 +574,11 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
     );
     call!(
         "PublishPriceVersion",
-        client.publish_price_version(proto::PublishPriceVersionRequest { version: None })
+        client.publish_price_version(proto::PublishPriceVersionRequest {
+            version: None,
+            adjustment_id: "a".into(),
+            reason: "r".into(),
+        })
     );
     call!(
         "GetAccount",

@@ -220,12 +220,47 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
         Code::InvalidArgument,
         "reason",
     );
+    // A reason is one line: it cannot forge log lines or steer a terminal.
+    for forged in [
+        "ok\nINFO audit: admin change applied operator=root",
+        "tab\there",
+        "\u{1b}[2J",
+    ] {
+        expect(
+            a.top_up(top_up(1, money("1"), forged)).await,
+            Code::InvalidArgument,
+            "reason",
+        );
+    }
     let huge = proto::Money {
         units: 1_000_000_000_000_001,
         picos: 0,
         decimal: String::new(),
     };
     expect(a.top_up(top_up(1, huge, "r")).await, Code::InvalidArgument, "at most");
+    // Credit is spent like money: a limit is capped as a top-up is.
+    let endless = proto::Money {
+        units: i64::MAX,
+        picos: 0,
+        decimal: String::new(),
+    };
+    let update = proto::UpdateAccountRequest {
+        account_id: "rich".into(),
+        adjustment_id: "credit".into(),
+        reason: "r".into(),
+        time_zone: None,
+        credit_limit: Some(endless.clone()),
+    };
+    expect(a.update_account(update).await, Code::InvalidArgument, "credit_limit");
+    let create = proto::CreateAccountRequest {
+        account_id: "endless".into(),
+        plan: "payg".into(),
+        adjustment_id: "open-endless".into(),
+        reason: "r".into(),
+        credit_limit: Some(endless),
+        ..Default::default()
+    };
+    expect(a.create_account(create).await, Code::InvalidArgument, "credit_limit");
 
     let limits = proto::LimitSet {
         tokens_per_minute: u64::MAX,
@@ -342,13 +377,21 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
     let mut heavy = inexact.clone();
     heavy.models[0].token_weight_milli = 1_000_001;
     heavy.models[0].tiers[0].prices = Some(prices("1", "1"));
-    let publish = proto::PublishPriceVersionRequest { version: Some(heavy) };
+    let publish = proto::PublishPriceVersionRequest {
+        version: Some(heavy),
+        adjustment_id: "bad".into(),
+        reason: "r".into(),
+    };
     expect(
         a.publish_price_version(publish).await,
         Code::InvalidArgument,
         "token_weight",
     );
-    let publish = proto::PublishPriceVersionRequest { version: Some(inexact) };
+    let publish = proto::PublishPriceVersionRequest {
+        version: Some(inexact),
+        adjustment_id: "bad".into(),
+        reason: "r".into(),
+    };
     expect(
         a.publish_price_version(publish).await,
         Code::InvalidArgument,

@@ -349,9 +349,13 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
         }],
         windows: vec![],
     };
-    a.publish_price_version(tollgate::proto::PublishPriceVersionRequest { version: Some(version) })
-        .await
-        .unwrap();
+    a.publish_price_version(tollgate::proto::PublishPriceVersionRequest {
+        version: Some(version),
+        adjustment_id: "list-2".into(),
+        reason: "new prices".into(),
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let mut priced = None;
     for i in 0..500 {

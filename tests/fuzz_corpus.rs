@@ -297,6 +297,8 @@ fn write_rpc_seeds() {
                 effective_at: when,
                 ..Default::default()
             }),
+            adjustment_id: r("list-2027-01"),
+            reason: r("new list"),
         }
         .encode_to_vec(),
     );

@@ -557,7 +557,17 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
          [prices.models.\"llama-3.1-8b\".tiers.default]\ninput = \"0.08\"\noutput = \"0.16\"\n",
     )
     .unwrap();
-    let (code, out, err) = admin(d, &addr, write, &["prices", "publish", "--file", "prices.toml"]);
+    let publish = [
+        "prices",
+        "publish",
+        "--file",
+        "prices.toml",
+        "--id",
+        "list-2031",
+        "--reason",
+        "2031 list",
+    ];
+    let (code, out, err) = admin(d, &addr, write, &publish);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("published 2031-01"), "{out}");
     let (code, out, _) = admin(d, &addr, read, &["prices", "list", "--json"]);
@@ -573,11 +583,10 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         (future["input_per_million"].as_str(), future["in_force"].as_bool()),
         (Some("0.080000000000"), Some(false))
     );
-    assert_eq!(
-        admin(d, &addr, write, &["prices", "publish", "--file", "prices.toml"]).0,
-        4,
-        "published versions never change"
-    );
+    assert_eq!(admin(d, &addr, write, &publish).0, 0, "a retry is answered again");
+    let text = std::fs::read_to_string(d.join("prices.toml")).unwrap();
+    std::fs::write(d.join("prices.toml"), text.replace("0.16", "0.20")).unwrap();
+    assert_eq!(admin(d, &addr, write, &publish).0, 4, "published versions never change");
     // A charge, then its refund from the record as the usage file has it.
     let quota = served.quota.clone();
     let charge = [

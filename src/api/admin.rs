@@ -66,28 +66,33 @@ impl AdminApi {
         command: Command,
         why: Adjustment,
     ) -> Result<Response<proto::AccountDetail>, Status> {
-        let what = format!("{command:?}");
-        let audit = AuditRecord {
-            kind: "audit".into(),
-            account_id: account.clone(),
-            operator: caller.operator,
-            peer: caller.peer,
-            operation: command.name().into(),
-            adjustment_id: why.id.to_string(),
-            reason: why.reason,
-            change: what.clone(),
-            at: jiff::Timestamp::UNIX_EPOCH,
-            before: Default::default(),
-            after: Default::default(),
-        };
-        let (adjustment, reason) = (audit.adjustment_id.clone(), audit.reason.clone());
+        let operation = command.name();
+        let audit = caller.audit(Some(account), operation, why, format!("{command:?}"));
+        let logged = audit.clone();
         self.tollgate
             .apply_admin(account, command, audit)
             .await
             .map_err(status)?;
-        tracing::info!(target: "audit", account = %account, adjustment = %adjustment, change = %what, reason = %reason, "admin change applied");
+        log_change(&logged, "admin change applied");
         self.detail(account).await
     }
+}
+
+/// Logs an operator's change on the `audit` target: who, from where, on
+/// what, under which id, why, and the change in full (a field each, so a
+/// reason cannot pass for another line).
+fn log_change(audit: &AuditRecord, message: &'static str) {
+    tracing::info!(
+        target: "audit",
+        operator = %audit.operator,
+        peer = %audit.peer,
+        account = audit.account_id.as_ref().map(|a| a.as_str()),
+        operation = %audit.operation,
+        adjustment = %audit.adjustment_id,
+        reason = %audit.reason,
+        change = %audit.change,
+        "{message}"
+    );
 }
 
 /// An operator's change's id and reason, both required.
@@ -107,6 +112,26 @@ fn adjustment(id_text: &str, why: &str) -> Result<Adjustment, Status> {
 struct Caller {
     operator: String,
     peer: String,
+}
+
+impl Caller {
+    /// The audit record of this caller's `change` (the `operation`), on
+    /// `account` if it is on one; its instant is set where it is applied.
+    fn audit(self, account: Option<&AccountId>, operation: &str, why: Adjustment, change: String) -> AuditRecord {
+        AuditRecord {
+            kind: "audit".into(),
+            account_id: account.cloned(),
+            operator: self.operator,
+            peer: self.peer,
+            operation: operation.into(),
+            adjustment_id: why.id.to_string(),
+            reason: why.reason,
+            change,
+            at: jiff::Timestamp::UNIX_EPOCH,
+            before: Default::default(),
+            after: Default::default(),
+        }
+    }
 }
 
 fn account_id(text: &str) -> Result<AccountId, Status> {
@@ -294,23 +319,13 @@ impl Admin for AdminApi {
         let command = format!(
             "CreateAccount {{ plan: {plan}, time_zone: {time_zone:?}, anchor: {anchor:?}, credit_limit: {credit_limit} }}"
         );
-        let audit = AuditRecord {
-            kind: "audit".into(),
-            account_id: account.clone(),
-            operator: caller.operator,
-            peer: caller.peer,
-            operation: "create_account".into(),
-            adjustment_id: why.id.to_string(),
-            reason: why.reason,
-            change: command,
-            at: jiff::Timestamp::UNIX_EPOCH,
-            before: Default::default(),
-            after: Default::default(),
-        };
+        let audit = caller.audit(Some(&account), "create_account", why, command);
+        let logged = audit.clone();
         self.tollgate
             .open_account(account.clone(), &plan, time_zone, anchor, credit_limit, Some(audit))
             .await
             .map_err(status)?;
+        log_change(&logged, "account created");
         self.detail(&account).await
     }
 
@@ -512,11 +527,22 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::PublishPriceVersionRequest>,
     ) -> Result<Response<proto::PublishPriceVersionResponse>, Status> {
-        self.caller(&request, Role::Write)?;
+        let caller = self.caller(&request, Role::Write)?;
         let r = request.into_inner();
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
         let version = price_version(r.version.as_ref())?;
         let id = version.id.to_string();
-        let versions = self.tollgate.publish(version).await.map_err(super::status::status)?;
+        let book = self.tollgate.catalog();
+        let versions = if book.prices.get(&version.id).is_some_and(|v| **v == version) {
+            // A retry: published already, and audited then.
+            book.prices.versions().iter().map(|v| v.id.clone()).collect()
+        } else {
+            let audit = caller.audit(None, "publish_price_version", why, format!("{version:?}"));
+            let logged = audit.clone();
+            let versions = self.tollgate.publish(version, audit).await.map_err(status)?;
+            log_change(&logged, "price version published");
+            versions
+        };
         Ok(Response::new(proto::PublishPriceVersionResponse {
             id,
             versions: versions.iter().map(ToString::to_string).collect(),

@@ -120,6 +120,14 @@ pub fn reason(text: &str) -> Result<String, Status> {
     if text.len() > MAX_REASON_LEN {
         return Err(invalid("reason", format!("is longer than {MAX_REASON_LEN} bytes")));
     }
+    // A newline or an escape sequence would let a reason pass for log
+    // lines of its own, or rewrite a terminal showing the log.
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            "reason",
+            format!("contains the control character {c:?}; one line of printable text"),
+        ));
+    }
     Ok(text.to_owned())
 }
 

@@ -421,6 +421,7 @@ impl Account {
         credit_limit: Money,
         now: Timestamp,
     ) -> Result<Account, EngineError> {
+        super::ops::check_credit_limit(credit_limit)?;
         let mut account = Account {
             id,
             plan: plan.id.clone(),

@@ -1017,9 +1017,7 @@ impl Account {
     /// Changes the credit limit (zero or more). Lowering it below what is
     /// in use stops new credit draws; nothing already charged moves.
     pub fn set_credit_limit(&mut self, limit: Money) -> Result<(), EngineError> {
-        if limit.is_negative() {
-            return Err(EngineError::invalid("credit_limit", "must not be negative"));
-        }
+        check_credit_limit(limit)?;
         self.credit_limit = limit;
         Ok(())
     }
@@ -1061,6 +1059,21 @@ impl Account {
     }
 }
 
+/// A credit limit is 0 to [`MAX_OPERATION`](super::money::MAX_OPERATION),
+/// as a top-up is: credit is spent like money.
+pub(crate) fn check_credit_limit(limit: Money) -> Result<(), EngineError> {
+    if limit.is_negative() {
+        return Err(EngineError::invalid("credit_limit", "must not be negative"));
+    }
+    if limit > super::money::MAX_OPERATION {
+        return Err(EngineError::invalid(
+            "credit_limit",
+            format!("must be at most {}", super::money::MAX_OPERATION),
+        ));
+    }
+    Ok(())
+}
+
 fn check_operation_size(amount: Money) -> Result<(), EngineError> {
     let limit = super::money::MAX_OPERATION;
     if amount > limit || amount.checked_neg().is_ok_and(|neg| neg > limit) {
@@ -1072,7 +1085,6 @@ fn check_operation_size(amount: Money) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// A request id already used with other content.
 /// How long and how many answers are kept, for the errors that say one
 /// was let go.
 fn answers_kept() -> String {
@@ -1082,6 +1094,7 @@ fn answers_kept() -> String {
     )
 }
 
+/// A request id already used with other content.
 fn reused(id: &RequestId) -> EngineError {
     EngineError::Conflict(format!("request_id {id} was already used with different content"))
 }

@@ -88,8 +88,10 @@ impl UsageRecord {
 pub struct AuditRecord {
     /// Always `"audit"`.
     pub kind: String,
-    /// The account changed.
-    pub account_id: AccountId,
+    /// The account changed; none for a change to no one account (a price
+    /// version published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<AccountId>,
     /// Who made the change, as the admin API knows them.
     pub operator: String,
     /// Where the call came from.
@@ -119,7 +121,7 @@ impl AuditRecord {
     pub fn id(&self) -> String {
         digest_id([
             self.kind.as_str(),
-            self.account_id.as_str(),
+            self.account_id.as_ref().map_or("", AccountId::as_str),
             self.change.as_str(),
             &self.at.to_string(),
         ])

@@ -1588,7 +1588,7 @@ fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
     };
     let audit = AuditRecord {
         kind: "audit".into(),
-        account_id: a.id.clone(),
+        account_id: Some(a.id.clone()),
         operator: "op".into(),
         peer: String::new(),
         operation: "grant_pack".into(),

@@ -247,13 +247,24 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError> {
+    async fn publish(
+        &self,
+        version: PriceVersion,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<(Vec<VersionId>, AuditRecord), StoreError> {
         let mut guard = self.catalog.write().map_err(|_| poisoned())?;
         let mut next = Catalog::clone(&guard);
         next.prices.publish(version, now).map_err(EngineError::from)?;
         let ids = next.prices.versions().iter().map(|v| v.id.clone()).collect();
         *guard = Arc::new(next);
-        Ok(ids)
+        Ok((
+            ids,
+            AuditRecord {
+                at: now,
+                ..audit.clone()
+            },
+        ))
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {

@@ -117,8 +117,15 @@ pub trait Store: Send + Sync + 'static {
     /// [`Catalog::reloaded`]: crate::engine::catalog::Catalog::reloaded
     async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>>;
 
-    /// Publishes a price version; returns every version id, oldest first.
-    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError>;
+    /// Publishes a price version with the operator's audit record (its
+    /// `at` set to `now`); returns every version id, oldest first, and the
+    /// audit record for the usage sink.
+    async fn publish(
+        &self,
+        version: PriceVersion,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<(Vec<VersionId>, AuditRecord), StoreError>;
 
     /// Brings every account up to `now` (lapsed holds, expiries, resets) and
     /// forgets what the idempotency window no longer needs. Returns the

@@ -393,8 +393,20 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<Vec<VersionId>, StoreError> {
+    async fn publish(
+        &self,
+        version: PriceVersion,
+        now: Timestamp,
+        audit: &AuditRecord,
+    ) -> Result<(Vec<VersionId>, AuditRecord), StoreError> {
         let key = self.prices_key();
+        // The audit record goes to the usage sink only: the price book's
+        // key is in no shard's hash slot, so no usage stream can take it in
+        // the same step.
+        let audit = AuditRecord {
+            at: now,
+            ..audit.clone()
+        };
         for _ in 0..MAX_ATTEMPTS {
             let (v, mut published): (u64, Vec<PriceVersion>) = match self.read(&key).await? {
                 Some((v, json)) => (v, serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?),
@@ -427,7 +439,7 @@ impl Store for RedisStore {
                 .await?
             {
                 self.install_prices(committed, published)?;
-                return Ok(book.versions().iter().map(|v| v.id.clone()).collect());
+                return Ok((book.versions().iter().map(|v| v.id.clone()).collect(), audit));
             }
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         }
