@@ -366,15 +366,26 @@ fn token(operator: &str, role: Role) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The token in `path`, refused (as ssh refuses a private key) while the
+/// file's group or others may read or write it.
+fn read_token_file(path: &std::path::Path) -> Result<String, Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |e: std::io::Error| Failure::Input(format!("--token-file {}: {e}", path.display()));
+    let mode = std::fs::metadata(path).map_err(failed)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Failure::Input(format!(
+            "--token-file {}: others may read or change it (mode {:o}); chmod 600 {0}",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(std::fs::read_to_string(path).map_err(failed)?.trim().to_owned())
+}
+
 async fn connect(endpoint: &AdminEndpoint) -> Result<AdminClient, Failure> {
     let token = match (&endpoint.token, &endpoint.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| Failure::Input(format!("--token-file {}: {e}", path.display())))?
-                .trim()
-                .to_owned(),
-        ),
+        (None, Some(path)) => Some(read_token_file(path)?),
         (None, None) => None,
     };
     let bearer = match token {

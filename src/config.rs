@@ -637,6 +637,21 @@ fn tokens(p: &mut Problems, path: &str, entries: &[TokenFile]) -> Vec<Token> {
 }
 
 fn tokens_file(p: &mut Problems, label: &str, path: &Path) -> Vec<Token> {
+    use std::os::unix::fs::PermissionsExt;
+    // Whoever may write it may let in a token of their own.
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o022 != 0
+    {
+        p.push(
+            label,
+            format!(
+                "{}: its group or others may change it (mode {:o}); chmod go-w it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            ),
+        );
+        return Vec::new();
+    }
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {

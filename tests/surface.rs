@@ -468,11 +468,31 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
             token.trim().starts_with("tg_") && !entry.contains(token.trim()),
             "{entry}"
         );
-        std::fs::write(dir.path().join(file), token.trim()).unwrap();
+        let path = dir.path().join(file);
+        std::fs::write(&path, token.trim()).unwrap();
+        // As `umask 077` leaves it: a token file others may read is refused.
+        let (code, _, err) = admin(dir.path(), "http://127.0.0.1:1", Some(file), &["accounts", "list"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("others may read or change it (mode 644)"), "{err}");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         entries +=
             &entry[entry.find("[[admin.tokens]]").expect("an entry")..].replace("[[admin.tokens]]", "[[tokens]]");
     }
     std::fs::write(dir.path().join("tokens.toml"), &entries).unwrap();
+    // Whoever may change the tokens file may let in a token of their own.
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    std::fs::write(
+        dir.path().join("tokens-check.toml"),
+        "[admin]\ntokens_file = \"tokens.toml\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(dir.path(), &["check-config", "tokens-check.toml"]);
+    assert!(
+        !ok && err.contains("its group or others may change it (mode 666)"),
+        "{err}"
+    );
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let served = Served::start(dir.path(), &["--admin-tokens", "tokens.toml"]);
     let addr = served.admin.clone();
     let (write, read) = (Some("write.token"), Some("read.token"));
@@ -652,6 +672,11 @@ fn sighup_reloads_the_configuration_file() {
     std::fs::write(d.join("tollgate.toml"), &config).unwrap();
     support::write_tokens_file(d);
     std::fs::write(d.join("read.token"), support::READ_TOKEN).unwrap();
+    std::fs::set_permissions(
+        d.join("read.token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let served = Served::start(d, &["--config", "tollgate.toml", "--admin-tokens", "admin-tokens.toml"]);
     let versions = || {
         let (code, out, err) = admin(d, &served.admin, Some("read.token"), &["prices", "list", "--json"]);
