@@ -15,7 +15,7 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
-use crate::api::auth::{CertificateRule, Operators, Role, Token, parse_sha256};
+use crate::api::auth::{CertificateName, CertificateRule, Operators, Role, Token, parse_sha256};
 use crate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass, check_draw_order};
 use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
@@ -543,12 +543,14 @@ struct TlsFile {
     client_ca: Option<PathBuf>,
 }
 
-/// `[[admin.certificates]]`: the operator a client certificate's common
-/// name stands for.
+/// `[[admin.certificates]]`: the operator a client certificate stands
+/// for, by one of its names.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CertificateFile {
-    common_name: String,
+    common_name: Option<String>,
+    dns_name: Option<String>,
+    uri: Option<String>,
     role: String,
     operator: Option<String>,
 }
@@ -1409,15 +1411,41 @@ impl Settings {
         let mut certificates = Vec::new();
         for (i, c) in file.admin.certificates.iter().enumerate() {
             let at = format!("admin.certificates[{i}]");
-            if c.common_name.trim().is_empty() {
-                p.push(format!("{at}.common_name"), "must not be empty");
-            }
-            if let Some(role) = p.check(format!("{at}.role"), c.role.parse::<Role>()) {
-                certificates.push(CertificateRule {
-                    common_name: c.common_name.trim().to_owned(),
-                    role,
-                    operator: c.operator.clone().unwrap_or_else(|| c.common_name.trim().to_owned()),
-                });
+            let names: Vec<(&str, CertificateName)> = [
+                (
+                    "common_name",
+                    &c.common_name,
+                    CertificateName::CommonName as fn(String) -> _,
+                ),
+                ("dns_name", &c.dns_name, CertificateName::Dns),
+                ("uri", &c.uri, CertificateName::Uri),
+            ]
+            .into_iter()
+            .filter_map(|(field, value, name)| value.as_ref().map(|v| (field, name(v.trim().to_owned()))))
+            .collect();
+            let name = match &names[..] {
+                [(field, name)] => match name {
+                    CertificateName::CommonName(n) | CertificateName::Dns(n) | CertificateName::Uri(n)
+                        if n.is_empty() =>
+                    {
+                        p.push(format!("{at}.{field}"), "must not be empty");
+                        None
+                    }
+                    _ => Some(name.clone()),
+                },
+                _ => {
+                    p.push(at.clone(), "needs exactly one of common_name, dns_name and uri");
+                    None
+                }
+            };
+            if let (Some(name), Some(role)) = (name, p.check(format!("{at}.role"), c.role.parse::<Role>())) {
+                let operator = match (&c.operator, &name) {
+                    (Some(operator), _) => operator.clone(),
+                    (None, CertificateName::CommonName(n) | CertificateName::Dns(n) | CertificateName::Uri(n)) => {
+                        n.clone()
+                    }
+                };
+                certificates.push(CertificateRule { name, role, operator });
             }
         }
         if !certificates.is_empty() && file.admin.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
@@ -1549,6 +1577,15 @@ mod tests {
             id = "a b"
             plan = "missing"
             time_zone = "Mars/Olympus"
+            [[admin.certificates]]
+            common_name = "alice"
+            uri = "spiffe://example.org/alice"
+            role = "read"
+            [[admin.certificates]]
+            role = "read"
+            [[admin.certificates]]
+            dns_name = " "
+            role = "read"
         "#;
         let errors = Settings::parse(text, &no_env).unwrap_err().0;
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
@@ -1565,6 +1602,9 @@ mod tests {
             "accounts[0].id",
             "accounts[0].plan",
             "accounts[0].time_zone",
+            "admin.certificates[0]",
+            "admin.certificates[1]",
+            "admin.certificates[2].dns_name",
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
         }

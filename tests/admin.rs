@@ -1015,7 +1015,9 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+        };
         let dir = tempfile::tempdir().unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -1029,22 +1031,34 @@ impl Pki {
             std::fs::write(dir.path().join(format!("{name}.pem")), cert).unwrap();
             std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
         };
-        let leaf = |name: &str, sans: Vec<String>, cn: &str, issuer: &Issuer<'_, KeyPair>| {
+        // A client certificate says so (extended key usage clientAuth),
+        // unless `any_use`.
+        let leaf = |name: &str, sans: Vec<SanType>, cn: &str, any_use: bool, issuer: &Issuer<'_, KeyPair>| {
             let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(sans).unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = sans;
             params.distinguished_name.push(DnType::CommonName, cn);
+            if !any_use {
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
             write(name, params.signed_by(&key, issuer).unwrap().pem(), &key);
         };
-        leaf("server", vec!["localhost".into()], "localhost", &issuer);
-        leaf("alice", vec![], "alice", &issuer);
-        leaf("auditor", vec![], "auditor-cert", &issuer);
-        leaf("nobody", vec![], "nobody", &issuer);
+        let dns = |n: &str| SanType::DnsName(n.try_into().unwrap());
+        leaf("server", vec![dns("localhost")], "localhost", true, &issuer);
+        leaf("alice", vec![], "alice", false, &issuer);
+        leaf("auditor", vec![], "auditor-cert", false, &issuer);
+        leaf("nobody", vec![], "nobody", false, &issuer);
+        // Alice's name on a certificate not issued for clients.
+        leaf("alice-any-use", vec![], "alice", true, &issuer);
+        // A workload known by its SPIFFE id, whatever its common name.
+        let spiffe = SanType::URI("spiffe://example.org/ns/billing/sa/bot".try_into().unwrap());
+        leaf("bot", vec![spiffe, dns("bot.billing.svc")], "pod-7f9c", false, &issuer);
         // The same name, from a CA the server does not trust.
         let other_key = KeyPair::generate().unwrap();
         let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
         other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         other.distinguished_name.push(DnType::CommonName, "another CA");
-        leaf("impostor", vec![], "alice", &Issuer::new(other, other_key));
+        leaf("impostor", vec![], "alice", false, &Issuer::new(other, other_key));
         std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
         Pki { dir, ca }
     }
@@ -1083,7 +1097,8 @@ async fn client_certificates_identify_operators_and_the_data_plane_can_require_t
     };
     let config = format!(
         "{}\n{}\n[[admin.certificates]]\ncommon_name = \"alice\"\nrole = \"write\"\noperator = \"alice@billing\"\n\n\
-         [[admin.certificates]]\ncommon_name = \"auditor-cert\"\nrole = \"read\"\n",
+         [[admin.certificates]]\ncommon_name = \"auditor-cert\"\nrole = \"read\"\n\n\
+         [[admin.certificates]]\nuri = \"spiffe://example.org/ns/billing/sa/bot\"\nrole = \"read\"\n",
         support::CONFIG.replacen("[server]\n", &format!("{}\n[server]\n", tls("server.tls")), 1),
         tls("admin.tls"),
     );
@@ -1117,6 +1132,21 @@ async fn client_certificates_identify_operators_and_the_data_plane_can_require_t
     assert_eq!(
         auditor.suspend(suspend("cert-2")).await.unwrap_err().code(),
         Code::PermissionDenied
+    );
+    // A SPIFFE id (a URI among the alternative names) names an operator
+    // too, and is the operator audit records name.
+    let mut bot = admin(pki.channel(admin_port, Some("bot")).await.unwrap(), None);
+    bot.get_account(show()).await.unwrap();
+    assert_eq!(
+        bot.suspend(suspend("cert-3")).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // A certificate not issued for clients is nobody, even with a mapped
+    // name in it.
+    let any_use = pki.channel(admin_port, Some("alice-any-use")).await.unwrap();
+    assert_eq!(
+        admin(any_use, None).get_account(show()).await.unwrap_err().code(),
+        Code::Unauthenticated
     );
     // A certificate no rule names is nobody, unless a token says who.
     let nobody = pki.channel(admin_port, Some("nobody")).await.unwrap();

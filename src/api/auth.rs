@@ -82,17 +82,39 @@ pub struct Principal {
     pub role: Role,
 }
 
-/// The operator a client certificate stands for, by its subject's common
-/// name (the certificate itself is verified by TLS against the admin
-/// listener's client CA).
+/// The operator a client certificate stands for, by a name in it (the
+/// certificate itself is verified by TLS against the admin listener's
+/// client CA).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateRule {
-    /// The subject's common name.
-    pub common_name: String,
+    /// The name it is known by.
+    pub name: CertificateName,
     /// What it allows.
     pub role: Role,
     /// Who it is, as audit records name them.
     pub operator: String,
+}
+
+/// A name a client certificate carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateName {
+    /// The subject's common name, when the subject has exactly one.
+    CommonName(String),
+    /// A DNS name among its subject alternative names.
+    Dns(String),
+    /// A URI among its subject alternative names: a SPIFFE id
+    /// (`spiffe://trust-domain/path`) in a service mesh.
+    Uri(String),
+}
+
+impl std::fmt::Display for CertificateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateName::CommonName(n) => write!(f, "CN={n}"),
+            CertificateName::Dns(n) => write!(f, "DNS:{n}"),
+            CertificateName::Uri(n) => write!(f, "URI:{n}"),
+        }
+    }
 }
 
 /// The operators the admin API knows: credentials, roles, identities.
@@ -129,17 +151,40 @@ impl Operators {
 
     /// The operator the verified client certificate of `request` stands
     /// for, if it presented one that a rule names.
+    ///
+    /// Only a certificate issued for clients counts: one whose extended key
+    /// usage names clientAuth (one without the extension, good for any
+    /// use, is not taken as an operator's). A common name counts only
+    /// when the subject has exactly one, so which of several was meant is
+    /// never guessed.
     fn certificate<T>(&self, request: &Request<T>) -> Option<Principal> {
+        use x509_parser::extensions::GeneralName;
+        if self.certificates.is_empty() {
+            return None;
+        }
         let certs = request.peer_certs()?;
         let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
-        let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
-        self.certificates
-            .iter()
-            .find(|rule| rule.common_name == name)
-            .map(|rule| Principal {
-                operator: rule.operator.clone(),
-                role: rule.role,
-            })
+        if !cert.extended_key_usage().ok()??.value.client_auth {
+            return None;
+        }
+        let mut common_names = cert.subject().iter_common_name().map(|n| n.as_str());
+        let common_name = match (common_names.next(), common_names.next()) {
+            (Some(Ok(name)), None) => Some(name),
+            _ => None,
+        };
+        let alternatives = cert.subject_alternative_name().ok().flatten();
+        let alternatives = alternatives.as_ref().map_or(&[][..], |a| &a.value.general_names[..]);
+        let names = |rule: &&CertificateRule| match &rule.name {
+            CertificateName::CommonName(n) => common_name == Some(n.as_str()),
+            CertificateName::Dns(n) => alternatives
+                .iter()
+                .any(|g| matches!(g, GeneralName::DNSName(d) if d.eq_ignore_ascii_case(n))),
+            CertificateName::Uri(n) => alternatives.iter().any(|g| matches!(g, GeneralName::URI(u) if u == n)),
+        };
+        self.certificates.iter().find(names).map(|rule| Principal {
+            operator: rule.operator.clone(),
+            role: rule.role,
+        })
     }
 
     /// The principal a presented `token` belongs to. Every configured hash
