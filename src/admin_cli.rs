@@ -561,6 +561,7 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
                 charges: crate::api::convert::takes_out(&record.charges),
                 reason: c.reason,
                 adjustment_id: c.adjustment_id,
+                settled_at: Some(crate::api::convert::timestamp_out(record.settled_at)),
             };
             (client.refund(r).await?.into_inner(), c.endpoint.json)
         }

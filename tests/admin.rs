@@ -597,6 +597,7 @@ async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) 
             }],
             reason: "r".into(),
             adjustment_id: "auth-r".into(),
+            settled_at: None,
         })
     );
     call!(
@@ -811,7 +812,20 @@ async fn refunds_unwind_the_lots_a_charge_drew_from(backend: Backend) {
         charges,
         reason: "customer complaint".into(),
         adjustment_id: adjustment.into(),
+        settled_at: record.settled_at,
     };
+    // A record never made: refused, nothing changed.
+    let made_up = proto::RefundRequest {
+        request_id: "never-made".into(),
+        ..refund("ref-made-up", record.charges.clone())
+    };
+    let refused = app.admin.refund(made_up).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    assert!(
+        refused.message().contains("within the idempotency window"),
+        "{refused:?}"
+    );
+    assert_eq!(get(app.admin.clone()).await, charged);
     // Too much from one source: refused, nothing changed.
     let mut greedy = record.charges.clone();
     greedy[0].tokens += 1;

@@ -268,6 +268,7 @@ fn write_rpc_seeds() {
             }],
             reason: r("fuzz"),
             adjustment_id: r("adj-8"),
+            settled_at: when,
         }
         .encode_to_vec(),
     );

@@ -499,10 +499,13 @@ impl Admin for AdminApi {
             .enumerate()
             .map(|(i, c)| take_in(&format!("charges[{i}]"), c))
             .collect::<Result<Vec<_>, _>>()?;
+        let settled_at = timestamp("settled_at", r.settled_at.as_ref())?;
         let command = Command::Refund {
             request_id,
             kind,
             charges,
+            settled_at,
+            recorded: None,
         };
         self.mutate(caller, &account, command, why).await
     }

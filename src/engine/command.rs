@@ -72,6 +72,12 @@ pub enum Command {
         /// What to give back, per source and lot (at most what each was
         /// charged).
         charges: Vec<Take>,
+        /// When the record was settled.
+        settled_at: jiff::Timestamp,
+        /// Whether a record of the request was committed within the
+        /// idempotency window, as the store found (`None`: it could not
+        /// tell).
+        recorded: Option<bool>,
     },
     /// Move to a plan.
     AssignPlan {
@@ -334,8 +340,10 @@ impl Account {
                 request_id,
                 kind,
                 charges,
+                settled_at,
+                recorded,
             } => {
-                self.refund(catalog, &request_id, kind, &charges, now)?;
+                self.refund(catalog, &request_id, kind, &charges, (settled_at, recorded), now)?;
                 Reply::Done
             }
             Command::AssignPlan { plan, anchor } => {

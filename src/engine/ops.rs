@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 
 use super::account::{ANSWERS_KEPT, Account, Hold, Lot, MAX_ANSWERS, Remembered, Reservation};
 use super::catalog::{Catalog, Plan, SourceClass};
@@ -907,12 +907,29 @@ impl Account {
         request_id: &RequestId,
         kind: super::record::RecordKind,
         charges: &[Take],
+        (settled_at, recorded): (Timestamp, Option<bool>),
         now: Timestamp,
     ) -> Result<(), EngineError> {
         let record_id = super::record::record_id(&self.id, request_id, kind);
         self.advance(catalog, now)?;
         if charges.is_empty() {
             return Err(EngineError::invalid("charges", "name at least one source to refund"));
+        }
+        if now.checked_add(CLOCK_MARGIN).is_ok_and(|latest| settled_at > latest) {
+            return Err(EngineError::invalid("settled_at", "is in the future"));
+        }
+        // Within the window every record's request id is remembered: one
+        // that is not was never made.
+        let checkable = now
+            .checked_sub(catalog.idempotency_window)
+            .is_ok_and(|h| settled_at > h);
+        if checkable && recorded == Some(false) {
+            return Err(EngineError::NotFound(format!(
+                "record of request {request_id} on account {} (settled at {settled_at}, within the \
+                 idempotency window of {} s)",
+                self.id,
+                catalog.idempotency_window.as_secs()
+            )));
         }
         // A retry comes back under its adjustment id and never gets here
         // (`apply_audited`); the same record again is a second refund.
@@ -1083,6 +1100,20 @@ fn check_operation_size(amount: Money) -> Result<(), EngineError> {
         ));
     }
     Ok(())
+}
+
+/// How far ahead of this clock another sidecar's may run (a record's
+/// `settled_at` from it is not "in the future").
+const CLOCK_MARGIN: SignedDuration = SignedDuration::from_secs(60);
+
+impl Account {
+    /// Whether this account remembers `request_id` (its answer or, for the
+    /// rest of the idempotency window, its fingerprint): in a process that
+    /// decides the account's requests, every request of the window.
+    pub fn remembers(&self, request_id: &RequestId) -> bool {
+        let traffic = self.traffic();
+        traffic.requests.contains_key(request_id) || traffic.spent.contains(request_id.as_str())
+    }
 }
 
 /// How long and how many answers are kept, for the errors that say one

@@ -1535,7 +1535,8 @@ fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
     // A top-up repays the debt; then the whole record is refunded.
     top_up(&mut a, &c, "t2", Pool::Paid, 1_000_000);
     let request = RequestId::parse("r1").unwrap();
-    a.refund(&c, &request, RecordKind::Settle, &record.charges, t(NOW))
+    let made = (t(NOW), Some(true));
+    a.refund(&c, &request, RecordKind::Settle, &record.charges, made, t(NOW))
         .unwrap();
     let b = a.balance(t(NOW));
     assert_eq!(
@@ -1550,7 +1551,14 @@ fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
         );
     }
     // Once per request, whatever kind the caller names.
-    let again = a.refund(&c, &request, RecordKind::Charge, &[take(SourceRef::Paid, 1)], t(NOW));
+    let again = a.refund(
+        &c,
+        &request,
+        RecordKind::Charge,
+        &[take(SourceRef::Paid, 1)],
+        made,
+        t(NOW),
+    );
     assert!(matches!(again, Err(EngineError::Conflict(_))), "{again:?}");
 
     // Owing debt, a refunded paid charge repays it first.
@@ -1564,11 +1572,63 @@ fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
         &request,
         RecordKind::Settle,
         &[take(SourceRef::Paid, 400_000)],
+        made,
         t(NOW),
     )
     .unwrap();
     let b = d.balance(t(NOW));
     assert_eq!((b.paid, b.debt), (Money::ZERO, Money::from_picos(600_000)));
+}
+
+/// A refund names a record: one settled within the idempotency window
+/// must be one the store found, or it never existed. An older one cannot
+/// be checked (each source still gives back at most what it was charged).
+#[test]
+fn a_refund_of_a_record_never_made_within_the_window_is_refused() {
+    use super::record::RecordKind;
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
+    a.settle(&c, &r.reservation_id, usage(0, 100), t(NOW)).unwrap();
+    let made_up = RequestId::parse("never-made").unwrap();
+    let charges = [take(SourceRef::Paid, 1)];
+    let refused = a.refund(
+        &c,
+        &made_up,
+        RecordKind::Charge,
+        &charges,
+        (t(NOW), Some(false)),
+        t(NOW),
+    );
+    assert!(
+        matches!(&refused, Err(EngineError::NotFound(m)) if m.contains("within the idempotency window")),
+        "{refused:?}"
+    );
+    let future = t(NOW) + SignedDuration::from_hours(1);
+    let refused = a.refund(&c, &made_up, RecordKind::Charge, &charges, (future, None), t(NOW));
+    assert!(
+        matches!(
+            &refused,
+            Err(EngineError::Invalid {
+                field: "settled_at",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(a.paid.charged, 400_000, "nothing given back");
+    let long_ago = t(NOW) - c.idempotency_window - SignedDuration::from_secs(1);
+    a.refund(
+        &c,
+        &made_up,
+        RecordKind::Charge,
+        &charges,
+        (long_ago, Some(false)),
+        t(NOW),
+    )
+    .unwrap();
+    assert!(a.remembers(&RequestId::parse("r1").unwrap()) && !a.remembers(&made_up));
 }
 
 #[test]

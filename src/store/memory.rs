@@ -168,6 +168,24 @@ impl Store for MemoryStore {
             .accounts
             .get_mut(id)
             .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        // This process decides every request of the account: it knows
+        // whether the record a refund names was made.
+        let command = match command {
+            Command::Refund {
+                request_id,
+                kind,
+                charges,
+                settled_at,
+                recorded: None,
+            } => Command::Refund {
+                recorded: Some(account.remembers(&request_id)),
+                request_id,
+                kind,
+                charges,
+                settled_at,
+            },
+            other => other,
+        };
         let (reply, record) = account.apply_audited(&catalog, command, now, audit)?;
         let records = account.take_records();
         Ok((Applied { reply, records }, record))

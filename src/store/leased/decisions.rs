@@ -231,9 +231,9 @@ impl RedisStore {
 
     /// Whether a usage record of `request` on `id` was committed within
     /// the idempotency window: its fingerprint in one of the sets the
-    /// commits keep (`keys.rs`). Asked only for a settle or release of a
-    /// reservation the mirror does not know.
-    async fn recorded(&self, id: &AccountId, request: &RequestId, now: Timestamp) -> Result<bool, String> {
+    /// commits keep (`keys.rs`). Asked for a settle or release of a
+    /// reservation the mirror does not know, and for a refund.
+    pub(super) async fn recorded(&self, id: &AccountId, request: &RequestId, now: Timestamp) -> Result<bool, String> {
         let fingerprint = request_fingerprint(id, request);
         for key in self.seen(id, self.catalog().idempotency_window, now).keys {
             self.check_up().map_err(|e| e.to_string())?;

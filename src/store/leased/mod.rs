@@ -316,6 +316,31 @@ impl Store for RedisStore {
         audit: &AuditRecord,
     ) -> Result<(Applied, Option<AuditRecord>), StoreError> {
         if command.is_admin() {
+            // Whether the record a refund names was made: this sidecar's
+            // mirror knows the requests it decided, the sets of the
+            // fleet's commits those every sidecar reported.
+            let command = match command {
+                Command::Refund {
+                    request_id,
+                    kind,
+                    charges,
+                    settled_at,
+                    recorded: None,
+                } => Command::Refund {
+                    recorded: Some(
+                        self.mirrors.get(id).is_some_and(|l| l.mirror().remembers(&request_id))
+                            || self
+                                .recorded(id, &request_id, now)
+                                .await
+                                .map_err(StoreError::Unavailable)?,
+                    ),
+                    request_id,
+                    kind,
+                    charges,
+                    settled_at,
+                },
+                other => other,
+            };
             self.admin(id, command, Some(audit)).await
         } else {
             Ok((self.apply(id, command, now).await?, None))
