@@ -1,7 +1,9 @@
 //! One reserve and its settle over real gRPC on loopback, against the app
-//! as `tollgate serve` builds it (memory store, usage file in a temp dir).
+//! as `tollgate serve` builds it (memory store, usage file in a temp dir);
+//! and what the call deadline (`conn::Deadline`) adds to each call, side by
+//! side with the same call without it.
 //!
-//! Run: `cargo bench --bench grpc`.
+//! Run: `cargo bench --bench grpc` (`-- deadline` for the second alone).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -83,5 +85,27 @@ fn grpc(c: &mut Criterion) {
     let _ = stop.send(());
 }
 
-criterion_group!(benches, grpc);
+/// A call answered at once, bare and inside [`Deadline`]: the wrapper's
+/// own cost per call (a boxed future and a timer entry).
+fn deadline(c: &mut Criterion) {
+    use std::convert::Infallible;
+    use tollgate::conn::Deadline;
+    use tower::ServiceExt;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answer = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+        Ok::<_, Infallible>(http::Response::new(tonic::body::Body::empty()))
+    });
+    let request = || http::Request::new(tonic::body::Body::empty());
+    let mut group = c.benchmark_group("call deadline");
+    group.bench_function("bare", |b| {
+        b.iter(|| runtime.block_on(answer.oneshot(request())).unwrap());
+    });
+    let bounded = Deadline::new(answer, std::time::Duration::from_secs(30));
+    group.bench_function("in Deadline", |b| {
+        b.iter(|| runtime.block_on(bounded.clone().oneshot(request())).unwrap());
+    });
+    group.finish();
+}
+
+criterion_group!(benches, grpc, deadline);
 criterion_main!(benches);
