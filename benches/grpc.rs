@@ -91,7 +91,10 @@ fn deadline(c: &mut Criterion) {
     use std::convert::Infallible;
     use tollgate::conn::Deadline;
     use tower::ServiceExt;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let answer = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
         Ok::<_, Infallible>(http::Response::new(tonic::body::Body::empty()))
     });

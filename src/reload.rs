@@ -133,12 +133,32 @@ pub async fn run(
         }
         last = Some(content.clone());
         let why = if asked { "SIGHUP" } else { "file changed" };
+        let before = tollgate.catalog();
         let outcome = reload(&tollgate, &watch).await;
         match outcome {
             Ok(()) => {
                 let n = reloads.applied.fetch_add(1, Ordering::Relaxed) + 1;
                 counted("applied");
                 tracing::info!(path = %watch.path.display(), trigger = why, reloads = n, "configuration reloaded");
+                // Prices are money: a version the file published is logged
+                // on the audit target, as one published through the API.
+                let published: Vec<String> = tollgate
+                    .catalog()
+                    .prices
+                    .versions()
+                    .iter()
+                    .filter(|v| before.prices.get(&v.id).is_none())
+                    .map(|v| format!("{} (effective {})", v.id, v.effective_at))
+                    .collect();
+                if !published.is_empty() {
+                    tracing::info!(
+                        target: "audit",
+                        operator = "configuration file",
+                        path = %watch.path.display(),
+                        versions = %published.join(", "),
+                        "price versions published by a reload"
+                    );
+                }
             }
             Err(problems) => {
                 let n = reloads.refused.fetch_add(1, Ordering::Relaxed) + 1;

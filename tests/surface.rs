@@ -117,6 +117,8 @@ struct Served {
     child: std::process::Child,
     quota: String,
     admin: String,
+    /// What it logged after it listened.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
     done: std::sync::mpsc::Sender<()>,
     watchdog: std::thread::JoinHandle<()>,
 }
@@ -154,11 +156,20 @@ impl Served {
             }
         };
         // Keep reading, so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = kept.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         Served {
             child,
             quota,
             admin,
+            log,
             done,
             watchdog,
         }
@@ -710,6 +721,19 @@ fn sighup_reloads_the_configuration_file() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(seen, ["2026-01", "2031-01"]);
+    // A price version the file published leaves a trace on the audit log.
+    let mut audited = false;
+    for _ in 0..100 {
+        let log = served.log.lock().unwrap().clone();
+        audited = log
+            .lines()
+            .any(|l| l.contains("price versions published by a reload") && l.contains("2031-01"));
+        if audited {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(audited, "{}", served.log.lock().unwrap());
     let status = served.stop();
     assert!(status.success(), "SIGHUP must not stop the server: {status:?}");
 }
