@@ -158,17 +158,29 @@ pub enum Reservation {
     Expired {
         /// When.
         closed_at: Timestamp,
+        /// Whether it was charged in full (with a record) rather than
+        /// released.
+        charged: bool,
     },
 }
 
 impl Reservation {
+    /// Whether closing it made a usage record (a settle, or a lapse
+    /// charged in full).
+    pub fn made_record(&self) -> bool {
+        matches!(
+            self,
+            Reservation::Settled { .. } | Reservation::Expired { charged: true, .. }
+        )
+    }
+
     /// When it was closed; `None` while it is open.
     pub fn closed_at(&self) -> Option<Timestamp> {
         match self {
             Reservation::Open(_) => None,
             Reservation::Settled { closed_at, .. }
             | Reservation::Released { closed_at, .. }
-            | Reservation::Expired { closed_at } => Some(*closed_at),
+            | Reservation::Expired { closed_at, .. } => Some(*closed_at),
         }
     }
 }
@@ -253,6 +265,15 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// When the request `remembered` stands for closed; `None` while its
+    /// hold is open.
+    fn closed_at(&self, remembered: &Remembered) -> Option<Timestamp> {
+        match remembered {
+            Remembered::Reserved { reservation, .. } => self.reservations.get(reservation)?.closed_at(),
+            Remembered::Charged { at, .. } => Some(*at),
+        }
+    }
+
     /// Nothing remembered.
     pub fn is_empty(&self) -> bool {
         self.reservations.is_empty()
@@ -280,6 +301,13 @@ pub const ANSWERS_KEPT: SignedDuration = SignedDuration::from_secs(60);
 /// never decided again.
 pub const MAX_ANSWERS: usize = 4_096;
 
+/// Holds one account may have open in one process: each keeps its request
+/// and answer until it is settled, released or lapses (`holds.ttl_seconds`),
+/// so without a cap a caller that never settles would hold memory for a
+/// TTL's worth of reserves. Far above the concurrency of one model server;
+/// a reserve beyond it is refused (`RESOURCE_EXHAUSTED`).
+pub const MAX_OPEN_HOLDS: usize = 16_384;
+
 /// Request ids whose answers were let go, in time slots of a quarter of the
 /// idempotency window: a slot goes whole once the window has passed over
 /// its end, so no set is ever pruned entry by entry (which would leave it
@@ -299,19 +327,21 @@ pub struct Spent {
 static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
 
 impl Spent {
-    /// Remembers `id`, closed `at`, in slots `slot` long.
-    pub fn insert(&mut self, id: &str, at: Timestamp, slot: SignedDuration) {
+    /// Remembers `id`, closed `at` (having made a usage record or not), in
+    /// slots `slot` long.
+    pub fn insert(&mut self, id: &str, at: Timestamp, slot: SignedDuration, made_record: bool) {
+        let key = Spent::key(id, made_record);
         let length = slot.as_secs().max(1);
         let number = at.as_second().div_euclid(length);
         match self.slots.back_mut() {
             // Closed a little before the newest slot began: kept with it, a
             // little longer.
             Some((newest, _, ids)) if *newest >= number => {
-                ids.insert(SEED.hash_one(id));
+                ids.insert(key);
             }
             _ => {
                 let mut ids = Set::default();
-                ids.insert(SEED.hash_one(id));
+                ids.insert(key);
                 self.slots.push_back((number, length, ids));
             }
         }
@@ -319,8 +349,22 @@ impl Spent {
 
     /// Whether `id` is remembered.
     pub fn contains(&self, id: &str) -> bool {
-        let key = SEED.hash_one(id);
+        self.holds(Spent::key(id, true)) || self.holds(Spent::key(id, false))
+    }
+
+    /// Whether `id` is remembered as having made a usage record.
+    pub fn made_record(&self, id: &str) -> bool {
+        self.holds(Spent::key(id, true))
+    }
+
+    fn holds(&self, key: u64) -> bool {
         self.slots.iter().rev().any(|(_, _, ids)| ids.contains(&key))
+    }
+
+    /// An id's fingerprint: 63 bits of its hash and, in the lowest, whether
+    /// it made a record.
+    fn key(id: &str, made_record: bool) -> u64 {
+        SEED.hash_one(id) & !1 | u64::from(made_record)
     }
 
     /// Forgets the slots that ended before `horizon`.
@@ -507,6 +551,7 @@ impl Account {
         for id in lapsed {
             if let Some(Reservation::Open(hold)) = self.traffic_mut().reservations.remove(&id) {
                 self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
+                let charged = catalog.on_expiry == ExpiryPolicy::ChargeInFull;
                 match catalog.on_expiry {
                     ExpiryPolicy::Release => self.unhold(&hold.takes),
                     ExpiryPolicy::ChargeInFull => {
@@ -517,9 +562,13 @@ impl Account {
                     }
                 }
                 self.buckets.finish(&hold.buckets);
-                self.traffic_mut()
-                    .reservations
-                    .insert(id, Reservation::Expired { closed_at: now });
+                self.traffic_mut().reservations.insert(
+                    id,
+                    Reservation::Expired {
+                        closed_at: now,
+                        charged,
+                    },
+                );
             }
         }
         let mut closed = Vec::new();
@@ -580,7 +629,7 @@ impl Account {
         ) else {
             return;
         };
-        self.let_go_of_answers(catalog, answers, horizon);
+        self.let_go_of_answers(catalog, horizon, |_, at| at <= answers);
         if let Some(traffic) = self.traffic.as_deref_mut() {
             traffic.spent.prune(horizon);
         }
@@ -590,10 +639,12 @@ impl Account {
     }
 
     /// Keeps the answers of at most [`MAX_ANSWERS`] closed requests: past
-    /// that, lets go of the oldest, down to half of it, at once. Each pass
-    /// looks at every request, and the next comes only after as many new
-    /// ones again: constant time per request, amortized.
-    pub(crate) fn bound_answers(&mut self, catalog: &Catalog, now: Timestamp) {
+    /// that, lets go of the oldest (by when they closed, then by id) down
+    /// to half of it, at once, never that of `current` (the request just
+    /// answered). A pass looks at every request, and the next comes only
+    /// after half of [`MAX_ANSWERS`] new ones: linear in those, so
+    /// constant time per request, amortized.
+    pub(crate) fn bound_answers(&mut self, catalog: &Catalog, now: Timestamp, current: &RequestId) {
         let traffic = self.traffic();
         // Every open hold has one request; the rest are closed.
         if traffic.requests.len().saturating_sub(traffic.expiries.len()) <= MAX_ANSWERS {
@@ -602,53 +653,54 @@ impl Account {
         let Ok(horizon) = now.checked_sub(catalog.idempotency_window) else {
             return;
         };
-        let mut closed: Vec<Timestamp> = traffic
+        let mut closed: Vec<(Timestamp, &RequestId)> = traffic
             .requests
-            .values()
-            .filter_map(|r| match r {
-                Remembered::Reserved { reservation, .. } => traffic.reservations.get(reservation)?.closed_at(),
-                Remembered::Charged { at, .. } => Some(*at),
-            })
+            .iter()
+            .filter(|(id, _)| *id != current)
+            .filter_map(|(id, r)| Some((traffic.closed_at(r)?, id)))
             .collect();
-        let keep = MAX_ANSWERS / 2;
-        if closed.len() <= keep {
+        let Some(going) = closed.len().checked_sub(MAX_ANSWERS / 2).filter(|n| *n > 0) else {
             return;
-        }
-        let last = closed.len() - keep - 1;
-        let (_, cutoff, _) = closed.select_nth_unstable(last);
-        let cutoff = *cutoff;
-        self.let_go_of_answers(catalog, cutoff, horizon);
+        };
+        closed.select_nth_unstable(going - 1);
+        let going: Set<RequestId> = closed[..going].iter().map(|(_, id)| (*id).clone()).collect();
+        self.let_go_of_answers(catalog, horizon, |id, _| going.contains(id));
     }
 
-    /// Lets go of the answers of the requests closed at `answers` or
-    /// before, keeping their ids as fingerprints ([`Spent`]) while they
-    /// closed after `horizon`.
-    fn let_go_of_answers(&mut self, catalog: &Catalog, answers: Timestamp, horizon: Timestamp) {
+    /// Lets go of the answers of the closed requests `goes` picks (by id
+    /// and when they closed), keeping their ids as fingerprints ([`Spent`])
+    /// while they closed after `horizon`.
+    fn let_go_of_answers(
+        &mut self,
+        catalog: &Catalog,
+        horizon: Timestamp,
+        mut goes: impl FnMut(&RequestId, Timestamp) -> bool,
+    ) {
         let Some(traffic) = self.traffic.as_deref_mut() else {
             return;
         };
-        // Closed reservations whose answers go now, with when they closed.
-        let mut closed: Map<ReservationId, Timestamp> = Map::default();
-        traffic.reservations.retain(|id, r| match r.closed_at() {
-            Some(closed_at) if closed_at <= answers => {
-                closed.insert(id.clone(), closed_at);
-                false
-            }
-            _ => true,
-        });
-        let reservations = &traffic.reservations;
-        let spent = &mut traffic.spent;
+        let slot = catalog.idempotency_window / 4;
+        let (reservations, spent) = (&mut traffic.reservations, &mut traffic.spent);
         traffic.requests.retain(|id, r| {
-            let gone_at = match r {
-                Remembered::Reserved { reservation, .. } if reservations.contains_key(reservation) => {
-                    return true;
-                }
-                Remembered::Reserved { reservation, .. } => closed.get(reservation).copied(),
-                Remembered::Charged { at, .. } if *at > answers => return true,
-                Remembered::Charged { at, .. } => Some(*at),
+            let (at, made_record) = match r {
+                Remembered::Charged { at, .. } => (*at, true),
+                Remembered::Reserved { reservation, .. } => match reservations.get(reservation) {
+                    Some(closed) => match closed.closed_at() {
+                        Some(at) => (at, closed.made_record()),
+                        None => return true,
+                    },
+                    // Every reservation is made and let go with its request.
+                    None => return false,
+                },
             };
-            if let Some(at) = gone_at.filter(|at| *at > horizon) {
-                spent.insert(id.as_str(), at, catalog.idempotency_window / 4);
+            if !goes(id, at) {
+                return true;
+            }
+            if let Remembered::Reserved { reservation, .. } = r {
+                reservations.remove(reservation);
+            }
+            if at > horizon {
+                spent.insert(id.as_str(), at, slot, made_record);
             }
             false
         });

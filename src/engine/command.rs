@@ -10,7 +10,7 @@ use super::account::{Account, Hold, Lot, Traffic};
 use super::catalog::Catalog;
 use super::draw::Take;
 use super::error::EngineError;
-use super::ids::{LotId, PlanId, ReservationId};
+use super::ids::{LotId, PlanId, RequestId, ReservationId};
 use super::limits::LimitOverrides;
 use super::money::Money;
 use super::ops::{Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome, ReserveRequest};
@@ -66,7 +66,7 @@ pub enum Command {
     Refund {
         /// The request the record charged (one record per request id):
         /// refunded once.
-        request_id: crate::engine::ids::RequestId,
+        request_id: RequestId,
         /// The record's kind.
         kind: crate::engine::record::RecordKind,
         /// What to give back, per source and lot (at most what each was
@@ -146,6 +146,51 @@ impl Command {
     }
 }
 
+impl Command {
+    /// The request whose record a refund names, when the store must find
+    /// out whether that record was made: it was settled within the
+    /// idempotency window (older records cannot be checked) and the store
+    /// has not said yet.
+    pub fn record_to_check(&self, window: jiff::SignedDuration, now: Timestamp) -> Option<&RequestId> {
+        match self {
+            Command::Refund {
+                request_id,
+                settled_at,
+                recorded: None,
+                ..
+            } if now.checked_sub(window).is_ok_and(|horizon| *settled_at > horizon) => Some(request_id),
+            _ => None,
+        }
+    }
+
+    /// This command with what the store found for
+    /// [`Command::record_to_check`].
+    pub fn with_recorded(mut self, made: bool) -> Command {
+        if let Command::Refund { recorded, .. } = &mut self {
+            *recorded = Some(made);
+        }
+        self
+    }
+
+    /// What the operator asked for, as adjustment fingerprints hash it: a
+    /// retry of the same change hashes the same, whatever the store found
+    /// out about it (a refund's `recorded`).
+    fn content(&self) -> String {
+        match self {
+            Command::Refund {
+                request_id,
+                kind,
+                charges,
+                settled_at,
+                recorded: _,
+            } => format!(
+                "Refund {{ request_id: {request_id:?}, kind: {kind:?}, charges: {charges:?}, settled_at: {settled_at:?} }}"
+            ),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
 /// Where the change made under adjustment id `id` is remembered.
 fn adjustment_key(id: &str) -> String {
     format!("adjustment {id}")
@@ -216,7 +261,7 @@ impl Account {
     ) -> Result<(Reply, Option<AuditRecord>), EngineError> {
         let key = adjustment_key(&audit.adjustment_id);
         // The change in full, hashed: the same content gives the same text.
-        let fingerprint = digest_id([format!("{command:?}").as_str()]);
+        let fingerprint = digest_id([command.content().as_str()]);
         match self.operations.get(&key) {
             Some(first) if *first == fingerprint => return Ok((Reply::Done, None)),
             Some(_) => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::account::{ANSWERS_KEPT, Account, Hold, Lot, MAX_ANSWERS, Remembered, Reservation};
+use super::account::{ANSWERS_KEPT, Account, Hold, Lot, MAX_ANSWERS, MAX_OPEN_HOLDS, Remembered, Reservation};
 use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need, SourceRef, Take};
 use super::error::EngineError;
@@ -306,6 +306,14 @@ impl Account {
         }
         self.refuse_spent(&req.request_id)?;
         self.refuse_beyond_budget(catalog)?;
+        let open = self.traffic().expiries.len();
+        if open >= MAX_OPEN_HOLDS {
+            return Err(EngineError::Exhausted(format!(
+                "account {} has {open} holds open in this sidecar, the most one account may have; settle or \
+                 release them (or wait for them to lapse at holds.ttl_seconds) and retry",
+                self.id
+            )));
+        }
         let plan = self.plan_of(catalog)?;
         let limits = self.applicable(plan, req.api_key_id.as_ref(), &req.model);
         let deny = |account: &Account, denial, message: String| {
@@ -433,7 +441,7 @@ impl Account {
                 first: Box::new((req.clone(), reserved.clone())),
             },
         );
-        self.bound_answers(catalog, now);
+        self.bound_answers(catalog, now, &req.request_id);
         Ok(ReserveOutcome::Allowed(reserved))
     }
 
@@ -736,7 +744,7 @@ impl Account {
                 at: now,
             },
         );
-        self.bound_answers(catalog, now);
+        self.bound_answers(catalog, now, &req.request_id);
         Ok(ChargeOutcome::Charged(record))
     }
 
@@ -1107,12 +1115,20 @@ fn check_operation_size(amount: Money) -> Result<(), EngineError> {
 const CLOCK_MARGIN: SignedDuration = SignedDuration::from_secs(60);
 
 impl Account {
-    /// Whether this account remembers `request_id` (its answer or, for the
-    /// rest of the idempotency window, its fingerprint): in a process that
-    /// decides the account's requests, every request of the window.
-    pub fn remembers(&self, request_id: &RequestId) -> bool {
+    /// Whether `request_id` made a usage record on this account (a charge,
+    /// a settle, a lapse charged in full), as its answer or, for the rest
+    /// of the idempotency window, its fingerprint says: in a process that
+    /// decides the account's requests, true of every record of the window.
+    pub fn made_record(&self, request_id: &RequestId) -> bool {
         let traffic = self.traffic();
-        traffic.requests.contains_key(request_id) || traffic.spent.contains(request_id.as_str())
+        match traffic.requests.get(request_id) {
+            Some(Remembered::Charged { .. }) => true,
+            Some(Remembered::Reserved { reservation, .. }) => traffic
+                .reservations
+                .get(reservation)
+                .is_some_and(Reservation::made_record),
+            None => traffic.spent.made_record(request_id.as_str()),
+        }
     }
 }
 

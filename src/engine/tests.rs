@@ -1628,7 +1628,146 @@ fn a_refund_of_a_record_never_made_within_the_window_is_refused() {
         t(NOW),
     )
     .unwrap();
-    assert!(a.remembers(&RequestId::parse("r1").unwrap()) && !a.remembers(&made_up));
+    assert!(a.made_record(&RequestId::parse("r1").unwrap()) && !a.made_record(&made_up));
+}
+
+/// Only a request that made a record is one a refund may name: an open or
+/// released hold made none, a settle, a charge and a lapse charged in full
+/// did. The answer says so for a minute, the fingerprint after that.
+#[test]
+fn a_request_made_a_record_only_once_it_was_charged() {
+    let mut c = catalog();
+    c.on_expiry = ExpiryPolicy::ChargeInFull;
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let id = |s: &str| RequestId::parse(s).unwrap();
+    let open = allowed(a.reserve(&c, &req("open", "m", 0, 10), t(NOW)).unwrap());
+    let released = allowed(a.reserve(&c, &req("released", "m", 0, 10), t(NOW)).unwrap());
+    a.release(&c, &released.reservation_id, t(NOW)).unwrap();
+    let settled = allowed(a.reserve(&c, &req("settled", "m", 0, 10), t(NOW)).unwrap());
+    a.settle(&c, &settled.reservation_id, usage(0, 5), t(NOW)).unwrap();
+    assert!(!a.made_record(&id("open")), "an open hold made no record");
+    assert!(!a.made_record(&id("released")));
+    assert!(a.made_record(&id("settled")));
+    // The open hold lapses, charged in full; every answer is let go.
+    let lapsed = open.expires_at + SignedDuration::from_secs(1);
+    a.advance(&c, lapsed).unwrap();
+    assert!(a.made_record(&id("open")), "charged in full at its TTL");
+    let later = lapsed + super::account::ANSWERS_KEPT + SignedDuration::from_secs(1);
+    a.prune(&c, later);
+    assert!(a.traffic().requests.is_empty(), "only fingerprints are left");
+    assert!(a.made_record(&id("open")) && a.made_record(&id("settled")));
+    assert!(!a.made_record(&id("released")) && !a.made_record(&id("never")));
+}
+
+/// A refund retried under its adjustment id is the same change whatever
+/// the store found about its record the second time.
+#[test]
+fn a_retried_refund_is_the_same_change_whatever_the_store_found() {
+    use super::command::{Command, Reply};
+    use super::record::AuditRecord;
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
+    a.settle(&c, &r.reservation_id, usage(0, 100), t(NOW)).unwrap();
+    let refund_at = |settled_at, recorded| Command::Refund {
+        request_id: RequestId::parse("r1").unwrap(),
+        kind: RecordKind::Settle,
+        charges: vec![take(SourceRef::Paid, 1_000)],
+        settled_at,
+        recorded,
+    };
+    let refund = |recorded| refund_at(t(NOW), recorded);
+    let audit = AuditRecord {
+        kind: "audit".into(),
+        account_id: Some(a.id.clone()),
+        operator: "op".into(),
+        peer: String::new(),
+        operation: "refund".into(),
+        adjustment_id: "refund-1".into(),
+        reason: "r".into(),
+        change: String::new(),
+        at: t(NOW),
+        before: Default::default(),
+        after: Default::default(),
+    };
+    let (_, first) = a.apply_audited(&c, refund(Some(true)), t(NOW), &audit).unwrap();
+    assert!(first.is_some());
+    let charged = a.paid.charged;
+    let again = a.apply_audited(&c, refund(None), t(NOW), &audit);
+    assert!(matches!(again, Ok((Reply::Done, None))), "{again:?}");
+    assert_eq!(a.paid.charged, charged, "given back once");
+    // Only a change the operator did not ask for the first time conflicts.
+    let other = refund_at(t(NOW) - SignedDuration::from_secs(1), Some(true));
+    assert!(matches!(
+        a.apply_audited(&c, other, t(NOW), &audit),
+        Err(EngineError::Conflict(_))
+    ));
+}
+
+/// Past [`super::account::MAX_ANSWERS`] closed requests, exactly the
+/// oldest go (by when they closed, then by id), down to half, and never
+/// the request just answered: also when a flood closes them all in the
+/// same instant.
+#[test]
+fn bounding_answers_lets_go_of_exactly_the_oldest_and_never_the_current() {
+    use super::account::MAX_ANSWERS;
+    let c = catalog();
+    for spread in [false, true] {
+        let mut a = account(&c, "payg");
+        top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000_000);
+        let charge = |i: usize| ChargeRequest {
+            request_id: format!("c{i:05}").parse_id(),
+            api_key_id: None,
+            model: None,
+            tier: TierId::default_tier(),
+            what: ChargeWhat::Money(Money::from_picos(1)),
+        };
+        let at = |i: usize| match spread {
+            true => t(NOW) + SignedDuration::from_millis(i as i64),
+            false => t(NOW),
+        };
+        let mut last = None;
+        for i in 0..=MAX_ANSWERS {
+            last = Some(a.charge(&c, &charge(i), at(i)).unwrap());
+        }
+        let kept = &a.traffic().requests;
+        assert_eq!(kept.len(), MAX_ANSWERS / 2 + 1, "spread {spread}");
+        for i in 0..MAX_ANSWERS / 2 {
+            assert!(!kept.contains_key(&charge(i).request_id), "c{i} is among the oldest");
+        }
+        assert_eq!(a.traffic().spent.len(), MAX_ANSWERS / 2);
+        // The newest, and the request just answered, still get their answer.
+        let now = at(MAX_ANSWERS);
+        assert_eq!(a.charge(&c, &charge(MAX_ANSWERS), now).unwrap(), last.unwrap());
+        assert!(a.charge(&c, &charge(MAX_ANSWERS / 2), now).is_ok());
+        let gone = a.charge(&c, &charge(0), now).unwrap_err();
+        assert!(matches!(&gone, EngineError::Precondition(m) if m.contains("no longer kept")));
+    }
+}
+
+/// A caller that reserves and never settles cannot hold memory without
+/// bound: past [`super::account::MAX_OPEN_HOLDS`] open holds a reserve is
+/// refused until some close.
+#[test]
+fn open_holds_are_capped_per_account() {
+    use super::account::MAX_OPEN_HOLDS;
+    let c = catalog();
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000_000);
+    let mut first = None;
+    for i in 0..MAX_OPEN_HOLDS {
+        let r = allowed(a.reserve(&c, &req(&format!("r{i}"), "m", 0, 1), t(NOW)).unwrap());
+        first.get_or_insert(r);
+    }
+    let refused = a.reserve(&c, &req("one-more", "m", 0, 1), t(NOW)).unwrap_err();
+    assert!(
+        matches!(&refused, EngineError::Exhausted(m) if m.contains("holds open")),
+        "{refused:?}"
+    );
+    a.release(&c, &first.unwrap().reservation_id, t(NOW)).unwrap();
+    allowed(a.reserve(&c, &req("one-more", "m", 0, 1), t(NOW)).unwrap());
 }
 
 #[test]

@@ -170,21 +170,12 @@ impl Store for MemoryStore {
             .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
         // This process decides every request of the account: it knows
         // whether the record a refund names was made.
-        let command = match command {
-            Command::Refund {
-                request_id,
-                kind,
-                charges,
-                settled_at,
-                recorded: None,
-            } => Command::Refund {
-                recorded: Some(account.remembers(&request_id)),
-                request_id,
-                kind,
-                charges,
-                settled_at,
-            },
-            other => other,
+        let made = command
+            .record_to_check(catalog.idempotency_window, now)
+            .map(|request| account.made_record(request));
+        let command = match made {
+            Some(made) => command.with_recorded(made),
+            None => command,
         };
         let (reply, record) = account.apply_audited(&catalog, command, now, audit)?;
         let records = account.take_records();

@@ -319,27 +319,13 @@ impl Store for RedisStore {
             // Whether the record a refund names was made: this sidecar's
             // mirror knows the requests it decided, the sets of the
             // fleet's commits those every sidecar reported.
-            let command = match command {
-                Command::Refund {
-                    request_id,
-                    kind,
-                    charges,
-                    settled_at,
-                    recorded: None,
-                } => Command::Refund {
-                    recorded: Some(
-                        self.mirrors.get(id).is_some_and(|l| l.mirror().remembers(&request_id))
-                            || self
-                                .recorded(id, &request_id, now)
-                                .await
-                                .map_err(StoreError::Unavailable)?,
-                    ),
-                    request_id,
-                    kind,
-                    charges,
-                    settled_at,
-                },
-                other => other,
+            let command = match command.record_to_check(self.catalog().idempotency_window, now) {
+                Some(request) => {
+                    let made = self.mirrors.get(id).is_some_and(|l| l.mirror().made_record(request))
+                        || self.recorded(id, request, now).await.map_err(StoreError::Unavailable)?;
+                    command.with_recorded(made)
+                }
+                None => command,
             };
             self.admin(id, command, Some(audit)).await
         } else {
