@@ -1,4 +1,4 @@
-//! Guards on TCP connections, against clients that hold sockets without
+//! Guards on connections (TCP and Unix sockets alike), against clients that hold sockets without
 //! using them: at most `max` open at once (a connection beyond is closed as
 //! soon as it is accepted, so the ones being served keep their share), and
 //! a deadline for a new connection's opening bytes (a socket that never
@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::server::NamedService;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 /// How connections are guarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +49,8 @@ impl Default for Guard {
 }
 
 /// A connection counted against [`Guard::max`] while it is open.
-pub struct Guarded {
-    stream: TcpStream,
+pub struct Guarded<S = TcpStream> {
+    stream: S,
     _permit: OwnedSemaphorePermit,
     /// Until the opening bytes are read.
     deadline: Option<Pin<Box<Sleep>>>,
@@ -62,18 +62,47 @@ pub struct Guarded {
 /// speaking, but a client keeping a connection open.
 const OPENING: usize = 24;
 
+/// A listener [`incoming`] accepts from.
+pub trait Listener: Send + 'static {
+    /// Its connections.
+    type Stream: Send + 'static;
+
+    /// The next connection, and who is on the other end (for logs).
+    fn next(&self) -> impl Future<Output = io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+
+    /// Nagle's algorithm is off: a decision is a few hundred bytes each
+    /// way, and waiting to coalesce them (against the peer's delayed ACK)
+    /// would add milliseconds to every call.
+    async fn next(&self) -> io::Result<(TcpStream, String)> {
+        let (stream, peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+
+    async fn next(&self) -> io::Result<(UnixStream, String)> {
+        let (stream, _) = self.accept().await?;
+        Ok((stream, "a unix socket client".to_owned()))
+    }
+}
+
 /// Accepts from `listener` under `guard`, until the returned stream is
-/// dropped. Nagle's algorithm is off: a decision is a few hundred bytes
-/// each way, and waiting to coalesce them (against the peer's delayed ACK)
-/// would add milliseconds to every call.
-pub fn incoming(listener: TcpListener, guard: Guard) -> ReceiverStream<io::Result<Guarded>> {
+/// dropped.
+pub fn incoming<L: Listener>(listener: L, guard: Guard) -> ReceiverStream<io::Result<Guarded<L::Stream>>> {
     let open = Arc::new(Semaphore::new(guard.max));
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
-                accepted = listener.accept() => accepted,
+                accepted = listener.next() => accepted,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -90,7 +119,6 @@ pub fn incoming(listener: TcpListener, guard: Guard) -> ReceiverStream<io::Resul
                 tracing::debug!(%peer, max = guard.max, "connection refused: too many open");
                 continue;
             };
-            let _ = stream.set_nodelay(true);
             let guarded = Guarded {
                 stream,
                 _permit: permit,
@@ -105,15 +133,15 @@ pub fn incoming(listener: TcpListener, guard: Guard) -> ReceiverStream<io::Resul
     ReceiverStream::new(rx)
 }
 
-impl Connected for Guarded {
-    type ConnectInfo = TcpConnectInfo;
+impl<S: Connected> Connected for Guarded<S> {
+    type ConnectInfo = S::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
     }
 }
 
-impl AsyncRead for Guarded {
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -141,7 +169,7 @@ impl AsyncRead for Guarded {
     }
 }
 
-impl AsyncWrite for Guarded {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }

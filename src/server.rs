@@ -70,40 +70,60 @@ fn with_tls(builder: Server, tls: Option<ServerTlsConfig>) -> anyhow::Result<Ser
 pub const SOCKET_MODE: u32 = 0o660;
 
 /// Binds a Unix socket at `path` for `what`, replacing a socket file an
-/// earlier run left (it would refuse the bind). The socket is bound under
-/// a temporary name, given [`SOCKET_MODE`], then renamed into place: it
-/// never exists at `path` with the umask's mode, not even for a moment.
+/// earlier run left (it would refuse the bind); any other file there is
+/// left alone and the bind refused. The socket is bound in a directory only
+/// this user may enter, given [`SOCKET_MODE`], then linked into place
+/// (never over a file that appeared meanwhile): it is never reachable with
+/// the umask's mode, not even for a moment.
 fn bind_unix(
     path: Option<&std::path::PathBuf>,
     what: &str,
 ) -> anyhow::Result<Option<(tokio::net::UnixListener, std::path::PathBuf)>> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let Some(path) = path else {
         return Ok(None);
     };
-    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        let _ = std::fs::remove_file(path);
+    match std::fs::symlink_metadata(path) {
+        Ok(found) if found.file_type().is_socket() => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => anyhow::bail!(
+            "{what}'s socket path unix:{} holds a file that is not a socket; it is left alone (remove it or \
+             choose another path)",
+            path.display()
+        ),
+        Err(_) => {}
     }
-    let mut binding = path.clone().into_os_string();
-    binding.push(format!(".{}.binding", std::process::id()));
-    let binding = std::path::PathBuf::from(binding);
+    // Short, so the temporary path fits where the final one does.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let private = parent
+        .unwrap_or(std::path::Path::new("."))
+        .join(format!(".tg{}", std::process::id()));
+    let binding = private.join("s");
     let _ = std::fs::remove_file(&binding);
-    let listener = tokio::net::UnixListener::bind(&binding)
-        .with_context(|| format!("binding {what} to unix:{}", binding.display()))?;
-    let placed = std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .and_then(|()| std::fs::rename(&binding, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&binding);
-        return Err(e).with_context(|| format!("placing {what}'s socket at unix:{}", path.display()));
-    }
-    Ok(Some((listener, path.clone())))
+    let _ = std::fs::remove_dir(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {} to bind {what}'s socket in", private.display()))?;
+    let placed = tokio::net::UnixListener::bind(&binding)
+        .with_context(|| format!("binding {what} to unix:{}", binding.display()))
+        .and_then(|listener| {
+            std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(SOCKET_MODE))
+                .and_then(|()| std::fs::hard_link(&binding, path))
+                .with_context(|| format!("placing {what}'s socket at unix:{}", path.display()))?;
+            Ok(listener)
+        });
+    let _ = std::fs::remove_file(&binding);
+    let _ = std::fs::remove_dir(&private);
+    Ok(Some((placed?, path.clone())))
 }
 
 /// Serves `router` on the Unix socket `unix` (if any) until `stop`, then
 /// removes the socket file.
 async fn serve_unix(
     unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
-    max_connections: usize,
+    guard: crate::conn::Guard,
     router: tonic::transport::server::Router,
     stop: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -111,7 +131,7 @@ async fn serve_unix(
         return Ok(());
     };
     let served = router
-        .serve_with_incoming_shutdown(crate::uds::incoming(listener, max_connections), stop)
+        .serve_with_incoming_shutdown(crate::uds::incoming(listener, guard), stop)
         .await;
     let _ = std::fs::remove_file(&path);
     served
@@ -434,7 +454,7 @@ impl App {
         // The same data plane on the Unix socket, if configured.
         let quota_unix_server = serve_unix(
             quota_unix,
-            connections.max,
+            connections,
             builder()
                 .add_service(quota_health_service.clone())
                 .add_service(quota_api)
@@ -451,7 +471,7 @@ impl App {
         // And the control plane on its own socket, if configured.
         let admin_unix_server = serve_unix(
             admin_unix,
-            connections.max,
+            connections,
             builder()
                 .add_service(admin_health_service.clone())
                 .add_service(admin_api.clone()),

@@ -206,10 +206,9 @@ impl AuthorityFix {
 /// untouched connection costs nothing); if not, every header block of the
 /// connection is re-encoded with the authority fixed. What the server
 /// writes goes straight to the socket.
-pub struct Conn {
-    inner: UnixStream,
-    /// Counted against the listener's cap while open.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+pub struct Conn<S = crate::conn::Guarded<UnixStream>> {
+    /// The socket, guarded as TCP connections are ([`crate::conn`]).
+    inner: S,
     reader: Reader,
     /// `reader.output` is read by the server from here.
     at: usize,
@@ -250,11 +249,10 @@ enum Mode {
     Passing,
 }
 
-impl Conn {
-    fn new(inner: UnixStream, permit: tokio::sync::OwnedSemaphorePermit) -> Conn {
+impl<S> Conn<S> {
+    fn new(inner: S) -> Conn<S> {
         Conn {
             inner,
-            _permit: permit,
             reader: Reader::default(),
             at: 0,
         }
@@ -358,7 +356,7 @@ impl Reader {
     }
 }
 
-impl tokio::io::AsyncRead for Conn {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Conn<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -402,7 +400,7 @@ impl tokio::io::AsyncRead for Conn {
     }
 }
 
-impl tokio::io::AsyncWrite for Conn {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -438,30 +436,20 @@ impl tokio::io::AsyncWrite for Conn {
     }
 }
 
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Conn<S> {
+    type ConnectInfo = S::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         tonic::transport::server::Connected::connect_info(&self.inner)
     }
 }
 
-/// The connections accepted on `listener` (see [`Conn`]), at most `max`
-/// open at once (one beyond is closed as soon as it is accepted, as on
-/// TCP: `server.max_connections`), as a stream for
+/// The connections accepted on `listener` (see [`Conn`]) under `guard`,
+/// as TCP connections are ([`crate::conn::incoming`]: at most so many open
+/// at once, the preface's deadline), as a stream for
 /// `serve_with_incoming_shutdown`.
-pub fn incoming(listener: UnixListener, max: usize) -> impl Stream<Item = io::Result<Conn>> {
-    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
-    tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
-        Ok(stream) => match std::sync::Arc::clone(&open).try_acquire_owned() {
-            Ok(permit) => Some(Ok(Conn::new(stream, permit))),
-            Err(_) => {
-                crate::metrics::metrics().connections_refused.inc();
-                None
-            }
-        },
-        Err(e) => Some(Err(e)),
-    })
+pub fn incoming(listener: UnixListener, guard: crate::conn::Guard) -> impl Stream<Item = io::Result<Conn>> {
+    crate::conn::incoming(listener, guard).map(|accepted| accepted.map(Conn::new))
 }
 
 #[cfg(test)]
@@ -561,15 +549,7 @@ mod tests {
         client.write_all(&sent).await.unwrap();
         client.shutdown().await.unwrap();
         let mut read = Vec::new();
-        Conn::new(
-            server,
-            std::sync::Arc::new(tokio::sync::Semaphore::new(1))
-                .try_acquire_owned()
-                .unwrap(),
-        )
-        .read_to_end(&mut read)
-        .await
-        .unwrap();
+        Conn::new(server).read_to_end(&mut read).await.unwrap();
         read
     }
 

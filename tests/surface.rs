@@ -312,7 +312,8 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
         support::CONFIG.replacen(
             "[server]\n",
             &format!(
-                "[server]\nmax_connections = 4\nlisten_unix = \"{}\"\nadmin_listen_unix = \"{}\"\n",
+                "[server]\nmax_connections = 4\nfirst_bytes_timeout_ms = 1500\nlisten_unix = \"{}\"\n\
+                 admin_listen_unix = \"{}\"\n",
                 socket.display(),
                 admin_socket.display()
             ),
@@ -382,8 +383,17 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
         matches!(read, Ok(Ok(0))),
         "a connection over the cap is closed at once: {read:?}"
     );
-    drop(silent);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // A connection that never sends the HTTP/2 preface is closed at
+    // `first_bytes_timeout_ms`, as on TCP: it does not keep its place
+    // (what the server sent first, its SETTINGS, is read on the way).
+    for mut connection in silent {
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut connection, &mut Vec::new()),
+        )
+        .await;
+        assert!(matches!(read, Ok(_)), "a silent connection is closed: {read:?}");
+    }
     let again = tollgate::channel::connect(&target).await.unwrap();
     let r = tollgate::proto::quota_client::QuotaClient::new(again)
         .reserve(support::reserve("rich", "after-the-cap", 10, 10))
@@ -394,6 +404,35 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
     app.shutdown().await;
     assert!(!socket.exists(), "the socket file is removed at shutdown");
     assert!(!admin_socket.exists(), "so is the admin socket");
+}
+
+/// A socket an earlier run left is replaced; any other file at the socket
+/// path is left alone and the start refused with a clear error.
+#[tokio::test]
+async fn a_file_that_is_not_a_socket_is_never_replaced_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.sock");
+    std::fs::write(&path, "keep me\n").unwrap();
+    let config = support::CONFIG.replacen(
+        "[server]\n",
+        &format!("[server]\nlisten_unix = \"{}\"\n", path.display()),
+        1,
+    );
+    let (settings, _dir, _) = support::settings(&config);
+    let clock = std::sync::Arc::new(tollgate::clock::ManualClock::new(
+        "2026-03-10T12:00:00Z".parse().unwrap(),
+    ));
+    let refused = tollgate::server::App::build(settings, clock)
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{refused:#}").contains("not a socket"), "{refused:#}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me\n");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "nothing else left behind: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
