@@ -392,7 +392,7 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
             tokio::io::AsyncReadExt::read_to_end(&mut connection, &mut Vec::new()),
         )
         .await;
-        assert!(matches!(read, Ok(_)), "a silent connection is closed: {read:?}");
+        assert!(read.is_ok(), "a silent connection is closed: {read:?}");
     }
     let again = tollgate::channel::connect(&target).await.unwrap();
     let r = tollgate::proto::quota_client::QuotaClient::new(again)
