@@ -369,17 +369,23 @@ fn token(operator: &str, role: Role) -> anyhow::Result<ExitCode> {
 /// The token in `path`, refused (as ssh refuses a private key) while the
 /// file's group or others may read or write it.
 fn read_token_file(path: &std::path::Path) -> Result<String, Failure> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let failed = |e: std::io::Error| Failure::Input(format!("--token-file {}: {e}", path.display()));
-    let mode = std::fs::metadata(path).map_err(failed)?.permissions().mode();
+    // The mode of the file opened, not of whatever the path names later.
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let mode = file.metadata().map_err(failed)?.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(Failure::Input(format!(
-            "--token-file {}: others may read or change it (mode {:o}); chmod 600 {0}",
+            "--token-file {}: its group or others may read or change it (mode {:o}); chmod 600 {0} \
+             (a Kubernetes secret: defaultMode 0400)",
             path.display(),
             mode & 0o777
         )));
     }
-    Ok(std::fs::read_to_string(path).map_err(failed)?.trim().to_owned())
+    let mut token = String::new();
+    file.read_to_string(&mut token).map_err(failed)?;
+    Ok(token.trim().to_owned())
 }
 
 async fn connect(endpoint: &AdminEndpoint) -> Result<AdminClient, Failure> {

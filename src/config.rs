@@ -640,22 +640,31 @@ fn tokens(p: &mut Problems, path: &str, entries: &[TokenFile]) -> Vec<Token> {
 
 fn tokens_file(p: &mut Problems, label: &str, path: &Path) -> Vec<Token> {
     use std::os::unix::fs::PermissionsExt;
-    // Whoever may write it may let in a token of their own.
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o022 != 0
-    {
-        p.push(
-            label,
-            format!(
-                "{}: its group or others may change it (mode {:o}); chmod go-w it",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            ),
-        );
-        return Vec::new();
-    }
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    // Whoever may write it may let in a token of their own. The mode is
+    // that of the file opened, not of whatever the path names later: its
+    // text, or the mode that refuses it.
+    let read = || -> std::io::Result<Result<String, u32>> {
+        let mut file = std::fs::File::open(path)?;
+        let mode = file.metadata()?.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Ok(Err(mode & 0o777));
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text)?;
+        Ok(Ok(text))
+    };
+    let text = match read() {
+        Ok(Ok(text)) => text,
+        Ok(Err(mode)) => {
+            p.push(
+                label,
+                format!(
+                    "{}: its group or others may change it (mode {mode:o}); chmod go-w {0}",
+                    path.display()
+                ),
+            );
+            return Vec::new();
+        }
         Err(e) => {
             p.push(label, format!("{}: {e}", path.display()));
             return Vec::new();

@@ -67,7 +67,10 @@ pub fn snapshot(path: &Path, rules: Option<&Path>) -> Option<Vec<u8>> {
 
 /// Reads the configuration and the rules again and puts them in force,
 /// both or neither: every problem if refused.
-async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<(), Vec<String>> {
+/// Reloads `watch` into `tollgate`: the price versions the file brought
+/// that were not in force before (each as "id (effective at)"), or every
+/// problem.
+async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<Vec<String>, Vec<String>> {
     let text = std::fs::read_to_string(&watch.path).map_err(|e| vec![format!("{}: {e}", watch.path.display())])?;
     let settings = Settings::parse(&text, &|key| std::env::var(key).ok()).map_err(|errors| {
         errors
@@ -85,6 +88,15 @@ async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<(), Vec<String>> {
             return Err(problems);
         }
     };
+    let before = tollgate.catalog();
+    let published = settings
+        .catalog
+        .prices
+        .versions()
+        .iter()
+        .filter(|v| before.prices.get(&v.id).is_none())
+        .map(|v| format!("{} (effective {})", v.id, v.effective_at))
+        .collect();
     tollgate.reload(settings.catalog).await?;
     if let (Some(rules), Some((_, cell))) = (rules, &watch.rules) {
         let in_force = InForce {
@@ -93,7 +105,7 @@ async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<(), Vec<String>> {
         };
         *cell.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(in_force);
     }
-    Ok(())
+    Ok(published)
 }
 
 /// Reloads `watch.path` into `tollgate` on SIGHUP and on change until
@@ -133,23 +145,14 @@ pub async fn run(
         }
         last = Some(content.clone());
         let why = if asked { "SIGHUP" } else { "file changed" };
-        let before = tollgate.catalog();
         let outcome = reload(&tollgate, &watch).await;
         match outcome {
-            Ok(()) => {
+            Ok(published) => {
                 let n = reloads.applied.fetch_add(1, Ordering::Relaxed) + 1;
                 counted("applied");
                 tracing::info!(path = %watch.path.display(), trigger = why, reloads = n, "configuration reloaded");
                 // Prices are money: a version the file published is logged
                 // on the audit target, as one published through the API.
-                let published: Vec<String> = tollgate
-                    .catalog()
-                    .prices
-                    .versions()
-                    .iter()
-                    .filter(|v| before.prices.get(&v.id).is_none())
-                    .map(|v| format!("{} (effective {})", v.id, v.effective_at))
-                    .collect();
                 if !published.is_empty() {
                     tracing::info!(
                         target: "audit",

@@ -20,6 +20,16 @@ use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
 use crate::store::{Store, StoreError};
 use crate::usage::{Emitted, UsageSender};
 
+/// What publishing a price version did.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Every version id after, oldest effective first.
+    pub versions: Vec<VersionId>,
+    /// The audit record written; `None` for a retry (the version was
+    /// published already, and audited then).
+    pub audit: Option<AuditRecord>,
+}
+
 /// Tollgate's operations, shared by every request handler.
 #[derive(Clone)]
 pub struct Tollgate {
@@ -163,9 +173,6 @@ impl Tollgate {
             .plans
             .get(plan)
             .ok_or_else(|| EngineError::invalid("plan", format!("no plan named {plan}")))?;
-        if credit_limit.is_negative() {
-            return Err(EngineError::invalid("credit_limit", "must not be negative").into());
-        }
         let now = self.now();
         let account = Account::open(id, plan, time_zone, anchor, credit_limit, now)?;
         let Some(audit) = audit else {
@@ -248,18 +255,37 @@ impl Tollgate {
     }
 
     /// Publishes a price version effective no earlier than now, with the
-    /// operator's audit record, which reaches the usage sink after it.
-    pub async fn publish(&self, version: PriceVersion, audit: AuditRecord) -> Result<Vec<VersionId>, StoreError> {
+    /// operator's audit record, which reaches the usage sink after it. A
+    /// retry of the same version publishes and audits nothing again.
+    pub async fn publish(&self, version: PriceVersion, audit: AuditRecord) -> Result<Published, StoreError> {
         if self.usage.is_closed() {
             return Err(StoreError::Unavailable(
                 "the usage sink has stopped; refusing to publish prices without the audit record".into(),
             ));
         }
-        let (versions, record) = self.store.publish(version, self.now(), &audit).await?;
-        if self.usage.send(Emitted::Audit(Arc::new(record))).await.is_err() {
-            tracing::error!("usage sink has stopped; an audit record was not written");
-        }
-        Ok(versions)
+        // In a task of its own, as `run`: a caller that goes away between
+        // the publish and its audit record cannot leave one without the
+        // other.
+        let this = self.clone();
+        tokio::spawn(
+            async move {
+                let now = this.now();
+                let (versions, new) = this.store.publish(version, now).await?;
+                // The record goes to the usage sink only: the price book's
+                // key is in no shard's hash slot, so no usage stream can
+                // take it in the same step.
+                let audit = new.then_some(AuditRecord { at: now, ..audit });
+                if let Some(record) = &audit
+                    && this.usage.send(Emitted::Audit(Arc::new(record.clone()))).await.is_err()
+                {
+                    tracing::error!("usage sink has stopped; an audit record was not written");
+                }
+                Ok(Published { versions, audit })
+            }
+            .in_current_span(),
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("publish task failed: {e}")))?
     }
 
     /// Lapses holds and forgets what is no longer needed, emitting records.

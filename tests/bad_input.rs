@@ -225,6 +225,8 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
         "ok\nINFO audit: admin change applied operator=root",
         "tab\there",
         "\u{1b}[2J",
+        "ok\u{2028}INFO forged",
+        "refund \u{202e}001 DSU",
     ] {
         expect(
             a.top_up(top_up(1, money("1"), forged)).await,

@@ -349,13 +349,17 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
         }],
         windows: vec![],
     };
-    a.publish_price_version(tollgate::proto::PublishPriceVersionRequest {
+    let publish = tollgate::proto::PublishPriceVersionRequest {
         version: Some(version),
         adjustment_id: "list-2".into(),
         reason: "new prices".into(),
-    })
-    .await
-    .unwrap();
+    };
+    a.publish_price_version(publish.clone()).await.unwrap();
+    // A retry through the other sidecar, before it has seen the version:
+    // answered as the first call was, not refused as a duplicate.
+    let mut b_admin = sidecars[1].admin().await;
+    let again = b_admin.publish_price_version(publish).await.unwrap().into_inner();
+    assert_eq!(again.versions, vec!["v1", "v2"]);
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let mut priced = None;
     for i in 0..500 {

@@ -523,7 +523,10 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         // As `umask 077` leaves it: a token file others may read is refused.
         let (code, _, err) = admin(dir.path(), "http://127.0.0.1:1", Some(file), &["accounts", "list"]);
         assert_eq!(code, 2, "{err}");
-        assert!(err.contains("others may read or change it (mode 644)"), "{err}");
+        assert!(
+            err.contains("its group or others may read or change it (mode 644)"),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         entries +=
             &entry[entry.find("[[admin.tokens]]").expect("an entry")..].replace("[[admin.tokens]]", "[[tokens]]");

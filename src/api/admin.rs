@@ -535,17 +535,12 @@ impl Admin for AdminApi {
         let why = adjustment(&r.adjustment_id, &r.reason)?;
         let version = price_version(r.version.as_ref())?;
         let id = version.id.to_string();
-        let book = self.tollgate.catalog();
-        let versions = if book.prices.get(&version.id).is_some_and(|v| **v == version) {
-            // A retry: published already, and audited then.
-            book.prices.versions().iter().map(|v| v.id.clone()).collect()
-        } else {
-            let audit = caller.audit(None, "publish_price_version", why, format!("{version:?}"));
-            let logged = audit.clone();
-            let versions = self.tollgate.publish(version, audit).await.map_err(status)?;
-            log_change(&logged, "price version published");
-            versions
-        };
+        let audit = caller.audit(None, "publish_price_version", why, format!("{version:?}"));
+        let published = self.tollgate.publish(version, audit).await.map_err(status)?;
+        if let Some(audit) = &published.audit {
+            log_change(audit, "price version published");
+        }
+        let versions = published.versions;
         Ok(Response::new(proto::PublishPriceVersionResponse {
             id,
             versions: versions.iter().map(ToString::to_string).collect(),

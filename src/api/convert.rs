@@ -121,11 +121,17 @@ pub fn reason(text: &str) -> Result<String, Status> {
         return Err(invalid("reason", format!("is longer than {MAX_REASON_LEN} bytes")));
     }
     // A newline or an escape sequence would let a reason pass for log
-    // lines of its own, or rewrite a terminal showing the log.
-    if let Some(c) = text.chars().find(|c| c.is_control()) {
+    // lines of its own, or rewrite a terminal showing the log; a line or
+    // paragraph separator breaks lines too, and a bidirectional control
+    // shows text in another order than it is read.
+    let unprintable = |c: &char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if let Some(c) = text.chars().find(unprintable) {
         return Err(invalid(
             "reason",
-            format!("contains the control character {c:?}; one line of printable text"),
+            format!("must be one line of printable text; found {c:?}"),
         ));
     }
     Ok(text.to_owned())

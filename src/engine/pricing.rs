@@ -362,6 +362,11 @@ impl PriceBook {
         n.checked_sub(1).map(|i| &self.versions[i])
     }
 
+    /// Whether `version` is in the book as it is (a retry of its publish).
+    pub fn holds(&self, version: &PriceVersion) -> bool {
+        self.get(&version.id).is_some_and(|v| **v == *version)
+    }
+
     /// A version by id.
     pub fn get(&self, id: &VersionId) -> Option<&Arc<PriceVersion>> {
         self.versions.iter().find(|v| &v.id == id)

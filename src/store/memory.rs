@@ -23,7 +23,7 @@ use jiff::Timestamp;
 
 use super::{Applied, Health, Store, StoreError};
 use crate::engine::ids::{AccountId, VersionId};
-use crate::engine::pricing::PriceVersion;
+use crate::engine::pricing::{PriceBook, PriceVersion};
 use crate::engine::record::AuditRecord;
 use crate::engine::{Account, Catalog, Command, EngineError, UsageRecord};
 
@@ -256,24 +256,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn publish(
-        &self,
-        version: PriceVersion,
-        now: Timestamp,
-        audit: &AuditRecord,
-    ) -> Result<(Vec<VersionId>, AuditRecord), StoreError> {
+    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<(Vec<VersionId>, bool), StoreError> {
         let mut guard = self.catalog.write().map_err(|_| poisoned())?;
+        let ids = |book: &PriceBook| book.versions().iter().map(|v| v.id.clone()).collect();
+        if guard.prices.holds(&version) {
+            return Ok((ids(&guard.prices), false));
+        }
         let mut next = Catalog::clone(&guard);
         next.prices.publish(version, now).map_err(EngineError::from)?;
-        let ids = next.prices.versions().iter().map(|v| v.id.clone()).collect();
+        let published = ids(&next.prices);
         *guard = Arc::new(next);
-        Ok((
-            ids,
-            AuditRecord {
-                at: now,
-                ..audit.clone()
-            },
-        ))
+        Ok((published, true))
     }
 
     async fn sweep(&self, now: Timestamp) -> Result<Vec<Arc<UsageRecord>>, StoreError> {

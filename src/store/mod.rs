@@ -117,15 +117,11 @@ pub trait Store: Send + Sync + 'static {
     /// [`Catalog::reloaded`]: crate::engine::catalog::Catalog::reloaded
     async fn reload(&self, next: Catalog, now: Timestamp) -> Result<(), Vec<String>>;
 
-    /// Publishes a price version with the operator's audit record (its
-    /// `at` set to `now`); returns every version id, oldest first, and the
-    /// audit record for the usage sink.
-    async fn publish(
-        &self,
-        version: PriceVersion,
-        now: Timestamp,
-        audit: &AuditRecord,
-    ) -> Result<(Vec<VersionId>, AuditRecord), StoreError>;
+    /// Publishes a price version effective no earlier than `now`: every
+    /// version id after, oldest first, and whether this call published it
+    /// (`false`: the identical version was there already, a retry, perhaps
+    /// through another sidecar; a different one under its id is refused).
+    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<(Vec<VersionId>, bool), StoreError>;
 
     /// Brings every account up to `now` (lapsed holds, expiries, resets) and
     /// forgets what the idempotency window no longer needs. Returns the

@@ -404,20 +404,9 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn publish(
-        &self,
-        version: PriceVersion,
-        now: Timestamp,
-        audit: &AuditRecord,
-    ) -> Result<(Vec<VersionId>, AuditRecord), StoreError> {
+    async fn publish(&self, version: PriceVersion, now: Timestamp) -> Result<(Vec<VersionId>, bool), StoreError> {
         let key = self.prices_key();
-        // The audit record goes to the usage sink only: the price book's
-        // key is in no shard's hash slot, so no usage stream can take it in
-        // the same step.
-        let audit = AuditRecord {
-            at: now,
-            ..audit.clone()
-        };
+        let ids = |book: &PriceBook| book.versions().iter().map(|v| v.id.clone()).collect();
         for _ in 0..MAX_ATTEMPTS {
             let (v, mut published): (u64, Vec<PriceVersion>) = match self.read(&key).await? {
                 Some((v, json)) => (v, serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?),
@@ -432,6 +421,11 @@ impl Store for RedisStore {
                 .clone();
             for p in &published {
                 book.publish(p.clone(), p.effective_at).map_err(EngineError::from)?;
+            }
+            if book.holds(&version) {
+                // Published already, perhaps through another sidecar.
+                self.install_prices(v, published)?;
+                return Ok((ids(&book), false));
             }
             book.publish(version.clone(), now).map_err(EngineError::from)?;
             published.push(version.clone());
@@ -450,7 +444,7 @@ impl Store for RedisStore {
                 .await?
             {
                 self.install_prices(committed, published)?;
-                return Ok((book.versions().iter().map(|v| v.id.clone()).collect(), audit));
+                return Ok((ids(&book), true));
             }
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         }
