@@ -10,7 +10,8 @@
 //! (named by a hash of the requirements and the interpreter's version, so a
 //! change makes a new one; made aside and renamed into place, so runs at
 //! once never see half of one). The package itself is built on every run,
-//! into a directory of the target put first on `PYTHONPATH`.
+//! into a directory of the target (one per process) put first on
+//! `PYTHONPATH`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -33,7 +34,20 @@ fn python() -> &'static (PathBuf, PathBuf) {
     PYTHON.get_or_init(|| {
         let venv = venv();
         let python = venv.join("bin/python");
-        let package = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("py-tollgate");
+        // One directory per process: nextest runs each test in a process of
+        // its own, and one rebuilding a shared directory would pull the
+        // package from under another's mypy. Those of processes gone are
+        // removed.
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("py-tollgate-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let package = tmp.join(format!("py-tollgate-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&package);
         // The stubs generated afresh from proto/.
         run(Command::new(&python)
