@@ -159,6 +159,23 @@ fn take(source: SourceRef, amount: i128) -> Take {
     Take { source, amount }
 }
 
+/// An operator's audit record for `operation` on `account`.
+fn audit(account: &Account, operation: &str, adjustment_id: &str) -> super::record::AuditRecord {
+    super::record::AuditRecord {
+        kind: "audit".into(),
+        account_id: Some(account.id.clone()),
+        operator: "op".into(),
+        peer: String::new(),
+        operation: operation.into(),
+        adjustment_id: adjustment_id.into(),
+        reason: "r".into(),
+        change: String::new(),
+        at: t(NOW),
+        before: Default::default(),
+        after: Default::default(),
+    }
+}
+
 fn usage(input: u64, output: u64) -> Usage {
     Usage {
         input_tokens: input,
@@ -1665,7 +1682,6 @@ fn a_request_made_a_record_only_once_it_was_charged() {
 #[test]
 fn a_retried_refund_is_the_same_change_whatever_the_store_found() {
     use super::command::{Command, Reply};
-    use super::record::AuditRecord;
     let c = catalog();
     let mut a = account(&c, "payg");
     top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
@@ -1679,19 +1695,7 @@ fn a_retried_refund_is_the_same_change_whatever_the_store_found() {
         recorded,
     };
     let refund = |recorded| refund_at(t(NOW), recorded);
-    let audit = AuditRecord {
-        kind: "audit".into(),
-        account_id: Some(a.id.clone()),
-        operator: "op".into(),
-        peer: String::new(),
-        operation: "refund".into(),
-        adjustment_id: "refund-1".into(),
-        reason: "r".into(),
-        change: String::new(),
-        at: t(NOW),
-        before: Default::default(),
-        after: Default::default(),
-    };
+    let audit = audit(&a, "refund", "refund-1");
     let (_, first) = a.apply_audited(&c, refund(Some(true)), t(NOW), &audit).unwrap();
     assert!(first.is_some());
     let charged = a.paid.charged;
@@ -1773,7 +1777,6 @@ fn open_holds_are_capped_per_account() {
 #[test]
 fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
     use super::command::Command;
-    use super::record::AuditRecord;
     let c = catalog();
     let mut a = account(&c, "payg");
     let grant = |models: [&str; 3]| {
@@ -1785,19 +1788,7 @@ fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
             priority: 0,
         })
     };
-    let audit = AuditRecord {
-        kind: "audit".into(),
-        account_id: Some(a.id.clone()),
-        operator: "op".into(),
-        peer: String::new(),
-        operation: "grant_pack".into(),
-        adjustment_id: "order-1".into(),
-        reason: "r".into(),
-        change: String::new(),
-        at: t(NOW),
-        before: Default::default(),
-        after: Default::default(),
-    };
+    let audit = audit(&a, "grant_pack", "order-1");
     let (_, first) = a
         .apply_audited(&c, grant(["m", "big", "other"]), t(NOW), &audit)
         .unwrap();
