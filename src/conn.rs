@@ -1,6 +1,7 @@
 //! Guards on connections (TCP and Unix sockets alike), against clients that hold sockets without
-//! using them: at most `max` open at once (a connection beyond is closed as
-//! soon as it is accepted, so the ones being served keep their share), and
+//! using them: at most `max` open at once on one plane, whichever of its
+//! listeners they came through (a connection beyond is closed as soon as
+//! it is accepted, so the ones being served keep their share), and
 //! a deadline for a new connection's opening bytes (a socket that never
 //! sends its HTTP/2 preface, or sends it a byte at a time, is closed
 //! instead of holding a place; HTTP/2 keepalive takes over after).
@@ -48,6 +49,25 @@ impl Default for Guard {
     }
 }
 
+impl Guard {
+    /// One budget of [`Guard::max`] places, for every listener of one plane
+    /// (its TCP port and its Unix socket share it).
+    pub fn places(self) -> Places {
+        Places {
+            guard: self,
+            open: Arc::new(Semaphore::new(self.max)),
+        }
+    }
+}
+
+/// The places of one plane: a [`Guard`] and the connections open under it,
+/// shared by the plane's listeners.
+#[derive(Debug, Clone)]
+pub struct Places {
+    guard: Guard,
+    open: Arc<Semaphore>,
+}
+
 /// A connection counted against [`Guard::max`] while it is open.
 pub struct Guarded<S = TcpStream> {
     stream: S,
@@ -93,10 +113,10 @@ impl Listener for UnixListener {
     }
 }
 
-/// Accepts from `listener` under `guard`, until the returned stream is
+/// Accepts from `listener` into `places`, until the returned stream is
 /// dropped.
-pub fn incoming<L: Listener>(listener: L, guard: Guard) -> ReceiverStream<io::Result<Guarded<L::Stream>>> {
-    let open = Arc::new(Semaphore::new(guard.max));
+pub fn incoming<L: Listener>(listener: L, places: Places) -> ReceiverStream<io::Result<Guarded<L::Stream>>> {
+    let Places { guard, open } = places;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -197,9 +217,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
 /// A gRPC service whose calls end with DEADLINE_EXCEEDED after a fixed
 /// time: the request is read inside the call, so a client that sends half
-/// a message and stalls holds its stream and buffer only that long. For
-/// services whose answers are single messages; a streamed answer's body
-/// is not bounded (health `Watch` is left unwrapped).
+/// a message and stalls holds its stream and buffer only that long. A
+/// streamed answer (health `Watch`) is bounded only until its headers:
+/// its body streams on.
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,

@@ -128,7 +128,7 @@ pub async fn serve(
         ..crate::conn::Guard::default()
     };
     let listener = Guarded {
-        incoming: crate::conn::incoming(listener, guard),
+        incoming: crate::conn::incoming(listener, guard.places()),
         local,
         lifetime: first_bytes,
     };

@@ -123,7 +123,7 @@ fn bind_unix(
 /// removes the socket file.
 async fn serve_unix(
     unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
-    guard: crate::conn::Guard,
+    places: crate::conn::Places,
     router: tonic::transport::server::Router,
     stop: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -131,7 +131,7 @@ async fn serve_unix(
         return Ok(());
     };
     let served = router
-        .serve_with_incoming_shutdown(crate::uds::incoming(listener, guard), stop)
+        .serve_with_incoming_shutdown(crate::uds::incoming(listener, places), stop)
         .await;
     let _ = std::fs::remove_file(&path);
     served
@@ -161,7 +161,7 @@ pub struct App {
     shutdown_grace: Duration,
     /// What the drain may take after the grace period.
     shutdown_drain: Duration,
-    /// Limits on the TCP listeners' connections.
+    /// Limits on each plane's connections (TCP and Unix socket together).
     connections: crate::conn::Guard,
     writer: usage::Writer,
     /// The Redis store, whose leases need upkeep while serving and
@@ -404,11 +404,8 @@ impl App {
                  in the clear (set admin.tls, or fence the port, as the shipped NetworkPolicy does)"
             );
         }
-        let listeners = [true, quota_unix.is_some(), admin_unix.is_some(), true]
-            .into_iter()
-            .filter(|l| *l)
-            .count();
-        reserve_descriptors(listeners * connections.max + http.as_ref().map_or(0, |_| crate::http::MAX_CONNECTIONS));
+        // Two planes, each with one budget of places for its listeners.
+        reserve_descriptors(2 * connections.max + http.as_ref().map_or(0, |_| crate::http::MAX_CONNECTIONS));
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -429,14 +426,31 @@ impl App {
         let quota_name = <QuotaServer<QuotaApi> as NamedService>::NAME;
         let admin_name = <AdminServer<AdminApi> as NamedService>::NAME;
         let (quota_v1, quota_v1alpha) = (
-            reflection(quota_name).build_v1()?,
-            reflection(quota_name).build_v1alpha()?,
+            reflection(quota_name)
+                .build_v1()?
+                .max_decoding_message_size(MAX_PROBE_MESSAGE),
+            reflection(quota_name)
+                .build_v1alpha()?
+                .max_decoding_message_size(MAX_PROBE_MESSAGE),
         );
         let (admin_v1, admin_v1alpha) = (
-            reflection(admin_name).build_v1()?,
-            reflection(admin_name).build_v1alpha()?,
+            reflection(admin_name)
+                .build_v1()?
+                .max_decoding_message_size(MAX_PROBE_MESSAGE),
+            reflection(admin_name)
+                .build_v1alpha()?
+                .max_decoding_message_size(MAX_PROBE_MESSAGE),
         );
         let call = connections.call;
+        // Health and reflection need no credential: they get the smallest
+        // messages and the call deadline too (a `Watch` answers at once and
+        // streams its body past it).
+        let (quota_health_service, admin_health_service) = (
+            Deadline::new(quota_health_service.max_decoding_message_size(MAX_PROBE_MESSAGE), call),
+            Deadline::new(admin_health_service.max_decoding_message_size(MAX_PROBE_MESSAGE), call),
+        );
+        let quota_places = connections.places();
+        let admin_places = connections.places();
         let quota_api = Deadline::new(
             QuotaServer::new(QuotaApi::new(tollgate.clone())).max_decoding_message_size(MAX_QUOTA_MESSAGE),
             call,
@@ -448,13 +462,13 @@ impl App {
             .add_service(quota_api.clone())
             .add_optional_service(rls.clone())
             .serve_with_incoming_shutdown(
-                crate::conn::incoming(quota, connections),
+                crate::conn::incoming(quota, quota_places.clone()),
                 until_stopped(stopped.clone()),
             );
         // The same data plane on the Unix socket, if configured.
         let quota_unix_server = serve_unix(
             quota_unix,
-            connections,
+            quota_places,
             builder()
                 .add_service(quota_health_service.clone())
                 .add_service(quota_api)
@@ -471,7 +485,7 @@ impl App {
         // And the control plane on its own socket, if configured.
         let admin_unix_server = serve_unix(
             admin_unix,
-            connections,
+            admin_places.clone(),
             builder()
                 .add_service(admin_health_service.clone())
                 .add_service(admin_api.clone()),
@@ -483,7 +497,7 @@ impl App {
             .add_service(admin_v1alpha)
             .add_service(admin_api)
             .serve_with_incoming_shutdown(
-                crate::conn::incoming(admin, connections),
+                crate::conn::incoming(admin, admin_places),
                 until_stopped(stopped.clone()),
             );
         probes.set_serving(true);
@@ -612,6 +626,10 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// one holds at most this.
 pub const MAX_QUOTA_MESSAGE: usize = 16 << 10;
 
+/// The largest health-check or reflection request message (a service or
+/// symbol name): these answer callers without a credential.
+pub const MAX_PROBE_MESSAGE: usize = 4 << 10;
+
 /// The largest Envoy rate-limit request message (Envoy sends a handful of
 /// short descriptors).
 pub const MAX_RLS_MESSAGE: usize = 64 << 10;
@@ -647,7 +665,7 @@ pub async fn serve_baseline(
     };
     let service = || QuotaServer::new(crate::loadgen::Baseline);
     let on_tcp = Server::builder().add_service(service()).serve_with_incoming_shutdown(
-        crate::conn::incoming(tcp, crate::conn::Guard::default()),
+        crate::conn::incoming(tcp, crate::conn::Guard::default().places()),
         until(stop_rx.clone()),
     );
     let on_unix = {

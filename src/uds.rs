@@ -444,12 +444,12 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
     }
 }
 
-/// The connections accepted on `listener` (see [`Conn`]) under `guard`,
+/// The connections accepted on `listener` (see [`Conn`]) into `places`,
 /// as TCP connections are ([`crate::conn::incoming`]: at most so many open
-/// at once, the preface's deadline), as a stream for
+/// at once on the plane, the preface's deadline), as a stream for
 /// `serve_with_incoming_shutdown`.
-pub fn incoming(listener: UnixListener, guard: crate::conn::Guard) -> impl Stream<Item = io::Result<Conn>> {
-    crate::conn::incoming(listener, guard).map(|accepted| accepted.map(Conn::new))
+pub fn incoming(listener: UnixListener, places: crate::conn::Places) -> impl Stream<Item = io::Result<Conn>> {
+    crate::conn::incoming(listener, places).map(|accepted| accepted.map(Conn::new))
 }
 
 #[cfg(test)]

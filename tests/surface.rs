@@ -363,14 +363,17 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
     // Only the owner and its group may connect, whatever the umask; and
-    // connections are capped as on TCP (`server.max_connections`).
+    // connections are capped as on TCP (`server.max_connections`), one cap
+    // for the plane's TCP port and socket together.
     for path in [&socket, &admin_socket] {
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions());
         assert_eq!(mode & 0o777, tollgate::server::SOCKET_MODE, "{}", path.display());
     }
-    let mut silent = Vec::new();
-    for _ in 0..3 {
-        silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    let silent = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut silent_tcp = Vec::new();
+    for _ in 0..2 {
+        let addr = app.quota_url.trim_start_matches("http://");
+        silent_tcp.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut over = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -386,13 +389,17 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
     // A connection that never sends the HTTP/2 preface is closed at
     // `first_bytes_timeout_ms`, as on TCP: it does not keep its place
     // (what the server sent first, its SETTINGS, is read on the way).
-    for mut connection in silent {
+    let closed = |mut connection: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
         let read = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             tokio::io::AsyncReadExt::read_to_end(&mut connection, &mut Vec::new()),
         )
         .await;
         assert!(read.is_ok(), "a silent connection is closed: {read:?}");
+    };
+    closed(Box::new(silent)).await;
+    for connection in silent_tcp {
+        closed(Box::new(connection)).await;
     }
     let again = tollgate::channel::connect(&target).await.unwrap();
     let r = tollgate::proto::quota_client::QuotaClient::new(again)
@@ -941,7 +948,8 @@ async fn half_sent(
 /// DEADLINE_EXCEEDED; meanwhile the process's memory stays within the
 /// stated bound per connection (128 streams, each with at most a
 /// message's bytes: [`PER_QUOTA_CONNECTION`], [`PER_RLS_CONNECTION`]) and
-/// a legitimate call is answered at once.
+/// a legitimate call is answered at once. Health checks, which need no
+/// credential on either plane, are bounded the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_bounded() {
     const CONNECTIONS: usize = 4;
@@ -962,27 +970,33 @@ async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_boun
     let settle = || tokio::time::sleep(std::time::Duration::from_millis(500));
     let mut held = Vec::new();
     let mut grown = Vec::new();
-    for (path, connections, message) in [
+    // Health checks need no credential, on either plane.
+    const HEALTH: &str = "/grpc.health.v1.Health/Check";
+    for (url, path, connections, message) in [
         (
+            &served.quota,
             "/tollgate.v1.Quota/Reserve",
             CONNECTIONS,
             tollgate::server::MAX_QUOTA_MESSAGE,
         ),
         (
+            &served.quota,
             "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
             1,
             tollgate::server::MAX_RLS_MESSAGE,
         ),
+        (&served.admin, HEALTH, 1, tollgate::server::MAX_PROBE_MESSAGE),
+        (&served.quota, HEALTH, 1, tollgate::server::MAX_PROBE_MESSAGE),
     ] {
         let before = served.rss();
         for _ in 0..connections {
-            held.push(half_sent(&served.quota, path, STREAMS, message as u32, message - 1).await);
+            held.push(half_sent(url, path, STREAMS, message as u32, message - 1).await);
         }
         settle().await;
         let per_connection = served.rss().saturating_sub(before) / connections as u64;
         eprintln!(
-            "{path}: {connections} x {STREAMS} half-sent streams of {message} bytes: resident memory {} MiB \
-             before, grown by {} KiB a connection",
+            "{url}{path}: {connections} x {STREAMS} half-sent streams of {message} bytes: resident memory {} \
+             MiB before, grown by {} KiB a connection",
             before >> 20,
             per_connection >> 10,
         );
@@ -998,7 +1012,14 @@ async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_boun
     let answered_while_held = started.elapsed();
     let mut answers = Vec::new();
     for streams in held {
-        answers.extend(streams.await.unwrap());
+        // Each is let go at the deadline (5 s), or never: not waited for
+        // past a margin.
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), streams).await;
+        answers.extend(
+            answered
+                .expect("half-sent calls are let go at the call deadline")
+                .unwrap(),
+        );
     }
     eprintln!(
         "a reserve answered {answered_while_held:?} in; all let go {:?} in",
@@ -1006,8 +1027,11 @@ async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_boun
     );
     assert!(grown[0] < PER_QUOTA_CONNECTION, "{} KiB a connection", grown[0] >> 10);
     assert!(grown[1] < PER_RLS_CONNECTION, "{} KiB a connection", grown[1] >> 10);
+    for health in &grown[2..] {
+        assert!(*health < PER_QUOTA_CONNECTION, "{} KiB a connection", health >> 10);
+    }
     let deadline_exceeded = (tonic::Code::DeadlineExceeded as i32).to_string();
-    assert_eq!(answers.len(), (CONNECTIONS + 1) * STREAMS);
+    assert_eq!(answers.len(), (CONNECTIONS + 3) * STREAMS);
     assert!(
         answers.iter().all(|a| a.as_deref() == Some(deadline_exceeded.as_str())),
         "every stalled call ends DEADLINE_EXCEEDED: {:?}",
@@ -1079,7 +1103,8 @@ fn the_open_file_limit_is_raised_to_what_the_connection_caps_need_or_reported() 
     let small = support::CONFIG.replacen("[server]\n", "[server]\nmax_connections = 16\n", 1);
     let (soft, log) = serve_under_ulimit("-Sn 64 && ulimit -Hn 1024", &small);
     assert!(log.contains("tollgate listening"), "{log}");
-    // Two TCP listeners of 16, and 256 for everything else.
+    // Two planes of 16 (each with its TCP port and sockets), and 256 for
+    // everything else.
     assert_eq!(soft, 2 * 16 + 256, "{log}");
     assert!(!log.contains("open-file limit"), "{log}");
     // The default caps (10,000 a listener) do not fit under 1,024.
