@@ -8,6 +8,10 @@
 //! catalog in force stays; so is one that drops a plan or edits a price
 //! version (see [`Catalog::reloaded`]). Requests in flight keep the
 //! catalog they started with: nothing is dropped or failed by a reload.
+//! A reload is an operator's change: each one applied writes an audit
+//! record (operation `reload`, operator "configuration file", the path as
+//! peer, the trigger as reason, a digest of the content as adjustment id,
+//! and what it changed in `before` and `after`).
 //!
 //! [`Catalog::reloaded`]: crate::engine::catalog::Catalog::reloaded
 
@@ -17,6 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::config::Settings;
+use crate::engine::catalog::Catalog;
+use crate::engine::record::AuditRecord;
 use crate::rls::config::{InForce, Rules, RulesCell};
 use crate::service::Tollgate;
 
@@ -66,11 +72,16 @@ pub fn snapshot(path: &Path, rules: Option<&Path>) -> Option<Vec<u8>> {
 }
 
 /// Reads the configuration and the rules again and puts them in force,
-/// both or neither: every problem if refused.
-/// Reloads `watch` into `tollgate`: the price versions the file brought
-/// that were not in force before (each as "id (effective at)"), or every
-/// problem.
-async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<Vec<String>, Vec<String>> {
+/// both or neither, with an audit record of the change (`why` it was
+/// reloaded; `was` and `is`, the snapshots before and now): the price
+/// versions the file brought that were not in force before (each as "id
+/// (effective at)"), or every problem.
+async fn reload(
+    tollgate: &Tollgate,
+    watch: &Watch,
+    why: &str,
+    (was, is): (Option<&[u8]>, &[u8]),
+) -> Result<Vec<String>, Vec<String>> {
     let text = std::fs::read_to_string(&watch.path).map_err(|e| vec![format!("{}: {e}", watch.path.display())])?;
     let settings = Settings::parse(&text, &|key| std::env::var(key).ok()).map_err(|errors| {
         errors
@@ -89,15 +100,47 @@ async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<Vec<String>, Vec<S
         }
     };
     let before = tollgate.catalog();
-    let published = settings
+    let new: Vec<_> = settings
         .catalog
         .prices
         .versions()
         .iter()
         .filter(|v| before.prices.get(&v.id).is_none())
+        .collect();
+    let published: Vec<String> = new
+        .iter()
         .map(|v| format!("{} (effective {})", v.id, v.effective_at))
         .collect();
-    tollgate.reload(settings.catalog).await?;
+    let in_force: Vec<String> = before.prices.versions().iter().map(|v| v.id.to_string()).collect();
+    let (mut before_map, mut after) = (
+        summary(&before, in_force.clone()),
+        summary(
+            &settings.catalog,
+            in_force
+                .into_iter()
+                .chain(new.iter().map(|v| v.id.to_string()))
+                .collect(),
+        ),
+    );
+    before_map.insert("configuration".into(), was.map(digest).into());
+    after.insert("configuration".into(), digest(is).into());
+    let audit = AuditRecord {
+        kind: "audit".into(),
+        account_id: None,
+        operator: "configuration file".into(),
+        peer: watch.path.display().to_string(),
+        operation: "reload".into(),
+        adjustment_id: digest(is),
+        reason: why.into(),
+        change: match published.as_slice() {
+            [] => "reload; no new price version".into(),
+            versions => format!("reload; price versions published: {}", versions.join(", ")),
+        },
+        before: before_map,
+        after,
+        at: jiff::Timestamp::UNIX_EPOCH,
+    };
+    tollgate.reload(settings.catalog, audit).await?;
     if let (Some(rules), Some((_, cell))) = (rules, &watch.rules) {
         let in_force = InForce {
             rules,
@@ -106,6 +149,37 @@ async fn reload(tollgate: &Tollgate, watch: &Watch) -> Result<Vec<String>, Vec<S
         *cell.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(in_force);
     }
     Ok(published)
+}
+
+/// What an audit record shows of `catalog` (with `price_versions`, the
+/// ids in force): each plan as a digest of its settings, so a changed plan
+/// shows as a changed digest, and the hold policy.
+fn summary(catalog: &Catalog, price_versions: Vec<String>) -> serde_json::Map<String, serde_json::Value> {
+    let plans: serde_json::Map<String, serde_json::Value> = catalog
+        .plans
+        .iter()
+        .map(|(id, plan)| (id.to_string(), digest(format!("{plan:?}").as_bytes()).into()))
+        .collect();
+    serde_json::Map::from_iter([
+        ("plans".to_owned(), plans.into()),
+        ("price_versions".to_owned(), price_versions.into()),
+        ("hold_ttl_seconds".to_owned(), catalog.hold_ttl.as_secs().into()),
+        (
+            "on_expiry".to_owned(),
+            serde_json::to_value(catalog.on_expiry).unwrap_or_default(),
+        ),
+        (
+            "idempotency_window_seconds".to_owned(),
+            catalog.idempotency_window.as_secs().into(),
+        ),
+        ("recent_usage".to_owned(), catalog.recent_usage.into()),
+        ("max_request_ids".to_owned(), catalog.max_request_ids.into()),
+    ])
+}
+
+/// The digest that names a reload's content (its adjustment id).
+fn digest(content: &[u8]) -> String {
+    crate::engine::record::digest_id([String::from_utf8_lossy(content).as_ref()])
 }
 
 /// Reloads `watch.path` into `tollgate` on SIGHUP and on change until
@@ -143,9 +217,9 @@ pub async fn run(
         if !asked && last.as_ref() == Some(&content) {
             continue;
         }
-        last = Some(content.clone());
+        let was = last.replace(content.clone());
         let why = if asked { "SIGHUP" } else { "file changed" };
-        let outcome = reload(&tollgate, &watch).await;
+        let outcome = reload(&tollgate, &watch, why, (was.as_deref(), &content)).await;
         match outcome {
             Ok(published) => {
                 let n = reloads.applied.fetch_add(1, Ordering::Relaxed) + 1;

@@ -59,10 +59,22 @@ impl Tollgate {
         self.store.catalog()
     }
 
-    /// Takes the configuration's catalog `next` (a reload): every problem
-    /// if it is refused, and then the catalog in force is unchanged.
-    pub async fn reload(&self, next: Catalog) -> Result<(), Vec<String>> {
-        self.store.reload(next, self.now()).await
+    /// Takes the configuration's catalog `next` (a reload) and writes
+    /// `audit`, its record, to the usage sink: every problem if it is
+    /// refused, and then the catalog in force is unchanged.
+    pub async fn reload(&self, next: Catalog, audit: AuditRecord) -> Result<(), Vec<String>> {
+        if self.usage.is_closed() {
+            return Err(vec![
+                "the usage sink has stopped; refusing to reload without the audit record".into(),
+            ]);
+        }
+        let now = self.now();
+        self.store.reload(next, now).await?;
+        let record = AuditRecord { at: now, ..audit };
+        if self.usage.send(Emitted::Audit(Arc::new(record))).await.is_err() {
+            tracing::error!("usage sink has stopped; an audit record was not written");
+        }
+        Ok(())
     }
 
     /// Adds `hits` to the rate-limit window `key` of `limit` hits, which

@@ -785,6 +785,27 @@ fn sighup_reloads_the_configuration_file() {
     assert!(audited, "{}", served.log.lock().unwrap());
     let status = served.stop();
     assert!(status.success(), "SIGHUP must not stop the server: {status:?}");
+    // And the reload is an operator's change like any other: one audit
+    // record in the usage sink, with what it changed.
+    let usage = std::fs::read_to_string(d.join("tollgate-usage.jsonl")).unwrap();
+    let reloads: Vec<serde_json::Value> = usage
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "audit" && r["operation"] == "reload")
+        .collect();
+    assert_eq!(reloads.len(), 1, "{usage}");
+    let reload = &reloads[0];
+    assert_eq!(reload["operator"], "configuration file");
+    assert_eq!(reload["reason"], "SIGHUP");
+    assert!(reload["peer"].as_str().unwrap().ends_with("tollgate.toml"), "{reload}");
+    assert_eq!(reload["adjustment_id"].as_str().unwrap().len(), 32, "{reload}");
+    assert_eq!(reload["before"]["price_versions"], serde_json::json!(["2026-01"]));
+    assert_eq!(
+        reload["after"]["price_versions"],
+        serde_json::json!(["2026-01", "2031-01"])
+    );
+    assert_ne!(reload["before"]["configuration"], reload["after"]["configuration"]);
+    assert_eq!(reload["before"]["plans"], reload["after"]["plans"], "no plan changed");
 }
 
 /// A health Watch on `url` that has seen SERVING.
