@@ -1116,6 +1116,19 @@ fn serve_under_ulimit(ulimit: &str, config: &str) -> (u64, String) {
     (soft, log)
 }
 
+/// An admin API reachable beyond loopback without TLS sends its bearer
+/// tokens in the clear: the start says so; on loopback it does not.
+#[test]
+fn an_admin_listener_beyond_loopback_without_tls_is_warned_of() {
+    const WARNING: &str = "the admin API listens beyond loopback without TLS";
+    let open = support::CONFIG.replacen("admin_listen = \"127.0.0.1:0\"", "admin_listen = \"0.0.0.0:0\"", 1);
+    assert_ne!(open, support::CONFIG);
+    let (_, log) = serve_under_ulimit("-Sn 1024", &open);
+    assert!(log.contains("tollgate listening") && log.contains(WARNING), "{log}");
+    let (_, log) = serve_under_ulimit("-Sn 1024", support::CONFIG);
+    assert!(log.contains("tollgate listening") && !log.contains(WARNING), "{log}");
+}
+
 /// Clients filling the connection caps must not leave the process without
 /// descriptors: the soft open-file limit is raised to what the caps need
 /// (up to the hard limit), and a hard limit below it is reported.
