@@ -84,6 +84,10 @@ fn remembered_requests(mut catalog: tollgate::engine::Catalog) {
     if let Some(plan) = catalog.plans.get_mut(&payg) {
         plan.limits = Default::default();
     }
+    // An account this busy is configured for it: every id of the window
+    // (and the quarter past it that ids may be kept) within its budget.
+    let window = catalog.idempotency_window.as_secs() as usize;
+    catalog.max_request_ids = catalog.max_request_ids.max(1000 * (window + window / 4 + 60));
     let start = jiff::Timestamp::now();
     let id = AccountId::parse("busy").unwrap();
     let mut a = Account::open(
