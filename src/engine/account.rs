@@ -88,6 +88,10 @@ pub struct Subscription {
     pub tokens: u64,
     /// Most unused tokens carried into the next period.
     pub rollover_cap: u64,
+    /// What is left of the rollover cap since the last period ended, for
+    /// the ended period's tokens that holds and leases give back later.
+    #[serde(default)]
+    pub carry_room: i128,
 }
 
 /// An open reservation.
@@ -532,6 +536,7 @@ impl Account {
                 window,
                 tokens: a.tokens,
                 rollover_cap: a.rollover_cap,
+                carry_room: 0,
             })
         });
         Ok(())
@@ -539,45 +544,83 @@ impl Account {
 
     /// Brings time-driven state up to `now`: lapsed holds (released or
     /// charged per policy, records to the outbox), expired lots, allowance
-    /// periods (with rollover). Idempotent for a given `now`.
+    /// periods (with rollover). Each event applies at its own instant and
+    /// in time order, so the outcome is the same whenever this runs.
+    /// Idempotent for a given `now`.
     pub fn advance(&mut self, catalog: &Catalog, now: Timestamp) -> Result<(), EngineError> {
-        let lapsed: Vec<ReservationId> = self
+        loop {
+            let hold = self
+                .traffic()
+                .expiries
+                .first()
+                .map(|(at, _)| *at)
+                .filter(|at| *at <= now);
+            let lot = self
+                .packs
+                .values()
+                .chain(self.promos.values())
+                .filter(|l| !l.closed)
+                .filter_map(|l| l.expires_at)
+                .filter(|at| *at <= now)
+                .min();
+            let period = self
+                .subscription
+                .as_ref()
+                .map(|s| s.window.end)
+                .filter(|end| *end <= now);
+            // At one instant: holds lapse, then lots close, then the period
+            // ends (a period is over at its end).
+            match [hold, lot, period].into_iter().flatten().min() {
+                None => break,
+                Some(at) if hold == Some(at) => self.lapse_holds(catalog, at),
+                Some(at) if lot == Some(at) => self.close_lots(at),
+                Some(_) => self.end_period()?,
+            }
+        }
+        self.lapse_leases(catalog.hold_ttl, now);
+        Ok(())
+    }
+
+    /// Lapses the holds that expire at `at`, as of `at`.
+    fn lapse_holds(&mut self, catalog: &Catalog, at: Timestamp) {
+        let lapsed: Vec<(Timestamp, ReservationId)> = self
             .traffic()
             .expiries
             .iter()
-            .take_while(|(at, _)| *at <= now)
-            .map(|(_, id)| id.clone())
+            .take_while(|(expires, _)| *expires <= at)
+            .cloned()
             .collect();
-        for id in lapsed {
-            if let Some(Reservation::Open(hold)) = self.traffic_mut().reservations.remove(&id) {
-                self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
-                let charged = catalog.on_expiry == ExpiryPolicy::ChargeInFull;
-                match catalog.on_expiry {
-                    ExpiryPolicy::Release => self.unhold(&hold.takes),
-                    ExpiryPolicy::ChargeInFull => {
-                        self.charge_held(&hold.takes);
-                        let record =
-                            self.record_for(&hold, RecordKind::Expired, hold.worst_case(), hold.takes.clone(), now);
-                        self.emit(Arc::new(record), catalog);
-                    }
+        for (expires, id) in lapsed {
+            self.traffic_mut().expiries.remove(&(expires, id.clone()));
+            let Some(Reservation::Open(hold)) = self.traffic_mut().reservations.remove(&id) else {
+                continue;
+            };
+            let charged = catalog.on_expiry == ExpiryPolicy::ChargeInFull;
+            match catalog.on_expiry {
+                ExpiryPolicy::Release => self.unhold(&hold.takes),
+                ExpiryPolicy::ChargeInFull => {
+                    self.charge_held(&hold.takes);
+                    let record = self.record_for(&hold, RecordKind::Expired, hold.worst_case(), hold.takes.clone(), at);
+                    self.emit(Arc::new(record), catalog);
                 }
-                self.buckets.finish(&hold.buckets);
-                self.traffic_mut().reservations.insert(
-                    id,
-                    Reservation::Expired {
-                        closed_at: now,
-                        charged,
-                    },
-                );
             }
+            self.buckets.finish(&hold.buckets);
+            self.traffic_mut()
+                .reservations
+                .insert(id, Reservation::Expired { closed_at: at, charged });
         }
+    }
+
+    /// Closes the lots that expired by `at`: what they hold unused is
+    /// forfeited.
+    fn close_lots(&mut self, at: Timestamp) {
         let mut closed = Vec::new();
         for (lots, make) in [
             (&mut self.packs, SourceRef::Pack as fn(LotId) -> SourceRef),
             (&mut self.promos, SourceRef::Promo),
         ] {
             for (id, lot) in lots.iter_mut() {
-                if !lot.closed && lot.expires_at.is_some_and(|t| t <= now) {
+                if !lot.closed && lot.expires_at.is_some_and(|t| t <= at) {
                     closed.push((make(id.clone()), lot.ledger.available()));
                     lot.closed = true;
                 }
@@ -586,38 +629,65 @@ impl Account {
         for (source, unused) in closed {
             self.give_up(source, unused);
         }
+    }
+
+    /// Ends the current allowance period: unused tokens roll over up to the
+    /// plan's cap (what holds and leases still hold of it may roll over
+    /// later, within what is left of the cap: see [`Account::carried`]).
+    fn end_period(&mut self) -> Result<(), EngineError> {
         let mirror = self.mirror.is_some();
-        if let Some(sub) = &mut self.subscription {
-            let mut ended = Vec::new();
-            while sub.window.end <= now {
-                let unused = self.allowance.available();
-                if mirror {
-                    // A mirror's allowance is lent: the shared account
-                    // starts the next period, the slice goes back.
-                    ended.push((self.periods_started - 1, unused));
-                    self.allowance.forfeited += unused;
-                } else {
-                    let carried = unused.min(i128::from(sub.rollover_cap));
-                    self.allowance.forfeited += unused - carried;
-                    self.allowance.granted += i128::from(sub.tokens);
-                }
-                sub.window = sub.schedule.containing(sub.window.end)?;
-                self.periods_started += 1;
-            }
-            if let Some(log) = self.mirror.as_mut() {
-                for (period, unused) in ended.into_iter().filter(|(_, u)| *u > 0) {
-                    super::lease::merge(
-                        &mut log.returned,
-                        [Take {
-                            source: SourceRef::Allowance { period },
-                            amount: unused,
-                        }],
-                    );
-                }
-            }
+        let ended = self.periods_started - 1;
+        let unused = self.allowance.available();
+        let Some(sub) = &mut self.subscription else {
+            return Ok(());
+        };
+        let next = sub.schedule.containing(sub.window.end)?;
+        if mirror {
+            // A mirror's allowance is lent: the shared account starts the
+            // next period, the slice goes back.
+            self.allowance.forfeited += unused;
+            sub.carry_room = 0;
+        } else {
+            let carried = unused.min(i128::from(sub.rollover_cap));
+            self.allowance.forfeited += unused - carried;
+            self.allowance.granted += i128::from(sub.tokens);
+            sub.carry_room = i128::from(sub.rollover_cap) - carried;
         }
-        self.lapse_leases(catalog.hold_ttl, now);
+        sub.window = next;
+        self.periods_started += 1;
+        if unused > 0
+            && let Some(log) = self.mirror.as_mut()
+        {
+            super::lease::merge(
+                &mut log.returned,
+                [Take {
+                    source: SourceRef::Allowance { period: ended },
+                    amount: unused,
+                }],
+            );
+        }
         Ok(())
+    }
+
+    /// Of `back`, given back to `source` after its period ended, what rolls
+    /// over into the current period: allowance of the period just ended,
+    /// within what is left of the rollover cap (taken from it). The rest is
+    /// forfeited by the caller.
+    pub(crate) fn carried(&mut self, source: &SourceRef, back: i128) -> i128 {
+        let current = self.current_period();
+        let (SourceRef::Allowance { period }, Some(sub), None) =
+            (source, self.subscription.as_deref_mut(), &self.mirror)
+        else {
+            // A mirror's ended allowance goes back to the shared account,
+            // which rolls it over.
+            return 0;
+        };
+        if current != Some(period + 1) || back <= 0 {
+            return 0;
+        }
+        let carried = back.min(sub.carry_room);
+        sub.carry_room -= carried;
+        carried
     }
 
     /// Forgets closed reservations and request ids older than the

@@ -279,6 +279,33 @@ impl Account {
                 }
             }
         }
+        // Holds stay chargeable: what `bonus` holds on a source the order
+        // no longer names (the plan changed since the hold was taken) still
+        // covers its request, after the order's own sources.
+        let named = |class: SourceClass| {
+            order.contains(&class) || class == SourceClass::Paid && order.contains(&SourceClass::Credit)
+        };
+        let mut unnamed: smallvec::SmallVec<[SourceRef; 2]> = smallvec::SmallVec::new();
+        for t in bonus {
+            let (class, source) = match &t.source {
+                SourceRef::Allowance { .. } => (SourceClass::Allowance, t.source.clone()),
+                SourceRef::Pack(_) => (SourceClass::Packs, t.source.clone()),
+                SourceRef::Promo(_) => (SourceClass::Promo, t.source.clone()),
+                // Credit is drawn from paid money's ledger.
+                SourceRef::Paid | SourceRef::Credit => (SourceClass::Paid, SourceRef::Paid),
+                SourceRef::Debt => continue,
+            };
+            if !named(class) && !unnamed.contains(&source) {
+                unnamed.push(source);
+            }
+        }
+        for source in unnamed {
+            let held = match source {
+                SourceRef::Paid => amount_on(bonus, &SourceRef::Paid) + amount_on(bonus, &SourceRef::Credit),
+                _ => amount_on(bonus, &source),
+            };
+            push(source, held);
+        }
         if let Some(m) = &self.mirror {
             // The failure policy's allowance while the store is unreachable.
             let owed = -self.debt.available();
@@ -290,7 +317,8 @@ impl Account {
     /// Moves amounts between a source's held, charged and forfeited figures:
     /// `released` stops being held, `held` starts being held, `charged` is
     /// charged. Whatever `released` gives back to a source that no longer
-    /// accepts returns (closed lot, past period) is forfeited.
+    /// accepts returns (closed lot, past period) is forfeited, but for the
+    /// ended period's allowance that rolls over ([`Account::carried`]).
     pub(crate) fn rebalance(&mut self, released: &[Take], held: &[Take], charged: &[Take]) {
         // Amounts here are bounded by capacities computed from these same
         // ledgers, or (debt) by one request's checked cost; the release
@@ -322,7 +350,8 @@ impl Account {
                 continue;
             }
             let back = amount_on(released, source) - amount_on(held, source) - amount_on(charged, source);
-            self.give_up(source.clone(), back);
+            let carried = self.carried(source, back);
+            self.give_up(source.clone(), back - carried);
         }
     }
 

@@ -147,12 +147,24 @@ impl Needed {
     }
 }
 
+/// The least of a need worth lending for: short of it the request is
+/// denied whatever is lent, so nothing is (the fleet refuses it as a
+/// stand-alone account would, without parking funds in one sidecar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Least {
+    /// The smallest grant's cost (a reserve's prompt and one output token).
+    pub need: Needed,
+    /// What the mirror's own slices can put toward it.
+    pub has: Vec<Take>,
+}
+
 /// Why a mirror cannot decide alone, and what would let it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Short {
-    /// Funds to borrow, and whether part of them is worth having (a settle
-    /// or extend takes what there is; a reserve needs all or nothing).
-    pub need: Option<(Needed, bool)>,
+    /// Funds to borrow, up to all of them: what there is (a settle or
+    /// extend takes it), or nothing unless there is at least [`Least`] (a
+    /// reserve).
+    pub need: Option<(Needed, Option<Least>)>,
     /// Permits to borrow.
     pub permits: Lacking,
 }
@@ -185,8 +197,8 @@ pub struct Sync {
     pub records: Vec<Journaled>,
     /// More of these sources, wanted for the coming seconds.
     pub want: Vec<(SourceRef, i128)>,
-    /// A need to cover now.
-    pub need: Option<(Needed, bool)>,
+    /// A need to cover now (see [`Short::need`]).
+    pub need: Option<(Needed, Option<Least>)>,
     /// More permits.
     pub want_permits: Lacking,
     /// How long the lease lives without another report.
@@ -562,8 +574,8 @@ impl Account {
     }
 
     /// Applies one sidecar's report, renews its lease and lends what it
-    /// asks for, within [`FAIR_SHARE`] of each source (a need: all of it or,
-    /// if partial is acceptable, what there is). A report already applied
+    /// asks for, within [`FAIR_SHARE`] of each source (a need: what there
+    /// is up to all of it, if that reaches its [`Least`]). A report already applied
     /// gets its first answer back and changes nothing.
     ///
     /// `duplicates` names the journaled records (journal, number) whose
@@ -768,10 +780,15 @@ impl Account {
     ) -> Result<(), EngineError> {
         let order = self.plan_of(catalog)?.draw_order.clone();
         let mut takes = Vec::new();
-        if let Some((needed, partial)) = &sync.need {
+        if let Some((needed, least)) = &sync.need {
             let need = needed.as_need();
             let caps = self.capacities(&order, &need, &[], now);
-            if let Ok(planned) = draw::plan(&caps, &need, *partial) {
+            // What is here and in the mirror's slices must reach the least.
+            let enough = least.as_ref().is_none_or(|least| {
+                let need = least.need.as_need();
+                draw::plan(&self.capacities(&order, &need, &least.has, now), &need, false).is_ok()
+            });
+            if let Some(planned) = enough.then(|| draw::plan(&caps, &need, true).ok()).flatten() {
                 let planned: Vec<Take> = planned.into_iter().filter(|t| t.source != SourceRef::Debt).collect();
                 self.rebalance(&[], &planned, &[]);
                 merge(&mut takes, planned);
@@ -1049,6 +1066,19 @@ impl Account {
         }
     }
 
+    /// What this mirror's slices hold unused, by source (nothing once its
+    /// lease expired: they may be lent to others by now).
+    pub(crate) fn slices(&self, now: Timestamp) -> Vec<Take> {
+        if self.slices_lapsed(now) {
+            return Vec::new();
+        }
+        self.levels(now)
+            .into_iter()
+            .filter(|(_, available, _)| *available > 0)
+            .map(|(source, amount, _)| Take { source, amount })
+            .collect()
+    }
+
     /// For slice sizing: per source this mirror can draw on, what it has
     /// unused and what it has consumed so far (held plus charged).
     pub fn levels(&self, now: Timestamp) -> Vec<(SourceRef, i128, i128)> {
@@ -1076,7 +1106,7 @@ impl Account {
     }
 
     /// Fails with what to ask the shared account for.
-    pub(crate) fn short(need: Option<(Needed, bool)>, permits: Lacking) -> EngineError {
+    pub(crate) fn short(need: Option<(Needed, Option<Least>)>, permits: Lacking) -> EngineError {
         EngineError::Short(Box::new(Short { need, permits }))
     }
 

@@ -15,7 +15,7 @@ use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need, SourceRef, Take};
 use super::error::EngineError;
 use super::ids::{ApiKeyId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
-use super::lease::Needed;
+use super::lease::{Least, Needed};
 use super::limits::{Applicable, BucketKey, Exceeded, LimitOverrides, RateStatus, Scope};
 use super::money::Money;
 use super::period::Anchor;
@@ -300,7 +300,17 @@ impl Account {
         self.advance(catalog, now)?;
         if let Some(seen) = self.traffic().requests.get(&req.request_id) {
             return match seen {
-                Remembered::Reserved { first, .. } if first.0 == *req => Ok(ReserveOutcome::Allowed(first.1.clone())),
+                Remembered::Reserved { first, reservation } if first.0 == *req => {
+                    // A hold that lapsed can no longer be settled: the
+                    // first answer would send its caller to generate.
+                    match self.traffic().reservations.get(reservation) {
+                        Some(Reservation::Expired { closed_at, .. }) => Err(EngineError::Precondition(format!(
+                            "reservation {reservation} expired at {closed_at} (holds.ttl_seconds); reserve again \
+                             with a new request id"
+                        ))),
+                        _ => Ok(ReserveOutcome::Allowed(first.1.clone())),
+                    }
+                }
                 _ => Err(reused(&req.request_id)),
             };
         }
@@ -380,8 +390,20 @@ impl Account {
                     model: req.model.clone(),
                 };
                 // What there is, up to the worst case: the last word may
-                // grant less, as a stand-alone account would.
-                return Err(Account::short(funded.is_none().then_some((need, true)), lacking));
+                // grant less, as a stand-alone account would; but nothing
+                // if even the least grant is out of reach.
+                let least = Least {
+                    need: Needed::Tokens {
+                        usage: Usage {
+                            output_tokens: req.max_output_tokens.min(1),
+                            ..prompt
+                        },
+                        rates,
+                        model: req.model.clone(),
+                    },
+                    has: self.slices(now),
+                };
+                return Err(Account::short(funded.is_none().then_some((need, Some(least))), lacking));
             }
         }
         let Some((granted, takes)) = funded else {
@@ -544,7 +566,7 @@ impl Account {
                     rates,
                     model: hold.model.clone(),
                 };
-                return Err(Account::short(Some((need, true)), Vec::new()));
+                return Err(Account::short(Some((need, None)), Vec::new()));
             }
             let short = (granted < max_output).then_some(Denial::InsufficientFunds);
             (granted, takes, short)
@@ -606,7 +628,7 @@ impl Account {
             let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
             let charges = plan_with_debt(&caps, &need)?;
             if self.must_ask() && charges.iter().any(|t| t.source == SourceRef::Debt) {
-                return Err(Account::short(Some((Needed::of(&need), true)), Vec::new()));
+                return Err(Account::short(Some((Needed::of(&need), None)), Vec::new()));
             }
             charges
         };
@@ -711,7 +733,7 @@ impl Account {
         let caps = self.capacities(&plan.draw_order, &need, &[], now);
         let planned = draw::plan(&caps, &need, false);
         if self.must_ask() && (planned.is_err() || self.lease_stale(now)) {
-            return Err(Account::short(Some((Needed::of(&need), true)), Vec::new()));
+            return Err(Account::short(Some((Needed::of(&need), None)), Vec::new()));
         }
         let Ok(charges) = planned else {
             return Ok(ChargeOutcome::Denied(
@@ -951,7 +973,13 @@ impl Account {
             return Err(EngineError::invalid("charges", "every amount must be above zero"));
         }
         let per_source = per_ledger(charges)?;
-        for (source, amount) in &per_source {
+        for source in per_source.keys() {
+            // Every allowance period is the one allowance ledger.
+            let amount: i128 = per_source
+                .iter()
+                .filter(|(other, _)| same_ledger(source, other))
+                .map(|(_, amount)| amount)
+                .sum();
             let Some(ledger) = self.ledger_mut(source) else {
                 let lot = source.lot().unwrap_or_default();
                 return Err(EngineError::NotFound(format!(
@@ -959,7 +987,7 @@ impl Account {
                     source.kind_name()
                 )));
             };
-            if ledger.charged < *amount {
+            if ledger.charged < amount {
                 return Err(EngineError::Precondition(format!(
                     "{} {} was charged {} in all; it cannot give back {amount}",
                     source.kind_name(),
@@ -982,10 +1010,11 @@ impl Account {
         let refunded_paid = per_source.get(&SourceRef::Paid).copied().unwrap_or(0);
         for (source, amount) in per_source {
             let accepts = self.accepts_returns(&source);
+            let carried = if accepts { 0 } else { self.carried(&source, amount) };
             if let Some(ledger) = self.ledger_mut(&source) {
                 ledger.charged -= amount;
                 if !accepts {
-                    ledger.forfeited += amount;
+                    ledger.forfeited += amount - carried;
                 }
             }
         }
@@ -1149,6 +1178,17 @@ fn reused(id: &RequestId) -> EngineError {
 /// Plans a settle: it always succeeds, overflowing into debt.
 fn plan_with_debt(caps: &[(SourceRef, i128)], need: &Need<'_>) -> Result<Vec<Take>, EngineError> {
     draw::plan(caps, need, true).map_err(|_| EngineError::Overflow)
+}
+
+/// Whether `a` and `b` draw on one ledger: every allowance period on the
+/// allowance's, credit on paid money's.
+fn same_ledger(a: &SourceRef, b: &SourceRef) -> bool {
+    let ledger = |s: &SourceRef| match s {
+        SourceRef::Allowance { .. } => SourceRef::Allowance { period: 0 },
+        SourceRef::Credit => SourceRef::Paid,
+        other => other.clone(),
+    };
+    ledger(a) == ledger(b)
 }
 
 /// `charges` summed per ledger: credit is drawn from the paid ledger (one

@@ -495,6 +495,13 @@ fn lapsed_holds_are_released_or_charged_in_full_by_policy() {
     assert!(a.take_records().is_empty());
     let err = a.settle(&c, &r.reservation_id, usage(1, 1), r.expires_at).unwrap_err();
     assert!(matches!(err, EngineError::Precondition(_)), "{err}");
+    // The reserve replayed says so, rather than send its caller to
+    // generate on a hold that is gone.
+    let replay = a.reserve(&c, &req("r1", "m", 10, 10), r.expires_at).unwrap_err();
+    assert!(
+        matches!(&replay, EngineError::Precondition(m) if m.contains("expired")),
+        "{replay}"
+    );
 
     c.on_expiry = ExpiryPolicy::ChargeInFull;
     let r = allowed(a.reserve(&c, &req("r2", "m", 10, 10), t(NOW)).unwrap());
@@ -671,6 +678,58 @@ fn refused_admin_operations_change_nothing() {
     assert_eq!(before, format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations)));
 }
 
+/// Allowance a hold still holds when its period ends rolls over as unused
+/// allowance would, once the hold gives it back (within the cap), and
+/// whether the account was looked at between the two events or only after
+/// both changes nothing: events apply in time order, each at its instant.
+#[test]
+fn allowance_held_at_a_period_end_rolls_over_whenever_the_account_is_seen() {
+    let c = catalog();
+    let end = account(&c, "pro").subscription.as_ref().unwrap().window.end;
+    let at = |secs: i64| end + SignedDuration::from_secs(secs);
+    let mut seen_between = account(&c, "pro");
+    let mut seen_after = account(&c, "pro");
+    for a in [&mut seen_between, &mut seen_after] {
+        // 900 of the 1,000 tokens held 30 s before the end; the hold lapses
+        // 30 s after it (a 60 s TTL), released.
+        let r = allowed(a.reserve(&c, &req("r1", "m", 0, 900), at(-30)).unwrap());
+        assert_eq!(r.held, vec![take(SourceRef::Allowance { period: 0 }, 900)]);
+    }
+    seen_between.advance(&c, at(10)).unwrap();
+    assert_eq!(seen_between.balance(at(10)).allowance_tokens, 1000 + 100);
+    for a in [&mut seen_between, &mut seen_after] {
+        a.advance(&c, at(60)).unwrap();
+        // 100 unused at the end and 900 given back after: 300 carried (the
+        // cap), the rest forfeited.
+        assert_eq!(a.balance(at(60)).allowance_tokens, 1000 + 300);
+        let l = &a.allowance;
+        assert_eq!(l.granted, l.available() + l.held + l.charged + l.forfeited);
+        assert_eq!(l.forfeited, 700);
+    }
+    assert_eq!(
+        seen_between
+            .traffic()
+            .reservations
+            .get(&"r1".parse_id::<ReservationId>()),
+        seen_after.traffic().reservations.get(&"r1".parse_id::<ReservationId>())
+    );
+}
+
+/// A hold charged in full when it lapses is recorded at its expiry, not
+/// when the account happened to be seen.
+#[test]
+fn a_lapse_is_recorded_at_the_holds_expiry() {
+    let mut c = catalog();
+    c.on_expiry = ExpiryPolicy::ChargeInFull;
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 10, 10), t(NOW)).unwrap());
+    a.advance(&c, r.expires_at + SignedDuration::from_hours(3)).unwrap();
+    let records = a.take_records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].settled_at, r.expires_at);
+}
+
 #[test]
 fn period_numbers_never_repeat_across_plan_changes() {
     let c = catalog();
@@ -685,6 +744,44 @@ fn period_numbers_never_repeat_across_plan_changes() {
     a.release(&c, &r.reservation_id, t(NOW)).unwrap();
     assert_eq!(a.balance(t(NOW)).allowance_tokens, 1000);
     assert_eq!((a.allowance.granted, a.allowance.forfeited), (2000, 1000));
+}
+
+/// A plan change that narrows the draw order leaves open holds
+/// chargeable: a hold taken on paid money still pays, after the new
+/// plan's own sources, never debt, when the new plan draws on the
+/// allowance only.
+#[test]
+fn holds_stay_chargeable_when_the_draw_order_narrows() {
+    let mut c = catalog();
+    let mut narrow = plan(
+        "allowance-only",
+        Some(Allowance {
+            tokens: 10,
+            period: PeriodUnit::Month,
+            anchor: Anchor::Calendar,
+            rollover_cap: 0,
+        }),
+    );
+    narrow.draw_order = vec![SourceClass::Allowance];
+    c.plans.insert(narrow.id.clone(), narrow);
+    let mut a = account(&c, "payg");
+    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 100), t(NOW)).unwrap());
+    assert_eq!(r.held, vec![take(SourceRef::Paid, 400_000)]);
+    a.assign_plan(&c, &PlanId::parse("allowance-only").unwrap(), None, t(NOW))
+        .unwrap();
+    let period = a.current_period().unwrap();
+    // The new plan's order first (its 10 tokens), then what the hold held.
+    let record = a.settle(&c, &r.reservation_id, usage(0, 50), t(NOW)).unwrap();
+    assert_eq!(
+        record.charges,
+        vec![
+            take(SourceRef::Allowance { period }, 10),
+            take(SourceRef::Paid, 160_000)
+        ]
+    );
+    let b = a.balance(t(NOW));
+    assert_eq!((b.paid, b.debt), (Money::from_picos(840_000), Money::ZERO));
 }
 
 #[test]
@@ -966,6 +1063,45 @@ fn no_short() -> super::lease::Short {
         need: None,
         permits: Vec::new(),
     }
+}
+
+/// A reserve no funds can cover, even at its least (the prompt and one
+/// output token), is denied without parking the balance in the sidecar
+/// that asked: another sidecar's small reserve is still allowed, as on a
+/// stand-alone account. One that the shared funds and the asking mirror's
+/// slices cover together still borrows.
+#[test]
+fn an_oversized_reserve_borrows_nothing_and_parks_nothing() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 300_000);
+    let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
+    let now = t(NOW);
+    // 500 input tokens alone cost 500,000.
+    let big = a.apply(&mut shared, &c, Command::Reserve(req("big", "m", 500, 100)), now);
+    assert!(
+        matches!(
+            big,
+            Reply::Reserve(ReserveOutcome::Denied {
+                denial: Denial::InsufficientFunds,
+                ..
+            })
+        ),
+        "{big:?}"
+    );
+    assert_eq!(a.mirror.paid.available(), 0, "nothing was lent for it");
+    let small = b.apply(&mut shared, &c, Command::Reserve(req("small", "m", 10, 10)), now);
+    let Reply::Reserve(ReserveOutcome::Allowed(r)) = small else {
+        panic!("another sidecar's small reserve is allowed: {small:?}")
+    };
+    assert_eq!(r.granted_output_tokens, 10);
+    // b now holds a slice of 50,000; a reserve b cannot fund alone whose
+    // least (100,000 + 4,000) the shared 250,000 covers is lent for.
+    let partial = b.apply(&mut shared, &c, Command::Reserve(req("partial", "m", 100, 100)), now);
+    let Reply::Reserve(ReserveOutcome::Allowed(p)) = partial else {
+        panic!("{partial:?}")
+    };
+    assert_eq!(p.granted_output_tokens, 37, "(250,000 - 100,000) / 4,000");
 }
 
 /// The same request decided by two sidecars (a retry sent to another one):
@@ -1595,6 +1731,40 @@ fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
     .unwrap();
     let b = d.balance(t(NOW));
     assert_eq!((b.paid, b.debt), (Money::ZERO, Money::from_picos(600_000)));
+}
+
+/// Every allowance period is one ledger: a refund that names several
+/// periods gives back at most what the allowance was charged in all.
+#[test]
+fn a_refund_across_allowance_periods_gives_back_at_most_what_was_charged() {
+    use super::record::RecordKind;
+    let c = catalog();
+    let mut a = account(&c, "pro");
+    let r = allowed(a.reserve(&c, &req("r1", "m", 0, 100), t(NOW)).unwrap());
+    let record = a.settle(&c, &r.reservation_id, usage(0, 100), t(NOW)).unwrap();
+    let [
+        Take {
+            source: SourceRef::Allowance { period },
+            amount: 100,
+        },
+    ] = record.charges.as_slice()
+    else {
+        panic!("the allowance pays: {:?}", record.charges)
+    };
+    let request = RequestId::parse("r1").unwrap();
+    let made = (t(NOW), Some(true));
+    let twice = [
+        take(SourceRef::Allowance { period: *period }, 100),
+        take(SourceRef::Allowance { period: period + 1 }, 100),
+    ];
+    let refused = a.refund(&c, &request, RecordKind::Settle, &twice, made, t(NOW));
+    assert!(matches!(refused, Err(EngineError::Precondition(_))), "{refused:?}");
+    assert_eq!(a.allowance.charged, 100, "nothing given back");
+    a.refund(&c, &request, RecordKind::Settle, &record.charges, made, t(NOW))
+        .unwrap();
+    assert_eq!(a.allowance.charged, 0);
+    let l = &a.allowance;
+    assert_eq!(l.granted, l.available() + l.held + l.charged + l.forfeited);
 }
 
 /// A refund names a record: one settled within the idempotency window
