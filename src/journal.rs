@@ -101,6 +101,9 @@ pub enum JournalError {
     /// A corrupt segment stopped start-up.
     #[error("usage journal: {0}")]
     Corrupt(String),
+    /// Another process has the directory open.
+    #[error("usage journal: {0}")]
+    Locked(String),
 }
 
 fn io(context: impl std::fmt::Display, e: std::io::Error) -> JournalError {
@@ -255,6 +258,9 @@ pub struct Journal {
     pub found: Arc<Found>,
     /// What the writer did.
     pub stats: Arc<WriteStats>,
+    /// The directory's lock, held while any handle but the writer's is
+    /// (see [`lock`]).
+    _lock: Option<Arc<File>>,
 }
 
 /// Counts of the writer's work.
@@ -298,6 +304,7 @@ impl Journal {
     pub fn open(settings: JournalSettings) -> Result<(Journal, Vec<Entry>), JournalError> {
         let dir = &settings.dir;
         fs::create_dir_all(dir).map_err(|e| io(dir.display(), e))?;
+        let lock = lock(dir)?;
         let id = journal_id(dir)?;
         let found = Arc::new(Found::default());
         let mut names: Vec<(u64, PathBuf)> = fs::read_dir(dir)
@@ -414,8 +421,14 @@ impl Journal {
             appends,
             found,
             stats: Arc::new(WriteStats::default()),
+            _lock: Some(Arc::new(lock)),
         };
-        let writer = journal.clone();
+        // The writer holds no lock: once every other handle is gone, the
+        // directory may be opened again.
+        let writer = Journal {
+            _lock: None,
+            ..journal.clone()
+        };
         std::thread::Builder::new()
             .name("tollgate-journal".into())
             .spawn(move || writer.write_loop(rx))
@@ -704,6 +717,37 @@ fn write_reservation(dir: &Path, next: u64) -> Result<(), JournalError> {
 }
 
 /// The journal's identity, kept in `journal-id` (created on first use).
+/// Takes `dir`'s exclusive lock (`flock` on `dir/lock`, which names the
+/// holder's pid): two processes on one journal would number records
+/// alike, and the later ones would be skipped as already applied.
+fn lock(dir: &Path) -> Result<File, JournalError> {
+    let path = dir.join("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io(path.display(), e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).map_err(|e| io(path.display(), e))?;
+            write!(file, "{}", std::process::id()).map_err(|e| io(path.display(), e))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(JournalError::Locked(format!(
+                "{} is in use by another process (pid {}): each sidecar needs a journal directory of its own",
+                dir.display(),
+                holder.trim()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(path.display(), e)),
+    }
+}
+
 fn journal_id(dir: &Path) -> Result<ProducerId, JournalError> {
     let path = dir.join("journal-id");
     let mut text = String::new();
@@ -798,6 +842,25 @@ mod tests {
             .collect();
         found.sort();
         found
+    }
+
+    /// A second open of a directory in use is refused, naming the holder;
+    /// once the first is gone, it opens.
+    #[tokio::test]
+    async fn a_journal_directory_is_opened_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(settings(dir.path())).unwrap();
+        let err = Journal::open(settings(dir.path())).unwrap_err();
+        let pid = std::process::id().to_string();
+        assert!(
+            matches!(&err, JournalError::Locked(m) if m.contains("in use by another process") && m.contains(&pid)),
+            "{err}"
+        );
+        write(&journal, 3).await;
+        drop(journal);
+        let (again, pending) = Journal::open(settings(dir.path())).unwrap();
+        assert_eq!(pending.len(), 3, "nothing the refused open touched");
+        drop(again);
     }
 
     #[tokio::test]
