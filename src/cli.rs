@@ -28,10 +28,14 @@ pub struct Cli {
 pub enum Cmd {
     /// Serve the Quota and Admin gRPC APIs (the built-in demo without --config).
     Serve(ServeArgs),
-    /// Validate a configuration file; print every problem and exit non-zero if any.
+    /// Validate a configuration file, with the flags `serve` would be given;
+    /// print every problem and exit non-zero if any.
     CheckConfig {
         /// The TOML file.
         file: PathBuf,
+        /// What `serve` would set over the file.
+        #[command(flatten)]
+        flags: ConfigFlags,
     },
     /// Reserve for a request (client of a running Tollgate).
     Reserve(ReserveArgs),
@@ -173,6 +177,19 @@ pub struct ServeArgs {
     /// Configuration file (TOML). Without it, the built-in demo is served.
     #[arg(long, env = "TOLLGATE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// What the command line sets over the file.
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Admin tokens from this file too (`[[tokens]]` entries with
+    /// operator, role and sha256; `tollgate admin token` makes one).
+    #[arg(long, value_name = "FILE", env = "TOLLGATE_ADMIN_TOKENS_FILE")]
+    pub admin_tokens: Option<PathBuf>,
+}
+
+/// Settings the command line sets over the configuration file and the
+/// environment (applied by `Settings::parse_with`, before validation).
+#[derive(Debug, Args)]
+pub struct ConfigFlags {
     /// Data-plane address, overriding server.listen.
     #[arg(long, env = "TOLLGATE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -200,10 +217,20 @@ pub struct ServeArgs {
     /// rls.config_dir.
     #[arg(long, value_name = "DIR", env = "TOLLGATE_RLS_CONFIG")]
     pub rls_config: Option<PathBuf>,
-    /// Admin tokens from this file too (`[[tokens]]` entries with
-    /// operator, role and sha256; `tollgate admin token` makes one).
-    #[arg(long, value_name = "FILE", env = "TOLLGATE_ADMIN_TOKENS_FILE")]
-    pub admin_tokens: Option<PathBuf>,
+}
+
+impl ConfigFlags {
+    fn overrides(&self) -> crate::config::Overrides {
+        crate::config::Overrides {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            http_listen: self.http_listen,
+            journal: self.journal.clone(),
+            rls_config: self.rls_config.clone(),
+            redis: self.redis.clone(),
+            redis_cluster: self.redis_cluster,
+        }
+    }
 }
 
 /// Where the client connects.
@@ -313,7 +340,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::server::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::CheckConfig { file } => Ok(match Settings::load(Some(&file), &env) {
+        Cmd::CheckConfig { file, flags } => Ok(match Settings::load(Some(&file), &env, &flags.overrides()) {
             Ok(s) => {
                 println!(
                     "{}: ok ({} plans, {} price versions, {} accounts)",
@@ -451,26 +478,20 @@ async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             };
             let consumer = consumer(&streams, &group).await?;
             let mut totals = std::collections::BTreeMap::new();
-            let (mut read, mut counted) = (0usize, 0usize);
-            loop {
-                let batch = consumer.read(1000, None).await?;
-                if batch.is_empty() {
-                    break;
-                }
-                for d in &batch {
-                    counted += usize::from(crate::consume::tally(
-                        &mut totals,
-                        &d.record,
-                        from,
-                        to,
-                        account.as_deref(),
-                    ));
-                }
-                read += batch.len();
-                consumer.ack(&batch).await?;
-            }
-            crate::consume::write_totals(&mut std::io::stdout().lock(), &totals, csv)?;
-            eprintln!("{read} records consumed, {counted} in range");
+            let mut counted = 0usize;
+            let read = consumer
+                .read_through(1000, |record| {
+                    counted += usize::from(crate::consume::tally(&mut totals, record, from, to, account.as_deref()));
+                })
+                .await?;
+            // Acknowledged only once written and flushed: an export killed
+            // or cut off before gives the same records to the next run.
+            let mut out = std::io::stdout().lock();
+            crate::consume::write_totals(&mut out, &totals, csv)?;
+            out.flush()?;
+            drop(out);
+            consumer.ack(&read).await?;
+            eprintln!("{} records consumed, {counted} in range", read.len());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -511,7 +532,8 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut settings = match Settings::load(args.config.as_deref(), &env) {
+    let flags = args.flags.overrides();
+    let mut settings = match Settings::load(args.config.as_deref(), &env, &flags) {
         Ok(s) => s,
         Err(errors) => {
             eprint!("{errors}");
@@ -520,21 +542,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     if args.config.is_none() {
         tracing::info!("no --config given: serving the built-in demo (examples/tollgate.toml)");
-    }
-    if let Some(addr) = args.listen {
-        settings.listen = addr;
-    }
-    if let Some(addr) = args.admin_listen {
-        settings.admin_listen = addr;
-    }
-    if let Some(addr) = args.http_listen {
-        settings.http_listen = Some(addr);
-    }
-    if let Some(dir) = args.journal {
-        settings.journal.dir = dir;
-    }
-    if let Some(dir) = args.rls_config.clone() {
-        settings.rls_config_dir = Some(dir);
     }
     if let Some(path) = &args.admin_tokens {
         match crate::config::read_admin_tokens(path) {
@@ -545,20 +552,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if !args.redis.is_empty() {
-        if let Some(bad) = args
-            .redis
-            .iter()
-            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-        {
-            eprintln!("--redis {bad}: must start with redis:// or rediss://");
-            return Ok(ExitCode::FAILURE);
-        }
-        settings.store.use_redis(args.redis, args.redis_cluster);
-    }
     let mut app = App::build_on_system_clock(settings).await?;
     if let Some(path) = args.config {
-        app = app.watch_config(path);
+        // Reloads read the file with the same flags over it.
+        app = app.watch_config(path, flags);
     }
     // Listening for signals before saying so: a signal from then on drains
     // rather than kills.

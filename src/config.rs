@@ -284,8 +284,10 @@ pub enum StoreKind {
 }
 
 impl StoreSettings {
-    /// Switches to Redis at `urls` (`tollgate serve --redis URL ...`):
-    /// several URLs are Cluster seed nodes.
+    /// Switches settings already validated to Redis at `urls` (for code
+    /// that builds a store in-process, as tests and benchmarks do; the
+    /// command line's `--redis` goes through [`Overrides`]): several URLs
+    /// are Cluster seed nodes.
     pub fn use_redis(&mut self, urls: Vec<String>, cluster: bool) {
         self.kind = StoreKind::Redis;
         let was_cluster = self.redis.cluster;
@@ -960,10 +962,10 @@ fn store_settings(
             );
         }
     }
-    if kind == StoreKind::Redis && r.urls.is_empty() && env("TOLLGATE_REDIS").is_none() {
+    if kind == StoreKind::Redis && r.urls.is_empty() {
         p.push(
             "store.redis.urls",
-            "required with store.kind = \"redis\" (or give --redis URL)",
+            "required with store.kind = \"redis\" (or give --redis URL, or TOLLGATE_REDIS)",
         );
     }
     if !(10..=60_000).contains(&r.deadline_ms) {
@@ -1247,9 +1249,72 @@ fn address(p: &mut Problems, path: &str, value: Option<&str>, default: &str) -> 
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
+/// What the command line sets over the file and the environment
+/// (`tollgate serve` and `check-config` flags), applied by
+/// [`Settings::parse_with`] before anything is validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `server.admin_listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// `server.http_listen`.
+    pub http_listen: Option<SocketAddr>,
+    /// `journal.dir`.
+    pub journal: Option<PathBuf>,
+    /// `rls.config_dir`.
+    pub rls_config: Option<PathBuf>,
+    /// The Redis store at these URLs (`store.kind = "redis"`,
+    /// `store.redis.urls`); several are Cluster seed nodes.
+    pub redis: Vec<String>,
+    /// The one Redis URL is a Cluster node (`store.redis.cluster`).
+    pub redis_cluster: bool,
+}
+
+impl Overrides {
+    fn apply(&self, file: &mut File, p: &mut Problems) {
+        let server = &mut file.server;
+        for (field, flag) in [
+            (&mut server.listen, self.listen),
+            (&mut server.admin_listen, self.admin_listen),
+            (&mut server.http_listen, self.http_listen),
+        ] {
+            if let Some(addr) = flag {
+                *field = Some(addr.to_string());
+            }
+        }
+        if let Some(dir) = &self.journal {
+            file.journal.dir = dir.clone();
+        }
+        if let Some(dir) = &self.rls_config {
+            file.rls.config_dir = Some(dir.clone());
+        }
+        if self.redis.is_empty() {
+            return;
+        }
+        let bad: Vec<&String> = self
+            .redis
+            .iter()
+            .filter(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            .collect();
+        if let Some(url) = bad.first() {
+            p.push("--redis", format!("{url}: must start with redis:// or rediss://"));
+            return;
+        }
+        let redis = &mut file.store.redis;
+        file.store.kind = "redis".into();
+        redis.cluster = redis.cluster || self.redis_cluster || self.redis.len() > 1;
+        redis.urls = self.redis.clone();
+    }
+}
+
 impl Settings {
     /// Reads `path`, or the built-in demo when `None`.
-    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Settings, ConfigErrors> {
         let text = match path {
             None => DEMO.to_owned(),
             Some(path) => std::fs::read_to_string(path).map_err(|e| {
@@ -1259,13 +1324,26 @@ impl Settings {
                 }])
             })?,
         };
-        Settings::parse(&text, env)
+        Settings::parse_with(&text, env, flags)
     }
 
-    /// Parses and validates TOML text, applying environment overrides
-    /// (`TOLLGATE_USAGE_SINK`, `TOLLGATE_USAGE_PATH`,
-    /// `TOLLGATE_HOLD_TTL_SECONDS`) read through `env`.
+    /// Parses and validates TOML text, with the environment's overrides
+    /// and no flags (see [`Settings::parse_with`]).
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigErrors> {
+        Settings::parse_with(text, env, &Overrides::default())
+    }
+
+    /// Parses TOML text, applies the overrides and validates the result:
+    /// the one place where file < environment < flags is decided. The
+    /// environment (read through `env`) sets `TOLLGATE_USAGE_SINK`,
+    /// `TOLLGATE_USAGE_PATH`, `TOLLGATE_HOLD_TTL_SECONDS` and
+    /// `TOLLGATE_JOURNAL`; `flags` (whose values the command line may have
+    /// taken from its own environment variables) come last.
+    pub fn parse_with(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Settings, ConfigErrors> {
         let mut file: File = toml::from_str(text).map_err(|e| syntax(text, &e))?;
         let mut p = Problems::default();
         if let Some(sink) = env("TOLLGATE_USAGE_SINK") {
@@ -1283,6 +1361,10 @@ impl Settings {
                 ),
             }
         }
+        if let Some(dir) = env("TOLLGATE_JOURNAL") {
+            file.journal.dir = PathBuf::from(dir);
+        }
+        flags.apply(&mut file, &mut p);
         let listen = address(
             &mut p,
             "server.listen",
@@ -1318,9 +1400,6 @@ impl Settings {
             })
             .collect();
         let store = store_settings(&mut p, &file.store, &file.leases, env);
-        if let Some(dir) = env("TOLLGATE_JOURNAL") {
-            file.journal.dir = PathBuf::from(dir);
-        }
         let journal = journal_settings(&mut p, &file.journal);
         if file.server.reload_poll_ms.is_some_and(|ms| ms > 3_600_000) {
             p.push("server.reload_poll_ms", "must be at most 3600000 (0: on SIGHUP only)");
@@ -1559,6 +1638,54 @@ mod tests {
             .use_redis(vec!["redis://a".into(), "redis://b".into()], false);
         assert_eq!(configured.store.leases.shards, 1);
         assert_eq!(configured.store.redis.replicas, 1);
+    }
+
+    /// The command line's `--redis` is applied before validation: a file
+    /// that names the Redis store without URLs is valid with it, as with
+    /// TOLLGATE_REDIS (which the command line reads into the same flag),
+    /// and flags win over the file and the environment.
+    #[test]
+    fn flags_are_applied_before_validation_and_win() {
+        let text = DEMO.replacen("kind = \"memory\"", "kind = \"redis\"", 1);
+        assert_ne!(text, DEMO);
+        let errors = Settings::parse(&text, &no_env).unwrap_err().0;
+        assert_eq!(errors[0].path, "store.redis.urls", "{errors:?}");
+        let flags = Overrides {
+            redis: vec!["redis://a:6379".into()],
+            journal: Some(PathBuf::from("/flag")),
+            listen: Some("127.0.0.1:7".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let env = |k: &str| (k == "TOLLGATE_JOURNAL").then(|| "/env".to_owned());
+        let s = Settings::parse_with(&text, &env, &flags).unwrap();
+        assert_eq!(s.store.kind, StoreKind::Redis);
+        assert_eq!(s.store.redis.urls, ["redis://a:6379"]);
+        assert_eq!(s.journal.dir, PathBuf::from("/flag"), "flag over environment");
+        assert_eq!(s.listen, "127.0.0.1:7".parse().unwrap());
+        let s = Settings::parse_with(
+            &text,
+            &env,
+            &Overrides {
+                journal: None,
+                ..flags.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.journal.dir, PathBuf::from("/env"), "environment over file");
+        // Two URLs are Cluster seeds: the shards follow unless configured.
+        let cluster = Overrides {
+            redis: vec!["redis://a".into(), "redis://b".into()],
+            ..Overrides::default()
+        };
+        let s = Settings::parse_with(DEMO, &no_env, &cluster).unwrap();
+        assert!(s.store.redis.cluster);
+        assert_eq!(s.store.leases.shards, 16);
+        let bad = Overrides {
+            redis: vec!["http://a".into()],
+            ..Overrides::default()
+        };
+        let errors = Settings::parse_with(DEMO, &no_env, &bad).unwrap_err().0;
+        assert_eq!(errors[0].path, "--redis", "{errors:?}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct Reloads {
 pub struct Watch {
     /// The configuration file.
     pub path: PathBuf,
+    /// The command line's flags over it.
+    pub flags: crate::config::Overrides,
     /// The Envoy rate-limit rules' directory, and the rules in force.
     pub rules: Option<(PathBuf, Arc<RulesCell>)>,
     /// How often its content is compared; `None`: on SIGHUP only.
@@ -83,7 +85,7 @@ async fn reload(
     (was, is): (Option<&[u8]>, &[u8]),
 ) -> Result<Vec<String>, Vec<String>> {
     let text = std::fs::read_to_string(&watch.path).map_err(|e| vec![format!("{}: {e}", watch.path.display())])?;
-    let settings = Settings::parse(&text, &|key| std::env::var(key).ok()).map_err(|errors| {
+    let settings = Settings::parse_with(&text, &|key| std::env::var(key).ok(), &watch.flags).map_err(|errors| {
         errors
             .0
             .iter()

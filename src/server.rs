@@ -316,11 +316,13 @@ impl App {
     }
 
     /// Reloads the catalog from `path` while serving: on SIGHUP, and when
-    /// its content changes (`server.reload_poll_ms`).
-    pub fn watch_config(mut self, path: std::path::PathBuf) -> App {
+    /// its content changes (`server.reload_poll_ms`); read with `flags`
+    /// over it, as at start.
+    pub fn watch_config(mut self, path: std::path::PathBuf, flags: crate::config::Overrides) -> App {
         let rules = self.rls.as_ref().map(|r| (r.dir.clone(), Arc::clone(&r.in_force)));
         self.watch = Some(crate::reload::Watch {
             loaded: crate::reload::snapshot(&path, rules.as_ref().map(|(dir, _)| dir.as_path())),
+            flags,
             path,
             rules,
             poll: self.reload_poll,

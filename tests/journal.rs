@@ -380,6 +380,15 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
     sidecar.stop();
     let url = redis.url();
     let window = ["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
+    // An export that cannot write its totals (a full disk, a closed pipe)
+    // acknowledges nothing: the next run gets every record.
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([&["usage", "export", "--redis", &url][..], &window[..]].concat())
+        .env_remove("TOLLGATE_REDIS")
+        .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert!(!failed.status.success(), "writing to /dev/full fails");
     let csv = tollgate(&[&["usage", "export", "--redis", &url][..], &window[..]].concat());
     // 10 × 100 input tokens at 1/M, 0+10+…+90 = 450 output tokens at 4/M.
     assert_eq!(

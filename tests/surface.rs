@@ -302,6 +302,32 @@ fn check_config_accepts_the_example_and_lists_every_problem() {
     assert!(!ok && err.contains("nonexistent"), "{err}");
 }
 
+/// A file that names the Redis store and leaves its URLs to the command
+/// line is checked, and served, with the flags over it: `check-config`
+/// takes `serve`'s flags, and its advice names one it accepts.
+#[test]
+fn check_config_applies_the_flags_serve_would_be_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tollgate.toml")).unwrap();
+    let redis = example.replacen("kind = \"memory\"", "kind = \"redis\"", 1);
+    assert_ne!(redis, example);
+    let path = dir.path().join("redis.toml");
+    std::fs::write(&path, redis).unwrap();
+    let file = path.to_str().unwrap();
+    let (ok, _, err) = run(dir.path(), &["check-config", file]);
+    assert!(
+        !ok && err.contains("store.redis.urls") && err.contains("--redis URL"),
+        "{err}"
+    );
+    let (ok, out, err) = run(dir.path(), &["check-config", file, "--redis", "redis://127.0.0.1:6390"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = run(dir.path(), &["check-config", file, "--redis", "http://127.0.0.1:6390"]);
+    assert!(
+        !ok && err.contains("--redis") && err.contains("must start with redis://"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn the_data_plane_also_listens_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();

@@ -288,7 +288,7 @@ pub async fn spawn_app_watching(config: &str) -> (TestApp, PathBuf, Arc<tollgate
     let app = App::build(settings, clock.clone())
         .await
         .expect("app builds")
-        .watch_config(path.clone());
+        .watch_config(path.clone(), Default::default());
     let reloads = app.reloads();
     (start(app, Some(clock), None, dir, usage_path).await, path, reloads)
 }
