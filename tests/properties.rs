@@ -1,12 +1,14 @@
 //! Property tests of the engine: random sequences of reserve, extend,
-//! settle, release, charge, top-up, adjust, pack grants and revocations,
-//! and clock advances over several accounts, checked after every step
-//! against the invariants of DESIGN.md:
+//! settle, release, charge, and of the operator's moves (top-up, adjust,
+//! pack grants and revocations, refunds, plan changes, credit limits, time
+//! zones, limit overrides), and clock advances over several accounts,
+//! checked after every step against the invariants of DESIGN.md:
 //!
 //! - conservation: what each ledger was granted equals the credits the
 //!   test made; what ledgers charged equals what the usage records say was
 //!   charged, to the unit; what ledgers hold equals what open holds hold;
-//! - no source below its floor (money not below minus the credit limit);
+//! - no source below its floor (money not below minus the credit limit,
+//!   or where it stood when the limit was lowered);
 //! - an idempotent replay changes nothing and emits nothing;
 //! - a refused operation changes nothing.
 
@@ -21,7 +23,7 @@ use tollgate::engine::account::{Account, Reservation};
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
 use tollgate::engine::draw::SourceRef;
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
-use tollgate::engine::limits::ScopedLimits;
+use tollgate::engine::limits::{LimitOverrides, LimitSet, ScopedLimits};
 use tollgate::engine::money::Money;
 use tollgate::engine::ops::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::period::{Anchor, PeriodUnit};
@@ -81,11 +83,36 @@ enum Op {
         acct: usize,
         id: u8,
     },
+    Refund {
+        acct: usize,
+        req: u8,
+        half: bool,
+    },
+    AssignPlan {
+        acct: usize,
+        plan: usize,
+    },
+    SetCredit {
+        acct: usize,
+        amount: i128,
+    },
+    SetTimeZone {
+        acct: usize,
+        tz: usize,
+    },
+    SetLimits {
+        acct: usize,
+        rpm: u64,
+        tpm: u64,
+    },
     Advance {
         secs: i64,
     },
     Replay,
 }
+
+const PLANS: [&str; 3] = ["payg", "pro", "cash"];
+const TIME_ZONES: [&str; 3] = ["Europe/Paris", "Pacific/Kiritimati", "America/St_Johns"];
 
 fn op() -> impl Strategy<Value = Op> {
     let acct = 0..3usize;
@@ -105,7 +132,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (acct.clone(), 0..4u8, 1..5000u64, 1..200i64, any::<bool>())
             .prop_map(|(acct, id, tokens, ttl, scoped)| Op::GrantPack { acct, id, tokens, ttl, scoped }),
         1 => (acct.clone(), 0..4u8).prop_map(|(acct, id)| Op::RevokePack { acct, id }),
+        1 => (acct.clone(), 0..14u8, any::<bool>()).prop_map(|(acct, req, half)| Op::Refund { acct, req, half }),
+        1 => (acct.clone(), 0..3usize).prop_map(|(acct, plan)| Op::AssignPlan { acct, plan }),
+        1 => (acct.clone(), 0..3_000_000i128).prop_map(|(acct, amount)| Op::SetCredit { acct, amount }),
+        1 => (acct.clone(), 0..3usize).prop_map(|(acct, tz)| Op::SetTimeZone { acct, tz }),
+        1 => (acct.clone(), 0..20u64, 0..20_000u64).prop_map(|(acct, rpm, tpm)| Op::SetLimits { acct, rpm, tpm }),
         2 => (1..50i64).prop_map(|secs| Op::Advance { secs }),
+        1 => (1..48i64).prop_map(|hours| Op::Advance { secs: hours * 3600 }),
         1 => Just(Op::Replay),
     ]
 }
@@ -181,9 +214,27 @@ struct Books {
     pack_tokens_credited: i128,
     money_recorded: i128,
     tokens_recorded: i128,
+    /// Allowance granted: each period started, at its plan's tokens.
+    allowance_granted: i128,
+    periods_seen: u64,
+    /// Paid money's floor: minus the credit limit, or where it stood when
+    /// the limit was lowered below it.
+    paid_floor: i128,
+    /// The records made, by request id (what a refund names).
+    records: std::collections::HashMap<RequestId, UsageRecord>,
 }
 
-fn command(op: &Op, now: Timestamp) -> Option<(usize, Command)> {
+impl Books {
+    /// Counts the periods `a` started since last seen, at its plan's
+    /// tokens.
+    fn periods(&mut self, a: &Account, catalog: &Catalog) {
+        let tokens = catalog.plans[&a.plan].allowance.as_ref().map_or(0, |al| al.tokens);
+        self.allowance_granted += i128::from(tokens) * i128::from(a.periods_started - self.periods_seen);
+        self.periods_seen = a.periods_started;
+    }
+}
+
+fn command(op: &Op, now: Timestamp, books: &[Books]) -> Option<(usize, Command)> {
     let rid = |req: &u8| RequestId::parse(&format!("r{req}")).unwrap();
     let resv = |req: &u8| ReservationId::parse(&format!("r{req}")).unwrap();
     let lot = |prefix: &str, id: &u8| LotId::parse(&format!("{prefix}{id}")).unwrap();
@@ -308,8 +359,109 @@ fn command(op: &Op, now: Timestamp) -> Option<(usize, Command)> {
             }),
         ),
         Op::RevokePack { acct, id } => (*acct, Command::RevokePack(lot("pack", id))),
+        Op::Refund { acct, req, half } => {
+            // A record the account made (or, if none, one it never made).
+            let request = RequestId::parse(&format!("r{req}")).unwrap();
+            let (kind, charges, settled_at, recorded) = match books[*acct].records.get(&request) {
+                Some(r) => (r.kind, r.charges.clone(), r.settled_at, Some(true)),
+                None => (
+                    tollgate::engine::record::RecordKind::Charge,
+                    vec![tollgate::engine::draw::Take {
+                        source: SourceRef::Paid,
+                        amount: 1,
+                    }],
+                    now,
+                    Some(false),
+                ),
+            };
+            let charges = charges
+                .into_iter()
+                .map(|t| tollgate::engine::draw::Take {
+                    amount: if *half { (t.amount + 1) / 2 } else { t.amount },
+                    ..t
+                })
+                .collect();
+            (
+                *acct,
+                Command::Refund {
+                    request_id: request,
+                    kind,
+                    charges,
+                    settled_at,
+                    recorded,
+                },
+            )
+        }
+        Op::AssignPlan { acct, plan } => (
+            *acct,
+            Command::AssignPlan {
+                plan: PlanId::parse(PLANS[*plan]).unwrap(),
+                anchor: None,
+            },
+        ),
+        Op::SetCredit { acct, amount } => (
+            *acct,
+            Command::Update {
+                time_zone: None,
+                credit_limit: Some(Money::from_picos(*amount)),
+            },
+        ),
+        Op::SetTimeZone { acct, tz } => (
+            *acct,
+            Command::Update {
+                time_zone: Some(TimeZone::get(TIME_ZONES[*tz]).unwrap()),
+                credit_limit: None,
+            },
+        ),
+        Op::SetLimits { acct, rpm, tpm } => (
+            *acct,
+            Command::SetOverrides(LimitOverrides {
+                account: Some(LimitSet {
+                    requests_per_minute: *rpm,
+                    tokens_per_minute: *tpm,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
         Op::Advance { .. } | Op::Replay => return None,
     })
+}
+
+/// The operator's changes that only an adjustment id makes idempotent.
+fn audited(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Refund { .. } | Command::AssignPlan { .. } | Command::Update { .. } | Command::SetOverrides(_)
+    )
+}
+
+/// `command` on `a`, an operator's change as the admin API applies it
+/// (under adjustment id `adjustment`).
+fn apply(
+    a: &mut Account,
+    catalog: &Catalog,
+    command: Command,
+    now: Timestamp,
+    adjustment: u64,
+) -> Result<tollgate::engine::Reply, tollgate::engine::EngineError> {
+    if !audited(&command) {
+        return a.apply(catalog, command, now);
+    }
+    let audit = tollgate::engine::record::AuditRecord {
+        kind: "audit".into(),
+        account_id: Some(a.id.clone()),
+        operator: "properties".into(),
+        peer: "test".into(),
+        operation: command.name().into(),
+        adjustment_id: format!("adj-{adjustment}"),
+        reason: "a property test".into(),
+        change: String::new(),
+        before: Default::default(),
+        after: Default::default(),
+        at: now,
+    };
+    a.apply_audited(catalog, command, now, &audit).map(|(reply, _)| reply)
 }
 
 /// Everything a refused or replayed operation must leave alone.
@@ -330,6 +482,7 @@ fn state(a: &Account) -> String {
 }
 
 fn record(books: &mut Books, r: &UsageRecord) {
+    books.records.insert(r.request_id.clone(), r.clone());
     let money: i128 = r
         .charges
         .iter()
@@ -360,9 +513,10 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
         assert!(l.available() >= 0, "token or promo source below zero: {l:?}");
     }
     assert!(
-        a.paid.available() >= -a.credit_limit.picos(),
-        "paid below minus the credit limit: {:?}",
-        a.paid
+        a.paid.available() >= books.paid_floor,
+        "paid below minus the credit limit (or where it stood when the limit was lowered): {:?}, floor {}",
+        a.paid,
+        books.paid_floor
     );
     assert!(
         a.debt.available() <= 0,
@@ -407,19 +561,18 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
         a.packs.values().map(|l| l.ledger.granted).sum::<i128>(),
         books.pack_tokens_credited
     );
-    if let (Some(period), Some(plan)) = (a.current_period(), catalog.plans.get(&a.plan)) {
-        let per_period = i128::from(plan.allowance.as_ref().map_or(0, |al| al.tokens));
+    if let Some(period) = a.current_period() {
         assert_eq!(
             period + 1,
             a.periods_started,
-            "no plan changes here: periods are numbered from 0"
-        );
-        assert_eq!(
-            a.allowance.granted,
-            per_period * i128::from(a.periods_started),
-            "one allowance per period"
+            "periods are numbered from 0, never again"
         );
     }
+    let _ = catalog;
+    assert_eq!(
+        a.allowance.granted, books.allowance_granted,
+        "one allowance per period started, at its plan's tokens"
+    );
     // Charged = recorded, to the unit.
     assert_eq!(
         money_ledgers().map(|l| l.charged).sum::<i128>(),
@@ -440,7 +593,7 @@ proptest! {
     fn invariants_hold_after_every_step(ops in prop::collection::vec(op(), 1..80), charge_in_full in any::<bool>()) {
         let catalog = catalog(charge_in_full);
         let mut now: Timestamp = "2026-03-29T00:30:00Z".parse().unwrap();
-        let plans = ["payg", "pro", "cash"];
+        let plans = PLANS;
         let credit = [Money::from_picos(2_000_000), Money::ZERO, Money::from_picos(500_000)];
         let mut accounts: Vec<Account> = (0..3)
             .map(|i| {
@@ -449,8 +602,20 @@ proptest! {
                 Account::open(AccountId::parse(&format!("a{i}")).unwrap(), plan, tz, None, credit[i], now).unwrap()
             })
             .collect();
-        let mut books: Vec<Books> = (0..3).map(|_| Books::default()).collect();
+        let mut books: Vec<Books> = credit
+            .iter()
+            .map(|c| Books {
+                paid_floor: -c.picos(),
+                ..Books::default()
+            })
+            .collect();
+        for (a, b) in accounts.iter().zip(books.iter_mut()) {
+            b.periods(a, &catalog);
+        }
         let mut last: Option<Op> = None;
+        // Operators' changes go through `apply_audited` under an
+        // adjustment id, as the admin API sends them: a replay reuses it.
+        let mut adjustments = 0u64;
         for op in ops {
             if let Op::Advance { secs } = op {
                 now += SignedDuration::from_secs(secs);
@@ -460,18 +625,22 @@ proptest! {
                 other => other,
             };
             let replaying = matches!(&last, Some(prev) if format!("{prev:?}") == format!("{op:?}"));
+            if !replaying {
+                adjustments += 1;
+            }
             for (a, b) in accounts.iter_mut().zip(books.iter_mut()) {
                 a.advance(&catalog, now).unwrap();
                 for r in a.take_records() {
                     record(b, &r);
                 }
+                b.periods(a, &catalog);
             }
-            let Some((i, cmd)) = command(&op, now) else {
+            let Some((i, cmd)) = command(&op, now, &books) else {
                 last = Some(op);
                 continue;
             };
             let before = state(&accounts[i]);
-            let reply = accounts[i].apply(&catalog, cmd.clone(), now);
+            let reply = apply(&mut accounts[i], &catalog, cmd.clone(), now, adjustments);
             let records = accounts[i].take_records();
             match &reply {
                 Err(_) => prop_assert_eq!(&before, &state(&accounts[i]), "a refused {:?} changed state", op),
@@ -482,17 +651,33 @@ proptest! {
                 Ok(_) => match &cmd {
                     Command::TopUp { amount, .. } | Command::Adjust { amount, .. } => books[i].money_credited += amount.picos(),
                     Command::GrantPack(g) => books[i].pack_tokens_credited += i128::from(g.tokens),
+                    // What a refund gives back is no longer charged.
+                    Command::Refund { charges, .. } => {
+                        for t in charges {
+                            if t.source.is_tokens() {
+                                books[i].tokens_recorded -= t.amount;
+                            } else {
+                                books[i].money_recorded -= t.amount;
+                            }
+                        }
+                    }
+                    Command::Update { credit_limit: Some(limit), .. } => {
+                        books[i].paid_floor = (-limit.picos()).min(accounts[i].paid.available());
+                    }
                     _ => {}
                 },
             }
             for r in &records {
                 record(&mut books[i], r);
             }
+            books[i].periods(&accounts[i], &catalog);
             // Replaying once more must answer the same and change nothing.
             if reply.is_ok() {
                 let snapshot = state(&accounts[i]);
-                let again = accounts[i].apply(&catalog, cmd, now);
-                prop_assert_eq!(format!("{reply:?}"), format!("{again:?}"));
+                let again = apply(&mut accounts[i], &catalog, cmd.clone(), now, adjustments);
+                if !audited(&cmd) {
+                    prop_assert_eq!(format!("{reply:?}"), format!("{again:?}"));
+                }
                 prop_assert_eq!(&snapshot, &state(&accounts[i]));
                 prop_assert!(accounts[i].take_records().is_empty());
             }
