@@ -201,6 +201,10 @@ pub struct Sync {
     pub need: Option<(Needed, Option<Least>)>,
     /// More permits.
     pub want_permits: Lacking,
+    /// Of those, what the command that asked needs now: a dimension whose
+    /// need the shared bucket cannot meet is lent nothing (the command is
+    /// refused anyway, and what was lent would sit idle in this sidecar).
+    pub need_permits: Lacking,
     /// How long the lease lives without another report.
     pub ttl: SignedDuration,
     /// The sidecar is leaving: take back everything it holds.
@@ -808,7 +812,13 @@ impl Account {
         granted.takes = takes;
         for (key, ask) in &sync.want_permits {
             let set = self.limits_of(catalog, key);
-            let lent = self.buckets.lease(key, &set, *ask, now);
+            let least = sync
+                .need_permits
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, p)| *p)
+                .unwrap_or_default();
+            let lent = self.buckets.lease(key, &set, *ask, least, now);
             if lent.requests < ask.requests || lent.tokens < ask.tokens {
                 let lacking = Permits {
                     requests: ask.requests - lent.requests,

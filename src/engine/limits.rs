@@ -607,21 +607,30 @@ impl Buckets {
 
     /// Shared side: takes up to `ask` from the bucket `key` (limits `set`)
     /// for a sidecar: requests and tokens the GCRA admits now, and free
-    /// concurrency slots. Figures without a limit need no permits.
-    pub fn lease(&mut self, key: &BucketKey, set: &LimitSet, ask: Permits, now: Timestamp) -> Permits {
+    /// concurrency slots; of requests and tokens, nothing unless there is
+    /// at least `least` (what the command that asked needs). Figures
+    /// without a limit need no permits.
+    pub fn lease(&mut self, key: &BucketKey, set: &LimitSet, ask: Permits, least: Permits, now: Timestamp) -> Permits {
         let bucket = self.map.entry(key.clone()).or_default();
         let mut granted = Permits::default();
         if set.requests_per_minute > 0 && ask.requests > 0 {
             let gcra = bucket.requests.at_rate(set.requests_per_minute);
             let room = gcra.headroom(burst(set.requests_per_minute, set.request_burst), now);
-            granted.requests = ask.requests.min(room.remaining);
+            if room.remaining >= least.requests {
+                granted.requests = ask.requests.min(room.remaining);
+            }
             bucket.requests = gcra;
             bucket.requests.force(granted.requests, now);
         }
         if set.tokens_per_minute > 0 && ask.tokens > 0 {
             let gcra = bucket.tokens.at_rate(set.tokens_per_minute);
             let room = gcra.headroom(burst(set.tokens_per_minute, set.token_burst), now);
-            let tokens = u64::try_from(ask.tokens).unwrap_or(u64::MAX).min(room.remaining);
+            let least_tokens = u64::try_from(least.tokens).unwrap_or(0);
+            let tokens = if room.remaining >= least_tokens {
+                u64::try_from(ask.tokens).unwrap_or(u64::MAX).min(room.remaining)
+            } else {
+                0
+            };
             granted.tokens = i128::from(tokens);
             bucket.tokens = gcra;
             bucket.tokens.force(tokens, now);

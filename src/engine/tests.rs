@@ -1030,6 +1030,7 @@ impl Sidecar {
             records,
             want: Vec::new(),
             need: short.need,
+            need_permits: short.permits.clone(),
             want_permits: short.permits,
             ttl: SignedDuration::from_secs(30),
             close,
@@ -1102,6 +1103,41 @@ fn an_oversized_reserve_borrows_nothing_and_parks_nothing() {
         panic!("{partial:?}")
     };
     assert_eq!(p.granted_output_tokens, 37, "(250,000 - 100,000) / 4,000");
+}
+
+/// A reserve beyond what the tokens-per-minute bucket can admit at once is
+/// refused without taking the bucket's tokens into one sidecar: another
+/// sidecar's small reserve is still admitted.
+#[test]
+fn a_reserve_over_the_token_limit_parks_no_permits() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 100_000_000);
+    shared.set_overrides(super::limits::LimitOverrides {
+        account: Some(LimitSet {
+            tokens_per_minute: 1000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
+    let now = t(NOW);
+    let big = a.apply(&mut shared, &c, Command::Reserve(req("big", "m", 600, 900)), now);
+    assert!(
+        matches!(
+            big,
+            Reply::Reserve(ReserveOutcome::Denied {
+                denial: Denial::RateLimited(_),
+                ..
+            })
+        ),
+        "{big:?}"
+    );
+    let small = b.apply(&mut shared, &c, Command::Reserve(req("small", "m", 100, 100)), now);
+    assert!(
+        matches!(small, Reply::Reserve(ReserveOutcome::Allowed(_))),
+        "another sidecar's small reserve is admitted: {small:?}"
+    );
 }
 
 /// The same request decided by two sidecars (a retry sent to another one):
@@ -1387,6 +1423,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         want: vec![(SourceRef::Paid, 400_000)],
         need: None,
         want_permits: Vec::new(),
+        need_permits: Vec::new(),
         ttl: SignedDuration::from_secs(30),
         close: false,
     };

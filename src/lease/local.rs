@@ -327,6 +327,7 @@ impl Local {
                 .collect(),
             want,
             need: short.need,
+            need_permits: short.permits.clone(),
             want_permits: self.rates.permits(short.permits, settings.horizon),
             ttl: settings.ttl(),
             close,
