@@ -423,3 +423,50 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         assert!(r["journal_seq"].as_u64().unwrap() > 0, "{r}");
     }
 }
+
+/// Two sidecars on one journal directory would number records alike, and
+/// the later ones would be skipped as already applied: the second refuses
+/// to start, saying why, and the first serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sidecar_on_a_journal_in_use_refuses_to_start() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let journal = dir.path().join("journal");
+    let mut first = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("a.jsonl"), &journal);
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--journal")
+        .arg(&journal)
+        .args(["--redis", &redis.url()])
+        .env("TOLLGATE_USAGE_PATH", dir.path().join("b.jsonl"))
+        .env_remove("TOLLGATE_REDIS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second sidecar started on a journal in use");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("is in use by another process"), "{err}");
+    let mut quota = first.client().await;
+    let r = quota
+        .reserve(support::reserve("shared", "after", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.decision, proto::Decision::Allow as i32);
+    first.stop();
+}
