@@ -1610,3 +1610,38 @@ fn the_same_seed_replays_exactly() {
     let other = run(8, 300).unwrap();
     assert_ne!(first.1, other.1, "another seed took the same path");
 }
+
+/// Once clients stop, each account's upkeep winds down: its slices and
+/// permits go back, its mirror is forgotten, and from then on the sidecars
+/// make no store call for it at all (a rate measured while busy decays
+/// towards zero but never reaches it: asking ahead of need on it kept an
+/// idle account lending and returning a pico-unit, forever).
+#[test]
+fn an_idle_fleet_stops_calling_the_store() {
+    let mut world = World::new(7);
+    for _ in 0..400 {
+        world.client();
+        world.now += SignedDuration::from_millis(50);
+        for s in 0..SIDECARS {
+            world.tend(s);
+        }
+    }
+    let quiet = world.now;
+    let tick = SignedDuration::from_millis(250);
+    let mut calls_at_5_min = None;
+    while world.now < quiet + SignedDuration::from_mins(10) {
+        world.now += tick;
+        for s in 0..SIDECARS {
+            world.sweep(s);
+            world.tend(s);
+        }
+        if calls_at_5_min.is_none() && world.now >= quiet + SignedDuration::from_mins(5) {
+            calls_at_5_min = Some(world.tally.store_calls);
+        }
+    }
+    let idle_calls = world.tally.store_calls - calls_at_5_min.unwrap();
+    assert_eq!(idle_calls, 0, "store calls in the last five idle minutes");
+    for sidecar in &world.sidecars {
+        assert!(sidecar.mirrors.is_empty(), "every idle mirror is forgotten");
+    }
+}

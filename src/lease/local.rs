@@ -407,7 +407,11 @@ impl Local {
         // Unnumbered records carry charges: their lease is kept alive.
         let news = has_news(&self.mirror, &self.journaled) || !self.unnumbered.is_empty();
         let idle = since_use >= settings.idle_return;
-        let refill = since_sync >= settings.report_interval / 4
+        // Ahead of need only while in use: a rate measured while busy
+        // decays towards zero but never reaches it, and asking on it kept
+        // an idle account lending and returning a unit forever.
+        let refill = !idle
+            && since_sync >= settings.report_interval / 4
             && !self.rates.wants(&self.mirror, settings.horizon, now).is_empty();
         if idle && (holds_unused(&self.mirror) || news) && since_sync >= settings.report_interval {
             Some(Upkeep::GiveBack)
