@@ -86,7 +86,10 @@ const TTL: SignedDuration = SignedDuration::from_secs(30);
 ///   journal's numbering failure dropping records while their charges
 ///   went out with the next report: they now wait, with their charges,
 ///   for the journal, `lease::Local::entries`.)
-const REGRESSIONS: &[u64] = &[3, 6, 13, 23, 27, 48, 57];
+/// - 8, 30: once contention was injected, a sync that could not commit
+///   left a reserve to what the sidecar held, and it was denied for funds
+///   or permits the account had; it is UNAVAILABLE now.
+const REGRESSIONS: &[u64] = &[3, 6, 8, 13, 23, 27, 30, 48, 57];
 
 // ---------------------------------------------------------------- tallies
 
@@ -116,6 +119,8 @@ struct Tally {
     settles_after_restart: u64,
     shutdowns: u64,
     dropped_at_close: u64,
+    busy: u64,
+    lapses_found_after_a_cut: u64,
 }
 
 impl Tally {
@@ -143,6 +148,8 @@ impl Tally {
         self.settles_after_restart += o.settles_after_restart;
         self.shutdowns += o.shutdowns;
         self.dropped_at_close += o.dropped_at_close;
+        self.busy += o.busy;
+        self.lapses_found_after_a_cut += o.lapses_found_after_a_cut;
     }
 }
 
@@ -152,6 +159,9 @@ impl Tally {
 enum Call<T> {
     /// Not reached, or failed before committing: nothing changed.
     Unreached,
+    /// Reached, but lost every race to commit against other writers
+    /// (`StoreError::Busy`): nothing changed.
+    Busy,
     /// Reached; the engine refused: nothing changed.
     Refused(EngineError),
     /// Committed. With `reply_lost`, the caller never hears of it.
@@ -226,6 +236,11 @@ impl Store {
         let Some(read) = self.read(rng, tally, reaches, id) else {
             return Call::Unreached;
         };
+        // Contention: other writers won every attempt to commit.
+        if self.fault(rng) && rng.u32(0..4) == 0 {
+            tally.busy += 1;
+            return Call::Busy;
+        }
         let mut repeated: Vec<(ProducerId, u64)> = Vec::new();
         let (out, applied, account) = loop {
             let mut account = read.clone();
@@ -316,6 +331,8 @@ struct Sidecar {
     up: bool,
     /// Its link to the store is cut (the others may still reach it).
     cut: bool,
+    /// Cut since its last sync went through.
+    cut_since_sync: bool,
     seq: u64,
     mirrors: BTreeMap<AccountId, Local>,
     disk: Disk,
@@ -331,6 +348,9 @@ struct Sidecar {
 enum Failed {
     /// UNAVAILABLE.
     Unavailable,
+    /// The store was reached but too contended to commit (a sync; the
+    /// decision goes on from what the mirror holds).
+    Busy,
     /// The engine's answer.
     Engine(String),
 }
@@ -343,6 +363,7 @@ impl Sidecar {
             producer: ProducerId::parse(&format!("s{slot}.0")).unwrap(),
             up: true,
             cut: false,
+            cut_since_sync: false,
             seq: 0,
             mirrors: BTreeMap::new(),
             disk: Disk {
@@ -746,6 +767,7 @@ impl World {
         );
         let (granted, shared) = match call {
             Call::Unreached => return Err(Failed::Unavailable),
+            Call::Busy => return Err(Failed::Busy),
             Call::Done { reply_lost: true, .. } => {
                 self.store.written_off += first_time_written_off;
                 return Err(Failed::Unavailable);
@@ -763,6 +785,9 @@ impl World {
         };
         self.note(("granted", &granted));
         self.tally.lapses += u64::from(granted.lapsed);
+        // Back from a cut to find its lease lapsed meanwhile.
+        self.tally.lapses_found_after_a_cut += u64::from(granted.lapsed && self.sidecars[s].cut_since_sync);
+        self.sidecars[s].cut_since_sync = false;
         let sidecar = &mut self.sidecars[s];
         sidecar.applied(&sync.records);
         if let Some(local) = sidecar.mirrors.get_mut(id) {
@@ -791,6 +816,7 @@ impl World {
                     let outcome = match self.sync(s, id, Some(short), Purpose::Renew) {
                         Ok(()) => SyncOutcome::Done,
                         Err(Failed::Unavailable) => SyncOutcome::Unreachable("store unreachable".into()),
+                        Err(Failed::Busy) => SyncOutcome::Busy,
                         Err(e) => return Err(e),
                     };
                     self.protocol(s, id, |local, cx| decide.synced(local, cx, outcome))
@@ -923,7 +949,7 @@ impl World {
                 |account, _| Ok((account.apply(catalog, command.clone(), now)?, Vec::new())),
             );
             let shared = match call {
-                Call::Unreached | Call::Done { reply_lost: true, .. } => continue,
+                Call::Unreached | Call::Busy | Call::Done { reply_lost: true, .. } => continue,
                 Call::Refused(e) => {
                     self.note(("admin refused", &command, e.to_string()));
                     return;
@@ -1026,6 +1052,7 @@ impl World {
             sidecar.mirrors.values_mut().for_each(Local::mark_stale);
         }
         self.tally.cuts += u64::from(cut && !sidecar.cut);
+        sidecar.cut_since_sync |= cut;
         sidecar.cut = cut;
     }
 
@@ -1141,7 +1168,7 @@ impl World {
                         "a retried {:?} answered differently",
                         call.command
                     ),
-                    Err(Failed::Unavailable) => {}
+                    Err(Failed::Unavailable | Failed::Busy) => {}
                     Err(Failed::Engine(e)) => panic!("a retried {:?} failed: {e} after {first:?}", call.command),
                 }
                 assert_eq!(records, self.tally.records, "a retry produced records");
@@ -1189,7 +1216,7 @@ impl World {
                             e.contains("settled or charged already"),
                             "a settle resent after a restart: {e}"
                         ),
-                        Err(Failed::Unavailable) => {}
+                        Err(Failed::Unavailable | Failed::Busy) => {}
                     }
                     self.tally.settles_after_restart += u64::from(again.is_ok());
                 }
@@ -1595,6 +1622,8 @@ fn random_fleets_keep_every_invariant_through_faults() {
             ("disk faults", total.disk_faults),
             ("settles answered again after a restart", total.settles_after_restart),
             ("graceful shutdowns at any moment", total.shutdowns),
+            ("commits lost to contention", total.busy),
+            ("leases lapsed during a link cut", total.lapses_found_after_a_cut),
         ] {
             assert!(count > 0, "no {kind} in {} seeds", seeds.len());
         }

@@ -110,9 +110,20 @@ impl Decide {
     pub fn synced(&mut self, local: &mut Local, cx: Context<'_>, outcome: SyncOutcome) -> Next {
         match outcome {
             SyncOutcome::Done if self.asks < ASKS => self.run(local, cx, None, None),
-            // Asked enough, or reachable but contended (many sidecars short
-            // at once near zero): not an outage; decide from what is held.
-            SyncOutcome::Done | SyncOutcome::Busy => self.run(local, cx, Some(0), None),
+            // Asked enough: decide from what is held.
+            SyncOutcome::Done => self.run(local, cx, Some(0), None),
+            // Reachable but contended (many sidecars short at once near
+            // zero): not an outage; decide from what is held, but the
+            // shared account was not read, so short of funds here is not
+            // the account's balance: retryable.
+            SyncOutcome::Busy => {
+                let why = format!(
+                    "the store is too contended to lend now, and what this sidecar holds of account {} cannot \
+                     cover the request",
+                    local.mirror().id
+                );
+                self.run(local, cx, Some(0), Some(why))
+            }
             SyncOutcome::Unreachable(why) => {
                 if !matches!(self.command, Command::Reserve(_) | Command::Charge(_)) {
                     return self.run(local, cx, Some(0), None);
@@ -128,7 +139,14 @@ impl Decide {
                     None => Next::Done(Err(Failure::Unavailable(format!(
                         "{why}; this sidecar's lease cannot cover the request and the plan fails closed"
                     )))),
-                    Some(overdraft) => self.run(local, cx, Some(overdraft), Some(why)),
+                    Some(overdraft) => {
+                        let why = format!(
+                            "{why}; what this sidecar holds of account {} (its lease and the plan's outage \
+                             allowance) cannot cover the request",
+                            local.mirror().id
+                        );
+                        self.run(local, cx, Some(overdraft), Some(why))
+                    }
                 }
             }
         }
@@ -151,9 +169,10 @@ impl Decide {
     }
 
     /// Runs the command on the mirror (as the last word with `last_word`),
-    /// in an outage of the store if `outage` says why; then journals what
-    /// it made, and syncs or answers.
-    fn run(&mut self, local: &mut Local, cx: Context<'_>, last_word: Option<i128>, outage: Option<String>) -> Next {
+    /// without the shared account's balance if `unread` says why (then a
+    /// denial for funds is UNAVAILABLE, with that reason); then journals
+    /// what it made, and syncs or answers.
+    fn run(&mut self, local: &mut Local, cx: Context<'_>, last_word: Option<i128>, unread: Option<String>) -> Next {
         let (result, records) = local.run(cx.catalog, &self.command, cx.now, last_word);
         // Looked up before `entries` takes what waits for numbers.
         let journaled = match (&result, &self.command) {
@@ -170,15 +189,13 @@ impl Decide {
             Err(e) => return Next::Done(Err(Failure::Unavailable(e))),
         };
         let then = match result {
-            Ok(reply) => match outage {
-                // Short of funds here is the outage allowance used up, not
-                // the account's balance, which nobody can read now.
-                Some(why) if denied_for_funds(&reply) => {
+            Ok(reply) => match unread {
+                // Short of funds or permits here is not the account's
+                // state, which could not be read now (an outage, or
+                // contention).
+                Some(why) if denied_for_lack(&reply) => {
                     local.untold(records);
-                    Then::Answer(Err(Failure::Unavailable(format!(
-                        "{why}; this sidecar has used up the plan's outage allowance for account {}",
-                        local.mirror().id
-                    ))))
+                    Then::Answer(Err(Failure::Unavailable(why)))
                 }
                 _ => Then::Answer(Ok(Applied {
                     reply,
@@ -269,12 +286,16 @@ fn closed(reservation: &ReservationId) -> EngineError {
     ))
 }
 
-fn denied_for_funds(reply: &Reply) -> bool {
+/// A denial for what a mirror holds: funds, or rate-limit permits.
+fn denied_for_lack(reply: &Reply) -> bool {
     matches!(
         reply,
         Reply::Reserve(ReserveOutcome::Denied {
-            denial: Denial::InsufficientFunds,
+            denial: Denial::InsufficientFunds | Denial::RateLimited(_),
             ..
-        }) | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))
+        }) | Reply::Charge(ChargeOutcome::Denied(
+            Denial::InsufficientFunds | Denial::RateLimited(_),
+            _
+        ))
     )
 }
