@@ -568,11 +568,13 @@ impl Account {
                 .as_ref()
                 .map(|s| s.window.end)
                 .filter(|end| *end <= now);
-            // At one instant: holds lapse, then lots close, then the period
-            // ends (a period is over at its end).
-            match [hold, lot, period].into_iter().flatten().min() {
+            let lease = self.next_lease_event().filter(|at| *at <= now);
+            // At one instant: holds and leases lapse, then lots close, then
+            // the period ends (a period is over at its end).
+            match [hold, lease, lot, period].into_iter().flatten().min() {
                 None => break,
                 Some(at) if hold == Some(at) => self.lapse_holds(catalog, at),
+                Some(at) if lease == Some(at) => self.lapse_leases(catalog.hold_ttl, at),
                 Some(at) if lot == Some(at) => self.close_lots(at),
                 Some(_) => self.end_period()?,
             }

@@ -372,6 +372,18 @@ fn take_lapsed(lease: &mut Lease, epoch: Option<u64>, source: &SourceRef, amount
 impl Account {
     // ---- shared side ----
 
+    /// When [`Account::lapse_leases`] next has something to do: a lease
+    /// holding anything expires, or funds set aside are due back.
+    pub(crate) fn next_lease_event(&self) -> Option<Timestamp> {
+        self.leases
+            .values()
+            .flat_map(|l| {
+                let expiry = (!l.held.is_empty() || !l.permits.is_empty()).then_some(l.expires_at);
+                expiry.into_iter().chain(l.lapsed.iter().map(|q| q.until))
+            })
+            .min()
+    }
+
     /// Lapses leases whose expiry has passed: their concurrency slots are
     /// free, their funds set aside ([`Lapsed`]) for `hold_ttl`. Funds set
     /// aside whose time is up are available again (or forfeited, for a lot

@@ -1140,6 +1140,44 @@ fn a_reserve_over_the_token_limit_parks_no_permits() {
     );
 }
 
+/// Allowance lent to a sidecar that vanished comes back when its lease's
+/// set-aside ends, in its own period, and rolls over with it, however many
+/// periods pass before the shared account is next touched.
+#[test]
+fn lent_allowance_of_a_vanished_sidecar_rolls_over_in_time_order() {
+    let mut c = catalog();
+    let mut generous = plan(
+        "generous",
+        Some(Allowance {
+            tokens: 1000,
+            period: PeriodUnit::Month,
+            anchor: Anchor::Calendar,
+            rollover_cap: 5000,
+        }),
+    );
+    generous.draw_order = SourceClass::DEFAULT_ORDER.to_vec();
+    c.plans.insert(generous.id.clone(), generous);
+    let mut shared = account(&c, "generous");
+    let mut a = Sidecar::new("a", &shared);
+    let now = t(NOW);
+    let reply = a.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 0, 900)), now);
+    assert!(matches!(reply, Reply::Reserve(ReserveOutcome::Allowed(_))), "{reply:?}");
+    assert_eq!(shared.balance(now).allowance_tokens, 100, "900 lent to a");
+    // a is never heard of again; the account is next touched two period
+    // ends later. Its 900 came back a minute or so after the reserve.
+    let end = shared.subscription.as_ref().unwrap().window.end;
+    let later = end + SignedDuration::from_hours(24 * 40);
+    shared.advance(&c, later).unwrap();
+    assert_eq!(shared.current_period(), Some(2));
+    assert_eq!(
+        shared.balance(later).allowance_tokens,
+        3000,
+        "1,000 carried into period 1, 2,000 into period 2, with its own 1,000"
+    );
+    let l = &shared.allowance;
+    assert_eq!(l.granted, l.available() + l.held + l.charged + l.forfeited);
+}
+
 /// The same request decided by two sidecars (a retry sent to another one):
 /// the store finds the second record's request id already recorded, and the
 /// shared account applies it as a repeat, giving its charges back, even
