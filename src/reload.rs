@@ -160,7 +160,7 @@ fn summary(catalog: &Catalog, price_versions: Vec<String>) -> serde_json::Map<St
     let plans: serde_json::Map<String, serde_json::Value> = catalog
         .plans
         .iter()
-        .map(|(id, plan)| (id.to_string(), digest(format!("{plan:?}").as_bytes()).into()))
+        .map(|(id, plan)| (id.to_string(), digest(canonical(plan).as_bytes()).into()))
         .collect();
     serde_json::Map::from_iter([
         ("plans".to_owned(), plans.into()),
@@ -177,6 +177,27 @@ fn summary(catalog: &Catalog, price_versions: Vec<String>) -> serde_json::Map<St
         ("recent_usage".to_owned(), catalog.recent_usage.into()),
         ("max_request_ids".to_owned(), catalog.max_request_ids.into()),
     ])
+}
+
+/// A plan's settings as text, the same for the same settings: its set of
+/// allowed models (a hash set, in no fixed order) sorted.
+fn canonical(plan: &crate::engine::catalog::Plan) -> String {
+    let models = plan.allowed_models.as_ref().map(|models| {
+        let mut models: Vec<&str> = models.iter().map(|m| m.as_str()).collect();
+        models.sort_unstable();
+        models
+    });
+    format!(
+        "{:?}",
+        (
+            &plan.id,
+            &plan.allowance,
+            &plan.draw_order,
+            models,
+            &plan.limits,
+            &plan.on_store_outage
+        )
+    )
 }
 
 /// The digest that names a reload's content (its adjustment id).
@@ -260,4 +281,26 @@ fn counted(result: &'static str) {
         .config_reloads
         .get_or_create(&crate::metrics::ReloadResult { result })
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same file read twice shows the same plans: a plan's set of
+    /// allowed models has no order of its own, and its digest must not
+    /// depend on one.
+    #[test]
+    fn a_plan_reads_the_same_in_every_audit_record() {
+        let models: Vec<String> = (0..12).map(|i| format!("\"model-{i}\"")).collect();
+        let text = crate::config::DEMO.replacen(
+            "allowed_models = [\"llama-3.1-8b\"]",
+            &format!("allowed_models = [{}]", models.join(", ")),
+            1,
+        );
+        assert_ne!(text, crate::config::DEMO);
+        let read = || Settings::parse(&text, &|_| None).unwrap().catalog;
+        let (first, again) = (read(), read());
+        assert_eq!(summary(&first, Vec::new()), summary(&again, Vec::new()));
+    }
 }
