@@ -716,7 +716,6 @@ fn write_reservation(dir: &Path, next: u64) -> Result<(), JournalError> {
     Ok(())
 }
 
-/// The journal's identity, kept in `journal-id` (created on first use).
 /// Takes `dir`'s exclusive lock (`flock` on `dir/lock`, which names the
 /// holder's pid): two processes on one journal would number records
 /// alike, and the later ones would be skipped as already applied.
@@ -748,6 +747,7 @@ fn lock(dir: &Path) -> Result<File, JournalError> {
     }
 }
 
+/// The journal's identity, kept in `journal-id` (created on first use).
 fn journal_id(dir: &Path) -> Result<ProducerId, JournalError> {
     let path = dir.join("journal-id");
     let mut text = String::new();

@@ -445,8 +445,10 @@ impl App {
         );
         let call = connections.call;
         // Health and reflection need no credential: they get the smallest
-        // messages and the call deadline too (a `Watch` answers at once and
-        // streams its body past it).
+        // messages, and health calls the call deadline too (a `Watch`
+        // answers at once and streams its body past it). Reflection is a
+        // stream both ways: each of its streams holds at most a message
+        // and a stream window, within the streams a connection may open.
         let (quota_health_service, admin_health_service) = (
             Deadline::new(quota_health_service.max_decoding_message_size(MAX_PROBE_MESSAGE), call),
             Deadline::new(admin_health_service.max_decoding_message_size(MAX_PROBE_MESSAGE), call),

@@ -298,7 +298,8 @@ impl Local {
         let all = purpose != Purpose::Renew;
         let close = purpose == Purpose::Close;
         let report = self.mirror.report(all, all);
-        let want = if all {
+        // Ahead of need only while in use (see `upkeep`).
+        let want = if all || self.idle(settings.idle_return, now) {
             Vec::new()
         } else {
             self.rates.wants(&self.mirror, settings.horizon, now)
