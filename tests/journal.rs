@@ -470,3 +470,52 @@ async fn a_second_sidecar_on_a_journal_in_use_refuses_to_start() {
     assert_eq!(r.decision, proto::Decision::Allow as i32);
     first.stop();
 }
+
+/// A charge resent to another sidecar after the first took the whole
+/// balance and its record reached Redis: the second sidecar, short of
+/// funds, asks whether the request was charged and says so, rather than
+/// deny a request that was allowed and billed. Nothing is charged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_resent_elsewhere_after_it_took_the_balance_is_known_to_be_charged() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut a = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("a.jsonl"),
+        &dir.path().join("ja"),
+    );
+    let mut b = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("b.jsonl"),
+        &dir.path().join("jb"),
+    );
+    let first = a
+        .client()
+        .await
+        .charge(charge("everything", "1000"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.decision, proto::Decision::Allow as i32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_records(&redis.url(), 1).await.is_empty() {
+        assert!(Instant::now() < deadline, "the record never reached the stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = b.client().await.charge(charge("everything", "1000")).await;
+    let status = again.expect_err("not a denial of a request that was charged");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("settled or charged already"), "{status:?}");
+    // A new request there is denied for funds, as it should be.
+    let new = b.client().await.charge(charge("more", "1")).await.unwrap().into_inner();
+    assert_eq!(new.decision, proto::Decision::Deny as i32);
+    a.stop();
+    b.stop();
+    let records = stream_records(&redis.url(), 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
+    assert_eq!(paid.charged, picos(&records));
+}

@@ -830,7 +830,7 @@ impl World {
                             .get(&(id.clone(), request))
                             .is_some_and(|at| self.now.duration_since(*at) < self.catalog.idempotency_window)),
                     };
-                    decide.recorded(recorded)
+                    self.protocol(s, id, |local, _| decide.recorded(local, recorded))
                 }
                 Next::Done(answer) => {
                     return answer.map(|a| a.reply).map_err(|f| match f {
@@ -1183,17 +1183,41 @@ impl World {
                     sidecar: others[self.rng.usize(0..others.len())],
                     ..call.clone()
                 };
-                // A settle sent to a sidecar whose hold for the reservation
-                // is smaller (the reserve resent there, the extend not) is
-                // usage above that hold: charged as debt, as designed.
-                if let Ok(Reply::Settle(record)) = self.call(&again) {
-                    let debt: i128 = record
-                        .charges
-                        .iter()
-                        .filter(|t| t.source == SourceRef::Debt)
-                        .map(|t| t.amount)
-                        .sum();
-                    *self.overage.entry(call.account.clone()).or_default() += debt;
+                // A request whose record the store has: never denied there
+                // (it was charged; the retry is told so).
+                let request = match &call.command {
+                    Command::Reserve(r) => Some(r.request_id.clone()),
+                    Command::Charge(r) => Some(r.request_id.clone()),
+                    _ => None,
+                };
+                let recorded = request.is_some_and(|r| {
+                    self.store
+                        .seen
+                        .get(&(call.account.clone(), r))
+                        .is_some_and(|at| self.now.duration_since(*at) < self.catalog.idempotency_window)
+                });
+                match self.call(&again) {
+                    // A settle sent to a sidecar whose hold for the
+                    // reservation is smaller (the reserve resent there, the
+                    // extend not) is usage above that hold: charged as
+                    // debt, as designed.
+                    Ok(Reply::Settle(record)) => {
+                        let debt: i128 = record
+                            .charges
+                            .iter()
+                            .filter(|t| t.source == SourceRef::Debt)
+                            .map(|t| t.amount)
+                            .sum();
+                        *self.overage.entry(call.account.clone()).or_default() += debt;
+                    }
+                    Ok(
+                        denied @ (Reply::Reserve(ReserveOutcome::Denied { .. })
+                        | Reply::Charge(ChargeOutcome::Denied(..))),
+                    ) => assert!(
+                        !recorded,
+                        "a request charged already was denied on another sidecar: {denied:?}"
+                    ),
+                    _ => {}
                 }
             }
             // Sent again to the same sidecar, killed and restarted meanwhile.

@@ -75,6 +75,9 @@ pub struct Decide {
     outage: Option<OutagePolicy>,
     /// What follows the journal write in flight.
     then: Option<Then>,
+    /// A denial for what the shared account lent, held back while the
+    /// store says whether the request was charged already elsewhere.
+    denied: Option<Applied>,
 }
 
 /// What follows a journal write.
@@ -93,6 +96,7 @@ impl Decide {
             asks: 0,
             outage: None,
             then: None,
+            denied: None,
         }
     }
 
@@ -197,6 +201,23 @@ impl Decide {
                     local.untold(records);
                     Then::Answer(Err(Failure::Unavailable(why)))
                 }
+                // Denied on what the shared account had: a retry of a
+                // request another sidecar (or this one before a restart)
+                // charged must be told so, not denied. One store call,
+                // on this path only.
+                None if last_word.is_some() && denied_for_lack(&reply) => match request_of(&self.command) {
+                    Some(request) => {
+                        self.denied = Some(Applied {
+                            reply,
+                            records: local.told(records),
+                        });
+                        Then::Recorded(request)
+                    }
+                    None => Then::Answer(Ok(Applied {
+                        reply,
+                        records: local.told(records),
+                    })),
+                },
                 _ => Then::Answer(Ok(Applied {
                     reply,
                     records: local.told(records),
@@ -246,9 +267,23 @@ impl Decide {
         }
     }
 
-    /// The store said whether the request the command closes was recorded
-    /// (`Err`: it could not be asked).
-    pub fn recorded(&mut self, recorded: Result<bool, String>) -> Next {
+    /// The store said whether the request the command closes (or a denied
+    /// reserve or charge names) was recorded (`Err`: it could not be
+    /// asked).
+    pub fn recorded(&mut self, local: &mut Local, recorded: Result<bool, String>) -> Next {
+        if let Some(denied) = self.denied.take() {
+            return Next::Done(match (recorded, request_of(&self.command)) {
+                (Ok(true), Some(request)) => {
+                    local.untold(denied.records);
+                    Err(Failure::Engine(EngineError::Precondition(format!(
+                        "request {request} was settled or charged already (decided by another sidecar, or before \
+                         a restart); its usage record is in the usage stream"
+                    ))))
+                }
+                // Not recorded, or the store cannot say: the denial stands.
+                _ => Ok(denied),
+            });
+        }
         let reservation = match &self.command {
             Command::Settle { reservation, .. } | Command::Release(reservation) => reservation,
             _ => {
@@ -284,6 +319,15 @@ fn closed(reservation: &ReservationId) -> EngineError {
     EngineError::Precondition(format!(
         "reservation {reservation} was settled or charged already; its usage record is in the usage stream"
     ))
+}
+
+/// The request a reserve or charge names.
+fn request_of(command: &Command) -> Option<RequestId> {
+    match command {
+        Command::Reserve(req) => Some(req.request_id.clone()),
+        Command::Charge(req) => Some(req.request_id.clone()),
+        _ => None,
+    }
 }
 
 /// A denial for what a mirror holds: funds, or rate-limit permits.

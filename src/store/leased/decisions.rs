@@ -217,7 +217,7 @@ impl RedisStore {
                 }
                 Next::Recorded(request) => {
                     let recorded = self.recorded(id, &request, now).await;
-                    decide.recorded(recorded)
+                    self.step(id, now, |local, _| decide.recorded(local, recorded))?
                 }
                 Next::Done(answer) => {
                     if let Some(policy) = decide.outage() {
