@@ -58,7 +58,7 @@ use tollgate::engine::ids::{
 };
 use tollgate::engine::lease::{Journaled, Short, Sync};
 use tollgate::engine::limits::{LimitSet, ScopedLimits};
-use tollgate::engine::ops::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
+use tollgate::engine::ops::{ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::period::{Anchor, PeriodUnit};
 use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
 use tollgate::engine::{ChargeOutcome, Command, EngineError, Money, Reply, ReserveOutcome, UsageRecord};
@@ -1183,8 +1183,8 @@ impl World {
                     sidecar: others[self.rng.usize(0..others.len())],
                     ..call.clone()
                 };
-                // A request whose record the store has: never denied there
-                // (it was charged; the retry is told so).
+                // A request whose record the store has: never denied for
+                // funds there (it was charged; the retry is told so).
                 let request = match &call.command {
                     Command::Reserve(r) => Some(r.request_id.clone()),
                     Command::Charge(r) => Some(r.request_id.clone()),
@@ -1211,8 +1211,11 @@ impl World {
                         *self.overage.entry(call.account.clone()).or_default() += debt;
                     }
                     Ok(
-                        denied @ (Reply::Reserve(ReserveOutcome::Denied { .. })
-                        | Reply::Charge(ChargeOutcome::Denied(..))),
+                        denied @ (Reply::Reserve(ReserveOutcome::Denied {
+                            denial: Denial::InsufficientFunds,
+                            ..
+                        })
+                        | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))),
                     ) => assert!(
                         !recorded,
                         "a request charged already was denied on another sidecar: {denied:?}"

@@ -201,11 +201,12 @@ impl Decide {
                     local.untold(records);
                     Then::Answer(Err(Failure::Unavailable(why)))
                 }
-                // Denied on what the shared account had: a retry of a
-                // request another sidecar (or this one before a restart)
-                // charged must be told so, not denied. One store call,
-                // on this path only.
-                None if last_word.is_some() && denied_for_lack(&reply) => match request_of(&self.command) {
+                // Denied for funds on what the shared account had: a retry
+                // of a request another sidecar (or this one before a
+                // restart) charged must be told so, not denied. One store
+                // call, on this path only (not for rate limits: a flood of
+                // denied calls would pay it on each).
+                None if last_word.is_some() && denied_for_funds(&reply) => match request_of(&self.command) {
                     Some(request) => {
                         self.denied = Some(Applied {
                             reply,
@@ -328,6 +329,17 @@ fn request_of(command: &Command) -> Option<RequestId> {
         Command::Charge(req) => Some(req.request_id.clone()),
         _ => None,
     }
+}
+
+/// A denial for funds.
+fn denied_for_funds(reply: &Reply) -> bool {
+    matches!(
+        reply,
+        Reply::Reserve(ReserveOutcome::Denied {
+            denial: Denial::InsufficientFunds,
+            ..
+        }) | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))
+    )
 }
 
 /// A denial for what a mirror holds: funds, or rate-limit permits.
