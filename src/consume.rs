@@ -91,22 +91,8 @@ impl Consumer {
         let mut out = Vec::new();
         for stream in &self.streams {
             for from in ["0", ">"] {
-                let mut cmd = redis::cmd("XREADGROUP");
-                cmd.arg("GROUP")
-                    .arg(&self.group)
-                    .arg(&self.name)
-                    .arg("COUNT")
-                    .arg(count);
-                if from == ">"
-                    && let Some(ms) = block
-                    && out.is_empty()
-                    && self.streams.len() == 1
-                {
-                    cmd.arg("BLOCK").arg(ms);
-                }
-                cmd.arg("STREAMS").arg(stream).arg(from);
-                let reply: redis::Value = self.redis.query(&cmd).await?;
-                out.extend(parse(stream, &reply));
+                let wait = block.filter(|_| from == ">" && out.is_empty() && self.streams.len() == 1);
+                out.extend(self.read_group(stream, from, count, wait).await?);
             }
         }
         if out.is_empty()
@@ -135,17 +121,7 @@ impl Consumer {
             // give the same ones again); new ones from ">" until none.
             let mut from = "0".to_owned();
             loop {
-                let mut cmd = redis::cmd("XREADGROUP");
-                cmd.arg("GROUP")
-                    .arg(&self.group)
-                    .arg(&self.name)
-                    .arg("COUNT")
-                    .arg(count)
-                    .arg("STREAMS")
-                    .arg(stream)
-                    .arg(&from);
-                let reply: redis::Value = self.redis.query(&cmd).await?;
-                let batch = parse(stream, &reply);
+                let batch = self.read_group(stream, &from, count, None).await?;
                 if batch.is_empty() {
                     if from == ">" {
                         break;
@@ -164,6 +140,30 @@ impl Consumer {
             }
         }
         Ok(all)
+    }
+
+    /// One `XREADGROUP` of `stream` from `from` (`0` and on: given to this
+    /// consumer and not acknowledged; `>`: never given), up to `count`,
+    /// waiting up to `block` ms for new ones.
+    async fn read_group(
+        &self,
+        stream: &str,
+        from: &str,
+        count: usize,
+        block: Option<u64>,
+    ) -> Result<Vec<Delivered>, StoreError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(ms) = block {
+            cmd.arg("BLOCK").arg(ms);
+        }
+        cmd.arg("STREAMS").arg(stream).arg(from);
+        let reply: redis::Value = self.redis.query(&cmd).await?;
+        Ok(parse(stream, &reply))
     }
 
     /// Acknowledges processed records.

@@ -579,7 +579,6 @@ impl Account {
                 Some(_) => self.end_period()?,
             }
         }
-        self.lapse_leases(catalog.hold_ttl, now);
         Ok(())
     }
 

@@ -193,11 +193,11 @@ impl Decide {
             Err(e) => return Next::Done(Err(Failure::Unavailable(e))),
         };
         let then = match result {
-            Ok(reply) => match unread {
+            Ok(reply) => match (unread, denial(&reply), request_of(&self.command)) {
                 // Short of funds or permits here is not the account's
                 // state, which could not be read now (an outage, or
                 // contention).
-                Some(why) if denied_for_lack(&reply) => {
+                (Some(why), Some(Denial::InsufficientFunds | Denial::RateLimited(_)), _) => {
                     local.untold(records);
                     Then::Answer(Err(Failure::Unavailable(why)))
                 }
@@ -206,19 +206,14 @@ impl Decide {
                 // restart) charged must be told so, not denied. One store
                 // call, on this path only (not for rate limits: a flood of
                 // denied calls would pay it on each).
-                None if last_word.is_some() && denied_for_funds(&reply) => match request_of(&self.command) {
-                    Some(request) => {
-                        self.denied = Some(Applied {
-                            reply,
-                            records: local.told(records),
-                        });
-                        Then::Recorded(request)
-                    }
-                    None => Then::Answer(Ok(Applied {
+                (None, Some(Denial::InsufficientFunds), Some(request)) if last_word.is_some() => {
+                    let request = request.clone();
+                    self.denied = Some(Applied {
                         reply,
                         records: local.told(records),
-                    })),
-                },
+                    });
+                    Then::Recorded(request)
+                }
                 _ => Then::Answer(Ok(Applied {
                     reply,
                     records: local.told(records),
@@ -322,36 +317,21 @@ fn closed(reservation: &ReservationId) -> EngineError {
     ))
 }
 
-/// The request a reserve or charge names.
-fn request_of(command: &Command) -> Option<RequestId> {
+/// The request a reserve or charge names (the commands that are denied).
+fn request_of(command: &Command) -> Option<&RequestId> {
     match command {
-        Command::Reserve(req) => Some(req.request_id.clone()),
-        Command::Charge(req) => Some(req.request_id.clone()),
+        Command::Reserve(req) => Some(&req.request_id),
+        Command::Charge(req) => Some(&req.request_id),
         _ => None,
     }
 }
 
-/// A denial for funds.
-fn denied_for_funds(reply: &Reply) -> bool {
-    matches!(
-        reply,
-        Reply::Reserve(ReserveOutcome::Denied {
-            denial: Denial::InsufficientFunds,
-            ..
-        }) | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))
-    )
-}
-
-/// A denial for what a mirror holds: funds, or rate-limit permits.
-fn denied_for_lack(reply: &Reply) -> bool {
-    matches!(
-        reply,
-        Reply::Reserve(ReserveOutcome::Denied {
-            denial: Denial::InsufficientFunds | Denial::RateLimited(_),
-            ..
-        }) | Reply::Charge(ChargeOutcome::Denied(
-            Denial::InsufficientFunds | Denial::RateLimited(_),
-            _
-        ))
-    )
+/// Why `reply` denied, if it is a denial.
+fn denial(reply: &Reply) -> Option<&Denial> {
+    match reply {
+        Reply::Reserve(ReserveOutcome::Denied { denial, .. }) | Reply::Charge(ChargeOutcome::Denied(denial, _)) => {
+            Some(denial)
+        }
+        _ => None,
+    }
 }
