@@ -66,7 +66,7 @@ async fn three_sidecars_on_a_redis_cluster_drain_one_account_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
+async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal() {
     let redis = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     // Holds lapse after a second.
@@ -80,7 +80,8 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
     let lent_at_crash: i128 = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]).held;
     assert!(lent_at_crash > 0, "the fleet held slices when one crashed");
     // The others go on; the crashed one's lease lapses 3 s after its last
-    // sync, and what it held comes back a hold TTL later.
+    // sync, and what it held is set aside: records made under it may
+    // still come (from its journal), within the idempotency window.
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -98,6 +99,35 @@ async fn a_crashed_sidecars_lease_comes_back_after_its_ttl() {
         .filter(|l| l["epoch"].as_u64() > Some(1))
         .collect();
     assert_eq!(lapsed.len(), 1, "exactly the crashed sidecar's lease lapsed: {account}");
+    assert!(
+        Ledger::of(&account["paid"]).held > 0,
+        "what the crashed sidecar held is set aside, not lent again: {account}"
+    );
+    // Restarted on its journal, it reports what the journal holds and takes
+    // back what its predecessor's lease held, at its first sync.
+    sidecars[0] = Sidecar::spawn(
+        &write_config(dir.path(), &config),
+        &[redis.url()],
+        dir.path().join("usage-0.jsonl"),
+    );
+    let mut quota = sidecars[0].client().await;
+    let reserve = tollgate::proto::ReserveRequest {
+        account_id: "shared".into(),
+        model: "m".into(),
+        request_id: "after-the-restart".into(),
+        input_tokens: 1,
+        max_output_tokens: 1,
+        ..Default::default()
+    };
+    let reserved = quota.reserve(reserve).await.unwrap().into_inner();
+    if !reserved.reservation_id.is_empty() {
+        let release = tollgate::proto::ReleaseRequest {
+            account_id: "shared".into(),
+            reservation_id: reserved.reservation_id,
+        };
+        quota.release(release).await.unwrap();
+    }
+    sidecars[0].stop();
     let paid = quiescent(redis.port, 1, PAID);
     let survivors = sidecars[1..]
         .iter()

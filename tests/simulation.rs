@@ -28,8 +28,9 @@
 //! reference of what the operators credited and what was acknowledged:
 //! no source below its floor in the shared account or any mirror, no debt
 //! at all on the plan without a credit line (its clients settle within
-//! their holds) beyond what records reported more than a hold TTL after
-//! they were made charged, money granted equal to what was credited,
+//! their holds) beyond what records reported more than a hold TTL and the
+//! idempotency window after they were made charged (past the window no
+//! guarantee holds: a lapsed lease's funds are lent again), money granted equal to what was credited,
 //! ledgers holding exactly what leases and holds hold, the usage stream
 //! free of duplicates within the idempotency window. At quiescent points
 //! (every sidecar shut down and restarted, and at the end) the usage stream
@@ -183,10 +184,11 @@ struct Store {
     /// idempotency window).
     seen: BTreeMap<RecordId, Timestamp>,
     /// Money charged per account by records that reached the store more
-    /// than a hold TTL after they were made (their sidecar cut off, or
-    /// down, or not run at all across a clock jump): what its lapsed lease
-    /// set aside for them may have gone back and been lent again, so these
-    /// alone may become debt. A sidecar that runs reports within a second.
+    /// than a hold TTL and the idempotency window after they were made
+    /// (their sidecar cut off, or down, or not run at all across a clock
+    /// jump): what its lapsed lease set aside for them may have gone back
+    /// and been lent again, so these alone may become debt. A sidecar that
+    /// runs reports within a second.
     late: BTreeMap<AccountId, i128>,
     /// How late a record may arrive and still find its lease's funds.
     covered_for: SignedDuration,
@@ -572,7 +574,7 @@ impl World {
             stream: Vec::new(),
             seen: BTreeMap::new(),
             late: BTreeMap::new(),
-            covered_for: catalog.hold_ttl,
+            covered_for: catalog.hold_ttl + catalog.idempotency_window,
             hold_ttl: catalog.hold_ttl,
             written_off: 0,
             down: false,
@@ -1372,6 +1374,16 @@ impl World {
                     self.sidecars[s].disk.entries
                 );
             }
+            // Every account once, so what the leases of this journal's
+            // earlier processes hold comes back (a restart's first sync
+            // takes it back) rather than an idempotency window later.
+            for id in self.accounts.clone() {
+                let mut tries = 0;
+                while self.ensure_mirror(s, &id).is_err() || self.sync(s, &id, None, Purpose::Renew).is_err() {
+                    tries += 1;
+                    assert!(tries < 200, "a sync never got through");
+                }
+            }
             self.shut_down(s, true);
             self.sidecars[s].restart();
             assert!(
@@ -1380,9 +1392,10 @@ impl World {
                 self.sidecars[s].disk.entries
             );
         }
-        // Leases of crashed processes lapse at their expiry; what they held
-        // is taken back a hold TTL later, by the next sync on the account.
-        self.now += TTL + self.catalog.hold_ttl + SignedDuration::from_secs(1);
+        // Every lease is back: each was this process's, or an earlier
+        // one's on the same journal. Past every expiry, one more sync on
+        // each account finds nothing left to lapse.
+        self.now += TTL + SignedDuration::from_secs(1);
         for id in self.accounts.clone() {
             let mut tries = 0;
             while self.ensure_mirror(0, &id).is_err() || self.sync(0, &id, None, Purpose::Close).is_err() {

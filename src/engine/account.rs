@@ -574,7 +574,7 @@ impl Account {
             match [hold, lease, lot, period].into_iter().flatten().min() {
                 None => break,
                 Some(at) if hold == Some(at) => self.lapse_holds(catalog, at),
-                Some(at) if lease == Some(at) => self.lapse_leases(catalog.hold_ttl, at),
+                Some(at) if lease == Some(at) => self.lapse_leases(catalog, at),
                 Some(at) if lot == Some(at) => self.close_lots(at),
                 Some(_) => self.end_period()?,
             }

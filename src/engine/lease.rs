@@ -65,17 +65,24 @@ pub struct Lease {
     /// held until no hold made under it can be charged any more.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lapsed: Vec<Lapsed>,
+    /// The journal of the process holding it: a process restarted on the
+    /// same journal takes back what its predecessors' leases hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<ProducerId>,
 }
 
 /// The funds of a lapsed lease. Its sidecar may be cut off, not gone: it
 /// still settles the holds it made under the lease, and reports their
-/// charges when it is back. Lent to another sidecar meanwhile, the same
-/// funds would be spent twice, so they stay held, covering those charges,
-/// until a hold TTL has passed over the lease's expiry (a hold made under
-/// it lapses by then, unless extended). A sidecar back from the cut says
-/// in each report what its open holds of lapsed leases still hold: only
-/// that is kept, for a hold TTL from the report (they may be extended).
-/// A sidecar that starts anew (epoch 0) or leaves takes it all back.
+/// charges when it is back, or after a restart from its journal. Lent to
+/// another sidecar meanwhile, the same funds would be spent twice, so they
+/// stay held, covering those charges, until a record made under the lease
+/// can no longer arrive within the idempotency window: a hold TTL (a hold
+/// made under it lapses by then, unless extended) and the window past the
+/// lease's expiry. A sidecar back from the cut says in each report what
+/// its open holds of lapsed leases still hold: only that is kept, for a
+/// hold TTL from the report (they may be extended). A sidecar that starts
+/// anew (epoch 0), leaves, or restarts on the same journal (once its
+/// records are in) takes it all back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lapsed {
     /// The lease's epoch when it lapsed.
@@ -209,6 +216,10 @@ pub struct Sync {
     pub ttl: SignedDuration,
     /// The sidecar is leaving: take back everything it holds.
     pub close: bool,
+    /// The sidecar's journal, when every record of this account that
+    /// earlier processes left in it is in this sync or applied before:
+    /// what those processes' leases hold is taken back.
+    pub journal: Option<ProducerId>,
 }
 
 /// What a sync did: the answer for the sidecar, and the journaled records
@@ -385,10 +396,14 @@ impl Account {
     }
 
     /// Lapses leases whose expiry has passed: their concurrency slots are
-    /// free, their funds set aside ([`Lapsed`]) for `hold_ttl`. Funds set
-    /// aside whose time is up are available again (or forfeited, for a lot
-    /// closed or a period ended since).
-    pub(crate) fn lapse_leases(&mut self, hold_ttl: SignedDuration, now: Timestamp) {
+    /// free, their funds set aside ([`Lapsed`]) for the hold TTL and the
+    /// idempotency window. Funds set aside whose time is up are available
+    /// again (or forfeited, for a lot closed or a period ended since).
+    pub(crate) fn lapse_leases(&mut self, catalog: &Catalog, now: Timestamp) {
+        let kept = catalog
+            .hold_ttl
+            .checked_add(catalog.idempotency_window)
+            .unwrap_or(catalog.hold_ttl);
         let due: Vec<ProducerId> = self
             .leases
             .iter()
@@ -408,7 +423,7 @@ impl Account {
                     lease.lapsed.push(Lapsed {
                         epoch: lease.epoch,
                         held: std::mem::take(&mut lease.held),
-                        until: lease.expires_at.checked_add(hold_ttl).unwrap_or(now),
+                        until: lease.expires_at.checked_add(kept).unwrap_or(now),
                     });
                 }
                 lease.epoch += 1;
@@ -431,6 +446,30 @@ impl Account {
             self.unhold(&q.held);
         }
         self.free_permits(lease, now);
+    }
+
+    /// Takes back what the leases of earlier processes on `journal` hold,
+    /// set aside or not: the process now syncing was restarted on that
+    /// journal and has reported every record it held of this account, so
+    /// none of theirs can still arrive. (Two live processes never share a
+    /// journal: it is locked.) Each is put past its epoch, as a lapse.
+    fn take_back_predecessors(&mut self, journal: &ProducerId, now: Timestamp) {
+        let earlier: Vec<ProducerId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.journal.as_ref() == Some(journal))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in earlier {
+            let Some(mut lease) = self.leases.remove(&id) else {
+                continue;
+            };
+            if !lease.held.is_empty() || !lease.permits.is_empty() || !lease.lapsed.is_empty() {
+                self.take_back(&mut lease, now);
+                lease.epoch += 1;
+            }
+            self.leases.insert(id, lease);
+        }
     }
 
     /// Frees the concurrency slots `lease` holds.
@@ -628,6 +667,7 @@ impl Account {
                     epoch: sync.epoch.checked_add(1).ok_or(EngineError::Overflow)?,
                     last: None,
                     lapsed: Vec::new(),
+                    journal: None,
                 },
                 sync.epoch != 0,
             ),
@@ -698,6 +738,10 @@ impl Account {
                 applied.push(entry.clone());
             }
         }
+        if let Some(journal) = &sync.journal {
+            self.take_back_predecessors(journal, now);
+        }
+        lease.journal = sync.journal.clone();
         if sync.epoch == 0 {
             // Nothing of it is known to the mirror now reporting.
             self.take_back(&mut lease, now);

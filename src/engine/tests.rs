@@ -954,6 +954,8 @@ struct Sidecar {
     producer: super::ids::ProducerId,
     seq: u64,
     mirror: Account,
+    /// Its journal's id, named on its syncs (none by default).
+    journal_id: Option<super::ids::ProducerId>,
 }
 
 impl Sidecar {
@@ -962,6 +964,7 @@ impl Sidecar {
             producer: super::ids::ProducerId::parse(name).unwrap(),
             seq: 0,
             mirror: Account::mirror_of(shared),
+            journal_id: None,
         }
     }
 
@@ -1034,6 +1037,7 @@ impl Sidecar {
             want_permits: short.permits,
             ttl: SignedDuration::from_secs(30),
             close,
+            journal: self.journal_id.clone(),
         };
         let synced = shared.sync(c, &sync, repeated, now).unwrap();
         self.mirror.refresh_mirror(shared);
@@ -1382,9 +1386,10 @@ fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
 }
 
 /// A sidecar that never comes back: what its lapsed lease held is lent
-/// again once no hold made under it can be charged any more.
+/// again once no record made under it can arrive within the idempotency
+/// window (a hold TTL and the window past the lease's expiry).
 #[test]
-fn a_vanished_sidecars_lease_comes_back_a_hold_ttl_after_it_lapsed() {
+fn a_vanished_sidecars_lease_comes_back_once_its_records_can_no_longer_arrive() {
     let c = catalog();
     let mut shared = account(&c, "payg");
     top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
@@ -1396,9 +1401,101 @@ fn a_vanished_sidecars_lease_comes_back_a_hold_ttl_after_it_lapsed() {
     assert!(held > 0);
     let first = drain(&mut b, &mut shared, &c, "b", now + SignedDuration::from_secs(31));
     assert_eq!(first, 1_000_000 - held, "all but what a's lease held");
-    let after = now + SignedDuration::from_secs(30) + c.hold_ttl;
-    let second = drain(&mut b, &mut shared, &c, "c", after);
+    let expiry = now + SignedDuration::from_secs(30);
+    let still = drain(
+        &mut b,
+        &mut shared,
+        &c,
+        "c",
+        expiry + c.hold_ttl + SignedDuration::from_secs(1),
+    );
+    assert_eq!(still, 0, "a may still report what it charged under the lease");
+    let after = expiry + c.hold_ttl + c.idempotency_window;
+    let second = drain(&mut b, &mut shared, &c, "d", after);
     assert_eq!(first + second, 1_000_000, "then that too");
+}
+
+/// A sidecar cut off past its lease's expiry and a hold TTL settles a hold
+/// it made under the lease, and reports when it is back, within the
+/// idempotency window. What the lease held stayed set aside, so the charge
+/// finds it. It was once lent again after a hold TTL, and the late charge
+/// went to debt on a plan without credit.
+#[test]
+fn charges_reported_late_within_the_window_are_covered_by_what_their_lease_set_aside() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let mut a = Sidecar::new("a", &shared);
+    let mut b = Sidecar::new("b", &shared);
+    let now = t(NOW);
+    let at = |s: i64| now + SignedDuration::from_secs(s);
+    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
+        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
+    else {
+        panic!("a holds a slice")
+    };
+    // Cut off, a settles within the hold's TTL; it cannot report.
+    let settle = Command::Settle {
+        reservation: r.reservation_id,
+        usage: usage(10, 10),
+    };
+    a.mirror.apply(&c, settle, at(50)).unwrap();
+    // Past the lease's expiry and a hold TTL, b takes what it can.
+    let drained = drain(
+        &mut b,
+        &mut shared,
+        &c,
+        "b",
+        at(30) + c.hold_ttl + SignedDuration::from_secs(1),
+    );
+    assert_eq!(drained, 1_000_000 - 50_000, "all but what a's lease held");
+    // a is back ten minutes later.
+    a.sync(&mut shared, &c, no_short(), true, at(600));
+    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
+    assert_eq!(shared.paid.charged, 1_000_000);
+    assert_eq!(shared.paid.held, 0);
+}
+
+/// A sidecar killed and restarted on its journal reports what its
+/// predecessor journaled; what the predecessor's lease held, set aside or
+/// not, comes back with that report rather than after the window.
+#[test]
+fn a_sidecar_restarted_on_its_journal_takes_back_its_predecessors_lease() {
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let journal = super::ids::ProducerId::parse("journal-1").unwrap();
+    let mut a = Sidecar::new("a", &shared);
+    a.journal_id = Some(journal.clone());
+    let mut b = Sidecar::new("b", &shared);
+    let now = t(NOW);
+    let at = |s: i64| now + SignedDuration::from_secs(s);
+    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
+        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
+    else {
+        panic!("a holds a slice")
+    };
+    let settle = Command::Settle {
+        reservation: r.reservation_id,
+        usage: usage(10, 4),
+    };
+    a.mirror.apply(&c, settle, at(1)).unwrap();
+    let records = a.journal(&mut 0);
+    // a is killed; its lease lapses, what it held is set aside.
+    b.sync(&mut shared, &c, no_short(), false, at(31));
+    assert_eq!(shared.paid.held, 50_000, "a's slice is set aside");
+    // Restarted on the same journal, under a new producer id.
+    let mut again = Sidecar::new("a-again", &shared);
+    again.journal_id = Some(journal);
+    let synced = again.sync_records(&mut shared, &c, no_short(), false, (records, &[]), at(40));
+    assert_eq!(synced.applied.len(), 1, "the journaled settle is applied");
+    assert_eq!(shared.paid.held, 0, "the predecessor's lease holds nothing now");
+    assert_eq!(shared.debt.charged, 0);
+    assert_eq!(shared.paid.available() + shared.paid.charged, 1_000_000);
+    assert!(
+        shared.paid.charged > 0 && shared.paid.charged < 50_000,
+        "the settle, not the hold"
+    );
 }
 
 #[test]
@@ -1464,6 +1561,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         need_permits: Vec::new(),
         ttl: SignedDuration::from_secs(30),
         close: false,
+        journal: None,
     };
     // A first lease: epoch 1 (a mirror that never held one is at 0).
     let first = shared.sync(&c, &ask(1, 0, vec![]), &[], now).unwrap().granted;
@@ -1497,7 +1595,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         "an older report is refused"
     );
     // The sidecar goes silent: at the expiry what was lent is set aside,
-    // lent to nobody, for the hold TTL.
+    // lent to nobody.
     let later = now + SignedDuration::from_secs(30);
     shared.apply(&c, Command::Balance, later).unwrap();
     assert_eq!(shared.paid.held, 337_500);
@@ -1513,15 +1611,17 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         shared.leases[&producer].lapsed[0].held,
         vec![take(SourceRef::Paid, 287_500)]
     );
-    // A hold TTL after each lease's expiry, the rest comes back.
+    // A hold TTL and the idempotency window after each lease's expiry (no
+    // record made under it can arrive later), the rest comes back.
     let lent_late = late.granted.takes[0].amount;
-    shared.apply(&c, Command::Balance, later + c.hold_ttl).unwrap();
+    let kept = c.hold_ttl + c.idempotency_window;
+    shared.apply(&c, Command::Balance, later + kept).unwrap();
     assert_eq!(
         shared.paid.held, lent_late,
         "the new lease's slice, set aside in its turn"
     );
     shared
-        .apply(&c, Command::Balance, later + SignedDuration::from_secs(30) + c.hold_ttl)
+        .apply(&c, Command::Balance, later + SignedDuration::from_secs(30) + kept)
         .unwrap();
     assert_eq!(shared.paid.held, 0);
     assert_eq!(

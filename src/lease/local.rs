@@ -332,6 +332,9 @@ impl Local {
             want_permits: self.rates.permits(short.permits, settings.horizon),
             ttl: settings.ttl(),
             close,
+            // Every record earlier processes left in the journal for this
+            // account was placed with the mirror when it was made.
+            journal: own.cloned(),
         };
         self.pending = Some(sync.clone());
         sync
