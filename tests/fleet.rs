@@ -423,8 +423,8 @@ async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
     const CALLS: usize = 30;
     let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let dir = tempfile::tempdir().unwrap();
-    // Holds lapse after a second, so the killed process's lease comes back
-    // (3 s and a hold TTL after its last sync) before the end.
+    // Holds lapse after a second; the killed process's lease comes back at
+    // its restart's first sync of the account.
     let config = FLEET.replace("[plans.payg]", "[holds]\nttl_seconds = 1\n\n[plans.payg]");
     let config = write_config(dir.path(), &config);
     let journal = |i: usize| dir.path().join(format!("journal-{i}"));

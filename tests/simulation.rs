@@ -1198,20 +1198,26 @@ impl World {
                         .get(&(call.account.clone(), r))
                         .is_some_and(|at| self.now.duration_since(*at) < self.catalog.idempotency_window)
                 });
-                match self.call(&again) {
-                    // A settle sent to a sidecar whose hold for the
-                    // reservation is smaller (the reserve resent there, the
-                    // extend not) is usage above that hold: charged as
-                    // debt, as designed.
-                    Ok(Reply::Settle(record)) => {
-                        let debt: i128 = record
+                let debt_before = self.mirror_debt(again.sidecar, &call.account);
+                let answered = self.call(&again);
+                // A settle sent to a sidecar whose hold for the reservation
+                // is smaller (the reserve resent there, the extend not) is
+                // usage above that hold: charged as debt, as designed, and
+                // by the mirror even when the answer is lost (a journal
+                // write that failed after the settle was applied).
+                if matches!(again.command, Command::Settle { .. }) {
+                    let debt = match &answered {
+                        Ok(Reply::Settle(record)) => record
                             .charges
                             .iter()
                             .filter(|t| t.source == SourceRef::Debt)
                             .map(|t| t.amount)
-                            .sum();
-                        *self.overage.entry(call.account.clone()).or_default() += debt;
-                    }
+                            .sum(),
+                        _ => self.mirror_debt(again.sidecar, &call.account) - debt_before,
+                    };
+                    *self.overage.entry(call.account.clone()).or_default() += debt.max(0);
+                }
+                match answered {
                     Ok(
                         denied @ (Reply::Reserve(ReserveOutcome::Denied {
                             denial: Denial::InsufficientFunds,
@@ -1297,6 +1303,14 @@ impl World {
 
     /// Debt that settles sent to another sidecar than the one that
     /// extended their hold explain on account `id`.
+    /// The debt `id`'s mirror on sidecar `s` has charged, if it has one.
+    fn mirror_debt(&self, s: usize, id: &AccountId) -> i128 {
+        self.sidecars[s]
+            .mirrors
+            .get(id)
+            .map_or(0, |local| local.mirror().debt.charged)
+    }
+
     fn overage(&self, id: &AccountId) -> i128 {
         self.overage.get(id).copied().unwrap_or(0)
     }
