@@ -30,6 +30,16 @@ pub struct Published {
     pub audit: Option<AuditRecord>,
 }
 
+/// How a command reached [`Tollgate::run`].
+enum Call {
+    /// A client's call.
+    Plain,
+    /// A client's call sent again after an unknown outcome.
+    Resent,
+    /// An operator's change, with its audit record.
+    Audited(Box<AuditRecord>),
+}
+
 /// Tollgate's operations, shared by every request handler.
 #[derive(Clone)]
 pub struct Tollgate {
@@ -103,7 +113,13 @@ impl Tollgate {
     /// Once the sink has stopped (its writer failed), commands are refused
     /// rather than charged without a record.
     pub async fn apply(&self, account: &AccountId, command: Command) -> Result<Reply, StoreError> {
-        self.run(account, command, None).await
+        self.run(account, command, Call::Plain).await
+    }
+
+    /// Runs a client's `command` that it sent again after an unknown
+    /// outcome (see [`Store::apply_resent`]).
+    pub async fn apply_resent(&self, account: &AccountId, command: Command) -> Result<Reply, StoreError> {
+        self.run(account, command, Call::Resent).await
     }
 
     /// Runs an operator's `command` on `account` like [`Tollgate::apply`],
@@ -115,15 +131,10 @@ impl Tollgate {
         command: Command,
         audit: AuditRecord,
     ) -> Result<Reply, StoreError> {
-        self.run(account, command, Some(audit)).await
+        self.run(account, command, Call::Audited(Box::new(audit))).await
     }
 
-    async fn run(
-        &self,
-        account: &AccountId,
-        command: Command,
-        audit: Option<AuditRecord>,
-    ) -> Result<Reply, StoreError> {
+    async fn run(&self, account: &AccountId, command: Command, call: Call) -> Result<Reply, StoreError> {
         if self.usage.is_closed() {
             return Err(StoreError::Unavailable(
                 "the usage sink has stopped; refusing to change an account without its record".into(),
@@ -134,9 +145,10 @@ impl Tollgate {
         tokio::spawn(
             async move {
                 let now = this.now();
-                let applied = match audit {
-                    None => this.store.apply(&account, command, now).await?,
-                    Some(audit) => {
+                let applied = match call {
+                    Call::Plain => this.store.apply(&account, command, now).await?,
+                    Call::Resent => this.store.apply_resent(&account, command, now).await?,
+                    Call::Audited(audit) => {
                         let (applied, record) = this.store.apply_audited(&account, command, now, &audit).await?;
                         if let Some(record) = record
                             && this.usage.send(Emitted::Audit(Arc::new(record))).await.is_err()

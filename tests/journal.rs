@@ -203,6 +203,25 @@ fn charge(request_id: &str, money: &str) -> proto::ChargeRequest {
     }
 }
 
+/// `message` marked as a call its client sends again after an unknown
+/// outcome, as gRPC's retry machinery and Tollgate's clients mark it.
+fn resent<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert(tollgate::api::quota::PREVIOUS_ATTEMPTS, "1".parse().unwrap());
+    request
+}
+
+/// Waits until the usage stream holds `n` records.
+async fn stream_reaches(url: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream_records(url, 1).await.len() < n {
+        assert!(Instant::now() < deadline, "the stream never reached {n} records");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Retries as a fleet sees them: the same request id sent to a second
 /// sidecar, and to a sidecar SIGKILLed and restarted on its journal (which
 /// remembers nothing of the first call). Each request id is charged once,
@@ -263,12 +282,13 @@ async fn a_request_id_is_charged_once_across_sidecars_and_restarts() {
 
 /// A settle resent after its record reached Redis, to a sidecar that never
 /// held the reservation and to the one that did, killed and restarted
-/// meanwhile: the first finds the record committed and says the
-/// reservation was settled, the second answers from its journal as the
-/// first call did (or, its journal cleared, says it was settled). Nothing
-/// is charged again; a reservation nobody made is still not found.
+/// meanwhile: both answer as the first call did, the first from the
+/// record in the stream (it once said only that the reservation was
+/// settled), the second from its journal or the stream. Nothing is charged
+/// again; a reservation nobody made is still not found, and a resend of a
+/// settle whose record may still be on its way is told to retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_settle_resent_elsewhere_or_after_a_restart_is_known_to_be_settled() {
+async fn a_settle_resent_elsewhere_or_after_a_restart_is_answered_as_the_first_was() {
     let redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CONFIG);
@@ -295,20 +315,33 @@ async fn a_settle_resent_elsewhere_or_after_a_restart_is_known_to_be_settled() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut qb = b.client().await;
+    // Its record is in the stream: answered from it, as the first was.
     let elsewhere = qb
         .settle(support::settle("shared", "settled-once", 100, 50))
         .await
-        .unwrap_err();
-    assert_eq!(elsewhere.code(), tonic::Code::FailedPrecondition, "{elsewhere:?}");
-    assert!(
-        elsewhere.message().contains("settled or charged already"),
-        "{elsewhere:?}"
-    );
+        .unwrap()
+        .into_inner();
+    assert_eq!(elsewhere.record, first.record, "answered as the first settle was");
     let never = qb
         .settle(support::settle("shared", "never-reserved", 100, 50))
         .await
         .unwrap_err();
     assert_eq!(never.code(), tonic::Code::NotFound, "{never:?}");
+    // A resend of a settle b does not hold, whose record is not in the
+    // store (it may be on its way from the sidecar that holds it): retry.
+    qa.reserve(support::reserve("shared", "held-by-a", 100, 100))
+        .await
+        .unwrap();
+    let unknown = qb
+        .settle(resent(support::settle("shared", "held-by-a", 100, 50)))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::Unavailable, "{unknown:?}");
+    assert!(unknown.message().contains("not held by this sidecar"), "{unknown:?}");
+    qa.settle(support::settle("shared", "held-by-a", 100, 50))
+        .await
+        .unwrap();
+    stream_reaches(&redis.url(), 2).await;
 
     a.kill();
     let mut a = Sidecar::spawn_with_journal(&config, &[redis.url()], dir.path().join("a-1.jsonl"), &journal);
@@ -327,7 +360,7 @@ async fn a_settle_resent_elsewhere_or_after_a_restart_is_known_to_be_settled() {
     a.stop();
     b.stop();
     let records = stream_records(&redis.url(), 1).await;
-    assert_eq!(records.len(), 1, "settled once: {records:?}");
+    assert_eq!(records.len(), 2, "each settled once: {records:?}");
     let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
     assert_eq!(paid.charged, picos(&records), "charged once");
 }
@@ -471,12 +504,15 @@ async fn a_second_sidecar_on_a_journal_in_use_refuses_to_start() {
     first.stop();
 }
 
-/// A charge resent to another sidecar after the first took the whole
-/// balance and its record reached Redis: the second sidecar, short of
-/// funds, asks whether the request was charged and says so, rather than
-/// deny a request that was allowed and billed. Nothing is charged twice.
+/// A charge resent to another sidecar once the first call's record is in
+/// Redis is answered as the first call was: marked as a resend, the second
+/// sidecar looks the request up before deciding; unmarked, it does so when
+/// it would deny for funds (the first call may have taken them), rather
+/// than deny a request that was allowed and billed. Nothing is charged
+/// twice. (Before, both were decided again: a second record with other
+/// charges and another time, or a denial.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_charge_resent_elsewhere_after_it_took_the_balance_is_known_to_be_charged() {
+async fn a_charge_resent_elsewhere_is_answered_as_the_first_call_was() {
     let redis = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CONFIG);
@@ -492,30 +528,40 @@ async fn a_charge_resent_elsewhere_after_it_took_the_balance_is_known_to_be_char
         dir.path().join("b.jsonl"),
         &dir.path().join("jb"),
     );
-    let first = a
-        .client()
-        .await
-        .charge(charge("everything", "1000"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut qa, mut qb) = (a.client().await, b.client().await);
+    let some = qa.charge(charge("some", "1")).await.unwrap().into_inner();
+    assert_eq!(some.decision, proto::Decision::Allow as i32);
+    stream_reaches(&redis.url(), 1).await;
+    let again = qb.charge(resent(charge("some", "1"))).await.unwrap().into_inner();
+    assert_eq!(again, some, "a marked resend is answered as the first call was");
+    // The same call unmarked is decided again there (and charged once).
+    let decided = qb.charge(charge("some", "1")).await.unwrap().into_inner();
+    assert_eq!(decided.decision, proto::Decision::Allow as i32);
+    assert_ne!(decided.record, some.record, "decided again, with its own time");
+    // b reports (its record of "some" is found repeated: never charged)
+    // and gives back what it holds, so a can take all that is left.
+    let balance = proto::GetBalanceRequest {
+        account_id: "shared".into(),
+    };
+    qb.get_balance(balance).await.unwrap();
+
+    let first = qa.charge(charge("everything", "999")).await.unwrap().into_inner();
     assert_eq!(first.decision, proto::Decision::Allow as i32);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream_records(&redis.url(), 1).await.is_empty() {
-        assert!(Instant::now() < deadline, "the record never reached the stream");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let again = b.client().await.charge(charge("everything", "1000")).await;
-    let status = again.expect_err("not a denial of a request that was charged");
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
-    assert!(status.message().contains("settled or charged already"), "{status:?}");
+    stream_reaches(&redis.url(), 2).await;
+    // Unmarked, short of funds: it asks, and answers as the first did.
+    let again = qb.charge(charge("everything", "999")).await.unwrap().into_inner();
+    assert_eq!(again, first, "not a denial of a request that was charged");
+    // The same id for another call is told it was charged already.
+    let other = qb.charge(charge("everything", "5")).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other:?}");
+    assert!(other.message().contains("settled or charged already"), "{other:?}");
     // A new request there is denied for funds, as it should be.
-    let new = b.client().await.charge(charge("more", "1")).await.unwrap().into_inner();
+    let new = qb.charge(charge("more", "1")).await.unwrap().into_inner();
     assert_eq!(new.decision, proto::Decision::Deny as i32);
     a.stop();
     b.stop();
     let records = stream_records(&redis.url(), 1).await;
-    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records.len(), 2, "each request id once: {records:?}");
     let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
     assert_eq!(paid.charged, picos(&records));
 }

@@ -63,7 +63,9 @@ use tollgate::engine::ops::{ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, 
 use tollgate::engine::period::{Anchor, PeriodUnit};
 use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
 use tollgate::engine::{ChargeOutcome, Command, EngineError, Money, Reply, ReserveOutcome, UsageRecord};
-use tollgate::lease::{Context, Decide, Failure, LeaseSettings, Local, Next, Numbering, Purpose, SyncOutcome, Upkeep};
+use tollgate::lease::{
+    Context, Decide, Failure, Known, LeaseSettings, Local, Next, Numbering, Purpose, SyncOutcome, Upkeep,
+};
 
 const ACCOUNTS: usize = 3;
 const SIDECARS: usize = 3;
@@ -90,7 +92,7 @@ const TTL: SignedDuration = SignedDuration::from_secs(30);
 /// - 8, 30: once contention was injected, a sync that could not commit
 ///   left a reserve to what the sidecar held, and it was denied for funds
 ///   or permits the account had; it is UNAVAILABLE now.
-const REGRESSIONS: &[u64] = &[3, 6, 8, 13, 23, 27, 30, 48, 57];
+const REGRESSIONS: &[u64] = &[3, 6, 8, 13, 23, 27, 30, 48, 57, 1141];
 
 // ---------------------------------------------------------------- tallies
 
@@ -98,6 +100,9 @@ const REGRESSIONS: &[u64] = &[3, 6, 8, 13, 23, 27, 30, 48, 57];
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     steps: u64,
+    /// Resends marked as such, sent to another sidecar after the first
+    /// call's record was in the store, and answered from it.
+    answered_from_the_store: u64,
     client_calls: u64,
     client_retries: u64,
     syncs: u64,
@@ -142,6 +147,7 @@ impl Tally {
         self.quiescent_checks += o.quiescent_checks;
         self.records += o.records;
         self.other_retries += o.other_retries;
+        self.answered_from_the_store += o.answered_from_the_store;
         self.restart_retries += o.restart_retries;
         self.repeats += o.repeats;
         self.cuts += o.cuts;
@@ -434,6 +440,9 @@ struct ClientCall {
     sidecar: usize,
     account: AccountId,
     command: Command,
+    /// Marked as sent again after an unknown outcome (as Tollgate's
+    /// clients mark their resends).
+    resent: bool,
 }
 
 struct World {
@@ -800,13 +809,17 @@ impl World {
 
     /// One decision (`store::leased`'s `decide`): the protocol's steps, each
     /// one's I/O done against the simulated store and disk.
-    fn decide(&mut self, s: usize, id: &AccountId, command: &Command) -> Result<Reply, Failed> {
+    fn decide(&mut self, s: usize, id: &AccountId, command: &Command, resent: bool) -> Result<Reply, Failed> {
         if !self.sidecars[s].up {
             return Err(Failed::Unavailable);
         }
         self.write_unwritten(s)?;
         self.ensure_mirror(s, id)?;
-        let mut decide = Decide::new(command.clone());
+        let mut decide = if resent {
+            Decide::resent(command.clone())
+        } else {
+            Decide::new(command.clone())
+        };
         let mut next = self.protocol(s, id, |local, cx| decide.start(local, cx));
         loop {
             next = match next {
@@ -824,15 +837,28 @@ impl World {
                     self.protocol(s, id, |local, cx| decide.synced(local, cx, outcome))
                 }
                 Next::Recorded(request) => {
-                    let recorded = match self.sidecars[s].cut || self.store.down {
-                        true => Err("store unreachable".to_owned()),
-                        false => Ok(self
-                            .store
-                            .seen
-                            .get(&(id.clone(), request))
-                            .is_some_and(|at| self.now.duration_since(*at) < self.catalog.idempotency_window)),
-                    };
-                    self.protocol(s, id, |local, _| decide.recorded(local, recorded))
+                    let key = (id.clone(), request);
+                    let known =
+                        match self.sidecars[s].cut || self.store.down {
+                            true => Err("store unreachable".to_owned()),
+                            false
+                                if !self.store.seen.get(&key).is_some_and(|at| {
+                                    self.now.duration_since(*at) < self.catalog.idempotency_window
+                                }) =>
+                            {
+                                Ok(Known::Nothing)
+                            }
+                            // Where the record went is kept a minute at least.
+                            false => Ok(self
+                                .store
+                                .stream
+                                .iter()
+                                .rev()
+                                .take_while(|(_, at)| self.now.duration_since(*at) < SignedDuration::from_secs(60))
+                                .find(|(e, _)| identity(&e.record) == key)
+                                .map_or(Known::Recorded, |(e, _)| Known::Answer(Box::new(e.record.clone())))),
+                        };
+                    self.protocol(s, id, |local, cx| decide.recorded(local, cx, known))
                 }
                 Next::Done(answer) => {
                     return answer.map(|a| a.reply).map_err(|f| match f {
@@ -1070,6 +1096,7 @@ impl World {
                 let request_id = RequestId::parse(&self.fresh("r")).unwrap();
                 let input = self.rng.u64(0..4000);
                 ClientCall {
+                    resent: false,
                     sidecar: self.rng.usize(0..SIDECARS),
                     account: self.accounts[self.rng.usize(0..ACCOUNTS)].clone(),
                     command: Command::Reserve(ReserveRequest {
@@ -1084,6 +1111,7 @@ impl World {
                 }
             }
             (4, Some(o)) => ClientCall {
+                resent: false,
                 sidecar: o.sidecar,
                 account: o.account,
                 command: Command::Extend {
@@ -1112,6 +1140,7 @@ impl World {
                     }
                 };
                 ClientCall {
+                    resent: false,
                     sidecar: o.sidecar,
                     account: o.account,
                     command: Command::Settle {
@@ -1121,6 +1150,7 @@ impl World {
                 }
             }
             (7, Some(o)) => ClientCall {
+                resent: false,
                 sidecar: o.sidecar,
                 account: o.account,
                 command: Command::Release(o.reservation),
@@ -1137,6 +1167,7 @@ impl World {
                     })
                 };
                 ClientCall {
+                    resent: false,
                     sidecar: self.rng.usize(0..SIDECARS),
                     account: self.accounts[self.rng.usize(0..ACCOUNTS)].clone(),
                     command: Command::Charge(ChargeRequest {
@@ -1183,8 +1214,17 @@ impl World {
                 let others: Vec<usize> = (0..SIDECARS).filter(|s| *s != call.sidecar).collect();
                 let again = ClientCall {
                     sidecar: others[self.rng.usize(0..others.len())],
+                    resent: self.rng.u32(0..4) != 0,
                     ..call.clone()
                 };
+                // Half the time the first sidecar reports before the resend
+                // comes (as it does within a second).
+                if self.rng.bool() {
+                    self.now += SignedDuration::try_from(self.settings.report_interval).unwrap();
+                    self.tend(call.sidecar);
+                }
+                let first_record = self.answer_kept(&call);
+                let answered_here = self.answered_here(&again);
                 // A request whose record the store has: never denied for
                 // funds there (it was charged; the retry is told so).
                 let request = match &call.command {
@@ -1217,18 +1257,40 @@ impl World {
                     };
                     *self.overage.entry(call.account.clone()).or_default() += debt.max(0);
                 }
-                match answered {
-                    Ok(
-                        denied @ (Reply::Reserve(ReserveOutcome::Denied {
-                            denial: Denial::InsufficientFunds,
-                            ..
-                        })
-                        | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))),
-                    ) => assert!(
+                // A marked resend the sidecar did not answer itself is
+                // answered as the first call was once its record is in
+                // the store (or refused as retryable).
+                if let (true, Some(first), false) = (again.resent, &first_record, answered_here) {
+                    self.tally.answered_from_the_store += u64::from(answered.is_ok());
+                    match (&again.command, &answered) {
+                        (_, Err(Failed::Unavailable | Failed::Busy)) => {}
+                        (Command::Charge(_), Ok(Reply::Charge(ChargeOutcome::Charged(r))))
+                        | (Command::Settle { .. }, Ok(Reply::Settle(r))) => {
+                            assert_eq!(
+                                **r, *first,
+                                "a resend elsewhere answered differently from the first call"
+                            );
+                        }
+                        // The record is of another call on the id (a settle
+                        // of what a resend elsewhere reserved, a lapse).
+                        (_, Err(Failed::Engine(e))) if e.contains("settled or charged already") => {}
+                        (command, other) => {
+                            panic!("a resend of {command:?} elsewhere, recorded as {first:?}: {other:?}")
+                        }
+                    }
+                }
+                if let Ok(
+                    denied @ (Reply::Reserve(ReserveOutcome::Denied {
+                        denial: Denial::InsufficientFunds,
+                        ..
+                    })
+                    | Reply::Charge(ChargeOutcome::Denied(Denial::InsufficientFunds, _))),
+                ) = answered
+                {
+                    assert!(
                         !recorded,
                         "a request charged already was denied on another sidecar: {denied:?}"
-                    ),
-                    _ => {}
+                    );
                 }
             }
             // Sent again to the same sidecar, killed and restarted meanwhile.
@@ -1237,7 +1299,8 @@ impl World {
                 self.tally.crashes += 1;
                 self.sidecars[call.sidecar].crash();
                 self.sidecars[call.sidecar].restart();
-                let again = self.call(&call);
+                let resent = self.rng.u32(0..4) != 0;
+                let again = self.call(&ClientCall { resent, ..call.clone() });
                 // A settle is answered as the first time from the journal,
                 // or found recorded in the store: never not found.
                 if let Reply::Settle(_) = first {
@@ -1263,7 +1326,7 @@ impl World {
     /// Sends one client call, and keeps track of the reservations it opens
     /// and closes.
     fn call(&mut self, call: &ClientCall) -> Result<Reply, Failed> {
-        let result = self.decide(call.sidecar, &call.account, &call.command);
+        let result = self.decide(call.sidecar, &call.account, &call.command, call.resent);
         self.note(("call", &call.command, format!("{result:?}")));
         match (&call.command, &result) {
             (Command::Reserve(request), Ok(Reply::Reserve(ReserveOutcome::Allowed(r)))) => {
@@ -1303,6 +1366,40 @@ impl World {
 
     /// Debt that settles sent to another sidecar than the one that
     /// extended their hold explain on account `id`.
+    /// The record of `call`'s request whose place the store keeps (see
+    /// `store::leased::keys::ANSWER_BUCKET_MS`: a minute at least).
+    fn answer_kept(&self, call: &ClientCall) -> Option<UsageRecord> {
+        let request = match &call.command {
+            Command::Charge(r) => r.request_id.clone(),
+            Command::Settle { reservation, .. } => reservation.request_id(),
+            Command::Reserve(r) => r.request_id.clone(),
+            _ => return None,
+        };
+        let key = (call.account.clone(), request);
+        self.store
+            .stream
+            .iter()
+            .rev()
+            .take_while(|(_, at)| self.now.duration_since(*at) < SignedDuration::from_secs(60))
+            .find(|(e, _)| identity(&e.record) == key)
+            .map(|(e, _)| e.record.clone())
+    }
+
+    /// Whether sidecar `call.sidecar` answered `call` itself before (it
+    /// then answers from memory): it remembers the request, closed.
+    fn answered_here(&self, call: &ClientCall) -> bool {
+        let Some(local) = self.sidecars[call.sidecar].mirrors.get(&call.account) else {
+            return false;
+        };
+        let m = local.mirror();
+        match &call.command {
+            Command::Reserve(r) => m.remembers(&r.request_id),
+            Command::Charge(r) => m.remembers(&r.request_id),
+            Command::Settle { reservation, .. } => m.remembers(&reservation.request_id()) && !m.holds_open(reservation),
+            _ => true,
+        }
+    }
+
     /// The debt `id`'s mirror on sidecar `s` has charged, if it has one.
     fn mirror_debt(&self, s: usize, id: &AccountId) -> i128 {
         self.sidecars[s]
@@ -1670,6 +1767,10 @@ fn random_fleets_keep_every_invariant_through_faults() {
             ("quiescent checks", total.quiescent_checks),
             ("client retries", total.client_retries),
             ("retries on another sidecar", total.other_retries),
+            (
+                "resends answered from the first call's record",
+                total.answered_from_the_store,
+            ),
             ("retries after a restart", total.restart_retries),
             ("repeated request ids", total.repeats),
             ("link cuts", total.cuts),

@@ -52,11 +52,41 @@ fn account_and_reservation(account: &str, reservation: &str) -> Result<(AccountI
     ))
 }
 
+/// The header gRPC's retry machinery sets on a call it sends again (gRFC
+/// A6). Clients cannot set `grpc-` headers themselves.
+pub const PREVIOUS_RPC_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+
+/// The header Tollgate's clients set on a call they send again after an
+/// unknown outcome: how many attempts came before it.
+pub const PREVIOUS_ATTEMPTS: &str = "tollgate-previous-attempts";
+
+/// Whether the client sent `request` again after an unknown outcome.
+fn resent<T>(request: &Request<T>) -> bool {
+    [PREVIOUS_ATTEMPTS, PREVIOUS_RPC_ATTEMPTS].iter().any(|header| {
+        request
+            .metadata()
+            .get(*header)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .is_some_and(|n| n > 0)
+    })
+}
+
 impl QuotaApi {
+    /// Runs a client's `command`, as a resend if it is one.
+    async fn apply(&self, account: &AccountId, command: Command, resent: bool) -> Result<Reply, StoreError> {
+        if resent {
+            self.tollgate.apply_resent(account, command).await
+        } else {
+            self.tollgate.apply(account, command).await
+        }
+    }
+
     async fn answer_reserve(
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
+        let resent = resent(&request);
         let r = request.into_inner();
         note_ids(&r.account_id, &r.request_id);
         let account = id("account_id", &r.account_id, AccountId::parse)?;
@@ -69,7 +99,7 @@ impl QuotaApi {
             cached_input_tokens: tokens("cached_input_tokens", r.cached_input_tokens)?,
             max_output_tokens: tokens("max_output_tokens", r.max_output_tokens)?,
         };
-        let outcome = match self.tollgate.apply(&account, Command::Reserve(req)).await {
+        let outcome = match self.apply(&account, Command::Reserve(req), resent).await {
             Ok(Reply::Reserve(outcome)) => outcome,
             Ok(_) => return Err(unexpected("Reserve")),
             Err(StoreError::UnknownAccount(id)) => {
@@ -133,13 +163,13 @@ impl QuotaApi {
         &self,
         request: Request<proto::SettleRequest>,
     ) -> Result<Response<proto::SettleResponse>, Status> {
+        let resent = resent(&request);
         let r = request.into_inner();
         note_ids(&r.account_id, &r.reservation_id);
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let usage = usage("usage", r.usage.as_ref())?;
         let Reply::Settle(record) = self
-            .tollgate
-            .apply(&account, Command::Settle { reservation, usage })
+            .apply(&account, Command::Settle { reservation, usage }, resent)
             .await
             .map_err(status)?
         else {
@@ -154,12 +184,12 @@ impl QuotaApi {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let resent = resent(&request);
         let r = request.into_inner();
         note_ids(&r.account_id, &r.reservation_id);
         let (account, reservation) = account_and_reservation(&r.account_id, &r.reservation_id)?;
         let Reply::Release(released) = self
-            .tollgate
-            .apply(&account, Command::Release(reservation))
+            .apply(&account, Command::Release(reservation), resent)
             .await
             .map_err(status)?
         else {
@@ -174,6 +204,7 @@ impl QuotaApi {
         &self,
         request: Request<proto::ChargeRequest>,
     ) -> Result<Response<proto::ChargeResponse>, Status> {
+        let resent = resent(&request);
         let r = request.into_inner();
         note_ids(&r.account_id, &r.request_id);
         let account = id("account_id", &r.account_id, AccountId::parse)?;
@@ -200,8 +231,7 @@ impl QuotaApi {
             what,
         };
         let Reply::Charge(outcome) = self
-            .tollgate
-            .apply(&account, Command::Charge(req))
+            .apply(&account, Command::Charge(req), resent)
             .await
             .map_err(status)?
         else {

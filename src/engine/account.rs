@@ -848,6 +848,18 @@ impl Account {
         records
     }
 
+    /// Whether this process remembers request `id` (its answer, or that
+    /// it was closed within the idempotency window).
+    pub fn remembers(&self, id: &RequestId) -> bool {
+        let traffic = self.traffic();
+        traffic.requests.contains_key(id) || traffic.spent.contains(id.as_str())
+    }
+
+    /// Whether reservation `id` holds funds here.
+    pub fn holds_open(&self, id: &ReservationId) -> bool {
+        matches!(self.traffic().reservations.get(id), Some(Reservation::Open(_)))
+    }
+
     /// What this process remembers of the account's requests.
     pub fn traffic(&self) -> &Traffic {
         self.traffic.as_deref().unwrap_or(&NO_TRAFFIC)

@@ -19,7 +19,7 @@ use crate::engine::ids::{ProducerId, RequestId, ReservationId};
 use crate::engine::lease::{Journaled, Short};
 use crate::engine::record::RecordKind;
 use crate::engine::{
-    Applied, Catalog, ChargeOutcome, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
+    Applied, Catalog, ChargeOutcome, ChargeWhat, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };
 
 /// How many syncs one decision may ask for before deciding as the last
@@ -47,8 +47,8 @@ pub enum Next {
     /// Sync with this shortfall (after the pending sync, if any), then call
     /// [`Decide::synced`].
     Sync(Short),
-    /// Ask the store whether a record of this request id was committed
-    /// within the idempotency window, then call [`Decide::recorded`].
+    /// Ask the store what it knows of this request id ([`Known`]), then
+    /// call [`Decide::recorded`].
     Recorded(RequestId),
     /// The answer ([`Decide::outage`] says whether a failure policy made
     /// it).
@@ -66,10 +66,28 @@ pub enum SyncOutcome {
     Unreachable(String),
 }
 
+/// What the store knows of a request id.
+#[derive(Debug)]
+pub enum Known {
+    /// No record of it was committed within the idempotency window.
+    Nothing,
+    /// A record of it was committed; where it went is no longer kept.
+    Recorded,
+    /// The record committed for it: the first call's answer, when the
+    /// call is the same.
+    Answer(Box<UsageRecord>),
+}
+
 /// One decision, between its I/O steps.
 #[derive(Debug)]
 pub struct Decide {
     command: Command,
+    /// Sent again by its client after an unknown outcome, perhaps first
+    /// to another sidecar: a reserve or charge this mirror does not
+    /// remember asks the store first.
+    resent: bool,
+    /// The store was asked before the command ran (a resend).
+    asked_first: bool,
     asks: usize,
     /// The failure policy consulted, when the store was unreachable.
     outage: Option<OutagePolicy>,
@@ -93,10 +111,22 @@ impl Decide {
     pub fn new(command: Command) -> Decide {
         Decide {
             command,
+            resent: false,
+            asked_first: false,
             asks: 0,
             outage: None,
             then: None,
             denied: None,
+        }
+    }
+
+    /// A decision of `command`, sent again by its client after an unknown
+    /// outcome: answered as the first call was wherever that was decided,
+    /// once its record is in the store.
+    pub fn resent(command: Command) -> Decide {
+        Decide {
+            resent: true,
+            ..Decide::new(command)
         }
     }
 
@@ -105,8 +135,25 @@ impl Decide {
         self.outage
     }
 
-    /// The first step: the command on the mirror.
+    /// The first step: the command on the mirror. For a resend that this
+    /// mirror did not answer (a reserve or charge it does not remember, a
+    /// settle of a hold still open here: the reserve was resent here too),
+    /// what the store knows of it first: another sidecar, or this one
+    /// before a restart, may have decided it.
     pub fn start(&mut self, local: &mut Local, cx: Context<'_>) -> Next {
+        if self.resent {
+            let mirror = local.mirror();
+            let ask = match &self.command {
+                Command::Reserve(req) => (!mirror.remembers(&req.request_id)).then(|| req.request_id.clone()),
+                Command::Charge(req) => (!mirror.remembers(&req.request_id)).then(|| req.request_id.clone()),
+                Command::Settle { reservation, .. } => mirror.holds_open(reservation).then(|| reservation.request_id()),
+                _ => None,
+            };
+            if let Some(request) = ask {
+                self.asked_first = true;
+                return Next::Recorded(request);
+            }
+        }
         self.run(local, cx, None, None)
     }
 
@@ -263,39 +310,109 @@ impl Decide {
         }
     }
 
-    /// The store said whether the request the command closes (or a denied
-    /// reserve or charge names) was recorded (`Err`: it could not be
-    /// asked).
-    pub fn recorded(&mut self, local: &mut Local, recorded: Result<bool, String>) -> Next {
+    /// The store said what it knows of the request the command names
+    /// (`Err`: it could not be asked): asked first for a resend, for a
+    /// denied reserve or charge, or for a settle or release of a
+    /// reservation the mirror does not hold.
+    pub fn recorded(&mut self, local: &mut Local, cx: Context<'_>, known: Result<Known, String>) -> Next {
         if let Some(denied) = self.denied.take() {
-            return Next::Done(match (recorded, request_of(&self.command)) {
-                (Ok(true), Some(request)) => {
+            return Next::Done(match known {
+                // Charged already, elsewhere or before a restart: the first
+                // answer if this is the same call, else that it was.
+                Ok(Known::Answer(record)) => {
                     local.untold(denied.records);
-                    Err(Failure::Engine(EngineError::Precondition(format!(
-                        "request {request} was settled or charged already (decided by another sidecar, or before \
-                         a restart); its usage record is in the usage stream"
-                    ))))
+                    self.answered_by(&record).ok_or_else(|| self.charged_already())
+                }
+                Ok(Known::Recorded) => {
+                    local.untold(denied.records);
+                    Err(self.charged_already())
                 }
                 // Not recorded, or the store cannot say: the denial stands.
-                _ => Ok(denied),
+                Ok(Known::Nothing) | Err(_) => Ok(denied),
             });
         }
-        let reservation = match &self.command {
-            Command::Settle { reservation, .. } | Command::Release(reservation) => reservation,
+        if std::mem::take(&mut self.asked_first) {
+            return match known {
+                Ok(Known::Answer(record)) => {
+                    Next::Done(self.answered_by(&record).ok_or_else(|| self.charged_already()))
+                }
+                Ok(Known::Recorded) => Next::Done(Err(self.charged_already())),
+                Ok(Known::Nothing) => self.run(local, cx, None, None),
+                // Whether it was decided elsewhere cannot be known now.
+                Err(why) => Next::Done(Err(Failure::Unavailable(why))),
+            };
+        }
+        let (reservation, settle) = match &self.command {
+            Command::Settle { reservation, .. } => (reservation, true),
+            Command::Release(reservation) => (reservation, false),
             _ => {
                 return Next::Done(Err(Failure::Unavailable(
                     "nothing asked whether it was recorded".into(),
                 )));
             }
         };
-        Next::Done(match recorded {
-            Ok(true) => Err(Failure::Engine(closed(reservation))),
-            Ok(false) => Err(Failure::Engine(EngineError::NotFound(format!(
+        Next::Done(match known {
+            Ok(Known::Answer(record)) => self
+                .answered_by(&record)
+                .ok_or_else(|| Failure::Engine(closed(reservation))),
+            Ok(Known::Recorded) => Err(Failure::Engine(closed(reservation))),
+            // A settle resent here may have been applied by the sidecar
+            // holding the reservation, its record not in the store yet.
+            Ok(Known::Nothing) if settle && self.resent => Err(Failure::Unavailable(format!(
+                "reservation {reservation} is not held by this sidecar and no record of it has reached the store: \
+                 if it was settled on another sidecar, its record arrives there within a report interval; a \
+                 reservation is settled on the sidecar that holds it"
+            ))),
+            Ok(Known::Nothing) => Err(Failure::Engine(EngineError::NotFound(format!(
                 "reservation {reservation}"
             )))),
             // Whether it was settled cannot be known now: retry.
             Err(why) => Err(Failure::Unavailable(why)),
         })
+    }
+
+    /// The answer `record` gives the command, if it is the record the same
+    /// call made: a charge of the same usage or amount, or a settle of the
+    /// same reservation with the same usage.
+    fn answered_by(&self, record: &UsageRecord) -> Option<Applied> {
+        let reply = match &self.command {
+            Command::Charge(req)
+                if record.kind == RecordKind::Charge
+                    && record.request_id == req.request_id
+                    && record.model == req.model
+                    && match &req.what {
+                        ChargeWhat::Usage(usage) => record.usage == *usage,
+                        ChargeWhat::Money(amount) => record.total_money == *amount,
+                    } =>
+            {
+                Reply::Charge(ChargeOutcome::Charged(std::sync::Arc::new(record.clone())))
+            }
+            Command::Settle { reservation, usage }
+                if record.kind == RecordKind::Settle
+                    && record.reservation_id.as_ref() == Some(reservation)
+                    && record.usage == *usage =>
+            {
+                Reply::Settle(std::sync::Arc::new(record.clone()))
+            }
+            _ => return None,
+        };
+        Some(Applied {
+            reply,
+            records: Vec::new(),
+        })
+    }
+
+    /// A call whose request id has a record whose answer this call cannot
+    /// have.
+    fn charged_already(&self) -> Failure {
+        if let Command::Settle { reservation, .. } | Command::Release(reservation) = &self.command {
+            return Failure::Engine(closed(reservation));
+        }
+        let request = request_of(&self.command).map_or_else(String::new, ToString::to_string);
+        Failure::Engine(EngineError::Precondition(format!(
+            "request {request} was settled or charged already (decided by another sidecar, or before a restart); \
+             its usage record is in the usage stream"
+        )))
     }
 }
 

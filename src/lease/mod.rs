@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use jiff::SignedDuration;
 
-pub use decide::{ASKS, Context, Decide, Next, SyncOutcome};
+pub use decide::{ASKS, Context, Decide, Known, Next, SyncOutcome};
 pub use local::{Local, Purpose, Upkeep, has_news, holds_anything};
 
 use crate::engine::EngineError;

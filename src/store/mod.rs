@@ -71,6 +71,15 @@ pub trait Store: Send + Sync + 'static {
     /// Runs `command` on account `id` at `now`, atomically.
     async fn apply(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError>;
 
+    /// [`Store::apply`] for a call its client sent again after an unknown
+    /// outcome, perhaps first to another process: a store a fleet shares
+    /// answers it as the first call was answered once that call's record
+    /// is in the store, and with a retryable error while it may be on its
+    /// way. A store of one process remembers every answer itself.
+    async fn apply_resent(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
+        self.apply(id, command, now).await
+    }
+
     /// Runs an operator's `command` under the adjustment id and with the
     /// audit record `audit` names (see [`Account::apply_audited`]): returns
     /// the record completed, or none for a retried adjustment (applied

@@ -147,6 +147,35 @@ def test_a_silent_server_is_retried_until_the_attempts_run_out() -> None:
     listener.close()
 
 
+def test_a_resend_is_marked_as_one() -> None:
+    """A call sent again after an unknown outcome says so, as gRPC's own
+    retries do: Tollgate answers it as the first attempt was answered."""
+    from concurrent import futures
+
+    from tollgate.v1 import quota_pb2, quota_pb2_grpc
+
+    seen: list[dict[str, str]] = []
+
+    class FailsOnce(quota_pb2_grpc.QuotaServicer):  # type: ignore[misc]
+        def GetBalance(self, request: object, context: grpc.ServicerContext) -> quota_pb2.GetBalanceResponse:
+            seen.append(dict(context.invocation_metadata()))
+            if len(seen) == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the outcome is unknown")
+            return quota_pb2.GetBalanceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    quota_pb2_grpc.add_QuotaServicer_to_server(FailsOnce(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client("127.0.0.1:%d" % port, options=Options(backoff=0.01)) as tg:
+            tg.balance("rich")
+    finally:
+        server.stop(None)
+    assert "tollgate-previous-attempts" not in seen[0]
+    assert seen[1]["tollgate-previous-attempts"] == "1"
+
+
 def test_durations_are_written_as_openai_writes_them() -> None:
     cases = [(0, 0, "0s"), (0, 250_000_000, "250ms"), (0, 1, "1ms"), (1, 0, "1s"), (1, 500_000_000, "1.5s"),
              (360, 0, "6m0s"), (3723, 0, "1h2m3s"), (59, 999_000_000, "59.999s")]

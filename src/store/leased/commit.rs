@@ -145,9 +145,11 @@ impl RedisStore {
         args.push(indexed_as.unwrap_or("").as_bytes().to_vec());
         let mut keys = keys.to_vec();
         if let Some(seen) = seen.filter(|_| !records.fingerprints.is_empty()) {
+            keys.push(&seen.answers[0]);
             keys.extend(seen.keys.iter().map(String::as_str));
             args.push(records.fingerprints.clone());
             args.push(seen.until_ms.to_string().into_bytes());
+            args.push(seen.answers_until_ms.to_string().into_bytes());
         }
         let answer = self.note(self.redis.invoke_durable("commit", &self.commit, &keys, args).await)?;
         let answer: Vec<redis::Value> = redis::from_redis_value(answer)

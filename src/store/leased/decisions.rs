@@ -10,9 +10,9 @@ use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{AccountId, ProducerId, RequestId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::record::request_fingerprint;
-use crate::engine::{Account, Command};
+use crate::engine::{Account, Command, UsageRecord};
 use crate::journal::{Entry, Journal};
-use crate::lease::{Context, Decide, Failure, Local, Next, Numbering, Purpose, SyncOutcome};
+use crate::lease::{Context, Decide, Failure, Known, Local, Next, Numbering, Purpose, SyncOutcome};
 use crate::metrics::metrics;
 use crate::store::{Applied, Store, StoreError};
 
@@ -188,7 +188,13 @@ impl RedisStore {
 
     /// A decision on a mirror: the protocol's steps (`lease::decide`),
     /// each one's I/O done here.
-    pub(super) async fn decide(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
+    pub(super) async fn decide(
+        &self,
+        id: &AccountId,
+        command: Command,
+        resent: bool,
+        now: Timestamp,
+    ) -> Result<Applied, StoreError> {
         self.stats.decisions.fetch_add(1, Ordering::Relaxed);
         if let Some(journal) = &self.journal
             && !matches!(command, Command::Release(_))
@@ -198,7 +204,11 @@ impl RedisStore {
         }
         self.write_unwritten().await?;
         self.ensure_mirror(id).await?;
-        let mut decide = Decide::new(command);
+        let mut decide = if resent {
+            Decide::resent(command)
+        } else {
+            Decide::new(command)
+        };
         let mut next = self.step(id, now, |local, cx| decide.start(local, cx))?;
         loop {
             next = match next {
@@ -216,8 +226,8 @@ impl RedisStore {
                     self.step(id, now, |local, cx| decide.synced(local, cx, outcome))?
                 }
                 Next::Recorded(request) => {
-                    let recorded = self.recorded(id, &request, now).await;
-                    self.step(id, now, |local, _| decide.recorded(local, recorded))?
+                    let known = self.known(id, &request, now).await;
+                    self.step(id, now, |local, cx| decide.recorded(local, cx, known))?
                 }
                 Next::Done(answer) => {
                     if let Some(policy) = decide.outage() {
@@ -227,6 +237,41 @@ impl RedisStore {
                 }
             };
         }
+    }
+
+    /// What the store knows of `request` on `id`: the record committed for
+    /// it while where it went is kept (`keys::ANSWER_BUCKET_MS`), read from
+    /// the usage stream; else whether one was committed within the
+    /// idempotency window.
+    pub(super) async fn known(&self, id: &AccountId, request: &RequestId, now: Timestamp) -> Result<Known, String> {
+        let fingerprint = request_fingerprint(id, request);
+        let seen = self.seen(id, self.catalog().idempotency_window, now);
+        for key in &seen.answers {
+            self.check_up().map_err(|e| e.to_string())?;
+            let entry: Option<String> = self
+                .note(
+                    self.redis
+                        .query(redis::cmd("HGET").arg(key).arg(&fingerprint[..]))
+                        .await,
+                )
+                .map_err(|e| e.to_string())?;
+            let Some(entry) = entry else { continue };
+            let stream = self.stream_key(id);
+            let found: redis::Value = self
+                .note(
+                    self.redis
+                        .query(redis::cmd("XRANGE").arg(&stream).arg(&entry).arg(&entry))
+                        .await,
+                )
+                .map_err(|e| e.to_string())?;
+            // Trimmed from the stream since: recorded, its answer gone.
+            return Ok(record_in(&found, id, request).map_or(Known::Recorded, |r| Known::Answer(Box::new(r))));
+        }
+        Ok(if self.recorded(id, request, now).await? {
+            Known::Recorded
+        } else {
+            Known::Nothing
+        })
     }
 
     /// Whether a usage record of `request` on `id` was committed within
@@ -301,4 +346,27 @@ impl Numbering for &Journal {
             e.to_string()
         })
     }
+}
+
+/// The usage record of `request` on `id` in an `XRANGE` reply of one
+/// entry (whose `json` field holds its commit's records).
+fn record_in(reply: &redis::Value, id: &AccountId, request: &RequestId) -> Option<UsageRecord> {
+    let redis::Value::Array(entries) = reply else {
+        return None;
+    };
+    let redis::Value::Array(parts) = entries.first()? else {
+        return None;
+    };
+    let redis::Value::Array(fields) = parts.get(1)? else {
+        return None;
+    };
+    let json = fields.chunks(2).find_map(|kv| match kv {
+        [redis::Value::BulkString(name), redis::Value::BulkString(value)] if name.as_slice() == b"json" => Some(value),
+        _ => None,
+    })?;
+    let records: Vec<serde_json::Value> = serde_json::from_slice(json).ok()?;
+    records
+        .into_iter()
+        .filter_map(|r| serde_json::from_value::<UsageRecord>(r).ok())
+        .find(|r| r.account_id == *id && r.request_id == *request)
 }

@@ -15,12 +15,24 @@ pub(super) struct Seen {
     pub(super) keys: Vec<String>,
     /// When the current bucket's set may go, ms since the epoch.
     pub(super) until_ms: i64,
+    /// The hashes of the last answer buckets, the current one first: where
+    /// in the usage stream each request's record went.
+    pub(super) answers: [String; 2],
+    /// When the current answer bucket may go, ms since the epoch.
+    pub(super) answers_until_ms: i64,
 }
 
 /// Request ids are remembered in one set per shard and time bucket, a
 /// quarter of the idempotency window long: a commit looks in the buckets
 /// that may hold an id of the last window and adds to the current one.
 pub(super) const SEEN_BUCKETS: i64 = 4;
+
+/// Where a committed request's record is in the usage stream is kept one
+/// to two buckets of this length (`PREFIX:{SHARD}:answers:N`, fingerprint
+/// to stream entry id): long enough for a client's resend to another
+/// sidecar to be answered as the first call was, short enough to cost a
+/// few bytes per remembered id.
+pub(super) const ANSWER_BUCKET_MS: i64 = 60_000;
 
 impl RedisStore {
     pub(super) fn account_key(&self, id: &AccountId) -> String {
@@ -55,6 +67,8 @@ impl RedisStore {
         let current = now.as_millisecond().div_euclid(bucket_ms);
         let shard = shard_of(self.settings.shards, id.as_str());
         let prefix = &self.settings.prefix;
+        let margin_ms = WINDOW_MARGIN_SECONDS as i64 * 1000;
+        let answers = now.as_millisecond().div_euclid(ANSWER_BUCKET_MS);
         Seen {
             keys: (0..=SEEN_BUCKETS)
                 .map(|back| format!("{prefix}:{{{shard}}}:seen:{bucket_ms}:{}", current - back))
@@ -62,7 +76,9 @@ impl RedisStore {
             until_ms: (current + 1)
                 .saturating_mul(bucket_ms)
                 .saturating_add(window_ms)
-                .saturating_add(WINDOW_MARGIN_SECONDS as i64 * 1000),
+                .saturating_add(margin_ms),
+            answers: [0, 1].map(|back| format!("{prefix}:{{{shard}}}:answers:{}", answers - back)),
+            answers_until_ms: (answers + 2).saturating_mul(ANSWER_BUCKET_MS).saturating_add(margin_ms),
         }
     }
 }

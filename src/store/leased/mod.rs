@@ -279,7 +279,7 @@ impl Store for RedisStore {
             | Command::Extend { .. }
             | Command::Settle { .. }
             | Command::Release(_)
-            | Command::Charge(_) => self.decide(id, command, now).await,
+            | Command::Charge(_) => self.decide(id, command, false, now).await,
             Command::Adjustment(_) => Ok(Applied {
                 reply: self.shared(id).await?.apply(&self.catalog(), command, now)?,
                 records: Vec::new(),
@@ -305,6 +305,15 @@ impl Store for RedisStore {
                 })
             }
             admin => Ok(self.admin(id, admin, None).await?.0),
+        }
+    }
+
+    async fn apply_resent(&self, id: &AccountId, command: Command, now: Timestamp) -> Result<Applied, StoreError> {
+        match command {
+            Command::Reserve(_) | Command::Settle { .. } | Command::Release(_) | Command::Charge(_) => {
+                self.decide(id, command, true, now).await
+            }
+            _ => self.apply(id, command, now).await,
         }
     }
 

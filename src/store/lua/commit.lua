@@ -20,13 +20,16 @@
 -- ARGV[8]  the records as a JSON array
 -- ARGV[9]  the records as a tollgate.v1.UsageRecordBatch protobuf message
 --          (ARGV[8] and ARGV[9] are empty when ARGV[7] is 0)
--- KEYS[4..] the sets of request-id fingerprints committed in the last
+-- KEYS[4]  the current answer bucket: a hash of request-id fingerprint to
+--          the stream entry id its record went to, if any
+-- KEYS[5..] the sets of request-id fingerprints committed in the last
 --          idempotency window, one per time bucket, the current bucket
 --          first, if any
 -- ARGV[10] the name to index the record under, with KEYS[3] ("" for none)
 -- ARGV[11] the fingerprints of the records' request ids, 12 bytes each, in
 --          the records' order ("" for none)
 -- ARGV[12] when the current bucket's set may go, ms since the epoch
+-- ARGV[13] when the current answer bucket may go, ms since the epoch
 --
 -- Returns {1, new version} when committed; {0, current version, current
 -- state} when the record moved on (the caller recomputes from that state);
@@ -62,7 +65,7 @@ if n > 0 then
       members[#members + 1] = fingerprint(i)
     end
     local seen = {}
-    for k = 4, #KEYS do
+    for k = 5, #KEYS do
       local found = redis.call('SMISMEMBER', KEYS[k], unpack(members))
       for j = 1, #found do
         if found[j] == 1 then
@@ -92,12 +95,24 @@ if n > 0 then
     for i = first, math.min(n, first + CHUNK - 1) do
       members[#members + 1] = fingerprint(i)
     end
-    redis.call('SADD', KEYS[4], unpack(members))
+    redis.call('SADD', KEYS[5], unpack(members))
   end
-  redis.call('PEXPIREAT', KEYS[4], ARGV[12])
+  redis.call('PEXPIREAT', KEYS[5], ARGV[12])
 end
+local entry = nil
 if tonumber(ARGV[7] or '0') > 0 then
-  redis.call('XADD', KEYS[2], '*', 'count', ARGV[7], 'json', ARGV[8], 'pb', ARGV[9])
+  entry = redis.call('XADD', KEYS[2], '*', 'count', ARGV[7], 'json', ARGV[8], 'pb', ARGV[9])
+end
+if n > 0 and entry then
+  for first = 1, n, CHUNK do
+    local where = {}
+    for i = first, math.min(n, first + CHUNK - 1) do
+      where[#where + 1] = fingerprint(i)
+      where[#where + 1] = entry
+    end
+    redis.call('HSET', KEYS[4], unpack(where))
+  end
+  redis.call('PEXPIREAT', KEYS[4], ARGV[13])
 end
 if ARGV[5] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[6])

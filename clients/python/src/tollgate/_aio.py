@@ -86,12 +86,14 @@ class AsyncClient:
         return balance
 
     async def _call(self, method: Callable[..., Awaitable[Reply]], request: object) -> Reply:
-        """`request` with a deadline, sent again as is while its outcome is
-        unknown."""
+        """`request` with a deadline, sent again while its outcome is unknown,
+        marked as a resend."""
         pause = self.options.backoff
         for attempt in range(1, self.options.attempts + 1):
             try:
-                return await method(request, timeout=self.options.deadline)
+                return await method(
+                    request, timeout=self.options.deadline, metadata=_common.attempt_metadata(attempt)
+                )
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _common.RETRYABLE or attempt == self.options.attempts:
                     raise _common.failure(error) from error

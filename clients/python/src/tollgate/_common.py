@@ -33,8 +33,20 @@ class Options:
 
 # The outcome of a call that ended with these is unknown: it may or may not
 # have taken effect. Every data-plane call is idempotent (by request id or
-# reservation id), so it is sent again as is.
+# reservation id), so it is sent again, marked as a resend.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+PREVIOUS_ATTEMPTS = "tollgate-previous-attempts"
+"""The header a resend carries (gRPC's own retries set `grpc-previous-rpc-attempts`,
+which a client cannot): Tollgate then answers it as the first attempt was, even
+when another sidecar took that one."""
+
+
+def attempt_metadata(attempt: int) -> tuple[tuple[str, str], ...]:
+    """The metadata of attempt `attempt` (from 1): a resend says how many
+    attempts came before it."""
+    return ((PREVIOUS_ATTEMPTS, str(attempt - 1)),) if attempt > 1 else ()
 
 
 def grpc_target(target: str) -> str:

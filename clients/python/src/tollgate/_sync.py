@@ -79,12 +79,14 @@ class Client:
         return balance
 
     def _call(self, method: Callable[..., Reply], request: object) -> Reply:
-        """`request` with a deadline, sent again as is while its outcome is
-        unknown."""
+        """`request` with a deadline, sent again while its outcome is unknown,
+        marked as a resend."""
         pause = self.options.backoff
         for attempt in range(1, self.options.attempts + 1):
             try:
-                return method(request, timeout=self.options.deadline)
+                return method(
+                    request, timeout=self.options.deadline, metadata=_common.attempt_metadata(attempt)
+                )
             except grpc.RpcError as error:
                 if error.code() not in _common.RETRYABLE or attempt == self.options.attempts:
                     raise _common.failure(error) from error
