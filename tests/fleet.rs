@@ -447,10 +447,10 @@ async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
             for i in 0..CALLS {
                 let id = format!("g{client}-{i}");
                 let first = (client + i) % 3;
-                let by = send_until_acknowledged(&urls, &id, first).await;
+                let (by, _) = send_until_acknowledged(&urls, &id, first, false).await;
                 if i % 4 == 0 {
                     // The reply was lost on its way: sent again elsewhere.
-                    send_until_acknowledged(&urls, &id, (by + 1) % 3).await;
+                    send_until_acknowledged(&urls, &id, (by + 1) % 3, true).await;
                 }
                 acknowledged.push((id, by));
                 calls.fetch_add(1, Ordering::Relaxed);
@@ -473,9 +473,17 @@ async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
     }
     // What sidecar 0 acknowledged, before the kill or after, sent to it again.
     for (id, _) in acknowledged.iter().filter(|(_, by)| *by == 0) {
-        send_until_acknowledged(&urls, id, 0).await;
+        send_until_acknowledged(&urls, id, 0, true).await;
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Once every record is in Redis, each call resent to a sidecar that did
+    // not acknowledge it is answered as the first: the record in the stream.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answers = std::collections::HashMap::new();
+    for (id, by) in &acknowledged {
+        let (_, record) = send_until_acknowledged(&urls, id, (by + 2) % 3, true).await;
+        answers.insert(id.clone(), record);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
     for sidecar in &mut sidecars {
         sidecar.stop();
     }
@@ -489,6 +497,16 @@ async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
         in_stream, expected,
         "one record per request id acknowledged, none twice"
     );
+    for record in &records {
+        let id = record["request_id"].as_str().unwrap();
+        let settled: jiff::Timestamp = record["settled_at"].as_str().unwrap().parse().unwrap();
+        let answered = answers[id].settled_at.as_ref().unwrap();
+        assert_eq!(
+            (answered.seconds, answered.nanos),
+            (settled.as_second(), settled.subsec_nanosecond()),
+            "{id}: a resend elsewhere is answered with the record in the stream"
+        );
+    }
     let paid = quiescent(redis.port, 1, PAID);
     assert_eq!(
         paid.charged,
@@ -500,8 +518,15 @@ async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
 
 /// Sends a charge of 0.001 under `id`, first to sidecar `first`, then to
 /// the next one after each failure (a sidecar gone, a call timed out),
-/// until one acknowledges it; returns which did.
-async fn send_until_acknowledged(urls: &std::sync::RwLock<Vec<String>>, id: &str, first: usize) -> usize {
+/// until one acknowledges it; returns which did, and its record. Every
+/// attempt after the first, and the first if `resend`, is marked as a
+/// resend, as Tollgate's clients mark them.
+async fn send_until_acknowledged(
+    urls: &std::sync::RwLock<Vec<String>>,
+    id: &str,
+    first: usize,
+    resend: bool,
+) -> (usize, tollgate::proto::UsageRecord) {
     for attempt in 0..60 {
         let s = (first + attempt) % 3;
         let url = urls.read().unwrap()[s].clone();
@@ -511,17 +536,25 @@ async fn send_until_acknowledged(urls: &std::sync::RwLock<Vec<String>>, id: &str
             charge: Some(tollgate::proto::charge_request::Charge::Amount(support::money("0.001"))),
             ..Default::default()
         };
+        let mut request = tonic::Request::new(charge);
+        if resend || attempt > 0 {
+            let previous = (attempt + usize::from(resend)).to_string().parse().unwrap();
+            request
+                .metadata_mut()
+                .insert(tollgate::api::quota::PREVIOUS_ATTEMPTS, previous);
+        }
         let call = async {
             let mut quota = tollgate::proto::quota_client::QuotaClient::connect(url).await.ok()?;
-            quota.charge(charge).await.ok()
+            quota.charge(request).await.ok()
         };
         if let Ok(Some(answer)) = tokio::time::timeout(Duration::from_secs(2), call).await {
+            let answer = answer.into_inner();
             assert_eq!(
-                answer.into_inner().decision,
+                answer.decision,
                 tollgate::proto::Decision::Allow as i32,
                 "{id}: the balance covers every charge"
             );
-            return s;
+            return (s, answer.record.expect("an allowed charge has its record"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

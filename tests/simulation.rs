@@ -773,10 +773,10 @@ impl World {
                 if fresh {
                     first_time_written_off = synced.granted.written_off;
                 }
-                Ok((synced.granted, synced.applied))
+                Ok(((synced.granted, synced.duplicates), synced.applied))
             },
         );
-        let (granted, shared) = match call {
+        let ((granted, repeated), shared) = match call {
             Call::Unreached => return Err(Failed::Unavailable),
             Call::Busy => return Err(Failed::Busy),
             Call::Done { reply_lost: true, .. } => {
@@ -802,7 +802,7 @@ impl World {
         let sidecar = &mut self.sidecars[s];
         sidecar.applied(&sync.records);
         if let Some(local) = sidecar.mirrors.get_mut(id) {
-            local.synced(&sync, &shared, &granted, &self.settings, now);
+            local.synced(&sync, (&shared, &repeated), &granted, &self.settings, now);
         }
         Ok(())
     }
@@ -1385,19 +1385,25 @@ impl World {
             .map(|(e, _)| e.record.clone())
     }
 
-    /// Whether sidecar `call.sidecar` answered `call` itself before (it
-    /// then answers from memory): it remembers the request, closed.
+    /// Whether sidecar `call.sidecar` answered `call` itself before, and
+    /// answers from memory: it remembers the request, closed, and its
+    /// record was not found repeated.
     fn answered_here(&self, call: &ClientCall) -> bool {
         let Some(local) = self.sidecars[call.sidecar].mirrors.get(&call.account) else {
             return false;
         };
         let m = local.mirror();
-        match &call.command {
-            Command::Reserve(r) => m.remembers(&r.request_id),
-            Command::Charge(r) => m.remembers(&r.request_id),
-            Command::Settle { reservation, .. } => m.remembers(&reservation.request_id()) && !m.holds_open(reservation),
-            _ => true,
-        }
+        let (request, here) = match &call.command {
+            Command::Reserve(r) => (r.request_id.clone(), m.remembers(&r.request_id)),
+            Command::Charge(r) => (r.request_id.clone(), m.remembers(&r.request_id)),
+            Command::Settle { reservation, .. } => (
+                reservation.request_id(),
+                m.remembers(&reservation.request_id()) && !m.holds_open(reservation),
+            ),
+            _ => return true,
+        };
+        // Decided here again and found repeated: answered from the store.
+        here && !local.superseded(&request, self.now)
     }
 
     /// The debt `id`'s mirror on sidecar `s` has charged, if it has one.

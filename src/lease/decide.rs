@@ -139,20 +139,23 @@ impl Decide {
     /// mirror did not answer (a reserve or charge it does not remember, a
     /// settle of a hold still open here: the reserve was resent here too),
     /// what the store knows of it first: another sidecar, or this one
-    /// before a restart, may have decided it.
+    /// before a restart, may have decided it. The same for any call on a
+    /// request this mirror decided again and the store found recorded: its
+    /// answer is the first call's, not the one this mirror keeps.
     pub fn start(&mut self, local: &mut Local, cx: Context<'_>) -> Next {
-        if self.resent {
-            let mirror = local.mirror();
-            let ask = match &self.command {
-                Command::Reserve(req) => (!mirror.remembers(&req.request_id)).then(|| req.request_id.clone()),
-                Command::Charge(req) => (!mirror.remembers(&req.request_id)).then(|| req.request_id.clone()),
-                Command::Settle { reservation, .. } => mirror.holds_open(reservation).then(|| reservation.request_id()),
-                _ => None,
-            };
-            if let Some(request) = ask {
-                self.asked_first = true;
-                return Next::Recorded(request);
-            }
+        let mirror = local.mirror();
+        let (request, unanswered_here) = match &self.command {
+            Command::Reserve(req) => (Some(req.request_id.clone()), !mirror.remembers(&req.request_id)),
+            Command::Charge(req) => (Some(req.request_id.clone()), !mirror.remembers(&req.request_id)),
+            Command::Settle { reservation, .. } => (Some(reservation.request_id()), mirror.holds_open(reservation)),
+            Command::Release(reservation) => (Some(reservation.request_id()), false),
+            _ => (None, false),
+        };
+        if let Some(request) = request
+            && ((self.resent && unanswered_here) || local.superseded(&request, cx.now))
+        {
+            self.asked_first = true;
+            return Next::Recorded(request);
         }
         self.run(local, cx, None, None)
     }

@@ -10,8 +10,9 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::rates::Rates;
 use super::{LeaseSettings, Numbering};
+use crate::engine::account::ANSWERS_KEPT;
 use crate::engine::catalog::OutagePolicy;
-use crate::engine::ids::{ProducerId, ReservationId};
+use crate::engine::ids::{ProducerId, RequestId, ReservationId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::{Account, Catalog, Command, EngineError, Reply, ReserveOutcome, UsageRecord};
 
@@ -73,7 +74,17 @@ pub struct Local {
     /// A sync sent whose outcome is unknown: sent again as is (same
     /// number) before any other, so it is applied exactly once.
     pending: Option<Sync>,
+    /// Requests this mirror decided whose records the store found repeated
+    /// (another sidecar, or this one before a restart, recorded them
+    /// first), and when: calls on them are answered from the store while
+    /// the mirror still keeps its own answer.
+    superseded: Vec<(RequestId, Timestamp)>,
 }
+
+/// How long a request found repeated at commit is answered from the store
+/// rather than from the mirror's own answer (which it keeps for
+/// [`ANSWERS_KEPT`] after the request closed, before its record's sync).
+const SUPERSEDED_KEPT: SignedDuration = SignedDuration::from_secs(2 * ANSWERS_KEPT.as_secs());
 
 impl Local {
     /// A mirror of `shared`, made at `now`, with the journaled records of
@@ -92,6 +103,7 @@ impl Local {
             appending: BTreeSet::new(),
             untold: Vec::new(),
             pending: None,
+            superseded: Vec::new(),
         }
     }
 
@@ -114,6 +126,14 @@ impl Local {
             .map(|e| &e.record)
             .chain(self.unnumbered.iter().map(|e| &e.record))
             .find(|r| r.reservation_id.as_ref() == Some(reservation))
+    }
+
+    /// Whether `request` was decided here and found recorded already by
+    /// the store (see [`Local::synced`]): its answer is the store's.
+    pub fn superseded(&self, request: &RequestId, now: Timestamp) -> bool {
+        self.superseded
+            .iter()
+            .any(|(r, at)| r == request && now.duration_since(*at) < SUPERSEDED_KEPT)
     }
 
     /// The sync whose outcome is unknown, if any.
@@ -342,15 +362,20 @@ impl Local {
 
     /// The store applied `sync` (now or before: a retry) and answered
     /// `granted`, leaving the shared account as `shared`: the records it
-    /// carried are applied, the mirror takes what was lent.
+    /// carried are applied (those `repeated` of requests recorded already,
+    /// whose answer is now the store's), the mirror takes what was lent.
     pub fn synced(
         &mut self,
         sync: &Sync,
-        shared: &Account,
+        (shared, repeated): (&Account, &[Journaled]),
         granted: &Granted,
         settings: &LeaseSettings,
         now: Timestamp,
     ) {
+        self.superseded
+            .retain(|(_, at)| now.duration_since(*at) < SUPERSEDED_KEPT);
+        self.superseded
+            .extend(repeated.iter().map(|e| (e.record.request_id.clone(), now)));
         if self.pending.as_ref().is_some_and(|p| p.seq == sync.seq) {
             self.pending = None;
         }

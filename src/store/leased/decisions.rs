@@ -129,7 +129,7 @@ impl RedisStore {
             );
         }
         if let Some(mut local) = self.mirrors.get_mut(id) {
-            local.synced(&sync, &shared, &granted, &self.settings, self.clock.now());
+            local.synced(&sync, (&shared, &repeated), &granted, &self.settings, self.clock.now());
         }
         Ok(())
     }
