@@ -466,6 +466,9 @@ struct World {
     open: Vec<Open>,
     /// Debt charged by settles resent to another sidecar, per account.
     overage: BTreeMap<AccountId, i128>,
+    /// Charges answered to marked resends on a sidecar that had not
+    /// answered them: the answer must be the record billed.
+    promised: BTreeMap<RecordId, UsageRecord>,
     settings: LeaseSettings,
     next_id: u64,
     tally: Tally,
@@ -615,6 +618,7 @@ impl World {
             durable: BTreeSet::new(),
             open: Vec::new(),
             overage: BTreeMap::new(),
+            promised: BTreeMap::new(),
             settings: LeaseSettings {
                 ttl: TTL.unsigned_abs(),
                 max_clock_skew: None,
@@ -1260,6 +1264,11 @@ impl World {
                 // A marked resend the sidecar did not answer itself is
                 // answered as the first call was once its record is in
                 // the store (or refused as retryable).
+                if let (true, false, Ok(Reply::Charge(ChargeOutcome::Charged(r)))) =
+                    (again.resent, answered_here, &answered)
+                {
+                    self.promised.insert(identity(r), (**r).clone());
+                }
                 if let (true, Some(first), false) = (again.resent, &first_record, answered_here) {
                     self.tally.answered_from_the_store += u64::from(answered.is_ok());
                     match (&again.command, &answered) {
@@ -1589,6 +1598,17 @@ impl World {
     /// stream once, nothing is lent, and the shared accounts charged what
     /// it says.
     fn check_quiescent(&self) {
+        // A charge answered to a marked resend is the one billed: the first
+        // record of its request in the stream.
+        for (key, answered) in &self.promised {
+            let billed = self
+                .store
+                .stream
+                .iter()
+                .map(|(e, _)| &e.record)
+                .find(|r| identity(r) == *key);
+            assert_eq!(billed, Some(answered), "a resend's answer is not the record billed");
+        }
         let streamed: BTreeSet<RecordId> = self.store.stream.iter().map(|(e, _)| identity(&e.record)).collect();
         let lost: Vec<_> = self.durable.difference(&streamed).collect();
         assert!(lost.is_empty(), "journaled records missing from the stream: {lost:?}");

@@ -88,6 +88,11 @@ pub struct Decide {
     resent: bool,
     /// The store was asked before the command ran (a resend).
     asked_first: bool,
+    /// A resend the store knew nothing of: what it charges is committed
+    /// before the answer, so the answer is the one billed.
+    commit_first: bool,
+    /// Its answer, waiting for that commit.
+    decided: Option<Applied>,
     asks: usize,
     /// The failure policy consulted, when the store was unreachable.
     outage: Option<OutagePolicy>,
@@ -113,6 +118,8 @@ impl Decide {
             command,
             resent: false,
             asked_first: false,
+            commit_first: false,
+            decided: None,
             asks: 0,
             outage: None,
             then: None,
@@ -162,6 +169,9 @@ impl Decide {
 
     /// The sync asked for went as `outcome`.
     pub fn synced(&mut self, local: &mut Local, cx: Context<'_>, outcome: SyncOutcome) -> Next {
+        if let Some(decided) = self.decided.take() {
+            return self.committed(local, cx, decided, outcome);
+        }
         match outcome {
             SyncOutcome::Done if self.asks < ASKS => self.run(local, cx, None, None),
             // Asked enough: decide from what is held.
@@ -206,12 +216,39 @@ impl Decide {
         }
     }
 
+    /// The commit of a resent charge decided here went as `outcome`: its
+    /// record was applied (the answer is the one billed), or found
+    /// recorded by another sidecar meanwhile (the answer is that one's);
+    /// not committed, the caller retries.
+    fn committed(&mut self, local: &mut Local, cx: Context<'_>, decided: Applied, outcome: SyncOutcome) -> Next {
+        let request = request_of(&self.command).cloned();
+        match (outcome, request) {
+            (SyncOutcome::Done, Some(request)) if local.superseded(&request, cx.now) => {
+                local.untold(decided.records);
+                self.asked_first = true;
+                Next::Recorded(request)
+            }
+            (SyncOutcome::Done, _) => Next::Done(Ok(decided)),
+            (SyncOutcome::Busy | SyncOutcome::Unreachable(_), _) => {
+                local.untold(decided.records);
+                Next::Done(Err(Failure::Unavailable(
+                    "a resend decided here could not be committed to tell whether its answer is the one billed; \
+                     retry"
+                        .into(),
+                )))
+            }
+        }
+    }
+
     /// The journal write asked for went as `written` (`entries` are kept
     /// in memory either way, for the next sync).
     pub fn journaled(&mut self, local: &mut Local, entries: Vec<Journaled>, written: Result<(), String>) -> Next {
         local.appended(entries);
         let then = self.then.take();
         if let Err(e) = written {
+            if let Some(decided) = self.decided.take() {
+                local.untold(decided.records);
+            }
             return Next::Done(Err(Failure::Unavailable(e)));
         }
         match then {
@@ -263,6 +300,20 @@ impl Decide {
                         records: local.told(records),
                     });
                     Then::Recorded(request)
+                }
+                // A resend nobody had recorded: committed before it is
+                // answered (see `committed`).
+                _ if std::mem::take(&mut self.commit_first)
+                    && matches!(reply, Reply::Charge(ChargeOutcome::Charged(_))) =>
+                {
+                    self.decided = Some(Applied {
+                        reply,
+                        records: local.told(records),
+                    });
+                    Then::Sync(Short {
+                        need: None,
+                        permits: Vec::new(),
+                    })
                 }
                 _ => Then::Answer(Ok(Applied {
                     reply,
@@ -340,7 +391,10 @@ impl Decide {
                     Next::Done(self.answered_by(&record).ok_or_else(|| self.charged_already()))
                 }
                 Ok(Known::Recorded) => Next::Done(Err(self.charged_already())),
-                Ok(Known::Nothing) => self.run(local, cx, None, None),
+                Ok(Known::Nothing) => {
+                    self.commit_first = self.resent;
+                    self.run(local, cx, None, None)
+                }
                 // Whether it was decided elsewhere cannot be known now.
                 Err(why) => Next::Done(Err(Failure::Unavailable(why))),
             };
