@@ -194,6 +194,7 @@ struct RedisFile {
     max_clock_skew_ms: u64,
     shards: u32,
     replicas: u32,
+    consumer_groups: Vec<String>,
 }
 
 impl Default for RedisFile {
@@ -209,6 +210,7 @@ impl Default for RedisFile {
             max_clock_skew_ms: 2000,
             shards: 0,
             replicas: 0,
+            consumer_groups: Vec::new(),
         }
     }
 }
@@ -977,6 +979,19 @@ fn store_settings(
     if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
         p.push("store.redis.key_prefix", "must be non-empty and free of braces");
     }
+    if r.consumer_groups.len() > 16 {
+        p.push("store.redis.consumer_groups", "at most 16 groups");
+    }
+    for (i, group) in r.consumer_groups.iter().enumerate() {
+        if group.is_empty() || group.len() > 128 || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            p.push(
+                "store.redis.consumer_groups",
+                format!("{group:?}: a group name is 1 to 128 characters, without spaces or control characters"),
+            );
+        } else if r.consumer_groups[..i].contains(group) {
+            p.push("store.redis.consumer_groups", format!("{group:?} is named twice"));
+        }
+    }
     // The password never sits in the file itself: the environment or a
     // mounted secret.
     let password = match (env("TOLLGATE_REDIS_PASSWORD"), &r.password_file) {
@@ -1030,6 +1045,7 @@ fn store_settings(
             max_clock_skew: (r.max_clock_skew_ms > 0).then(|| Duration::from_millis(r.max_clock_skew_ms)),
             prefix: r.key_prefix.clone(),
             shards: shards(r.shards, r.cluster),
+            consumer_groups: r.consumer_groups.clone(),
         },
         shards_configured: r.shards,
         max_rate_limit_windows: f.max_rate_limit_windows,
@@ -1855,5 +1871,21 @@ mod tests {
         let no_urls = "[store]\nkind = \"redis\"\n";
         let errors = Settings::parse(no_urls, &no_env).unwrap_err().0;
         assert_eq!(errors[0].path, "store.redis.urls");
+    }
+
+    #[test]
+    fn consumer_groups_are_named_once_each_and_plainly() {
+        let good = "[store.redis]\nconsumer_groups = [\"billing\", \"audit\"]\n";
+        let s = Settings::parse(good, &no_env).unwrap();
+        assert_eq!(s.store.leases.consumer_groups, ["billing", "audit"]);
+        let bad = "[store.redis]\nconsumer_groups = [\"billing\", \"\", \"two words\", \"billing\"]\n";
+        let errors = Settings::parse(bad, &no_env).unwrap_err().0;
+        let messages: Vec<_> = errors
+            .iter()
+            .filter(|e| e.path == "store.redis.consumer_groups")
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(messages.len(), 3, "{errors:?}");
+        assert!(messages[2].contains("named twice"), "{messages:?}");
     }
 }

@@ -96,6 +96,13 @@ pub struct Evicted {
     pub state: &'static str,
 }
 
+/// A consumer group of the usage streams.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerGroup {
+    /// Its name (`store.redis.consumer_groups`).
+    pub group: String,
+}
+
 /// An allow-listed account's source.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AccountSource {
@@ -146,6 +153,8 @@ pub struct Metrics {
     pub usage_records: Family<RecordKind, Counter>,
     pub usage_records_applied: Counter,
     pub usage_records_repeated: Counter,
+    pub usage_stream_trimmed: Counter,
+    pub usage_stream_unacknowledged: Family<ConsumerGroup, Gauge>,
     pub config_reloads: Family<ReloadResult, Counter>,
     pub rls_hits: Family<RlsHits, Counter>,
     pub ready: Gauge,
@@ -265,6 +274,18 @@ impl Metrics {
             "Journaled usage records of request ids already recorded (retries decided again elsewhere): not applied, their charges given back",
             usage_records_repeated.clone(),
         );
+        let usage_stream_trimmed = Counter::default();
+        r.register(
+            "usage_stream_trimmed",
+            "Usage stream entries trimmed once every consumer group in store.redis.consumer_groups acknowledged them",
+            usage_stream_trimmed.clone(),
+        );
+        let usage_stream_unacknowledged = Family::<ConsumerGroup, Gauge>::default();
+        r.register(
+            "usage_stream_unacknowledged",
+            "Usage stream entries a consumer group has not acknowledged yet (delivered or not), over every shard",
+            usage_stream_unacknowledged.clone(),
+        );
         let config_reloads = Family::<ReloadResult, Counter>::default();
         r.register(
             "config_reloads",
@@ -327,7 +348,7 @@ impl Metrics {
         r.register("build_info", "The running build", build_info);
         // Series of known label values start at zero, so rates and alerts
         // see them before their first event.
-        for script in ["commit", "count"] {
+        for script in ["commit", "count", "trim"] {
             drop(redis_duration.get_or_create(&Script { script }));
             drop(redis_errors.get_or_create(&Script { script }));
         }
@@ -360,6 +381,8 @@ impl Metrics {
             usage_records,
             usage_records_applied,
             usage_records_repeated,
+            usage_stream_trimmed,
+            usage_stream_unacknowledged,
             config_reloads,
             rls_hits,
             ready,

@@ -565,3 +565,132 @@ async fn a_charge_resent_elsewhere_is_answered_as_the_first_call_was() {
     let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
     assert_eq!(paid.charged, picos(&records));
 }
+
+/// The ids of the entries of shard 0's usage stream, oldest first.
+async fn entry_ids(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let key = tollgate::store::leased::stream_key("tollgate", 0);
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(entries) = reply else {
+        panic!("XRANGE answered {reply:?}")
+    };
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            redis::Value::Array(parts) => match parts.first() {
+                Some(redis::Value::BulkString(id)) => Some(String::from_utf8_lossy(id).into_owned()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs one Redis command on `conn`, its answer ignored.
+async fn run(conn: &mut redis::aio::MultiplexedConnection, args: &[&str]) {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let _: redis::Value = cmd.query_async(conn).await.unwrap();
+}
+
+/// With `store.redis.consumer_groups`, the sidecars trim each usage stream
+/// of the entries every named group has acknowledged, and of nothing else:
+/// not while a group is missing, not an entry a group read and has not
+/// acknowledged, not one a group has not read. (Before, the stream was
+/// never trimmed: Redis filled with usage records.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_stream_is_trimmed_of_what_every_consumer_group_acknowledged() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    // Trimmed every ten report intervals: 2 s here.
+    let config = CONFIG
+        .replace(
+            "[store.redis]\n",
+            "[store.redis]\nconsumer_groups = [\"billing\", \"audit\"]\n",
+        )
+        .replace("[server]\n", "[server]\nhttp_listen = \"127.0.0.1:0\"\n");
+    let config = write_config(dir.path(), &config);
+    let mut sidecar = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("usage.jsonl"),
+        &dir.path().join("journal"),
+    );
+    let mut quota = sidecar.client().await;
+    for i in 0..4 {
+        quota.charge(charge(&format!("t{i}"), "1")).await.unwrap();
+        // Each its own commit, so its own entry.
+        stream_reaches(&redis.url(), i + 1).await;
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ids = entry_ids(&mut conn).await;
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let stream = tollgate::store::leased::stream_key("tollgate", 0);
+    let trims = Duration::from_secs(3);
+    // billing reads and acknowledges everything; audit does not exist yet.
+    run(&mut conn, &["XGROUP", "CREATE", &stream, "billing", "0"]).await;
+    run(
+        &mut conn,
+        &["XREADGROUP", "GROUP", "billing", "b", "STREAMS", &stream, ">"],
+    )
+    .await;
+    run(
+        &mut conn,
+        &["XACK", &stream, "billing", &ids[0], &ids[1], &ids[2], &ids[3]],
+    )
+    .await;
+    tokio::time::sleep(trims).await;
+    assert_eq!(
+        entry_ids(&mut conn).await,
+        ids,
+        "nothing trimmed while a group is missing"
+    );
+    // audit reads two entries and acknowledges the first only.
+    run(&mut conn, &["XGROUP", "CREATE", &stream, "audit", "0"]).await;
+    run(
+        &mut conn,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "audit",
+            "a",
+            "COUNT",
+            "2",
+            "STREAMS",
+            &stream,
+            ">",
+        ],
+    )
+    .await;
+    run(&mut conn, &["XACK", &stream, "audit", &ids[0]]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while entry_ids(&mut conn).await.len() == 4 {
+        assert!(Instant::now() < deadline, "never trimmed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(trims).await;
+    assert_eq!(
+        entry_ids(&mut conn).await,
+        ids[1..],
+        "only what both groups acknowledged is trimmed"
+    );
+    // audit acknowledges the second and has not read the rest.
+    run(&mut conn, &["XACK", &stream, "audit", &ids[1]]).await;
+    tokio::time::sleep(trims).await;
+    assert_eq!(entry_ids(&mut conn).await, ids[2..], "never what a group has not read");
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains("tollgate_usage_stream_unacknowledged{group=\"audit\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tollgate_usage_stream_trimmed_total 2"), "{metrics}");
+    sidecar.stop();
+}

@@ -60,6 +60,10 @@ pub struct LeaseSettings {
     /// Logical shards: accounts map to shards by a hash of their id; each
     /// shard is one hash tag, with its own usage stream.
     pub shards: u32,
+    /// The consumer groups that must read every usage record: each
+    /// shard's stream is trimmed of what all of them acknowledged (none:
+    /// never trimmed).
+    pub consumer_groups: Vec<String>,
 }
 
 impl Default for LeaseSettings {
@@ -72,6 +76,7 @@ impl Default for LeaseSettings {
             max_clock_skew: Some(Duration::from_secs(2)),
             prefix: "tollgate".into(),
             shards: 1,
+            consumer_groups: Vec::new(),
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct Sidecar {
     pub quota_url: String,
     /// Its control-plane URL.
     pub admin_url: String,
+    /// Its HTTP endpoint (`/metrics`), if `server.http_listen` is set.
+    pub http: Option<std::net::SocketAddr>,
     /// Where it writes usage records.
     pub usage_path: PathBuf,
 }
@@ -85,12 +87,22 @@ impl Sidecar {
                 .expect("addresses in the log line");
             format!("http://{address}")
         };
+        let http = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http=Some(")?.strip_suffix(')')?.parse().ok());
         Sidecar {
             child: Some(child),
             quota_url: address("quota="),
             admin_url: address("admin="),
+            http,
             usage_path,
         }
+    }
+
+    /// Its `/metrics` page (it must have an HTTP endpoint).
+    pub async fn metrics(&self) -> String {
+        let http = self.http.expect("server.http_listen is set");
+        super::http_get(http, "/metrics").await.1
     }
 
     /// A data-plane client.

@@ -37,8 +37,8 @@
 //! **Files.** `keys.rs`: where an account's records live. `connection.rs`:
 //! calls to Redis and the backoff. `commit.rs`: the one script that writes,
 //! and the stream entry it appends. `decisions.rs`: mirrors, syncs and
-//! decisions. `upkeep.rs`: the background task and shutdown. `windows.rs`:
-//! Envoy rate-limit windows.
+//! decisions. `upkeep.rs`: the background task and shutdown. `streams.rs`:
+//! trimming the usage streams. `windows.rs`: Envoy rate-limit windows.
 //!
 //! **Locks.** An account's gate (a tokio mutex, held across its Redis
 //! calls), then a `mirrors` shard, then the leaves; no `std` or DashMap
@@ -49,6 +49,7 @@ mod commit;
 mod connection;
 mod decisions;
 mod keys;
+mod streams;
 mod upkeep;
 mod windows;
 
@@ -129,6 +130,9 @@ pub struct RedisStore {
     commit: Script,
     /// The Envoy rate-limit windows' counter script.
     count: Script,
+    /// The usage streams' trim script, and when it last ran (ms).
+    trim: Script,
+    last_trim_ms: std::sync::atomic::AtomicI64,
     /// This sidecar's share of each open rate-limit window, by key.
     windows: DashMap<String, WindowShare>,
     /// The configured catalog, and the one in force: the configured one
@@ -189,6 +193,8 @@ impl RedisStore {
             seq: AtomicU64::new(0),
             commit: Script::new(include_str!("../lua/commit.lua")),
             count: Script::new(include_str!("../lua/count.lua")),
+            trim: Script::new(include_str!("../lua/trim.lua")),
+            last_trim_ms: std::sync::atomic::AtomicI64::new(0),
             windows: DashMap::new(),
             catalogs: RwLock::new(Catalogs {
                 installed: Arc::new(catalog.clone()),

@@ -139,6 +139,7 @@ impl RedisStore {
             });
         }
         self.tend_windows(now).await;
+        self.trim_streams(now).await;
         while work.join_next().await.is_some() {}
         for id in forget {
             // Under its gate, so no sync is half-way.
