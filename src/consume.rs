@@ -16,7 +16,7 @@ use jiff::Timestamp;
 
 use crate::engine::money::Money;
 use crate::store::StoreError;
-use crate::store::leased::stream_key;
+use crate::store::leased::{entry_records, stream_key};
 use crate::store::redis::Redis;
 
 /// One record read from a stream.
@@ -36,14 +36,6 @@ pub struct Consumer {
     streams: Vec<String>,
     group: String,
     name: String,
-}
-
-fn text(v: &redis::Value) -> Option<String> {
-    match v {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        redis::Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
 }
 
 impl Consumer {
@@ -197,25 +189,8 @@ fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
             continue;
         };
         for e in entries {
-            let redis::Value::Array(parts) = e else { continue };
-            let Some(id) = parts.first().and_then(text) else {
+            let Some((id, records)) = entry_records(e) else {
                 continue;
-            };
-            let fields = match parts.get(1) {
-                Some(redis::Value::Array(fields)) => fields.as_slice(),
-                _ => &[],
-            };
-            let json = fields
-                .chunks(2)
-                .find(|kv| kv.first().and_then(text).as_deref() == Some("json"))
-                .and_then(|kv| kv.get(1).and_then(text));
-            // An entry holds the records of one commit, as a JSON array. One
-            // without readable records (trimmed away, or not Tollgate's) is
-            // delivered as a single null, so it is acknowledged and never
-            // comes back.
-            let records = match json.and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok()) {
-                Some(serde_json::Value::Array(records)) => records,
-                _ => vec![serde_json::Value::Null],
             };
             for record in records {
                 out.push(Delivered {

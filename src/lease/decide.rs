@@ -93,6 +93,9 @@ pub struct Decide {
     commit_first: bool,
     /// Its answer, waiting for that commit.
     decided: Option<Applied>,
+    /// That commit found the request recorded already: the store is asked
+    /// once more, and then the answer is final.
+    after_commit: bool,
     asks: usize,
     /// The failure policy consulted, when the store was unreachable.
     outage: Option<OutagePolicy>,
@@ -120,6 +123,7 @@ impl Decide {
             asked_first: false,
             commit_first: false,
             decided: None,
+            after_commit: false,
             asks: 0,
             outage: None,
             then: None,
@@ -150,19 +154,20 @@ impl Decide {
     /// request this mirror decided again and the store found recorded: its
     /// answer is the first call's, not the one this mirror keeps.
     pub fn start(&mut self, local: &mut Local, cx: Context<'_>) -> Next {
-        let mirror = local.mirror();
-        let (request, unanswered_here) = match &self.command {
-            Command::Reserve(req) => (Some(req.request_id.clone()), !mirror.remembers(&req.request_id)),
-            Command::Charge(req) => (Some(req.request_id.clone()), !mirror.remembers(&req.request_id)),
-            Command::Settle { reservation, .. } => (Some(reservation.request_id()), mirror.holds_open(reservation)),
-            Command::Release(reservation) => (Some(reservation.request_id()), false),
-            _ => (None, false),
-        };
-        if let Some(request) = request
-            && ((self.resent && unanswered_here) || local.superseded(&request, cx.now))
-        {
-            self.asked_first = true;
-            return Next::Recorded(request);
+        if let Some(request) = request_named(&self.command) {
+            let mirror = local.mirror();
+            let unanswered_here = match &self.command {
+                Command::Reserve(_) | Command::Charge(_) => !mirror.remembers(&request),
+                Command::Settle { reservation, .. } => mirror.holds_open(reservation),
+                _ => false,
+            };
+            // Answered here, its record not committed yet: the first call's
+            // may land first, so it is looked up, then committed.
+            let unsure = self.resent && local.uncommitted(&request);
+            if (self.resent && unanswered_here) || unsure || local.superseded(&request, cx.now) {
+                self.asked_first = true;
+                return Next::Recorded(request);
+            }
         }
         self.run(local, cx, None, None)
     }
@@ -216,27 +221,45 @@ impl Decide {
         }
     }
 
-    /// The commit of a resent charge decided here went as `outcome`: its
-    /// record was applied (the answer is the one billed), or found
-    /// recorded by another sidecar meanwhile (the answer is that one's);
-    /// not committed, the caller retries.
+    /// The commit of a resent charge or settle decided here went as
+    /// `outcome`: its record was applied (the answer is the one billed), or
+    /// found recorded by another sidecar meanwhile (the answer is that
+    /// one's, asked once more); not committed (the store unreachable, or
+    /// the record waiting behind another on its way to the journal), the
+    /// caller retries.
     fn committed(&mut self, local: &mut Local, cx: Context<'_>, decided: Applied, outcome: SyncOutcome) -> Next {
-        let request = request_of(&self.command).cloned();
-        match (outcome, request) {
-            (SyncOutcome::Done, Some(request)) if local.superseded(&request, cx.now) => {
+        let Some(request) = request_named(&self.command) else {
+            return Next::Done(Ok(decided));
+        };
+        let unsure = |local: &mut Local, decided: Applied| {
+            local.untold(decided.records);
+            Next::Done(Err(Failure::Unavailable(
+                "a resend decided here could not be committed to tell whether its answer is the one billed; retry"
+                    .into(),
+            )))
+        };
+        match outcome {
+            SyncOutcome::Done if local.superseded(&request, cx.now) => {
                 local.untold(decided.records);
                 self.asked_first = true;
+                self.after_commit = true;
                 Next::Recorded(request)
             }
-            (SyncOutcome::Done, _) => Next::Done(Ok(decided)),
-            (SyncOutcome::Busy | SyncOutcome::Unreachable(_), _) => {
-                local.untold(decided.records);
-                Next::Done(Err(Failure::Unavailable(
-                    "a resend decided here could not be committed to tell whether its answer is the one billed; \
-                     retry"
-                        .into(),
-                )))
-            }
+            SyncOutcome::Done if local.uncommitted(&request) => unsure(local, decided),
+            SyncOutcome::Done => Next::Done(Ok(decided)),
+            SyncOutcome::Busy | SyncOutcome::Unreachable(_) => unsure(local, decided),
+        }
+    }
+
+    /// Hands back what the decision holds for the caller, when it ends
+    /// without reaching [`Next::Done`] (the driver failed): the records go
+    /// with the next command's.
+    pub fn abandon(&mut self, local: &mut Local) {
+        if let Some(decided) = self.decided.take() {
+            local.untold(decided.records);
+        }
+        if let Some(denied) = self.denied.take() {
+            local.untold(denied.records);
         }
     }
 
@@ -304,7 +327,7 @@ impl Decide {
                 // A resend nobody had recorded: committed before it is
                 // answered (see `committed`).
                 _ if std::mem::take(&mut self.commit_first)
-                    && matches!(reply, Reply::Charge(ChargeOutcome::Charged(_))) =>
+                    && matches!(reply, Reply::Charge(ChargeOutcome::Charged(_)) | Reply::Settle(_)) =>
                 {
                     self.decided = Some(Applied {
                         reply,
@@ -391,6 +414,9 @@ impl Decide {
                     Next::Done(self.answered_by(&record).ok_or_else(|| self.charged_already()))
                 }
                 Ok(Known::Recorded) => Next::Done(Err(self.charged_already())),
+                // The commit found it recorded (where its record went may
+                // be in a bucket not looked in): it was charged.
+                Ok(Known::Nothing) if self.after_commit => Next::Done(Err(self.charged_already())),
                 Ok(Known::Nothing) => {
                     self.commit_first = self.resent;
                     self.run(local, cx, None, None)
@@ -436,9 +462,12 @@ impl Decide {
             Command::Charge(req)
                 if record.kind == RecordKind::Charge
                     && record.request_id == req.request_id
+                    && record.api_key_id == req.api_key_id
                     && record.model == req.model
                     && match &req.what {
-                        ChargeWhat::Usage(usage) => record.usage == *usage,
+                        ChargeWhat::Usage(usage) => {
+                            record.usage == *usage && record.service_tier.as_ref() == Some(&req.tier)
+                        }
                         ChargeWhat::Money(amount) => record.total_money == *amount,
                     } =>
             {
@@ -489,6 +518,17 @@ fn closed(reservation: &ReservationId) -> EngineError {
     EngineError::Precondition(format!(
         "reservation {reservation} was settled or charged already; its usage record is in the usage stream"
     ))
+}
+
+/// The request a client's command names (a reservation's is its
+/// reserve's).
+fn request_named(command: &Command) -> Option<RequestId> {
+    match command {
+        Command::Reserve(req) => Some(req.request_id.clone()),
+        Command::Charge(req) => Some(req.request_id.clone()),
+        Command::Settle { reservation, .. } | Command::Release(reservation) => Some(reservation.request_id()),
+        _ => None,
+    }
 }
 
 /// The request a reserve or charge names (the commands that are denied).

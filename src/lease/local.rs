@@ -128,6 +128,14 @@ impl Local {
             .find(|r| r.reservation_id.as_ref() == Some(reservation))
     }
 
+    /// Whether a record of `request` made here waits to be committed.
+    pub fn uncommitted(&self, request: &RequestId) -> bool {
+        self.journaled
+            .iter()
+            .chain(&self.unnumbered)
+            .any(|e| e.record.request_id == *request)
+    }
+
     /// Whether `request` was decided here and found recorded already by
     /// the store (see [`Local::synced`]): its answer is the store's.
     pub fn superseded(&self, request: &RequestId, now: Timestamp) -> bool {

@@ -29,6 +29,34 @@ pub(super) struct StreamEntry {
     fingerprints: Vec<u8>,
 }
 
+/// The id and records of one usage stream entry as Redis answers it
+/// (`[id, [field, value, ...]]`, from `XRANGE` or `XREADGROUP`): the
+/// records of its `json` field, or a single null for an entry without
+/// readable records (trimmed away, or not Tollgate's), so a consumer still
+/// acknowledges it.
+pub fn entry_records(entry: &redis::Value) -> Option<(String, Vec<serde_json::Value>)> {
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let redis::Value::Array(parts) = entry else { return None };
+    let id = parts.first().and_then(text)?;
+    let fields = match parts.get(1) {
+        Some(redis::Value::Array(fields)) => fields.as_slice(),
+        _ => &[],
+    };
+    let json = fields
+        .chunks(2)
+        .find(|kv| kv.first().and_then(text).as_deref() == Some("json"))
+        .and_then(|kv| kv.get(1).and_then(text));
+    let records = match json.and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok()) {
+        Some(serde_json::Value::Array(records)) => records,
+        _ => vec![serde_json::Value::Null],
+    };
+    Some((id, records))
+}
+
 /// A record with the fields the stream adds to it.
 #[derive(serde::Serialize)]
 struct Tagged<'a, R> {

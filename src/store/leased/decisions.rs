@@ -221,12 +221,18 @@ impl RedisStore {
                         Ok(()) => SyncOutcome::Done,
                         Err(StoreError::Busy(_)) => SyncOutcome::Busy,
                         Err(StoreError::Unavailable(why)) => SyncOutcome::Unreachable(why),
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            if let Some(mut local) = self.mirrors.get_mut(id) {
+                                decide.abandon(&mut local);
+                            }
+                            return Err(e);
+                        }
                     };
                     self.step(id, now, |local, cx| decide.synced(local, cx, outcome))?
                 }
                 Next::Recorded(request) => {
-                    let known = self.known(id, &request, now).await;
+                    // Where records went is bucketed by the commit's clock.
+                    let known = self.known(id, &request, self.clock.now()).await;
                     self.step(id, now, |local, cx| decide.recorded(local, cx, known))?
                 }
                 Next::Done(answer) => {
@@ -349,22 +355,12 @@ impl Numbering for &Journal {
 }
 
 /// The usage record of `request` on `id` in an `XRANGE` reply of one
-/// entry (whose `json` field holds its commit's records).
+/// entry.
 fn record_in(reply: &redis::Value, id: &AccountId, request: &RequestId) -> Option<UsageRecord> {
     let redis::Value::Array(entries) = reply else {
         return None;
     };
-    let redis::Value::Array(parts) = entries.first()? else {
-        return None;
-    };
-    let redis::Value::Array(fields) = parts.get(1)? else {
-        return None;
-    };
-    let json = fields.chunks(2).find_map(|kv| match kv {
-        [redis::Value::BulkString(name), redis::Value::BulkString(value)] if name.as_slice() == b"json" => Some(value),
-        _ => None,
-    })?;
-    let records: Vec<serde_json::Value> = serde_json::from_slice(json).ok()?;
+    let (_, records) = super::entry_records(entries.first()?)?;
     records
         .into_iter()
         .filter_map(|r| serde_json::from_value::<UsageRecord>(r).ok())

@@ -78,6 +78,7 @@ use commit::corrupt;
 
 pub use crate::lease::LeaseSettings;
 
+pub use commit::entry_records;
 pub use keys::{account_key, shard_of, stream_key};
 
 /// Counters of what the store did, for tests, benchmarks and logs.
