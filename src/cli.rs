@@ -82,12 +82,18 @@ pub struct LoadgenArgs {
     /// Stop after this many calls instead.
     #[arg(long)]
     pub calls: Option<u64>,
-    /// Accounts to spread the calls over (comma-separated).
+    /// Accounts to spread the calls over (comma-separated); `NAME{A..B}`
+    /// stands for NAMEA to NAMEB (`tenant-{1..100000}`).
     #[arg(long, value_delimiter = ',', default_value = "demo")]
     pub accounts: Vec<String>,
     /// Send this share of calls (0 to 1) to the first account (hot-key skew).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "zipf")]
     pub hot: Option<f64>,
+    /// Pick the account of rank r (in the order given) with a probability
+    /// proportional to 1/r^S: a few hot tenants, a long quiet tail (1 is
+    /// typical).
+    #[arg(long)]
+    pub zipf: Option<f64>,
     /// The model on reserves.
     #[arg(long, default_value = "llama-3.1-8b")]
     pub model: String,
@@ -497,20 +503,48 @@ async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The most accounts `loadgen --accounts` may name, ranges included.
+const MAX_LOADGEN_ACCOUNTS: u64 = 10_000_000;
+
+/// `--accounts` with each `NAME{A..B}` replaced by NAMEA, ..., NAMEB.
+fn expand_accounts(given: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for item in given {
+        let Some((name, range)) = item.strip_suffix('}').and_then(|rest| rest.rsplit_once('{')) else {
+            out.push(item.clone());
+            continue;
+        };
+        let (from, to) = range
+            .split_once("..")
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+            .filter(|(a, b)| a <= b)
+            .with_context(|| format!("--accounts {item}: a range is NAME{{A..B}} with A <= B"))?;
+        anyhow::ensure!(
+            out.len() as u64 + (to - from + 1) <= MAX_LOADGEN_ACCOUNTS,
+            "--accounts: at most {MAX_LOADGEN_ACCOUNTS} accounts"
+        );
+        out.extend((from..=to).map(|i| format!("{name}{i}")));
+    }
+    Ok(out)
+}
+
 async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(!args.accounts.is_empty(), "--accounts: name at least one");
+    let accounts = expand_accounts(&args.accounts)?;
+    anyhow::ensure!(!accounts.is_empty(), "--accounts: name at least one");
     anyhow::ensure!(args.connections > 0, "--connections: at least 1");
-    let mix = match args.hot {
-        None => crate::loadgen::Mix::Uniform,
-        Some(share) if (0.0..=1.0).contains(&share) => crate::loadgen::Mix::Hot(share),
-        Some(share) => anyhow::bail!("--hot {share}: a share between 0 and 1"),
+    let mix = match (args.hot, args.zipf) {
+        (None, None) => crate::loadgen::Mix::Uniform,
+        (Some(share), _) if (0.0..=1.0).contains(&share) => crate::loadgen::Mix::Hot(share),
+        (Some(share), _) => anyhow::bail!("--hot {share}: a share between 0 and 1"),
+        (None, Some(s)) if s > 0.0 && s <= 10.0 => crate::loadgen::Mix::Zipf(s),
+        (None, Some(s)) => anyhow::bail!("--zipf {s}: an exponent above 0, at most 10"),
     };
     let spec = crate::loadgen::Spec {
         target: args.target,
         connections: args.connections,
         duration: std::time::Duration::try_from_secs_f64(args.seconds).context("--seconds")?,
         calls: args.calls,
-        accounts: args.accounts,
+        accounts,
         mix,
         model: args.model,
         rls_domain: args.rls_domain,
@@ -684,4 +718,24 @@ fn show_balance(b: &proto::GetBalanceResponse) -> String {
         decimal(b.held_money.as_ref()),
         b.held_tokens
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_ranges_expand_in_order_and_bad_ones_are_named() {
+        let given = ["demo".to_owned(), "tenant-{1..3}".to_owned(), "x{0..0}".to_owned()];
+        assert_eq!(
+            expand_accounts(&given).unwrap(),
+            ["demo", "tenant-1", "tenant-2", "tenant-3", "x0"]
+        );
+        for bad in ["t{3..1}", "t{a..b}", "t{1..}"] {
+            let error = expand_accounts(&[bad.to_owned()]).unwrap_err().to_string();
+            assert!(error.contains(bad), "{error}");
+        }
+        let huge = expand_accounts(&["t{1..99999999}".to_owned()]).unwrap_err().to_string();
+        assert!(huge.contains("at most"), "{huge}");
+    }
 }

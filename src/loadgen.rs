@@ -4,7 +4,8 @@
 //! The generator drives a running Tollgate's data plane over TCP or a Unix
 //! socket through [`crate::client`]: `connections` clients, each on its
 //! own connection, loop over a Reserve and its Settle on accounts drawn
-//! uniformly or with a hot key, for a time or a number of calls. Every
+//! uniformly, with a hot key or by a Zipf law, for a time or a number of
+//! calls. Every
 //! call's latency goes into an HDR histogram; the report gives throughput
 //! and percentiles, and is written as JSON.
 //!
@@ -43,6 +44,53 @@ pub enum Mix {
     Uniform,
     /// This share of calls goes to the first account, the rest uniformly.
     Hot(f64),
+    /// The account of rank `r` (from 1, in the order given) is picked with
+    /// a probability proportional to `1 / r^s`: a few hot tenants and a
+    /// long tail of quiet ones, as a real fleet sees them.
+    Zipf(f64),
+}
+
+/// Draws account indexes for a [`Mix`] over `n` accounts.
+#[derive(Debug, Clone)]
+pub struct Picker {
+    mix: Mix,
+    n: usize,
+    /// For [`Mix::Zipf`]: the cumulative share of ranks 1..=i, rising to 1.
+    cumulative: Arc<[f64]>,
+}
+
+impl Picker {
+    /// A picker of `mix` over `n` accounts (at least one).
+    pub fn new(mix: Mix, n: usize) -> Picker {
+        let n = n.max(1);
+        let cumulative: Arc<[f64]> = match mix {
+            Mix::Zipf(s) => {
+                let weights: Vec<f64> = (1..=n).map(|r| (r as f64).powf(-s)).collect();
+                let total: f64 = weights.iter().sum();
+                weights
+                    .iter()
+                    .scan(0.0, |sum, w| {
+                        *sum += w / total;
+                        Some(*sum)
+                    })
+                    .collect()
+            }
+            Mix::Uniform | Mix::Hot(_) => Arc::from([]),
+        };
+        Picker { mix, n, cumulative }
+    }
+
+    /// The index of the next account.
+    pub fn pick(&self, rng: &mut fastrand::Rng) -> usize {
+        match self.mix {
+            Mix::Hot(share) if rng.f64() < share => 0,
+            Mix::Zipf(_) => {
+                let u = rng.f64();
+                self.cumulative.partition_point(|c| *c <= u).min(self.n - 1)
+            }
+            _ => rng.usize(..self.n),
+        }
+    }
 }
 
 /// What to run.
@@ -119,12 +167,14 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
         );
         bar
     });
+    let picker = Picker::new(spec.mix, spec.accounts.len());
     let mut tasks = Vec::new();
     for client in 0..spec.connections {
         let channel = crate::channel::connect(&spec.target).await?;
         let mut rls = RateLimitServiceClient::new(channel.clone());
         let quota = Client::new(channel, CALLS);
         let (done, errors, spec) = (Arc::clone(&done), Arc::clone(&errors), spec.clone());
+        let picker = picker.clone();
         let seed = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(client as u64 + 1);
         tasks.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(seed);
@@ -132,10 +182,7 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
             let mut i = 0u64;
             while Instant::now() < until && spec.calls.is_none_or(|n| done.load(Ordering::Relaxed) < n) {
                 i += 1;
-                let account = match spec.mix {
-                    Mix::Hot(share) if rng.f64() < share => spec.accounts[0].clone(),
-                    _ => spec.accounts[rng.usize(..spec.accounts.len())].clone(),
-                };
+                let account = spec.accounts[picker.pick(&mut rng)].clone();
                 if let Some(domain) = &spec.rls_domain {
                     let t = Instant::now();
                     if rls.should_rate_limit(rls_request(domain, &account)).await.is_err() {
@@ -326,5 +373,50 @@ impl proto::quota_server::Quota for Baseline {
         _: Request<proto::GetBalanceRequest>,
     ) -> Result<Response<proto::GetBalanceResponse>, Status> {
         Ok(Response::new(proto::GetBalanceResponse::default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shares of the first ranks over `draws` picks.
+    fn shares(mix: Mix, n: usize, draws: usize) -> Vec<f64> {
+        let picker = Picker::new(mix, n);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut counts = vec![0usize; n];
+        for _ in 0..draws {
+            counts[picker.pick(&mut rng)] += 1;
+        }
+        counts.iter().map(|c| *c as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn zipf_picks_rank_r_in_proportion_to_one_over_r_to_the_s() {
+        // s = 1 over 1,000 accounts: rank 1 takes 1 / H(1000) = 13.4 %,
+        // rank 2 half that, rank 10 a tenth.
+        let harmonic: f64 = (1..=1000).map(|r| 1.0 / f64::from(r)).sum();
+        let got = shares(Mix::Zipf(1.0), 1000, 200_000);
+        for rank in [1usize, 2, 10, 100] {
+            let want = 1.0 / (rank as f64 * harmonic);
+            let off = (got[rank - 1] - want).abs() / want;
+            assert!(off < 0.1, "rank {rank}: {} against {want}", got[rank - 1]);
+        }
+        // Every account can come up; none beyond the list.
+        let picker = Picker::new(Mix::Zipf(1.0), 3);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut seen = [false; 3];
+        for _ in 0..1000 {
+            seen[picker.pick(&mut rng)] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+    }
+
+    #[test]
+    fn uniform_and_hot_spread_as_before() {
+        let uniform = shares(Mix::Uniform, 4, 40_000);
+        assert!(uniform.iter().all(|s| (s - 0.25).abs() < 0.02), "{uniform:?}");
+        let hot = shares(Mix::Hot(0.9), 4, 40_000);
+        assert!((hot[0] - (0.9 + 0.1 / 4.0)).abs() < 0.02, "{hot:?}");
     }
 }

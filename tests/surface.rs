@@ -509,6 +509,30 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
         let l = report.latency_us;
         assert!(l.p50 <= l.p99 && l.p99 <= l.max, "{target}: {l:?}");
     }
+    // The command line, with a Zipf spread over a range of accounts (those
+    // that do not exist are denied: answers, not errors).
+    let target = app.quota_url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["loadgen", "--target", &target, "--connections", "2", "--calls", "100"])
+            .args([
+                "--accounts",
+                "rich,limited,tenant-{1..1000}",
+                "--zipf",
+                "1",
+                "--model",
+                "m",
+                "--quiet",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["calls"].as_u64() >= Some(100), "{report}");
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
     let _ = stop.send(());
     baseline.await.unwrap().unwrap();
     app.shutdown().await;
