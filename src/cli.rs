@@ -519,8 +519,9 @@ fn expand_accounts(given: &[String]) -> anyhow::Result<Vec<String>> {
             .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
             .filter(|(a, b)| a <= b)
             .with_context(|| format!("--accounts {item}: a range is NAME{{A..B}} with A <= B"))?;
+        let count = (to - from).checked_add(1).and_then(|n| n.checked_add(out.len() as u64));
         anyhow::ensure!(
-            out.len() as u64 + (to - from + 1) <= MAX_LOADGEN_ACCOUNTS,
+            count.is_some_and(|n| n <= MAX_LOADGEN_ACCOUNTS),
             "--accounts: at most {MAX_LOADGEN_ACCOUNTS} accounts"
         );
         out.extend((from..=to).map(|i| format!("{name}{i}")));

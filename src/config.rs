@@ -195,6 +195,7 @@ struct RedisFile {
     shards: u32,
     replicas: u32,
     consumer_groups: Vec<String>,
+    trim_keep_seconds: u64,
 }
 
 impl Default for RedisFile {
@@ -211,6 +212,7 @@ impl Default for RedisFile {
             shards: 0,
             replicas: 0,
             consumer_groups: Vec::new(),
+            trim_keep_seconds: crate::lease::DEFAULT_TRIM_KEEP_SECONDS,
         }
     }
 }
@@ -979,6 +981,9 @@ fn store_settings(
     if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}']) {
         p.push("store.redis.key_prefix", "must be non-empty and free of braces");
     }
+    if r.trim_keep_seconds > 86_400 {
+        p.push("store.redis.trim_keep_seconds", "must be at most 86400 (a day)");
+    }
     if r.consumer_groups.len() > 16 {
         p.push("store.redis.consumer_groups", "at most 16 groups");
     }
@@ -1046,6 +1051,7 @@ fn store_settings(
             prefix: r.key_prefix.clone(),
             shards: shards(r.shards, r.cluster),
             consumer_groups: r.consumer_groups.clone(),
+            trim_keep: Duration::from_secs(r.trim_keep_seconds),
         },
         shards_configured: r.shards,
         max_rate_limit_windows: f.max_rate_limit_windows,

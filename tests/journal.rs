@@ -613,7 +613,7 @@ async fn the_usage_stream_is_trimmed_of_what_every_consumer_group_acknowledged()
     let config = CONFIG
         .replace(
             "[store.redis]\n",
-            "[store.redis]\nconsumer_groups = [\"billing\", \"audit\"]\n",
+            "[store.redis]\nconsumer_groups = [\"billing\", \"audit\"]\ntrim_keep_seconds = 0\n",
         )
         .replace("[server]\n", "[server]\nhttp_listen = \"127.0.0.1:0\"\n");
     let config = write_config(dir.path(), &config);

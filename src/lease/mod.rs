@@ -64,7 +64,14 @@ pub struct LeaseSettings {
     /// shard's stream is trimmed of what all of them acknowledged (none:
     /// never trimmed).
     pub consumer_groups: Vec<String>,
+    /// Stream entries younger than this are never trimmed: a resend may
+    /// still read its first call's record there.
+    pub trim_keep: Duration,
 }
+
+/// How long stream entries stay at least, by default: where a record went
+/// is kept two minutes after its minute, plus a minute of clock margin.
+pub const DEFAULT_TRIM_KEEP_SECONDS: u64 = 240;
 
 impl Default for LeaseSettings {
     fn default() -> Self {
@@ -77,6 +84,7 @@ impl Default for LeaseSettings {
             prefix: "tollgate".into(),
             shards: 1,
             consumer_groups: Vec::new(),
+            trim_keep: Duration::from_secs(DEFAULT_TRIM_KEEP_SECONDS),
         }
     }
 }

@@ -32,10 +32,14 @@ impl RedisStore {
             return;
         }
         self.last_trim_ms.store(now.as_millisecond(), Ordering::Relaxed);
+        let keep_ms = u64::try_from(self.settings.trim_keep.as_millis()).unwrap_or(u64::MAX);
+        let args: Vec<String> = std::iter::once(keep_ms.to_string())
+            .chain(groups.iter().cloned())
+            .collect();
         let mut behind = vec![0i64; groups.len()];
         for shard in 0..self.settings.shards.max(1) {
             let stream = stream_key(&self.settings.prefix, shard);
-            let answer: Result<redis::Value, _> = self.redis.invoke("trim", &self.trim, &[&stream], groups).await;
+            let answer: Result<redis::Value, _> = self.redis.invoke("trim", &self.trim, &[&stream], &args).await;
             match answer.map(|v| trimmed(&v)) {
                 Ok(Trim::Done {
                     trimmed,
@@ -53,15 +57,12 @@ impl RedisStore {
                         "the usage stream is not trimmed: consumer group {group} does not exist on it yet \
                          (store.redis.consumer_groups)"
                     );
-                    return;
                 }
                 Ok(Trim::Unreadable) => {
                     tracing::warn!(stream = %stream, "the usage stream trim answered what it should not");
-                    return;
                 }
                 Err(e) => {
                     tracing::debug!(stream = %stream, error = %e, "usage stream trim failed; retrying");
-                    return;
                 }
             }
         }

@@ -3,7 +3,9 @@
 -- read, nor one it read and has not acknowledged.
 --
 -- KEYS[1]  the usage stream
--- ARGV[1..] the consumer groups that must read every entry
+-- ARGV[1]  entries younger than this many ms (by Redis's clock) stay, so a
+--          resend can still read its first call's record
+-- ARGV[2..] the consumer groups that must read every entry
 --
 -- Returns {trimmed, {group, pending, lag}, ...}: how many entries went,
 -- and per group the entries delivered and not acknowledged and those not
@@ -26,7 +28,7 @@ local function parse(id)
 end
 local floor_ms, floor_seq = nil, nil
 local report = {}
-for i = 1, #ARGV do
+for i = 2, #ARGV do
   local g = groups[ARGV[i]]
   if not g then
     return {-1, ARGV[i]}
@@ -49,6 +51,11 @@ for i = 1, #ARGV do
     lag = -1
   end
   report[#report + 1] = {ARGV[i], pending, lag}
+end
+local t = redis.call('TIME')
+local young = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+if floor_ms ~= nil and young < floor_ms then
+  floor_ms, floor_seq = young, 0
 end
 local trimmed = 0
 if floor_ms ~= nil then
