@@ -694,3 +694,56 @@ async fn the_usage_stream_is_trimmed_of_what_every_consumer_group_acknowledged()
     assert!(metrics.contains("tollgate_usage_stream_trimmed_total 2"), "{metrics}");
     sidecar.stop();
 }
+
+/// Entries younger than `store.redis.trim_keep_seconds` stay, however
+/// acknowledged: a resend to another sidecar still reads its first call's
+/// record there. (Trimming once removed them as soon as every group had
+/// acknowledged them, and such a resend lost its first answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn young_stream_entries_stay_for_resends_to_read() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace(
+        "[store.redis]\n",
+        "[store.redis]\nconsumer_groups = [\"billing\"]\ntrim_keep_seconds = 600\n",
+    );
+    let config = write_config(dir.path(), &config);
+    let mut a = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("a.jsonl"),
+        &dir.path().join("ja"),
+    );
+    let mut b = Sidecar::spawn_with_journal(
+        &config,
+        &[redis.url()],
+        dir.path().join("b.jsonl"),
+        &dir.path().join("jb"),
+    );
+    let first = a.client().await.charge(charge("kept", "1")).await.unwrap().into_inner();
+    stream_reaches(&redis.url(), 1).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ids = entry_ids(&mut conn).await;
+    let stream = tollgate::store::leased::stream_key("tollgate", 0);
+    run(&mut conn, &["XGROUP", "CREATE", &stream, "billing", "0"]).await;
+    run(
+        &mut conn,
+        &["XREADGROUP", "GROUP", "billing", "b", "STREAMS", &stream, ">"],
+    )
+    .await;
+    run(&mut conn, &["XACK", &stream, "billing", &ids[0]]).await;
+    // Trims run every ten report intervals (2 s here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(entry_ids(&mut conn).await, ids, "acknowledged, but young: kept");
+    let again = b
+        .client()
+        .await
+        .charge(resent(charge("kept", "1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first, "the resend elsewhere reads the first call's record");
+    a.stop();
+    b.stop();
+}
