@@ -203,6 +203,13 @@ fn charge(request_id: &str, money: &str) -> proto::ChargeRequest {
     }
 }
 
+/// A sidecar on `redis` named `name`: usage file `DIR/NAME.jsonl`, journal
+/// `DIR/jNAME`.
+fn spawn_in(dir: &std::path::Path, config: &std::path::Path, redis: &RedisServer, name: &str) -> Sidecar {
+    let usage = dir.join(format!("{name}.jsonl"));
+    Sidecar::spawn_with_journal(config, &[redis.url()], usage, &dir.join(format!("j{name}")))
+}
+
 /// `message` marked as a call its client sends again after an unknown
 /// outcome, as gRPC's retry machinery and Tollgate's clients mark it.
 fn resent<T>(message: T) -> tonic::Request<T> {
@@ -516,17 +523,9 @@ async fn a_charge_resent_elsewhere_is_answered_as_the_first_call_was() {
     let redis = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CONFIG);
-    let mut a = Sidecar::spawn_with_journal(
-        &config,
-        &[redis.url()],
-        dir.path().join("a.jsonl"),
-        &dir.path().join("ja"),
-    );
-    let mut b = Sidecar::spawn_with_journal(
-        &config,
-        &[redis.url()],
-        dir.path().join("b.jsonl"),
-        &dir.path().join("jb"),
+    let (mut a, mut b) = (
+        spawn_in(dir.path(), &config, &redis, "a"),
+        spawn_in(dir.path(), &config, &redis, "b"),
     );
     let (mut qa, mut qb) = (a.client().await, b.client().await);
     let some = qa.charge(charge("some", "1")).await.unwrap().into_inner();
@@ -708,17 +707,9 @@ async fn young_stream_entries_stay_for_resends_to_read() {
         "[store.redis]\nconsumer_groups = [\"billing\"]\ntrim_keep_seconds = 600\n",
     );
     let config = write_config(dir.path(), &config);
-    let mut a = Sidecar::spawn_with_journal(
-        &config,
-        &[redis.url()],
-        dir.path().join("a.jsonl"),
-        &dir.path().join("ja"),
-    );
-    let mut b = Sidecar::spawn_with_journal(
-        &config,
-        &[redis.url()],
-        dir.path().join("b.jsonl"),
-        &dir.path().join("jb"),
+    let (mut a, mut b) = (
+        spawn_in(dir.path(), &config, &redis, "a"),
+        spawn_in(dir.path(), &config, &redis, "b"),
     );
     let first = a.client().await.charge(charge("kept", "1")).await.unwrap().into_inner();
     stream_reaches(&redis.url(), 1).await;

@@ -1047,6 +1047,15 @@ impl Sidecar {
         synced
     }
 
+    /// Reserves `id` (10 input and at most 10 output tokens of `m`),
+    /// which must be allowed.
+    fn reserve(&mut self, shared: &mut Account, c: &Catalog, id: &str, now: Timestamp) -> Reserved {
+        match self.apply(shared, c, Command::Reserve(req(id, "m", 10, 10)), now) {
+            Reply::Reserve(outcome) => allowed(outcome),
+            other => panic!("a reserve answered {other:?}"),
+        }
+    }
+
     fn apply(&mut self, shared: &mut Account, c: &Catalog, command: Command, now: Timestamp) -> Reply {
         match self.mirror.apply(c, command.clone(), now) {
             Err(EngineError::Short(short)) => {
@@ -1319,11 +1328,7 @@ fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
-    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
-        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
-    else {
-        panic!("a holds a slice")
-    };
+    let r = a.reserve(&mut shared, &c, "a1", now);
     let later = now + SignedDuration::from_secs(31);
     let drained = drain(&mut b, &mut shared, &c, "b", later);
     let settle = Command::Settle {
@@ -1356,11 +1361,7 @@ fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
-    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
-        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
-    else {
-        panic!("a holds a slice")
-    };
+    let r = a.reserve(&mut shared, &c, "a1", now);
     let at = |s: i64| now + SignedDuration::from_secs(s);
     assert!(a.sync(&mut shared, &c, no_short(), false, at(31)).lapsed);
     // Extended from its own takes (the stream goes on), then reported.
@@ -1429,11 +1430,7 @@ fn charges_reported_late_within_the_window_are_covered_by_what_their_lease_set_a
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
     let at = |s: i64| now + SignedDuration::from_secs(s);
-    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
-        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
-    else {
-        panic!("a holds a slice")
-    };
+    let r = a.reserve(&mut shared, &c, "a1", now);
     // Cut off, a settles within the hold's TTL; it cannot report.
     let settle = Command::Settle {
         reservation: r.reservation_id,
@@ -1470,11 +1467,7 @@ fn a_sidecar_restarted_on_its_journal_takes_back_its_predecessors_lease() {
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
     let at = |s: i64| now + SignedDuration::from_secs(s);
-    let Reply::Reserve(ReserveOutcome::Allowed(r)) =
-        a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now)
-    else {
-        panic!("a holds a slice")
-    };
+    let r = a.reserve(&mut shared, &c, "a1", now);
     let settle = Command::Settle {
         reservation: r.reservation_id,
         usage: usage(10, 4),

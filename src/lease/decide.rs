@@ -154,7 +154,10 @@ impl Decide {
     /// request this mirror decided again and the store found recorded: its
     /// answer is the first call's, not the one this mirror keeps.
     pub fn start(&mut self, local: &mut Local, cx: Context<'_>) -> Next {
-        if let Some(request) = request_named(&self.command) {
+        // Plain calls on a mirror with nothing superseded skip all of it.
+        if (self.resent || local.has_superseded())
+            && let Some(request) = request_named(&self.command)
+        {
             let mirror = local.mirror();
             let unanswered_here = match &self.command {
                 Command::Reserve(_) | Command::Charge(_) => !mirror.remembers(&request),

@@ -136,6 +136,11 @@ impl Local {
             .any(|e| e.record.request_id == *request)
     }
 
+    /// Whether any request decided here was found recorded already.
+    pub fn has_superseded(&self) -> bool {
+        !self.superseded.is_empty()
+    }
+
     /// Whether `request` was decided here and found recorded already by
     /// the store (see [`Local::synced`]): its answer is the store's.
     pub fn superseded(&self, request: &RequestId, now: Timestamp) -> bool {
