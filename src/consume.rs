@@ -3,9 +3,10 @@
 //! and `tollgate usage export`).
 //!
 //! Records are in `PREFIX:{SHARD}:usage` for every shard `0..shards`; each
-//! stream entry holds the records one commit applied: `count`, `json` (a
-//! JSON array of the records) and `pb` (a `tollgate.v1.UsageRecordBatch`
-//! protobuf message). Every record carries its `record_id`: a consumer that
+//! stream entry holds the records one commit applied, each encoded once:
+//! `count`, `pb` (the usage records, a `tollgate.v1.UsageRecordBatch`
+//! protobuf message) and `audit` (operators' changes, a JSON array);
+//! [`entry_records`] reads them back as JSON. Every record carries its `record_id`: a consumer that
 //! sees an id again (after its own crash, before its `XACK`) has seen the
 //! same record.
 

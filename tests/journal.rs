@@ -462,6 +462,45 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         assert!(r["journal"].as_str().unwrap().starts_with("journal-"), "{r}");
         assert!(r["journal_seq"].as_u64().unwrap() > 0, "{r}");
     }
+    // Each record is on the stream once, in one encoding: usage records
+    // in `pb`, the audit record in `audit`, no field carrying a second
+    // copy; and what the stream carries reads back exactly as the usage
+    // file wrote it.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(tollgate::store::leased::stream_key("tollgate", 0))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut fields: Vec<String> = entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().map(|(name, _)| name.clone()))
+        .collect();
+    fields.sort();
+    fields.dedup();
+    assert_eq!(fields, ["audit", "count", "pb"]);
+    let written: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("usage.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] != "audit")
+        .collect();
+    assert_eq!(written.len(), 10);
+    for w in &written {
+        let streamed = records
+            .iter()
+            .find(|r| r["request_id"] == w["request_id"])
+            .unwrap_or_else(|| panic!("{w} is not on the stream"));
+        for (field, value) in w.as_object().unwrap() {
+            assert_eq!(&streamed[field], value, "{field} of {w} on the stream: {streamed}");
+        }
+    }
 }
 
 /// Two sidecars on one journal directory would number records alike, and

@@ -229,6 +229,33 @@ pub fn record_out(r: &UsageRecord) -> proto::UsageRecord {
     }
 }
 
+/// A usage record from the wire, as [`record_out`] writes it (the usage
+/// stream's encoding): the inverse of `record_out`, exact to the
+/// nanosecond and the pico-unit.
+pub fn record_in(r: &proto::UsageRecord) -> Result<UsageRecord, Status> {
+    use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId, VersionId};
+    Ok(UsageRecord {
+        kind: r.kind.parse().map_err(|e: String| invalid("kind", e))?,
+        request_id: id("request_id", &r.request_id, RequestId::parse)?,
+        reservation_id: opt_id("reservation_id", &r.reservation_id, ReservationId::parse)?,
+        account_id: id("account_id", &r.account_id, AccountId::parse)?,
+        api_key_id: opt_id("api_key_id", &r.api_key_id, ApiKeyId::parse)?,
+        model: opt_id("model", &r.model, ModelId::parse)?,
+        service_tier: opt_id("service_tier", &r.service_tier, TierId::parse)?,
+        usage: usage("usage", r.usage.as_ref())?,
+        charges: r
+            .charges
+            .iter()
+            .enumerate()
+            .map(|(i, a)| take_in(&format!("charges[{i}]"), a))
+            .collect::<Result<_, _>>()?,
+        total_money: money("total_money", r.total_money.as_ref())?,
+        price_version: opt_id("price_version", &r.price_version, VersionId::parse)?,
+        reserved_at: timestamp("reserved_at", r.reserved_at.as_ref())?,
+        settled_at: timestamp("settled_at", r.settled_at.as_ref())?,
+    })
+}
+
 /// Rate-limit header figures for the wire.
 pub fn rate_status_out(s: &RateStatus) -> proto::RateLimitStatus {
     proto::RateLimitStatus {

@@ -312,9 +312,10 @@ pub async fn drain(
     (allowed, unavailable)
 }
 
-/// Every record in the usage streams of `shards` shards (default prefix),
-/// as the JSON each stream entry carries, in stream order per shard. Each
-/// entry's protobuf batch must carry the same usage records.
+/// Every usage record in the usage streams of `shards` shards (default
+/// prefix), as the stream's reader gives them, in stream order per shard.
+/// Every record must read back: a null (a record that does not decode)
+/// fails the test.
 pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
     let client = redis::Client::open(url).expect("redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
@@ -331,42 +332,13 @@ pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
         let redis::Value::Array(entries) = reply else {
             panic!("XRANGE answered {reply:?}")
         };
-        for entry in entries {
-            let redis::Value::Array(parts) = entry else { continue };
-            let Some(redis::Value::Array(fields)) = parts.get(1) else {
-                continue;
-            };
-            let bytes = |v: &redis::Value| match v {
-                redis::Value::BulkString(b) => b.clone(),
-                other => panic!("unexpected field {other:?}"),
-            };
-            let field = |name: &str| {
-                fields
-                    .chunks(2)
-                    .find(|pair| bytes(&pair[0]) == name.as_bytes())
-                    .map(|pair| bytes(&pair[1]))
-            };
-            let Some(json) = field("json") else { continue };
-            let batch: Vec<serde_json::Value> = serde_json::from_slice(&json).expect("records JSON");
-            let usage: Vec<serde_json::Value> = batch.into_iter().filter(|r| r["kind"] != "audit").collect();
-            let pb = <proto::UsageRecordBatch as prost::Message>::decode(field("pb").expect("pb field").as_slice())
-                .expect("records protobuf");
-            let pb_ids: Vec<(String, u64)> = pb
-                .records
-                .iter()
-                .map(|r| (r.request_id.clone(), r.journal_seq))
-                .collect();
-            let json_ids: Vec<(String, u64)> = usage
-                .iter()
-                .map(|r| {
-                    (
-                        r["request_id"].as_str().unwrap_or_default().to_owned(),
-                        r["journal_seq"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect();
-            assert_eq!(pb_ids, json_ids, "the entry's protobuf and JSON records differ");
-            records.extend(usage);
+        for entry in &entries {
+            let (id, batch) = tollgate::store::leased::entry_records(entry).expect("a stream entry");
+            assert!(
+                batch.iter().all(|r| !r.is_null()),
+                "entry {id} holds a record that does not read back"
+            );
+            records.extend(batch.into_iter().filter(|r| r["kind"] != "audit"));
         }
     }
     records

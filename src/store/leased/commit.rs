@@ -16,45 +16,83 @@ use crate::engine::{Account, Catalog, Command, EngineError};
 use crate::store::{Applied, Store, StoreError};
 
 /// The records of one commit as its usage stream entry carries them, each
-/// encoded once, straight into the entry's two fields: a JSON array (usage
-/// records as in the usage file, with their id and where they were
-/// journaled; audit records with their id) and a protobuf
-/// `UsageRecordBatch` (usage records only). With them, the fingerprints of
-/// the usage records' request ids, checked and remembered by the commit.
+/// encoded once, straight into the entry's fields: the usage records as a
+/// protobuf `UsageRecordBatch` (`pb`, with where each was journaled), the
+/// rare audit records as a JSON array (`audit`). With them, the
+/// fingerprints of the usage records' request ids, checked and remembered
+/// by the commit.
 #[derive(Default)]
 pub(super) struct StreamEntry {
     count: usize,
-    json: Vec<u8>,
     pb: Vec<u8>,
+    audit: Vec<u8>,
     fingerprints: Vec<u8>,
 }
 
 /// The id and records of one usage stream entry as Redis answers it
-/// (`[id, [field, value, ...]]`, from `XRANGE` or `XREADGROUP`): the
-/// records of its `json` field, or a single null for an entry without
-/// readable records (trimmed away, or not Tollgate's), so a consumer still
-/// acknowledges it.
+/// (`[id, [field, value, ...]]`, from `XRANGE` or `XREADGROUP`), each as
+/// JSON the way the usage file writes it plus `record_id` (and, for usage
+/// records, `journal` and `journal_seq`): the usage records of its `pb`
+/// field, then the audit records of its `audit` field. An entry written
+/// before records were encoded once holds them all in a `json` field,
+/// read as it is. An entry without readable records (trimmed away, or not
+/// Tollgate's) gives a single null, so a consumer still acknowledges it;
+/// so does a record that does not read back, in its place.
 pub fn entry_records(entry: &redis::Value) -> Option<(String, Vec<serde_json::Value>)> {
-    let text = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        redis::Value::SimpleString(s) => Some(s.clone()),
+    let bytes = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => Some(b.clone()),
+        redis::Value::SimpleString(s) => Some(s.clone().into_bytes()),
         _ => None,
     };
     let redis::Value::Array(parts) = entry else { return None };
-    let id = parts.first().and_then(text)?;
+    let id = String::from_utf8_lossy(&parts.first().and_then(bytes)?).into_owned();
     let fields = match parts.get(1) {
         Some(redis::Value::Array(fields)) => fields.as_slice(),
         _ => &[],
     };
-    let json = fields
-        .chunks(2)
-        .find(|kv| kv.first().and_then(text).as_deref() == Some("json"))
-        .and_then(|kv| kv.get(1).and_then(text));
-    let records = match json.and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok()) {
-        Some(serde_json::Value::Array(records)) => records,
+    let field = |name: &str| {
+        fields
+            .chunks(2)
+            .find(|kv| kv.first().and_then(bytes).as_deref() == Some(name.as_bytes()))
+            .and_then(|kv| kv.get(1).and_then(bytes))
+    };
+    let json_array = |text: Vec<u8>| match serde_json::from_slice::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Array(records)) => records,
         _ => vec![serde_json::Value::Null],
     };
+    let mut records = Vec::new();
+    if let Some(json) = field("json") {
+        records = json_array(json);
+    } else {
+        if let Some(pb) = field("pb").filter(|pb| !pb.is_empty()) {
+            match <crate::proto::UsageRecordBatch as prost::Message>::decode(pb.as_slice()) {
+                Ok(batch) => records.extend(batch.records.iter().map(usage_json)),
+                Err(_) => records.push(serde_json::Value::Null),
+            }
+        }
+        if let Some(audit) = field("audit") {
+            records.extend(json_array(audit));
+        }
+    }
+    if records.is_empty() {
+        records.push(serde_json::Value::Null);
+    }
     Some((id, records))
+}
+
+/// A usage record of the stream's protobuf as JSON (null if it does not
+/// read back).
+fn usage_json(pb: &crate::proto::UsageRecord) -> serde_json::Value {
+    let Ok(record) = crate::api::convert::record_in(pb) else {
+        return serde_json::Value::Null;
+    };
+    serde_json::to_value(Tagged {
+        record: &record,
+        record_id: record.id(),
+        journal: Some(pb.journal.as_str()),
+        journal_seq: Some(pb.journal_seq),
+    })
+    .unwrap_or_default()
 }
 
 /// A record with the fields the stream adds to it.
@@ -72,12 +110,6 @@ struct Tagged<'a, R> {
 impl StreamEntry {
     /// Adds a journaled usage record.
     fn record(&mut self, entry: &Journaled) -> Result<(), StoreError> {
-        self.json(&Tagged {
-            record: &entry.record,
-            record_id: entry.record.id(),
-            journal: Some(entry.journal.as_str()),
-            journal_seq: Some(entry.seq),
-        })?;
         let mut pb = crate::api::convert::record_out(&entry.record);
         pb.journal = entry.journal.to_string();
         pb.journal_seq = entry.seq;
@@ -87,31 +119,30 @@ impl StreamEntry {
         prost::Message::encode_length_delimited(&pb, &mut self.pb).map_err(|e| corrupt("a usage record", e))?;
         self.fingerprints
             .extend_from_slice(&request_fingerprint(&entry.record.account_id, &entry.record.request_id));
-        Ok(())
-    }
-
-    /// Adds an operator's change (JSON only).
-    fn audit(&mut self, audit: &AuditRecord) -> Result<(), StoreError> {
-        self.json(&Tagged {
-            record: audit,
-            record_id: audit.id(),
-            journal: None,
-            journal_seq: None,
-        })
-    }
-
-    fn json(&mut self, tagged: &impl serde::Serialize) -> Result<(), StoreError> {
-        self.json.push(if self.count == 0 { b'[' } else { b',' });
-        serde_json::to_writer(&mut self.json, tagged).map_err(|e| corrupt("a stream record", e))?;
         self.count += 1;
         Ok(())
     }
 
-    /// The entry's JSON array.
-    fn json_array(&self) -> Vec<u8> {
-        let mut json = Vec::with_capacity(self.json.len() + 1);
-        json.extend_from_slice(&self.json);
-        json.push(b']');
+    /// Adds an operator's change.
+    fn audit(&mut self, audit: &AuditRecord) -> Result<(), StoreError> {
+        self.audit.push(if self.audit.is_empty() { b'[' } else { b',' });
+        let tagged = Tagged {
+            record: audit,
+            record_id: audit.id(),
+            journal: None,
+            journal_seq: None,
+        };
+        serde_json::to_writer(&mut self.audit, &tagged).map_err(|e| corrupt("an audit record", e))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The entry's audit records as a JSON array (empty: none).
+    fn audit_array(&self) -> Vec<u8> {
+        let mut json = self.audit.clone();
+        if !json.is_empty() {
+            json.push(b']');
+        }
         json
     }
 }
@@ -164,11 +195,7 @@ impl RedisStore {
             announce.unwrap_or("").as_bytes().to_vec(),
             records.count.to_string().into_bytes(),
         ];
-        args.push(if records.count > 0 {
-            records.json_array()
-        } else {
-            Vec::new()
-        });
+        args.push(records.audit_array());
         args.push(records.pb.clone());
         args.push(indexed_as.unwrap_or("").as_bytes().to_vec());
         let mut keys = keys.to_vec();
@@ -364,5 +391,128 @@ impl RedisStore {
             records: Vec::new(),
         };
         Ok((applied, record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::UsageRecord;
+    use crate::engine::draw::{SourceRef, Take};
+    use crate::engine::ids::{ApiKeyId, LotId, ModelId, RequestId, ReservationId, TierId, VersionId};
+    use crate::engine::money::Money;
+    use crate::engine::pricing::Usage;
+    use crate::engine::record::RecordKind;
+
+    /// A stream entry as `XRANGE` answers it.
+    fn entry(fields: &[(&str, &[u8])]) -> redis::Value {
+        let bulk = |b: &[u8]| redis::Value::BulkString(b.to_vec());
+        redis::Value::Array(vec![
+            bulk(b"1764422400000-0"),
+            redis::Value::Array(fields.iter().flat_map(|(k, v)| [bulk(k.as_bytes()), bulk(v)]).collect()),
+        ])
+    }
+
+    /// A settle drawing on every kind of source, at instants with
+    /// nanoseconds, with money that is not a whole number of units.
+    fn settle() -> Journaled {
+        let take = |source, amount| Take { source, amount };
+        let record = UsageRecord {
+            kind: RecordKind::Settle,
+            request_id: RequestId::parse("req-7").unwrap(),
+            reservation_id: Some(ReservationId::parse("req-7").unwrap()),
+            account_id: AccountId::parse("acme").unwrap(),
+            api_key_id: Some(ApiKeyId::parse("key-1").unwrap()),
+            model: Some(ModelId::parse("llama-3.1-70b").unwrap()),
+            service_tier: Some(TierId::parse("priority").unwrap()),
+            usage: Usage {
+                input_tokens: 1_200,
+                cached_input_tokens: 800,
+                cache_write_tokens: 5,
+                output_tokens: 431,
+            },
+            charges: vec![
+                take(SourceRef::Allowance { period: 3 }, 900),
+                take(SourceRef::Pack(LotId::parse("pack-9").unwrap()), 1_000),
+                take(SourceRef::Promo(LotId::parse("welcome").unwrap()), 1),
+                take(SourceRef::Paid, 123_456_789_012_345),
+                take(SourceRef::Credit, 7),
+                take(SourceRef::Debt, 2),
+            ],
+            total_money: Money::from_picos(123_456_789_012_355),
+            price_version: Some(VersionId::parse("v2026-11").unwrap()),
+            reserved_at: "2026-11-30T23:59:59.123456789Z".parse().unwrap(),
+            settled_at: "2026-12-01T00:00:01.000000001Z".parse().unwrap(),
+        };
+        Journaled {
+            journal: ProducerId::parse("journal-a").unwrap(),
+            seq: 42,
+            record,
+            leased: Vec::new(),
+            unleased: Vec::new(),
+            producer: ProducerId::parse("sidecar-a").unwrap(),
+            epoch: 1,
+        }
+    }
+
+    fn audit() -> AuditRecord {
+        AuditRecord {
+            kind: "audit".into(),
+            account_id: Some(AccountId::parse("acme").unwrap()),
+            operator: "alice".into(),
+            peer: "127.0.0.1:1".into(),
+            operation: "top_up".into(),
+            adjustment_id: "inv-1".into(),
+            reason: "invoice paid".into(),
+            change: "{}".into(),
+            before: serde_json::Map::new(),
+            after: serde_json::Map::new(),
+            at: "2026-12-01T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn records_read_back_from_their_one_encoding_exactly_as_written() {
+        let written = settle();
+        let mut stream = StreamEntry::default();
+        stream.record(&written).unwrap();
+        stream.audit(&audit()).unwrap();
+        let (id, records) = entry_records(&entry(&[
+            ("count", b"2"),
+            ("pb", &stream.pb),
+            ("audit", &stream.audit_array()),
+        ]))
+        .unwrap();
+        assert_eq!(id, "1764422400000-0");
+        assert_eq!(records.len(), 2);
+        let read: UsageRecord = serde_json::from_value(records[0].clone()).unwrap();
+        assert_eq!(read, written.record);
+        assert_eq!(records[0]["record_id"], written.record.id());
+        assert_eq!(records[0]["journal"], "journal-a");
+        assert_eq!(records[0]["journal_seq"], 42);
+        let read: AuditRecord = serde_json::from_value(records[1].clone()).unwrap();
+        assert_eq!(read, audit());
+        assert_eq!(records[1]["record_id"], audit().id());
+    }
+
+    #[test]
+    fn entries_of_earlier_versions_read_as_they_were_written() {
+        // An entry as versions that wrote every record twice wrote it: the
+        // JSON array is what they meant consumers to read.
+        let json = br#"[{"kind":"charge","request_id":"r1","account_id":"acme","record_id":"ab"},{"kind":"audit","operator":"bob"}]"#;
+        let (_, records) = entry_records(&entry(&[("count", b"2"), ("json", json), ("pb", b"")])).unwrap();
+        let expected: Vec<serde_json::Value> = serde_json::from_slice(json).unwrap();
+        assert_eq!(records, expected);
+    }
+
+    #[test]
+    fn an_entry_that_does_not_read_back_still_gives_something_to_acknowledge() {
+        for fields in [
+            &[("count", &b"1"[..]), ("pb", &b"\x0a\xff\x01junk"[..])][..],
+            &[("other", &b"x"[..])][..],
+        ] {
+            let (_, records) = entry_records(&entry(fields)).unwrap();
+            assert_eq!(records, [serde_json::Value::Null]);
+        }
     }
 }

@@ -17,9 +17,9 @@
 -- ARGV[5]  channel announcing the change ("" for none)
 -- ARGV[6]  the announcement
 -- ARGV[7]  how many records the entry holds (0: no entry)
--- ARGV[8]  the records as a JSON array
--- ARGV[9]  the records as a tollgate.v1.UsageRecordBatch protobuf message
---          (ARGV[8] and ARGV[9] are empty when ARGV[7] is 0)
+-- ARGV[8]  the audit records as a JSON array ("" for none)
+-- ARGV[9]  the usage records as a tollgate.v1.UsageRecordBatch protobuf
+--          message ("" for none): each record is encoded once
 -- KEYS[4]  the current answer bucket: a hash of request-id fingerprint to
 --          the stream entry id its record went to, if any
 -- KEYS[5..] the sets of request-id fingerprints committed in the last
@@ -101,7 +101,18 @@ if n > 0 then
 end
 local entry = nil
 if tonumber(ARGV[7] or '0') > 0 then
-  entry = redis.call('XADD', KEYS[2], '*', 'count', ARGV[7], 'json', ARGV[8], 'pb', ARGV[9])
+  -- Entries of usage records alone share their field names with the
+  -- first entry of their stream node, which Redis then stores once.
+  local fields = {'count', ARGV[7]}
+  if ARGV[9] ~= '' then
+    fields[#fields + 1] = 'pb'
+    fields[#fields + 1] = ARGV[9]
+  end
+  if ARGV[8] ~= '' then
+    fields[#fields + 1] = 'audit'
+    fields[#fields + 1] = ARGV[8]
+  end
+  entry = redis.call('XADD', KEYS[2], '*', unpack(fields))
 end
 if n > 0 and entry then
   for first = 1, n, CHUNK do
