@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use support::fleet::{FLEET, Ledger, Sidecar, fleet, fleet_with, load, quiescent, shared_account, write_config};
+use support::fleet::{FLEET, Sidecar, fleet, fleet_with, load, quiescent, shared_account, write_config};
 use support::redis::{RedisCluster, RedisServer};
 use tollgate::engine::Money;
 
@@ -77,7 +77,7 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
     tokio::time::sleep(Duration::from_millis(700)).await;
     // Mid-load, no lease returned, nothing flushed.
     sidecars[0].kill();
-    let lent_at_crash: i128 = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]).held;
+    let lent_at_crash: i128 = shared_account(redis.port, 1, "shared").paid.held;
     assert!(lent_at_crash > 0, "the fleet held slices when one crashed");
     // The others go on; the crashed one's lease lapses 3 s after its last
     // sync, and what it held is set aside: records made under it may
@@ -91,17 +91,16 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
         sidecar.stop();
     }
     let account = shared_account(redis.port, 1, "shared");
-    let lapsed: Vec<_> = account["leases"]
-        .as_object()
-        .unwrap()
+    let lapsed: Vec<_> = account
+        .leases
         .values()
         // A lease starts at epoch 1; each lapse adds one.
-        .filter(|l| l["epoch"].as_u64() > Some(1))
+        .filter(|l| l.epoch > 1)
         .collect();
-    assert_eq!(lapsed.len(), 1, "exactly the crashed sidecar's lease lapsed: {account}");
+    assert_eq!(lapsed.len(), 1, "exactly the crashed sidecar's lease lapsed: {account:?}");
     assert!(
-        Ledger::of(&account["paid"]).held > 0,
-        "what the crashed sidecar held is set aside, not lent again: {account}"
+        account.paid.held > 0,
+        "what the crashed sidecar held is set aside, not lent again: {account:?}"
     );
     // Restarted on its journal, it reports what the journal holds and takes
     // back what its predecessor's lease held, at its first sync.
@@ -152,11 +151,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let account = shared_account(redis.port, 1, "shared");
-        let holding = account["leases"]
-            .as_object()
-            .unwrap()
-            .values()
-            .filter(|l| !l["held"].as_array().unwrap().is_empty())
+        let holding = account.leases.values().filter(|l| !l.held.is_empty())
             .count();
         if holding == 3 {
             break;
@@ -314,7 +309,7 @@ async fn each_plan_fails_closed_open_or_within_its_allowance_while_redis_is_down
     assert!(allowance < 50, "the allowance runs out");
     redis.restart();
     sidecar.stop();
-    let debt = |account: &str| Ledger::of(&shared_account(redis.port, 1, account)["debt"]);
+    let debt = |account: &str| shared_account(redis.port, 1, account).debt;
     assert_eq!(debt("closed").charged, 0, "a closed plan never owes");
     assert_eq!(debt("open").charged, drawn(&sidecar, "open", "debt"));
     assert!(debt("open").charged > 0);

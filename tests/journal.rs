@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::fleet::{Ledger, Sidecar, picos, shared_account, stream_records, write_config};
+use support::fleet::{Sidecar, picos, shared_account, stream_records, write_config};
 use support::redis::RedisServer;
 use tollgate::proto;
 
@@ -121,7 +121,7 @@ async fn sigkilled_again_and_again_every_acknowledged_settle_is_in_the_stream_on
         "acknowledged settles missing from the stream: {missing:?}"
     );
     let account = shared_account(redis.port, 1, "shared");
-    let (paid, debt) = (Ledger::of(&account["paid"]), Ledger::of(&account["debt"]));
+    let (paid, debt) = (account.paid, account.debt);
     assert_eq!(
         paid.charged + debt.charged,
         picos(&records),
@@ -184,7 +184,7 @@ async fn a_hold_charged_in_full_during_a_refused_call_survives_a_crash() {
     let lapsed: Vec<_> = records.iter().filter(|r| r["request_id"] == "lapsing").collect();
     assert_eq!(lapsed.len(), 1, "the lapsed hold's record, once: {records:?}");
     let account = shared_account(redis.port, 1, "shared");
-    let (paid, debt) = (Ledger::of(&account["paid"]), Ledger::of(&account["debt"]));
+    let (paid, debt) = (account.paid, account.debt);
     assert_eq!(paid.charged + debt.charged, picos(&records));
     assert_eq!(
         picos(&records),
@@ -277,7 +277,7 @@ async fn a_request_id_is_charged_once_across_sidecars_and_restarts() {
         "one record per request id: {records:?}"
     );
     let account = shared_account(redis.port, 1, "shared");
-    let paid = Ledger::of(&account["paid"]);
+    let paid = account.paid;
     // 1 + 2, and 100 in and 50 out at 1 and 4 per million.
     assert_eq!(picos(&records), 3_000_000_000_000 + 300_000_000);
     assert_eq!(paid.charged, picos(&records), "charged once per request id");
@@ -368,7 +368,7 @@ async fn a_settle_resent_elsewhere_or_after_a_restart_is_answered_as_the_first_w
     b.stop();
     let records = stream_records(&redis.url(), 1).await;
     assert_eq!(records.len(), 2, "each settled once: {records:?}");
-    let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
+    let paid = shared_account(redis.port, 1, "shared").paid;
     assert_eq!(paid.charged, picos(&records), "charged once");
 }
 
@@ -600,7 +600,7 @@ async fn a_charge_resent_elsewhere_is_answered_as_the_first_call_was() {
     b.stop();
     let records = stream_records(&redis.url(), 1).await;
     assert_eq!(records.len(), 2, "each request id once: {records:?}");
-    let paid = Ledger::of(&shared_account(redis.port, 1, "shared")["paid"]);
+    let paid = shared_account(redis.port, 1, "shared").paid;
     assert_eq!(paid.charged, picos(&records));
 }
 

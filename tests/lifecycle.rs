@@ -177,13 +177,10 @@ async fn sigterm_under_load_keeps_every_acknowledged_settle_and_returns_the_leas
     }
     // The lease came back: nothing lent, and Redis charged what the records say.
     let account = support::fleet::shared_account(redis.port, 1, "shared");
-    for (producer, lease) in account["leases"].as_object().unwrap() {
-        assert!(
-            lease["held"].as_array().unwrap().is_empty(),
-            "lease of {producer} still holds"
-        );
+    for (producer, lease) in &account.leases {
+        assert!(lease.held.is_empty(), "lease of {producer} still holds");
     }
-    let paid = support::fleet::Ledger::of(&account["paid"]);
+    let paid = account.paid;
     assert_eq!(
         paid.granted,
         paid.available() + paid.held + paid.charged + paid.forfeited

@@ -29,15 +29,21 @@ use super::record::{RecordKind, UsageRecord};
 
 /// The running totals of one source or lot, in its unit (weighted tokens
 /// or pico-units).
+/// Figures at zero are left out of its JSON form.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Ledger {
     /// Everything credited (top-ups, grants, allowance periods, repayments).
+    #[serde(skip_serializing_if = "super::is_default")]
     pub granted: i128,
     /// Held by open reservations.
+    #[serde(skip_serializing_if = "super::is_default")]
     pub held: i128,
     /// Charged to settled requests.
+    #[serde(skip_serializing_if = "super::is_default")]
     pub charged: i128,
     /// Lost to expiry, revocation or period reset.
+    #[serde(skip_serializing_if = "super::is_default")]
     pub forfeited: i128,
 }
 
@@ -56,11 +62,14 @@ pub struct Lot {
     /// When it expires (exclusive: at this instant it is gone).
     pub expires_at: Option<Timestamp>,
     /// Models it applies to; `None` for all.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub models: Option<Set<ModelId>>,
     /// Higher drawn first; ties go to the earlier expiry.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub priority: i32,
     /// Expired or revoked: what was available is forfeited, holds on it may
     /// still be charged, what they return is forfeited too.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub closed: bool,
 }
 
@@ -401,7 +410,8 @@ static NO_TRAFFIC: LazyLock<Traffic> = LazyLock::new(Traffic::default);
 ///
 /// Serialized (JSON) as a shared account in the Redis store: reservations,
 /// request ids, recent records and the outbox live in one process only and
-/// are left out.
+/// are left out, and so is every field at its default (an account at rest
+/// is a few hundred bytes; a missing field reads as its default).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Account {
     /// The account id.
@@ -412,27 +422,36 @@ pub struct Account {
     #[serde(with = "jiff::fmt::serde::tz::required")]
     pub time_zone: TimeZone,
     /// Anchor chosen for the account, overriding the plan's.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub anchor: Option<Anchor>,
     /// Suspended accounts are denied new spending.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub suspended: bool,
     /// How far paid money may go below zero.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub credit_limit: Money,
     /// The subscription, when the plan includes an allowance.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub subscription: Option<Box<Subscription>>,
     /// The allowance ledger, across periods.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub allowance: Ledger,
     /// Allowance periods started so far, across every subscription: period
     /// numbers never repeat, so a hold on a past period can never be
     /// mistaken for one on the current period (see [`Account::current_period`]).
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub periods_started: u64,
     /// Token packs by id.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub packs: BTreeMap<LotId, Lot>,
     /// Promotional money grants by id.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub promos: BTreeMap<LotId, Lot>,
     /// Paid money (negative while the credit line is used).
     pub paid: Ledger,
     /// Debt: usage beyond every source and the credit limit. Its
     /// `available` is minus what is owed.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub debt: Ledger,
     /// What this process remembers of the account's requests; `None` until
     /// the first one and again once everything in it is forgotten, so an
@@ -441,17 +460,21 @@ pub struct Account {
     #[serde(skip)]
     pub traffic: Option<Box<Traffic>>,
     /// Admin operation ids seen, with their content fingerprints.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub operations: Operations,
     /// Rate-limit state.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub buckets: Buckets,
     /// Per-account limit overrides.
     /// `None` when the plan's limits apply unchanged (most accounts):
     /// nothing allocated. Read through [`Account::overrides`].
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub overrides: Option<Box<LimitOverrides>>,
     /// Shared account: what each sidecar holds on lease.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub leases: BTreeMap<ProducerId, Lease>,
     /// Shared account: per journal, the last journaled record applied.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub journals: BTreeMap<ProducerId, u64>,
     /// Sidecar mirror: its log and lease state (`None` on a shared or
     /// stand-alone account).

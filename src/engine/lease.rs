@@ -47,8 +47,10 @@ pub const FAIR_SHARE: i128 = 4;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lease {
     /// Amounts lent and not yet charged or given back, by source.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub held: Vec<Take>,
     /// Permits lent, by bucket.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub permits: Vec<(BucketKey, Permits)>,
     /// When it lapses unless renewed.
     pub expires_at: Timestamp,
@@ -256,19 +258,24 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Granted {
     /// Newly lent amounts.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub takes: Vec<Take>,
     /// Newly lent permits.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub permits: Vec<(BucketKey, Permits)>,
     /// The lease's new expiry.
     pub expires_at: Timestamp,
     /// The lease's epoch.
     pub epoch: u64,
     /// The sidecar's previous slices had lapsed and were taken back.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub lapsed: bool,
     /// Tokens charged after their lease lapsed that no source could cover.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub written_off: u64,
     /// When a limit that lent less than asked expects to admit again, in
     /// milliseconds.
+    #[serde(default, skip_serializing_if = "super::is_default")]
     pub retry_after_ms: Option<u64>,
 }
 

@@ -43,5 +43,11 @@ pub use money::Money;
 pub use ops::{ChargeOutcome, ChargeRequest, ChargeWhat, Denial, ReserveOutcome, ReserveRequest};
 pub use record::UsageRecord;
 
+/// Whether a value is its type's default: such fields are left out of the
+/// JSON an account is stored as, and read back as the default.
+pub(crate) fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 #[cfg(test)]
 mod tests;

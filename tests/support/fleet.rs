@@ -186,46 +186,17 @@ pub fn write_config(dir: &Path, config: &str) -> PathBuf {
 /// The shared account `id` as stored in Redis under the default prefix with
 /// `shards` logical shards (via `redis-cli -c` on `port`, which follows
 /// cluster redirects).
-pub fn shared_account(port: u16, shards: u32, id: &str) -> serde_json::Value {
+pub fn shared_account(port: u16, shards: u32, id: &str) -> tollgate::engine::Account {
     let key = tollgate::store::leased::account_key("tollgate", shards, id);
     let out = Command::new("redis-cli")
         .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string(), "HGET", &key, "state"])
         .output()
         .expect("run redis-cli");
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("state of {key} is JSON ({e}): {text}"))
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("state of {key} reads as an account ({e}): {text}"))
 }
 
-/// One ledger of a shared account, as integers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ledger {
-    pub granted: i128,
-    pub held: i128,
-    pub charged: i128,
-    pub forfeited: i128,
-}
-
-impl Ledger {
-    pub fn of(value: &serde_json::Value) -> Ledger {
-        let n = |k: &str| {
-            value[k]
-                .as_i64()
-                .map(i128::from)
-                .or_else(|| value[k].as_u64().map(i128::from))
-                .unwrap_or_else(|| panic!("ledger field {k}: {value}"))
-        };
-        Ledger {
-            granted: n("granted"),
-            held: n("held"),
-            charged: n("charged"),
-            forfeited: n("forfeited"),
-        }
-    }
-
-    pub fn available(&self) -> i128 {
-        self.granted - self.held - self.charged - self.forfeited
-    }
-}
+pub use tollgate::engine::Ledger;
 
 /// UNAVAILABLE (Redis down, plan failing closed), or the sidecar itself
 /// gone (its connection broke).
@@ -425,19 +396,16 @@ pub async fn load(
 /// conservation.
 pub fn quiescent(port: u16, shards: u32, paid_in: i128) -> Ledger {
     let account = shared_account(port, shards, "shared");
-    let paid = Ledger::of(&account["paid"]);
+    let paid = account.paid;
     assert_eq!(paid.granted, paid_in, "credited once, however many sidecars seeded it");
-    assert_eq!(paid.held, 0, "nothing lent or held once every lease is back: {account}");
+    assert_eq!(paid.held, 0, "nothing lent or held once every lease is back: {account:?}");
     assert!(paid.available() >= 0, "below zero: {paid:?}");
     assert_eq!(
         paid.granted,
         paid.available() + paid.held + paid.charged + paid.forfeited
     );
-    for (producer, lease) in account["leases"].as_object().unwrap() {
-        assert!(
-            lease["held"].as_array().unwrap().is_empty(),
-            "lease of {producer} still holds"
-        );
+    for (producer, lease) in &account.leases {
+        assert!(lease.held.is_empty(), "lease of {producer} still holds");
     }
     paid
 }
