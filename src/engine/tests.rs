@@ -1714,7 +1714,10 @@ fn a_shared_account_written_with_every_field_reads_the_same() {
     // taken from Redis): it reads as the account it was.
     let stored = r#"{"id":"tenant-1","plan":"payg","time_zone":"UTC","anchor":null,"suspended":false,"credit_limit":"0.000000000000","subscription":null,"allowance":{"granted":0,"held":0,"charged":0,"forfeited":0},"periods_started":0,"packs":{},"promos":{},"paid":{"granted":1000000000000000,"held":60142993599,"charged":267000000000,"forfeited":0},"debt":{"granted":0,"held":0,"charged":0,"forfeited":0},"operations":[["operation_id seed:paid","top_up|Paid|1000.000000000000"]],"buckets":{"map":[]},"overrides":null,"leases":{"13688-1796541591125-1246995825":{"held":[{"source":"paid","money":"0.060142993599"}],"permits":[],"expires_at":"2026-12-06T07:20:39.925294868Z","seq":9125,"epoch":1,"last":{"takes":[],"permits":[],"expires_at":"2026-12-06T07:20:39.925294868Z","epoch":1,"lapsed":false,"written_off":0,"retry_after_ms":null},"journal":"journal-1796541591121-761f2147"}},"journals":{"journal-1796541591121-761f2147":8691}}"#;
     let read: Account = serde_json::from_str(stored).unwrap();
-    assert_eq!(read.paid.available(), 1_000_000_000_000_000 - 60_142_993_599 - 267_000_000_000);
+    assert_eq!(
+        read.paid.available(),
+        1_000_000_000_000_000 - 60_142_993_599 - 267_000_000_000
+    );
     let lease = read.leases.values().next().unwrap();
     assert_eq!((lease.seq, lease.epoch, lease.held.len()), (9125, 1, 1));
     let written = serde_json::to_string(&read).unwrap();
