@@ -168,6 +168,9 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
         bar
     });
     let picker = Picker::new(spec.mix, spec.accounts.len());
+    // Request ids are new to every run, also of one process against one
+    // server: a repeated id would be answered as a retry, not decided.
+    let run = fastrand::u64(..);
     let mut tasks = Vec::new();
     for client in 0..spec.connections {
         let channel = crate::channel::connect(&spec.target).await?;
@@ -194,7 +197,7 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
                 }
                 let ask = Ask {
                     account,
-                    request_id: format!("lg-{}-{client}-{i}", std::process::id()),
+                    request_id: format!("lg-{run:016x}-{client}-{i}"),
                     model: spec.model.clone(),
                     input_tokens: 100,
                     max_output_tokens: 100,
