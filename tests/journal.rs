@@ -471,7 +471,9 @@ async fn usage_export_and_tail_consume_the_stream_as_a_consumer_group() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    // An entry: its id and its fields, each a name and its bytes.
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let entries: Vec<Entry> = redis::cmd("XRANGE")
         .arg(tollgate::store::leased::stream_key("tollgate", 0))
         .arg("-")
         .arg("+")
