@@ -108,27 +108,6 @@ async fn drive(urls: &[String], time: Duration, tag: &str) -> Histogram<u64> {
     all
 }
 
-/// Calls per command name since the server started.
-fn commandstats(redis: &redis_server::RedisServer) -> Vec<(String, u64)> {
-    redis
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .collect()
-}
-
-fn delta(before: &[(String, u64)], after: &[(String, u64)], keep: impl Fn(&str) -> bool) -> u64 {
-    after
-        .iter()
-        .filter(|(name, _)| keep(name))
-        .map(|(name, calls)| calls - before.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c))
-        .sum()
-}
-
 fn row(name: &str, h: &Histogram<u64>, time: Duration) -> String {
     format!(
         "| {name} | {:.0} | {} | {} | {} | {} |",
@@ -184,13 +163,13 @@ fn main() {
             memory_latency
                 .add(drive(&memory, MEASURE, &format!("m{turn}")).await)
                 .unwrap();
-            let before = commandstats(&redis);
+            let before = redis.commandstats();
             redis_latency
                 .add(drive(&fleet, MEASURE, &format!("r{turn}")).await)
                 .unwrap();
-            let after = commandstats(&redis);
-            all += delta(&before, &after, |n| n != "info");
-            trips += delta(&before, &after, |n| {
+            let after = redis.commandstats();
+            all += redis_server::calls_between(&before, &after, |n| n != "info");
+            trips += redis_server::calls_between(&before, &after, |n| {
                 matches!(n, "evalsha" | "eval" | "hmget" | "script|load")
             });
         }

@@ -39,6 +39,18 @@ impl Sidecar {
 
     /// Like [`Sidecar::spawn`], with the usage journal in `journal`.
     pub fn spawn_with_journal(config: &Path, redis: &[String], usage_path: PathBuf, journal: &Path) -> Sidecar {
+        Sidecar::spawn_within(config, redis, usage_path, journal, Duration::from_secs(20))
+    }
+
+    /// Like [`Sidecar::spawn_with_journal`], waiting up to `wait` for it to
+    /// listen (seeding many accounts takes a while).
+    pub fn spawn_within(
+        config: &Path,
+        redis: &[String],
+        usage_path: PathBuf,
+        journal: &Path,
+        wait: Duration,
+    ) -> Sidecar {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         command
             .arg("serve")
@@ -77,9 +89,7 @@ impl Sidecar {
                 }
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the sidecar reports its addresses");
+        let line = rx.recv_timeout(wait).expect("the sidecar reports its addresses");
         let address = |name: &str| {
             let address = line
                 .split_whitespace()
@@ -124,6 +134,11 @@ impl Sidecar {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
             .filter(|r| r["kind"] != "audit")
             .collect()
+    }
+
+    /// Its process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERM, then waits for a clean exit (leases returned).

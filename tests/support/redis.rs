@@ -25,6 +25,16 @@ fn free_port() -> u16 {
     listener.local_addr().expect("bound").port()
 }
 
+/// Calls of the commands `keep` names between two readings of
+/// [`RedisServer::commandstats`].
+pub fn calls_between(before: &[(String, u64)], after: &[(String, u64)], keep: impl Fn(&str) -> bool) -> u64 {
+    after
+        .iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(name, calls)| calls - before.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c))
+        .sum()
+}
+
 /// Runs `redis-cli` against `port` and returns its stdout.
 pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -117,6 +127,29 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         assert!(self.spawn(), "redis-server did not restart on port {}", self.port);
+    }
+
+    /// Calls per command name since the server started (`INFO
+    /// commandstats`: every command Redis ran, those inside scripts
+    /// included).
+    pub fn commandstats(&self) -> Vec<(String, u64)> {
+        self.cli(&["INFO", "commandstats"])
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_owned(), calls.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// A figure of `INFO` (e.g. `used_memory`, `used_cpu_user`).
+    pub fn info<T: std::str::FromStr>(&self, field: &str) -> T {
+        let prefix = format!("{field}:");
+        self.cli(&["INFO"])
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("INFO has no {field}"))
     }
 
     /// `redis://127.0.0.1:PORT`.
