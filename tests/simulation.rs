@@ -1898,3 +1898,57 @@ fn an_idle_fleet_stops_calling_the_store() {
         assert!(sidecar.mirrors.is_empty(), "every idle mirror is forgotten");
     }
 }
+
+/// An account a sidecar serves once, as most of many tenants' accounts
+/// are served, costs the store three calls: the read that makes its
+/// mirror, the borrow of the request's need, and one report that gives
+/// the rest back. One request's burn says nothing of a next one, so
+/// nothing is borrowed ahead of need on it, and what is left goes back
+/// with the report instead of in a call of its own once it idles.
+#[test]
+fn an_account_used_once_costs_a_read_a_borrow_and_one_report() {
+    let mut world = World::new(7);
+    // "cash": paid money alone, no rate limits to lease.
+    let account = world.accounts[2].clone();
+    let before = world.tally.store_calls;
+    let reserve = ClientCall {
+        resent: false,
+        sidecar: 0,
+        account: account.clone(),
+        command: Command::Reserve(ReserveRequest {
+            request_id: RequestId::parse("once").unwrap(),
+            api_key_id: None,
+            model: ModelId::parse("m").unwrap(),
+            tier: TierId::default_tier(),
+            input_tokens: 100,
+            cached_input_tokens: 0,
+            max_output_tokens: 100,
+        }),
+    };
+    let Ok(Reply::Reserve(ReserveOutcome::Allowed(held))) = world.call(&reserve) else {
+        panic!("the reserve is allowed");
+    };
+    world.now += SignedDuration::from_millis(20);
+    let settle = ClientCall {
+        command: Command::Settle {
+            reservation: held.reservation_id,
+            usage: Usage {
+                input_tokens: 100,
+                output_tokens: 40,
+                ..Usage::default()
+            },
+        },
+        ..reserve
+    };
+    assert!(world.call(&settle).is_ok(), "the settle is taken");
+    let until = world.now + SignedDuration::from_mins(2);
+    while world.now < until {
+        world.now += SignedDuration::from_millis(100);
+        world.sweep(0);
+        world.tend(0);
+    }
+    assert!(world.sidecars[0].mirrors.is_empty(), "the mirror is forgotten");
+    assert_eq!(world.tally.store_calls - before, 3, "store calls for one request");
+    let shared = world.shared(&account);
+    assert_eq!(ledgers_held(&shared), (0, 0), "nothing is left lent");
+}

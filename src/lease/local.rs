@@ -14,7 +14,7 @@ use crate::engine::account::ANSWERS_KEPT;
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{ProducerId, RequestId, ReservationId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
-use crate::engine::{Account, Catalog, Command, EngineError, Reply, ReserveOutcome, UsageRecord};
+use crate::engine::{Account, Catalog, ChargeOutcome, Command, EngineError, Reply, ReserveOutcome, UsageRecord};
 
 /// Usage records, as the mirror hands them out.
 pub type Records = Vec<Arc<UsageRecord>>;
@@ -176,9 +176,14 @@ impl Local {
             m.last_word = false;
         }
         self.last_used = now;
-        if let (Ok(Reply::Reserve(ReserveOutcome::Allowed(r))), Command::Reserve(req)) = (&result, command) {
-            self.rates
-                .admitted(req.input_tokens + req.cached_input_tokens + r.granted_output_tokens);
+        match (&result, command) {
+            (Ok(Reply::Reserve(ReserveOutcome::Allowed(r))), Command::Reserve(req)) => {
+                self.rates
+                    .admitted(req.input_tokens + req.cached_input_tokens + r.granted_output_tokens);
+                self.rates.drew();
+            }
+            (Ok(Reply::Charge(ChargeOutcome::Charged(_))), Command::Charge(_)) => self.rates.drew(),
+            _ => {}
         }
         (result, self.mirror.take_records())
     }
@@ -449,13 +454,19 @@ impl Local {
         // Unnumbered records carry charges: their lease is kept alive.
         let news = has_news(&self.mirror, &self.journaled) || !self.unnumbered.is_empty();
         let idle = since_use >= settings.idle_return;
-        // Ahead of need only while in use: a rate measured while busy
-        // decays towards zero but never reaches it, and asking on it kept
-        // an idle account lending and returning a unit forever.
-        let refill = !idle
+        // Ahead of need only while in use, and busy: a rate measured while
+        // busy decays towards zero but never reaches it, and asking on it
+        // kept an idle account lending and returning a unit forever; and
+        // one decision's burn asked for a slice nothing would use.
+        let busy = !idle && self.rates.busy(settings.horizon);
+        let refill = busy
             && since_sync >= settings.report_interval / 4
             && !self.rates.wants(&self.mirror, settings.horizon, now).is_empty();
-        if idle && (holds_unused(&self.mirror) || news) && since_sync >= settings.report_interval {
+        // A report of an account that is not busy gives back what is left:
+        // less than its next decision will need, or it would not have
+        // borrowed its need exactly.
+        let report = news && since_sync >= settings.report_interval;
+        if ((idle && holds_unused(&self.mirror)) || (report && !busy)) && since_sync >= settings.report_interval {
             Some(Upkeep::GiveBack)
         } else if (news && since_sync >= settings.report_interval)
             || (holds && since_sync >= settings.ttl / 6)
