@@ -907,6 +907,49 @@ async fn accounts_list_in_pages(backend: Backend) {
     );
 }
 
+/// On Redis, an account joins its shard's index (what ListAccounts reads)
+/// when it is written first, and an account written before the index
+/// existed joins it at its next change; no other commit touches the index
+/// (every commit re-added the account, one ZADD each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_join_the_index_once() {
+    let mut app = spawn_app_on(Backend::Redis).await;
+    let redis = app.redis.clone().unwrap();
+    let listed = async |app: &mut support::TestApp| {
+        let page = app
+            .admin
+            .list_accounts(proto::ListAccountsRequest::default())
+            .await
+            .unwrap();
+        page.into_inner().account_ids
+    };
+    // `rich` as a version before the index wrote it: not indexed.
+    redis.cli(&["ZREM", "tollgate:{0}:accounts", "rich"]);
+    redis.cli(&["HDEL", "tollgate:{0}:account:rich", "i"]);
+    assert!(!listed(&mut app).await.contains(&"rich".to_owned()));
+    let zadds = |stats: &[(String, u64)]| stats.iter().filter(|(c, _)| c == "zadd").map(|(_, n)| n).sum::<u64>();
+    let before = zadds(&redis.commandstats());
+    for i in 0..5 {
+        app.admin
+            .top_up(proto::TopUpRequest {
+                account_id: "rich".into(),
+                adjustment_id: format!("top-up-{i}"),
+                pool: proto::MoneyPool::Paid as i32,
+                amount: Some(money("1")),
+                reason: "invoice".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(zadds(&redis.commandstats()) - before, 1, "ZADDs for five commits");
+    assert!(
+        listed(&mut app).await.contains(&"rich".to_owned()),
+        "joined at its next change"
+    );
+    app.shutdown().await;
+}
+
 on_both_stores!(
     accounts_list_in_pages,
     refunds_unwind_the_lots_a_charge_drew_from,

@@ -1,13 +1,15 @@
 //! The Redis store: accounts shared by a fleet of sidecars, each deciding
 //! from memory on slices leased from Redis (see `engine::lease`).
 //!
-//! **Keys.** Every key of an account carries the account id as its hash
-//! tag, so it lives in one Cluster slot and one script can change it
-//! atomically:
+//! **Keys.** Every key of an account carries its shard (a hash of the
+//! account id) as its hash tag, so an account, its shard's usage stream,
+//! index and request-id sets live in one Cluster slot and one script can
+//! change them atomically (`keys.rs`):
 //!
-//! - `{prefix}:{<account>}:account`: a hash, `v` (version), `state` (the
+//! - `{prefix}:{<shard>}:account:<account>`: a hash, `v` (version), `state` (the
 //!   shared account as JSON: ledgers, lots, plan, limit buckets, leases),
-//!   `at` (ms, the instant the last change was computed at).
+//!   `at` (ms, the instant the last change was computed at), `i` (in its
+//!   shard's index of accounts).
 //! - `{prefix}:prices`: the same shape, `state` holding the price versions
 //!   published through the admin API (those in the configuration are not
 //!   repeated there).

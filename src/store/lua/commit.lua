@@ -8,8 +8,9 @@
 -- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms)
 -- KEYS[2]  the usage stream of the record's shard (same hash tag), if any
 -- KEYS[3]  the shard's index of records (a sorted set), if any: the record
---          is (re)added to it as ARGV[10] with every commit, so records
---          written before the index existed join it at their next change
+--          is added to it as ARGV[10] when its hash gains the field `i`
+--          (indexed), at its first commit, or at its next change for a
+--          record written before the index existed
 -- ARGV[1]  the version the change was computed from (0: must not exist)
 -- ARGV[2]  the new state
 -- ARGV[3]  the instant the change was computed at, ms since the epoch
@@ -85,8 +86,15 @@ if n > 0 then
     return {2, current, repeated}
   end
 end
-redis.call('HSET', KEYS[1], 'v', current + 1, 'state', ARGV[2], 'at', ARGV[3])
-if KEYS[3] and (ARGV[10] or '') ~= '' then
+-- HSET answers how many fields it added: `i` is new only to a record
+-- not indexed yet, so the index is written once per record, not per commit.
+local fields = {'v', current + 1, 'state', ARGV[2], 'at', ARGV[3]}
+local indexed = KEYS[3] and (ARGV[10] or '') ~= ''
+if indexed then
+  fields[#fields + 1] = 'i'
+  fields[#fields + 1] = '1'
+end
+if redis.call('HSET', KEYS[1], unpack(fields)) > 0 and indexed then
   redis.call('ZADD', KEYS[3], 0, ARGV[10])
 end
 if n > 0 then
