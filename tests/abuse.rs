@@ -382,6 +382,59 @@ async fn a_flood_of_distinct_unknown_accounts_leaves_no_state() {
     }
 }
 
+/// A sidecar on Redis keeps, for each account it serves, a mirror, a lock
+/// and the account's last record as read or written. A flood of distinct
+/// accounts, each served once, is let go of once they idle: none of it
+/// stays for an account nobody uses (it stayed, lock and record, for
+/// every account ever served).
+#[tokio::test]
+async fn a_flood_of_distinct_accounts_is_let_go_of_once_they_idle() {
+    const ACCOUNTS: usize = 200;
+    let _alone = SCRAPES.lock().await;
+    let accounts: String = (0..ACCOUNTS)
+        .map(|i| format!("[[accounts]]\nid = \"tenant-{i}\"\nplan = \"payg\"\npaid = \"10\"\n\n"))
+        .collect();
+    let mut app = spawn_app_on_with(Backend::Redis, &with_http(&accounts)).await;
+    let http = app.http.unwrap();
+    let cached = async || {
+        let (_, page) = http_get(http, "/metrics").await;
+        sample(&page, "tollgate_accounts_cached").unwrap()
+    };
+    let before = cached().await;
+    for i in 0..ACCOUNTS {
+        let account = format!("tenant-{i}");
+        let held = app
+            .quota
+            .reserve(support::reserve(&account, &format!("r{i}"), 10, 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.decision, proto::Decision::Allow as i32, "{account}: {held:?}");
+        app.quota
+            .settle(support::settle(&account, &held.reservation_id, 10, 5))
+            .await
+            .unwrap();
+    }
+    assert_eq!(cached().await, before + ACCOUNTS as f64, "each account served is held");
+    // Reported (and what is left given back), then idle past the minute
+    // their answers are kept for retries: forgotten. The upkeep ticks
+    // every 100 ms, a full sweep comes every 1.2 s.
+    let clock = app.clock.clone().unwrap();
+    clock.advance(SignedDuration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(SignedDuration::from_mins(2));
+    let mut left = cached().await;
+    for _ in 0..100 {
+        if left == before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = cached().await;
+    }
+    assert_eq!(left, before, "accounts still held after they idled");
+    app.shutdown().await;
+}
+
 /// Whether the server closes `s` within `limit` (reading what it sends
 /// meanwhile: its HTTP/2 settings).
 async fn closed_within(mut s: tokio::net::TcpStream, limit: Duration) -> bool {

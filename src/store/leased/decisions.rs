@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use jiff::Timestamp;
 
+use super::commit::corrupt;
 use super::{Gate, RedisStore};
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{AccountId, ProducerId, RequestId};
@@ -18,26 +19,45 @@ use crate::store::{Applied, Store, StoreError};
 
 impl RedisStore {
     /// Makes sure this process has a mirror of `id`, with the journaled
-    /// records of the account found at start-up (before any new one).
+    /// records of the account found at start-up (before any new one). The
+    /// record read is kept under the account's gate, for its first sync.
     pub(super) async fn ensure_mirror(&self, id: &AccountId) -> Result<(), StoreError> {
         if self.mirrors.contains_key(id) {
             return Ok(());
         }
-        let shared = self.shared(id).await?;
-        if let dashmap::Entry::Vacant(slot) = self.mirrors.entry(id.clone()) {
-            let replayed: Vec<Entry> = {
-                let mut waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-                let (mine, others) = std::mem::take(&mut *waiting)
-                    .into_iter()
-                    .partition(|e: &Entry| e.record.account_id == *id);
-                *waiting = others;
-                mine
-            };
-            if !replayed.is_empty() {
-                tracing::info!(account = %id, records = replayed.len(), "replaying journaled records");
-            }
-            slot.insert(Local::new(&shared, replayed, self.clock.now()));
+        let lock = self.gate(id);
+        let mut gate = lock.lock().await;
+        let made = self.make_mirror(id, &mut gate).await;
+        if made.is_err() {
+            self.let_go(id, &lock);
         }
+        made
+    }
+
+    async fn make_mirror(&self, id: &AccountId, gate: &mut Gate) -> Result<(), StoreError> {
+        if self.mirrors.contains_key(id) {
+            return Ok(());
+        }
+        let key = self.account_key(id);
+        let (version, json) = self
+            .read(&key)
+            .await?
+            .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
+        let shared: Account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
+        gate.cached = Some((version, json));
+        let replayed: Vec<Entry> = {
+            let mut waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+            let (mine, others) = std::mem::take(&mut *waiting)
+                .into_iter()
+                .partition(|e: &Entry| e.record.account_id == *id);
+            *waiting = others;
+            mine
+        };
+        if !replayed.is_empty() {
+            tracing::info!(account = %id, records = replayed.len(), "replaying journaled records");
+        }
+        self.mirrors
+            .insert(id.clone(), Local::new(&shared, replayed, self.clock.now()));
         Ok(())
     }
 
@@ -45,14 +65,16 @@ impl RedisStore {
     /// one if its outcome is unknown. With `short`, borrows its need, or
     /// what there is of it, on top of what the mirror holds.
     pub(super) async fn sync(&self, id: &AccountId, short: Option<Short>, purpose: Purpose) -> Result<(), StoreError> {
-        let gate = self.gate(id);
-        let mut gate = gate.lock().await;
+        let lock = self.gate(id);
+        let mut gate = lock.lock().await;
         let pending = self.mirrors.get(id).and_then(|local| local.pending().cloned());
         if let Some(pending) = pending {
             self.send(id, &mut gate, pending).await?;
         }
         let sync = {
             let Some(mut local) = self.mirrors.get_mut(id) else {
+                // Forgotten meanwhile.
+                self.let_go(id, &lock);
                 return Ok(());
             };
             local.next_sync(

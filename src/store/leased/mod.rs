@@ -102,7 +102,7 @@ pub struct Stats {
 }
 
 /// Serializes syncs of one account, and keeps the shared record between
-/// them.
+/// them. Made with the account's mirror, let go of with it.
 #[derive(Default)]
 struct Gate {
     /// The shared record as last read or written: version and JSON.
@@ -221,8 +221,22 @@ impl RedisStore {
         &self.producer
     }
 
+    /// The gate of `id`, made if there is none.
     fn gate(&self, id: &AccountId) -> Arc<tokio::sync::Mutex<Gate>> {
         self.gates.entry(id.clone()).or_default().clone()
+    }
+
+    /// Lets go of the gate of `id`, which the caller holds as `gate`,
+    /// unless a mirror of `id` needs it or another task holds or awaits
+    /// it (a mirror is made under its gate only, so none can appear
+    /// meanwhile). The caller does nothing more under it: a task that
+    /// comes after makes a new gate, with nothing cached.
+    fn let_go(&self, id: &AccountId, gate: &Arc<tokio::sync::Mutex<Gate>>) {
+        if !self.mirrors.contains_key(id) {
+            // The map's reference and the caller's: nobody else has it.
+            self.gates
+                .remove_if(id, |_, g| Arc::ptr_eq(g, gate) && Arc::strong_count(g) == 2);
+        }
     }
 
     async fn load_prices(&self) -> Result<(), StoreError> {
@@ -494,7 +508,9 @@ impl Store for RedisStore {
         Health {
             unready,
             holds_open,
-            accounts_cached: self.mirrors.len() as u64,
+            // Every account held has a gate (a mirror is made under one),
+            // with the record last read or written.
+            accounts_cached: self.gates.len() as u64,
             rate_limit_windows: self.windows.len() as u64,
             journal: self.journal.as_ref().map(|j| JournalHealth {
                 pending: j.backlog() as u64,

@@ -143,21 +143,29 @@ impl RedisStore {
         while work.join_next().await.is_some() {}
         for id in forget {
             // Under its gate, so no sync is half-way.
-            let gate = self.gate(&id);
-            let guard = gate.lock().await;
+            let lock = self.gate(&id);
+            let guard = lock.lock().await;
             let now = self.clock.now();
             let gone = self
                 .mirrors
                 .remove_if(&id, |_, l| l.forgettable() && l.idle(self.settings.idle_return, now));
             metrics().evicted("mirror", usize::from(gone.is_some()));
+            if gone.is_some() {
+                self.let_go(&id, &lock);
+            }
             drop(guard);
         }
     }
 
     /// Reads the shared account again and brings the mirror up to it.
     pub(super) async fn refresh(&self, id: &AccountId) -> Result<(), StoreError> {
-        let gate = self.gate(id);
-        let mut gate = gate.lock().await;
+        let lock = self.gate(id);
+        let mut gate = lock.lock().await;
+        if !self.mirrors.contains_key(id) {
+            // Forgotten meanwhile.
+            self.let_go(id, &lock);
+            return Ok(());
+        }
         let key = self.account_key(id);
         let Some((version, json)) = self.read(&key).await? else {
             return Ok(());
