@@ -1952,3 +1952,57 @@ fn an_account_used_once_costs_a_read_a_borrow_and_one_report() {
     let shared = world.shared(&account);
     assert_eq!(ledgers_held(&shared), (0, 0), "nothing is left lent");
 }
+
+/// An account in use, decided on every two seconds, is served from
+/// slices borrowed ahead of need with the reports it makes anyway: fewer
+/// store calls than a borrow and a report for each request.
+#[test]
+fn an_account_in_use_is_served_from_slices_borrowed_ahead() {
+    let mut world = World::new(7);
+    let account = world.accounts[2].clone();
+    let mut calls_after_warm_up = 0;
+    for i in 0..20 {
+        if i == 4 {
+            calls_after_warm_up = world.tally.store_calls;
+        }
+        let reserve = ClientCall {
+            resent: false,
+            sidecar: 0,
+            account: account.clone(),
+            command: Command::Reserve(ReserveRequest {
+                request_id: RequestId::parse(&format!("r{i}")).unwrap(),
+                api_key_id: None,
+                model: ModelId::parse("m").unwrap(),
+                tier: TierId::default_tier(),
+                input_tokens: 100,
+                cached_input_tokens: 0,
+                max_output_tokens: 100,
+            }),
+        };
+        let Ok(Reply::Reserve(ReserveOutcome::Allowed(held))) = world.call(&reserve) else {
+            panic!("reserve {i} is allowed");
+        };
+        world.now += SignedDuration::from_millis(20);
+        let settle = ClientCall {
+            command: Command::Settle {
+                reservation: held.reservation_id,
+                usage: Usage {
+                    input_tokens: 100,
+                    output_tokens: 40,
+                    ..Usage::default()
+                },
+            },
+            ..reserve
+        };
+        assert!(world.call(&settle).is_ok(), "settle {i} is taken");
+        for _ in 0..20 {
+            world.now += SignedDuration::from_millis(99);
+            world.sweep(0);
+            world.tend(0);
+        }
+    }
+    // A slice sized on the burn (what settles used) covers the next hold
+    // (sized on the most a request may use) every other time here.
+    let calls = world.tally.store_calls - calls_after_warm_up;
+    assert!(calls < 2 * 16, "{calls} store calls for the last 16 requests");
+}

@@ -50,6 +50,9 @@ pub enum Upkeep {
 pub struct Local {
     mirror: Account,
     last_used: Timestamp,
+    /// The last two decisions that drew (reserves and charges), the latest
+    /// first: an account drawn on twice within the idle return is in use.
+    draws: [Option<Timestamp>; 2],
     last_sync: Timestamp,
     rates: Rates,
     /// An announcement arrived: read the shared state again.
@@ -94,6 +97,7 @@ impl Local {
         Local {
             mirror: Account::mirror_of(shared),
             last_used: now,
+            draws: [None, None],
             last_sync: now,
             rates: Rates::new(now),
             stale: false,
@@ -176,14 +180,17 @@ impl Local {
             m.last_word = false;
         }
         self.last_used = now;
-        match (&result, command) {
+        let drew = match (&result, command) {
             (Ok(Reply::Reserve(ReserveOutcome::Allowed(r))), Command::Reserve(req)) => {
                 self.rates
                     .admitted(req.input_tokens + req.cached_input_tokens + r.granted_output_tokens);
-                self.rates.drew();
+                true
             }
-            (Ok(Reply::Charge(ChargeOutcome::Charged(_))), Command::Charge(_)) => self.rates.drew(),
-            _ => {}
+            (Ok(Reply::Charge(ChargeOutcome::Charged(_))), Command::Charge(_)) => true,
+            _ => false,
+        };
+        if drew {
+            self.draws = [Some(now), self.draws[0]];
         }
         (result, self.mirror.take_records())
     }
@@ -454,11 +461,13 @@ impl Local {
         // Unnumbered records carry charges: their lease is kept alive.
         let news = has_news(&self.mirror, &self.journaled) || !self.unnumbered.is_empty();
         let idle = since_use >= settings.idle_return;
-        // Ahead of need only while in use, and busy: a rate measured while
-        // busy decays towards zero but never reaches it, and asking on it
-        // kept an idle account lending and returning a unit forever; and
-        // one decision's burn asked for a slice nothing would use.
-        let busy = !idle && self.rates.busy(settings.horizon);
+        // Ahead of need only while in use, drawn on twice within the idle
+        // return: a rate measured while busy decays towards zero but never
+        // reaches it, and asking on it kept an idle account lending and
+        // returning a unit forever; and one decision's burn asked for a
+        // slice nothing would use (most of many tenants' accounts are
+        // decided on once in a while).
+        let busy = self.draws[1].is_some_and(|before| elapsed(before, now) < settings.idle_return);
         let refill = busy
             && since_sync >= settings.report_interval / 4
             && !self.rates.wants(&self.mirror, settings.horizon, now).is_empty();

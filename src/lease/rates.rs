@@ -21,10 +21,6 @@ pub struct Rates {
     admitted: (u64, u64),
     /// Requests and tokens admitted per second, smoothed.
     per_second: (f64, f64),
-    /// Decisions that drew (reserves and charges) since the last measure,
-    /// and per second, smoothed.
-    draws: u64,
-    draws_per_second: f64,
     measured_at: Timestamp,
 }
 
@@ -36,8 +32,6 @@ impl Rates {
             burn: HashMap::new(),
             admitted: (0, 0),
             per_second: (0.0, 0.0),
-            draws: 0,
-            draws_per_second: 0.0,
             measured_at: now,
         }
     }
@@ -46,11 +40,6 @@ impl Rates {
     pub fn admitted(&mut self, tokens: u64) {
         self.admitted.0 += 1;
         self.admitted.1 += tokens;
-    }
-
-    /// A reserve or a charge decided.
-    pub fn drew(&mut self) {
-        self.draws += 1;
     }
 
     /// Updates the rates from what `mirror` has used by `now` (at most
@@ -71,18 +60,6 @@ impl Rates {
         let (requests, tokens) = std::mem::take(&mut self.admitted);
         self.per_second.0 += alpha * (requests as f64 / dt - self.per_second.0);
         self.per_second.1 += alpha * (tokens as f64 / dt - self.per_second.1);
-        let draws = std::mem::take(&mut self.draws);
-        self.draws_per_second += alpha * (draws as f64 / dt - self.draws_per_second);
-    }
-
-    /// Whether another decision is expected within `horizon`: slices
-    /// ahead of need pay only then. One decision alone reads as one over
-    /// the horizon (the smoothing takes half its rate over two seconds);
-    /// two read as nearly two. One decision's burn says nothing of a next
-    /// one, and most of many tenants' accounts are decided on once in a
-    /// while.
-    pub fn busy(&self, horizon: Duration) -> bool {
-        self.draws_per_second * horizon.as_secs_f64() >= 1.5
     }
 
     /// Slices worth asking for ahead of need: sources of `mirror` whose
