@@ -240,6 +240,22 @@ struct Append {
     done: tokio::sync::oneshot::Sender<Result<(), JournalError>>,
 }
 
+/// What the writer thread is asked.
+enum Request {
+    Append(Append),
+    /// Make what was written durable (under every policy) and stop.
+    Close(tokio::sync::oneshot::Sender<Result<(), JournalError>>),
+}
+
+/// The writer thread's part of the journal. It holds no sender of its own
+/// requests, so it sees the channel close once every handle is gone, and
+/// no lock on the directory, so it may be opened again from then on.
+struct Writer {
+    settings: Arc<JournalSettings>,
+    shared: Arc<Mutex<Shared>>,
+    stats: Arc<WriteStats>,
+}
+
 /// The journal: appends go to one writer thread; appliers mark entries
 /// applied and fully applied segments go away.
 ///
@@ -253,7 +269,7 @@ pub struct Journal {
     next: Arc<AtomicU64>,
     settings: Arc<JournalSettings>,
     shared: Arc<Mutex<Shared>>,
-    appends: std::sync::mpsc::Sender<Append>,
+    appends: std::sync::mpsc::Sender<Request>,
     /// What start-up found.
     pub found: Arc<Found>,
     /// What the writer did.
@@ -272,6 +288,8 @@ pub struct WriteStats {
     pub entries: AtomicU64,
     /// Bytes written.
     pub bytes: AtomicU64,
+    /// `fsync`s of written entries.
+    pub syncs: AtomicU64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -423,11 +441,10 @@ impl Journal {
             stats: Arc::new(WriteStats::default()),
             _lock: Some(Arc::new(lock)),
         };
-        // The writer holds no lock: once every other handle is gone, the
-        // directory may be opened again.
-        let writer = Journal {
-            _lock: None,
-            ..journal.clone()
+        let writer = Writer {
+            settings: Arc::clone(&journal.settings),
+            shared: Arc::clone(&journal.shared),
+            stats: Arc::clone(&journal.stats),
         };
         std::thread::Builder::new()
             .name("tollgate-journal".into())
@@ -462,9 +479,22 @@ impl Journal {
     /// returns what resolves once they are durable under the sync policy.
     pub fn append(&self, entries: Vec<Entry>) -> impl Future<Output = Result<(), JournalError>> + use<> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let sent = self.appends.send(Append { entries, done });
+        let sent = self.appends.send(Request::Append(Append { entries, done }));
         // Every policy waits for the write itself: that is also what keeps
         // callers from outrunning the writer.
+        async move {
+            sent.map_err(|_| JournalError::Io("the journal writer has stopped".into()))?;
+            wait.await
+                .map_err(|_| JournalError::Io("the journal writer has stopped".into()))?
+        }
+    }
+
+    /// Makes what was written durable, whatever the sync policy, and stops
+    /// the writer: later appends fail. Shutdown calls it once the last
+    /// reports are made. (Dropping every handle syncs and stops it too.)
+    pub fn close(&self) -> impl Future<Output = Result<(), JournalError>> + use<> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let sent = self.appends.send(Request::Close(done));
         async move {
             sent.map_err(|_| JournalError::Io("the journal writer has stopped".into()))?;
             wait.await
@@ -530,44 +560,74 @@ impl Journal {
     pub fn backlog(&self) -> usize {
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).unapplied.len()
     }
+}
 
-    fn write_loop(self, rx: std::sync::mpsc::Receiver<Append>) {
+impl Writer {
+    fn write_loop(self, rx: std::sync::mpsc::Receiver<Request>) {
         let mut file: Option<File> = None;
         let mut synced = std::time::Instant::now();
         let mut dirty = false;
         loop {
-            let first = match self.settings.sync {
+            let request = match self.settings.sync {
                 SyncPolicy::Interval(every) => match rx.recv_timeout(every) {
-                    Ok(a) => Some(a),
+                    Ok(r) => Some(r),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        let _ = self.last_sync(file.as_ref(), dirty);
+                        return;
+                    }
                 },
                 _ => match rx.recv() {
-                    Ok(a) => Some(a),
-                    Err(_) => return,
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        let _ = self.last_sync(file.as_ref(), dirty);
+                        return;
+                    }
                 },
             };
-            if let Some(first) = first {
-                // Everything queued meanwhile shares this write and its fsync.
-                let mut batch = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
-                }
-                if let Err(e) = self.write_batch(&mut file, &mut batch) {
-                    for append in batch {
-                        let _ = append.done.send(Err(e.clone()));
+            match request {
+                Some(Request::Append(first)) => {
+                    // Everything queued meanwhile shares this write and its
+                    // fsync (up to a close, answered after it).
+                    let mut batch = vec![first];
+                    let mut close = None;
+                    while let Ok(more) = rx.try_recv() {
+                        match more {
+                            Request::Append(more) => batch.push(more),
+                            Request::Close(done) => {
+                                close = Some(done);
+                                break;
+                            }
+                        }
                     }
-                    file = None;
-                    continue;
+                    match self.write_batch(&mut file, &mut batch) {
+                        Ok(()) => {
+                            dirty = dirty || self.settings.sync != SyncPolicy::Always;
+                            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                            for append in batch {
+                                self.stats
+                                    .entries
+                                    .fetch_add(append.entries.len() as u64, Ordering::Relaxed);
+                                let _ = append.done.send(Ok(()));
+                            }
+                        }
+                        Err(e) => {
+                            for append in batch {
+                                let _ = append.done.send(Err(e.clone()));
+                            }
+                            file = None;
+                        }
+                    }
+                    if let Some(done) = close {
+                        let _ = done.send(self.last_sync(file.as_ref(), dirty));
+                        return;
+                    }
                 }
-                dirty = self.settings.sync != SyncPolicy::Always;
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                for append in batch {
-                    self.stats
-                        .entries
-                        .fetch_add(append.entries.len() as u64, Ordering::Relaxed);
-                    let _ = append.done.send(Ok(()));
+                Some(Request::Close(done)) => {
+                    let _ = done.send(self.last_sync(file.as_ref(), dirty));
+                    return;
                 }
+                None => {}
             }
             // `interval`: at most that long between a write and its fsync,
             // however busy the writer is.
@@ -579,10 +639,25 @@ impl Journal {
                 if let Err(e) = timed_sync(f) {
                     tracing::error!(error = %e, "usage journal fsync failed");
                 }
+                self.stats.syncs.fetch_add(1, Ordering::Relaxed);
                 synced = std::time::Instant::now();
                 dirty = false;
             }
         }
+    }
+
+    /// The writer stops: what was written and not synced is synced now,
+    /// whatever the policy.
+    fn last_sync(&self, file: Option<&File>, dirty: bool) -> Result<(), JournalError> {
+        let Some(f) = file.filter(|_| dirty) else {
+            return Ok(());
+        };
+        let synced = timed_sync(f).map_err(|e| io("syncing the usage journal at close", e));
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "usage journal fsync at close failed");
+        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        synced
     }
 
     /// Writes every entry of `batch`, syncing as the policy says. A failed
@@ -667,6 +742,9 @@ impl Journal {
             // Cut the partial write off, so the next entry follows a whole one.
             let _ = f.set_len(before);
             return Err(io(path.display(), e));
+        }
+        if self.settings.sync == SyncPolicy::Always {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -842,6 +920,56 @@ mod tests {
             .collect();
         found.sort();
         found
+    }
+
+    /// `close` makes what was written durable whatever the policy (an
+    /// `interval` one an hour long, or none at all), and appends after it
+    /// fail rather than wait for a writer that is gone.
+    #[tokio::test]
+    async fn close_syncs_what_was_written_under_every_policy() {
+        for sync in [
+            SyncPolicy::Always,
+            SyncPolicy::Interval(Duration::from_secs(3600)),
+            SyncPolicy::None,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (journal, _) = Journal::open(JournalSettings {
+                sync,
+                ..settings(dir.path())
+            })
+            .unwrap();
+            write(&journal, 3).await;
+            journal.close().await.unwrap();
+            assert!(journal.stats.syncs.load(Ordering::Relaxed) >= 1, "{sync:?}: synced");
+            let mut late = vec![entry(4)];
+            journal.number(&mut late).unwrap();
+            assert!(journal.append(late).await.is_err(), "{sync:?}: an append after close");
+        }
+    }
+
+    /// The writer holds no sender of its own requests: once every handle is
+    /// gone it sees the channel closed, syncs what it wrote and stops (it
+    /// waited for requests forever, holding what an `interval` policy had
+    /// not synced yet).
+    #[tokio::test]
+    async fn the_writer_syncs_and_stops_once_every_handle_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(JournalSettings {
+            sync: SyncPolicy::Interval(Duration::from_secs(3600)),
+            ..settings(dir.path())
+        })
+        .unwrap();
+        write(&journal, 3).await;
+        let stats = Arc::clone(&journal.stats);
+        assert_eq!(stats.syncs.load(Ordering::Relaxed), 0, "nothing synced within the hour");
+        drop(journal);
+        for _ in 0..250 {
+            if stats.syncs.load(Ordering::Relaxed) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the writer did not sync once every handle was gone");
     }
 
     /// A second open of a directory in use is refused, naming the holder;

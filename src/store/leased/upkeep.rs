@@ -23,7 +23,8 @@ pub(super) const CLOSE_RETRIES: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     /// Keeps leases healthy until `stop` resolves, then gives every lease
-    /// back. Runs the announcement listener beside it.
+    /// back and closes the journal (synced, whatever its policy). Runs the
+    /// announcement listener beside it.
     pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) {
         let listener = tokio::spawn(Arc::clone(&self).listen());
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -43,6 +44,13 @@ impl RedisStore {
         }
         listener.abort();
         self.close().await;
+        // The last reports are made: what the journal holds now (records
+        // not reported) is made durable under every sync policy.
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.close().await
+        {
+            tracing::error!(error = %e, "the usage journal could not be synced at shutdown");
+        }
         let s = &self.stats;
         tracing::info!(
             decisions = s.decisions.load(Ordering::Relaxed),
