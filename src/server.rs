@@ -570,25 +570,61 @@ impl App {
             },
             signal
         );
-        sweeper.await.context("sweeper task")?;
-        follower.await.context("health task")?;
+        // Every step runs whatever became of the one before: a task that
+        // failed or panicked is an error, reported once the leases are
+        // returned and the sink drained, never a reason to skip them.
+        let mut failed = Failures::default();
+        failed.join("sweeper task", sweeper).await;
+        failed.join("health task", follower).await;
         if let Some(reloader) = reloader {
-            reloader.await.context("reloader task")?;
+            failed.join("reloader task", reloader).await;
         }
         let _ = drained.send(true);
         if let Some(keeper) = keeper {
-            keeper.await.context("lease upkeep task")?;
+            failed.join("lease upkeep task", keeper).await;
         }
-        if let Some(server) = http_server {
-            server.await.context("HTTP endpoint task")?.context("HTTP endpoint")?;
+        if let Some(server) = http_server
+            && let Some(served) = failed.join("HTTP endpoint task", server).await
+        {
+            failed.note(served.context("HTTP endpoint"));
         }
         // Calls that outlived the grace period may still hold senders: the
         // writer stops taking records, drains what is queued and flushes.
-        writer.finish().await.context("writing usage records")?;
-        quota_result.context("data plane")?;
-        admin_result.context("control plane")?;
+        failed.note(writer.finish().await.context("writing usage records"));
+        failed.note(quota_result.context("data plane"));
+        failed.note(admin_result.context("control plane"));
+        failed.into_result()?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// What failed while a run ended: each failure is logged as it is found,
+/// and the first is the run's error once every step is done.
+#[derive(Default)]
+struct Failures(Vec<anyhow::Error>);
+
+impl Failures {
+    /// Awaits `task`: its output, or none if it panicked or was cancelled
+    /// (noted as a failure of `what`).
+    async fn join<T>(&mut self, what: &'static str, task: tokio::task::JoinHandle<T>) -> Option<T> {
+        self.note(task.await.context(what))
+    }
+
+    /// Keeps `result`'s error, if any.
+    fn note<T>(&mut self, result: anyhow::Result<T>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "shutdown goes on after a failure");
+                self.0.push(e);
+                None
+            }
+        }
+    }
+
+    fn into_result(self) -> anyhow::Result<()> {
+        self.0.into_iter().next().map_or(Ok(()), Err)
     }
 }
 
@@ -776,5 +812,28 @@ async fn health_follows(
             reporter.set_service_status("", status).await;
         }
         was = Some(ready);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A background task that panicked is one failure among the steps of
+    /// an ending, not a return from it: the steps after it (returning
+    /// leases, draining the sink) still run, and the run still fails.
+    #[tokio::test]
+    async fn a_panicked_task_is_a_failure_and_the_steps_after_it_still_run() {
+        let mut failed = Failures::default();
+        let panicked = tokio::spawn(async { panic!("a bug in the sweeper") });
+        assert!(failed.join("sweeper task", panicked).await.is_none());
+        let after = failed.join("lease upkeep task", tokio::spawn(async { "leases returned" }));
+        assert_eq!(after.await, Some("leases returned"));
+        assert_eq!(
+            failed.note(Ok::<_, anyhow::Error>("sink drained")),
+            Some("sink drained")
+        );
+        let e = failed.into_result().unwrap_err();
+        assert!(format!("{e:#}").contains("sweeper task"), "{e:#}");
     }
 }
