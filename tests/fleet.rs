@@ -558,3 +558,59 @@ async fn send_until_acknowledged(
     }
     panic!("{id}: no sidecar acknowledged it in 60 attempts");
 }
+
+/// A sidecar that gave an account back reads it afresh at its next use:
+/// by then another sidecar has likely changed it, and a commit on the
+/// version it kept would be refused (a script call, the whole state sent
+/// for nothing, then the call again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_given_back_is_read_afresh_at_its_next_use() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = fleet(2, dir.path(), &[redis.url()]);
+    let entries = || {
+        redis
+            .cli(&["XLEN", "tollgate:{0}:usage"])
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let serve = async |sidecar: &Sidecar, id: &str| {
+        let mut client = sidecar.client().await;
+        let held = client
+            .reserve(support::reserve("shared", id, 10, 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.decision, tollgate::proto::Decision::Allow as i32, "{held:?}");
+        client.settle(support::settle("shared", id, 10, 5)).await.unwrap();
+    };
+    // Each serves once and reports (giving back what is left: the account
+    // is not in use there).
+    for (i, sidecar) in sidecars.iter().enumerate() {
+        serve(sidecar, &format!("r{i}")).await;
+        for _ in 0..250 {
+            if entries() > i as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(entries(), i as u64 + 1, "sidecar {i}'s report");
+    }
+    let calls =
+        |name: &str, stats: &[(String, u64)]| stats.iter().filter(|(c, _)| c == name).map(|(_, n)| n).sum::<u64>();
+    let before = redis.commandstats();
+    let mut client = sidecars[0].client().await;
+    let held = client
+        .reserve(support::reserve("shared", "again", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.decision, tollgate::proto::Decision::Allow as i32, "{held:?}");
+    let after = redis.commandstats();
+    let scripts = calls("evalsha", &after) - calls("evalsha", &before);
+    // Every commit reads the version (HGET); a refused one the state too.
+    let refused = calls("hget", &after) - calls("hget", &before) - scripts;
+    assert!(scripts >= 1, "the reserve borrowed");
+    assert_eq!(refused, 0, "commits refused for a stale version");
+}

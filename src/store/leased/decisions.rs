@@ -87,7 +87,15 @@ impl RedisStore {
                 self.clock.now(),
             )
         };
-        self.send(id, &mut gate, sync).await
+        let sent = self.send(id, &mut gate, sync).await;
+        if sent.is_ok() && purpose != Purpose::Renew {
+            // Given back: other sidecars are likely to change the account
+            // before this one uses it again, and a commit on a stale
+            // version costs a refused script call (four commands and the
+            // whole state sent for nothing) where a read costs one.
+            gate.cached = None;
+        }
+        sent
     }
 
     /// Sends one sync until acknowledged or refused; keeps it pending if
