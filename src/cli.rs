@@ -341,7 +341,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("binding the Unix socket")?;
             // Listening for signals before saying so: a signal from then on
             // drains rather than kills.
-            let stop = crate::signal::shutdown(crate::server::BASELINE_DRAIN);
+            let (stop, _) = crate::signal::shutdown(crate::server::BASELINE_DRAIN);
             tracing::info!(%listen, unix = ?listen_unix, "baseline listening");
             crate::server::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)
@@ -594,9 +594,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // Listening for signals before saying so: a signal from then on drains
     // rather than kills.
-    let stop = crate::signal::shutdown(app.shutdown_deadline());
+    let (stop, hurry) = crate::signal::shutdown(app.shutdown_deadline());
     tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), http = ?app.http_addr(), "tollgate listening");
-    app.run(stop).await?;
+    app.run_hurried(stop, hurry).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -364,6 +364,17 @@ impl App {
 
     /// Serves both planes until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        self.run_hurried(shutdown, std::future::pending()).await
+    }
+
+    /// [`App::run`], with the grace period for in-flight calls cut short
+    /// when `hurry` completes (a second signal): the drain then goes on at
+    /// once, leases returned and the usage sink drained as ever.
+    pub async fn run_hurried(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        hurry: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let App {
             quota,
             quota_unix,
@@ -546,12 +557,18 @@ impl App {
             }
             let _ = stop.send(true);
         };
-        // In-flight calls get `shutdown_grace` to finish; then they are dropped
-        // so the process exits within a deadline (the usage writer then drains what is
-        // queued and refuses the rest).
+        // In-flight calls get `shutdown_grace` to finish (or until `hurry`);
+        // then they are dropped so the process exits within a deadline (the
+        // usage writer then drains what is queued and refuses the rest).
         let deadline = async move {
             until_stopped(stopped).await;
-            tokio::time::sleep(shutdown_grace).await;
+            tokio::select! {
+                () = tokio::time::sleep(shutdown_grace) => tracing::warn!(
+                    grace = ?shutdown_grace,
+                    "in-flight calls did not finish within the grace period; dropping them"
+                ),
+                () = hurry => tracing::warn!("in-flight calls dropped at a second signal"),
+            }
         };
         let serving = async {
             let (quota, admin, unix, admin_unix) =
@@ -562,10 +579,7 @@ impl App {
             async {
                 tokio::select! {
                     results = serving => results,
-                    () = deadline => {
-                        tracing::warn!(grace = ?shutdown_grace, "in-flight calls did not finish within the grace period; dropping them");
-                        (Ok(()), Ok(()))
-                    }
+                    () = deadline => (Ok(()), Ok(())),
                 }
             },
             signal
