@@ -15,15 +15,25 @@
 //! - [`loadgen`]: the load generator and the empty baseline service.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
+//! - [`rls`]: Envoy's rate-limit service: rules in envoyproxy/ratelimit's
+//!   format and how descriptors match them.
 //! - [`server`]: binds listeners, serves, drains on shutdown.
+//! - [`http`]: the plain-HTTP endpoint: `/metrics`, `/live`, `/ready`.
+//! - [`metrics`]: the Prometheus registry and its bounded labels.
+//! - [`reload`]: reloading the configuration while serving (SIGHUP, or the
+//!   file changing).
 //! - [`config`]: TOML configuration, environment overrides, validation.
 //! - [`usage`]: the usage-record sink (JSON Lines file or stdout).
 //! - [`clock`]: where "now" comes from (system, or manual for tests).
 //! - [`channel`]: gRPC channels over TCP or a Unix domain socket.
+//! - [`uds`]: Unix-socket connections whose clients name the socket as
+//!   `:authority` (grpcio, grpc-java).
 //! - [`client`]: the data plane's Rust client (deadlines, retries, a
 //!   reservation released unless settled).
 //! - [`conn`]: guards on TCP connections (how many, how soon they speak).
-//! - [`cli`]: the command line (serve, check-config, a small client).
+//! - [`cli`]: the command line (serve, check-config, a small client);
+//!   [`admin_cli`]: `tollgate admin`, the operator's client of the admin
+//!   API.
 //! - [`signal`], [`telemetry`]: shutdown signals and logging.
 //! - [`fuzzing`]: the fuzz targets' entry points (`fuzz/`), also run by
 //!   `cargo test` over their seed corpora.

@@ -1272,3 +1272,22 @@ async fn a_flood_of_cheap_charges_keeps_memory_within_the_budgets() {
     assert!(grown < 8 << 20, "resident memory grew by {} MiB", grown >> 20);
     assert!(served.stop().success());
 }
+
+/// lib.rs's module map names every module the crate declares, so the
+/// tree can be read from it.
+#[test]
+fn the_module_map_names_every_module() {
+    let lib = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/lib.rs")).unwrap();
+    let map: String = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let unnamed: Vec<&str> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod ")?.strip_suffix(';'))
+        .chain(lib.contains("pub mod proto {").then_some("proto"))
+        .filter(|m| !map.contains(&format!("[`{m}`]")))
+        .collect();
+    assert!(unnamed.is_empty(), "modules missing from lib.rs's map: {unnamed:?}");
+}
