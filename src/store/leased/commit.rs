@@ -8,7 +8,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::RedisStore;
-use super::keys::{Seen, shard_of};
+use super::keys::{SCHEMA, Seen, readable, shard_of};
 use crate::engine::ids::{AccountId, ProducerId};
 use crate::engine::lease::Journaled;
 use crate::engine::record::{AuditRecord, request_fingerprint};
@@ -199,13 +199,17 @@ impl RedisStore {
         args.push(records.pb.clone());
         args.push(indexed_as.unwrap_or("").as_bytes().to_vec());
         let mut keys = keys.to_vec();
-        if let Some(seen) = seen.filter(|_| !records.fingerprints.is_empty()) {
-            keys.push(&seen.answers[0]);
-            keys.extend(seen.keys.iter().map(String::as_str));
-            args.push(records.fingerprints.clone());
-            args.push(seen.until_ms.to_string().into_bytes());
-            args.push(seen.answers_until_ms.to_string().into_bytes());
+        match seen.filter(|_| !records.fingerprints.is_empty()) {
+            Some(seen) => {
+                keys.push(&seen.answers[0]);
+                keys.extend(seen.keys.iter().map(String::as_str));
+                args.push(records.fingerprints.clone());
+                args.push(seen.until_ms.to_string().into_bytes());
+                args.push(seen.answers_until_ms.to_string().into_bytes());
+            }
+            None => args.extend([Vec::new(), b"0".to_vec(), b"0".to_vec()]),
         }
+        args.push(SCHEMA.to_string().into_bytes());
         let answer = self.note(self.redis.invoke_durable("commit", &self.commit, &keys, args).await)?;
         let answer: Vec<redis::Value> = redis::from_redis_value(answer)
             .map_err(|e| StoreError::Unavailable(format!("redis: commit answered {e}")))?;
@@ -216,6 +220,11 @@ impl RedisStore {
         match (int(answer.first()), int(answer.get(1)), answer.get(2)) {
             (Some(1), Some(v), None) => Ok(Commit::Done(v)),
             (Some(0), Some(v), Some(redis::Value::BulkString(state))) => {
+                let schema = match answer.get(3) {
+                    Some(redis::Value::BulkString(s)) => Some(String::from_utf8_lossy(s).into_owned()),
+                    _ => None,
+                };
+                readable(keys[0], schema.as_deref())?;
                 Ok(Commit::Moved(v, String::from_utf8_lossy(state).into_owned()))
             }
             (Some(2), Some(_), Some(redis::Value::Array(found))) => Ok(Commit::Repeated(

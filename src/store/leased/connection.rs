@@ -36,13 +36,16 @@ impl RedisStore {
 
     pub(super) async fn read(&self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
         self.check_up()?;
-        let got: (Option<u64>, Option<String>) = self.note(
+        let got: (Option<u64>, Option<String>, Option<String>) = self.note(
             self.redis
-                .query(redis::cmd("HMGET").arg(key).arg("v").arg("state"))
+                .query(redis::cmd("HMGET").arg(key).arg("v").arg("state").arg("s"))
                 .await,
         )?;
         Ok(match got {
-            (Some(v), Some(state)) => Some((v, state)),
+            (Some(v), Some(state), schema) => {
+                super::keys::readable(key, schema.as_deref())?;
+                Some((v, state))
+            }
             _ => None,
         })
     }

@@ -9,7 +9,8 @@
 //! - `{prefix}:{<shard>}:account:<account>`: a hash, `v` (version), `state` (the
 //!   shared account as JSON: ledgers, lots, plan, limit buckets, leases),
 //!   `at` (ms, the instant the last change was computed at), `i` (in its
-//!   shard's index of accounts).
+//!   shard's index of accounts), `s` (the schema it was written in,
+//!   [`SCHEMA`]; none: 1).
 //! - `{prefix}:prices`: the same shape, `state` holding the price versions
 //!   published through the admin API (those in the configuration are not
 //!   repeated there).
@@ -81,7 +82,7 @@ use commit::corrupt;
 pub use crate::lease::LeaseSettings;
 
 pub use commit::entry_records;
-pub use keys::{account_key, shard_of, stream_key};
+pub use keys::{SCHEMA, account_key, shard_of, stream_key};
 
 /// Counters of what the store did, for tests, benchmarks and logs.
 #[derive(Debug, Default)]

@@ -5,7 +5,8 @@
 -- usage records the change applied are added to the usage stream, as one
 -- entry (one XADD per commit, however many records).
 --
--- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms)
+-- KEYS[1]  the record: a hash with v (version), state (JSON), at (ms), s
+--          (the schema it was written in; none: 1)
 -- KEYS[2]  the usage stream of the record's shard (same hash tag), if any
 -- KEYS[3]  the shard's index of records (a sorted set), if any: the record
 --          is added to it as ARGV[10] when its hash gains the field `i`
@@ -31,9 +32,11 @@
 --          the records' order ("" for none)
 -- ARGV[12] when the current bucket's set may go, ms since the epoch
 -- ARGV[13] when the current answer bucket may go, ms since the epoch
+-- ARGV[14] the schema this writer writes, stored as s
 --
 -- Returns {1, new version} when committed; {0, current version, current
--- state} when the record moved on (the caller recomputes from that state);
+-- state, its schema} when the record moved on (the caller recomputes from
+-- that state, if it reads that schema);
 -- or {2, current version, {i, ...}} when records i (from 1) are of request
 -- ids committed already, or earlier in this entry: nothing is written, and
 -- the caller recomputes with those records taken as repeats.
@@ -47,7 +50,17 @@ if bound > 0 and math.abs(redis_ms - at) > bound then
 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if current ~= tonumber(ARGV[1]) then
-  return {0, current, redis.call('HGET', KEYS[1], 'state') or ''}
+  -- One command either way; HGETALL keeps HMGET for the sidecars' reads,
+  -- so the commands Redis counts tell the two apart.
+  local all, state, schema = redis.call('HGETALL', KEYS[1]), '', ''
+  for i = 1, #all, 2 do
+    if all[i] == 'state' then
+      state = all[i + 1]
+    elseif all[i] == 's' then
+      schema = all[i + 1]
+    end
+  end
+  return {0, current, state, schema}
 end
 local fingerprints = ARGV[11] or ''
 local n = #fingerprints / 12
@@ -88,7 +101,7 @@ if n > 0 then
 end
 -- HSET answers how many fields it added: `i` is new only to a record
 -- not indexed yet, so the index is written once per record, not per commit.
-local fields = {'v', current + 1, 'state', ARGV[2], 'at', ARGV[3]}
+local fields = {'v', current + 1, 'state', ARGV[2], 'at', ARGV[3], 's', ARGV[14]}
 local indexed = KEYS[3] and (ARGV[10] or '') ~= ''
 if indexed then
   fields[#fields + 1] = 'i'
