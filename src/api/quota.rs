@@ -266,9 +266,16 @@ impl QuotaApi {
     }
 }
 
-/// Counts `answer` of `rpc` in the metrics: its outcome, reason and time.
-fn observed<T: Decided>(rpc: &'static str, started: Instant, answer: &Result<Response<T>, Status>) {
-    let (outcome, reason) = match answer {
+/// Runs `answer` of `rpc` and counts it in the metrics: its outcome,
+/// reason and time. (Not a tower layer: the outcome and the reason are in
+/// the decoded answer, which a layer sees only as encoded bytes.)
+async fn observed<T: Decided>(
+    rpc: &'static str,
+    answer: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let answer = answer.await;
+    let (outcome, reason) = match &answer {
         Ok(response) => match response.get_ref().denial() {
             None => ("allowed", "none"),
             Some(reason) => ("denied", reason_label(reason)),
@@ -276,6 +283,7 @@ fn observed<T: Decided>(rpc: &'static str, started: Instant, answer: &Result<Res
         Err(status) => ("error", code_label(status.code())),
     };
     metrics().decided(rpc, outcome, reason, started);
+    answer
 }
 
 /// A denial reason's metric label.
@@ -334,51 +342,33 @@ impl Quota for QuotaApi {
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let started = Instant::now();
-        let answer = self.answer_reserve(request).await;
-        observed("reserve", started, &answer);
-        answer
+        observed("reserve", self.answer_reserve(request)).await
     }
 
     async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
-        let started = Instant::now();
-        let answer = self.answer_extend(request).await;
-        observed("extend", started, &answer);
-        answer
+        observed("extend", self.answer_extend(request)).await
     }
 
     async fn settle(&self, request: Request<proto::SettleRequest>) -> Result<Response<proto::SettleResponse>, Status> {
-        let started = Instant::now();
-        let answer = self.answer_settle(request).await;
-        observed("settle", started, &answer);
-        answer
+        observed("settle", self.answer_settle(request)).await
     }
 
     async fn release(
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
-        let started = Instant::now();
-        let answer = self.answer_release(request).await;
-        observed("release", started, &answer);
-        answer
+        observed("release", self.answer_release(request)).await
     }
 
     async fn charge(&self, request: Request<proto::ChargeRequest>) -> Result<Response<proto::ChargeResponse>, Status> {
-        let started = Instant::now();
-        let answer = self.answer_charge(request).await;
-        observed("charge", started, &answer);
-        answer
+        observed("charge", self.answer_charge(request)).await
     }
 
     async fn get_balance(
         &self,
         request: Request<proto::GetBalanceRequest>,
     ) -> Result<Response<proto::GetBalanceResponse>, Status> {
-        let started = Instant::now();
-        let answer = self.answer_get_balance(request).await;
-        observed("balance", started, &answer);
-        answer
+        observed("balance", self.answer_get_balance(request)).await
     }
 }
 
