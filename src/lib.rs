@@ -14,6 +14,8 @@
 //! - [`consume`]: reading the usage streams through a consumer group.
 //! - [`loadgen`]: the load generator and the empty baseline service.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
+//! - [`wire`]: usage records, money and timestamps to and from their
+//!   `tollgate.v1` form (the API's replies and the usage stream).
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
 //! - [`rls`]: Envoy's rate-limit service: rules in envoyproxy/ratelimit's
 //!   format and how descriptors match them.
@@ -64,6 +66,7 @@ pub mod store;
 pub mod telemetry;
 pub mod uds;
 pub mod usage;
+pub mod wire;
 
 /// Generated code for the `tollgate.v1` gRPC package.
 pub mod proto {

@@ -5,6 +5,7 @@ use tonic::Status;
 
 use crate::engine::EngineError;
 use crate::store::StoreError;
+pub use crate::wire::invalid;
 
 /// The status for a store or engine error.
 pub fn status(e: StoreError) -> Status {
@@ -23,11 +24,6 @@ pub fn status(e: StoreError) -> Status {
             EngineError::Short(_) => Status::unavailable(e.to_string()),
         },
     }
-}
-
-/// INVALID_ARGUMENT naming `field`.
-pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {message}"))
 }
 
 /// A reply of the wrong kind: a bug, reported rather than panicking.

@@ -83,7 +83,7 @@ pub fn entry_records(entry: &redis::Value) -> Option<(String, Vec<serde_json::Va
 /// A usage record of the stream's protobuf as JSON (null if it does not
 /// read back).
 fn usage_json(pb: &crate::proto::UsageRecord) -> serde_json::Value {
-    let Ok(record) = crate::api::convert::record_in(pb) else {
+    let Ok(record) = crate::wire::record_in(pb) else {
         return serde_json::Value::Null;
     };
     serde_json::to_value(Tagged {
@@ -110,7 +110,7 @@ struct Tagged<'a, R> {
 impl StreamEntry {
     /// Adds a journaled usage record.
     fn record(&mut self, entry: &Journaled) -> Result<(), StoreError> {
-        let mut pb = crate::api::convert::record_out(&entry.record);
+        let mut pb = crate::wire::record_out(&entry.record);
         pb.journal = entry.journal.to_string();
         pb.journal_seq = entry.seq;
         // `records` is field 1 of the batch: its tag, then the message,
