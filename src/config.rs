@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 
@@ -22,18 +21,18 @@ use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, TierId, VersionId};
 use crate::engine::limits::ScopedLimits;
 use crate::engine::money::Money;
 use crate::engine::ops::PackGrant;
+pub use crate::engine::period::parse_time_zone;
 use crate::engine::period::{Anchor, PeriodUnit};
-use crate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices, per_token};
+pub use crate::engine::pricing::{MAX_PRICE_PER_MILLION, price_per_token};
+use crate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices};
 use crate::journal::{JournalSettings, OnCorrupt, SyncPolicy};
+pub use crate::service::SeedAccount;
 use crate::store::leased::LeaseSettings;
 use crate::store::redis::{Credentials, RedisSettings};
+pub use crate::usage::UsageSinkConfig;
 
 /// The built-in demo configuration (also `examples/tollgate.toml`).
 pub const DEMO: &str = include_str!("../examples/tollgate.toml");
-
-/// The highest accepted price, per million tokens, in currency units. It
-/// bounds every product of a price and a token count far inside `i128`.
-pub const MAX_PRICE_PER_MILLION: i128 = 1_000_000;
 
 /// One problem, and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,38 +55,6 @@ impl fmt::Display for ConfigErrors {
         }
         Ok(())
     }
-}
-
-/// Where usage records go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UsageSinkConfig {
-    /// JSON Lines appended to a file.
-    File(PathBuf),
-    /// JSON Lines on standard output.
-    Stdout,
-}
-
-/// An account to create at start.
-#[derive(Debug, Clone)]
-pub struct SeedAccount {
-    /// Its id.
-    pub id: AccountId,
-    /// Its plan.
-    pub plan: PlanId,
-    /// Its time zone.
-    pub time_zone: TimeZone,
-    /// Its period anchor, overriding the plan's.
-    pub anchor: Option<Anchor>,
-    /// Its credit limit.
-    pub credit_limit: Money,
-    /// Paid money to credit.
-    pub paid: Money,
-    /// Promotional money to credit.
-    pub promo: Money,
-    /// Packs to grant.
-    pub packs: Vec<PackGrant>,
-    /// Start suspended.
-    pub suspended: bool,
 }
 
 /// A validated configuration.
@@ -750,14 +717,6 @@ impl Problems {
     }
 }
 
-/// Parses an IANA time zone name.
-pub fn parse_time_zone(name: &str) -> Result<TimeZone, String> {
-    if name.is_empty() || name == "UTC" {
-        return Ok(TimeZone::UTC);
-    }
-    TimeZone::get(name).map_err(|_| format!("unknown IANA time zone {name:?}"))
-}
-
 /// Parses `day`, `week`, `month` or `year`.
 pub fn parse_period(s: &str) -> Result<PeriodUnit, String> {
     match s {
@@ -800,16 +759,6 @@ fn parse_amount(s: &str) -> Result<Money, String> {
     } else {
         Ok(m)
     }
-}
-
-/// Converts a per-million price, bounded by [`MAX_PRICE_PER_MILLION`].
-pub fn price_per_token(per_million: Money) -> Result<Money, String> {
-    if per_million.picos() > MAX_PRICE_PER_MILLION * crate::engine::money::SCALE {
-        return Err(format!(
-            "price {per_million} per million tokens is above the limit of {MAX_PRICE_PER_MILLION}"
-        ));
-    }
-    per_token(per_million)
 }
 
 /// Parses a token weight: a decimal with at most three decimal places,

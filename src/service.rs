@@ -9,16 +9,38 @@ use jiff::tz::TimeZone;
 use tracing::Instrument;
 
 use crate::clock::Clock;
-use crate::config::SeedAccount;
 use crate::engine::ids::{AccountId, LotId, PlanId, VersionId};
 use crate::engine::money::Money;
-use crate::engine::ops::Pool;
+use crate::engine::ops::{PackGrant, Pool};
 use crate::engine::period::Anchor;
 use crate::engine::pricing::PriceVersion;
 use crate::engine::record::AuditRecord;
 use crate::engine::{Account, Catalog, Command, EngineError, Reply, UsageRecord};
 use crate::store::{Store, StoreError};
 use crate::usage::{Emitted, UsageSender};
+
+/// An account to create at start.
+#[derive(Debug, Clone)]
+pub struct SeedAccount {
+    /// Its id.
+    pub id: AccountId,
+    /// Its plan.
+    pub plan: PlanId,
+    /// Its time zone.
+    pub time_zone: TimeZone,
+    /// Its period anchor, overriding the plan's.
+    pub anchor: Option<Anchor>,
+    /// Its credit limit.
+    pub credit_limit: Money,
+    /// Paid money to credit.
+    pub paid: Money,
+    /// Promotional money to credit.
+    pub promo: Money,
+    /// Packs to grant.
+    pub packs: Vec<PackGrant>,
+    /// Start suspended.
+    pub suspended: bool,
+}
 
 /// What publishing a price version did.
 #[derive(Debug, Clone)]

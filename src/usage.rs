@@ -8,15 +8,24 @@
 //! Redis store the journal and the usage stream are the durable copy.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::UsageSinkConfig;
 use crate::engine::UsageRecord;
 use crate::engine::record::AuditRecord;
+
+/// Where usage records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageSinkConfig {
+    /// JSON Lines appended to a file.
+    File(PathBuf),
+    /// JSON Lines on standard output.
+    Stdout,
+}
 
 /// What goes to the sink: usage records and audit records, one JSON line
 /// each (told apart by `kind`).

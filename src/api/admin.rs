@@ -13,13 +13,14 @@ use super::convert::{
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
-use crate::config::{parse_time_zone, price_per_token};
 use crate::engine::draw::SourceRef;
 use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, TierId, VersionId};
 use crate::engine::limits::LimitOverrides;
 use crate::engine::ops::{PackGrant, Pool};
 use crate::engine::period::Anchor;
+use crate::engine::period::parse_time_zone;
+use crate::engine::pricing::price_per_token;
 use crate::engine::pricing::{ModelPrices, PriceVersion, PriceWindow, TierPrices, TokenPrices};
 use crate::engine::record::{AuditRecord, RecordKind};
 use crate::engine::{Command, Ledger, Reply, Snapshot};

@@ -11,6 +11,14 @@
 use jiff::tz::TimeZone;
 use jiff::{Span, Timestamp, ToSpan, Unit, Zoned};
 
+/// Parses an IANA time zone name (empty or `UTC`: UTC).
+pub fn parse_time_zone(name: &str) -> Result<TimeZone, String> {
+    if name.is_empty() || name == "UTC" {
+        return Ok(TimeZone::UTC);
+    }
+    TimeZone::get(name).map_err(|_| format!("unknown IANA time zone {name:?}"))
+}
+
 /// Length of an allowance period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

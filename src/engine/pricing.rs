@@ -118,6 +118,22 @@ impl TokenPrices {
     }
 }
 
+/// The highest accepted price, per million tokens, in currency units. It
+/// bounds every product of a price and a token count far inside `i128`.
+pub const MAX_PRICE_PER_MILLION: i128 = 1_000_000;
+
+/// Converts a per-million price, bounded by [`MAX_PRICE_PER_MILLION`],
+/// to the exact price per token (the configuration and the admin API
+/// take prices this way).
+pub fn price_per_token(per_million: Money) -> Result<Money, String> {
+    if per_million.picos() > MAX_PRICE_PER_MILLION * crate::engine::money::SCALE {
+        return Err(format!(
+            "price {per_million} per million tokens is above the limit of {MAX_PRICE_PER_MILLION}"
+        ));
+    }
+    per_token(per_million)
+}
+
 /// Converts a price per million tokens to the exact price per token.
 pub fn per_token(per_million: Money) -> Result<Money, String> {
     if per_million.is_negative() {
