@@ -13,6 +13,10 @@
 //! | 4 | refused as it stands (`ALREADY_EXISTS`: an adjustment id reused for another change; `FAILED_PRECONDITION`) |
 //! | 5 | not allowed (`UNAUTHENTICATED`, `PERMISSION_DENIED`) |
 //! | 6 | Tollgate unreachable or unavailable (`UNAVAILABLE`, `DEADLINE_EXCEEDED`) |
+//!
+//! Why one file: one subcommand per admin call, each a few lines of request
+//! and table, all sharing the same output and exit-code rules; split by
+//! subcommand they would repeat those rules.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,6 +1,10 @@
 //! The command line: `serve`, `check-config`, and a small client of the
 //! Quota API for trying Tollgate by hand (`reserve`, `settle`, `release`,
 //! `balance`).
+//!
+//! Why one file: the command tree is one clap derive and `serve` its one
+//! long arm (the file is over 600 lines by 20 of tests); `tollgate admin`
+//! has its own file, `admin_cli.rs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -24,6 +24,10 @@
 //! impossible length before the end) quarantines the segment: it is renamed
 //! `*.quarantined`, kept, named in the log and counted, and start-up stops
 //! or goes on without it as configured.
+//!
+//! Why one file: the format, the writer thread and the applied-segment
+//! bookkeeping share one lock and one on-disk invariant (no number handed
+//! out twice); about 850 lines, the rest tests.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

@@ -2,6 +2,11 @@
 //! bound addresses are exposed), seed accounts, serve until told to stop,
 //! then drain: in-flight calls finish, the sweeper stops, the usage sink
 //! is flushed.
+//!
+//! Why one file: building the app and running it to its end are one
+//! sequence (listeners, planes, background tasks, drain) whose order is the
+//! point; it splits with the `app/` layout of the tree's reorganisation,
+//! not before.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -8,6 +8,10 @@
 //! header block names a valid authority passes untouched; one that does not
 //! has every header block re-encoded by [`AuthorityFix`] with `localhost`
 //! in its place. What the server writes goes straight to the socket.
+//!
+//! Why one file: the connection wrapper, the frame reading it needs and the
+//! header re-encoding are one mechanism (about 450 lines; the rest is its
+//! tests); apart, neither part reads on its own.
 
 use std::io;
 

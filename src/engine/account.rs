@@ -5,6 +5,9 @@
 //! `granted = available + held + charged + forfeited` holds by construction;
 //! the property tests check that the totals also agree with every credit
 //! made and every usage record emitted (invariant 1, conservation).
+//!
+//! Why one file: the account's state and the invariants of its ledgers are
+//! one type; the operations on it live in `ops.rs` and `lease.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::BuildHasher;

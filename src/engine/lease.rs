@@ -23,6 +23,10 @@
 //! A lease the sidecar stops renewing lapses at its expiry: the shared
 //! account takes back everything still lent. Charges reported after that
 //! are applied as far as the sources allow, money beyond them as debt.
+//!
+//! Why one file: both roles of the lease arithmetic (the shared account
+//! lending, the mirror drawing) must agree to the unit, and reading them
+//! side by side is how that is checked.
 
 use std::collections::BTreeMap;
 

@@ -10,6 +10,10 @@
 //! Times are kept in "scaled nanoseconds" (nanoseconds × rate) so the
 //! emission interval of one unit is the integer 60·10^9 and no rounding
 //! ever accumulates.
+//!
+//! Why one file: GCRA, the concurrency slots and the buckets keyed by scope
+//! share one time arithmetic (scaled nanoseconds) that must not be read in
+//! halves; about 740 lines, the rest tests.
 
 use super::hash::Map;
 use std::sync::Arc;

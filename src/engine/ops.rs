@@ -5,6 +5,10 @@
 //! expired lots, period resets), then validates and plans without touching
 //! state, and only then commits. A refused operation therefore changes
 //! nothing but what the passage of time changes anyway (invariant 5).
+//!
+//! Why one file: every operation follows the same plan-then-commit shape
+//! over the same helpers (advance, draw, hold, record); the file is the
+//! list of them.
 
 use std::sync::Arc;
 

@@ -1,5 +1,8 @@
 //! Scenario tests of the engine: each states a billing rule and checks it
 //! to the unit.
+//!
+//! Why one file: scenario tests, one billing rule each, sharing one catalog
+//! fixture; they read as a list of rules.
 
 use super::hash::{Map, Set};
 
