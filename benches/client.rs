@@ -127,7 +127,7 @@ async fn main() {
     for connections in [1usize, 16] {
         let mut channels = Vec::new();
         for _ in 0..connections {
-            channels.push(tollgate::channel::connect(&target).await.unwrap());
+            channels.push(tollgate::transport::channel::connect(&target).await.unwrap());
         }
         let mut measured: Vec<(u64, f64, Vec<u64>)> = WAYS.iter().map(|_| (0, 0.0, Vec::new())).collect();
         for turn in 0..=TURNS {

@@ -89,7 +89,7 @@ fn grpc(c: &mut Criterion) {
 /// own cost per call (a boxed future and a timer entry).
 fn deadline(c: &mut Criterion) {
     use std::convert::Infallible;
-    use tollgate::conn::Deadline;
+    use tollgate::transport::conn::Deadline;
     use tower::ServiceExt;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -25,10 +25,10 @@ use tollgate::engine::lease::Journaled;
 use tollgate::engine::money::Money;
 use tollgate::engine::pricing::Usage;
 use tollgate::engine::record::{RecordKind, UsageRecord};
-use tollgate::journal::{Journal, JournalSettings, OnCorrupt, SyncPolicy};
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::server::App;
+use tollgate::usage::journal::{Journal, JournalSettings, OnCorrupt, SyncPolicy};
 
 const CONFIG: &str = r#"
 [server]

@@ -141,7 +141,7 @@ fn main() {
         settings.journal.dir = dir.path().join(format!("journal-{i}"));
         // The store alone: what the journal's fsync costs is measured by
         // benches/journal.rs.
-        settings.journal.sync = tollgate::journal::SyncPolicy::None;
+        settings.journal.sync = tollgate::usage::journal::SyncPolicy::None;
         if on_redis {
             settings.store.use_redis(vec![redis.url()], false);
         }

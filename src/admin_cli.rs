@@ -28,8 +28,8 @@ use tonic::{Code, Status};
 
 use crate::api::auth::{Role, new_token};
 use crate::api::convert::price_version_out;
-use crate::channel::{AdminClient, Bearer};
 use crate::proto;
+use crate::transport::channel::{AdminClient, Bearer};
 
 /// `admin` subcommands.
 #[derive(Debug, Subcommand)]
@@ -420,10 +420,10 @@ async fn connect(endpoint: &AdminEndpoint) -> Result<AdminClient, Failure> {
     } else {
         None
     };
-    let channel = crate::channel::connect_with(&endpoint.addr, tls)
+    let channel = crate::transport::channel::connect_with(&endpoint.addr, tls)
         .await
         .map_err(|e| Failure::Connect(format!("connecting to {}: {}", endpoint.addr, causes(&e))))?;
-    Ok(crate::channel::admin_client(channel, bearer))
+    Ok(crate::transport::channel::admin_client(channel, bearer))
 }
 
 /// An error with its causes, outermost first ("transport error: ...").

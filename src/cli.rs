@@ -424,7 +424,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::consume::Consumer> {
+async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::usage::consume::Consumer> {
     let cluster = streams.redis_cluster || streams.redis.len() > 1;
     let password = env("TOLLGATE_REDIS_PASSWORD");
     let settings = crate::store::redis::RedisSettings {
@@ -448,7 +448,7 @@ async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::co
         .consumer
         .clone()
         .unwrap_or_else(|| env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
-    Ok(crate::consume::Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
+    Ok(crate::usage::consume::Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
 }
 
 async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
@@ -491,13 +491,19 @@ async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             let mut counted = 0usize;
             let read = consumer
                 .read_through(1000, |record| {
-                    counted += usize::from(crate::consume::tally(&mut totals, record, from, to, account.as_deref()));
+                    counted += usize::from(crate::usage::consume::tally(
+                        &mut totals,
+                        record,
+                        from,
+                        to,
+                        account.as_deref(),
+                    ));
                 })
                 .await?;
             // Acknowledged only once written and flushed: an export killed
             // or cut off before gives the same records to the next run.
             let mut out = std::io::stdout().lock();
-            crate::consume::write_totals(&mut out, &totals, csv)?;
+            crate::usage::consume::write_totals(&mut out, &totals, csv)?;
             out.flush()?;
             drop(out);
             consumer.ack(&read).await?;

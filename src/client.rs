@@ -14,7 +14,7 @@
 //! - A [`Denial`] carries its reason and, for rate limits, when to retry;
 //!   [`headers`] turns either answer into the `x-ratelimit-*` and
 //!   `retry-after` headers OpenAI-compatible clients read.
-//! - Targets are `http://HOST:PORT` or `unix:/PATH` ([`crate::channel`]).
+//! - Targets are `http://HOST:PORT` or `unix:/PATH` ([`crate::transport::channel`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -222,7 +222,7 @@ fn go_duration(d: Duration) -> String {
 impl Client {
     /// Connects to `target` (`http://HOST:PORT` or `unix:/PATH`).
     pub async fn connect(target: &str, options: Options) -> Result<Client, ClientError> {
-        let channel = crate::channel::connect(target)
+        let channel = crate::transport::channel::connect(target)
             .await
             .map_err(|source| ClientError::Connect {
                 target: target.to_owned(),

@@ -30,11 +30,11 @@ pub use crate::engine::period::parse_time_zone;
 use crate::engine::period::{Anchor, PeriodUnit};
 pub use crate::engine::pricing::{MAX_PRICE_PER_MILLION, price_per_token};
 use crate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, PriceWindow, TierPrices, TokenPrices};
-use crate::journal::{JournalSettings, OnCorrupt, SyncPolicy};
 pub use crate::service::SeedAccount;
 use crate::store::leased::LeaseSettings;
 use crate::store::redis::{Credentials, RedisSettings};
 pub use crate::usage::UsageSinkConfig;
+use crate::usage::journal::{JournalSettings, OnCorrupt, SyncPolicy};
 
 /// The built-in demo configuration (also `examples/tollgate.toml`).
 pub const DEMO: &str = include_str!("../examples/tollgate.toml");
@@ -93,7 +93,7 @@ pub struct Settings {
     /// returned, usage flushed) before the process is ended regardless.
     pub shutdown_drain: Duration,
     /// Limits on each TCP listener's connections.
-    pub connections: crate::conn::Guard,
+    pub connections: crate::transport::conn::Guard,
     /// How often the configuration file is compared for a reload; `None`:
     /// on SIGHUP only.
     pub reload_poll: Option<Duration>,
@@ -1551,8 +1551,8 @@ impl Settings {
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds.unwrap_or(20)),
             shutdown_drain: Duration::from_secs(file.server.shutdown_drain_seconds.unwrap_or(10)),
             connections: {
-                let default = crate::conn::Guard::default();
-                crate::conn::Guard {
+                let default = crate::transport::conn::Guard::default();
+                crate::transport::conn::Guard {
                     max: file.server.max_connections.unwrap_or(default.max),
                     first_bytes: file
                         .server

@@ -46,7 +46,7 @@ pub fn envoy_yaml(bytes: &[u8]) {
 /// The journal's segment decoder, on any bytes: what it returns must be
 /// consistent (entries only before the end it reports) and encode again.
 pub fn journal_decode(bytes: &[u8]) {
-    use crate::journal::{Ending, decode, encode};
+    use crate::usage::journal::{Ending, decode, encode};
     let (entries, ending) = decode(bytes);
     match ending {
         Ending::Clean => {}
@@ -65,7 +65,7 @@ pub fn uds_frames(bytes: &[u8]) {
     let Some((&piece, rest)) = bytes.split_first() else {
         return;
     };
-    let mut reader = crate::uds::Reader::default();
+    let mut reader = crate::transport::uds::Reader::default();
     for chunk in rest.chunks(usize::from(piece).max(1)) {
         if reader.feed(chunk).is_err() {
             return;

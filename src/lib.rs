@@ -10,8 +10,6 @@
 //!   without I/O; the Redis store drives it.
 //! - [`store`]: the `Store` trait, the embedded `memory` store, and the
 //!   Redis store with leases.
-//! - [`journal`]: the local, durable usage journal in front of Redis.
-//! - [`consume`]: reading the usage streams through a consumer group.
 //! - [`loadgen`]: the load generator and the empty baseline service.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`wire`]: usage records, money and timestamps to and from their
@@ -20,19 +18,19 @@
 //! - [`rls`]: Envoy's rate-limit service: rules in envoyproxy/ratelimit's
 //!   format and how descriptors match them.
 //! - [`server`]: binds listeners, serves, drains on shutdown.
-//! - [`http`]: the plain-HTTP endpoint: `/metrics`, `/live`, `/ready`.
 //! - [`metrics`]: the Prometheus registry and its bounded labels.
 //! - [`reload`]: reloading the configuration while serving (SIGHUP, or the
 //!   file changing).
 //! - [`config`]: TOML configuration, environment overrides, validation.
-//! - [`usage`]: the usage-record sink (JSON Lines file or stdout).
+//! - [`usage`]: where usage records go: the sink (JSON Lines file or
+//!   stdout), the local journal in front of Redis, and reading the usage
+//!   streams through a consumer group.
 //! - [`clock`]: where "now" comes from (system, or manual for tests).
-//! - [`channel`]: gRPC channels over TCP or a Unix domain socket.
-//! - [`uds`]: Unix-socket connections whose clients name the socket as
-//!   `:authority` (grpcio, grpc-java).
+//! - [`transport`]: gRPC channels over TCP or a Unix socket, the guards on
+//!   every connection, the Unix-socket `:authority` fix, and the
+//!   plain-HTTP endpoint (`/metrics`, `/live`, `/ready`).
 //! - [`client`]: the data plane's Rust client (deadlines, retries, a
 //!   reservation released unless settled).
-//! - [`conn`]: guards on TCP connections (how many, how soon they speak).
 //! - [`cli`]: the command line (serve, check-config, a small client);
 //!   [`admin_cli`]: `tollgate admin`, the operator's client of the admin
 //!   API.
@@ -43,17 +41,12 @@
 
 pub mod admin_cli;
 pub mod api;
-pub mod channel;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
-pub mod conn;
-pub mod consume;
 pub mod engine;
 pub mod fuzzing;
-pub mod http;
-pub mod journal;
 pub mod lease;
 pub mod loadgen;
 pub mod metrics;
@@ -64,7 +57,7 @@ pub mod service;
 pub mod signal;
 pub mod store;
 pub mod telemetry;
-pub mod uds;
+pub mod transport;
 pub mod usage;
 pub mod wire;
 

@@ -173,7 +173,7 @@ pub async fn run(spec: &Spec) -> Result<Report, tonic::transport::Error> {
     let run = fastrand::u64(..);
     let mut tasks = Vec::new();
     for client in 0..spec.connections {
-        let channel = crate::channel::connect(&spec.target).await?;
+        let channel = crate::transport::channel::connect(&spec.target).await?;
         let mut rls = RateLimitServiceClient::new(channel.clone());
         let quota = Client::new(channel, CALLS);
         let (done, errors, spec) = (Arc::clone(&done), Arc::clone(&errors), spec.clone());

@@ -3,7 +3,7 @@
 //! in `[metrics] accounts`).
 //!
 //! Instrumented code reaches the registry through [`metrics()`]; the HTTP
-//! endpoint ([`crate::http`]) sets the gauges that are read off the app
+//! endpoint ([`crate::transport::http`]) sets the gauges that are read off the app
 //! (holds open, journal depth, readiness) just before it encodes.
 
 use std::sync::LazyLock;

@@ -26,9 +26,6 @@ use crate::api::quota::QuotaApi;
 use crate::api::rls::RlsApi;
 use crate::clock::{Clock, OffsetClock, SystemClock};
 use crate::config::{Settings, StoreKind};
-use crate::conn::Deadline;
-use crate::http::Probes;
-use crate::journal::Journal;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::quota_server::QuotaServer;
 use crate::service::Tollgate;
@@ -36,7 +33,10 @@ use crate::store::Store;
 use crate::store::leased::RedisStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::Redis;
+use crate::transport::conn::Deadline;
+use crate::transport::http::Probes;
 use crate::usage;
+use crate::usage::journal::Journal;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 /// A listener's TLS: its identity, and the CA client certificates must
@@ -128,7 +128,7 @@ fn bind_unix(
 /// removes the socket file.
 async fn serve_unix(
     unix: Option<(tokio::net::UnixListener, std::path::PathBuf)>,
-    places: crate::conn::Places,
+    places: crate::transport::conn::Places,
     router: tonic::transport::server::Router,
     stop: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -136,7 +136,7 @@ async fn serve_unix(
         return Ok(());
     };
     let served = router
-        .serve_with_incoming_shutdown(crate::uds::incoming(listener, places), stop)
+        .serve_with_incoming_shutdown(crate::transport::uds::incoming(listener, places), stop)
         .await;
     let _ = std::fs::remove_file(&path);
     served
@@ -167,7 +167,7 @@ pub struct App {
     /// What the drain may take after the grace period.
     shutdown_drain: Duration,
     /// Limits on each plane's connections (TCP and Unix socket together).
-    connections: crate::conn::Guard,
+    connections: crate::transport::conn::Guard,
     writer: usage::Writer,
     /// The Redis store, whose leases need upkeep while serving and
     /// returning at the end.
@@ -423,7 +423,7 @@ impl App {
             );
         }
         // Two planes, each with one budget of places for its listeners.
-        reserve_descriptors(2 * connections.max + http.as_ref().map_or(0, |_| crate::http::MAX_CONNECTIONS));
+        reserve_descriptors(2 * connections.max + http.as_ref().map_or(0, |_| crate::transport::http::MAX_CONNECTIONS));
         let (stop, stopped) = watch::channel(false);
         let until_stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -482,7 +482,7 @@ impl App {
             .add_service(quota_api.clone())
             .add_optional_service(rls.clone())
             .serve_with_incoming_shutdown(
-                crate::conn::incoming(quota, quota_places.clone()),
+                crate::transport::conn::incoming(quota, quota_places.clone()),
                 until_stopped(stopped.clone()),
             );
         // The same data plane on the Unix socket, if configured.
@@ -517,7 +517,7 @@ impl App {
             .add_service(admin_v1alpha)
             .add_service(admin_api)
             .serve_with_incoming_shutdown(
-                crate::conn::incoming(admin, admin_places),
+                crate::transport::conn::incoming(admin, admin_places),
                 until_stopped(stopped.clone()),
             );
         probes.set_serving(true);
@@ -541,7 +541,7 @@ impl App {
         // Metrics and probes stay up until the calls have drained (they
         // answer "not ready" meanwhile).
         let http_server = http.map(|listener| {
-            tokio::spawn(crate::http::serve(
+            tokio::spawn(crate::transport::http::serve(
                 listener,
                 connections.first_bytes,
                 probes.clone(),
@@ -724,7 +724,7 @@ pub async fn serve_baseline(
     };
     let service = || QuotaServer::new(crate::loadgen::Baseline);
     let on_tcp = Server::builder().add_service(service()).serve_with_incoming_shutdown(
-        crate::conn::incoming(tcp, crate::conn::Guard::default().places()),
+        crate::transport::conn::incoming(tcp, crate::transport::conn::Guard::default().places()),
         until(stop_rx.clone()),
     );
     let on_unix = {

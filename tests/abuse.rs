@@ -65,7 +65,7 @@ async fn serves(quota: &mut proto::quota_client::QuotaClient<tonic::transport::C
 
 /// Calls `path` with `body` as the request message's bytes.
 async fn raw_call(url: &str, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
-    let channel = tollgate::channel::connect(url).await.unwrap();
+    let channel = tollgate::transport::channel::connect(url).await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     grpc.unary(
@@ -506,7 +506,7 @@ async fn half_sent_requests_cannot_hold_the_http_endpoint() {
     let mut app = spawn_app_on_with(Backend::Memory, &config).await;
     let http = app.http.unwrap();
     let mut held = Vec::new();
-    for _ in 0..tollgate::http::MAX_CONNECTIONS + 20 {
+    for _ in 0..tollgate::transport::http::MAX_CONNECTIONS + 20 {
         let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tollgate\r\nX-Never-Ends: ")
             .await
@@ -514,7 +514,7 @@ async fn half_sent_requests_cannot_hold_the_http_endpoint() {
         held.push(s);
     }
     serves(&mut app.quota, "while-held").await;
-    let over = held.split_off(tollgate::http::MAX_CONNECTIONS);
+    let over = held.split_off(tollgate::transport::http::MAX_CONNECTIONS);
     for s in over {
         assert!(
             closed_within(s, Duration::from_secs(2)).await,

@@ -467,7 +467,10 @@ async fn get_account_shows_sources_lots_holds_and_recent_usage(backend: Backend)
 
 /// Every Admin RPC once on `account`, as `client` presents itself: the
 /// code each answered.
-async fn every_call(client: &mut tollgate::channel::AdminClient, account: &str) -> Vec<(&'static str, Code)> {
+async fn every_call(
+    client: &mut tollgate::transport::channel::AdminClient,
+    account: &str,
+) -> Vec<(&'static str, Code)> {
     let id = || account.to_owned();
     let later = Some(timestamp_out("2031-01-01T00:00:00Z".parse().unwrap()));
     let mut codes = Vec::new();
@@ -772,7 +775,7 @@ async fn refunds_unwind_the_lots_a_charge_drew_from(backend: Backend) {
         })
         .await
         .unwrap();
-    let get = |mut admin: tollgate::channel::AdminClient| async move {
+    let get = |mut admin: tollgate::transport::channel::AdminClient| async move {
         admin
             .get_account(proto::GetAccountRequest {
                 account_id: "rich".into(),
@@ -995,7 +998,7 @@ async fn the_catalog_reloads_under_load_and_a_new_price_takes_effect_on_time() {
             (settled, failed, versions)
         }));
     }
-    let list = |mut admin: tollgate::channel::AdminClient| async move {
+    let list = |mut admin: tollgate::transport::channel::AdminClient| async move {
         admin
             .list_price_versions(proto::ListPriceVersionsRequest {})
             .await
@@ -1135,7 +1138,7 @@ impl Pki {
             let read = |ext: &str| std::fs::read(self.dir.path().join(format!("{name}.{ext}"))).unwrap();
             tls = tls.identity(Identity::from_pem(read("pem"), read("key")));
         }
-        tollgate::channel::connect_with(&format!("https://localhost:{port}"), Some(tls))
+        tollgate::transport::channel::connect_with(&format!("https://localhost:{port}"), Some(tls))
             .await
             .map_err(|e| format!("{e:?}"))
     }
@@ -1168,10 +1171,10 @@ async fn client_certificates_identify_operators_and_the_data_plane_can_require_t
         let _ = stopped.await;
     }));
     let admin = |channel, token: Option<&str>| {
-        let bearer = token.map_or_else(tollgate::channel::Bearer::default, |t| {
-            tollgate::channel::Bearer::new(t).unwrap()
+        let bearer = token.map_or_else(tollgate::transport::channel::Bearer::default, |t| {
+            tollgate::transport::channel::Bearer::new(t).unwrap()
         });
-        tollgate::channel::admin_client(channel, bearer)
+        tollgate::transport::channel::admin_client(channel, bearer)
     };
     let show = || proto::GetAccountRequest {
         account_id: "rich".into(),

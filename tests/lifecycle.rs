@@ -54,7 +54,7 @@ async fn readiness_follows_a_redis_outage_and_the_grpc_health_service_agrees() {
     settings.store.use_redis(vec![redis.url()], false);
     let mut app = support::spawn_sidecar(settings, dir, usage).await;
     let http = app.http.unwrap();
-    let mut grpc = HealthClient::new(tollgate::channel::connect(&app.admin_url).await.unwrap());
+    let mut grpc = HealthClient::new(tollgate::transport::channel::connect(&app.admin_url).await.unwrap());
     ready_becomes(http, 200).await;
     assert_eq!(health(&mut grpc, "").await, ServingStatus::Serving);
     app.quota.reserve(reserve("rich", "r1", 10, 10)).await.unwrap();

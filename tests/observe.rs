@@ -72,7 +72,7 @@ async fn metrics_count_decisions_holds_records_and_only_listed_accounts() {
     assert_ne!(denied.deny_reason, 0);
     assert!(app.quota.reserve(reserve("", "bad", 1, 1)).await.is_err());
     // Three rate-limit calls against a limit of two.
-    let mut rls = RateLimitServiceClient::new(tollgate::channel::connect(&app.quota_url).await.unwrap());
+    let mut rls = RateLimitServiceClient::new(tollgate::transport::channel::connect(&app.quota_url).await.unwrap());
     for _ in 0..3 {
         rls.should_rate_limit(RateLimitRequest {
             domain: "inference".into(),

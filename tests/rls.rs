@@ -324,7 +324,7 @@ async fn two_sidecars(
         settings.store.use_redis(vec![redis.url()], false);
         let sidecar = support::spawn_sidecar(settings, dir, usage).await;
         clients.push(RateLimitServiceClient::new(
-            tollgate::channel::connect(&sidecar.quota_url).await.unwrap(),
+            tollgate::transport::channel::connect(&sidecar.quota_url).await.unwrap(),
         ));
         sidecars.push(sidecar);
     }
@@ -437,7 +437,7 @@ async fn the_rules_reload_with_the_configuration_and_a_broken_file_changes_nothi
         rules.path().display()
     );
     let (app, path, reloads) = support::spawn_app_watching(&config).await;
-    let mut rls = RateLimitServiceClient::new(tollgate::channel::connect(&app.quota_url).await.unwrap());
+    let mut rls = RateLimitServiceClient::new(tollgate::transport::channel::connect(&app.quota_url).await.unwrap());
     let key = |k: &str| request(vec![descriptor(&[("api_key", k)])]);
     assert_eq!(codes(&ask(&mut rls, key("a")).await), vec![(OK, 2)]);
     // A tighter limit, in force once reloaded.

@@ -348,7 +348,7 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
     );
     let app = support::spawn_app_with(&config).await;
     let target = format!("unix:{}", socket.display());
-    let channel = tollgate::channel::connect(&target).await.unwrap();
+    let channel = tollgate::transport::channel::connect(&target).await.unwrap();
     let mut quota = tollgate::proto::quota_client::QuotaClient::new(channel.clone());
     let r = quota
         .reserve(support::reserve("rich", "over-uds", 10, 10))
@@ -427,7 +427,7 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
     for connection in silent_tcp {
         closed(Box::new(connection)).await;
     }
-    let again = tollgate::channel::connect(&target).await.unwrap();
+    let again = tollgate::transport::channel::connect(&target).await.unwrap();
     let r = tollgate::proto::quota_client::QuotaClient::new(again)
         .reserve(support::reserve("rich", "after-the-cap", 10, 10))
         .await

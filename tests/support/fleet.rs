@@ -123,7 +123,7 @@ impl Sidecar {
     }
 
     /// A control-plane client.
-    pub async fn admin(&self) -> tollgate::channel::AdminClient {
+    pub async fn admin(&self) -> tollgate::transport::channel::AdminClient {
         super::admin_client(&self.admin_url, Some(super::WRITE_TOKEN)).await
     }
 

@@ -20,12 +20,12 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate::api::auth::{Role, Token, parse_sha256};
-use tollgate::channel::{AdminClient, Bearer};
 use tollgate::clock::ManualClock;
 use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::server::App;
+use tollgate::transport::channel::{AdminClient, Bearer};
 use tonic::transport::Channel;
 
 /// The clock's starting instant: a Sunday, 12:00 UTC.
@@ -200,9 +200,9 @@ pub fn write_tokens_file(dir: &std::path::Path) -> PathBuf {
 
 /// An admin client of the app at `url`, presenting `token` (or nothing).
 pub async fn admin_client(url: &str, token: Option<&str>) -> AdminClient {
-    let channel = tollgate::channel::connect(url).await.expect("admin channel");
+    let channel = tollgate::transport::channel::connect(url).await.expect("admin channel");
     let bearer = token.map_or_else(Bearer::default, |t| Bearer::new(t).expect("token"));
-    tollgate::channel::admin_client(channel, bearer)
+    tollgate::transport::channel::admin_client(channel, bearer)
 }
 
 /// Waits up to five seconds for `counter` (e.g. reloads applied) to reach
@@ -476,7 +476,9 @@ pub async fn rls_app_on(
     std::fs::write(dir.path().join("inference.yaml"), rules).expect("write rules");
     let config = format!("{}\n[rls]\nconfig_dir = \"{}\"\n{extra}", base, dir.path().display());
     let app = spawn_app_on_with(backend, &config).await;
-    let channel = tollgate::channel::connect(&app.quota_url).await.expect("connect");
+    let channel = tollgate::transport::channel::connect(&app.quota_url)
+        .await
+        .expect("connect");
     let client = RateLimitServiceClient::new(channel);
     (app, client, dir)
 }

@@ -12,10 +12,10 @@ use crate::engine::ids::{AccountId, ProducerId, RequestId};
 use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::record::request_fingerprint;
 use crate::engine::{Account, Command, UsageRecord};
-use crate::journal::{Entry, Journal};
 use crate::lease::{Context, Decide, Failure, Known, Local, Next, Numbering, Purpose, SyncOutcome};
 use crate::metrics::metrics;
 use crate::store::{Applied, Store, StoreError};
+use crate::usage::journal::{Entry, Journal};
 
 impl RedisStore {
     /// Makes sure this process has a mirror of `id`, with the journaled

@@ -210,8 +210,8 @@ impl AuthorityFix {
 /// untouched connection costs nothing); if not, every header block of the
 /// connection is re-encoded with the authority fixed. What the server
 /// writes goes straight to the socket.
-pub struct Conn<S = crate::conn::Guarded<UnixStream>> {
-    /// The socket, guarded as TCP connections are ([`crate::conn`]).
+pub struct Conn<S = crate::transport::conn::Guarded<UnixStream>> {
+    /// The socket, guarded as TCP connections are ([`crate::transport::conn`]).
     inner: S,
     reader: Reader,
     /// `reader.output` is read by the server from here.
@@ -449,11 +449,14 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 }
 
 /// The connections accepted on `listener` (see [`Conn`]) into `places`,
-/// as TCP connections are ([`crate::conn::incoming`]: at most so many open
+/// as TCP connections are ([`crate::transport::conn::incoming`]: at most so many open
 /// at once on the plane, the preface's deadline), as a stream for
 /// `serve_with_incoming_shutdown`.
-pub fn incoming(listener: UnixListener, places: crate::conn::Places) -> impl Stream<Item = io::Result<Conn>> {
-    crate::conn::incoming(listener, places).map(|accepted| accepted.map(Conn::new))
+pub fn incoming(
+    listener: UnixListener,
+    places: crate::transport::conn::Places,
+) -> impl Stream<Item = io::Result<Conn>> {
+    crate::transport::conn::incoming(listener, places).map(|accepted| accepted.map(Conn::new))
 }
 
 #[cfg(test)]

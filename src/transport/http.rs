@@ -107,7 +107,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Serves the endpoint on `listener` until `stop` completes: at most
 /// [`MAX_CONNECTIONS`] open, each closed if its opening bytes do not
 /// arrive within `first_bytes` (as the gRPC listeners' are,
-/// `crate::conn`), and read from for no longer than that either: a
+/// `crate::transport::conn`), and read from for no longer than that either: a
 /// request whose headers never end cannot keep its place (a scraper
 /// whose keep-alive outlives it simply connects again).
 pub async fn serve(
@@ -122,22 +122,22 @@ pub async fn serve(
         .route("/ready", get(ready))
         .with_state(probes);
     let local = listener.local_addr()?;
-    let guard = crate::conn::Guard {
+    let guard = crate::transport::conn::Guard {
         max: MAX_CONNECTIONS,
         first_bytes,
-        ..crate::conn::Guard::default()
+        ..crate::transport::conn::Guard::default()
     };
     let listener = Guarded {
-        incoming: crate::conn::incoming(listener, guard.places()),
+        incoming: crate::transport::conn::incoming(listener, guard.places()),
         local,
         lifetime: first_bytes,
     };
     axum::serve(listener, app).with_graceful_shutdown(stop).await
 }
 
-/// The endpoint's connections, let in by [`crate::conn::incoming`].
+/// The endpoint's connections, let in by [`crate::transport::conn::incoming`].
 struct Guarded {
-    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::conn::Guarded>>,
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::transport::conn::Guarded>>,
     local: std::net::SocketAddr,
     /// How long one connection is read from.
     lifetime: std::time::Duration,
@@ -193,7 +193,7 @@ async fn ready(State(probes): State<Probes>) -> (StatusCode, String) {
 
 /// A connection whose reads fail once its lifetime is over.
 struct Expiring {
-    connection: crate::conn::Guarded,
+    connection: crate::transport::conn::Guarded,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
