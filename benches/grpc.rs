@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use tollgate::app::server::App;
 use tollgate::clock::SystemClock;
 use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
-use tollgate::server::App;
 
 /// The demo's prices, no rate limits, a balance that never runs out.
 const CONFIG: &str = r#"

@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use tollgate::app::server::App;
 use tollgate::config::Settings;
 use tollgate::engine::draw::{SourceRef, Take};
 use tollgate::engine::ids::{AccountId, ModelId, ProducerId, RequestId, TierId, VersionId};
@@ -27,7 +28,6 @@ use tollgate::engine::pricing::Usage;
 use tollgate::engine::record::{RecordKind, UsageRecord};
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
-use tollgate::server::App;
 use tollgate::usage::journal::{Journal, JournalSettings, OnCorrupt, SyncPolicy};
 
 const CONFIG: &str = r#"

@@ -24,10 +24,10 @@ mod redis_server;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use tollgate::app::server::App;
 use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
-use tollgate::server::App;
 
 const CONFIG: &str = r#"
 [server]

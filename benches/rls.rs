@@ -1,6 +1,6 @@
 //! Envoy's ShouldRateLimit, served by Tollgate on the memory store and on
 //! the Redis store, side by side in one run: the load generator
-//! (`tollgate::loadgen` with an RLS domain) drives one sidecar of each kind
+//! (`tollgate::cli::loadgen` with an RLS domain) drives one sidecar of each kind
 //! in alternating turns, 16 connections, one descriptor per call on
 //! uniformly drawn API keys (limits high enough that nothing is over).
 //!
@@ -13,9 +13,9 @@ mod redis_server;
 
 use std::time::Duration;
 
+use tollgate::app::server::App;
+use tollgate::cli::loadgen::{Mix, Report, Spec};
 use tollgate::config::Settings;
-use tollgate::loadgen::{Mix, Report, Spec};
-use tollgate::server::App;
 
 const RULES: &str = "domain: bench
 descriptors:
@@ -46,7 +46,7 @@ async fn turn(target: &str) -> Report {
         rls_domain: Some("bench".into()),
         progress: false,
     };
-    tollgate::loadgen::run(&spec).await.unwrap()
+    tollgate::cli::loadgen::run(&spec).await.unwrap()
 }
 
 fn main() {

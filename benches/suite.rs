@@ -12,9 +12,9 @@
 
 use std::time::Duration;
 
+use tollgate::app::server::{App, serve_baseline};
+use tollgate::cli::loadgen::{Mix, Report, Spec, run};
 use tollgate::config::Settings;
-use tollgate::loadgen::{Mix, Report, Spec, run};
-use tollgate::server::{App, serve_baseline};
 
 const CONFIG: &str = r#"
 [server]

@@ -14,7 +14,7 @@
 //!   reserve on the same accounts, now warm, at the same concurrency: cold
 //!   p50/p99 against warm; the Redis sidecars' RSS before and after, over
 //!   the accounts touched;
-//! - load: `tollgate::loadgen` against each sidecar at once (reserve then
+//! - load: `tollgate::cli::loadgen` against each sidecar at once (reserve then
 //!   settle, accounts drawn by a Zipf law of exponent 1), turns alternating
 //!   between the stores after a warm-up: decisions/s (each Reserve and
 //!   each Settle is one, as in `benches/redis.rs`) and the worst sidecar's
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use support::fleet::{Sidecar, stream_records, write_config};
 use support::redis::{RedisServer, calls_between};
-use tollgate::loadgen::{Mix, Spec};
+use tollgate::cli::loadgen::{Mix, Spec};
 use tollgate::proto;
 
 const SIDECARS: usize = 3;
@@ -193,7 +193,7 @@ async fn load(sidecars: &[Sidecar], accounts: &[String], time: Duration) -> Turn
                 rls_domain: None,
                 progress: false,
             };
-            tokio::spawn(async move { tollgate::loadgen::run(&spec).await.unwrap() })
+            tokio::spawn(async move { tollgate::cli::loadgen::run(&spec).await.unwrap() })
         })
         .collect();
     let mut reports = Vec::new();

@@ -10,17 +10,15 @@
 //!   without I/O; the Redis store drives it.
 //! - [`store`]: the `Store` trait, the embedded `memory` store, and the
 //!   Redis store with leases.
-//! - [`loadgen`]: the load generator and the empty baseline service.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`wire`]: usage records, money and timestamps to and from their
 //!   `tollgate.v1` form (the API's replies and the usage stream).
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
 //! - [`rls`]: Envoy's rate-limit service: rules in envoyproxy/ratelimit's
 //!   format and how descriptors match them.
-//! - [`server`]: binds listeners, serves, drains on shutdown.
+//! - [`app`]: the running process: builds from settings, binds listeners,
+//!   serves, reloads the configuration, drains on shutdown signals.
 //! - [`metrics`]: the Prometheus registry and its bounded labels.
-//! - [`reload`]: reloading the configuration while serving (SIGHUP, or the
-//!   file changing).
 //! - [`config`]: TOML configuration, environment overrides, validation.
 //! - [`usage`]: where usage records go: the sink (JSON Lines file or
 //!   stdout), the local journal in front of Redis, and reading the usage
@@ -31,16 +29,16 @@
 //!   plain-HTTP endpoint (`/metrics`, `/live`, `/ready`).
 //! - [`client`]: the data plane's Rust client (deadlines, retries, a
 //!   reservation released unless settled).
-//! - [`cli`]: the command line (serve, check-config, a small client);
-//!   [`admin_cli`]: `tollgate admin`, the operator's client of the admin
-//!   API.
-//! - [`signal`], [`telemetry`]: shutdown signals and logging.
+//! - [`cli`]: the command line (serve, check-config, a small client),
+//!   `tollgate admin` (the operator's client of the admin API) and
+//!   `tollgate loadgen` (the load generator and the empty baseline).
+//! - [`telemetry`]: logging and traces.
 //! - [`fuzzing`]: the fuzz targets' entry points (`fuzz/`), also run by
 //!   `cargo test` over their seed corpora.
 //! - [`proto`]: the generated gRPC types of `tollgate.v1`.
 
-pub mod admin_cli;
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -48,13 +46,9 @@ pub mod config;
 pub mod engine;
 pub mod fuzzing;
 pub mod lease;
-pub mod loadgen;
 pub mod metrics;
-pub mod reload;
 pub mod rls;
-pub mod server;
 pub mod service;
-pub mod signal;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

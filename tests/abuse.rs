@@ -349,7 +349,7 @@ async fn every_plane_bounds_the_streams_of_one_connection() {
         assert_eq!(response.status(), 200);
         assert_eq!(
             connection.max_concurrent_send_streams(),
-            tollgate::server::MAX_STREAMS_PER_CONNECTION as usize,
+            tollgate::app::server::MAX_STREAMS_PER_CONNECTION as usize,
             "{url}"
         );
     }

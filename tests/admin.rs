@@ -1164,7 +1164,7 @@ async fn client_certificates_identify_operators_and_the_data_plane_can_require_t
     );
     let (settings, _dir, _usage) = support::settings(&config);
     let clock = std::sync::Arc::new(tollgate::clock::ManualClock::new(support::START.parse().unwrap()));
-    let app = tollgate::server::App::build(settings, clock).await.unwrap();
+    let app = tollgate::app::server::App::build(settings, clock).await.unwrap();
     let (quota_port, admin_port) = (app.quota_addr().port(), app.admin_addr().port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(app.run(async {

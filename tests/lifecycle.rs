@@ -207,7 +207,7 @@ fn be_stuck(deadline: std::time::Duration) {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let (stop, _) = tollgate::signal::shutdown(deadline);
+        let (stop, _) = tollgate::app::signal::shutdown(deadline);
         let (a, b) = (Arc::new(Mutex::new(())), Arc::new(Mutex::new(())));
         let both_hold_one = Arc::new(Barrier::new(2));
         let (holds, held) = std::sync::mpsc::channel();
@@ -303,7 +303,7 @@ fn sigterm_ends_a_process_whose_workers_are_stuck_at_the_deadline() {
         be_stuck(std::time::Duration::from_millis(500));
     }
     let status = signal_stuck_child("sigterm_ends_a_process_whose_workers_are_stuck_at_the_deadline", 1);
-    assert_eq!(status.code(), Some(tollgate::signal::DEADLINE_EXIT), "{status}");
+    assert_eq!(status.code(), Some(tollgate::app::signal::DEADLINE_EXIT), "{status}");
 }
 
 /// A second signal only hurries the drain (which a stuck process never
@@ -315,5 +315,9 @@ fn a_third_signal_ends_a_stuck_process_at_once() {
         be_stuck(std::time::Duration::from_secs(3600));
     }
     let status = signal_stuck_child("a_third_signal_ends_a_stuck_process_at_once", 3);
-    assert_eq!(status.code(), Some(tollgate::signal::THIRD_SIGNAL_EXIT), "{status}");
+    assert_eq!(
+        status.code(),
+        Some(tollgate::app::signal::THIRD_SIGNAL_EXIT),
+        "{status}"
+    );
 }

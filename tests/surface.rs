@@ -393,7 +393,7 @@ async fn the_data_plane_also_listens_on_a_unix_socket() {
     // for the plane's TCP port and socket together.
     for path in [&socket, &admin_socket] {
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions());
-        assert_eq!(mode & 0o777, tollgate::server::SOCKET_MODE, "{}", path.display());
+        assert_eq!(mode & 0o777, tollgate::app::server::SOCKET_MODE, "{}", path.display());
     }
     let silent = tokio::net::UnixStream::connect(&socket).await.unwrap();
     let mut silent_tcp = Vec::new();
@@ -455,7 +455,7 @@ async fn a_file_that_is_not_a_socket_is_never_replaced_by_one() {
     let clock = std::sync::Arc::new(tollgate::clock::ManualClock::new(
         "2026-03-10T12:00:00Z".parse().unwrap(),
     ));
-    let refused = tollgate::server::App::build(settings, clock)
+    let refused = tollgate::app::server::App::build(settings, clock)
         .await
         .err()
         .expect("refused");
@@ -483,7 +483,7 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
     let baseline_url = format!("http://{}", tcp.local_addr().unwrap());
     let unix = tokio::net::UnixListener::bind(&baseline_socket).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let baseline = tokio::spawn(tollgate::server::serve_baseline(tcp, Some(unix), async {
+    let baseline = tokio::spawn(tollgate::app::server::serve_baseline(tcp, Some(unix), async {
         let _ = stopped.await;
     }));
     let mut written = 0;
@@ -496,18 +496,18 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
     .into_iter()
     .enumerate()
     {
-        let spec = tollgate::loadgen::Spec {
+        let spec = tollgate::cli::loadgen::Spec {
             target: target.clone(),
             connections: 4,
             duration: std::time::Duration::from_secs(30),
             calls: Some(200),
             accounts: vec!["rich".into(), "limited".into()],
-            mix: tollgate::loadgen::Mix::Hot(0.9),
+            mix: tollgate::cli::loadgen::Mix::Hot(0.9),
             model: "m".into(),
             rls_domain: None,
             progress: false,
         };
-        let report = tollgate::loadgen::run(&spec).await.unwrap();
+        let report = tollgate::cli::loadgen::run(&spec).await.unwrap();
         assert_eq!(report.errors, 0, "{target}");
         assert!(report.calls >= 200, "{target}: {} calls", report.calls);
         let l = report.latency_us;
@@ -1045,7 +1045,7 @@ async fn half_sent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_bounded() {
     const CONNECTIONS: usize = 4;
-    const STREAMS: usize = tollgate::server::MAX_STREAMS_PER_CONNECTION as usize;
+    const STREAMS: usize = tollgate::app::server::MAX_STREAMS_PER_CONNECTION as usize;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("inference.yaml"),
@@ -1069,16 +1069,16 @@ async fn half_sent_streams_are_let_go_at_the_call_deadline_and_memory_stays_boun
             &served.quota,
             "/tollgate.v1.Quota/Reserve",
             CONNECTIONS,
-            tollgate::server::MAX_QUOTA_MESSAGE,
+            tollgate::app::server::MAX_QUOTA_MESSAGE,
         ),
         (
             &served.quota,
             "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
             1,
-            tollgate::server::MAX_RLS_MESSAGE,
+            tollgate::app::server::MAX_RLS_MESSAGE,
         ),
-        (&served.admin, HEALTH, 1, tollgate::server::MAX_PROBE_MESSAGE),
-        (&served.quota, HEALTH, 1, tollgate::server::MAX_PROBE_MESSAGE),
+        (&served.admin, HEALTH, 1, tollgate::app::server::MAX_PROBE_MESSAGE),
+        (&served.quota, HEALTH, 1, tollgate::app::server::MAX_PROBE_MESSAGE),
     ] {
         let before = served.rss();
         for _ in 0..connections {

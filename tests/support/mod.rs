@@ -20,11 +20,11 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate::api::auth::{Role, Token, parse_sha256};
+use tollgate::app::server::App;
 use tollgate::clock::ManualClock;
 use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
-use tollgate::server::App;
 use tollgate::transport::channel::{AdminClient, Bearer};
 use tonic::transport::Channel;
 
@@ -280,7 +280,7 @@ pub async fn spawn_app_on_with(backend: Backend, config: &str) -> TestApp {
 
 /// Starts the app on the embedded store and `config`, written to a file
 /// that it reloads: the file's path, and the reload counters.
-pub async fn spawn_app_watching(config: &str) -> (TestApp, PathBuf, Arc<tollgate::reload::Reloads>) {
+pub async fn spawn_app_watching(config: &str) -> (TestApp, PathBuf, Arc<tollgate::app::reload::Reloads>) {
     let (settings, dir, usage_path) = settings(config);
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, config).expect("write config");

@@ -26,7 +26,7 @@ pub const THIRD_SIGNAL_EXIT: i32 = 130;
 /// before the futures are first polled is not lost to the default
 /// action). The first future completes at the first signal, the second at
 /// the second (the drain is then hurried: see
-/// [`crate::server::App::run_hurried`]). From the first on, the process
+/// [`crate::app::server::App::run_hurried`]). From the first on, the process
 /// has `deadline` to exit; past it, it is ended with status
 /// [`DEADLINE_EXIT`], and a third signal ends it at once with status
 /// [`THIRD_SIGNAL_EXIT`]. Both hold even if the runtime is stuck.

@@ -180,9 +180,9 @@ pub struct App {
     quota_tls: Option<ServerTlsConfig>,
     admin_tls: Option<ServerTlsConfig>,
     /// The configuration file to reload, if any, and how often to look.
-    watch: Option<crate::reload::Watch>,
+    watch: Option<crate::app::reload::Watch>,
     reload_poll: Option<Duration>,
-    reloads: Arc<crate::reload::Reloads>,
+    reloads: Arc<crate::app::reload::Reloads>,
 }
 
 impl App {
@@ -325,8 +325,8 @@ impl App {
     /// over it, as at start.
     pub fn watch_config(mut self, path: std::path::PathBuf, flags: crate::config::Overrides) -> App {
         let rules = self.rls.as_ref().map(|r| (r.dir.clone(), Arc::clone(&r.in_force)));
-        self.watch = Some(crate::reload::Watch {
-            loaded: crate::reload::snapshot(&path, rules.as_ref().map(|(dir, _)| dir.as_path())),
+        self.watch = Some(crate::app::reload::Watch {
+            loaded: crate::app::reload::snapshot(&path, rules.as_ref().map(|(dir, _)| dir.as_path())),
             flags,
             path,
             rules,
@@ -336,7 +336,7 @@ impl App {
     }
 
     /// Reloads applied and refused so far.
-    pub fn reloads(&self) -> Arc<crate::reload::Reloads> {
+    pub fn reloads(&self) -> Arc<crate::app::reload::Reloads> {
         Arc::clone(&self.reloads)
     }
 
@@ -356,7 +356,7 @@ impl App {
     }
 
     /// How long a drain may take before the process is ended regardless
-    /// (see [`crate::signal::shutdown`]): the grace period for in-flight
+    /// (see [`crate::app::signal::shutdown`]): the grace period for in-flight
     /// calls, then `server.shutdown_drain_seconds`.
     pub fn shutdown_deadline(&self) -> Duration {
         self.shutdown_grace + self.shutdown_drain
@@ -527,7 +527,7 @@ impl App {
             until_stopped(stopped.clone()),
         ));
         let reloader = watch.map(|watch| {
-            tokio::spawn(crate::reload::run(
+            tokio::spawn(crate::app::reload::run(
                 tollgate.clone(),
                 watch,
                 reloads,
@@ -709,7 +709,7 @@ fn builder() -> Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
-/// Serves the empty baseline service ([`crate::loadgen::Baseline`]) on
+/// Serves the empty baseline service ([`crate::cli::loadgen::Baseline`]) on
 /// `tcp` (and `unix`) with the same stack and listener options as the
 /// data plane, until `stop` completes: the floor the load generator
 /// compares Tollgate with.
@@ -722,7 +722,7 @@ pub async fn serve_baseline(
     let until = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let service = || QuotaServer::new(crate::loadgen::Baseline);
+    let service = || QuotaServer::new(crate::cli::loadgen::Baseline);
     let on_tcp = Server::builder().add_service(service()).serve_with_incoming_shutdown(
         crate::transport::conn::incoming(tcp, crate::transport::conn::Guard::default().places()),
         until(stop_rx.clone()),

@@ -4,7 +4,10 @@
 //!
 //! Why one file: the command tree is one clap derive and `serve` its one
 //! long arm (the file is over 600 lines by 20 of tests); `tollgate admin`
-//! has its own file, `admin_cli.rs`.
+//! has its own file, `admin.rs`, and so has `tollgate loadgen`.
+
+pub mod admin;
+pub mod loadgen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,10 +16,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use crate::app::server::App;
 use crate::client::{Client, ClientError};
 use crate::config::Settings;
 use crate::proto;
-use crate::server::App;
 
 /// Tollgate: quota, balance and rate-limit sidecar for LLM inference.
 #[derive(Debug, Parser)]
@@ -52,7 +55,7 @@ pub enum Cmd {
     /// Operate a running Tollgate through its admin API (accounts, money,
     /// packs, plans, limits, prices, holds; tokens).
     #[command(subcommand)]
-    Admin(crate::admin_cli::AdminCmd),
+    Admin(crate::cli::admin::AdminCmd),
     /// Read the usage streams in Redis through a consumer group.
     #[command(subcommand)]
     Usage(UsageCmd),
@@ -334,7 +337,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Serve(args) => serve(args).await,
         Cmd::Usage(cmd) => usage(cmd).await,
-        Cmd::Admin(cmd) => crate::admin_cli::run(cmd).await,
+        Cmd::Admin(cmd) => crate::cli::admin::run(cmd).await,
         Cmd::Loadgen(args) => loadgen(args).await,
         Cmd::Baseline { listen, listen_unix } => {
             let tcp = tokio::net::TcpListener::bind(listen).await?;
@@ -345,9 +348,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("binding the Unix socket")?;
             // Listening for signals before saying so: a signal from then on
             // drains rather than kills.
-            let (stop, _) = crate::signal::shutdown(crate::server::BASELINE_DRAIN);
+            let (stop, _) = crate::app::signal::shutdown(crate::app::server::BASELINE_DRAIN);
             tracing::info!(%listen, unix = ?listen_unix, "baseline listening");
-            crate::server::serve_baseline(tcp, unix, stop).await?;
+            crate::app::server::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { file, flags } => Ok(match Settings::load(Some(&file), &env, &flags.overrides()) {
@@ -544,13 +547,13 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!accounts.is_empty(), "--accounts: name at least one");
     anyhow::ensure!(args.connections > 0, "--connections: at least 1");
     let mix = match (args.hot, args.zipf) {
-        (None, None) => crate::loadgen::Mix::Uniform,
-        (Some(share), _) if (0.0..=1.0).contains(&share) => crate::loadgen::Mix::Hot(share),
+        (None, None) => crate::cli::loadgen::Mix::Uniform,
+        (Some(share), _) if (0.0..=1.0).contains(&share) => crate::cli::loadgen::Mix::Hot(share),
         (Some(share), _) => anyhow::bail!("--hot {share}: a share between 0 and 1"),
-        (None, Some(s)) if s > 0.0 && s <= 10.0 => crate::loadgen::Mix::Zipf(s),
+        (None, Some(s)) if s > 0.0 && s <= 10.0 => crate::cli::loadgen::Mix::Zipf(s),
         (None, Some(s)) => anyhow::bail!("--zipf {s}: an exponent above 0, at most 10"),
     };
-    let spec = crate::loadgen::Spec {
+    let spec = crate::cli::loadgen::Spec {
         target: args.target,
         connections: args.connections,
         duration: std::time::Duration::try_from_secs_f64(args.seconds).context("--seconds")?,
@@ -561,7 +564,7 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
         rls_domain: args.rls_domain,
         progress: !args.quiet,
     };
-    let report = crate::loadgen::run(&spec)
+    let report = crate::cli::loadgen::run(&spec)
         .await
         .with_context(|| format!("connecting to {}", spec.target))?;
     let json = serde_json::to_string_pretty(&report)?;
@@ -604,7 +607,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // Listening for signals before saying so: a signal from then on drains
     // rather than kills.
-    let (stop, hurry) = crate::signal::shutdown(app.shutdown_deadline());
+    let (stop, hurry) = crate::app::signal::shutdown(app.shutdown_deadline());
     tracing::info!(quota = %app.quota_addr(), admin = %app.admin_addr(), http = ?app.http_addr(), "tollgate listening");
     app.run_hurried(stop, hurry).await?;
     Ok(ExitCode::SUCCESS)
