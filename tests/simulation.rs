@@ -1899,24 +1899,15 @@ fn an_idle_fleet_stops_calling_the_store() {
     }
 }
 
-/// An account a sidecar serves once, as most of many tenants' accounts
-/// are served, costs the store three calls: the read that makes its
-/// mirror, the borrow of the request's need, and one report that gives
-/// the rest back. One request's burn says nothing of a next one, so
-/// nothing is borrowed ahead of need on it, and what is left goes back
-/// with the report instead of in a call of its own once it idles.
-#[test]
-fn an_account_used_once_costs_a_read_a_borrow_and_one_report() {
-    let mut world = World::new(7);
-    // "cash": paid money alone, no rate limits to lease.
-    let account = world.accounts[2].clone();
-    let before = world.tally.store_calls;
+/// One request on `account` through sidecar 0: a reserve (100 input
+/// tokens, up to 100 output) and, 20 ms later, its settle (40 output).
+fn serve_once(world: &mut World, account: &AccountId, request: &str) {
     let reserve = ClientCall {
         resent: false,
         sidecar: 0,
         account: account.clone(),
         command: Command::Reserve(ReserveRequest {
-            request_id: RequestId::parse("once").unwrap(),
+            request_id: RequestId::parse(request).unwrap(),
             api_key_id: None,
             model: ModelId::parse("m").unwrap(),
             tier: TierId::default_tier(),
@@ -1926,7 +1917,7 @@ fn an_account_used_once_costs_a_read_a_borrow_and_one_report() {
         }),
     };
     let Ok(Reply::Reserve(ReserveOutcome::Allowed(held))) = world.call(&reserve) else {
-        panic!("the reserve is allowed");
+        panic!("{request}: the reserve is allowed");
     };
     world.now += SignedDuration::from_millis(20);
     let settle = ClientCall {
@@ -1940,13 +1931,33 @@ fn an_account_used_once_costs_a_read_a_borrow_and_one_report() {
         },
         ..reserve
     };
-    assert!(world.call(&settle).is_ok(), "the settle is taken");
-    let until = world.now + SignedDuration::from_mins(2);
+    assert!(world.call(&settle).is_ok(), "{request}: the settle is taken");
+}
+
+/// Sidecar 0's sweeper and upkeep for `span`, at 100 ms ticks.
+fn tick(world: &mut World, span: SignedDuration) {
+    let until = world.now + span;
     while world.now < until {
         world.now += SignedDuration::from_millis(100);
         world.sweep(0);
         world.tend(0);
     }
+}
+
+/// An account a sidecar serves once, as most of many tenants' accounts
+/// are served, costs the store three calls: the read that makes its
+/// mirror, the borrow of the request's need, and one report that gives
+/// the rest back. One request's burn says nothing of a next one, so
+/// nothing is borrowed ahead of need on it, and what is left goes back
+/// with the report instead of in a call of its own once it idles.
+#[test]
+fn an_account_used_once_costs_a_read_a_borrow_and_one_report() {
+    let mut world = World::new(7);
+    // "cash": paid money alone, no rate limits to lease.
+    let account = world.accounts[2].clone();
+    let before = world.tally.store_calls;
+    serve_once(&mut world, &account, "once");
+    tick(&mut world, SignedDuration::from_mins(2));
     assert!(world.sidecars[0].mirrors.is_empty(), "the mirror is forgotten");
     assert_eq!(world.tally.store_calls - before, 3, "store calls for one request");
     let shared = world.shared(&account);
@@ -1965,41 +1976,8 @@ fn an_account_in_use_is_served_from_slices_borrowed_ahead() {
         if i == 4 {
             calls_after_warm_up = world.tally.store_calls;
         }
-        let reserve = ClientCall {
-            resent: false,
-            sidecar: 0,
-            account: account.clone(),
-            command: Command::Reserve(ReserveRequest {
-                request_id: RequestId::parse(&format!("r{i}")).unwrap(),
-                api_key_id: None,
-                model: ModelId::parse("m").unwrap(),
-                tier: TierId::default_tier(),
-                input_tokens: 100,
-                cached_input_tokens: 0,
-                max_output_tokens: 100,
-            }),
-        };
-        let Ok(Reply::Reserve(ReserveOutcome::Allowed(held))) = world.call(&reserve) else {
-            panic!("reserve {i} is allowed");
-        };
-        world.now += SignedDuration::from_millis(20);
-        let settle = ClientCall {
-            command: Command::Settle {
-                reservation: held.reservation_id,
-                usage: Usage {
-                    input_tokens: 100,
-                    output_tokens: 40,
-                    ..Usage::default()
-                },
-            },
-            ..reserve
-        };
-        assert!(world.call(&settle).is_ok(), "settle {i} is taken");
-        for _ in 0..20 {
-            world.now += SignedDuration::from_millis(99);
-            world.sweep(0);
-            world.tend(0);
-        }
+        serve_once(&mut world, &account, &format!("r{i}"));
+        tick(&mut world, SignedDuration::from_millis(1980));
     }
     // A slice sized on the burn (what settles used) covers the next hold
     // (sized on the most a request may use) every other time here.
