@@ -18,7 +18,6 @@
 //!   format and how descriptors match them.
 //! - [`app`]: the running process: builds from settings, binds listeners,
 //!   serves, reloads the configuration, drains on shutdown signals.
-//! - [`metrics`]: the Prometheus registry and its bounded labels.
 //! - [`config`]: TOML configuration, environment overrides, validation.
 //! - [`usage`]: where usage records go: the sink (JSON Lines file or
 //!   stdout), the local journal in front of Redis, and reading the usage
@@ -32,7 +31,8 @@
 //! - [`cli`]: the command line (serve, check-config, a small client),
 //!   `tollgate admin` (the operator's client of the admin API) and
 //!   `tollgate loadgen` (the load generator and the empty baseline).
-//! - [`telemetry`]: logging and traces.
+//! - [`telemetry`]: logs, traces and the Prometheus metrics (one registry,
+//!   bounded labels).
 //! - [`fuzzing`]: the fuzz targets' entry points (`fuzz/`), also run by
 //!   `cargo test` over their seed corpora.
 //! - [`proto`]: the generated gRPC types of `tollgate.v1`.
@@ -46,7 +46,6 @@ pub mod config;
 pub mod engine;
 pub mod fuzzing;
 pub mod lease;
-pub mod metrics;
 pub mod rls;
 pub mod service;
 pub mod store;

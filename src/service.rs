@@ -192,9 +192,9 @@ impl Tollgate {
     async fn emit(&self, records: Vec<Arc<UsageRecord>>) {
         for record in records {
             let kind = record.kind.as_str();
-            crate::metrics::metrics()
+            crate::telemetry::metrics::metrics()
                 .usage_records
-                .get_or_create(&crate::metrics::RecordKind { kind })
+                .get_or_create(&crate::telemetry::metrics::RecordKind { kind })
                 .inc();
             if self.usage.send(Emitted::Usage(record)).await.is_err() {
                 tracing::error!("usage sink has stopped; a usage record was not written");

@@ -13,11 +13,11 @@ use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId}
 use crate::engine::limits::RateStatus;
 use crate::engine::ops::{ChargeOutcome, ChargeWhat, Denial, ReserveOutcome};
 use crate::engine::{ChargeRequest, Command, Reply, ReserveRequest};
-use crate::metrics::{code_label, metrics};
 use crate::proto;
 use crate::proto::quota_server::Quota;
 use crate::service::Tollgate;
 use crate::store::StoreError;
+use crate::telemetry::metrics::{code_label, metrics};
 use crate::telemetry::note_ids;
 
 /// The data-plane service.

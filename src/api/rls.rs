@@ -23,12 +23,12 @@ use crate::engine::ids::{AccountId, ModelId, RequestId, TierId};
 use crate::engine::ops::{ChargeOutcome, ChargeRequest, ChargeWhat};
 use crate::engine::pricing::{TokenKind, Usage};
 use crate::engine::{Command, EngineError, Reply};
-use crate::metrics::{RlsHits, metrics};
 use crate::rls::config::{Allowance, RulesCell, Unit};
 use crate::rls::matcher::{Entry, drop_replaced, find};
 use crate::rls::overrides::OverrideWindows;
 use crate::service::Tollgate;
 use crate::store::StoreError;
+use crate::telemetry::metrics::{RlsHits, metrics};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 
 /// The most hits one descriptor adds (2^53, where counts stop).
@@ -246,7 +246,7 @@ impl RateLimitService for RlsApi {
         let (outcome, reason) = match &answer {
             Ok(r) if r.get_ref().overall_code == Code::OverLimit as i32 => ("denied", "over_limit"),
             Ok(_) => ("allowed", "none"),
-            Err(status) => ("error", crate::metrics::code_label(status.code())),
+            Err(status) => ("error", crate::telemetry::metrics::code_label(status.code())),
         };
         metrics().decided("should_rate_limit", outcome, reason, started);
         answer

@@ -277,9 +277,9 @@ pub async fn run(
 
 /// Counts a reload's `result` in the metrics.
 fn counted(result: &'static str) {
-    crate::metrics::metrics()
+    crate::telemetry::metrics::metrics()
         .config_reloads
-        .get_or_create(&crate::metrics::ReloadResult { result })
+        .get_or_create(&crate::telemetry::metrics::ReloadResult { result })
         .inc();
 }
 

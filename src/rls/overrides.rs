@@ -38,7 +38,7 @@ impl OverrideWindows {
             open.keys.remove(&first.1);
             ended += 1;
         }
-        crate::metrics::metrics().evicted("override_window", ended);
+        crate::telemetry::metrics::metrics().evicted("override_window", ended);
         if open.keys.len() >= max {
             return false;
         }

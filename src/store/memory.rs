@@ -70,7 +70,7 @@ impl MemoryStore {
     fn end_windows(&self, now: Timestamp) {
         let before = self.windows.len();
         self.windows.retain(|_, (_, ends)| *ends > now);
-        crate::metrics::metrics().evicted("rate_limit_window", before.saturating_sub(self.windows.len()));
+        crate::telemetry::metrics::metrics().evicted("rate_limit_window", before.saturating_sub(self.windows.len()));
     }
 }
 

@@ -338,7 +338,7 @@ impl Redis {
             .await
             .map_err(|_| unavailable(format!("no answer within {:?}", self.deadline)))
             .and_then(|r| r.map_err(unavailable));
-        crate::metrics::metrics().redis_call(name, started.elapsed(), result.is_err());
+        crate::telemetry::metrics::metrics().redis_call(name, started.elapsed(), result.is_err());
         result
     }
 }

@@ -135,7 +135,7 @@ pub fn incoming<L: Listener>(listener: L, places: Places) -> ReceiverStream<io::
                 }
             };
             let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
-                crate::metrics::metrics().connections_refused.inc();
+                crate::telemetry::metrics::metrics().connections_refused.inc();
                 tracing::debug!(%peer, max = guard.max, "connection refused: too many open");
                 continue;
             };
@@ -179,7 +179,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         // Polled whatever the read did, so the timer is armed while the
         // client is silent and fires even if it trickles.
         if matches!(read, Poll::Pending | Poll::Ready(Ok(()))) && deadline.as_mut().poll(cx).is_ready() {
-            crate::metrics::metrics().connections_refused.inc();
+            crate::telemetry::metrics::metrics().connections_refused.inc();
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client's opening bytes did not arrive in time",
@@ -256,7 +256,7 @@ where
             match tokio::time::timeout(after, call).await {
                 Ok(answered) => answered,
                 Err(_) => {
-                    crate::metrics::metrics().calls_timed_out.inc();
+                    crate::telemetry::metrics::metrics().calls_timed_out.inc();
                     Ok(tonic::Status::deadline_exceeded(format!(
                         "the call was not received and answered within {} ms (server.call_timeout_ms)",
                         after.as_millis()

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 
 use crate::engine::ids::AccountId;
 use crate::engine::{Command, Reply};
-use crate::metrics::{AccountSource, currency_units, metrics};
 use crate::service::Tollgate;
+use crate::telemetry::metrics::{AccountSource, currency_units, metrics};
 
 /// What the probes and the metrics read off a running app.
 #[derive(Clone)]

@@ -309,7 +309,7 @@ impl std::fmt::Debug for Journal {
 fn timed_sync(f: &File) -> std::io::Result<()> {
     let started = std::time::Instant::now();
     let synced = f.sync_data();
-    crate::metrics::metrics()
+    crate::telemetry::metrics::metrics()
         .journal_fsync
         .observe(started.elapsed().as_secs_f64());
     synced

@@ -13,8 +13,8 @@ use crate::engine::lease::{Granted, Journaled, Short, Sync};
 use crate::engine::record::request_fingerprint;
 use crate::engine::{Account, Command, UsageRecord};
 use crate::lease::{Context, Decide, Failure, Known, Local, Next, Numbering, Purpose, SyncOutcome};
-use crate::metrics::metrics;
 use crate::store::{Applied, Store, StoreError};
+use crate::telemetry::metrics::metrics;
 use crate::usage::journal::{Entry, Journal};
 
 impl RedisStore {
@@ -343,7 +343,7 @@ impl RedisStore {
         };
         metrics()
             .failure_policy_decisions
-            .get_or_create(&crate::metrics::Policy { policy: label })
+            .get_or_create(&crate::telemetry::metrics::Policy { policy: label })
             .inc();
         match answer {
             Ok(_) => tracing::warn!(account = %id, policy = label, "store unreachable; decided by the failure policy"),

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 
 use super::RedisStore;
 use super::keys::stream_key;
-use crate::metrics::{ConsumerGroup, metrics};
+use crate::telemetry::metrics::{ConsumerGroup, metrics};
 
 /// The streams are trimmed once per this many report intervals (10 s at
 /// the default of 1 s), by every sidecar: a few script calls per shard,

@@ -15,8 +15,8 @@ use super::connection::BACKOFF;
 use crate::engine::Account;
 use crate::engine::ids::AccountId;
 use crate::lease::{Numbering, Purpose, Upkeep};
-use crate::metrics::metrics;
 use crate::store::StoreError;
+use crate::telemetry::metrics::metrics;
 
 /// How long shutdown keeps trying to report and return leases.
 pub(super) const CLOSE_RETRIES: Duration = Duration::from_secs(5);

@@ -9,8 +9,8 @@ use jiff::{SignedDuration, Timestamp};
 use super::RedisStore;
 use crate::engine::EngineError;
 use crate::engine::window::WindowShare;
-use crate::metrics::metrics;
 use crate::store::StoreError;
+use crate::telemetry::metrics::metrics;
 
 /// Rate-limit windows this sidecar keeps a share of; beyond, new windows
 /// are counted in Redis call by call.
