@@ -7,11 +7,9 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod harness;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::app::server::App;
-use tollgate::clock::SystemClock;
 use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
@@ -44,13 +42,8 @@ fn grpc(c: &mut Criterion) {
     let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
     let settings = Settings::parse(CONFIG, &env).unwrap();
     let (mut client, stop) = runtime.block_on(async {
-        let app = App::build(settings, Arc::new(SystemClock)).await.unwrap();
-        let url = format!("http://{}", app.quota_addr());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(app.run(async {
-            let _ = stopped.await;
-        }));
-        (QuotaClient::connect(url).await.unwrap(), stop)
+        let served = harness::serve(settings).await;
+        (QuotaClient::connect(served.url.clone()).await.unwrap(), served)
     });
     let mut i = 0u64;
     c.bench_function("grpc reserve+settle (loopback)", |b| {
@@ -82,7 +75,8 @@ fn grpc(c: &mut Criterion) {
             })
         })
     });
-    let _ = stop.send(());
+    drop(client);
+    runtime.block_on(stop.stop());
 }
 
 /// A call answered at once, bare and inside [`Deadline`]: the wrapper's

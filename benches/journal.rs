@@ -11,6 +11,8 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod harness;
+
 #[path = "../tests/support/redis.rs"]
 mod redis_server;
 
@@ -18,7 +20,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tollgate::app::server::App;
 use tollgate::config::Settings;
 use tollgate::engine::draw::{SourceRef, Take};
 use tollgate::engine::ids::{AccountId, ModelId, ProducerId, RequestId, TierId, VersionId};
@@ -165,14 +166,9 @@ fn main() {
             settings.store.leases.prefix = format!("bench{i}");
             settings.journal.dir = dir.path().join(format!("journal-{i}"));
             settings.journal.sync = policy;
-            let app = App::build_on_system_clock(settings).await.unwrap();
-            let url = format!("http://{}", app.quota_addr());
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let running = tokio::spawn(app.run(async {
-                let _ = stopped.await;
-            }));
-            settles(url.clone(), &format!("w{i}")).await; // warm-up
-            let h = settles(url, &format!("m{i}")).await;
+            let served = harness::serve(settings).await;
+            settles(served.url.clone(), &format!("w{i}")).await; // warm-up
+            let h = settles(served.url.clone(), &format!("m{i}")).await;
             println!(
                 "| {name} | {:.0} | {} | {} | {} |",
                 h.len() as f64 / MEASURE.as_secs_f64(),
@@ -180,8 +176,7 @@ fn main() {
                 h.value_at_quantile(0.9),
                 h.value_at_quantile(0.99)
             );
-            let _ = stop.send(());
-            running.await.unwrap().unwrap();
+            served.stop().await;
         }
 
         println!("\nThe journal alone: 64 concurrent appenders, one record each per append, {MEASURE:?} per policy\n");

@@ -18,13 +18,14 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod harness;
+
 #[path = "../tests/support/redis.rs"]
 mod redis_server;
 
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tollgate::app::server::App;
 use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
@@ -51,13 +52,6 @@ const CLIENTS: usize = 12;
 const WARM_UP: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(3);
 const TURNS: u32 = 4;
-
-async fn start(settings: Settings) -> String {
-    let app = App::build_on_system_clock(settings).await.unwrap();
-    let url = format!("http://{}", app.quota_addr());
-    tokio::spawn(app.run(std::future::pending()));
-    url
-}
 
 /// Drives `urls` with [`CLIENTS`] clients for `time`; latency of every
 /// decision (reserve or settle) in microseconds.
@@ -151,8 +145,8 @@ fn main() {
         let mut memory = Vec::new();
         let mut fleet = Vec::new();
         for i in 0..3 {
-            memory.push(start(settings(i, false)).await);
-            fleet.push(start(settings(3 + i, true)).await);
+            memory.push(harness::serve(settings(i, false)).await.url);
+            fleet.push(harness::serve(settings(3 + i, true)).await.url);
         }
         drive(&memory, WARM_UP, "m-warm").await;
         drive(&fleet, WARM_UP, "r-warm").await;

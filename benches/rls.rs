@@ -8,12 +8,13 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod harness;
+
 #[path = "../tests/support/redis.rs"]
 mod redis_server;
 
 use std::time::Duration;
 
-use tollgate::app::server::App;
 use tollgate::cli::loadgen::{Mix, Report, Spec};
 use tollgate::config::Settings;
 
@@ -26,13 +27,6 @@ descriptors:
 const CONNECTIONS: usize = 16;
 const TURN: Duration = Duration::from_secs(3);
 const TURNS: usize = 2;
-
-async fn start(settings: Settings) -> String {
-    let app = App::build_on_system_clock(settings).await.unwrap();
-    let url = format!("http://{}", app.quota_addr());
-    tokio::spawn(app.run(std::future::pending()));
-    url
-}
 
 async fn turn(target: &str) -> Report {
     let spec = Spec {
@@ -70,12 +64,12 @@ fn main() {
             s.usage = tollgate::config::UsageSinkConfig::File(dir.path().join("usage.jsonl"));
             s
         };
-        let memory = start(settings()).await;
+        let memory = harness::serve(settings()).await.url;
         let redis = redis_server::RedisServer::start(&[]);
         let mut on_redis = settings();
         on_redis.store.use_redis(vec![redis.url()], false);
         on_redis.journal.dir = dir.path().join("journal");
-        let on_redis = start(on_redis).await;
+        let on_redis = harness::serve(on_redis).await.url;
         // Warm both, then alternate.
         turn(&memory).await;
         turn(&on_redis).await;

@@ -10,9 +10,11 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod harness;
+
 use std::time::Duration;
 
-use tollgate::app::server::{App, serve_baseline};
+use tollgate::app::server::serve_baseline;
 use tollgate::cli::loadgen::{Mix, Report, Spec, run};
 use tollgate::config::Settings;
 
@@ -94,9 +96,7 @@ fn main() {
         let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
         let mut settings = Settings::parse(CONFIG, &env).unwrap();
         settings.listen_unix = Some(tollgate_sock.clone());
-        let app = App::build_on_system_clock(settings).await.unwrap();
-        let tollgate_tcp = format!("http://{}", app.quota_addr());
-        tokio::spawn(app.run(std::future::pending()));
+        let tollgate_tcp = harness::serve(settings).await.url;
 
         let cases = [
             ("TCP", 1, baseline_tcp.clone(), tollgate_tcp.clone()),
