@@ -474,13 +474,10 @@ impl Local {
         // A report of an account that is not busy gives back what is left:
         // less than its next decision will need, or it would not have
         // borrowed its need exactly.
-        let report = news && since_sync >= settings.report_interval;
-        if ((idle && holds_unused(&self.mirror)) || (report && !busy)) && since_sync >= settings.report_interval {
+        let reported_long_ago = since_sync >= settings.report_interval;
+        if reported_long_ago && ((idle && holds_unused(&self.mirror)) || (news && !busy)) {
             Some(Upkeep::GiveBack)
-        } else if (news && since_sync >= settings.report_interval)
-            || (holds && since_sync >= settings.ttl / 6)
-            || refill
-        {
+        } else if (news && reported_long_ago) || (holds && since_sync >= settings.ttl / 6) || refill {
             Some(Upkeep::Renew)
         } else if self.stale {
             Some(Upkeep::Refresh)

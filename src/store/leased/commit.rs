@@ -334,13 +334,24 @@ impl RedisStore {
         )))
     }
 
-    pub(super) async fn shared(&self, id: &AccountId) -> Result<Account, StoreError> {
+    /// The shared account `id` as stored (version and JSON: what a gate
+    /// keeps for the next commit) and as read; none if there is no such
+    /// account.
+    pub(super) async fn read_account(&self, id: &AccountId) -> Result<Option<((u64, String), Account)>, StoreError> {
         let key = self.account_key(id);
-        let (_, json) = self
-            .read(&key)
+        let Some((version, json)) = self.read(&key).await? else {
+            return Ok(None);
+        };
+        let account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
+        Ok(Some(((version, json), account)))
+    }
+
+    pub(super) async fn shared(&self, id: &AccountId) -> Result<Account, StoreError> {
+        let (_, account) = self
+            .read_account(id)
             .await?
             .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
-        serde_json::from_str(&json).map_err(|e| corrupt(&key, e))
+        Ok(account)
     }
 
     /// Writes a new account, with the audit record of an operator's

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 
 use jiff::Timestamp;
 
-use super::commit::corrupt;
 use super::{Gate, RedisStore};
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{AccountId, ProducerId, RequestId};
@@ -38,13 +37,11 @@ impl RedisStore {
         if self.mirrors.contains_key(id) {
             return Ok(());
         }
-        let key = self.account_key(id);
-        let (version, json) = self
-            .read(&key)
+        let (record, shared) = self
+            .read_account(id)
             .await?
             .ok_or_else(|| StoreError::UnknownAccount(id.clone()))?;
-        let shared: Account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
-        gate.cached = Some((version, json));
+        gate.cached = Some(record);
         let replayed: Vec<Entry> = {
             let mut waiting = self.replay.lock().unwrap_or_else(|p| p.into_inner());
             let (mine, others) = std::mem::take(&mut *waiting)

@@ -6,6 +6,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::RedisStore;
 use super::windows::WINDOW_MARGIN_SECONDS;
 use crate::engine::ids::AccountId;
+use crate::store::StoreError;
 
 /// Where a commit checks and remembers its records' request ids (see
 /// [`RedisStore::seen`]).
@@ -46,15 +47,15 @@ pub const SCHEMA: u32 = 1;
 
 /// Whether a record of schema `stored` (as its `s` field reads; none: 1)
 /// can be read here; the error names the key.
-pub(super) fn readable(key: &str, stored: Option<&str>) -> Result<(), crate::store::StoreError> {
+pub(super) fn readable(key: &str, stored: Option<&str>) -> Result<(), StoreError> {
     let schema = match stored.filter(|s| !s.is_empty()) {
         None => 1,
-        Some(s) => s.parse::<u32>().map_err(|_| {
-            crate::store::StoreError::Unavailable(format!("redis: record {key} has an unreadable schema {s:?}"))
-        })?,
+        Some(s) => s
+            .parse::<u32>()
+            .map_err(|_| StoreError::Unavailable(format!("redis: record {key} has an unreadable schema {s:?}")))?,
     };
     if schema > SCHEMA {
-        return Err(crate::store::StoreError::Unavailable(format!(
+        return Err(StoreError::Unavailable(format!(
             "redis: record {key} is in schema {schema}, written by a newer Tollgate; this one reads up to \
              schema {SCHEMA} (roll the fleet forward)"
         )));

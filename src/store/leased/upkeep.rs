@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
 use super::RedisStore;
-use super::commit::corrupt;
 use super::connection::BACKOFF;
-use crate::engine::Account;
 use crate::engine::ids::AccountId;
 use crate::lease::{Numbering, Purpose, Upkeep};
 use crate::store::StoreError;
@@ -174,12 +172,10 @@ impl RedisStore {
             self.let_go(id, &lock);
             return Ok(());
         }
-        let key = self.account_key(id);
-        let Some((version, json)) = self.read(&key).await? else {
+        let Some((record, shared)) = self.read_account(id).await? else {
             return Ok(());
         };
-        let shared: Account = serde_json::from_str(&json).map_err(|e| corrupt(&key, e))?;
-        gate.cached = Some((version, json));
+        gate.cached = Some(record);
         if let Some(mut local) = self.mirrors.get_mut(id) {
             local.refreshed(&shared);
         }
