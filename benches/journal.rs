@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tollgate::config::Settings;
-use tollgate::engine::draw::{SourceRef, Take};
 use tollgate::engine::ids::{AccountId, ModelId, ProducerId, RequestId, TierId, VersionId};
-use tollgate::engine::lease::Journaled;
 use tollgate::engine::money::Money;
 use tollgate::engine::pricing::Usage;
 use tollgate::engine::record::{RecordKind, UsageRecord};
+use tollgate::engine::role::Journaled;
+use tollgate::engine::source::{SourceRef, Take};
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::usage::journal::{Journal, JournalSettings, OnCorrupt, SyncPolicy};

@@ -16,7 +16,7 @@
 use tollgate::engine::account::Account;
 use tollgate::engine::ids::{AccountId, LotId, PlanId};
 use tollgate::engine::money::Money;
-use tollgate::engine::ops::Pool;
+use tollgate::engine::request::Pool;
 use tollgate::store::Store;
 use tollgate::store::memory::MemoryStore;
 
@@ -74,7 +74,7 @@ const REQUESTS_ONLY: &str = "TOLLGATE_BENCH_REQUESTS_ONLY";
 
 /// One account deciding 1,000 requests a second for a simulated day.
 fn remembered_requests(mut catalog: tollgate::engine::Catalog) {
-    use tollgate::engine::ops::{ChargeRequest, ChargeWhat, ReserveRequest};
+    use tollgate::engine::request::{ChargeRequest, ChargeWhat, ReserveRequest};
     use tollgate::engine::{Command, Reply, ReserveOutcome};
     let hours: f64 = std::env::var("TOLLGATE_BENCH_HOURS")
         .ok()

@@ -10,10 +10,10 @@ use jiff::Timestamp;
 use tonic::Status;
 
 use crate::engine::UsageRecord;
-use crate::engine::draw::{SourceRef, Take};
 use crate::engine::ids::{IdError, TierId};
 use crate::engine::money::{MAX_TOKENS_PER_FIELD, Money, SCALE};
 use crate::engine::pricing::Usage;
+use crate::engine::source::{SourceRef, Take};
 use crate::proto;
 
 /// A field that is not valid: `INVALID_ARGUMENT`, the field named first.

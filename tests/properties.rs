@@ -21,13 +21,13 @@ use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 use tollgate::engine::account::{Account, Reservation};
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
-use tollgate::engine::draw::SourceRef;
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
 use tollgate::engine::limits::{LimitOverrides, LimitSet, ScopedLimits};
 use tollgate::engine::money::Money;
-use tollgate::engine::ops::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::period::{Anchor, PeriodUnit};
 use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
+use tollgate::engine::request::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
+use tollgate::engine::source::SourceRef;
 use tollgate::engine::{Command, UsageRecord};
 
 #[derive(Debug, Clone)]
@@ -366,7 +366,7 @@ fn command(op: &Op, now: Timestamp, books: &[Books]) -> Option<(usize, Command)>
                 Some(r) => (r.kind, r.charges.clone(), r.settled_at, Some(true)),
                 None => (
                     tollgate::engine::record::RecordKind::Charge,
-                    vec![tollgate::engine::draw::Take {
+                    vec![tollgate::engine::source::Take {
                         source: SourceRef::Paid,
                         amount: 1,
                     }],
@@ -376,7 +376,7 @@ fn command(op: &Op, now: Timestamp, books: &[Books]) -> Option<(usize, Command)>
             };
             let charges = charges
                 .into_iter()
-                .map(|t| tollgate::engine::draw::Take {
+                .map(|t| tollgate::engine::source::Take {
                     amount: if *half { (t.amount + 1) / 2 } else { t.amount },
                     ..t
                 })

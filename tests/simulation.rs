@@ -52,16 +52,16 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
 use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
-use tollgate::engine::draw::{SourceRef, Take};
 use tollgate::engine::hash::Map;
 use tollgate::engine::ids::{
     AccountId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId, VersionId,
 };
-use tollgate::engine::lease::{Journaled, Short, Sync};
 use tollgate::engine::limits::{LimitSet, ScopedLimits};
-use tollgate::engine::ops::{ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::period::{Anchor, PeriodUnit};
 use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
+use tollgate::engine::request::{ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveRequest};
+use tollgate::engine::role::{Journaled, Short, Sync};
+use tollgate::engine::source::{SourceRef, Take};
 use tollgate::engine::{ChargeOutcome, Command, EngineError, Money, Reply, ReserveOutcome, UsageRecord};
 use tollgate::lease::{
     Context, Decide, Failure, Known, LeaseSettings, Local, Next, Numbering, Purpose, SyncOutcome, Upkeep,

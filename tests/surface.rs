@@ -1291,3 +1291,46 @@ fn the_module_map_names_every_module() {
         .collect();
     assert!(unnamed.is_empty(), "modules missing from lib.rs's map: {unnamed:?}");
 }
+
+/// The engine's map in `engine/mod.rs` lists its modules bottom up: each
+/// may import only from those listed above it, so the engine has no cycle
+/// and a reader can take the files in that order.
+#[test]
+fn the_engine_imports_only_from_modules_below_it() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/engine");
+    let map = std::fs::read_to_string(format!("{dir}/mod.rs")).unwrap();
+    let order: Vec<&str> = map
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! - [`")?.split_once('`').map(|(m, _)| m))
+        .collect();
+    let mut upward = Vec::new();
+    for (rank, module) in order.iter().enumerate() {
+        let text = std::fs::read_to_string(format!("{dir}/{module}.rs")).unwrap();
+        // Code only: not the unit tests at the foot, not comments.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for prefix in ["super::", "crate::engine::"] {
+                for (i, _) in line.match_indices(prefix) {
+                    let named: String = line[i + prefix.len()..]
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if order[rank..].contains(&named.as_str()) && named != *module {
+                        upward.push(format!("{module} -> {named}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(upward.is_empty(), "imports up the engine's map: {upward:?}");
+    let unlisted: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter_map(|f| Some(f.strip_suffix(".rs")?.to_owned()))
+        .filter(|m| !["mod", "tests"].contains(&m.as_str()) && !order.contains(&m.as_str()))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "engine modules missing from engine/mod.rs's map: {unlisted:?}"
+    );
+}

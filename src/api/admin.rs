@@ -13,16 +13,16 @@ use super::convert::{
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
-use crate::engine::draw::SourceRef;
 use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, TierId, VersionId};
 use crate::engine::limits::LimitOverrides;
-use crate::engine::ops::{PackGrant, Pool};
 use crate::engine::period::Anchor;
 use crate::engine::period::parse_time_zone;
 use crate::engine::pricing::price_per_token;
 use crate::engine::pricing::{ModelPrices, PriceVersion, PriceWindow, TierPrices, TokenPrices};
 use crate::engine::record::{AuditRecord, RecordKind};
+use crate::engine::request::{PackGrant, Pool};
+use crate::engine::source::SourceRef;
 use crate::engine::{Command, Ledger, Reply, Snapshot};
 use crate::proto;
 use crate::proto::admin_server::Admin;

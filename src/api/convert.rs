@@ -12,8 +12,8 @@ use crate::engine::Ledger;
 use crate::engine::ids::TierId;
 use crate::engine::limits::{Exceeded, Kind, LimitOverrides, LimitSet, RateStatus, Scope};
 use crate::engine::money::Money;
-use crate::engine::ops::Denial;
 use crate::engine::pricing::{PriceVersion, TokenPrices};
+use crate::engine::request::Denial;
 use crate::proto;
 use crate::wire::invalid;
 pub use crate::wire::{

@@ -11,7 +11,7 @@ use super::convert::{
 use super::status::{invalid, status, unexpected};
 use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId};
 use crate::engine::limits::RateStatus;
-use crate::engine::ops::{ChargeOutcome, ChargeWhat, Denial, ReserveOutcome};
+use crate::engine::request::{ChargeOutcome, ChargeWhat, Denial, ReserveOutcome};
 use crate::engine::{ChargeRequest, Command, Reply, ReserveRequest};
 use crate::proto;
 use crate::proto::quota_server::Quota;
@@ -373,7 +373,7 @@ impl Quota for QuotaApi {
 }
 
 /// A balance for the wire.
-pub fn balance_out(account: &AccountId, b: &crate::engine::ops::Balance) -> proto::GetBalanceResponse {
+pub fn balance_out(account: &AccountId, b: &crate::engine::request::Balance) -> proto::GetBalanceResponse {
     proto::GetBalanceResponse {
         account_id: account.to_string(),
         allowance_tokens: b.allowance_tokens,

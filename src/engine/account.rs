@@ -17,18 +17,18 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
-use super::draw::{SourceRef, Take};
 use super::error::EngineError;
 use super::hash::{Map, Set};
 use super::ids::{
     AccountId, ApiKeyId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId, VersionId,
 };
-use super::lease::{Lease, Mirror};
 use super::limits::{BucketKey, Buckets, LimitOverrides};
 use super::money::Money;
 use super::period::{Anchor, Schedule, Window};
 use super::pricing::Usage;
 use super::record::{RecordKind, UsageRecord};
+use super::role::{Lease, Mirror};
+use super::source::{SourceRef, Take};
 
 /// The running totals of one source or lot, in its unit (weighted tokens
 /// or pico-units).
@@ -210,12 +210,12 @@ pub enum Remembered {
         reservation: ReservationId,
         /// The request (to tell a retry from a reuse with other content)
         /// and the first answer (returned to retries), in one allocation.
-        first: Box<(super::ops::ReserveRequest, super::ops::Reserved)>,
+        first: Box<(super::request::ReserveRequest, super::request::Reserved)>,
     },
     /// This one-shot charge made this record.
     Charged {
         /// The request, to tell a retry from a reuse with other content.
-        request: Box<super::ops::ChargeRequest>,
+        request: Box<super::request::ChargeRequest>,
         /// The record emitted.
         record: Arc<UsageRecord>,
         /// When.
@@ -485,6 +485,21 @@ pub struct Account {
     pub mirror: Option<Box<Mirror>>,
 }
 
+/// A credit limit is 0 to [`MAX_OPERATION`](super::money::MAX_OPERATION),
+/// as a top-up is: credit is spent like money.
+pub(crate) fn check_credit_limit(limit: Money) -> Result<(), EngineError> {
+    if limit.is_negative() {
+        return Err(EngineError::invalid("credit_limit", "must not be negative"));
+    }
+    if limit > super::money::MAX_OPERATION {
+        return Err(EngineError::invalid(
+            "credit_limit",
+            format!("must be at most {}", super::money::MAX_OPERATION),
+        ));
+    }
+    Ok(())
+}
+
 impl Account {
     /// A new account on `plan`, its first period starting at `now`.
     pub fn open(
@@ -495,7 +510,7 @@ impl Account {
         credit_limit: Money,
         now: Timestamp,
     ) -> Result<Account, EngineError> {
-        super::ops::check_credit_limit(credit_limit)?;
+        check_credit_limit(credit_limit)?;
         let mut account = Account {
             id,
             plan: plan.id.clone(),
@@ -685,7 +700,7 @@ impl Account {
         if unused > 0
             && let Some(log) = self.mirror.as_mut()
         {
-            super::lease::merge(
+            super::source::merge(
                 &mut log.returned,
                 [Take {
                     source: SourceRef::Allowance { period: ended },
@@ -845,7 +860,7 @@ impl Account {
             model: Some(hold.model.clone()),
             service_tier: Some(hold.tier.clone()),
             usage,
-            total_money: super::draw::money_total(&charges),
+            total_money: super::source::money_total(&charges),
             charges,
             price_version: Some(hold.version.clone()),
             reserved_at: hold.reserved_at,

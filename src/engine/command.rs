@@ -8,15 +8,17 @@ use jiff::tz::TimeZone;
 
 use super::account::{Account, Hold, Lot, Traffic};
 use super::catalog::Catalog;
-use super::draw::Take;
 use super::error::EngineError;
 use super::ids::{LotId, PlanId, RequestId, ReservationId};
 use super::limits::LimitOverrides;
 use super::money::Money;
-use super::ops::{Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome, ReserveRequest};
 use super::period::{Anchor, Window};
 use super::pricing::Usage;
 use super::record::{AuditRecord, UsageRecord, digest_id};
+use super::request::{
+    Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome, ReserveRequest,
+};
+use super::source::Take;
 
 /// An operation on one account.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,7 +36,7 @@ pub enum EngineError {
     /// A sidecar's mirror cannot decide alone: it needs this from the
     /// shared account first (never leaves the store).
     #[error("this sidecar's lease is short; the shared account must be asked")]
-    Short(Box<super::lease::Short>),
+    Short(Box<super::role::Short>),
 }
 
 impl From<super::money::Overflow> for EngineError {

@@ -7,17 +7,24 @@
 //!
 //! - [`money`]: exact money and token quantities.
 //! - [`ids`]: validated identifiers.
+//! - [`hash`]: the hash maps and sets of the hot path.
 //! - [`pricing`]: the versioned price book.
 //! - [`period`]: subscription period boundaries.
 //! - [`limits`]: GCRA rate limits and concurrency.
 //! - [`catalog`]: plans, prices and hold policy.
+//! - [`window`]: a sidecar's share of a fixed window counted in a shared store.
+//! - [`source`]: sources and the amounts taken from them.
+//! - [`record`]: usage records.
+//! - [`request`]: what is asked of an account and what it answers.
+//! - [`role`]: the lease protocol's state and messages, as data.
+//! - [`error`]: why an operation was refused.
 //! - [`account`]: one account's sources, ledgers and reservations.
 //! - [`draw`]: which sources pay, and the one rounding rule.
-//! - [`command`]: one entry point for every account operation.
 //! - [`lease`]: slices of a shared account lent to sidecars, and their mirrors.
 //! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
-//! - [`record`]: usage records.
-//! - [`window`]: a sidecar's share of a fixed window counted in a shared store.
+//! - [`command`]: one entry point for every account operation.
+//!
+//! Listed bottom up: each module imports only from those above it.
 
 // No clock reads here (clippy.toml lists them): `now` is an argument.
 #![deny(clippy::disallowed_methods)]
@@ -36,6 +43,9 @@ pub mod ops;
 pub mod period;
 pub mod pricing;
 pub mod record;
+pub mod request;
+pub mod role;
+pub mod source;
 pub mod window;
 
 pub use account::{Account, Ledger};
@@ -43,8 +53,8 @@ pub use catalog::{Catalog, ExpiryPolicy, OutagePolicy, Plan, SourceClass};
 pub use command::{Applied, Command, Reply, Snapshot};
 pub use error::EngineError;
 pub use money::Money;
-pub use ops::{ChargeOutcome, ChargeRequest, ChargeWhat, Denial, ReserveOutcome, ReserveRequest};
 pub use record::UsageRecord;
+pub use request::{ChargeOutcome, ChargeRequest, ChargeWhat, Denial, ReserveOutcome, ReserveRequest};
 
 /// Whether a value is its type's default: such fields are left out of the
 /// JSON an account is stored as, and read back as the default.

@@ -2,10 +2,10 @@
 
 use jiff::Timestamp;
 
-use super::draw::Take;
 use super::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId, TierId, VersionId};
 use super::money::Money;
 use super::pricing::Usage;
+use super::source::Take;
 
 /// Why a record exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

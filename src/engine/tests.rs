@@ -11,18 +11,18 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::account::Account;
 use super::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
-use super::draw::{SourceRef, Take};
 use super::error::EngineError;
 use super::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
 use super::limits::{LimitSet, ScopedLimits};
 use super::money::Money;
-use super::ops::{
-    ChargeOutcome, ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveOutcome, ReserveRequest, Reserved,
-};
 use super::period::{Anchor, PeriodUnit};
 use super::pricing::tests::{prices, version};
 use super::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, Usage};
 use super::record::RecordKind;
+use super::request::{
+    ChargeOutcome, ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveOutcome, ReserveRequest, Reserved,
+};
+use super::source::{SourceRef, Take};
 
 fn t(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -975,24 +975,24 @@ impl Sidecar {
         &mut self,
         shared: &mut Account,
         c: &Catalog,
-        short: super::lease::Short,
+        short: super::role::Short,
         close: bool,
         now: Timestamp,
-    ) -> super::lease::Granted {
+    ) -> super::role::Granted {
         self.sync_records(shared, c, short, close, (Vec::new(), &[]), now)
             .granted
     }
 
     /// The records made since the last call, journaled as the store
     /// journals them: the mirror's charges since ride on the first.
-    fn journal(&mut self, numbered: &mut u64) -> Vec<super::lease::Journaled> {
-        let mut entries: Vec<super::lease::Journaled> = self
+    fn journal(&mut self, numbered: &mut u64) -> Vec<super::role::Journaled> {
+        let mut entries: Vec<super::role::Journaled> = self
             .mirror
             .take_records()
             .into_iter()
             .map(|record| {
                 *numbered += 1;
-                super::lease::Journaled {
+                super::role::Journaled {
                     journal: self.producer.clone(),
                     seq: *numbered,
                     record: (*record).clone(),
@@ -1017,14 +1017,14 @@ impl Sidecar {
         &mut self,
         shared: &mut Account,
         c: &Catalog,
-        short: super::lease::Short,
+        short: super::role::Short,
         close: bool,
-        (records, repeated): (Vec<super::lease::Journaled>, &[(super::ids::ProducerId, u64)]),
+        (records, repeated): (Vec<super::role::Journaled>, &[(super::ids::ProducerId, u64)]),
         now: Timestamp,
-    ) -> super::lease::Synced {
+    ) -> super::role::Synced {
         let report = self.mirror.report(close, close);
         self.seq += 1;
-        let sync = super::lease::Sync {
+        let sync = super::role::Sync {
             producer: self.producer.clone(),
             seq: self.seq,
             epoch: self.mirror.mirror.as_ref().unwrap().epoch,
@@ -1075,8 +1075,8 @@ impl Sidecar {
 
 use super::command::{Command, Reply};
 
-fn no_short() -> super::lease::Short {
-    super::lease::Short {
+fn no_short() -> super::role::Short {
+    super::role::Short {
         need: None,
         permits: Vec::new(),
     }
@@ -1226,7 +1226,7 @@ fn a_repeated_request_is_charged_once_and_its_batch_mate_in_full() {
     b.apply(&mut shared, &c, charge("new", 5_000), now);
     let mut mate = b.journal(&mut numbered[1]);
     // As a sweep batches records: the batch's charges ride on its first.
-    super::lease::merge(&mut batch[0].leased, std::mem::take(&mut mate[0].leased));
+    super::source::merge(&mut batch[0].leased, std::mem::take(&mut mate[0].leased));
     batch.extend(mate);
     assert_eq!(batch[0].leased, vec![take(SourceRef::Paid, 12_000)]);
     let repeat = [(batch[0].journal.clone(), batch[0].seq)];
@@ -1541,7 +1541,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
     let now = t(NOW);
     let producer = super::ids::ProducerId::parse("a").unwrap();
-    let ask = |seq, epoch, charged: Vec<Take>| super::lease::Sync {
+    let ask = |seq, epoch, charged: Vec<Take>| super::role::Sync {
         producer: producer.clone(),
         seq,
         epoch,

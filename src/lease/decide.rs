@@ -16,8 +16,8 @@ use jiff::Timestamp;
 use super::{Failure, Local, Numbering};
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{ProducerId, RequestId, ReservationId};
-use crate::engine::lease::{Journaled, Short};
 use crate::engine::record::RecordKind;
+use crate::engine::role::{Journaled, Short};
 use crate::engine::{
     Applied, Catalog, ChargeOutcome, ChargeWhat, Command, Denial, EngineError, Reply, ReserveOutcome, UsageRecord,
 };

@@ -13,7 +13,7 @@ use super::{LeaseSettings, Numbering};
 use crate::engine::account::ANSWERS_KEPT;
 use crate::engine::catalog::OutagePolicy;
 use crate::engine::ids::{ProducerId, RequestId, ReservationId};
-use crate::engine::lease::{Granted, Journaled, Short, Sync};
+use crate::engine::role::{Granted, Journaled, Short, Sync};
 use crate::engine::{Account, Catalog, ChargeOutcome, Command, EngineError, Reply, ReserveOutcome, UsageRecord};
 
 /// Usage records, as the mirror hands them out.

@@ -42,7 +42,7 @@ pub use local::{Local, Purpose, Upkeep, has_news, holds_anything};
 
 use crate::engine::EngineError;
 use crate::engine::ids::ProducerId;
-use crate::engine::lease::Journaled;
+use crate::engine::role::Journaled;
 
 /// How leases are sized and kept, and where the fleet keeps its accounts.
 #[derive(Debug, Clone, PartialEq, Eq)]

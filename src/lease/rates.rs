@@ -7,8 +7,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::engine::Account;
-use crate::engine::draw::SourceRef;
 use crate::engine::limits::{Lacking, Permits};
+use crate::engine::source::SourceRef;
 
 /// Consumption per source and admissions, and their rates.
 #[derive(Debug)]

@@ -313,7 +313,7 @@ mod tests {
     use crate::config::{DEMO, Settings};
     use crate::engine::ExpiryPolicy;
     use crate::engine::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
-    use crate::engine::ops::Pool;
+    use crate::engine::request::Pool;
     use crate::engine::{Money, Reply, ReserveRequest};
 
     const NOW: &str = "2026-11-29T12:00:00Z";

@@ -17,8 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::engine::draw::Take;
 use crate::engine::money::{Money, SCALE};
+use crate::engine::source::Take;
 
 /// An RPC's name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

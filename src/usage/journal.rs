@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::engine::ids::ProducerId;
-use crate::engine::lease::Journaled;
+use crate::engine::role::Journaled;
 
 /// The first bytes of every segment.
 pub const MAGIC: &[u8; 4] = b"TGJ1";
@@ -859,11 +859,11 @@ fn new_journal_id(dir: &Path) -> Result<ProducerId, JournalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::draw::{SourceRef, Take};
     use crate::engine::ids::{AccountId, RequestId};
     use crate::engine::money::Money;
     use crate::engine::pricing::Usage;
     use crate::engine::record::{RecordKind, UsageRecord};
+    use crate::engine::source::{SourceRef, Take};
 
     fn settings(dir: &Path) -> JournalSettings {
         JournalSettings {

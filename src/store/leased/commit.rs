@@ -10,8 +10,8 @@ use jiff::Timestamp;
 use super::RedisStore;
 use super::keys::{SCHEMA, Seen, readable, shard_of};
 use crate::engine::ids::{AccountId, ProducerId};
-use crate::engine::lease::Journaled;
 use crate::engine::record::{AuditRecord, request_fingerprint};
+use crate::engine::role::Journaled;
 use crate::engine::{Account, Catalog, Command, EngineError};
 use crate::store::{Applied, Store, StoreError};
 
@@ -418,11 +418,11 @@ impl RedisStore {
 mod tests {
     use super::*;
     use crate::engine::UsageRecord;
-    use crate::engine::draw::{SourceRef, Take};
     use crate::engine::ids::{ApiKeyId, LotId, ModelId, RequestId, ReservationId, TierId, VersionId};
     use crate::engine::money::Money;
     use crate::engine::pricing::Usage;
     use crate::engine::record::RecordKind;
+    use crate::engine::source::{SourceRef, Take};
 
     /// A stream entry as `XRANGE` answers it.
     fn entry(fields: &[(&str, &[u8])]) -> redis::Value {
