@@ -55,7 +55,11 @@ async fn settle_and_check(
     }
     let paid = quiescent(port, 1, PAID);
     let streamed = stream_holds_each_record_once(&sidecars, url).await;
-    assert_eq!(paid.charged, picos(&streamed), "Redis charged what the stream records");
+    assert_eq!(
+        paid.charged(),
+        picos(&streamed),
+        "Redis charged what the stream records"
+    );
     eprintln!(
         "{} records in the stream, each once, adding up to what Redis charged",
         streamed.len()

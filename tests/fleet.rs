@@ -41,12 +41,12 @@ async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16, shards: 
         .unwrap();
     assert_eq!(
         recorded.picos(),
-        paid.charged,
+        paid.charged(),
         "the records add up to what Redis charged"
     );
     assert_eq!(
-        paid.granted - paid.available(),
-        paid.charged,
+        paid.granted() - paid.available(),
+        paid.charged(),
         "and to the balance change"
     );
     // Drained: less than one request's worst case (0.0005) per sidecar is left.
@@ -77,7 +77,7 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
     tokio::time::sleep(Duration::from_millis(700)).await;
     // Mid-load, no lease returned, nothing flushed.
     sidecars[0].kill();
-    let lent_at_crash: i128 = shared_account(redis.port, 1, "shared").paid.held;
+    let lent_at_crash: i128 = shared_account(redis.port, 1, "shared").paid.held();
     assert!(lent_at_crash > 0, "the fleet held slices when one crashed");
     // The others go on; the crashed one's lease lapses 3 s after its last
     // sync, and what it held is set aside: records made under it may
@@ -103,7 +103,7 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
         "exactly the crashed sidecar's lease lapsed: {account:?}"
     );
     assert!(
-        account.paid.held > 0,
+        account.paid.held() > 0,
         "what the crashed sidecar held is set aside, not lent again: {account:?}"
     );
     // Restarted on its journal, it reports what the journal holds and takes
@@ -138,7 +138,7 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
         .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
         .unwrap();
     assert!(
-        survivors.picos() <= paid.charged,
+        survivors.picos() <= paid.charged(),
         "every record of a survivor was charged"
     );
 }
@@ -189,7 +189,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
         .unwrap();
     assert_eq!(
         recorded.picos(),
-        paid.charged,
+        paid.charged(),
         "every settle reached Redis exactly once"
     );
     // And the usage stream has every record once, the journal having held
@@ -313,12 +313,12 @@ async fn each_plan_fails_closed_open_or_within_its_allowance_while_redis_is_down
     redis.restart();
     sidecar.stop();
     let debt = |account: &str| shared_account(redis.port, 1, account).debt;
-    assert_eq!(debt("closed").charged, 0, "a closed plan never owes");
-    assert_eq!(debt("open").charged, drawn(&sidecar, "open", "debt"));
-    assert!(debt("open").charged > 0);
-    assert_eq!(debt("allowance").charged, drawn(&sidecar, "allowance", "debt"));
+    assert_eq!(debt("closed").charged(), 0, "a closed plan never owes");
+    assert_eq!(debt("open").charged(), drawn(&sidecar, "open", "debt"));
+    assert!(debt("open").charged() > 0);
+    assert_eq!(debt("allowance").charged(), drawn(&sidecar, "allowance", "debt"));
     assert!(
-        (1..=2_000_000_000).contains(&debt("allowance").charged),
+        (1..=2_000_000_000).contains(&debt("allowance").charged()),
         "owed within the 0.002 allowance: {:?}",
         debt("allowance")
     );
@@ -507,11 +507,15 @@ async fn calls_resent_to_other_sidecars_and_across_a_kill_are_charged_once() {
     }
     let paid = quiescent(redis.port, 1, PAID);
     assert_eq!(
-        paid.charged,
+        paid.charged(),
         support::fleet::picos(&records),
         "Redis charged what the records say, to the unit"
     );
-    assert_eq!(paid.charged, expected.len() as i128 * 1_000_000_000, "each charge once");
+    assert_eq!(
+        paid.charged(),
+        expected.len() as i128 * 1_000_000_000,
+        "each charge once"
+    );
 }
 
 /// Sends a charge of 0.001 under `id`, first to sidecar `first`, then to

@@ -123,14 +123,14 @@ async fn sigkilled_again_and_again_every_acknowledged_settle_is_in_the_stream_on
     let account = shared_account(redis.port, 1, "shared");
     let (paid, debt) = (account.paid, account.debt);
     assert_eq!(
-        paid.charged + debt.charged,
+        paid.charged() + debt.charged(),
         picos(&records),
         "the account is charged exactly what the stream records"
     );
     assert!(paid.available() >= 0);
     assert_eq!(
-        paid.granted,
-        paid.available() + paid.held + paid.charged + paid.forfeited
+        paid.granted(),
+        paid.available() + paid.held() + paid.charged() + paid.forfeited()
     );
 }
 
@@ -185,7 +185,7 @@ async fn a_hold_charged_in_full_during_a_refused_call_survives_a_crash() {
     assert_eq!(lapsed.len(), 1, "the lapsed hold's record, once: {records:?}");
     let account = shared_account(redis.port, 1, "shared");
     let (paid, debt) = (account.paid, account.debt);
-    assert_eq!(paid.charged + debt.charged, picos(&records));
+    assert_eq!(paid.charged() + debt.charged(), picos(&records));
     assert_eq!(
         picos(&records),
         500_000_000,
@@ -280,10 +280,10 @@ async fn a_request_id_is_charged_once_across_sidecars_and_restarts() {
     let paid = account.paid;
     // 1 + 2, and 100 in and 50 out at 1 and 4 per million.
     assert_eq!(picos(&records), 3_000_000_000_000 + 300_000_000);
-    assert_eq!(paid.charged, picos(&records), "charged once per request id");
+    assert_eq!(paid.charged(), picos(&records), "charged once per request id");
     assert_eq!(
-        paid.granted,
-        paid.available() + paid.held + paid.charged + paid.forfeited
+        paid.granted(),
+        paid.available() + paid.held() + paid.charged() + paid.forfeited()
     );
 }
 
@@ -369,7 +369,7 @@ async fn a_settle_resent_elsewhere_or_after_a_restart_is_answered_as_the_first_w
     let records = stream_records(&redis.url(), 1).await;
     assert_eq!(records.len(), 2, "each settled once: {records:?}");
     let paid = shared_account(redis.port, 1, "shared").paid;
-    assert_eq!(paid.charged, picos(&records), "charged once");
+    assert_eq!(paid.charged(), picos(&records), "charged once");
 }
 
 /// Runs `tollgate ARGS` and returns its stdout.
@@ -603,7 +603,7 @@ async fn a_charge_resent_elsewhere_is_answered_as_the_first_call_was() {
     let records = stream_records(&redis.url(), 1).await;
     assert_eq!(records.len(), 2, "each request id once: {records:?}");
     let paid = shared_account(redis.port, 1, "shared").paid;
-    assert_eq!(paid.charged, picos(&records));
+    assert_eq!(paid.charged(), picos(&records));
 }
 
 /// The ids of the entries of shard 0's usage stream, oldest first.

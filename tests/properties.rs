@@ -507,7 +507,7 @@ fn record(books: &mut Books, r: &UsageRecord) {
 fn check(a: &Account, books: &Books, catalog: &Catalog) {
     let lots = || a.packs.values().chain(a.promos.values()).map(|l| &l.ledger);
     for l in lots().chain([&a.allowance, &a.paid, &a.debt]) {
-        assert!(l.held >= 0 && l.charged >= 0 && l.forfeited >= 0, "{l:?}");
+        assert!(l.held() >= 0 && l.charged() >= 0 && l.forfeited() >= 0, "{l:?}");
     }
     for l in lots().chain([&a.allowance]) {
         assert!(l.available() >= 0, "token or promo source below zero: {l:?}");
@@ -548,17 +548,17 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
     }
     let money_ledgers = || a.promos.values().map(|l| l.ledger).chain([a.paid, a.debt]);
     let token_ledgers = || a.packs.values().map(|l| l.ledger).chain([a.allowance]);
-    assert_eq!(token_ledgers().map(|l| l.held).sum::<i128>(), hold_tokens);
-    assert_eq!(money_ledgers().map(|l| l.held).sum::<i128>(), hold_money);
+    assert_eq!(token_ledgers().map(|l| l.held()).sum::<i128>(), hold_tokens);
+    assert_eq!(money_ledgers().map(|l| l.held()).sum::<i128>(), hold_money);
 
     // Granted = credited.
     assert_eq!(
-        money_ledgers().map(|l| l.granted).sum::<i128>(),
+        money_ledgers().map(|l| l.granted()).sum::<i128>(),
         books.money_credited,
         "money granted vs credited"
     );
     assert_eq!(
-        a.packs.values().map(|l| l.ledger.granted).sum::<i128>(),
+        a.packs.values().map(|l| l.ledger.granted()).sum::<i128>(),
         books.pack_tokens_credited
     );
     if let Some(period) = a.current_period() {
@@ -570,17 +570,18 @@ fn check(a: &Account, books: &Books, catalog: &Catalog) {
     }
     let _ = catalog;
     assert_eq!(
-        a.allowance.granted, books.allowance_granted,
+        a.allowance.granted(),
+        books.allowance_granted,
         "one allowance per period started, at its plan's tokens"
     );
     // Charged = recorded, to the unit.
     assert_eq!(
-        money_ledgers().map(|l| l.charged).sum::<i128>(),
+        money_ledgers().map(|l| l.charged()).sum::<i128>(),
         books.money_recorded,
         "money charged vs records"
     );
     assert_eq!(
-        token_ledgers().map(|l| l.charged).sum::<i128>(),
+        token_ledgers().map(|l| l.charged()).sum::<i128>(),
         books.tokens_recorded,
         "tokens charged vs records"
     );

@@ -1461,7 +1461,7 @@ impl World {
         self.sidecars[s]
             .mirrors
             .get(id)
-            .map_or(0, |local| local.mirror().debt.charged)
+            .map_or(0, |local| local.mirror().debt.charged())
     }
 
     /// Debt that settles sent to another sidecar than the one that
@@ -1600,7 +1600,7 @@ impl World {
             assert_eq!(ledger_tokens, held_tokens, "{id}: tokens held vs lent");
             assert_eq!(ledger_money, held_money, "{id}: money held vs lent");
             assert_eq!(
-                money_ledgers(&a).map(|l| l.granted).sum::<i128>(),
+                money_ledgers(&a).map(|l| l.granted()).sum::<i128>(),
                 self.credited[id],
                 "{id}: money granted vs what the operators credited"
             );
@@ -1670,9 +1670,9 @@ impl World {
                 .map(|(e, _)| e)
                 .filter(|e| e.record.account_id == *id);
             let (tokens, money) = per_unit(records.flat_map(|e| &e.record.charges));
-            let charged_money: i128 = money_ledgers(&a).map(|l| l.charged).sum();
+            let charged_money: i128 = money_ledgers(&a).map(|l| l.charged()).sum();
             assert_eq!(charged_money, money, "{id}: money charged vs the usage stream");
-            let charged_tokens: i128 = token_ledgers(&a).map(|l| l.charged).sum();
+            let charged_tokens: i128 = token_ledgers(&a).map(|l| l.charged()).sum();
             // Write-offs are per account in truth; the store counts them all.
             let off = (tokens - charged_tokens).min(written_off);
             written_off -= off;
@@ -1693,8 +1693,8 @@ fn token_ledgers(a: &Account) -> impl Iterator<Item = tollgate::engine::Ledger> 
 /// Held by an account's ledgers: (tokens, money).
 fn ledgers_held(a: &Account) -> (i128, i128) {
     (
-        token_ledgers(a).map(|l| l.held).sum(),
-        money_ledgers(a).map(|l| l.held).sum(),
+        token_ledgers(a).map(|l| l.held()).sum(),
+        money_ledgers(a).map(|l| l.held()).sum(),
     )
 }
 
@@ -1714,7 +1714,7 @@ fn per_unit<'a>(takes: impl Iterator<Item = &'a Take>) -> (i128, i128) {
 /// settles resent elsewhere, explain it.
 fn check_no_debt(a: &Account, late: i128, what: &str) {
     assert!(
-        a.debt.held == 0 && a.debt.charged <= late,
+        a.debt.held() == 0 && a.debt.charged() <= late,
         "{what} {}: overspent into debt: {:?}, records reported late charged {late}",
         a.id,
         a.debt
@@ -1726,7 +1726,7 @@ fn check_floors(a: &Account, credit: i128, what: &str) {
     let lots = || a.packs.values().chain(a.promos.values()).map(|l| &l.ledger);
     for l in lots().chain([&a.allowance, &a.paid, &a.debt]) {
         assert!(
-            l.held >= 0 && l.charged >= 0 && l.forfeited >= 0,
+            l.held() >= 0 && l.charged() >= 0 && l.forfeited() >= 0,
             "{what} {}: {l:?}",
             a.id
         );

@@ -173,11 +173,11 @@ pub fn ledger_figures(l: &Ledger, tokens: bool) -> [String; 5] {
         }
     };
     [
-        show(l.granted),
+        show(l.granted()),
         show(l.available()),
-        show(l.held),
-        show(l.charged),
-        show(l.forfeited),
+        show(l.held()),
+        show(l.charged()),
+        show(l.forfeited()),
     ]
 }
 

@@ -32,28 +32,109 @@ use super::source::{SourceRef, Take};
 
 /// The running totals of one source or lot, in its unit (weighted tokens
 /// or pico-units).
+///
+/// The figures are private: they change only through the operations
+/// below, each of which keeps `granted = available + held + charged +
+/// forfeited` (`available` is derived, so the identity holds by
+/// construction) and names the one movement it makes. Nothing outside
+/// the engine's account module can set a figure:
+///
+/// ```compile_fail
+/// let mut paid = tollgate::engine::Ledger::default();
+/// paid.charged += 1; // private: `charge` is the way, and it keeps the books
+/// ```
+///
 /// Figures at zero are left out of its JSON form.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct Ledger {
-    /// Everything credited (top-ups, grants, allowance periods, repayments).
     #[serde(skip_serializing_if = "super::is_default")]
-    pub granted: i128,
-    /// Held by open reservations.
+    granted: i128,
     #[serde(skip_serializing_if = "super::is_default")]
-    pub held: i128,
-    /// Charged to settled requests.
+    held: i128,
     #[serde(skip_serializing_if = "super::is_default")]
-    pub charged: i128,
-    /// Lost to expiry, revocation or period reset.
+    charged: i128,
     #[serde(skip_serializing_if = "super::is_default")]
-    pub forfeited: i128,
+    forfeited: i128,
 }
 
 impl Ledger {
+    /// A ledger credited `amount` and nothing else.
+    pub fn credited(amount: i128) -> Ledger {
+        Ledger {
+            granted: amount,
+            ..Ledger::default()
+        }
+    }
+
+    /// Everything credited (top-ups, grants, allowance periods, repayments).
+    pub fn granted(&self) -> i128 {
+        self.granted
+    }
+
+    /// Held by open reservations (or lent to sidecars).
+    pub fn held(&self) -> i128 {
+        self.held
+    }
+
+    /// Charged to settled requests.
+    pub fn charged(&self) -> i128 {
+        self.charged
+    }
+
+    /// Lost to expiry, revocation or period reset.
+    pub fn forfeited(&self) -> i128 {
+        self.forfeited
+    }
+
     /// What is left: `granted - held - charged - forfeited`.
     pub fn available(&self) -> i128 {
         self.granted - self.held - self.charged - self.forfeited
+    }
+
+    /// Credits `amount` (a debit when negative): it becomes available.
+    pub fn credit(&mut self, amount: i128) {
+        self.granted += amount;
+    }
+
+    /// This ledger credited `amount`, or `None` past the range.
+    pub fn checked_credit(&self, amount: i128) -> Option<Ledger> {
+        Some(Ledger {
+            granted: self.granted.checked_add(amount)?,
+            ..*self
+        })
+    }
+
+    /// Holds `amount` of what is available.
+    pub fn hold(&mut self, amount: i128) {
+        self.held += amount;
+    }
+
+    /// Stops holding `amount`: it is available again (or charged, or
+    /// forfeited, by the operation that follows).
+    pub fn release(&mut self, amount: i128) {
+        self.held -= amount;
+    }
+
+    /// Charges `amount`.
+    pub fn charge(&mut self, amount: i128) {
+        self.charged += amount;
+    }
+
+    /// Gives back `amount` charged earlier: it is available again.
+    pub fn refund(&mut self, amount: i128) {
+        self.charged -= amount;
+    }
+
+    /// Forfeits `amount` (of what is available, or of what a release just
+    /// freed).
+    pub fn forfeit(&mut self, amount: i128) {
+        self.forfeited += amount;
+    }
+
+    /// Forfeits everything available.
+    pub fn forfeit_available(&mut self) {
+        self.forfeited += self.available();
     }
 }
 
@@ -566,11 +647,11 @@ impl Account {
                 Some((a, schedule, window))
             }
         };
-        self.allowance.forfeited += self.allowance.available();
+        self.allowance.forfeit_available();
         self.plan = plan.id.clone();
         self.anchor = anchor;
         self.subscription = next.map(|(a, schedule, window)| {
-            self.allowance.granted += i128::from(a.tokens);
+            self.allowance.credit(i128::from(a.tokens));
             self.periods_started += 1;
             Box::new(Subscription {
                 schedule,
@@ -687,12 +768,12 @@ impl Account {
         if mirror {
             // A mirror's allowance is lent: the shared account starts the
             // next period, the slice goes back.
-            self.allowance.forfeited += unused;
+            self.allowance.forfeit(unused);
             sub.carry_room = 0;
         } else {
             let carried = unused.min(i128::from(sub.rollover_cap));
-            self.allowance.forfeited += unused - carried;
-            self.allowance.granted += i128::from(sub.tokens);
+            self.allowance.forfeit(unused - carried);
+            self.allowance.credit(i128::from(sub.tokens));
             sub.carry_room = i128::from(sub.rollover_cap) - carried;
         }
         sub.window = next;

@@ -202,17 +202,17 @@ impl Account {
         // profile keeps overflow checks on regardless.
         for t in released {
             if let Some(l) = self.ledger_mut(&t.source) {
-                l.held -= t.amount;
+                l.release(t.amount);
             }
         }
         for t in held {
             if let Some(l) = self.ledger_mut(&t.source) {
-                l.held += t.amount;
+                l.hold(t.amount);
             }
         }
         for t in charged {
             if let Some(l) = self.ledger_mut(&t.source) {
-                l.charged += t.amount;
+                l.charge(t.amount);
             }
         }
         if let Some(log) = self.mirror.as_mut() {

@@ -733,7 +733,7 @@ impl Account {
             return;
         }
         if let Some(l) = self.ledger_mut(&source) {
-            l.forfeited += amount;
+            l.forfeit(amount);
         }
         if let Some(log) = self.mirror.as_mut() {
             merge(&mut log.returned, [Take { source, amount }]);
@@ -761,7 +761,7 @@ impl Account {
         }
         for take in &granted.takes {
             if let Some(l) = self.ledger_mut(&take.source) {
-                l.granted += take.amount;
+                l.credit(take.amount);
             }
             if !self.accepts_returns(&take.source) {
                 self.give_up(take.source.clone(), take.amount);
@@ -786,7 +786,7 @@ impl Account {
             .chain(self.packs.values_mut().map(|l| &mut l.ledger))
             .chain(self.promos.values_mut().map(|l| &mut l.ledger))
         {
-            l.forfeited += l.available();
+            l.forfeit_available();
         }
         if let Some(m) = self.mirror.as_mut() {
             m.returned.clear();
@@ -870,7 +870,7 @@ impl Account {
             if accepts {
                 // Back to available here, but nothing backs it: gone.
                 if let Some(l) = self.ledger_mut(&source) {
-                    l.forfeited += back;
+                    l.forfeit(back);
                 }
             } else if let Some(m) = self.mirror.as_mut() {
                 // Already forfeited and logged as returned: nothing to return.
@@ -895,7 +895,7 @@ impl Account {
     /// For slice sizing: per source this mirror can draw on, what it has
     /// unused and what it has consumed so far (held plus charged).
     pub fn levels(&self, now: Timestamp) -> Vec<(SourceRef, i128, i128)> {
-        let used = |l: &super::account::Ledger| (l.available(), l.held + l.charged);
+        let used = |l: &super::account::Ledger| (l.available(), l.held() + l.charged());
         let mut out = Vec::new();
         if let Some(period) = self.current_period() {
             let (a, u) = used(&self.allowance);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use jiff::{SignedDuration, Timestamp};
 
 use super::account::{
-    ANSWERS_KEPT, Account, Hold, Lot, MAX_ANSWERS, MAX_OPEN_HOLDS, Remembered, Reservation, check_credit_limit,
+    ANSWERS_KEPT, Account, Hold, Ledger, Lot, MAX_ANSWERS, MAX_OPEN_HOLDS, Remembered, Reservation, check_credit_limit,
 };
 use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need};
@@ -617,13 +617,12 @@ impl Account {
     fn credit_paid(&mut self, amount: Money) -> Result<(), EngineError> {
         let owed = (-self.debt.available()).max(0);
         let repay = owed.min(amount.picos());
-        let debt = self.debt.granted.checked_add(repay).ok_or(EngineError::Overflow)?;
+        let debt = self.debt.checked_credit(repay).ok_or(EngineError::Overflow)?;
         let paid = self
             .paid
-            .granted
-            .checked_add(amount.picos() - repay)
+            .checked_credit(amount.picos() - repay)
             .ok_or(EngineError::Overflow)?;
-        (self.debt.granted, self.paid.granted) = (debt, paid);
+        (self.debt, self.paid) = (debt, paid);
         Ok(())
     }
 
@@ -658,10 +657,7 @@ impl Account {
                         "promo lot {operation_id} already exists"
                     )));
                 }
-                let ledger = super::account::Ledger {
-                    granted: amount.picos(),
-                    ..Default::default()
-                };
+                let ledger = Ledger::credited(amount.picos());
                 let lot = Lot {
                     ledger,
                     expires_at,
@@ -705,7 +701,7 @@ impl Account {
                     self.credit_limit
                 )));
             }
-            self.paid.granted += amount.picos();
+            self.paid.credit(amount.picos());
         } else {
             self.credit_paid(amount)?;
         }
@@ -732,10 +728,7 @@ impl Account {
         if grant.expires_at <= now {
             return Err(EngineError::invalid("expires_at", "must be in the future"));
         }
-        let ledger = super::account::Ledger {
-            granted: i128::from(grant.tokens),
-            ..Default::default()
-        };
+        let ledger = Ledger::credited(i128::from(grant.tokens));
         let lot = Lot {
             ledger,
             expires_at: Some(grant.expires_at),
@@ -816,12 +809,12 @@ impl Account {
                     source.kind_name()
                 )));
             };
-            if ledger.charged < amount {
+            if ledger.charged() < amount {
                 return Err(EngineError::Precondition(format!(
                     "{} {} was charged {} in all; it cannot give back {amount}",
                     source.kind_name(),
                     source.lot().unwrap_or_default(),
-                    ledger.charged
+                    ledger.charged()
                 )));
             }
         }
@@ -841,9 +834,9 @@ impl Account {
             let accepts = self.accepts_returns(&source);
             let carried = if accepts { 0 } else { self.carried(&source, amount) };
             if let Some(ledger) = self.ledger_mut(&source) {
-                ledger.charged -= amount;
+                ledger.refund(amount);
                 if !accepts {
-                    ledger.forfeited += amount - carried;
+                    ledger.forfeit(amount - carried);
                 }
             }
         }
@@ -854,8 +847,8 @@ impl Account {
         let repay = owed.min(refunded_paid);
         let excess = self.debt.available().max(0);
         let moved = repay - excess;
-        self.paid.granted -= moved;
-        self.debt.granted += moved;
+        self.paid.credit(-moved);
+        self.debt.credit(moved);
     }
 
     /// Revokes what is left of a pack; its holds stay chargeable.
@@ -867,7 +860,7 @@ impl Account {
             .ok_or_else(|| EngineError::NotFound(format!("pack {pack_id}")))?;
         if !lot.closed {
             lot.closed = true;
-            lot.ledger.forfeited += lot.ledger.available();
+            lot.ledger.forfeit_available();
         }
         Ok(())
     }

@@ -280,7 +280,7 @@ fn answers_go_after_a_minute_and_retries_are_refused_for_the_rest_of_the_window(
     a.charge(&c, &charge, t(NOW)).unwrap();
     let r = allowed(a.reserve(&c, &req("r1", "m", 100, 1000), t(NOW)).unwrap());
     a.settle(&c, &r.reservation_id, usage(100, 10), t(NOW)).unwrap();
-    let charged = a.paid.charged;
+    let charged = a.paid.charged();
     let later = t(NOW) + super::account::ANSWERS_KEPT + SignedDuration::from_secs(1);
     a.prune(&c, later);
     let traffic = a.traffic.as_deref().unwrap();
@@ -299,7 +299,7 @@ fn answers_go_after_a_minute_and_retries_are_refused_for_the_rest_of_the_window(
         ..charge.clone()
     };
     assert!(no_longer_kept(a.charge(&c, &other, later).unwrap_err()));
-    assert_eq!(a.paid.charged, charged, "nothing decided again");
+    assert_eq!(a.paid.charged(), charged, "nothing decided again");
     // Past the window (and the quarter of it its time slot may add), the
     // id is new.
     let after = t(NOW) + c.idempotency_window + c.idempotency_window / 4 + SignedDuration::from_secs(61);
@@ -388,7 +388,10 @@ fn pack_expires_at_the_exact_instant_but_its_holds_stay_chargeable() {
     assert_eq!(record.charges, vec![take(SourceRef::Pack("p1".parse_id()), 30)]);
     let lot = &a.packs[&"p1".parse_id::<LotId>()].ledger;
     // 40 never held was forfeited at expiry, 30 returned by the hold too.
-    assert_eq!((lot.granted, lot.charged, lot.held, lot.forfeited), (100, 30, 0, 70));
+    assert_eq!(
+        (lot.granted(), lot.charged(), lot.held(), lot.forfeited()),
+        (100, 30, 0, 70)
+    );
 }
 
 #[test]
@@ -457,7 +460,7 @@ fn allowance_resets_at_local_month_start_with_capped_rollover() {
     // 800 unused, 300 carried, 500 forfeited, 1000 new.
     assert_eq!(a.balance(after).allowance_tokens, 1300);
     assert_eq!(
-        (a.allowance.granted, a.allowance.forfeited, a.allowance.charged),
+        (a.allowance.granted(), a.allowance.forfeited(), a.allowance.charged()),
         (2000, 500, 200)
     );
     // Two idle months later: rollover is capped each time.
@@ -480,7 +483,7 @@ fn a_hold_across_a_period_reset_is_charged_from_its_period_and_the_rest_forfeite
     // At the reset 400 were free: 300 carried, 100 forfeited; the hold's
     // unused 400 belong to the old period and are forfeited too.
     assert_eq!(a.balance(after).allowance_tokens, 1300);
-    assert_eq!(a.allowance.forfeited, 500);
+    assert_eq!(a.allowance.forfeited(), 500);
 }
 
 #[test]
@@ -706,8 +709,8 @@ fn allowance_held_at_a_period_end_rolls_over_whenever_the_account_is_seen() {
         // cap), the rest forfeited.
         assert_eq!(a.balance(at(60)).allowance_tokens, 1000 + 300);
         let l = &a.allowance;
-        assert_eq!(l.granted, l.available() + l.held + l.charged + l.forfeited);
-        assert_eq!(l.forfeited, 700);
+        assert_eq!(l.granted(), l.available() + l.held() + l.charged() + l.forfeited());
+        assert_eq!(l.forfeited(), 700);
     }
     assert_eq!(
         seen_between
@@ -746,7 +749,7 @@ fn period_numbers_never_repeat_across_plan_changes() {
     // The old period's hold is not the new period's: released, it is forfeited.
     a.release(&c, &r.reservation_id, t(NOW)).unwrap();
     assert_eq!(a.balance(t(NOW)).allowance_tokens, 1000);
-    assert_eq!((a.allowance.granted, a.allowance.forfeited), (2000, 1000));
+    assert_eq!((a.allowance.granted(), a.allowance.forfeited()), (2000, 1000));
 }
 
 /// A plan change that narrows the draw order leaves open holds
@@ -1191,7 +1194,7 @@ fn lent_allowance_of_a_vanished_sidecar_rolls_over_in_time_order() {
         "1,000 carried into period 1, 2,000 into period 2, with its own 1,000"
     );
     let l = &shared.allowance;
-    assert_eq!(l.granted, l.available() + l.held + l.charged + l.forfeited);
+    assert_eq!(l.granted(), l.available() + l.held() + l.charged() + l.forfeited());
 }
 
 /// The same request decided by two sidecars (a retry sent to another one):
@@ -1233,12 +1236,12 @@ fn a_repeated_request_is_charged_once_and_its_batch_mate_in_full() {
     let synced = b.sync_records(&mut shared, &c, no_short(), false, (batch.clone(), &repeat), now);
     assert_eq!(synced.duplicates, vec![batch[0].clone()]);
     assert_eq!(synced.applied, vec![batch[1].clone()]);
-    assert_eq!(shared.paid.charged, 12_000, "7 000 once and 5 000");
+    assert_eq!(shared.paid.charged(), 12_000, "7 000 once and 5 000");
     for car in &mut sidecars {
         car.sync(&mut shared, &c, no_short(), true, now);
     }
-    assert_eq!(shared.paid.held, 0);
-    assert_eq!(shared.paid.charged, 12_000);
+    assert_eq!(shared.paid.held(), 0);
+    assert_eq!(shared.paid.charged(), 12_000);
     assert_eq!(shared.paid.available(), 1_000_000 - 12_000);
 }
 
@@ -1293,9 +1296,9 @@ fn a_mirror_past_its_leases_expiry_never_spends_its_slices_as_the_last_word() {
     for car in [&mut a, &mut b] {
         car.sync(&mut shared, &c, no_short(), true, later);
     }
-    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
+    assert_eq!(shared.debt.charged(), 0, "no debt on a plan without credit");
     assert!(shared.paid.available() >= 0);
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.held(), 0);
 }
 
 /// Reserves and settles on `car` at `now` until the account runs dry;
@@ -1342,13 +1345,13 @@ fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
         panic!("a settle answers its record")
     };
     assert!(a.sync(&mut shared, &c, no_short(), false, later).lapsed);
-    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
-    assert_eq!(shared.paid.charged, drained + record.total_money.picos());
+    assert_eq!(shared.debt.charged(), 0, "no debt on a plan without credit");
+    assert_eq!(shared.paid.charged(), drained + record.total_money.picos());
     for car in [&mut a, &mut b] {
         car.sync(&mut shared, &c, no_short(), true, later);
     }
-    assert_eq!(shared.paid.held, 0);
-    assert_eq!(shared.paid.available(), 1_000_000 - shared.paid.charged);
+    assert_eq!(shared.paid.held(), 0);
+    assert_eq!(shared.paid.available(), 1_000_000 - shared.paid.charged());
 }
 
 /// A hold whose lease lapsed is extended while its sidecar, back from the
@@ -1385,8 +1388,8 @@ fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
     };
     a.mirror.apply(&c, settle, at(100)).unwrap();
     a.sync(&mut shared, &c, no_short(), true, at(100));
-    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
-    assert_eq!(shared.paid.charged, 1_000_000);
+    assert_eq!(shared.debt.charged(), 0, "no debt on a plan without credit");
+    assert_eq!(shared.paid.charged(), 1_000_000);
 }
 
 /// A sidecar that never comes back: what its lapsed lease held is lent
@@ -1401,7 +1404,7 @@ fn a_vanished_sidecars_lease_comes_back_once_its_records_can_no_longer_arrive() 
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
     a.apply(&mut shared, &c, Command::Reserve(req("a1", "m", 10, 10)), now);
-    let held = shared.paid.held;
+    let held = shared.paid.held();
     assert!(held > 0);
     let first = drain(&mut b, &mut shared, &c, "b", now + SignedDuration::from_secs(31));
     assert_eq!(first, 1_000_000 - held, "all but what a's lease held");
@@ -1451,9 +1454,9 @@ fn charges_reported_late_within_the_window_are_covered_by_what_their_lease_set_a
     assert_eq!(drained, 1_000_000 - 50_000, "all but what a's lease held");
     // a is back ten minutes later.
     a.sync(&mut shared, &c, no_short(), true, at(600));
-    assert_eq!(shared.debt.charged, 0, "no debt on a plan without credit");
-    assert_eq!(shared.paid.charged, 1_000_000);
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.debt.charged(), 0, "no debt on a plan without credit");
+    assert_eq!(shared.paid.charged(), 1_000_000);
+    assert_eq!(shared.paid.held(), 0);
 }
 
 /// A sidecar killed and restarted on its journal reports what its
@@ -1479,17 +1482,17 @@ fn a_sidecar_restarted_on_its_journal_takes_back_its_predecessors_lease() {
     let records = a.journal(&mut 0);
     // a is killed; its lease lapses, what it held is set aside.
     b.sync(&mut shared, &c, no_short(), false, at(31));
-    assert_eq!(shared.paid.held, 50_000, "a's slice is set aside");
+    assert_eq!(shared.paid.held(), 50_000, "a's slice is set aside");
     // Restarted on the same journal, under a new producer id.
     let mut again = Sidecar::new("a-again", &shared);
     again.journal_id = Some(journal);
     let synced = again.sync_records(&mut shared, &c, no_short(), false, (records, &[]), at(40));
     assert_eq!(synced.applied.len(), 1, "the journaled settle is applied");
-    assert_eq!(shared.paid.held, 0, "the predecessor's lease holds nothing now");
-    assert_eq!(shared.debt.charged, 0);
-    assert_eq!(shared.paid.available() + shared.paid.charged, 1_000_000);
+    assert_eq!(shared.paid.held(), 0, "the predecessor's lease holds nothing now");
+    assert_eq!(shared.debt.charged(), 0);
+    assert_eq!(shared.paid.available() + shared.paid.charged(), 1_000_000);
     assert!(
-        shared.paid.charged > 0 && shared.paid.charged < 50_000,
+        shared.paid.charged() > 0 && shared.paid.charged() < 50_000,
         "the settle, not the hold"
     );
 }
@@ -1529,8 +1532,8 @@ fn sidecars_on_leases_drain_an_account_exactly_and_never_below_zero() {
     // What is left is less than one request's worst case per sidecar: a
     // short mirror gives its slice back and asks for exactly its need.
     assert!(shared.paid.available() < 2 * 50_000, "left {}", shared.paid.available());
-    assert_eq!(shared.paid.held, 0, "nothing lent after both left");
-    assert_eq!(shared.paid.charged, charged, "every charge reported exactly once");
+    assert_eq!(shared.paid.held(), 0, "nothing lent after both left");
+    assert_eq!(shared.paid.charged(), charged, "every charge reported exactly once");
     assert_eq!(shared.paid.available(), 1_000_000 - charged);
 }
 
@@ -1573,7 +1576,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         first,
         "a retry gets the first answer"
     );
-    assert_eq!(shared.paid.held, 250_000, "and lends nothing twice");
+    assert_eq!(shared.paid.held(), 250_000, "and lends nothing twice");
     let second = shared
         .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), &[], now)
         .unwrap();
@@ -1585,7 +1588,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     shared
         .sync(&c, &ask(2, 1, vec![take(SourceRef::Paid, 100_000)]), &[], now)
         .unwrap();
-    assert_eq!(shared.paid.charged, 100_000, "a repeated report is applied once");
+    assert_eq!(shared.paid.charged(), 100_000, "a repeated report is applied once");
     assert!(
         shared.sync(&c, &ask(1, 1, vec![]), &[], now).is_err(),
         "an older report is refused"
@@ -1594,7 +1597,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     // lent to nobody.
     let later = now + SignedDuration::from_secs(30);
     shared.apply(&c, Command::Balance, later).unwrap();
-    assert_eq!(shared.paid.held, 337_500);
+    assert_eq!(shared.paid.held(), 337_500);
     assert_eq!(shared.leases[&producer].epoch, 2);
     // A report from before the lapse still counts its charges, out of what
     // was set aside.
@@ -1602,7 +1605,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
         .sync(&c, &ask(3, 1, vec![take(SourceRef::Paid, 50_000)]), &[], later)
         .unwrap();
     assert!(late.granted.lapsed);
-    assert_eq!(shared.paid.charged, 150_000);
+    assert_eq!(shared.paid.charged(), 150_000);
     assert_eq!(
         shared.leases[&producer].lapsed[0].held,
         vec![take(SourceRef::Paid, 287_500)]
@@ -1613,15 +1616,16 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     let kept = c.hold_ttl + c.idempotency_window;
     shared.apply(&c, Command::Balance, later + kept).unwrap();
     assert_eq!(
-        shared.paid.held, lent_late,
+        shared.paid.held(),
+        lent_late,
         "the new lease's slice, set aside in its turn"
     );
     shared
         .apply(&c, Command::Balance, later + SignedDuration::from_secs(30) + kept)
         .unwrap();
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.held(), 0);
     assert_eq!(
-        shared.paid.available() + shared.paid.held + shared.paid.charged,
+        shared.paid.available() + shared.paid.held() + shared.paid.charged(),
         1_000_000
     );
 }
@@ -1742,17 +1746,17 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_neve
     let now = t(NOW);
     let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
     assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
-    assert_eq!(shared.paid.held, 50_000, "exactly the need was lent");
+    assert_eq!(shared.paid.held(), 50_000, "exactly the need was lent");
     // Cut off longer than the lease: the shared account sets the slice
     // aside, lent to nobody, for the hold TTL.
     let later = now + SignedDuration::from_secs(31);
     shared.apply(&c, Command::Balance, later).unwrap();
-    assert_eq!(shared.paid.held, 50_000);
+    assert_eq!(shared.paid.held(), 50_000);
     assert!(shared.leases[&car.producer].held.is_empty());
     // The sidecar is back and borrows for a new request under a new epoch.
     let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r2", "m", 10, 10)), later);
     assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
-    assert_eq!(shared.paid.held, 100_000, "r2's backing, and r1's set aside");
+    assert_eq!(shared.paid.held(), 100_000, "r2's backing, and r1's set aside");
     // r1 settles: its charge comes out of what was set aside, r2's backing
     // stays whole.
     let settle = Command::Settle {
@@ -1761,8 +1765,8 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_neve
     };
     car.apply(&mut shared, &c, settle, later);
     car.sync(&mut shared, &c, no_short(), false, later);
-    assert_eq!(shared.paid.charged, 30_000);
-    assert_eq!(shared.debt.charged, 0);
+    assert_eq!(shared.paid.charged(), 30_000);
+    assert_eq!(shared.debt.charged(), 0);
     let lease = &shared.leases[&car.producer];
     assert_eq!(
         lease.held,
@@ -1773,15 +1777,15 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_neve
         lease.lapsed.is_empty(),
         "r1's release came back: the sidecar holds nothing unbacked any more"
     );
-    assert_eq!(shared.paid.held, 50_000);
+    assert_eq!(shared.paid.held(), 50_000);
     let m = &car.mirror;
     assert_eq!(m.paid.available(), 0, "what r1 released was not backed: gone");
     assert_eq!(
-        m.paid.granted,
-        m.paid.available() + m.paid.held + m.paid.charged + m.paid.forfeited
+        m.paid.granted(),
+        m.paid.available() + m.paid.held() + m.paid.charged() + m.paid.forfeited()
     );
     car.sync(&mut shared, &c, no_short(), true, later);
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.held(), 0);
     assert_eq!(shared.paid.available(), 1_000_000 - 30_000);
 }
 
@@ -1803,7 +1807,7 @@ fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
     let Reply::Reserve(ReserveOutcome::Allowed(r1)) = reserved else {
         panic!("r1 is allowed: {reserved:?}")
     };
-    assert_eq!(shared.paid.held, 50_000, "exactly the need was lent to a");
+    assert_eq!(shared.paid.held(), 50_000, "exactly the need was lent to a");
     // a is cut off longer than its lease. Its request fails: the hold goes
     // back to a's slice, which a believes it still holds.
     let later = now + SignedDuration::from_secs(31);
@@ -1812,17 +1816,17 @@ fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
     // b syncs meanwhile: a's lease lapses, what it held is set aside for a
     // hold TTL, then taken back, and the lease, holding nothing, forgotten.
     b.sync(&mut shared, &c, no_short(), false, later);
-    assert_eq!(shared.paid.held, 50_000, "a's slice is set aside");
+    assert_eq!(shared.paid.held(), 50_000, "a's slice is set aside");
     let gone = now + SignedDuration::from_secs(31) + c.hold_ttl;
     b.sync(&mut shared, &c, no_short(), false, gone);
-    assert_eq!(shared.paid.held, 0, "a's slice was taken back");
+    assert_eq!(shared.paid.held(), 0, "a's slice was taken back");
     assert!(!shared.leases.contains_key(&a.producer), "and a's lease forgotten");
     // a is back: it must drop the slice, not go on deciding from it.
     let later = gone;
     let granted = a.sync(&mut shared, &c, no_short(), false, later);
     assert!(granted.lapsed, "a is told its lease lapsed");
     assert_eq!(a.mirror.paid.available(), 0, "a decides from nothing it lost");
-    assert_eq!(shared.paid.held, 0);
+    assert_eq!(shared.paid.held(), 0);
     assert_eq!(shared.paid.available(), 1_000_000, "nothing was charged");
     // A sidecar that never held a lease is not told of a lapse.
     let mut fresh = Sidecar::new("c", &shared);
@@ -1842,14 +1846,14 @@ fn a_mirror_made_anew_is_not_lapsed_and_strands_nothing() {
     let now = t(NOW);
     let reserved = a.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
     assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
-    assert_eq!(shared.paid.held, 50_000);
+    assert_eq!(shared.paid.held(), 50_000);
     // Same producer, report numbers going on, a mirror that knows nothing.
     let mut again = Sidecar::new("a", &shared);
     again.seq = a.seq;
     let granted = again.sync(&mut shared, &c, no_short(), false, now);
     assert!(!granted.lapsed, "a new mirror is not a lapsed one");
     assert_eq!(granted.epoch, shared.leases[&again.producer].epoch);
-    assert_eq!(shared.paid.held, 0, "what the old mirror held came back");
+    assert_eq!(shared.paid.held(), 0, "what the old mirror held came back");
     assert_eq!(shared.paid.available(), 1_000_000);
 }
 
@@ -1911,8 +1915,8 @@ fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
     );
     for ledger in [&a.paid, &a.debt] {
         assert_eq!(
-            ledger.granted,
-            ledger.available() + ledger.held + ledger.charged + ledger.forfeited
+            ledger.granted(),
+            ledger.available() + ledger.held() + ledger.charged() + ledger.forfeited()
         );
     }
     // Once per request, whatever kind the caller names.
@@ -1971,12 +1975,12 @@ fn a_refund_across_allowance_periods_gives_back_at_most_what_was_charged() {
     ];
     let refused = a.refund(&c, &request, RecordKind::Settle, &twice, made, t(NOW));
     assert!(matches!(refused, Err(EngineError::Precondition(_))), "{refused:?}");
-    assert_eq!(a.allowance.charged, 100, "nothing given back");
+    assert_eq!(a.allowance.charged(), 100, "nothing given back");
     a.refund(&c, &request, RecordKind::Settle, &record.charges, made, t(NOW))
         .unwrap();
-    assert_eq!(a.allowance.charged, 0);
+    assert_eq!(a.allowance.charged(), 0);
     let l = &a.allowance;
-    assert_eq!(l.granted, l.available() + l.held + l.charged + l.forfeited);
+    assert_eq!(l.granted(), l.available() + l.held() + l.charged() + l.forfeited());
 }
 
 /// A refund names a record: one settled within the idempotency window
@@ -2016,7 +2020,7 @@ fn a_refund_of_a_record_never_made_within_the_window_is_refused() {
         ),
         "{refused:?}"
     );
-    assert_eq!(a.paid.charged, 400_000, "nothing given back");
+    assert_eq!(a.paid.charged(), 400_000, "nothing given back");
     let long_ago = t(NOW) - c.idempotency_window - SignedDuration::from_secs(1);
     a.refund(
         &c,
@@ -2080,10 +2084,10 @@ fn a_retried_refund_is_the_same_change_whatever_the_store_found() {
     let audit = audit(&a, "refund", "refund-1");
     let (_, first) = a.apply_audited(&c, refund(Some(true)), t(NOW), &audit).unwrap();
     assert!(first.is_some());
-    let charged = a.paid.charged;
+    let charged = a.paid.charged();
     let again = a.apply_audited(&c, refund(None), t(NOW), &audit);
     assert!(matches!(again, Ok((Reply::Done, None))), "{again:?}");
-    assert_eq!(a.paid.charged, charged, "given back once");
+    assert_eq!(a.paid.charged(), charged, "given back once");
     // Only a change the operator did not ask for the first time conflicts.
     let other = refund_at(t(NOW) - SignedDuration::from_secs(1), Some(true));
     assert!(matches!(

@@ -412,15 +412,20 @@ pub async fn load(
 pub fn quiescent(port: u16, shards: u32, paid_in: i128) -> Ledger {
     let account = shared_account(port, shards, "shared");
     let paid = account.paid;
-    assert_eq!(paid.granted, paid_in, "credited once, however many sidecars seeded it");
     assert_eq!(
-        paid.held, 0,
+        paid.granted(),
+        paid_in,
+        "credited once, however many sidecars seeded it"
+    );
+    assert_eq!(
+        paid.held(),
+        0,
         "nothing lent or held once every lease is back: {account:?}"
     );
     assert!(paid.available() >= 0, "below zero: {paid:?}");
     assert_eq!(
-        paid.granted,
-        paid.available() + paid.held + paid.charged + paid.forfeited
+        paid.granted(),
+        paid.available() + paid.held() + paid.charged() + paid.forfeited()
     );
     for (producer, lease) in &account.leases {
         assert!(lease.held.is_empty(), "lease of {producer} still holds");
