@@ -18,7 +18,8 @@
 //!   format and how descriptors match them.
 //! - [`app`]: the running process: builds from settings, binds listeners,
 //!   serves, reloads the configuration, drains on shutdown signals.
-//! - [`config`]: TOML configuration, environment overrides, validation.
+//! - [`config`]: the TOML file, the environment and flags over it (one
+//!   order, decided in one place), validation, secrets.
 //! - [`usage`]: where usage records go: the sink (JSON Lines file or
 //!   stdout), the local journal in front of Redis, and reading the usage
 //!   streams through a consumer group.

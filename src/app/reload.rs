@@ -85,7 +85,7 @@ async fn reload(
     (was, is): (Option<&[u8]>, &[u8]),
 ) -> Result<Vec<String>, Vec<String>> {
     let text = std::fs::read_to_string(&watch.path).map_err(|e| vec![format!("{}: {e}", watch.path.display())])?;
-    let settings = Settings::parse_with(&text, &|key| std::env::var(key).ok(), &watch.flags).map_err(|errors| {
+    let settings = Settings::parse_with(&text, &crate::config::process_env, &watch.flags).map_err(|errors| {
         errors
             .0
             .iter()

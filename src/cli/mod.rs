@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::server::App;
 use crate::client::{Client, ClientError};
-use crate::config::Settings;
+use crate::config::{Settings, process_env};
 use crate::proto;
 
 /// Tollgate: quota, balance and rate-limit sidecar for LLM inference.
@@ -204,23 +204,23 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct ConfigFlags {
     /// Data-plane address, overriding server.listen.
-    #[arg(long, env = "TOLLGATE_LISTEN")]
+    #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Control-plane address, overriding server.admin_listen.
-    #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
+    #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
     /// Serve metrics (`/metrics`) and probes (`/live`, `/ready`) over HTTP
     /// here, overriding server.http_listen.
-    #[arg(long, env = "TOLLGATE_HTTP_LISTEN")]
+    #[arg(long)]
     pub http_listen: Option<SocketAddr>,
     /// Use the Redis store at this redis:// or rediss:// URL; repeat the
     /// flag (or separate with commas) to name several Redis Cluster seed
     /// nodes. The password comes from TOLLGATE_REDIS_PASSWORD or
     /// store.redis.password_file, never from the command line.
-    #[arg(long = "redis", value_name = "URL", env = "TOLLGATE_REDIS", value_delimiter = ',')]
+    #[arg(long = "redis", value_name = "URL", value_delimiter = ',')]
     pub redis: Vec<String>,
     /// The one --redis URL is a Redis Cluster node.
-    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    #[arg(long)]
     pub redis_cluster: bool,
     /// The usage journal's directory (Redis store), overriding journal.dir.
     #[arg(long, value_name = "DIR")]
@@ -228,7 +228,7 @@ pub struct ConfigFlags {
     /// Serve Envoy's rate-limit API with the envoyproxy/ratelimit rules
     /// (YAML, one domain per file) in this directory, overriding
     /// rls.config_dir.
-    #[arg(long, value_name = "DIR", env = "TOLLGATE_RLS_CONFIG")]
+    #[arg(long, value_name = "DIR")]
     pub rls_config: Option<PathBuf>,
 }
 
@@ -328,10 +328,6 @@ pub struct BalanceArgs {
     account: String,
 }
 
-fn env(key: &str) -> Option<String> {
-    std::env::var(key).ok()
-}
-
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -353,7 +349,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::app::server::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::CheckConfig { file, flags } => Ok(match Settings::load(Some(&file), &env, &flags.overrides()) {
+        Cmd::CheckConfig { file, flags } => Ok(match Settings::load(Some(&file), &process_env, &flags.overrides()) {
             Ok(s) => {
                 println!(
                     "{}: ok ({} plans, {} price versions, {} accounts)",
@@ -429,17 +425,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::usage::consume::Consumer> {
     let cluster = streams.redis_cluster || streams.redis.len() > 1;
-    let password = env("TOLLGATE_REDIS_PASSWORD");
     let settings = crate::store::redis::RedisSettings {
         urls: streams.redis.clone(),
         cluster,
         deadline: std::time::Duration::from_secs(10),
         ca_cert: None,
         replicas: 0,
-        credentials: password.map(|password| crate::store::redis::Credentials {
-            username: env("TOLLGATE_REDIS_USERNAME"),
-            password,
-        }),
+        credentials: crate::config::redis_credentials(&process_env),
     };
     let redis = crate::store::redis::Redis::connect(&settings)
         .await
@@ -450,7 +442,7 @@ async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::us
     let name = streams
         .consumer
         .clone()
-        .unwrap_or_else(|| env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
+        .unwrap_or_else(|| process_env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
     Ok(crate::usage::consume::Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
 }
 
@@ -581,7 +573,7 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let flags = args.flags.overrides();
-    let mut settings = match Settings::load(args.config.as_deref(), &env, &flags) {
+    let mut settings = match Settings::load(args.config.as_deref(), &process_env, &flags) {
         Ok(s) => s,
         Err(errors) => {
             eprint!("{errors}");

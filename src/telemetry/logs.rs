@@ -27,15 +27,30 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+/// How the process logs and traces (read by `config::log_settings`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// The log filter (`info` when unset or unreadable).
+    pub filter: Option<String>,
+    /// One JSON object a line, else text.
+    pub json: bool,
+    /// Where traces go over OTLP/gRPC, if anywhere.
+    pub otlp_endpoint: Option<String>,
+    /// The traces' service name.
+    pub service_name: String,
+}
+
 /// Installs the global subscriber (and the trace exporter, if configured).
 /// Call once, from `main`, inside the Tokio runtime.
-pub fn init() -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("TOLLGATE_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .ok()
-        .filter(|e| !e.is_empty());
-    let (provider, problem) = match endpoint.as_deref().map(exporter) {
+pub fn init(settings: &LogSettings) -> Telemetry {
+    let filter = settings
+        .filter
+        .as_deref()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let json = settings.json;
+    let service = settings.service_name.as_str();
+    let (provider, problem) = match settings.otlp_endpoint.as_deref().map(|e| exporter(e, service)) {
         None => (None, None),
         Some(Ok(provider)) => (Some(provider), None),
         Some(Err(e)) => (None, Some(e)),
@@ -63,7 +78,7 @@ pub fn init() -> Telemetry {
         .with(text_logs)
         .with(otel)
         .init();
-    match (&problem, &endpoint) {
+    match (&problem, &settings.otlp_endpoint) {
         (Some(e), Some(endpoint)) => tracing::error!(endpoint, error = %e, "traces not exported"),
         (None, Some(endpoint)) => tracing::info!(endpoint, "exporting traces over OTLP"),
         _ => {}
@@ -72,16 +87,15 @@ pub fn init() -> Telemetry {
 }
 
 /// A batch exporter to the OTLP/gRPC collector at `endpoint`.
-fn exporter(endpoint: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+fn exporter(endpoint: &str, service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
         .with_timeout(std::time::Duration::from_secs(5))
         .build()?;
-    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "tollgate".into());
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(Resource::builder().with_service_name(service).build())
+        .with_resource(Resource::builder().with_service_name(service.to_owned()).build())
         .build())
 }
 

@@ -4,4 +4,4 @@
 pub mod logs;
 pub mod metrics;
 
-pub use logs::{Telemetry, grpc_span, init, note_ids};
+pub use logs::{LogSettings, Telemetry, grpc_span, init, note_ids};
