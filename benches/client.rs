@@ -123,7 +123,11 @@ async fn drive(way: Way, channel: Channel, until: Instant, tag: String) -> Vec<u
 async fn main() {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target = format!("http://{}", tcp.local_addr().unwrap());
-    tokio::spawn(tollgate::app::server::serve_baseline(tcp, None, std::future::pending()));
+    tokio::spawn(tollgate::cli::loadgen::serve_baseline(
+        tcp,
+        None,
+        std::future::pending(),
+    ));
     for connections in [1usize, 16] {
         let mut channels = Vec::new();
         for _ in 0..connections {

@@ -14,7 +14,7 @@ mod harness;
 
 use std::time::Duration;
 
-use tollgate::app::server::serve_baseline;
+use tollgate::cli::loadgen::serve_baseline;
 use tollgate::cli::loadgen::{Mix, Report, Spec, run};
 use tollgate::config::Settings;
 

@@ -483,7 +483,7 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
     let baseline_url = format!("http://{}", tcp.local_addr().unwrap());
     let unix = tokio::net::UnixListener::bind(&baseline_socket).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let baseline = tokio::spawn(tollgate::app::server::serve_baseline(tcp, Some(unix), async {
+    let baseline = tokio::spawn(tollgate::cli::loadgen::serve_baseline(tcp, Some(unix), async {
         let _ = stopped.await;
     }));
     let mut written = 0;
@@ -1292,42 +1292,90 @@ fn the_module_map_names_every_module() {
     assert!(unnamed.is_empty(), "modules missing from lib.rs's map: {unnamed:?}");
 }
 
-/// The engine's map in `engine/mod.rs` lists its modules bottom up: each
-/// may import only from those listed above it, so the engine has no cycle
-/// and a reader can take the files in that order.
-#[test]
-fn the_engine_imports_only_from_modules_below_it() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/engine");
-    let map = std::fs::read_to_string(format!("{dir}/mod.rs")).unwrap();
-    let order: Vec<&str> = map
+/// The modules a map (the `//! - [`name`]` lines of `map`) lists, in order.
+fn listed(map: &str) -> Vec<String> {
+    std::fs::read_to_string(map)
+        .unwrap()
         .lines()
-        .filter_map(|l| l.strip_prefix("//! - [`")?.split_once('`').map(|(m, _)| m))
-        .collect();
+        .filter_map(|l| Some(l.strip_prefix("//! - [`")?.split_once('`')?.0.to_owned()))
+        .collect()
+}
+
+/// The source files of module `module` under `dir`: `module.rs`, or
+/// every file under `module/` but its tests.
+fn files_of(dir: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
+    let file = dir.join(format!("{module}.rs"));
+    if file.exists() {
+        return vec![file];
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.join(module)];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for path in entries.map(|e| e.unwrap().path()) {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("tests.rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// Where a module of `order` (its files under `dir`) names, through one of
+/// `prefixes`, a module listed after it.
+fn upward_imports(dir: &std::path::Path, order: &[String], prefixes: &[&str]) -> Vec<String> {
     let mut upward = Vec::new();
     for (rank, module) in order.iter().enumerate() {
-        let text = std::fs::read_to_string(format!("{dir}/{module}.rs")).unwrap();
-        // Code only: not the unit tests at the foot, not comments.
-        let code = text.split("#[cfg(test)]").next().unwrap();
-        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-            for prefix in ["super::", "crate::engine::"] {
-                for (i, _) in line.match_indices(prefix) {
-                    let named: String = line[i + prefix.len()..]
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    if order[rank..].contains(&named.as_str()) && named != *module {
-                        upward.push(format!("{module} -> {named}"));
+        for file in files_of(dir, module) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            // Code only: not the unit tests at the foot, not comments.
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for prefix in prefixes {
+                    for (i, _) in line.match_indices(prefix) {
+                        let named: String = line[i + prefix.len()..]
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        if named != *module && order[rank..].contains(&named) {
+                            upward.push(format!("{} -> {named}", file.display()));
+                        }
                     }
                 }
             }
         }
     }
-    assert!(upward.is_empty(), "imports up the engine's map: {upward:?}");
+    upward
+}
+
+/// `lib.rs` lists the crate's modules bottom up: none imports from one
+/// listed after it, so the layers hold (the engine at the bottom, the
+/// command line at the top).
+#[test]
+fn the_crate_imports_only_from_modules_below_it() {
+    let src = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
+    let order = listed(&format!("{}/lib.rs", src.display()));
+    assert!(order.len() >= 15, "lib.rs lists its modules: {order:?}");
+    let upward = upward_imports(src, &order, &["crate::"]);
+    assert!(upward.is_empty(), "imports up lib.rs's map: {upward:#?}");
+}
+
+/// The engine's map in `engine/mod.rs` lists its modules bottom up: each
+/// may import only from those listed above it, so the engine has no cycle
+/// and a reader can take the files in that order.
+#[test]
+fn the_engine_imports_only_from_modules_below_it() {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/engine"));
+    let order = listed(&format!("{}/mod.rs", dir.display()));
+    let upward = upward_imports(dir, &order, &["super::", "crate::engine::"]);
+    assert!(upward.is_empty(), "imports up the engine's map: {upward:#?}");
     let unlisted: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter_map(|f| Some(f.strip_suffix(".rs")?.to_owned()))
-        .filter(|m| !["mod", "tests"].contains(&m.as_str()) && !order.contains(&m.as_str()))
+        .filter(|m| !["mod", "tests"].contains(&m.as_str()) && !order.contains(m))
         .collect();
     assert!(
         unlisted.is_empty(),

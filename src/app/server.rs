@@ -670,9 +670,6 @@ fn reserve_descriptors(connections: usize) {
     }
 }
 
-/// What the baseline's drain may take after a shutdown signal.
-pub const BASELINE_DRAIN: Duration = Duration::from_secs(10);
-
 /// Streams one connection may have open at once, advertised to every
 /// client (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS): far above what a
 /// client multiplexes, low enough that half-sent streams cannot pile up
@@ -707,48 +704,6 @@ fn builder() -> Server {
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-}
-
-/// Serves the empty baseline service ([`crate::cli::loadgen::Baseline`]) on
-/// `tcp` (and `unix`) with the same stack and listener options as the
-/// data plane, until `stop` completes: the floor the load generator
-/// compares Tollgate with.
-pub async fn serve_baseline(
-    tcp: TcpListener,
-    unix: Option<tokio::net::UnixListener>,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let until = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let service = || QuotaServer::new(crate::cli::loadgen::Baseline);
-    let on_tcp = Server::builder().add_service(service()).serve_with_incoming_shutdown(
-        crate::transport::conn::incoming(tcp, crate::transport::conn::Guard::default().places()),
-        until(stop_rx.clone()),
-    );
-    let on_unix = {
-        let stop = until(stop_rx);
-        async move {
-            match unix {
-                Some(listener) => {
-                    Server::builder()
-                        .add_service(service())
-                        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
-                        .await
-                }
-                None => Ok(()),
-            }
-        }
-    };
-    let signal = async move {
-        stop.await;
-        let _ = stop_tx.send(true);
-    };
-    let (tcp, unix, ()) = tokio::join!(on_tcp, on_unix, signal);
-    tcp.context("baseline over TCP")?;
-    unix.context("baseline over the Unix socket")?;
-    Ok(())
 }
 
 /// A server-reflection builder listing `service` with health and reflection.

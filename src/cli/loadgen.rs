@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -28,6 +31,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 
 use crate::client::{Ask, Client, Options, Reserved};
 use crate::proto;
+use crate::proto::quota_server::QuotaServer;
 
 /// Calls as measured: one attempt each (a retry would hide an error and
 /// count its latency twice), and a deadline no healthy call reaches.
@@ -377,6 +381,53 @@ impl proto::quota_server::Quota for Baseline {
     ) -> Result<Response<proto::GetBalanceResponse>, Status> {
         Ok(Response::new(proto::GetBalanceResponse::default()))
     }
+}
+
+/// What the baseline's drain may take after a shutdown signal.
+pub const BASELINE_DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves the empty baseline service ([`Baseline`]) on
+/// `tcp` (and `unix`) with the same stack and listener options as the
+/// data plane, until `stop` completes: the floor the load generator
+/// compares Tollgate with.
+pub async fn serve_baseline(
+    tcp: TcpListener,
+    unix: Option<tokio::net::UnixListener>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let until = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let service = || QuotaServer::new(Baseline);
+    let on_tcp = tonic::transport::Server::builder()
+        .add_service(service())
+        .serve_with_incoming_shutdown(
+            crate::transport::conn::incoming(tcp, crate::transport::conn::Guard::default().places()),
+            until(stop_rx.clone()),
+        );
+    let on_unix = {
+        let stop = until(stop_rx);
+        async move {
+            match unix {
+                Some(listener) => {
+                    tonic::transport::Server::builder()
+                        .add_service(service())
+                        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
+    };
+    let signal = async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    };
+    let (tcp, unix, ()) = tokio::join!(on_tcp, on_unix, signal);
+    tcp.context("baseline over TCP")?;
+    unix.context("baseline over the Unix socket")?;
+    Ok(())
 }
 
 #[cfg(test)]

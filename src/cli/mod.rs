@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod loadgen;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -332,7 +333,7 @@ pub struct BalanceArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Serve(args) => serve(args).await,
-        Cmd::Usage(cmd) => usage(cmd).await,
+        Cmd::Usage(cmd) => crate::cli::usage::run(cmd).await,
         Cmd::Admin(cmd) => crate::cli::admin::run(cmd).await,
         Cmd::Loadgen(args) => loadgen(args).await,
         Cmd::Baseline { listen, listen_unix } => {
@@ -344,9 +345,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("binding the Unix socket")?;
             // Listening for signals before saying so: a signal from then on
             // drains rather than kills.
-            let (stop, _) = crate::app::signal::shutdown(crate::app::server::BASELINE_DRAIN);
+            let (stop, _) = crate::app::signal::shutdown(crate::cli::loadgen::BASELINE_DRAIN);
             tracing::info!(%listen, unix = ?listen_unix, "baseline listening");
-            crate::app::server::serve_baseline(tcp, unix, stop).await?;
+            crate::cli::loadgen::serve_baseline(tcp, unix, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { file, flags } => Ok(match Settings::load(Some(&file), &process_env, &flags.overrides()) {
@@ -419,91 +420,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(show_balance(&r))
             })
             .await
-        }
-    }
-}
-
-async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<crate::usage::consume::Consumer> {
-    let cluster = streams.redis_cluster || streams.redis.len() > 1;
-    let settings = crate::store::redis::RedisSettings {
-        urls: streams.redis.clone(),
-        cluster,
-        deadline: std::time::Duration::from_secs(10),
-        ca_cert: None,
-        replicas: 0,
-        credentials: crate::config::redis_credentials(&process_env),
-    };
-    let redis = crate::store::redis::Redis::connect(&settings)
-        .await
-        .with_context(|| format!("connecting to {}", streams.redis.join(", ")))?;
-    let shards = crate::config::shards(streams.shards.unwrap_or(0), cluster);
-    // A stable default name: a consumer restarted after a crash gets back
-    // what it was given and had not acknowledged.
-    let name = streams
-        .consumer
-        .clone()
-        .unwrap_or_else(|| process_env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
-    Ok(crate::usage::consume::Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
-}
-
-async fn usage(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
-    use std::io::Write;
-    match cmd {
-        UsageCmd::Tail { streams, group, max } => {
-            let consumer = consumer(&streams, &group).await?;
-            let mut printed = 0u64;
-            let stdout = std::io::stdout();
-            loop {
-                let batch = consumer.read(100, Some(2000)).await?;
-                let mut out = stdout.lock();
-                for d in batch.iter().filter(|d| !d.record.is_null()) {
-                    writeln!(out, "{}", d.record)?;
-                }
-                out.flush()?;
-                drop(out);
-                consumer.ack(&batch).await?;
-                printed += batch.iter().filter(|d| !d.record.is_null()).count() as u64;
-                if max.is_some_and(|m| printed >= m) {
-                    return Ok(ExitCode::SUCCESS);
-                }
-            }
-        }
-        UsageCmd::Export {
-            streams,
-            group,
-            from,
-            to,
-            account,
-            format,
-        } => {
-            let csv = match format.as_str() {
-                "csv" => true,
-                "jsonl" => false,
-                other => anyhow::bail!("--format {other}: expected csv or jsonl"),
-            };
-            let consumer = consumer(&streams, &group).await?;
-            let mut totals = std::collections::BTreeMap::new();
-            let mut counted = 0usize;
-            let read = consumer
-                .read_through(1000, |record| {
-                    counted += usize::from(crate::usage::consume::tally(
-                        &mut totals,
-                        record,
-                        from,
-                        to,
-                        account.as_deref(),
-                    ));
-                })
-                .await?;
-            // Acknowledged only once written and flushed: an export killed
-            // or cut off before gives the same records to the next run.
-            let mut out = std::io::stdout().lock();
-            crate::usage::consume::write_totals(&mut out, &totals, csv)?;
-            out.flush()?;
-            drop(out);
-            consumer.ack(&read).await?;
-            eprintln!("{} records consumed, {counted} in range", read.len());
-            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,12 +1,11 @@
 //! Where usage records go: the sink every sidecar writes (a JSON Lines
 //! file or stdout, [`sink`], re-exported here), the local journal that
 //! makes them durable before a Redis-backed sidecar acknowledges them
-//! ([`journal`]), and reading the usage streams in Redis through a
-//! consumer group ([`consume`]). The stream itself is written by the
-//! Redis store's commits (`store::leased`), in the form [`crate::wire`]
-//! gives records.
+//! ([`journal`]). The stream itself is written by the Redis store's
+//! commits (`store::leased`), in the form [`crate::wire`] gives records,
+//! and read through a consumer group by `tollgate usage`
+//! ([`crate::cli::usage`]).
 
-pub mod consume;
 pub mod journal;
 pub mod sink;
 

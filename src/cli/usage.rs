@@ -1,6 +1,6 @@
-//! Reading the usage streams as a billing pipeline does: through a Redis
-//! consumer group, acknowledging what was processed (`tollgate usage tail`
-//! and `tollgate usage export`).
+//! `tollgate usage`: reading the usage streams as a billing pipeline does,
+//! through a Redis consumer group, acknowledging what was processed
+//! (`tollgate usage tail` and `tollgate usage export`).
 //!
 //! Records are in `PREFIX:{SHARD}:usage` for every shard `0..shards`; each
 //! stream entry holds the records one commit applied, each encoded once:
@@ -12,6 +12,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
 
 use jiff::Timestamp;
 
@@ -19,6 +22,9 @@ use crate::engine::money::Money;
 use crate::store::StoreError;
 use crate::store::leased::{entry_records, stream_key};
 use crate::store::redis::Redis;
+
+use super::{StreamArgs, UsageCmd};
+use crate::config::process_env;
 
 /// One record read from a stream.
 #[derive(Debug, Clone)]
@@ -294,4 +300,84 @@ pub fn write_totals(
         }
     }
     Ok(())
+}
+
+async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<Consumer> {
+    let cluster = streams.redis_cluster || streams.redis.len() > 1;
+    let settings = crate::store::redis::RedisSettings {
+        urls: streams.redis.clone(),
+        cluster,
+        deadline: std::time::Duration::from_secs(10),
+        ca_cert: None,
+        replicas: 0,
+        credentials: crate::config::redis_credentials(&process_env),
+    };
+    let redis = crate::store::redis::Redis::connect(&settings)
+        .await
+        .with_context(|| format!("connecting to {}", streams.redis.join(", ")))?;
+    let shards = crate::config::shards(streams.shards.unwrap_or(0), cluster);
+    // A stable default name: a consumer restarted after a crash gets back
+    // what it was given and had not acknowledged.
+    let name = streams
+        .consumer
+        .clone()
+        .unwrap_or_else(|| process_env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
+    Ok(Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
+}
+
+/// Runs `tollgate usage`.
+pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    match cmd {
+        UsageCmd::Tail { streams, group, max } => {
+            let consumer = consumer(&streams, &group).await?;
+            let mut printed = 0u64;
+            let stdout = std::io::stdout();
+            loop {
+                let batch = consumer.read(100, Some(2000)).await?;
+                let mut out = stdout.lock();
+                for d in batch.iter().filter(|d| !d.record.is_null()) {
+                    writeln!(out, "{}", d.record)?;
+                }
+                out.flush()?;
+                drop(out);
+                consumer.ack(&batch).await?;
+                printed += batch.iter().filter(|d| !d.record.is_null()).count() as u64;
+                if max.is_some_and(|m| printed >= m) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        UsageCmd::Export {
+            streams,
+            group,
+            from,
+            to,
+            account,
+            format,
+        } => {
+            let csv = match format.as_str() {
+                "csv" => true,
+                "jsonl" => false,
+                other => anyhow::bail!("--format {other}: expected csv or jsonl"),
+            };
+            let consumer = consumer(&streams, &group).await?;
+            let mut totals = std::collections::BTreeMap::new();
+            let mut counted = 0usize;
+            let read = consumer
+                .read_through(1000, |record| {
+                    counted += usize::from(tally(&mut totals, record, from, to, account.as_deref()));
+                })
+                .await?;
+            // Acknowledged only once written and flushed: an export killed
+            // or cut off before gives the same records to the next run.
+            let mut out = std::io::stdout().lock();
+            write_totals(&mut out, &totals, csv)?;
+            out.flush()?;
+            drop(out);
+            consumer.ack(&read).await?;
+            eprintln!("{} records consumed, {counted} in range", read.len());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
