@@ -189,7 +189,7 @@ fn engine(c: &mut Criterion) {
             written_off: 0,
             retry_after_ms: None,
         });
-        if let Some(m) = mirror.mirror.as_mut() {
+        if let Some(m) = mirror.mirror_mut() {
             m.decide_until = Some(now + SignedDuration::from_hours(24));
         }
         let mut i = 0u64;

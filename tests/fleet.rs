@@ -92,7 +92,7 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
     }
     let account = shared_account(redis.port, 1, "shared");
     let lapsed: Vec<_> = account
-        .leases
+        .leases()
         .values()
         // A lease starts at epoch 1; each lapse adds one.
         .filter(|l| l.epoch > 1)
@@ -155,7 +155,7 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let account = shared_account(redis.port, 1, "shared");
-        let holding = account.leases.values().filter(|l| !l.held.is_empty()).count();
+        let holding = account.leases().values().filter(|l| !l.held.is_empty()).count();
         if holding == 3 {
             break;
         }

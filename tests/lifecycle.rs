@@ -177,7 +177,7 @@ async fn sigterm_under_load_keeps_every_acknowledged_settle_and_returns_the_leas
     }
     // The lease came back: nothing lent, and Redis charged what the records say.
     let account = support::fleet::shared_account(redis.port, 1, "shared");
-    for (producer, lease) in &account.leases {
+    for (producer, lease) in account.leases() {
         assert!(lease.held.is_empty(), "lease of {producer} still holds");
     }
     let paid = account.paid;

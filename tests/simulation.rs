@@ -791,7 +791,7 @@ impl World {
             now,
             catalog.idempotency_window,
             |account, repeated| {
-                let fresh = account.leases.get(&sync.producer).is_none_or(|l| sync.seq > l.seq);
+                let fresh = account.leases().get(&sync.producer).is_none_or(|l| sync.seq > l.seq);
                 let synced = account.sync(catalog, &sync, repeated, now)?;
                 if fresh {
                     first_time_written_off = synced.granted.written_off;

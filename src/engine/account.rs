@@ -27,7 +27,7 @@ use super::money::Money;
 use super::period::{Anchor, Schedule, Window};
 use super::pricing::Usage;
 use super::record::{RecordKind, UsageRecord};
-use super::role::{Lease, Mirror};
+use super::role::{Lease, Mirror, Role, Shared};
 use super::source::{SourceRef, Take};
 
 /// The running totals of one source or lot, in its unit (weighted tokens
@@ -495,8 +495,10 @@ static NO_TRAFFIC: LazyLock<Traffic> = LazyLock::new(Traffic::default);
 /// Serialized (JSON) as a shared account in the Redis store: reservations,
 /// request ids, recent records and the outbox live in one process only and
 /// are left out, and so is every field at its default (an account at rest
-/// is a few hundred bytes; a missing field reads as its default).
+/// is a few hundred bytes; a missing field reads as its default). It is
+/// read through [`Stored`], as a shared account.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Stored")]
 pub struct Account {
     /// The account id.
     pub id: AccountId,
@@ -554,16 +556,81 @@ pub struct Account {
     /// nothing allocated. Read through [`Account::overrides`].
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub overrides: Option<Box<LimitOverrides>>,
-    /// Shared account: what each sidecar holds on lease.
-    #[serde(default, skip_serializing_if = "super::is_default")]
-    pub leases: BTreeMap<ProducerId, Lease>,
-    /// Shared account: per journal, the last journaled record applied.
-    #[serde(default, skip_serializing_if = "super::is_default")]
-    pub journals: BTreeMap<ProducerId, u64>,
-    /// Sidecar mirror: its log and lease state (`None` on a shared or
-    /// stand-alone account).
-    #[serde(skip)]
-    pub mirror: Option<Box<Mirror>>,
+    /// What the account is to this process: stand-alone, shared in Redis
+    /// (its sidecars' leases and journals, stored as the account's
+    /// `leases` and `journals` fields), or a sidecar's mirror.
+    #[serde(flatten)]
+    pub role: Role,
+}
+
+/// An account as the Redis store keeps it, read field by field: what is
+/// read is a shared account, its sidecars' leases and journals stored as
+/// its own `leases` and `journals` fields. (Reading the role as a
+/// flattened field would go through serde's buffer, which holds no
+/// `i128`.)
+#[derive(serde::Deserialize)]
+struct Stored {
+    id: AccountId,
+    plan: PlanId,
+    #[serde(with = "jiff::fmt::serde::tz::required")]
+    time_zone: TimeZone,
+    #[serde(default)]
+    anchor: Option<Anchor>,
+    #[serde(default)]
+    suspended: bool,
+    #[serde(default)]
+    credit_limit: Money,
+    #[serde(default)]
+    subscription: Option<Box<Subscription>>,
+    #[serde(default)]
+    allowance: Ledger,
+    #[serde(default)]
+    periods_started: u64,
+    #[serde(default)]
+    packs: BTreeMap<LotId, Lot>,
+    #[serde(default)]
+    promos: BTreeMap<LotId, Lot>,
+    paid: Ledger,
+    #[serde(default)]
+    debt: Ledger,
+    #[serde(default)]
+    operations: Operations,
+    #[serde(default)]
+    buckets: Buckets,
+    #[serde(default)]
+    overrides: Option<Box<LimitOverrides>>,
+    #[serde(default)]
+    leases: BTreeMap<ProducerId, Lease>,
+    #[serde(default)]
+    journals: BTreeMap<ProducerId, u64>,
+}
+
+impl From<Stored> for Account {
+    fn from(s: Stored) -> Account {
+        Account {
+            id: s.id,
+            plan: s.plan,
+            time_zone: s.time_zone,
+            anchor: s.anchor,
+            suspended: s.suspended,
+            credit_limit: s.credit_limit,
+            subscription: s.subscription,
+            allowance: s.allowance,
+            periods_started: s.periods_started,
+            packs: s.packs,
+            promos: s.promos,
+            paid: s.paid,
+            debt: s.debt,
+            operations: s.operations,
+            buckets: s.buckets,
+            overrides: s.overrides,
+            traffic: None,
+            role: Role::Shared(Box::new(Shared {
+                leases: s.leases,
+                journals: s.journals,
+            })),
+        }
+    }
 }
 
 /// A credit limit is 0 to [`MAX_OPERATION`](super::money::MAX_OPERATION),
@@ -610,9 +677,7 @@ impl Account {
             operations: Operations::default(),
             buckets: Buckets::default(),
             overrides: None,
-            leases: BTreeMap::new(),
-            journals: BTreeMap::new(),
-            mirror: None,
+            role: Role::Standalone,
         };
         account.subscribe(plan, anchor, now)?;
         Ok(account)
@@ -622,6 +687,53 @@ impl Account {
     pub fn overrides(&self) -> &LimitOverrides {
         static NONE: std::sync::LazyLock<LimitOverrides> = std::sync::LazyLock::new(LimitOverrides::default);
         self.overrides.as_deref().unwrap_or(&NONE)
+    }
+
+    /// The mirror's log and lease state, if this is a sidecar's mirror.
+    pub fn mirror(&self) -> Option<&Mirror> {
+        match &self.role {
+            Role::Mirror(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The mirror's log and lease state, if this is a sidecar's mirror.
+    pub fn mirror_mut(&mut self) -> Option<&mut Mirror> {
+        match &mut self.role {
+            Role::Mirror(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a sidecar's mirror.
+    pub fn is_mirror(&self) -> bool {
+        matches!(self.role, Role::Mirror(_))
+    }
+
+    /// What each sidecar holds on lease (none unless shared).
+    pub fn leases(&self) -> &BTreeMap<ProducerId, Lease> {
+        static NONE: BTreeMap<ProducerId, Lease> = BTreeMap::new();
+        match &self.role {
+            Role::Shared(shared) => &shared.leases,
+            _ => &NONE,
+        }
+    }
+
+    /// Per journal, the last journaled record applied (none unless shared).
+    pub fn journals(&self) -> &BTreeMap<ProducerId, u64> {
+        static NONE: BTreeMap<ProducerId, u64> = BTreeMap::new();
+        match &self.role {
+            Role::Shared(shared) => &shared.journals,
+            _ => &NONE,
+        }
+    }
+
+    /// The shared role's state, if this is a shared account.
+    pub(crate) fn shared_mut(&mut self) -> Option<&mut Shared> {
+        match &mut self.role {
+            Role::Shared(shared) => Some(shared),
+            _ => None,
+        }
     }
 
     /// Number of the current allowance period (0 is the account's first),
@@ -758,7 +870,7 @@ impl Account {
     /// plan's cap (what holds and leases still hold of it may roll over
     /// later, within what is left of the cap: see [`Account::carried`]).
     fn end_period(&mut self) -> Result<(), EngineError> {
-        let mirror = self.mirror.is_some();
+        let mirror = self.is_mirror();
         let ended = self.periods_started - 1;
         let unused = self.allowance.available();
         let Some(sub) = &mut self.subscription else {
@@ -779,7 +891,7 @@ impl Account {
         sub.window = next;
         self.periods_started += 1;
         if unused > 0
-            && let Some(log) = self.mirror.as_mut()
+            && let Some(log) = self.mirror_mut()
         {
             super::source::merge(
                 &mut log.returned,
@@ -798,8 +910,8 @@ impl Account {
     /// forfeited by the caller.
     pub(crate) fn carried(&mut self, source: &SourceRef, back: i128) -> i128 {
         let current = self.current_period();
-        let (SourceRef::Allowance { period }, Some(sub), None) =
-            (source, self.subscription.as_deref_mut(), &self.mirror)
+        let mirror = self.is_mirror();
+        let (SourceRef::Allowance { period }, Some(sub), false) = (source, self.subscription.as_deref_mut(), mirror)
         else {
             // A mirror's ended allowance goes back to the shared account,
             // which rolls it over.

@@ -18,6 +18,7 @@ use super::record::{AuditRecord, UsageRecord, digest_id};
 use super::request::{
     Balance, ChargeOutcome, ChargeRequest, Extended, PackGrant, Pool, ReserveOutcome, ReserveRequest,
 };
+use super::role::Role;
 use super::source::Take;
 
 /// An operation on one account.
@@ -493,9 +494,7 @@ impl Account {
             operations: Default::default(),
             buckets: Default::default(),
             overrides: self.overrides.clone(),
-            leases: Default::default(),
-            journals: Default::default(),
-            mirror: None,
+            role: Role::Standalone,
         }
     }
 }

@@ -136,7 +136,7 @@ impl Account {
                         push(source.clone(), amount_on(bonus, &source) + own(lot.ledger.available()));
                     }
                 }
-                SourceClass::Paid | SourceClass::Credit if self.mirror.is_some() => {
+                SourceClass::Paid | SourceClass::Credit if self.is_mirror() => {
                     // A mirror holds a slice of paid money (credit included):
                     // never below zero.
                     if *class == SourceClass::Paid {
@@ -183,7 +183,7 @@ impl Account {
             };
             push(source, held);
         }
-        if let Some(m) = &self.mirror {
+        if let Some(m) = self.mirror() {
             // The failure policy's allowance while the store is unreachable.
             let owed = -self.debt.available();
             push(SourceRef::Debt, m.overdraft - owed + amount_on(bonus, &SourceRef::Debt));
@@ -215,7 +215,7 @@ impl Account {
                 l.charge(t.amount);
             }
         }
-        if let Some(log) = self.mirror.as_mut() {
+        if let Some(log) = self.mirror_mut() {
             super::source::merge(&mut log.charged, charged.iter().cloned());
         }
         self.settle_unbacked(released, held, charged);

@@ -39,7 +39,7 @@ use super::error::EngineError;
 use super::ids::{ModelId, ProducerId};
 use super::limits::{BucketKey, Lacking, LimitSet, Permits, Scope};
 use super::money::Money;
-use super::role::{Granted, Lapsed, Lease, Least, Needed, Report, Short, Sync, Synced};
+use super::role::{Granted, Lapsed, Lease, Least, Needed, Report, Role, Short, Sync, Synced};
 use super::source::{SourceRef, Take, lent_as, merge};
 
 /// A slice is at most this fraction (1/n) of what the source has left, so
@@ -133,7 +133,7 @@ impl Account {
     /// When [`Account::lapse_leases`] next has something to do: a lease
     /// holding anything expires, or funds set aside are due back.
     pub(crate) fn next_lease_event(&self) -> Option<Timestamp> {
-        self.leases
+        self.leases()
             .values()
             .flat_map(|l| {
                 let expiry = (!l.held.is_empty() || !l.permits.is_empty()).then_some(l.expires_at);
@@ -152,7 +152,7 @@ impl Account {
             .checked_add(catalog.idempotency_window)
             .unwrap_or(catalog.hold_ttl);
         let due: Vec<ProducerId> = self
-            .leases
+            .leases()
             .iter()
             .filter(|(_, l)| {
                 (l.expires_at <= now && (!l.held.is_empty() || !l.permits.is_empty()))
@@ -161,7 +161,7 @@ impl Account {
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            let Some(mut lease) = self.leases.remove(&id) else {
+            let Some(mut lease) = self.shared_mut().and_then(|s| s.leases.remove(&id)) else {
                 continue;
             };
             if lease.expires_at <= now && (!lease.held.is_empty() || !lease.permits.is_empty()) {
@@ -180,7 +180,7 @@ impl Account {
             for q in over {
                 self.unhold(&q.held);
             }
-            self.leases.insert(id, lease);
+            self.put_lease(id, lease);
         }
     }
 
@@ -202,20 +202,20 @@ impl Account {
     /// journal: it is locked.) Each is put past its epoch, as a lapse.
     fn take_back_predecessors(&mut self, journal: &ProducerId, now: Timestamp) {
         let earlier: Vec<ProducerId> = self
-            .leases
+            .leases()
             .iter()
             .filter(|(_, l)| l.journal.as_ref() == Some(journal))
             .map(|(id, _)| id.clone())
             .collect();
         for id in earlier {
-            let Some(mut lease) = self.leases.remove(&id) else {
+            let Some(mut lease) = self.shared_mut().and_then(|s| s.leases.remove(&id)) else {
                 continue;
             };
             if !lease.held.is_empty() || !lease.permits.is_empty() || !lease.lapsed.is_empty() {
                 self.take_back(&mut lease, now);
                 lease.epoch += 1;
             }
-            self.leases.insert(id, lease);
+            self.put_lease(id, lease);
         }
     }
 
@@ -230,11 +230,19 @@ impl Account {
         }
     }
 
+    /// Keeps `lease` as `producer`'s (on a shared account: the only kind
+    /// that lends).
+    fn put_lease(&mut self, producer: ProducerId, lease: Lease) {
+        if let Some(shared) = self.shared_mut() {
+            shared.leases.insert(producer, lease);
+        }
+    }
+
     /// Forgets leases that hold nothing and lapsed longer ago than the
     /// idempotency window (their reports can no longer be retried).
     pub(crate) fn prune_leases(&mut self, catalog: &Catalog, now: Timestamp) {
-        if let Ok(horizon) = now.checked_sub(catalog.idempotency_window) {
-            self.leases.retain(|_, l| {
+        if let (Ok(horizon), Some(shared)) = (now.checked_sub(catalog.idempotency_window), self.shared_mut()) {
+            shared.leases.retain(|_, l| {
                 !l.held.is_empty() || !l.permits.is_empty() || !l.lapsed.is_empty() || l.expires_at > horizon
             });
         }
@@ -392,8 +400,14 @@ impl Account {
         duplicates: &[(ProducerId, u64)],
         now: Timestamp,
     ) -> Result<Synced, EngineError> {
+        match self.role {
+            Role::Mirror(_) => return Err(EngineError::Precondition("a sidecar's mirror lends nothing".into())),
+            // Shared from its first sync on.
+            Role::Standalone => self.role = Role::Shared(Box::default()),
+            Role::Shared(_) => {}
+        }
         self.advance(catalog, now)?;
-        let (mut lease, lapsed) = match self.leases.remove(&sync.producer) {
+        let (mut lease, lapsed) = match self.shared_mut().and_then(|s| s.leases.remove(&sync.producer)) {
             // A mirror made anew (epoch 0: it holds nothing, as after an
             // idle mirror was dropped) is not told of a lapse; what its
             // lease still holds is taken back below.
@@ -426,7 +440,7 @@ impl Account {
                     sync.seq, sync.producer, lease.seq
                 ))
             });
-            self.leases.insert(sync.producer.clone(), lease);
+            self.put_lease(sync.producer.clone(), lease);
             return answer.map(|granted| Synced {
                 granted,
                 applied: Vec::new(),
@@ -444,13 +458,13 @@ impl Account {
         // the whole batch's), and what a lease held for them goes back.
         let mut skip: Vec<Take> = Vec::new();
         for entry in &sync.records {
-            let done = self.journals.get(&entry.journal).copied().unwrap_or(0);
+            let done = self.journals().get(&entry.journal).copied().unwrap_or(0);
             if entry.seq > done && duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
                 merge(&mut skip, entry.record.charges.iter().filter(|t| t.amount > 0).cloned());
             }
         }
         for entry in &sync.records {
-            let done = self.journals.get(&entry.journal).copied().unwrap_or(0);
+            let done = self.journals().get(&entry.journal).copied().unwrap_or(0);
             if entry.seq <= done {
                 continue;
             }
@@ -458,7 +472,7 @@ impl Account {
                 let backing = if entry.producer == sync.producer {
                     Some(&mut lease)
                 } else {
-                    self.leases.get_mut(&entry.producer)
+                    self.shared_mut().and_then(|s| s.leases.get_mut(&entry.producer))
                 };
                 let covered = match backing {
                     Some(l) if l.epoch == entry.epoch => take_out(&mut l.held, &take.source, take.amount),
@@ -472,13 +486,15 @@ impl Account {
                 let backing = if entry.producer == sync.producer {
                     Some(&mut lease)
                 } else {
-                    self.leases.get_mut(&entry.producer)
+                    self.shared_mut().and_then(|s| s.leases.get_mut(&entry.producer))
                 };
                 let covered = backing.map_or(0, |l| take_lapsed(l, None, &take.source, take.amount));
                 let skipped = skip_of(&mut skip, take);
                 written_off = written_off.saturating_add(self.charge_skipping(take, covered, skipped, now));
             }
-            self.journals.insert(entry.journal.clone(), entry.seq);
+            if let Some(s) = self.shared_mut() {
+                s.journals.insert(entry.journal.clone(), entry.seq);
+            }
             if duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
                 repeated.push(entry.clone());
             } else {
@@ -566,7 +582,7 @@ impl Account {
         lease.expires_at = granted.expires_at;
         lease.seq = sync.seq;
         lease.last = Some(granted.clone());
-        self.leases.insert(sync.producer.clone(), lease);
+        self.put_lease(sync.producer.clone(), lease);
         // The shared account is only ever touched by syncs and admin
         // changes: forget what no longer matters here.
         self.prune_leases(catalog, now);
@@ -642,7 +658,7 @@ impl Account {
     /// What all leases hold, by source.
     pub fn lent(&self) -> Vec<Take> {
         let mut all = Vec::new();
-        for lease in self.leases.values() {
+        for lease in self.leases().values() {
             merge(&mut all, lease.held.iter().cloned());
             for q in &lease.lapsed {
                 merge(&mut all, q.held.iter().cloned());
@@ -674,9 +690,7 @@ impl Account {
             operations: Default::default(),
             buckets: Default::default(),
             overrides: shared.overrides.clone(),
-            leases: BTreeMap::new(),
-            journals: BTreeMap::new(),
-            mirror: Some(Box::default()),
+            role: Role::Mirror(Box::default()),
         };
         mirror.buckets.set_leased();
         mirror.refresh_mirror(shared);
@@ -735,7 +749,7 @@ impl Account {
         if let Some(l) = self.ledger_mut(&source) {
             l.forfeit(amount);
         }
-        if let Some(log) = self.mirror.as_mut() {
+        if let Some(log) = self.mirror_mut() {
             merge(&mut log.returned, [Take { source, amount }]);
         }
     }
@@ -747,7 +761,7 @@ impl Account {
         if granted.lapsed {
             self.forget_slices();
             let held: Vec<Take> = self.holds().flat_map(|h| h.takes.clone()).collect();
-            if let Some(m) = self.mirror.as_mut() {
+            if let Some(m) = self.mirror_mut() {
                 // Charges reported since, and the open holds, lost their
                 // backing with the lease.
                 let charged = std::mem::take(&mut m.charged);
@@ -772,7 +786,7 @@ impl Account {
         }
         self.buckets
             .set_retry_hint(granted.retry_after_ms.map(std::time::Duration::from_millis));
-        if let Some(m) = self.mirror.as_mut() {
+        if let Some(m) = self.mirror_mut() {
             m.epoch = granted.epoch;
             m.expires_at = Some(granted.expires_at);
         }
@@ -788,7 +802,7 @@ impl Account {
         {
             l.forfeit_available();
         }
-        if let Some(m) = self.mirror.as_mut() {
+        if let Some(m) = self.mirror_mut() {
             m.returned.clear();
         }
         self.buckets.drop_permits();
@@ -819,7 +833,7 @@ impl Account {
             permits_back,
             ..Report::default()
         };
-        if let Some(m) = self.mirror.as_mut() {
+        if let Some(m) = self.mirror_mut() {
             report.charged = std::mem::take(&mut m.charged);
             report.unleased = std::mem::take(&mut m.unleased);
             report.returned = std::mem::take(&mut m.returned);
@@ -833,7 +847,7 @@ impl Account {
     /// unleased log, what they give back is forfeited here and not
     /// returned. Called by `rebalance` after it logged them.
     pub(crate) fn settle_unbacked(&mut self, released: &[Take], held: &[Take], charged: &[Take]) {
-        if self.mirror.as_ref().is_none_or(|m| m.unbacked.is_empty()) {
+        if self.mirror().is_none_or(|m| m.unbacked.is_empty()) {
             return;
         }
         let mut sources: Vec<SourceRef> = released.iter().map(|t| lent_as(&t.source)).collect();
@@ -851,7 +865,7 @@ impl Account {
             // What is held again (an extend re-plans its hold) stays
             // unbacked: only the net release ends any of it.
             let (freed, spent) = (sum(released) - sum(held), sum(charged));
-            let Some(m) = self.mirror.as_mut() else {
+            let Some(m) = self.mirror_mut() else {
                 return;
             };
             let spent_unbacked = take_out(&mut m.unbacked, &source, spent);
@@ -872,7 +886,7 @@ impl Account {
                 if let Some(l) = self.ledger_mut(&source) {
                     l.forfeit(back);
                 }
-            } else if let Some(m) = self.mirror.as_mut() {
+            } else if let Some(m) = self.mirror_mut() {
                 // Already forfeited and logged as returned: nothing to return.
                 take_out(&mut m.returned, &source, back);
             }
@@ -926,21 +940,18 @@ impl Account {
     /// Whether this mirror must ask before deciding (never on a shared
     /// account, never as the last word).
     pub(crate) fn must_ask(&self) -> bool {
-        self.mirror.as_ref().is_some_and(|m| !m.last_word)
+        self.mirror().is_some_and(|m| !m.last_word)
     }
 
     /// Whether this mirror's lease has expired: its slices may be lent to
     /// others by now.
     pub(crate) fn slices_lapsed(&self, now: Timestamp) -> bool {
-        self.mirror
-            .as_ref()
-            .is_some_and(|m| m.expires_at.is_some_and(|t| now >= t))
+        self.mirror().is_some_and(|m| m.expires_at.is_some_and(|t| now >= t))
     }
 
     /// Whether this mirror's lease is too old to decide new spending from.
     pub(crate) fn lease_stale(&self, now: Timestamp) -> bool {
-        self.mirror
-            .as_ref()
+        self.mirror()
             .is_some_and(|m| !m.last_word && m.decide_until.is_none_or(|t| now >= t))
     }
 }

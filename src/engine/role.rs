@@ -1,7 +1,13 @@
-//! The lease protocol's state and messages, as plain data: what a shared
-//! account records of each sidecar's lease, what a sidecar's mirror logs
-//! for its next report, and the report and answer that pass between them.
-//! The arithmetic on them is in `lease.rs`.
+//! An account's roles and the lease protocol's messages, as plain data.
+//!
+//! An account is one of three things to the process holding it
+//! ([`Role`]): stand-alone (the memory store), the shared account a Redis
+//! store keeps ([`Shared`]: its sidecars' leases and journals), or a
+//! sidecar's [`Mirror`] of one. The reports and answers that pass between
+//! a mirror and its shared account are here too; the arithmetic on them is
+//! in `lease.rs`.
+
+use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -251,4 +257,43 @@ pub struct Mirror {
     /// have taken the slices back and lent them again: nothing new is
     /// drawn from them, not even as the last word (holds keep their takes).
     pub expires_at: Option<Timestamp>,
+}
+
+/// What an account is to the process holding it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Role {
+    /// One process holds it alone (the memory store): it lends nothing and
+    /// reports to no one.
+    #[default]
+    Standalone,
+    /// The shared account a Redis store keeps: it lends sidecars slices
+    /// and applies their reports. Every account read from the store is
+    /// one; a stand-alone account becomes one at its first sync.
+    Shared(Box<Shared>),
+    /// A sidecar's mirror of a shared account: it draws on what was lent
+    /// to it and logs what it did for its next report.
+    Mirror(Box<Mirror>),
+}
+
+/// What a shared account keeps of its sidecars, stored with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shared {
+    /// What each sidecar holds on lease.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub leases: BTreeMap<ProducerId, Lease>,
+    /// Per journal, the last journaled record applied.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub journals: BTreeMap<ProducerId, u64>,
+}
+
+/// Stored as the shared account's own `leases` and `journals` fields (the
+/// account's JSON flattens it): a mirror's log never leaves its process.
+/// What is read back is a shared account (`account::Stored`).
+impl serde::Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Role::Shared(shared) => shared.serialize(s),
+            Role::Standalone | Role::Mirror(_) => serde::ser::SerializeMap::end(s.serialize_map(Some(0))?),
+        }
+    }
 }

@@ -1002,11 +1002,11 @@ impl Sidecar {
                     leased: Vec::new(),
                     unleased: Vec::new(),
                     producer: self.producer.clone(),
-                    epoch: self.mirror.mirror.as_ref().unwrap().epoch,
+                    epoch: self.mirror.mirror().unwrap().epoch,
                 }
             })
             .collect();
-        let log = self.mirror.mirror.as_mut().unwrap();
+        let log = self.mirror.mirror_mut().unwrap();
         if let Some(first) = entries.first_mut() {
             first.leased = std::mem::take(&mut log.charged);
             first.unleased = std::mem::take(&mut log.unleased);
@@ -1030,7 +1030,7 @@ impl Sidecar {
         let sync = super::role::Sync {
             producer: self.producer.clone(),
             seq: self.seq,
-            epoch: self.mirror.mirror.as_ref().unwrap().epoch,
+            epoch: self.mirror.mirror().unwrap().epoch,
             charged: report.charged,
             unleased: report.unleased,
             returned: report.returned,
@@ -1048,7 +1048,7 @@ impl Sidecar {
         let synced = shared.sync(c, &sync, repeated, now).unwrap();
         self.mirror.refresh_mirror(shared);
         self.mirror.accept(&synced.granted);
-        self.mirror.mirror.as_mut().unwrap().decide_until =
+        self.mirror.mirror_mut().unwrap().decide_until =
             Some(synced.granted.expires_at - SignedDuration::from_secs(10));
         synced
     }
@@ -1066,9 +1066,9 @@ impl Sidecar {
         match self.mirror.apply(c, command.clone(), now) {
             Err(EngineError::Short(short)) => {
                 self.sync(shared, c, *short, false, now);
-                self.mirror.mirror.as_mut().unwrap().last_word = true;
+                self.mirror.mirror_mut().unwrap().last_word = true;
                 let reply = self.mirror.apply(c, command, now);
-                self.mirror.mirror.as_mut().unwrap().last_word = false;
+                self.mirror.mirror_mut().unwrap().last_word = false;
                 reply.unwrap()
             }
             other => other.unwrap(),
@@ -1283,12 +1283,12 @@ fn a_mirror_past_its_leases_expiry_never_spends_its_slices_as_the_last_word() {
         b.apply(&mut shared, &c, settle, later);
     }
     // a, still cut off, is asked to decide as the last word.
-    a.mirror.mirror.as_mut().unwrap().last_word = true;
+    a.mirror.mirror_mut().unwrap().last_word = true;
     let reply = a
         .mirror
         .apply(&c, Command::Reserve(req("a2", "m", 1, 1)), later)
         .unwrap();
-    a.mirror.mirror.as_mut().unwrap().last_word = false;
+    a.mirror.mirror_mut().unwrap().last_word = false;
     assert!(
         matches!(reply, Reply::Reserve(ReserveOutcome::Denied { .. })),
         "decided from a slice that lapsed: {reply:?}"
@@ -1375,9 +1375,9 @@ fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
         reservation: r.reservation_id.clone(),
         max_output_tokens: 10,
     };
-    a.mirror.mirror.as_mut().unwrap().last_word = true;
+    a.mirror.mirror_mut().unwrap().last_word = true;
     a.mirror.apply(&c, extend, at(55)).unwrap();
-    a.mirror.mirror.as_mut().unwrap().last_word = false;
+    a.mirror.mirror_mut().unwrap().last_word = false;
     a.sync(&mut shared, &c, no_short(), false, at(55));
     // Past the lease's expiry plus a hold TTL (90 s), b takes all there is.
     let drained = drain(&mut b, &mut shared, &c, "b", at(100));
@@ -1598,7 +1598,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     let later = now + SignedDuration::from_secs(30);
     shared.apply(&c, Command::Balance, later).unwrap();
     assert_eq!(shared.paid.held(), 337_500);
-    assert_eq!(shared.leases[&producer].epoch, 2);
+    assert_eq!(shared.leases()[&producer].epoch, 2);
     // A report from before the lapse still counts its charges, out of what
     // was set aside.
     let late = shared
@@ -1607,7 +1607,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     assert!(late.granted.lapsed);
     assert_eq!(shared.paid.charged(), 150_000);
     assert_eq!(
-        shared.leases[&producer].lapsed[0].held,
+        shared.leases()[&producer].lapsed[0].held,
         vec![take(SourceRef::Paid, 287_500)]
     );
     // A hold TTL and the idempotency window after each lease's expiry (no
@@ -1690,10 +1690,10 @@ fn a_shared_account_survives_its_json_form_exactly() {
     assert_eq!(back.allowance, shared.allowance);
     assert_eq!(back.packs, shared.packs);
     assert_eq!(back.subscription, shared.subscription);
-    assert_eq!(back.leases, shared.leases);
+    assert_eq!(back.leases(), shared.leases());
     assert_eq!(back.buckets, shared.buckets);
     assert_eq!(back.time_zone.iana_name(), Some("Europe/Paris"));
-    assert!(!back.leases.is_empty());
+    assert!(!back.leases().is_empty());
 }
 
 #[test]
@@ -1725,7 +1725,7 @@ fn a_shared_account_written_with_every_field_reads_the_same() {
         read.paid.available(),
         1_000_000_000_000_000 - 60_142_993_599 - 267_000_000_000
     );
-    let lease = read.leases.values().next().unwrap();
+    let lease = read.leases().values().next().unwrap();
     assert_eq!((lease.seq, lease.epoch, lease.held.len()), (9125, 1, 1));
     let written = serde_json::to_string(&read).unwrap();
     assert_eq!(
@@ -1734,7 +1734,7 @@ fn a_shared_account_written_with_every_field_reads_the_same() {
     );
     let again: Account = serde_json::from_str(&written).unwrap();
     assert_eq!(serde_json::to_string(&again).unwrap(), written);
-    assert_eq!(again.leases, read.leases);
+    assert_eq!(again.leases(), read.leases());
 }
 
 #[test]
@@ -1752,7 +1752,7 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_neve
     let later = now + SignedDuration::from_secs(31);
     shared.apply(&c, Command::Balance, later).unwrap();
     assert_eq!(shared.paid.held(), 50_000);
-    assert!(shared.leases[&car.producer].held.is_empty());
+    assert!(shared.leases()[&car.producer].held.is_empty());
     // The sidecar is back and borrows for a new request under a new epoch.
     let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r2", "m", 10, 10)), later);
     assert!(matches!(reserved, Reply::Reserve(ReserveOutcome::Allowed(_))));
@@ -1767,7 +1767,7 @@ fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_neve
     car.sync(&mut shared, &c, no_short(), false, later);
     assert_eq!(shared.paid.charged(), 30_000);
     assert_eq!(shared.debt.charged(), 0);
-    let lease = &shared.leases[&car.producer];
+    let lease = &shared.leases()[&car.producer];
     assert_eq!(
         lease.held,
         vec![take(SourceRef::Paid, 50_000)],
@@ -1820,7 +1820,7 @@ fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
     let gone = now + SignedDuration::from_secs(31) + c.hold_ttl;
     b.sync(&mut shared, &c, no_short(), false, gone);
     assert_eq!(shared.paid.held(), 0, "a's slice was taken back");
-    assert!(!shared.leases.contains_key(&a.producer), "and a's lease forgotten");
+    assert!(!shared.leases().contains_key(&a.producer), "and a's lease forgotten");
     // a is back: it must drop the slice, not go on deciding from it.
     let later = gone;
     let granted = a.sync(&mut shared, &c, no_short(), false, later);
@@ -1852,7 +1852,7 @@ fn a_mirror_made_anew_is_not_lapsed_and_strands_nothing() {
     again.seq = a.seq;
     let granted = again.sync(&mut shared, &c, no_short(), false, now);
     assert!(!granted.lapsed, "a new mirror is not a lapsed one");
-    assert_eq!(granted.epoch, shared.leases[&again.producer].epoch);
+    assert_eq!(granted.epoch, shared.leases()[&again.producer].epoch);
     assert_eq!(shared.paid.held(), 0, "what the old mirror held came back");
     assert_eq!(shared.paid.available(), 1_000_000);
 }
@@ -2183,4 +2183,52 @@ fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
         .apply_audited(&c, grant(["other", "m", "big"]), t(NOW), &audit)
         .unwrap();
     assert!(again.is_none(), "a retry, not another change");
+}
+
+/// An account's role is its type. A stand-alone account becomes shared at
+/// its first sync, and what is stored reads back shared. A mirror lends
+/// nothing: a sync sent to one is refused and changes nothing (before,
+/// one was applied, lending from whatever the mirror held).
+#[test]
+fn roles_are_types_and_a_mirror_never_lends() {
+    use super::role::Role;
+    let c = catalog();
+    let mut shared = account(&c, "payg");
+    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let now = t(NOW);
+    assert_eq!(shared.role, Role::Standalone);
+    let mut car = Sidecar::new("a", &shared);
+    assert!(car.mirror.is_mirror() && car.mirror.leases().is_empty());
+    car.reserve(&mut shared, &c, "r1", now);
+    assert!(matches!(shared.role, Role::Shared(_)), "shared from its first sync");
+
+    let ask = super::role::Sync {
+        producer: super::ids::ProducerId::parse("b").unwrap(),
+        seq: 1,
+        epoch: 0,
+        charged: Vec::new(),
+        unleased: Vec::new(),
+        returned: Vec::new(),
+        unbacked: Some(Vec::new()),
+        permits_back: Vec::new(),
+        records: Vec::new(),
+        want: vec![(SourceRef::Paid, 1_000)],
+        need: None,
+        want_permits: Vec::new(),
+        need_permits: Vec::new(),
+        ttl: SignedDuration::from_secs(30),
+        close: false,
+        journal: None,
+    };
+    let before = car.mirror.paid;
+    let refused = car.mirror.sync(&c, &ask, &[], now).unwrap_err();
+    assert!(matches!(refused, EngineError::Precondition(_)), "{refused:?}");
+    assert_eq!(car.mirror.paid, before, "nothing lent");
+    assert!(car.mirror.is_mirror() && car.mirror.leases().is_empty());
+
+    let stored: Account = serde_json::from_value(serde_json::to_value(&shared).unwrap()).unwrap();
+    assert!(matches!(stored.role, Role::Shared(_)));
+    assert_eq!(stored.leases(), shared.leases());
+    let json = serde_json::to_value(&car.mirror).unwrap();
+    assert!(json.get("leases").is_none() && json.get("journals").is_none(), "{json}");
 }

@@ -171,12 +171,12 @@ impl Local {
         now: Timestamp,
         last_word: Option<i128>,
     ) -> (Result<Reply, EngineError>, Vec<Arc<UsageRecord>>) {
-        if let (Some(overdraft), Some(m)) = (last_word, self.mirror.mirror.as_mut()) {
+        if let (Some(overdraft), Some(m)) = (last_word, self.mirror.mirror_mut()) {
             m.last_word = true;
             m.overdraft = m.overdraft.max(overdraft);
         }
         let result = self.mirror.apply(catalog, command.clone(), now);
-        if let Some(m) = self.mirror.mirror.as_mut() {
+        if let Some(m) = self.mirror.mirror_mut() {
             m.last_word = false;
         }
         self.last_used = now;
@@ -227,7 +227,7 @@ impl Local {
         journal: Option<&mut dyn Numbering>,
         producer: &ProducerId,
     ) -> Result<Vec<Journaled>, String> {
-        let (Some(journal), Some(m)) = (journal, self.mirror.mirror.as_mut()) else {
+        let (Some(journal), Some(m)) = (journal, self.mirror.mirror_mut()) else {
             return Ok(Vec::new());
         };
         if records.is_empty() && self.unnumbered.is_empty() {
@@ -357,7 +357,7 @@ impl Local {
         let sync = Sync {
             producer: producer.clone(),
             seq,
-            epoch: self.mirror.mirror.as_ref().map_or(0, |m| m.epoch),
+            epoch: self.mirror.mirror().map_or(0, |m| m.epoch),
             charged: report.charged,
             unleased: report.unleased,
             returned: report.returned,
@@ -415,7 +415,7 @@ impl Local {
             .max_clock_skew
             .and_then(|d| SignedDuration::try_from(d).ok())
             .unwrap_or_default();
-        if let Some(m) = self.mirror.mirror.as_mut() {
+        if let Some(m) = self.mirror.mirror_mut() {
             m.decide_until = granted.expires_at.checked_sub(margin).ok();
             // Another sidecar's clock may be ahead of this one's by as much.
             m.expires_at = granted.expires_at.checked_sub(skew).ok();
@@ -518,8 +518,7 @@ fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
 /// report whether or not the mirror holds anything.
 pub fn has_news(mirror: &Account, journaled: &[Journaled]) -> bool {
     mirror
-        .mirror
-        .as_ref()
+        .mirror()
         .is_some_and(|m| !m.charged.is_empty() || !m.returned.is_empty() || !m.unleased.is_empty())
         || !journaled.is_empty()
 }

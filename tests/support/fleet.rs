@@ -427,7 +427,7 @@ pub fn quiescent(port: u16, shards: u32, paid_in: i128) -> Ledger {
         paid.granted(),
         paid.available() + paid.held() + paid.charged() + paid.forfeited()
     );
-    for (producer, lease) in &account.leases {
+    for (producer, lease) in account.leases() {
         assert!(lease.held.is_empty(), "lease of {producer} still holds");
     }
     paid
