@@ -10,37 +10,17 @@
 mod harness;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
 
 /// The demo's prices, no rate limits, a balance that never runs out.
-const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[plans.open]
-[[prices]]
-id = "v1"
-effective_at = "2026-01-01T00:00:00Z"
-[prices.models."llama-3.1-8b".tiers.default]
-input = "0.10"
-output = "0.20"
-[[accounts]]
-id = "demo"
-plan = "open"
-paid = "1000000"
-"#;
-
 fn grpc(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let usage = dir.path().join("usage.jsonl").to_string_lossy().into_owned();
-    let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
-    let settings = Settings::parse(CONFIG, &env).unwrap();
+    let settings = harness::settings(["demo"], &dir.path().join("usage.jsonl"));
     let (mut client, stop) = runtime.block_on(async {
         let served = harness::serve(settings).await;
         (QuotaClient::connect(served.url.clone()).await.unwrap(), served)
@@ -53,7 +33,7 @@ fn grpc(c: &mut Criterion) {
             runtime.block_on(async {
                 let reserve = proto::ReserveRequest {
                     account_id: "demo".into(),
-                    model: "llama-3.1-8b".into(),
+                    model: harness::MODEL.into(),
                     request_id: id.clone(),
                     input_tokens: 10,
                     max_output_tokens: 10,

@@ -20,7 +20,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tollgate::config::Settings;
 use tollgate::engine::ids::{AccountId, ModelId, ProducerId, RequestId, TierId, VersionId};
 use tollgate::engine::money::Money;
 use tollgate::engine::pricing::Usage;
@@ -30,23 +29,6 @@ use tollgate::engine::source::{SourceRef, Take};
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::usage::journal::{Journal, JournalSettings, OnCorrupt, SyncPolicy};
-
-const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[plans.open]
-[[prices]]
-id = "v1"
-effective_at = "2026-01-01T00:00:00Z"
-[prices.models."llama-3.1-8b".tiers.default]
-input = "0.10"
-output = "0.20"
-[[accounts]]
-id = "busy"
-plan = "open"
-paid = "1000000"
-"#;
 
 const CLIENTS: usize = 12;
 const MEASURE: Duration = Duration::from_secs(4);
@@ -73,7 +55,7 @@ async fn settles(url: String, tag: &str) -> Histogram<u64> {
                 let id = format!("{tag}-{i}");
                 let reserve = proto::ReserveRequest {
                     account_id: "busy".into(),
-                    model: "llama-3.1-8b".into(),
+                    model: harness::MODEL.into(),
                     request_id: id.clone(),
                     input_tokens: 100,
                     max_output_tokens: 100,
@@ -119,7 +101,7 @@ fn record(i: u64) -> Journaled {
             reservation_id: None,
             account_id: AccountId::parse("customer-00042").unwrap(),
             api_key_id: None,
-            model: Some(ModelId::parse("llama-3.1-8b").unwrap()),
+            model: Some(ModelId::parse(harness::MODEL).unwrap()),
             service_tier: Some(TierId::default_tier()),
             usage: Usage {
                 input_tokens: 100,
@@ -155,13 +137,7 @@ fn main() {
     println!("|---|---|---|---|---|");
     runtime.block_on(async {
         for (i, (name, policy)) in policies().into_iter().enumerate() {
-            let usage = dir
-                .path()
-                .join(format!("usage-{i}.jsonl"))
-                .to_string_lossy()
-                .into_owned();
-            let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
-            let mut settings = Settings::parse(CONFIG, &env).unwrap();
+            let mut settings = harness::settings(["busy"], &dir.path().join(format!("usage-{i}.jsonl")));
             settings.store.use_redis(vec![redis.url()], false);
             settings.store.leases.prefix = format!("bench{i}");
             settings.journal.dir = dir.path().join(format!("journal-{i}"));

@@ -26,26 +26,8 @@ mod redis_server;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tollgate::config::Settings;
 use tollgate::proto;
 use tollgate::proto::quota_client::QuotaClient;
-
-const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[plans.open]
-[[prices]]
-id = "v1"
-effective_at = "2026-01-01T00:00:00Z"
-[prices.models."llama-3.1-8b".tiers.default]
-input = "0.10"
-output = "0.20"
-[[accounts]]
-id = "busy"
-plan = "open"
-paid = "1000000"
-"#;
 
 /// Clients in each phase (spread over the sidecars).
 const CLIENTS: usize = 12;
@@ -69,7 +51,7 @@ async fn drive(urls: &[String], time: Duration, tag: &str) -> Histogram<u64> {
                 let id = format!("{tag}-{i}");
                 let reserve = proto::ReserveRequest {
                     account_id: "busy".into(),
-                    model: "llama-3.1-8b".into(),
+                    model: harness::MODEL.into(),
                     request_id: id.clone(),
                     input_tokens: 100,
                     max_output_tokens: 100,
@@ -125,13 +107,7 @@ fn main() {
     let redis = redis_server::RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let settings = |i: usize, on_redis: bool| {
-        let usage = dir
-            .path()
-            .join(format!("usage-{i}.jsonl"))
-            .to_string_lossy()
-            .into_owned();
-        let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
-        let mut settings = Settings::parse(CONFIG, &env).unwrap();
+        let mut settings = harness::settings(["busy"], &dir.path().join(format!("usage-{i}.jsonl")));
         settings.journal.dir = dir.path().join(format!("journal-{i}"));
         // The store alone: what the journal's fsync costs is measured by
         // benches/journal.rs.

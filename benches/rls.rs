@@ -16,7 +16,6 @@ mod redis_server;
 use std::time::Duration;
 
 use tollgate::cli::loadgen::{Mix, Report, Spec};
-use tollgate::config::Settings;
 
 const RULES: &str = "domain: bench
 descriptors:
@@ -55,13 +54,9 @@ fn main() {
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("bench.yaml"), RULES).unwrap();
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[rls]\nconfig_dir = \"{}\"\n[plans.open]\n",
-            dir.path().display()
-        );
         let settings = || {
-            let mut s = Settings::parse(&config, &|_| None).unwrap();
-            s.usage = tollgate::config::UsageSinkConfig::File(dir.path().join("usage.jsonl"));
+            let mut s = harness::settings([""; 0], &dir.path().join("usage.jsonl"));
+            s.rls_config_dir = Some(dir.path().to_path_buf());
             s
         };
         let memory = harness::serve(settings()).await.url;

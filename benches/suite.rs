@@ -16,36 +16,6 @@ use std::time::Duration;
 
 use tollgate::cli::loadgen::serve_baseline;
 use tollgate::cli::loadgen::{Mix, Report, Spec, run};
-use tollgate::config::Settings;
-
-const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[plans.open]
-[[prices]]
-id = "v1"
-effective_at = "2026-01-01T00:00:00Z"
-[prices.models."llama-3.1-8b".tiers.default]
-input = "0.10"
-output = "0.20"
-[[accounts]]
-id = "a0"
-plan = "open"
-paid = "1000000"
-[[accounts]]
-id = "a1"
-plan = "open"
-paid = "1000000"
-[[accounts]]
-id = "a2"
-plan = "open"
-paid = "1000000"
-[[accounts]]
-id = "a3"
-plan = "open"
-paid = "1000000"
-"#;
 
 const TURN: Duration = Duration::from_secs(3);
 const TURNS: usize = 2;
@@ -58,7 +28,7 @@ fn spec(target: &str, connections: usize) -> Spec {
         calls: None,
         accounts: (0..4).map(|i| format!("a{i}")).collect(),
         mix: Mix::Hot(0.5),
-        model: "llama-3.1-8b".into(),
+        model: harness::MODEL.into(),
         rls_domain: None,
         progress: false,
     }
@@ -92,9 +62,7 @@ fn main() {
         tokio::spawn(serve_baseline(tcp, Some(unix), std::future::pending()));
         // Tollgate on the memory store, on TCP and a Unix socket.
         let tollgate_sock = dir.path().join("tollgate.sock");
-        let usage = dir.path().join("usage.jsonl").to_string_lossy().into_owned();
-        let env = move |key: &str| (key == "TOLLGATE_USAGE_PATH").then(|| usage.clone());
-        let mut settings = Settings::parse(CONFIG, &env).unwrap();
+        let mut settings = harness::settings(["a0", "a1", "a2", "a3"], &dir.path().join("usage.jsonl"));
         settings.listen_unix = Some(tollgate_sock.clone());
         let tollgate_tcp = harness::serve(settings).await.url;
 

@@ -30,6 +30,8 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod harness;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -52,29 +54,10 @@ const TURN: Duration = Duration::from_secs(4);
 const TURNS: u32 = 2;
 const IDLE_AT: [u64; 3] = [10, 60, 300];
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
-const MODEL: &str = "m";
+const MODEL: &str = harness::MODEL;
 
 fn config(n: usize) -> String {
-    let mut config = String::from(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[plans.payg]
-[[prices]]
-id = "v1"
-effective_at = "2026-01-01T00:00:00Z"
-[prices.models.m.tiers.default]
-input = "1"
-output = "4"
-"#,
-    );
-    for i in 1..=n {
-        config.push_str(&format!(
-            "[[accounts]]\nid = \"tenant-{i}\"\nplan = \"payg\"\npaid = \"1000000\"\n"
-        ));
-    }
-    config
+    harness::config((1..=n).map(|i| format!("tenant-{i}")))
 }
 
 /// Three sidecars on `config`, on Redis if `redis` is given, started one

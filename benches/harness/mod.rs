@@ -1,8 +1,51 @@
-//! What the in-process benches share: an app started on the system clock
-//! and served in the background until stopped.
+//! What the benches share: one configuration (a plan without limits, one
+//! priced model, accounts seeded with money) and an app started on the
+//! system clock and served in the background until stopped.
+
+// Each bench uses a part of it.
+#![allow(dead_code)]
+
+use std::path::Path;
 
 use tollgate::app::server::App;
-use tollgate::config::Settings;
+use tollgate::config::{Settings, UsageSinkConfig};
+
+/// The model every bench asks for.
+pub const MODEL: &str = "llama-3.1-8b";
+
+/// The configuration, as a file, with `accounts` seeded (each on plan
+/// `open` with 1,000,000 of paid money), on loopback ports the system
+/// picks.
+pub fn config<S: AsRef<str>>(accounts: impl IntoIterator<Item = S>) -> String {
+    let mut config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[plans.open]
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models."{MODEL}".tiers.default]
+input = "0.10"
+output = "0.20"
+"#
+    );
+    for id in accounts {
+        let id = id.as_ref();
+        config.push_str(&format!(
+            "[[accounts]]\nid = \"{id}\"\nplan = \"open\"\npaid = \"1000000\"\n"
+        ));
+    }
+    config
+}
+
+/// The settings of [`config`], usage records going to the file `usage`.
+pub fn settings<S: AsRef<str>>(accounts: impl IntoIterator<Item = S>, usage: &Path) -> Settings {
+    let mut settings = Settings::parse(&config(accounts), &|_| None).unwrap();
+    settings.usage = UsageSinkConfig::File(usage.to_path_buf());
+    settings
+}
 
 /// An app serving in this process.
 pub struct Served {
@@ -29,7 +72,6 @@ pub async fn serve(settings: Settings) -> Served {
 
 impl Served {
     /// Stops it and waits for its drain (leases returned, sink flushed).
-    #[allow(dead_code)] // Not every bench stops what it serves.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         self.running.await.unwrap().unwrap();
