@@ -10,94 +10,46 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
-use tollgate::engine::hash::Map;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
-use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
-use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
+use tollgate::engine::catalog::{Catalog, SourceClass};
+use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
 use tollgate::engine::limits::{LimitSet, MAX_LIMIT, ScopedLimits};
 use tollgate::engine::money::Money;
-use tollgate::engine::period::{Anchor, PeriodUnit};
-use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
+use tollgate::engine::pricing::Usage;
 use tollgate::engine::request::{PackGrant, Pool, ReserveRequest};
 use tollgate::engine::role::Granted;
 use tollgate::engine::source::{SourceRef, Take};
-use tollgate::engine::{Command, Reply};
+use tollgate::engine::{Command, Reply, fixture};
 use tollgate::store::Store;
 use tollgate::store::memory::MemoryStore;
 
+/// The shared catalog (`engine::fixture`) and plan `scoped`, limited in
+/// three scopes so far above the load that nothing is denied; holds of
+/// 15 minutes; no idempotency window (nothing pruned meanwhile).
 fn catalog() -> Catalog {
-    let p = Money::from_picos;
-    let prices = TokenPrices {
-        input: p(100_000),
-        cached_input: p(50_000),
-        cache_write: p(100_000),
-        output: p(200_000),
-    };
-    let tiers = Map::from_iter([(
-        TierId::default_tier(),
-        TierPrices {
-            base: prices,
-            context_tiers: vec![],
-        },
-    )]);
-    let version = PriceVersion {
-        id: VersionId::parse("v1").unwrap(),
-        effective_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-        models: Map::from_iter([(
-            ModelId::parse("m").unwrap(),
-            ModelPrices {
-                weight_milli: 1000,
-                tiers,
-            },
-        )]),
-        windows: vec![],
-    };
-    let plan = |id: &str, allowance, limits| Plan {
-        id: PlanId::parse(id).unwrap(),
-        allowance,
-        draw_order: SourceClass::DEFAULT_ORDER.to_vec(),
-        allowed_models: None,
-        limits,
-        on_store_outage: Default::default(),
-    };
+    let mut catalog = fixture::catalog();
     let big = LimitSet {
         requests_per_minute: MAX_LIMIT,
         tokens_per_minute: MAX_LIMIT,
         concurrent_requests: 1000,
         ..Default::default()
     };
-    let limited = ScopedLimits {
+    let scoped = ScopedLimits {
         account: big,
         api_key: big,
         per_model: big,
         models: Default::default(),
     };
-    let allowance = Allowance {
-        tokens: 1_000,
-        period: PeriodUnit::Month,
-        anchor: Anchor::Calendar,
-        rollover_cap: 0,
-    };
-    Catalog {
-        plans: [
-            plan("paid", None, ScopedLimits::default()),
-            plan("mixed", Some(allowance), ScopedLimits::default()),
-            plan("limited", None, limited),
-        ]
-        .into_iter()
-        .map(|p| (p.id.clone(), p))
-        .collect(),
-        prices: PriceBook::new(vec![version]).unwrap(),
-        hold_ttl: SignedDuration::from_mins(15),
-        on_expiry: ExpiryPolicy::Release,
-        idempotency_window: SignedDuration::ZERO,
-        recent_usage: 20,
-        max_request_ids: 1_000_000,
-    }
+    let scoped = fixture::plan("scoped", None, &SourceClass::DEFAULT_ORDER, scoped);
+    catalog.plans.insert(scoped.id.clone(), scoped);
+    catalog.hold_ttl = SignedDuration::from_mins(15);
+    catalog.idempotency_window = SignedDuration::ZERO;
+    catalog.recent_usage = 20;
+    catalog
 }
 
 fn account(catalog: &Catalog, plan: &str, packs: usize, now: Timestamp) -> Account {
@@ -168,14 +120,14 @@ fn engine(c: &mut Criterion) {
     // name, plan, packs, settled requests remembered before measuring (a
     // day of idempotency memory on a busy account; not pruned meanwhile)
     let scenarios = [
-        ("paid money only", "paid", 0, 0),
-        ("allowance, 3 packs, promo, paid", "mixed", 3, 0),
-        ("3 rate-limit scopes", "limited", 0, 0),
-        ("paid, 100k settled requests remembered", "paid", 0, 100_000),
+        ("paid money only", "payg", 0, 0),
+        ("allowance, 3 packs, promo, paid", "pro", 3, 0),
+        ("3 rate-limit scopes", "scoped", 0, 0),
+        ("paid, 100k settled requests remembered", "payg", 0, 100_000),
     ];
     // A sidecar's mirror deciding from a large paid slice of its lease.
     {
-        let shared = account(&catalog, "paid", 0, now);
+        let shared = account(&catalog, "payg", 0, now);
         let mut mirror = Account::mirror_of(&shared);
         mirror.accept(&Granted {
             takes: vec![Take {
@@ -259,7 +211,7 @@ fn memory_store(c: &mut Criterion) {
     let store = MemoryStore::new(catalog.clone());
     let id = AccountId::parse("bench").unwrap();
     runtime
-        .block_on(store.create(account(&catalog, "paid", 0, now)))
+        .block_on(store.create(account(&catalog, "payg", 0, now)))
         .unwrap();
     let mut i = 0u64;
     c.bench_function("memory store reserve+settle", |b| {
@@ -296,7 +248,7 @@ fn accounts(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let mut group = c.benchmark_group("memory store reserve+settle by accounts held");
     for n in [1u64, 1_000, 1_000_000] {
-        let template = account(&catalog, "paid", 0, now);
+        let template = account(&catalog, "payg", 0, now);
         let store = MemoryStore::new(catalog.clone());
         let ids: Vec<AccountId> = (0..n)
             .map(|i| AccountId::parse(&format!("acct-{i:07}")).unwrap())

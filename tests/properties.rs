@@ -14,21 +14,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use tollgate::engine::hash::Map;
-
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 use tollgate::engine::account::{Account, Reservation};
-use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
-use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId, VersionId};
-use tollgate::engine::limits::{LimitOverrides, LimitSet, ScopedLimits};
+use tollgate::engine::catalog::{Catalog, ExpiryPolicy};
+use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
+use tollgate::engine::limits::{LimitOverrides, LimitSet};
 use tollgate::engine::money::Money;
-use tollgate::engine::period::{Anchor, PeriodUnit};
-use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
+use tollgate::engine::pricing::Usage;
 use tollgate::engine::request::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::source::SourceRef;
-use tollgate::engine::{Command, UsageRecord};
+use tollgate::engine::{Command, UsageRecord, fixture};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -111,7 +108,7 @@ enum Op {
     Replay,
 }
 
-const PLANS: [&str; 3] = ["payg", "pro", "cash"];
+const PLANS: [&str; 3] = ["payg", "daily", "cash"];
 const TIME_ZONES: [&str; 3] = ["Europe/Paris", "Pacific/Kiritimati", "America/St_Johns"];
 
 fn op() -> impl Strategy<Value = Op> {
@@ -143,68 +140,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn prices(input: i128, output: i128) -> TokenPrices {
-    let m = Money::from_picos;
-    TokenPrices {
-        input: m(input),
-        cached_input: m(input / 2),
-        cache_write: m(input),
-        output: m(output),
-    }
-}
-
+/// The shared catalog (`engine::fixture`), lapsed holds released or
+/// charged in full.
 fn catalog(charge_in_full: bool) -> Catalog {
-    let model = |weight_milli| {
-        let tiers = Map::from_iter([(
-            TierId::default_tier(),
-            TierPrices {
-                base: prices(100, 400),
-                context_tiers: vec![],
-            },
-        )]);
-        ModelPrices { weight_milli, tiers }
-    };
-    let version = PriceVersion {
-        id: VersionId::parse("v1").unwrap(),
-        effective_at: "2026-01-01T00:00:00Z".parse().unwrap(),
-        models: Map::from_iter([
-            (ModelId::parse("m").unwrap(), model(1000)),
-            (ModelId::parse("w").unwrap(), model(1500)),
-        ]),
-        windows: vec![],
-    };
-    let plan = |id: &str, allowance: Option<Allowance>, order: &[SourceClass]| Plan {
-        id: PlanId::parse(id).unwrap(),
-        allowance,
-        draw_order: order.to_vec(),
-        allowed_models: None,
-        limits: ScopedLimits::default(),
-        on_store_outage: Default::default(),
-    };
-    let daily = Allowance {
-        tokens: 5000,
-        period: PeriodUnit::Day,
-        anchor: Anchor::Anniversary,
-        rollover_cap: 1000,
-    };
-    let plans = [
-        plan("payg", None, &SourceClass::DEFAULT_ORDER),
-        plan("pro", Some(daily), &SourceClass::DEFAULT_ORDER),
-        plan("cash", None, &[SourceClass::Promo, SourceClass::Paid]),
-    ];
-    Catalog {
-        plans: plans.into_iter().map(|p| (p.id.clone(), p)).collect(),
-        prices: PriceBook::new(vec![version]).unwrap(),
-        hold_ttl: SignedDuration::from_secs(30),
-        on_expiry: if charge_in_full {
-            ExpiryPolicy::ChargeInFull
-        } else {
-            ExpiryPolicy::Release
-        },
-        idempotency_window: SignedDuration::from_secs(3600),
-        recent_usage: 5,
-        max_request_ids: 1_000_000,
+    let mut catalog = fixture::catalog();
+    if charge_in_full {
+        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
     }
+    catalog
 }
 
 /// What the test itself credited and saw charged, per account.

@@ -51,18 +51,14 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
-use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, Plan, SourceClass};
-use tollgate::engine::hash::Map;
-use tollgate::engine::ids::{
-    AccountId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId, VersionId,
-};
-use tollgate::engine::limits::{LimitSet, ScopedLimits};
-use tollgate::engine::period::{Anchor, PeriodUnit};
-use tollgate::engine::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, TokenPrices, Usage};
+use tollgate::engine::catalog::{Catalog, ExpiryPolicy};
+use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId};
+use tollgate::engine::limits::LimitSet;
+use tollgate::engine::pricing::{PriceBook, Usage};
 use tollgate::engine::request::{ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::role::{Journaled, Short, Sync};
 use tollgate::engine::source::{SourceRef, Take};
-use tollgate::engine::{ChargeOutcome, Command, EngineError, Money, Reply, ReserveOutcome, UsageRecord};
+use tollgate::engine::{ChargeOutcome, Command, EngineError, Money, Reply, ReserveOutcome, UsageRecord, fixture};
 use tollgate::lease::{
     Context, Decide, Failure, Known, LeaseSettings, Local, Next, Numbering, Purpose, SyncOutcome, Upkeep,
 };
@@ -501,92 +497,29 @@ fn fnv(digest: u64, bytes: &[u8]) -> u64 {
         .fold(digest, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn prices(input: i128, output: i128) -> TokenPrices {
-    let m = Money::from_picos;
-    TokenPrices {
-        input: m(input),
-        cached_input: m(input / 2),
-        cache_write: m(input),
-        output: m(output),
-    }
-}
-
-/// Two price versions (the second in force a day and a half in), three
-/// plans: pay-as-you-go with rate and concurrency limits, a daily
-/// subscription, and promo-then-paid.
+/// The shared catalog (`engine::fixture`) with a second price version,
+/// at three times the prices, in force a day and a half in; rate and
+/// concurrency limits on `payg`; holds that lapse after 20 s.
 fn catalog(start: Timestamp, charge_in_full: bool) -> Catalog {
-    let version = |id: &str, effective_at: Timestamp, scale: i128| {
-        let model = |weight_milli| {
-            let tiers = Map::from_iter([(
-                TierId::default_tier(),
-                TierPrices {
-                    base: prices(100 * scale, 400 * scale),
-                    context_tiers: vec![],
-                },
-            )]);
-            ModelPrices { weight_milli, tiers }
-        };
-        PriceVersion {
-            id: VersionId::parse(id).unwrap(),
-            effective_at,
-            models: Map::from_iter([
-                (ModelId::parse("m").unwrap(), model(1000)),
-                (ModelId::parse("w").unwrap(), model(1500)),
-            ]),
-            windows: vec![],
-        }
+    let mut catalog = fixture::catalog();
+    catalog.prices = PriceBook::new(vec![
+        fixture::version("v1", "2026-01-01T00:00:00Z".parse().unwrap(), 1),
+        fixture::version("v2", start + SignedDuration::from_hours(36), 3),
+    ])
+    .unwrap();
+    let payg = catalog.plans.get_mut(&PlanId::parse("payg").unwrap()).unwrap();
+    payg.limits.account = LimitSet {
+        requests_per_minute: 600,
+        tokens_per_minute: 2_000_000,
+        concurrent_requests: 8,
+        ..LimitSet::default()
     };
-    let limited = ScopedLimits {
-        account: LimitSet {
-            requests_per_minute: 600,
-            tokens_per_minute: 2_000_000,
-            concurrent_requests: 8,
-            ..LimitSet::default()
-        },
-        ..ScopedLimits::default()
-    };
-    let plan = |id: &str, allowance: Option<Allowance>, order: &[SourceClass], limits: ScopedLimits| Plan {
-        id: PlanId::parse(id).unwrap(),
-        allowance,
-        draw_order: order.to_vec(),
-        allowed_models: None,
-        limits,
-        on_store_outage: Default::default(),
-    };
-    let daily = Allowance {
-        tokens: 20_000,
-        period: PeriodUnit::Day,
-        anchor: Anchor::Anniversary,
-        rollover_cap: 5_000,
-    };
-    let plans = [
-        plan("payg", None, &SourceClass::DEFAULT_ORDER, limited),
-        plan("pro", Some(daily), &SourceClass::DEFAULT_ORDER, ScopedLimits::default()),
-        plan(
-            "cash",
-            None,
-            &[SourceClass::Promo, SourceClass::Paid],
-            ScopedLimits::default(),
-        ),
-    ];
-    let v2 = start + SignedDuration::from_hours(36);
-    Catalog {
-        plans: plans.into_iter().map(|p| (p.id.clone(), p)).collect(),
-        prices: PriceBook::new(vec![
-            version("v1", "2026-01-01T00:00:00Z".parse().unwrap(), 1),
-            version("v2", v2, 3),
-        ])
-        .unwrap(),
-        hold_ttl: SignedDuration::from_secs(20),
-        on_expiry: if charge_in_full {
-            ExpiryPolicy::ChargeInFull
-        } else {
-            ExpiryPolicy::Release
-        },
-        idempotency_window: SignedDuration::from_secs(3600),
-        recent_usage: 5,
-        max_request_ids: 1_000_000,
+    catalog.hold_ttl = SignedDuration::from_secs(20);
+    catalog.idempotency_window = SignedDuration::from_secs(3600);
+    if charge_in_full {
+        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
     }
+    catalog
 }
 
 impl World {
@@ -594,7 +527,7 @@ impl World {
         let mut rng = fastrand::Rng::with_seed(seed);
         let now: Timestamp = "2026-03-29T00:30:00Z".parse().unwrap();
         let catalog = catalog(now, rng.bool());
-        let plans = ["payg", "pro", "cash"];
+        let plans = ["payg", "daily", "cash"];
         let credit_limits = vec![
             Money::from_picos(2_000_000_000),
             Money::ZERO,

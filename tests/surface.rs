@@ -1382,3 +1382,27 @@ fn the_engine_imports_only_from_modules_below_it() {
         "engine modules missing from engine/mod.rs's map: {unlisted:?}"
     );
 }
+
+/// The engine's unit tests, the integration and property tests, the
+/// simulation and the benches build on one catalog (`engine::fixture`):
+/// none writes a catalog of its own.
+#[test]
+fn tests_and_benches_share_one_catalog_fixture() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("src/engine/tests.rs")];
+    for dir in ["tests", "benches"] {
+        files.extend(files_of(root, dir));
+    }
+    let own: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            // A literal: `Catalog {` that no `->` or `impl` precedes.
+            let text = std::fs::read_to_string(f).unwrap();
+            text.lines()
+                .any(|l| l.contains(concat!("Catalog", " {")) && !l.contains("->") && !l.contains("impl"))
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(files.len() > 20, "{files:?}");
+    assert!(own.is_empty(), "catalogs written outside engine::fixture: {own:?}");
+}

@@ -23,6 +23,7 @@
 //! - [`lease`]: slices of a shared account lent to sidecars, and their mirrors.
 //! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
 //! - [`command`]: one entry point for every account operation.
+//! - [`fixture`]: the catalog tests, simulations and benches share.
 //!
 //! Listed bottom up: each module imports only from those above it.
 
@@ -34,6 +35,7 @@ pub mod catalog;
 pub mod command;
 pub mod draw;
 pub mod error;
+pub mod fixture;
 pub mod hash;
 pub mod ids;
 pub mod lease;

@@ -4,8 +4,6 @@
 //! Why one file: scenario tests, one billing rule each, sharing one catalog
 //! fixture; they read as a list of rules.
 
-use super::hash::{Map, Set};
-
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
@@ -16,8 +14,8 @@ use super::ids::{LotId, ModelId, PlanId, RequestId, ReservationId, TierId, Versi
 use super::limits::{LimitSet, ScopedLimits};
 use super::money::Money;
 use super::period::{Anchor, PeriodUnit};
-use super::pricing::tests::{prices, version};
-use super::pricing::{ModelPrices, PriceBook, PriceVersion, TierPrices, Usage};
+use super::pricing::tests::version;
+use super::pricing::{PriceBook, PriceVersion, Usage};
 use super::record::RecordKind;
 use super::request::{
     ChargeOutcome, ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveOutcome, ReserveRequest, Reserved,
@@ -31,60 +29,15 @@ fn t(s: &str) -> Timestamp {
 const NOW: &str = "2026-03-10T12:00:00Z";
 
 fn plan(id: &str, allowance: Option<Allowance>) -> Plan {
-    Plan {
-        id: PlanId::parse(id).unwrap(),
-        allowance,
-        draw_order: SourceClass::DEFAULT_ORDER.to_vec(),
-        allowed_models: None,
-        limits: ScopedLimits::default(),
-        on_store_outage: Default::default(),
-    }
+    super::fixture::plan(id, allowance, &SourceClass::DEFAULT_ORDER, ScopedLimits::default())
 }
 
-/// Model `m`: input 1000, cached 500, cache write 1000, output 4000
-/// pico-units per token. Model `big`: same prices, weight 1.5.
+/// The shared catalog (`engine::fixture`): models `m` and `w` (weight
+/// 1.5) at input 1000, cached 500, cache write 1000, output 4000
+/// pico-units per token; plans `payg`, `pro`, `daily`, `cash`, `limited`,
+/// `only-m`.
 fn catalog() -> Catalog {
-    let mut v1 = version("v1", "2026-01-01T00:00:00Z", 1000, 4000);
-    let mut tiers = Map::default();
-    tiers.insert(
-        TierId::default_tier(),
-        TierPrices {
-            base: prices(1000, 500, 1000, 4000),
-            context_tiers: vec![],
-        },
-    );
-    v1.models.insert(
-        ModelId::parse("big").unwrap(),
-        ModelPrices {
-            weight_milli: 1500,
-            tiers,
-        },
-    );
-    let monthly = Allowance {
-        tokens: 1000,
-        period: PeriodUnit::Month,
-        anchor: Anchor::Calendar,
-        rollover_cap: 300,
-    };
-    let mut limited = plan("limited", None);
-    limited.limits.account = LimitSet {
-        requests_per_minute: 1,
-        ..Default::default()
-    };
-    let mut only_m = plan("only-m", None);
-    only_m.allowed_models = Some(Set::from_iter([ModelId::parse("m").unwrap()]));
-    Catalog {
-        plans: [plan("payg", None), plan("pro", Some(monthly)), limited, only_m]
-            .into_iter()
-            .map(|p| (p.id.clone(), p))
-            .collect(),
-        prices: PriceBook::new(vec![v1]).unwrap(),
-        hold_ttl: SignedDuration::from_secs(60),
-        on_expiry: ExpiryPolicy::Release,
-        idempotency_window: SignedDuration::from_hours(24),
-        recent_usage: 10,
-        max_request_ids: 1_000_000,
-    }
+    super::fixture::catalog()
 }
 
 fn account(catalog: &Catalog, plan: &str) -> Account {
@@ -404,7 +357,7 @@ fn packs_draw_by_priority_then_earliest_expiry_and_respect_model_scope() {
         pack_id: "big-only".parse_id(),
         tokens: 100,
         expires_at: t("2026-03-20T00:00:00Z"),
-        models: Some(std::collections::BTreeSet::from(["big".parse_id()])),
+        models: Some(std::collections::BTreeSet::from(["w".parse_id()])),
         priority: 0,
     };
     a.grant_pack(&c, scoped, t(NOW)).unwrap();
@@ -435,10 +388,10 @@ fn weighted_tokens_round_against_the_caller() {
     // 3 input tokens of `big` (weight 1.5) take ceil(4.5) = 5 pack tokens;
     // the other 5 cover floor(5 / 1.5) = 3 output tokens (4.5 -> 5).
     // The fourth output token is not covered, so money must pay: none.
-    let r = allowed(a.reserve(&c, &req("r1", "big", 3, 3), t(NOW)).unwrap());
+    let r = allowed(a.reserve(&c, &req("r1", "w", 3, 3), t(NOW)).unwrap());
     assert_eq!(r.held, vec![take(SourceRef::Pack("p1".parse_id()), 10)]);
     assert_eq!(
-        denial(a.reserve(&c, &req("r2", "big", 0, 1), t(NOW)).unwrap()),
+        denial(a.reserve(&c, &req("r2", "w", 0, 1), t(NOW)).unwrap()),
         Denial::InsufficientFunds
     );
 }
@@ -639,7 +592,7 @@ fn denials_name_their_reason_and_take_nothing() {
     let mut b = account(&c, "only-m");
     top_up(&mut b, &c, "t1", Pool::Paid, 10_000_000);
     assert_eq!(
-        denial(b.reserve(&c, &req("r1", "big", 1, 1), t(NOW)).unwrap()),
+        denial(b.reserve(&c, &req("r1", "w", 1, 1), t(NOW)).unwrap()),
         Denial::ModelNotAllowed
     );
     assert!(b.traffic().requests.is_empty() && b.holds().count() == 0);
@@ -871,7 +824,7 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
         ..Default::default()
     };
     pro.limits.models.insert(
-        "big".parse_id(),
+        "w".parse_id(),
         LimitSet {
             concurrent_requests: 1,
             ..Default::default()
@@ -879,9 +832,9 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
     );
     let mut a = account(&c, "pro");
     top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
-    allowed(a.reserve(&c, &req("b1", "big", 1, 1), t(NOW)).unwrap());
+    allowed(a.reserve(&c, &req("b1", "w", 1, 1), t(NOW)).unwrap());
     assert!(matches!(
-        denial(a.reserve(&c, &req("b2", "big", 1, 1), t(NOW)).unwrap()),
+        denial(a.reserve(&c, &req("b2", "w", 1, 1), t(NOW)).unwrap()),
         Denial::RateLimited(_)
     ));
     allowed(a.reserve(&c, &req("m1", "m", 1, 1), t(NOW)).unwrap());
@@ -897,7 +850,7 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
         }),
         ..Default::default()
     });
-    allowed(a.reserve(&c, &req("b2", "big", 1, 1), t(NOW)).unwrap());
+    allowed(a.reserve(&c, &req("b2", "w", 1, 1), t(NOW)).unwrap());
     // The account's limit for the named model is the most specific of all.
     a.set_overrides(super::limits::LimitOverrides {
         per_model: Some(LimitSet {
@@ -905,7 +858,7 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
             ..Default::default()
         }),
         models: [(
-            "big".parse_id(),
+            "w".parse_id(),
             LimitSet {
                 concurrent_requests: 2,
                 ..Default::default()
@@ -915,7 +868,7 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
         ..Default::default()
     });
     assert!(matches!(
-        denial(a.reserve(&c, &req("b3", "big", 1, 1), t(NOW)).unwrap()),
+        denial(a.reserve(&c, &req("b3", "w", 1, 1), t(NOW)).unwrap()),
         Denial::RateLimited(_)
     ));
     allowed(a.reserve(&c, &req("m3", "m", 1, 1), t(NOW)).unwrap());
@@ -1098,7 +1051,7 @@ fn an_oversized_reserve_borrows_nothing_and_parks_nothing() {
     let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
     let now = t(NOW);
     // 500 input tokens alone cost 500,000.
-    let big = a.apply(&mut shared, &c, Command::Reserve(req("big", "m", 500, 100)), now);
+    let big = a.apply(&mut shared, &c, Command::Reserve(req("w", "m", 500, 100)), now);
     assert!(
         matches!(
             big,
@@ -1141,7 +1094,7 @@ fn a_reserve_over_the_token_limit_parks_no_permits() {
     });
     let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
     let now = t(NOW);
-    let big = a.apply(&mut shared, &c, Command::Reserve(req("big", "m", 600, 900)), now);
+    let big = a.apply(&mut shared, &c, Command::Reserve(req("w", "m", 600, 900)), now);
     assert!(
         matches!(
             big,
@@ -2175,13 +2128,9 @@ fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
         })
     };
     let audit = audit(&a, "grant_pack", "order-1");
-    let (_, first) = a
-        .apply_audited(&c, grant(["m", "big", "other"]), t(NOW), &audit)
-        .unwrap();
+    let (_, first) = a.apply_audited(&c, grant(["m", "w", "other"]), t(NOW), &audit).unwrap();
     assert!(first.is_some());
-    let (_, again) = a
-        .apply_audited(&c, grant(["other", "m", "big"]), t(NOW), &audit)
-        .unwrap();
+    let (_, again) = a.apply_audited(&c, grant(["other", "m", "w"]), t(NOW), &audit).unwrap();
     assert!(again.is_none(), "a retry, not another change");
 }
 
