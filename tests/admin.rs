@@ -5,7 +5,7 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{Backend, money, prices, reserve, settle, spawn_app_on};
+use support::{Backend, money, price_version, prices, reserve, settle, spawn_app_on};
 use tollgate::api::convert::timestamp_out;
 use tollgate::proto;
 use tollgate::proto::{Decision, DenyReason, SourceKind};
@@ -298,20 +298,7 @@ async fn accounts_money_packs_plans_limits_and_status(backend: Backend) {
 async fn published_prices_apply_from_their_effective_time_and_never_retroactively(backend: Backend) {
     let mut app = spawn_app_on(backend).await;
     let at = app.now().checked_add(SignedDuration::from_secs(10)).unwrap();
-    let version = proto::PriceVersion {
-        id: "v2".into(),
-        effective_at: Some(timestamp_out(at)),
-        models: vec![proto::ModelPrices {
-            model: "m".into(),
-            token_weight_milli: 0,
-            tiers: vec![proto::TierPrices {
-                service_tier: "default".into(),
-                prices: Some(prices("2", "8")),
-                context_tiers: vec![],
-            }],
-        }],
-        windows: vec![],
-    };
+    let version = price_version("v2", at, "2", "8");
     let publish = |version: &proto::PriceVersion| proto::PublishPriceVersionRequest {
         version: Some(version.clone()),
         adjustment_id: "list-2026-03".into(),

@@ -6,7 +6,7 @@
 mod support;
 
 use jiff::SignedDuration;
-use support::{Backend, money, prices, reserve, settle, spawn_app_on};
+use support::{Backend, money, price_version, prices, reserve, settle, spawn_app_on};
 use tollgate::proto;
 use tonic::Code;
 
@@ -359,23 +359,12 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
         reason: "r".into(),
     };
     expect(a.revoke_pack(revoke).await, Code::NotFound, "pack none");
-    let inexact = proto::PriceVersion {
-        id: "v9".into(),
-        effective_at: Some(prost_types::Timestamp {
-            seconds: 4_000_000_000,
-            nanos: 0,
-        }),
-        models: vec![proto::ModelPrices {
-            model: "m".into(),
-            token_weight_milli: 0,
-            tiers: vec![proto::TierPrices {
-                service_tier: "default".into(),
-                prices: Some(prices("0.0000001", "1")),
-                context_tiers: vec![],
-            }],
-        }],
-        windows: vec![],
-    };
+    let inexact = price_version(
+        "v9",
+        jiff::Timestamp::from_second(4_000_000_000).unwrap(),
+        "0.0000001",
+        "1",
+    );
     let mut heavy = inexact.clone();
     heavy.models[0].token_weight_milli = 1_000_001;
     heavy.models[0].tiers[0].prices = Some(prices("1", "1"));

@@ -363,20 +363,7 @@ async fn admin_changes_at_one_sidecar_reach_the_others() {
     // A price version published at one sidecar prices the other's reserves
     // from its effective time.
     let at = jiff::Timestamp::now() + jiff::SignedDuration::from_millis(1500);
-    let version = tollgate::proto::PriceVersion {
-        id: "v2".into(),
-        effective_at: Some(tollgate::api::convert::timestamp_out(at)),
-        models: vec![tollgate::proto::ModelPrices {
-            model: "m".into(),
-            token_weight_milli: 0,
-            tiers: vec![tollgate::proto::TierPrices {
-                service_tier: "default".into(),
-                prices: Some(support::prices("2", "8")),
-                context_tiers: vec![],
-            }],
-        }],
-        windows: vec![],
-    };
+    let version = support::price_version("v2", at, "2", "8");
     let publish = tollgate::proto::PublishPriceVersionRequest {
         version: Some(version),
         adjustment_id: "list-2".into(),

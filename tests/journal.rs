@@ -128,10 +128,6 @@ async fn sigkilled_again_and_again_every_acknowledged_settle_is_in_the_stream_on
         "the account is charged exactly what the stream records"
     );
     assert!(paid.available() >= 0);
-    assert_eq!(
-        paid.granted(),
-        paid.available() + paid.held() + paid.charged() + paid.forfeited()
-    );
 }
 
 /// Found by the simulation (tests/simulation.rs, seeds 3, 6, 27 and 57): a
@@ -281,10 +277,6 @@ async fn a_request_id_is_charged_once_across_sidecars_and_restarts() {
     // 1 + 2, and 100 in and 50 out at 1 and 4 per million.
     assert_eq!(picos(&records), 3_000_000_000_000 + 300_000_000);
     assert_eq!(paid.charged(), picos(&records), "charged once per request id");
-    assert_eq!(
-        paid.granted(),
-        paid.available() + paid.held() + paid.charged() + paid.forfeited()
-    );
 }
 
 /// A settle resent after its record reached Redis, to a sidecar that never

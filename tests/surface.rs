@@ -576,6 +576,14 @@ fn admin(dir: &std::path::Path, addr: &str, token_file: Option<&str>, args: &[&s
     )
 }
 
+/// `tollgate admin ARGS` as [`admin`] runs it, which must succeed: what it
+/// printed, as JSON.
+fn admin_json(dir: &std::path::Path, addr: &str, token_file: Option<&str>, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = admin(dir, addr, token_file, args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).expect("JSON")
+}
+
 #[test]
 fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
     let dir = tempfile::tempdir().unwrap();
@@ -634,9 +642,7 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         "5",
         "--json",
     ];
-    let (code, out, err) = admin(d, &addr, write, &top_up);
-    assert_eq!(code, 0, "{err}");
-    let detail: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let detail = admin_json(d, &addr, write, &top_up);
     assert_eq!(detail["balance"]["paid"], "15.000000000000");
     // A retry applies nothing; the same id for another amount is refused.
     let (code, out, _) = admin(d, &addr, write, &top_up);
@@ -716,9 +722,7 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
     let (code, out, err) = admin(d, &addr, write, &publish);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("published 2031-01"), "{out}");
-    let (code, out, _) = admin(d, &addr, read, &["prices", "list", "--json"]);
-    assert_eq!(code, 0);
-    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let list = admin_json(d, &addr, read, &["prices", "list", "--json"]);
     let future = list["prices"]
         .as_array()
         .unwrap()
@@ -773,9 +777,7 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
         "complaint",
         "--json",
     ];
-    let (code, out, err) = admin(d, &addr, write, &refund);
-    assert_eq!(code, 0, "{err}");
-    let detail: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let detail = admin_json(d, &addr, write, &refund);
     assert_eq!(
         detail["balance"]["paid"], "15.000000000000",
         "back to before the charge"
@@ -805,9 +807,7 @@ fn sighup_reloads_the_configuration_file() {
     .unwrap();
     let served = Served::start(d, &["--config", "tollgate.toml", "--admin-tokens", "admin-tokens.toml"]);
     let versions = || {
-        let (code, out, err) = admin(d, &served.admin, Some("read.token"), &["prices", "list", "--json"]);
-        assert_eq!(code, 0, "{err}");
-        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let list = admin_json(d, &served.admin, Some("read.token"), &["prices", "list", "--json"]);
         let mut ids: Vec<String> = list["prices"]
             .as_array()
             .unwrap()

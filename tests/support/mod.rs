@@ -441,6 +441,25 @@ pub fn prices(input: &str, output: &str) -> proto::TokenPrices {
     }
 }
 
+/// Price version `id`, in force from `at`: model `m` on the default tier
+/// at [`prices`]`(input, output)`.
+pub fn price_version(id: &str, at: jiff::Timestamp, input: &str, output: &str) -> proto::PriceVersion {
+    proto::PriceVersion {
+        id: id.into(),
+        effective_at: Some(tollgate::api::convert::timestamp_out(at)),
+        models: vec![proto::ModelPrices {
+            model: "m".into(),
+            token_weight_milli: 0,
+            tiers: vec![proto::TierPrices {
+                service_tier: "default".into(),
+                prices: Some(prices(input, output)),
+                context_tiers: vec![],
+            }],
+        }],
+        windows: vec![],
+    }
+}
+
 /// Money from a decimal string, for requests.
 pub fn money(text: &str) -> proto::Money {
     let m: tollgate::engine::Money = text.parse().expect("money");
