@@ -424,14 +424,7 @@ async fn get_account_shows_sources_lots_holds_and_recent_usage(backend: Backend)
     app.quota.reserve(reserve("rich", "done", 10, 10)).await.unwrap();
     app.quota.settle(settle("rich", "done", 10, 5)).await.unwrap();
     app.quota.reserve(reserve("rich", "open", 10, 10)).await.unwrap();
-    let d = app
-        .admin
-        .get_account(proto::GetAccountRequest {
-            account_id: "rich".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = support::detail(&mut app.admin, "rich").await;
     assert_eq!(d.holds.len(), 1);
     assert_eq!(d.holds[0].reservation_id, "open");
     assert_eq!(d.recent_usage.len(), 1);
@@ -604,14 +597,7 @@ async fn every_call(
 #[tokio::test]
 async fn operators_need_a_valid_token_and_the_role_for_the_call() {
     let mut app = support::spawn_app().await;
-    let before = app
-        .admin
-        .get_account(proto::GetAccountRequest {
-            account_id: "rich".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let before = support::detail(&mut app.admin, "rich").await;
     for account in ["rich", "ghost"] {
         // No token, or one nobody issued: nothing is looked at, so an
         // unknown account is refused exactly as a known one.
@@ -632,14 +618,7 @@ async fn operators_need_a_valid_token_and_the_role_for_the_call() {
             assert_eq!(code, expected, "{call} on {account} with the read token");
         }
     }
-    let after = app
-        .admin
-        .get_account(proto::GetAccountRequest {
-            account_id: "rich".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = support::detail(&mut app.admin, "rich").await;
     assert_eq!(before, after, "a refused call changed the account");
     // The write role may do everything; its first change is the first
     // audit record (the sink keeps order), so no refused call left one.
@@ -702,14 +681,7 @@ async fn adjustments_apply_once_and_are_audited_with_before_and_after(backend: B
         .await
         .unwrap_err();
     assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
-    let detail = app
-        .admin
-        .get_account(proto::GetAccountRequest {
-            account_id: "rich".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let detail = support::detail(&mut app.admin, "rich").await;
     assert!(detail.suspended);
     // No id, or no reason: refused before anything is applied.
     for (adjustment, reason, field) in [("", "r", "adjustment_id"), ("x-1", " ", "reason")] {

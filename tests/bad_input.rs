@@ -178,14 +178,7 @@ async fn settling_in_the_wrong_state_is_a_failed_precondition(backend: Backend) 
 
 async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backend) {
     let mut app = spawn_app_on(backend).await;
-    let before = app
-        .admin
-        .get_account(proto::GetAccountRequest {
-            account_id: "rich".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let before = support::detail(&mut app.admin, "rich").await;
     let a = &mut app.admin;
     let top_up = |pool: i32, amount: proto::Money, reason: &str| proto::TopUpRequest {
         account_id: "rich".into(),
@@ -388,13 +381,7 @@ async fn malformed_admin_requests_are_refused_and_change_nothing(backend: Backen
         Code::InvalidArgument,
         "input_per_million",
     );
-    let after = a
-        .get_account(proto::GetAccountRequest {
-            account_id: "rich".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = support::detail(a, "rich").await;
     assert_eq!(before, after);
     app.shutdown().await;
 }

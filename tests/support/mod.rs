@@ -460,6 +460,17 @@ pub fn price_version(id: &str, at: jiff::Timestamp, input: &str, output: &str) -
     }
 }
 
+/// The admin API's view of `account`, which must exist.
+pub async fn detail(admin: &mut tollgate::transport::channel::AdminClient, account: &str) -> proto::AccountDetail {
+    admin
+        .get_account(proto::GetAccountRequest {
+            account_id: account.into(),
+        })
+        .await
+        .expect("the account exists")
+        .into_inner()
+}
+
 /// Money from a decimal string, for requests.
 pub fn money(text: &str) -> proto::Money {
     let m: tollgate::engine::Money = text.parse().expect("money");
