@@ -1406,3 +1406,31 @@ fn tests_and_benches_share_one_catalog_fixture() {
     assert!(files.len() > 20, "{files:?}");
     assert!(own.is_empty(), "catalogs written outside engine::fixture: {own:?}");
 }
+
+/// A source file over 600 lines says near its top why it is one file.
+#[test]
+fn every_long_file_says_why_it_is_one() {
+    let src = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
+    let mut files = Vec::new();
+    let mut dirs = vec![src.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for path in std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()) {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let silent: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            let head: String = text.lines().take(40).collect::<Vec<_>>().join("\n");
+            text.lines().count() > 600 && !head.contains("Why one file")
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(files.len() > 50, "{files:?}");
+    assert!(silent.is_empty(), "over 600 lines without saying why: {silent:?}");
+}
