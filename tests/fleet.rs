@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use support::fleet::{FLEET, Sidecar, fleet, fleet_with, load, quiescent, shared_account, write_config};
+use support::fleet::{FLEET, Sidecar, fleet, fleet_with, load, quiescent, recorded, shared_account, write_config};
 use support::redis::{RedisCluster, RedisServer};
 use tollgate::engine::Money;
 
@@ -34,16 +34,8 @@ async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16, shards: 
         sidecar.stop();
     }
     let paid = quiescent(port, shards, PAID);
-    let recorded = sidecars
-        .iter()
-        .map(Sidecar::charged)
-        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
-        .unwrap();
-    assert_eq!(
-        recorded.picos(),
-        paid.charged(),
-        "the records add up to what Redis charged"
-    );
+    let in_records = recorded(&sidecars);
+    assert_eq!(in_records, paid.charged(), "the records add up to what Redis charged");
     assert_eq!(
         paid.granted() - paid.available(),
         paid.charged(),
@@ -132,15 +124,8 @@ async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal(
     }
     sidecars[0].stop();
     let paid = quiescent(redis.port, 1, PAID);
-    let survivors = sidecars[1..]
-        .iter()
-        .map(Sidecar::charged)
-        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
-        .unwrap();
-    assert!(
-        survivors.picos() <= paid.charged(),
-        "every record of a survivor was charged"
-    );
+    let survivors = recorded(&sidecars[1..]);
+    assert!(survivors <= paid.charged(), "every record of a survivor was charged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,16 +167,8 @@ async fn decisions_go_on_from_leases_through_a_redis_outage_then_fail_closed() {
         sidecar.stop();
     }
     let paid = quiescent(redis.port, 1, PAID);
-    let recorded = sidecars
-        .iter()
-        .map(Sidecar::charged)
-        .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
-        .unwrap();
-    assert_eq!(
-        recorded.picos(),
-        paid.charged(),
-        "every settle reached Redis exactly once"
-    );
+    let in_records = recorded(&sidecars);
+    assert_eq!(in_records, paid.charged(), "every settle reached Redis exactly once");
     // And the usage stream has every record once, the journal having held
     // them through the outage.
     support::fleet::stream_holds_each_record_once(&sidecars, &redis.url()).await;

@@ -171,17 +171,7 @@ impl Sidecar {
 
     /// The money of every usage record written so far.
     pub fn charged(&self) -> Money {
-        self.records()
-            .iter()
-            .map(|r| {
-                r["total_money"]
-                    .as_str()
-                    .expect("total_money")
-                    .parse::<Money>()
-                    .expect("money")
-            })
-            .try_fold(Money::ZERO, |sum, m| sum.checked_add(m))
-            .expect("no overflow")
+        Money::from_picos(picos(&self.records()))
     }
 }
 
@@ -328,6 +318,11 @@ pub async fn stream_records(url: &str, shards: u32) -> Vec<serde_json::Value> {
         }
     }
     records
+}
+
+/// The money of every usage record `sidecars` wrote, in pico-units.
+pub fn recorded(sidecars: &[Sidecar]) -> i128 {
+    sidecars.iter().map(|s| s.charged().picos()).sum()
 }
 
 /// Money of `records` in pico-units.
