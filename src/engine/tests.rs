@@ -40,6 +40,15 @@ fn catalog() -> Catalog {
     super::fixture::catalog()
 }
 
+/// The shared catalog and an account on `plan` with `picos` of paid money
+/// (top-up `t1`).
+fn funded(plan: &str, picos: i128) -> (Catalog, Account) {
+    let c = catalog();
+    let mut a = account(&c, plan);
+    top_up(&mut a, &c, "t1", Pool::Paid, picos);
+    (c, a)
+}
+
 fn account(catalog: &Catalog, plan: &str) -> Account {
     let plan = &catalog.plans[&PlanId::parse(plan).unwrap()];
     Account::open(
@@ -180,9 +189,7 @@ fn draw_down_splits_across_every_source_in_order() {
 
 #[test]
 fn settle_charges_actuals_and_releases_the_rest() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let (c, mut a) = funded("payg", 10_000_000);
     let r = allowed(a.reserve(&c, &req("r1", "m", 100, 1000), t(NOW)).unwrap());
     assert_eq!(r.held, vec![take(SourceRef::Paid, 100 * 1000 + 1000 * 4000)]);
     assert_eq!(a.balance(t(NOW)).paid, Money::from_picos(10_000_000 - 4_100_000));
@@ -220,9 +227,7 @@ fn an_idle_account_forgets_its_requests_and_frees_their_state() {
 /// other content, with a clear error (never a second charge).
 #[test]
 fn answers_go_after_a_minute_and_retries_are_refused_for_the_rest_of_the_window() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let (c, mut a) = funded("payg", 10_000_000);
     let charge = ChargeRequest {
         request_id: "c1".parse_id(),
         api_key_id: None,
@@ -279,9 +284,7 @@ fn grant_shrinks_to_what_funds_cover() {
 
 #[test]
 fn usage_above_the_hold_goes_to_credit_then_debt_and_top_up_repays_debt_first() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut a) = funded("payg", 1_000_000);
     a.set_credit_limit(Money::from_picos(400_000)).unwrap();
     let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
     // The model ran away: 500 output tokens = 2,000,000.
@@ -476,9 +479,7 @@ fn lapsed_holds_are_released_or_charged_in_full_by_policy() {
 
 #[test]
 fn extend_grows_the_grant_within_funds_and_renews_the_ttl() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 400_000);
+    let (c, mut a) = funded("payg", 400_000);
     let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
     let later = t("2026-03-10T12:00:50Z");
     let e = a.extend(&c, &r.reservation_id, 50, later).unwrap();
@@ -501,9 +502,7 @@ fn extend_grows_the_grant_within_funds_and_renews_the_ttl() {
 
 #[test]
 fn every_mutation_is_idempotent_and_reuse_with_other_content_is_refused() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let (c, mut a) = funded("payg", 10_000_000);
     top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
     assert_eq!(a.balance(t(NOW)).paid, Money::from_picos(10_000_000));
     let err = a
@@ -562,9 +561,7 @@ fn every_mutation_is_idempotent_and_reuse_with_other_content_is_refused() {
 
 #[test]
 fn denials_name_their_reason_and_take_nothing() {
-    let c = catalog();
-    let mut a = account(&c, "limited");
-    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let (c, mut a) = funded("limited", 10_000_000);
     allowed(a.reserve(&c, &req("r1", "m", 1, 1), t(NOW)).unwrap());
     let paid = a.balance(t(NOW)).paid;
     let ReserveOutcome::Denied {
@@ -600,9 +597,7 @@ fn denials_name_their_reason_and_take_nothing() {
 
 #[test]
 fn refused_admin_operations_change_nothing() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 1000);
+    let (c, mut a) = funded("payg", 1000);
     let before = format!("{:?}", (a.balance(t(NOW)), &a.packs, &a.operations));
     let past = PackGrant {
         pack_id: "p".parse_id(),
@@ -875,9 +870,7 @@ fn named_model_limits_replace_the_per_model_default_and_overrides_win() {
 
 #[test]
 fn a_token_limit_set_after_a_reserve_is_not_refunded_by_its_settle() {
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000);
+    let (c, mut a) = funded("payg", 10_000_000);
     a.set_overrides(super::limits::LimitOverrides {
         account: Some(LimitSet {
             requests_per_minute: 100,
@@ -1044,9 +1037,7 @@ fn no_short() -> super::role::Short {
 /// slices cover together still borrows.
 #[test]
 fn an_oversized_reserve_borrows_nothing_and_parks_nothing() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 300_000);
+    let (c, mut shared) = funded("payg", 300_000);
     let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
     let now = t(NOW);
     // 500 input tokens alone cost 500,000.
@@ -1081,9 +1072,7 @@ fn an_oversized_reserve_borrows_nothing_and_parks_nothing() {
 /// sidecar's small reserve is still admitted.
 #[test]
 fn a_reserve_over_the_token_limit_parks_no_permits() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 100_000_000);
+    let (c, mut shared) = funded("payg", 100_000_000);
     shared.set_overrides(super::limits::LimitOverrides {
         account: Some(LimitSet {
             tokens_per_minute: 1000,
@@ -1153,9 +1142,7 @@ fn lent_allowance_of_a_vanished_sidecar_rolls_over_in_time_order() {
 /// when it shares its batch (and the batch's charges) with a new record.
 #[test]
 fn a_repeated_request_is_charged_once_and_its_batch_mate_in_full() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut sidecars = [Sidecar::new("a", &shared), Sidecar::new("b", &shared)];
     let now = t(NOW);
     let charge = |id: &str, picos: i128| {
@@ -1202,9 +1189,7 @@ fn a_repeated_request_is_charged_once_and_its_batch_mate_in_full() {
 /// allowance (none here) may be drawn on.
 #[test]
 fn a_mirror_past_its_leases_expiry_never_spends_its_slices_as_the_last_word() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
@@ -1278,9 +1263,7 @@ fn drain(car: &mut Sidecar, shared: &mut Account, c: &Catalog, tag: &str, now: T
 /// covered and nothing of it went to another sidecar.
 #[test]
 fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
@@ -1311,9 +1294,7 @@ fn charges_reported_after_a_lapse_are_covered_by_what_the_lease_held() {
 /// the hold's unbacked status, and its settle went to debt.)
 #[test]
 fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
@@ -1347,9 +1328,7 @@ fn funds_set_aside_for_an_extended_hold_last_while_its_sidecar_reports_it() {
 /// window (a hold TTL and the window past the lease's expiry).
 #[test]
 fn a_vanished_sidecars_lease_comes_back_once_its_records_can_no_longer_arrive() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
@@ -1379,9 +1358,7 @@ fn a_vanished_sidecars_lease_comes_back_once_its_records_can_no_longer_arrive() 
 /// went to debt on a plan without credit.
 #[test]
 fn charges_reported_late_within_the_window_are_covered_by_what_their_lease_set_aside() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut a = Sidecar::new("a", &shared);
     let mut b = Sidecar::new("b", &shared);
     let now = t(NOW);
@@ -1414,9 +1391,7 @@ fn charges_reported_late_within_the_window_are_covered_by_what_their_lease_set_a
 /// not, comes back with that report rather than after the window.
 #[test]
 fn a_sidecar_restarted_on_its_journal_takes_back_its_predecessors_lease() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let journal = super::ids::ProducerId::parse("journal-1").unwrap();
     let mut a = Sidecar::new("a", &shared);
     a.journal_id = Some(journal.clone());
@@ -1449,9 +1424,7 @@ fn a_sidecar_restarted_on_its_journal_takes_back_its_predecessors_lease() {
 
 #[test]
 fn sidecars_on_leases_drain_an_account_exactly_and_never_below_zero() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut sidecars = [Sidecar::new("a", &shared), Sidecar::new("b", &shared)];
     let now = t(NOW);
     let (mut charged, mut denied) = (0i128, 0);
@@ -1489,9 +1462,7 @@ fn sidecars_on_leases_drain_an_account_exactly_and_never_below_zero() {
 
 #[test]
 fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let now = t(NOW);
     let producer = super::ids::ProducerId::parse("a").unwrap();
     let ask = |seq, epoch, charged: Vec<Take>| super::role::Sync {
@@ -1627,9 +1598,7 @@ fn per_sidecar_concurrency_is_counted_locally_and_fleet_concurrency_is_leased() 
 
 #[test]
 fn a_shared_account_survives_its_json_form_exactly() {
-    let c = catalog();
-    let mut shared = account(&c, "pro");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 123_456_789_012_345);
+    let (c, mut shared) = funded("pro", 123_456_789_012_345);
     pack(&mut shared, &c, "p1", 500, "2026-06-01T00:00:00Z");
     let mut car = Sidecar::new("a", &shared);
     car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), t(NOW));
@@ -1648,9 +1617,7 @@ fn a_shared_account_survives_its_json_form_exactly() {
 
 #[test]
 fn a_shared_account_is_stored_without_its_defaults() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000_000_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000_000_000_000);
     // Nothing at its default is written: no empty ledgers, maps or lots.
     assert_eq!(
         serde_json::to_string(&shared).unwrap(),
@@ -1689,9 +1656,7 @@ fn a_shared_account_written_with_every_field_reads_the_same() {
 
 #[test]
 fn a_hold_that_outlives_its_lapsed_lease_is_charged_from_what_was_set_aside_never_from_the_new_lease() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut car = Sidecar::new("a", &shared);
     let now = t(NOW);
     let reserved = car.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
@@ -1785,9 +1750,7 @@ fn a_lease_forgotten_after_its_lapse_is_still_lapsed_for_its_sidecar() {
 /// than stranded.
 #[test]
 fn a_mirror_made_anew_is_not_lapsed_and_strands_nothing() {
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let mut a = Sidecar::new("a", &shared);
     let now = t(NOW);
     let reserved = a.apply(&mut shared, &c, Command::Reserve(req("r1", "m", 10, 10)), now);
@@ -1837,9 +1800,7 @@ fn a_reload_takes_plans_and_new_versions_and_refuses_what_would_rewrite_history(
 #[test]
 fn a_refund_repays_debt_first_and_debt_repaid_since_goes_back_to_paid() {
     use super::record::RecordKind;
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut a) = funded("payg", 1_000_000);
     let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
     // 2,000,000 charged: 1,000,000 paid, 1,000,000 debt.
     let record = a.settle(&c, &r.reservation_id, usage(0, 500), t(NOW)).unwrap();
@@ -1927,9 +1888,7 @@ fn a_refund_across_allowance_periods_gives_back_at_most_what_was_charged() {
 #[test]
 fn a_refund_of_a_record_never_made_within_the_window_is_refused() {
     use super::record::RecordKind;
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut a) = funded("payg", 1_000_000);
     let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
     a.settle(&c, &r.reservation_id, usage(0, 100), t(NOW)).unwrap();
     let made_up = RequestId::parse("never-made").unwrap();
@@ -2006,9 +1965,7 @@ fn a_request_made_a_record_only_once_it_was_charged() {
 #[test]
 fn a_retried_refund_is_the_same_change_whatever_the_store_found() {
     use super::command::{Command, Reply};
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut a) = funded("payg", 1_000_000);
     let r = allowed(a.reserve(&c, &req("r1", "m", 0, 10), t(NOW)).unwrap());
     a.settle(&c, &r.reservation_id, usage(0, 100), t(NOW)).unwrap();
     let refund_at = |settled_at, recorded| Command::Refund {
@@ -2081,9 +2038,7 @@ fn bounding_answers_lets_go_of_exactly_the_oldest_and_never_the_current() {
 #[test]
 fn open_holds_are_capped_per_account() {
     use super::account::MAX_OPEN_HOLDS;
-    let c = catalog();
-    let mut a = account(&c, "payg");
-    top_up(&mut a, &c, "t1", Pool::Paid, 10_000_000_000);
+    let (c, mut a) = funded("payg", 10_000_000_000);
     let mut first = None;
     for i in 0..MAX_OPEN_HOLDS {
         let r = allowed(a.reserve(&c, &req(&format!("r{i}"), "m", 0, 1), t(NOW)).unwrap());
@@ -2126,9 +2081,7 @@ fn a_retried_pack_grant_is_the_same_change_whatever_order_its_models_came_in() {
 #[test]
 fn roles_are_types_and_a_mirror_never_lends() {
     use super::role::Role;
-    let c = catalog();
-    let mut shared = account(&c, "payg");
-    top_up(&mut shared, &c, "t1", Pool::Paid, 1_000_000);
+    let (c, mut shared) = funded("payg", 1_000_000);
     let now = t(NOW);
     assert_eq!(shared.role, Role::Standalone);
     let mut car = Sidecar::new("a", &shared);
