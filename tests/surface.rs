@@ -1434,3 +1434,33 @@ fn every_long_file_says_why_it_is_one() {
     assert!(files.len() > 50, "{files:?}");
     assert!(silent.is_empty(), "over 600 lines without saying why: {silent:?}");
 }
+
+/// The README's project layout names every module of `lib.rs`, in the
+/// map's order (bottom up), so the tree and its description stay one.
+#[test]
+fn the_readme_layout_follows_the_module_map() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let layout = readme
+        .split("## Project layout")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let order = listed(&format!("{root}/src/lib.rs"));
+    let mut at = Vec::new();
+    for module in order.iter().filter(|m| *m != "proto") {
+        let named = [format!("- `src/{module}/`"), format!("- `src/{module}.rs`")];
+        match named.iter().find_map(|n| layout.find(n.as_str())) {
+            Some(position) => at.push((position, module)),
+            None => panic!("the README's layout leaves out src/{module}"),
+        }
+    }
+    let mut sorted = at.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, at,
+        "the README's layout lists the modules out of lib.rs's order"
+    );
+}
