@@ -6,7 +6,8 @@
 //! stream entry holds the records one commit applied, each encoded once:
 //! `count`, `pb` (the usage records, a `tollgate.v1.UsageRecordBatch`
 //! protobuf message) and `audit` (operators' changes, a JSON array);
-//! [`entry_records`] reads them back as JSON. Every record carries its `record_id`: a consumer that
+//! [`entry_records`] reads them back as JSON, each with its `record_id`
+//! (derived: the protobuf leaves it out): a consumer that
 //! sees an id again (after its own crash, before its `XACK`) has seen the
 //! same record.
 

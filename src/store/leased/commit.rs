@@ -110,7 +110,8 @@ struct Tagged<'a, R> {
 impl StreamEntry {
     /// Adds a journaled usage record.
     fn record(&mut self, entry: &Journaled) -> Result<(), StoreError> {
-        let mut pb = crate::wire::record_out(&entry.record);
+        // Without its record id: readers derive it (`usage_json`).
+        let mut pb = crate::wire::record_fields(&entry.record);
         pb.journal = entry.journal.to_string();
         pb.journal_seq = entry.seq;
         // `records` is field 1 of the batch: its tag, then the message,
@@ -508,6 +509,10 @@ mod tests {
         let read: UsageRecord = serde_json::from_value(records[0].clone()).unwrap();
         assert_eq!(read, written.record);
         assert_eq!(records[0]["record_id"], written.record.id());
+        // Derived, not stored: the stream carries no record id.
+        let batch = <crate::proto::UsageRecordBatch as prost::Message>::decode(stream.pb.as_slice()).unwrap();
+        assert_eq!(batch.records[0].record_id, "", "derived, so left out");
+        assert_eq!(batch.records[0].request_id, written.record.request_id.as_str());
         assert_eq!(records[0]["journal"], "journal-a");
         assert_eq!(records[0]["journal_seq"], 42);
         let read: AuditRecord = serde_json::from_value(records[1].clone()).unwrap();
