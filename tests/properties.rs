@@ -22,7 +22,7 @@ use tollgate::engine::catalog::{Catalog, ExpiryPolicy};
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
 use tollgate::engine::limits::{LimitOverrides, LimitSet};
 use tollgate::engine::money::Money;
-use tollgate::engine::pricing::Usage;
+use tollgate::engine::pricing::{PriceBook, Usage};
 use tollgate::engine::request::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::source::SourceRef;
 use tollgate::engine::{Command, UsageRecord, fixture};
@@ -140,10 +140,17 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The shared catalog (`engine::fixture`), lapsed holds released or
-/// charged in full.
+/// The shared catalog (`engine::fixture`) with the figures the saved
+/// regressions were found with: prices of 100 and 400 pico-units per
+/// token, holds that lapse after 30 s (one step's advance can reach it),
+/// request ids kept an hour; lapsed holds released or charged in full.
 fn catalog(charge_in_full: bool) -> Catalog {
     let mut catalog = fixture::catalog();
+    let from = "2026-01-01T00:00:00Z".parse().unwrap();
+    catalog.prices = PriceBook::new(vec![fixture::version("v1", from, 100, 400)]).unwrap();
+    catalog.hold_ttl = SignedDuration::from_secs(30);
+    catalog.idempotency_window = SignedDuration::from_secs(3600);
+    catalog.recent_usage = 5;
     if charge_in_full {
         catalog.on_expiry = ExpiryPolicy::ChargeInFull;
     }

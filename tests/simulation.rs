@@ -51,9 +51,10 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
-use tollgate::engine::catalog::{Catalog, ExpiryPolicy};
+use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, SourceClass};
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId};
-use tollgate::engine::limits::LimitSet;
+use tollgate::engine::limits::{LimitSet, ScopedLimits};
+use tollgate::engine::period::{Anchor, PeriodUnit};
 use tollgate::engine::pricing::{PriceBook, Usage};
 use tollgate::engine::request::{ChargeRequest, ChargeWhat, Denial, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::role::{Journaled, Short, Sync};
@@ -497,14 +498,17 @@ fn fnv(digest: u64, bytes: &[u8]) -> u64 {
         .fold(digest, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The shared catalog (`engine::fixture`) with a second price version,
-/// at three times the prices, in force a day and a half in; rate and
-/// concurrency limits on `payg`; holds that lapse after 20 s.
+/// The shared catalog (`engine::fixture`) with the figures the seeds in
+/// [`REGRESSIONS`] were found with: prices of 100 and 400 pico-units per
+/// token, and a second version at three times that in force a day and a
+/// half in; rate and concurrency limits on `payg`; `pro` a daily
+/// allowance of 20,000 tokens (up to 5,000 roll over); holds that lapse
+/// after 20 s; request ids kept an hour.
 fn catalog(start: Timestamp, charge_in_full: bool) -> Catalog {
     let mut catalog = fixture::catalog();
     catalog.prices = PriceBook::new(vec![
-        fixture::version("v1", "2026-01-01T00:00:00Z".parse().unwrap(), 1),
-        fixture::version("v2", start + SignedDuration::from_hours(36), 3),
+        fixture::version("v1", "2026-01-01T00:00:00Z".parse().unwrap(), 100, 400),
+        fixture::version("v2", start + SignedDuration::from_hours(36), 300, 1_200),
     ])
     .unwrap();
     let payg = catalog.plans.get_mut(&PlanId::parse("payg").unwrap()).unwrap();
@@ -514,8 +518,17 @@ fn catalog(start: Timestamp, charge_in_full: bool) -> Catalog {
         concurrent_requests: 8,
         ..LimitSet::default()
     };
+    let daily = Allowance {
+        tokens: 20_000,
+        period: PeriodUnit::Day,
+        anchor: Anchor::Anniversary,
+        rollover_cap: 5_000,
+    };
+    let pro = fixture::plan("pro", Some(daily), &SourceClass::DEFAULT_ORDER, ScopedLimits::default());
+    catalog.plans.insert(pro.id.clone(), pro);
     catalog.hold_ttl = SignedDuration::from_secs(20);
     catalog.idempotency_window = SignedDuration::from_secs(3600);
+    catalog.recent_usage = 5;
     if charge_in_full {
         catalog.on_expiry = ExpiryPolicy::ChargeInFull;
     }
@@ -527,7 +540,7 @@ impl World {
         let mut rng = fastrand::Rng::with_seed(seed);
         let now: Timestamp = "2026-03-29T00:30:00Z".parse().unwrap();
         let catalog = catalog(now, rng.bool());
-        let plans = ["payg", "daily", "cash"];
+        let plans = ["payg", "pro", "cash"];
         let credit_limits = vec![
             Money::from_picos(2_000_000_000),
             Money::ZERO,

@@ -38,15 +38,16 @@ pub fn prices(input: i128, cached_input: i128, cache_write: i128, output: i128) 
     }
 }
 
-/// Version `id` in force from `effective_at`: models `m` and `w` at the
-/// fixture's prices times `scale`.
-pub fn version(id: &str, effective_at: Timestamp, scale: i128) -> PriceVersion {
+/// Version `id` in force from `effective_at`: models `m` and `w` at
+/// `input` and `output` pico-units per token (cached input at half of
+/// `input`, cache writes at `input`).
+pub fn version(id: &str, effective_at: Timestamp, input: i128, output: i128) -> PriceVersion {
     let model = |weight_milli| ModelPrices {
         weight_milli,
         tiers: Map::from_iter([(
             TierId::default_tier(),
             TierPrices {
-                base: prices(1_000 * scale, 500 * scale, 1_000 * scale, 4_000 * scale),
+                base: prices(input, input / 2, input, output),
                 context_tiers: vec![],
             },
         )]),
@@ -111,7 +112,7 @@ pub fn catalog() -> Catalog {
     let from = "2026-01-01T00:00:00Z".parse().expect("a fixture instant");
     Catalog {
         plans: plans.into_iter().map(|p| (p.id.clone(), p)).collect(),
-        prices: PriceBook::new(vec![version("v1", from, 1)]).expect("a valid price book"),
+        prices: PriceBook::new(vec![version("v1", from, 1_000, 4_000)]).expect("a valid price book"),
         hold_ttl: SignedDuration::from_secs(60),
         on_expiry: ExpiryPolicy::Release,
         idempotency_window: SignedDuration::from_hours(24),

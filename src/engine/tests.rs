@@ -1041,7 +1041,7 @@ fn an_oversized_reserve_borrows_nothing_and_parks_nothing() {
     let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
     let now = t(NOW);
     // 500 input tokens alone cost 500,000.
-    let big = a.apply(&mut shared, &c, Command::Reserve(req("w", "m", 500, 100)), now);
+    let big = a.apply(&mut shared, &c, Command::Reserve(req("big", "m", 500, 100)), now);
     assert!(
         matches!(
             big,
@@ -1082,7 +1082,7 @@ fn a_reserve_over_the_token_limit_parks_no_permits() {
     });
     let (mut a, mut b) = (Sidecar::new("a", &shared), Sidecar::new("b", &shared));
     let now = t(NOW);
-    let big = a.apply(&mut shared, &c, Command::Reserve(req("w", "m", 600, 900)), now);
+    let big = a.apply(&mut shared, &c, Command::Reserve(req("big", "m", 600, 900)), now);
     assert!(
         matches!(
             big,
