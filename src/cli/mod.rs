@@ -220,7 +220,7 @@ pub struct ConfigFlags {
     /// store.redis.password_file, never from the command line.
     #[arg(long = "redis", value_name = "URL", value_delimiter = ',')]
     pub redis: Vec<String>,
-    /// The one --redis URL is a Redis Cluster node.
+    /// The one --redis URL (or TOLLGATE_REDIS URL) is a Redis Cluster node.
     #[arg(long)]
     pub redis_cluster: bool,
     /// The usage journal's directory (Redis store), overriding journal.dir.

@@ -1,8 +1,11 @@
 //! Where settings come from, and which wins: the file, then the
 //! environment, then the command line's flags. This is the one place that
-//! decides it, and the one place that reads a setting from the
-//! environment (through a lookup function, so tests never touch the
-//! process's own).
+//! decides it, and the one place that reads the environment for a
+//! setting of the file or of logging (through a lookup function, so tests
+//! never touch the process's own). Flags that are not settings of the
+//! file (`--config`, the client commands' `--addr`, `tollgate admin`'s and
+//! `tollgate usage`'s connection flags) take their variables through the
+//! command line's parser.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,8 +19,8 @@ use super::file::File;
 /// Reads one environment variable.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-/// Every variable that sets something of the file, with the setting, in
-/// the order they are applied. The README's tables list the same.
+/// Every variable that sets something of the file, with the setting. The
+/// README's tables list the same.
 pub const VARIABLES: &[(&str, &str)] = &[
     ("TOLLGATE_LISTEN", "server.listen"),
     ("TOLLGATE_ADMIN_LISTEN", "server.admin_listen"),
@@ -28,7 +31,10 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("TOLLGATE_JOURNAL", "journal.dir"),
     ("TOLLGATE_RLS_CONFIG", "rls.config_dir"),
     ("TOLLGATE_REDIS", "store.redis.urls (and store.kind = \"redis\")"),
-    ("TOLLGATE_REDIS_CLUSTER", "store.redis.cluster"),
+    (
+        "TOLLGATE_REDIS_CLUSTER",
+        "with TOLLGATE_REDIS: its one URL is a cluster node",
+    ),
     ("TOLLGATE_REDIS_USERNAME", "store.redis.username"),
     ("TOLLGATE_REDIS_PASSWORD", "store.redis.password_file"),
 ];
@@ -74,7 +80,22 @@ pub fn redis_credentials(env: Env<'_>) -> Option<Credentials> {
 /// Lays the environment, then `flags`, over what the file says.
 pub(super) fn layer(file: &mut File, env: Env<'_>, flags: &Overrides, p: &mut Problems) {
     environment(file, env, p);
-    flags.apply(file, p);
+    flags.apply(file);
+    redis(file, env, flags, p);
+}
+
+/// Where Redis is: `--redis` if given (the variables are not looked at),
+/// else `TOLLGATE_REDIS` if set, else the file. A cluster marker
+/// (`--redis-cluster`, `TOLLGATE_REDIS_CLUSTER`) qualifies the URLs given
+/// with it, never the file's.
+fn redis(file: &mut File, env: Env<'_>, flags: &Overrides, p: &mut Problems) {
+    if !flags.redis.is_empty() {
+        use_redis(file, &flags.redis, flags.redis_cluster, "--redis", p);
+    } else if let Some(urls) = env("TOLLGATE_REDIS") {
+        let cluster = switch(env, "TOLLGATE_REDIS_CLUSTER", p) || flags.redis_cluster;
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+        use_redis(file, &urls, cluster, "TOLLGATE_REDIS", p);
+    }
 }
 
 fn environment(file: &mut File, env: Env<'_>, p: &mut Problems) {
@@ -109,27 +130,25 @@ fn environment(file: &mut File, env: Env<'_>, p: &mut Problems) {
     if let Some(dir) = env("TOLLGATE_RLS_CONFIG") {
         file.rls.config_dir = Some(PathBuf::from(dir));
     }
-    let cluster = match env("TOLLGATE_REDIS_CLUSTER").as_deref().map(str::to_ascii_lowercase) {
-        None => false,
-        Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => true,
-        Some(v) if ["", "0", "false", "no", "off"].contains(&v.as_str()) => false,
-        Some(v) => {
-            p.push("TOLLGATE_REDIS_CLUSTER", format!("expected true or false, got {v:?}"));
-            false
-        }
-    };
-    if let Some(urls) = env("TOLLGATE_REDIS") {
-        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
-        use_redis(file, &urls, cluster, "TOLLGATE_REDIS", p);
-    } else if cluster {
-        file.store.redis.cluster = true;
-    }
     let redis = &mut file.store.redis;
     if let Some(username) = env("TOLLGATE_REDIS_USERNAME") {
         redis.username = Some(username);
     }
     if let Some(password) = env("TOLLGATE_REDIS_PASSWORD") {
         redis.password = Some(password);
+    }
+}
+
+/// Variable `name` as a switch (unset: off).
+fn switch(env: Env<'_>, name: &str, p: &mut Problems) -> bool {
+    match env(name).as_deref().map(str::to_ascii_lowercase) {
+        None => false,
+        Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => true,
+        Some(v) if ["", "0", "false", "no", "off"].contains(&v.as_str()) => false,
+        Some(v) => {
+            p.push(name, format!("expected true or false, got {v:?}"));
+            false
+        }
     }
 }
 
@@ -149,7 +168,8 @@ fn use_redis(file: &mut File, urls: &[String], cluster: bool, label: &str, p: &m
 }
 
 impl Overrides {
-    fn apply(&self, file: &mut File, p: &mut Problems) {
+    /// Lays the flags but Redis's over `file`.
+    fn apply(&self, file: &mut File) {
         let server = &mut file.server;
         for (field, flag) in [
             (&mut server.listen, self.listen),
@@ -165,11 +185,6 @@ impl Overrides {
         }
         if let Some(dir) = &self.rls_config {
             file.rls.config_dir = Some(dir.clone());
-        }
-        if self.redis.is_empty() {
-            file.store.redis.cluster |= self.redis_cluster;
-        } else {
-            use_redis(file, &self.redis, self.redis_cluster, "--redis", p);
         }
     }
 }

@@ -43,8 +43,7 @@ fn redis_urls_from_the_command_line_keep_configured_shards() {
 
 /// The command line's `--redis` is applied before validation: a file
 /// that names the Redis store without URLs is valid with it, as with
-/// TOLLGATE_REDIS (which the command line reads into the same flag),
-/// and flags win over the file and the environment.
+/// TOLLGATE_REDIS, and flags win over the file and the environment.
 #[test]
 fn flags_are_applied_before_validation_and_win() {
     let text = DEMO.replacen("kind = \"memory\"", "kind = \"redis\"", 1);
