@@ -332,13 +332,7 @@ async fn every_plane_bounds_the_streams_of_one_connection() {
         let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
         let mut connection = Box::pin(connection);
         // The server's SETTINGS arrive with the first exchange.
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("{url}/grpc.health.v1.Health/Check"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let request = support::grpc_post(url, "/grpc.health.v1.Health/Check");
         client = client.ready().await.unwrap();
         let (response, mut body) = client.send_request(request, false).unwrap();
         body.send_data(vec![0u8, 0, 0, 0, 0].into(), true).unwrap();

@@ -1006,13 +1006,7 @@ async fn half_sent(
     });
     let mut answers = tokio::task::JoinSet::new();
     for _ in 0..streams {
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("{url}{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let request = support::grpc_post(url, path);
         client = client.ready().await.unwrap();
         let (response, mut body) = client.send_request(request, false).unwrap();
         let mut bytes = vec![0u8];

@@ -471,6 +471,18 @@ pub async fn detail(admin: &mut tollgate::transport::channel::AdminClient, accou
         .into_inner()
 }
 
+/// A bare gRPC call to `path` at `url`, its head only, as `h2` sends it
+/// (for tests that write the frames themselves).
+pub fn grpc_post(url: &str, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("a valid request head")
+}
+
 /// Money from a decimal string, for requests.
 pub fn money(text: &str) -> proto::Money {
     let m: tollgate::engine::Money = text.parse().expect("money");
