@@ -1302,14 +1302,21 @@ fn files_of(dir: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
     if file.exists() {
         return vec![file];
     }
+    let mut files = rust_files(&dir.join(module));
+    files.retain(|f| !f.ends_with("tests.rs"));
+    files
+}
+
+/// Every Rust file under `dir`, at any depth.
+fn rust_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
-    let mut dirs = vec![dir.join(module)];
+    let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for path in entries.map(|e| e.unwrap().path()) {
             if path.is_dir() {
                 dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("tests.rs") {
+            } else if path.extension().is_some_and(|e| e == "rs") {
                 files.push(path);
             }
         }
@@ -1404,18 +1411,7 @@ fn tests_and_benches_share_one_catalog_fixture() {
 /// A source file over 600 lines says near its top why it is one file.
 #[test]
 fn every_long_file_says_why_it_is_one() {
-    let src = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
-    let mut files = Vec::new();
-    let mut dirs = vec![src.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for path in std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()) {
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                files.push(path);
-            }
-        }
-    }
+    let files = rust_files(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")));
     let silent: Vec<String> = files
         .iter()
         .filter(|f| {
