@@ -1,8 +1,9 @@
 //! Envoy's ShouldRateLimit, served by Tollgate on the memory store and on
-//! the Redis store, side by side in one run: the load generator
-//! (`tollgate::cli::loadgen` with an RLS domain) drives one sidecar of each kind
-//! in alternating turns, 16 connections, one descriptor per call on
-//! uniformly drawn API keys (limits high enough that nothing is over).
+//! the Redis store and by the empty baseline (the floor: OK for every
+//! descriptor, nothing looked up), side by side in one run: the load
+//! generator (`tollgate::cli::loadgen` with an RLS domain) drives each in
+//! alternating turns at 1, 16 and 64 connections, one descriptor per call
+//! on uniformly drawn API keys (limits high enough that nothing is over).
 //!
 //! Run: `cargo bench --bench rls` (needs `redis-server` on PATH).
 
@@ -23,14 +24,14 @@ descriptors:
     rate_limit: { unit: minute, requests_per_unit: 4000000000 }
 ";
 
-const CONNECTIONS: usize = 16;
+const CONNECTIONS: [usize; 3] = [1, 16, 64];
 const TURN: Duration = Duration::from_secs(3);
 const TURNS: usize = 2;
 
-async fn turn(target: &str) -> Report {
+async fn turn(target: &str, connections: usize) -> Report {
     let spec = Spec {
         target: target.to_owned(),
-        connections: CONNECTIONS,
+        connections,
         duration: TURN,
         calls: None,
         accounts: (0..64).map(|i| format!("key-{i}")).collect(),
@@ -65,25 +66,45 @@ fn main() {
         on_redis.store.use_redis(vec![redis.url()], false);
         on_redis.journal.dir = dir.path().join("journal");
         let on_redis = harness::serve(on_redis).await.url;
-        // Warm both, then alternate.
-        turn(&memory).await;
-        turn(&on_redis).await;
-        let mut reports: Vec<(&str, Report)> = Vec::new();
-        for _ in 0..TURNS {
-            reports.push(("memory", turn(&memory).await));
-            reports.push(("redis", turn(&on_redis).await));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let empty = format!("http://{}", tcp.local_addr().unwrap());
+        tokio::spawn(tollgate::cli::loadgen::serve_baseline(
+            tcp,
+            None,
+            std::future::pending(),
+        ));
+        let targets = [("empty server", empty), ("memory", memory), ("redis", on_redis)];
+        // Warm each, then alternate.
+        for (_, target) in &targets {
+            turn(target, 16).await;
         }
         println!(
-            "\nShouldRateLimit, {CONNECTIONS} connections, {TURNS} turns of {}s per store; latency per call in µs\n",
+            "\nShouldRateLimit, {TURNS} turns of {}s per server; latency per call in µs\n",
             TURN.as_secs()
         );
-        println!("| store | calls/s | p50 | p90 | p99 | p99.9 | errors |");
-        println!("|---|---|---|---|---|---|---|");
-        for (store, r) in &reports {
-            println!(
-                "| {store} | {:.0} | {} | {} | {} | {} | {} |",
-                r.calls_per_second, r.latency_us.p50, r.latency_us.p90, r.latency_us.p99, r.latency_us.p999, r.errors
-            );
+        println!(
+            "| connections | server | calls/s | p50 | p90 | p99 | p99.9 | errors | calls/s ÷ empty | p99 ÷ empty |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for connections in CONNECTIONS {
+            for _ in 0..TURNS {
+                let mut floor: Option<Report> = None;
+                for (name, target) in &targets {
+                    let r = turn(target, connections).await;
+                    let f = floor.get_or_insert_with(|| r.clone());
+                    println!(
+                        "| {connections} | {name} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+                        r.calls_per_second,
+                        r.latency_us.p50,
+                        r.latency_us.p90,
+                        r.latency_us.p99,
+                        r.latency_us.p999,
+                        r.errors,
+                        r.calls_per_second / f.calls_per_second,
+                        r.latency_us.p99 as f64 / f.latency_us.p99 as f64,
+                    );
+                }
+            }
         }
     });
 }

@@ -490,7 +490,7 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
     for (run, target) in [
         app.quota_url.clone(),
         format!("unix:{}", socket.display()),
-        baseline_url,
+        baseline_url.clone(),
         format!("unix:{}", baseline_socket.display()),
     ]
     .into_iter()
@@ -525,6 +525,21 @@ async fn the_load_generator_drives_tollgate_and_the_baseline_over_tcp_and_a_unix
             written = records;
         }
     }
+    // The baseline answers Envoy's rate-limit API too: the floor there.
+    let spec = tollgate::cli::loadgen::Spec {
+        target: baseline_url,
+        connections: 2,
+        duration: std::time::Duration::from_secs(30),
+        calls: Some(100),
+        accounts: vec!["key-1".into()],
+        mix: tollgate::cli::loadgen::Mix::Uniform,
+        model: String::new(),
+        rls_domain: Some("inference".into()),
+        progress: false,
+    };
+    let report = tollgate::cli::loadgen::run(&spec).await.unwrap();
+    assert_eq!(report.errors, 0, "ShouldRateLimit on the baseline");
+    assert!(report.calls >= 100, "{} calls", report.calls);
     // The command line, with a Zipf spread over a range of accounts (those
     // that do not exist are denied: answers, not errors).
     let target = app.quota_url.clone();

@@ -26,8 +26,11 @@ use tonic::{Request, Response, Status};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse, rate_limit_response};
 
 use crate::client::{Ask, Client, Options, Reserved};
 use crate::proto;
@@ -383,13 +386,39 @@ impl proto::quota_server::Quota for Baseline {
     }
 }
 
+/// Envoy's rate-limit API, answered as cheaply as an RLS server can: OK
+/// for every descriptor, with no limit looked up.
+#[tonic::async_trait]
+impl RateLimitService for Baseline {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let ok = rate_limit_response::Code::Ok as i32;
+        let statuses = request
+            .into_inner()
+            .descriptors
+            .iter()
+            .map(|_| rate_limit_response::DescriptorStatus {
+                code: ok,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(RateLimitResponse {
+            overall_code: ok,
+            statuses,
+            ..Default::default()
+        }))
+    }
+}
+
 /// What the baseline's drain may take after a shutdown signal.
 pub const BASELINE_DRAIN: Duration = Duration::from_secs(10);
 
-/// Serves the empty baseline service ([`Baseline`]) on
-/// `tcp` (and `unix`) with the same stack and listener options as the
-/// data plane, until `stop` completes: the floor the load generator
-/// compares Tollgate with.
+/// Serves the empty baseline ([`Baseline`]: the Quota API and Envoy's
+/// rate-limit API) on `tcp` (and `unix`) with the same stack and listener
+/// options as the data plane, until `stop` completes: the floor the load
+/// generator compares Tollgate with, on either API.
 pub async fn serve_baseline(
     tcp: TcpListener,
     unix: Option<tokio::net::UnixListener>,
@@ -402,6 +431,7 @@ pub async fn serve_baseline(
     let service = || QuotaServer::new(Baseline);
     let on_tcp = tonic::transport::Server::builder()
         .add_service(service())
+        .add_service(RateLimitServiceServer::new(Baseline))
         .serve_with_incoming_shutdown(
             crate::transport::conn::incoming(tcp, crate::transport::conn::Guard::default().places()),
             until(stop_rx.clone()),
@@ -413,6 +443,7 @@ pub async fn serve_baseline(
                 Some(listener) => {
                     tonic::transport::Server::builder()
                         .add_service(service())
+                        .add_service(RateLimitServiceServer::new(Baseline))
                         .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), stop)
                         .await
                 }
