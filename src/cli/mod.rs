@@ -63,8 +63,9 @@ pub enum Cmd {
     /// Drive a running Tollgate (or the baseline) with reserves and settles
     /// and report throughput and latency percentiles (JSON).
     Loadgen(LoadgenArgs),
-    /// Serve the empty baseline service: Tollgate's API on the same stack,
-    /// answering at once without doing anything (the floor for loadgen).
+    /// Serve the empty baseline: Tollgate's Quota API and Envoy's
+    /// rate-limit API on the same stack, answering at once without doing
+    /// anything (the floor for loadgen).
     Baseline {
         /// TCP address.
         #[arg(long, default_value = "127.0.0.1:50061")]
