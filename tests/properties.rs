@@ -18,11 +18,11 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 use tollgate::engine::account::{Account, Reservation};
-use tollgate::engine::catalog::{Catalog, ExpiryPolicy};
+use tollgate::engine::catalog::Catalog;
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, ReservationId, TierId};
 use tollgate::engine::limits::{LimitOverrides, LimitSet};
 use tollgate::engine::money::Money;
-use tollgate::engine::pricing::{PriceBook, Usage};
+use tollgate::engine::pricing::Usage;
 use tollgate::engine::request::{ChargeRequest, ChargeWhat, PackGrant, Pool, ReserveRequest};
 use tollgate::engine::source::SourceRef;
 use tollgate::engine::{Command, UsageRecord, fixture};
@@ -140,21 +140,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The shared catalog (`engine::fixture`) with the figures the saved
-/// regressions were found with: prices of 100 and 400 pico-units per
-/// token, holds that lapse after 30 s (one step's advance can reach it),
-/// request ids kept an hour; lapsed holds released or charged in full.
+/// The random runs' catalog (`engine::fixture::random_runs`), on which the
+/// saved regressions were found: holds lapse after 30 s, so one step's
+/// advance can reach a TTL.
 fn catalog(charge_in_full: bool) -> Catalog {
-    let mut catalog = fixture::catalog();
-    let from = "2026-01-01T00:00:00Z".parse().unwrap();
-    catalog.prices = PriceBook::new(vec![fixture::version("v1", from, 100, 400)]).unwrap();
-    catalog.hold_ttl = SignedDuration::from_secs(30);
-    catalog.idempotency_window = SignedDuration::from_secs(3600);
-    catalog.recent_usage = 5;
-    if charge_in_full {
-        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
-    }
-    catalog
+    fixture::random_runs(SignedDuration::from_secs(30), charge_in_full)
 }
 
 /// What the test itself credited and saw charged, per account.

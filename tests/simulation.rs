@@ -51,7 +51,7 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tollgate::engine::account::Account;
-use tollgate::engine::catalog::{Allowance, Catalog, ExpiryPolicy, SourceClass};
+use tollgate::engine::catalog::{Allowance, Catalog, SourceClass};
 use tollgate::engine::ids::{AccountId, LotId, ModelId, PlanId, ProducerId, RequestId, ReservationId, TierId};
 use tollgate::engine::limits::{LimitSet, ScopedLimits};
 use tollgate::engine::period::{Anchor, PeriodUnit};
@@ -498,14 +498,14 @@ fn fnv(digest: u64, bytes: &[u8]) -> u64 {
         .fold(digest, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The shared catalog (`engine::fixture`) with the figures the seeds in
-/// [`REGRESSIONS`] were found with: prices of 100 and 400 pico-units per
-/// token, and a second version at three times that in force a day and a
-/// half in; rate and concurrency limits on `payg`; `pro` a daily
-/// allowance of 20,000 tokens (up to 5,000 roll over); holds that lapse
-/// after 20 s; request ids kept an hour.
+/// The random runs' catalog (`engine::fixture::random_runs`), holds
+/// lapsing after 20 s, with the rest of the figures the seeds in
+/// [`REGRESSIONS`] were found with: a second price version at three times
+/// the first in force a day and a half in; rate and concurrency limits on
+/// `payg`; `pro` a daily allowance of 20,000 tokens (up to 5,000 roll
+/// over).
 fn catalog(start: Timestamp, charge_in_full: bool) -> Catalog {
-    let mut catalog = fixture::catalog();
+    let mut catalog = fixture::random_runs(SignedDuration::from_secs(20), charge_in_full);
     catalog.prices = PriceBook::new(vec![
         fixture::version("v1", "2026-01-01T00:00:00Z".parse().unwrap(), 100, 400),
         fixture::version("v2", start + SignedDuration::from_hours(36), 300, 1_200),
@@ -526,12 +526,6 @@ fn catalog(start: Timestamp, charge_in_full: bool) -> Catalog {
     };
     let pro = fixture::plan("pro", Some(daily), &SourceClass::DEFAULT_ORDER, ScopedLimits::default());
     catalog.plans.insert(pro.id.clone(), pro);
-    catalog.hold_ttl = SignedDuration::from_secs(20);
-    catalog.idempotency_window = SignedDuration::from_secs(3600);
-    catalog.recent_usage = 5;
-    if charge_in_full {
-        catalog.on_expiry = ExpiryPolicy::ChargeInFull;
-    }
     catalog
 }
 

@@ -121,6 +121,26 @@ pub fn catalog() -> Catalog {
     }
 }
 
+/// The catalog the random runs (the property tests, the simulation) were
+/// tuned and their saved seeds found on: prices of 100 and 400 pico-units
+/// per token, holds of `hold_ttl`, request ids kept an hour, the five
+/// latest records kept, lapsed holds charged in full or released.
+pub fn random_runs(hold_ttl: SignedDuration, charge_in_full: bool) -> Catalog {
+    let from = "2026-01-01T00:00:00Z".parse().expect("a fixture instant");
+    Catalog {
+        prices: PriceBook::new(vec![version("v1", from, 100, 400)]).expect("a valid price book"),
+        hold_ttl,
+        on_expiry: if charge_in_full {
+            ExpiryPolicy::ChargeInFull
+        } else {
+            ExpiryPolicy::Release
+        },
+        idempotency_window: SignedDuration::from_hours(1),
+        recent_usage: 5,
+        ..catalog()
+    }
+}
+
 fn model_id(id: &str) -> ModelId {
     ModelId::parse(id).expect("a fixture id")
 }

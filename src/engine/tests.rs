@@ -1023,6 +1023,29 @@ impl Sidecar {
 
 use super::command::{Command, Reply};
 
+/// A report from `producer` (number `seq`, at lease `epoch`) of what it
+/// `charged`, asking for `want`, and nothing else.
+fn asking(producer: &str, seq: u64, epoch: u64, charged: Vec<Take>, want: Vec<(SourceRef, i128)>) -> super::role::Sync {
+    super::role::Sync {
+        producer: super::ids::ProducerId::parse(producer).unwrap(),
+        seq,
+        epoch,
+        charged,
+        unleased: Vec::new(),
+        returned: Vec::new(),
+        unbacked: Some(Vec::new()),
+        permits_back: Vec::new(),
+        records: Vec::new(),
+        want,
+        need: None,
+        want_permits: Vec::new(),
+        need_permits: Vec::new(),
+        ttl: SignedDuration::from_secs(30),
+        close: false,
+        journal: None,
+    }
+}
+
 fn no_short() -> super::role::Short {
     super::role::Short {
         need: None,
@@ -1465,24 +1488,7 @@ fn a_repeated_report_changes_nothing_and_a_lapsed_lease_comes_back() {
     let (c, mut shared) = funded("payg", 1_000_000);
     let now = t(NOW);
     let producer = super::ids::ProducerId::parse("a").unwrap();
-    let ask = |seq, epoch, charged: Vec<Take>| super::role::Sync {
-        producer: producer.clone(),
-        seq,
-        epoch,
-        charged,
-        unleased: Vec::new(),
-        returned: Vec::new(),
-        unbacked: Some(Vec::new()),
-        permits_back: Vec::new(),
-        records: Vec::new(),
-        want: vec![(SourceRef::Paid, 400_000)],
-        need: None,
-        want_permits: Vec::new(),
-        need_permits: Vec::new(),
-        ttl: SignedDuration::from_secs(30),
-        close: false,
-        journal: None,
-    };
+    let ask = |seq, epoch, charged: Vec<Take>| asking("a", seq, epoch, charged, vec![(SourceRef::Paid, 400_000)]);
     // A first lease: epoch 1 (a mirror that never held one is at 0).
     let first = shared.sync(&c, &ask(1, 0, vec![]), &[], now).unwrap().granted;
     assert!(!first.lapsed);
@@ -2089,24 +2095,7 @@ fn roles_are_types_and_a_mirror_never_lends() {
     car.reserve(&mut shared, &c, "r1", now);
     assert!(matches!(shared.role, Role::Shared(_)), "shared from its first sync");
 
-    let ask = super::role::Sync {
-        producer: super::ids::ProducerId::parse("b").unwrap(),
-        seq: 1,
-        epoch: 0,
-        charged: Vec::new(),
-        unleased: Vec::new(),
-        returned: Vec::new(),
-        unbacked: Some(Vec::new()),
-        permits_back: Vec::new(),
-        records: Vec::new(),
-        want: vec![(SourceRef::Paid, 1_000)],
-        need: None,
-        want_permits: Vec::new(),
-        need_permits: Vec::new(),
-        ttl: SignedDuration::from_secs(30),
-        close: false,
-        journal: None,
-    };
+    let ask = asking("b", 1, 0, Vec::new(), vec![(SourceRef::Paid, 1_000)]);
     let before = car.mirror.paid;
     let refused = car.mirror.sync(&c, &ask, &[], now).unwrap_err();
     assert!(matches!(refused, EngineError::Precondition(_)), "{refused:?}");
