@@ -22,6 +22,9 @@
 //!   stdout) and the local journal in front of Redis.
 //! - [`store`]: the `Store` trait, the embedded `memory` store, and the
 //!   Redis store with leases.
+//! - [`billing`]: downstream of the usage streams: read through a
+//!   consumer group, exported (totals, CloudEvents), and loaded into the
+//!   billing database in PostgreSQL, each record once.
 //! - [`service`]: store + clock + usage sink, shared by both planes.
 //! - [`api`]: the `tollgate.v1` Quota and Admin services, thin translations.
 //! - [`transport`]: gRPC channels over TCP or a Unix socket, the guards on
@@ -35,13 +38,14 @@
 //!   serves, reloads the configuration, drains on shutdown signals.
 //! - [`cli`]: the command line (serve, check-config, a small client),
 //!   `tollgate admin` (the operator's client of the admin API),
-//!   `tollgate usage` (the usage streams through a consumer group) and
+//!   `tollgate usage` (the usage streams: tail, export, load) and
 //!   `tollgate loadgen` (the load generator and the empty baseline).
 //! - [`fuzzing`]: the fuzz targets' entry points (`fuzz/`), also run by
 //!   `cargo test` over their seed corpora.
 
 pub mod api;
 pub mod app;
+pub mod billing;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -134,14 +134,17 @@ pub enum UsageCmd {
         #[arg(long)]
         max: Option<u64>,
     },
-    /// Consume what the group has not seen yet and print totals per account
-    /// and model of the records settled in [from, to), as CSV or JSON lines.
+    /// Consume what the group has not seen yet and print what was settled
+    /// in [from, to): totals per account and model (CSV or JSON lines), or
+    /// each usage record as a CloudEvents 1.0 event (JSON lines). Only
+    /// entries wholly written are acknowledged: one with a record outside
+    /// the window (or of another account) stays for a later export.
     Export {
         /// Where the streams are.
         #[command(flatten)]
         streams: StreamArgs,
-        /// Consumer group (each export consumes what it reads; a new group
-        /// reads the streams from their beginning).
+        /// Consumer group (a new group reads the streams from their
+        /// beginning).
         #[arg(long, default_value = "tollgate-export")]
         group: String,
         /// Records settled at or after this instant (RFC 3339).
@@ -153,10 +156,54 @@ pub enum UsageCmd {
         /// Only this account.
         #[arg(long)]
         account: Option<String>,
-        /// `csv` or `jsonl`.
-        #[arg(long, default_value = "csv")]
-        format: String,
+        /// What to write.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
+        /// The events' `source` (CloudEvents).
+        #[arg(long, default_value = "tollgate")]
+        source: String,
     },
+    /// Load every usage and audit record into PostgreSQL, each exactly
+    /// once: a batch is acknowledged in the stream only once its
+    /// transaction committed. Makes and migrates the tables. Runs until
+    /// stopped (SIGINT, SIGTERM), or with --once until nothing is left.
+    Load {
+        /// Where the streams are.
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// Consumer group (list it in store.redis.consumer_groups, so
+        /// that the streams are trimmed only past what it loaded).
+        #[arg(long, default_value = "tollgate-billing")]
+        group: String,
+        /// The billing database: postgres://USER@HOST:PORT/DATABASE (or
+        /// a key=value connection string).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in (made if missing).
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// Stream entries per shard and transaction, at most.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+        /// Stop once nothing is left to load.
+        #[arg(long)]
+        once: bool,
+        /// Serve Prometheus metrics (records loaded, failures, the group's
+        /// backlog) on http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+}
+
+/// What `tollgate usage export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Totals per account and model, with a header.
+    Csv,
+    /// Totals per account and model, one JSON object a line.
+    Jsonl,
+    /// One CloudEvents 1.0 event a usage record, one a line.
+    Cloudevents,
 }
 
 /// Where the usage streams are.

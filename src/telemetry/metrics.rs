@@ -103,6 +103,20 @@ pub struct ConsumerGroup {
     pub group: String,
 }
 
+/// What became of records the loader wrote (`tollgate usage load`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoaderResult {
+    /// `loaded`, `repeated` (in the database already) or `unreadable`.
+    pub result: &'static str,
+}
+
+/// Where the loader failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoaderStage {
+    /// `redis` or `postgres`.
+    pub stage: &'static str,
+}
+
 /// An allow-listed account's source.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AccountSource {
@@ -155,6 +169,9 @@ pub struct Metrics {
     pub usage_records_repeated: Counter,
     pub usage_stream_trimmed: Counter,
     pub usage_stream_unacknowledged: Family<ConsumerGroup, Gauge>,
+    pub loader_records: Family<LoaderResult, Counter>,
+    pub loader_batches: Counter,
+    pub loader_errors: Family<LoaderStage, Counter>,
     pub config_reloads: Family<ReloadResult, Counter>,
     pub rls_hits: Family<RlsHits, Counter>,
     pub ready: Gauge,
@@ -286,6 +303,24 @@ impl Metrics {
             "Usage stream entries a consumer group has not acknowledged yet (delivered or not), over every shard",
             usage_stream_unacknowledged.clone(),
         );
+        let loader_records = Family::<LoaderResult, Counter>::default();
+        r.register(
+            "loader_records",
+            "Usage and audit records the billing loader wrote: loaded, repeated (in the database already) or unreadable",
+            loader_records.clone(),
+        );
+        let loader_batches = Counter::default();
+        r.register(
+            "loader_batches",
+            "Batches the billing loader committed and then acknowledged",
+            loader_batches.clone(),
+        );
+        let loader_errors = Family::<LoaderStage, Counter>::default();
+        r.register(
+            "loader_errors",
+            "Billing loader failures, by stage (redis, postgres); each batch is tried again",
+            loader_errors.clone(),
+        );
         let config_reloads = Family::<ReloadResult, Counter>::default();
         r.register(
             "config_reloads",
@@ -383,6 +418,9 @@ impl Metrics {
             usage_records_repeated,
             usage_stream_trimmed,
             usage_stream_unacknowledged,
+            loader_records,
+            loader_batches,
+            loader_errors,
             config_reloads,
             rls_hits,
             ready,

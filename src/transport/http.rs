@@ -121,6 +121,28 @@ pub async fn serve(
         .route("/live", get(live))
         .route("/ready", get(ready))
         .with_state(probes);
+    serve_guarded(listener, first_bytes, app, stop).await
+}
+
+/// Serves `/metrics` (the registry as it stands) and `/live` for a process
+/// that is not a sidecar (`tollgate usage load`), guarded as [`serve`] is.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    first_bytes: std::time::Duration,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(|| async { openmetrics(metrics().render()) }))
+        .route("/live", get(live));
+    serve_guarded(listener, first_bytes, app, stop).await
+}
+
+async fn serve_guarded(
+    listener: TcpListener,
+    first_bytes: std::time::Duration,
+    app: Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     let guard = crate::transport::conn::Guard {
         max: MAX_CONNECTIONS,
@@ -170,12 +192,16 @@ impl axum::serve::Listener for Guarded {
 }
 
 async fn metrics_page(State(probes): State<Probes>) -> impl IntoResponse {
+    openmetrics(probes.metrics_text().await)
+}
+
+fn openmetrics(text: String) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        probes.metrics_text().await,
+        text,
     )
 }
 

@@ -6,6 +6,7 @@
 
 pub mod faults;
 pub mod fleet;
+pub mod postgres;
 pub mod redis;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;

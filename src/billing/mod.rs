@@ -1,0 +1,17 @@
+//! Downstream of the usage streams, where billing and finance read them:
+//! never on the data plane's path.
+//!
+//! Bottom up: each imports only from those listed before it.
+//!
+//! - [`stream`]: the usage streams through a Redis consumer group,
+//!   acknowledging only what was safely used.
+//! - [`export`]: totals per account and model (CSV, JSON Lines), and
+//!   CloudEvents 1.0 for usage-metering systems.
+//! - [`postgres`]: the billing database: its schema and migrations, and a
+//!   batch of stream entries written in one transaction, each record once.
+//! - [`loader`]: stream → database, acknowledging only what committed.
+
+pub mod export;
+pub mod loader;
+pub mod postgres;
+pub mod stream;

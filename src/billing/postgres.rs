@@ -1,0 +1,574 @@
+//! The billing database: usage records, their charges and the operators'
+//! changes, in PostgreSQL, each record once.
+//!
+//! The tables live in one schema (`tollgate` by default), made and
+//! migrated by [`Database::connect`]: `schema_version` says which
+//! migrations ran, and a database newer than this build is refused rather
+//! than written. Records are keyed by their `record_id`, so a batch
+//! written again (a loader that crashed after its commit and before its
+//! acknowledgement) adds nothing: the write is the deduplication, and a
+//! batch is one transaction, so a crash at any point leaves all of it or
+//! none.
+//!
+//! Money is `numeric(39, 12)`: the engine's pico-units exactly, as a
+//! decimal in the currency's unit.
+
+use std::collections::HashSet;
+
+use tokio_postgres::types::ToSql;
+
+use crate::engine::record::{AuditRecord, UsageRecord};
+
+use super::stream::Delivered;
+
+/// The migrations, in order: migration `n` (from 1) brings a schema at
+/// version `n - 1` to `n`. `{s}` is the schema. Never edit one that has
+/// shipped; add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: records, charges per source and lot, audit records, and what
+    // could not be read.
+    r#"
+    CREATE TABLE {s}.usage_records (
+        record_id text PRIMARY KEY,
+        kind text NOT NULL,
+        account_id text NOT NULL,
+        request_id text NOT NULL,
+        reservation_id text,
+        api_key_id text,
+        model text,
+        service_tier text,
+        input_tokens bigint NOT NULL,
+        cached_input_tokens bigint NOT NULL,
+        cache_write_tokens bigint NOT NULL,
+        output_tokens bigint NOT NULL,
+        total_money numeric(39, 12) NOT NULL,
+        price_version text,
+        reserved_at timestamptz NOT NULL,
+        settled_at timestamptz NOT NULL,
+        journal text,
+        journal_seq bigint,
+        stream text NOT NULL,
+        entry_id text NOT NULL,
+        loaded_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX usage_records_account_settled ON {s}.usage_records (account_id, settled_at);
+    CREATE TABLE {s}.usage_charges (
+        record_id text NOT NULL REFERENCES {s}.usage_records ON DELETE CASCADE,
+        position integer NOT NULL,
+        source text NOT NULL,
+        lot text,
+        tokens bigint,
+        money numeric(39, 12),
+        PRIMARY KEY (record_id, position),
+        CHECK ((tokens IS NULL) <> (money IS NULL))
+    );
+    CREATE TABLE {s}.audit_records (
+        record_id text PRIMARY KEY,
+        account_id text,
+        operator text NOT NULL,
+        peer text NOT NULL,
+        operation text NOT NULL,
+        adjustment_id text NOT NULL,
+        reason text NOT NULL,
+        change text NOT NULL,
+        before jsonb NOT NULL,
+        after jsonb NOT NULL,
+        at timestamptz NOT NULL,
+        stream text NOT NULL,
+        entry_id text NOT NULL,
+        loaded_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX audit_records_account_at ON {s}.audit_records (account_id, at);
+    CREATE TABLE {s}.unreadable_records (
+        stream text NOT NULL,
+        entry_id text NOT NULL,
+        position integer NOT NULL,
+        reason text NOT NULL,
+        loaded_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (stream, entry_id, position)
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// What went wrong with the billing database.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// PostgreSQL refused, or could not be reached.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The schema name is not a plain identifier.
+    #[error("schema {0:?}: expected lower-case letters, digits and _, starting with a letter or _")]
+    SchemaName(String),
+    /// The database was migrated by a newer build.
+    #[error("schema {schema} is at version {found}, newer than this tollgate's {SCHEMA_VERSION}: upgrade tollgate")]
+    TooNew {
+        /// The schema.
+        schema: String,
+        /// Its version.
+        found: i32,
+    },
+}
+
+/// What one batch wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Records (usage and audit) new to the database.
+    pub loaded: u64,
+    /// Records it had already (written by an earlier try of the batch).
+    pub repeated: u64,
+    /// Records that did not read back, kept by stream entry and position.
+    pub unreadable: u64,
+}
+
+/// A connection to the billing database, its schema migrated.
+pub struct Database {
+    client: tokio_postgres::Client,
+    schema: String,
+}
+
+impl Database {
+    /// Connects to `url` (a `postgres://` URL or a `key=value` string) and
+    /// brings `schema` to [`SCHEMA_VERSION`], creating it if missing. Two
+    /// loaders starting at once migrate one after the other.
+    pub async fn connect(url: &str, schema: &str) -> Result<Database, DatabaseError> {
+        let valid = schema
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && schema.len() <= 63
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(DatabaseError::SchemaName(schema.to_owned()));
+        }
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "billing database connection closed");
+            }
+        });
+        let mut db = Database {
+            client,
+            schema: schema.to_owned(),
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// The client, for queries of the billing database.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+
+    /// Runs the migrations the schema has not had, each in the transaction
+    /// that records it, under a lock on the schema's name.
+    async fn migrate(&mut self) -> Result<(), DatabaseError> {
+        let Database { client, schema } = self;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&*schema])
+            .await?;
+        tx.batch_execute(&sql(
+            schema,
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.schema_version (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );",
+        ))
+        .await?;
+        let found: i32 = tx
+            .query_one(
+                &sql(schema, "SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
+                &[],
+            )
+            .await?
+            .get(0);
+        if found > SCHEMA_VERSION {
+            return Err(DatabaseError::TooNew {
+                schema: schema.clone(),
+                found,
+            });
+        }
+        for (version, migration) in (1..).zip(MIGRATIONS).skip(usize::try_from(found).unwrap_or(0)) {
+            tx.batch_execute(&sql(schema, migration)).await?;
+            tx.execute(
+                &sql(schema, "INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+                &[&version],
+            )
+            .await?;
+            tracing::info!(%schema, version, "billing database migrated");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes the records of `delivered` in one transaction: usage records
+    /// with their charges, audit records, and a row for each record that
+    /// does not read back. A record already there is left as it is.
+    pub async fn write(&mut self, delivered: &[Delivered]) -> Result<Written, DatabaseError> {
+        let rows = Rows::of(delivered);
+        let Database { client, schema } = self;
+        let tx = client.transaction().await?;
+        let usage = rows.usage.len() as u64;
+        let audits = rows.audit.len() as u64;
+        let mut written = Written {
+            unreadable: rows.unreadable.stream.len() as u64,
+            ..Written::default()
+        };
+        let loaded_usage = if rows.usage.is_empty() {
+            HashSet::new()
+        } else {
+            let u = &rows.usage;
+            let params: [&(dyn ToSql + Sync); 20] = [
+                &u.record_id,
+                &u.kind,
+                &u.account_id,
+                &u.request_id,
+                &u.reservation_id,
+                &u.api_key_id,
+                &u.model,
+                &u.service_tier,
+                &u.input_tokens,
+                &u.cached_input_tokens,
+                &u.cache_write_tokens,
+                &u.output_tokens,
+                &u.total_money,
+                &u.price_version,
+                &u.reserved_at,
+                &u.settled_at,
+                &u.journal,
+                &u.journal_seq,
+                &u.stream,
+                &u.entry_id,
+            ];
+            let inserted = tx
+                .query(
+                    &sql(
+                        schema,
+                        "INSERT INTO {s}.usage_records (record_id, kind, account_id, request_id,
+                             reservation_id, api_key_id, model, service_tier, input_tokens,
+                             cached_input_tokens, cache_write_tokens, output_tokens, total_money,
+                             price_version, reserved_at, settled_at, journal, journal_seq, stream,
+                             entry_id)
+                         SELECT r.record_id, r.kind, r.account_id, r.request_id, r.reservation_id,
+                             r.api_key_id, r.model, r.service_tier, r.input_tokens,
+                             r.cached_input_tokens, r.cache_write_tokens, r.output_tokens,
+                             r.total_money::numeric, r.price_version, r.reserved_at::timestamptz,
+                             r.settled_at::timestamptz, r.journal, r.journal_seq, r.stream, r.entry_id
+                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[],
+                             $12::int8[], $13::text[], $14::text[], $15::text[], $16::text[],
+                             $17::text[], $18::int8[], $19::text[], $20::text[])
+                             AS r(record_id, kind, account_id, request_id, reservation_id,
+                                 api_key_id, model, service_tier, input_tokens, cached_input_tokens,
+                                 cache_write_tokens, output_tokens, total_money, price_version,
+                                 reserved_at, settled_at, journal, journal_seq, stream, entry_id)
+                         ON CONFLICT (record_id) DO NOTHING
+                         RETURNING record_id",
+                    ),
+                    &params,
+                )
+                .await?;
+            inserted.iter().map(|row| row.get::<_, String>(0)).collect()
+        };
+        written.loaded += loaded_usage.len() as u64;
+        written.repeated += usage - loaded_usage.len() as u64;
+        // The charges of the records new to the database (a record there
+        // already has its own, written in its transaction).
+        let c = rows.charges.only(&loaded_usage);
+        if !c.record_id.is_empty() {
+            tx.execute(
+                &sql(
+                    schema,
+                    "INSERT INTO {s}.usage_charges (record_id, position, source, lot, tokens, money)
+                     SELECT c.record_id, c.position, c.source, c.lot, c.tokens, c.money::numeric
+                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int8[], $6::text[])
+                         AS c(record_id, position, source, lot, tokens, money)
+                     ON CONFLICT DO NOTHING",
+                ),
+                &[&c.record_id, &c.position, &c.source, &c.lot, &c.tokens, &c.money],
+            )
+            .await?;
+        }
+        if !rows.audit.is_empty() {
+            let a = &rows.audit;
+            let params: [&(dyn ToSql + Sync); 13] = [
+                &a.record_id,
+                &a.account_id,
+                &a.operator,
+                &a.peer,
+                &a.operation,
+                &a.adjustment_id,
+                &a.reason,
+                &a.change,
+                &a.before,
+                &a.after,
+                &a.at,
+                &a.stream,
+                &a.entry_id,
+            ];
+            let loaded = tx
+                .execute(
+                    &sql(
+                        schema,
+                        "INSERT INTO {s}.audit_records (record_id, account_id, operator, peer,
+                             operation, adjustment_id, reason, change, before, after, at, stream,
+                             entry_id)
+                         SELECT a.record_id, a.account_id, a.operator, a.peer, a.operation,
+                             a.adjustment_id, a.reason, a.change, a.before::jsonb, a.after::jsonb,
+                             a.at::timestamptz, a.stream, a.entry_id
+                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                             $11::text[], $12::text[], $13::text[])
+                             AS a(record_id, account_id, operator, peer, operation, adjustment_id,
+                                 reason, change, before, after, at, stream, entry_id)
+                         ON CONFLICT (record_id) DO NOTHING",
+                    ),
+                    &params,
+                )
+                .await?;
+            written.loaded += loaded;
+            written.repeated += audits - loaded;
+        }
+        if !rows.unreadable.stream.is_empty() {
+            let u = &rows.unreadable;
+            tx.execute(
+                &sql(
+                    schema,
+                    "INSERT INTO {s}.unreadable_records (stream, entry_id, position, reason)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[])
+                     ON CONFLICT DO NOTHING",
+                ),
+                &[&u.stream, &u.entry_id, &u.position, &u.reason],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+}
+
+/// `text` with `{s}` naming `schema`.
+fn sql(schema: &str, text: &str) -> String {
+    text.replace("{s}", schema)
+}
+
+/// The columns of a batch's usage records.
+#[derive(Default)]
+struct UsageColumns {
+    record_id: Vec<String>,
+    kind: Vec<&'static str>,
+    account_id: Vec<String>,
+    request_id: Vec<String>,
+    reservation_id: Vec<Option<String>>,
+    api_key_id: Vec<Option<String>>,
+    model: Vec<Option<String>>,
+    service_tier: Vec<Option<String>>,
+    input_tokens: Vec<i64>,
+    cached_input_tokens: Vec<i64>,
+    cache_write_tokens: Vec<i64>,
+    output_tokens: Vec<i64>,
+    total_money: Vec<String>,
+    price_version: Vec<Option<String>>,
+    reserved_at: Vec<String>,
+    settled_at: Vec<String>,
+    journal: Vec<Option<String>>,
+    journal_seq: Vec<Option<i64>>,
+    stream: Vec<String>,
+    entry_id: Vec<String>,
+}
+
+impl UsageColumns {
+    fn len(&self) -> usize {
+        self.record_id.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.record_id.is_empty()
+    }
+}
+
+/// The columns of a batch's charges.
+#[derive(Default)]
+struct ChargeColumns {
+    record_id: Vec<String>,
+    position: Vec<i32>,
+    source: Vec<&'static str>,
+    lot: Vec<Option<String>>,
+    tokens: Vec<Option<i64>>,
+    money: Vec<Option<String>>,
+}
+
+impl ChargeColumns {
+    /// The charges of the records in `ids`.
+    fn only(&self, ids: &HashSet<String>) -> ChargeColumns {
+        let mut out = ChargeColumns::default();
+        for i in (0..self.record_id.len()).filter(|&i| ids.contains(&self.record_id[i])) {
+            out.record_id.push(self.record_id[i].clone());
+            out.position.push(self.position[i]);
+            out.source.push(self.source[i]);
+            out.lot.push(self.lot[i].clone());
+            out.tokens.push(self.tokens[i]);
+            out.money.push(self.money[i].clone());
+        }
+        out
+    }
+}
+
+/// The columns of a batch's audit records.
+#[derive(Default)]
+struct AuditColumns {
+    record_id: Vec<String>,
+    account_id: Vec<Option<String>>,
+    operator: Vec<String>,
+    peer: Vec<String>,
+    operation: Vec<String>,
+    adjustment_id: Vec<String>,
+    reason: Vec<String>,
+    change: Vec<String>,
+    before: Vec<String>,
+    after: Vec<String>,
+    at: Vec<String>,
+    stream: Vec<String>,
+    entry_id: Vec<String>,
+}
+
+impl AuditColumns {
+    fn len(&self) -> usize {
+        self.record_id.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.record_id.is_empty()
+    }
+}
+
+/// The columns of a batch's records that did not read back: where each
+/// is, and why.
+#[derive(Default)]
+struct UnreadableColumns {
+    stream: Vec<String>,
+    entry_id: Vec<String>,
+    position: Vec<i32>,
+    reason: Vec<String>,
+}
+
+/// A batch of delivered records, as the tables' columns.
+#[derive(Default)]
+struct Rows {
+    usage: UsageColumns,
+    charges: ChargeColumns,
+    audit: AuditColumns,
+    unreadable: UnreadableColumns,
+}
+
+impl Rows {
+    fn of(delivered: &[Delivered]) -> Rows {
+        let mut rows = Rows::default();
+        let mut position = 0i32;
+        for (i, d) in delivered.iter().enumerate() {
+            position = if i > 0 && delivered[i - 1].entry == d.entry && delivered[i - 1].stream == d.stream {
+                position + 1
+            } else {
+                0
+            };
+            if let Err(reason) = rows.add(d) {
+                let u = &mut rows.unreadable;
+                u.stream.push(d.stream.clone());
+                u.entry_id.push(d.entry.clone());
+                u.position.push(position);
+                u.reason.push(reason);
+            }
+        }
+        rows
+    }
+
+    /// Adds one record, or says why it cannot be.
+    fn add(&mut self, d: &Delivered) -> Result<(), String> {
+        if d.record.is_null() {
+            return Err("the entry does not decode".into());
+        }
+        if d.record["kind"] == "audit" {
+            let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
+            let json =
+                |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();
+            let c = &mut self.audit;
+            c.record_id.push(a.id());
+            c.account_id.push(a.account_id.as_ref().map(ToString::to_string));
+            c.before.push(json(&a.before));
+            c.after.push(json(&a.after));
+            c.at.push(a.at.to_string());
+            c.operator.push(a.operator);
+            c.peer.push(a.peer);
+            c.operation.push(a.operation);
+            c.adjustment_id.push(a.adjustment_id);
+            c.reason.push(a.reason);
+            c.change.push(a.change);
+            c.stream.push(d.stream.clone());
+            c.entry_id.push(d.entry.clone());
+            return Ok(());
+        }
+        let r: UsageRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
+        let count = |n: u64| i64::try_from(n).map_err(|_| format!("{n} tokens do not fit a bigint"));
+        let counts = [
+            count(r.usage.input_tokens)?,
+            count(r.usage.cached_input_tokens)?,
+            count(r.usage.cache_write_tokens)?,
+            count(r.usage.output_tokens)?,
+        ];
+        let mut charges = ChargeColumns::default();
+        let id = r.id();
+        for (position, take) in (0..).zip(&r.charges) {
+            charges.record_id.push(id.clone());
+            charges.position.push(position);
+            charges.source.push(take.source.kind_name());
+            charges.lot.push(take.source.lot());
+            if take.source.is_tokens() {
+                let tokens = i64::try_from(take.amount).map_err(|_| format!("{} tokens do not fit", take.amount))?;
+                charges.tokens.push(Some(tokens));
+                charges.money.push(None);
+            } else {
+                charges.tokens.push(None);
+                charges
+                    .money
+                    .push(Some(crate::engine::money::Money::from_picos(take.amount).to_string()));
+            }
+        }
+        let journal = d.record["journal"].as_str().map(str::to_owned);
+        let journal_seq = d.record["journal_seq"].as_u64().and_then(|n| i64::try_from(n).ok());
+        let u = &mut self.usage;
+        u.record_id.push(id);
+        u.kind.push(r.kind.as_str());
+        u.account_id.push(r.account_id.to_string());
+        u.request_id.push(r.request_id.to_string());
+        u.reservation_id
+            .push(r.reservation_id.as_ref().map(ToString::to_string));
+        u.api_key_id.push(r.api_key_id.as_ref().map(ToString::to_string));
+        u.model.push(r.model.as_ref().map(ToString::to_string));
+        u.service_tier.push(r.service_tier.as_ref().map(ToString::to_string));
+        u.input_tokens.push(counts[0]);
+        u.cached_input_tokens.push(counts[1]);
+        u.cache_write_tokens.push(counts[2]);
+        u.output_tokens.push(counts[3]);
+        u.total_money.push(r.total_money.to_string());
+        u.price_version.push(r.price_version.as_ref().map(ToString::to_string));
+        u.reserved_at.push(r.reserved_at.to_string());
+        u.settled_at.push(r.settled_at.to_string());
+        u.journal.push(journal);
+        u.journal_seq.push(journal_seq);
+        u.stream.push(d.stream.clone());
+        u.entry_id.push(d.entry.clone());
+        let c = &mut self.charges;
+        c.record_id.extend(charges.record_id);
+        c.position.extend(charges.position);
+        c.source.extend(charges.source);
+        c.lot.extend(charges.lot);
+        c.tokens.extend(charges.tokens);
+        c.money.extend(charges.money);
+        Ok(())
+    }
+}

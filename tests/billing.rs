@@ -1,0 +1,421 @@
+//! The billing bridge against real processes: a Redis-backed sidecar
+//! writes usage and audit records to the stream, `tollgate usage load`
+//! writes them into a real PostgreSQL, each exactly once, through a loader
+//! killed mid-transaction, a crash between commit and acknowledgement, and
+//! a PostgreSQL restart; `tollgate usage export` writes CloudEvents and
+//! acknowledges only what it wrote.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::fleet::{Sidecar, picos, stream_records, write_config};
+use support::postgres::{Schema, Server};
+use support::redis::{RedisServer, cli};
+use tollgate::proto;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_seconds = 5
+
+[store.redis]
+deadline_ms = 1000
+
+[leases]
+report_interval_ms = 100
+
+[plans.payg]
+
+[[prices]]
+id = "v1"
+effective_at = "2026-01-01T00:00:00Z"
+[prices.models.m.tiers.default]
+input = "1"
+output = "4"
+
+[[accounts]]
+id = "acme"
+plan = "payg"
+paid = "1000"
+"#;
+
+const GROUP: &str = "tollgate-billing";
+const STREAM: &str = "tollgate:{0}:usage";
+
+/// A sidecar on its own Redis that has settled `n` requests on `acme`
+/// (after an operator's promotional top-up, so that records draw on two
+/// sources), then stopped: every record is on the stream.
+async fn settled(n: u64) -> (RedisServer, tempfile::TempDir, Vec<serde_json::Value>) {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let mut admin = sidecar.admin().await;
+    admin
+        .top_up(proto::TopUpRequest {
+            account_id: "acme".into(),
+            adjustment_id: "welcome".into(),
+            pool: proto::MoneyPool::Promo as i32,
+            amount: Some(support::money("0.000001")),
+            reason: "welcome credit".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    settle(&sidecar, 0..n).await;
+    sidecar.stop();
+    let records = stream_records(&redis.url(), 1).await;
+    assert_eq!(records.len() as u64, n);
+    (redis, dir, records)
+}
+
+/// Reserves and settles requests `ids` on `acme` through `sidecar`.
+async fn settle(sidecar: &Sidecar, ids: std::ops::Range<u64>) {
+    let mut quota = sidecar.client().await;
+    for i in ids {
+        let id = format!("r{i}");
+        quota
+            .reserve(support::reserve("acme", &id, 100 + i, 100))
+            .await
+            .unwrap();
+        quota
+            .settle(support::settle("acme", &id, 100 + i, i % 50))
+            .await
+            .unwrap();
+    }
+}
+
+/// `tollgate usage load` of `redis` into `schema`, with `extra` flags.
+fn loader(redis: &str, schema: &Schema, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command
+        .args(["usage", "load", "--redis", redis, "--consumer", "loader-1"])
+        .args(["--postgres", &schema.url, "--schema", &schema.name])
+        .args(extra)
+        .env_remove("TOLLGATE_REDIS")
+        .env_remove("TOLLGATE_POSTGRES");
+    command
+}
+
+/// Runs a loader to the end of what there is, and returns its summary.
+fn load_once(redis: &str, schema: &Schema) -> String {
+    let out = loader(redis, schema, &["--once"]).output().unwrap();
+    summary(&out)
+}
+
+fn summary(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "loader failed: {stderr}");
+    stderr.lines().last().unwrap_or_default().to_owned()
+}
+
+/// The database holds each of `records` once, with charges that add up to
+/// its total to the pico-unit, and the totals add up to the stream's.
+async fn holds_each_once(schema: &Schema, records: &[serde_json::Value]) {
+    let count = schema.value("SELECT count(*) FROM {s}.usage_records").await;
+    assert_eq!(count.as_deref(), Some(records.len().to_string().as_str()));
+    let ids = schema
+        .value("SELECT count(DISTINCT record_id) FROM {s}.usage_records")
+        .await;
+    assert_eq!(ids, count);
+    for r in records {
+        let id = r["record_id"].as_str().unwrap();
+        let row = schema
+            .value(&format!(
+                "SELECT total_money || ' ' || input_tokens || ' ' || output_tokens FROM {{s}}.usage_records \
+                 WHERE record_id = '{id}'"
+            ))
+            .await
+            .unwrap_or_else(|| panic!("record {id} not loaded"));
+        let usage = &r["usage"];
+        assert_eq!(
+            row,
+            format!(
+                "{} {} {}",
+                r["total_money"].as_str().unwrap(),
+                usage["input_tokens"],
+                usage["output_tokens"]
+            )
+        );
+    }
+    // Charges add up to each record's money, to the pico-unit.
+    let mismatched = schema
+        .value(
+            "SELECT count(*) FROM {s}.usage_records r WHERE r.total_money <> \
+             (SELECT coalesce(sum(money), 0) FROM {s}.usage_charges c WHERE c.record_id = r.record_id)",
+        )
+        .await;
+    assert_eq!(mismatched.as_deref(), Some("0"));
+    let total = schema
+        .value("SELECT sum(total_money) FROM {s}.usage_records")
+        .await
+        .unwrap();
+    assert_eq!(
+        total.parse::<tollgate::engine::Money>().unwrap().picos(),
+        picos(records),
+        "the database's total is the stream's"
+    );
+}
+
+/// What the loader's group has not acknowledged, per `XPENDING`.
+fn pending(redis: &RedisServer) -> String {
+    cli(redis.port, &["XPENDING", STREAM, GROUP])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loader_writes_each_record_once_and_acknowledges_after_commit() {
+    let (redis, _dir, records) = settled(20).await;
+    let schema = Schema::new().await;
+    let first = load_once(&redis.url(), &schema);
+    assert_eq!(
+        first,
+        "21 records loaded, 0 there already, 0 unreadable; transactions: 1"
+    );
+    holds_each_once(&schema, &records).await;
+    assert_eq!(pending(&redis), "0", "everything committed is acknowledged");
+    assert_eq!(
+        schema
+            .value("SELECT max(version) FROM {s}.schema_version")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    // Charges are kept per source: the promotional credit ran out first.
+    let sources = schema
+        .value("SELECT string_agg(DISTINCT source, ',' ORDER BY source) FROM {s}.usage_charges")
+        .await;
+    assert_eq!(sources.as_deref(), Some("paid,promo"));
+    // The operator's change, with who and why.
+    let audit = schema
+        .value("SELECT operator || ' ' || operation || ' ' || adjustment_id || ' ' || reason FROM {s}.audit_records")
+        .await;
+    assert_eq!(audit.as_deref(), Some("alice@billing top_up welcome welcome credit"));
+
+    // Nothing new: nothing written.
+    assert_eq!(
+        load_once(&redis.url(), &schema),
+        "0 records loaded, 0 there already, 0 unreadable; transactions: 0"
+    );
+
+    // A loader that committed and crashed before its acknowledgement: the
+    // entries are its, delivered and pending, and their records are in the
+    // database. Run again, it writes none twice and acknowledges them.
+    cli(redis.port, &["XGROUP", "SETID", STREAM, GROUP, "0"]);
+    cli(
+        redis.port,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            "loader-1",
+            "COUNT",
+            "1000",
+            "STREAMS",
+            STREAM,
+            ">",
+        ],
+    );
+    assert_ne!(pending(&redis), "0");
+    assert_eq!(
+        load_once(&redis.url(), &schema),
+        "0 records loaded, 21 there already, 0 unreadable; transactions: 1"
+    );
+    holds_each_once(&schema, &records).await;
+    assert_eq!(pending(&redis), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_killed_mid_transaction_loses_and_duplicates_nothing() {
+    let (redis, _dir, records) = settled(30).await;
+    let schema = Schema::new().await;
+    // The tables exist once a loader has run; hold the records' table so
+    // that the next loader's transaction waits inside its first insert.
+    assert!(load_once(&redis.url(), &schema).starts_with("31 records loaded"));
+    let client = schema.client().await;
+    client
+        .batch_execute(&format!(
+            "TRUNCATE {0}.usage_records CASCADE; TRUNCATE {0}.audit_records",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    cli(redis.port, &["XGROUP", "SETID", STREAM, GROUP, "0"]);
+    let mut holder = schema.client().await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        "LOCK TABLE {}.usage_records IN ACCESS EXCLUSIVE MODE",
+        schema.name
+    ))
+    .await
+    .unwrap();
+    let mut running = loader(&redis.url(), &schema, &[])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the loader's insert waits on the lock: mid-transaction.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the loader never reached its insert");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill(&mut running);
+    lock.rollback().await.unwrap();
+    // Nothing of the killed transaction is in the database, and the batch
+    // is still the loader's, unacknowledged.
+    assert_eq!(
+        schema.value("SELECT count(*) FROM {s}.usage_records").await.as_deref(),
+        Some("0")
+    );
+    assert_ne!(pending(&redis), "0");
+    assert_eq!(
+        load_once(&redis.url(), &schema),
+        "31 records loaded, 0 there already, 0 unreadable; transactions: 1"
+    );
+    holds_each_once(&schema, &records).await;
+    assert_eq!(pending(&redis), "0");
+}
+
+fn kill(child: &mut Child) {
+    Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loader_waits_out_a_postgres_restart() {
+    let postgres = Server::start();
+    let schema = Schema::on(&postgres.url()).await;
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let running = loader(&redis.url(), &schema, &["--metrics-listen", &metrics.to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    settle(&sidecar, 0..10).await;
+    until(&schema, 10).await;
+    postgres.crash();
+    settle(&sidecar, 10..25).await;
+    // The loader tries, fails, and waits; the records wait in the stream.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while support::sample(
+        &support::http_get(metrics, "/metrics").await.1,
+        "tollgate_loader_errors_total{stage=\"postgres\"}",
+    )
+    .is_none_or(|n| n < 1.0)
+    {
+        assert!(Instant::now() < deadline, "the loader never saw PostgreSQL gone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    postgres.resume();
+    until(&schema, 25).await;
+    sidecar.stop();
+    let records = stream_records(&redis.url(), 1).await;
+    holds_each_once(&schema, &records).await;
+    let page = support::http_get(metrics, "/metrics").await.1;
+    assert_eq!(
+        support::sample(&page, "tollgate_loader_records_total{result=\"loaded\"}"),
+        Some(25.0),
+        "{page}"
+    );
+    // Stopped by SIGTERM, it finishes and says what it did.
+    Command::new("kill")
+        .args(["-TERM", &running.id().to_string()])
+        .status()
+        .unwrap();
+    let out = running.wait_with_output().unwrap();
+    assert!(summary(&out).starts_with("25 records loaded"), "{}", summary(&out));
+    assert_eq!(pending(&redis), "0");
+}
+
+/// Waits until the database holds `n` usage records.
+async fn until(schema: &Schema, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls).await;
+        if let Ok((client, connection)) = client {
+            tokio::spawn(connection);
+            let count = client
+                .query_one(&format!("SELECT count(*) FROM {}.usage_records", schema.name), &[])
+                .await
+                .map(|row| row.get::<_, i64>(0));
+            if count.as_ref().is_ok_and(|&c| c as usize >= n) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the loader did not load {n} records");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_export_writes_one_event_a_record_and_acknowledges_only_those() {
+    let (redis, _dir, records) = settled(5).await;
+    let url = redis.url();
+    let export_as = |format: &str, from: &str, to: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["usage", "export", "--redis", &url, "--format", format])
+            .args(["--from", from, "--to", to, "--source", "tollgate/test"])
+            .env_remove("TOLLGATE_REDIS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let export = |from: &str, to: &str| export_as("cloudevents", from, to);
+    // Windows that hold none of them: nothing written, nothing taken (the
+    // totals' export took every record it read, in range or not).
+    assert!(export_as("jsonl", "2000-01-01T00:00:00Z", "2001-01-01T00:00:00Z").is_empty());
+    assert!(export("2000-01-01T00:00:00Z", "2001-01-01T00:00:00Z").is_empty());
+    let events = export("2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z");
+    assert_eq!(events.len(), records.len(), "the earlier export left them for this one");
+    for (event, record) in events.iter().zip(&records) {
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["type"], "tollgate.usage");
+        assert_eq!(event["source"], "tollgate/test");
+        assert_eq!(event["id"], record["record_id"]);
+        assert_eq!(event["subject"], "acme");
+        assert_eq!(event["time"], record["settled_at"]);
+        let data = &event["data"];
+        assert_eq!(data["model"], "m");
+        assert_eq!(data["service_tier"], "default");
+        assert_eq!(data["input_tokens"], record["usage"]["input_tokens"]);
+        assert_eq!(data["output_tokens"], record["usage"]["output_tokens"]);
+        assert_eq!(data["total_money"], record["total_money"]);
+    }
+    assert!(
+        export("2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z").is_empty(),
+        "each once"
+    );
+}
