@@ -419,3 +419,134 @@ async fn cloudevents_export_writes_one_event_a_record_and_acknowledges_only_thos
         "each once"
     );
 }
+
+/// `tollgate usage statement ARGS` against `schema`, and its stdout.
+fn statement(schema: &Schema, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "usage",
+            "statement",
+            "--postgres",
+            &schema.url,
+            "--schema",
+            &schema.name,
+        ])
+        .args(args)
+        .env_remove("TOLLGATE_POSTGRES")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_reconciles_to_the_pico_unit_with_the_store() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    // An account opened through the admin API: its whole history is in
+    // the audit trail.
+    let mut admin = sidecar.admin().await;
+    admin
+        .create_account(proto::CreateAccountRequest {
+            account_id: "beta".into(),
+            plan: "payg".into(),
+            adjustment_id: "open-beta".into(),
+            reason: "signed up".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (pool, amount, id) in [
+        (proto::MoneyPool::Paid, "2", "invoice-1"),
+        (proto::MoneyPool::Promo, "0.000003", "welcome"),
+    ] {
+        admin
+            .top_up(proto::TopUpRequest {
+                account_id: "beta".into(),
+                adjustment_id: id.into(),
+                pool: pool as i32,
+                amount: Some(support::money(amount)),
+                reason: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut quota = sidecar.client().await;
+    for i in 0..12u64 {
+        let id = format!("b{i}");
+        quota
+            .reserve(support::reserve("beta", &id, 1000 + i, 500))
+            .await
+            .unwrap();
+        quota
+            .settle(support::settle("beta", &id, 1000 + i, 7 * i))
+            .await
+            .unwrap();
+    }
+    sidecar.stop();
+    let schema = Schema::new().await;
+    assert!(load_once(&redis.url(), &schema).starts_with("15 records loaded"));
+    let records: Vec<_> = stream_records(&redis.url(), 1).await;
+    let month = jiff::Timestamp::now().strftime("%Y-%m").to_string();
+    let st: serde_json::Value =
+        serde_json::from_str(&statement(&schema, &["--account", "beta", "--month", &month, "--json"])).unwrap();
+    let money = |v: &serde_json::Value| v.as_str().unwrap().parse::<tollgate::engine::Money>().unwrap().picos();
+    assert_eq!(money(&st["opening"]), 0, "opened this month");
+    assert_eq!(money(&st["changes_total"]), 2_000_003_000_000);
+    assert_eq!(money(&st["charges_total"]), picos(&records));
+    assert_eq!(money(&st["closing"]), 2_000_003_000_000 - picos(&records));
+    // The closing balance is the store's, to the pico-unit.
+    let store = support::fleet::shared_account(redis.port, 1, "beta").balance(jiff::Timestamp::now());
+    let in_store = store.paid.picos() + store.promo.picos() - store.debt.picos();
+    assert_eq!(money(&st["closing"]), in_store, "{st}");
+    // Usage by model and tier, every token counted.
+    let usage = &st["usage"][0];
+    assert_eq!(
+        (usage["model"].as_str(), usage["records"].as_u64()),
+        (Some("m"), Some(12))
+    );
+    let input: u64 = records
+        .iter()
+        .map(|r| r["usage"]["input_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(usage["input_tokens"].as_u64(), Some(input));
+    // The promotion paid first, all of it; paid money the rest.
+    let sources: Vec<(&str, i128)> = st["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["source"].as_str().unwrap(), money(&s["money"])))
+        .collect();
+    assert_eq!(
+        sources,
+        [("promo", 3_000_000), ("paid", picos(&records) - 3_000_000)],
+        "{st}"
+    );
+    let changes: Vec<&str> = st["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["adjustment_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(changes, ["open-beta", "invoice-1", "welcome"]);
+    // The next month opens where this one closed.
+    let next = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .first_of_month()
+        .unwrap()
+        .checked_add(jiff::Span::new().months(1))
+        .unwrap()
+        .strftime("%Y-%m")
+        .to_string();
+    let csv = statement(&schema, &["--account", "beta", "--month", &next, "--csv"]);
+    let closing = tollgate::engine::Money::from_picos(money(&st["closing"]));
+    assert!(csv.contains(&format!("balance,opening,,,,,,,,{closing}\n")), "{csv}");
+    assert!(csv.contains(&format!("balance,closing,,,,,,,,{closing}\n")), "{csv}");
+    assert!(!csv.contains("usage,"), "nothing used next month: {csv}");
+    // The tables say the same.
+    let table = statement(&schema, &["--account", "beta", "--month", &month]);
+    assert!(table.contains(&closing.to_string()), "{table}");
+}

@@ -7,11 +7,16 @@
 //!   acknowledging only what was safely used.
 //! - [`export`]: totals per account and model (CSV, JSON Lines), and
 //!   CloudEvents 1.0 for usage-metering systems.
+//! - [`rows`]: a batch of stream records as the billing tables' columns.
 //! - [`postgres`]: the billing database: its schema and migrations, and a
 //!   batch of stream entries written in one transaction, each record once.
 //! - [`loader`]: stream → database, acknowledging only what committed.
+//! - [`statement`]: a customer's month from the database, balances that
+//!   reconcile to the pico-unit.
 
 pub mod export;
 pub mod loader;
 pub mod postgres;
+pub mod rows;
+pub mod statement;
 pub mod stream;

@@ -17,8 +17,7 @@ use std::collections::HashSet;
 
 use tokio_postgres::types::ToSql;
 
-use crate::engine::record::{AuditRecord, UsageRecord};
-
+use super::rows::Rows;
 use super::stream::Delivered;
 
 /// The migrations, in order: migration `n` (from 1) brings a schema at
@@ -102,6 +101,9 @@ pub enum DatabaseError {
     /// The schema name is not a plain identifier.
     #[error("schema {0:?}: expected lower-case letters, digits and _, starting with a letter or _")]
     SchemaName(String),
+    /// No loader has made (or finished migrating) the schema.
+    #[error("schema {0} holds no billing tables at this version: run tollgate usage load first")]
+    NotLoaded(String),
     /// The database was migrated by a newer build.
     #[error("schema {schema} is at version {found}, newer than this tollgate's {SCHEMA_VERSION}: upgrade tollgate")]
     TooNew {
@@ -134,6 +136,44 @@ impl Database {
     /// brings `schema` to [`SCHEMA_VERSION`], creating it if missing. Two
     /// loaders starting at once migrate one after the other.
     pub async fn connect(url: &str, schema: &str) -> Result<Database, DatabaseError> {
+        let mut db = Database::connected(url, schema).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Connects to `url` to read `schema`, which a loader must have made:
+    /// nothing is created or migrated.
+    pub async fn open(url: &str, schema: &str) -> Result<Database, DatabaseError> {
+        let db = Database::connected(url, schema).await?;
+        let table = format!("{schema}.schema_version");
+        let made: bool = db
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await?
+            .get(0);
+        let version: i32 = match made {
+            true => db
+                .client
+                .query_one(
+                    &sql(schema, "SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
+                    &[],
+                )
+                .await?
+                .get(0),
+            false => 0,
+        };
+        match version {
+            SCHEMA_VERSION => Ok(db),
+            found if found > SCHEMA_VERSION => Err(DatabaseError::TooNew {
+                schema: schema.to_owned(),
+                found,
+            }),
+            _ => Err(DatabaseError::NotLoaded(schema.to_owned())),
+        }
+    }
+
+    /// A connection, its schema name checked.
+    async fn connected(url: &str, schema: &str) -> Result<Database, DatabaseError> {
         let valid = schema
             .chars()
             .next()
@@ -151,12 +191,15 @@ impl Database {
                 tracing::warn!(error = %e, "billing database connection closed");
             }
         });
-        let mut db = Database {
+        Ok(Database {
             client,
             schema: schema.to_owned(),
-        };
-        db.migrate().await?;
-        Ok(db)
+        })
+    }
+
+    /// Its schema.
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     /// The client, for queries of the billing database.
@@ -355,220 +398,4 @@ impl Database {
 /// `text` with `{s}` naming `schema`.
 fn sql(schema: &str, text: &str) -> String {
     text.replace("{s}", schema)
-}
-
-/// The columns of a batch's usage records.
-#[derive(Default)]
-struct UsageColumns {
-    record_id: Vec<String>,
-    kind: Vec<&'static str>,
-    account_id: Vec<String>,
-    request_id: Vec<String>,
-    reservation_id: Vec<Option<String>>,
-    api_key_id: Vec<Option<String>>,
-    model: Vec<Option<String>>,
-    service_tier: Vec<Option<String>>,
-    input_tokens: Vec<i64>,
-    cached_input_tokens: Vec<i64>,
-    cache_write_tokens: Vec<i64>,
-    output_tokens: Vec<i64>,
-    total_money: Vec<String>,
-    price_version: Vec<Option<String>>,
-    reserved_at: Vec<String>,
-    settled_at: Vec<String>,
-    journal: Vec<Option<String>>,
-    journal_seq: Vec<Option<i64>>,
-    stream: Vec<String>,
-    entry_id: Vec<String>,
-}
-
-impl UsageColumns {
-    fn len(&self) -> usize {
-        self.record_id.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.record_id.is_empty()
-    }
-}
-
-/// The columns of a batch's charges.
-#[derive(Default)]
-struct ChargeColumns {
-    record_id: Vec<String>,
-    position: Vec<i32>,
-    source: Vec<&'static str>,
-    lot: Vec<Option<String>>,
-    tokens: Vec<Option<i64>>,
-    money: Vec<Option<String>>,
-}
-
-impl ChargeColumns {
-    /// The charges of the records in `ids`.
-    fn only(&self, ids: &HashSet<String>) -> ChargeColumns {
-        let mut out = ChargeColumns::default();
-        for i in (0..self.record_id.len()).filter(|&i| ids.contains(&self.record_id[i])) {
-            out.record_id.push(self.record_id[i].clone());
-            out.position.push(self.position[i]);
-            out.source.push(self.source[i]);
-            out.lot.push(self.lot[i].clone());
-            out.tokens.push(self.tokens[i]);
-            out.money.push(self.money[i].clone());
-        }
-        out
-    }
-}
-
-/// The columns of a batch's audit records.
-#[derive(Default)]
-struct AuditColumns {
-    record_id: Vec<String>,
-    account_id: Vec<Option<String>>,
-    operator: Vec<String>,
-    peer: Vec<String>,
-    operation: Vec<String>,
-    adjustment_id: Vec<String>,
-    reason: Vec<String>,
-    change: Vec<String>,
-    before: Vec<String>,
-    after: Vec<String>,
-    at: Vec<String>,
-    stream: Vec<String>,
-    entry_id: Vec<String>,
-}
-
-impl AuditColumns {
-    fn len(&self) -> usize {
-        self.record_id.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.record_id.is_empty()
-    }
-}
-
-/// The columns of a batch's records that did not read back: where each
-/// is, and why.
-#[derive(Default)]
-struct UnreadableColumns {
-    stream: Vec<String>,
-    entry_id: Vec<String>,
-    position: Vec<i32>,
-    reason: Vec<String>,
-}
-
-/// A batch of delivered records, as the tables' columns.
-#[derive(Default)]
-struct Rows {
-    usage: UsageColumns,
-    charges: ChargeColumns,
-    audit: AuditColumns,
-    unreadable: UnreadableColumns,
-}
-
-impl Rows {
-    fn of(delivered: &[Delivered]) -> Rows {
-        let mut rows = Rows::default();
-        let mut position = 0i32;
-        for (i, d) in delivered.iter().enumerate() {
-            position = if i > 0 && delivered[i - 1].entry == d.entry && delivered[i - 1].stream == d.stream {
-                position + 1
-            } else {
-                0
-            };
-            if let Err(reason) = rows.add(d) {
-                let u = &mut rows.unreadable;
-                u.stream.push(d.stream.clone());
-                u.entry_id.push(d.entry.clone());
-                u.position.push(position);
-                u.reason.push(reason);
-            }
-        }
-        rows
-    }
-
-    /// Adds one record, or says why it cannot be.
-    fn add(&mut self, d: &Delivered) -> Result<(), String> {
-        if d.record.is_null() {
-            return Err("the entry does not decode".into());
-        }
-        if d.record["kind"] == "audit" {
-            let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
-            let json =
-                |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();
-            let c = &mut self.audit;
-            c.record_id.push(a.id());
-            c.account_id.push(a.account_id.as_ref().map(ToString::to_string));
-            c.before.push(json(&a.before));
-            c.after.push(json(&a.after));
-            c.at.push(a.at.to_string());
-            c.operator.push(a.operator);
-            c.peer.push(a.peer);
-            c.operation.push(a.operation);
-            c.adjustment_id.push(a.adjustment_id);
-            c.reason.push(a.reason);
-            c.change.push(a.change);
-            c.stream.push(d.stream.clone());
-            c.entry_id.push(d.entry.clone());
-            return Ok(());
-        }
-        let r: UsageRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
-        let count = |n: u64| i64::try_from(n).map_err(|_| format!("{n} tokens do not fit a bigint"));
-        let counts = [
-            count(r.usage.input_tokens)?,
-            count(r.usage.cached_input_tokens)?,
-            count(r.usage.cache_write_tokens)?,
-            count(r.usage.output_tokens)?,
-        ];
-        let mut charges = ChargeColumns::default();
-        let id = r.id();
-        for (position, take) in (0..).zip(&r.charges) {
-            charges.record_id.push(id.clone());
-            charges.position.push(position);
-            charges.source.push(take.source.kind_name());
-            charges.lot.push(take.source.lot());
-            if take.source.is_tokens() {
-                let tokens = i64::try_from(take.amount).map_err(|_| format!("{} tokens do not fit", take.amount))?;
-                charges.tokens.push(Some(tokens));
-                charges.money.push(None);
-            } else {
-                charges.tokens.push(None);
-                charges
-                    .money
-                    .push(Some(crate::engine::money::Money::from_picos(take.amount).to_string()));
-            }
-        }
-        let journal = d.record["journal"].as_str().map(str::to_owned);
-        let journal_seq = d.record["journal_seq"].as_u64().and_then(|n| i64::try_from(n).ok());
-        let u = &mut self.usage;
-        u.record_id.push(id);
-        u.kind.push(r.kind.as_str());
-        u.account_id.push(r.account_id.to_string());
-        u.request_id.push(r.request_id.to_string());
-        u.reservation_id
-            .push(r.reservation_id.as_ref().map(ToString::to_string));
-        u.api_key_id.push(r.api_key_id.as_ref().map(ToString::to_string));
-        u.model.push(r.model.as_ref().map(ToString::to_string));
-        u.service_tier.push(r.service_tier.as_ref().map(ToString::to_string));
-        u.input_tokens.push(counts[0]);
-        u.cached_input_tokens.push(counts[1]);
-        u.cache_write_tokens.push(counts[2]);
-        u.output_tokens.push(counts[3]);
-        u.total_money.push(r.total_money.to_string());
-        u.price_version.push(r.price_version.as_ref().map(ToString::to_string));
-        u.reserved_at.push(r.reserved_at.to_string());
-        u.settled_at.push(r.settled_at.to_string());
-        u.journal.push(journal);
-        u.journal_seq.push(journal_seq);
-        u.stream.push(d.stream.clone());
-        u.entry_id.push(d.entry.clone());
-        let c = &mut self.charges;
-        c.record_id.extend(charges.record_id);
-        c.position.extend(charges.position);
-        c.source.extend(charges.source);
-        c.lot.extend(charges.lot);
-        c.tokens.extend(charges.tokens);
-        c.money.extend(charges.money);
-        Ok(())
-    }
 }

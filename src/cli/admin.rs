@@ -743,7 +743,8 @@ fn amounts(held: &[proto::SourceAmount]) -> String {
         .join(", ")
 }
 
-fn table(header: &[&str]) -> Table {
+/// A borderless table with upper-case headers, as every listing prints.
+pub(super) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(header.iter().map(|h| h.to_uppercase()));

@@ -193,6 +193,32 @@ pub enum UsageCmd {
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
     },
+    /// One account's statement for a month, from the billing database:
+    /// usage and charges by model and tier, what each source paid, the
+    /// operators' changes, and opening and closing money balances.
+    Statement {
+        /// The billing database (as for `load`).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in.
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// The month.
+        #[arg(long, value_name = "YYYY-MM")]
+        month: String,
+        /// The time zone the month is counted in (IANA).
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        /// JSON instead of tables.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// CSV instead of tables.
+        #[arg(long)]
+        csv: bool,
+    },
 }
 
 /// What `tollgate usage export` writes.

@@ -2,13 +2,17 @@
 //! (`tail`, `export`) and into the billing database (`load`); the work is
 //! in [`crate::billing`], this is the command line around it.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
 
+use super::admin::table;
 use super::{ExportFormat, StreamArgs, UsageCmd};
 use crate::billing::export::{Window, cloudevent, is_audit, tally, write_totals};
 use crate::billing::loader::{LoadSettings, load};
+use crate::billing::postgres::Database;
+use crate::billing::statement::{Statement, month_bounds, statement, write_csv};
 use crate::billing::stream::Consumer;
 use crate::config::process_env;
 
@@ -145,7 +149,99 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        UsageCmd::Statement {
+            postgres,
+            schema,
+            account,
+            month,
+            time_zone,
+            json,
+            csv,
+        } => {
+            let tz = jiff::tz::TimeZone::get(&time_zone).with_context(|| format!("--time-zone {time_zone}"))?;
+            month_bounds(&month, &tz)?;
+            let db = Database::open(&postgres, &schema).await?;
+            let st = statement(db.client(), db.schema(), &account, &month, &tz).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?;
+            } else if csv {
+                write_csv(&mut out, &st)?;
+            } else {
+                print_statement(&mut out, &st)?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// A statement as tables.
+fn print_statement(out: &mut impl Write, st: &Statement) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "Statement of {} for {} ({} to {})",
+        st.account_id, st.month, st.from, st.to
+    )?;
+    writeln!(out)?;
+    let mut usage = table(&[
+        "model",
+        "tier",
+        "records",
+        "input",
+        "cached input",
+        "cache write",
+        "output",
+        "charged",
+    ]);
+    for u in &st.usage {
+        usage.add_row(vec![
+            u.model.clone(),
+            u.service_tier.clone(),
+            u.records.to_string(),
+            u.input_tokens.to_string(),
+            u.cached_input_tokens.to_string(),
+            u.cache_write_tokens.to_string(),
+            u.output_tokens.to_string(),
+            u.money.to_string(),
+        ]);
+    }
+    writeln!(out, "{usage}")?;
+    writeln!(out)?;
+    let mut sources = table(&["source", "lot", "tokens", "money"]);
+    for s in &st.sources {
+        sources.add_row(vec![
+            s.source.clone(),
+            s.lot.clone(),
+            s.tokens.map(|t| t.to_string()).unwrap_or_default(),
+            s.money.map(|m| m.to_string()).unwrap_or_default(),
+        ]);
+    }
+    writeln!(out, "{sources}")?;
+    writeln!(out)?;
+    let mut changes = table(&["at", "operation", "adjustment", "operator", "reason", "money"]);
+    for c in &st.changes {
+        changes.add_row(vec![
+            c.at.to_string(),
+            c.operation.clone(),
+            c.adjustment_id.clone(),
+            c.operator.clone(),
+            c.reason.clone(),
+            c.money.to_string(),
+        ]);
+    }
+    writeln!(out, "{changes}")?;
+    writeln!(out)?;
+    let mut balances = table(&["balance", "money"]);
+    for (name, amount) in [
+        ("opening", st.opening),
+        ("+ changes", st.changes_total),
+        ("- charges", st.charges_total),
+        ("closing", st.closing),
+    ] {
+        balances.add_row(vec![name.to_owned(), amount.to_string()]);
+    }
+    writeln!(out, "{balances}")
 }
 
 /// How long a stopping loader has to finish its batch (a transaction and

@@ -1,0 +1,225 @@
+//! A batch of delivered records as the billing tables' columns: one
+//! vector per column, for `unnest` (one statement per table, however many
+//! rows), and each record that does not read back with where it is and why.
+
+use std::collections::HashSet;
+
+use crate::engine::record::{AuditRecord, UsageRecord};
+
+use super::stream::Delivered;
+
+/// The columns of a batch's usage records.
+#[derive(Default)]
+pub(super) struct UsageColumns {
+    pub(super) record_id: Vec<String>,
+    pub(super) kind: Vec<&'static str>,
+    pub(super) account_id: Vec<String>,
+    pub(super) request_id: Vec<String>,
+    pub(super) reservation_id: Vec<Option<String>>,
+    pub(super) api_key_id: Vec<Option<String>>,
+    pub(super) model: Vec<Option<String>>,
+    pub(super) service_tier: Vec<Option<String>>,
+    pub(super) input_tokens: Vec<i64>,
+    pub(super) cached_input_tokens: Vec<i64>,
+    pub(super) cache_write_tokens: Vec<i64>,
+    pub(super) output_tokens: Vec<i64>,
+    pub(super) total_money: Vec<String>,
+    pub(super) price_version: Vec<Option<String>>,
+    pub(super) reserved_at: Vec<String>,
+    pub(super) settled_at: Vec<String>,
+    pub(super) journal: Vec<Option<String>>,
+    pub(super) journal_seq: Vec<Option<i64>>,
+    pub(super) stream: Vec<String>,
+    pub(super) entry_id: Vec<String>,
+}
+
+impl UsageColumns {
+    pub(super) fn len(&self) -> usize {
+        self.record_id.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.record_id.is_empty()
+    }
+}
+
+/// The columns of a batch's charges.
+#[derive(Default)]
+pub(super) struct ChargeColumns {
+    pub(super) record_id: Vec<String>,
+    pub(super) position: Vec<i32>,
+    pub(super) source: Vec<&'static str>,
+    pub(super) lot: Vec<Option<String>>,
+    pub(super) tokens: Vec<Option<i64>>,
+    pub(super) money: Vec<Option<String>>,
+}
+
+impl ChargeColumns {
+    /// The charges of the records in `ids`.
+    pub(super) fn only(&self, ids: &HashSet<String>) -> ChargeColumns {
+        let mut out = ChargeColumns::default();
+        for i in (0..self.record_id.len()).filter(|&i| ids.contains(&self.record_id[i])) {
+            out.record_id.push(self.record_id[i].clone());
+            out.position.push(self.position[i]);
+            out.source.push(self.source[i]);
+            out.lot.push(self.lot[i].clone());
+            out.tokens.push(self.tokens[i]);
+            out.money.push(self.money[i].clone());
+        }
+        out
+    }
+}
+
+/// The columns of a batch's audit records.
+#[derive(Default)]
+pub(super) struct AuditColumns {
+    pub(super) record_id: Vec<String>,
+    pub(super) account_id: Vec<Option<String>>,
+    pub(super) operator: Vec<String>,
+    pub(super) peer: Vec<String>,
+    pub(super) operation: Vec<String>,
+    pub(super) adjustment_id: Vec<String>,
+    pub(super) reason: Vec<String>,
+    pub(super) change: Vec<String>,
+    pub(super) before: Vec<String>,
+    pub(super) after: Vec<String>,
+    pub(super) at: Vec<String>,
+    pub(super) stream: Vec<String>,
+    pub(super) entry_id: Vec<String>,
+}
+
+impl AuditColumns {
+    pub(super) fn len(&self) -> usize {
+        self.record_id.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.record_id.is_empty()
+    }
+}
+
+/// The columns of a batch's records that did not read back: where each
+/// is, and why.
+#[derive(Default)]
+pub(super) struct UnreadableColumns {
+    pub(super) stream: Vec<String>,
+    pub(super) entry_id: Vec<String>,
+    pub(super) position: Vec<i32>,
+    pub(super) reason: Vec<String>,
+}
+
+/// A batch of delivered records, as the tables' columns.
+#[derive(Default)]
+pub(super) struct Rows {
+    pub(super) usage: UsageColumns,
+    pub(super) charges: ChargeColumns,
+    pub(super) audit: AuditColumns,
+    pub(super) unreadable: UnreadableColumns,
+}
+
+impl Rows {
+    pub(super) fn of(delivered: &[Delivered]) -> Rows {
+        let mut rows = Rows::default();
+        let mut position = 0i32;
+        for (i, d) in delivered.iter().enumerate() {
+            position = if i > 0 && delivered[i - 1].entry == d.entry && delivered[i - 1].stream == d.stream {
+                position + 1
+            } else {
+                0
+            };
+            if let Err(reason) = rows.add(d) {
+                let u = &mut rows.unreadable;
+                u.stream.push(d.stream.clone());
+                u.entry_id.push(d.entry.clone());
+                u.position.push(position);
+                u.reason.push(reason);
+            }
+        }
+        rows
+    }
+
+    /// Adds one record, or says why it cannot be.
+    pub(super) fn add(&mut self, d: &Delivered) -> Result<(), String> {
+        if d.record.is_null() {
+            return Err("the entry does not decode".into());
+        }
+        if d.record["kind"] == "audit" {
+            let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
+            let json =
+                |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();
+            let c = &mut self.audit;
+            c.record_id.push(a.id());
+            c.account_id.push(a.account_id.as_ref().map(ToString::to_string));
+            c.before.push(json(&a.before));
+            c.after.push(json(&a.after));
+            c.at.push(a.at.to_string());
+            c.operator.push(a.operator);
+            c.peer.push(a.peer);
+            c.operation.push(a.operation);
+            c.adjustment_id.push(a.adjustment_id);
+            c.reason.push(a.reason);
+            c.change.push(a.change);
+            c.stream.push(d.stream.clone());
+            c.entry_id.push(d.entry.clone());
+            return Ok(());
+        }
+        let r: UsageRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
+        let count = |n: u64| i64::try_from(n).map_err(|_| format!("{n} tokens do not fit a bigint"));
+        let counts = [
+            count(r.usage.input_tokens)?,
+            count(r.usage.cached_input_tokens)?,
+            count(r.usage.cache_write_tokens)?,
+            count(r.usage.output_tokens)?,
+        ];
+        let mut charges = ChargeColumns::default();
+        let id = r.id();
+        for (position, take) in (0..).zip(&r.charges) {
+            charges.record_id.push(id.clone());
+            charges.position.push(position);
+            charges.source.push(take.source.kind_name());
+            charges.lot.push(take.source.lot());
+            if take.source.is_tokens() {
+                let tokens = i64::try_from(take.amount).map_err(|_| format!("{} tokens do not fit", take.amount))?;
+                charges.tokens.push(Some(tokens));
+                charges.money.push(None);
+            } else {
+                charges.tokens.push(None);
+                charges
+                    .money
+                    .push(Some(crate::engine::money::Money::from_picos(take.amount).to_string()));
+            }
+        }
+        let journal = d.record["journal"].as_str().map(str::to_owned);
+        let journal_seq = d.record["journal_seq"].as_u64().and_then(|n| i64::try_from(n).ok());
+        let u = &mut self.usage;
+        u.record_id.push(id);
+        u.kind.push(r.kind.as_str());
+        u.account_id.push(r.account_id.to_string());
+        u.request_id.push(r.request_id.to_string());
+        u.reservation_id
+            .push(r.reservation_id.as_ref().map(ToString::to_string));
+        u.api_key_id.push(r.api_key_id.as_ref().map(ToString::to_string));
+        u.model.push(r.model.as_ref().map(ToString::to_string));
+        u.service_tier.push(r.service_tier.as_ref().map(ToString::to_string));
+        u.input_tokens.push(counts[0]);
+        u.cached_input_tokens.push(counts[1]);
+        u.cache_write_tokens.push(counts[2]);
+        u.output_tokens.push(counts[3]);
+        u.total_money.push(r.total_money.to_string());
+        u.price_version.push(r.price_version.as_ref().map(ToString::to_string));
+        u.reserved_at.push(r.reserved_at.to_string());
+        u.settled_at.push(r.settled_at.to_string());
+        u.journal.push(journal);
+        u.journal_seq.push(journal_seq);
+        u.stream.push(d.stream.clone());
+        u.entry_id.push(d.entry.clone());
+        let c = &mut self.charges;
+        c.record_id.extend(charges.record_id);
+        c.position.extend(charges.position);
+        c.source.extend(charges.source);
+        c.lot.extend(charges.lot);
+        c.tokens.extend(charges.tokens);
+        c.money.extend(charges.money);
+        Ok(())
+    }
+}
