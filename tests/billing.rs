@@ -550,3 +550,113 @@ async fn a_statement_reconciles_to_the_pico_unit_with_the_store() {
     let table = statement(&schema, &["--account", "beta", "--month", &month]);
     assert!(table.contains(&closing.to_string()), "{table}");
 }
+
+/// `tollgate usage reprice` of everything loaded into `schema` under the
+/// draft `prices` (TOML), and its stdout.
+fn reprice(schema: &Schema, prices: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let draft = dir.path().join("draft.toml");
+    std::fs::write(&draft, prices).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["usage", "reprice", "--postgres", &schema.url, "--schema", &schema.name])
+        .arg("--prices")
+        .arg(&draft)
+        .args(["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"])
+        .args(extra)
+        .env_remove("TOLLGATE_POSTGRES")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn draft(id: &str, model: &str, input: &str, output: &str) -> String {
+    format!(
+        "[[prices]]\nid = \"{id}\"\neffective_at = \"2027-01-01T00:00:00Z\"\n\
+         [prices.models.{model}.tiers.default]\ninput = \"{input}\"\noutput = \"{output}\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprice_prices_recorded_usage_again_with_the_engines_own_code() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    // A pack pays the first requests' tokens, in part for one of them:
+    // the records mix token and money sources.
+    let mut admin = sidecar.admin().await;
+    admin
+        .grant_pack(proto::GrantPackRequest {
+            account_id: "acme".into(),
+            pack_id: "starter".into(),
+            tokens: 1000,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 4_102_444_800,
+                nanos: 0,
+            }),
+            reason: "starter pack".into(),
+            adjustment_id: "starter".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    settle(&sidecar, 0..16).await;
+    sidecar.stop();
+    let records = stream_records(&redis.url(), 1).await;
+    let schema = Schema::new().await;
+    assert!(load_once(&redis.url(), &schema).starts_with("17 records loaded"));
+    let sources = schema
+        .value("SELECT string_agg(DISTINCT source, ',' ORDER BY source) FROM {s}.usage_charges")
+        .await;
+    assert_eq!(sources.as_deref(), Some("pack,paid"));
+    let money = |v: &serde_json::Value| v.as_str().unwrap().parse::<tollgate::engine::Money>().unwrap().picos();
+    let run = |prices: String| {
+        let out = reprice(&schema, &prices, &["--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // The prices the records were charged at give every charge back, to
+    // the pico-unit, the pack's part included.
+    let same = run(draft("v2", "m", "1", "4"));
+    assert_eq!(money(&same["charged"]), picos(&records));
+    assert_eq!(money(&same["repriced"]), picos(&records), "{same}");
+    assert_eq!(money(&same["delta"]), 0);
+    // Half the prices: half of every money part, exactly; the pack's
+    // tokens are tokens still.
+    let half = run(draft("v3", "m", "0.5", "2"));
+    assert_eq!(money(&half["repriced"]) * 2, picos(&records), "{half}");
+    assert_eq!(money(&half["delta"]), -picos(&records) / 2);
+    let acme = &half["accounts"][0];
+    assert_eq!(
+        (acme["account_id"].as_str(), acme["records"].as_u64()),
+        (Some("acme"), Some(16))
+    );
+    // A draft without the model prices none of it, and says so.
+    let other = run(draft("v4", "other", "1", "1"));
+    assert_eq!(money(&other["charged"]), 0);
+    assert_eq!(other["unpriced"][0]["records"].as_u64(), Some(16), "{other}");
+    // The table and the CSV say the same.
+    let csv = reprice(&schema, &draft("v3", "m", "0.5", "2"), &["--csv"]);
+    let delta = tollgate::engine::Money::from_picos(-picos(&records) / 2);
+    assert!(csv.lines().last().unwrap().ends_with(&format!(",{delta}")), "{csv}");
+    let table = reprice(&schema, &draft("v3", "m", "0.5", "2"), &[]);
+    assert!(table.contains(&delta.to_string()) && table.contains("acme"), "{table}");
+    // A draft that would not publish is refused with its problems.
+    let bad = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["usage", "reprice", "--postgres", &schema.url, "--schema", &schema.name])
+        .args([
+            "--prices",
+            "/dev/null",
+            "--from",
+            "2000-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a valid price list"),
+        "{bad:?}"
+    );
+}

@@ -13,10 +13,13 @@
 //! - [`loader`]: stream → database, acknowledging only what committed.
 //! - [`statement`]: a customer's month from the database, balances that
 //!   reconcile to the pico-unit.
+//! - [`reprice`]: recorded usage priced again under a draft price
+//!   version, by the engine's own code, before it is published.
 
 pub mod export;
 pub mod loader;
 pub mod postgres;
+pub mod reprice;
 pub mod rows;
 pub mod statement;
 pub mod stream;

@@ -219,6 +219,41 @@ pub enum UsageCmd {
         #[arg(long)]
         csv: bool,
     },
+    /// Price the usage recorded in [from, to) again under a draft price
+    /// version (`[[prices]]` tables, as `admin prices publish` reads
+    /// them), by the engine's own code, and report the revenue change per
+    /// model and tier and per account, largest first. Nothing is written.
+    Reprice {
+        /// The billing database (as for `load`).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in.
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// The draft (TOML).
+        #[arg(long, value_name = "FILE")]
+        prices: PathBuf,
+        /// The version of the file to price with (needed when it holds
+        /// several).
+        #[arg(long)]
+        version: Option<String>,
+        /// Records settled at or after this instant (RFC 3339).
+        #[arg(long)]
+        from: jiff::Timestamp,
+        /// Records settled before this instant (RFC 3339).
+        #[arg(long)]
+        to: jiff::Timestamp,
+        /// Accounts shown in the table, largest changes first (JSON and
+        /// CSV have all).
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// JSON instead of tables.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// CSV instead of tables.
+        #[arg(long)]
+        csv: bool,
+    },
 }
 
 /// What `tollgate usage export` writes.

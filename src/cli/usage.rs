@@ -12,6 +12,7 @@ use super::{ExportFormat, StreamArgs, UsageCmd};
 use crate::billing::export::{Window, cloudevent, is_audit, tally, write_totals};
 use crate::billing::loader::{LoadSettings, load};
 use crate::billing::postgres::Database;
+use crate::billing::reprice::{Mover, Repricing, reprice, write_csv as write_repricing_csv};
 use crate::billing::statement::{Statement, month_bounds, statement, write_csv};
 use crate::billing::stream::Consumer;
 use crate::config::process_env;
@@ -173,7 +174,98 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
+        UsageCmd::Reprice {
+            postgres,
+            schema,
+            prices,
+            version,
+            from,
+            to,
+            top,
+            json,
+            csv,
+        } => {
+            let text = std::fs::read_to_string(&prices).with_context(|| format!("reading {}", prices.display()))?;
+            let versions = crate::config::parse_price_versions(&text)
+                .map_err(|e| anyhow::anyhow!("{}: the draft is not a valid price list:\n{e}", prices.display()))?;
+            let draft = match (version, versions.as_slice()) {
+                (None, [only]) => only.clone(),
+                (Some(id), _) => versions
+                    .iter()
+                    .find(|v| v.id.as_str() == id)
+                    .cloned()
+                    .with_context(|| format!("--version {id}: not in {}", prices.display()))?,
+                (None, _) => anyhow::bail!(
+                    "{} holds {} versions ({}): name one with --version",
+                    prices.display(),
+                    versions.len(),
+                    versions.iter().map(|v| v.id.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            let db = Database::open(&postgres, &schema).await?;
+            let r = reprice(db.client(), db.schema(), &draft, from, to).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+            } else if csv {
+                write_repricing_csv(&mut out, &r)?;
+            } else {
+                print_repricing(&mut out, &r, top)?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// A re-pricing as tables.
+fn print_repricing(out: &mut impl Write, r: &Repricing, top: usize) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "Usage settled from {} to {}, priced again at draft {}",
+        r.from, r.to, r.version
+    )?;
+    writeln!(out)?;
+    let movers = |rows: &[Mover], with_account: bool| {
+        let mut header = vec!["model", "tier", "records", "charged", "draft", "change"];
+        if with_account {
+            header.insert(0, "account");
+        }
+        let mut t = table(&header);
+        for m in rows {
+            let mut row = vec![
+                m.model.clone(),
+                m.service_tier.clone(),
+                m.records.to_string(),
+                m.charged.to_string(),
+                m.repriced.to_string(),
+                m.delta.to_string(),
+            ];
+            if with_account {
+                row.insert(0, m.account_id.clone());
+            }
+            t.add_row(row);
+        }
+        t
+    };
+    writeln!(out, "{}", movers(&r.models, false))?;
+    writeln!(out)?;
+    let shown = r.accounts.len().min(top);
+    writeln!(out, "{}", movers(&r.accounts[..shown], true))?;
+    if shown < r.accounts.len() {
+        writeln!(out, "... and {} more (--top, --json, --csv)", r.accounts.len() - shown)?;
+    }
+    if !r.unpriced.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "Not priced by the draft (left out of the figures):")?;
+        writeln!(out, "{}", movers(&r.unpriced, false))?;
+    }
+    writeln!(out)?;
+    let mut total = table(&["", "money"]);
+    for (name, amount) in [("charged", r.charged), ("draft", r.repriced), ("change", r.delta)] {
+        total.add_row(vec![name.to_owned(), amount.to_string()]);
+    }
+    writeln!(out, "{total}")
 }
 
 /// A statement as tables.

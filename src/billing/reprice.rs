@@ -1,0 +1,261 @@
+//! Re-pricing recorded usage under a draft price version: what the same
+//! requests would have been charged, by the engine's own draw-down and
+//! pricing code, before the draft is published. Nothing is written.
+//!
+//! Each token-priced record is priced again at the draft's rates for its
+//! model, tier, prompt size and reserve instant (time-of-day windows
+//! included), with the token sources that paid part of it (allowance,
+//! packs) offered exactly the tokens they gave then: the money part is
+//! what [`crate::engine::draw::plan`] makes of the rest. A draft with the
+//! prices a record was charged at gives its charge back to the pico-unit.
+//! One-shot charges of a fixed amount are not priced by tokens and stay
+//! as they were; records of a model or tier the draft does not price are
+//! counted apart.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+
+use crate::engine::draw::{Need, plan};
+use crate::engine::ids::{ModelId, TierId};
+use crate::engine::money::Money;
+use crate::engine::pricing::{PriceVersion, Usage};
+use crate::engine::source::{SourceRef, Take};
+
+/// What the records of one account, model and tier come to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Mover {
+    /// The account ("" in the totals per model and tier).
+    pub account_id: String,
+    /// The model.
+    pub model: String,
+    /// The service tier.
+    pub service_tier: String,
+    /// Records.
+    pub records: u64,
+    /// Money charged.
+    pub charged: Money,
+    /// Money the draft would have charged.
+    pub repriced: Money,
+    /// `repriced - charged`.
+    pub delta: Money,
+}
+
+/// A re-pricing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Repricing {
+    /// The draft version.
+    pub version: String,
+    /// Records settled at or after.
+    pub from: Timestamp,
+    /// Records settled before.
+    pub to: Timestamp,
+    /// Money charged, in all.
+    pub charged: Money,
+    /// Money the draft would have charged, in all.
+    pub repriced: Money,
+    /// `repriced - charged`.
+    pub delta: Money,
+    /// Per model and tier, the largest changes first.
+    pub models: Vec<Mover>,
+    /// Per account, model and tier, the largest changes first.
+    pub accounts: Vec<Mover>,
+    /// Records the draft does not price (model or tier not in it), per
+    /// model and tier: in none of the figures above.
+    pub unpriced: Vec<Mover>,
+}
+
+/// What went wrong re-pricing.
+#[derive(Debug, thiserror::Error)]
+pub enum RepriceError {
+    /// The database refused, or could not be reached.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// A row does not read as a record.
+    #[error("record {0}: {1}")]
+    Record(String, String),
+}
+
+/// Re-prices the records settled in `[from, to)` in `schema` under
+/// `draft`.
+pub async fn reprice(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    draft: &PriceVersion,
+    from: Timestamp,
+    to: Timestamp,
+) -> Result<Repricing, RepriceError> {
+    use tokio_stream::StreamExt;
+    let (from_text, to_text) = (from.to_string(), to.to_string());
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from_text, &to_text];
+    let rows = client
+        .query_raw(
+            &"SELECT r.record_id, r.account_id, coalesce(r.model, ''), coalesce(r.service_tier, ''),
+                  r.input_tokens, r.cached_input_tokens, r.cache_write_tokens, r.output_tokens,
+                  r.total_money::text, (extract(epoch FROM r.reserved_at) * 1000000)::int8,
+                  coalesce(json_agg(json_build_object('source', c.source, 'lot', c.lot, 'tokens', c.tokens)
+                      ORDER BY c.position) FILTER (WHERE c.tokens IS NOT NULL), '[]')::text
+              FROM {s}.usage_records r LEFT JOIN {s}.usage_charges c USING (record_id)
+              WHERE r.settled_at >= $1::text::timestamptz AND r.settled_at < $2::text::timestamptz
+              GROUP BY r.record_id"
+                .replace("{s}", schema),
+            params,
+        )
+        .await?;
+    let mut rows = std::pin::pin!(rows);
+    let mut accounts: BTreeMap<(String, String, String), Mover> = BTreeMap::new();
+    let mut unpriced: BTreeMap<(String, String), Mover> = BTreeMap::new();
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        let id: String = row.get(0);
+        let bad = |why: String| RepriceError::Record(id.clone(), why);
+        let (account, model, tier): (String, String, String) = (row.get(1), row.get(2), row.get(3));
+        let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).map_err(|_| bad("a negative token count".into()));
+        let usage = Usage {
+            input_tokens: count(4)?,
+            cached_input_tokens: count(5)?,
+            cache_write_tokens: count(6)?,
+            output_tokens: count(7)?,
+        };
+        let charged: Money = row.get::<_, String>(8).parse().map_err(|e| bad(format!("{e}")))?;
+        let reserved_at = Timestamp::from_microsecond(row.get(9)).map_err(|e| bad(format!("reserved_at: {e}")))?;
+        let takes: Vec<Take> = serde_json::from_str(&row.get::<_, String>(10)).map_err(|e| bad(e.to_string()))?;
+        let repriced = match repriced(draft, &model, &tier, &usage, reserved_at, &takes) {
+            Some(money) => money.map_err(bad)?,
+            None if model.is_empty() || tier.is_empty() => charged,
+            None => {
+                let m = unpriced.entry((model.clone(), tier.clone())).or_insert_with(|| Mover {
+                    model,
+                    service_tier: tier,
+                    ..Mover::default()
+                });
+                m.records += 1;
+                m.charged = sum(m.charged, charged).map_err(bad)?;
+                continue;
+            }
+        };
+        let m = accounts
+            .entry((account.clone(), model.clone(), tier.clone()))
+            .or_insert_with(|| Mover {
+                account_id: account,
+                model,
+                service_tier: tier,
+                ..Mover::default()
+            });
+        m.records += 1;
+        m.charged = sum(m.charged, charged).map_err(bad)?;
+        m.repriced = sum(m.repriced, repriced).map_err(bad)?;
+    }
+    let overflow = |what: &str| RepriceError::Record(String::new(), format!("{what} overflows"));
+    let mut models: BTreeMap<(String, String), Mover> = BTreeMap::new();
+    for m in accounts.values_mut() {
+        m.delta = m.repriced.checked_sub(m.charged).map_err(|_| overflow("a delta"))?;
+        let t = models
+            .entry((m.model.clone(), m.service_tier.clone()))
+            .or_insert_with(|| Mover {
+                model: m.model.clone(),
+                service_tier: m.service_tier.clone(),
+                ..Mover::default()
+            });
+        t.records += m.records;
+        t.charged = sum(t.charged, m.charged).map_err(|_| overflow("a total"))?;
+        t.repriced = sum(t.repriced, m.repriced).map_err(|_| overflow("a total"))?;
+        t.delta = sum(t.delta, m.delta).map_err(|_| overflow("a total"))?;
+    }
+    let total = |f: fn(&Mover) -> Money| {
+        models
+            .values()
+            .try_fold(Money::ZERO, |s, m| s.checked_add(f(m)))
+            .map_err(|_| overflow("the total"))
+    };
+    let (charged, repriced, delta) = (total(|m| m.charged)?, total(|m| m.repriced)?, total(|m| m.delta)?);
+    Ok(Repricing {
+        version: draft.id.to_string(),
+        from,
+        to,
+        charged,
+        repriced,
+        delta,
+        models: movers_first(models.into_values()),
+        accounts: movers_first(accounts.into_values()),
+        unpriced: unpriced.into_values().collect(),
+    })
+}
+
+/// The money `draft` charges for `usage` of `model` in `tier`, reserved at
+/// `at`, with the token sources of `takes` offered what they gave; none if
+/// the record is not priced by tokens or the draft does not price it.
+fn repriced(
+    draft: &PriceVersion,
+    model: &str,
+    tier: &str,
+    usage: &Usage,
+    at: Timestamp,
+    takes: &[Take],
+) -> Option<Result<Money, String>> {
+    let model = ModelId::parse(model).ok()?;
+    let tier = TierId::parse(tier).ok()?;
+    let rates = draft.rates(&model, &tier, usage.prompt_tokens(), at).ok()?;
+    // Money is offered without end: the question is what it would cost,
+    // not whether the account could pay.
+    let caps: Vec<(SourceRef, i128)> = takes
+        .iter()
+        .filter(|t| t.source.is_tokens())
+        .map(|t| (t.source.clone(), t.amount))
+        .chain([(SourceRef::Paid, i128::MAX / 4)])
+        .collect();
+    let need = Need::Tokens {
+        usage: *usage,
+        rates,
+        model: &model,
+    };
+    let takes = match plan(&caps, &need, true) {
+        Ok(takes) => takes,
+        Err(_) => return Some(Err("the draft's price does not fit".into())),
+    };
+    Some(Ok(Money::from_picos(
+        takes.iter().filter(|t| !t.source.is_tokens()).map(|t| t.amount).sum(),
+    )))
+}
+
+fn sum(a: Money, b: Money) -> Result<Money, String> {
+    a.checked_add(b).map_err(|_| format!("{a} + {b} overflows"))
+}
+
+/// The largest changes first (by size, up or down), then by name.
+fn movers_first(movers: impl Iterator<Item = Mover>) -> Vec<Mover> {
+    let mut movers: Vec<Mover> = movers.collect();
+    movers.sort_by(|a, b| {
+        b.delta
+            .picos()
+            .unsigned_abs()
+            .cmp(&a.delta.picos().unsigned_abs())
+            .then_with(|| (&a.account_id, &a.model, &a.service_tier).cmp(&(&b.account_id, &b.model, &b.service_tier)))
+    });
+    movers
+}
+
+/// Writes `r` as CSV: a header, then a line per model and tier (`model`),
+/// per account, model and tier (`account`), per unpriced model and tier
+/// (`unpriced`), and the total.
+pub fn write_csv(out: &mut impl std::io::Write, r: &Repricing) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "section,account_id,model,service_tier,records,charged,repriced,delta"
+    )?;
+    let sections = [
+        ("model", &r.models),
+        ("account", &r.accounts),
+        ("unpriced", &r.unpriced),
+    ];
+    for (section, movers) in sections {
+        for m in movers {
+            writeln!(
+                out,
+                "{section},{},{},{},{},{},{},{}",
+                m.account_id, m.model, m.service_tier, m.records, m.charged, m.repriced, m.delta
+            )?;
+        }
+    }
+    writeln!(out, "total,,,,,{},{},{}", r.charged, r.repriced, r.delta)
+}
