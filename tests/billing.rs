@@ -243,7 +243,7 @@ async fn a_loader_killed_mid_transaction_loses_and_duplicates_nothing() {
     let client = schema.client().await;
     client
         .batch_execute(&format!(
-            "TRUNCATE {0}.usage_records CASCADE; TRUNCATE {0}.audit_records",
+            "TRUNCATE {0}.usage_records CASCADE; TRUNCATE {0}.audit_records CASCADE",
             schema.name
         ))
         .await

@@ -399,6 +399,7 @@ fn apply(
         change: String::new(),
         before: Default::default(),
         after: Default::default(),
+        refunded: Vec::new(),
         at: now,
     };
     a.apply_audited(catalog, command, now, &audit).map(|(reply, _)| reply)

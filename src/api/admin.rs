@@ -131,6 +131,7 @@ impl Caller {
             at: jiff::Timestamp::UNIX_EPOCH,
             before: Default::default(),
             after: Default::default(),
+            refunded: Vec::new(),
         }
     }
 }

@@ -140,6 +140,7 @@ async fn reload(
         },
         before: before_map,
         after,
+        refunded: Vec::new(),
         at: jiff::Timestamp::UNIX_EPOCH,
     };
     tollgate.reload(settings.catalog, audit).await?;

@@ -13,19 +13,17 @@
 //! Money is `numeric(39, 12)`: the engine's pico-units exactly, as a
 //! decimal in the currency's unit.
 
-use std::collections::HashSet;
-
 use tokio_postgres::types::ToSql;
 
-use super::rows::Rows;
+use super::rows::{ChargeColumns, Rows};
 use super::stream::Delivered;
 
 /// The migrations, in order: migration `n` (from 1) brings a schema at
 /// version `n - 1` to `n`. `{s}` is the schema. Never edit one that has
 /// shipped; add the next.
 const MIGRATIONS: &[&str] = &[
-    // 1: records, charges per source and lot, audit records, and what
-    // could not be read.
+    // 1: records, charges per source and lot, audit records with what
+    // refunds gave back, and what could not be read.
     r#"
     CREATE TABLE {s}.usage_records (
         record_id text PRIMARY KEY,
@@ -78,6 +76,16 @@ const MIGRATIONS: &[&str] = &[
         loaded_at timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX audit_records_account_at ON {s}.audit_records (account_id, at);
+    CREATE TABLE {s}.audit_refunds (
+        record_id text NOT NULL REFERENCES {s}.audit_records ON DELETE CASCADE,
+        position integer NOT NULL,
+        source text NOT NULL,
+        lot text,
+        tokens bigint,
+        money numeric(39, 12),
+        PRIMARY KEY (record_id, position),
+        CHECK ((tokens IS NULL) <> (money IS NULL))
+    );
     CREATE TABLE {s}.unreadable_records (
         stream text NOT NULL,
         entry_id text NOT NULL,
@@ -262,9 +270,7 @@ impl Database {
             unreadable: rows.unreadable.stream.len() as u64,
             ..Written::default()
         };
-        let loaded_usage = if rows.usage.is_empty() {
-            HashSet::new()
-        } else {
+        if !rows.usage.is_empty() {
             let u = &rows.usage;
             let params: [&(dyn ToSql + Sync); 20] = [
                 &u.record_id,
@@ -288,8 +294,8 @@ impl Database {
                 &u.stream,
                 &u.entry_id,
             ];
-            let inserted = tx
-                .query(
+            let loaded = tx
+                .execute(
                     &sql(
                         schema,
                         "INSERT INTO {s}.usage_records (record_id, kind, account_id, request_id,
@@ -310,33 +316,17 @@ impl Database {
                                  api_key_id, model, service_tier, input_tokens, cached_input_tokens,
                                  cache_write_tokens, output_tokens, total_money, price_version,
                                  reserved_at, settled_at, journal, journal_seq, stream, entry_id)
-                         ON CONFLICT (record_id) DO NOTHING
-                         RETURNING record_id",
+                         ON CONFLICT (record_id) DO NOTHING",
                     ),
                     &params,
                 )
                 .await?;
-            inserted.iter().map(|row| row.get::<_, String>(0)).collect()
-        };
-        written.loaded += loaded_usage.len() as u64;
-        written.repeated += usage - loaded_usage.len() as u64;
-        // The charges of the records new to the database (a record there
-        // already has its own, written in its transaction).
-        let c = rows.charges.only(&loaded_usage);
-        if !c.record_id.is_empty() {
-            tx.execute(
-                &sql(
-                    schema,
-                    "INSERT INTO {s}.usage_charges (record_id, position, source, lot, tokens, money)
-                     SELECT c.record_id, c.position, c.source, c.lot, c.tokens, c.money::numeric
-                     FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int8[], $6::text[])
-                         AS c(record_id, position, source, lot, tokens, money)
-                     ON CONFLICT DO NOTHING",
-                ),
-                &[&c.record_id, &c.position, &c.source, &c.lot, &c.tokens, &c.money],
-            )
-            .await?;
+            written.loaded += loaded;
+            written.repeated += usage - loaded;
         }
+        // A record or change there already has its rows too, from its own
+        // transaction: those are left as they are.
+        insert_takes(&tx, schema, "usage_charges", &rows.charges).await?;
         if !rows.audit.is_empty() {
             let a = &rows.audit;
             let params: [&(dyn ToSql + Sync); 13] = [
@@ -377,6 +367,7 @@ impl Database {
             written.loaded += loaded;
             written.repeated += audits - loaded;
         }
+        insert_takes(&tx, schema, "audit_refunds", &rows.refunds).await?;
         if !rows.unreadable.stream.is_empty() {
             let u = &rows.unreadable;
             tx.execute(
@@ -393,6 +384,35 @@ impl Database {
         tx.commit().await?;
         Ok(written)
     }
+}
+
+/// Writes the rows of `takes` into `table` (`usage_charges` or
+/// `audit_refunds`), leaving any there already.
+async fn insert_takes(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    table: &str,
+    takes: &ChargeColumns,
+) -> Result<(), DatabaseError> {
+    if takes.record_id.is_empty() {
+        return Ok(());
+    }
+    let t = takes;
+    tx.execute(
+        &sql(
+            schema,
+            &format!(
+                "INSERT INTO {{s}}.{table} (record_id, position, source, lot, tokens, money)
+                 SELECT t.record_id, t.position, t.source, t.lot, t.tokens, t.money::numeric
+                 FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int8[], $6::text[])
+                     AS t(record_id, position, source, lot, tokens, money)
+                 ON CONFLICT DO NOTHING"
+            ),
+        ),
+        &[&t.record_id, &t.position, &t.source, &t.lot, &t.tokens, &t.money],
+    )
+    .await?;
+    Ok(())
 }
 
 /// `text` with `{s}` naming `schema`.

@@ -2,9 +2,9 @@
 //! vector per column, for `unnest` (one statement per table, however many
 //! rows), and each record that does not read back with where it is and why.
 
-use std::collections::HashSet;
-
+use crate::engine::money::Money;
 use crate::engine::record::{AuditRecord, UsageRecord};
+use crate::engine::source::Take;
 
 use super::stream::Delivered;
 
@@ -43,7 +43,8 @@ impl UsageColumns {
     }
 }
 
-/// The columns of a batch's charges.
+/// The columns of a batch's charges (of usage records) or refunds (of
+/// audit records).
 #[derive(Default)]
 pub(super) struct ChargeColumns {
     pub(super) record_id: Vec<String>,
@@ -55,18 +56,33 @@ pub(super) struct ChargeColumns {
 }
 
 impl ChargeColumns {
-    /// The charges of the records in `ids`.
-    pub(super) fn only(&self, ids: &HashSet<String>) -> ChargeColumns {
-        let mut out = ChargeColumns::default();
-        for i in (0..self.record_id.len()).filter(|&i| ids.contains(&self.record_id[i])) {
-            out.record_id.push(self.record_id[i].clone());
-            out.position.push(self.position[i]);
-            out.source.push(self.source[i]);
-            out.lot.push(self.lot[i].clone());
-            out.tokens.push(self.tokens[i]);
-            out.money.push(self.money[i].clone());
+    /// Adds `takes`, as record `id` lists them.
+    pub(super) fn push(&mut self, id: &str, takes: &[Take]) -> Result<(), String> {
+        for (position, take) in (0..).zip(takes) {
+            let (tokens, money) = if take.source.is_tokens() {
+                let tokens = i64::try_from(take.amount).map_err(|_| format!("{} tokens do not fit", take.amount))?;
+                (Some(tokens), None)
+            } else {
+                (None, Some(Money::from_picos(take.amount).to_string()))
+            };
+            self.record_id.push(id.to_owned());
+            self.position.push(position);
+            self.source.push(take.source.kind_name());
+            self.lot.push(take.source.lot());
+            self.tokens.push(tokens);
+            self.money.push(money);
         }
-        out
+        Ok(())
+    }
+
+    /// Adds every row of `other`.
+    pub(super) fn append(&mut self, other: ChargeColumns) {
+        self.record_id.extend(other.record_id);
+        self.position.extend(other.position);
+        self.source.extend(other.source);
+        self.lot.extend(other.lot);
+        self.tokens.extend(other.tokens);
+        self.money.extend(other.money);
     }
 }
 
@@ -113,6 +129,7 @@ pub(super) struct UnreadableColumns {
 pub(super) struct Rows {
     pub(super) usage: UsageColumns,
     pub(super) charges: ChargeColumns,
+    pub(super) refunds: ChargeColumns,
     pub(super) audit: AuditColumns,
     pub(super) unreadable: UnreadableColumns,
 }
@@ -147,8 +164,12 @@ impl Rows {
             let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
             let json =
                 |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();
+            let id = a.id();
+            let mut refunds = ChargeColumns::default();
+            refunds.push(&id, &a.refunded)?;
+            self.refunds.append(refunds);
             let c = &mut self.audit;
-            c.record_id.push(a.id());
+            c.record_id.push(id);
             c.account_id.push(a.account_id.as_ref().map(ToString::to_string));
             c.before.push(json(&a.before));
             c.after.push(json(&a.after));
@@ -171,24 +192,10 @@ impl Rows {
             count(r.usage.cache_write_tokens)?,
             count(r.usage.output_tokens)?,
         ];
-        let mut charges = ChargeColumns::default();
         let id = r.id();
-        for (position, take) in (0..).zip(&r.charges) {
-            charges.record_id.push(id.clone());
-            charges.position.push(position);
-            charges.source.push(take.source.kind_name());
-            charges.lot.push(take.source.lot());
-            if take.source.is_tokens() {
-                let tokens = i64::try_from(take.amount).map_err(|_| format!("{} tokens do not fit", take.amount))?;
-                charges.tokens.push(Some(tokens));
-                charges.money.push(None);
-            } else {
-                charges.tokens.push(None);
-                charges
-                    .money
-                    .push(Some(crate::engine::money::Money::from_picos(take.amount).to_string()));
-            }
-        }
+        // Built apart and added once the record has read whole.
+        let mut charges = ChargeColumns::default();
+        charges.push(&id, &r.charges)?;
         let journal = d.record["journal"].as_str().map(str::to_owned);
         let journal_seq = d.record["journal_seq"].as_u64().and_then(|n| i64::try_from(n).ok());
         let u = &mut self.usage;
@@ -213,13 +220,7 @@ impl Rows {
         u.journal_seq.push(journal_seq);
         u.stream.push(d.stream.clone());
         u.entry_id.push(d.entry.clone());
-        let c = &mut self.charges;
-        c.record_id.extend(charges.record_id);
-        c.position.extend(charges.position);
-        c.source.extend(charges.source);
-        c.lot.extend(charges.lot);
-        c.tokens.extend(charges.tokens);
-        c.money.extend(charges.money);
+        self.charges.append(charges);
         Ok(())
     }
 }

@@ -279,11 +279,16 @@ impl Account {
         // the record shows only what the operator changed.
         self.advance(catalog, now)?;
         let before = self.audit_view(now);
+        let refunded = match &command {
+            Command::Refund { charges, .. } => charges.clone(),
+            _ => Vec::new(),
+        };
         let reply = self.apply(catalog, command, now)?;
         self.operations.insert(key, fingerprint);
         let after = self.audit_view(now);
         let mut record = audit.clone();
         record.at = now;
+        record.refunded = refunded;
         for (field, was) in before {
             let is = after.get(&field).cloned().unwrap_or_default();
             if was != is {

@@ -112,6 +112,11 @@ pub struct AuditRecord {
     /// What the change changed, as it is after.
     #[serde(default)]
     pub after: serde_json::Map<String, serde_json::Value>,
+    /// What a refund gave back, per source and lot, as records list their
+    /// charges (empty for any other change): what the ledgers' `charged`
+    /// went down by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refunded: Vec<Take>,
     /// When it was applied.
     pub at: Timestamp,
 }

@@ -138,6 +138,7 @@ fn audit(account: &Account, operation: &str, adjustment_id: &str) -> super::reco
         at: t(NOW),
         before: Default::default(),
         after: Default::default(),
+        refunded: Vec::new(),
     }
 }
 
@@ -1983,8 +1984,13 @@ fn a_retried_refund_is_the_same_change_whatever_the_store_found() {
     };
     let refund = |recorded| refund_at(t(NOW), recorded);
     let audit = audit(&a, "refund", "refund-1");
+    let before = a.paid.charged();
     let (_, first) = a.apply_audited(&c, refund(Some(true)), t(NOW), &audit).unwrap();
-    assert!(first.is_some());
+    // The audit record says what was given back, as records list charges:
+    // what `charged` went down by (the billing database reconciles on it).
+    let first = first.unwrap();
+    assert_eq!(first.refunded, vec![take(SourceRef::Paid, 1_000)]);
+    assert_eq!(before - a.paid.charged(), 1_000);
     let charged = a.paid.charged();
     let again = a.apply_audited(&c, refund(None), t(NOW), &audit);
     assert!(matches!(again, Ok((Reply::Done, None))), "{again:?}");

@@ -488,6 +488,7 @@ mod tests {
             change: "{}".into(),
             before: serde_json::Map::new(),
             after: serde_json::Map::new(),
+            refunded: Vec::new(),
             at: "2026-12-01T00:00:00Z".parse().unwrap(),
         }
     }
