@@ -3,7 +3,12 @@
 //! writes them into a real PostgreSQL, each exactly once, through a loader
 //! killed mid-transaction, a crash between commit and acknowledgement, and
 //! a PostgreSQL restart; `tollgate usage export` writes CloudEvents and
-//! acknowledges only what it wrote.
+//! acknowledges only what it wrote; statements, re-pricing and
+//! reconciliation read the database the loader filled.
+//!
+//! Why one file: every scenario needs the same real sidecar, Redis and
+//! PostgreSQL, and one test binary links once (on two cores a binary more
+//! costs a link of the whole crate in every build).
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::fleet::{Sidecar, picos, stream_records, write_config};
-use support::postgres::{Schema, Server};
+use support::postgres::{Schema, Server, stdout};
 use support::redis::{RedisServer, cli};
 use tollgate::proto;
 
@@ -92,13 +97,8 @@ async fn settle(sidecar: &Sidecar, ids: std::ops::Range<u64>) {
 
 /// `tollgate usage load` of `redis` into `schema`, with `extra` flags.
 fn loader(redis: &str, schema: &Schema, extra: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    command
-        .args(["usage", "load", "--redis", redis, "--consumer", "loader-1"])
-        .args(["--postgres", &schema.url, "--schema", &schema.name])
-        .args(extra)
-        .env_remove("TOLLGATE_REDIS")
-        .env_remove("TOLLGATE_POSTGRES");
+    let mut command = support::postgres::usage("load", schema, &["--redis", redis, "--consumer", "loader-1"]);
+    command.args(extra);
     command
 }
 
@@ -422,21 +422,7 @@ async fn cloudevents_export_writes_one_event_a_record_and_acknowledges_only_thos
 
 /// `tollgate usage statement ARGS` against `schema`, and its stdout.
 fn statement(schema: &Schema, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args([
-            "usage",
-            "statement",
-            "--postgres",
-            &schema.url,
-            "--schema",
-            &schema.name,
-        ])
-        .args(args)
-        .env_remove("TOLLGATE_POSTGRES")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    stdout(&mut support::postgres::usage("statement", schema, args))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -557,17 +543,10 @@ fn reprice(schema: &Schema, prices: &str, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let draft = dir.path().join("draft.toml");
     std::fs::write(&draft, prices).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["usage", "reprice", "--postgres", &schema.url, "--schema", &schema.name])
-        .arg("--prices")
-        .arg(&draft)
-        .args(["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"])
-        .args(extra)
-        .env_remove("TOLLGATE_POSTGRES")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    let window = ["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
+    let mut command = support::postgres::usage("reprice", schema, &window);
+    command.arg("--prices").arg(&draft).args(extra);
+    stdout(&mut command)
 }
 
 fn draft(id: &str, model: &str, input: &str, output: &str) -> String {
@@ -658,5 +637,117 @@ async fn reprice_prices_recorded_usage_again_with_the_engines_own_code() {
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("not a valid price list"),
         "{bad:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_no_difference_on_a_healthy_store_and_every_unit_of_one() {
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), CONFIG);
+    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let mut admin = sidecar.admin().await;
+    admin
+        .top_up(proto::TopUpRequest {
+            account_id: "acme".into(),
+            adjustment_id: "welcome".into(),
+            pool: proto::MoneyPool::Promo as i32,
+            amount: Some(support::money("0.000001")),
+            reason: "welcome credit".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    settle(&sidecar, 0..10).await;
+    // One more, refunded in full: the database keeps what the refund gave
+    // back, as the store's ledgers do.
+    let mut quota = sidecar.client().await;
+    quota
+        .reserve(support::reserve("acme", "refunded", 2000, 100))
+        .await
+        .unwrap();
+    let record = quota
+        .settle(support::settle("acme", "refunded", 2000, 100))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    let refund = proto::RefundRequest {
+        account_id: "acme".into(),
+        request_id: "refunded".into(),
+        kind: "settle".into(),
+        charges: record.charges.clone(),
+        reason: "outage credit".into(),
+        adjustment_id: "refund-1".into(),
+        settled_at: record.settled_at,
+    };
+    // The shared account has the charge once the sidecar reports it
+    // (within a report interval); until then the refund is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(status) = admin.refund(refund.clone()).await {
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(Instant::now() < deadline, "the charge never reached Redis: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sidecar.stop();
+    let schema = Schema::new().await;
+    let url = redis.url();
+    assert!(load_once(&url, &schema).starts_with("13 records loaded"));
+    let refunded = schema.value("SELECT sum(money) FROM {s}.audit_refunds").await.unwrap();
+    assert_eq!(
+        refunded.parse::<tollgate::engine::Money>().unwrap().picos(),
+        tollgate::wire::money("total_money", record.total_money.as_ref())
+            .unwrap()
+            .picos()
+    );
+    let reconcile = || {
+        support::postgres::usage("reconcile", &schema, &["--redis", &url])
+            .output()
+            .unwrap()
+    };
+    let healthy = reconcile();
+    assert!(healthy.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&healthy.stdout),
+        "1 accounts compared, 0 differences\n"
+    );
+    // One paid charge lost from the database: found, to the pico-unit.
+    let lost: String = schema
+        .client()
+        .await
+        .query_one(
+            &format!(
+                "WITH gone AS (DELETE FROM {0}.usage_charges WHERE (record_id, position) IN \
+                 (SELECT record_id, position FROM {0}.usage_charges WHERE source = 'paid' LIMIT 1) \
+                 RETURNING money) SELECT money::text FROM gone",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let found = reconcile();
+    assert_eq!(found.status.code(), Some(1), "a difference fails the run");
+    let json = support::postgres::usage("reconcile", &schema, &["--redis", &url, "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let differences = report["differences"].as_array().unwrap();
+    assert_eq!(differences.len(), 1, "{report}");
+    let d = &differences[0];
+    assert_eq!(
+        (d["account_id"].as_str(), d["ledger"].as_str()),
+        (Some("acme"), Some("paid"))
+    );
+    assert_eq!(
+        d["difference"]
+            .as_str()
+            .unwrap()
+            .parse::<tollgate::engine::Money>()
+            .unwrap(),
+        lost.parse::<tollgate::engine::Money>().unwrap(),
+        "{report}"
     );
 }

@@ -43,6 +43,8 @@ async fn three_sidecars_drain_one_account(urls: Vec<String>, port: u16, shards: 
     );
     // Drained: less than one request's worst case (0.0005) per sidecar is left.
     assert!(paid.available() < 3 * 500_000_000, "left {}", paid.available());
+    // The billing database, loaded from the streams, agrees with Redis.
+    support::postgres::loaded_and_reconciled(&urls, shards).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,10 +128,7 @@ impl Caller {
             adjustment_id: why.id.to_string(),
             reason: why.reason,
             change,
-            at: jiff::Timestamp::UNIX_EPOCH,
-            before: Default::default(),
-            after: Default::default(),
-            refunded: Vec::new(),
+            ..AuditRecord::default()
         }
     }
 }

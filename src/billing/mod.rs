@@ -15,10 +15,13 @@
 //!   reconcile to the pico-unit.
 //! - [`reprice`]: recorded usage priced again under a draft price
 //!   version, by the engine's own code, before it is published.
+//! - [`reconcile`]: the database's charges and refunds against the Redis
+//!   store's ledgers, per account, to the unit.
 
 pub mod export;
 pub mod loader;
 pub mod postgres;
+pub mod reconcile;
 pub mod reprice;
 pub mod rows;
 pub mod statement;

@@ -2,9 +2,8 @@
 //! Quota API for trying Tollgate by hand (`reserve`, `settle`, `release`,
 //! `balance`).
 //!
-//! Why one file: the command tree is one clap derive and `serve` its one
-//! long arm (the file is over 600 lines by 20 of tests); `tollgate admin`
-//! has its own file, `admin.rs`, and so has `tollgate loadgen`.
+//! `tollgate admin`, `tollgate usage` and `tollgate loadgen` each have
+//! their own file, with their subcommands.
 
 pub mod admin;
 pub mod loadgen;
@@ -59,7 +58,7 @@ pub enum Cmd {
     Admin(crate::cli::admin::AdminCmd),
     /// Read the usage streams in Redis through a consumer group.
     #[command(subcommand)]
-    Usage(UsageCmd),
+    Usage(usage::UsageCmd),
     /// Drive a running Tollgate (or the baseline) with reserves and settles
     /// and report throughput and latency percentiles (JSON).
     Loadgen(LoadgenArgs),
@@ -116,182 +115,6 @@ pub struct LoadgenArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// `usage` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum UsageCmd {
-    /// Print new usage records as JSON lines as they arrive, acknowledging
-    /// each once printed.
-    Tail {
-        /// Where the streams are.
-        #[command(flatten)]
-        streams: StreamArgs,
-        /// Consumer group.
-        #[arg(long, default_value = "tollgate-tail")]
-        group: String,
-        /// Stop after this many records.
-        #[arg(long)]
-        max: Option<u64>,
-    },
-    /// Consume what the group has not seen yet and print what was settled
-    /// in [from, to): totals per account and model (CSV or JSON lines), or
-    /// each usage record as a CloudEvents 1.0 event (JSON lines). Only
-    /// entries wholly written are acknowledged: one with a record outside
-    /// the window (or of another account) stays for a later export.
-    Export {
-        /// Where the streams are.
-        #[command(flatten)]
-        streams: StreamArgs,
-        /// Consumer group (a new group reads the streams from their
-        /// beginning).
-        #[arg(long, default_value = "tollgate-export")]
-        group: String,
-        /// Records settled at or after this instant (RFC 3339).
-        #[arg(long)]
-        from: jiff::Timestamp,
-        /// Records settled before this instant (RFC 3339).
-        #[arg(long)]
-        to: jiff::Timestamp,
-        /// Only this account.
-        #[arg(long)]
-        account: Option<String>,
-        /// What to write.
-        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
-        format: ExportFormat,
-        /// The events' `source` (CloudEvents).
-        #[arg(long, default_value = "tollgate")]
-        source: String,
-    },
-    /// Load every usage and audit record into PostgreSQL, each exactly
-    /// once: a batch is acknowledged in the stream only once its
-    /// transaction committed. Makes and migrates the tables. Runs until
-    /// stopped (SIGINT, SIGTERM), or with --once until nothing is left.
-    Load {
-        /// Where the streams are.
-        #[command(flatten)]
-        streams: StreamArgs,
-        /// Consumer group (list it in store.redis.consumer_groups, so
-        /// that the streams are trimmed only past what it loaded).
-        #[arg(long, default_value = "tollgate-billing")]
-        group: String,
-        /// The billing database: postgres://USER@HOST:PORT/DATABASE (or
-        /// a key=value connection string).
-        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
-        postgres: String,
-        /// The schema the tables are in (made if missing).
-        #[arg(long, default_value = "tollgate")]
-        schema: String,
-        /// Stream entries per shard and transaction, at most.
-        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-        batch: u32,
-        /// Stop once nothing is left to load.
-        #[arg(long)]
-        once: bool,
-        /// Serve Prometheus metrics (records loaded, failures, the group's
-        /// backlog) on http://ADDR/metrics.
-        #[arg(long, value_name = "ADDR")]
-        metrics_listen: Option<std::net::SocketAddr>,
-    },
-    /// One account's statement for a month, from the billing database:
-    /// usage and charges by model and tier, what each source paid, the
-    /// operators' changes, and opening and closing money balances.
-    Statement {
-        /// The billing database (as for `load`).
-        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
-        postgres: String,
-        /// The schema the tables are in.
-        #[arg(long, default_value = "tollgate")]
-        schema: String,
-        /// The account.
-        #[arg(long)]
-        account: String,
-        /// The month.
-        #[arg(long, value_name = "YYYY-MM")]
-        month: String,
-        /// The time zone the month is counted in (IANA).
-        #[arg(long, default_value = "UTC")]
-        time_zone: String,
-        /// JSON instead of tables.
-        #[arg(long, conflicts_with = "csv")]
-        json: bool,
-        /// CSV instead of tables.
-        #[arg(long)]
-        csv: bool,
-    },
-    /// Price the usage recorded in [from, to) again under a draft price
-    /// version (`[[prices]]` tables, as `admin prices publish` reads
-    /// them), by the engine's own code, and report the revenue change per
-    /// model and tier and per account, largest first. Nothing is written.
-    Reprice {
-        /// The billing database (as for `load`).
-        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
-        postgres: String,
-        /// The schema the tables are in.
-        #[arg(long, default_value = "tollgate")]
-        schema: String,
-        /// The draft (TOML).
-        #[arg(long, value_name = "FILE")]
-        prices: PathBuf,
-        /// The version of the file to price with (needed when it holds
-        /// several).
-        #[arg(long)]
-        version: Option<String>,
-        /// Records settled at or after this instant (RFC 3339).
-        #[arg(long)]
-        from: jiff::Timestamp,
-        /// Records settled before this instant (RFC 3339).
-        #[arg(long)]
-        to: jiff::Timestamp,
-        /// Accounts shown in the table, largest changes first (JSON and
-        /// CSV have all).
-        #[arg(long, default_value_t = 20)]
-        top: usize,
-        /// JSON instead of tables.
-        #[arg(long, conflicts_with = "csv")]
-        json: bool,
-        /// CSV instead of tables.
-        #[arg(long)]
-        csv: bool,
-    },
-}
-
-/// What `tollgate usage export` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// Totals per account and model, with a header.
-    Csv,
-    /// Totals per account and model, one JSON object a line.
-    Jsonl,
-    /// One CloudEvents 1.0 event a usage record, one a line.
-    Cloudevents,
-}
-
-/// Where the usage streams are.
-#[derive(Debug, Args)]
-pub struct StreamArgs {
-    /// Redis URL; repeat (or separate with commas) for Redis Cluster seed
-    /// nodes. Credentials: TOLLGATE_REDIS_USERNAME, TOLLGATE_REDIS_PASSWORD.
-    #[arg(
-        long = "redis",
-        value_name = "URL",
-        env = "TOLLGATE_REDIS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub redis: Vec<String>,
-    /// The one URL is a Redis Cluster node.
-    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
-    pub redis_cluster: bool,
-    /// Key prefix (store.redis.key_prefix).
-    #[arg(long, default_value = "tollgate")]
-    pub prefix: String,
-    /// Logical shards (store.redis.shards; default 1, or 16 on a cluster).
-    #[arg(long)]
-    pub shards: Option<u32>,
-    /// This consumer's name in the group (default: the host name).
-    #[arg(long)]
-    pub consumer: Option<String>,
 }
 
 /// Options of `serve`.

@@ -6,18 +6,227 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::{Args, Subcommand};
 
 use super::admin::table;
-use super::{ExportFormat, StreamArgs, UsageCmd};
 use crate::billing::export::{Window, cloudevent, is_audit, tally, write_totals};
 use crate::billing::loader::{LoadSettings, load};
 use crate::billing::postgres::Database;
+use crate::billing::reconcile::reconcile;
 use crate::billing::reprice::{Mover, Repricing, reprice, write_csv as write_repricing_csv};
 use crate::billing::statement::{Statement, month_bounds, statement, write_csv};
 use crate::billing::stream::Consumer;
 use crate::config::process_env;
 
+/// `usage` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsageCmd {
+    /// Print new usage records as JSON lines as they arrive, acknowledging
+    /// each once printed.
+    Tail {
+        /// Where the streams are.
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// Consumer group.
+        #[arg(long, default_value = "tollgate-tail")]
+        group: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Consume what the group has not seen yet and print what was settled
+    /// in [from, to): totals per account and model (CSV or JSON lines), or
+    /// each usage record as a CloudEvents 1.0 event (JSON lines). Only
+    /// entries wholly written are acknowledged: one with a record outside
+    /// the window (or of another account) stays for a later export.
+    Export {
+        /// Where the streams are.
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// Consumer group (a new group reads the streams from their
+        /// beginning).
+        #[arg(long, default_value = "tollgate-export")]
+        group: String,
+        /// Records settled at or after this instant (RFC 3339).
+        #[arg(long)]
+        from: jiff::Timestamp,
+        /// Records settled before this instant (RFC 3339).
+        #[arg(long)]
+        to: jiff::Timestamp,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// What to write.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
+        /// The events' `source` (CloudEvents).
+        #[arg(long, default_value = "tollgate")]
+        source: String,
+    },
+    /// Load every usage and audit record into PostgreSQL, each exactly
+    /// once: a batch is acknowledged in the stream only once its
+    /// transaction committed. Makes and migrates the tables. Runs until
+    /// stopped (SIGINT, SIGTERM), or with --once until nothing is left.
+    Load {
+        /// Where the streams are.
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// Consumer group (list it in store.redis.consumer_groups, so
+        /// that the streams are trimmed only past what it loaded).
+        #[arg(long, default_value = "tollgate-billing")]
+        group: String,
+        /// The billing database: postgres://USER@HOST:PORT/DATABASE (or
+        /// a key=value connection string).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in (made if missing).
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// Stream entries per shard and transaction, at most.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+        /// Stop once nothing is left to load.
+        #[arg(long)]
+        once: bool,
+        /// Serve Prometheus metrics (records loaded, failures, the group's
+        /// backlog) on http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// One account's statement for a month, from the billing database:
+    /// usage and charges by model and tier, what each source paid, the
+    /// operators' changes, and opening and closing money balances.
+    Statement {
+        /// The billing database (as for `load`).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in.
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// The account.
+        #[arg(long)]
+        account: String,
+        /// The month.
+        #[arg(long, value_name = "YYYY-MM")]
+        month: String,
+        /// The time zone the month is counted in (IANA).
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        /// JSON instead of tables.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// CSV instead of tables.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Price the usage recorded in [from, to) again under a draft price
+    /// version (`[[prices]]` tables, as `admin prices publish` reads
+    /// them), by the engine's own code, and report the revenue change per
+    /// model and tier and per account, largest first. Nothing is written.
+    Reprice {
+        /// The billing database (as for `load`).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in.
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// The draft (TOML).
+        #[arg(long, value_name = "FILE")]
+        prices: std::path::PathBuf,
+        /// The version of the file to price with (needed when it holds
+        /// several).
+        #[arg(long)]
+        version: Option<String>,
+        /// Records settled at or after this instant (RFC 3339).
+        #[arg(long)]
+        from: jiff::Timestamp,
+        /// Records settled before this instant (RFC 3339).
+        #[arg(long)]
+        to: jiff::Timestamp,
+        /// Accounts shown in the table, largest changes first (JSON and
+        /// CSV have all).
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// JSON instead of tables.
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// CSV instead of tables.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Compare, per account and ledger, what the billing database's
+    /// records charged less what its refunds gave back with what the Redis
+    /// store says was charged; print every difference, to the unit. Exits
+    /// with 1 if there is any. Run it once the loader has caught up: until
+    /// then the store is ahead.
+    Reconcile {
+        /// Where the Redis store is (its streams' options: the prefix and
+        /// shards are the store's).
+        #[command(flatten)]
+        streams: StreamArgs,
+        /// The billing database (as for `load`).
+        #[arg(long, value_name = "URL", env = "TOLLGATE_POSTGRES")]
+        postgres: String,
+        /// The schema the tables are in.
+        #[arg(long, default_value = "tollgate")]
+        schema: String,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `tollgate usage export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// Totals per account and model, with a header.
+    Csv,
+    /// Totals per account and model, one JSON object a line.
+    Jsonl,
+    /// One CloudEvents 1.0 event a usage record, one a line.
+    Cloudevents,
+}
+
+/// Where the usage streams are.
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// Redis URL; repeat (or separate with commas) for Redis Cluster seed
+    /// nodes. Credentials: TOLLGATE_REDIS_USERNAME, TOLLGATE_REDIS_PASSWORD.
+    #[arg(
+        long = "redis",
+        value_name = "URL",
+        env = "TOLLGATE_REDIS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub redis: Vec<String>,
+    /// The one URL is a Redis Cluster node.
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// Key prefix (store.redis.key_prefix).
+    #[arg(long, default_value = "tollgate")]
+    pub prefix: String,
+    /// Logical shards (store.redis.shards; default 1, or 16 on a cluster).
+    #[arg(long)]
+    pub shards: Option<u32>,
+    /// This consumer's name in the group (default: the host name).
+    #[arg(long)]
+    pub consumer: Option<String>,
+}
+
 async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<Consumer> {
+    let (redis, shards) = connect(streams).await?;
+    // A stable default name: a consumer restarted after a crash gets back
+    // what it was given and had not acknowledged.
+    let name = streams
+        .consumer
+        .clone()
+        .unwrap_or_else(|| process_env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
+    Ok(Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
+}
+
+/// Redis, and the number of logical shards, as `streams` name them.
+async fn connect(streams: &StreamArgs) -> anyhow::Result<(crate::store::redis::Redis, u32)> {
     let cluster = streams.redis_cluster || streams.redis.len() > 1;
     let settings = crate::store::redis::RedisSettings {
         urls: streams.redis.clone(),
@@ -30,14 +239,7 @@ async fn consumer(streams: &StreamArgs, group: &str) -> anyhow::Result<Consumer>
     let redis = crate::store::redis::Redis::connect(&settings)
         .await
         .with_context(|| format!("connecting to {}", streams.redis.join(", ")))?;
-    let shards = crate::config::shards(streams.shards.unwrap_or(0), cluster);
-    // A stable default name: a consumer restarted after a crash gets back
-    // what it was given and had not acknowledged.
-    let name = streams
-        .consumer
-        .clone()
-        .unwrap_or_else(|| process_env("HOSTNAME").unwrap_or_else(|| "tollgate".into()));
-    Ok(Consumer::join(redis, &streams.prefix, shards, group, &name).await?)
+    Ok((redis, crate::config::shards(streams.shards.unwrap_or(0), cluster)))
 }
 
 /// Runs `tollgate usage`.
@@ -214,6 +416,48 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             }
             out.flush()?;
             Ok(ExitCode::SUCCESS)
+        }
+        UsageCmd::Reconcile {
+            streams,
+            postgres,
+            schema,
+            json,
+        } => {
+            let db = Database::open(&postgres, &schema).await?;
+            let (redis, shards) = connect(&streams).await?;
+            let r = reconcile(db.client(), db.schema(), &redis, &streams.prefix, shards).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                let mut t = table(&["account", "ledger", "lot", "unit", "database", "store", "difference"]);
+                for d in &r.differences {
+                    t.add_row(vec![
+                        d.account_id.clone(),
+                        d.ledger.clone(),
+                        d.lot.clone(),
+                        d.unit.to_owned(),
+                        d.database.clone(),
+                        d.store.clone(),
+                        d.difference.clone(),
+                    ]);
+                }
+                if !r.differences.is_empty() {
+                    writeln!(out, "{t}")?;
+                }
+                writeln!(
+                    out,
+                    "{} accounts compared, {} differences",
+                    r.accounts,
+                    r.differences.len()
+                )?;
+            }
+            out.flush()?;
+            Ok(if r.differences.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -84,7 +84,7 @@ impl UsageRecord {
 /// An operator's change to an account, for the audit trail: on the usage
 /// stream beside the usage records (`kind` is `"audit"`), and in the usage
 /// sink.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
     /// Always `"audit"`.
     pub kind: String,

@@ -244,3 +244,42 @@ fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().expect("bound").port()
 }
+
+/// `tollgate usage SUBCOMMAND --postgres … --schema …` on `schema`, then
+/// `args`; the environment's Redis and PostgreSQL left out.
+pub fn usage(subcommand: &str, schema: &Schema, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command
+        .args(["usage", subcommand, "--postgres", &schema.url, "--schema", &schema.name])
+        .args(args)
+        .env_remove("TOLLGATE_REDIS")
+        .env_remove("TOLLGATE_POSTGRES");
+    command
+}
+
+/// Runs `command` and returns its stdout; it must succeed.
+pub fn stdout(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Loads every record of the Redis store at `urls` (`shards` logical
+/// shards) into a schema of its own, and reconciles the two: not a unit
+/// of difference on any account.
+pub async fn loaded_and_reconciled(urls: &[String], shards: u32) {
+    let schema = Schema::new().await;
+    let shards = shards.to_string();
+    let mut redis: Vec<&str> = urls.iter().flat_map(|u| ["--redis", u.as_str()]).collect();
+    redis.extend(["--shards", &shards]);
+    let mut load = usage("load", &schema, &redis);
+    load.arg("--once");
+    stdout(&mut load);
+    let report = stdout(&mut usage("reconcile", &schema, &redis));
+    assert!(report.ends_with(" 0 differences\n"), "{report}");
+}

@@ -73,7 +73,7 @@ impl RedisStore {
     }
 
     pub(super) fn index_key(&self, shard: u32) -> String {
-        format!("{}:{{{shard}}}:accounts", self.settings.prefix)
+        index_key(&self.settings.prefix, shard)
     }
 
     pub(super) fn prices_key(&self) -> String {
@@ -120,6 +120,11 @@ pub fn shard_of(shards: u32, account: &str) -> u32 {
 /// The key of an account's shared record: `PREFIX:{SHARD}:account:ID`.
 pub fn account_key(prefix: &str, shards: u32, account: &str) -> String {
     format!("{prefix}:{{{}}}:account:{account}", shard_of(shards, account))
+}
+
+/// The index of a shard's accounts, sorted by id: `PREFIX:{SHARD}:accounts`.
+pub fn index_key(prefix: &str, shard: u32) -> String {
+    format!("{prefix}:{{{shard}}}:accounts")
 }
 
 /// The usage stream of a shard: `PREFIX:{SHARD}:usage`.
