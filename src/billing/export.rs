@@ -63,6 +63,19 @@ pub fn tally(totals: &mut BTreeMap<(String, String), Totals>, record: &serde_jso
     if is_audit(record) || !window.holds(record) {
         return false;
     }
+    // A record whose figures do not read is not counted, and so not
+    // acknowledged: it stays for a later look rather than counting zero.
+    let usage = &record["usage"];
+    let n = |k: &str| usage[k].as_u64();
+    let (Some(input), Some(cached), Some(cache_write), Some(output), Some(money)) = (
+        n("input_tokens"),
+        n("cached_input_tokens"),
+        n("cache_write_tokens"),
+        n("output_tokens"),
+        record["total_money"].as_str().and_then(|m| m.parse::<Money>().ok()),
+    ) else {
+        return false;
+    };
     let id = record["account_id"].as_str().unwrap_or_default();
     let model = record["model"].as_str().unwrap_or_default();
     let t = totals
@@ -72,18 +85,15 @@ pub fn tally(totals: &mut BTreeMap<(String, String), Totals>, record: &serde_jso
             model: model.to_owned(),
             ..Totals::default()
         });
-    let usage = &record["usage"];
-    let n = |k: &str| usage[k].as_u64().unwrap_or(0);
+    let Ok(total_money) = t.total_money.checked_add(money) else {
+        return false;
+    };
     t.records += 1;
-    t.input_tokens += n("input_tokens");
-    t.cached_input_tokens += n("cached_input_tokens");
-    t.cache_write_tokens += n("cache_write_tokens");
-    t.output_tokens += n("output_tokens");
-    let money = record["total_money"].as_str().and_then(|m| m.parse::<Money>().ok());
-    t.total_money = t
-        .total_money
-        .checked_add(money.unwrap_or(Money::ZERO))
-        .unwrap_or(t.total_money);
+    t.input_tokens = t.input_tokens.saturating_add(input);
+    t.cached_input_tokens = t.cached_input_tokens.saturating_add(cached);
+    t.cache_write_tokens = t.cache_write_tokens.saturating_add(cache_write);
+    t.output_tokens = t.output_tokens.saturating_add(output);
+    t.total_money = total_money;
     true
 }
 

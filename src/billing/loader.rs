@@ -30,6 +30,10 @@ pub struct LoadSettings {
     pub once: bool,
     /// The wait before trying again after a failure.
     pub retry: Duration,
+    /// Entries another consumer of the group was given and has not
+    /// acknowledged for this long are taken over (a loader that crashed
+    /// and came back under another name strands nothing).
+    pub claim_after: Duration,
 }
 
 /// What a run loaded.
@@ -55,7 +59,17 @@ pub async fn load(
     let mut db: Option<Database> = None;
     let mut loaded = Loaded::default();
     let block = settings.retry.as_millis().clamp(1, 2000) as u64;
+    // Claimed at the start and then every half `claim_after`.
+    let mut last_claim: Option<std::time::Instant> = None;
     loop {
+        if last_claim.is_none_or(|at| at.elapsed() >= settings.claim_after / 2) {
+            match consumer.claim(settings.claim_after).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(entries = n, "took over entries another loader left unacknowledged"),
+                Err(e) => failed("redis", &e),
+            }
+            last_claim = Some(std::time::Instant::now());
+        }
         let read = tokio::select! {
             () = &mut stop => return Ok(loaded),
             read = consumer.read(settings.batch, (!settings.once).then_some(block)) => read,
@@ -98,22 +112,28 @@ pub async fn load(
             tokio::time::sleep(settings.retry).await;
         }
         loaded.batches += 1;
-        loaded.written.loaded += written.loaded;
-        loaded.written.repeated += written.repeated;
-        loaded.written.unreadable += written.unreadable;
+        loaded.written += written;
         let m = metrics();
         m.loader_batches.inc();
         for (result, n) in [
             ("loaded", written.loaded),
             ("repeated", written.repeated),
             ("unreadable", written.unreadable),
+            ("conflicting", written.conflicting),
         ] {
             m.loader_records.get_or_create(&LoaderResult { result }).inc_by(n);
         }
         if written.unreadable > 0 {
             tracing::error!(
                 records = written.unreadable,
-                "usage records that do not read back, kept in unreadable_records"
+                "usage records that do not read back: their entries' fields are kept in unreadable_records"
+            );
+        }
+        if written.conflicting > 0 {
+            tracing::error!(
+                records = written.conflicting,
+                "usage records whose id another entry's record holds (a request id used again?): kept in \
+                 usage_record_conflicts"
             );
         }
     }

@@ -19,6 +19,8 @@ use crate::store::StoreError;
 use crate::store::leased::{account_key, index_key};
 use crate::store::redis::Redis;
 
+use super::postgres::Database;
+
 /// A ledger of an account: `("paid", "")`, `("pack", LOT)`, ...
 type Ledger = (String, String);
 
@@ -71,24 +73,25 @@ const PAGE: usize = 500;
 /// Compares the database's tables in `schema` with the accounts of the
 /// Redis store under `prefix` over `shards` logical shards.
 pub async fn reconcile(
-    client: &tokio_postgres::Client,
-    schema: &str,
+    db: &Database,
     redis: &Redis,
     prefix: &str,
     shards: u32,
 ) -> Result<Reconciliation, ReconcileError> {
     let mut database: BTreeMap<String, BTreeMap<Ledger, i128>> = BTreeMap::new();
-    let rows = client
+    let rows = db
+        .client()
         .query(
-            &"SELECT account_id, source, coalesce(lot, ''), coalesce(sum(tokens), 0)::text,
+            &db.sql(
+                "SELECT account_id, source, coalesce(lot, ''), coalesce(sum(tokens), 0)::text,
                   coalesce(sum(money) * 1000000000000, 0)::numeric(50, 0)::text
               FROM (SELECT r.account_id, c.source, c.lot, c.tokens, c.money
                     FROM {s}.usage_charges c JOIN {s}.usage_records r USING (record_id)
                     UNION ALL
                     SELECT a.account_id, f.source, f.lot, -f.tokens, -f.money
                     FROM {s}.audit_refunds f JOIN {s}.audit_records a USING (record_id)) t
-              GROUP BY 1, 2, 3"
-                .replace("{s}", schema),
+              GROUP BY 1, 2, 3",
+            ),
             &[],
         )
         .await?;
@@ -99,12 +102,14 @@ pub async fn reconcile(
             text.parse::<i128>()
                 .map_err(|_| ReconcileError::Figure(format!("{account} {source}: {text}")))
         };
-        let amount = figure(3)? + figure(4)?;
-        *database
-            .entry(account)
+        let overflow = || ReconcileError::Figure(format!("{account} {source}: the sum overflows"));
+        let amount = figure(3)?.checked_add(figure(4)?).ok_or_else(overflow)?;
+        let sum = database
+            .entry(account.clone())
             .or_default()
             .entry(ledger_of(&source, &lot))
-            .or_default() += amount;
+            .or_default();
+        *sum = sum.checked_add(amount).ok_or_else(overflow)?;
     }
     let mut seen = BTreeSet::new();
     let mut out = Reconciliation::default();

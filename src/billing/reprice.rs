@@ -22,6 +22,8 @@ use crate::engine::money::Money;
 use crate::engine::pricing::{PriceVersion, Usage};
 use crate::engine::source::{SourceRef, Take};
 
+use super::postgres::Database;
+
 /// What the records of one account, model and tier come to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Mover {
@@ -79,26 +81,31 @@ pub enum RepriceError {
 /// Re-prices the records settled in `[from, to)` in `schema` under
 /// `draft`.
 pub async fn reprice(
-    client: &tokio_postgres::Client,
-    schema: &str,
+    db: &Database,
     draft: &PriceVersion,
     from: Timestamp,
     to: Timestamp,
 ) -> Result<Repricing, RepriceError> {
     use tokio_stream::StreamExt;
-    let (from_text, to_text) = (from.to_string(), to.to_string());
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from_text, &to_text];
-    let rows = client
+    // Beyond what nanoseconds in an i64 reach, a bound holds every record.
+    let nanos = |at: Timestamp| {
+        i64::try_from(at.as_nanosecond()).unwrap_or(if at < Timestamp::UNIX_EPOCH { i64::MIN } else { i64::MAX })
+    };
+    let (from_ns, to_ns) = (nanos(from), nanos(to));
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from_ns, &to_ns];
+    let rows = db
+        .client()
         .query_raw(
-            &"SELECT r.record_id, r.account_id, coalesce(r.model, ''), coalesce(r.service_tier, ''),
+            &db.sql(
+                "SELECT r.record_id, r.account_id, coalesce(r.model, ''), coalesce(r.service_tier, ''),
                   r.input_tokens, r.cached_input_tokens, r.cache_write_tokens, r.output_tokens,
-                  r.total_money::text, (extract(epoch FROM r.reserved_at) * 1000000)::int8,
+                  r.total_money::text, r.reserved_ns,
                   coalesce(json_agg(json_build_object('source', c.source, 'lot', c.lot, 'tokens', c.tokens)
                       ORDER BY c.position) FILTER (WHERE c.tokens IS NOT NULL), '[]')::text
               FROM {s}.usage_records r LEFT JOIN {s}.usage_charges c USING (record_id)
-              WHERE r.settled_at >= $1::text::timestamptz AND r.settled_at < $2::text::timestamptz
-              GROUP BY r.record_id"
-                .replace("{s}", schema),
+              WHERE r.settled_ns >= $1 AND r.settled_ns < $2
+              GROUP BY r.record_id",
+            ),
             params,
         )
         .await?;
@@ -118,7 +125,8 @@ pub async fn reprice(
             output_tokens: count(7)?,
         };
         let charged: Money = row.get::<_, String>(8).parse().map_err(|e| bad(format!("{e}")))?;
-        let reserved_at = Timestamp::from_microsecond(row.get(9)).map_err(|e| bad(format!("reserved_at: {e}")))?;
+        let reserved_at = Timestamp::from_nanosecond(i128::from(row.get::<_, i64>(9)))
+            .map_err(|e| bad(format!("reserved_at: {e}")))?;
         let takes: Vec<Take> = serde_json::from_str(&row.get::<_, String>(10)).map_err(|e| bad(e.to_string()))?;
         let repriced = match repriced(draft, &model, &tier, &usage, reserved_at, &takes) {
             Some(money) => money.map_err(bad)?,

@@ -27,10 +27,14 @@ pub(super) struct UsageColumns {
     pub(super) price_version: Vec<Option<String>>,
     pub(super) reserved_at: Vec<String>,
     pub(super) settled_at: Vec<String>,
+    pub(super) reserved_ns: Vec<i64>,
+    pub(super) settled_ns: Vec<i64>,
     pub(super) journal: Vec<Option<String>>,
     pub(super) journal_seq: Vec<Option<i64>>,
     pub(super) stream: Vec<String>,
     pub(super) entry_id: Vec<String>,
+    /// The record as delivered (kept only if its id is another's).
+    pub(super) json: Vec<String>,
 }
 
 impl UsageColumns {
@@ -53,11 +57,28 @@ pub(super) struct ChargeColumns {
     pub(super) lot: Vec<Option<String>>,
     pub(super) tokens: Vec<Option<i64>>,
     pub(super) money: Vec<Option<String>>,
+    /// The row of the record (or change) each belongs to, in the batch.
+    pub(super) owner: Vec<usize>,
 }
 
 impl ChargeColumns {
-    /// Adds `takes`, as record `id` lists them.
-    pub(super) fn push(&mut self, id: &str, takes: &[Take]) -> Result<(), String> {
+    /// The rows of the records (or changes) at the batch rows `owners`.
+    pub(super) fn only(&self, owners: &std::collections::HashSet<usize>) -> ChargeColumns {
+        let mut out = ChargeColumns::default();
+        for i in (0..self.record_id.len()).filter(|&i| owners.contains(&self.owner[i])) {
+            out.owner.push(self.owner[i]);
+            out.record_id.push(self.record_id[i].clone());
+            out.position.push(self.position[i]);
+            out.source.push(self.source[i]);
+            out.lot.push(self.lot[i].clone());
+            out.tokens.push(self.tokens[i]);
+            out.money.push(self.money[i].clone());
+        }
+        out
+    }
+
+    /// Adds `takes`, as record `id` (the batch's row `owner`) lists them.
+    pub(super) fn push(&mut self, id: &str, owner: usize, takes: &[Take]) -> Result<(), String> {
         for (position, take) in (0..).zip(takes) {
             let (tokens, money) = if take.source.is_tokens() {
                 let tokens = i64::try_from(take.amount).map_err(|_| format!("{} tokens do not fit", take.amount))?;
@@ -66,6 +87,7 @@ impl ChargeColumns {
                 (None, Some(Money::from_picos(take.amount).to_string()))
             };
             self.record_id.push(id.to_owned());
+            self.owner.push(owner);
             self.position.push(position);
             self.source.push(take.source.kind_name());
             self.lot.push(take.source.lot());
@@ -83,6 +105,7 @@ impl ChargeColumns {
         self.lot.extend(other.lot);
         self.tokens.extend(other.tokens);
         self.money.extend(other.money);
+        self.owner.extend(other.owner);
     }
 }
 
@@ -100,6 +123,7 @@ pub(super) struct AuditColumns {
     pub(super) before: Vec<String>,
     pub(super) after: Vec<String>,
     pub(super) at: Vec<String>,
+    pub(super) at_ns: Vec<i64>,
     pub(super) stream: Vec<String>,
     pub(super) entry_id: Vec<String>,
 }
@@ -122,6 +146,8 @@ pub(super) struct UnreadableColumns {
     pub(super) entry_id: Vec<String>,
     pub(super) position: Vec<i32>,
     pub(super) reason: Vec<String>,
+    /// The entry's fields (JSON), if it is still in the stream.
+    pub(super) raw: Vec<Option<String>>,
 }
 
 /// A batch of delivered records, as the tables' columns.
@@ -150,6 +176,7 @@ impl Rows {
                 u.entry_id.push(d.entry.clone());
                 u.position.push(position);
                 u.reason.push(reason);
+                u.raw.push(d.raw.as_ref().map(ToString::to_string));
             }
         }
         rows
@@ -158,15 +185,32 @@ impl Rows {
     /// Adds one record, or says why it cannot be.
     pub(super) fn add(&mut self, d: &Delivered) -> Result<(), String> {
         if d.record.is_null() {
-            return Err("the entry does not decode".into());
+            return Err(match d.raw {
+                Some(_) => "the entry does not decode".into(),
+                None => "the entry is gone from the stream (trimmed or deleted before it was loaded)".into(),
+            });
         }
         if d.record["kind"] == "audit" {
             let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
             let json =
                 |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();
+            // PostgreSQL's text and jsonb hold no NUL character: such a
+            // record is kept as unreadable rather than refused with its
+            // whole batch again and again.
+            let texts = [
+                &a.operator,
+                &a.peer,
+                &a.operation,
+                &a.adjustment_id,
+                &a.reason,
+                &a.change,
+            ];
+            if texts.iter().any(|t| t.contains('\0')) || d.record.to_string().contains("\\u0000") {
+                return Err("a text holds a NUL character, which PostgreSQL cannot store".into());
+            }
             let id = a.id();
             let mut refunds = ChargeColumns::default();
-            refunds.push(&id, &a.refunded)?;
+            refunds.push(&id, self.audit.len(), &a.refunded)?;
             self.refunds.append(refunds);
             let c = &mut self.audit;
             c.record_id.push(id);
@@ -174,6 +218,7 @@ impl Rows {
             c.before.push(json(&a.before));
             c.after.push(json(&a.after));
             c.at.push(a.at.to_string());
+            c.at_ns.push(nanos(a.at)?);
             c.operator.push(a.operator);
             c.peer.push(a.peer);
             c.operation.push(a.operation);
@@ -195,7 +240,7 @@ impl Rows {
         let id = r.id();
         // Built apart and added once the record has read whole.
         let mut charges = ChargeColumns::default();
-        charges.push(&id, &r.charges)?;
+        charges.push(&id, self.usage.len(), &r.charges)?;
         let journal = d.record["journal"].as_str().map(str::to_owned);
         let journal_seq = d.record["journal_seq"].as_u64().and_then(|n| i64::try_from(n).ok());
         let u = &mut self.usage;
@@ -216,6 +261,9 @@ impl Rows {
         u.price_version.push(r.price_version.as_ref().map(ToString::to_string));
         u.reserved_at.push(r.reserved_at.to_string());
         u.settled_at.push(r.settled_at.to_string());
+        u.reserved_ns.push(nanos(r.reserved_at)?);
+        u.settled_ns.push(nanos(r.settled_at)?);
+        u.json.push(d.record.to_string());
         u.journal.push(journal);
         u.journal_seq.push(journal_seq);
         u.stream.push(d.stream.clone());
@@ -223,4 +271,9 @@ impl Rows {
         self.charges.append(charges);
         Ok(())
     }
+}
+
+/// Nanoseconds since the epoch (every instant from 1677 to 2262 fits).
+pub(super) fn nanos(at: jiff::Timestamp) -> Result<i64, String> {
+    i64::try_from(at.as_nanosecond()).map_err(|_| format!("{at} is out of range"))
 }

@@ -17,6 +17,8 @@ use jiff::tz::TimeZone;
 
 use crate::engine::money::Money;
 
+use super::postgres::Database;
+
 /// One model and tier's usage in the month.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UsageLine {
@@ -93,6 +95,8 @@ pub struct Statement {
     pub sources: Vec<SourceLine>,
     /// The operators' changes, in order.
     pub changes: Vec<ChangeLine>,
+    /// What the balances cannot account for, said plainly.
+    pub warnings: Vec<String>,
 }
 
 /// What went wrong making a statement.
@@ -124,25 +128,19 @@ pub fn month_bounds(month: &str, tz: &TimeZone) -> Result<(Timestamp, Timestamp)
 
 /// The statement of `account` for `month` (`YYYY-MM`, its bounds in
 /// `tz`), from the tables in `schema`.
-pub async fn statement(
-    client: &tokio_postgres::Client,
-    schema: &str,
-    account: &str,
-    month: &str,
-    tz: &TimeZone,
-) -> Result<Statement, StatementError> {
+pub async fn statement(db: &Database, account: &str, month: &str, tz: &TimeZone) -> Result<Statement, StatementError> {
     let (from, to) = month_bounds(month, tz)?;
-    let sql = |text: &str| text.replace("{s}", schema);
-    let (from_text, to_text) = (from.to_string(), to.to_string());
-    let window: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&account, &from_text, &to_text];
+    let (client, sql) = (db.client(), |text: &str| db.sql(text));
+    let nanos = |at: Timestamp| i64::try_from(at.as_nanosecond()).map_err(|_| StatementError::Month(month.to_owned()));
+    let (from_ns, to_ns) = (nanos(from)?, nanos(to)?);
+    let window: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&account, &from_ns, &to_ns];
     let usage = client
         .query(
             &sql("SELECT coalesce(model, ''), coalesce(service_tier, ''), count(*)::text,
                       sum(input_tokens)::text, sum(cached_input_tokens)::text,
                       sum(cache_write_tokens)::text, sum(output_tokens)::text, sum(total_money)::text
                   FROM {s}.usage_records
-                  WHERE account_id = $1 AND settled_at >= $2::text::timestamptz
-                      AND settled_at < $3::text::timestamptz
+                  WHERE account_id = $1 AND settled_ns >= $2 AND settled_ns < $3
                   GROUP BY 1, 2 ORDER BY 1, 2"),
             &window,
         )
@@ -166,8 +164,7 @@ pub async fn statement(
             &sql(
                 "SELECT c.source, coalesce(c.lot, ''), sum(c.tokens)::text, sum(c.money)::text
                   FROM {s}.usage_charges c JOIN {s}.usage_records r USING (record_id)
-                  WHERE r.account_id = $1 AND r.settled_at >= $2::text::timestamptz
-                      AND r.settled_at < $3::text::timestamptz
+                  WHERE r.account_id = $1 AND r.settled_ns >= $2 AND r.settled_ns < $3
                   GROUP BY 1, 2
                   ORDER BY array_position(ARRAY['allowance', 'pack', 'promo', 'paid', 'credit', 'debt'], c.source), 2",
             ),
@@ -189,20 +186,21 @@ pub async fn statement(
     let changes = client
         .query(
             &sql(
-                "SELECT (extract(epoch FROM at) * 1000000)::int8, operation, adjustment_id, operator,
-                      reason, before::text, after::text
+                "SELECT at_ns, operation, adjustment_id, operator, reason, before::text, after::text
                   FROM {s}.audit_records
-                  WHERE account_id = $1 AND at < $2::text::timestamptz
-                  ORDER BY at, record_id",
+                  WHERE account_id = $1 AND at_ns < $2
+                  ORDER BY at_ns, record_id",
             ),
-            &[&account, &to_text],
+            &[&account, &to_ns],
         )
         .await?;
     let mut opening = Money::ZERO;
+    let mut opened = false;
     let mut lines = Vec::new();
     for row in &changes {
-        let micros: i64 = row.get(0);
-        let at = Timestamp::from_microsecond(micros).map_err(|_| StatementError::Figure(micros.to_string()))?;
+        let ns: i64 = row.get(0);
+        let at = Timestamp::from_nanosecond(i128::from(ns)).map_err(|_| StatementError::Figure(ns.to_string()))?;
+        opened |= row.get::<_, String>(1) == "create_account";
         let delta = balance_change(&row.get::<_, String>(5), &row.get::<_, String>(6))?;
         if at < from {
             opening = add(opening, delta)?;
@@ -220,8 +218,8 @@ pub async fn statement(
     let charged_before: Option<String> = client
         .query_one(
             &sql("SELECT sum(total_money)::text FROM {s}.usage_records
-                  WHERE account_id = $1 AND settled_at < $2::text::timestamptz"),
-            &[&account, &from_text],
+                  WHERE account_id = $1 AND settled_ns < $2"),
+            &[&account, &from_ns],
         )
         .await?
         .get(0);
@@ -229,8 +227,17 @@ pub async fn statement(
     let changes_total = lines.iter().try_fold(Money::ZERO, |sum, l| add(sum, l.money))?;
     let charges_total = usage.iter().try_fold(Money::ZERO, |sum, l| add(sum, l.money))?;
     let closing = sub(add(opening, changes_total)?, charges_total)?;
+    let mut warnings = Vec::new();
+    if !opened {
+        warnings.push(
+            "no create_account record: the account was not opened through the admin API (or before the \
+             database's records begin), so the balances count only the changes and charges the database holds"
+                .to_owned(),
+        );
+    }
     Ok(Statement {
         account_id: account.to_owned(),
+        warnings,
         month: month.to_owned(),
         from,
         to,

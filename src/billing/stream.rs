@@ -21,8 +21,12 @@ pub struct Delivered {
     pub stream: String,
     /// Its stream entry id (for `XACK`).
     pub entry: String,
-    /// The record, as JSON.
+    /// The record, as JSON (null if it does not read back).
     pub record: serde_json::Value,
+    /// For a record that does not read back, the entry as Redis holds it:
+    /// each field's bytes in hex, by name; none if the entry is gone from
+    /// the stream (trimmed or deleted while it was pending).
+    pub raw: Option<serde_json::Value>,
 }
 
 /// A consumer of every shard's stream in one consumer group.
@@ -198,6 +202,47 @@ impl Consumer {
         Ok(total)
     }
 
+    /// Takes over what other consumers of the group were given and have
+    /// not acknowledged for `idle` or longer (`XAUTOCLAIM`): a consumer
+    /// that crashed and came back under another name, or never came back,
+    /// strands nothing. The claimed entries become this consumer's pending
+    /// ones, read first by [`Consumer::read`]. Returns how many.
+    pub async fn claim(&self, idle: std::time::Duration) -> Result<u64, StoreError> {
+        let mut claimed = 0u64;
+        for stream in &self.streams {
+            let mut cursor = "0-0".to_owned();
+            loop {
+                let reply: redis::Value = self
+                    .redis
+                    .query(
+                        redis::cmd("XAUTOCLAIM")
+                            .arg(stream)
+                            .arg(&self.group)
+                            .arg(&self.name)
+                            .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
+                            .arg(&cursor)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .arg("JUSTID"),
+                    )
+                    .await?;
+                let redis::Value::Array(parts) = reply else { break };
+                if let Some(redis::Value::Array(ids)) = parts.get(1) {
+                    claimed += ids.len() as u64;
+                }
+                cursor = match parts.first() {
+                    Some(redis::Value::BulkString(next)) => String::from_utf8_lossy(next).into_owned(),
+                    Some(redis::Value::SimpleString(next)) => next.clone(),
+                    _ => break,
+                };
+                if cursor == "0-0" {
+                    break;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
     /// Its consumer group.
     pub fn group(&self) -> &str {
         &self.group
@@ -237,14 +282,44 @@ fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
             let Some((id, records)) = entry_records(e) else {
                 continue;
             };
+            let raw = records
+                .iter()
+                .any(serde_json::Value::is_null)
+                .then(|| raw_fields(e))
+                .flatten();
             for record in records {
                 out.push(Delivered {
                     stream: stream.to_owned(),
                     entry: id.clone(),
+                    raw: record.is_null().then(|| raw.clone()).flatten(),
                     record,
                 });
             }
         }
     }
     out
+}
+
+/// An entry's fields, each value's bytes in hex, by name; none if the
+/// entry has no fields (gone from the stream).
+fn raw_fields(entry: &redis::Value) -> Option<serde_json::Value> {
+    let redis::Value::Array(parts) = entry else { return None };
+    let Some(redis::Value::Array(fields)) = parts.get(1) else {
+        return None;
+    };
+    let bytes = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => b.clone(),
+        redis::Value::SimpleString(s) => s.clone().into_bytes(),
+        other => format!("{other:?}").into_bytes(),
+    };
+    let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let map: serde_json::Map<String, serde_json::Value> = fields
+        .chunks(2)
+        .map(|kv| {
+            let name = String::from_utf8_lossy(&bytes(&kv[0])).into_owned();
+            let value = kv.get(1).map(|v| hex(bytes(v))).unwrap_or_default();
+            (name, serde_json::Value::String(value))
+        })
+        .collect();
+    Some(serde_json::Value::Object(map))
 }

@@ -88,6 +88,11 @@ pub enum UsageCmd {
         /// Stop once nothing is left to load.
         #[arg(long)]
         once: bool,
+        /// Take over entries another consumer of the group was given and
+        /// has not acknowledged for this long (a loader that crashed and
+        /// came back under another name).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        claim_after_seconds: u64,
         /// Serve Prometheus metrics (records loaded, failures, the group's
         /// backlog) on http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
@@ -287,8 +292,9 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
                         || match format {
                             ExportFormat::Cloudevents => {
                                 let event = cloudevent(record, &source).filter(|_| window.holds(record));
+                                let written = event.is_some();
                                 events.extend(event);
-                                window.holds(record)
+                                written
                             }
                             ExportFormat::Csv | ExportFormat::Jsonl => tally(&mut totals, record, &window),
                         };
@@ -322,6 +328,7 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             schema,
             batch,
             once,
+            claim_after_seconds,
             metrics_listen,
         } => {
             let consumer = consumer(&streams, &group).await?;
@@ -342,13 +349,14 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
                 batch: batch as usize,
                 once,
                 retry: std::time::Duration::from_secs(1),
+                claim_after: std::time::Duration::from_secs(claim_after_seconds),
             };
             let (stop, _) = crate::app::signal::shutdown(LOADER_DEADLINE);
             let loaded = load(&consumer, &settings, stop).await?;
             let w = loaded.written;
             eprintln!(
-                "{} records loaded, {} there already, {} unreadable; transactions: {}",
-                w.loaded, w.repeated, w.unreadable, loaded.batches
+                "{} records loaded, {} there already, {} unreadable, {} conflicting; transactions: {}",
+                w.loaded, w.repeated, w.unreadable, w.conflicting, loaded.batches
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -364,7 +372,7 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             let tz = jiff::tz::TimeZone::get(&time_zone).with_context(|| format!("--time-zone {time_zone}"))?;
             month_bounds(&month, &tz)?;
             let db = Database::open(&postgres, &schema).await?;
-            let st = statement(db.client(), db.schema(), &account, &month, &tz).await?;
+            let st = statement(&db, &account, &month, &tz).await?;
             let mut out = std::io::stdout().lock();
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?;
@@ -405,7 +413,7 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
                 ),
             };
             let db = Database::open(&postgres, &schema).await?;
-            let r = reprice(db.client(), db.schema(), &draft, from, to).await?;
+            let r = reprice(&db, &draft, from, to).await?;
             let mut out = std::io::stdout().lock();
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
@@ -425,7 +433,7 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
         } => {
             let db = Database::open(&postgres, &schema).await?;
             let (redis, shards) = connect(&streams).await?;
-            let r = reconcile(db.client(), db.schema(), &redis, &streams.prefix, shards).await?;
+            let r = reconcile(&db, &redis, &streams.prefix, shards).await?;
             let mut out = std::io::stdout().lock();
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
@@ -577,7 +585,11 @@ fn print_statement(out: &mut impl Write, st: &Statement) -> std::io::Result<()> 
     ] {
         balances.add_row(vec![name.to_owned(), amount.to_string()]);
     }
-    writeln!(out, "{balances}")
+    writeln!(out, "{balances}")?;
+    for warning in &st.warnings {
+        writeln!(out, "\nNote: {warning}.")?;
+    }
+    Ok(())
 }
 
 /// How long a stopping loader has to finish its batch (a transaction and

@@ -280,6 +280,15 @@ pub async fn loaded_and_reconciled(urls: &[String], shards: u32) {
     let mut load = usage("load", &schema, &redis);
     load.arg("--once");
     stdout(&mut load);
+    let loaded: i64 = schema
+        .value("SELECT count(*) FROM {s}.usage_records")
+        .await
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(loaded > 0, "the streams held records to load");
     let report = stdout(&mut usage("reconcile", &schema, &redis));
-    assert!(report.ends_with(" 0 differences\n"), "{report}");
+    assert!(
+        report.ends_with(" 0 differences\n") && !report.starts_with("0 accounts"),
+        "{report}"
+    );
 }
