@@ -52,14 +52,17 @@ paid = "1000"
 const GROUP: &str = "tollgate-billing";
 const STREAM: &str = "tollgate:{0}:usage";
 
-/// A sidecar on its own Redis that has settled `n` requests on `acme`
-/// (after an operator's promotional top-up, so that records draw on two
-/// sources), then stopped: every record is on the stream.
-async fn settled(n: u64) -> (RedisServer, tempfile::TempDir, Vec<serde_json::Value>) {
+/// A sidecar of `CONFIG` on its own Redis.
+fn started() -> (RedisServer, tempfile::TempDir, Sidecar) {
     let redis = RedisServer::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), CONFIG);
-    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    (redis, dir, sidecar)
+}
+
+/// An operator's promotional credit to `acme`, less than a request costs.
+async fn welcome(sidecar: &Sidecar) {
     let mut admin = sidecar.admin().await;
     admin
         .top_up(proto::TopUpRequest {
@@ -72,6 +75,14 @@ async fn settled(n: u64) -> (RedisServer, tempfile::TempDir, Vec<serde_json::Val
         })
         .await
         .unwrap();
+}
+
+/// A sidecar on its own Redis that has settled `n` requests on `acme`
+/// (after an operator's promotional top-up, so that records draw on two
+/// sources), then stopped: every record is on the stream.
+async fn settled(n: u64) -> (RedisServer, tempfile::TempDir, Vec<serde_json::Value>) {
+    let (redis, dir, mut sidecar) = started();
+    welcome(&sidecar).await;
     settle(&sidecar, 0..n).await;
     sidecar.stop();
     let records = stream_records(&redis.url(), 1).await;
@@ -303,10 +314,7 @@ fn kill(child: &mut Child) {
 async fn the_loader_waits_out_a_postgres_restart() {
     let postgres = Server::start();
     let schema = Schema::on(&postgres.url()).await;
-    let redis = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), CONFIG);
-    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let (redis, _dir, mut sidecar) = started();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -423,10 +431,7 @@ fn statement(schema: &Schema, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_reconciles_to_the_pico_unit_with_the_store() {
-    let redis = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), CONFIG);
-    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let (redis, _dir, mut sidecar) = started();
     // An account opened through the admin API: its whole history is in
     // the audit trail.
     let mut admin = sidecar.admin().await;
@@ -559,10 +564,7 @@ fn draft(id: &str, model: &str, input: &str, output: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reprice_prices_recorded_usage_again_with_the_engines_own_code() {
-    let redis = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), CONFIG);
-    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
+    let (redis, _dir, mut sidecar) = started();
     // A pack pays the first requests' tokens, in part for one of them:
     // the records mix token and money sources.
     let mut admin = sidecar.admin().await;
@@ -643,23 +645,10 @@ async fn reprice_prices_recorded_usage_again_with_the_engines_own_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_finds_no_difference_on_a_healthy_store_and_every_unit_of_one() {
-    let redis = RedisServer::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), CONFIG);
-    let mut sidecar = Sidecar::spawn(&config, &[redis.url()], dir.path().join("usage.jsonl"));
-    let mut admin = sidecar.admin().await;
-    admin
-        .top_up(proto::TopUpRequest {
-            account_id: "acme".into(),
-            adjustment_id: "welcome".into(),
-            pool: proto::MoneyPool::Promo as i32,
-            amount: Some(support::money("0.000001")),
-            reason: "welcome credit".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (redis, _dir, mut sidecar) = started();
+    welcome(&sidecar).await;
     settle(&sidecar, 0..10).await;
+    let mut admin = sidecar.admin().await;
     // One more, refunded in full: the database keeps what the refund gave
     // back, as the store's ledgers do.
     let mut quota = sidecar.client().await;

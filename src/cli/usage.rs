@@ -82,7 +82,8 @@ pub enum UsageCmd {
         /// The schema the tables are in (made if missing).
         #[arg(long, default_value = "tollgate")]
         schema: String,
-        /// Stream entries per shard and transaction, at most.
+        /// Stream entries per shard and transaction, at most, of each kind:
+        /// those given before and not acknowledged, and new ones.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch: u32,
         /// Stop once nothing is left to load.
