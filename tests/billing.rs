@@ -531,12 +531,56 @@ async fn a_statement_reconciles_to_the_pico_unit_with_the_store() {
         .to_string();
     let csv = statement(&schema, &["--account", "beta", "--month", &next, "--csv"]);
     let closing = tollgate::engine::Money::from_picos(money(&st["closing"]));
-    assert!(csv.contains(&format!("balance,opening,,,,,,,,{closing}\n")), "{csv}");
-    assert!(csv.contains(&format!("balance,closing,,,,,,,,{closing}\n")), "{csv}");
+    assert!(
+        csv.contains(&format!("balance,opening,,,,,,,,,,,,{closing}\n")),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(&format!("balance,closing,,,,,,,,,,,,{closing}\n")),
+        "{csv}"
+    );
     assert!(!csv.contains("usage,"), "nothing used next month: {csv}");
     // The tables say the same.
     let table = statement(&schema, &["--account", "beta", "--month", &month]);
     assert!(table.contains(&closing.to_string()), "{table}");
+    // Given the price list the records were charged at, each model and
+    // tier's money is split by token kind, to the pico-unit: 1 and 4 per
+    // million tokens are 10^6 and 4 × 10^6 pico-units a token.
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("prices.toml");
+    std::fs::write(&list, draft("v1", "m", "1", "4").replace("2027-01-01", "2026-01-01")).unwrap();
+    let list = list.to_str().unwrap();
+    let split: serde_json::Value = serde_json::from_str(&statement(
+        &schema,
+        &["--account", "beta", "--month", &month, "--json", "--prices", list],
+    ))
+    .unwrap();
+    let by_kind = &split["usage"][0]["money_by_kind"];
+    let output: u64 = records
+        .iter()
+        .map(|r| r["usage"]["output_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(money(&by_kind["input"]), i128::from(input) * 1_000_000, "{split}");
+    assert_eq!(money(&by_kind["output"]), i128::from(output) * 4_000_000, "{split}");
+    assert_eq!(money(&by_kind["input"]) + money(&by_kind["output"]), picos(&records));
+    let table = statement(&schema, &["--account", "beta", "--month", &month, "--prices", list]);
+    assert!(table.contains("OUTPUT $"), "{table}");
+    // Another list is refused: it does not give what was charged.
+    std::fs::write(
+        dir.path().join("wrong.toml"),
+        draft("v1", "m", "2", "4").replace("2027-01-01", "2026-01-01"),
+    )
+    .unwrap();
+    let wrong = support::postgres::usage("statement", &schema, &["--account", "beta", "--month", &month])
+        .arg("--prices")
+        .arg(dir.path().join("wrong.toml"))
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("not the list it was charged at"),
+        "{wrong:?}"
+    );
     // An account seeded from the configuration has no opening record, and
     // its statement says so.
     let seeded = statement(&schema, &["--account", "acme", "--month", &month]);

@@ -6,7 +6,8 @@
 //! model, tier, prompt size and reserve instant (time-of-day windows
 //! included), with the token sources that paid part of it (allowance,
 //! packs) offered exactly the tokens they gave then: the money part is
-//! what [`crate::engine::draw::plan`] makes of the rest. A draft with the
+//! what [`crate::engine::draw::tokens_first`], which the engine's own
+//! draw-down charges by, makes of the rest. A draft with the
 //! prices a record was charged at gives its charge back to the pico-unit.
 //! One-shot charges of a fixed amount are not priced by tokens and stay
 //! as they were; records of a model or tier the draft does not price are
@@ -16,7 +17,7 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 
-use crate::engine::draw::{Need, plan};
+use crate::engine::draw::tokens_first;
 use crate::engine::ids::{ModelId, TierId};
 use crate::engine::money::Money;
 use crate::engine::pricing::{PriceVersion, Usage};
@@ -78,45 +79,67 @@ pub enum RepriceError {
     Record(String, String),
 }
 
-/// Re-prices the records settled in `[from, to)` in `schema` under
-/// `draft`.
-pub async fn reprice(
+/// A recorded request as re-pricing and statements read it back.
+pub struct Recorded {
+    /// Its record id.
+    pub record_id: String,
+    /// The account.
+    pub account_id: String,
+    /// The model ("" for a charge without one).
+    pub model: String,
+    /// The service tier ("" for a charge without one).
+    pub service_tier: String,
+    /// Tokens by kind.
+    pub usage: Usage,
+    /// Money charged.
+    pub charged: Money,
+    /// The price version it was charged at, if any.
+    pub price_version: Option<String>,
+    /// When it was reserved (which time-of-day prices applied).
+    pub reserved_at: Timestamp,
+    /// What its token sources (allowance, packs) gave.
+    pub token_takes: Vec<Take>,
+}
+
+/// Nanoseconds since the epoch; beyond what an `i64` reaches, a bound that
+/// holds every record.
+pub fn nanos_bound(at: Timestamp) -> i64 {
+    i64::try_from(at.as_nanosecond()).unwrap_or(if at < Timestamp::UNIX_EPOCH { i64::MIN } else { i64::MAX })
+}
+
+/// Hands `each` every record settled in `[from, to)` (of `account`, if one
+/// is named), one row at a time: only what `each` keeps stays in memory.
+pub async fn each_record(
     db: &Database,
-    draft: &PriceVersion,
     from: Timestamp,
     to: Timestamp,
-) -> Result<Repricing, RepriceError> {
+    account: Option<&str>,
+    mut each: impl FnMut(Recorded) -> Result<(), RepriceError>,
+) -> Result<(), RepriceError> {
     use tokio_stream::StreamExt;
-    // Beyond what nanoseconds in an i64 reach, a bound holds every record.
-    let nanos = |at: Timestamp| {
-        i64::try_from(at.as_nanosecond()).unwrap_or(if at < Timestamp::UNIX_EPOCH { i64::MIN } else { i64::MAX })
-    };
-    let (from_ns, to_ns) = (nanos(from), nanos(to));
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from_ns, &to_ns];
+    let (from_ns, to_ns) = (nanos_bound(from), nanos_bound(to));
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&from_ns, &to_ns, &account];
     let rows = db
         .client()
         .query_raw(
             &db.sql(
                 "SELECT r.record_id, r.account_id, coalesce(r.model, ''), coalesce(r.service_tier, ''),
                   r.input_tokens, r.cached_input_tokens, r.cache_write_tokens, r.output_tokens,
-                  r.total_money::text, r.reserved_ns,
+                  r.total_money::text, r.reserved_ns, r.price_version,
                   coalesce(json_agg(json_build_object('source', c.source, 'lot', c.lot, 'tokens', c.tokens)
                       ORDER BY c.position) FILTER (WHERE c.tokens IS NOT NULL), '[]')::text
               FROM {s}.usage_records r LEFT JOIN {s}.usage_charges c USING (record_id)
-              WHERE r.settled_ns >= $1 AND r.settled_ns < $2
+              WHERE r.settled_ns >= $1 AND r.settled_ns < $2 AND ($3::text IS NULL OR r.account_id = $3)
               GROUP BY r.record_id",
             ),
             params,
         )
         .await?;
     let mut rows = std::pin::pin!(rows);
-    let mut accounts: BTreeMap<(String, String, String), Mover> = BTreeMap::new();
-    let mut unpriced: BTreeMap<(String, String), Mover> = BTreeMap::new();
     while let Some(row) = rows.next().await {
         let row = row?;
         let id: String = row.get(0);
         let bad = |why: String| RepriceError::Record(id.clone(), why);
-        let (account, model, tier): (String, String, String) = (row.get(1), row.get(2), row.get(3));
         let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).map_err(|_| bad("a negative token count".into()));
         let usage = Usage {
             input_tokens: count(4)?,
@@ -127,33 +150,63 @@ pub async fn reprice(
         let charged: Money = row.get::<_, String>(8).parse().map_err(|e| bad(format!("{e}")))?;
         let reserved_at = Timestamp::from_nanosecond(i128::from(row.get::<_, i64>(9)))
             .map_err(|e| bad(format!("reserved_at: {e}")))?;
-        let takes: Vec<Take> = serde_json::from_str(&row.get::<_, String>(10)).map_err(|e| bad(e.to_string()))?;
-        let repriced = match repriced(draft, &model, &tier, &usage, reserved_at, &takes) {
-            Some(money) => money.map_err(bad)?,
-            None if model.is_empty() || tier.is_empty() => charged,
+        let token_takes: Vec<Take> = serde_json::from_str(&row.get::<_, String>(11)).map_err(|e| bad(e.to_string()))?;
+        each(Recorded {
+            account_id: row.get(1),
+            model: row.get(2),
+            service_tier: row.get(3),
+            usage,
+            charged,
+            price_version: row.get(10),
+            reserved_at,
+            token_takes,
+            record_id: id,
+        })?;
+    }
+    Ok(())
+}
+
+/// Re-prices the records settled in `[from, to)` under `draft`.
+pub async fn reprice(
+    db: &Database,
+    draft: &PriceVersion,
+    from: Timestamp,
+    to: Timestamp,
+) -> Result<Repricing, RepriceError> {
+    let mut accounts: BTreeMap<(String, String, String), Mover> = BTreeMap::new();
+    let mut unpriced: BTreeMap<(String, String), Mover> = BTreeMap::new();
+    each_record(db, from, to, None, |r| {
+        let bad = |why: String| RepriceError::Record(r.record_id.clone(), why);
+        let repriced = match money_by_kind(draft, &r) {
+            Some(by_kind) => Money::from_picos(by_kind.iter().sum()),
+            None if r.model.is_empty() || r.service_tier.is_empty() => r.charged,
             None => {
-                let m = unpriced.entry((model.clone(), tier.clone())).or_insert_with(|| Mover {
-                    model,
-                    service_tier: tier,
-                    ..Mover::default()
-                });
+                let m = unpriced
+                    .entry((r.model.clone(), r.service_tier.clone()))
+                    .or_insert_with(|| Mover {
+                        model: r.model.clone(),
+                        service_tier: r.service_tier.clone(),
+                        ..Mover::default()
+                    });
                 m.records += 1;
-                m.charged = sum(m.charged, charged).map_err(bad)?;
-                continue;
+                m.charged = sum(m.charged, r.charged).map_err(bad)?;
+                return Ok(());
             }
         };
         let m = accounts
-            .entry((account.clone(), model.clone(), tier.clone()))
+            .entry((r.account_id.clone(), r.model.clone(), r.service_tier.clone()))
             .or_insert_with(|| Mover {
-                account_id: account,
-                model,
-                service_tier: tier,
+                account_id: r.account_id.clone(),
+                model: r.model.clone(),
+                service_tier: r.service_tier.clone(),
                 ..Mover::default()
             });
         m.records += 1;
-        m.charged = sum(m.charged, charged).map_err(bad)?;
+        m.charged = sum(m.charged, r.charged).map_err(bad)?;
         m.repriced = sum(m.repriced, repriced).map_err(bad)?;
-    }
+        Ok(())
+    })
+    .await?;
     let overflow = |what: &str| RepriceError::Record(String::new(), format!("{what} overflows"));
     let mut models: BTreeMap<(String, String), Mover> = BTreeMap::new();
     for m in accounts.values_mut() {
@@ -190,40 +243,24 @@ pub async fn reprice(
     })
 }
 
-/// The money `draft` charges for `usage` of `model` in `tier`, reserved at
-/// `at`, with the token sources of `takes` offered what they gave; none if
-/// the record is not priced by tokens or the draft does not price it.
-fn repriced(
-    draft: &PriceVersion,
-    model: &str,
-    tier: &str,
-    usage: &Usage,
-    at: Timestamp,
-    takes: &[Take],
-) -> Option<Result<Money, String>> {
-    let model = ModelId::parse(model).ok()?;
-    let tier = TierId::parse(tier).ok()?;
-    let rates = draft.rates(&model, &tier, usage.prompt_tokens(), at).ok()?;
-    // Money is offered without end: the question is what it would cost,
-    // not whether the account could pay.
-    let caps: Vec<(SourceRef, i128)> = takes
+/// The money `version` charges for `r`'s usage, per token kind (in
+/// `TokenKind::ALL`'s order), at its model, tier, prompt size and reserve
+/// instant, with its token sources offered the tokens they gave: the
+/// engine's own [`tokens_first`]. None if the record is not priced by
+/// tokens or `version` does not price its model and tier.
+pub fn money_by_kind(version: &PriceVersion, r: &Recorded) -> Option<[i128; 4]> {
+    let model = ModelId::parse(&r.model).ok()?;
+    let tier = TierId::parse(&r.service_tier).ok()?;
+    let rates = version
+        .rates(&model, &tier, r.usage.prompt_tokens(), r.reserved_at)
+        .ok()?;
+    let caps: Vec<(SourceRef, i128)> = r
+        .token_takes
         .iter()
         .filter(|t| t.source.is_tokens())
         .map(|t| (t.source.clone(), t.amount))
-        .chain([(SourceRef::Paid, i128::MAX / 4)])
         .collect();
-    let need = Need::Tokens {
-        usage: *usage,
-        rates,
-        model: &model,
-    };
-    let takes = match plan(&caps, &need, true) {
-        Ok(takes) => takes,
-        Err(_) => return Some(Err("the draft's price does not fit".into())),
-    };
-    Some(Ok(Money::from_picos(
-        takes.iter().filter(|t| !t.source.is_tokens()).map(|t| t.amount).sum(),
-    )))
+    Some(tokens_first(&caps, &r.usage, &rates).1)
 }
 
 fn sum(a: Money, b: Money) -> Result<Money, String> {

@@ -7,9 +7,10 @@
 //! records show them before and after each change: an account opened
 //! through the admin API (`create_account`) has its whole history in the
 //! database, so its opening balance is the sum of every change and charge
-//! before the month. Usage is priced per request, not per token kind (the
-//! engine rounds a request's price once), so tokens are shown by kind and
-//! money by model and tier.
+//! before the month. Records carry their total, not its split by token
+//! kind; given the price list they were charged at, the statement splits
+//! each model and tier's money by kind with the engine's own pricing, and
+//! checks every record's split against its charge.
 
 use jiff::Timestamp;
 use jiff::civil::Date;
@@ -18,6 +19,8 @@ use jiff::tz::TimeZone;
 use crate::engine::money::Money;
 
 use super::postgres::Database;
+use super::reprice::{RepriceError, each_record, money_by_kind};
+use crate::engine::pricing::PriceVersion;
 
 /// One model and tier's usage in the month.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +41,23 @@ pub struct UsageLine {
     pub output_tokens: u64,
     /// Money charged.
     pub money: Money,
+    /// That money by token kind, when the statement was given the price
+    /// list the records were charged at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub money_by_kind: Option<ByKind>,
+}
+
+/// Money per token kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ByKind {
+    /// Uncached input.
+    pub input: Money,
+    /// Cached input.
+    pub cached_input: Money,
+    /// Cache writes.
+    pub cache_write: Money,
+    /// Output.
+    pub output: Money,
 }
 
 /// What one source (and lot) paid in the month.
@@ -111,6 +131,12 @@ pub enum StatementError {
     /// A figure in the database does not read as money or a count.
     #[error("the database holds {0:?} where an amount belongs")]
     Figure(String),
+    /// A record could not be read back.
+    #[error(transparent)]
+    Record(#[from] RepriceError),
+    /// The price list given is not the one a record was charged at.
+    #[error("{0}")]
+    Prices(String),
 }
 
 /// The first instant of `month` (`YYYY-MM`) in `tz`, and of the month
@@ -128,7 +154,18 @@ pub fn month_bounds(month: &str, tz: &TimeZone) -> Result<(Timestamp, Timestamp)
 
 /// The statement of `account` for `month` (`YYYY-MM`, its bounds in
 /// `tz`), from the tables in `schema`.
-pub async fn statement(db: &Database, account: &str, month: &str, tz: &TimeZone) -> Result<Statement, StatementError> {
+///
+/// With `prices` (the price list the records were charged at), the money
+/// of each model and tier is split by token kind with the engine's own
+/// pricing ([`money_by_kind`]), and every record's split must add up to
+/// what it was charged, to the pico-unit, or the list is refused.
+pub async fn statement(
+    db: &Database,
+    account: &str,
+    month: &str,
+    tz: &TimeZone,
+    prices: Option<&[PriceVersion]>,
+) -> Result<Statement, StatementError> {
     let (from, to) = month_bounds(month, tz)?;
     let (client, sql) = (db.client(), |text: &str| db.sql(text));
     let nanos = |at: Timestamp| i64::try_from(at.as_nanosecond()).map_err(|_| StatementError::Month(month.to_owned()));
@@ -156,9 +193,14 @@ pub async fn statement(db: &Database, account: &str, month: &str, tz: &TimeZone)
                 cache_write_tokens: count(row.get(5))?,
                 output_tokens: count(row.get(6))?,
                 money: money(row.get(7))?,
+                money_by_kind: None,
             })
         })
         .collect::<Result<Vec<_>, StatementError>>()?;
+    let mut usage = usage;
+    if let Some(prices) = prices {
+        split_by_kind(db, account, from, to, prices, &mut usage).await?;
+    }
     let sources = client
         .query(
             &sql(
@@ -305,12 +347,17 @@ fn sub(a: Money, b: Money) -> Result<Money, StatementError> {
 pub fn write_csv(out: &mut impl std::io::Write, st: &Statement) -> std::io::Result<()> {
     writeln!(
         out,
-        "section,name,detail,records,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,tokens,money"
+        "section,name,detail,records,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,tokens,\
+         input_money,cached_input_money,cache_write_money,output_money,money"
     )?;
     for u in &st.usage {
+        let by_kind = u.money_by_kind.map_or_else(
+            || ",,,".to_owned(),
+            |k| format!("{},{},{},{}", k.input, k.cached_input, k.cache_write, k.output),
+        );
         writeln!(
             out,
-            "usage,{},{},{},{},{},{},{},,{}",
+            "usage,{},{},{},{},{},{},{},,{by_kind},{}",
             u.model,
             u.service_tier,
             u.records,
@@ -324,12 +371,12 @@ pub fn write_csv(out: &mut impl std::io::Write, st: &Statement) -> std::io::Resu
     for s in &st.sources {
         let tokens = s.tokens.map(|t| t.to_string()).unwrap_or_default();
         let money = s.money.map(|m| m.to_string()).unwrap_or_default();
-        writeln!(out, "source,{},{},,,,,,{tokens},{money}", s.source, s.lot)?;
+        writeln!(out, "source,{},{},,,,,,{tokens},,,,,{money}", s.source, s.lot)?;
     }
     for c in &st.changes {
         writeln!(
             out,
-            "change,{},{},,,,,,,{}",
+            "change,{},{},,,,,,,,,,,{}",
             c.operation,
             csv_field(&c.adjustment_id),
             c.money
@@ -341,7 +388,7 @@ pub fn write_csv(out: &mut impl std::io::Write, st: &Statement) -> std::io::Resu
         ("charges", st.charges_total),
         ("closing", st.closing),
     ] {
-        writeln!(out, "balance,{name},,,,,,,,{amount}")?;
+        writeln!(out, "balance,{name},,,,,,,,,,,,{amount}")?;
     }
     Ok(())
 }
@@ -353,4 +400,67 @@ fn csv_field(text: &str) -> String {
     } else {
         text.to_owned()
     }
+}
+
+/// Sets each usage line's money by token kind from `prices`, record by
+/// record, checking each split against what the record was charged.
+async fn split_by_kind(
+    db: &Database,
+    account: &str,
+    from: Timestamp,
+    to: Timestamp,
+    prices: &[PriceVersion],
+    usage: &mut [UsageLine],
+) -> Result<(), StatementError> {
+    let mut split: std::collections::BTreeMap<(String, String), [i128; 4]> = Default::default();
+    let mut refused = None;
+    each_record(db, from, to, Some(account), |r| {
+        let Some(version) = &r.price_version else {
+            return Ok(()); // a fixed charge: not priced by tokens
+        };
+        let found = prices.iter().find(|v| v.id.as_str() == version);
+        let by_kind = found.and_then(|v| money_by_kind(v, &r));
+        match by_kind {
+            Some(by_kind) if by_kind.iter().sum::<i128>() == r.charged.picos() => {
+                let sums = split.entry((r.model.clone(), r.service_tier.clone())).or_default();
+                for (sum, money) in sums.iter_mut().zip(by_kind) {
+                    *sum += money;
+                }
+            }
+            Some(by_kind) => {
+                refused.get_or_insert(format!(
+                    "record {} was charged {}, but price version {version} of the list gives {}: not the list it \
+                     was charged at",
+                    r.record_id,
+                    r.charged,
+                    Money::from_picos(by_kind.iter().sum())
+                ));
+            }
+            None if found.is_none() => {
+                refused.get_or_insert(format!("price version {version} is not in the list given"));
+            }
+            None => {
+                refused.get_or_insert(format!(
+                    "price version {version} of the list does not price {} in tier {}",
+                    r.model, r.service_tier
+                ));
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    if let Some(why) = refused {
+        return Err(StatementError::Prices(why));
+    }
+    for line in usage {
+        if let Some(k) = split.get(&(line.model.clone(), line.service_tier.clone())) {
+            line.money_by_kind = Some(ByKind {
+                input: Money::from_picos(k[0]),
+                cached_input: Money::from_picos(k[1]),
+                cache_write: Money::from_picos(k[2]),
+                output: Money::from_picos(k[3]),
+            });
+        }
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod loadgen;
+pub mod report;
 pub mod usage;
 
 use std::net::SocketAddr;

@@ -2,19 +2,19 @@
 //! (`tail`, `export`) and into the billing database (`load`); the work is
 //! in [`crate::billing`], this is the command line around it.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::admin::table;
+use super::report::{print_repricing, print_statement};
 use crate::billing::export::{Window, cloudevent, is_audit, tally, write_totals};
 use crate::billing::loader::{LoadSettings, load};
 use crate::billing::postgres::Database;
 use crate::billing::reconcile::reconcile;
-use crate::billing::reprice::{Mover, Repricing, reprice, write_csv as write_repricing_csv};
-use crate::billing::statement::{Statement, month_bounds, statement, write_csv};
+use crate::billing::reprice::{reprice, write_csv as write_repricing_csv};
+use crate::billing::statement::{month_bounds, statement, write_csv};
 use crate::billing::stream::Consumer;
 use crate::config::process_env;
 
@@ -118,6 +118,10 @@ pub enum UsageCmd {
         /// The time zone the month is counted in (IANA).
         #[arg(long, default_value = "UTC")]
         time_zone: String,
+        /// The price list the records were charged at (`[[prices]]`
+        /// tables): money is then split by token kind too.
+        #[arg(long, value_name = "FILE")]
+        prices: Option<std::path::PathBuf>,
         /// JSON instead of tables.
         #[arg(long, conflicts_with = "csv")]
         json: bool,
@@ -367,13 +371,15 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             account,
             month,
             time_zone,
+            prices,
             json,
             csv,
         } => {
             let tz = jiff::tz::TimeZone::get(&time_zone).with_context(|| format!("--time-zone {time_zone}"))?;
             month_bounds(&month, &tz)?;
             let db = Database::open(&postgres, &schema).await?;
-            let st = statement(&db, &account, &month, &tz).await?;
+            let prices = prices.as_deref().map(price_list).transpose()?;
+            let st = statement(&db, &account, &month, &tz, prices.as_deref()).await?;
             let mut out = std::io::stdout().lock();
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?;
@@ -396,9 +402,7 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             json,
             csv,
         } => {
-            let text = std::fs::read_to_string(&prices).with_context(|| format!("reading {}", prices.display()))?;
-            let versions = crate::config::parse_price_versions(&text)
-                .map_err(|e| anyhow::anyhow!("{}: the draft is not a valid price list:\n{e}", prices.display()))?;
+            let versions = price_list(&prices)?;
             let draft = match (version, versions.as_slice()) {
                 (None, [only]) => only.clone(),
                 (Some(id), _) => versions
@@ -471,126 +475,12 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A re-pricing as tables.
-fn print_repricing(out: &mut impl Write, r: &Repricing, top: usize) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "Usage settled from {} to {}, priced again at draft {}",
-        r.from, r.to, r.version
-    )?;
-    writeln!(out)?;
-    let movers = |rows: &[Mover], with_account: bool| {
-        let mut header = vec!["model", "tier", "records", "charged", "draft", "change"];
-        if with_account {
-            header.insert(0, "account");
-        }
-        let mut t = table(&header);
-        for m in rows {
-            let mut row = vec![
-                m.model.clone(),
-                m.service_tier.clone(),
-                m.records.to_string(),
-                m.charged.to_string(),
-                m.repriced.to_string(),
-                m.delta.to_string(),
-            ];
-            if with_account {
-                row.insert(0, m.account_id.clone());
-            }
-            t.add_row(row);
-        }
-        t
-    };
-    writeln!(out, "{}", movers(&r.models, false))?;
-    writeln!(out)?;
-    let shown = r.accounts.len().min(top);
-    writeln!(out, "{}", movers(&r.accounts[..shown], true))?;
-    if shown < r.accounts.len() {
-        writeln!(out, "... and {} more (--top, --json, --csv)", r.accounts.len() - shown)?;
-    }
-    if !r.unpriced.is_empty() {
-        writeln!(out)?;
-        writeln!(out, "Not priced by the draft (left out of the figures):")?;
-        writeln!(out, "{}", movers(&r.unpriced, false))?;
-    }
-    writeln!(out)?;
-    let mut total = table(&["", "money"]);
-    for (name, amount) in [("charged", r.charged), ("draft", r.repriced), ("change", r.delta)] {
-        total.add_row(vec![name.to_owned(), amount.to_string()]);
-    }
-    writeln!(out, "{total}")
-}
-
-/// A statement as tables.
-fn print_statement(out: &mut impl Write, st: &Statement) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "Statement of {} for {} ({} to {})",
-        st.account_id, st.month, st.from, st.to
-    )?;
-    writeln!(out)?;
-    let mut usage = table(&[
-        "model",
-        "tier",
-        "records",
-        "input",
-        "cached input",
-        "cache write",
-        "output",
-        "charged",
-    ]);
-    for u in &st.usage {
-        usage.add_row(vec![
-            u.model.clone(),
-            u.service_tier.clone(),
-            u.records.to_string(),
-            u.input_tokens.to_string(),
-            u.cached_input_tokens.to_string(),
-            u.cache_write_tokens.to_string(),
-            u.output_tokens.to_string(),
-            u.money.to_string(),
-        ]);
-    }
-    writeln!(out, "{usage}")?;
-    writeln!(out)?;
-    let mut sources = table(&["source", "lot", "tokens", "money"]);
-    for s in &st.sources {
-        sources.add_row(vec![
-            s.source.clone(),
-            s.lot.clone(),
-            s.tokens.map(|t| t.to_string()).unwrap_or_default(),
-            s.money.map(|m| m.to_string()).unwrap_or_default(),
-        ]);
-    }
-    writeln!(out, "{sources}")?;
-    writeln!(out)?;
-    let mut changes = table(&["at", "operation", "adjustment", "operator", "reason", "money"]);
-    for c in &st.changes {
-        changes.add_row(vec![
-            c.at.to_string(),
-            c.operation.clone(),
-            c.adjustment_id.clone(),
-            c.operator.clone(),
-            c.reason.clone(),
-            c.money.to_string(),
-        ]);
-    }
-    writeln!(out, "{changes}")?;
-    writeln!(out)?;
-    let mut balances = table(&["balance", "money"]);
-    for (name, amount) in [
-        ("opening", st.opening),
-        ("+ changes", st.changes_total),
-        ("- charges", st.charges_total),
-        ("closing", st.closing),
-    ] {
-        balances.add_row(vec![name.to_owned(), amount.to_string()]);
-    }
-    writeln!(out, "{balances}")?;
-    for warning in &st.warnings {
-        writeln!(out, "\nNote: {warning}.")?;
-    }
-    Ok(())
+/// The price versions in `path` (`[[prices]]` tables), read and checked as
+/// `tollgate admin prices publish` reads them.
+fn price_list(path: &std::path::Path) -> anyhow::Result<Vec<crate::engine::pricing::PriceVersion>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    crate::config::parse_price_versions(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid price list:\n{e}", path.display()))
 }
 
 /// How long a stopping loader has to finish its batch (a transaction and

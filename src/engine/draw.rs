@@ -246,35 +246,11 @@ impl Account {
 /// Splits `need` over `caps` (in draw order). With `allow_debt`, what no
 /// source covers becomes a debt take; without, it is a [`Shortfall`].
 pub fn plan(caps: &[(SourceRef, i128)], need: &Need<'_>, allow_debt: bool) -> Result<Vec<Take>, Shortfall> {
-    let mut takes = Vec::new();
-    let mut cost = match need {
-        Need::Money(m) => m.picos(),
+    let (mut takes, mut cost) = match need {
+        Need::Money(m) => (Vec::new(), m.picos()),
         Need::Tokens { usage, rates, .. } => {
-            let weight = i128::from(rates.weight_milli.max(1));
-            let mut rest = TokenKind::ALL.map(|k| i128::from(usage.get(k)));
-            for (source, cap) in caps.iter().filter(|(s, _)| s.is_tokens()) {
-                let mut left = *cap;
-                for r in rest.iter_mut() {
-                    let fit = (*r).min(left * 1000 / weight);
-                    if fit > 0 {
-                        left -= (fit * weight + 999) / 1000;
-                        *r -= fit;
-                    }
-                }
-                if left < *cap {
-                    takes.push(Take {
-                        source: source.clone(),
-                        amount: cap - left,
-                    });
-                }
-            }
-            // Counts are at most 10^9 each and prices are bounded at
-            // configuration, so this cannot overflow an i128.
-            TokenKind::ALL
-                .iter()
-                .zip(rest)
-                .map(|(k, n)| rates.prices.get(*k).picos() * n)
-                .sum()
+            let (takes, by_kind) = tokens_first(caps, usage, rates);
+            (takes, by_kind.iter().sum())
         }
     };
     for (source, cap) in caps.iter().filter(|(s, _)| !s.is_tokens()) {
@@ -298,4 +274,38 @@ pub fn plan(caps: &[(SourceRef, i128)], need: &Need<'_>, allow_debt: bool) -> Re
         });
     }
     Ok(takes)
+}
+
+/// What the token sources of `caps` (in draw order) take of `usage`, each
+/// kind in turn at `rates`' weight, and the money the rest costs, per
+/// token kind in [`TokenKind::ALL`]'s order: the price of each kind times
+/// the tokens of it no token source covered, exactly (no rounding: prices
+/// are per token). [`plan`] charges their sum to the money sources.
+pub fn tokens_first(caps: &[(SourceRef, i128)], usage: &Usage, rates: &Rates) -> (Vec<Take>, [i128; 4]) {
+    let mut takes = Vec::new();
+    let weight = i128::from(rates.weight_milli.max(1));
+    let mut rest = TokenKind::ALL.map(|k| i128::from(usage.get(k)));
+    for (source, cap) in caps.iter().filter(|(s, _)| s.is_tokens()) {
+        let mut left = *cap;
+        for r in rest.iter_mut() {
+            let fit = (*r).min(left * 1000 / weight);
+            if fit > 0 {
+                left -= (fit * weight + 999) / 1000;
+                *r -= fit;
+            }
+        }
+        if left < *cap {
+            takes.push(Take {
+                source: source.clone(),
+                amount: cap - left,
+            });
+        }
+    }
+    // Counts are at most 10^9 each and prices are bounded at
+    // configuration, so this cannot overflow an i128.
+    let mut by_kind = [0i128; 4];
+    for ((money, kind), n) in by_kind.iter_mut().zip(TokenKind::ALL).zip(rest) {
+        *money = rates.prices.get(kind).picos() * n;
+    }
+    (takes, by_kind)
 }
