@@ -889,3 +889,33 @@ async fn a_loader_back_under_another_name_takes_over_what_the_old_one_left() {
     holds_each_once(&schema, &records).await;
     assert_eq!(pending(&redis), "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_prints_an_entry_that_does_not_read_rather_than_dropping_it() {
+    let (redis, _dir, records) = settled(2).await;
+    append(
+        &redis,
+        &[
+            (b"count".to_vec(), b"1".to_vec()),
+            (b"pb".to_vec(), b"\x01\x02".to_vec()),
+        ],
+    )
+    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["usage", "tail", "--redis", &redis.url(), "--max", "4"])
+        .env_remove("TOLLGATE_REDIS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let usage: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "settle").collect();
+    assert_eq!(usage.len(), records.len());
+    // Acknowledged, so printed: where it was and its bytes.
+    let unreadable = lines.iter().find(|l| l["kind"] == "unreadable").expect("printed");
+    assert_eq!(unreadable["stream"], STREAM);
+    assert_eq!(unreadable["raw"]["pb"], "0102");
+}

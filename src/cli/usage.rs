@@ -22,7 +22,9 @@ use crate::config::process_env;
 #[derive(Debug, Subcommand)]
 pub enum UsageCmd {
     /// Print new usage records as JSON lines as they arrive, acknowledging
-    /// each once printed.
+    /// each once printed (one that does not read back is printed as
+    /// `{"kind": "unreadable", "stream", "entry_id", "raw"}`, its fields'
+    /// bytes in hex).
     Tail {
         /// Where the streams are.
         #[command(flatten)]
@@ -263,13 +265,25 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             loop {
                 let batch = consumer.read(100, Some(2000)).await?;
                 let mut out = stdout.lock();
-                for d in batch.iter().filter(|d| !d.record.is_null()) {
-                    writeln!(out, "{}", d.record)?;
+                for d in &batch {
+                    if d.record.is_null() {
+                        // Acknowledged once printed, so printed whole:
+                        // where it was and its bytes.
+                        let unreadable = serde_json::json!({
+                            "kind": "unreadable",
+                            "stream": d.stream,
+                            "entry_id": d.entry,
+                            "raw": d.raw,
+                        });
+                        writeln!(out, "{unreadable}")?;
+                    } else {
+                        writeln!(out, "{}", d.record)?;
+                    }
                 }
                 out.flush()?;
                 drop(out);
                 consumer.ack(&batch).await?;
-                printed += batch.iter().filter(|d| !d.record.is_null()).count() as u64;
+                printed += batch.len() as u64;
                 if max.is_some_and(|m| printed >= m) {
                     return Ok(ExitCode::SUCCESS);
                 }
