@@ -6,6 +6,7 @@ use crate::engine::money::Money;
 use crate::engine::record::{AuditRecord, UsageRecord};
 use crate::engine::source::Take;
 
+use super::export::is_audit;
 use super::stream::Delivered;
 
 /// The columns of a batch's usage records.
@@ -190,7 +191,7 @@ impl Rows {
                 None => "the entry is gone from the stream (trimmed or deleted before it was loaded)".into(),
             });
         }
-        if d.record["kind"] == "audit" {
+        if is_audit(&d.record) {
             let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
             let json =
                 |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();

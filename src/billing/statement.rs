@@ -19,7 +19,7 @@ use jiff::tz::TimeZone;
 use crate::engine::money::Money;
 
 use super::postgres::Database;
-use super::reprice::{RepriceError, each_record, money_by_kind};
+use super::reprice::{RepriceError, each_record, money_by_kind, nanos_bound};
 use crate::engine::pricing::PriceVersion;
 
 /// One model and tier's usage in the month.
@@ -168,8 +168,7 @@ pub async fn statement(
 ) -> Result<Statement, StatementError> {
     let (from, to) = month_bounds(month, tz)?;
     let (client, sql) = (db.client(), |text: &str| db.sql(text));
-    let nanos = |at: Timestamp| i64::try_from(at.as_nanosecond()).map_err(|_| StatementError::Month(month.to_owned()));
-    let (from_ns, to_ns) = (nanos(from)?, nanos(to)?);
+    let (from_ns, to_ns) = (nanos_bound(from), nanos_bound(to));
     let window: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&account, &from_ns, &to_ns];
     let usage = client
         .query(

@@ -11,7 +11,7 @@
 //! same record.
 
 use crate::store::StoreError;
-use crate::store::leased::{entry_records, stream_key};
+use crate::store::leased::{entry_fields_hex, entry_records, stream_key};
 use crate::store::redis::Redis;
 
 /// One record read from a stream.
@@ -285,7 +285,7 @@ fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
             let raw = records
                 .iter()
                 .any(serde_json::Value::is_null)
-                .then(|| raw_fields(e))
+                .then(|| entry_fields_hex(e))
                 .flatten();
             for record in records {
                 out.push(Delivered {
@@ -298,28 +298,4 @@ fn parse(stream: &str, reply: &redis::Value) -> Vec<Delivered> {
         }
     }
     out
-}
-
-/// An entry's fields, each value's bytes in hex, by name; none if the
-/// entry has no fields (gone from the stream).
-fn raw_fields(entry: &redis::Value) -> Option<serde_json::Value> {
-    let redis::Value::Array(parts) = entry else { return None };
-    let Some(redis::Value::Array(fields)) = parts.get(1) else {
-        return None;
-    };
-    let bytes = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => b.clone(),
-        redis::Value::SimpleString(s) => s.clone().into_bytes(),
-        other => format!("{other:?}").into_bytes(),
-    };
-    let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let map: serde_json::Map<String, serde_json::Value> = fields
-        .chunks(2)
-        .map(|kv| {
-            let name = String::from_utf8_lossy(&bytes(&kv[0])).into_owned();
-            let value = kv.get(1).map(|v| hex(bytes(v))).unwrap_or_default();
-            (name, serde_json::Value::String(value))
-        })
-        .collect();
-    Some(serde_json::Value::Object(map))
 }

@@ -164,12 +164,17 @@ fn digest<'a>(parts: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
 /// The first 16 bytes of SHA-256 over `parts` (each followed by a zero
 /// byte), in hex.
 pub(crate) fn digest_id<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    hex(&digest(parts)[..16])
+}
+
+/// `bytes` in lower-case hex, two digits a byte.
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    let mut id = String::with_capacity(32);
-    for b in &digest(parts)[..16] {
-        let _ = write!(id, "{b:02x}");
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
     }
-    id
+    out
 }
 
 #[cfg(test)]

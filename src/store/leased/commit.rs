@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use super::RedisStore;
 use super::keys::{SCHEMA, Seen, readable, shard_of};
 use crate::engine::ids::{AccountId, ProducerId};
-use crate::engine::record::{AuditRecord, request_fingerprint};
+use crate::engine::record::{AuditRecord, hex, request_fingerprint};
 use crate::engine::role::Journaled;
 use crate::engine::{Account, Catalog, Command, EngineError};
 use crate::store::{Applied, Store, StoreError};
@@ -39,11 +39,7 @@ pub(super) struct StreamEntry {
 /// Tollgate's) gives a single null, so a consumer still acknowledges it;
 /// so does a record that does not read back, in its place.
 pub fn entry_records(entry: &redis::Value) -> Option<(String, Vec<serde_json::Value>)> {
-    let bytes = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => Some(b.clone()),
-        redis::Value::SimpleString(s) => Some(s.clone().into_bytes()),
-        _ => None,
-    };
+    let bytes = value_bytes;
     let redis::Value::Array(parts) = entry else { return None };
     let id = String::from_utf8_lossy(&parts.first().and_then(bytes)?).into_owned();
     let fields = match parts.get(1) {
@@ -78,6 +74,37 @@ pub fn entry_records(entry: &redis::Value) -> Option<(String, Vec<serde_json::Va
         records.push(serde_json::Value::Null);
     }
     Some((id, records))
+}
+
+/// A stream entry's fields as Redis holds them, each value's bytes in hex,
+/// by name (for a record that does not read back: kept, not dropped);
+/// none if the entry has no fields (gone from the stream while pending).
+pub fn entry_fields_hex(entry: &redis::Value) -> Option<serde_json::Value> {
+    let redis::Value::Array(parts) = entry else { return None };
+    let Some(redis::Value::Array(fields)) = parts.get(1) else {
+        return None;
+    };
+    let map: serde_json::Map<String, serde_json::Value> = fields
+        .chunks(2)
+        .map(|kv| {
+            let name = value_bytes(&kv[0]).map(|n| String::from_utf8_lossy(&n).into_owned());
+            let value = kv.get(1).and_then(value_bytes).map(|v| hex(&v));
+            (
+                name.unwrap_or_default(),
+                serde_json::Value::String(value.unwrap_or_default()),
+            )
+        })
+        .collect();
+    Some(serde_json::Value::Object(map))
+}
+
+/// The bytes of a string reply.
+fn value_bytes(v: &redis::Value) -> Option<Vec<u8>> {
+    match v {
+        redis::Value::BulkString(b) => Some(b.clone()),
+        redis::Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
 }
 
 /// A usage record of the stream's protobuf as JSON (null if it does not

@@ -81,7 +81,7 @@ use commit::corrupt;
 
 pub use crate::lease::LeaseSettings;
 
-pub use commit::entry_records;
+pub use commit::{entry_fields_hex, entry_records};
 pub use keys::{SCHEMA, account_key, index_key, shard_of, stream_key};
 
 /// Counters of what the store did, for tests, benchmarks and logs.
