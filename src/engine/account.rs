@@ -16,6 +16,7 @@ use std::sync::{Arc, LazyLock};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
+use super::budget::{Applying, Budgets, Counting};
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::error::EngineError;
 use super::hash::{Map, Set};
@@ -216,11 +217,26 @@ pub struct Hold {
     /// these are corrected at settle, so a limit set after the reserve never
     /// refunds tokens it never took.
     pub token_buckets: Vec<BucketKey>,
-    /// Tokens it was admitted for in tokens-per-minute limits.
+    /// Tokens it was admitted for in tokens-per-minute limits (and counted
+    /// in token budgets).
     pub admitted_tokens: u64,
+    /// The budgets it counted in, as they applied when it was admitted,
+    /// and the money it counted; `None` when none applied (most holds: a
+    /// pointer, nothing allocated).
+    pub budgets: Option<Box<Counting>>,
 }
 
 impl Hold {
+    /// The budgets it counts in.
+    pub fn budgets(&self) -> &[Applying] {
+        self.budgets.as_deref().map_or(&[], |b| &b.applying)
+    }
+
+    /// The money it counts in money budgets: what its takes hold.
+    pub fn counted_money(&self) -> i128 {
+        self.budgets.as_deref().map_or(0, |b| b.money)
+    }
+
     /// Worst-case usage: the prompt plus the whole grant.
     pub fn worst_case(&self) -> Usage {
         Usage {
@@ -556,6 +572,9 @@ pub struct Account {
     /// nothing allocated. Read through [`Account::overrides`].
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub overrides: Option<Box<LimitOverrides>>,
+    /// Budgets of API keys and projects; `None` when there are none.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub budgets: Option<Box<Budgets>>,
     /// What the account is to this process: stand-alone, shared in Redis
     /// (its sidecars' leases and journals, stored as the account's
     /// `leases` and `journals` fields), or a sidecar's mirror.
@@ -600,6 +619,8 @@ struct Stored {
     #[serde(default)]
     overrides: Option<Box<LimitOverrides>>,
     #[serde(default)]
+    budgets: Option<Box<Budgets>>,
+    #[serde(default)]
     leases: BTreeMap<ProducerId, Lease>,
     #[serde(default)]
     journals: BTreeMap<ProducerId, u64>,
@@ -624,6 +645,7 @@ impl From<Stored> for Account {
             operations: s.operations,
             buckets: s.buckets,
             overrides: s.overrides,
+            budgets: s.budgets,
             traffic: None,
             role: Role::Shared(Box::new(Shared {
                 leases: s.leases,
@@ -677,6 +699,7 @@ impl Account {
             operations: Operations::default(),
             buckets: Buckets::default(),
             overrides: None,
+            budgets: None,
             role: Role::Standalone,
         };
         account.subscribe(plan, anchor, now)?;
@@ -832,7 +855,14 @@ impl Account {
             };
             let charged = catalog.on_expiry == ExpiryPolicy::ChargeInFull;
             match catalog.on_expiry {
-                ExpiryPolicy::Release => self.unhold(&hold.takes),
+                ExpiryPolicy::Release => {
+                    self.unhold(&hold.takes);
+                    self.buckets.adjust_budgets(
+                        hold.budgets(),
+                        -i128::from(hold.admitted_tokens),
+                        -hold.counted_money(),
+                    );
+                }
                 ExpiryPolicy::ChargeInFull => {
                     self.charge_held(&hold.takes);
                     let record = self.record_for(&hold, RecordKind::Expired, hold.worst_case(), hold.takes.clone(), at);

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
 use super::account::{Account, Hold, Lot, Traffic};
+use super::budget::Budgets;
 use super::catalog::Catalog;
 use super::error::EngineError;
 use super::ids::{LotId, PlanId, RequestId, ReservationId};
@@ -91,6 +92,8 @@ pub enum Command {
     },
     /// Replace limit overrides.
     SetOverrides(LimitOverrides),
+    /// Replace the budgets of API keys and projects.
+    SetBudgets(Budgets),
     /// Suspend (true) or resume (false).
     SetSuspended(bool),
     /// Change settings.
@@ -124,6 +127,7 @@ impl Command {
             Command::Refund { .. } => "refund",
             Command::AssignPlan { .. } => "assign_plan",
             Command::SetOverrides(_) => "set_limit_overrides",
+            Command::SetBudgets(_) => "set_budgets",
             Command::SetSuspended(true) => "suspend",
             Command::SetSuspended(false) => "resume",
             Command::Update { .. } => "update_account",
@@ -351,6 +355,7 @@ impl Account {
             "packs": lots(&self.packs, tokens),
             "promos": lots(&self.promos, money),
             "limit_overrides": serde_json::to_value(self.overrides()).unwrap_or_default(),
+            "budgets": serde_json::to_value(self.budgets.as_deref().cloned().unwrap_or_default()).unwrap_or_default(),
         });
         match view {
             serde_json::Value::Object(map) => map,
@@ -406,6 +411,12 @@ impl Account {
             Command::SetOverrides(overrides) => {
                 self.advance(catalog, now)?;
                 self.set_overrides(overrides);
+                Reply::Done
+            }
+            Command::SetBudgets(budgets) => {
+                budgets.check()?;
+                self.advance(catalog, now)?;
+                self.budgets = (!budgets.is_empty()).then(|| Box::new(budgets));
                 Reply::Done
             }
             Command::SetSuspended(suspended) => {
@@ -499,6 +510,7 @@ impl Account {
             operations: Default::default(),
             buckets: Default::default(),
             overrides: self.overrides.clone(),
+            budgets: self.budgets.clone(),
             role: Role::Standalone,
         }
     }

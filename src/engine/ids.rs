@@ -102,6 +102,10 @@ id_type!(
     ApiKeyId
 );
 id_type!(
+    /// A project of an account: a group of its API keys under one budget.
+    ProjectId
+);
+id_type!(
     /// A model name, e.g. `llama-3.1-70b`.
     ModelId
 );

@@ -64,6 +64,7 @@ fn merge_permits(into: &mut Vec<(BucketKey, Permits)>, key: &BucketKey, p: Permi
         slot.slots = slot.slots.saturating_sub(p.slots);
     }
     slot.tokens += sign * p.tokens;
+    slot.money += sign * p.money;
     into.retain(|(_, p)| !p.is_empty());
 }
 
@@ -280,6 +281,8 @@ impl Account {
                 Ok(model) => self.overrides().resolve(&plan.limits, &model)[2],
                 Err(_) => LimitSet::default(),
             },
+            // Budgets are lent apart (`lend`).
+            Scope::KeyBudget | Scope::ProjectBudget => LimitSet::default(),
         }
     }
 
@@ -551,6 +554,7 @@ impl Account {
             let back = if lapsed {
                 Permits {
                     tokens: back.tokens.min(0),
+                    money: back.money.min(0),
                     ..Permits::default()
                 }
             } else {
@@ -630,19 +634,33 @@ impl Account {
         }
         granted.takes = takes;
         for (key, ask) in &sync.want_permits {
-            let set = self.limits_of(catalog, key);
             let least = sync
                 .need_permits
                 .iter()
                 .find(|(k, _)| k == key)
                 .map(|(_, p)| *p)
                 .unwrap_or_default();
+            if key.scope.is_budget() {
+                // Only the current slot of a budget still set lends.
+                let budget = self
+                    .budgets
+                    .as_deref()
+                    .and_then(|b| b.of_bucket(key, &self.time_zone, now));
+                if let Some(a) = budget {
+                    let lent = self.buckets.lease_budget(&a, &self.time_zone, *ask, least, FAIR_SHARE);
+                    if !lent.is_empty() {
+                        granted.permits.push((key.clone(), lent));
+                    }
+                }
+                continue;
+            }
+            let set = self.limits_of(catalog, key);
             let lent = self.buckets.lease(key, &set, *ask, least, now);
             if lent.requests < ask.requests || lent.tokens < ask.tokens {
                 let lacking = Permits {
                     requests: ask.requests - lent.requests,
                     tokens: ask.tokens - lent.tokens,
-                    slots: 0,
+                    ..Permits::default()
                 };
                 let wait = self.buckets.retry_after(key, &set, lacking, now);
                 let ms = wait.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -690,6 +708,7 @@ impl Account {
             operations: Default::default(),
             buckets: Default::default(),
             overrides: shared.overrides.clone(),
+            budgets: shared.budgets.clone(),
             role: Role::Mirror(Box::default()),
         };
         mirror.buckets.set_leased();
@@ -705,6 +724,7 @@ impl Account {
         self.anchor = shared.anchor;
         self.suspended = shared.suspended;
         self.overrides.clone_from(&shared.overrides);
+        self.budgets.clone_from(&shared.budgets);
         // A new period or plan there (a mirror may be ahead at a period
         // boundary, never behind), or no subscription any more.
         let unsubscribed = shared.subscription.is_none() && self.subscription.is_some();

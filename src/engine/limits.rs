@@ -135,6 +135,17 @@ pub enum Scope {
     ApiKey,
     /// One model.
     Model,
+    /// The budget of one API key (see `engine::budget`).
+    KeyBudget,
+    /// The budget of one project.
+    ProjectBudget,
+}
+
+impl Scope {
+    /// A budget's bucket, not a rate limit's.
+    pub fn is_budget(self) -> bool {
+        matches!(self, Scope::KeyBudget | Scope::ProjectBudget)
+    }
 }
 
 /// What a limit counts.
@@ -175,8 +186,9 @@ impl std::fmt::Display for Exceeded {
         };
         let scope = match self.scope {
             Scope::Account => "the account",
-            Scope::ApiKey => "the API key",
+            Scope::ApiKey | Scope::KeyBudget => "the API key",
             Scope::Model => "the model",
+            Scope::ProjectBudget => "the project",
         };
         write!(f, "{kind} limit of {} on {scope}", self.limit)
     }
@@ -309,6 +321,10 @@ pub struct Permits {
     pub tokens: i128,
     /// Concurrency slots.
     pub slots: u64,
+    /// Money in pico-units, of a budget (see `engine::budget`); below zero
+    /// when actual spend outran what was admitted.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub money: i128,
 }
 
 impl Permits {
@@ -318,21 +334,41 @@ impl Permits {
     }
 }
 
+/// What a budget's bucket counts in its slot of time: tokens and money
+/// (pico-units) admitted, corrected when the actual figures are known, and
+/// on a shared account what sidecars hold on lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Used {
+    /// Tokens.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub tokens: i128,
+    /// Money, in pico-units.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub money: i128,
+}
+
 /// The state of one scope's limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bucket {
     requests: Gcra,
     tokens: Gcra,
     in_flight: u64,
+    /// A budget's count in its slot (see `engine::budget`).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub(super) used: Used,
+    /// When a budget's slot stops counting: the bucket may go then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) until: Option<Timestamp>,
     /// In a leased mirror: what the sidecar holds of the shared bucket.
     #[serde(skip)]
-    permits: Permits,
+    pub(super) permits: Permits,
 }
 
 impl Bucket {
     fn idle(&self, now: Timestamp) -> bool {
         self.in_flight == 0
             && self.permits.is_empty()
+            && (self.used == Used::default() || self.until.is_some_and(|t| t <= now))
             && self.requests.tat <= scaled_now(now, self.requests.rate)
             && self.tokens.tat <= scaled_now(now, self.tokens.rate)
     }
@@ -359,9 +395,9 @@ pub type Applicable = Vec<(BucketKey, LimitSet)>;
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Buckets {
     #[serde(with = "pairs")]
-    map: Map<BucketKey, Bucket>,
+    pub(super) map: Map<BucketKey, Bucket>,
     #[serde(skip)]
-    leased: bool,
+    pub(super) leased: bool,
     /// In a leased mirror: when the shared buckets expect to admit again,
     /// as they said when they last lent less than asked.
     #[serde(skip)]
@@ -514,6 +550,7 @@ impl Buckets {
                 slots: u64::from(
                     set.concurrent_requests > 0 && in_flight >= held.slots && !set.sidecar_full(in_flight),
                 ),
+                money: 0,
             };
             if !lack.is_empty() {
                 lacking.push((key.clone(), lack));
@@ -688,6 +725,10 @@ impl Buckets {
                 }
             }
             bucket.in_flight = bucket.in_flight.saturating_sub(back.slots);
+            if key.scope.is_budget() {
+                bucket.used.tokens -= back.tokens;
+                bucket.used.money -= back.money;
+            }
         }
     }
 
@@ -697,6 +738,7 @@ impl Buckets {
         bucket.permits.requests += granted.requests;
         bucket.permits.tokens += granted.tokens;
         bucket.permits.slots += granted.slots;
+        bucket.permits.money += granted.money;
     }
 
     /// Mirror side: what to give back. Token overruns always; with `all`
@@ -713,11 +755,13 @@ impl Buckets {
                 } else {
                     0
                 },
+                money: if all || p.money < 0 { p.money } else { 0 },
             };
             if !give.is_empty() {
                 p.requests -= give.requests;
                 p.tokens -= give.tokens;
                 p.slots -= give.slots;
+                p.money -= give.money;
                 back.push((key.clone(), give));
             }
         }

@@ -11,6 +11,7 @@
 //! - [`pricing`]: the versioned price book.
 //! - [`period`]: subscription period boundaries.
 //! - [`limits`]: GCRA rate limits and concurrency.
+//! - [`budget`]: spend caps on API keys and projects per period, counted in limit buckets.
 //! - [`catalog`]: plans, prices and hold policy.
 //! - [`window`]: a sidecar's share of a fixed window counted in a shared store.
 //! - [`source`]: sources and the amounts taken from them.
@@ -31,6 +32,7 @@
 #![deny(clippy::disallowed_methods)]
 
 pub mod account;
+pub mod budget;
 pub mod catalog;
 pub mod command;
 pub mod draw;

@@ -17,6 +17,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::account::{
     ANSWERS_KEPT, Account, Hold, Ledger, Lot, MAX_ANSWERS, MAX_OPEN_HOLDS, Remembered, Reservation, check_credit_limit,
 };
+use super::budget::{Applying, Counting, Room};
 use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need};
 use super::error::EngineError;
@@ -27,11 +28,11 @@ use super::period::Anchor;
 use super::pricing::{Rates, Unpriced, Usage};
 use super::record::{RecordKind, UsageRecord};
 use super::request::{
-    Balance, ChargeOutcome, ChargeRequest, ChargeWhat, Denial, Extended, PackGrant, Pool, ReserveOutcome,
+    Balance, BudgetUse, ChargeOutcome, ChargeRequest, ChargeWhat, Denial, Extended, PackGrant, Pool, ReserveOutcome,
     ReserveRequest, Reserved,
 };
 use super::role::{Least, Needed};
-use super::source::{SourceRef, Take};
+use super::source::{SourceRef, Take, money_total};
 
 /// The id of the account-wide bucket (the scope says it all).
 static ACCOUNT_BUCKET: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
@@ -77,6 +78,8 @@ impl Account {
 
     /// Funds the largest output grant in `min_output..=max_output`, or
     /// `None` if not even `min_output` fits.
+    /// Within `room`: the tokens of prompt and grant, and the money the
+    /// takes hold, fit every budget that applies.
     #[allow(clippy::too_many_arguments)]
     fn fund(
         &self,
@@ -87,6 +90,7 @@ impl Account {
         rates: Rates,
         model: &ModelId,
         bonus: &[Take],
+        room: Room,
         now: Timestamp,
     ) -> Option<(u64, Vec<Take>)> {
         let need = |o| Need::Tokens {
@@ -98,7 +102,11 @@ impl Account {
             model,
         };
         let caps = self.capacities(order, &need(max_output), bonus, now);
-        let attempt = |o| draw::plan(&caps, &need(o), false).ok();
+        let attempt = |o| {
+            draw::plan(&caps, &need(o), false)
+                .ok()
+                .filter(|takes| room.fits(prompt.total_tokens() + o, money_total(takes).picos()))
+        };
         if let Some(takes) = attempt(max_output) {
             return Some((max_output, takes));
         }
@@ -113,6 +121,61 @@ impl Account {
             }
         }
         Some((lo, best))
+    }
+
+    /// The budgets a request by `key` counts in at `now` (none without a
+    /// key).
+    fn budgets_for(&self, key: Option<&ApiKeyId>, now: Timestamp) -> Result<Vec<Applying>, EngineError> {
+        match (self.budgets.as_deref(), key) {
+            (Some(budgets), Some(key)) => Ok(budgets.applying(key, &self.time_zone, now)?),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Why nothing was funded: a budget, if the sources alone would have
+    /// funded `min_output` (the budget that spend does not fit), or funds.
+    #[allow(clippy::too_many_arguments)]
+    fn unfunded(
+        &self,
+        budgets: &[Applying],
+        order: &[SourceClass],
+        prompt: Usage,
+        min_output: u64,
+        rates: Rates,
+        model: &ModelId,
+        bonus: &[Take],
+        now: Timestamp,
+    ) -> (Denial, String) {
+        let funds = (
+            Denial::InsufficientFunds,
+            "no source can cover the prompt and one output token".to_owned(),
+        );
+        if budgets.is_empty() {
+            return funds;
+        }
+        let unbounded = self.fund(
+            order,
+            prompt,
+            min_output,
+            min_output,
+            rates,
+            model,
+            bonus,
+            Room::default(),
+            now,
+        );
+        let exhausted = unbounded.and_then(|(_, takes)| {
+            let tokens = prompt.total_tokens() + min_output;
+            self.buckets
+                .exhausted(budgets, &self.time_zone, tokens, money_total(&takes).picos())
+        });
+        match exhausted {
+            Some(e) => {
+                let message = e.to_string();
+                (Denial::BudgetExceeded(e), message)
+            }
+            None => funds,
+        }
     }
 
     fn expiry(catalog: &Catalog, now: Timestamp) -> Result<Timestamp, EngineError> {
@@ -188,11 +251,17 @@ impl Account {
             }
         };
         // A mirror grants all or asks: the shared account may well have what
-        // its slice lacks.
+        // its slice lacks (funds, permits, budgets).
         let min_output = if self.must_ask() {
             req.max_output_tokens
         } else {
             req.max_output_tokens.min(1)
+        };
+        let budgets = self.budgets_for(req.api_key_id.as_ref(), now)?;
+        let room = if self.must_ask() {
+            Room::default()
+        } else {
+            self.buckets.room_for(&budgets, &self.time_zone)
         };
         let funded = self.fund(
             &plan.draw_order,
@@ -202,17 +271,26 @@ impl Account {
             rates,
             &req.model,
             &[],
+            room,
             now,
         );
         if self.must_ask() {
-            let lacking = self
-                .buckets
-                .lacking(&limits, prompt.total_tokens() + req.max_output_tokens);
-            if funded.is_none() || !lacking.is_empty() || self.lease_stale(now) {
-                let worst = Usage {
-                    output_tokens: req.max_output_tokens,
-                    ..prompt
+            let worst_tokens = prompt.total_tokens() + req.max_output_tokens;
+            let mut lacking = self.buckets.lacking(&limits, worst_tokens);
+            let worst = Usage {
+                output_tokens: req.max_output_tokens,
+                ..prompt
+            };
+            if !budgets.is_empty() {
+                // What the worst case holds in money, or (funds short here)
+                // at most its price.
+                let money = match &funded {
+                    Some((_, takes)) => money_total(takes).picos(),
+                    None => rates.prices.cost(&worst).map_or(i128::MAX, Money::picos),
                 };
+                lacking.extend(self.buckets.budgets_lacking(&budgets, worst_tokens, money));
+            }
+            if funded.is_none() || !lacking.is_empty() || self.lease_stale(now) {
                 let need = Needed::Tokens {
                     usage: worst,
                     rates,
@@ -236,11 +314,17 @@ impl Account {
             }
         }
         let Some((granted, takes)) = funded else {
-            return deny(
-                self,
-                Denial::InsufficientFunds,
-                "no source can cover the prompt and one output token".into(),
+            let (denial, message) = self.unfunded(
+                &budgets,
+                &plan.draw_order,
+                prompt,
+                min_output,
+                rates,
+                &req.model,
+                &[],
+                now,
             );
+            return deny(self, denial, message);
         };
         // Everything that can fail comes before the limits are charged.
         let reservation_id = req.request_id.reservation_id();
@@ -254,6 +338,9 @@ impl Account {
             }
         };
         self.rebalance(&[], &takes, &[]);
+        let counted_money = money_total(&takes).picos();
+        self.buckets
+            .take_budgets(&budgets, &self.time_zone, admitted_tokens, counted_money);
         let reserved = Reserved {
             reservation_id: reservation_id.clone(),
             granted_output_tokens: granted,
@@ -280,6 +367,12 @@ impl Account {
                 .collect(),
             buckets: limits.into_iter().map(|(key, _)| key).collect(),
             admitted_tokens,
+            budgets: (!budgets.is_empty()).then(|| {
+                Box::new(Counting {
+                    applying: budgets,
+                    money: counted_money,
+                })
+            }),
         };
         self.traffic_mut().expiries.insert((expires_at, reservation_id.clone()));
         self.traffic_mut()
@@ -375,35 +468,82 @@ impl Account {
         } else if self.suspended {
             (hold.granted_output, hold.takes.clone(), Some(Denial::Suspended))
         } else {
-            let funded = self.fund(
-                &plan.draw_order,
-                hold.prompt,
-                hold.granted_output,
-                max_output,
-                rates,
-                &hold.model,
-                &hold.takes,
-                now,
-            );
-            let (granted, takes) = funded.unwrap_or((hold.granted_output, hold.takes.clone()));
-            if self.must_ask() && (granted < max_output || self.lease_stale(now)) {
-                let need = Needed::Tokens {
-                    usage: Usage {
-                        output_tokens: max_output,
-                        ..hold.prompt
-                    },
+            // The budgets' room, beside what the hold counts in them already.
+            let room = if self.must_ask() {
+                Room::default()
+            } else {
+                let room = self.buckets.room_for(hold.budgets(), &self.time_zone);
+                Room {
+                    tokens: room.tokens.map(|r| r + i128::from(hold.admitted_tokens)),
+                    money: room.money.map(|r| r + hold.counted_money()),
+                }
+            };
+            let fund = |room| {
+                self.fund(
+                    &plan.draw_order,
+                    hold.prompt,
+                    hold.granted_output,
+                    max_output,
                     rates,
-                    model: hold.model.clone(),
+                    &hold.model,
+                    &hold.takes,
+                    room,
+                    now,
+                )
+            };
+            let funded = fund(room);
+            let (granted, takes) = funded.unwrap_or((hold.granted_output, hold.takes.clone()));
+            // What growing to the whole of `max_output` would count more.
+            let worst = Usage {
+                output_tokens: max_output,
+                ..hold.prompt
+            };
+            let growth = |takes: &[Take], granted: u64| {
+                let money = if granted == max_output {
+                    money_total(takes).picos()
+                } else {
+                    rates.prices.cost(&worst).map_or(i128::MAX, Money::picos)
                 };
-                return Err(Account::short(Some((need, None)), Vec::new()));
+                (
+                    worst.total_tokens() - hold.admitted_tokens,
+                    money - hold.counted_money(),
+                )
+            };
+            if self.must_ask() {
+                let (tokens, money) = growth(&takes, granted);
+                let lacking = self.buckets.budgets_lacking(hold.budgets(), tokens, money);
+                if granted < max_output || self.lease_stale(now) || !lacking.is_empty() {
+                    let need = Needed::Tokens {
+                        usage: worst,
+                        rates,
+                        model: hold.model.clone(),
+                    };
+                    let need = (granted < max_output || self.lease_stale(now)).then_some((need, None));
+                    return Err(Account::short(need, lacking));
+                }
             }
-            let short = (granted < max_output).then_some(Denial::InsufficientFunds);
+            let short = (granted < max_output).then(|| {
+                // Funds would have given more: a budget stopped it.
+                let unbounded = fund(Room::default()).filter(|(g, _)| *g > granted);
+                let exhausted = unbounded.and_then(|(g, takes)| {
+                    let tokens = hold.prompt.total_tokens() + g - hold.admitted_tokens;
+                    let money = money_total(&takes).picos() - hold.counted_money();
+                    self.buckets.exhausted(hold.budgets(), &self.time_zone, tokens, money)
+                });
+                exhausted.map_or(Denial::InsufficientFunds, Denial::BudgetExceeded)
+            });
             (granted, takes, short)
         };
         self.rebalance(&hold.takes, &takes, &[]);
         let admitted_tokens = hold.prompt.total_tokens() + granted;
         self.buckets
             .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, admitted_tokens, now);
+        let counted_money = money_total(&takes).picos();
+        self.buckets.adjust_budgets(
+            hold.budgets(),
+            i128::from(admitted_tokens) - i128::from(hold.admitted_tokens),
+            counted_money - hold.counted_money(),
+        );
         let extended = Extended {
             granted_output_tokens: granted,
             expires_at,
@@ -417,6 +557,9 @@ impl Account {
             h.takes = takes;
             h.expires_at = expires_at;
             h.admitted_tokens = admitted_tokens;
+            if let Some(b) = &mut h.budgets {
+                b.money = counted_money;
+            }
         }
         Ok(extended)
     }
@@ -467,6 +610,11 @@ impl Account {
         self.rebalance(&hold.takes, &[], &charges);
         self.buckets
             .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, usage.total_tokens(), now);
+        self.buckets.adjust_budgets(
+            hold.budgets(),
+            i128::from(usage.total_tokens()) - i128::from(hold.admitted_tokens),
+            money_total(&charges).picos() - hold.counted_money(),
+        );
         self.buckets.finish(&hold.buckets);
         self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
         let record = Arc::new(self.record_for(&hold, RecordKind::Settle, usage, charges, now));
@@ -493,6 +641,8 @@ impl Account {
         self.traffic_mut().expiries.remove(&(hold.expires_at, id.clone()));
         self.buckets
             .adjust_tokens(&hold.token_buckets, hold.admitted_tokens, 0, now);
+        self.buckets
+            .adjust_budgets(hold.budgets(), -i128::from(hold.admitted_tokens), -hold.counted_money());
         self.buckets.finish(&hold.buckets);
         self.traffic_mut().reservations.insert(
             id.clone(),
@@ -570,7 +720,15 @@ impl Account {
                 "no source can cover the charge".into(),
             ));
         };
+        // Counted in the key's budgets without a check: the work is done.
+        let budgets = self.budgets_for(req.api_key_id.as_ref(), now)?;
         self.rebalance(&[], &[], &charges);
+        self.buckets.take_budgets(
+            &budgets,
+            &self.time_zone,
+            usage.total_tokens(),
+            money_total(&charges).picos(),
+        );
         let record = Arc::new(UsageRecord {
             kind: RecordKind::Charge,
             request_id: req.request_id.clone(),
@@ -931,6 +1089,17 @@ impl Account {
             held_money: Money::from_picos(held_money),
             held_tokens: to_u64(held_tokens),
             suspended: self.suspended,
+            budgets: self
+                .budgets
+                .as_deref()
+                .and_then(|b| b.all(&self.time_zone, now).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|applying| BudgetUse {
+                    counted: self.buckets.counted(&applying, &self.time_zone),
+                    applying,
+                })
+                .collect(),
         }
     }
 }

@@ -42,7 +42,7 @@ impl ReserveRequest {
 }
 
 /// Why a request may not proceed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
     /// No source can pay.
     InsufficientFunds,
@@ -56,6 +56,8 @@ pub enum Denial {
     ModelNotPriced,
     /// The plan does not allow the model.
     ModelNotAllowed,
+    /// A budget of the API key or its project is used up.
+    BudgetExceeded(super::budget::Exhausted),
 }
 
 /// An allowed reservation.
@@ -192,4 +194,15 @@ pub struct Balance {
     pub held_tokens: u64,
     /// Suspended.
     pub suspended: bool,
+    /// Budgets of API keys and projects, with what each counted.
+    pub budgets: Vec<BudgetUse>,
+}
+
+/// One budget and what it counted in its current window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetUse {
+    /// The budget as it applies now.
+    pub applying: super::budget::Applying,
+    /// What it counted, and when that starts to fall.
+    pub counted: super::budget::Counted,
 }

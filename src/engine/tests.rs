@@ -2114,3 +2114,151 @@ fn roles_are_types_and_a_mirror_never_lends() {
     let json = serde_json::to_value(&car.mirror).unwrap();
     assert!(json.get("leases").is_none() && json.get("journals").is_none(), "{json}");
 }
+
+// ---- budgets ----
+
+use super::budget::{Budget, BudgetPeriod, Budgets, Project};
+use super::limits::Scope;
+
+/// A budget on `key` of `money` pico-units and/or `tokens` per `period`.
+fn key_budget(key: &str, period: BudgetPeriod, money: Option<i128>, tokens: Option<u64>) -> Budgets {
+    let mut b = Budgets::default();
+    b.keys.insert(
+        super::ids::ApiKeyId::parse(key).unwrap(),
+        Budget {
+            period,
+            money: money.map(Money::from_picos),
+            tokens,
+        },
+    );
+    b
+}
+
+fn by_key(id: &str, key: &str, input: u64, output: u64) -> ReserveRequest {
+    ReserveRequest {
+        api_key_id: Some(super::ids::ApiKeyId::parse(key).unwrap()),
+        ..req(id, "m", input, output)
+    }
+}
+
+fn exhausted(outcome: ReserveOutcome) -> super::budget::Exhausted {
+    match denial(outcome) {
+        Denial::BudgetExceeded(e) => e,
+        other => panic!("denied for {other:?}, not a budget"),
+    }
+}
+
+/// A key's money budget shrinks a grant to what it has room for, counts
+/// what a settle actually spent, and then denies naming the budget and
+/// its reset (the next month in the account's time zone); a release gives
+/// the room back, and other keys are not limited by it.
+#[test]
+fn a_key_budget_caps_grants_counts_actual_spend_and_denies_naming_itself() {
+    let (c, mut a) = funded("payg", 100_000_000_000);
+    let now = t(NOW);
+    let budgets = key_budget("k1", BudgetPeriod::Month, Some(100_000), None);
+    a.apply(&c, Command::SetBudgets(budgets), now).unwrap();
+    // 10 input and 10 output tokens of `m` cost at most 50,000.
+    let r1 = allowed(a.reserve(&c, &by_key("r1", "k1", 10, 10), now).unwrap());
+    assert_eq!(r1.granted_output_tokens, 10);
+    a.settle(&c, &"r1".parse_id(), usage(10, 5), now).unwrap();
+    // 30,000 spent: 70,000 left, room for 15 output tokens after the prompt.
+    let r2 = allowed(a.reserve(&c, &by_key("r2", "k1", 10, 100), now).unwrap());
+    assert_eq!(r2.granted_output_tokens, 15);
+    let e = exhausted(a.reserve(&c, &by_key("r3", "k1", 10, 10), now).unwrap());
+    assert_eq!(
+        (e.scope, &*e.id, e.money, e.limit),
+        (Scope::KeyBudget, "k1", true, 100_000)
+    );
+    assert_eq!(e.resets_at, t("2026-03-31T22:00:00Z"), "April 1st, midnight in Paris");
+    assert!(a.balance(now).budgets[0].counted.used.money == 100_000);
+    // Another key and no key at all are not limited by k1's budget.
+    allowed(a.reserve(&c, &by_key("other", "k2", 10, 100), now).unwrap());
+    allowed(a.reserve(&c, &req("none", "m", 10, 100), now).unwrap());
+    a.release(&c, &"r2".parse_id(), now).unwrap();
+    allowed(a.reserve(&c, &by_key("r3", "k1", 10, 10), now).unwrap());
+    // A new month starts afresh.
+    let april = t("2026-04-01T00:00:00Z");
+    let e = a.reserve(&c, &by_key("r4", "k1", 10, 10), april).unwrap();
+    assert_eq!(allowed(e).granted_output_tokens, 10);
+}
+
+/// A project's token budget counts every key of the project, one-shot
+/// charges included (counted without a check: the work is done), and
+/// starts afresh the next day.
+#[test]
+fn a_project_budget_counts_every_key_and_resets_with_the_day() {
+    let (c, mut a) = funded("payg", 100_000_000_000);
+    let now = t(NOW);
+    let mut budgets = Budgets::default();
+    budgets.projects.insert(
+        super::ids::ProjectId::parse("research").unwrap(),
+        Project {
+            keys: ["k1", "k2"]
+                .iter()
+                .map(|k| super::ids::ApiKeyId::parse(k).unwrap())
+                .collect(),
+            budget: Some(Budget {
+                period: BudgetPeriod::Day,
+                money: None,
+                tokens: Some(100),
+            }),
+        },
+    );
+    a.apply(&c, Command::SetBudgets(budgets), now).unwrap();
+    allowed(a.reserve(&c, &by_key("a", "k1", 10, 40), now).unwrap());
+    allowed(a.reserve(&c, &by_key("b", "k2", 10, 30), now).unwrap());
+    let charge = ChargeRequest {
+        request_id: "c".parse_id(),
+        api_key_id: Some(super::ids::ApiKeyId::parse("k2").unwrap()),
+        model: Some("m".parse_id()),
+        tier: TierId::default_tier(),
+        what: ChargeWhat::Usage(usage(5, 5)),
+    };
+    assert!(matches!(a.charge(&c, &charge, now).unwrap(), ChargeOutcome::Charged(_)));
+    // 50 + 40 + 10 counted: nothing left, not even for a prompt.
+    let e = exhausted(a.reserve(&c, &by_key("d", "k1", 1, 1), now).unwrap());
+    assert_eq!(
+        (e.scope, &*e.id, e.money, e.limit),
+        (Scope::ProjectBudget, "research", false, 100)
+    );
+    assert_eq!(e.resets_at, t("2026-03-10T23:00:00Z"), "midnight in Paris");
+    let next_day = t("2026-03-10T23:00:00Z");
+    allowed(a.reserve(&c, &by_key("d", "k1", 1, 1), next_day).unwrap());
+}
+
+/// Sidecars lent slices of a budget never admit more than it allows
+/// between them, and a budget-short reserve is denied as the budget's.
+#[test]
+fn sidecars_never_admit_more_than_a_budget_between_them() {
+    let (c, mut shared) = funded("payg", 100_000_000_000);
+    let now = t(NOW);
+    let budgets = key_budget("k1", BudgetPeriod::Rolling30Days, None, Some(1_000));
+    shared.apply(&c, Command::SetBudgets(budgets), now).unwrap();
+    let mut sidecars = [
+        Sidecar::new("a", &shared),
+        Sidecar::new("b", &shared),
+        Sidecar::new("c", &shared),
+    ];
+    let (mut admitted, mut denied) = (0u64, 0);
+    for i in 0..200 {
+        let side = &mut sidecars[i % 3];
+        let command = Command::Reserve(by_key(&format!("r{i}"), "k1", 10, 10));
+        match side.apply(&mut shared, &c, command, now) {
+            Reply::Reserve(ReserveOutcome::Allowed(r)) => admitted += 10 + r.granted_output_tokens,
+            Reply::Reserve(ReserveOutcome::Denied {
+                denial: Denial::BudgetExceeded(e),
+                ..
+            }) => {
+                assert_eq!((&*e.id, e.limit), ("k1", 1_000));
+                denied += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(admitted <= 1_000, "admitted {admitted} tokens under a budget of 1,000");
+    assert!(admitted >= 900, "only {admitted} admitted: slices stranded");
+    assert!(denied > 0);
+    let counted = shared.balance(now).budgets[0].counted.used.tokens;
+    assert!(counted <= 1_000, "the shared account counts {counted}");
+}
