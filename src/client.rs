@@ -114,6 +114,8 @@ pub struct Denial {
     pub retry_after: Option<Duration>,
     /// The rate-limit figures now (for `x-ratelimit-*` headers).
     pub limits: Option<proto::RateLimitStatus>,
+    /// The budget that denied (for `x-budget-*` headers).
+    pub budget: Option<proto::BudgetRef>,
 }
 
 /// Held funds and permits for one request: settle it, or it is released
@@ -139,10 +141,42 @@ fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
 }
 
 impl Denial {
-    /// The response headers for this denial (see [`headers`]).
+    /// The response headers for this denial (see [`headers`] and
+    /// [`budget_headers`]).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        headers(self.limits.as_ref(), self.retry_after)
+        let mut out = headers(self.limits.as_ref(), self.retry_after);
+        out.extend(self.budget.as_ref().map(budget_headers).unwrap_or_default());
+        out
     }
+}
+
+/// The headers that say which budget denied a request and when it has
+/// room again: `x-budget-scope` (`api_key` or `project`), `x-budget-id`,
+/// `x-budget-period`, `x-budget-limit-money` or `x-budget-limit-tokens`
+/// (what ran out), and `x-budget-reset` (RFC 3339). A budget resets in
+/// hours or days, so no `retry-after` is sent for it.
+pub fn budget_headers(b: &proto::BudgetRef) -> Vec<(&'static str, String)> {
+    let scope = match proto::BudgetScope::try_from(b.scope) {
+        Ok(proto::BudgetScope::Project) => "project",
+        _ => "api_key",
+    };
+    let mut out = vec![
+        ("x-budget-scope", scope.to_owned()),
+        ("x-budget-id", b.id.clone()),
+        ("x-budget-period", b.period.clone()),
+    ];
+    match &b.money_limit {
+        Some(m) => out.push(("x-budget-limit-money", m.decimal.clone())),
+        None => out.push(("x-budget-limit-tokens", b.tokens_limit.to_string())),
+    }
+    if let Some(t) = b
+        .resets_at
+        .as_ref()
+        .and_then(|t| jiff::Timestamp::new(t.seconds, t.nanos).ok())
+    {
+        out.push(("x-budget-reset", t.to_string()));
+    }
+    out
 }
 
 /// The response headers OpenAI-compatible clients read:
@@ -272,6 +306,7 @@ impl Client {
             message: r.message,
             retry_after: duration(r.retry_after.as_ref()),
             limits: r.rate_limits,
+            budget: r.budget,
         }))
     }
 

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use super::auth::{Operators, Role};
 use super::convert::{
-    id, ledger_figures, limit_set, money, money_out, opt_id, overrides_out, price_version_out, reason, record_out,
-    take_in, takes_out, timestamp, timestamp_out,
+    budgets_in, budgets_out, id, ledger_figures, limit_set, money, money_out, opt_id, overrides_out, price_version_out,
+    reason, record_out, take_in, takes_out, timestamp, timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
+use crate::engine::budget::Budgets;
 use crate::engine::hash::{Map, Set};
 use crate::engine::ids::{AccountId, LotId, ModelId, PlanId, RequestId, TierId, VersionId};
 use crate::engine::limits::LimitOverrides;
@@ -214,6 +215,7 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
         recent_usage: a.traffic().recent.iter().map(|r| record_out(r)).collect(),
         balance: Some(balance_out(&a.id, &s.balance)),
         overrides: Some(overrides_out(a.overrides())),
+        budgets: Some(budgets_out(a.budgets.as_deref().unwrap_or(&Budgets::default()))),
     }
 }
 
@@ -483,6 +485,19 @@ impl Admin for AdminApi {
         };
         self.mutate(caller, &account, Command::SetOverrides(overrides), why)
             .await
+    }
+
+    async fn set_budgets(
+        &self,
+        request: Request<proto::SetBudgetsRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = self.caller(&request, Role::Write)?;
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        let budgets = budgets_in(&r.budgets.unwrap_or_default())?;
+        budgets.check().map_err(|e| status(e.into()))?;
+        self.mutate(caller, &account, Command::SetBudgets(budgets), why).await
     }
 
     async fn refund(&self, request: Request<proto::RefundRequest>) -> Result<Response<proto::AccountDetail>, Status> {

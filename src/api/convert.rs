@@ -9,11 +9,12 @@ use std::time::Duration;
 use tonic::Status;
 
 use crate::engine::Ledger;
-use crate::engine::ids::TierId;
+use crate::engine::budget::{Budget, BudgetPeriod, Budgets, Project};
+use crate::engine::ids::{ApiKeyId, ProjectId, TierId};
 use crate::engine::limits::{Exceeded, Kind, LimitOverrides, LimitSet, RateStatus, Scope};
 use crate::engine::money::Money;
 use crate::engine::pricing::{PriceVersion, TokenPrices};
-use crate::engine::request::Denial;
+use crate::engine::request::{BudgetUse, Denial};
 use crate::proto;
 use crate::wire::invalid;
 pub use crate::wire::{
@@ -78,20 +79,46 @@ pub fn rate_status_out(s: &RateStatus) -> proto::RateLimitStatus {
     }
 }
 
-/// A denial reason, and the limit behind it, for the wire.
-pub fn denial_out(
-    d: &Denial,
-) -> (
-    proto::DenyReason,
-    Option<proto::LimitRef>,
-    Option<prost_types::Duration>,
-) {
+/// A denial for the wire: its reason, and the limit or budget behind it.
+#[derive(Debug, Clone, Default)]
+pub struct DenialOut {
+    /// The reason.
+    pub reason: proto::DenyReason,
+    /// The rate limit that denied.
+    pub limit: Option<proto::LimitRef>,
+    /// When a rate limit admits again.
+    pub retry_after: Option<prost_types::Duration>,
+    /// The budget that denied.
+    pub budget: Option<proto::BudgetRef>,
+}
+
+/// A denial reason, and the limit or budget behind it, for the wire.
+pub fn denial_out(d: &Denial) -> DenialOut {
+    let reason = |reason| DenialOut {
+        reason,
+        ..DenialOut::default()
+    };
     match d {
-        Denial::InsufficientFunds => (proto::DenyReason::InsufficientFunds, None, None),
-        Denial::UnknownAccount => (proto::DenyReason::UnknownAccount, None, None),
-        Denial::Suspended => (proto::DenyReason::AccountSuspended, None, None),
-        Denial::ModelNotPriced => (proto::DenyReason::ModelNotPriced, None, None),
-        Denial::ModelNotAllowed => (proto::DenyReason::ModelNotAllowed, None, None),
+        Denial::InsufficientFunds => reason(proto::DenyReason::InsufficientFunds),
+        Denial::UnknownAccount => reason(proto::DenyReason::UnknownAccount),
+        Denial::Suspended => reason(proto::DenyReason::AccountSuspended),
+        Denial::ModelNotPriced => reason(proto::DenyReason::ModelNotPriced),
+        Denial::ModelNotAllowed => reason(proto::DenyReason::ModelNotAllowed),
+        Denial::BudgetExceeded(e) => DenialOut {
+            budget: Some(proto::BudgetRef {
+                scope: budget_scope_out(e.scope) as i32,
+                id: e.id.to_string(),
+                period: e.period.name().to_owned(),
+                money_limit: e.money.then(|| money_out(Money::from_picos(e.limit))),
+                tokens_limit: if e.money {
+                    0
+                } else {
+                    u64::try_from(e.limit).unwrap_or(u64::MAX)
+                },
+                resets_at: Some(timestamp_out(e.resets_at)),
+            }),
+            ..reason(proto::DenyReason::BudgetExceeded)
+        },
         Denial::RateLimited(Exceeded {
             scope,
             kind,
@@ -100,8 +127,9 @@ pub fn denial_out(
         }) => {
             let scope = match scope {
                 Scope::Account => proto::LimitScope::Account,
-                Scope::ApiKey => proto::LimitScope::ApiKey,
+                Scope::ApiKey | Scope::KeyBudget => proto::LimitScope::ApiKey,
                 Scope::Model => proto::LimitScope::Model,
+                Scope::ProjectBudget => proto::LimitScope::Unspecified,
             };
             let kind = match kind {
                 Kind::Requests => proto::LimitKind::RequestsPerMinute,
@@ -109,17 +137,101 @@ pub fn denial_out(
                 Kind::Concurrency => proto::LimitKind::ConcurrentRequests,
                 Kind::SidecarConcurrency => proto::LimitKind::ConcurrentRequestsPerSidecar,
             };
-            let limit = proto::LimitRef {
-                scope: scope as i32,
-                kind: kind as i32,
-                limit: *limit,
-            };
-            (
-                proto::DenyReason::RateLimited,
-                Some(limit),
-                retry_after.map(duration_out),
-            )
+            DenialOut {
+                limit: Some(proto::LimitRef {
+                    scope: scope as i32,
+                    kind: kind as i32,
+                    limit: *limit,
+                }),
+                retry_after: retry_after.map(duration_out),
+                ..reason(proto::DenyReason::RateLimited)
+            }
         }
+    }
+}
+
+/// A budget's scope for the wire.
+pub fn budget_scope_out(scope: Scope) -> proto::BudgetScope {
+    match scope {
+        Scope::ProjectBudget => proto::BudgetScope::Project,
+        _ => proto::BudgetScope::ApiKey,
+    }
+}
+
+/// One budget's use for the wire.
+pub fn budget_use_out(u: &BudgetUse) -> proto::BudgetUse {
+    let a = &u.applying;
+    proto::BudgetUse {
+        scope: budget_scope_out(a.scope) as i32,
+        id: a.id.to_string(),
+        period: a.budget.period.name().to_owned(),
+        money_limit: a.budget.money.map(money_out),
+        money_used: Some(money_out(Money::from_picos(u.counted.used.money))),
+        tokens_limit: a.budget.tokens.unwrap_or(0),
+        tokens_used: u64::try_from(u.counted.used.tokens).unwrap_or(0),
+        resets_at: Some(timestamp_out(u.counted.resets_at)),
+    }
+}
+
+/// A budget from the wire.
+pub fn budget_in(field: &str, b: &proto::Budget) -> Result<Budget, Status> {
+    Ok(Budget {
+        period: BudgetPeriod::parse(&b.period).map_err(|e| invalid(&format!("{field}.period"), e))?,
+        money: b
+            .money
+            .as_ref()
+            .map(|m| money(&format!("{field}.money"), Some(m)))
+            .transpose()?,
+        tokens: (b.tokens > 0).then_some(b.tokens),
+    })
+}
+
+/// An account's budgets from the wire (checked whole by the engine).
+pub fn budgets_in(b: &proto::Budgets) -> Result<Budgets, Status> {
+    let mut out = Budgets::default();
+    for (key, budget) in &b.api_keys {
+        let field = format!("budgets.api_keys.{key}");
+        out.keys
+            .insert(id(&field, key, ApiKeyId::parse)?, budget_in(&field, budget)?);
+    }
+    for (project, p) in &b.projects {
+        let field = format!("budgets.projects.{project}");
+        let keys = p
+            .api_key_ids
+            .iter()
+            .map(|k| id(&format!("{field}.api_key_ids"), k, ApiKeyId::parse))
+            .collect::<Result<_, _>>()?;
+        let budget = p
+            .budget
+            .as_ref()
+            .map(|b| budget_in(&format!("{field}.budget"), b))
+            .transpose()?;
+        out.projects
+            .insert(id(&field, project, ProjectId::parse)?, Project { keys, budget });
+    }
+    Ok(out)
+}
+
+/// An account's budgets for the wire.
+pub fn budgets_out(b: &Budgets) -> proto::Budgets {
+    let budget = |b: &Budget| proto::Budget {
+        period: b.period.name().to_owned(),
+        money: b.money.map(money_out),
+        tokens: b.tokens.unwrap_or(0),
+    };
+    proto::Budgets {
+        api_keys: b.keys.iter().map(|(k, b)| (k.to_string(), budget(b))).collect(),
+        projects: b
+            .projects
+            .iter()
+            .map(|(id, p)| {
+                let project = proto::Project {
+                    api_key_ids: p.keys.iter().map(ToString::to_string).collect(),
+                    budget: p.budget.as_ref().map(budget),
+                };
+                (id.to_string(), project)
+            })
+            .collect(),
     }
 }
 

@@ -5,8 +5,8 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier, timestamp_out, tokens,
-    usage,
+    DenialOut, budget_use_out, denial_out, id, money, money_out, opt_id, rate_status_out, record_out, takes_out, tier,
+    timestamp_out, tokens, usage,
 };
 use super::status::{invalid, status, unexpected};
 use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId};
@@ -33,13 +33,14 @@ impl QuotaApi {
 }
 
 fn denied(denial: Denial, message: String, limits: &RateStatus) -> proto::ReserveResponse {
-    let (reason, limit, retry_after) = denial_out(&denial);
+    let out = denial_out(&denial);
     proto::ReserveResponse {
         decision: proto::Decision::Deny as i32,
-        deny_reason: reason as i32,
+        deny_reason: out.reason as i32,
         message,
-        limit,
-        retry_after,
+        limit: out.limit,
+        retry_after: out.retry_after,
+        budget: out.budget,
         rate_limits: Some(rate_status_out(limits)),
         ..Default::default()
     }
@@ -146,16 +147,17 @@ impl QuotaApi {
         let Reply::Extend(e) = self.tollgate.apply(&account, command).await.map_err(status)? else {
             return Err(unexpected("Extend"));
         };
-        let (decision, reason) = match &e.shortfall {
-            None => (proto::Decision::Allow, proto::DenyReason::Unspecified),
-            Some(denial) => (proto::Decision::Deny, denial_out(denial).0),
+        let (decision, out) = match &e.shortfall {
+            None => (proto::Decision::Allow, DenialOut::default()),
+            Some(denial) => (proto::Decision::Deny, denial_out(denial)),
         };
         Ok(Response::new(proto::ExtendResponse {
             decision: decision as i32,
-            deny_reason: reason as i32,
+            deny_reason: out.reason as i32,
             granted_output_tokens: e.granted_output_tokens,
             expires_at: Some(timestamp_out(e.expires_at)),
             held: takes_out(&e.held),
+            budget: out.budget,
         }))
     }
 
@@ -245,7 +247,7 @@ impl QuotaApi {
             },
             ChargeOutcome::Denied(denial, message) => proto::ChargeResponse {
                 decision: proto::Decision::Deny as i32,
-                deny_reason: denial_out(&denial).0 as i32,
+                deny_reason: denial_out(&denial).reason as i32,
                 message,
                 record: None,
             },
@@ -296,6 +298,7 @@ fn reason_label(reason: proto::DenyReason) -> &'static str {
         proto::DenyReason::AccountSuspended => "account_suspended",
         proto::DenyReason::ModelNotPriced => "model_not_priced",
         proto::DenyReason::ModelNotAllowed => "model_not_allowed",
+        proto::DenyReason::BudgetExceeded => "budget_exceeded",
     }
 }
 
@@ -387,5 +390,6 @@ pub fn balance_out(account: &AccountId, b: &crate::engine::request::Balance) -> 
         held_money: Some(money_out(b.held_money)),
         held_tokens: b.held_tokens,
         suspended: b.suspended,
+        budgets: b.budgets.iter().map(budget_use_out).collect(),
     }
 }

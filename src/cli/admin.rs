@@ -1,7 +1,7 @@
 //! `tollgate admin ...`: the operator's client of the admin API.
 //!
-//! Every subcommand is one admin call (two for `set-limit`, which reads the
-//! overrides it edits). It prints an aligned table, or JSON with `--json`,
+//! Every subcommand is one admin call (two for `set-limit` and
+//! `set-budget`, which read the overrides or budgets they edit). It prints an aligned table, or JSON with `--json`,
 //! and exits with a code a script can rely on:
 //!
 //! | code | meaning |
@@ -62,6 +62,9 @@ pub enum AdminCmd {
     SetPlan(SetPlanArgs),
     /// Set (or clear) one scope of an account's limit overrides.
     SetLimit(SetLimitArgs),
+    /// Set (or clear) the budget of an API key or a project, or a
+    /// project's keys.
+    SetBudget(SetBudgetArgs),
     /// Suspend an account: new spending is denied.
     Suspend(ChangeArgs),
     /// Lift a suspension.
@@ -296,6 +299,35 @@ pub struct SetLimitArgs {
     concurrent_per_sidecar: u64,
     /// Drop the override of this scope (the plan's limits apply again).
     #[arg(long, conflicts_with_all = ["rpm", "tpm", "concurrent", "concurrent_per_sidecar"])]
+    clear: bool,
+}
+
+/// Options of `admin set-budget`.
+#[derive(Debug, Args)]
+pub struct SetBudgetArgs {
+    #[command(flatten)]
+    change: ChangeArgs,
+    /// The API key whose budget to set.
+    #[arg(long, required_unless_present = "project", conflicts_with = "project")]
+    api_key: Option<String>,
+    /// The project whose budget (or keys) to set.
+    #[arg(long)]
+    project: Option<String>,
+    /// The project's keys (replace the ones it has).
+    #[arg(long, value_delimiter = ',', requires = "project")]
+    keys: Option<Vec<String>>,
+    /// `month` or `day` (calendar, in the account's time zone), or
+    /// `rolling_30_days`.
+    #[arg(long, default_value = "month")]
+    period: String,
+    /// Money per period, e.g. 25 or 0.50.
+    #[arg(long)]
+    money: Option<String>,
+    /// Tokens per period (input of all kinds and output).
+    #[arg(long)]
+    tokens: Option<u64>,
+    /// Drop the budget (a project keeps its keys; one with neither goes).
+    #[arg(long, conflicts_with_all = ["money", "tokens"])]
     clear: bool,
 }
 
@@ -547,6 +579,7 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
             (client.assign_plan(r).await?.into_inner(), c.endpoint.json)
         }
         AdminCmd::SetLimit(a) => set_limit(a).await?,
+        AdminCmd::SetBudget(a) => set_budget(a).await?,
         AdminCmd::Refund(a) => {
             let c = a.change;
             let text = if a.record.as_os_str() == "-" {
@@ -710,6 +743,88 @@ async fn set_limit(a: SetLimitArgs) -> Result<(proto::AccountDetail, bool), Fail
     Ok((client.set_limit_overrides(r).await?.into_inner(), c.endpoint.json))
 }
 
+async fn set_budget(a: SetBudgetArgs) -> Result<(proto::AccountDetail, bool), Failure> {
+    let c = a.change;
+    let budget = match (a.money.as_deref(), a.tokens) {
+        _ if a.clear => None,
+        (None, None) if a.keys.is_some() => None,
+        (None, None) => return Err(Failure::Input("give --money, --tokens or both (or --clear)".into())),
+        (money_text, tokens) => Some(proto::Budget {
+            period: a.period.clone(),
+            money: money_text.map(|m| money("--money", m)).transpose()?,
+            tokens: tokens.unwrap_or(0),
+        }),
+    };
+    let mut client = connect(&c.endpoint).await?;
+    // The call replaces every budget: start from the account's own.
+    let current = client
+        .get_account(proto::GetAccountRequest {
+            account_id: c.account.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut budgets = current.budgets.unwrap_or_default();
+    match (a.api_key, a.project) {
+        (Some(key), _) => match budget {
+            Some(b) => {
+                budgets.api_keys.insert(key, b);
+            }
+            None => {
+                budgets.api_keys.remove(&key);
+            }
+        },
+        (None, Some(project)) => {
+            let entry = budgets.projects.entry(project.clone()).or_default();
+            if let Some(keys) = a.keys {
+                entry.api_key_ids = keys;
+            }
+            if budget.is_some() || a.clear {
+                entry.budget = budget;
+            }
+            if entry.budget.is_none() && entry.api_key_ids.is_empty() {
+                budgets.projects.remove(&project);
+            }
+        }
+        (None, None) => return Err(Failure::Input("give --api-key or --project".into())),
+    }
+    let r = proto::SetBudgetsRequest {
+        account_id: c.account,
+        budgets: Some(budgets),
+        adjustment_id: c.adjustment_id,
+        reason: c.reason,
+    };
+    Ok((client.set_budgets(r).await?.into_inner(), c.endpoint.json))
+}
+
+fn budget_scope(scope: i32) -> &'static str {
+    match proto::BudgetScope::try_from(scope) {
+        Ok(proto::BudgetScope::Project) => "project",
+        _ => "api key",
+    }
+}
+
+/// Each budget's use, as `admin accounts show` prints it.
+fn budget_rows(b: &proto::GetBalanceResponse) -> Vec<[String; 6]> {
+    b.budgets
+        .iter()
+        .map(|u| {
+            let money = u
+                .money_limit
+                .as_ref()
+                .map(|limit| format!("{} of {}", decimal(u.money_used.as_ref()), limit.decimal));
+            let tokens = (u.tokens_limit > 0).then(|| format!("{} of {}", u.tokens_used, u.tokens_limit));
+            [
+                budget_scope(u.scope).to_owned(),
+                u.id.clone(),
+                u.period.clone(),
+                money.unwrap_or_default(),
+                tokens.unwrap_or_default(),
+                time(u.resets_at.as_ref()),
+            ]
+        })
+        .collect()
+}
+
 fn decimal(m: Option<&proto::Money>) -> String {
     m.map_or_else(|| "0".into(), |m| m.decimal.clone())
 }
@@ -784,6 +899,19 @@ fn detail_json(d: &proto::AccountDetail) -> Value {
             "models": l.models,
         })).collect::<Vec<_>>(),
         "holds": d.holds.iter().map(hold_json).collect::<Vec<_>>(),
+        "budgets": b.budgets.iter().map(|u| json!({
+            "scope": budget_scope(u.scope),
+            "id": u.id,
+            "period": u.period,
+            "money_limit": u.money_limit.as_ref().map(|m| m.decimal.clone()),
+            "money_used": decimal(u.money_used.as_ref()),
+            "tokens_limit": u.tokens_limit,
+            "tokens_used": u.tokens_used,
+            "resets_at": time(u.resets_at.as_ref()),
+        })).collect::<Vec<_>>(),
+        "projects": d.budgets.as_ref().map(|b| b.projects.iter().map(|(id, p)| {
+            (id.clone(), json!(p.api_key_ids))
+        }).collect::<serde_json::Map<_, _>>()).unwrap_or_default(),
         "recent_usage": d.recent_usage.iter().map(|r| json!({
             "kind": r.kind,
             "request_id": r.request_id,
@@ -834,6 +962,14 @@ fn print_detail(d: &proto::AccountDetail, as_json: bool) {
                 l.forfeited.clone(),
                 time(l.expires_at.as_ref()),
             ]);
+        }
+        println!("\n{t}");
+    }
+    let budgets = budget_rows(&b);
+    if !budgets.is_empty() {
+        let mut t = table(&["budget", "id", "period", "money used", "tokens used", "resets"]);
+        for row in budgets {
+            t.add_row(row);
         }
         println!("\n{t}");
     }

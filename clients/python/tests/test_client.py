@@ -20,6 +20,7 @@ import tollgate
 from tollgate import AsyncClient, Client, Denied, Options, Reason, TollgateError
 from tollgate._common import go_duration
 from tollgate.testing import Sidecar
+from tollgate.v1 import quota_pb2
 from tollgate.v1.quota_pb2 import RateLimitStatus
 
 
@@ -182,6 +183,22 @@ def test_durations_are_written_as_openai_writes_them() -> None:
     for seconds, nanos, text in cases:
         assert go_duration(Duration(seconds=seconds, nanos=nanos)) == text
     assert tollgate.rate_limit_headers(RateLimitStatus()) == {}
+
+
+def test_budget_headers_say_which_budget_and_when_it_resets() -> None:
+    money = quota_pb2.BudgetRef(scope=quota_pb2.BUDGET_SCOPE_PROJECT, id="research", period="month")
+    money.money_limit.decimal = "25"
+    money.resets_at.FromJsonString("2027-01-01T05:00:00Z")
+    assert tollgate.budget_headers(money) == {
+        "x-budget-scope": "project",
+        "x-budget-id": "research",
+        "x-budget-period": "month",
+        "x-budget-limit-money": "25",
+        "x-budget-reset": "2027-01-01T05:00:00Z",
+    }
+    tokens = quota_pb2.BudgetRef(scope=quota_pb2.BUDGET_SCOPE_API_KEY, id="k1", period="day", tokens_limit=1000)
+    assert tollgate.budget_headers(tokens)["x-budget-limit-tokens"] == "1000"
+    assert "x-budget-reset" not in tollgate.budget_headers(tokens)
 
 
 def test_options_are_checked() -> None:

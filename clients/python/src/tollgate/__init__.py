@@ -16,7 +16,7 @@ Every call has a deadline and is retried, as is, while its outcome is
 unknown (every data-plane call is idempotent)."""
 
 from tollgate._aio import AsyncClient, AsyncReservation, Reserving
-from tollgate._common import Denied, Options, Reason, TollgateError, rate_limit_headers
+from tollgate._common import Denied, Options, Reason, TollgateError, budget_headers, rate_limit_headers
 from tollgate._sync import Client, Reservation
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "Reservation",
     "Reserving",
     "TollgateError",
+    "budget_headers",
     "rate_limit_headers",
 ]

@@ -75,6 +75,7 @@ class Reason(enum.Enum):
     ACCOUNT_SUSPENDED = "account_suspended"
     MODEL_NOT_PRICED = "model_not_priced"
     MODEL_NOT_ALLOWED = "model_not_allowed"
+    BUDGET_EXCEEDED = "budget_exceeded"
     UNSPECIFIED = "unspecified"
 
     @classmethod
@@ -88,8 +89,10 @@ class Reason(enum.Enum):
 
 class Denied(Exception):
     """Tollgate said no: `reason`, and for limits that clear with time
-    `retry_after` (seconds). `headers` are the response headers to send:
-    `x-ratelimit-*`, and `retry-after` / `retry-after-ms` when known."""
+    `retry_after` (seconds); for a used-up budget, `budget` (which, and
+    when it resets). `headers` are the response headers to send:
+    `x-ratelimit-*`, `retry-after` / `retry-after-ms` when known, and
+    `x-budget-*` for a budget."""
 
     def __init__(self, response: quota_pb2.ReserveResponse) -> None:
         self.reason = Reason.of(response.deny_reason)
@@ -98,7 +101,10 @@ class Denied(Exception):
         known = response.HasField("retry_after") and seconds(response.retry_after) >= 0
         self.retry_after: float | None = seconds(response.retry_after) if known else None
         self.limit: quota_pb2.LimitRef | None = response.limit if response.HasField("limit") else None
+        self.budget: quota_pb2.BudgetRef | None = response.budget if response.HasField("budget") else None
         self.headers = rate_limit_headers(response.rate_limits)
+        if self.budget is not None:
+            self.headers.update(budget_headers(self.budget))
         if known:
             after = millis(response.retry_after)
             self.headers["retry-after"] = str(-(-after // 1000))
@@ -237,6 +243,23 @@ def rate_limit_headers(status: quota_pb2.RateLimitStatus) -> dict[str, str]:
             headers[f"x-ratelimit-limit-{what}"] = str(limit)
             headers[f"x-ratelimit-remaining-{what}"] = str(remaining)
             headers[f"x-ratelimit-reset-{what}"] = go_duration(reset)
+    return headers
+
+
+def budget_headers(budget: quota_pb2.BudgetRef) -> dict[str, str]:
+    """The headers that say which budget denied a request and when it has
+    room again: `x-budget-scope` (`api_key` or `project`), `x-budget-id`,
+    `x-budget-period`, `x-budget-limit-money` or `x-budget-limit-tokens`
+    (what ran out) and `x-budget-reset` (RFC 3339). A budget resets in
+    hours or days, so no `retry-after` is sent for it."""
+    scope = "project" if budget.scope == quota_pb2.BUDGET_SCOPE_PROJECT else "api_key"
+    headers = {"x-budget-scope": scope, "x-budget-id": budget.id, "x-budget-period": budget.period}
+    if budget.HasField("money_limit"):
+        headers["x-budget-limit-money"] = budget.money_limit.decimal
+    else:
+        headers["x-budget-limit-tokens"] = str(budget.tokens_limit)
+    if budget.HasField("resets_at"):
+        headers["x-budget-reset"] = budget.resets_at.ToJsonString()
     return headers
 
 
