@@ -59,6 +59,69 @@ async fn three_sidecars_on_a_redis_cluster_drain_one_account_exactly() {
     three_sidecars_drain_one_account(cluster.urls(), cluster.nodes[0].port, 16).await;
 }
 
+/// Three sidecars drive one API key to its money budget: between them
+/// they never let it spend past the budget, they get to within a request
+/// of it, and once every lease is back the budget counts exactly what the
+/// key's usage records charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_drive_one_key_to_its_budget_and_never_past_it() {
+    use tollgate::proto;
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = fleet(3, dir.path(), &[redis.url()]);
+    // 0.1 a month on key k1 (the account holds 0.5): 200 worst cases of
+    // 100 input and 100 output tokens.
+    const CAP: i128 = 100_000_000_000;
+    let mut admin = support::admin_client(&sidecars[0].admin_url, Some(support::WRITE_TOKEN)).await;
+    let budget = proto::Budget {
+        period: "month".into(),
+        money: Some(support::money("0.1")),
+        tokens: 0,
+    };
+    admin
+        .set_budgets(proto::SetBudgetsRequest {
+            account_id: "shared".into(),
+            budgets: Some(proto::Budgets {
+                api_keys: [("k1".to_owned(), budget)].into(),
+                ..Default::default()
+            }),
+            adjustment_id: "cap-k1".into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (s, sidecar) in sidecars.iter().enumerate() {
+        for c in 0..8 {
+            let (quota, stop) = (sidecar.client().await, Arc::clone(&stop));
+            let until = proto::DenyReason::BudgetExceeded;
+            tasks.push(tokio::spawn(async move {
+                support::fleet::drain_as(quota, ("shared", "k1"), s * 1000 + c, stop, until).await
+            }));
+        }
+    }
+    let mut allowed = 0;
+    for task in tasks {
+        let (a, unavailable) = task.await.unwrap();
+        assert_eq!(unavailable, 0);
+        allowed += a;
+    }
+    assert!(allowed > 200, "the fleet served the key: {allowed}");
+    for sidecar in &mut sidecars {
+        sidecar.stop();
+    }
+    let spent: i128 = support::fleet::picos(&sidecars.iter().flat_map(Sidecar::records).collect::<Vec<_>>());
+    assert!(spent <= CAP, "the key spent {spent} under a budget of {CAP}");
+    assert!(spent > CAP - 3 * 500_000_000, "stopped short of the budget: {spent}");
+    let account = shared_account(redis.port, 1, "shared");
+    let now = jiff::Timestamp::now();
+    let counted = &account.balance(now).budgets[0].counted;
+    assert_eq!(counted.used.money, spent, "the budget counts what the records charged");
+    let paid = quiescent(redis.port, 1, PAID);
+    assert_eq!(paid.charged(), spent, "and Redis charged the same");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal() {
     let redis = RedisServer::start(&[]);

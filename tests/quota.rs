@@ -276,8 +276,192 @@ async fn lapsed_holds_are_swept_and_settling_them_is_refused(backend: Backend) {
     app.shutdown().await;
 }
 
+/// A reserve by key `key`.
+fn by_key(key: &str, id: &str, input: u64, max_output: u64) -> proto::ReserveRequest {
+    proto::ReserveRequest {
+        api_key_id: key.into(),
+        ..reserve("rich", id, input, max_output)
+    }
+}
+
+/// Budgets are set through the admin API (idempotent, audited, checked),
+/// cap grants, count actual spend, and deny with a reason that names the
+/// budget and its reset; GetBalance shows what each counted.
+async fn budgets_cap_keys_and_projects_and_deny_naming_themselves(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
+    let budget = |period: &str, money_cap: Option<&str>, tokens: u64| proto::Budget {
+        period: period.into(),
+        money: money_cap.map(money),
+        tokens,
+    };
+    let budgets = proto::Budgets {
+        api_keys: [("k1".to_owned(), budget("month", Some("0.001"), 0))].into(),
+        projects: [(
+            "team".to_owned(),
+            proto::Project {
+                api_key_ids: vec!["k2".into(), "k3".into()],
+                budget: Some(budget("day", None, 500)),
+            },
+        )]
+        .into(),
+    };
+    let set = |adjustment: &str, budgets: proto::Budgets| proto::SetBudgetsRequest {
+        account_id: "rich".into(),
+        budgets: Some(budgets),
+        adjustment_id: adjustment.into(),
+        reason: "finance asked".into(),
+    };
+    // Refused whole: a key in two projects, an unknown period.
+    let mut twice = budgets.clone();
+    twice.projects.insert(
+        "other".into(),
+        proto::Project {
+            api_key_ids: vec!["k2".into()],
+            budget: None,
+        },
+    );
+    let mut weekly = budgets.clone();
+    weekly.api_keys.insert("k9".into(), budget("week", None, 5));
+    for bad in [twice, weekly] {
+        let e = app.admin.set_budgets(set("bad", bad)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    }
+    let detail = app
+        .admin
+        .set_budgets(set("b1", budgets.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(detail.budgets.as_ref(), Some(&budgets));
+    app.admin.set_budgets(set("b1", budgets.clone())).await.unwrap();
+    let mut other = budgets.clone();
+    other.api_keys.clear();
+    let reused = app.admin.set_budgets(set("b1", other)).await.unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::AlreadyExists);
+    let audit = &app.audits(1).await[0];
+    assert_eq!(
+        (audit["operation"].as_str(), audit["adjustment_id"].as_str()),
+        (Some("set_budgets"), Some("b1"))
+    );
+    assert_eq!(audit["after"]["budgets"]["keys"]["k1"]["money"], "0.001000000000");
+
+    // k1: 0.001 a month. 100 input and 100 output tokens cost at most
+    // 0.0005; settled at 50 output tokens, 0.0003.
+    let r1 = app
+        .quota
+        .reserve(by_key("k1", "r1", 100, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r1.decision, r1.granted_output_tokens), (Decision::Allow as i32, 100));
+    app.quota.settle(settle("rich", "r1", 100, 50)).await.unwrap();
+    // 0.0007 left: the prompt's 0.0001 and 150 output tokens.
+    let r2 = app
+        .quota
+        .reserve(by_key("k1", "r2", 100, 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r2.decision, r2.granted_output_tokens), (Decision::Allow as i32, 150));
+    let r3 = app
+        .quota
+        .reserve(by_key("k1", "r3", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r3.decision, r3.deny_reason),
+        (Decision::Deny as i32, DenyReason::BudgetExceeded as i32),
+        "{r3:?}"
+    );
+    let next_month = {
+        let today = app.now().to_zoned(jiff::tz::TimeZone::UTC).date();
+        let first = today.first_of_month().checked_add(jiff::ToSpan::month(1)).unwrap();
+        first.to_zoned(jiff::tz::TimeZone::UTC).unwrap().timestamp()
+    };
+    let b = r3.budget.clone().expect("the budget that denied");
+    assert_eq!(
+        (b.scope, b.id.as_str(), b.period.as_str(), b.tokens_limit),
+        (proto::BudgetScope::ApiKey as i32, "k1", "month", 0)
+    );
+    assert_eq!(b.money_limit.unwrap().decimal, "0.001000000000");
+    assert_eq!(b.resets_at.unwrap().seconds, next_month.as_second());
+    assert!(r3.message.contains("budget of 0.001"), "{}", r3.message);
+    let headers = tollgate::client::budget_headers(r3.budget.as_ref().unwrap());
+    assert!(
+        headers.contains(&("x-budget-limit-money", "0.001000000000".to_owned())),
+        "{headers:?}"
+    );
+    assert!(
+        headers.contains(&("x-budget-reset", next_month.to_string())),
+        "{headers:?}"
+    );
+    // Other keys and requests without a key are not limited by it.
+    let free = app
+        .quota
+        .reserve(reserve("rich", "free", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(free.decision, Decision::Allow as i32);
+
+    // team: 500 tokens a day over k2 and k3.
+    let t1 = app
+        .quota
+        .reserve(by_key("k2", "t1", 100, 300))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t1.granted_output_tokens, 300);
+    let t2 = app
+        .quota
+        .reserve(by_key("k3", "t2", 50, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t2.granted_output_tokens, 50, "the project's last 100 tokens");
+    let t3 = app.quota.reserve(by_key("k2", "t3", 1, 1)).await.unwrap().into_inner();
+    let b = t3.budget.expect("denied by the project's budget");
+    assert_eq!(
+        (b.scope, b.id.as_str(), b.tokens_limit),
+        (proto::BudgetScope::Project as i32, "team", 500)
+    );
+
+    // What each budget counted: k1 its settle and r2's hold, team its holds.
+    let balance = app.balance("rich").await;
+    let used: Vec<(String, String, u64)> = balance
+        .budgets
+        .iter()
+        .map(|u| (u.id.clone(), u.money_used.clone().unwrap().decimal, u.tokens_used))
+        .collect();
+    assert_eq!(
+        used,
+        [
+            ("k1".to_owned(), "0.001000000000".to_owned(), 0),
+            ("team".to_owned(), "0.000000000000".to_owned(), 500)
+        ]
+    );
+    // Released, r2's room comes back.
+    app.quota
+        .release(proto::ReleaseRequest {
+            account_id: "rich".into(),
+            reservation_id: "r2".into(),
+        })
+        .await
+        .unwrap();
+    let r4 = app
+        .quota
+        .reserve(by_key("k1", "r4", 10, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r4.decision, Decision::Allow as i32, "{r4:?}");
+    app.shutdown().await;
+}
+
 on_both_stores!(
     reserve_settle_charges_actuals_and_writes_one_record,
+    budgets_cap_keys_and_projects_and_deny_naming_themselves,
     extend_release_charge_and_balance,
     every_denial_reason,
     short_funds_shrink_the_grant_and_allowance_is_drawn_first,

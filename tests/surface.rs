@@ -716,6 +716,48 @@ fn the_admin_cli_operates_a_running_tollgate_with_tokens_it_made() {
     ];
     let (code, _, err) = admin(d, &addr, write, &set_limit);
     assert_eq!(code, 0, "{err}");
+    // Budgets: a key's and a project's, edited one at a time.
+    let set_budget = |id: &str, rest: &[&str]| {
+        let mut args = vec!["set-budget", "demo", "--id", id, "--reason", "cap"];
+        args.extend_from_slice(rest);
+        admin(d, &addr, write, &args)
+    };
+    let (code, _, err) = set_budget("b1", &["--api-key", "k1", "--money", "2.50", "--period", "day"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = set_budget("b2", &["--project", "team", "--keys", "k2,k3", "--tokens", "1000"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = set_budget("b3", &["--api-key", "k4", "--tokens", "5", "--period", "week"]);
+    assert_eq!(code, 2, "an unknown period is bad input: {err}");
+    assert!(err.contains("budgets.api_keys.k4.period"), "{err}");
+    let shown = admin_json(d, &addr, read, &["accounts", "show", "demo", "--json"]);
+    let budgets = shown["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 2, "{shown}");
+    assert_eq!(
+        (
+            budgets[0]["id"].as_str(),
+            budgets[0]["period"].as_str(),
+            budgets[0]["money_limit"].as_str()
+        ),
+        (Some("k1"), Some("day"), Some("2.500000000000"))
+    );
+    assert_eq!(
+        (budgets[1]["scope"].as_str(), budgets[1]["tokens_limit"].as_u64()),
+        (Some("project"), Some(1000))
+    );
+    assert_eq!(shown["projects"]["team"], serde_json::json!(["k2", "k3"]));
+    let (code, out, _) = admin(d, &addr, read, &["accounts", "show", "demo"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().any(|l| l
+            .split_whitespace()
+            .take(6)
+            .eq(["project", "team", "month", "0", "of", "1000"])),
+        "{out}"
+    );
+    let (code, _, err) = set_budget("b4", &["--api-key", "k1", "--clear"]);
+    assert_eq!(code, 0, "{err}");
+    let shown = admin_json(d, &addr, read, &["accounts", "show", "demo", "--json"]);
+    assert_eq!(shown["budgets"].as_array().unwrap().len(), 1, "{shown}");
     let (code, out, _) = admin(d, &addr, read, &["holds", "list", "demo", "--json"]);
     assert_eq!((code, out.trim()), (0, "[]"));
     std::fs::write(

@@ -556,10 +556,12 @@ impl Buckets {
             .collect()
     }
 
-    /// Shared side: lends up to `ask` of budget `a`'s current slot, at most
-    /// a fair share (`1/share`) of the room its window leaves but at least
-    /// `least` (the command that asked needs it), and nothing if there is
-    /// not `least`.
+    /// Shared side: lends budget `a`'s current slot to a sidecar whose
+    /// command lacks `ask` and can go ahead with `least`: nothing unless
+    /// the window has room for `least` (an oversized request parks no room
+    /// in one sidecar), else `ask` as far as the room goes, and a fair
+    /// share (`1/share`) of what is left beside it, for the requests that
+    /// follow.
     pub fn lease_budget(
         &mut self,
         a: &Applying,
@@ -570,7 +572,10 @@ impl Buckets {
     ) -> Permits {
         let (room, _) = self.room(a, time_zone);
         let give = |room: Option<i128>, ask: i128, least: i128| match room {
-            Some(room) if ask > 0 && room >= least.max(0) => ask.min(room).min((room / share).max(least)).max(0),
+            Some(room) if ask > 0 && room >= least.max(0) => {
+                let now = ask.min(room).max(0);
+                now + (room - now) / share
+            }
             _ => 0,
         };
         let lent = Permits {
@@ -675,7 +680,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_lends_a_fair_share_but_at_least_the_need_and_only_for_the_current_slot() {
+    fn a_lease_lends_the_need_and_a_fair_share_only_for_the_least_and_the_current_slot() {
         let b = budgets(BudgetPeriod::Day, None, Some(1_000));
         let tz = TimeZone::UTC;
         let now = at("2026-12-07T10:00:00Z");
@@ -685,10 +690,14 @@ mod tests {
             tokens,
             ..Permits::default()
         };
-        assert_eq!(shared.lease_budget(&a, &tz, ask(900), ask(10), 4).tokens, 250);
-        assert_eq!(shared.lease_budget(&a, &tz, ask(900), ask(600), 4).tokens, 600);
-        // 150 left: a need of 151 gets nothing.
-        assert_eq!(shared.lease_budget(&a, &tz, ask(900), ask(151), 4).tokens, 0);
+        // 100 asked, 1 needed at least: 100, and a quarter of the other 900.
+        assert_eq!(shared.lease_budget(&a, &tz, ask(100), ask(1), 4).tokens, 325);
+        // 900 asked of the 675 left: all of it.
+        assert_eq!(shared.lease_budget(&a, &tz, ask(900), ask(10), 4).tokens, 675);
+        let mut other = Buckets::default();
+        other.lease_budget(&a, &tz, ask(850), ask(850), 4);
+        // 150 left: a least of 151 gets nothing.
+        assert_eq!(other.lease_budget(&a, &tz, ask(900), ask(151), 4).tokens, 0);
         assert_eq!(b.of_bucket(&a.bucket, &tz, now), Some(a.clone()));
         assert_eq!(b.of_bucket(&a.bucket, &tz, at("2026-12-08T00:00:00Z")), None);
     }

@@ -953,8 +953,8 @@ impl Account {
     }
 
     /// Fails with what to ask the shared account for.
-    pub(crate) fn short(need: Option<(Needed, Option<Least>)>, permits: Lacking) -> EngineError {
-        EngineError::Short(Box::new(Short { need, permits }))
+    pub(crate) fn short(need: Option<(Needed, Option<Least>)>, permits: Lacking, least: Lacking) -> EngineError {
+        EngineError::Short(Box::new(Short { need, permits, least }))
     }
 
     /// Whether this mirror must ask before deciding (never on a shared

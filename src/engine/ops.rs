@@ -281,14 +281,23 @@ impl Account {
                 output_tokens: req.max_output_tokens,
                 ..prompt
             };
+            let mut least_lacking = Vec::new();
             if !budgets.is_empty() {
                 // What the worst case holds in money, or (funds short here)
-                // at most its price.
+                // at most its price; and the smallest grant's price.
                 let money = match &funded {
                     Some((_, takes)) => money_total(takes).picos(),
                     None => rates.prices.cost(&worst).map_or(i128::MAX, Money::picos),
                 };
                 lacking.extend(self.buckets.budgets_lacking(&budgets, worst_tokens, money));
+                let least = Usage {
+                    output_tokens: req.max_output_tokens.min(1),
+                    ..prompt
+                };
+                let least_money = rates.prices.cost(&least).map_or(i128::MAX, Money::picos);
+                least_lacking = self
+                    .buckets
+                    .budgets_lacking(&budgets, least.total_tokens(), least_money);
             }
             if funded.is_none() || !lacking.is_empty() || self.lease_stale(now) {
                 let need = Needed::Tokens {
@@ -310,7 +319,11 @@ impl Account {
                     },
                     has: self.slices(now),
                 };
-                return Err(Account::short(funded.is_none().then_some((need, Some(least))), lacking));
+                return Err(Account::short(
+                    funded.is_none().then_some((need, Some(least))),
+                    lacking,
+                    least_lacking,
+                ));
             }
         }
         let Some((granted, takes)) = funded else {
@@ -519,7 +532,7 @@ impl Account {
                         model: hold.model.clone(),
                     };
                     let need = (granted < max_output || self.lease_stale(now)).then_some((need, None));
-                    return Err(Account::short(need, lacking));
+                    return Err(Account::short(need, lacking, Vec::new()));
                 }
             }
             let short = (granted < max_output).then(|| {
@@ -600,7 +613,7 @@ impl Account {
             let caps = self.capacities(&plan.draw_order, &need, &hold.takes, now);
             let charges = plan_with_debt(&caps, &need)?;
             if self.must_ask() && charges.iter().any(|t| t.source == SourceRef::Debt) {
-                return Err(Account::short(Some((Needed::of(&need), None)), Vec::new()));
+                return Err(Account::short(Some((Needed::of(&need), None)), Vec::new(), Vec::new()));
             }
             charges
         };
@@ -712,7 +725,7 @@ impl Account {
         let caps = self.capacities(&plan.draw_order, &need, &[], now);
         let planned = draw::plan(&caps, &need, false);
         if self.must_ask() && (planned.is_err() || self.lease_stale(now)) {
-            return Err(Account::short(Some((Needed::of(&need), None)), Vec::new()));
+            return Err(Account::short(Some((Needed::of(&need), None)), Vec::new(), Vec::new()));
         }
         let Ok(charges) = planned else {
             return Ok(ChargeOutcome::Denied(

@@ -126,6 +126,28 @@ pub struct Short {
     pub need: Option<(Needed, Option<Least>)>,
     /// Permits to borrow.
     pub permits: Lacking,
+    /// Of the budgets' permits, the least the command can be granted with
+    /// (a reserve's prompt and one output token); a budget not named here
+    /// needs none of its permits to go ahead (an extend, which can grow
+    /// less). The rest of `permits` only widens the grant.
+    pub least: Lacking,
+}
+
+impl Short {
+    /// What the command needs now, for the sync's `need_permits`: rate
+    /// limits' permits in full, budgets' at least.
+    pub fn need_permits(&self) -> Lacking {
+        self.permits
+            .iter()
+            .map(|(key, lack)| {
+                if !key.scope.is_budget() {
+                    return (key.clone(), *lack);
+                }
+                let least = self.least.iter().find(|(k, _)| k == key).map(|(_, l)| *l);
+                (key.clone(), least.unwrap_or_default())
+            })
+            .collect()
+    }
 }
 
 /// One sidecar's report and request to the shared account.

@@ -973,6 +973,7 @@ impl Sidecar {
     ) -> super::role::Synced {
         let report = self.mirror.report(close, close);
         self.seq += 1;
+        let need_permits = short.need_permits();
         let sync = super::role::Sync {
             producer: self.producer.clone(),
             seq: self.seq,
@@ -985,7 +986,7 @@ impl Sidecar {
             records,
             want: Vec::new(),
             need: short.need,
-            need_permits: short.permits.clone(),
+            need_permits,
             want_permits: short.permits,
             ttl: SignedDuration::from_secs(30),
             close,
@@ -1051,6 +1052,7 @@ fn no_short() -> super::role::Short {
     super::role::Short {
         need: None,
         permits: Vec::new(),
+        least: Vec::new(),
     }
 }
 

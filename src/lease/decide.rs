@@ -337,6 +337,7 @@ impl Decide {
                         records: local.told(records),
                     });
                     Then::Sync(Short {
+                        least: Vec::new(),
                         need: None,
                         permits: Vec::new(),
                     })

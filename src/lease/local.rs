@@ -352,8 +352,10 @@ impl Local {
         let short = short.unwrap_or(Short {
             need: None,
             permits: Vec::new(),
+            least: Vec::new(),
         });
         let below = self.appending.first().copied().unwrap_or(u64::MAX);
+        let need_permits = short.need_permits();
         let sync = Sync {
             producer: producer.clone(),
             seq,
@@ -373,7 +375,7 @@ impl Local {
                 .collect(),
             want,
             need: short.need,
-            need_permits: short.permits.clone(),
+            need_permits,
             want_permits: self.rates.permits(short.permits, settings.horizon),
             ttl: settings.ttl(),
             close,

@@ -77,20 +77,18 @@ impl Rates {
     }
 
     /// Permits for the coming `horizon`, at least what is `lacking`.
-    /// Money (of budgets) at the rate money sources burn.
+    /// Budgets' permits are asked for as they lack: the shared account
+    /// lends a fair share of what is left beside them.
     pub fn permits(&self, lacking: Lacking, horizon: Duration) -> Lacking {
         let (requests_rate, tokens_rate) = self.per_second;
         let ahead = |rate: f64| (rate * horizon.as_secs_f64()).ceil() as u64;
-        let money_rate: f64 = self
-            .burn
-            .iter()
-            .filter(|(source, _)| !source.is_tokens())
-            .map(|(_, burn)| burn)
-            .sum();
-        let money_ahead = (money_rate * horizon.as_secs_f64()).ceil().min(1e30) as i128;
+
         lacking
             .into_iter()
             .map(|(key, lack)| {
+                if key.scope.is_budget() {
+                    return (key, lack);
+                }
                 let scaled = Permits {
                     requests: if lack.requests > 0 {
                         lack.requests.max(ahead(requests_rate))
@@ -103,7 +101,7 @@ impl Rates {
                         0
                     },
                     slots: lack.slots,
-                    money: if lack.money > 0 { lack.money.max(money_ahead) } else { 0 },
+                    money: 0,
                 };
                 (key, scaled)
             })

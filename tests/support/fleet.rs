@@ -219,10 +219,23 @@ fn gone(status: &tonic::Status) -> bool {
 /// reserves were allowed and how many calls were UNAVAILABLE (a sidecar
 /// gone, or Redis down and the plan failing closed); other errors panic.
 pub async fn drain(
-    mut quota: QuotaClient<Channel>,
+    quota: QuotaClient<Channel>,
     account: &str,
     client: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    let until = proto::DenyReason::InsufficientFunds;
+    drain_as(quota, (account, ""), client, stop, until).await
+}
+
+/// Like [`drain`], with API key `key` (none if empty), until a denial for
+/// `until` (any other denial panics).
+pub async fn drain_as(
+    mut quota: QuotaClient<Channel>,
+    (account, key): (&str, &str),
+    client: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    until: proto::DenyReason,
 ) -> (u64, u64) {
     let (mut allowed, mut unavailable) = (0u64, 0u64);
     for i in 0u64.. {
@@ -232,6 +245,7 @@ pub async fn drain(
         let id = format!("c{client}-{i}");
         let reserve = proto::ReserveRequest {
             account_id: account.into(),
+            api_key_id: key.into(),
             model: "m".into(),
             request_id: id.clone(),
             input_tokens: 100,
@@ -248,12 +262,7 @@ pub async fn drain(
             Err(status) => panic!("reserve failed: {status}"),
         };
         if r.decision == proto::Decision::Deny as i32 {
-            assert_eq!(
-                r.deny_reason,
-                proto::DenyReason::InsufficientFunds as i32,
-                "{}",
-                r.message
-            );
+            assert_eq!(r.deny_reason, until as i32, "{}", r.message);
             break;
         }
         allowed += 1;
