@@ -47,10 +47,26 @@ pub fn settings<S: AsRef<str>>(accounts: impl IntoIterator<Item = S>, usage: &Pa
     settings
 }
 
+/// A bearer token of the `write` role that [`with_admin`] settings accept.
+pub const ADMIN_TOKEN: &str = "tg_test_write";
+
+/// `settings`, accepting [`ADMIN_TOKEN`] on the admin API.
+pub fn with_admin(mut settings: Settings) -> Settings {
+    settings.admin.extend(vec![tollgate::api::auth::Token {
+        sha256: tollgate::api::auth::parse_sha256("79a8639ebf26530f4bc031484a4e1ef1ee755cde16461ba68052abc53421301c")
+            .unwrap(),
+        role: tollgate::api::auth::Role::Write,
+        operator: "bench".into(),
+    }]);
+    settings
+}
+
 /// An app serving in this process.
 pub struct Served {
     /// Its data plane.
     pub url: String,
+    /// Its admin API.
+    pub admin: String,
     stop: tokio::sync::oneshot::Sender<()>,
     running: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -59,6 +75,7 @@ pub struct Served {
 pub async fn serve(settings: Settings) -> Served {
     let app = App::build_on_system_clock(settings).await.unwrap();
     let url = format!("http://{}", app.quota_addr());
+    let admin = format!("http://{}", app.admin_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Only `stop` stops it: a `Served` dropped leaves it serving until the
     // bench process ends.
@@ -67,7 +84,12 @@ pub async fn serve(settings: Settings) -> Served {
             std::future::pending::<()>().await;
         }
     }));
-    Served { url, stop, running }
+    Served {
+        url,
+        admin,
+        stop,
+        running,
+    }
 }
 
 impl Served {
