@@ -459,8 +459,54 @@ async fn budgets_cap_keys_and_projects_and_deny_naming_themselves(backend: Backe
     app.shutdown().await;
 }
 
+/// A steady load for three hours: one request a minute of 100 input and
+/// 50 output tokens (0.0003). GetBalance then reads 0.018 an hour over the
+/// last hour and 0.00225 an hour over the day (three hours of it), and
+/// the runway of the money left at the hour's rate. Stated tolerance: one
+/// request's charge in the hour's figure (the hour read mid-minute holds
+/// one record more or less), so the runway within 1/60 of the exact one.
+async fn runway_follows_a_steady_load(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
+    let cost: i128 = 300_000_000; // 0.0003
+    for i in 0..180 {
+        let id = format!("steady-{i}");
+        let r = app
+            .quota
+            .reserve(reserve("rich", &id, 100, 100))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.decision, Decision::Allow as i32, "{r:?}");
+        app.quota.settle(settle("rich", &id, 100, 50)).await.unwrap();
+        app.advance(SignedDuration::from_secs(60));
+    }
+    let b = app.balance("rich").await;
+    let picos = |m: Option<proto::Money>| m.unwrap().decimal.parse::<tollgate::engine::Money>().unwrap().picos();
+    let hour = picos(b.money_burn_last_hour.clone());
+    assert!((hour - 60 * cost).abs() <= cost, "last hour: {hour}");
+    assert_eq!(
+        picos(b.money_burn_last_day.clone()),
+        180 * cost / 24,
+        "the day: three hours of it"
+    );
+    let spendable = picos(b.spendable.clone());
+    let now = app.now().as_second();
+    let exact = now as f64 + spendable as f64 * 3600.0 / (60 * cost) as f64;
+    let runs_out = b.money_runs_out_at.unwrap().seconds as f64;
+    let off = (runs_out - exact).abs() / (exact - now as f64);
+    assert!(off <= 1.0 / 60.0, "runway {runs_out} against {exact}: off by {off}");
+    assert!(b.allowance_runs_out_at.is_none(), "no allowance on payg");
+    // Quiet for a day: nothing burns, no runway.
+    app.advance(SignedDuration::from_hours(25));
+    let b = app.balance("rich").await;
+    assert_eq!(picos(b.money_burn_last_day), 0);
+    assert!(b.money_runs_out_at.is_none());
+    app.shutdown().await;
+}
+
 on_both_stores!(
     reserve_settle_charges_actuals_and_writes_one_record,
+    runway_follows_a_steady_load,
     budgets_cap_keys_and_projects_and_deny_naming_themselves,
     extend_release_charge_and_balance,
     every_denial_reason,

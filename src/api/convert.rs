@@ -170,6 +170,7 @@ pub fn budget_use_out(u: &BudgetUse) -> proto::BudgetUse {
         tokens_limit: a.budget.tokens.unwrap_or(0),
         tokens_used: u64::try_from(u.counted.used.tokens).unwrap_or(0),
         resets_at: Some(timestamp_out(u.counted.resets_at)),
+        runs_out_at: u.runs_out_at.map(timestamp_out),
     }
 }
 

@@ -12,7 +12,7 @@ use super::status::{invalid, status, unexpected};
 use crate::engine::ids::{AccountId, ApiKeyId, ModelId, RequestId, ReservationId};
 use crate::engine::limits::RateStatus;
 use crate::engine::request::{ChargeOutcome, ChargeWhat, Denial, ReserveOutcome};
-use crate::engine::{ChargeRequest, Command, Reply, ReserveRequest};
+use crate::engine::{ChargeRequest, Command, Money, Reply, ReserveRequest};
 use crate::proto;
 use crate::proto::quota_server::Quota;
 use crate::service::Tollgate;
@@ -391,5 +391,11 @@ pub fn balance_out(account: &AccountId, b: &crate::engine::request::Balance) -> 
         held_tokens: b.held_tokens,
         suspended: b.suspended,
         budgets: b.budgets.iter().map(budget_use_out).collect(),
+        money_burn_last_hour: Some(money_out(Money::from_picos(b.burn.money_last_hour))),
+        money_burn_last_day: Some(money_out(Money::from_picos(b.burn.money_last_day))),
+        allowance_burn_last_hour: u64::try_from(b.burn.tokens_last_hour).unwrap_or(0),
+        allowance_burn_last_day: u64::try_from(b.burn.tokens_last_day).unwrap_or(0),
+        money_runs_out_at: b.money_runs_out_at.map(timestamp_out),
+        allowance_runs_out_at: b.allowance_runs_out_at.map(timestamp_out),
     }
 }

@@ -804,7 +804,7 @@ fn budget_scope(scope: i32) -> &'static str {
 }
 
 /// Each budget's use, as `admin accounts show` prints it.
-fn budget_rows(b: &proto::GetBalanceResponse) -> Vec<[String; 6]> {
+fn budget_rows(b: &proto::GetBalanceResponse) -> Vec<[String; 7]> {
     b.budgets
         .iter()
         .map(|u| {
@@ -820,6 +820,7 @@ fn budget_rows(b: &proto::GetBalanceResponse) -> Vec<[String; 6]> {
                 money.unwrap_or_default(),
                 tokens.unwrap_or_default(),
                 time(u.resets_at.as_ref()),
+                time(u.runs_out_at.as_ref()),
             ]
         })
         .collect()
@@ -885,6 +886,12 @@ fn detail_json(d: &proto::AccountDetail) -> Value {
             "spendable": decimal(b.spendable.as_ref()),
             "held_money": decimal(b.held_money.as_ref()),
             "held_tokens": b.held_tokens,
+            "money_burn_last_hour": decimal(b.money_burn_last_hour.as_ref()),
+            "money_burn_last_day": decimal(b.money_burn_last_day.as_ref()),
+            "allowance_burn_last_hour": b.allowance_burn_last_hour,
+            "allowance_burn_last_day": b.allowance_burn_last_day,
+            "money_runs_out_at": time(b.money_runs_out_at.as_ref()),
+            "allowance_runs_out_at": time(b.allowance_runs_out_at.as_ref()),
         },
         "lots": d.lots.iter().map(|l| json!({
             "source": source(l.source),
@@ -908,6 +915,7 @@ fn detail_json(d: &proto::AccountDetail) -> Value {
             "tokens_limit": u.tokens_limit,
             "tokens_used": u.tokens_used,
             "resets_at": time(u.resets_at.as_ref()),
+            "runs_out_at": time(u.runs_out_at.as_ref()),
         })).collect::<Vec<_>>(),
         "projects": d.budgets.as_ref().map(|b| b.projects.iter().map(|(id, p)| {
             (id.clone(), json!(p.api_key_ids))
@@ -946,6 +954,14 @@ fn print_detail(d: &proto::AccountDetail, as_json: bool) {
         ("held money", decimal(b.held_money.as_ref())),
         ("held tokens", b.held_tokens.to_string()),
         ("period end", time(d.period_end.as_ref())),
+        ("money burn, last hour", decimal(b.money_burn_last_hour.as_ref())),
+        (
+            "money burn, per hour over the day",
+            decimal(b.money_burn_last_day.as_ref()),
+        ),
+        ("money runs out", time(b.money_runs_out_at.as_ref())),
+        ("allowance burn, last hour", b.allowance_burn_last_hour.to_string()),
+        ("allowance runs out", time(b.allowance_runs_out_at.as_ref())),
     ] {
         t.add_row([k.to_owned(), v]);
     }
@@ -967,7 +983,15 @@ fn print_detail(d: &proto::AccountDetail, as_json: bool) {
     }
     let budgets = budget_rows(&b);
     if !budgets.is_empty() {
-        let mut t = table(&["budget", "id", "period", "money used", "tokens used", "resets"]);
+        let mut t = table(&[
+            "budget",
+            "id",
+            "period",
+            "money used",
+            "tokens used",
+            "resets",
+            "runs out",
+        ]);
         for row in budgets {
             t.add_row(row);
         }

@@ -17,6 +17,7 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
 use super::budget::{Applying, Budgets, Counting};
+use super::burn::Burn;
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::error::EngineError;
 use super::hash::{Map, Set};
@@ -575,6 +576,9 @@ pub struct Account {
     /// Budgets of API keys and projects; `None` when there are none.
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub budgets: Option<Box<Budgets>>,
+    /// What its records charged lately, hour by hour (none on a mirror).
+    #[serde(default, skip_serializing_if = "Burn::is_empty")]
+    pub burn: Burn,
     /// What the account is to this process: stand-alone, shared in Redis
     /// (its sidecars' leases and journals, stored as the account's
     /// `leases` and `journals` fields), or a sidecar's mirror.
@@ -621,6 +625,8 @@ struct Stored {
     #[serde(default)]
     budgets: Option<Box<Budgets>>,
     #[serde(default)]
+    burn: Burn,
+    #[serde(default)]
     leases: BTreeMap<ProducerId, Lease>,
     #[serde(default)]
     journals: BTreeMap<ProducerId, u64>,
@@ -646,6 +652,7 @@ impl From<Stored> for Account {
             buckets: s.buckets,
             overrides: s.overrides,
             budgets: s.budgets,
+            burn: s.burn,
             traffic: None,
             role: Role::Shared(Box::new(Shared {
                 leases: s.leases,
@@ -700,6 +707,7 @@ impl Account {
             buckets: Buckets::default(),
             overrides: None,
             budgets: None,
+            burn: Burn::default(),
             role: Role::Standalone,
         };
         account.subscribe(plan, anchor, now)?;
@@ -970,6 +978,7 @@ impl Account {
         }
         self.shed_traffic();
         self.buckets.prune(now);
+        self.burn.prune(now);
         self.prune_leases(catalog, now);
     }
 
@@ -1093,6 +1102,9 @@ impl Account {
 
     /// Queues `record` for the usage sink and keeps it among the recent.
     pub(crate) fn emit(&mut self, record: Arc<UsageRecord>, catalog: &Catalog) {
+        if !self.is_mirror() {
+            self.burned(&record);
+        }
         if catalog.recent_usage > 0 {
             if self.traffic().recent.len() == catalog.recent_usage {
                 self.traffic_mut().recent.pop_front();
@@ -1100,6 +1112,19 @@ impl Account {
             self.traffic_mut().recent.push_back(record.clone());
         }
         self.traffic_mut().outbox.push(record);
+    }
+
+    /// Counts what `record` charged (money, and allowance tokens) in the
+    /// account's recent history, at its settle instant.
+    pub(crate) fn burned(&mut self, record: &UsageRecord) {
+        let allowance = record
+            .charges
+            .iter()
+            .filter(|t| matches!(t.source, SourceRef::Allowance { .. }))
+            .map(|t| t.amount)
+            .sum();
+        self.burn
+            .record(record.settled_at, record.total_money.picos(), allowance);
     }
 
     /// Takes the records queued for the usage sink.

@@ -155,6 +155,9 @@ pub struct Applying {
 pub struct Counted {
     /// Tokens and money counted.
     pub used: Used,
+    /// Since when: the start of the current month or day, or of the
+    /// oldest day a rolling window counted.
+    pub since: Timestamp,
     /// When counting starts afresh or, for a rolling window, the first
     /// instant some of what is counted drops out of it.
     pub resets_at: Timestamp,
@@ -399,14 +402,31 @@ impl Applying {
     }
 }
 
+impl Counted {
+    /// When `a`'s room runs out, at the rate it counted since its window
+    /// began (each of money and tokens it caps; the sooner).
+    pub fn runs_out(&self, a: &Applying, now: Timestamp) -> Option<Timestamp> {
+        let elapsed = i128::from(now.as_second() - self.since.as_second()).max(1);
+        let out = |cap: Option<i128>, used: i128| {
+            let per_hour = used.saturating_mul(3_600) / elapsed;
+            super::burn::runs_out(now, cap? - used, per_hour)
+        };
+        let money = out(a.budget.money.map(Money::picos), self.used.money);
+        let tokens = out(a.budget.tokens.map(i128::from), self.used.tokens);
+        money.into_iter().chain(tokens).min()
+    }
+}
+
 impl Buckets {
     /// What `a` has counted in its window (every slot of a rolling one),
     /// and when that starts to fall.
     pub fn counted(&self, a: &Applying, time_zone: &TimeZone) -> Counted {
         let used_on = |key: &BucketKey| self.map.get(key).map_or(Used::default(), |b| b.used);
+        let slot_start = start_of(a.day, time_zone).unwrap_or(a.ends);
         if a.budget.period != BudgetPeriod::Rolling30Days {
             return Counted {
                 used: used_on(&a.bucket),
+                since: slot_start,
                 resets_at: a.ends,
             };
         }
@@ -427,7 +447,8 @@ impl Buckets {
             .and_then(|d| d.checked_add(ROLLING_DAYS.days()).ok())
             .and_then(|d| start_of(d, time_zone).ok())
             .unwrap_or(a.ends);
-        Counted { used, resets_at }
+        let since = oldest.and_then(|d| start_of(d, time_zone).ok()).unwrap_or(slot_start);
+        Counted { used, since, resets_at }
     }
 
     /// The room `a` leaves: on a leased mirror what this sidecar holds of

@@ -511,6 +511,7 @@ impl Account {
             buckets: Default::default(),
             overrides: self.overrides.clone(),
             budgets: self.budgets.clone(),
+            burn: self.burn.clone(),
             role: Role::Standalone,
         }
     }

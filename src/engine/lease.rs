@@ -501,6 +501,7 @@ impl Account {
             if duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
                 repeated.push(entry.clone());
             } else {
+                self.burned(&entry.record);
                 applied.push(entry.clone());
             }
         }
@@ -709,6 +710,7 @@ impl Account {
             buckets: Default::default(),
             overrides: shared.overrides.clone(),
             budgets: shared.budgets.clone(),
+            burn: Default::default(),
             role: Role::Mirror(Box::default()),
         };
         mirror.buckets.set_leased();

@@ -12,6 +12,7 @@
 //! - [`period`]: subscription period boundaries.
 //! - [`limits`]: GCRA rate limits and concurrency.
 //! - [`budget`]: spend caps on API keys and projects per period, counted in limit buckets.
+//! - [`burn`]: what an account spent lately, hour by hour: burn rates and runway.
 //! - [`catalog`]: plans, prices and hold policy.
 //! - [`window`]: a sidecar's share of a fixed window counted in a shared store.
 //! - [`source`]: sources and the amounts taken from them.
@@ -33,6 +34,7 @@
 
 pub mod account;
 pub mod budget;
+pub mod burn;
 pub mod catalog;
 pub mod command;
 pub mod draw;

@@ -18,6 +18,7 @@ use super::account::{
     ANSWERS_KEPT, Account, Hold, Ledger, Lot, MAX_ANSWERS, MAX_OPEN_HOLDS, Remembered, Reservation, check_credit_limit,
 };
 use super::budget::{Applying, Counting, Room};
+use super::burn::runs_out;
 use super::catalog::{Catalog, Plan, SourceClass};
 use super::draw::{self, Need};
 use super::error::EngineError;
@@ -1086,6 +1087,10 @@ impl Account {
                 held_money += take.amount;
             }
         }
+        let burn = self.burn.rates(now);
+        let spendable = promo + paid.max(0) + credit;
+        // The last hour's rate, or the day's when the hour was quiet.
+        let per_hour = |hour: i128, day: i128| if hour > 0 { hour } else { day };
         Balance {
             allowance_tokens: if self.subscription.is_some() {
                 to_u64(self.allowance.available())
@@ -1098,7 +1103,7 @@ impl Account {
             paid: Money::from_picos(paid),
             credit_limit: self.credit_limit,
             debt: Money::from_picos((-self.debt.available()).max(0)),
-            spendable: Money::from_picos(promo + paid.max(0) + credit),
+            spendable: Money::from_picos(spendable),
             held_money: Money::from_picos(held_money),
             held_tokens: to_u64(held_tokens),
             suspended: self.suspended,
@@ -1108,11 +1113,21 @@ impl Account {
                 .and_then(|b| b.all(&self.time_zone, now).ok())
                 .unwrap_or_default()
                 .into_iter()
-                .map(|applying| BudgetUse {
-                    counted: self.buckets.counted(&applying, &self.time_zone),
-                    applying,
+                .map(|applying| {
+                    let counted = self.buckets.counted(&applying, &self.time_zone);
+                    BudgetUse {
+                        runs_out_at: counted.runs_out(&applying, now),
+                        counted,
+                        applying,
+                    }
                 })
                 .collect(),
+            burn,
+            money_runs_out_at: runs_out(now, spendable, per_hour(burn.money_last_hour, burn.money_last_day)),
+            allowance_runs_out_at: self.subscription.as_ref().and_then(|_| {
+                let left = self.allowance.available();
+                runs_out(now, left, per_hour(burn.tokens_last_hour, burn.tokens_last_day))
+            }),
         }
     }
 }

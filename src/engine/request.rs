@@ -196,6 +196,15 @@ pub struct Balance {
     pub suspended: bool,
     /// Budgets of API keys and projects, with what each counted.
     pub budgets: Vec<BudgetUse>,
+    /// Money and allowance tokens charged per hour, over the last hour and
+    /// the last day.
+    pub burn: super::burn::Rates,
+    /// When spendable money runs out at the last hour's rate (the last
+    /// day's when the hour was quiet); `None` while nothing burns.
+    pub money_runs_out_at: Option<Timestamp>,
+    /// When the allowance left runs out, likewise (it may renew first: see
+    /// `period_end`).
+    pub allowance_runs_out_at: Option<Timestamp>,
 }
 
 /// One budget and what it counted in its current window.
@@ -205,4 +214,7 @@ pub struct BudgetUse {
     pub applying: super::budget::Applying,
     /// What it counted, and when that starts to fall.
     pub counted: super::budget::Counted,
+    /// When its room runs out at the rate it counted since its window
+    /// began; `None` while it counted nothing.
+    pub runs_out_at: Option<Timestamp>,
 }
