@@ -181,12 +181,28 @@ impl Tollgate {
                     }
                 };
                 this.emit(applied.records).await;
+                this.emit_alerts().await;
                 Ok(applied.reply)
             }
             .in_current_span(),
         )
         .await
         .map_err(|e| StoreError::Unavailable(format!("command task failed: {e}")))?
+    }
+
+    /// Hands the alerts the store made to the usage sink, each counted.
+    async fn emit_alerts(&self) {
+        for alert in self.store.take_alerts() {
+            crate::telemetry::metrics::metrics()
+                .alerts
+                .get_or_create(&crate::telemetry::metrics::AlertKind {
+                    alert: alert.alert.clone(),
+                })
+                .inc();
+            if self.usage.send(Emitted::Alert(Arc::new(alert))).await.is_err() {
+                tracing::error!("usage sink has stopped; an alert was not written");
+            }
+        }
     }
 
     async fn emit(&self, records: Vec<Arc<UsageRecord>>) {
@@ -338,6 +354,7 @@ impl Tollgate {
     pub async fn sweep(&self) -> Result<(), StoreError> {
         let records = self.store.sweep(self.now()).await?;
         self.emit(records).await;
+        self.emit_alerts().await;
         Ok(())
     }
 }

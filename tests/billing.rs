@@ -194,7 +194,7 @@ async fn the_loader_writes_each_record_once_and_acknowledges_after_commit() {
             .value("SELECT max(version) FROM {s}.schema_version")
             .await
             .as_deref(),
-        Some("1")
+        Some("2")
     );
     // Charges are kept per source: the promotional credit ran out first.
     let sources = schema

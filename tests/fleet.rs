@@ -122,6 +122,90 @@ async fn three_sidecars_drive_one_key_to_its_budget_and_never_past_it() {
     assert_eq!(paid.charged(), spent, "and Redis charged the same");
 }
 
+/// Three sidecars spend one account past two alert thresholds while one
+/// of them is SIGKILLed mid-load: each threshold is alerted exactly once
+/// on the usage stream (the commit that crosses it writes it, whichever
+/// sidecar makes that commit), and no usage file holds one twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_threshold_alerts_once_across_three_sidecars_and_a_sigkill() {
+    use tollgate::proto;
+    let redis = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = fleet(3, dir.path(), &[redis.url()]);
+    let mut admin = support::admin_client(&sidecars[0].admin_url, Some(support::WRITE_TOKEN)).await;
+    admin
+        .set_alerts(proto::SetAlertsRequest {
+            account_id: "shared".into(),
+            alerts: Some(proto::AlertSettings {
+                balance_below: ["0.45", "0.3", "0.2"].map(support::money).to_vec(),
+                ..Default::default()
+            }),
+            adjustment_id: "alerts-1".into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    // The survivors' clients run until the account is drained; the killed
+    // sidecar's until then.
+    let (never, survivors_done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let mut survivors = Vec::new();
+    let mut doomed = Vec::new();
+    for (s, sidecar) in sidecars.iter().enumerate() {
+        for c in 0..8 {
+            let quota = sidecar.client().await;
+            let stop = Arc::clone(if s == 2 { &survivors_done } else { &never });
+            let task = tokio::spawn(async move { support::fleet::drain(quota, "shared", s * 1000 + c, stop).await });
+            if s == 2 {
+                doomed.push(task)
+            } else {
+                survivors.push(task)
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    sidecars[2].kill();
+    for task in survivors {
+        task.await.unwrap();
+    }
+    survivors_done.store(true, Ordering::Relaxed);
+    for task in doomed {
+        task.await.unwrap();
+    }
+    for sidecar in &mut sidecars[..2] {
+        sidecar.stop();
+    }
+    let streamed = support::fleet::stream_records(&redis.url(), 1).await;
+    let alerts: Vec<&serde_json::Value> = streamed.iter().filter(|r| r["kind"] == "alert").collect();
+    let thresholds: Vec<&str> = alerts.iter().map(|a| a["threshold"].as_str().unwrap()).collect();
+    // Money left only falls here: every threshold above what is left at
+    // the end was crossed, once.
+    let paid = shared_account(redis.port, 1, "shared").paid;
+    let left = paid.available() + paid.held();
+    let crossed: Vec<&str> = [
+        ("0.450000000000", 450),
+        ("0.300000000000", 300),
+        ("0.200000000000", 200),
+    ]
+    .into_iter()
+    .filter(|(_, milli)| left < milli * 1_000_000_000)
+    .map(|(t, _)| t)
+    .collect();
+    assert!(
+        crossed.len() >= 2,
+        "the load spent past two thresholds at least: {left} left"
+    );
+    assert_eq!(thresholds, crossed, "{alerts:?}");
+    let mut in_files: Vec<String> = sidecars
+        .iter()
+        .flat_map(Sidecar::alerts)
+        .map(|a| a["threshold"].as_str().unwrap().to_owned())
+        .collect();
+    let all = in_files.len();
+    in_files.sort();
+    in_files.dedup();
+    assert_eq!(all, in_files.len(), "an alert written twice: {in_files:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_sidecars_lease_is_set_aside_until_it_restarts_on_its_journal() {
     let redis = RedisServer::start(&[]);

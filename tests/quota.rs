@@ -504,8 +504,84 @@ async fn runway_follows_a_steady_load(backend: Backend) {
     app.shutdown().await;
 }
 
+/// Alert thresholds set through the admin API: a crossing reaches the
+/// usage file once however much more is spent, and again only after a
+/// top-up re-armed it and it was crossed anew. (On Redis the crossing is
+/// seen when a report reaches the shared account: reading the balance
+/// makes the sidecar report.)
+async fn alerts_reach_the_sink_once_per_crossing(backend: Backend) {
+    let mut app = spawn_app_on(backend).await;
+    let alerts = proto::AlertSettings {
+        balance_below: vec![money("99.999")],
+        debt_started: true,
+        ..Default::default()
+    };
+    let set = proto::SetAlertsRequest {
+        account_id: "rich".into(),
+        alerts: Some(alerts.clone()),
+        adjustment_id: "a1".into(),
+        reason: "notify finance".into(),
+    };
+    let detail = app.admin.set_alerts(set).await.unwrap().into_inner();
+    assert_eq!(detail.alerts, Some(alerts));
+    let bad = proto::SetAlertsRequest {
+        account_id: "rich".into(),
+        alerts: Some(proto::AlertSettings {
+            pack_used_percent: vec![150],
+            ..Default::default()
+        }),
+        adjustment_id: "a2".into(),
+        reason: "typo".into(),
+    };
+    let e = app.admin.set_alerts(bad).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("pack_used"), "{}", e.message());
+    // 0.00148 a request: the first one crosses 99.999, the next do not.
+    for i in 0..3 {
+        let id = format!("spend-{i}");
+        app.quota.reserve(reserve("rich", &id, 1000, 500)).await.unwrap();
+        app.quota.settle(settle("rich", &id, 1000, 120)).await.unwrap();
+        app.balance("rich").await;
+    }
+    let first = app.alerts(1).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        (
+            first[0]["alert"].as_str(),
+            first[0]["threshold"].as_str(),
+            first[0]["value"].as_str()
+        ),
+        (Some("balance_below"), Some("99.999000000000"), Some("99.998520000000"))
+    );
+    // Re-armed by a top-up, crossed again by a charge.
+    app.admin
+        .top_up(support::paid_top_up("rich", "t9", "1", "refill"))
+        .await
+        .unwrap();
+    app.balance("rich").await;
+    let charge = proto::ChargeRequest {
+        account_id: "rich".into(),
+        request_id: "big".into(),
+        charge: Some(proto::charge_request::Charge::Amount(money("1.01"))),
+        ..Default::default()
+    };
+    app.quota.charge(charge).await.unwrap();
+    app.balance("rich").await;
+    let both = app.alerts(2).await;
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert_eq!(
+        (both[0]["seq"].as_u64(), both[1]["seq"].as_u64()),
+        (Some(1), Some(2)),
+        "{both:?}"
+    );
+    let audits = app.audits(2).await;
+    assert!(audits.iter().any(|a| a["operation"] == "set_alerts"), "{audits:?}");
+    app.shutdown().await;
+}
+
 on_both_stores!(
     reserve_settle_charges_actuals_and_writes_one_record,
+    alerts_reach_the_sink_once_per_crossing,
     runway_follows_a_steady_load,
     budgets_cap_keys_and_projects_and_deny_naming_themselves,
     extend_release_charge_and_balance,

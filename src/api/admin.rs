@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use super::auth::{Operators, Role};
 use super::convert::{
-    budgets_in, budgets_out, id, ledger_figures, limit_set, money, money_out, opt_id, overrides_out, price_version_out,
-    reason, record_out, take_in, takes_out, timestamp, timestamp_out,
+    alerts_in, alerts_out, budgets_in, budgets_out, id, ledger_figures, limit_set, money, money_out, opt_id,
+    overrides_out, price_version_out, reason, record_out, take_in, takes_out, timestamp, timestamp_out,
 };
 use super::quota::balance_out;
 use super::status::{invalid, status, unexpected};
@@ -216,6 +216,7 @@ fn detail_out(s: &Snapshot) -> proto::AccountDetail {
         balance: Some(balance_out(&a.id, &s.balance)),
         overrides: Some(overrides_out(a.overrides())),
         budgets: Some(budgets_out(a.budgets.as_deref().unwrap_or(&Budgets::default()))),
+        alerts: a.alert_overrides.as_deref().map(alerts_out),
     }
 }
 
@@ -498,6 +499,21 @@ impl Admin for AdminApi {
         let budgets = budgets_in(&r.budgets.unwrap_or_default())?;
         budgets.check().map_err(|e| status(e.into()))?;
         self.mutate(caller, &account, Command::SetBudgets(budgets), why).await
+    }
+
+    async fn set_alerts(
+        &self,
+        request: Request<proto::SetAlertsRequest>,
+    ) -> Result<Response<proto::AccountDetail>, Status> {
+        let caller = self.caller(&request, Role::Write)?;
+        let r = request.into_inner();
+        let account = account_id(&r.account_id)?;
+        let why = adjustment(&r.adjustment_id, &r.reason)?;
+        let alerts = r.alerts.as_ref().map(alerts_in).transpose()?;
+        if let Some(a) = &alerts {
+            a.check().map_err(|e| status(e.into()))?;
+        }
+        self.mutate(caller, &account, Command::SetAlerts(alerts), why).await
     }
 
     async fn refund(&self, request: Request<proto::RefundRequest>) -> Result<Response<proto::AccountDetail>, Status> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use crate::engine::Ledger;
+use crate::engine::alert::AlertSettings;
 use crate::engine::budget::{Budget, BudgetPeriod, Budgets, Project};
 use crate::engine::ids::{ApiKeyId, ProjectId, TierId};
 use crate::engine::limits::{Exceeded, Kind, LimitOverrides, LimitSet, RateStatus, Scope};
@@ -211,6 +212,40 @@ pub fn budgets_in(b: &proto::Budgets) -> Result<Budgets, Status> {
             .insert(id(&field, project, ProjectId::parse)?, Project { keys, budget });
     }
     Ok(out)
+}
+
+/// Alert thresholds from the wire (checked by the engine).
+pub fn alerts_in(a: &proto::AlertSettings) -> Result<AlertSettings, Status> {
+    let percents = |field: &str, list: &[u32]| {
+        list.iter()
+            .map(|p| u8::try_from(*p).map_err(|_| invalid(field, "percentages are 1 to 100")))
+            .collect::<Result<Vec<u8>, Status>>()
+    };
+    Ok(AlertSettings {
+        balance_below: a
+            .balance_below
+            .iter()
+            .map(|m| money("alerts.balance_below", Some(m)))
+            .collect::<Result<_, _>>()?,
+        allowance_used: percents("alerts.allowance_used_percent", &a.allowance_used_percent)?,
+        pack_used: percents("alerts.pack_used_percent", &a.pack_used_percent)?,
+        budget_used: percents("alerts.budget_used_percent", &a.budget_used_percent)?,
+        pack_expiring_days: a.pack_expiring_days,
+        debt_started: a.debt_started,
+    })
+}
+
+/// Alert thresholds for the wire.
+pub fn alerts_out(a: &AlertSettings) -> proto::AlertSettings {
+    let percents = |list: &[u8]| list.iter().map(|p| u32::from(*p)).collect();
+    proto::AlertSettings {
+        balance_below: a.balance_below.iter().map(|m| money_out(*m)).collect(),
+        allowance_used_percent: percents(&a.allowance_used),
+        pack_used_percent: percents(&a.pack_used),
+        budget_used_percent: percents(&a.budget_used),
+        pack_expiring_days: a.pack_expiring_days,
+        debt_started: a.debt_started,
+    }
 }
 
 /// An account's budgets for the wire.

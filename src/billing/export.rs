@@ -57,10 +57,21 @@ pub fn is_audit(record: &serde_json::Value) -> bool {
     record["kind"] == "audit"
 }
 
+/// Whether `record` is an alert (a threshold crossed).
+pub fn is_alert(record: &serde_json::Value) -> bool {
+    record["kind"] == "alert"
+}
+
+/// Whether `record` is not usage: an operator's change or an alert. No
+/// usage export is of those (the billing database keeps both).
+pub fn is_not_usage(record: &serde_json::Value) -> bool {
+    is_audit(record) || is_alert(record)
+}
+
 /// Adds `record` to `totals` if it is a usage record in `window`. Returns
 /// whether it counted.
 pub fn tally(totals: &mut BTreeMap<(String, String), Totals>, record: &serde_json::Value, window: &Window) -> bool {
-    if is_audit(record) || !window.holds(record) {
+    if is_not_usage(record) || !window.holds(record) {
         return false;
     }
     // A record whose figures do not read is not counted, and so not

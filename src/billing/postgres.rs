@@ -114,6 +114,23 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (stream, entry_id, position)
     );
     "#,
+    // 2: alerts (thresholds crossed), one row each.
+    r#"
+    CREATE TABLE {s}.alert_records (
+        record_id text PRIMARY KEY,
+        account_id text NOT NULL,
+        alert text NOT NULL,
+        subject text NOT NULL,
+        threshold text NOT NULL,
+        value text NOT NULL,
+        at timestamptz NOT NULL,
+        at_ns bigint NOT NULL,
+        stream text NOT NULL,
+        entry_id text NOT NULL,
+        loaded_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX alert_records_account_at ON {s}.alert_records (account_id, at_ns);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -460,6 +477,41 @@ impl Database {
             written.loaded += new_audits.len() as u64;
             written.repeated += (a.len() - new_audits.len()) as u64;
             insert_takes(&tx, schema, "audit_refunds", &rows.refunds.only(&new_audits)).await?;
+        }
+        if !rows.alerts.record_id.is_empty() {
+            let a = &rows.alerts;
+            let params: [&(dyn ToSql + Sync); 10] = [
+                &a.record_id,
+                &a.account_id,
+                &a.alert,
+                &a.subject,
+                &a.threshold,
+                &a.value,
+                &a.at,
+                &a.at_ns,
+                &a.stream,
+                &a.entry_id,
+            ];
+            let inserted = tx
+                .query(
+                    &sql(
+                        schema,
+                        "INSERT INTO {s}.alert_records (record_id, account_id, alert, subject,
+                             threshold, value, at, at_ns, stream, entry_id)
+                         SELECT a.record_id, a.account_id, a.alert, a.subject, a.threshold,
+                             a.value, a.at::timestamptz, a.at_ns, a.stream, a.entry_id
+                         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[])
+                             AS a(record_id, account_id, alert, subject, threshold, value, at,
+                                 at_ns, stream, entry_id)
+                         ON CONFLICT (record_id) DO NOTHING
+                         RETURNING record_id",
+                    ),
+                    &params,
+                )
+                .await?;
+            written.loaded += inserted.len() as u64;
+            written.repeated += (a.record_id.len() - inserted.len()) as u64;
         }
         if !rows.unreadable.stream.is_empty() {
             let u = &rows.unreadable;

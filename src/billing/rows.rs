@@ -6,8 +6,9 @@ use crate::engine::money::Money;
 use crate::engine::record::{AuditRecord, UsageRecord};
 use crate::engine::source::Take;
 
-use super::export::is_audit;
+use super::export::{is_alert, is_audit};
 use super::stream::Delivered;
+use crate::engine::alert::AlertRecord;
 
 /// The columns of a batch's usage records.
 #[derive(Default)]
@@ -158,7 +159,23 @@ pub(super) struct Rows {
     pub(super) charges: ChargeColumns,
     pub(super) refunds: ChargeColumns,
     pub(super) audit: AuditColumns,
+    pub(super) alerts: AlertColumns,
     pub(super) unreadable: UnreadableColumns,
+}
+
+/// Alerts, a column each.
+#[derive(Default)]
+pub(super) struct AlertColumns {
+    pub(super) record_id: Vec<String>,
+    pub(super) account_id: Vec<String>,
+    pub(super) alert: Vec<String>,
+    pub(super) subject: Vec<String>,
+    pub(super) threshold: Vec<String>,
+    pub(super) value: Vec<String>,
+    pub(super) at: Vec<String>,
+    pub(super) at_ns: Vec<i64>,
+    pub(super) stream: Vec<String>,
+    pub(super) entry_id: Vec<String>,
 }
 
 impl Rows {
@@ -190,6 +207,25 @@ impl Rows {
                 Some(_) => "the entry does not decode".into(),
                 None => "the entry is gone from the stream (trimmed or deleted before it was loaded)".into(),
             });
+        }
+        if is_alert(&d.record) {
+            let a: AlertRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
+            let texts = [&a.alert, &a.subject, &a.threshold, &a.value];
+            if texts.iter().any(|t| t.contains('\0')) {
+                return Err("a text holds a NUL character, which PostgreSQL cannot store".into());
+            }
+            let c = &mut self.alerts;
+            c.record_id.push(a.id());
+            c.account_id.push(a.account_id.to_string());
+            c.at.push(a.at.to_string());
+            c.at_ns.push(nanos(a.at)?);
+            c.alert.push(a.alert);
+            c.subject.push(a.subject);
+            c.threshold.push(a.threshold);
+            c.value.push(a.value);
+            c.stream.push(d.stream.clone());
+            c.entry_id.push(d.entry.clone());
+            return Ok(());
         }
         if is_audit(&d.record) {
             let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;

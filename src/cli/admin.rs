@@ -65,6 +65,9 @@ pub enum AdminCmd {
     /// Set (or clear) the budget of an API key or a project, or a
     /// project's keys.
     SetBudget(SetBudgetArgs),
+    /// Set an account's own alert thresholds (replacing its plan's), or
+    /// go back to its plan's.
+    SetAlerts(SetAlertsArgs),
     /// Suspend an account: new spending is denied.
     Suspend(ChangeArgs),
     /// Lift a suspension.
@@ -331,6 +334,34 @@ pub struct SetBudgetArgs {
     clear: bool,
 }
 
+/// Options of `admin set-alerts`.
+#[derive(Debug, Args)]
+pub struct SetAlertsArgs {
+    #[command(flatten)]
+    change: ChangeArgs,
+    /// Alert when the money left goes below each amount, e.g. 10,1.
+    #[arg(long, value_delimiter = ',')]
+    balance_below: Vec<String>,
+    /// Percentages of the period's allowance used, e.g. 50,80,100.
+    #[arg(long, value_delimiter = ',')]
+    allowance_used: Vec<u32>,
+    /// Percentages of a pack used.
+    #[arg(long, value_delimiter = ',')]
+    pack_used: Vec<u32>,
+    /// Percentages of a budget counted.
+    #[arg(long, value_delimiter = ',')]
+    budget_used: Vec<u32>,
+    /// Days before a pack with tokens left expires.
+    #[arg(long, default_value_t = 0)]
+    pack_expiring_days: u32,
+    /// When debt begins.
+    #[arg(long)]
+    debt_started: bool,
+    /// Drop the account's own thresholds: its plan's apply again.
+    #[arg(long, conflicts_with_all = ["balance_below", "allowance_used", "pack_used", "budget_used", "pack_expiring_days", "debt_started"])]
+    plan: bool,
+}
+
 /// Runs an `admin` subcommand.
 pub async fn run(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
     let outcome = match cmd {
@@ -580,6 +611,33 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
         }
         AdminCmd::SetLimit(a) => set_limit(a).await?,
         AdminCmd::SetBudget(a) => set_budget(a).await?,
+        AdminCmd::SetAlerts(a) => {
+            let c = a.change;
+            let alerts = (!a.plan)
+                .then(|| -> Result<proto::AlertSettings, Failure> {
+                    Ok(proto::AlertSettings {
+                        balance_below: a
+                            .balance_below
+                            .iter()
+                            .map(|m| money("--balance-below", m))
+                            .collect::<Result<_, _>>()?,
+                        allowance_used_percent: a.allowance_used,
+                        pack_used_percent: a.pack_used,
+                        budget_used_percent: a.budget_used,
+                        pack_expiring_days: a.pack_expiring_days,
+                        debt_started: a.debt_started,
+                    })
+                })
+                .transpose()?;
+            let mut client = connect(&c.endpoint).await?;
+            let r = proto::SetAlertsRequest {
+                account_id: c.account,
+                alerts,
+                adjustment_id: c.adjustment_id,
+                reason: c.reason,
+            };
+            (client.set_alerts(r).await?.into_inner(), c.endpoint.json)
+        }
         AdminCmd::Refund(a) => {
             let c = a.change;
             let text = if a.record.as_os_str() == "-" {

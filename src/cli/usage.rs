@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::admin::table;
 use super::report::{print_repricing, print_statement};
-use crate::billing::export::{Window, cloudevent, is_audit, tally, write_totals};
+use crate::billing::export::{Window, cloudevent, is_not_usage, tally, write_totals};
 use crate::billing::loader::{LoadSettings, load};
 use crate::billing::postgres::Database;
 use crate::billing::reconcile::reconcile;
@@ -305,9 +305,9 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
             let (mut exported, mut left) = (0usize, 0usize);
             let used = consumer
                 .read_through(1000, |record| {
-                    // Audit records are no usage export's (the loader's):
-                    // passing them over loses nothing.
-                    let used = is_audit(record)
+                    // Audit records and alerts are no usage export's (the
+                    // loader's): passing them over loses nothing.
+                    let used = is_not_usage(record)
                         || match format {
                             ExportFormat::Cloudevents => {
                                 let event = cloudevent(record, &source).filter(|_| window.holds(record));
@@ -317,7 +317,7 @@ pub async fn run(cmd: UsageCmd) -> anyhow::Result<ExitCode> {
                             }
                             ExportFormat::Csv | ExportFormat::Jsonl => tally(&mut totals, record, &window),
                         };
-                    exported += usize::from(used && !is_audit(record));
+                    exported += usize::from(used && !is_not_usage(record));
                     left += usize::from(!used);
                     used
                 })

@@ -440,6 +440,9 @@ pub(super) fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
     ] {
         p.check(format!("{path}.limits.{scope}"), set.check());
     }
+    for (field, problem) in f.alerts.problems(&format!("{path}.alerts")) {
+        p.push(field, problem);
+    }
     for (model, set) in &f.limits.models {
         p.check(format!("{path}.limits.models.{model}"), set.check());
     }
@@ -481,6 +484,7 @@ pub(super) fn plan(p: &mut Problems, name: &str, f: &PlanFile) -> Option<Plan> {
         allowed_models,
         limits: f.limits.clone(),
         on_store_outage,
+        alerts: f.alerts.clone(),
     })
 }
 

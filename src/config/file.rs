@@ -192,6 +192,8 @@ pub(super) struct PlanFile {
     pub(super) on_store_outage: Option<String>,
     #[serde(default)]
     pub(super) outage_allowance: Option<String>,
+    #[serde(default)]
+    pub(super) alerts: crate::engine::alert::AlertSettings,
 }
 
 #[derive(Deserialize)]

@@ -16,6 +16,7 @@ use std::sync::{Arc, LazyLock};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
+use super::alert::AlertSettings;
 use super::budget::{Applying, Budgets, Counting};
 use super::burn::Burn;
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
@@ -579,6 +580,16 @@ pub struct Account {
     /// What its records charged lately, hour by hour (none on a mirror).
     #[serde(default, skip_serializing_if = "Burn::is_empty")]
     pub burn: Burn,
+    /// Alert thresholds of its own, replacing its plan's; `None`: the
+    /// plan's.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub alert_overrides: Option<Box<AlertSettings>>,
+    /// The thresholds crossed and alerted on, until re-armed.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub alerts_fired: BTreeSet<String>,
+    /// Alerts made so far (each one's number).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub alerts_made: u64,
     /// What the account is to this process: stand-alone, shared in Redis
     /// (its sidecars' leases and journals, stored as the account's
     /// `leases` and `journals` fields), or a sidecar's mirror.
@@ -627,6 +638,12 @@ struct Stored {
     #[serde(default)]
     burn: Burn,
     #[serde(default)]
+    alert_overrides: Option<Box<AlertSettings>>,
+    #[serde(default)]
+    alerts_fired: BTreeSet<String>,
+    #[serde(default)]
+    alerts_made: u64,
+    #[serde(default)]
     leases: BTreeMap<ProducerId, Lease>,
     #[serde(default)]
     journals: BTreeMap<ProducerId, u64>,
@@ -653,6 +670,9 @@ impl From<Stored> for Account {
             overrides: s.overrides,
             budgets: s.budgets,
             burn: s.burn,
+            alert_overrides: s.alert_overrides,
+            alerts_fired: s.alerts_fired,
+            alerts_made: s.alerts_made,
             traffic: None,
             role: Role::Shared(Box::new(Shared {
                 leases: s.leases,
@@ -708,6 +728,9 @@ impl Account {
             overrides: None,
             budgets: None,
             burn: Burn::default(),
+            alert_overrides: None,
+            alerts_fired: BTreeSet::new(),
+            alerts_made: 0,
             role: Role::Standalone,
         };
         account.subscribe(plan, anchor, now)?;

@@ -96,6 +96,8 @@ pub struct Plan {
     /// What a sidecar decides when its lease cannot cover a request and the
     /// shared store cannot be reached.
     pub on_store_outage: OutagePolicy,
+    /// When its accounts alert (an account's own settings replace these).
+    pub alerts: super::alert::AlertSettings,
 }
 
 /// A plan's failure policy while the shared store is unreachable (as in

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
 use super::account::{Account, Hold, Lot, Traffic};
+use super::alert::AlertSettings;
 use super::budget::Budgets;
 use super::catalog::Catalog;
 use super::error::EngineError;
@@ -94,6 +95,8 @@ pub enum Command {
     SetOverrides(LimitOverrides),
     /// Replace the budgets of API keys and projects.
     SetBudgets(Budgets),
+    /// Replace the account's alert thresholds (`None`: its plan's).
+    SetAlerts(Option<AlertSettings>),
     /// Suspend (true) or resume (false).
     SetSuspended(bool),
     /// Change settings.
@@ -128,6 +131,7 @@ impl Command {
             Command::AssignPlan { .. } => "assign_plan",
             Command::SetOverrides(_) => "set_limit_overrides",
             Command::SetBudgets(_) => "set_budgets",
+            Command::SetAlerts(_) => "set_alerts",
             Command::SetSuspended(true) => "suspend",
             Command::SetSuspended(false) => "resume",
             Command::Update { .. } => "update_account",
@@ -356,6 +360,7 @@ impl Account {
             "promos": lots(&self.promos, money),
             "limit_overrides": serde_json::to_value(self.overrides()).unwrap_or_default(),
             "budgets": serde_json::to_value(self.budgets.as_deref().cloned().unwrap_or_default()).unwrap_or_default(),
+            "alerts": serde_json::to_value(self.alert_overrides.as_deref()).unwrap_or_default(),
         });
         match view {
             serde_json::Value::Object(map) => map,
@@ -417,6 +422,14 @@ impl Account {
                 budgets.check()?;
                 self.advance(catalog, now)?;
                 self.budgets = (!budgets.is_empty()).then(|| Box::new(budgets));
+                Reply::Done
+            }
+            Command::SetAlerts(settings) => {
+                if let Some(s) = &settings {
+                    s.check()?;
+                }
+                self.advance(catalog, now)?;
+                self.alert_overrides = settings.map(Box::new);
                 Reply::Done
             }
             Command::SetSuspended(suspended) => {
@@ -512,6 +525,9 @@ impl Account {
             overrides: self.overrides.clone(),
             budgets: self.budgets.clone(),
             burn: self.burn.clone(),
+            alert_overrides: self.alert_overrides.clone(),
+            alerts_fired: self.alerts_fired.clone(),
+            alerts_made: self.alerts_made,
             role: Role::Standalone,
         }
     }

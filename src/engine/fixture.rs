@@ -63,6 +63,7 @@ pub fn version(id: &str, effective_at: Timestamp, input: i128, output: i128) -> 
 /// Plan `id`: drawing in `order`, with `allowance` and `limits`.
 pub fn plan(id: &str, allowance: Option<Allowance>, order: &[SourceClass], limits: ScopedLimits) -> Plan {
     Plan {
+        alerts: Default::default(),
         id: PlanId::parse(id).expect("a fixture id"),
         allowance,
         draw_order: order.to_vec(),

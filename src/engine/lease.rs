@@ -711,6 +711,9 @@ impl Account {
             overrides: shared.overrides.clone(),
             budgets: shared.budgets.clone(),
             burn: Default::default(),
+            alert_overrides: None,
+            alerts_fired: Default::default(),
+            alerts_made: 0,
             role: Role::Mirror(Box::default()),
         };
         mirror.buckets.set_leased();

@@ -24,6 +24,7 @@
 //! - [`draw`]: which sources pay, and the one rounding rule.
 //! - [`lease`]: slices of a shared account lent to sidecars, and their mirrors.
 //! - [`ops`]: reserve, extend, settle, release, charge, admin operations.
+//! - [`alert`]: thresholds crossed, each alerted once until re-armed.
 //! - [`command`]: one entry point for every account operation.
 //! - [`fixture`]: the catalog tests, simulations and benches share.
 //!
@@ -33,6 +34,7 @@
 #![deny(clippy::disallowed_methods)]
 
 pub mod account;
+pub mod alert;
 pub mod budget;
 pub mod burn;
 pub mod catalog;

@@ -2264,3 +2264,100 @@ fn sidecars_never_admit_more_than_a_budget_between_them() {
     let counted = shared.balance(now).budgets[0].counted.used.tokens;
     assert!(counted <= 1_000, "the shared account counts {counted}");
 }
+
+// ---- alerts ----
+
+use super::alert::AlertSettings;
+
+fn alert_keys(alerts: &[super::alert::AlertRecord]) -> Vec<String> {
+    alerts.iter().map(|a| a.key.clone()).collect()
+}
+
+/// Each threshold crossed alerts once; it alerts again only once it has
+/// stopped holding (a top-up) and is crossed anew; a new allowance period
+/// has thresholds of its own; debt alerts when it begins.
+#[test]
+fn alerts_fire_once_per_crossing_and_rearm_when_the_level_clears() {
+    let c = catalog();
+    let mut a = account(&c, "pro");
+    top_up(&mut a, &c, "t1", Pool::Paid, 100_000);
+    let now = t(NOW);
+    let settings = AlertSettings {
+        balance_below: vec![Money::from_picos(50_000)],
+        allowance_used: vec![50, 80],
+        debt_started: true,
+        ..AlertSettings::default()
+    };
+    a.apply(&c, Command::SetAlerts(Some(settings)), now).unwrap();
+    assert!(a.alerts_due(&c, now).is_empty(), "nothing crossed yet");
+    // The pro plan grants 1,000 allowance tokens a month: 600 used.
+    allowed(a.reserve(&c, &req("r1", "m", 100, 500), now).unwrap());
+    a.settle(&c, &"r1".parse_id(), usage(100, 500), now).unwrap();
+    assert_eq!(alert_keys(&a.alerts_due(&c, now)), ["allowance_used:period:0:50"]);
+    assert!(a.alerts_due(&c, now).is_empty(), "once");
+    allowed(a.reserve(&c, &req("r2", "m", 100, 200), now).unwrap());
+    a.settle(&c, &"r2".parse_id(), usage(100, 200), now).unwrap();
+    assert_eq!(alert_keys(&a.alerts_due(&c, now)), ["allowance_used:period:0:80"]);
+    // Money: 100,000 paid; 60,000 spent leaves 40,000, below 50,000.
+    let charge = |id: &str, picos: i128| ChargeRequest {
+        request_id: id.parse_id(),
+        api_key_id: None,
+        model: None,
+        tier: TierId::default_tier(),
+        what: ChargeWhat::Money(Money::from_picos(picos)),
+    };
+    a.charge(&c, &charge("c1", 60_000), now).unwrap();
+    let due = a.alerts_due(&c, now);
+    assert_eq!(alert_keys(&due), ["balance_below:0.000000050000"]);
+    assert_eq!(
+        (due[0].alert.as_str(), due[0].value.as_str()),
+        ("balance_below", "0.000000040000")
+    );
+    a.charge(&c, &charge("c2", 10_000), now).unwrap();
+    assert!(a.alerts_due(&c, now).is_empty(), "still below: not again");
+    // A top-up re-arms it; crossing again alerts again, under a new id.
+    top_up(&mut a, &c, "t2", Pool::Paid, 100_000);
+    assert!(a.alerts_due(&c, now).is_empty());
+    a.charge(&c, &charge("c3", 100_000), now).unwrap();
+    let again = a.alerts_due(&c, t("2026-03-10T12:00:01Z"));
+    assert_eq!(alert_keys(&again), ["balance_below:0.000000050000"]);
+    assert_ne!(again[0].id(), due[0].id());
+    // Usage past every source: debt begins.
+    allowed(a.reserve(&c, &req("r3", "m", 10, 10), now).unwrap());
+    a.settle(&c, &"r3".parse_id(), usage(1_000, 1_000), now).unwrap();
+    assert!(alert_keys(&a.alerts_due(&c, now)).contains(&"debt_started:0".to_owned()));
+    // The next month's allowance has thresholds of its own, armed.
+    let april = t("2026-04-01T00:00:00Z");
+    let keys = alert_keys(&a.alerts_due(&c, april));
+    assert!(!keys.iter().any(|k| k.starts_with("allowance_used")), "{keys:?}");
+}
+
+/// A mirror never alerts: what it sees are slices; the shared account
+/// alerts, once, when the sync brings the spending in.
+#[test]
+fn only_the_shared_account_alerts() {
+    let (c, mut shared) = funded("payg", 100_000);
+    let now = t(NOW);
+    let settings = AlertSettings {
+        balance_below: vec![Money::from_picos(90_000)],
+        ..AlertSettings::default()
+    };
+    shared.apply(&c, Command::SetAlerts(Some(settings)), now).unwrap();
+    let mut side = Sidecar::new("a", &shared);
+    side.reserve(&mut shared, &c, "r1", now);
+    side.apply(
+        &mut shared,
+        &c,
+        Command::Settle {
+            reservation: "r1".parse_id(),
+            usage: usage(10, 10),
+        },
+        now,
+    );
+    assert!(side.mirror.alerts_due(&c, now).is_empty(), "a mirror never alerts");
+    side.sync(&mut shared, &c, no_short(), false, now);
+    assert_eq!(
+        alert_keys(&shared.alerts_due(&c, now)),
+        ["balance_below:0.000000090000"]
+    );
+}

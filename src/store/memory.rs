@@ -22,6 +22,7 @@ use dashmap::{DashMap, DashSet};
 use jiff::Timestamp;
 
 use super::{Applied, Health, Store, StoreError};
+use crate::engine::alert::AlertRecord;
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::{PriceBook, PriceVersion};
 use crate::engine::record::AuditRecord;
@@ -45,6 +46,8 @@ pub struct MemoryStore {
     /// Replaced whole on publish; readers clone the `Arc` and let go of the
     /// lock at once.
     catalog: RwLock<Arc<Catalog>>,
+    /// Alerts made, until the service takes them for the sink.
+    alerts: std::sync::Mutex<Vec<AlertRecord>>,
 }
 
 impl MemoryStore {
@@ -57,6 +60,7 @@ impl MemoryStore {
             windows: DashMap::new(),
             max_windows: MAX_WINDOWS,
             catalog: RwLock::new(Arc::new(catalog)),
+            alerts: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -114,6 +118,20 @@ const MOST_HITS: u64 = 1 << 53;
 /// memory); the others visit only accounts with open holds.
 pub const FULL_SWEEP_EVERY: u64 = 60;
 
+impl MemoryStore {
+    /// Queues `alerts` for the sink (after the account's lock is let go:
+    /// last in the lock order).
+    fn alerted(&self, alerts: Vec<AlertRecord>) {
+        if alerts.is_empty() {
+            return;
+        }
+        match self.alerts.lock() {
+            Ok(mut queue) => queue.extend(alerts),
+            Err(poisoned) => poisoned.into_inner().extend(alerts),
+        }
+    }
+}
+
 fn poisoned() -> StoreError {
     StoreError::Unavailable("catalog lock poisoned".into())
 }
@@ -145,8 +163,10 @@ impl Store for MemoryStore {
         } else {
             Vec::new()
         };
+        let alerts = account.alerts_due(&catalog, now);
         let watch = !account.traffic().expiries.is_empty() || !account.traffic().outbox.is_empty();
         drop(account);
+        self.alerted(alerts);
         if watch {
             self.holding.watch(id);
         }
@@ -179,6 +199,9 @@ impl Store for MemoryStore {
         };
         let (reply, record) = account.apply_audited(&catalog, command, now, audit)?;
         let records = account.take_records();
+        let alerts = account.alerts_due(&catalog, now);
+        drop(account);
+        self.alerted(alerts);
         Ok((Applied { reply, records }, record))
     }
 
@@ -192,6 +215,13 @@ impl Store for MemoryStore {
         ids.sort();
         ids.truncate(limit);
         Ok(ids)
+    }
+
+    fn take_alerts(&self) -> Vec<AlertRecord> {
+        match self.alerts.lock() {
+            Ok(mut alerts) => std::mem::take(&mut *alerts),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
     }
 
     fn catalog(&self) -> Arc<Catalog> {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 pub use crate::engine::Applied;
+use crate::engine::alert::AlertRecord;
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::PriceVersion;
 use crate::engine::record::AuditRecord;
@@ -118,6 +119,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The current catalog.
     fn catalog(&self) -> Arc<Catalog>;
+
+    /// The alerts made since the last call, for the usage sink (each made
+    /// once, by the store that committed the crossing: see
+    /// [`Account::alerts_due`]).
+    ///
+    /// [`Account::alerts_due`]: crate::engine::Account::alerts_due
+    fn take_alerts(&self) -> Vec<AlertRecord>;
 
     /// Takes the configuration's catalog `next`, read again at `now` (see
     /// [`Catalog::reloaded`]): every problem if it is refused, and then

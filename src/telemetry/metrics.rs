@@ -60,6 +60,14 @@ pub struct RecordKind {
     pub kind: &'static str,
 }
 
+/// An alert's kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertKind {
+    /// `balance_below`, `allowance_used`, `pack_used`, `budget_used`,
+    /// `pack_expiring` or `debt_started`.
+    pub alert: String,
+}
+
 /// A reload's result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadResult {
@@ -165,6 +173,8 @@ pub struct Metrics {
     pub journal_bytes: Gauge,
     pub journal_fsync: Histogram,
     pub usage_records: Family<RecordKind, Counter>,
+    /// Alerts this process committed, by kind.
+    pub alerts: Family<AlertKind, Counter>,
     pub usage_records_applied: Counter,
     pub usage_records_repeated: Counter,
     pub usage_stream_trimmed: Counter,
@@ -279,6 +289,12 @@ impl Metrics {
         );
         let usage_records = Family::<RecordKind, Counter>::default();
         r.register("usage_records", "Usage records emitted, by kind", usage_records.clone());
+        let alerts = Family::<AlertKind, Counter>::default();
+        r.register(
+            "alerts",
+            "Alerts made (thresholds crossed), by kind: each once across the fleet",
+            alerts.clone(),
+        );
         let usage_records_applied = Counter::default();
         r.register(
             "usage_records_applied",
@@ -414,6 +430,7 @@ impl Metrics {
             journal_bytes,
             journal_fsync,
             usage_records,
+            alerts,
             usage_records_applied,
             usage_records_repeated,
             usage_stream_trimmed,

@@ -36,6 +36,8 @@ pub enum Emitted {
     Usage(Arc<UsageRecord>),
     /// An operator's change.
     Audit(Arc<AuditRecord>),
+    /// A threshold crossed.
+    Alert(Arc<crate::engine::alert::AlertRecord>),
 }
 
 /// Records queued before senders wait.

@@ -132,7 +132,16 @@ impl Sidecar {
         let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
         text.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-            .filter(|r| r["kind"] != "audit")
+            .filter(|r| r["kind"] != "audit" && r["kind"] != "alert")
+            .collect()
+    }
+
+    /// The alerts it wrote to its usage file.
+    pub fn alerts(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.usage_path).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .filter(|r| r["kind"] == "alert")
             .collect()
     }
 

@@ -353,7 +353,12 @@ impl TestApp {
     /// The usage records written so far (waits until at least `n` exist, up
     /// to five seconds: the sink writes asynchronously).
     pub async fn records(&self, n: usize) -> Vec<serde_json::Value> {
-        self.lines(n, |kind| kind != "audit").await
+        self.lines(n, |kind| kind != "audit" && kind != "alert").await
+    }
+
+    /// The alerts written so far (waits until at least `n` exist).
+    pub async fn alerts(&self, n: usize) -> Vec<serde_json::Value> {
+        self.lines(n, |kind| kind == "alert").await
     }
 
     /// The audit records written so far (waits until at least `n` exist).

@@ -9,6 +9,7 @@ use jiff::Timestamp;
 
 use super::RedisStore;
 use super::keys::{SCHEMA, Seen, readable, shard_of};
+use crate::engine::alert::AlertRecord;
 use crate::engine::ids::{AccountId, ProducerId};
 use crate::engine::record::{AuditRecord, hex, request_fingerprint};
 use crate::engine::role::Journaled;
@@ -153,14 +154,23 @@ impl StreamEntry {
 
     /// Adds an operator's change.
     fn audit(&mut self, audit: &AuditRecord) -> Result<(), StoreError> {
+        self.json(audit, audit.id(), "an audit record")
+    }
+
+    /// Adds an alert (with the audit records: both are rare, and JSON).
+    fn alert(&mut self, alert: &AlertRecord) -> Result<(), StoreError> {
+        self.json(alert, alert.id(), "an alert")
+    }
+
+    fn json(&mut self, record: &impl serde::Serialize, record_id: String, what: &str) -> Result<(), StoreError> {
         self.audit.push(if self.audit.is_empty() { b'[' } else { b',' });
         let tagged = Tagged {
-            record: audit,
-            record_id: audit.id(),
+            record,
+            record_id,
             journal: None,
             journal_seq: None,
         };
-        serde_json::to_writer(&mut self.audit, &tagged).map_err(|e| corrupt("an audit record", e))?;
+        serde_json::to_writer(&mut self.audit, &tagged).map_err(|e| corrupt(what, e))?;
         self.count += 1;
         Ok(())
     }
@@ -316,6 +326,9 @@ impl RedisStore {
                     return Err(e.into());
                 }
             };
+            // Thresholds crossed by this change alert in this commit: it
+            // keeps them as alerted, so once it lands no other writes them.
+            let alerts = account.alerts_due(&catalog, now);
             let state = serde_json::to_string(&account).map_err(|e| corrupt(key, e))?;
             let mut items = StreamEntry::default();
             for record in &records {
@@ -323,6 +336,9 @@ impl RedisStore {
             }
             if let Some(audit) = &audit {
                 items.audit(audit)?;
+            }
+            for alert in &alerts {
+                items.alert(alert)?;
             }
             let seen = self.seen(id, catalog.idempotency_window, now);
             match self
@@ -340,6 +356,7 @@ impl RedisStore {
             {
                 Commit::Done(v) => {
                     *cache = Some((v, state));
+                    self.alerted(alerts);
                     return Ok((out, account));
                 }
                 Commit::Moved(v, state) => {
@@ -384,6 +401,17 @@ impl RedisStore {
 
     /// Writes a new account, with the audit record of an operator's
     /// creation (if any) on its shard's usage stream in the same step.
+    /// Queues `alerts`, committed, for the sink.
+    fn alerted(&self, alerts: Vec<AlertRecord>) {
+        if alerts.is_empty() {
+            return;
+        }
+        match self.alerts.lock() {
+            Ok(mut queue) => queue.extend(alerts),
+            Err(poisoned) => poisoned.into_inner().extend(alerts),
+        }
+    }
+
     pub(super) async fn write_new(&self, account: Account, audit: Option<&AuditRecord>) -> Result<(), StoreError> {
         let key = self.account_key(&account.id);
         let stream = self.stream_key(&account.id);

@@ -67,6 +67,7 @@ use redis::Script;
 use super::redis::Redis;
 use super::{Applied, Health, JournalHealth, Store, StoreError};
 use crate::clock::{Clock, OffsetClock};
+use crate::engine::alert::AlertRecord;
 use crate::engine::ids::{AccountId, ProducerId, VersionId};
 use crate::engine::pricing::{PriceBook, PriceVersion};
 use crate::engine::record::AuditRecord;
@@ -154,6 +155,8 @@ pub struct RedisStore {
     /// The version of the prices record installed.
     prices_version: AtomicU64,
     sweeps: AtomicU64,
+    /// Alerts its commits made, until the service takes them for the sink.
+    alerts: Mutex<Vec<AlertRecord>>,
     /// What the store did.
     pub stats: Stats,
 }
@@ -211,6 +214,7 @@ impl RedisStore {
             prices_stale: std::sync::atomic::AtomicBool::new(false),
             prices_version: AtomicU64::new(0),
             sweeps: AtomicU64::new(0),
+            alerts: Mutex::new(Vec::new()),
             stats: Stats::default(),
         });
         store.load_prices().await?;
@@ -401,6 +405,13 @@ impl Store for RedisStore {
         now: Timestamp,
     ) -> Result<u64, StoreError> {
         self.count_window(key, hits, limit, ttl, now).await
+    }
+
+    fn take_alerts(&self) -> Vec<AlertRecord> {
+        match self.alerts.lock() {
+            Ok(mut alerts) => std::mem::take(&mut *alerts),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
     }
 
     fn catalog(&self) -> Arc<Catalog> {
