@@ -1,6 +1,10 @@
-//! `tollgate.v1.Admin`: accounts, money, packs, plans, limits and prices.
-//! Authentication arrives with the admin-auth stage; until then, bind this
-//! listener to a trusted interface only.
+//! `tollgate.v1.Admin`: accounts, money, packs, plans, limits, budgets,
+//! alerts and prices, for the callers an operator's token or certificate
+//! admits (`auth.rs`).
+//!
+//! Why one file: one handler per admin RPC, each a few lines that validate
+//! through `convert.rs` and hand one command to the service; split, the
+//! handlers would only repeat the same `mutate` and `detail` around them.
 
 use tonic::{Request, Response, Status};
 
@@ -497,7 +501,7 @@ impl Admin for AdminApi {
         let account = account_id(&r.account_id)?;
         let why = adjustment(&r.adjustment_id, &r.reason)?;
         let budgets = budgets_in(&r.budgets.unwrap_or_default())?;
-        budgets.check().map_err(|e| status(e.into()))?;
+        budgets.check().map_err(|m| invalid("budgets", m))?;
         self.mutate(caller, &account, Command::SetBudgets(budgets), why).await
     }
 
@@ -511,7 +515,7 @@ impl Admin for AdminApi {
         let why = adjustment(&r.adjustment_id, &r.reason)?;
         let alerts = r.alerts.as_ref().map(alerts_in).transpose()?;
         if let Some(a) = &alerts {
-            a.check().map_err(|e| status(e.into()))?;
+            crate::engine::alert::check(a).map_err(|e| status(e.into()))?;
         }
         self.mutate(caller, &account, Command::SetAlerts(alerts), why).await
     }

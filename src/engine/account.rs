@@ -16,9 +16,9 @@ use std::sync::{Arc, LazyLock};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
-use super::alert::AlertSettings;
 use super::budget::{Applying, Budgets, Counting};
 use super::burn::Burn;
+use super::catalog::AlertSettings;
 use super::catalog::{Catalog, ExpiryPolicy, Plan};
 use super::error::EngineError;
 use super::hash::{Map, Set};

@@ -9,7 +9,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::hash::{Map, Set};
 use super::ids::{ModelId, PlanId};
 use super::limits::ScopedLimits;
-use super::money::Money;
+use super::money::{MAX_OPERATION, Money};
 use super::period::{Anchor, PeriodUnit};
 use super::pricing::{PriceBook, PriceVersion};
 
@@ -97,7 +97,7 @@ pub struct Plan {
     /// shared store cannot be reached.
     pub on_store_outage: OutagePolicy,
     /// When its accounts alert (an account's own settings replace these).
-    pub alerts: super::alert::AlertSettings,
+    pub alerts: AlertSettings,
 }
 
 /// A plan's failure policy while the shared store is unreachable (as in
@@ -187,6 +187,86 @@ impl Catalog {
             return Err(problems);
         }
         Ok(Catalog { prices, ..next })
+    }
+}
+
+/// Thresholds, at most this many of each kind.
+pub const MAX_THRESHOLDS: usize = 16;
+
+/// The longest warning before a pack's expiry, in days.
+pub const MAX_EXPIRING_DAYS: u32 = 3_650;
+
+/// When an account alerts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertSettings {
+    /// The money left (paid and promotional money, what holds and leases
+    /// hold included, less debt) goes below each of these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub balance_below: Vec<Money>,
+    /// Percentages of the period's allowance used.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowance_used: Vec<u8>,
+    /// Percentages of a pack used.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pack_used: Vec<u8>,
+    /// Percentages of a budget counted (money and tokens each).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budget_used: Vec<u8>,
+    /// A pack with tokens left expires within this many days (0: never).
+    #[serde(skip_serializing_if = "super::is_default")]
+    pub pack_expiring_days: u32,
+    /// Debt begins.
+    #[serde(skip_serializing_if = "super::is_default")]
+    pub debt_started: bool,
+}
+
+impl AlertSettings {
+    /// Nothing to alert on.
+    pub fn is_empty(&self) -> bool {
+        *self == AlertSettings::default()
+    }
+
+    /// Every problem, each naming its field under `path`.
+    pub fn problems(&self, path: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut lists = [
+            ("allowance_used", &self.allowance_used),
+            ("pack_used", &self.pack_used),
+            ("budget_used", &self.budget_used),
+        ]
+        .into_iter()
+        .map(|(name, list)| (name, list.len(), list.iter().any(|p| !(1..=100).contains(p))))
+        .collect::<Vec<_>>();
+        lists.push(("balance_below", self.balance_below.len(), false));
+        for (name, len, bad) in lists {
+            if len > MAX_THRESHOLDS {
+                out.push((
+                    format!("{path}.{name}"),
+                    format!("{len} thresholds, more than {MAX_THRESHOLDS}"),
+                ));
+            }
+            if bad {
+                out.push((format!("{path}.{name}"), "percentages are 1 to 100".to_owned()));
+            }
+        }
+        if self
+            .balance_below
+            .iter()
+            .any(|m| !m.is_positive() || *m > MAX_OPERATION)
+        {
+            out.push((
+                format!("{path}.balance_below"),
+                format!("amounts are above 0 and at most {MAX_OPERATION}"),
+            ));
+        }
+        if self.pack_expiring_days > MAX_EXPIRING_DAYS {
+            out.push((
+                format!("{path}.pack_expiring_days"),
+                format!("at most {MAX_EXPIRING_DAYS}"),
+            ));
+        }
+        out
     }
 }
 

@@ -419,14 +419,14 @@ impl Account {
                 Reply::Done
             }
             Command::SetBudgets(budgets) => {
-                budgets.check()?;
+                budgets.check().map_err(|m| EngineError::invalid("budgets", m))?;
                 self.advance(catalog, now)?;
                 self.budgets = (!budgets.is_empty()).then(|| Box::new(budgets));
                 Reply::Done
             }
             Command::SetAlerts(settings) => {
                 if let Some(s) = &settings {
-                    s.check()?;
+                    super::alert::check(s)?;
                 }
                 self.advance(catalog, now)?;
                 self.alert_overrides = settings.map(Box::new);

@@ -11,9 +11,9 @@
 //! - [`pricing`]: the versioned price book.
 //! - [`period`]: subscription period boundaries.
 //! - [`limits`]: GCRA rate limits and concurrency.
-//! - [`budget`]: spend caps on API keys and projects per period, counted in limit buckets.
 //! - [`burn`]: what an account spent lately, hour by hour: burn rates and runway.
-//! - [`catalog`]: plans, prices and hold policy.
+//! - [`budget`]: spend caps on API keys and projects per period, counted in limit buckets.
+//! - [`catalog`]: plans, prices and hold policy, alert thresholds.
 //! - [`window`]: a sidecar's share of a fixed window counted in a shared store.
 //! - [`source`]: sources and the amounts taken from them.
 //! - [`record`]: usage records.
