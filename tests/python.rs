@@ -3,7 +3,9 @@
 //! by mypy, tested by pytest against the real binary), and the OpenAI
 //! gateway example end to end (`examples/openai-gateway`: Tollgate, a fake
 //! model server and the gateway as processes on loopback, driven by the
-//! official `openai` package).
+//! official `openai` package), and the alerts consumer example
+//! (`examples/alerts`: a real Tollgate's alerts turned into emails and one
+//! recharge through the admin CLI).
 //!
 //! Both run in one virtual environment with the pinned requirements of
 //! each, made with pip from PyPI once and kept under `~/.cache/tollgate/python/`
@@ -137,5 +139,19 @@ fn the_openai_gateway_example_works_end_to_end_with_the_openai_package() {
     );
     assert!(checked.contains("Success: no issues found"), "{checked}");
     let tested = python_module("examples/openai-gateway", "pytest", &["-q", "-p", "no:cacheprovider"]);
+    assert!(tested.contains(" passed"), "{tested}");
+}
+
+#[test]
+fn the_alerts_consumer_example_mails_each_alert_and_recharges_once() {
+    let cache = format!("--cache-dir={}/mypy-cache-alerts", env!("CARGO_TARGET_TMPDIR"));
+    let files = ["consumer.py", "test_consumer.py"];
+    let checked = python_module(
+        "examples/alerts",
+        "mypy",
+        &[&["--strict", "--ignore-missing-imports", &cache][..], &files].concat(),
+    );
+    assert!(checked.contains("Success: no issues found"), "{checked}");
+    let tested = python_module("examples/alerts", "pytest", &["-q", "-p", "no:cacheprovider"]);
     assert!(tested.contains(" passed"), "{tested}");
 }
