@@ -43,11 +43,23 @@ async fn metrics_count_decisions_holds_records_and_only_listed_accounts() {
         r#"tollgate_rls_hits_total{domain="inference",key="api_key",outcome="within_limit"}"#,
         r#"tollgate_rls_hits_total{domain="inference",key="api_key",outcome="near_limit"}"#,
         r#"tollgate_rls_hits_total{domain="inference",key="api_key",outcome="over_limit"}"#,
+        r#"tollgate_alerts_total{alert="balance_below"}"#,
     ];
     let (status, before) = http_get(http, "/metrics").await;
     assert_eq!(status, 200);
     let before = read(&before, &names);
 
+    // An alert when the rich account has spent anything.
+    let alerts = tollgate::proto::SetAlertsRequest {
+        account_id: "rich".into(),
+        alerts: Some(tollgate::proto::AlertSettings {
+            balance_below: vec![support::money("100")],
+            ..Default::default()
+        }),
+        adjustment_id: "alert-any-spend".into(),
+        reason: "metrics".into(),
+    };
+    app.admin.set_alerts(alerts).await.unwrap();
     // Three holds on a rich account, two settled; a denial; a bad request.
     for i in 0..3 {
         let r = app
@@ -92,7 +104,7 @@ async fn metrics_count_decisions_holds_records_and_only_listed_accounts() {
     let (_, page) = http_get(http, "/metrics").await;
     let after = read(&page, &names);
     let moved: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    assert_eq!(moved, vec![3.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0], "{page}");
+    assert_eq!(moved, vec![3.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0], "{page}");
     assert_eq!(sample(&page, "tollgate_holds_open"), Some(1.0));
     assert_eq!(sample(&page, "tollgate_ready"), Some(1.0));
     assert!(page.contains("tollgate_build_info{version="));
