@@ -109,3 +109,55 @@ async fn a_record_of_a_later_schema_is_refused_and_left_alone() {
     );
     app.shutdown().await;
 }
+
+/// Schema 2 as written: budgets, what they counted and spent, the burn
+/// history, the account's alert thresholds and the one it alerted on all
+/// read back; the account is served, counted in its budgets, and does not
+/// alert again on a threshold it alerted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_2_account_reads_back_and_is_served() {
+    let mut app = spawn_app_on_with(Backend::Redis, support::CONFIG).await;
+    let id = load(&app, "redis-schema-2-account.json", None, &[]);
+    let read = balance(&mut app, &id).await.unwrap();
+    let decimal = |m: Option<proto::Money>| m.unwrap().decimal;
+    let used: Vec<(String, String, u64)> = read
+        .budgets
+        .iter()
+        .map(|u| (u.id.clone(), decimal(u.money_used.clone()), u.tokens_used))
+        .collect();
+    assert_eq!(
+        used,
+        [
+            ("k1".to_owned(), "0.001400000000".to_owned(), 0),
+            ("team".to_owned(), "0.000000000000".to_owned(), 1_100)
+        ]
+    );
+    assert_eq!(read.budgets[1].period, "rolling_30_days");
+    assert_eq!(decimal(read.money_burn_last_hour.clone()), "0.001400000000");
+    // Served, and counted in the key's budget.
+    let r = proto::ReserveRequest {
+        api_key_id: "k1".into(),
+        ..support::reserve(&id, "after-upgrade", 1000, 500)
+    };
+    assert_eq!(
+        app.quota.reserve(r).await.unwrap().into_inner().decision,
+        proto::Decision::Allow as i32
+    );
+    app.quota
+        .settle(support::settle(&id, "after-upgrade", 1000, 100))
+        .await
+        .unwrap();
+    let after = balance(&mut app, &id).await.unwrap();
+    assert_eq!(decimal(after.budgets[0].money_used.clone()), "0.002800000000");
+    // balance_below 100 was alerted on before the upgrade: not again.
+    let detail = support::detail(&mut app.admin, &id).await;
+    assert_eq!(detail.alerts.unwrap().budget_used_percent, [10]);
+    assert!(
+        std::fs::read_to_string(&app.usage_path)
+            .unwrap_or_default()
+            .lines()
+            .all(|l| !l.contains("\"kind\":\"alert\"")),
+        "an alert already made is not made again"
+    );
+    app.shutdown().await;
+}

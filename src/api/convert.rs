@@ -172,6 +172,8 @@ pub fn budget_use_out(u: &BudgetUse) -> proto::BudgetUse {
         tokens_used: u64::try_from(u.counted.used.tokens).unwrap_or(0),
         resets_at: Some(timestamp_out(u.counted.resets_at)),
         runs_out_at: u.runs_out_at.map(timestamp_out),
+        money_spent: Some(money_out(Money::from_picos(u.counted.spent.money))),
+        tokens_spent: u64::try_from(u.counted.spent.tokens).unwrap_or(0),
     }
 }
 

@@ -970,6 +970,8 @@ fn detail_json(d: &proto::AccountDetail) -> Value {
             "period": u.period,
             "money_limit": u.money_limit.as_ref().map(|m| m.decimal.clone()),
             "money_used": decimal(u.money_used.as_ref()),
+            "money_spent": decimal(u.money_spent.as_ref()),
+            "tokens_spent": u.tokens_spent,
             "tokens_limit": u.tokens_limit,
             "tokens_used": u.tokens_used,
             "resets_at": time(u.resets_at.as_ref()),

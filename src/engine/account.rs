@@ -1126,7 +1126,7 @@ impl Account {
     /// Queues `record` for the usage sink and keeps it among the recent.
     pub(crate) fn emit(&mut self, record: Arc<UsageRecord>, catalog: &Catalog) {
         if !self.is_mirror() {
-            self.burned(&record);
+            self.burned(&record, record.settled_at);
         }
         if catalog.recent_usage > 0 {
             if self.traffic().recent.len() == catalog.recent_usage {
@@ -1137,17 +1137,26 @@ impl Account {
         self.traffic_mut().outbox.push(record);
     }
 
-    /// Counts what `record` charged (money, and allowance tokens) in the
-    /// account's recent history, at its settle instant.
-    pub(crate) fn burned(&mut self, record: &UsageRecord) {
+    /// Counts what `record` charged: in the account's recent history
+    /// (money, and allowance tokens) at its settle instant (no later than
+    /// `now`: a sidecar's clock ahead cannot push the history forward), and
+    /// as spent in the budgets of its API key (as they applied at its
+    /// reserve).
+    pub(crate) fn burned(&mut self, record: &UsageRecord, now: Timestamp) {
         let allowance = record
             .charges
             .iter()
             .filter(|t| matches!(t.source, SourceRef::Allowance { .. }))
             .map(|t| t.amount)
             .sum();
-        self.burn
-            .record(record.settled_at, record.total_money.picos(), allowance);
+        let money = record.total_money.picos();
+        self.burn.record(record.settled_at.min(now), money, allowance);
+        if let (Some(budgets), Some(key)) = (self.budgets.as_deref(), record.api_key_id.as_ref())
+            && let Ok(applying) = budgets.applying(key, &self.time_zone, record.reserved_at)
+        {
+            let tokens = record.usage.total_tokens();
+            self.buckets.spend(&applying, &self.time_zone, tokens, money);
+        }
     }
 
     /// Takes the records queued for the usage sink.

@@ -190,17 +190,26 @@ impl Account {
             && let Some(budgets) = self.budgets.as_deref()
         {
             for a in budgets.all(&self.time_zone, now).unwrap_or_default() {
-                let counted = self.buckets.counted(&a, &self.time_zone);
+                // What was spent (records), not what holds and slices
+                // count: that comes and goes with every request.
+                let spent = self.buckets.counted(&a, &self.time_zone).spent;
                 let caps = [
-                    ("money", a.budget.money.map(Money::picos), counted.used.money),
-                    ("tokens", a.budget.tokens.map(i128::from), counted.used.tokens),
+                    ("money", a.budget.money.map(Money::picos), spent.money),
+                    ("tokens", a.budget.tokens.map(i128::from), spent.tokens),
                 ];
-                for (unit, cap, used) in caps {
+                // A month's or a day's slot is in the subject, so the next
+                // one is armed afresh; a rolling window's is not: it re-arms
+                // when old days dropping out take it below the threshold.
+                let whose = match a.budget.period {
+                    super::budget::BudgetPeriod::Rolling30Days => a.id.to_string(),
+                    _ => a.bucket.id.to_string(),
+                };
+                for (unit, cap, spent) in caps {
                     let Some(cap) = cap else { continue };
-                    let used = percent(used, cap);
+                    let used = percent(spent, cap);
                     for p in &settings.budget_used {
                         if used >= i128::from(*p) {
-                            let subject = format!("{}:{unit}", a.bucket.id);
+                            let subject = format!("{whose}:{unit}");
                             alert("budget_used", subject, p.to_string(), used.to_string());
                         }
                     }

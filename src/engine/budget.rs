@@ -49,6 +49,7 @@ pub enum BudgetPeriod {
     /// The calendar day.
     Day,
     /// The last 30 days, today included.
+    #[serde(rename = "rolling_30_days")]
     Rolling30Days,
 }
 
@@ -156,8 +157,10 @@ pub struct Applying {
 /// What a budget has counted in its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counted {
-    /// Tokens and money counted.
+    /// Tokens and money counted: spent, held by open holds, lent.
     pub used: Used,
+    /// Of those, what usage records charged (settled spend).
+    pub spent: Used,
     /// Since when: the start of the current month or day, or of the
     /// oldest day a rolling window counted.
     pub since: Timestamp,
@@ -259,13 +262,14 @@ impl Budgets {
         for (key, budget) in &self.keys {
             budget.check(&format!("key {key}")).map_err(invalid)?;
         }
+        let members: usize = self.projects.values().map(|p| p.keys.len()).sum();
+        if members > MAX_BUDGETS {
+            return Err(invalid(format!("{members} keys in projects, more than {MAX_BUDGETS}")));
+        }
         let mut member: BTreeMap<&ApiKeyId, &ProjectId> = BTreeMap::new();
         for (id, project) in &self.projects {
             if let Some(budget) = &project.budget {
                 budget.check(&format!("project {id}")).map_err(invalid)?;
-            }
-            if project.keys.len() > MAX_BUDGETS {
-                return Err(invalid(format!("project {id} has more than {MAX_BUDGETS} keys")));
             }
             for key in &project.keys {
                 if let Some(other) = member.insert(key, id) {
@@ -372,6 +376,18 @@ fn applying(
 }
 
 impl Applying {
+    /// This budget as it applies at `now`: a rolling window moves with the
+    /// days; a month's or a day's slot is the one the request was
+    /// admitted in.
+    pub fn at(&self, time_zone: &TimeZone, now: Timestamp) -> Applying {
+        match self.budget.period {
+            BudgetPeriod::Rolling30Days => {
+                applying(self.scope, Arc::clone(&self.id), self.budget, time_zone, now).unwrap_or_else(|_| self.clone())
+            }
+            BudgetPeriod::Month | BudgetPeriod::Day => self.clone(),
+        }
+    }
+
     /// When what the current slot counts stops counting.
     fn until(&self, time_zone: &TimeZone) -> Option<Timestamp> {
         match self.budget.period {
@@ -407,16 +423,16 @@ impl Applying {
 }
 
 impl Counted {
-    /// When `a`'s room runs out, at the rate it counted since its window
-    /// began (each of money and tokens it caps; the sooner).
+    /// When `a`'s room runs out, at the rate its requests spent since its
+    /// window began (each of money and tokens it caps; the sooner).
     pub fn runs_out(&self, a: &Applying, now: Timestamp) -> Option<Timestamp> {
         let elapsed = i128::from(now.as_second() - self.since.as_second()).max(1);
-        let out = |cap: Option<i128>, used: i128| {
-            let per_hour = used.saturating_mul(3_600) / elapsed;
-            super::burn::runs_out(now, cap? - used, per_hour)
+        let out = |cap: Option<i128>, spent: i128| {
+            let per_hour = spent.saturating_mul(3_600) / elapsed;
+            super::burn::runs_out(now, cap? - spent, per_hour)
         };
-        let money = out(a.budget.money.map(Money::picos), self.used.money);
-        let tokens = out(a.budget.tokens.map(i128::from), self.used.tokens);
+        let money = out(a.budget.money.map(Money::picos), self.spent.money);
+        let tokens = out(a.budget.tokens.map(i128::from), self.spent.tokens);
         money.into_iter().chain(tokens).min()
     }
 }
@@ -425,26 +441,32 @@ impl Buckets {
     /// What `a` has counted in its window (every slot of a rolling one),
     /// and when that starts to fall.
     pub fn counted(&self, a: &Applying, time_zone: &TimeZone) -> Counted {
-        let used_on = |key: &BucketKey| self.map.get(key).map_or(Used::default(), |b| b.used);
+        let on = |key: &BucketKey| {
+            self.map
+                .get(key)
+                .map_or((Used::default(), Used::default()), |b| (b.used, b.spent))
+        };
         let slot_start = start_of(a.day, time_zone).unwrap_or(a.ends);
         if a.budget.period != BudgetPeriod::Rolling30Days {
+            let (used, spent) = on(&a.bucket);
             return Counted {
-                used: used_on(&a.bucket),
+                used,
+                spent,
                 since: slot_start,
                 resets_at: a.ends,
             };
         }
-        let mut used = Used::default();
+        let (mut used, mut spent) = (Used::default(), Used::default());
         let mut oldest = None;
         for back in (0..ROLLING_DAYS).rev() {
             let Ok(day) = a.day.checked_sub(back.days()) else {
                 continue;
             };
-            let on = used_on(&slot_key(a.scope, &a.id, a.budget.period, day));
-            if on != Used::default() {
+            let (u, s) = on(&slot_key(a.scope, &a.id, a.budget.period, day));
+            if u != Used::default() || s != Used::default() {
                 oldest = oldest.or(Some(day));
-                used.tokens += on.tokens;
-                used.money += on.money;
+                used.add(u);
+                spent.add(s);
             }
         }
         let resets_at = oldest
@@ -452,7 +474,12 @@ impl Buckets {
             .and_then(|d| start_of(d, time_zone).ok())
             .unwrap_or(a.ends);
         let since = oldest.and_then(|d| start_of(d, time_zone).ok()).unwrap_or(slot_start);
-        Counted { used, since, resets_at }
+        Counted {
+            used,
+            spent,
+            since,
+            resets_at,
+        }
     }
 
     /// The room `a` leaves: on a leased mirror what this sidecar holds of
@@ -535,11 +562,18 @@ impl Buckets {
     /// Corrects what a request counted in the budgets `applying` (as they
     /// applied when it was admitted): by `tokens` and `money` more (less,
     /// when negative), without a check (the spend happened). A slot gone
-    /// since counts nothing.
+    /// since counts nothing; on a leased mirror the correction goes to the
+    /// permits even if the bucket was let go of meanwhile (its permits
+    /// all given back), to be reported.
     pub fn adjust_budgets(&mut self, applying: &[Applying], tokens: i128, money: i128) {
         for a in applying {
-            let Some(bucket) = self.map.get_mut(&a.bucket) else {
-                continue;
+            let bucket = if self.leased {
+                self.map.entry(a.bucket.clone()).or_default()
+            } else {
+                let Some(bucket) = self.map.get_mut(&a.bucket) else {
+                    continue;
+                };
+                bucket
             };
             let tokens = if a.budget.tokens.is_some() { tokens } else { 0 };
             let money = if a.budget.money.is_some() { money } else { 0 };
@@ -550,6 +584,22 @@ impl Buckets {
                 bucket.used.tokens += tokens;
                 bucket.used.money += money;
             }
+        }
+    }
+
+    /// Counts what a usage record charged (`tokens`, `money`) as spent in
+    /// the budgets `applying` (as they applied at its reserve).
+    pub fn spend(&mut self, applying: &[Applying], time_zone: &TimeZone, tokens: u64, money: i128) {
+        for a in applying {
+            let until = a.until(time_zone);
+            let bucket = self.map.entry(a.bucket.clone()).or_default();
+            if a.budget.tokens.is_some() {
+                bucket.spent.tokens += i128::from(tokens);
+            }
+            if a.budget.money.is_some() {
+                bucket.spent.money += money;
+            }
+            bucket.until = until;
         }
     }
 

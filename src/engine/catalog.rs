@@ -196,6 +196,11 @@ pub const MAX_THRESHOLDS: usize = 16;
 /// The longest warning before a pack's expiry, in days.
 pub const MAX_EXPIRING_DAYS: u32 = 3_650;
 
+/// How many different values `list` holds.
+fn distinct<T: Ord>(list: &[T]) -> usize {
+    list.iter().collect::<std::collections::BTreeSet<_>>().len()
+}
+
 /// When an account alerts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -236,10 +241,17 @@ impl AlertSettings {
             ("budget_used", &self.budget_used),
         ]
         .into_iter()
-        .map(|(name, list)| (name, list.len(), list.iter().any(|p| !(1..=100).contains(p))))
+        .map(|(name, list)| {
+            let bad = list.iter().any(|p| !(1..=100).contains(p));
+            (name, list.len(), bad, distinct(list) < list.len())
+        })
         .collect::<Vec<_>>();
-        lists.push(("balance_below", self.balance_below.len(), false));
-        for (name, len, bad) in lists {
+        let twice = distinct(&self.balance_below) < self.balance_below.len();
+        lists.push(("balance_below", self.balance_below.len(), false, twice));
+        for (name, len, bad, twice) in lists {
+            if twice {
+                out.push((format!("{path}.{name}"), "a threshold is listed twice".to_owned()));
+            }
             if len > MAX_THRESHOLDS {
                 out.push((
                     format!("{path}.{name}"),

@@ -501,7 +501,7 @@ impl Account {
             if duplicates.iter().any(|(j, n)| *j == entry.journal && *n == entry.seq) {
                 repeated.push(entry.clone());
             } else {
-                self.burned(&entry.record);
+                self.burned(&entry.record, now);
                 applied.push(entry.clone());
             }
         }

@@ -347,15 +347,28 @@ pub struct Used {
     pub money: i128,
 }
 
+impl Used {
+    /// Adds `other` in.
+    pub fn add(&mut self, other: Used) {
+        self.tokens += other.tokens;
+        self.money += other.money;
+    }
+}
+
 /// The state of one scope's limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bucket {
     requests: Gcra,
     tokens: Gcra,
     in_flight: u64,
-    /// A budget's count in its slot (see `engine::budget`).
+    /// A budget's count in its slot (see `engine::budget`): admitted worst
+    /// cases corrected to what was spent, and what sidecars hold of it.
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub(super) used: Used,
+    /// What the usage records of the budget's requests charged in the
+    /// slot: settled spend only.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub(super) spent: Used,
     /// When a budget's slot stops counting: the bucket may go then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) until: Option<Timestamp>,
@@ -368,7 +381,7 @@ impl Bucket {
     fn idle(&self, now: Timestamp) -> bool {
         self.in_flight == 0
             && self.permits.is_empty()
-            && (self.used == Used::default() || self.until.is_some_and(|t| t <= now))
+            && ((self.used == Used::default() && self.spent == Used::default()) || self.until.is_some_and(|t| t <= now))
             && self.requests.tat <= scaled_now(now, self.requests.rate)
             && self.tokens.tat <= scaled_now(now, self.tokens.rate)
     }

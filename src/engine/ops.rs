@@ -482,11 +482,14 @@ impl Account {
         } else if self.suspended {
             (hold.granted_output, hold.takes.clone(), Some(Denial::Suspended))
         } else {
-            // The budgets' room, beside what the hold counts in them already.
+            // The budgets' room, beside what the hold counts in them
+            // already; a rolling window's as it stands now (the growth is
+            // counted on the hold's day, inside it).
+            let current: Vec<Applying> = hold.budgets().iter().map(|a| a.at(&self.time_zone, now)).collect();
             let room = if self.must_ask() {
                 Room::default()
             } else {
-                let room = self.buckets.room_for(hold.budgets(), &self.time_zone);
+                let room = self.buckets.room_for(&current, &self.time_zone);
                 Room {
                     tokens: room.tokens.map(|r| r + i128::from(hold.admitted_tokens)),
                     money: room.money.map(|r| r + hold.counted_money()),
@@ -525,7 +528,7 @@ impl Account {
             };
             if self.must_ask() {
                 let (tokens, money) = growth(&takes, granted);
-                let lacking = self.buckets.budgets_lacking(hold.budgets(), tokens, money);
+                let lacking = self.buckets.budgets_lacking(&current, tokens, money);
                 if granted < max_output || self.lease_stale(now) || !lacking.is_empty() {
                     let need = Needed::Tokens {
                         usage: worst,
@@ -542,7 +545,7 @@ impl Account {
                 let exhausted = unbounded.and_then(|(g, takes)| {
                     let tokens = hold.prompt.total_tokens() + g - hold.admitted_tokens;
                     let money = money_total(&takes).picos() - hold.counted_money();
-                    self.buckets.exhausted(hold.budgets(), &self.time_zone, tokens, money)
+                    self.buckets.exhausted(&current, &self.time_zone, tokens, money)
                 });
                 exhausted.map_or(Denial::InsufficientFunds, Denial::BudgetExceeded)
             });

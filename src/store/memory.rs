@@ -21,7 +21,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::{DashMap, DashSet};
 use jiff::Timestamp;
 
-use super::{Applied, Health, Store, StoreError};
+use super::{AlertQueue, Applied, Health, Store, StoreError};
 use crate::engine::alert::AlertRecord;
 use crate::engine::ids::{AccountId, VersionId};
 use crate::engine::pricing::{PriceBook, PriceVersion};
@@ -47,7 +47,7 @@ pub struct MemoryStore {
     /// lock at once.
     catalog: RwLock<Arc<Catalog>>,
     /// Alerts made, until the service takes them for the sink.
-    alerts: std::sync::Mutex<Vec<AlertRecord>>,
+    alerts: AlertQueue,
 }
 
 impl MemoryStore {
@@ -60,7 +60,7 @@ impl MemoryStore {
             windows: DashMap::new(),
             max_windows: MAX_WINDOWS,
             catalog: RwLock::new(Arc::new(catalog)),
-            alerts: std::sync::Mutex::new(Vec::new()),
+            alerts: AlertQueue::default(),
         }
     }
 
@@ -118,20 +118,6 @@ const MOST_HITS: u64 = 1 << 53;
 /// memory); the others visit only accounts with open holds.
 pub const FULL_SWEEP_EVERY: u64 = 60;
 
-impl MemoryStore {
-    /// Queues `alerts` for the sink (after the account's lock is let go:
-    /// last in the lock order).
-    fn alerted(&self, alerts: Vec<AlertRecord>) {
-        if alerts.is_empty() {
-            return;
-        }
-        match self.alerts.lock() {
-            Ok(mut queue) => queue.extend(alerts),
-            Err(poisoned) => poisoned.into_inner().extend(alerts),
-        }
-    }
-}
-
 fn poisoned() -> StoreError {
     StoreError::Unavailable("catalog lock poisoned".into())
 }
@@ -166,7 +152,7 @@ impl Store for MemoryStore {
         let alerts = account.alerts_due(&catalog, now);
         let watch = !account.traffic().expiries.is_empty() || !account.traffic().outbox.is_empty();
         drop(account);
-        self.alerted(alerts);
+        self.alerts.push(alerts);
         if watch {
             self.holding.watch(id);
         }
@@ -201,7 +187,7 @@ impl Store for MemoryStore {
         let records = account.take_records();
         let alerts = account.alerts_due(&catalog, now);
         drop(account);
-        self.alerted(alerts);
+        self.alerts.push(alerts);
         Ok((Applied { reply, records }, record))
     }
 
@@ -218,10 +204,7 @@ impl Store for MemoryStore {
     }
 
     fn take_alerts(&self) -> Vec<AlertRecord> {
-        match self.alerts.lock() {
-            Ok(mut alerts) => std::mem::take(&mut *alerts),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+        self.alerts.take()
     }
 
     fn catalog(&self) -> Arc<Catalog> {

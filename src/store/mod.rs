@@ -56,6 +56,28 @@ impl From<crate::lease::Failure> for StoreError {
     }
 }
 
+/// Alerts a store made, waiting for the service to hand them to the sink.
+#[derive(Debug, Default)]
+pub struct AlertQueue(std::sync::Mutex<Vec<AlertRecord>>);
+
+impl AlertQueue {
+    /// Adds `alerts` (taken last in any lock order: nothing is held under
+    /// it).
+    pub fn push(&self, alerts: Vec<AlertRecord>) {
+        if !alerts.is_empty() {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(alerts);
+        }
+    }
+
+    /// Takes every alert queued.
+    pub fn take(&self) -> Vec<AlertRecord> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
 /// The authoritative state of every account, and the catalog.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {

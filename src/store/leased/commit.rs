@@ -356,7 +356,7 @@ impl RedisStore {
             {
                 Commit::Done(v) => {
                     *cache = Some((v, state));
-                    self.alerted(alerts);
+                    self.alerts.push(alerts);
                     return Ok((out, account));
                 }
                 Commit::Moved(v, state) => {
@@ -401,17 +401,6 @@ impl RedisStore {
 
     /// Writes a new account, with the audit record of an operator's
     /// creation (if any) on its shard's usage stream in the same step.
-    /// Queues `alerts`, committed, for the sink.
-    fn alerted(&self, alerts: Vec<AlertRecord>) {
-        if alerts.is_empty() {
-            return;
-        }
-        match self.alerts.lock() {
-            Ok(mut queue) => queue.extend(alerts),
-            Err(poisoned) => poisoned.into_inner().extend(alerts),
-        }
-    }
-
     pub(super) async fn write_new(&self, account: Account, audit: Option<&AuditRecord>) -> Result<(), StoreError> {
         let key = self.account_key(&account.id);
         let stream = self.stream_key(&account.id);

@@ -43,7 +43,7 @@ pub(super) const ANSWER_BUCKET_MS: i64 = 60_000;
 /// later one rather than read it wrong and write it back without what it
 /// did not understand: a fleet is rolled forward across a schema change,
 /// not back.
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 
 /// Whether a record of schema `stored` (as its `s` field reads; none: 1)
 /// can be read here; the error names the key.

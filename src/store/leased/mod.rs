@@ -156,7 +156,7 @@ pub struct RedisStore {
     prices_version: AtomicU64,
     sweeps: AtomicU64,
     /// Alerts its commits made, until the service takes them for the sink.
-    alerts: Mutex<Vec<AlertRecord>>,
+    alerts: crate::store::AlertQueue,
     /// What the store did.
     pub stats: Stats,
 }
@@ -214,7 +214,7 @@ impl RedisStore {
             prices_stale: std::sync::atomic::AtomicBool::new(false),
             prices_version: AtomicU64::new(0),
             sweeps: AtomicU64::new(0),
-            alerts: Mutex::new(Vec::new()),
+            alerts: crate::store::AlertQueue::default(),
             stats: Stats::default(),
         });
         store.load_prices().await?;
@@ -408,10 +408,7 @@ impl Store for RedisStore {
     }
 
     fn take_alerts(&self) -> Vec<AlertRecord> {
-        match self.alerts.lock() {
-            Ok(mut alerts) => std::mem::take(&mut *alerts),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+        self.alerts.take()
     }
 
     fn catalog(&self) -> Arc<Catalog> {
