@@ -299,6 +299,11 @@ pub async fn drain_as(
             match quota.settle(settle).await {
                 Ok(_) => {}
                 Err(status) if gone(&status) => unavailable += 1,
+                // A hold that lapsed first (a test with a TTL of a second,
+                // on a loaded machine) is released or charged by its lapse.
+                Err(status)
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && status.message().contains("expired at its TTL") => {}
                 Err(status) => panic!("settle failed: {status}"),
             }
         }
