@@ -756,16 +756,23 @@ async fn change(cmd: AdminCmd) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn set_limit(a: SetLimitArgs) -> Result<(proto::AccountDetail, bool), Failure> {
-    let c = a.change;
+/// A client for `c`'s change and the account as it stands, for a change
+/// that replaces a whole part of it (overrides, budgets) with an edit.
+async fn edit(c: &ChangeArgs) -> Result<(AdminClient, proto::AccountDetail), Failure> {
     let mut client = connect(&c.endpoint).await?;
-    // The call replaces every override: start from the account's own.
     let current = client
         .get_account(proto::GetAccountRequest {
             account_id: c.account.clone(),
         })
         .await?
         .into_inner();
+    Ok((client, current))
+}
+
+async fn set_limit(a: SetLimitArgs) -> Result<(proto::AccountDetail, bool), Failure> {
+    let c = a.change;
+    let (mut client, current) = edit(&c).await?;
+    // The call replaces every override: start from the account's own.
     let mut overrides = current.overrides.unwrap_or_default();
     let set = (!a.clear).then_some(proto::LimitSet {
         requests_per_minute: a.rpm,
@@ -813,14 +820,8 @@ async fn set_budget(a: SetBudgetArgs) -> Result<(proto::AccountDetail, bool), Fa
             tokens: tokens.unwrap_or(0),
         }),
     };
-    let mut client = connect(&c.endpoint).await?;
+    let (mut client, current) = edit(&c).await?;
     // The call replaces every budget: start from the account's own.
-    let current = client
-        .get_account(proto::GetAccountRequest {
-            account_id: c.account.clone(),
-        })
-        .await?
-        .into_inner();
     let mut budgets = current.budgets.unwrap_or_default();
     match (a.api_key, a.project) {
         (Some(key), _) => match budget {

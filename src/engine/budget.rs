@@ -26,7 +26,7 @@ use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
 
 use super::ids::{ApiKeyId, ProjectId};
-use super::limits::{BucketKey, Buckets, Lacking, Permits, Scope, Used};
+use super::limits::{Bucket, BucketKey, Buckets, Lacking, Permits, Scope, Used};
 use super::money::{MAX_OPERATION, Money};
 use super::period::PeriodError;
 
@@ -437,6 +437,21 @@ impl Counted {
     }
 }
 
+/// Counts `tokens` and `money` more in `bucket`, budget `a`'s, in the
+/// units `a` caps: taken from the permits a leased mirror holds, else
+/// added to the slot's count.
+fn count(bucket: &mut Bucket, leased: bool, a: &Applying, tokens: i128, money: i128) {
+    let tokens = if a.budget.tokens.is_some() { tokens } else { 0 };
+    let money = if a.budget.money.is_some() { money } else { 0 };
+    if leased {
+        bucket.permits.tokens -= tokens;
+        bucket.permits.money -= money;
+    } else {
+        bucket.used.tokens += tokens;
+        bucket.used.money += money;
+    }
+}
+
 impl Buckets {
     /// What `a` has counted in its window (every slot of a rolling one),
     /// and when that starts to fall.
@@ -542,18 +557,8 @@ impl Buckets {
         for a in applying {
             let until = a.until(time_zone);
             let bucket = self.map.entry(a.bucket.clone()).or_default();
-            let tokens = if a.budget.tokens.is_some() {
-                i128::from(tokens)
-            } else {
-                0
-            };
-            let money = if a.budget.money.is_some() { money } else { 0 };
-            if self.leased {
-                bucket.permits.tokens -= tokens;
-                bucket.permits.money -= money;
-            } else {
-                bucket.used.tokens += tokens;
-                bucket.used.money += money;
+            count(bucket, self.leased, a, i128::from(tokens), money);
+            if !self.leased {
                 bucket.until = until;
             }
         }
@@ -575,15 +580,7 @@ impl Buckets {
                 };
                 bucket
             };
-            let tokens = if a.budget.tokens.is_some() { tokens } else { 0 };
-            let money = if a.budget.money.is_some() { money } else { 0 };
-            if self.leased {
-                bucket.permits.tokens -= tokens;
-                bucket.permits.money -= money;
-            } else {
-                bucket.used.tokens += tokens;
-                bucket.used.money += money;
-            }
+            count(bucket, self.leased, a, tokens, money);
         }
     }
 
