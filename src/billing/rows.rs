@@ -178,6 +178,16 @@ pub(super) struct AlertColumns {
     pub(super) entry_id: Vec<String>,
 }
 
+/// PostgreSQL's text and jsonb hold no NUL character: a record with one
+/// in `texts` or anywhere in its JSON is kept as unreadable rather than
+/// refused with its whole batch again and again.
+fn storable(d: &Delivered, texts: &[&String]) -> Result<(), String> {
+    if texts.iter().any(|t| t.contains('\0')) || d.record.to_string().contains("\\u0000") {
+        return Err("a text holds a NUL character, which PostgreSQL cannot store".into());
+    }
+    Ok(())
+}
+
 impl Rows {
     pub(super) fn of(delivered: &[Delivered]) -> Rows {
         let mut rows = Rows::default();
@@ -210,10 +220,7 @@ impl Rows {
         }
         if is_alert(&d.record) {
             let a: AlertRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
-            let texts = [&a.alert, &a.subject, &a.threshold, &a.value];
-            if texts.iter().any(|t| t.contains('\0')) {
-                return Err("a text holds a NUL character, which PostgreSQL cannot store".into());
-            }
+            storable(d, &[&a.alert, &a.subject, &a.threshold, &a.value])?;
             let c = &mut self.alerts;
             c.record_id.push(a.id());
             c.account_id.push(a.account_id.to_string());
@@ -231,20 +238,17 @@ impl Rows {
             let a: AuditRecord = serde_json::from_value(d.record.clone()).map_err(|e| e.to_string())?;
             let json =
                 |m: &serde_json::Map<String, serde_json::Value>| serde_json::Value::Object(m.clone()).to_string();
-            // PostgreSQL's text and jsonb hold no NUL character: such a
-            // record is kept as unreadable rather than refused with its
-            // whole batch again and again.
-            let texts = [
-                &a.operator,
-                &a.peer,
-                &a.operation,
-                &a.adjustment_id,
-                &a.reason,
-                &a.change,
-            ];
-            if texts.iter().any(|t| t.contains('\0')) || d.record.to_string().contains("\\u0000") {
-                return Err("a text holds a NUL character, which PostgreSQL cannot store".into());
-            }
+            storable(
+                d,
+                &[
+                    &a.operator,
+                    &a.peer,
+                    &a.operation,
+                    &a.adjustment_id,
+                    &a.reason,
+                    &a.change,
+                ],
+            )?;
             let id = a.id();
             let mut refunds = ChargeColumns::default();
             refunds.push(&id, self.audit.len(), &a.refunded)?;

@@ -254,28 +254,27 @@ impl Budgets {
     /// Checks every budget, that no key is in two projects, and the count;
     /// says what is wrong.
     pub fn check(&self) -> Result<(), String> {
-        let invalid = |message: String| message;
         let count = self.keys.len() + self.projects.len();
         if count > MAX_BUDGETS {
-            return Err(invalid(format!("{count} keys and projects, more than {MAX_BUDGETS}")));
+            return Err(format!("{count} keys and projects, more than {MAX_BUDGETS}"));
         }
         for (key, budget) in &self.keys {
-            budget.check(&format!("key {key}")).map_err(invalid)?;
+            budget.check(&format!("key {key}"))?;
         }
         let members: usize = self.projects.values().map(|p| p.keys.len()).sum();
         if members > MAX_BUDGETS {
-            return Err(invalid(format!("{members} keys in projects, more than {MAX_BUDGETS}")));
+            return Err(format!("{members} keys in projects, more than {MAX_BUDGETS}"));
         }
         let mut member: BTreeMap<&ApiKeyId, &ProjectId> = BTreeMap::new();
         for (id, project) in &self.projects {
             if let Some(budget) = &project.budget {
-                budget.check(&format!("project {id}")).map_err(invalid)?;
+                budget.check(&format!("project {id}"))?;
             }
             for key in &project.keys {
                 if let Some(other) = member.insert(key, id) {
-                    return Err(invalid(format!(
+                    return Err(format!(
                         "key {key} is in projects {other} and {id}; a key is in one at most"
-                    )));
+                    ));
                 }
             }
         }

@@ -104,9 +104,9 @@ impl Account {
         };
         let caps = self.capacities(order, &need(max_output), bonus, now);
         let attempt = |o| {
-            draw::plan(&caps, &need(o), false)
-                .ok()
-                .filter(|takes| room.fits(prompt.total_tokens() + o, money_total(takes).picos()))
+            draw::plan(&caps, &need(o), false).ok().filter(|takes| {
+                room == Room::default() || room.fits(prompt.total_tokens() + o, money_total(takes).picos())
+            })
         };
         if let Some(takes) = attempt(max_output) {
             return Some((max_output, takes));
